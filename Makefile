@@ -1,0 +1,35 @@
+# Install, test and run the main job. `make install` works on a fresh machine of the CI kind.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+ARTIFACTS ?= artifacts/offline-default
+CONFIG ?= configs/offline-default.yaml
+
+.PHONY: install install-data test test-all demo lint serve
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY) install-data
+	# CPU-compatible torch/torchvision that pip takes from local disk here (see README).
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[offline,dev]'
+
+install-data:
+	# Real images for the offline benchmarks (Debian packages; see README for sizes).
+	@if command -v apt-get >/dev/null; then \
+	  dpkg -s dataset-fashion-mnist tuxpaint-stamps-default >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default); \
+	fi
+
+test:
+	$(PY) -m pytest -q -x
+
+demo:
+	$(VENV)/bin/sglora pipeline --config $(CONFIG) --out $(ARTIFACTS)
+
+serve:
+	$(VENV)/bin/sglora serve --artifacts $(ARTIFACTS)
+
+lint:
+	$(VENV)/bin/ruff check .

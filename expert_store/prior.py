@@ -1,0 +1,53 @@
+"""Semantic prior (paper eq. 6-8): top-K experts by cosine similarity, softmax weights, law of total variance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class Prior:
+    mean: torch.Tensor  # (P,) mu* = sum_k alpha_k mu_k
+    variance: torch.Tensor  # (P,) sigma*^2 = sum_k alpha_k sigma_k^2 + sum_k alpha_k (mu_k - mu*)^2
+    indices: torch.Tensor  # (K,) expert rows, most similar first
+    weights: torch.Tensor  # (K,) alpha, sums to 1
+    similarities: torch.Tensor  # (K,) cosine similarities of the chosen experts
+
+
+def select_experts(
+    query: torch.Tensor, embeddings: torch.Tensor, top_k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query (D,), embeddings (E, D) -> (indices (K,), alpha (K,), similarities (K,))."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = embeddings.shape[0]
+    if not 1 <= top_k <= n:
+        raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
+    sims = F.cosine_similarity(query.float().unsqueeze(0), embeddings.float(), dim=-1)  # (E,)
+    top = torch.topk(sims, top_k)  # sorted, most similar first
+    alpha = torch.softmax(top.values / temperature, dim=0)
+    return top.indices, alpha, top.values
+
+
+def mix(means: torch.Tensor, variances: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """means/variances (K, P), alpha (K,) -> (mu* (P,), sigma*^2 (P,)) by the law of total variance."""
+    a = alpha.to(means.dtype).unsqueeze(1)  # (K, 1)
+    mu = (a * means).sum(0)
+    var = (a * variances).sum(0) + (a * (means - mu) ** 2).sum(0)
+    return mu, var
+
+
+def semantic_prior(
+    query: torch.Tensor,
+    embeddings: torch.Tensor,
+    means: torch.Tensor,
+    variances: torch.Tensor,
+    top_k: int = 4,
+    temperature: float = 0.1,
+) -> Prior:
+    idx, alpha, sims = select_experts(query, embeddings, top_k, temperature)
+    mu, var = mix(means[idx], variances[idx], alpha)
+    return Prior(mu, var, idx, alpha, sims)

@@ -1,0 +1,206 @@
+"""The expert repository (paper §3.2.2, eq. 5): per expert its mean and variance LoRA and description embedding.
+
+On disk::
+
+    repository/
+      repository.json                 index: LoRA spec, embedding size, backbone fingerprint, experts + sha256
+      experts/<name>.safetensors      {"mean": (P,), "variance": (P,), "embedding": (D,)}
+
+One file per expert makes adding and removing an expert an atomic file write plus an
+atomic rewrite of the index; a reader never sees a half-written expert.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from models.lora import LoraSpec, check_finite
+from sglora.io import read_json, sha256_file, write_json, write_safetensors
+
+INDEX_FILE = "repository.json"
+EXPERTS_DIR = "experts"
+FORMAT = "sglora-expert-repository"
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Expert names become file names: letters, digits, '.', '_', '-', at most 64, no leading dot."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"invalid expert name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting alnum")
+    return name
+
+
+@dataclass(frozen=True)
+class Expert:
+    name: str
+    description: str
+    mean: torch.Tensor  # (P,)
+    variance: torch.Tensor  # (P,) element-wise, over the expert's M snapshots
+    embedding: torch.Tensor  # (D,) text embedding of the description
+    num_snapshots: int
+
+    @classmethod
+    def from_snapshots(cls, name: str, description: str, snapshots: torch.Tensor, embedding: torch.Tensor) -> Expert:
+        """snapshots: (M, P) flattened LoRAs of the last M epochs."""
+        if snapshots.dim() != 2 or snapshots.shape[0] < 1:
+            raise ValueError(f"expert {name}: snapshots must be (M, P) with M >= 1, got {tuple(snapshots.shape)}")
+        check_finite(snapshots, f"expert {name} snapshots")
+        var = snapshots.var(dim=0, unbiased=False) if snapshots.shape[0] > 1 else torch.zeros(snapshots.shape[1])
+        return cls(name, description, snapshots.mean(0), var, embedding.float(), int(snapshots.shape[0]))
+
+
+class ExpertRepository:
+    """In-memory view of the repository, stacked for fast top-K: means/variances (E, P), embeddings (E, D)."""
+
+    def __init__(self, spec: LoraSpec, embed_dim: int, backbone_fingerprint: str, experts: list[Expert] | None = None):
+        self.spec = spec
+        self.embed_dim = embed_dim
+        self.backbone_fingerprint = backbone_fingerprint
+        self._experts: dict[str, Expert] = {}
+        self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        for e in experts or []:
+            self.add(e)
+
+    # ---- contents ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._experts)
+
+    def __len__(self) -> int:
+        return len(self._experts)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._experts
+
+    def __getitem__(self, name: str) -> Expert:
+        return self._experts[name]
+
+    def add(self, expert: Expert) -> None:
+        check_name(expert.name)
+        if expert.name in self._experts:
+            raise ValueError(f"expert {expert.name!r} already exists")
+        if not expert.description or not expert.description.strip():
+            raise ValueError(f"expert {expert.name!r}: description must not be empty")
+        p = self.spec.num_params
+        if tuple(expert.mean.shape) != (p,) or tuple(expert.variance.shape) != (p,):
+            raise ValueError(
+                f"expert {expert.name!r}: mean/variance must have shape ({p},) for this repository's LoRA spec, "
+                f"got {tuple(expert.mean.shape)} / {tuple(expert.variance.shape)}"
+            )
+        if tuple(expert.embedding.shape) != (self.embed_dim,):
+            raise ValueError(f"expert {expert.name!r}: embedding must have shape ({self.embed_dim},)")
+        for what, t in (("mean", expert.mean), ("variance", expert.variance), ("embedding", expert.embedding)):
+            check_finite(t, f"expert {expert.name!r} {what}")
+        if (expert.variance < 0).any():
+            raise ValueError(f"expert {expert.name!r}: variance has negative entries")
+        self._experts[expert.name] = expert
+        self._stack = None
+
+    def remove(self, name: str) -> Expert:
+        if name not in self._experts:
+            raise KeyError(f"no expert named {name!r}")
+        self._stack = None
+        return self._experts.pop(name)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(means (E, P), variances (E, P), embeddings (E, D)), in :attr:`names` order."""
+        if not self._experts:
+            raise ValueError("the expert repository is empty")
+        if self._stack is None:
+            es = list(self._experts.values())
+            self._stack = (
+                torch.stack([e.mean for e in es]),
+                torch.stack([e.variance for e in es]),
+                torch.stack([e.embedding for e in es]),
+            )
+        return self._stack
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _index(self, directory: Path) -> dict:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "lora": self.spec.to_dict(),
+            "lora_fingerprint": self.spec.fingerprint(),
+            "embed_dim": self.embed_dim,
+            "backbone_fingerprint": self.backbone_fingerprint,
+            "experts": [
+                {
+                    "name": e.name,
+                    "description": e.description,
+                    "num_snapshots": e.num_snapshots,
+                    "file": f"{EXPERTS_DIR}/{e.name}.safetensors",
+                    "sha256": sha256_file(directory / EXPERTS_DIR / f"{e.name}.safetensors"),
+                }
+                for e in self._experts.values()
+            ],
+        }
+
+    def _write_expert(self, directory: Path, e: Expert) -> None:
+        write_safetensors(
+            directory / EXPERTS_DIR / f"{e.name}.safetensors",
+            {"mean": e.mean, "variance": e.variance, "embedding": e.embedding},
+            metadata={"name": e.name, "description": e.description, "num_snapshots": str(e.num_snapshots)},
+        )
+
+    def save(self, directory: Path) -> None:
+        """Writes every expert and the index (a fresh directory, or one this repository was loaded from)."""
+        for e in self._experts.values():
+            self._write_expert(directory, e)
+        write_json(directory / INDEX_FILE, self._index(directory))
+
+    def add_and_save(self, expert: Expert, directory: Path) -> None:
+        """Adds an expert and persists it: expert file first, then the index, both atomic."""
+        self.add(expert)
+        try:
+            self._write_expert(directory, expert)
+            write_json(directory / INDEX_FILE, self._index(directory))
+        except BaseException:
+            self._experts.pop(expert.name, None)
+            self._stack = None
+            raise
+
+    def remove_and_save(self, name: str, directory: Path) -> Expert:
+        """Removes an expert: index first (atomic), then its file."""
+        expert = self.remove(name)
+        try:
+            write_json(directory / INDEX_FILE, self._index(directory))
+        except BaseException:
+            self._experts[name] = expert
+            self._stack = None
+            raise
+        (directory / EXPERTS_DIR / f"{name}.safetensors").unlink(missing_ok=True)
+        return expert
+
+    @classmethod
+    def load(cls, directory: Path, verify: bool = True) -> ExpertRepository:
+        index = read_json(directory / INDEX_FILE, "expert repository index")
+        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
+        spec = LoraSpec.from_dict(index["lora"])
+        if spec.fingerprint() != index["lora_fingerprint"]:
+            raise ValueError(f"{directory / INDEX_FILE}: LoRA spec does not match its fingerprint")
+        repo = cls(spec, int(index["embed_dim"]), index["backbone_fingerprint"])
+        for entry in index["experts"]:
+            name = check_name(entry["name"])
+            path = directory / EXPERTS_DIR / f"{name}.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"expert file missing: {path}")
+            if verify and sha256_file(path) != entry["sha256"]:
+                raise ValueError(f"expert file is corrupt (sha256 mismatch): {path}")
+            try:
+                t = load_file(str(path))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"expert file is unreadable: {path}: {e}") from e
+            missing = {"mean", "variance", "embedding"} - set(t)
+            if missing:
+                raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
+            repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
+        return repo

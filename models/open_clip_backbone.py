@@ -1,0 +1,121 @@
+"""open_clip backbone: any ``open_clip`` model, LoRA on Wq/Wk/Wv of the visual transformer blocks.
+
+open_clip's ``nn.MultiheadAttention`` keeps Wq, Wk, Wv fused in ``in_proj_weight`` (3d x d);
+each gets its own rank-r update on its row block (paper: rank 2 on every visual block).
+The PEFT names are those of HF ``CLIPModel`` (``vision_model.encoder.layers.{i}.self_attn.{q,k,v}_proj``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from models.backbone import Backbone, BackboneConfig
+from models.lora import LoraSpec, LoraTarget
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+QKV = ("q", "k", "v")
+
+
+def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
+    blocks = list(visual.transformer.resblocks)
+    n = len(blocks)
+    chosen = range(n) if config.lora.blocks is None else sorted({b % n for b in config.lora.blocks})
+    for b in config.lora.blocks or ():
+        if not -n <= b < n:
+            raise ValueError(f"lora.blocks: block {b} out of range for a {n}-block visual transformer")
+    for t in config.lora.targets:
+        if t not in QKV:
+            raise ValueError(f"lora.targets: {t!r} is not one of {QKV} for an open_clip backbone")
+    targets = []
+    for i in chosen:
+        width = blocks[i].attn.embed_dim
+        for j, which in enumerate(QKV):
+            if which not in config.lora.targets:
+                continue
+            targets.append(
+                LoraTarget(
+                    name=f"visual.transformer.resblocks.{i}.attn.{which}",
+                    param=f"transformer.resblocks.{i}.attn.in_proj_weight",
+                    rows=(j * width, (j + 1) * width),
+                    in_features=width,
+                    out_features=width,
+                    peft_module=f"vision_model.encoder.layers.{i}.self_attn.{which}_proj",
+                )
+            )
+    return LoraSpec(targets=tuple(targets), rank=config.lora.rank, alpha=config.lora.alpha, scaling=config.lora.scaling)
+
+
+class OpenClipBackbone(Backbone):
+    def __init__(self, model: open_clip.CLIP, tokenizer, config: BackboneConfig, device: str | torch.device):
+        super().__init__()
+        self.config = config
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_head = self.model.visual
+        self.spec = lora_spec_for(self.model.visual, config)
+        self.embed_dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else 0
+        image_size = self.model.visual.image_size
+        self._transform = open_clip.image_transform(image_size, is_train=False)
+        self.to(device)
+
+    @classmethod
+    def create(cls, config: BackboneConfig, device: str | torch.device = "cpu") -> OpenClipBackbone:
+        if config.model_config is not None:
+            if config.pretrained is not None:
+                raise ValueError("backbone: give either model_config (random init) or pretrained, not both")
+            torch.manual_seed(config.seed)
+            model = open_clip.CLIP(**config.model_config)
+            tokenizer = open_clip.SimpleTokenizer(context_length=config.model_config["text_cfg"].get("context_length", 77))
+            return cls(model, tokenizer, config, device)
+        torch.manual_seed(config.seed)
+        try:
+            model = open_clip.create_model(config.model, pretrained=config.pretrained)
+        except RuntimeError as e:  # unknown model names and failed downloads both land here
+            raise ValueError(f"backbone: cannot create open_clip model {config.model!r} ({config.pretrained}): {e}") from e
+        return cls(model, open_clip.get_tokenizer(config.model), config, device)
+
+    @classmethod
+    def load(cls, directory: Path, config: BackboneConfig, device: str | torch.device = "cpu") -> OpenClipBackbone:
+        cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not cfg_path.exists():
+            # Pretrained from a tag or checkpoint outside the artefact: rebuild from the source.
+            return cls.create(config, device)
+        model_cfg = json.loads(cfg_path.read_text())["model_cfg"]
+        model = open_clip.CLIP(**model_cfg)
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+        return cls(model, tokenizer, config, device)
+
+    def save(self, directory: Path) -> list[str]:
+        if self.config.model_config is None:
+            return []  # weights come from the named pretrained source; backbone.json records it
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps({"model_cfg": self.config.model_config}, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+        return [CONFIG_FILE, WEIGHTS_FILE]
+
+    @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image.convert("RGB"))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    def to(self, device: str | torch.device) -> OpenClipBackbone:
+        super().to(device)
+        self.model.to(self.device)
+        return self

@@ -1,0 +1,207 @@
+"""The artefact directory written by ``sglora pipeline`` and loaded by the CLI and the service.
+
+    DIR/
+      manifest.json            format, code version, backbone, LoRA spec, stages done, sha256 of every file
+      config.json              the pipeline config that produced it
+      splits.json              expert / train / val / test task names
+      backbone/backbone.json   backbone config + fingerprint (+ weights for randomly initialised ones)
+      snapshots/<task>.safetensors   (M, P) flattened LoRAs of each trained task
+      repository/              the expert repository (its own index with per-expert sha256; it changes
+                               when experts are added or removed, so the manifest does not pin it)
+      generator/cvae.json + cvae.safetensors + history.json
+      eval/results.json + results.md
+
+Loading checks every sha256 in the manifest and the consistency of backbone, LoRA layout
+and embedding size across parts, and refuses with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from expert_store.repository import ExpertRepository
+from models.backbone import BACKBONE_FILE, Backbone, BackboneConfig, load_backbone
+from models.cvae import CVAE, CVAEConfig
+from models.lora import LoraSpec
+from sglora import __version__
+from sglora.engine import Engine
+from sglora.io import read_json, sha256_file, write_json, write_safetensors
+
+MANIFEST = "manifest.json"
+FORMAT = "sglora-artifacts"
+FORMAT_VERSION = 1
+GENERATOR_CONFIG = "generator/cvae.json"
+GENERATOR_WEIGHTS = "generator/cvae.safetensors"
+STAGES = ("experts", "repository", "generator", "evaluate")
+
+
+class ArtifactError(ValueError):
+    """An artefact directory is missing, corrupt or inconsistent."""
+
+
+def _files_under(root: Path, subdirs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for sub in subdirs:
+        p = root / sub
+        if p.is_file():
+            out[sub] = sha256_file(p)
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    out[str(f.relative_to(root))] = sha256_file(f)
+    return out
+
+
+def update_manifest(root: Path, stage: str, extra: dict | None = None) -> dict:
+    """Marks ``stage`` done and re-hashes every pinned file; the manifest is written atomically."""
+    path = root / MANIFEST
+    manifest = read_json(path, "artefact manifest") if path.exists() else {"format": FORMAT, "version": FORMAT_VERSION}
+    manifest["code_version"] = __version__
+    manifest.setdefault("stages", {})[stage] = {"completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+    manifest["files"] = _files_under(root, ("config.json", "splits.json", "backbone", "snapshots", "generator", "eval"))
+    write_json(path, manifest)
+    return manifest
+
+
+def save_backbone(d: Path, backbone: Backbone, config_dict: dict) -> None:
+    """Writes ``backbone/``: the backbone's own files plus backbone.json describing it."""
+    backbone.save(d)
+    write_json(
+        d / BACKBONE_FILE,
+        {
+            "config": config_dict,
+            "fingerprint": backbone.fingerprint(),
+            "embed_dim": backbone.embed_dim,
+            "lora": backbone.spec.to_dict(),
+            "lora_fingerprint": backbone.spec.fingerprint(),
+        },
+    )
+
+
+def save_generator(d: Path, model: CVAE, history: list[dict]) -> None:
+    """Writes ``generator/``: CVAE config, weights (with normalisation statistics) and loss history."""
+    write_safetensors(d / "cvae.safetensors", dict(model.state_dict()), metadata={"format": "sglora-cvae"})
+    write_json(d / "cvae.json", {"cvae": model.config.to_dict(), "lora_dim": model.config.lora_dim})
+    write_json(d / "history.json", history)
+
+
+def read_manifest(root: Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(f"artefact directory not found: {root}")
+    try:
+        manifest = read_json(root / MANIFEST, "artefact manifest")
+    except (FileNotFoundError, ValueError) as e:
+        raise ArtifactError(str(e)) from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{root / MANIFEST}: not a version-{FORMAT_VERSION} {FORMAT} manifest")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict, prefixes: tuple[str, ...] | None = None) -> None:
+    for rel, digest in manifest.get("files", {}).items():
+        if prefixes is not None and not rel.startswith(prefixes):
+            continue
+        p = root / rel
+        if not p.exists():
+            raise ArtifactError(f"artefact file missing: {p}")
+        if sha256_file(p) != digest:
+            raise ArtifactError(f"artefact file corrupt (sha256 mismatch): {p}")
+
+
+def load_backbone_from(root: Path, device: str | torch.device = "cpu") -> Backbone:
+    from training.config import backbone_from_dict
+
+    meta = read_json(root / "backbone" / BACKBONE_FILE, "backbone description")
+    cfg: BackboneConfig = backbone_from_dict(meta["config"])
+    backbone = load_backbone(root / "backbone", cfg, device=device)
+    if backbone.spec.fingerprint() != meta["lora_fingerprint"]:
+        raise ArtifactError(f"{root / 'backbone'}: the rebuilt backbone's LoRA layout differs from the recorded one")
+    if backbone.fingerprint() != meta["fingerprint"]:
+        raise ArtifactError(f"{root / 'backbone'}: the rebuilt backbone's weights differ from those the artefacts were built on")
+    return backbone
+
+
+def load_generator(root: Path, device: str | torch.device = "cpu") -> CVAE:
+    meta = read_json(root / GENERATOR_CONFIG, "generator config")
+    model = CVAE(CVAEConfig(**meta["cvae"]))
+    try:
+        state = load_file(str(root / GENERATOR_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"generator weights unreadable: {root / GENERATOR_WEIGHTS}: {e}") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"generator weights do not fit its config ({root / GENERATOR_WEIGHTS}): {e}") from e
+    return model.to(device).eval()
+
+
+def artefact_version(root: Path) -> str:
+    """Changes whenever the manifest or the expert repository changes (used for cache keys)."""
+    h = hashlib.sha256((root / MANIFEST).read_bytes())
+    idx = root / "repository" / "repository.json"
+    if idx.exists():
+        h.update(idx.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Artifacts:
+    root: Path
+    manifest: dict
+    config: dict
+    backbone: Backbone
+    repository: ExpertRepository
+    generator: CVAE | None
+    engine: Engine
+
+    @property
+    def version(self) -> str:
+        return artefact_version(self.root)
+
+    def snapshots(self, task: str) -> torch.Tensor:
+        return load_file(str(self.root / "snapshots" / f"{task}.safetensors"))["snapshots"]
+
+
+def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require_generator: bool = True) -> Artifacts:
+    """Loads and cross-checks a whole artefact directory; raises :class:`ArtifactError` naming what is wrong."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    stages = manifest.get("stages", {})
+    for needed in ("experts", "repository") + (("generator",) if require_generator else ()):
+        if needed not in stages:
+            raise ArtifactError(f"{root}: stage '{needed}' has not been run (manifest stages: {sorted(stages)})")
+    config = read_json(root / "config.json", "pipeline config")
+    try:
+        backbone = load_backbone_from(root, device)
+        repository = ExpertRepository.load(root / "repository")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ArtifactError(str(e)) from e
+    if repository.spec.fingerprint() != backbone.spec.fingerprint():
+        raise ArtifactError(
+            f"{root / 'repository'}: expert LoRA layout (rank {repository.spec.rank}, {repository.spec.num_params} params) "
+            f"does not match the backbone's (rank {backbone.spec.rank}, {backbone.spec.num_params} params)"
+        )
+    if repository.backbone_fingerprint != backbone.fingerprint():
+        raise ArtifactError(f"{root / 'repository'}: experts were built on another backbone")
+    generator = load_generator(root, device) if "generator" in stages else None
+    if generator is not None and generator.config.lora_dim != backbone.spec.num_params:
+        raise ArtifactError(
+            f"{root / GENERATOR_WEIGHTS}: generator makes {generator.config.lora_dim}-parameter LoRAs, "
+            f"the backbone takes {backbone.spec.num_params}"
+        )
+    prior = config.get("prior", {})
+    engine = Engine(backbone, repository, generator, top_k=min(prior.get("top_k", 4), len(repository)), temperature=prior.get("temperature", 0.1))
+    return Artifacts(root, manifest, config, backbone, repository, generator, engine)
+
+
+def lora_spec_of(root: Path) -> LoraSpec:
+    return LoraSpec.from_dict(read_json(root / "backbone" / BACKBONE_FILE, "backbone description")["lora"])

@@ -1,0 +1,161 @@
+"""``sglora`` command line: pipeline stages, generation, evaluation and the service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sglora import __version__
+
+EXIT_USAGE = 2
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from sglora.artifacts import STAGES
+    from training.config import load_config
+    from training.pipeline import run_pipeline
+
+    cfg = load_config(args.config)
+    stages = tuple(args.stage) if args.stage else STAGES
+    run_pipeline(cfg, Path(args.out), stages, device=_device(args.device))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from training.config import load_config
+
+    cfg = load_config(args.config)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sglora.io import read_json
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import stage_evaluate
+
+    root = Path(args.artifacts)
+    cfg = from_dict(PipelineConfig, read_json(root / "config.json", "pipeline config"))
+    stage_evaluate(cfg, root, _device(args.device), tuple(args.method) if args.method else None)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sglora.artifacts import load_artifacts
+    from sglora.export import peft_zip_bytes, safetensors_bytes
+    from sglora.io import atomic_path
+
+    if not args.description.strip():
+        raise ValueError("description must not be empty")
+    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method == "sg-lora")
+    emb = a.engine.embed([args.description])[0]
+    g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
+    meta = generation_metadata(a, args.description, g)
+    out = Path(args.out)
+    data = peft_zip_bytes(a.backbone.spec, g.lora, meta) if out.suffix == ".zip" else safetensors_bytes(a.backbone.spec, g.lora, meta)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
+    print(f"wrote {out} ({len(data)} bytes) method={g.method} seed={g.seed} experts: {chosen}")
+    return 0
+
+
+def generation_metadata(a, description: str, g) -> dict:
+    spec = a.backbone.spec
+    return {
+        "format": "sglora-lora",
+        "description": description,
+        "method": g.method,
+        "seed": "" if g.seed is None else str(g.seed),
+        "top_k": str(g.top_k),
+        "temperature": str(g.temperature),
+        "experts": [{"name": e.name, "weight": e.weight, "similarity": e.similarity} for e in g.experts],
+        "backbone": json.dumps(a.backbone.config.model if a.backbone.config.kind == "open_clip" else a.backbone.config.kind),
+        "backbone_kind": a.backbone.config.kind,
+        "rank": str(spec.rank),
+        "alpha": str(spec.alpha),
+        "scaling": spec.scaling,
+        "targets": [t.name for t in spec.targets],
+        "lora_fingerprint": spec.fingerprint(),
+        "artifact_version": a.version,
+    }
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    os.environ["SGLORA_ARTIFACTS"] = str(args.artifacts)
+    if args.device != "auto":
+        os.environ["SGLORA_DEVICE"] = args.device
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sglora", description="Semantic-guided LoRA parameter generation.")
+    p.add_argument("--version", action="version", version=f"sglora {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("pipeline", help="train experts, build the repository, train the generator, evaluate")
+    s.add_argument("--config", required=True, help="YAML config (see configs/)")
+    s.add_argument("--out", required=True, help="artefact directory")
+    s.add_argument("--stage", action="append", choices=["experts", "repository", "generator", "evaluate"], help="run only this stage (repeatable)")
+    s.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("check-config", help="load and validate a config, print it resolved")
+    s.add_argument("config")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("evaluate", help="evaluate every method on the unseen tasks of an artefact directory")
+    s.add_argument("--artifacts", required=True)
+    s.add_argument("--method", action="append", help="only this method (repeatable)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("generate", help="generate a LoRA for a task description")
+    s.add_argument("description")
+    s.add_argument("--artifacts", required=True)
+    s.add_argument("--out", required=True, help="FILE.safetensors, or FILE.zip for a zipped PEFT adapter folder")
+    s.add_argument("--method", default="sg-lora", choices=["sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot"])
+    s.add_argument("--seed", type=int)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="run the HTTP service")
+    s.add_argument("--artifacts", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

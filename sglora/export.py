@@ -1,0 +1,94 @@
+"""Export a flat LoRA as PEFT-named safetensors and as a PEFT adapter folder.
+
+Tensor names follow PEFT's LoRA layout, ``base_model.model.<module>.lora_A.weight`` (r, in) and
+``...lora_B.weight`` (out, r). For open_clip ViTs <module> is the HF ``CLIPModel`` path
+(``vision_model.encoder.layers.{i}.self_attn.{q,k,v}_proj``), so the folder loads with
+``peft.PeftModel.from_pretrained(CLIPModel, folder)``; backbones without an HF twin use the
+target's canonical name. The scale is carried by ``lora_alpha`` / ``r`` (``use_rslora`` for alpha / sqrt(r)).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from models.lora import LoraSpec
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def module_name(target) -> str:
+    return target.peft_module or target.name
+
+
+def to_peft_tensors(spec: LoraSpec, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    parts = spec.unflatten(vec.detach().float().cpu())
+    out = {}
+    for t in spec.targets:
+        b, a = parts[t.name]
+        out[f"base_model.model.{module_name(t)}.lora_A.weight"] = a.contiguous()
+        out[f"base_model.model.{module_name(t)}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def from_peft_tensors(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`to_peft_tensors`; raises ValueError naming missing, unknown or mis-shaped tensors."""
+    expected = {}
+    for t in spec.targets:
+        expected[f"base_model.model.{module_name(t)}.lora_A.weight"] = (t.name, 1)
+        expected[f"base_model.model.{module_name(t)}.lora_B.weight"] = (t.name, 0)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise ValueError(f"unknown tensor name(s): {unknown[:3]}")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"missing tensor(s): {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    parts: dict[str, list] = {t.name: [None, None] for t in spec.targets}
+    for key, (name, which) in expected.items():
+        parts[name][which] = tensors[key].float()
+    return spec.flatten({k: (v[0], v[1]) for k, v in parts.items()})
+
+
+def adapter_config(spec: LoraSpec, base_model: str | None = None) -> dict[str, Any]:
+    modules = sorted({module_name(t) for t in spec.targets})
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "use_rslora": spec.scaling == "rslora",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model,
+        # A full-match regex: a plain suffix list like ["q_proj"] would also hit the text tower.
+        "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")",
+    }
+
+
+def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any]) -> bytes:
+    """Serialises the LoRA; metadata values that are not strings are stored as JSON strings."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return save(to_peft_tensors(spec, vec), metadata=meta)
+
+
+def peft_zip_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any], base_model: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        # Fixed timestamps keep the archive byte-identical for identical requests.
+        for name, data in (
+            (PEFT_CONFIG, json.dumps(adapter_config(spec, base_model), indent=2).encode()),
+            (PEFT_WEIGHTS, safetensors_bytes(spec, vec, metadata)),
+        ):
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    return buf.getvalue()

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from training.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.experts.keep_last <= cfg.experts.epochs
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("generator: {latnt_dim: 3}", "latnt_dim"),
+        ("experts: {epochs: 5, keep_last: 9}", "keep_last"),
+        ("prior: {temperature: 0}", "temperature"),
+        ("prior: {top_k: two}", "prior.top_k"),
+        ("backbone: {kind: tensorflow}", "backbone.kind"),
+        ("evaluation: {methods: [sg-lora, magic]}", "magic"),
+        ("data: {kind: folder}", "data.path"),
+        ("bogus: 1", "bogus"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, text, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,90 @@
+import copy
+
+import pytest
+import torch
+
+from models.lora import LoraSpec, LoraTarget, merge_into
+
+
+def test_flatten_unflatten_round_trip_is_exact(tiny_backbone):
+    spec = tiny_backbone.spec
+    vec = torch.randn(spec.num_params, generator=torch.Generator().manual_seed(0))
+    parts = spec.unflatten(vec)
+    assert torch.equal(spec.flatten(parts), vec)
+    # Layout is [B, A] target by target (paper eq. 3).
+    t0 = spec.targets[0]
+    b, a = parts[t0.name]
+    assert torch.equal(b.reshape(-1), vec[: t0.out_features * spec.rank])
+    assert a.shape == (spec.rank, t0.in_features)
+
+
+def test_paper_layout_on_vit_b16_has_110592_parameters():
+    from models.backbone import BackboneConfig
+    from models.open_clip_backbone import lora_spec_for
+    import open_clip
+
+    visual = open_clip.create_model("ViT-B-16", pretrained=None).visual
+    spec = lora_spec_for(visual, BackboneConfig())
+    assert len(spec.targets) == 36 and spec.num_params == 110_592
+    assert spec.targets[1].peft_module == "vision_model.encoder.layers.0.self_attn.k_proj"
+    assert spec.targets[1].rows == (768, 1536)
+
+
+def test_zero_lora_leaves_outputs_identical(tiny_backbone):
+    x = torch.randn(3, 3, 32, 32)
+    zero = torch.zeros(tiny_backbone.spec.num_params)
+    assert torch.equal(tiny_backbone.encode_image(x, zero), tiny_backbone.encode_image(x))
+
+
+def test_functional_path_matches_merged_weights(tiny_backbone):
+    spec = tiny_backbone.spec
+    x = torch.randn(4, 3, 32, 32)
+    vec = torch.randn(spec.num_params, generator=torch.Generator().manual_seed(1)) * 0.1
+    out = tiny_backbone.encode_image(x, vec)
+    ref_head = copy.deepcopy(tiny_backbone.image_head)
+    merge_into(ref_head, spec, vec)
+    ref = torch.nn.functional.normalize(ref_head(x), dim=-1)
+    assert not torch.allclose(out, tiny_backbone.encode_image(x), atol=1e-4)  # the LoRA does something
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # The frozen backbone itself is untouched.
+    assert tiny_backbone.encode_image(x).shape == out.shape
+
+
+def test_each_qkv_block_gets_its_own_update(tiny_backbone):
+    spec = tiny_backbone.spec
+    w = dict(tiny_backbone.image_head.named_parameters())["transformer.resblocks.0.attn.in_proj_weight"]
+    parts = {t.name: (torch.zeros(t.out_features, spec.rank), torch.zeros(spec.rank, t.in_features)) for t in spec.targets}
+    name = "visual.transformer.resblocks.0.attn.k"
+    parts[name] = (torch.ones(64, spec.rank), torch.ones(spec.rank, 64))
+    new = spec.deltas(spec.flatten(parts), {"transformer.resblocks.0.attn.in_proj_weight": w, "transformer.resblocks.1.attn.in_proj_weight": w})
+    d = new["transformer.resblocks.0.attn.in_proj_weight"] - w
+    assert torch.all(d[:64] == 0) and torch.all(d[128:] == 0)
+    torch.testing.assert_close(d[64:128], torch.full((64, 64), spec.rank * spec.scale))
+
+
+def test_spec_validation_and_round_trip():
+    t = LoraTarget("a", "w", (0, 4), 3, 4)
+    spec = LoraSpec((t,), rank=2, alpha=4.0, scaling="rslora")
+    assert spec.scale == pytest.approx(4.0 / 2**0.5)
+    assert LoraSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="rank"):
+        LoraSpec((t,), rank=0)
+    with pytest.raises(ValueError, match="scaling"):
+        LoraSpec((t,), scaling="weird")
+    with pytest.raises(ValueError, match="shape"):
+        spec.unflatten(torch.zeros(spec.num_params + 1))
+    with pytest.raises(ValueError, match="rows"):
+        LoraTarget("b", "w", (0, 3), 3, 4)
+
+
+def test_conv_1x1_target_matches_merge():
+    conv = torch.nn.Conv2d(6, 5, 1, bias=False)
+    spec = LoraSpec((LoraTarget("conv", "weight", (0, 5), 6, 5),), rank=2, alpha=2.0)
+    from models.lora import LoraApplier
+
+    vec = torch.randn(spec.num_params)
+    x = torch.randn(2, 6, 3, 3)
+    out = LoraApplier(conv, spec)(vec, x)
+    ref = copy.deepcopy(conv)
+    merge_into(ref, spec, vec)
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)

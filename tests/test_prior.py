@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+from expert_store.prior import mix, select_experts, semantic_prior
+
+
+def test_prior_matches_hand_computed_example():
+    # Three experts in 2-d embedding space, query closest to expert 0 then 1.
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+    q = torch.tensor([1.0, 0.0])
+    means = torch.tensor([[1.0, 2.0], [3.0, 0.0], [100.0, 100.0]])
+    var = torch.tensor([[0.5, 0.5], [1.0, 0.0], [9.0, 9.0]])
+    p = semantic_prior(q, emb, means, var, top_k=2, temperature=0.5)
+    # cos sims: 1.0 and 0.6 -> alpha = softmax([2.0, 1.2])
+    a0 = math.exp(2.0) / (math.exp(2.0) + math.exp(1.2))
+    a1 = 1 - a0
+    assert p.indices.tolist() == [0, 1]
+    torch.testing.assert_close(p.weights, torch.tensor([a0, a1]))
+    torch.testing.assert_close(p.similarities, torch.tensor([1.0, 0.6]))
+    mu = torch.tensor([a0 * 1 + a1 * 3, a0 * 2 + a1 * 0])
+    torch.testing.assert_close(p.mean, mu)
+    # law of total variance: within + between
+    within = torch.tensor([a0 * 0.5 + a1 * 1.0, a0 * 0.5 + a1 * 0.0])
+    between = a0 * (means[0] - mu) ** 2 + a1 * (means[1] - mu) ** 2
+    torch.testing.assert_close(p.variance, within + between)
+
+
+def test_total_variance_equals_pooled_sample_variance():
+    # Two experts with equal weight and equal snapshot counts: mix() is the variance of the pooled snapshots.
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(50, 7, generator=g), torch.randn(50, 7, generator=g) + 2
+    means = torch.stack([s1.mean(0), s2.mean(0)])
+    variances = torch.stack([s1.var(0, unbiased=False), s2.var(0, unbiased=False)])
+    mu, var = mix(means, variances, torch.tensor([0.5, 0.5]))
+    pooled = torch.cat([s1, s2])
+    torch.testing.assert_close(mu, pooled.mean(0))
+    torch.testing.assert_close(var, pooled.var(0, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    emb = torch.eye(3)
+    with pytest.raises(ValueError, match="top_k"):
+        select_experts(emb[0], emb, 4, 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        select_experts(emb[0], emb, 2, 0.0)

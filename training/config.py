@@ -1,0 +1,229 @@
+"""Pipeline configuration: YAML loaded into frozen dataclasses; unknown keys and bad values name themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.backbone import BackboneConfig, LoraConfig
+
+METHODS = ("zero-shot", "model-soup", "adapter-soup", "topk-weighted", "sg-lora", "oracle")
+DATA_KINDS = ("procedural", "folder", "fashion-tasks", "tux-retrieval")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "procedural"  # one of DATA_KINDS
+    path: str | None = None  # dataset folder for kind "folder" (see training/data.py for the format)
+    seed: int = 0
+    image_size: int = 32  # procedural images
+    train_per_task: int = 24  # procedural / benchmark: training images per task
+    test_per_task: int = 16  # held-out images per task
+    options: dict[str, Any] = field(default_factory=dict)  # benchmark-specific knobs
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if self.kind == "folder" and not self.path:
+            raise ValueError("data.path is required when data.kind is 'folder'")
+        if self.train_per_task < 1 or self.test_per_task < 1:
+            raise ValueError("data.train_per_task and data.test_per_task must be >= 1")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which tasks are experts, generator-training, generator-validation and unseen test tasks.
+
+    Either list names, or give counts for a seeded random split of all the dataset's tasks.
+    """
+
+    experts: tuple[str, ...] | int = 4
+    train: tuple[str, ...] | int = 2
+    val: tuple[str, ...] | int = 0
+    test: tuple[str, ...] | int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertTrainingConfig:
+    epochs: int = 20  # total epochs per task
+    keep_last: int = 10  # M: snapshots kept from the last M epochs (paper: 100)
+    lr: float = 1e-3  # Adam
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    min_train_samples: int = 4  # a task with fewer training samples is an error
+    min_test_samples: int = 2
+    seed: int = 0  # shared LoRA init (same A for every task) and data order
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"experts.epochs must be >= 1, got {self.epochs}")
+        if not 1 <= self.keep_last <= self.epochs:
+            raise ValueError(f"experts.keep_last must be in [1, epochs={self.epochs}], got {self.keep_last}")
+        if not self.lr > 0:
+            raise ValueError(f"experts.lr must be > 0, got {self.lr}")
+        if self.batch_size < 2:
+            raise ValueError(f"experts.batch_size must be >= 2, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    top_k: int = 4  # K (paper: 4)
+    temperature: float = 0.1  # tau in eq. 6
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"prior.top_k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise ValueError(f"prior.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class GeneratorTrainingConfig:
+    latent_dim: int = 32
+    hidden_dim: int = 256
+    kl_weight: float = 1.0  # lambda (paper: 1)
+    residual: bool = True
+    use_variance: bool = True
+    epochs: int = 200
+    lr: float = 1e-3
+    batch_size: int = 64
+    # Also train on each expert with a leave-one-out prior from the other experts.
+    include_experts: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"generator.epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"generator.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    methods: tuple[str, ...] = METHODS
+    sg_samples: int = 1  # sg-lora LoRAs drawn per task (seeds 0..n-1); metrics are averaged
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"evaluation.methods: unknown {bad}; choose from {METHODS}")
+        if self.sg_samples < 1:
+            raise ValueError("evaluation.sg_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "pipeline"
+    seed: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    experts: ExpertTrainingConfig = field(default_factory=ExpertTrainingConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    generator: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks/converts a YAML value against a (simple) type annotation; raises ValueError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} does not fit {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where}: expected null")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (arg, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    raise ValueError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where != "config" else str(e)) from e
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from e
+    cfg = from_dict(PipelineConfig, data)
+    if cfg.data.path and not Path(cfg.data.path).is_absolute():
+        # Dataset paths are relative to the config file's folder.
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str((path.parent / cfg.data.path).resolve())))
+    return cfg
+
+
+def backbone_from_dict(data: dict) -> BackboneConfig:
+    return from_dict(BackboneConfig, data, "backbone")
+
+
+__all__ = ["PipelineConfig", "LoraConfig", "load_config", "from_dict", "METHODS", "backbone_from_dict"]

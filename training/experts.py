@@ -1,0 +1,115 @@
+"""Expert LoRA training (paper §3.2.1): one LoRA per task, identical configuration for all tasks.
+
+Every task starts from the same seeded initialisation (A shared, B = 0), so the
+flattened [B, A] vectors of different tasks live in one comparable coordinate system,
+which the repository's averages and the generator rely on. The frozen prefix of the
+image tower runs once per image (cached features); only the adapted part runs per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from models.backbone import Backbone
+from training.config import ExpertTrainingConfig
+from training.data import Sample, TaskDataset, TaskInfo
+
+
+@dataclass
+class SplitData:
+    features: torch.Tensor  # (N, ...) cached frozen-prefix features
+    texts: torch.Tensor  # retrieval: (N, D) caption embeddings; classification: (C, D) class prompt embeddings
+    labels: torch.Tensor | None  # classification: (N,) class indices
+    captions: list[str]
+
+
+@dataclass
+class PreparedTask:
+    info: TaskInfo
+    train: SplitData
+    test: SplitData
+
+
+class FeatureCache:
+    """Frozen-prefix features per sample, computed once (samples are shared by classification tasks)."""
+
+    def __init__(self, backbone: Backbone, batch_size: int = 64):
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self._cache: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def features(self, samples: list[Sample], desc: str | None = None) -> torch.Tensor:
+        todo = [s for s in samples if id(s) not in self._cache]
+        bar = tqdm(total=len(todo), desc=desc or "image features", unit="img", leave=False, disable=not todo)
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            pixels = torch.stack([self.backbone.preprocess(s.load()) for s in chunk]).to(self.backbone.device)
+            feats = self.backbone.image_features(pixels).cpu()
+            for s, f in zip(chunk, feats, strict=True):
+                self._cache[id(s)] = f
+            bar.update(len(chunk))
+        bar.close()
+        return torch.stack([self._cache[id(s)] for s in samples])
+
+
+def prepare_task(backbone: Backbone, dataset: TaskDataset, name: str, cache: FeatureCache) -> PreparedTask:
+    info = dataset.tasks[name]
+    splits = {}
+    for split in ("train", "test"):
+        samples = dataset.task_samples(name, split)
+        feats = cache.features(samples, desc=f"features {name}/{split}")
+        if info.kind == "retrieval":
+            captions = [s.caption or "" for s in samples]
+            texts, labels = backbone.encode_text(captions).cpu(), None
+        else:
+            captions = [dataset.class_template.format(c) for c in info.classes]
+            texts = backbone.encode_text(captions).cpu()
+            index = {c: i for i, c in enumerate(info.classes)}
+            labels = torch.tensor([index[s.label] for s in samples])
+        splits[split] = SplitData(feats, texts, labels, captions)
+    return PreparedTask(info, splits["train"], splits["test"])
+
+
+def task_loss(backbone: Backbone, lora: torch.Tensor, feats: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Symmetric CLIP loss for retrieval (texts (B, D) paired with feats), cross-entropy over class prompts otherwise."""
+    img = backbone.encode_image(feats, lora)  # (B, D)
+    logits = backbone.logit_scale * img @ texts.to(img.device).T
+    if labels is None:
+        target = torch.arange(len(feats), device=img.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    return F.cross_entropy(logits, labels.to(img.device))
+
+
+def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConfig, progress: bool = True) -> torch.Tensor:
+    """Trains one task's LoRA; returns the flattened LoRAs of the last ``keep_last`` epochs, (M, P)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    vec = nn.Parameter(backbone.spec.init_vector(g).to(backbone.device))
+    opt = torch.optim.Adam([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = task.train
+    n = len(data.features)
+    if n < 2:
+        raise ValueError(f"task {task.info.name!r} has {n} training samples; at least 2 are needed")
+    snapshots = []
+    for epoch in tqdm(range(cfg.epochs), desc=f"expert {task.info.name}", unit="ep", leave=False, disable=not progress):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            if len(b) < 2 and data.labels is None:
+                continue  # a contrastive batch of one has no negatives
+            texts = data.texts[b] if data.labels is None else data.texts
+            labels = None if data.labels is None else data.labels[b]
+            loss = task_loss(backbone, vec, data.features[b], texts, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if not torch.isfinite(vec).all():
+            raise ValueError(f"expert {task.info.name!r}: training diverged (NaN/Inf in the LoRA at epoch {epoch})")
+        if epoch >= cfg.epochs - cfg.keep_last:
+            snapshots.append(vec.detach().cpu().clone())
+    return torch.stack(snapshots)

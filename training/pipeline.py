@@ -1,0 +1,293 @@
+"""The offline pipeline: experts -> repository -> generator -> evaluation, each stage on its own or all.
+
+Each stage writes its folder through a temporary directory that is renamed into place, then
+marks itself done in ``manifest.json``; an interrupted run leaves no half-written stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from expert_store.repository import Expert, ExpertRepository
+from models.backbone import create_backbone
+from sglora import artifacts as art
+from sglora.io import atomic_dir, read_json, write_json, write_safetensors
+from training.config import METHODS, PipelineConfig, SplitConfig
+from training.data import TaskDataset, load_task_dataset
+from training.evaluate import evaluate_lora
+from training.experts import FeatureCache, prepare_task, train_expert
+from training.generator import build_data, train_generator
+from training.procedural import procedural_dataset
+
+ROLES = ("experts", "train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Splits:
+    experts: tuple[str, ...]
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def all(self) -> list[str]:
+        return [*self.experts, *self.train, *self.val, *self.test]
+
+    def to_dict(self) -> dict:
+        return {r: list(getattr(self, r)) for r in ROLES}
+
+
+def load_data(cfg: PipelineConfig) -> TaskDataset:
+    d = cfg.data
+    if d.kind == "procedural":
+        return procedural_dataset(d.seed, d.image_size, d.train_per_task, d.test_per_task, **d.options)
+    if d.kind == "folder":
+        return load_task_dataset(Path(d.path))
+    from training import benchmarks
+
+    return benchmarks.fashion_tasks(d) if d.kind == "fashion-tasks" else benchmarks.tux_retrieval(d)
+
+
+def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
+    names = sorted(dataset.tasks)
+    explicit = {r: getattr(split, r) for r in ROLES if isinstance(getattr(split, r), tuple)}
+    for role, listed in explicit.items():
+        unknown = [n for n in listed if n not in dataset.tasks]
+        if unknown:
+            raise ValueError(f"split.{role}: unknown task(s) {unknown[:5]}")
+    taken = [n for listed in explicit.values() for n in listed]
+    if len(taken) != len(set(taken)):
+        raise ValueError("split: a task is listed in more than one role")
+    pool = [n for n in names if n not in set(taken)]
+    random.Random(split.seed).shuffle(pool)
+    out = {}
+    for role in ROLES:
+        v = getattr(split, role)
+        if isinstance(v, tuple):
+            out[role] = v
+            continue
+        if v > len(pool):
+            raise ValueError(f"split.{role}: asks for {v} tasks but only {len(pool)} unassigned tasks remain")
+        out[role], pool = tuple(pool[:v]), pool[v:]
+    if not out["experts"]:
+        raise ValueError("split.experts: at least one expert task is needed")
+    if not out["test"]:
+        raise ValueError("split.test: at least one unseen test task is needed")
+    return Splits(**out)
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg)
+
+
+# ---- stages ----------------------------------------------------------------------------------
+def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
+    t0 = time.perf_counter()
+    dataset = load_data(cfg)
+    splits = resolve_split(cfg.split, dataset)
+    dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = read_json(out / "config.json", "pipeline config") if (out / "config.json").exists() else None
+    if existing is not None and existing != cfg.to_dict():
+        raise ValueError(f"{out} was built with another config; use a new --out directory")
+    backbone = create_backbone(cfg.backbone, device=device)
+    with atomic_dir(out / "backbone") as tmp:
+        art.save_backbone(tmp, backbone, cfg.to_dict()["backbone"])
+    write_json(out / "config.json", cfg.to_dict())
+    write_json(out / "splits.json", splits.to_dict())
+    cache = FeatureCache(backbone)
+    fp = backbone.spec.fingerprint()
+    tasks = splits.all()
+    _log(f"[experts] {len(tasks)} tasks, LoRA of {backbone.spec.num_params} parameters ({len(backbone.spec.targets)} targets)")
+    for name in tqdm(tasks, desc="experts", unit="task"):
+        path = out / "snapshots" / f"{name}.safetensors"
+        if path.exists() and _snapshot_fingerprint(path) == fp:
+            continue  # resumable: this task was trained by an earlier, interrupted run
+        task = prepare_task(backbone, dataset, name, cache)
+        snaps = train_expert(backbone, task, cfg.experts)
+        info = dataset.tasks[name]
+        write_safetensors(
+            path,
+            {"snapshots": snaps},
+            metadata={"task": name, "description": info.description, "kind": info.kind, "lora_fingerprint": fp},
+        )
+    art.update_manifest(out, "experts", {"seconds": round(time.perf_counter() - t0, 1), "tasks": len(tasks)})
+
+
+def _snapshot_fingerprint(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("lora_fingerprint")
+    except Exception:  # unreadable leftovers are retrained
+        return None
+
+
+def _require(out: Path, stage: str) -> dict:
+    manifest = art.read_manifest(out)
+    if stage not in manifest.get("stages", {}):
+        raise ValueError(f"{out}: run the '{stage}' stage first")
+    return manifest
+
+
+def _task_snapshots(out: Path, name: str) -> torch.Tensor:
+    path = out / "snapshots" / f"{name}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"snapshots of task {name!r} missing: {path}")
+    return load_file(str(path))["snapshots"]
+
+
+def _descriptions(out: Path, names: list[str]) -> list[str]:
+    from safetensors import safe_open
+
+    descs = []
+    for n in names:
+        with safe_open(str(out / "snapshots" / f"{n}.safetensors"), "pt") as f:
+            descs.append(f.metadata()["description"])
+    return descs
+
+
+def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
+    t0 = time.perf_counter()
+    manifest = _require(out, "experts")
+    art.verify_files(out, manifest, ("backbone", "snapshots"))
+    backbone = art.load_backbone_from(out, device)
+    splits = read_json(out / "splits.json", "task splits")
+    names = splits["experts"]
+    embeddings = backbone.encode_text(_descriptions(out, names)).cpu()
+    repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint())
+    for name, desc, emb in zip(names, _descriptions(out, names), embeddings, strict=True):
+        repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
+    with atomic_dir(out / "repository") as tmp:
+        repo.save(tmp)
+    _log(f"[repository] {len(repo)} experts")
+    art.update_manifest(out, "repository", {"seconds": round(time.perf_counter() - t0, 1), "experts": len(repo)})
+
+
+def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
+    t0 = time.perf_counter()
+    manifest = _require(out, "repository")
+    art.verify_files(out, manifest, ("backbone", "snapshots"))
+    backbone = art.load_backbone_from(out, device)
+    repo = ExpertRepository.load(out / "repository")
+    splits = read_json(out / "splits.json", "task splits")
+    train_names = list(splits["train"]) + (list(splits["experts"]) if cfg.generator.include_experts else [])
+    if not train_names:
+        raise ValueError("the generator needs training tasks: set split.train > 0 or generator.include_experts")
+
+    def tasks_of(names: list[str]) -> dict:
+        embs = backbone.encode_text(_descriptions(out, names)).cpu()
+        return {n: (_task_snapshots(out, n), e) for n, e in zip(names, embs, strict=True)}
+
+    prior = dataclasses.replace(cfg.prior, top_k=min(cfg.prior.top_k, len(repo)))
+    train = build_data(repo, tasks_of(train_names), prior, leave_one_out=True)
+    val = build_data(repo, tasks_of(list(splits["val"])), prior) if splits["val"] else None
+    _log(f"[generator] {len(train.x)} training snapshots from {len(train_names)} tasks")
+    model, history = train_generator(train, val, cfg.generator)
+    with atomic_dir(out / "generator") as tmp:
+        art.save_generator(tmp, model, history)
+        _plot_history(history, tmp / "history.png")
+    art.update_manifest(out, "generator", {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x)})
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ep = [h["epoch"] for h in history]
+    ax.plot(ep, [h["reconstruction"] for h in history], label="reconstruction (train)")
+    if "val_loss" in history[0]:
+        ax.plot(ep, [h["val_loss"] for h in history], label="loss (val)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.set_title("CVAE training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def stage_evaluate(cfg: PipelineConfig, out: Path, device: str = "cpu", methods: tuple[str, ...] | None = None) -> dict:
+    t0 = time.perf_counter()
+    methods = methods or cfg.evaluation.methods
+    a = art.load_artifacts(out, device, require_generator="sg-lora" in methods)
+    dataset = load_data(cfg)
+    splits = read_json(out / "splits.json", "task splits")
+    cache = FeatureCache(a.backbone)
+    per_task: dict[str, dict[str, dict[str, float]]] = {}
+    for name in tqdm(splits["test"], desc="evaluate", unit="task"):
+        task = prepare_task(a.backbone, dataset, name, cache)
+        emb = a.engine.embed([task.info.description])[0]
+        row: dict[str, dict[str, float]] = {}
+        for m in methods:
+            if m == "oracle":
+                row[m] = evaluate_lora(a.backbone, task, _task_snapshots(out, name).mean(0))
+            elif m == "sg-lora":
+                runs = [
+                    evaluate_lora(a.backbone, task, a.engine.generate(emb, m, seed=cfg.evaluation.seed + s).lora)
+                    for s in range(cfg.evaluation.sg_samples)
+                ]
+                row[m] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+            else:
+                g = a.engine.generate(emb, m)
+                row[m] = evaluate_lora(a.backbone, task, None if m == "zero-shot" else g.lora)
+        per_task[name] = row
+    averaged = {m: _mean([per_task[t][m] for t in per_task]) for m in methods}
+    results = {
+        "methods": averaged,
+        "tasks": per_task,
+        "config": cfg.name,
+        "test_tasks": list(splits["test"]),
+        "top_k": a.engine.top_k,
+        "temperature": a.engine.temperature,
+        "sg_samples": cfg.evaluation.sg_samples,
+    }
+    with atomic_dir(out / "eval") as tmp:
+        write_json(tmp / "results.json", results)
+        (tmp / "results.md").write_text(results_table(results))
+    art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
+    _log(results_table(results))
+    return results
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+def results_table(results: dict) -> str:
+    methods = results["methods"]
+    keys = [k for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "accuracy") if any(k in v for v in methods.values())]
+    lines = [
+        f"Averaged over {len(results['test_tasks'])} unseen tasks ({results['config']}).",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for m in METHODS:
+        if m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{methods[m].get(k, float('nan')):.2f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+STAGE_FUNCS = {"experts": stage_experts, "repository": stage_repository, "generator": stage_generator, "evaluate": stage_evaluate}
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
+    for s in stages:
+        t = time.perf_counter()
+        STAGE_FUNCS[s](cfg, out, device)
+        _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
+    _log(json.dumps({"artifacts": str(out)}))
