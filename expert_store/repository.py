@@ -180,13 +180,19 @@ class ExpertRepository:
         return expert
 
     @classmethod
-    def load(cls, directory: Path, verify: bool = True) -> ExpertRepository:
+    def load(cls, directory: Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
+        """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
         index = read_json(directory / INDEX_FILE, "expert repository index")
         if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
         spec = LoraSpec.from_dict(index["lora"])
         if spec.fingerprint() != index["lora_fingerprint"]:
             raise ValueError(f"{directory / INDEX_FILE}: LoRA spec does not match its fingerprint")
+        if expect_spec is not None and spec.fingerprint() != expect_spec.fingerprint():
+            raise ValueError(
+                f"{directory}: expert LoRA layout (rank {spec.rank}, {spec.num_params} params) does not match "
+                f"the backbone's (rank {expect_spec.rank}, {expect_spec.num_params} params)"
+            )
         repo = cls(spec, int(index["embed_dim"]), index["backbone_fingerprint"])
         for entry in index["experts"]:
             name = check_name(entry["name"])

@@ -182,14 +182,9 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
     config = read_json(root / "config.json", "pipeline config")
     try:
         backbone = load_backbone_from(root, device)
-        repository = ExpertRepository.load(root / "repository")
+        repository = ExpertRepository.load(root / "repository", expect_spec=backbone.spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ArtifactError(str(e)) from e
-    if repository.spec.fingerprint() != backbone.spec.fingerprint():
-        raise ArtifactError(
-            f"{root / 'repository'}: expert LoRA layout (rank {repository.spec.rank}, {repository.spec.num_params} params) "
-            f"does not match the backbone's (rank {backbone.spec.rank}, {backbone.spec.num_params} params)"
-        )
     if repository.backbone_fingerprint != backbone.fingerprint():
         raise ArtifactError(f"{root / 'repository'}: experts were built on another backbone")
     generator = load_generator(root, device) if "generator" in stages else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import zipfile
 from typing import Any
 
@@ -75,9 +76,19 @@ def adapter_config(spec: LoraSpec, base_model: str | None = None) -> dict[str, A
 
 
 def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any]) -> bytes:
-    """Serialises the LoRA; metadata values that are not strings are stored as JSON strings."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    return save(to_peft_tensors(spec, vec), metadata=meta)
+    """Serialises the LoRA; metadata values that are not strings are stored as JSON strings.
+
+    The header is re-emitted with sorted keys: safetensors writes ``__metadata__`` from a hash map
+    whose order varies between calls, and identical requests must give identical bytes.
+    """
+    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    raw = save(to_peft_tensors(spec, vec))
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = meta
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
 
 
 def peft_zip_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any], base_model: str | None = None) -> bytes:

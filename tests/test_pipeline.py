@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sglora.artifacts import ArtifactError, load_artifacts
+from sglora.cli import main
+from training.config import METHODS
+
+
+def test_full_pipeline_writes_every_stage(tiny_artifacts_session):
+    out = tiny_artifacts_session
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"experts", "repository", "generator", "evaluate"}
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["methods"]) == set(METHODS)
+    for m in METHODS:
+        assert set(results["methods"][m]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+    assert set(results["tasks"]) == set(results["test_tasks"])
+    assert "| sg-lora |" in (out / "eval" / "results.md").read_text()
+    assert (out / "generator" / "history.png").stat().st_size > 0
+    splits = json.loads((out / "splits.json").read_text())
+    assert not set(splits["experts"]) & set(splits["test"])
+
+
+def test_oracle_lora_beats_zero_shot_on_its_own_training_data(tiny_artifacts_session):
+    # Sanity of expert training: a task's LoRA lowers that task's training loss.
+    from training.experts import FeatureCache, prepare_task, task_loss
+    from training.pipeline import load_data
+
+    a = load_artifacts(tiny_artifacts_session)
+    cfg = json.loads((tiny_artifacts_session / "config.json").read_text())
+    from training.config import PipelineConfig, from_dict
+
+    dataset = load_data(from_dict(PipelineConfig, cfg))
+    name = a.repository.names[0]
+    task = prepare_task(a.backbone, dataset, name, FeatureCache(a.backbone))
+    d = task.train
+    with torch.no_grad():
+        base = task_loss(a.backbone, torch.zeros(a.backbone.spec.num_params), d.features, d.texts, d.labels)
+        tuned = task_loss(a.backbone, a.repository[name].mean, d.features, d.texts, d.labels)
+    assert tuned < base
+
+
+def test_generate_cli_is_reproducible_and_self_describing(tiny_artifacts_session, tmp_path, capsys):
+    args = ["generate", "a photo of a circle", "--artifacts", str(tiny_artifacts_session), "--seed", "3"]
+    assert main(args + ["--out", str(tmp_path / "a.safetensors")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.safetensors")]) == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["method"] == "sg-lora" and meta["seed"] == "3" and meta["description"] == "a photo of a circle"
+    experts = json.loads(meta["experts"])
+    assert len(experts) == 3 and abs(sum(e["weight"] for e in experts) - 1) < 1e-5
+    assert all(k.startswith("base_model.model.vision_model.encoder.layers.") for k in keys)
+    assert main(args[:-1] + ["4", "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert (tmp_path / "c.safetensors").read_bytes() != (tmp_path / "a.safetensors").read_bytes()
+    assert main(["generate", "a photo of a circle", "--artifacts", str(tiny_artifacts_session), "--method", "topk-weighted", "--out", str(tmp_path / "d.zip")]) == 0
+    import zipfile
+
+    assert sorted(zipfile.ZipFile(tmp_path / "d.zip").namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "   ", "--out", "x.safetensors"], "description must not be empty"),
+        (["generate", "a cat", "--top-k", "99", "--out", "x.safetensors"], "top_k"),
+        (["generate", "a cat", "--temperature", "0", "--out", "x.safetensors"], "temperature"),
+    ],
+)
+def test_generate_cli_bad_input(tiny_artifacts_session, tmp_path, capsys, argv, needle):
+    argv = argv[:-1] + [str(tmp_path / argv[-1]), "--artifacts", str(tiny_artifacts_session)]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_artifacts_dir(tmp_path, capsys):
+    assert main(["generate", "a cat", "--artifacts", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "artefact directory not found" in capsys.readouterr().err
+
+
+def test_corrupt_generator_is_refused_by_name(tiny_artifacts):
+    f = tiny_artifacts / "generator" / "cvae.safetensors"
+    f.write_bytes(f.read_bytes()[:-7])
+    with pytest.raises(ArtifactError, match="cvae.safetensors"):
+        load_artifacts(tiny_artifacts)
+
+
+def test_repository_with_another_rank_is_refused(tiny_artifacts):
+    idx = tiny_artifacts / "repository" / "repository.json"
+    data = json.loads(idx.read_text())
+    data["lora"]["rank"] = 4
+    data["lora"]["num_params"] *= 2
+    from models.lora import LoraSpec
+
+    data["lora_fingerprint"] = LoraSpec.from_dict(data["lora"]).fingerprint()
+    idx.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="rank 4"):
+        load_artifacts(tiny_artifacts)
+
+
+def test_stage_by_stage_and_nan_snapshot_is_refused(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    from training.pipeline import run_pipeline
+
+    out = tmp_path / "staged"
+    cfg_path = tmp_path / "c.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(tiny_config.to_dict()))
+    assert main(["pipeline", "--config", str(cfg_path), "--out", str(out), "--stage", "experts"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["stages"]) == {"experts"}
+    # The generator stage before the repository stage is a clear error.
+    assert main(["pipeline", "--config", str(cfg_path), "--out", str(out), "--stage", "generator"]) == 2
+    assert "run the 'repository' stage first" in capsys.readouterr().err
+    # A NaN in an expert's snapshots is caught (the manifest hash catches the edit first).
+    splits = json.loads((out / "splits.json").read_text())
+    path = out / "snapshots" / f"{splits['experts'][0]}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    snaps = load_file(str(path))["snapshots"]
+    snaps[0, 0] = float("nan")
+    save_file({"snapshots": snaps}, str(path), metadata=meta)
+    assert main(["pipeline", "--config", str(cfg_path), "--out", str(out), "--stage", "repository"]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert not (out / "repository").exists()
+    # The same config into the same folder resumes; another config is refused.
+    other = dataclasses.replace(tiny_config, name="other")
+    with pytest.raises(ValueError, match="another config"):
+        run_pipeline(other, out, ("experts",))
+
+
+def test_too_few_samples_names_the_task(tiny_config, tmp_path):
+    import dataclasses
+
+    from training.pipeline import stage_experts
+
+    cfg = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, min_train_samples=1000))
+    with pytest.raises(ValueError, match=r"task '.*' has 24 train samples; at least 1000"):
+        stage_experts(cfg, tmp_path / "x")
+    assert not (tmp_path / "x" / "manifest.json").exists()
