@@ -1,0 +1,74 @@
+"""PCA of the LoRA space for one unseen task (like the paper's figures 7 and 9).
+
+Plots the expert means, the task's oracle snapshots, N sg-lora samples and the
+top-K merges, projected on the first two principal components of all of them.
+
+    python scripts/plot_lora_space.py --artifacts artifacts/offline-default/fashion --out docs/figures/lora-space-fashion.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from sglora.artifacts import load_artifacts  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--task", help="unseen task to plot (default: the first test task)")
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    a = load_artifacts(args.artifacts)
+    splits = json.loads((Path(args.artifacts) / "splits.json").read_text())
+    task = args.task or splits["test"][0]
+    if task not in splits["test"]:
+        print(f"error: {task!r} is not an unseen test task of these artefacts", file=sys.stderr)
+        return 2
+    from safetensors import safe_open
+
+    with safe_open(str(Path(args.artifacts) / "snapshots" / f"{task}.safetensors"), "pt") as f:
+        desc = f.metadata()["description"]
+    oracle = a.snapshots(task)
+    emb = a.engine.embed([desc])[0]
+    sg = torch.stack([a.engine.generate(emb, "sg-lora", seed=s).lora for s in range(args.samples)])
+    topk = a.engine.generate(emb, "topk-weighted")
+    means = a.repository.stacked()[0]
+    chosen = {e.name for e in topk.experts}
+    allx = torch.cat([means, oracle, sg, topk.lora[None]])
+    centre = allx.mean(0)
+    _, _, v = torch.linalg.svd(allx - centre, full_matrices=False)
+    proj = lambda x: ((x - centre) @ v[:2].T).numpy()  # noqa: E731
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    pm = proj(means)
+    for i, n in enumerate(a.repository.names):
+        ax.scatter(*pm[i], marker="s", s=60, c="tab:red" if n in chosen else "tab:gray", zorder=3)
+        ax.annotate(n[:28], pm[i], fontsize=6, alpha=0.8)
+    ax.scatter(*proj(oracle).T, c="tab:green", s=14, label=f"oracle snapshots ({len(oracle)})")
+    ax.scatter(*proj(sg).T, c="tab:blue", s=14, alpha=0.7, label=f"sg-lora samples ({args.samples})")
+    ax.scatter(*proj(topk.lora[None]).T, c="black", marker="*", s=160, label="topk-weighted (prior mean)")
+    ax.scatter([], [], marker="s", c="tab:red", label="chosen experts")
+    ax.scatter([], [], marker="s", c="tab:gray", label="other experts")
+    ax.set_title(f"LoRA space, unseen task: {desc[:70]}", fontsize=8)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
