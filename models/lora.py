@@ -147,6 +147,13 @@ class LoraSpec:
             chunks += [b.reshape(-1), a.reshape(-1)]
         return torch.cat(chunks)
 
+    def b_mask(self) -> torch.Tensor:
+        """(P,) float mask: 1 on the B entries of the flat layout, 0 on the A entries."""
+        parts = []
+        for t in self.targets:
+            parts += [torch.ones(t.out_features * self.rank), torch.zeros(self.rank * t.in_features)]
+        return torch.cat(parts)
+
     def init_vector(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard LoRA init: A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT, B = 0, so the update starts at zero."""
         parts = {}

@@ -47,7 +47,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     root = Path(args.artifacts)
     cfg = from_dict(PipelineConfig, read_json(root / "config.json", "pipeline config"))
-    stage_evaluate(cfg, root, _device(args.device), tuple(args.method) if args.method else None)
+    stage_evaluate(cfg, root, _device(args.device), tuple(args.method) if args.method else None, on=args.on)
     return 0
 
 
@@ -68,6 +68,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tmp.write_bytes(data)
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
     print(f"wrote {out} ({len(data)} bytes) method={g.method} seed={g.seed} experts: {chosen}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from sglora.artifacts import load_artifacts
+
+    if not args.description.strip():
+        raise ValueError("description must not be empty")
+    a = load_artifacts(args.artifacts, "cpu", require_generator=False)
+    g = a.engine.generate(a.engine.embed([args.description])[0], "topk-weighted", top_k=args.top_k, temperature=args.temperature)
+    print(f"top-{g.top_k} experts for {args.description!r} (temperature {g.temperature}):")
+    for e in g.experts:
+        print(f"  {e.weight:6.3f}  sim {e.similarity:+.3f}  {e.name}: {a.repository[e.name].description}")
     return 0
 
 
@@ -121,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="evaluate every method on the unseen tasks of an artefact directory")
     s.add_argument("--artifacts", required=True)
     s.add_argument("--method", action="append", help="only this method (repeatable)")
+    s.add_argument("--on", choices=["test", "val"], default="test", help="unseen test tasks, or validation tasks for tuning")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_evaluate)
 
@@ -134,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("select", help="show the experts and weights a description selects")
+    s.add_argument("description")
+    s.add_argument("--artifacts", required=True)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--temperature", type=float)
+    s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("serve", help="run the HTTP service")
     s.add_argument("--artifacts", required=True)

@@ -14,7 +14,7 @@ import yaml
 from models.backbone import BackboneConfig, LoraConfig
 
 METHODS = ("zero-shot", "model-soup", "adapter-soup", "topk-weighted", "sg-lora", "oracle")
-DATA_KINDS = ("procedural", "folder", "fashion-tasks", "tux-retrieval")
+DATA_KINDS = ("procedural", "folder", "fashion-tasks", "tux-retrieval", "combined")
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,14 @@ class DataConfig:
     train_per_task: int = 24  # procedural / benchmark: training images per task
     test_per_task: int = 16  # held-out images per task
     options: dict[str, Any] = field(default_factory=dict)  # benchmark-specific knobs
+    # kind "combined": the union of these sources (task names must not collide).
+    sources: tuple[DataConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if (self.kind == "combined") != bool(self.sources):
+            raise ValueError("data.sources must be given exactly when data.kind is 'combined'")
         if self.kind == "folder" and not self.path:
             raise ValueError("data.path is required when data.kind is 'folder'")
         if self.train_per_task < 1 or self.test_per_task < 1:
@@ -40,13 +44,14 @@ class DataConfig:
 class SplitConfig:
     """Which tasks are experts, generator-training, generator-validation and unseen test tasks.
 
-    Either list names, or give counts for a seeded random split of all the dataset's tasks.
+    Either list names, or give counts for a seeded random split of all the dataset's tasks,
+    or counts per task group ({fashion: 30, tux: 8}) for a split stratified by group.
     """
 
-    experts: tuple[str, ...] | int = 4
-    train: tuple[str, ...] | int = 2
-    val: tuple[str, ...] | int = 0
-    test: tuple[str, ...] | int = 2
+    experts: tuple[str, ...] | int | dict[str, int] = 4
+    train: tuple[str, ...] | int | dict[str, int] = 2
+    val: tuple[str, ...] | int | dict[str, int] = 0
+    test: tuple[str, ...] | int | dict[str, int] = 2
     seed: int = 0
 
 
@@ -60,6 +65,9 @@ class ExpertTrainingConfig:
     min_train_samples: int = 4  # a task with fewer training samples is an error
     min_test_samples: int = 2
     seed: int = 0  # shared LoRA init (same A for every task) and data order
+    # Train A as well as B (paper). False keeps every expert's A at the shared initialisation
+    # (LoRA-FA): then averaging [B, A] vectors is exactly averaging the dense updates B @ A.
+    train_a: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -168,6 +176,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2:
+            return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

@@ -37,6 +37,7 @@ class TaskInfo:
     description: str
     kind: str = "retrieval"
     classes: tuple[str, ...] = ()
+    group: str = ""  # benchmark or source the task comes from; splits can be stratified by it
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -85,6 +86,9 @@ class TaskDataset:
             s for s in self.samples if s.split == split and s.label in classes and (s.task is None or s.task == name)
         ]
 
+    def class_prompt(self, task: str, cls: str) -> str:
+        return self.class_template.format(cls)
+
     def check(self, names: Sequence[str], min_train: int, min_test: int) -> None:
         """Raises ValueError naming the first task that is unknown or has too few samples."""
         for n in names:
@@ -110,7 +114,7 @@ def load_task_dataset(directory: Path) -> TaskDataset:
     tasks: dict[str, TaskInfo] = {}
     for i, t in enumerate(raw.get("tasks", [])):
         try:
-            info = TaskInfo(t["name"], t["description"], t.get("kind", "retrieval"), tuple(t.get("classes", ())))
+            info = TaskInfo(t["name"], t["description"], t.get("kind", "retrieval"), tuple(t.get("classes", ())), t.get("group", ""))
         except KeyError as e:
             raise ValueError(f"{tasks_path}: task #{i} lacks {e}") from e
         if info.name in tasks:
@@ -148,7 +152,13 @@ def write_task_dataset(dataset: TaskDataset, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "images").mkdir(exist_ok=True)
     tasks = [
-        {"name": t.name, "description": t.description, "kind": t.kind, **({"classes": list(t.classes)} if t.classes else {})}
+        {
+            "name": t.name,
+            "description": t.description,
+            "kind": t.kind,
+            **({"classes": list(t.classes)} if t.classes else {}),
+            **({"group": t.group} if t.group else {}),
+        }
         for t in dataset.tasks.values()
     ]
     (directory / TASKS_FILE).write_text(json.dumps({"tasks": tasks}, indent=2))

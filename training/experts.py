@@ -58,17 +58,23 @@ class FeatureCache:
         return torch.stack([self._cache[id(s)] for s in samples])
 
 
-def prepare_task(backbone: Backbone, dataset: TaskDataset, name: str, cache: FeatureCache) -> PreparedTask:
+def prepare_task(
+    backbone: Backbone, dataset: TaskDataset, name: str, cache: FeatureCache, splits_needed: tuple[str, ...] = ("train", "test")
+) -> PreparedTask:
+    """Cached features and text embeddings of one task; splits not in ``splits_needed`` are left empty."""
     info = dataset.tasks[name]
     splits = {}
     for split in ("train", "test"):
+        if split not in splits_needed:
+            splits[split] = SplitData(torch.empty(0), torch.empty(0), None, [])
+            continue
         samples = dataset.task_samples(name, split)
         feats = cache.features(samples, desc=f"features {name}/{split}")
         if info.kind == "retrieval":
             captions = [s.caption or "" for s in samples]
             texts, labels = backbone.encode_text(captions).cpu(), None
         else:
-            captions = [dataset.class_template.format(c) for c in info.classes]
+            captions = [dataset.class_prompt(name, c) for c in info.classes]
             texts = backbone.encode_text(captions).cpu()
             index = {c: i for i, c in enumerate(info.classes)}
             labels = torch.tensor([index[s.label] for s in samples])
@@ -91,6 +97,9 @@ def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConf
     g = torch.Generator().manual_seed(cfg.seed)
     vec = nn.Parameter(backbone.spec.init_vector(g).to(backbone.device))
     opt = torch.optim.Adam([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not cfg.train_a:
+        b_mask = backbone.spec.b_mask().to(vec.device)  # (P,) 1 on B entries, 0 on A
+        vec.register_hook(lambda grad: grad * b_mask)
     data = task.train
     n = len(data.features)
     if n < 2:

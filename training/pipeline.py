@@ -46,14 +46,40 @@ class Splits:
 
 
 def load_data(cfg: PipelineConfig) -> TaskDataset:
-    d = cfg.data
+    return _load_source(cfg.data)
+
+
+def _load_source(d) -> TaskDataset:
     if d.kind == "procedural":
         return procedural_dataset(d.seed, d.image_size, d.train_per_task, d.test_per_task, **d.options)
     if d.kind == "folder":
         return load_task_dataset(Path(d.path))
+    if d.kind == "combined":
+        parts = [_load_source(s) for s in d.sources]
+        tasks: dict = {}
+        for part in parts:
+            clash = sorted(set(tasks) & set(part.tasks))
+            if clash:
+                raise ValueError(f"data.sources: task names occur in two sources: {clash[:3]}")
+            tasks.update({n: t if t.group else dataclasses.replace(t, group=f"source{len(tasks)}") for n, t in part.tasks.items()})
+        return CombinedDataset(parts, tasks)
     from training import benchmarks
 
     return benchmarks.fashion_tasks(d) if d.kind == "fashion-tasks" else benchmarks.tux_retrieval(d)
+
+
+class CombinedDataset(TaskDataset):
+    """Union of several sources; each task is answered by the source that owns it."""
+
+    def __init__(self, parts: list[TaskDataset], tasks: dict):
+        super().__init__(tasks, [s for p in parts for s in p.samples])
+        self._owner = {n: p for p in parts for n in p.tasks}
+
+    def task_samples(self, name: str, split: str):
+        return self._owner[name].task_samples(name, split)
+
+    def class_prompt(self, name: str, cls: str) -> str:
+        return self._owner[name].class_template.format(cls)
 
 
 def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
@@ -68,15 +94,26 @@ def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
         raise ValueError("split: a task is listed in more than one role")
     pool = [n for n in names if n not in set(taken)]
     random.Random(split.seed).shuffle(pool)
-    out = {}
+    groups = sorted({t.group for t in dataset.tasks.values()})
+    out: dict[str, tuple[str, ...]] = {}
     for role in ROLES:
         v = getattr(split, role)
         if isinstance(v, tuple):
             out[role] = v
             continue
-        if v > len(pool):
-            raise ValueError(f"split.{role}: asks for {v} tasks but only {len(pool)} unassigned tasks remain")
-        out[role], pool = tuple(pool[:v]), pool[v:]
+        counts = v if isinstance(v, dict) else {None: v}
+        for g in counts:
+            if g is not None and g not in groups:
+                raise ValueError(f"split.{role}: unknown task group {g!r}; the dataset has {groups}")
+        chosen: list[str] = []
+        for g, n in counts.items():
+            avail = [t for t in pool if g is None or dataset.tasks[t].group == g]
+            if n > len(avail):
+                where = "" if g is None else f" of group {g!r}"
+                raise ValueError(f"split.{role}: asks for {n} tasks{where} but only {len(avail)} unassigned tasks remain")
+            chosen += avail[:n]
+        out[role] = tuple(chosen)
+        pool = [t for t in pool if t not in set(chosen)]
     if not out["experts"]:
         raise ValueError("split.experts: at least one expert task is needed")
     if not out["test"]:
@@ -219,7 +256,10 @@ def _plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def stage_evaluate(cfg: PipelineConfig, out: Path, device: str = "cpu", methods: tuple[str, ...] | None = None) -> dict:
+def stage_evaluate(
+    cfg: PipelineConfig, out: Path, device: str = "cpu", methods: tuple[str, ...] | None = None, on: str = "test"
+) -> dict:
+    """Evaluates every method on the unseen ``test`` tasks (or the ``val`` tasks, for tuning; written to eval-val/)."""
     t0 = time.perf_counter()
     methods = methods or cfg.evaluation.methods
     a = art.load_artifacts(out, device, require_generator="sg-lora" in methods)
@@ -227,8 +267,10 @@ def stage_evaluate(cfg: PipelineConfig, out: Path, device: str = "cpu", methods:
     splits = read_json(out / "splits.json", "task splits")
     cache = FeatureCache(a.backbone)
     per_task: dict[str, dict[str, dict[str, float]]] = {}
-    for name in tqdm(splits["test"], desc="evaluate", unit="task"):
-        task = prepare_task(a.backbone, dataset, name, cache)
+    if not splits.get(on):
+        raise ValueError(f"{out}: the split has no {on!r} tasks")
+    for name in tqdm(splits[on], desc=f"evaluate ({on})", unit="task"):
+        task = prepare_task(a.backbone, dataset, name, cache, ("test",))
         emb = a.engine.embed([task.info.description])[0]
         row: dict[str, dict[str, float]] = {}
         for m in methods:
@@ -249,15 +291,17 @@ def stage_evaluate(cfg: PipelineConfig, out: Path, device: str = "cpu", methods:
         "methods": averaged,
         "tasks": per_task,
         "config": cfg.name,
-        "test_tasks": list(splits["test"]),
+        "evaluated_on": on,
+        "test_tasks": list(splits[on]),
         "top_k": a.engine.top_k,
         "temperature": a.engine.temperature,
         "sg_samples": cfg.evaluation.sg_samples,
     }
-    with atomic_dir(out / "eval") as tmp:
+    with atomic_dir(out / ("eval" if on == "test" else f"eval-{on}")) as tmp:
         write_json(tmp / "results.json", results)
         (tmp / "results.md").write_text(results_table(results))
-    art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
+    if on == "test":
+        art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
     _log(results_table(results))
     return results
 
