@@ -46,3 +46,98 @@ def tiny_artifacts(tiny_artifacts_session, tmp_path):
     dst = tmp_path / "tiny"
     shutil.copytree(tiny_artifacts_session, dst)
     return dst
+
+
+# ---- service tests (tests/test_app_*.py) ------------------------------------------------------------
+SHARED_REDIS = "redis://127.0.0.1:6379/13"  # the machine's shared Redis; these tests use db 13 + unique prefixes
+
+
+@pytest.fixture(scope="session")
+def shared_redis():
+    """(url, prefix factory) on the shared Redis; every key written under the prefixes is deleted at the end."""
+    import uuid
+
+    import redis
+
+    client = redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=0.5)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        pytest.skip(f"no Redis at {SHARED_REDIS}: {e}")
+    session = f"sglora-test-{uuid.uuid4().hex[:8]}"
+    counter = iter(range(1_000_000))
+
+    def prefix() -> str:
+        return f"{session}-{next(counter)}:"
+
+    yield SHARED_REDIS, prefix
+    for key in client.scan_iter(match=f"{session}-*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+class RedisProcess:
+    """A private ``redis-server`` on a free loopback port that a test may stop and restart."""
+
+    def __init__(self, workdir: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.proc = None
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(
+            ["redis-server", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A started private Redis (never the shared one); stopped at the end."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_settings(tiny_artifacts_session, shared_redis):
+    """Settings for a test app: the shared tiny artefacts and a fresh cache prefix, with overrides."""
+    from app.settings import Settings
+
+    url, prefix = shared_redis
+
+    def make(**overrides):
+        values = {"artifacts": tiny_artifacts_session, "redis_url": url, "cache_prefix": prefix(), "threads": 2}
+        values.update(overrides)
+        return Settings(**values)
+
+    return make

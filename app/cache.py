@@ -1,0 +1,154 @@
+"""LoRA cache: Redis (``redis.asyncio``, binary values) that fails open, plus an in-process LRU by ETag.
+
+Fail open: every Redis call has a short connect/socket timeout and no retries; after an error the
+cache is skipped for ``backoff_s`` so a dead Redis costs one timeout per back-off period, not one
+per request. Requests keep being answered (uncached) meanwhile; the next call after the back-off
+tries Redis again, and a success resumes normal use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from app.metrics import Metrics
+
+log = logging.getLogger("sglora.cache")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that fixes the bytes of a generated LoRA (format-independent: the zip is derived)."""
+
+    version: str  # artefact version: changes with the manifest and the expert repository
+    description: str  # normalised
+    method: str
+    seed: int | None  # None for the deterministic methods
+    top_k: int
+    temperature: float
+
+    def digest(self) -> str:
+        blob = json.dumps(
+            [self.version, self.description, self.method, self.seed, self.top_k, repr(float(self.temperature))],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class RedisCache:
+    """``get``/``set`` never raise: a failure is logged, counted and answered as 'not cached'."""
+
+    def __init__(self, url: str, ttl_s: int, prefix: str, timeout_s: float, backoff_s: float, metrics: Metrics):
+        self.url = url
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self.backoff_s = backoff_s
+        self.metrics = metrics
+        self._skip_until = 0.0
+        self._client: Redis | None = None
+        if url:
+            self._client = Redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),  # the default retries would multiply the timeout
+                decode_responses=False,
+                health_check_interval=0,
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def available(self) -> bool:
+        """False when disabled or inside the back-off window after an error."""
+        return self._client is not None and time.monotonic() >= self._skip_until
+
+    def _failed(self, op: str, e: Exception) -> None:
+        self.metrics.redis_errors.labels(op=op).inc()
+        if time.monotonic() >= self._skip_until:
+            log.warning("redis %s failed (%s: %s); skipping the cache for %.1f s", op, type(e).__name__, e, self.backoff_s)
+        self._skip_until = time.monotonic() + self.backoff_s
+
+    async def get(self, key: str) -> tuple[bytes | None, bool]:
+        """-> (value or None, ok); ok is False when Redis failed or was skipped."""
+        if not self.available():
+            return None, False
+        assert self._client is not None
+        try:
+            return await self._client.get(self.prefix + key), True
+        except (RedisError, OSError) as e:
+            self._failed("get", e)
+            return None, False
+
+    async def set_many(self, items: dict[str, bytes]) -> bool:
+        if not self.available() or not items:
+            return False
+        assert self._client is not None
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for k, v in items.items():
+                    pipe.set(self.prefix + k, v, ex=self.ttl_s)
+                await pipe.execute()
+            return True
+        except (RedisError, OSError) as e:
+            self._failed("set", e)
+            return False
+
+    async def ping(self) -> str:
+        """'ok', 'degraded' (unreachable or backing off) or 'disabled'. A success ends a back-off early."""
+        if self._client is None:
+            return "disabled"
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as e:
+            self._failed("ping", e)
+            return "degraded"
+        self._skip_until = 0.0
+        return "ok"
+
+    async def close(self) -> None:
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except (RedisError, OSError):
+                pass
+
+
+class BytesLRU:
+    """Bounded by total bytes; most recently used last."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+
+    def get(self, key: str) -> bytes | None:
+        v = self._items.get(key)
+        if v is not None:
+            self._items.move_to_end(key)
+        return v
+
+    def put(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._size -= len(old)
+        self._items[key] = value
+        self._size += len(value)
+        while self._size > self.max_bytes:
+            _, v = self._items.popitem(last=False)
+            self._size -= len(v)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,75 @@
+"""Builds the FastAPI app. ``sglora serve`` runs ``uvicorn app.main:create_app --factory``.
+
+The lifespan loads and checks the artefacts (refusing to start, with the problem named, when a file
+is missing, corrupt or inconsistent), starts the model worker and warms it up; on shutdown it stops
+taking model jobs, finishes the accepted ones and closes Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.metrics import Metrics, MetricsMiddleware
+from app.routes import experts, generate, health, retrieve
+from app.service import Service
+from app.settings import Settings
+from sglora import __version__
+from sglora.artifacts import ArtifactError
+
+log = logging.getLogger("sglora.app")
+
+DESCRIPTION = """
+Generates LoRA adapters for a frozen CLIP-style model from a task description (SG-LoRA):
+the description picks the most similar experts of a repository, their LoRAs form a prior,
+and a conditional VAE samples a LoRA from it.
+
+* `POST /generate` returns the LoRA as safetensors with PEFT names (or a zipped PEFT folder).
+* `POST /retrieve` ranks images and texts with a generated LoRA applied.
+* `GET/POST/DELETE /experts` manage the expert repository.
+"""
+
+
+def _configure_logging() -> None:
+    """uvicorn configures only its own loggers: give ``sglora.*`` a handler unless the host set one up."""
+    logger = logging.getLogger("sglora")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service app; settings default to the ``SGLORA_*`` environment."""
+    settings = settings or Settings()
+    _configure_logging()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            service = await Service.start(settings, metrics)
+        except ArtifactError as e:
+            log.error("cannot start: %s", e)
+            raise
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.stop()
+            log.info("stopped")
+
+    app = FastAPI(title="SG-LoRA", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_error_handlers(app, settings.retry_after_s)
+    for r in (generate.router, retrieve.router, experts.router, health.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,80 @@
+"""Prometheus metrics (prefix ``sglora_``) on a registry owned by one app.
+
+One registry per app, not the global default: tests build many apps in one process. The service
+runs one uvicorn worker per process by design (one model copy, micro-batching needs every request
+in the same process; scale with replicas), so prometheus-client's multiprocess mode is not used.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STAGES = ("queue", "text_encoding", "prior", "sampling", "serialisation", "image_encoding", "scoring")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sglora_requests", "HTTP requests by endpoint and status", ["endpoint", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "sglora_request_duration_seconds", "end-to-end request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.stage = Histogram(
+            "sglora_stage_duration_seconds", "latency of one stage of a model job", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        )
+        self.cache = Counter(
+            "sglora_cache_events", "LoRA cache lookups: hit, miss or error (Redis failed or skipped)", ["result"], registry=r
+        )
+        self.redis_errors = Counter("sglora_redis_errors", "failed Redis calls", ["op"], registry=r)
+        self.batch_size = Histogram("sglora_batch_size", "descriptions per text-encoder call", buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge("sglora_in_flight_requests", "HTTP requests being served", registry=r)
+        self.queue_depth = Gauge("sglora_queue_depth", "jobs waiting for or in the model worker", registry=r)
+        self.rejected = Counter("sglora_rejected", "requests refused by the worker", ["reason"], registry=r)
+        self.info = Info("sglora_artifacts", "loaded artefacts", registry=r)
+        for result in ("hit", "miss", "error"):
+            self.cache.labels(result=result)
+        for stage in STAGES:
+            self.stage.labels(stage=stage)
+
+    def set_info(self, backbone: str, version: str, code_version: str, device: str) -> None:
+        self.info.info({"backbone": backbone, "artifact_version": version, "code_version": code_version, "device": device})
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (not raw path: bounded label values) and status; in-flight gauge."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.metrics.requests.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
+            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""One router per resource: generate, retrieve, experts, health (health, readiness, metrics)."""

@@ -1,0 +1,136 @@
+"""POST /generate and /generate/batch: a LoRA for a task description."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
+
+from app.deps import ApiKey, ServiceDep
+from app.errors import APIError
+from app.schemas import (
+    BatchGenerateRequest,
+    BatchGenerateResponse,
+    BatchItemResult,
+    ErrorDetail,
+    ExpertChoiceOut,
+    GenerateRequest,
+)
+from app.service import GeneratedLora, Service
+from app.worker import Overloaded, ShuttingDown, WorkerTimeout
+
+router = APIRouter(tags=["generate"], dependencies=[ApiKey])
+
+_ERRORS = {
+    401: {"description": "API key missing"},
+    403: {"description": "API key not accepted"},
+    422: {
+        "description": "bad input; `field` names it",
+        "content": {
+            "application/json": {
+                "example": {"detail": {"field": "top_k", "reason": "must be between 1 and the number of experts (40), got 50"}}
+            }
+        },
+    },
+    429: {"description": "queue full; retry after `Retry-After` seconds"},
+    504: {"description": "the model did not answer in time"},
+}
+_HEADERS = {
+    "X-Cache": {"description": "hit or miss", "schema": {"type": "string"}},
+    "ETag": {"description": "adapter id; pass it to /retrieve as `etag`", "schema": {"type": "string"}},
+    "X-Seed": {"description": "sg-lora sampling seed (drawn when the request had none)", "schema": {"type": "integer"}},
+    "X-Experts": {"description": "chosen experts as name=weight, comma-separated", "schema": {"type": "string"}},
+    "X-Artifact-Version": {"description": "artefact version the LoRA was made with", "schema": {"type": "string"}},
+}
+
+
+def lora_headers(lora: GeneratedLora, etag: str) -> dict[str, str]:
+    headers = {
+        "X-Cache": lora.cache,
+        "ETag": f'"{etag}"',
+        "X-Method": lora.method,
+        "X-Experts": ",".join(f"{e['name']}={e['weight']:.4f}" for e in lora.experts),
+        "X-Artifact-Version": lora.metadata.get("artifact_version", ""),
+    }
+    if lora.seed is not None:
+        headers["X-Seed"] = str(lora.seed)
+    return headers
+
+
+def _params(service: Service, body: GenerateRequest):
+    return service.resolve(body.description, body.method, body.seed, body.top_k, body.temperature)
+
+
+@router.post(
+    "/generate",
+    response_class=Response,
+    summary="Generate a LoRA",
+    responses={
+        200: {
+            "description": "the LoRA as safetensors with PEFT tensor names (or a zipped PEFT adapter folder)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "headers": _HEADERS,
+        },
+        304: {"description": "If-None-Match matched the ETag"},
+        **_ERRORS,
+    },
+)
+async def generate(
+    body: GenerateRequest,
+    service: ServiceDep,
+    accept: Annotated[str | None, Header(description="application/zip for a zipped PEFT adapter folder")] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Generates a LoRA for a task description: safetensors, or a zipped PEFT folder with `Accept: application/zip`."""
+    lora = await service.generate(_params(service, body))
+    want_zip = accept is not None and "application/zip" in accept
+    etag = f"{lora.etag}-zip" if want_zip else lora.etag
+    headers = lora_headers(lora, etag)
+    if if_none_match is not None and f'"{etag}"' in if_none_match:
+        return Response(status_code=304, headers=headers)
+    if want_zip:
+        data, media, ext = await service.zip_of(lora), "application/zip", "zip"
+    else:
+        data, media, ext = lora.data, "application/octet-stream", "safetensors"
+    headers["Content-Disposition"] = f'attachment; filename="sglora-{lora.etag[:12]}.{ext}"'
+    return Response(data, media_type=media, headers=headers)
+
+
+async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) -> BatchItemResult:
+    try:
+        lora = await service.generate(_params(service, body))
+        data = await service.zip_of(lora) if as_zip else lora.data
+    except APIError as e:
+        return BatchItemResult(index=i, status=e.status, error=ErrorDetail(field=e.field, reason=e.reason))
+    except Overloaded:
+        return BatchItemResult(index=i, status=429, error=ErrorDetail(field=None, reason="model is overloaded, retry later"))
+    except WorkerTimeout:
+        return BatchItemResult(index=i, status=504, error=ErrorDetail(field=None, reason="the model did not answer in time"))
+    except ShuttingDown:
+        return BatchItemResult(index=i, status=503, error=ErrorDetail(field=None, reason="the service is shutting down"))
+    return BatchItemResult(
+        index=i,
+        status=200,
+        etag=f"{lora.etag}-zip" if as_zip else lora.etag,
+        cache=lora.cache,
+        method=lora.method,
+        seed=lora.seed,
+        experts=[ExpertChoiceOut(**e) for e in lora.experts],
+        data=base64.b64encode(data).decode(),
+    )
+
+
+@router.post("/generate/batch", response_model=BatchGenerateResponse, summary="Generate several LoRAs", responses=_ERRORS)
+async def generate_batch(body: BatchGenerateRequest, service: ServiceDep) -> BatchGenerateResponse:
+    """Generates one LoRA per item (micro-batched together); each item has its own status, bytes in base64."""
+    if len(body.items) > service.settings.max_batch_items:
+        raise APIError(422, "items", f"at most {service.settings.max_batch_items} items per call, got {len(body.items)}")
+    as_zip = body.format == "zip"
+    results = await asyncio.gather(*(_one(service, i, it, as_zip) for i, it in enumerate(body.items)))
+    return BatchGenerateResponse(artifact_version=service.version, format=body.format, results=list(results))

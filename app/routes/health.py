@@ -1,0 +1,49 @@
+"""GET /health (liveness), /ready (artefacts loaded, Redis state) and /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.schemas import Health, Ready
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=Health, summary="Liveness")
+async def health() -> Health:
+    """Answers while the process serves HTTP; touches neither the model nor Redis."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/ready", response_model=Ready, summary="Readiness", responses={503: {"model": Ready, "description": "starting or draining"}}
+)
+async def ready(request: Request) -> Ready | JSONResponse:
+    """200 once the artefacts are loaded and the model answered a warm-up; reports Redis as ok, degraded or disabled."""
+    service = request.app.state.service
+    if service is None:
+        return JSONResponse(Ready(status="starting").model_dump(), status_code=503)
+    if service.worker.closing:
+        return JSONResponse(Ready(status="draining").model_dump(), status_code=503)
+    return Ready(
+        status="ready",
+        redis=await service.cache.ping(),
+        artifact_version=service.version,
+        backbone=service.backbone_name,
+        device=service.device,
+        experts=len(service.artifacts.repository),
+        queue=service.worker.pending,
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": 'sglora_cache_events_total{result="hit"} 12.0\n'}}}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; every name starts with `sglora_`."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

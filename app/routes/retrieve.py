@@ -1,0 +1,99 @@
+"""POST /retrieve: image<->text rankings with a generated LoRA applied (and zero-shot beside them)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from app.deps import ApiKey, ServiceDep
+from app.errors import APIError
+from app.schemas import AdapterOut, ExpertChoiceOut, Method, Ranking, Recall, RetrieveResponse, clean_text
+from app.service import Scores
+from sglora.engine import MAX_SEED
+
+router = APIRouter(tags=["retrieve"], dependencies=[ApiKey])
+
+
+async def read_upload(f: UploadFile, field: str, limit: int) -> bytes:
+    data = await f.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, field, f"larger than {limit} bytes")
+    if not data:
+        raise APIError(422, field, "empty file")
+    return data
+
+
+def _ranking(s: Scores) -> Ranking:
+    recall = Recall(image_to_text=s.recall_at_1[0], text_to_image=s.recall_at_1[1]) if s.recall_at_1 else None
+    return Ranking(scores=s.scores, image_to_text=s.image_to_text, text_to_image=s.text_to_image, recall_at_1=recall)
+
+
+@router.post(
+    "/retrieve",
+    response_model=RetrieveResponse,
+    summary="Rank images and texts with a generated LoRA",
+    responses={
+        404: {"description": "unknown or expired `etag`"},
+        413: {"description": "an image is too large"},
+        422: {"description": "bad input; `field` names it"},
+    },
+)
+async def retrieve(
+    service: ServiceDep,
+    images: Annotated[list[UploadFile], File(description="1-64 images (PNG, JPEG, WEBP, GIF or BMP)")],
+    captions: Annotated[
+        list[str] | None,
+        Form(description="texts to rank (repeat the field); one per image gives recall@1", examples=["a blackbird"]),
+    ] = None,
+    description: Annotated[
+        str | None, Form(description="task description to generate the LoRA from", examples=["a photo of a bird"])
+    ] = None,
+    etag: Annotated[str | None, Form(description="instead of a description: the ETag of an earlier /generate")] = None,
+    method: Annotated[Method, Form()] = "sg-lora",
+    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED)] = None,
+    top_k: Annotated[int | None, Form(ge=1)] = None,
+    temperature: Annotated[float | None, Form(gt=0, allow_inf_nan=False)] = None,
+    zero_shot: Annotated[bool, Form(description="also score with the frozen backbone alone")] = False,
+) -> RetrieveResponse:
+    """Scores every image against every text with the LoRA applied; rankings both ways, zero-shot beside them on request."""
+    settings = service.settings
+    if not 1 <= len(images) <= settings.max_images:
+        raise APIError(422, "images", f"send 1 to {settings.max_images} images, got {len(images)}")
+    if (description is None) == (etag is None):
+        raise APIError(422, "description", "send exactly one of `description` and `etag`")
+    texts: list[str] = []
+    for i, c in enumerate(captions or []):
+        try:
+            texts.append(clean_text(c))
+        except ValueError as e:
+            raise APIError(422, f"captions[{i}]", str(e)) from e
+        if len(texts[-1]) > settings.max_description_chars:
+            raise APIError(422, f"captions[{i}]", f"longer than {settings.max_description_chars} characters")
+    if len(texts) > 4 * settings.max_images:
+        raise APIError(422, "captions", f"at most {4 * settings.max_images} captions")
+    data = [await read_upload(f, f"images[{i}]", settings.max_image_bytes) for i, f in enumerate(images)]
+    decoded = await service.decode_images(data)  # bad images are refused before any generation
+    if description is not None:
+        try:
+            description = clean_text(description)
+        except ValueError as e:
+            raise APIError(422, "description", str(e)) from e
+        adapter = await service.generate(service.resolve(description, method, seed, top_k, temperature))
+    else:
+        adapter = await service.adapter(etag or "")
+    texts = texts or [adapter.metadata.get("description", "")]
+    r = await service.retrieve(decoded, texts, adapter, zero_shot)
+    return RetrieveResponse(
+        adapter=AdapterOut(
+            etag=adapter.etag,
+            description=adapter.metadata.get("description", ""),
+            method=adapter.method,
+            seed=adapter.seed,
+            experts=[ExpertChoiceOut(**e) for e in adapter.experts],
+            artifact_version=adapter.metadata.get("artifact_version", ""),
+        ),
+        texts=r.texts,
+        lora=_ranking(r.lora),
+        zero_shot=_ranking(r.zero_shot) if r.zero_shot is not None else None,
+    )

@@ -1,0 +1,244 @@
+"""Request and response bodies of the HTTP API (kept apart from the library's internal objects)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sglora.engine import MAX_SEED
+
+Method = Literal["sg-lora", "topk-weighted", "adapter-soup", "model-soup"]
+Format = Literal["safetensors", "zip"]
+
+
+def clean_text(v: str) -> str:
+    v = " ".join(v.split())  # normalised: trimmed, runs of whitespace collapsed
+    if not v:
+        raise ValueError("must not be empty or blank")
+    return v
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"description": "a photo of a sunflower", "seed": 7},
+                {"description": "This is a classification task for recognizing footwear", "method": "topk-weighted", "top_k": 3},
+            ]
+        },
+    )
+
+    description: str = Field(..., min_length=1, description="the task, in words; whitespace is normalised")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        strict=True,
+        description="sg-lora sampling seed; omitted: the service draws one and reports it in X-Seed",
+    )
+    method: Method = Field("sg-lora", description="how to build the LoRA from the chosen experts")
+    top_k: int | None = Field(
+        None, ge=1, strict=True, description="experts mixed (1..number of experts); default: the artefacts' top_k"
+    )
+    temperature: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="softmax temperature of the expert weights; default: the artefacts'"
+    )
+
+    _clean = field_validator("description")(clean_text)
+
+
+class BatchGenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"description": "a photo of a cat", "seed": 1},
+                        {"description": "a photo of a dog", "method": "adapter-soup"},
+                    ]
+                }
+            ]
+        },
+    )
+
+    items: list[GenerateRequest] = Field(..., min_length=1, description="one generation per item, answered in order")
+    format: Format = Field("safetensors", description="encoding of each item's `data`")
+
+
+class ExpertChoiceOut(BaseModel):
+    name: str
+    weight: float = Field(description="mixing weight alpha")
+    similarity: float = Field(description="cosine similarity of the expert's description to the request's")
+
+
+class ErrorDetail(BaseModel):
+    field: str | None
+    reason: str
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    status: int = Field(description="HTTP status this item would have had on its own")
+    etag: str | None = None
+    cache: Literal["hit", "miss"] | None = None
+    method: str | None = None
+    seed: int | None = None
+    experts: list[ExpertChoiceOut] = Field(default_factory=list)
+    data: str | None = Field(None, description="base64 of the safetensors file (or zip, see `format`)")
+    error: ErrorDetail | None = None
+
+
+class BatchGenerateResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "artifact_version": "3f2a9c0d1e4b5a69",
+                    "format": "safetensors",
+                    "results": [
+                        {
+                            "index": 0,
+                            "status": 200,
+                            "etag": "9b1f0c7a2d4e6f8091a2b3c4d5e6f708",
+                            "cache": "miss",
+                            "method": "sg-lora",
+                            "seed": 1,
+                            "experts": [{"name": "tabby", "weight": 0.71, "similarity": 0.93}],
+                            "data": "<base64>",
+                            "error": None,
+                        },
+                        {"index": 1, "status": 422, "error": {"field": "top_k", "reason": "must be between 1 and 4"}},
+                    ],
+                }
+            ]
+        }
+    )
+
+    artifact_version: str
+    format: Format
+    results: list[BatchItemResult]
+
+
+class AdapterOut(BaseModel):
+    etag: str = Field(description="ETag of the LoRA's safetensors (as /generate sent it, without quotes)")
+    description: str
+    method: str
+    seed: int | None
+    experts: list[ExpertChoiceOut]
+    artifact_version: str
+
+
+class Recall(BaseModel):
+    image_to_text: float
+    text_to_image: float
+
+
+class Ranking(BaseModel):
+    scores: list[list[float]] = Field(description="(images, texts) cosine similarities of the L2-normalised embeddings")
+    image_to_text: list[list[int]] = Field(description="per image: text indices, best first")
+    text_to_image: list[list[int]] = Field(description="per text: image indices, best first")
+    recall_at_1: Recall | None = Field(None, description="with one caption per image, image i paired with caption i")
+
+
+class RetrieveResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "adapter": {
+                        "etag": "9b1f0c7a2d4e6f8091a2b3c4d5e6f708",
+                        "description": "a photo of a bird",
+                        "method": "sg-lora",
+                        "seed": 7,
+                        "experts": [{"name": "sparrow", "weight": 0.64, "similarity": 0.91}],
+                        "artifact_version": "3f2a9c0d1e4b5a69",
+                    },
+                    "texts": ["a blackbird", "a robin"],
+                    "lora": {
+                        "scores": [[0.31, 0.22], [0.19, 0.28]],
+                        "image_to_text": [[0, 1], [1, 0]],
+                        "text_to_image": [[0, 1], [1, 0]],
+                        "recall_at_1": {"image_to_text": 1.0, "text_to_image": 1.0},
+                    },
+                    "zero_shot": None,
+                }
+            ]
+        }
+    )
+
+    adapter: AdapterOut
+    texts: list[str] = Field(description="the captions, or [description] when none were sent")
+    lora: Ranking = Field(description="with the LoRA applied to the image tower")
+    zero_shot: Ranking | None = Field(None, description="the frozen backbone alone (zero_shot=true)")
+
+
+class ExpertOut(BaseModel):
+    name: str
+    description: str
+    num_snapshots: int
+
+
+class ExpertList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "artifact_version": "3f2a9c0d1e4b5a69",
+                    "lora": {"rank": 2, "alpha": 2.0, "num_params": 110592, "targets": 72},
+                    "experts": [{"name": "tabby", "description": "a photo of a tabby cat", "num_snapshots": 100}],
+                }
+            ]
+        }
+    )
+
+    artifact_version: str
+    lora: dict
+    experts: list[ExpertOut]
+
+
+class ExpertChange(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "sunflower", "action": "added", "artifact_version": "77ab01c2d3e4f5a6", "experts": 41}]
+        }
+    )
+
+    name: str
+    action: Literal["added", "removed"]
+    artifact_version: str = Field(description="the new version; cached LoRAs of the old one are no longer served")
+    experts: int = Field(description="number of experts now")
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "redis": "ok",
+                    "artifact_version": "3f2a9c0d1e4b5a69",
+                    "backbone": "ViT-B-16",
+                    "device": "cpu",
+                    "experts": 40,
+                    "queue": 0,
+                }
+            ]
+        }
+    )
+
+    status: Literal["ready", "starting", "draining"]
+    redis: Literal["ok", "degraded", "disabled"] | None = None
+    artifact_version: str | None = None
+    backbone: str | None = None
+    device: str | None = None
+    experts: int | None = None
+    queue: int | None = None

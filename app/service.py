@@ -1,0 +1,409 @@
+"""The service behind the routes: LoRA generation through the cache, adapters by ETag, retrieval
+scoring and expert changes. Built once in the FastAPI lifespan; all torch work goes through
+:class:`app.worker.ModelWorker`.
+
+Caching: a generated LoRA is stored under ``gen:<sha256 of (artefact version, normalised request)>``
+and under ``etag:<its ETag>`` (for /retrieve). The artefact version changes whenever an expert is
+added or removed, so entries of an older repository are simply never looked up again (they age out
+by TTL / LRU). An sg-lora request without a seed draws a fresh seed (reported in X-Seed) and is not
+looked up (it is a new sample by definition), but its result is stored under the drawn seed, so
+repeating the request with that seed is a cache hit. The deterministic methods ignore the seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import re
+import secrets
+import struct
+import time
+import zipfile
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from app.cache import BytesLRU, CacheKey, RedisCache
+from app.errors import APIError
+from app.images import decode_image
+from app.metrics import Metrics
+from app.settings import Settings
+from app.worker import ModelWorker
+from expert_store.repository import Expert, check_name
+from models.backbone import Backbone
+from models.lora import check_finite
+from sglora import __version__
+from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
+from sglora.cli import generation_metadata
+from sglora.engine import Generation
+from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, adapter_config, from_peft_tensors, safetensors_bytes
+
+log = logging.getLogger("sglora.service")
+ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
+UNSEEDED_SEEDS = 2**62  # the range the engine itself draws from
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A /generate request with every default filled in: what fixes the LoRA."""
+
+    description: str
+    method: str
+    seed: int | None
+    top_k: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class GeneratedLora:
+    data: bytes  # safetensors, PEFT tensor names, generation metadata in __metadata__
+    etag: str  # first 32 hex of sha256(data)
+    cache: str  # "hit" | "miss"
+    metadata: dict[str, str]
+
+    @property
+    def method(self) -> str:
+        return self.metadata.get("method", "")
+
+    @property
+    def seed(self) -> int | None:
+        s = self.metadata.get("seed", "")
+        return int(s) if s else None
+
+    @property
+    def experts(self) -> list[dict]:
+        return json.loads(self.metadata.get("experts", "[]"))
+
+
+@dataclass(frozen=True)
+class Scores:
+    scores: list[list[float]]  # (images, texts)
+    image_to_text: list[list[int]]
+    text_to_image: list[list[int]]
+    recall_at_1: tuple[float, float] | None  # (i2t, t2i) when texts pair 1:1 with images
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    adapter: GeneratedLora
+    texts: list[str]
+    lora: Scores
+    zero_shot: Scores | None
+
+
+@dataclass(frozen=True)
+class _MetaSource:
+    """What :func:`sglora.cli.generation_metadata` reads of an Artifacts, with the version held in
+    memory instead of re-hashed from disk on every request."""
+
+    backbone: Backbone
+    version: str
+
+
+def etag_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, from its JSON header alone (no tensor is read)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
+
+
+def normalise_etag(value: str) -> str:
+    """Accepts an ETag as sent (``W/"…"``, quotes, ``-zip`` suffix) or bare; -> 32 hex."""
+    v = value.strip()
+    v = v.removeprefix("W/").strip('"')
+    v = v.removesuffix("-zip")
+    if not ETAG_RE.match(v):
+        raise APIError(422, "etag", "not an ETag of this service (32 hex digits, as sent by /generate)")
+    return v
+
+
+def peft_zip_from_safetensors(spec, weights: bytes) -> bytes:
+    """The zipped PEFT folder of :func:`sglora.export.peft_zip_bytes`, built from already-serialised weights
+    (a cache hit has bytes, not a vector); byte-identical to it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in ((PEFT_CONFIG, json.dumps(adapter_config(spec), indent=2).encode()), (PEFT_WEIGHTS, weights)):
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def _rank(scores: torch.Tensor) -> Scores:
+    """scores (N images, T texts) -> rankings both ways (+ recall@1 when N == T, pairs on the diagonal)."""
+    i2t = scores.argsort(dim=1, descending=True, stable=True)  # (N, T)
+    t2i = scores.t().argsort(dim=1, descending=True, stable=True)  # (T, N)
+    recall = None
+    if scores.shape[0] == scores.shape[1]:
+        ar = torch.arange(scores.shape[0])
+        recall = (float((i2t[:, 0] == ar).float().mean()), float((t2i[:, 0] == ar).float().mean()))
+    return Scores(scores.tolist(), i2t.tolist(), t2i.tolist(), recall)
+
+
+def _value_error_field(message: str) -> str | None:
+    for name in ("top_k", "temperature", "seed", "method", "description"):
+        if name in message:
+            return name
+    return None
+
+
+class Service:
+    def __init__(self, settings: Settings, artifacts: Artifacts, device: str, metrics: Metrics):
+        self.settings = settings
+        self.artifacts = artifacts
+        self.device = device
+        self.metrics = metrics
+        self.engine = artifacts.engine
+        self.spec = artifacts.backbone.spec
+        cfg = artifacts.backbone.config
+        self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
+        self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
+        self.version = artifacts.version
+        self.cache = RedisCache(
+            settings.redis_url,
+            settings.cache_ttl_s,
+            settings.cache_prefix,
+            settings.redis_timeout_s,
+            settings.redis_backoff_s,
+            metrics,
+        )
+        self.lru = BytesLRU(settings.lru_bytes)
+        self.worker = ModelWorker(
+            self.engine.embed,
+            metrics,
+            threads=settings.resolved_threads(),
+            max_batch=settings.max_batch,
+            batch_wait_ms=settings.batch_wait_ms,
+            max_queue=settings.max_queue,
+            timeout_s=settings.request_timeout_s,
+        )
+        self._sampling_s = 0.0
+        self._time_sampling()
+        metrics.set_info(self.backbone_name, self.version, __version__, device)
+
+    # ---- life cycle -----------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics) -> Service:
+        """Loads and checks the artefacts (raises :class:`ArtifactError` naming the problem), starts the
+        worker and warms the model up with one real generation."""
+        if settings.artifacts is None:
+            raise ArtifactError("no artefact directory: set SGLORA_ARTIFACTS (or `sglora serve --artifacts DIR`)")
+        torch.set_num_threads(settings.resolved_threads())
+        device = settings.resolved_device()
+        artifacts = await asyncio.to_thread(load_artifacts, settings.artifacts, device)
+        service = cls(settings, artifacts, device, metrics)
+        service.worker.start()
+        try:
+            await service.worker.encode("warm-up", lambda e: service.engine.generate(e, "sg-lora", seed=0))
+        except BaseException:
+            await service.stop()
+            raise
+        redis = await service.cache.ping()
+        log.info(
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s; redis %s",
+            artifacts.root,
+            service.version,
+            service.backbone_name,
+            len(artifacts.repository),
+            device,
+            redis,
+        )
+        return service
+
+    async def stop(self) -> None:
+        """Finishes the accepted model jobs, then releases the worker and Redis."""
+        await self.worker.drain(self.settings.shutdown_timeout_s)
+        await self.worker.close()
+        await self.cache.close()
+
+    def _time_sampling(self) -> None:
+        # Engine.generate runs prior and sampling in one call; timing the generator's sample() lets the
+        # metrics split the two stages (sampling = this, prior = the rest) without touching the engine.
+        gen = self.artifacts.generator
+        if gen is None:
+            return
+        inner = gen.sample
+
+        def timed_sample(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._sampling_s += time.perf_counter() - t0
+
+        gen.sample = timed_sample  # instance attribute: shadows the method for this generator only
+
+    # ---- generation -----------------------------------------------------------------------------
+    def resolve(
+        self, description: str, method: str, seed: int | None, top_k: int | None, temperature: float | None
+    ) -> GenerateParams:
+        """Fills defaults and checks what depends on the loaded artefacts; APIError(422) naming the field."""
+        if len(description) > self.settings.max_description_chars:
+            raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
+        n = len(self.artifacts.repository)
+        top_k = self.engine.top_k if top_k is None else top_k
+        if not 1 <= top_k <= n:
+            raise APIError(422, "top_k", f"must be between 1 and the number of experts ({n}), got {top_k}")
+        temperature = self.engine.temperature if temperature is None else temperature
+        if method != "sg-lora":
+            seed = None  # the deterministic methods do not sample
+        return GenerateParams(description, method, seed, top_k, float(temperature))
+
+    async def generate(self, params: GenerateParams) -> GeneratedLora:
+        lookup = params.method != "sg-lora" or params.seed is not None
+        if params.seed is None and params.method == "sg-lora":
+            params = replace(params, seed=secrets.randbelow(UNSEEDED_SEEDS))
+        version = self.version
+        key = CacheKey(version, params.description, params.method, params.seed, params.top_k, params.temperature).digest()
+        if lookup:
+            data, ok = await self.cache.get("gen:" + key)
+            self.metrics.cache.labels(result="hit" if data is not None else ("miss" if ok else "error")).inc()
+            if data is not None:
+                etag = etag_of(data)
+                self.lru.put(etag, data)
+                return GeneratedLora(data, etag, "hit", read_metadata(data))
+        else:
+            self.metrics.cache.labels(result="miss").inc()
+        try:
+            data, used_version = await self.worker.encode(params.description, partial(self._generate_job, params))
+        except ValueError as e:  # the engine's own checks (e.g. an expert removed meanwhile)
+            raise APIError(422, _value_error_field(str(e)), str(e)) from e
+        etag = etag_of(data)
+        self.lru.put(etag, data)
+        if used_version == version:  # else the repository changed under the request: do not file it under the old key
+            await self.cache.set_many({"gen:" + key: data, "etag:" + etag: data})
+        return GeneratedLora(data, etag, "miss", read_metadata(data))
+
+    def _generate_job(self, params: GenerateParams, embedding: torch.Tensor) -> tuple[bytes, str]:
+        """On the worker thread, after the micro-batched text encoding: prior, sampling, serialisation."""
+        version = self.version
+        self._sampling_s = 0.0
+        t0 = time.perf_counter()
+        g: Generation = self.engine.generate(
+            embedding, params.method, seed=params.seed, top_k=params.top_k, temperature=params.temperature
+        )
+        t1 = time.perf_counter()
+        self.metrics.stage.labels(stage="prior").observe(t1 - t0 - self._sampling_s)
+        if params.method == "sg-lora":
+            self.metrics.stage.labels(stage="sampling").observe(self._sampling_s)
+        meta = generation_metadata(_MetaSource(self.artifacts.backbone, version), params.description, g)
+        data = safetensors_bytes(self.spec, g.lora, meta)
+        self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t1)
+        return data, version
+
+    async def zip_of(self, lora: GeneratedLora) -> bytes:
+        t0 = time.perf_counter()
+        data = await asyncio.to_thread(peft_zip_from_safetensors, self.spec, lora.data)  # zlib releases the GIL
+        self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t0)
+        return data
+
+    async def adapter(self, etag: str) -> GeneratedLora:
+        """A recently generated LoRA by its ETag: in-process LRU first, then Redis."""
+        key = normalise_etag(etag)
+        data = self.lru.get(key)
+        if data is None:
+            data, _ = await self.cache.get("etag:" + key)
+        if data is None or etag_of(data) != key:
+            raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")
+        self.lru.put(key, data)
+        return GeneratedLora(data, key, "hit", read_metadata(data))
+
+    # ---- retrieval ------------------------------------------------------------------------------
+    async def decode_images(self, images: list[bytes]) -> list[Image.Image]:
+        """Uploaded bytes -> RGB images, off the event loop; APIError(422, "images[i]") for a bad one."""
+        limit = self.settings.max_image_pixels
+        return list(
+            await asyncio.gather(*(asyncio.to_thread(decode_image, b, f"images[{i}]", limit) for i, b in enumerate(images)))
+        )
+
+    async def retrieve(self, images: list[Image.Image], texts: list[str], adapter: GeneratedLora, zero_shot: bool) -> Retrieval:
+        lora_scores, zs_scores = await self.worker.run(self._retrieve_job, images, texts, adapter.data, zero_shot)
+        return Retrieval(adapter, texts, lora_scores, zs_scores)
+
+    def _retrieve_job(
+        self, images: list[Image.Image], texts: list[str], weights: bytes, zero_shot: bool
+    ) -> tuple[Scores, Scores | None]:
+        backbone = self.artifacts.backbone
+        lora = from_peft_tensors(self.spec, load_safetensors(weights))  # (P,): exactly the bytes the client holds
+        t0 = time.perf_counter()
+        pixels = torch.stack([backbone.preprocess(im) for im in images])  # (N, C, H, W)
+        features = backbone.image_features(pixels.to(backbone.device))
+        img = backbone.encode_image(features, lora).float().cpu()  # (N, D), L2-normalised
+        img0 = backbone.encode_image(features).float().cpu() if zero_shot else None
+        self.metrics.stage.labels(stage="image_encoding").observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        txt = self.engine.embed(texts).float()  # (T, D), L2-normalised
+        self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t1)
+        return _rank(img @ txt.t()), (_rank(img0 @ txt.t()) if img0 is not None else None)
+
+    # ---- experts --------------------------------------------------------------------------------
+    @property
+    def repository_dir(self) -> Path:
+        return self.artifacts.root / "repository"
+
+    def _parse_lora(self, data: bytes, field: str) -> torch.Tensor:
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError, OSError, struct.error) as e:
+            raise APIError(422, field, f"not a readable safetensors file: {e}") from e
+        try:
+            vec = from_peft_tensors(self.spec, tensors)
+            check_finite(vec, field)
+        except ValueError as e:
+            raise APIError(422, field, str(e)) from e
+        return vec
+
+    async def add_expert(self, name: str, description: str, mean: bytes, variance: bytes | None, num_snapshots: int) -> str:
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise APIError(422, "name", str(e)) from e
+        if name in self.artifacts.repository:
+            raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
+        mean_vec = self._parse_lora(mean, "mean")
+        var_vec = self._parse_lora(variance, "variance") if variance is not None else torch.zeros_like(mean_vec)
+        if (var_vec < 0).any():
+            raise APIError(422, "variance", "variances must be >= 0")
+        return await self.worker.run(self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots)
+
+    def _add_expert_job(self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int) -> str:
+        # On the worker thread: no generation runs while the repository changes.
+        repo = self.artifacts.repository
+        if name in repo:
+            raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
+        embedding = self.engine.embed([description])[0].float()
+        try:
+            repo.add_and_save(Expert(name, description, mean, variance, embedding, num_snapshots), self.repository_dir)
+        except ValueError as e:
+            raise APIError(422, _value_error_field(str(e)), str(e)) from e
+        return self._repository_changed()
+
+    async def remove_expert(self, name: str) -> str:
+        return await self.worker.run(self._remove_expert_job, name)
+
+    def _remove_expert_job(self, name: str) -> str:
+        repo = self.artifacts.repository
+        if name not in repo:
+            raise APIError(404, "name", f"no expert named {name!r}")
+        if len(repo) == 1:
+            raise APIError(409, "name", "cannot remove the last expert")
+        repo.remove_and_save(name, self.repository_dir)
+        return self._repository_changed()
+
+    def _repository_changed(self) -> str:
+        self.engine.top_k = min(self.default_top_k, len(self.artifacts.repository))
+        self.version = artefact_version(self.artifacts.root)
+        self.metrics.set_info(self.backbone_name, self.version, __version__, self.device)
+        log.info("expert repository changed: %d experts, artefact version %s", len(self.artifacts.repository), self.version)
+        return self.version

@@ -1,0 +1,73 @@
+"""Service settings: one class, read from ``SGLORA_*`` environment variables once per app."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Lists (API keys) take a comma-separated string."""
+
+    model_config = SettingsConfigDict(env_prefix="SGLORA_", extra="ignore")
+
+    # ---- artefacts and device ----------------------------------------------------------------------
+    artifacts: Path | None = Field(None, description="artefact directory written by `sglora pipeline`")
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    threads: int = Field(0, ge=0, description="torch intra-op threads of the model worker; 0 = the cores available - 1 (>= 1)")
+
+    # ---- cache -------------------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the LoRA cache; empty disables caching")
+    cache_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of a cached LoRA")
+    cache_prefix: str = Field("sglora:", description="prefix of every Redis key this service writes")
+    redis_timeout_s: float = Field(0.25, gt=0, description="connect and socket timeout of each Redis call")
+    redis_backoff_s: float = Field(5.0, ge=0, description="after a Redis error, skip Redis for this long")
+    lru_bytes: int = Field(64 << 20, ge=0, description="in-process LRU of recent LoRAs by ETag (for /retrieve)")
+
+    # ---- access ------------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="keys accepted on every model endpoint (X-API-Key); empty = open"
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="keys for POST/DELETE /experts; empty = expert changes disabled"
+    )
+
+    # ---- worker, batching, limits --------------------------------------------------------------------
+    max_batch: int = Field(32, ge=1, description="most descriptions encoded in one text-encoder call")
+    batch_wait_ms: float = Field(2.0, ge=0, description="under load, wait this long for a micro-batch to fill")
+    max_queue: int = Field(256, ge=1, description="jobs waiting for or in the model worker; beyond: 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest wait for the model worker; beyond: 504")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for queued jobs")
+    max_description_chars: int = Field(2000, ge=1)
+    max_batch_items: int = Field(32, ge=1, description="descriptions per /generate/batch call")
+    max_images: int = Field(64, ge=1, description="images per /retrieve call")
+    max_image_bytes: int = Field(10 << 20, ge=1, description="size limit of one uploaded image")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height limit of one uploaded image")
+    max_expert_bytes: int = Field(256 << 20, ge=1, description="size limit of an uploaded expert file")
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    def resolved_threads(self) -> int:
+        """0 -> one thread less than the cores this process may use (at least 1): the event loop keeps a
+        core, and an oversubscribed OpenMP pool can slow a forward down by an order of magnitude."""
+        if self.threads > 0:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores - 1)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

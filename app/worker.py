@@ -1,0 +1,248 @@
+"""The model worker: all torch work on one dedicated thread, text encodings micro-batched.
+
+Requests never run torch on the event loop. Two kinds of job reach the thread:
+
+* ``encode(text, then)``: queued on an asyncio queue; a batcher task takes whatever is queued
+  (up to ``max_batch``), waiting up to ``batch_wait_ms`` for more only while the previous batch
+  was not alone (no wait for a lone client), and runs ONE ``engine.embed(batch)`` call (identical
+  descriptions encoded once) followed by each item's ``then(embedding)`` (prior, sampling,
+  serialisation) in the same thread hop. While a batch runs, new arrivals queue up and form the
+  next one: under load the batch size adapts to the arrival rate.
+* ``run(fn)``: any other job (retrieval, expert registration), in order with the batches.
+
+Admission: at most ``max_queue`` jobs wait or run; beyond that :class:`Overloaded` (-> 429 with
+Retry-After). A caller waits at most ``timeout_s`` (-> 504); a job whose caller gave up before it
+started is skipped. ``drain`` stops admission and waits for the accepted jobs (graceful shutdown).
+Running everything on one thread also serialises expert registration with generation, so a
+generation never sees a half-updated repository.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from app.metrics import Metrics
+
+T = TypeVar("T")
+log = logging.getLogger("sglora.worker")
+
+
+class Overloaded(Exception):
+    """The worker queue is full."""
+
+
+class ShuttingDown(Exception):
+    """The service is draining; no new jobs."""
+
+
+class WorkerTimeout(Exception):
+    """The job did not finish within the request timeout."""
+
+
+@dataclass
+class _Item:
+    text: str
+    then: Callable[[torch.Tensor], Any] | None
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        embed: Callable[[list[str]], torch.Tensor],
+        metrics: Metrics,
+        threads: int = 0,
+        max_batch: int = 32,
+        batch_wait_ms: float = 2.0,
+        max_queue: int = 256,
+        timeout_s: float = 30.0,
+    ):
+        self._embed = embed
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglora-torch", initializer=self._init_thread)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._pending = 0  # admitted jobs not yet finished (queued + running)
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batcher: asyncio.Task | None = None
+        self._last_batch = 1
+
+    def _init_thread(self) -> None:
+        if self._threads > 0:
+            torch.set_num_threads(self._threads)
+
+    def start(self) -> None:
+        self._batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="sglora-batcher")
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ---- admission ------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        if self._closing:
+            raise ShuttingDown()
+        if self._pending >= self.max_queue:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            raise Overloaded()
+        self._pending += 1
+        self._idle.clear()
+        self.metrics.queue_depth.set(self._pending)
+
+    def _release(self) -> None:
+        self._pending -= 1
+        self.metrics.queue_depth.set(self._pending)
+        if self._pending == 0:
+            self._idle.set()
+
+    async def _wait(self, future: asyncio.Future) -> Any:
+        try:
+            # shield: a timeout must not cancel the future the worker thread will resolve.
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except TimeoutError as e:
+            future.cancel()  # the worker skips it if it has not started yet
+            self.metrics.rejected.labels(reason="timeout").inc()
+            raise WorkerTimeout() from e
+        except asyncio.CancelledError:  # the client went away: skip the job too
+            future.cancel()
+            raise
+
+    # ---- jobs -----------------------------------------------------------------------------------
+    async def encode(self, text: str, then: Callable[[torch.Tensor], T] | None = None) -> T:
+        """Embeds ``text`` in a micro-batch; returns ``then(embedding (D,))`` run on the worker thread
+        (or the embedding itself)."""
+        self._admit()
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _: self._release())
+        self._queue.put_nowait(_Item(text, then, future))
+        return await self._wait(future)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn(*args)`` on the worker thread, under inference mode."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        enqueued = time.perf_counter()
+        future = loop.create_future()
+        future.add_done_callback(lambda _: self._release())
+
+        def job() -> None:
+            if future.cancelled():
+                return
+            self.metrics.stage.labels(stage="queue").observe(time.perf_counter() - enqueued)
+            try:
+                with torch.inference_mode():
+                    result = fn(*args)
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting request
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._executor.submit(job)
+        return await self._wait(future)
+
+    # ---- batching -------------------------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.batch_wait_s
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if self._last_batch <= 1 or remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            batch = [it for it in batch if not it.future.cancelled()]
+            if not batch:
+                continue
+            self._last_batch = len(batch)
+            # Await the batch: later arrivals queue up meanwhile and form the next batch.
+            done = loop.run_in_executor(self._executor, self._run_batch, batch, loop)
+            try:
+                await done
+            except Exception:  # noqa: BLE001 - every item's future already got its error
+                log.exception("batch failed")
+
+    def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        now = time.perf_counter()
+        for it in batch:
+            self.metrics.stage.labels(stage="queue").observe(now - it.enqueued)
+        texts = list(dict.fromkeys(it.text for it in batch))  # identical descriptions are encoded once
+        row = {t: i for i, t in enumerate(texts)}
+        self.metrics.batch_size.observe(len(texts))
+        with torch.inference_mode():
+            try:
+                t0 = time.perf_counter()
+                emb = self._embed(texts)  # (B, D)
+                self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001
+                if len(texts) > 1:  # one bad description must not fail its neighbours: retry them one by one
+                    for t in texts:
+                        self._run_batch([it for it in batch if it.text == t], loop)
+                    return
+                for it in batch:
+                    loop.call_soon_threadsafe(_set_exception, it.future, e)
+                return
+            for it in batch:
+                if it.future.cancelled():
+                    continue
+                try:
+                    result = it.then(emb[row[it.text]]) if it.then is not None else emb[row[it.text]]
+                except Exception as e:  # noqa: BLE001
+                    loop.call_soon_threadsafe(_set_exception, it.future, e)
+                else:
+                    loop.call_soon_threadsafe(_set_result, it.future, result)
+
+    # ---- shutdown -------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float) -> bool:
+        """Stops admitting jobs and waits for the accepted ones; False if they did not finish in time."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            log.warning("shutdown: %d model jobs still pending after %.1f s", self._pending, timeout_s)
+            return False
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            try:
+                await self._batcher
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, e: BaseException) -> None:
+    if not future.done():
+        future.set_exception(e)

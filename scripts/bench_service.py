@@ -1,0 +1,308 @@
+"""Benchmark of the HTTP service against the bare text encoder, in one run.
+
+    python scripts/bench_service.py --artifacts artifacts/offline-default [--redis-url redis://127.0.0.1:6379/0]
+
+Measures, on one machine:
+  1. the bare ``engine.embed([description])`` forward (in this process, before the server starts);
+  2. /generate cache-miss median latency (every request a fresh seed)     target <= 1.25x the bare forward;
+  3. /generate cache-hit median latency (one request repeated)            target <= 0.1x the miss;
+  4. throughput of cache misses with 32 concurrent clients vs 1 client    target >= 3x (micro-batching).
+The server is started here (uvicorn in a subprocess on a free loopback port, one worker) against the
+given Redis, with a fresh key prefix that is deleted at the end. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
+
+
+def bare_embed_ms(artifacts: Path, device: str, threads: int, description: str, n: int) -> float:
+    import torch
+
+    from sglora.artifacts import load_artifacts
+
+    torch.set_num_threads(threads)
+    a = load_artifacts(artifacts, device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(5):
+            a.engine.embed([description])
+        for _ in range(n):
+            t0 = time.perf_counter()
+            a.engine.embed([description])
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, port: int, prefix: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "SGLORA_ARTIFACTS": str(args.artifacts),
+        "SGLORA_REDIS_URL": args.redis_url,
+        "SGLORA_CACHE_PREFIX": prefix,
+        "SGLORA_DEVICE": args.device,
+        "SGLORA_THREADS": str(args.threads),
+        "SGLORA_MAX_QUEUE": "4096",
+    }
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "30"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            r = httpx.get(url + "/ready", timeout=2)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready after {timeout_s} s")
+
+
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams. It costs far less CPU per request than
+    httpx, which matters here: the clients share the machine's cores with the server they measure."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, host)
+
+    async def post_json(self, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + data)
+        raw = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = dict((k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in raw[1:] if line))
+        payload = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return int(raw[0].split()[1]), headers, payload
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def _check(status: int, headers: dict[str, str], payload: bytes, expect_cache: str | None) -> None:
+    if status != 200 or (expect_cache is not None and headers.get("x-cache") != expect_cache):
+        raise SystemExit(f"unexpected answer {status} X-Cache={headers.get('x-cache')}: {payload[:200]!r}")
+
+
+async def latencies_ms(port: int, bodies: list[dict], expect_cache: str) -> list[float]:
+    conn = await Connection.open("127.0.0.1", port)
+    out = []
+    try:
+        for body in bodies:
+            t0 = time.perf_counter()
+            answer = await conn.post_json("/generate", body)
+            out.append(1000 * (time.perf_counter() - t0))
+            _check(*answer, expect_cache)
+    finally:
+        await conn.close()
+    return out
+
+
+async def throughput(port: int, clients: int, total: int, description: str, seed0: int) -> float:
+    """Requests per second of ``total`` cache misses spread over ``clients`` concurrent connections.
+
+    Every request has its own description (the service encodes identical descriptions of one batch
+    once; distinct ones measure the batching of the text encoder itself)."""
+    seeds = iter(range(seed0, seed0 + total))
+    conns = [await Connection.open("127.0.0.1", port) for _ in range(clients)]
+
+    async def worker(conn: Connection) -> None:
+        for seed in seeds:
+            _check(
+                *await conn.post_json("/generate", {"description": f"{description} (variant {seed % 100_000})", "seed": seed}),
+                "miss",
+            )
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in conns))
+        return total / (time.perf_counter() - t0)
+    finally:
+        for c in conns:
+            await c.close()
+
+
+def metric_sum(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def stage_sum(text: str, stage: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "sglora_stage_duration_seconds_sum" and s.labels.get("stage") == stage
+    )
+
+
+def cleanup(redis_url: str, prefix: str) -> None:
+    if not redis_url:
+        return
+    try:
+        import redis
+
+        r = redis.Redis.from_url(redis_url, socket_timeout=2)
+        for key in r.scan_iter(match=prefix + "*", count=1000):
+            r.delete(key)
+    except Exception as e:  # noqa: BLE001 - best effort; the keys expire anyway
+        print(f"(could not delete the benchmark's Redis keys: {e})", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from app.settings import Settings
+
+    args.threads = Settings(threads=args.threads, artifacts=args.artifacts).resolved_threads()  # the server's rule
+    bare = bare_embed_ms(args.artifacts, args.device, args.threads, args.description, args.requests)
+    port, prefix = free_port(), f"bench-{uuid.uuid4().hex[:8]}:"
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, port, prefix)
+    seed0 = random.randrange(1 << 40)
+    try:
+        ready = wait_ready(url, proc)
+        d = args.description
+        asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0 - 1 - i} for i in range(5)], "miss"))  # warm up
+        miss = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0 + i} for i in range(args.requests)], "miss"))
+        hit = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0}] * args.requests, "hit"))
+        one = asyncio.run(throughput(port, 1, args.throughput_requests, d, seed0 + 10_000_000))
+        before = httpx.get(url + "/metrics").text
+        many = asyncio.run(throughput(port, args.clients, args.throughput_requests, d, seed0 + 20_000_000))
+        after = httpx.get(url + "/metrics").text
+        calls = metric_sum(after, "sglora_batch_size_count") - metric_sum(before, "sglora_batch_size_count")
+        texts = metric_sum(after, "sglora_batch_size_sum") - metric_sum(before, "sglora_batch_size_sum")
+        stages = {
+            stage: 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / args.throughput_requests
+            for stage in ("text_encoding", "prior", "sampling", "serialisation")
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        cleanup(args.redis_url, prefix)
+    miss_ms, hit_ms = statistics.median(miss), statistics.median(hit)
+    return {
+        "artifacts": str(args.artifacts),
+        "backbone": ready.get("backbone"),
+        "device": ready.get("device"),
+        "redis": ready.get("redis"),
+        "bare_embed_ms": bare,
+        "miss_ms": miss_ms,
+        "hit_ms": hit_ms,
+        "miss_over_bare": miss_ms / bare,
+        "hit_over_miss": hit_ms / miss_ms,
+        "rps_1": one,
+        f"rps_{args.clients}": many,
+        "throughput_ratio": many / one,
+        "mean_batch": texts / calls if calls else float("nan"),
+        "stage_ms_per_request": stages,
+        "threads": args.threads,
+        "clients": args.clients,
+    }
+
+
+def table(r: dict) -> str:
+    def ok(flag: bool) -> str:
+        return "yes" if flag else "**no**"
+
+    c = r["clients"]
+    rows = [
+        ("bare `engine.embed([desc])` median", f"{r['bare_embed_ms']:.2f} ms", "", ""),
+        (
+            "`/generate` cache miss, median",
+            f"{r['miss_ms']:.2f} ms ({r['miss_over_bare']:.2f}x bare)",
+            "<= 1.25x",
+            ok(r["miss_over_bare"] <= 1.25),
+        ),
+        (
+            "`/generate` cache hit, median",
+            f"{r['hit_ms']:.2f} ms ({r['hit_over_miss']:.2f}x miss)",
+            "<= 0.1x",
+            ok(r["hit_over_miss"] <= 0.1),
+        ),
+        ("misses/s, 1 client", f"{r['rps_1']:.1f}", "", ""),
+        (
+            f"misses/s, {c} clients",
+            f"{r[f'rps_{c}']:.1f} ({r['throughput_ratio']:.2f}x)",
+            ">= 3x",
+            ok(r["throughput_ratio"] >= 3),
+        ),
+        (f"mean text-encoder batch, {c} clients", f"{r['mean_batch']:.1f}", "", ""),
+        (
+            f"model thread per request, {c} clients",
+            ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in r["stage_ms_per_request"].items()),
+            "",
+            "",
+        ),
+    ]
+    setup = f"backbone {r['backbone']}, {r['device']}, {r['threads']} torch threads, Redis {r['redis']}"
+    head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
+    lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]
+    return head + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # As in the API image: sleeping (not spinning) OpenMP threads, for this process and the server.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="empty: no cache (the hit row then fails)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the bare forward and the server; 0: the server's default"
+    )
+    p.add_argument("--description", default=DESCRIPTION)
+    p.add_argument("--requests", type=int, default=200, help="sequential requests per latency measurement")
+    p.add_argument("--throughput-requests", type=int, default=640, help="requests per throughput measurement")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = p.parse_args(argv)
+    result = run(args)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

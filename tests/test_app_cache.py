@@ -1,0 +1,132 @@
+"""The Redis cache fails open: Redis stopped or silent, /generate still answers; it is used again once back."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.cache import BytesLRU, CacheKey
+from app.main import create_app
+
+
+def samples(client) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def cache_events(client, result: str) -> float:
+    return samples(client)[("sglora_cache_events_total", (("result", result),))]
+
+
+def wait_for(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_fail_open_when_redis_stops_and_recovery_when_it_returns(private_redis, make_settings):
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=0.3)
+    body = {"description": "a red circle", "seed": 1}
+    with TestClient(create_app(settings)) as c:
+        first = c.post("/generate", json=body)
+        assert first.headers["x-cache"] == "miss"
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert c.get("/ready").json()["redis"] == "ok"
+        errors_before = cache_events(c, "error")
+
+        private_redis.stop()
+        for _ in range(3):  # the first fails fast (connection refused), the next skip Redis (back-off)
+            t0 = time.perf_counter()
+            r = c.post("/generate", json=body)
+            assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+            assert time.perf_counter() - t0 < 1.0
+            assert r.content == first.content
+        assert cache_events(c, "error") >= errors_before + 3
+        assert sum(v for (name, _), v in samples(c).items() if name == "sglora_redis_errors_total") >= 1
+        ready = c.get("/ready")
+        assert ready.status_code == 200 and ready.json()["redis"] == "degraded"
+
+        private_redis.start()  # same port, empty (no persistence)
+        assert wait_for(lambda: c.get("/ready").json()["redis"] == "ok")
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        again = c.post("/generate", json=body)
+        assert again.headers["x-cache"] == "hit" and again.content == first.content
+
+
+def test_silent_redis_costs_one_short_timeout(make_settings):
+    """A Redis that accepts connections but never answers (hung, or a black-holed network)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conns.append(server.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        port = server.getsockname()[1]
+        settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2, redis_backoff_s=30)
+        with TestClient(create_app(settings)) as c:  # start-up pings Redis too: it must not hang
+            t0 = time.perf_counter()
+            ready = c.get("/ready")  # a live call into the silent Redis: bounded by the socket timeout
+            assert time.perf_counter() - t0 < 1.0
+            assert ready.status_code == 200 and ready.json()["redis"] == "degraded"
+            results = []
+            for _ in range(2):  # inside the back-off: Redis is not even tried
+                t0 = time.perf_counter()
+                results.append(c.post("/generate", json={"description": "a square", "seed": 2}))
+                assert time.perf_counter() - t0 < 0.5
+            assert [r.status_code for r in results] == [200, 200] and results[0].content == results[1].content
+            assert [r.headers["x-cache"] for r in results] == ["miss", "miss"]
+            assert cache_events(c, "error") == 2
+    finally:
+        stop.set()
+        t.join()
+        for conn in conns:
+            conn.close()
+        server.close()
+
+
+def test_cache_key_covers_every_input():
+    base = CacheKey("v1", "a cat", "sg-lora", 1, 3, 0.1)
+    variants = [
+        CacheKey("v2", "a cat", "sg-lora", 1, 3, 0.1),
+        CacheKey("v1", "a dog", "sg-lora", 1, 3, 0.1),
+        CacheKey("v1", "a cat", "topk-weighted", 1, 3, 0.1),
+        CacheKey("v1", "a cat", "sg-lora", 2, 3, 0.1),
+        CacheKey("v1", "a cat", "sg-lora", None, 3, 0.1),
+        CacheKey("v1", "a cat", "sg-lora", 1, 2, 0.1),
+        CacheKey("v1", "a cat", "sg-lora", 1, 3, 0.2),
+    ]
+    digests = {v.digest() for v in variants}
+    assert base.digest() == CacheKey("v1", "a cat", "sg-lora", 1, 3, 0.1).digest()
+    assert base.digest() not in digests and len(digests) == len(variants)
+
+
+def test_lru_is_bounded_by_bytes():
+    lru = BytesLRU(10)
+    lru.put("a", b"1234")
+    lru.put("b", b"1234")
+    assert lru.get("a") == b"1234"  # a is now the most recent
+    lru.put("c", b"1234")  # evicts b
+    assert lru.get("b") is None and lru.get("a") and lru.get("c") and len(lru) == 2
+    lru.put("huge", b"x" * 11)
+    assert lru.get("huge") is None

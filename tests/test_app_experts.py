@@ -1,0 +1,130 @@
+"""GET/POST/DELETE /experts on a private copy of the tiny artefacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save
+
+from app.main import create_app
+from expert_store.repository import ExpertRepository
+from sglora.artifacts import load_artifacts
+from sglora.export import safetensors_bytes, to_peft_tensors
+
+ADMIN = {"X-API-Key": "admin-secret"}
+
+
+@pytest.fixture
+def app_root(tiny_artifacts, make_settings):
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"], api_keys=["user-key"])
+    with TestClient(create_app(settings), headers={"X-API-Key": "user-key"}) as c:
+        yield c, tiny_artifacts
+
+
+def expert_files(root, name="circle", scale=1.0):
+    repo = ExpertRepository.load(root / "repository")
+    e = repo[name]
+    return {
+        "mean": ("mean.safetensors", safetensors_bytes(repo.spec, e.mean * scale, {}), "application/octet-stream"),
+        "variance": ("var.safetensors", safetensors_bytes(repo.spec, e.variance, {}), "application/octet-stream"),
+    }, repo
+
+
+def test_register_list_delete_persist_and_invalidate(app_root):
+    client, root = app_root
+    listed = client.get("/experts").json()
+    assert sorted(e["name"] for e in listed["experts"]) == ["circle", "cross", "ring", "square"]
+    assert listed["lora"]["num_params"] > 0
+    body = {"description": "an orange disc", "seed": 4}
+    before = client.post("/generate", json=body)
+    assert client.post("/generate", json=body).headers["x-cache"] == "hit"
+
+    files, repo = expert_files(root, scale=1.5)
+    r = client.post(
+        "/experts", data={"name": "disc", "description": "an orange disc", "num_snapshots": "4"}, files=files, headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["action"] == "added" and r.json()["experts"] == 5
+    assert r.json()["artifact_version"] != listed["artifact_version"]
+    # Persisted (atomically, with its sha256 in the index): a fresh load sees and verifies it.
+    fresh = load_artifacts(root)
+    assert "disc" in fresh.repository and fresh.version == r.json()["artifact_version"]
+    torch.testing.assert_close(fresh.repository["disc"].mean, repo["circle"].mean * 1.5)
+    torch.testing.assert_close(fresh.repository["disc"].variance, repo["circle"].variance)
+    # The old cache entry is not served for the new repository; the new expert is picked.
+    after = client.post("/generate", json=body)
+    assert after.headers["x-cache"] == "miss" and after.headers["x-artifact-version"] == r.json()["artifact_version"]
+    assert after.headers["x-experts"].startswith("disc=") and after.content != before.content
+    assert client.post("/generate", json={**body, "top_k": 5}).status_code == 200
+
+    r = client.delete("/experts/disc", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["action"] == "removed" and r.json()["experts"] == 4
+    assert "disc" not in load_artifacts(root).repository
+    assert not (root / "repository" / "experts" / "disc.safetensors").exists()
+    assert client.post("/generate", json={**body, "top_k": 5}).json()["detail"]["field"] == "top_k"
+
+
+def test_cannot_remove_the_last_expert(app_root):
+    client, _ = app_root
+    for name in ("circle", "cross", "ring"):
+        assert client.delete(f"/experts/{name}", headers=ADMIN).status_code == 200
+    r = client.delete("/experts/square", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["detail"]["field"] == "name"
+    # top_k shrank with the repository: a default request still works.
+    assert client.post("/generate", json={"description": "a square"}).status_code == 200
+
+
+def test_keys_are_required(app_root, make_settings, tiny_artifacts):
+    client, root = app_root
+    files, _ = expert_files(root)
+    anonymous = {"X-API-Key": ""}
+    assert client.get("/experts", headers=anonymous).status_code == 401
+    assert client.get("/experts", headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.get("/experts", headers={"Authorization": "Bearer user-key", "X-API-Key": ""}).status_code == 200
+    assert client.post("/generate", json={"description": "a"}, headers=anonymous).status_code == 401
+    r = client.post("/experts", data={"name": "x", "description": "x"}, files=files)  # user key, not admin
+    assert r.status_code == 403 and r.json()["detail"]["field"] == "X-API-Key"
+    assert client.delete("/experts/circle").status_code == 403
+    assert client.get("/health", headers=anonymous).status_code == 200
+    with TestClient(create_app(make_settings(artifacts=tiny_artifacts))) as open_client:  # no keys configured
+        assert open_client.get("/experts").status_code == 200
+        assert open_client.delete("/experts/circle", headers=ADMIN).status_code == 403  # changes disabled
+
+
+def test_bad_registrations_are_4xx_naming_the_field(app_root):
+    client, root = app_root
+    files, repo = expert_files(root)
+    mean = files["mean"]
+    wrong_shape = dict(to_peft_tensors(repo.spec, repo["circle"].mean))
+    first = next(iter(wrong_shape))
+    wrong_shape[first] = torch.zeros(3, 3)
+    renamed = {k.replace("lora_A", "lora_X"): v for k, v in to_peft_tensors(repo.spec, repo["circle"].mean).items()}
+    negative = (
+        "v.safetensors",
+        safetensors_bytes(repo.spec, -torch.ones_like(repo["circle"].mean), {}),
+        "application/octet-stream",
+    )
+    nan = (
+        "m.safetensors",
+        safetensors_bytes(repo.spec, torch.full_like(repo["circle"].mean, float("nan")), {}),
+        "application/octet-stream",
+    )
+    cases = [
+        ({"name": "../evil", "description": "x"}, {"mean": mean}, 422, "name"),
+        ({"name": "circle", "description": "x"}, {"mean": mean}, 409, "name"),
+        ({"name": "ok", "description": "  "}, {"mean": mean}, 422, "description"),
+        ({"name": "ok", "description": "x"}, {"mean": ("m", b"garbage", "application/octet-stream")}, 422, "mean"),
+        ({"name": "ok", "description": "x"}, {"mean": ("m", save(wrong_shape), "application/octet-stream")}, 422, "mean"),
+        ({"name": "ok", "description": "x"}, {"mean": ("m", save(renamed), "application/octet-stream")}, 422, "mean"),
+        ({"name": "ok", "description": "x"}, {"mean": nan}, 422, "mean"),
+        ({"name": "ok", "description": "x"}, {"mean": mean, "variance": negative}, 422, "variance"),
+        ({"name": "ok", "description": "x", "num_snapshots": "0"}, {"mean": mean}, 422, "num_snapshots"),
+        ({"name": "ok"}, {"mean": mean}, 422, "description"),
+        ({"name": "ok", "description": "x"}, {}, 422, "mean"),
+    ]
+    for data, f, status, field in cases:
+        r = client.post("/experts", data=data, files=f, headers=ADMIN)
+        assert (r.status_code, r.json()["detail"]["field"]) == (status, field), (data, r.text)
+    assert client.delete("/experts/nobody", headers=ADMIN).status_code == 404
+    assert len(client.get("/experts").json()["experts"]) == 4

@@ -1,0 +1,228 @@
+"""POST /generate and /generate/batch against the tiny artefacts and the shared Redis."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import warnings
+import zipfile
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load
+
+from app.main import create_app
+from sglora.artifacts import load_artifacts
+from sglora.cli import generation_metadata
+from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, from_peft_tensors, peft_zip_bytes
+
+META_KEYS = {"description", "method", "seed", "experts", "backbone", "rank", "alpha", "targets", "artifact_version"}
+
+
+@pytest.fixture(scope="module")
+def client(make_settings):
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifacts_session):
+    """An independent load of the same artefacts: what the CLI / library would produce."""
+    return load_artifacts(tiny_artifacts_session)
+
+
+def metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])["__metadata__"]
+
+
+def test_generate_returns_the_engines_lora_as_peft_safetensors(client, reference):
+    r = client.post("/generate", json={"description": "a  red   circle ", "seed": 11})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["x-cache"] == "miss" and r.headers["x-seed"] == "11"
+    assert r.headers["etag"].startswith('"') and len(r.headers["etag"]) == 34
+    meta = metadata(r.content)
+    assert META_KEYS <= set(meta)
+    assert meta["description"] == "a red circle" and meta["method"] == "sg-lora" and meta["seed"] == "11"
+    assert meta["artifact_version"] == reference.version == r.headers["x-artifact-version"]
+    experts = json.loads(meta["experts"])
+    assert [f"{e['name']}={e['weight']:.4f}" for e in experts] == r.headers["x-experts"].split(",")
+    assert all({"name", "weight", "similarity"} <= set(e) for e in experts)
+
+    tensors = load(r.content)
+    assert all(k.startswith("base_model.model.vision_model.encoder.layers.") for k in tensors)
+    vec = from_peft_tensors(reference.backbone.spec, tensors)
+    # The metadata reproduces the LoRA through the library: same experts, weights and vector.
+    emb = reference.engine.embed([meta["description"]])[0]
+    g = reference.engine.generate(
+        emb, meta["method"], seed=int(meta["seed"]), top_k=int(meta["top_k"]), temperature=float(meta["temperature"])
+    )
+    assert [(e.name, pytest.approx(e.weight, abs=1e-6)) for e in g.experts] == [(e["name"], e["weight"]) for e in experts]
+    torch.testing.assert_close(vec, g.lora, rtol=0, atol=0)
+
+
+def test_same_request_same_bytes_served_from_cache(client, make_settings):
+    body = {"description": "a blue square", "seed": 5, "method": "sg-lora"}
+    first = client.post("/generate", json=body)
+    again = client.post("/generate", json={**body, "description": "  a blue\tsquare"})  # normalised to the same key
+    defaults = client.post("/generate", json={**body, "top_k": 3, "temperature": 0.1})  # the artefacts' defaults, spelled out
+    assert (first.headers["x-cache"], again.headers["x-cache"], defaults.headers["x-cache"]) == ("miss", "hit", "hit")
+    assert first.content == again.content == defaults.content
+    assert first.headers["etag"] == again.headers["etag"]
+    other = client.post("/generate", json={**body, "seed": 6})
+    assert other.headers["x-cache"] == "miss" and other.content != first.content
+    # A fresh process without a cache regenerates the very same bytes.
+    with TestClient(create_app(make_settings(redis_url=""))) as fresh:
+        r = fresh.post("/generate", json=body)
+        assert r.headers["x-cache"] == "miss" and r.content == first.content
+
+
+def test_unseeded_request_draws_a_seed_that_reproduces_it(client):
+    a = client.post("/generate", json={"description": "a green ring"})
+    b = client.post("/generate", json={"description": "a green ring"})
+    assert a.headers["x-cache"] == b.headers["x-cache"] == "miss"
+    assert a.headers["x-seed"] != b.headers["x-seed"] and a.content != b.content
+    again = client.post("/generate", json={"description": "a green ring", "seed": int(a.headers["x-seed"])})
+    assert again.headers["x-cache"] == "hit" and again.content == a.content
+
+
+@pytest.mark.parametrize("method", ["topk-weighted", "adapter-soup", "model-soup"])
+def test_deterministic_methods_ignore_the_seed(client, method):
+    a = client.post("/generate", json={"description": f"a cross for {method}", "method": method, "seed": 1})
+    b = client.post("/generate", json={"description": f"a cross for {method}", "method": method})
+    assert a.status_code == 200 and "x-seed" not in a.headers
+    assert (a.headers["x-cache"], b.headers["x-cache"]) == ("miss", "hit") and a.content == b.content
+    assert metadata(a.content)["method"] == method
+
+
+def test_if_none_match_gives_304(client):
+    r = client.post("/generate", json={"description": "a star", "seed": 2})
+    again = client.post("/generate", json={"description": "a star", "seed": 2}, headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304 and not again.content and again.headers["etag"] == r.headers["etag"]
+
+
+def tiny_hf_clip():
+    """HF CLIPModel twin of the tiny open_clip config (vision width 64, 2 layers, patch 8, image 32)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    return CLIPModel(cfg).eval()
+
+
+def test_zip_is_a_peft_folder_that_loads_into_hf_clip(client, reference, tmp_path):
+    from peft import PeftModel
+
+    body = {"description": "a yellow triangle", "seed": 9}
+    st = client.post("/generate", json=body)
+    r = client.post("/generate", json=body, headers={"Accept": "application/zip"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert r.headers["etag"] == st.headers["etag"][:-1] + '-zip"'
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        assert sorted(z.namelist()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS])
+        assert z.read(PEFT_WEIGHTS) == st.content
+        z.extractall(tmp_path / "adapter")
+    spec = reference.backbone.spec
+    vec = from_peft_tensors(spec, load(st.content))
+    # Byte-identical to the library's own zip of the same LoRA and metadata.
+    assert r.content == peft_zip_bytes(spec, vec, {k: v for k, v in metadata(st.content).items()})
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(tiny_hf_clip(), str(tmp_path / "adapter"))
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    ours = load(st.content)
+    loaded = {
+        f"base_model.model.{name}.{which}.weight": getattr(module, which)["default"].weight
+        for name, module in model.base_model.model.named_modules()
+        if hasattr(module, "lora_A")
+        for which in ("lora_A", "lora_B")
+    }
+    assert set(loaded) == set(ours)  # exactly the 2 x 3 vision projections, nothing in the text tower
+    for k, v in ours.items():
+        torch.testing.assert_close(loaded[k].detach(), v, rtol=0, atol=0)
+
+
+def test_batch_answers_each_item(client):
+    items = [
+        {"description": "a purple diamond", "seed": 4},
+        {"description": "a bar", "top_k": 99},
+        {"description": "a cross", "method": "model-soup"},
+    ]
+    r = client.post("/generate/batch", json={"items": items})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 422, 200]
+    assert results[1]["error"]["field"] == "top_k"
+    single = client.post("/generate", json=items[0])
+    assert single.headers["x-cache"] == "hit"
+    assert base64.b64decode(results[0]["data"]) == single.content
+    assert f'"{results[0]["etag"]}"' == single.headers["etag"] and results[0]["seed"] == 4
+    z = client.post("/generate/batch", json={"items": items[:1], "format": "zip"}).json()["results"][0]
+    assert zipfile.ZipFile(io.BytesIO(base64.b64decode(z["data"]))).read(PEFT_WEIGHTS) == single.content
+
+
+BAD_REQUESTS = [
+    ({"description": ""}, "description"),
+    ({"description": "   "}, "description"),
+    ({"description": "x" * 3000}, "description"),
+    ({}, "description"),
+    ({"description": "a", "method": "lora-magic"}, "method"),
+    ({"description": "a", "method": "zero-shot"}, "method"),
+    ({"description": "a", "top_k": 5}, "top_k"),
+    ({"description": "a", "top_k": 0}, "top_k"),
+    ({"description": "a", "temperature": 0}, "temperature"),
+    ({"description": "a", "temperature": -1.5}, "temperature"),
+    ({"description": "a", "seed": -1}, "seed"),
+    ({"description": "a", "seed": "abc"}, "seed"),
+    ({"description": "a", "seed": True}, "seed"),
+    ({"description": "a", "top_k": 2.5}, "top_k"),
+    ({"description": "a", "topk": 2}, "topk"),
+    ({"description": 12}, "description"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_REQUESTS)
+def test_bad_input_is_a_4xx_naming_the_field(client, body, field):
+    r = client.post("/generate", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]["field"] == field
+    b = client.post("/generate/batch", json={"items": [{"description": "ok"}, body]})
+    assert 400 <= b.status_code < 500 or all(x["status"] < 500 for x in b.json()["results"])
+
+
+def test_malformed_json_is_a_4xx(client):
+    r = client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert client.post("/generate/batch", json={"items": []}).json()["detail"]["field"] == "items"
+
+
+def test_metadata_helper_matches_the_cli(client, reference):
+    """The service writes the CLI's metadata (sglora generate), so files from both read the same."""
+    r = client.post("/generate", json={"description": "a circle", "method": "topk-weighted"})
+    emb = reference.engine.embed(["a circle"])[0]
+    g = reference.engine.generate(emb, "topk-weighted")
+    expected = {k: v if isinstance(v, str) else json.dumps(v) for k, v in generation_metadata(reference, "a circle", g).items()}
+    got = metadata(r.content)
+    assert got.keys() == expected.keys()
+    assert {k: got[k] for k in got if k != "experts"} == {k: expected[k] for k in expected if k != "experts"}

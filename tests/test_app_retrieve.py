@@ -1,0 +1,137 @@
+"""POST /retrieve: the scores are those of the returned LoRA applied to the backbone."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+from safetensors.torch import load
+
+from app.errors import APIError
+from app.images import decode_image
+from app.main import create_app
+from sglora.artifacts import load_artifacts
+from sglora.export import from_peft_tensors
+
+CAPTIONS = ["a red circle", "a blue square", "a green cross", "a white ring"]
+
+
+@pytest.fixture(scope="module")
+def client(make_settings):
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifacts_session):
+    return load_artifacts(tiny_artifacts_session)
+
+
+def png(draw, size=32, fmt="PNG") -> bytes:
+    img = Image.new("RGB", (size, size), "black")
+    draw(ImageDraw.Draw(img))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+IMAGES = [
+    png(lambda d: d.ellipse((6, 6, 26, 26), fill="red")),
+    png(lambda d: d.rectangle((6, 6, 26, 26), fill="blue")),
+    png(lambda d: (d.rectangle((14, 4, 18, 28), fill="green"), d.rectangle((4, 14, 28, 18), fill="green")), fmt="JPEG"),
+    png(lambda d: d.ellipse((4, 4, 28, 28), outline="white", width=3), fmt="WEBP"),
+]
+
+
+def files(images):
+    return [("images", (f"{i}.img", b, "application/octet-stream")) for i, b in enumerate(images)]
+
+
+def reference_scores(reference, images, texts, lora):
+    bb = reference.backbone
+    pixels = torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    with torch.no_grad():
+        feats = bb.image_features(pixels)
+        txt = reference.engine.embed(texts)
+        return bb.encode_image(feats, lora) @ txt.T, bb.encode_image(feats) @ txt.T
+
+
+def test_retrieval_scores_are_those_of_the_returned_lora(client, reference):
+    gen = client.post("/generate", json={"description": "a red circle", "seed": 3})
+    etag = gen.headers["etag"]
+    r = client.post("/retrieve", data={"etag": etag, "captions": CAPTIONS, "zero_shot": "true"}, files=files(IMAGES))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["adapter"]["etag"] == etag.strip('"') and body["adapter"]["seed"] == 3 and body["texts"] == CAPTIONS
+    # Load the returned bytes back, apply them to the backbone: the service's scores, to float precision.
+    lora = from_peft_tensors(reference.backbone.spec, load(gen.content))
+    want, want_zs = reference_scores(reference, IMAGES, CAPTIONS, lora)
+    got, got_zs = torch.tensor(body["lora"]["scores"]), torch.tensor(body["zero_shot"]["scores"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_zs, want_zs, rtol=0, atol=1e-5)
+    assert (got - got_zs).abs().max() > 1e-4  # the LoRA changes the scores
+    assert body["lora"]["image_to_text"] == want.argsort(dim=1, descending=True, stable=True).tolist()
+    assert body["lora"]["text_to_image"] == want.t().argsort(dim=1, descending=True, stable=True).tolist()
+    rec = body["lora"]["recall_at_1"]
+    assert rec["image_to_text"] == float((want.argmax(1) == torch.arange(4)).float().mean())
+
+
+def test_retrieve_by_description_uses_the_same_lora_as_generate(client):
+    gen = client.post("/generate", json={"description": "a blue square", "seed": 8, "top_k": 2})
+    r = client.post("/retrieve", data={"description": "a blue square", "seed": "8", "top_k": "2"}, files=files(IMAGES[:2]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert f'"{body["adapter"]["etag"]}"' == gen.headers["etag"]
+    assert body["texts"] == ["a blue square"] and body["zero_shot"] is None
+    assert len(body["lora"]["scores"]) == 2 and len(body["lora"]["scores"][0]) == 1
+    assert body["lora"]["recall_at_1"] is None
+
+
+def test_zip_etag_is_accepted_too(client):
+    gen = client.post("/generate", json={"description": "a ring", "seed": 1}, headers={"Accept": "application/zip"})
+    r = client.post("/retrieve", data={"etag": gen.headers["etag"]}, files=files(IMAGES[:1]))
+    assert r.status_code == 200 and r.json()["texts"] == ["a ring"]
+
+
+@pytest.mark.parametrize(
+    ("data", "images", "status", "field"),
+    [
+        ({"etag": '"' + "0" * 32 + '"'}, IMAGES[:1], 404, "etag"),
+        ({"etag": "not-an-etag"}, IMAGES[:1], 422, "etag"),
+        ({}, IMAGES[:1], 422, "description"),
+        ({"description": "a", "etag": "0" * 32}, IMAGES[:1], 422, "description"),
+        ({"description": "  "}, IMAGES[:1], 422, "description"),
+        ({"description": "a", "top_k": "9"}, IMAGES[:1], 422, "top_k"),
+        ({"description": "a", "temperature": "0"}, IMAGES[:1], 422, "temperature"),
+        ({"description": "a", "method": "nope"}, IMAGES[:1], 422, "method"),
+        ({"description": "a"}, [IMAGES[0], b"definitely not an image"], 422, "images[1]"),
+        ({"description": "a"}, [IMAGES[0][:60]], 422, "images[0]"),  # truncated PNG
+        ({"description": "a"}, [b"GIF89a" + b"\x00" * 20], 422, "images[0]"),
+        ({"description": "a"}, [b""], 422, "images[0]"),
+        ({"description": "a"}, [IMAGES[0]] * 65, 422, "images"),
+        ({"description": "a", "captions": ["ok", " "]}, IMAGES[:1], 422, "captions[1]"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(client, data, images, status, field):
+    r = client.post("/retrieve", data=data, files=files(images))
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]["field"] == field
+
+
+def test_missing_images_is_a_422(client):
+    r = client.post("/retrieve", data={"description": "a"})
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "images"
+
+
+def test_decode_refuses_oversized_and_unlisted_formats():
+    with pytest.raises(APIError) as e:
+        decode_image(IMAGES[0], "images[0]", max_pixels=31 * 31)
+    assert e.value.field == "images[0]" and "limit" in e.value.reason
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    with pytest.raises(APIError):
+        decode_image(buf.getvalue(), "images[0]", max_pixels=10_000)
+    assert decode_image(IMAGES[1], "images[0]", max_pixels=10_000).size == (32, 32)

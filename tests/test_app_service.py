@@ -1,0 +1,217 @@
+"""Start-up checks, health, metrics and the worker: micro-batching, 429, 504 and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.settings import Settings
+from sglora.artifacts import ArtifactError
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@asynccontextmanager
+async def serving(settings):
+    """The app with its lifespan, in this event loop, behind an in-process httpx client."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sglora") as client:
+            yield app.state.service, client
+
+
+async def until(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def block(service) -> tuple[threading.Event, asyncio.Task]:
+    """Occupies the model thread until the returned event is set."""
+    gate = threading.Event()
+    return gate, asyncio.create_task(service.worker.run(gate.wait, 10))
+
+
+# ---- start-up --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda root: (root / "generator" / "cvae.safetensors").write_bytes(b"garbage"), "cvae.safetensors"),
+        (lambda root: (root / "backbone" / "open_clip_model.safetensors").unlink(), "open_clip_model.safetensors"),
+        (lambda root: (root / "repository" / "experts" / "ring.safetensors").write_bytes(b"x"), "ring.safetensors"),
+        (lambda root: (root / "manifest.json").write_text("{"), "manifest.json"),
+    ],
+)
+def test_startup_refuses_damaged_artefacts_naming_the_file(tiny_artifacts, make_settings, damage, named):
+    damage(tiny_artifacts)
+    with pytest.raises(ArtifactError, match=named):
+        with TestClient(create_app(make_settings(artifacts=tiny_artifacts))):
+            pass
+
+
+def test_startup_without_artefact_path_says_so(make_settings):
+    with pytest.raises(ArtifactError, match="SGLORA_ARTIFACTS"):
+        with TestClient(create_app(make_settings(artifacts=None))):
+            pass
+
+
+def test_sglora_serve_exits_with_the_problem(tiny_artifacts):
+    (tiny_artifacts / "generator" / "cvae.json").write_text("{}")
+    env = {**os.environ, "SGLORA_REDIS_URL": ""}
+    p = subprocess.run(
+        [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts), "--port", "0", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert p.returncode != 0
+    assert "cvae.json" in p.stderr and "sha256" in p.stderr
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SGLORA_ARTIFACTS", str(tmp_path))
+    monkeypatch.setenv("SGLORA_ADMIN_KEYS", "a, b")
+    monkeypatch.setenv("SGLORA_CACHE_TTL_S", "60")
+    monkeypatch.setenv("SGLORA_THREADS", "3")
+    s = Settings()
+    assert (s.artifacts, s.admin_keys, s.cache_ttl_s, s.threads) == (tmp_path, ["a", "b"], 60, 3)
+    monkeypatch.setenv("SGLORA_CACHE_TTL_S", "0")
+    with pytest.raises(ValueError, match="cache_ttl_s"):
+        Settings()
+
+
+# ---- health and metrics ------------------------------------------------------------------------------
+async def test_health_ready_and_metrics(make_settings):
+    async with serving(make_settings()) as (service, client):
+        assert (await client.get("/health")).json() == {"status": "ok"}
+        ready = (await client.get("/ready")).json()
+        assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["experts"] == 4
+        assert ready["artifact_version"] == service.version
+        assert (await client.post("/generate", json={"description": "a cross", "seed": 1})).status_code == 200
+        assert (await client.post("/generate", json={"description": "a cross", "seed": 1})).status_code == 200
+        assert (await client.post("/generate", json={"description": ""})).status_code == 422
+        text = (await client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert all(name.startswith("sglora_") for name in families)
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200")))] == 2
+    assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "422")))] == 1
+    assert value[("sglora_cache_events_total", (("result", "hit"),))] == 1
+    assert value[("sglora_cache_events_total", (("result", "miss"),))] == 1
+    for stage in ("queue", "text_encoding", "prior", "sampling", "serialisation"):
+        assert value[("sglora_stage_duration_seconds_count", (("stage", stage),))] >= 1, stage
+    assert value[("sglora_request_duration_seconds_count", (("endpoint", "/generate"),))] == 3
+    assert value[("sglora_batch_size_count", ())] >= 2  # warm-up + the miss
+    assert families["sglora_in_flight_requests"].type == "gauge"
+    info = families["sglora_artifacts_info"].samples[0].labels
+    assert info["backbone"] == "tiny-vit" and info["artifact_version"] == service.version
+
+
+def test_openapi_documents_every_endpoint_with_examples(make_settings):
+    app = create_app(make_settings())
+    spec = app.openapi()
+    paths = spec["paths"]
+    for path, method in [
+        ("/generate", "post"),
+        ("/generate/batch", "post"),
+        ("/retrieve", "post"),
+        ("/experts", "get"),
+        ("/experts", "post"),
+        ("/experts/{name}", "delete"),
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/metrics", "get"),
+    ]:
+        op = paths[path][method]
+        assert op.get("description") and op.get("summary"), path
+    text = str(spec)
+    assert "a photo of a sunflower" in text and "examples" in text
+    assert "application/zip" in str(paths["/generate"]["post"]["responses"]["200"])
+
+
+# ---- the worker ------------------------------------------------------------------------------------
+async def test_concurrent_descriptions_share_one_text_encoding(make_settings):
+    async with serving(make_settings()) as (service, client):
+        calls = []
+        embed = service.worker._embed
+        service.worker._embed = lambda texts: (calls.append(len(texts)), embed(texts))[1]
+        gate, blocker = block(service)
+        await until(lambda: service.worker.pending == 1)
+        requests = [
+            asyncio.create_task(client.post("/generate", json={"description": f"shape {i}", "seed": i})) for i in range(12)
+        ]
+        await until(lambda: service.worker.pending == 13)
+        gate.set()
+        responses = await asyncio.gather(*requests)
+        await blocker
+        assert [r.status_code for r in responses] == [200] * 12
+        assert sum(calls) == 12 and max(calls) >= 8, calls  # one batched call took (nearly) all queued descriptions
+        # Each answer is still its own: same bytes as a lone request.
+        lone = await client.post("/generate", json={"description": "shape 3", "seed": 3})
+        assert lone.headers["x-cache"] == "hit" and lone.content == responses[3].content
+
+
+async def test_full_queue_answers_429_with_retry_after(make_settings):
+    async with serving(make_settings(max_queue=3, retry_after_s=2)) as (service, client):
+        gate, blocker = block(service)
+        queued = [asyncio.create_task(client.post("/generate", json={"description": f"q{i}", "seed": i})) for i in range(2)]
+        await until(lambda: service.worker.pending == 3)
+        r = await client.post("/generate", json={"description": "one too many", "seed": 9})
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"
+        gate.set()
+        assert [x.status_code for x in await asyncio.gather(*queued)] == [200, 200]
+        await blocker
+        hit = await client.post("/generate", json={"description": "q0", "seed": 0})
+        assert hit.status_code == 200 and hit.headers["x-cache"] == "hit"
+
+
+async def test_slow_model_answers_504_and_recovers(make_settings):
+    async with serving(make_settings(request_timeout_s=0.3)) as (service, client):
+        gate, blocker = block(service)
+        r = await client.post("/generate", json={"description": "too slow", "seed": 1})
+        assert r.status_code == 504 and r.json()["detail"]["reason"]
+        gate.set()
+        await asyncio.gather(blocker, return_exceptions=True)  # the blocker timed out as well
+        await until(lambda: service.worker.pending == 0)
+        ok = await client.post("/generate", json={"description": "too slow", "seed": 1})
+        assert ok.status_code == 200
+
+
+async def test_graceful_shutdown_finishes_in_flight_requests(make_settings):
+    app = create_app(make_settings())
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    service = app.state.service
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sglora") as client:
+        gate, blocker = block(service)
+        in_flight = asyncio.create_task(client.post("/generate", json={"description": "finish me", "seed": 1}))
+        await until(lambda: service.worker.pending == 2)
+        shutdown = asyncio.create_task(lifespan.__aexit__(None, None, None))
+        await until(lambda: service.worker.closing)
+        late = await client.post("/generate", json={"description": "too late", "seed": 1})
+        assert late.status_code == 503
+        assert (await client.get("/ready")).status_code == 503
+        assert not shutdown.done()
+        gate.set()
+        r = await in_flight
+        assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+        await blocker
+        await asyncio.wait_for(shutdown, 10)
