@@ -2,10 +2,14 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning
+# threads of two processes slow each other down by an order of magnitude.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
