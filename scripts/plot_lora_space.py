@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     fig, ax = plt.subplots(figsize=(6.5, 5))
     pm = proj(means)
     for i, n in enumerate(a.repository.names):
-        ax.scatter(*pm[i], marker="s", s=60, c="tab:red" if n in chosen else "tab:gray", zorder=3)
-        ax.annotate(n[:28], pm[i], fontsize=6, alpha=0.8)
+        ax.scatter(*pm[i], marker="s", s=60 if n in chosen else 30, c="tab:red" if n in chosen else "tab:gray", zorder=3)
+        if n in chosen:  # label only the chosen experts: the rest would be unreadable
+            ax.annotate(n[:40], pm[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.scatter(*proj(oracle).T, c="tab:green", s=14, label=f"oracle snapshots ({len(oracle)})")
     ax.scatter(*proj(sg).T, c="tab:blue", s=14, alpha=0.7, label=f"sg-lora samples ({args.samples})")
     ax.scatter(*proj(topk.lora[None]).T, c="black", marker="*", s=160, label="topk-weighted (prior mean)")
