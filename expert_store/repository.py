@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from models.lora import LoraSpec, check_finite
+from sglora import __version__
 from sglora.io import read_json, sha256_file, write_json, write_safetensors
 
 INDEX_FILE = "repository.json"
@@ -127,6 +128,7 @@ class ExpertRepository:
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
+            "code_version": __version__,
             "lora": self.spec.to_dict(),
             "lora_fingerprint": self.spec.fingerprint(),
             "embed_dim": self.embed_dim,
