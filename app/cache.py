@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -47,7 +47,16 @@ class CacheKey:
 class RedisCache:
     """``get``/``set`` never raise: a failure is logged, counted and answered as 'not cached'."""
 
-    def __init__(self, url: str, ttl_s: int, prefix: str, timeout_s: float, backoff_s: float, metrics: Metrics):
+    def __init__(
+        self,
+        url: str,
+        ttl_s: int,
+        prefix: str,
+        timeout_s: float,
+        backoff_s: float,
+        metrics: Metrics,
+        max_connections: int = 128,
+    ):
         self.url = url
         self.ttl_s = ttl_s
         self.prefix = prefix
@@ -55,15 +64,22 @@ class RedisCache:
         self.metrics = metrics
         self._skip_until = 0.0
         self._client: Redis | None = None
+        self._pool: BlockingConnectionPool | None = None
         if url:
-            self._client = Redis.from_url(
+            # A blocking pool: under load the calls queue for a connection (up to the timeout) instead of
+            # failing with "Too many connections" past redis-py's default pool size, which would read as a
+            # Redis outage and switch the cache off for a back-off period exactly when it helps most.
+            self._pool = BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=timeout_s,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
                 retry=Retry(NoBackoff(), 0),  # the default retries would multiply the timeout
                 decode_responses=False,
                 health_check_interval=0,
             )
+            self._client = Redis(connection_pool=self._pool)
 
     @property
     def enabled(self) -> bool:
@@ -120,6 +136,8 @@ class RedisCache:
         if self._client is not None:
             try:
                 await self._client.aclose()
+                if self._pool is not None:
+                    await self._pool.disconnect()
             except (RedisError, OSError):
                 pass
 

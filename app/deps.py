@@ -6,6 +6,7 @@ dependency per request.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -39,10 +40,24 @@ def _presented_key(x_api_key: str | None, authorization: str | None) -> str | No
     return None
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def key_matches(presented: str, keys: list[str]) -> bool:
+    """Constant time: every configured key is compared (no early exit), on sha256 digests, so neither
+    which key matched nor the length of a key shows in the timing."""
+    p = _digest(presented)
+    matched = False
+    for k in keys:
+        matched |= hmac.compare_digest(p, _digest(k))
+    return matched
+
+
 def _check(keys: list[str], presented: str | None) -> None:
     if presented is None:
         raise APIError(401, "X-API-Key", "an API key is required (X-API-Key header or Authorization: Bearer)")
-    if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in keys):
+    if not key_matches(presented, keys):
         raise APIError(403, "X-API-Key", "this key is not accepted here")
 
 

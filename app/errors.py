@@ -12,12 +12,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 
 log = logging.getLogger("sglora.app")
 # Sources FastAPI puts first in a validation error's location; the field is what follows.
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie", "form")
+# What a framework-raised HTTP error (routing, body parsing, body size) is about.
+_HTTP_ERROR_FIELDS = {400: "body", 404: "path", 405: "method", 413: "body", 415: "Content-Type"}
 
 
 class APIError(Exception):
@@ -43,6 +46,14 @@ def _field_of(loc: tuple | list) -> str:
     return out or "body"
 
 
+def _error_item(err: dict) -> dict:
+    if err.get("type") == "json_invalid":  # loc is ("body", <character position>)
+        loc = err.get("loc", ())
+        where = f" at character {loc[-1]}" if len(loc) > 1 else ""
+        return {"field": "body", "reason": f"not valid JSON{where}: {err.get('ctx', {}).get('error', 'decode error')}"}
+    return {"field": _field_of(err.get("loc", ())), "reason": str(err.get("msg", "invalid")).removeprefix("Value error, ")}
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -50,9 +61,27 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field_of(err.get("loc", ())), "reason": err.get("msg", "invalid")} for err in e.errors()]
+        errors = [_error_item(err) for err in e.errors()]
         first = errors[0] if errors else {"field": "body", "reason": "invalid request"}
         return JSONResponse(error_body(first["field"], first["reason"], errors=errors), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Framework errors (unknown path, wrong method, unparsable or too large body) in the same shape.
+        if isinstance(e.detail, dict) and "reason" in e.detail:
+            field, reason = e.detail.get("field"), str(e.detail["reason"])
+        else:
+            field, reason = _HTTP_ERROR_FIELDS.get(e.status_code), str(e.detail)
+        if e.status_code == 405:
+            reason = f"{request.method} is not allowed on {request.url.path}"
+        elif e.status_code == 404 and field == "path":
+            reason = f"nothing at {request.url.path}"
+        return JSONResponse(error_body(field, reason), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:
+        # A bug, never bad input. Starlette re-raises it after this answer, so the server logs the traceback.
+        return JSONResponse(error_body(None, f"internal error ({type(e).__name__}); see the service log"), status_code=500)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, e: Overloaded) -> JSONResponse:

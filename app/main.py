@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.errors import install_error_handlers
+from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
-from app.routes import experts, generate, health, retrieve
+from app.routes import experts, generate, health, retrieve, ui
 from app.service import Service
 from app.settings import Settings
 from sglora import __version__
@@ -28,9 +30,11 @@ Generates LoRA adapters for a frozen CLIP-style model from a task description (S
 the description picks the most similar experts of a repository, their LoRAs form a prior,
 and a conditional VAE samples a LoRA from it.
 
-* `POST /generate` returns the LoRA as safetensors with PEFT names (or a zipped PEFT folder).
+* `POST /generate` returns the LoRA as safetensors with PEFT names (or a zipped PEFT folder);
+  `POST /generate/preview` answers the chosen experts, weights and seed as JSON.
 * `POST /retrieve` ranks images and texts with a generated LoRA applied.
 * `GET/POST/DELETE /experts` manage the expert repository.
+* `GET /` is a small browser UI over these endpoints.
 """
 
 
@@ -68,8 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.resolved_max_body_bytes())
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of the limit too
     install_error_handlers(app, settings.retry_after_s)
-    for r in (generate.router, retrieve.router, experts.router, health.router):
+    for r in (generate.router, retrieve.router, experts.router, health.router, ui.router):
         app.include_router(r)
+    app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")  # refuses paths outside the folder
     return app

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sglora.engine import MAX_SEED
 
+# Softmax temperature of the expert weights: below ~1e-37 the scaled similarities overflow float32 and the
+# weights become NaN; the range leaves orders of magnitude of room on both sides of any useful value.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
 Method = Literal["sg-lora", "topk-weighted", "adapter-soup", "model-soup"]
 Format = Literal["safetensors", "zip"]
 
 
 def clean_text(v: str) -> str:
-    v = " ".join(v.split())  # normalised: trimmed, runs of whitespace collapsed
+    """Trimmed, runs of whitespace (tabs, newlines included) collapsed to one space; no other control characters."""
+    v = " ".join(v.split())
     if not v:
         raise ValueError("must not be empty or blank")
+    bad = next((ch for ch in v if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
     return v
 
 
@@ -43,7 +52,11 @@ class GenerateRequest(BaseModel):
         None, ge=1, strict=True, description="experts mixed (1..number of experts); default: the artefacts' top_k"
     )
     temperature: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="softmax temperature of the expert weights; default: the artefacts'"
+        None,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        allow_inf_nan=False,
+        description="softmax temperature of the expert weights (1e-6 .. 1e6); default: the artefacts'",
     )
 
     _clean = field_validator("description")(clean_text)
@@ -129,6 +142,38 @@ class AdapterOut(BaseModel):
     seed: int | None
     experts: list[ExpertChoiceOut]
     artifact_version: str
+
+
+class GenerationInfo(AdapterOut):
+    """What /generate/preview answers: the choices behind a generated LoRA, without its tensors."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "etag": "9b1f0c7a2d4e6f8091a2b3c4d5e6f708",
+                    "description": "a photo of a sunflower",
+                    "method": "sg-lora",
+                    "seed": 7,
+                    "top_k": 3,
+                    "temperature": 0.1,
+                    "experts": [
+                        {"name": "daisy", "weight": 0.62, "similarity": 0.91},
+                        {"name": "rose", "weight": 0.24, "similarity": 0.82},
+                        {"name": "tulip", "weight": 0.14, "similarity": 0.77},
+                    ],
+                    "artifact_version": "3f2a9c0d1e4b5a69",
+                    "cache": "miss",
+                    "size_bytes": 31232,
+                }
+            ]
+        }
+    )
+
+    top_k: int
+    temperature: float
+    cache: Literal["hit", "miss"]
+    size_bytes: int = Field(description="size of the safetensors file /generate returns for the same request and seed")
 
 
 class Recall(BaseModel):

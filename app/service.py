@@ -33,11 +33,11 @@ from safetensors.torch import load as load_safetensors
 
 from app.cache import BytesLRU, CacheKey, RedisCache
 from app.errors import APIError
-from app.images import decode_image
+from app.images import load_rgb, open_image
 from app.metrics import Metrics
 from app.settings import Settings
 from app.worker import ModelWorker
-from expert_store.repository import Expert, check_name
+from expert_store.repository import EXPERTS_DIR, Expert, check_name
 from models.backbone import Backbone
 from models.lora import check_finite
 from sglora import __version__
@@ -48,7 +48,9 @@ from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, adapter_config, from_peft_t
 
 log = logging.getLogger("sglora.service")
 ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
-UNSEEDED_SEEDS = 2**62  # the range the engine itself draws from
+# Drawn seeds stay below 2^53: a JSON client (JavaScript, the UI) holds them exactly as numbers, so sending
+# X-Seed / "seed" back reproduces the LoRA. (The engine's own draws go to 2^62; requests may use up to 2^63-1.)
+UNSEEDED_SEEDS = 2**53
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,14 @@ def _rank(scores: torch.Tensor) -> Scores:
     return Scores(scores.tolist(), i2t.tolist(), t2i.tolist(), recall)
 
 
+def _checked_name(name: str) -> str:
+    """An expert name from a request, before it goes anywhere near a path; APIError(422, "name") otherwise."""
+    try:
+        return check_name(name)
+    except ValueError as e:
+        raise APIError(422, "name", str(e)) from e
+
+
 def _value_error_field(message: str) -> str | None:
     for name in ("top_k", "temperature", "seed", "method", "description"):
         if name in message:
@@ -177,6 +187,7 @@ class Service:
             settings.redis_timeout_s,
             settings.redis_backoff_s,
             metrics,
+            max_connections=settings.redis_max_connections,
         )
         self.lru = BytesLRU(settings.lru_bytes)
         self.worker = ModelWorker(
@@ -187,6 +198,7 @@ class Service:
             batch_wait_ms=settings.batch_wait_ms,
             max_queue=settings.max_queue,
             timeout_s=settings.request_timeout_s,
+            delay_s=settings.test_model_delay_s,
         )
         self._sampling_s = 0.0
         self._time_sampling()
@@ -321,11 +333,14 @@ class Service:
 
     # ---- retrieval ------------------------------------------------------------------------------
     async def decode_images(self, images: list[bytes]) -> list[Image.Image]:
-        """Uploaded bytes -> RGB images, off the event loop; APIError(422, "images[i]") for a bad one."""
-        limit = self.settings.max_image_pixels
-        return list(
-            await asyncio.gather(*(asyncio.to_thread(decode_image, b, f"images[{i}]", limit) for i, b in enumerate(images)))
-        )
+        """Uploaded bytes -> RGB images, off the event loop; APIError(422, "images[i]") for a bad one, and
+        (422, "images") when together they have more pixels than allowed, checked before any decoding."""
+        per_image, total = self.settings.max_image_pixels, self.settings.max_request_pixels
+        opened = await asyncio.to_thread(lambda: [open_image(b, f"images[{i}]", per_image) for i, b in enumerate(images)])
+        pixels = sum(im.size[0] * im.size[1] for im in opened)
+        if pixels > total:
+            raise APIError(422, "images", f"the images have {pixels} pixels together, more than the limit of {total}")
+        return list(await asyncio.gather(*(asyncio.to_thread(load_rgb, im, f"images[{i}]") for i, im in enumerate(opened))))
 
     async def retrieve(self, images: list[Image.Image], texts: list[str], adapter: GeneratedLora, zero_shot: bool) -> Retrieval:
         lora_scores, zs_scores = await self.worker.run(self._retrieve_job, images, texts, adapter.data, zero_shot)
@@ -365,10 +380,10 @@ class Service:
         return vec
 
     async def add_expert(self, name: str, description: str, mean: bytes, variance: bytes | None, num_snapshots: int) -> str:
-        try:
-            check_name(name)
-        except ValueError as e:
-            raise APIError(422, "name", str(e)) from e
+        """``description`` already normalised (``clean_text``). Every check runs before the repository is touched."""
+        name = _checked_name(name)
+        if len(description) > self.settings.max_description_chars:
+            raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
         if name in self.artifacts.repository:
             raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
         mean_vec = self._parse_lora(mean, "mean")
@@ -383,14 +398,30 @@ class Service:
         if name in repo:
             raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
         embedding = self.engine.embed([description])[0].float()
+        # The path comes from a checked name (check_name: no separators, no '..'); the library writes the
+        # expert file, then the index, each atomically (temporary file renamed over), and undoes the
+        # in-memory change on failure. What it leaves is an expert file without an index entry when the
+        # index write fails: removed here, so a failed upload leaves the directory exactly as it was.
+        expert_file = self.repository_dir / EXPERTS_DIR / f"{name}.safetensors"
+        existed = expert_file.exists()
         try:
             repo.add_and_save(Expert(name, description, mean, variance, embedding, num_snapshots), self.repository_dir)
         except ValueError as e:
+            self._drop_orphan(expert_file, existed)
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
+        except OSError as e:
+            self._drop_orphan(expert_file, existed)
+            log.error("could not persist expert %r: %s", name, e)
+            raise APIError(500, None, f"could not write the expert repository ({type(e).__name__}); nothing was changed") from e
         return self._repository_changed()
 
+    @staticmethod
+    def _drop_orphan(path: Path, existed: bool) -> None:
+        if not existed:
+            path.unlink(missing_ok=True)
+
     async def remove_expert(self, name: str) -> str:
-        return await self.worker.run(self._remove_expert_job, name)
+        return await self.worker.run(self._remove_expert_job, _checked_name(name))
 
     def _remove_expert_job(self, name: str) -> str:
         repo = self.artifacts.repository
@@ -398,7 +429,19 @@ class Service:
             raise APIError(404, "name", f"no expert named {name!r}")
         if len(repo) == 1:
             raise APIError(409, "name", "cannot remove the last expert")
-        repo.remove_and_save(name, self.repository_dir)
+        order = repo.names
+        try:
+            repo.remove_and_save(name, self.repository_dir)  # index first (atomic), then the expert file
+        except OSError as e:
+            if name not in repo:  # the index was written, only deleting the expert's file failed: removed
+                log.warning("expert %r removed, but its file could not be deleted: %s", name, e)
+                return self._repository_changed()
+            # The library's rollback puts the expert back at the end; the ones that followed it go behind it
+            # again, so memory matches the index on disk (order decides ties in top-K and the listing).
+            for later in order[order.index(name) + 1 :]:
+                repo.add(repo.remove(later))
+            log.error("could not persist the removal of expert %r: %s", name, e)
+            raise APIError(500, None, f"could not write the expert repository ({type(e).__name__}); nothing was changed") from e
         return self._repository_changed()
 
     def _repository_changed(self) -> str:

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     cache_prefix: str = Field("sglora:", description="prefix of every Redis key this service writes")
     redis_timeout_s: float = Field(0.25, gt=0, description="connect and socket timeout of each Redis call")
     redis_backoff_s: float = Field(5.0, ge=0, description="after a Redis error, skip Redis for this long")
+    redis_max_connections: int = Field(128, ge=1, description="Redis connection pool size; beyond, calls wait (timeout)")
     lru_bytes: int = Field(64 << 20, ge=0, description="in-process LRU of recent LoRAs by ETag (for /retrieve)")
 
     # ---- access ------------------------------------------------------------------------------------
@@ -43,12 +44,21 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 429")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for the model worker; beyond: 504")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for queued jobs")
-    max_description_chars: int = Field(2000, ge=1)
+    max_description_chars: int = Field(1000, ge=1, description="length limit of a description or caption (normalised)")
     max_batch_items: int = Field(32, ge=1, description="descriptions per /generate/batch call")
     max_images: int = Field(64, ge=1, description="images per /retrieve call")
     max_image_bytes: int = Field(10 << 20, ge=1, description="size limit of one uploaded image")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height limit of one uploaded image")
+    max_request_pixels: int = Field(1 << 26, ge=1, description="width x height of all images of one request together")
     max_expert_bytes: int = Field(256 << 20, ge=1, description="size limit of an uploaded expert file")
+    max_body_bytes: int = Field(
+        0, ge=0, description="size limit of a whole request body (413 beyond); 0 = derived from the image and expert limits"
+    )
+
+    # ---- tests only ----------------------------------------------------------------------------------
+    test_model_delay_s: float = Field(
+        0.0, ge=0, description="TEST ONLY: the model thread sleeps this long before every job (a slow model); 0 = off"
+    )
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
@@ -56,6 +66,12 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    def resolved_max_body_bytes(self) -> int:
+        """0 -> room for the largest legitimate body: a full /retrieve or an expert (mean + variance), + 1 MiB of fields."""
+        if self.max_body_bytes > 0:
+            return self.max_body_bytes
+        return max(self.max_images * self.max_image_bytes, 2 * self.max_expert_bytes) + (1 << 20)
 
     def resolved_threads(self) -> int:
         """0 -> one thread less than the cores this process may use (at least 1): the event loop keeps a

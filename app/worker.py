@@ -65,6 +65,7 @@ class ModelWorker:
         batch_wait_ms: float = 2.0,
         max_queue: int = 256,
         timeout_s: float = 30.0,
+        delay_s: float = 0.0,
     ):
         self._embed = embed
         self.metrics = metrics
@@ -72,6 +73,7 @@ class ModelWorker:
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self.timeout_s = timeout_s
+        self.delay_s = delay_s  # tests only (Settings.test_model_delay_s): a slow model
         self._threads = threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglora-torch", initializer=self._init_thread)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -148,6 +150,8 @@ class ModelWorker:
             if future.cancelled():
                 return
             self.metrics.stage.labels(stage="queue").observe(time.perf_counter() - enqueued)
+            if self.delay_s:
+                time.sleep(self.delay_s)
             try:
                 with torch.inference_mode():
                     result = fn(*args)
@@ -188,12 +192,19 @@ class ModelWorker:
                 log.exception("batch failed")
 
     def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        # Requests that timed out (or went away) while this batch waited for the thread are not encoded:
+        # a backlog of given-up jobs must not keep the worker busy after their 504s.
+        batch = [it for it in batch if not it.future.cancelled()]
+        if not batch:
+            return
         now = time.perf_counter()
         for it in batch:
             self.metrics.stage.labels(stage="queue").observe(now - it.enqueued)
         texts = list(dict.fromkeys(it.text for it in batch))  # identical descriptions are encoded once
         row = {t: i for i, t in enumerate(texts)}
         self.metrics.batch_size.observe(len(texts))
+        if self.delay_s:
+            time.sleep(self.delay_s)
         with torch.inference_mode():
             try:
                 t0 = time.perf_counter()

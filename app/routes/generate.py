@@ -18,6 +18,7 @@ from app.schemas import (
     ErrorDetail,
     ExpertChoiceOut,
     GenerateRequest,
+    GenerationInfo,
 )
 from app.service import GeneratedLora, Service
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
@@ -100,6 +101,25 @@ async def generate(
         data, media, ext = lora.data, "application/octet-stream", "safetensors"
     headers["Content-Disposition"] = f'attachment; filename="sglora-{lora.etag[:12]}.{ext}"'
     return Response(data, media_type=media, headers=headers)
+
+
+@router.post("/generate/preview", response_model=GenerationInfo, summary="Generate a LoRA, answer JSON", responses=_ERRORS)
+async def generate_preview(body: GenerateRequest, service: ServiceDep) -> GenerationInfo:
+    """Generates as /generate does (same cache), answers JSON: chosen experts (weight, similarity), seed and ETag."""
+    lora = await service.generate(_params(service, body))
+    meta = lora.metadata
+    return GenerationInfo(
+        etag=lora.etag,
+        description=meta.get("description", ""),
+        method=lora.method,
+        seed=lora.seed,
+        top_k=int(meta["top_k"]),
+        temperature=float(meta["temperature"]),
+        experts=[ExpertChoiceOut(**e) for e in lora.experts],
+        artifact_version=meta.get("artifact_version", ""),
+        cache=lora.cache,
+        size_bytes=len(lora.data),
+    )
 
 
 async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) -> BatchItemResult:

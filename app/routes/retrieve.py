@@ -8,7 +8,17 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from app.deps import ApiKey, ServiceDep
 from app.errors import APIError
-from app.schemas import AdapterOut, ExpertChoiceOut, Method, Ranking, Recall, RetrieveResponse, clean_text
+from app.schemas import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    AdapterOut,
+    ExpertChoiceOut,
+    Method,
+    Ranking,
+    Recall,
+    RetrieveResponse,
+    clean_text,
+)
 from app.service import Scores
 from sglora.engine import MAX_SEED
 
@@ -53,7 +63,7 @@ async def retrieve(
     method: Annotated[Method, Form()] = "sg-lora",
     seed: Annotated[int | None, Form(ge=0, le=MAX_SEED)] = None,
     top_k: Annotated[int | None, Form(ge=1)] = None,
-    temperature: Annotated[float | None, Form(gt=0, allow_inf_nan=False)] = None,
+    temperature: Annotated[float | None, Form(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False)] = None,
     zero_shot: Annotated[bool, Form(description="also score with the frozen backbone alone")] = False,
 ) -> RetrieveResponse:
     """Scores every image against every text with the LoRA applied; rankings both ways, zero-shot beside them on request."""

@@ -1,0 +1,72 @@
+"""Request body size limit: 413 before the body is parsed or spooled to disk.
+
+A declared ``Content-Length`` above the limit is refused without reading the body; a chunked body is
+counted as it streams and refused as soon as it passes the limit. The per-field limits (image bytes,
+expert bytes, description length) still apply inside it.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive``; FastAPI re-raises HTTPExceptions met while reading a body, so the app's
+    handler answers it (413, field ``body``)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, {"field": "body", "reason": f"request body larger than {limit} bytes"})
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length < 0:
+                await _refuse(400, "Content-Length", "not a non-negative integer", scope, receive, send)
+                return
+            if length > self.max_bytes:
+                await _refuse(413, "body", f"request body larger than {self.max_bytes} bytes", scope, receive, send)
+                return
+
+        seen = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge as e:  # raised where no exception handler saw it
+            if started:
+                raise
+            await _refuse(413, "body", e.detail["reason"], scope, receive, send)
+
+
+async def _refuse(status: int, field: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse({"detail": {"field": field, "reason": reason}}, status_code=status, headers={"Connection": "close"})
+    await response(scope, receive, send)

@@ -1,0 +1,64 @@
+"""``python -m app --artifacts DIR``: the service under uvicorn (one worker), exit status 0 after a graceful stop.
+
+uvicorn catches SIGTERM/SIGINT, drains (stops accepting, lets in-flight requests finish for
+``--graceful-timeout`` seconds, then runs the lifespan shutdown: accepted model jobs finish, Redis closes)
+and then re-raises the signal so that its default action ends the process: status -15 (143 in a shell)
+even though nothing was lost. Here the handlers active at that moment only ask the server to stop, so a
+drained shutdown exits 0, and a signal that arrives before uvicorn took over still stops the start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import uvicorn
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app", description="Run the SG-LoRA HTTP service.")
+    p.add_argument("--artifacts", help="artefact directory (default: $SGLORA_ARTIFACTS)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see docs/service.md)
+    if args.artifacts:
+        os.environ["SGLORA_ARTIFACTS"] = str(args.artifacts)
+    if args.device:
+        os.environ["SGLORA_DEVICE"] = args.device
+    config = uvicorn.Config(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=1,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        access_log=not args.no_access_log,
+        log_level=args.log_level,
+    )
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+// The SG-LoRA page: plain JavaScript over the public API, no build step.
+//   POST /generate/preview  -> chosen experts, weights, similarities, seed, ETag (JSON)
+//   POST /generate          -> the LoRA file (same request + the seed: the same bytes)
+//   POST /retrieve          -> image/caption scores with the LoRA (by ETag) and zero-shot
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let current = null; // the last /generate/preview answer plus the request that produced it
+let uploads = []; // [{file, url}]
+
+function headers(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    const d = body.detail || {};
+    if (typeof d === "string") return `${response.status}: ${d}`;
+    return `${response.status}${d.field ? ` · ${d.field}` : ""}: ${d.reason || "request refused"}`;
+  } catch (_) {
+    return `${response.status}: ${response.statusText || "request failed"}`;
+  }
+}
+
+function showError(box, text) {
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+// ---- readiness -----------------------------------------------------------------------------------
+async function loadStatus() {
+  const box = $("status");
+  try {
+    const r = await fetch("/ready");
+    const s = await r.json();
+    if (r.ok) {
+      box.textContent = `ready · ${s.experts} experts · ${s.backbone}`;
+      box.className = "status ok";
+      $("version-out").textContent = `artefact version ${s.artifact_version} · cache ${s.redis}`;
+    } else {
+      box.textContent = s.status || "not ready";
+      box.className = "status warn";
+      setTimeout(loadStatus, 2000);
+    }
+  } catch (_) {
+    box.textContent = "unreachable";
+    box.className = "status warn";
+    setTimeout(loadStatus, 2000);
+  }
+}
+
+// ---- generation ----------------------------------------------------------------------------------
+function generationRequest() {
+  const body = { description: $("description").value, method: $("method").value };
+  const seed = $("seed").value.trim();
+  const topK = $("top-k").value.trim();
+  const temperature = $("temperature").value.trim();
+  if (seed) body.seed = Number(seed);
+  if (topK) body.top_k = Number(topK);
+  if (temperature) body.temperature = Number(temperature);
+  return body;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  showError($("error"), "");
+  $("generate").disabled = true;
+  $("generate-busy").hidden = false;
+  try {
+    const request = generationRequest();
+    const r = await fetch("/generate/preview", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify(request),
+    });
+    if (!r.ok) {
+      showError($("error"), await errorText(r));
+      return;
+    }
+    const info = await r.json();
+    current = { info, request };
+    renderExperts(info);
+    $("result").hidden = false;
+    $("retrieval").hidden = false;
+    $("rankings").hidden = true;
+    updateRetrieveButton();
+  } catch (e) {
+    showError($("error"), `network error: ${e}`);
+  } finally {
+    $("generate").disabled = false;
+    $("generate-busy").hidden = true;
+  }
+}
+
+function renderExperts(info) {
+  $("method-out").textContent = info.method;
+  $("seed-out").textContent = info.seed === null ? "— (deterministic)" : String(info.seed);
+  $("prior-out").textContent = `${info.top_k} / ${info.temperature}`;
+  $("cache-out").textContent = info.cache;
+  $("etag-out").textContent = info.etag;
+  $("download-note").textContent = `${(info.size_bytes / 1024).toFixed(1)} KiB of weights`;
+  const tbody = $("experts-table").querySelector("tbody");
+  tbody.replaceChildren(
+    ...info.experts.map((e, i) =>
+      el(
+        "tr",
+        { "data-name": e.name, "data-weight": String(e.weight), "data-similarity": String(e.similarity) },
+        el("td", { class: "rank" }, String(i + 1)),
+        el("td", { class: "name" }, e.name),
+        el(
+          "td",
+          { class: "weight" },
+          el("span", { class: "bar", title: "the weights sum to 1" }, el("span", { class: "fill", style: `width:${100 * e.weight}%` })),
+          el("span", { class: "value" }, e.weight.toFixed(4)),
+        ),
+        el("td", { class: "num similarity" }, e.similarity.toFixed(4)),
+      ),
+    ),
+  );
+}
+
+async function download(asZip) {
+  if (!current) return;
+  showError($("error"), "");
+  // The same request with the seed the preview reported: byte-identical to what the preview generated.
+  const body = { ...current.request };
+  if (current.info.seed !== null) body.seed = current.info.seed;
+  const accept = asZip ? "application/zip" : "application/octet-stream";
+  const r = await fetch("/generate", {
+    method: "POST",
+    headers: headers({ "Content-Type": "application/json", Accept: accept }),
+    body: JSON.stringify(body),
+  });
+  if (!r.ok) {
+    showError($("error"), await errorText(r));
+    return;
+  }
+  const blob = await r.blob();
+  const disposition = r.headers.get("Content-Disposition") || "";
+  const match = disposition.match(/filename="([^"]+)"/);
+  const a = el("a", { href: URL.createObjectURL(blob), download: match ? match[1] : asZip ? "sglora.zip" : "sglora.safetensors" });
+  document.body.append(a);
+  a.click();
+  setTimeout(() => {
+    URL.revokeObjectURL(a.href);
+    a.remove();
+  }, 1000);
+}
+
+// ---- retrieval -----------------------------------------------------------------------------------
+function captionFromName(name) {
+  return name.replace(/\.[^.]+$/, "").replace(/[_-]+/g, " ");
+}
+
+function addImages() {
+  for (const file of $("images").files) {
+    uploads.push({ file, url: URL.createObjectURL(file), caption: captionFromName(file.name) });
+  }
+  $("images").value = "";
+  renderUploads();
+}
+
+function renderUploads() {
+  $("uploads").replaceChildren(
+    ...uploads.map((u, i) => {
+      const input = el("input", { type: "text", class: "caption-input", value: u.caption });
+      input.setAttribute("aria-label", `caption of image ${i + 1}`);
+      input.addEventListener("input", () => {
+        u.caption = input.value;
+      });
+      const remove = el("button", { type: "button", class: "remove", title: "remove this image" }, "×");
+      remove.addEventListener("click", () => {
+        URL.revokeObjectURL(u.url);
+        uploads.splice(i, 1);
+        renderUploads();
+      });
+      return el("div", { class: "upload" }, el("img", { src: u.url, alt: u.file.name }), input, remove);
+    }),
+  );
+  updateRetrieveButton();
+}
+
+function updateRetrieveButton() {
+  $("retrieve").disabled = !current || uploads.length === 0;
+}
+
+async function retrieve() {
+  showError($("retrieval-error"), "");
+  const captions = uploads.map((u) => u.caption);
+  const form = new FormData();
+  form.append("etag", current.info.etag);
+  form.append("zero_shot", "true");
+  for (const c of captions) form.append("captions", c);
+  for (const u of uploads) form.append("images", u.file, u.file.name);
+  $("retrieve").disabled = true;
+  $("retrieve-busy").hidden = false;
+  try {
+    const r = await fetch("/retrieve", { method: "POST", headers: headers(), body: form });
+    if (!r.ok) {
+      showError($("retrieval-error"), await errorText(r));
+      return;
+    }
+    const body = await r.json();
+    renderScores($("lora-table"), $("lora-recall"), body.lora, body.texts);
+    renderScores($("zs-table"), $("zs-recall"), body.zero_shot, body.texts);
+    $("rankings").hidden = false;
+  } catch (e) {
+    showError($("retrieval-error"), `network error: ${e}`);
+  } finally {
+    $("retrieve-busy").hidden = true;
+    updateRetrieveButton();
+  }
+}
+
+function renderScores(table, recallBox, ranking, texts) {
+  const head = el("tr", {}, el("th", {}, "image"), ...texts.map((t, j) => el("th", { class: "num", title: t }, `${j + 1}. ${t}`)));
+  table.querySelector("thead").replaceChildren(head);
+  table.querySelector("tbody").replaceChildren(
+    ...ranking.scores.map((row, i) => {
+      const best = ranking.image_to_text[i][0];
+      return el(
+        "tr",
+        {},
+        el("td", { class: "thumb" }, el("img", { src: uploads[i] ? uploads[i].url : "", alt: "" }), String(i + 1)),
+        ...row.map((s, j) => {
+          const classes = ["num"];
+          if (j === best) classes.push("best");
+          if (j === i && texts.length === ranking.scores.length) classes.push("pair");
+          return el("td", { class: classes.join(" "), title: `image ${i + 1} · "${texts[j]}"` }, s.toFixed(3));
+        }),
+      );
+    }),
+  );
+  const rec = ranking.recall_at_1;
+  const legend = "bold: the best caption for the image; green: that is its own caption";
+  recallBox.textContent = rec
+    ? `recall@1 image→text ${(100 * rec.image_to_text).toFixed(0)} % · text→image ${(100 * rec.text_to_image).toFixed(0)} % — ${legend}`
+    : "bold: the best caption for each image";
+}
+
+// ---- wiring --------------------------------------------------------------------------------------
+$("api-key").value = sessionStorage.getItem("sglora-api-key") || "";
+$("api-key").addEventListener("change", () => sessionStorage.setItem("sglora-api-key", $("api-key").value.trim()));
+$("generate-form").addEventListener("submit", generate);
+$("download-safetensors").addEventListener("click", () => download(false));
+$("download-zip").addEventListener("click", () => download(true));
+$("images").addEventListener("change", addImages);
+$("retrieve").addEventListener("click", retrieve);
+loadStatus();

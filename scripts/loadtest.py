@@ -1,0 +1,486 @@
+"""Load test: many concurrent clients against /generate on loopback, mixed repeated and new descriptions.
+
+    python scripts/loadtest.py --artifacts artifacts/offline-default            # starts the server itself
+    python scripts/loadtest.py --url http://127.0.0.1:8000 [--pid 1234]         # an already running server
+    python scripts/loadtest.py --artifacts DIR --clients 200 --duration 60 --warmup 15 --json out.json
+
+Every client is one asyncio task with its own keep-alive HTTP/1.1 connection (a minimal client on
+``asyncio.open_connection``: the load generator shares the machine with the server and must stay cheap).
+Each request is, by default, with probability 0.3 a NEW description (unseeded sg-lora: always a cache
+miss, through the text encoder, the prior and the CVAE), else one of 48 REPEATED requests (fixed seed
+or a deterministic method: a cache hit after the first), 10 % of those as a PEFT zip. A warm-up phase runs
+the same mix first; the server's resident memory (VmRSS from /proc/<pid>/status) is read after the
+warm-up and after the measured phase.
+
+Pass (exit 0): no error (anything but 200, or a 429 that carries Retry-After; a 429 is then honoured
+by sleeping Retry-After) and resident memory after the run within --max-rss-growth of after warm-up.
+Reports p50/p90/p99/max latency, throughput, status counts, cache hits and the mean micro-batch size.
+
+Started by this script (``--artifacts``), the server is ``python -m app`` on a free loopback port without
+access log, with SGLORA_THREADS (default 1) and OMP_WAIT_POLICY=PASSIVE, and by default a private
+``redis-server`` (``--maxmemory 256mb --maxmemory-policy allkeys-lru``, no persistence) on another free
+port, so the run never fills a shared Redis; ``--redis-url URL`` uses that one with a fresh key prefix
+deleted at the end, ``--redis-url none`` runs uncached. Only 127.0.0.1 is ever contacted; every loop is
+bounded by the deadline and by --max-requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECTS = [
+    "sandal", "sneaker", "ankle boot", "coat", "dress", "shirt", "trouser", "bag", "pullover", "t-shirt",
+    "circle", "square", "cross", "ring", "sunflower", "tulip", "daisy", "rose", "tabby cat", "beagle",
+    "robin", "sparrow", "penguin", "owl",
+]  # fmt: skip
+TEMPLATES = [
+    "a photo of a {}",
+    "This is a classification task for recognizing {}",
+    "pictures of a {} in the wild",
+    "a close-up photo of a {} on a plain background",
+]
+
+
+# ---- a minimal keep-alive HTTP/1.1 client -----------------------------------------------------------
+class HTTPError(Exception):
+    pass
+
+
+class Connection:
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        status_line = await self.reader.readline()
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            await self.close()
+            raise HTTPError(f"bad status line {status_line[:80]!r}")
+        status = int(parts[1])
+        resp_headers: dict[str, str] = {}
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            resp_headers[k.strip().lower()] = v.strip()
+        if "content-length" in resp_headers:
+            data = await self.reader.readexactly(int(resp_headers["content-length"]))
+        elif resp_headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                chunks.append(await self.reader.readexactly(size))
+                await self.reader.readline()
+            data = b"".join(chunks)
+        else:
+            data = await self.reader.read()
+            resp_headers["connection"] = "close"
+        if resp_headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, resp_headers, data
+
+
+# ---- the workload -----------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)  # seconds, answered requests (any status)
+    by_cache: dict[str, list[float]] = field(default_factory=lambda: {"hit": [], "miss": []})  # 200s only
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    hits: int = 0
+    throttled: int = 0
+
+    def add_error(self, text: str) -> None:
+        if len(self.errors) < 1000:
+            self.errors.append(text)
+        else:
+            self.errors[-1] = f"... and more; last: {text}"
+
+
+def repeated_pool(size: int) -> list[dict]:
+    """Fixed requests that are cache hits after their first answer."""
+    methods = ["sg-lora"] * 4 + ["topk-weighted", "adapter-soup"]
+    pool = []
+    for i in range(size):
+        body = {"description": TEMPLATES[i % len(TEMPLATES)].format(SUBJECTS[i % len(SUBJECTS)]), "method": methods[i % 6]}
+        if body["method"] == "sg-lora":
+            body["seed"] = i
+        pool.append(body)
+    return pool
+
+
+def next_request(rng: random.Random, pool: list[dict], new_fraction: float, zip_fraction: float) -> tuple[dict, bool]:
+    if rng.random() < new_fraction:
+        subject = f"{rng.choice(SUBJECTS)} no. {uuid.uuid4().hex[:10]}"
+        return {"description": rng.choice(TEMPLATES).format(subject)}, False  # unseeded: a new sample, a miss
+    return rng.choice(pool), rng.random() < zip_fraction
+
+
+async def client_loop(
+    i: int, host: str, port: int, deadline: float, budget: list[int], stats: Stats, args: argparse.Namespace, pool: list[dict]
+) -> None:
+    rng = random.Random(args.seed * 100_003 + i)
+    conn = Connection(host, port)
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["X-API-Key"] = args.api_key
+    try:
+        while time.monotonic() < deadline and budget[0] > 0:
+            budget[0] -= 1
+            body, as_zip = next_request(rng, pool, args.new_fraction, args.zip_fraction)
+            h = {**headers, "Accept": "application/zip"} if as_zip else headers
+            t0 = time.perf_counter()
+            try:
+                status, resp_headers, data = await asyncio.wait_for(
+                    conn.request("POST", "/generate", json.dumps(body).encode(), h), args.request_timeout
+                )
+            except (OSError, asyncio.IncompleteReadError, HTTPError, TimeoutError) as e:
+                stats.add_error(f"{type(e).__name__}: {e}")
+                await conn.close()
+                await asyncio.sleep(0.05)
+                continue
+            stats.latencies.append(time.perf_counter() - t0)
+            stats.statuses[status] = stats.statuses.get(status, 0) + 1
+            if status == 200:
+                cache = resp_headers.get("x-cache", "miss")
+                stats.hits += cache == "hit"
+                stats.by_cache.setdefault(cache, []).append(stats.latencies[-1])
+                if not data:
+                    stats.add_error("200 with an empty body")
+            elif status == 429 and resp_headers.get("retry-after", "").isdigit():
+                stats.throttled += 1  # deliberate back-pressure: honour it
+                await asyncio.sleep(min(float(resp_headers["retry-after"]), max(0.0, deadline - time.monotonic())))
+            else:
+                stats.add_error(f"{status}: {data[:200]!r}")
+    finally:
+        await conn.close()
+
+
+async def run_phase(host: str, port: int, seconds: float, args: argparse.Namespace, pool: list[dict]) -> tuple[Stats, float]:
+    stats = Stats()
+    budget = [args.max_requests]
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    await asyncio.gather(*(client_loop(i, host, port, deadline, budget, stats, args, pool) for i in range(args.clients)))
+    return stats, time.monotonic() - t0
+
+
+async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    conn = Connection(host, port)
+    try:
+        status, _, data = await asyncio.wait_for(conn.request("GET", path), 10)
+        return status, data
+    finally:
+        await conn.close()
+
+
+async def batch_counters(host: str, port: int) -> tuple[float, float]:
+    """(sum, count) of the server's sglora_batch_size histogram."""
+    _, text = await get(host, port, "/metrics")
+    values = {}
+    for line in text.decode().splitlines():
+        if line.startswith(("sglora_batch_size_sum", "sglora_batch_size_count")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values.get("sglora_batch_size_sum", 0.0), values.get("sglora_batch_size_count", 0.0)
+
+
+# ---- the server process -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:<port> (same user), from /proc/net/tcp socket inodes."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(cols[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    args += ["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"]
+    proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def start_server(args: argparse.Namespace, port: int, redis_url: str, prefix: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "SGLORA_ARTIFACTS": str(args.artifacts),
+        "SGLORA_REDIS_URL": redis_url,
+        "SGLORA_CACHE_PREFIX": prefix,
+        "SGLORA_THREADS": str(args.threads),
+        "SGLORA_DEVICE": args.device,
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    if args.api_key:
+        env["SGLORA_API_KEYS"] = args.api_key
+    cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+
+async def wait_ready(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+        try:
+            if (await get(host, port, "/ready"))[0] == 200:
+                return
+        except (OSError, asyncio.IncompleteReadError, HTTPError, TimeoutError):
+            pass
+        await asyncio.sleep(0.25)
+    raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
+
+
+def delete_prefix(redis_url: str, prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    n = 0
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        n += client.delete(key)
+    client.close()
+    return n
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def quantiles_ms(values: list[float]) -> dict:
+    v = sorted(values)
+    return {
+        "p50": round(1000 * percentile(v, 0.50), 2),
+        "p90": round(1000 * percentile(v, 0.90), 2),
+        "p99": round(1000 * percentile(v, 0.99), 2),
+        "max": round(1000 * v[-1], 2) if v else None,
+    }
+
+
+def summarise(stats: Stats, seconds: float) -> dict:
+    lat = stats.latencies
+    ok = stats.statuses.get(200, 0)
+    return {
+        "requests": len(lat),
+        "seconds": round(seconds, 2),
+        "throughput_rps": round(len(lat) / seconds, 1) if seconds else 0.0,
+        "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
+        "cache_hits": stats.hits,
+        "hit_ratio": round(stats.hits / ok, 3) if ok else 0.0,
+        "throttled_429": stats.throttled,
+        "errors": len(stats.errors),
+        "error_samples": stats.errors[:5],
+        "latency_ms": quantiles_ms(lat),
+        "latency_ms_by_cache": {k: quantiles_ms(v) for k, v in stats.by_cache.items() if v},
+    }
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    pool = repeated_pool(args.pool)
+    proc = redis_proc = None
+    redis_url, prefix = "", f"sglora-load-{uuid.uuid4().hex[:8]}:"
+    workdir = Path(os.environ.get("TMPDIR", "/tmp"))
+    if args.url:
+        u = urlsplit(args.url)
+        if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit("loadtest: --url must be a loopback address")
+        host, port = "127.0.0.1" if u.hostname == "localhost" else u.hostname, u.port or 80
+        pid = args.pid or listener_pid(port)
+    else:
+        host, port = "127.0.0.1", free_port()
+        if args.redis_url == "private":
+            if shutil.which("redis-server") is None:
+                print("loadtest: redis-server not found, running uncached", file=sys.stderr)
+            else:
+                redis_port = free_port()
+                redis_proc = start_redis(redis_port, workdir)
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        elif args.redis_url != "none":
+            redis_url = args.redis_url
+        proc = start_server(args, port, redis_url, prefix)
+        pid = proc.pid
+    result: dict = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "clients": args.clients,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_before": os.getloadavg()[0],
+        "cache": "private redis" if redis_proc else (redis_url or "none") if proc else "as configured",
+    }
+    try:
+        t0 = time.monotonic()
+        await wait_ready(host, port, proc, args.start_timeout)
+        result["startup_s"] = round(time.monotonic() - t0, 1)
+        if args.warmup > 0:
+            warm, warm_s = await run_phase(host, port, args.warmup, args, pool)
+            result["warmup"] = summarise(warm, warm_s)
+        rss_warm = rss_kib(pid) if pid else None
+        b0 = await batch_counters(host, port)
+        stats, seconds = await run_phase(host, port, args.duration, args, pool)
+        b1 = await batch_counters(host, port)
+        rss_after = rss_kib(pid) if pid else None
+        result["run"] = summarise(stats, seconds)
+        result["mean_batch"] = round((b1[0] - b0[0]) / (b1[1] - b0[1]), 1) if b1[1] > b0[1] else None
+        result["rss_mib"] = {
+            "after_warmup": round(rss_warm / 1024, 1) if rss_warm else None,
+            "after_run": round(rss_after / 1024, 1) if rss_after else None,
+            "growth": round(rss_after / rss_warm - 1, 4) if rss_warm and rss_after else None,
+        }
+        result["load_average_after"] = os.getloadavg()[0]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                result["server_exit"] = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                result["server_exit"] = "killed"
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+        elif proc is not None and redis_url:
+            result["redis_keys_deleted"] = delete_prefix(redis_url, prefix)
+
+    failures = []
+    if result["run"]["errors"] or result.get("warmup", {}).get("errors"):
+        failures.append("errors other than 429 with Retry-After")
+    growth = result["rss_mib"]["growth"]
+    if growth is not None and growth > args.max_rss_growth:
+        failures.append(f"resident memory grew by {100 * growth:.1f} % (limit {100 * args.max_rss_growth:.0f} %)")
+    result["pass"] = not failures
+    result["failures"] = failures
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if not failures else 1
+
+
+def print_report(r: dict) -> None:
+    run = r["run"]
+    lat = run["latency_ms"]
+    rss = r["rss_mib"]
+    print(f"clients {r['clients']}, {run['seconds']} s measured, {r['cores']} cores, cache: {r['cache']}")
+    print(f"requests {run['requests']}  throughput {run['throughput_rps']} req/s  statuses {run['statuses']}")
+    print(f"latency p50 {lat['p50']} ms  p90 {lat['p90']} ms  p99 {lat['p99']} ms  max {lat['max']} ms")
+    for cache, q in run["latency_ms_by_cache"].items():
+        print(f"  cache {cache:4s} p50 {q['p50']} ms  p90 {q['p90']} ms  p99 {q['p99']} ms")
+    hits = f"{run['cache_hits']} ({100 * run['hit_ratio']:.0f} % of 200s)"
+    print(f"cache hits {hits}  429s {run['throttled_429']}  mean batch {r['mean_batch']}")
+    print(f"RSS after warm-up {rss['after_warmup']} MiB, after run {rss['after_run']} MiB, growth {rss['growth']}")
+    print(f"errors {run['errors']} {run['error_samples'] if run['errors'] else ''}")
+    print("PASS" if r["pass"] else f"FAIL: {'; '.join(r['failures'])}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
+    where.add_argument("--artifacts", type=Path, help="start `python -m app` on these artefacts (and stop it at the end)")
+    p.add_argument("--pid", type=int, help="with --url: the server's pid for VmRSS (default: found from the port)")
+    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds measured")
+    p.add_argument("--warmup", type=float, default=15.0, help="seconds of the same load before the measurement")
+    p.add_argument("--new-fraction", type=float, default=0.3, help="share of requests with a new description")
+    p.add_argument("--zip-fraction", type=float, default=0.1, help="share of repeated requests asking for the PEFT zip")
+    p.add_argument("--pool", type=int, default=48, help="number of distinct repeated requests")
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="bound on requests per phase")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="client-side limit per request (counted as error)")
+    p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth from after warm-up to after the run")
+    p.add_argument("--api-key", default="", help="X-API-Key to send (and, with --artifacts, to require)")
+    p.add_argument("--redis-url", default="private", help="with --artifacts: 'private' (own redis-server), 'none', or a URL")
+    p.add_argument("--threads", type=int, default=1, help="with --artifacts: SGLORA_THREADS")
+    p.add_argument("--device", default="cpu", help="with --artifacts: SGLORA_DEVICE")
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the numbers here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.clients < 1 or args.duration <= 0:
+        raise SystemExit("loadtest: --clients >= 1 and --duration > 0")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

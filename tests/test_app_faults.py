@@ -1,0 +1,237 @@
+"""Faults: Redis restarted under load, damaged artefacts, a disk failing during an expert change,
+requests past their timeout, and SIGTERM with requests in flight (a real server process)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from expert_store.repository import ExpertRepository
+from sglora.artifacts import ArtifactError
+from sglora.export import safetensors_bytes
+from sglora.io import atomic_path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = {"X-API-Key": "admin-key"}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@asynccontextmanager
+async def serving(settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sglora") as client:
+            yield app.state.service, client
+
+
+async def until(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- Redis -----------------------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_redis_stopped_and_restarted_during_a_stream_of_requests(private_redis, make_settings):
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=0.2, threads=1)
+    pool = [{"description": f"a stream shape {i}", "seed": i} for i in range(5)]
+    state = {"phase": "up"}
+    results: list[tuple[str, int, str | None]] = []
+    stop = asyncio.Event()
+    async with serving(settings) as (service, client):
+
+        async def stream(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                phase = state["phase"]
+                r = await client.post("/generate", json=pool[i % len(pool)])
+                results.append((phase, r.status_code, r.headers.get("x-cache")))
+                i += 1
+                await asyncio.sleep(0.005)
+
+        tasks = [asyncio.create_task(stream(k)) for k in range(4)]
+        await until(lambda: sum(c == "hit" for _, _, c in results) >= 10)
+        state["phase"] = "down"
+        await asyncio.to_thread(private_redis.stop)
+        n = len(results)
+        await until(lambda: len(results) >= n + 30)
+        state["phase"] = "restarted"
+        await asyncio.to_thread(private_redis.start)  # same port, empty
+        # The cache is used again: the first requests refill it, the next are hits.
+        await until(lambda: sum(p == "restarted" and c == "hit" for p, _, c in results) >= 10)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert (await client.get("/ready")).json()["redis"] == "ok"
+    assert [s for _, s, _ in results if s != 200] == []  # no failed request, whatever the phase
+    down = [c for p, _, c in results if p == "down"]
+    assert down.count("miss") >= 20  # served uncached while Redis was away
+
+
+# ---- artefacts ---------------------------------------------------------------------------------------
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "generator/cvae.safetensors",
+        "generator/cvae.json",
+        "backbone/open_clip_model.safetensors",
+        "repository/experts/ring.safetensors",
+        "repository/repository.json",
+        "config.json",
+        "manifest.json",
+    ],
+)
+def test_truncated_artefact_refuses_start_naming_the_file(tiny_artifacts, make_settings, relative):
+    truncate(tiny_artifacts / relative)
+    with pytest.raises(ArtifactError, match=Path(relative).name.replace(".", r"\.")):
+        with TestClient(create_app(make_settings(artifacts=tiny_artifacts, threads=1))):
+            pass
+
+
+# ---- a disk failing during an expert change ------------------------------------------------------------
+def failing_write(path: Path, *args, **kwargs) -> None:
+    """Fails like a full disk half-way through an atomic write."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("fails", ["write_safetensors", "write_json"])
+def test_failed_expert_change_leaves_the_repository_as_it_was(tiny_artifacts, make_settings, monkeypatch, fails):
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-key"], threads=1)
+    repo = ExpertRepository.load(tiny_artifacts / "repository")
+    mean = safetensors_bytes(repo.spec, repo["circle"].mean * 0.5, {})
+    form = {"name": "disc", "description": "an orange disc"}
+    with TestClient(create_app(settings)) as c:
+        body = {"description": "an orange disc", "seed": 2}
+        before_bytes = c.post("/generate", json=body).content
+        before_files, before_list = snapshot(tiny_artifacts), c.get("/experts").json()
+
+        monkeypatch.setattr(f"expert_store.repository.{fails}", failing_write)
+        r = c.post("/experts", data=form, files={"mean": ("m.safetensors", mean)}, headers=ADMIN)
+        assert r.status_code == 500 and "nothing was changed" in r.json()["detail"]["reason"]
+        if fails == "write_json":  # the expert file was written before the index failed
+            r = c.delete("/experts/circle", headers=ADMIN)
+            assert r.status_code == 500 and "nothing was changed" in r.json()["detail"]["reason"]
+        assert snapshot(tiny_artifacts) == before_files  # no new, half-written or temporary file
+        assert c.get("/experts").json() == before_list
+        assert c.post("/generate", json=body).content == before_bytes
+
+        monkeypatch.undo()  # the disk is back: the same upload now works
+        r = c.post("/experts", data=form, files={"mean": ("m.safetensors", mean)}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        assert "disc" in ExpertRepository.load(tiny_artifacts / "repository")
+
+
+# ---- timeouts ------------------------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_requests_past_their_timeout_get_504_and_free_the_worker(make_settings):
+    async with serving(make_settings(request_timeout_s=0.3, max_queue=4, threads=1)) as (service, client):
+        encoded: list[str] = []
+        embed = service.worker._embed
+        service.worker._embed = lambda texts: (encoded.extend(texts), embed(texts))[1]
+        gate = threading.Event()
+        blocker = asyncio.create_task(service.worker.run(gate.wait, 10))  # the model thread hangs
+        await until(lambda: service.worker.pending == 1)
+        late = await asyncio.gather(*(client.post("/generate", json={"description": f"late {i}", "seed": i}) for i in range(3)))
+        assert [r.status_code for r in late] == [504] * 3
+        assert all(r.json()["detail"]["reason"] for r in late)
+        # Their admission slots are free at once (no 429 although max_queue is 4), while the thread still hangs.
+        assert service.worker.pending == 0
+        more = [asyncio.create_task(client.post("/generate", json={"description": f"more {i}", "seed": i})) for i in range(4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        with pytest.raises(Exception):  # noqa: B017 - the blocker timed out as well
+            await blocker
+        assert {r.status_code for r in await asyncio.gather(*more)} <= {200, 504}
+        t0 = time.perf_counter()
+        ok = await client.post("/generate", json={"description": "on time", "seed": 1})
+        assert ok.status_code == 200 and time.perf_counter() - t0 < 2.0
+        assert not any(t.startswith("late") for t in encoded)  # the given-up jobs were skipped, not run
+
+
+# ---- SIGTERM -------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_artifacts_session):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "SGLORA_REDIS_URL": "",
+        "SGLORA_THREADS": "1",
+        "SGLORA_TEST_MODEL_DELAY_S": "1.0",  # every model job takes a second: requests stay in flight
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    cmd = [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--port", str(port), "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(base, proc)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(httpx.post, f"{base}/generate", json={"description": f"slow {i}", "seed": i}, timeout=60)
+                for i in range(4)
+            ]
+            end = time.monotonic() + 20
+            while httpx.get(f"{base}/ready", timeout=5).json().get("queue", 0) < 4:
+                assert time.monotonic() < end, "the requests never reached the model"
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 4
+        assert all(r.content and r.headers["x-seed"] == str(i) for i, r in enumerate(responses))
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - t0 >= 0.5  # it did wait for them
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert "Finished server process" in err

@@ -1,0 +1,369 @@
+"""Bad input never yields a 5xx, and the access rules: one table of hostile requests, one of keys.
+
+Every bad request gets a 4xx whose JSON body names the field and the reason, and leaves the service
+(same bytes for the same request) and the artefact directory (same files, same hashes) unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import struct
+import zlib
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors.torch import save
+
+from app.deps import key_matches
+from app.main import create_app
+from expert_store.repository import ExpertRepository
+from sglora.export import safetensors_bytes, to_peft_tensors
+
+USER = {"X-API-Key": "user-key"}
+ADMIN = {"X-API-Key": "admin-key"}
+LIMITS = {"max_image_bytes": 40_000, "max_expert_bytes": 32_000, "max_body_bytes": 3_000_000, "max_request_pixels": 30_000_000}
+
+
+def png(size=(32, 32), mode="RGB", color="red") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header claims width x height, with (almost) no pixel data: a bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+GOOD_PNG = png()
+BOMB_PNG = png((5000, 5000), mode="1", color=0)  # 25 M pixels (over the default 16.7 M), a few kB on the wire
+LARGE_PNG = png((3000, 3000), mode="1", color=0)  # 9 M pixels: allowed alone, not four of them (30 M together)
+IMAGE_CASES = {
+    "not-an-image": b"hello, I am text",
+    "truncated-png": GOOD_PNG[: len(GOOD_PNG) // 2],
+    "bomb-png": BOMB_PNG,
+    "bomb-header": png_claiming(100_000, 100_000),  # 1e10 pixels: PIL's own DecompressionBombError
+    "tiff-not-allowed": tiff(),
+    "svg-not-allowed": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+    "empty-file": b"",
+    "too-large": b"\x89PNG\r\n\x1a\n" + bytes(LIMITS["max_image_bytes"]),
+}
+IMAGE_STATUS = {"too-large": 413}
+IMAGES = list(IMAGE_CASES.items())
+
+
+def files(*images: bytes) -> list:
+    return [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_artifacts_session, tmp_path_factory, make_settings):
+    root = tmp_path_factory.mktemp("hardening") / "tiny"
+    shutil.copytree(tiny_artifacts_session, root)
+    settings = make_settings(artifacts=root, api_keys=["user-key"], admin_keys=["admin-key"], threads=1, **LIMITS)
+    with TestClient(create_app(settings), headers=USER, raise_server_exceptions=False) as client:
+        repo = ExpertRepository.load(root / "repository")
+        mean = repo["circle"].mean
+        peft = to_peft_tensors(repo.spec, mean)
+        first = next(iter(peft))
+        experts = {
+            "good": safetensors_bytes(repo.spec, mean, {}),
+            "renamed": save({k.replace("lora_A", "lora_Z"): v for k, v in peft.items()}),
+            "missing": save({k: v for k, v in peft.items() if k != first}),
+            "reshaped": save({**peft, first: torch.zeros(3, 3)}),
+            "nan": safetensors_bytes(repo.spec, torch.full_like(mean, float("nan")), {}),
+            "inf": safetensors_bytes(repo.spec, mean.clone().index_fill_(0, torch.tensor([0]), float("inf")), {}),
+            "negative": safetensors_bytes(repo.spec, -torch.ones_like(mean), {}),
+            "garbage": b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage",
+            "huge-header": struct.pack("<Q", 1 << 60) + b"{}",
+            "oversized": bytes(LIMITS["max_expert_bytes"] + 1),
+        }
+        assert len(experts["good"]) < LIMITS["max_expert_bytes"]
+        yield client, root, experts
+
+
+def snapshot(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def expert_form(name="disc", description="an orange disc", **extra):
+    return {"name": name, "description": description, **extra}
+
+
+def upload(experts, mean="good", variance=None):
+    out = {"mean": ("mean.safetensors", experts[mean], "application/octet-stream")}
+    if variance is not None:
+        out["variance"] = ("variance.safetensors", experts[variance], "application/octet-stream")
+    return out
+
+
+def gen(body):
+    return lambda c, x: c.post("/generate", json=body)
+
+
+def batch(items):
+    return lambda c, x: c.post("/generate/batch", json={"items": items})
+
+
+def raw(path, content, content_type, method="POST"):
+    return lambda c, x: c.request(method, path, content=content, headers={"Content-Type": content_type})
+
+
+def retrieve(data, images=(GOOD_PNG,)):
+    return lambda c, x: c.post("/retrieve", data=data, files=files(*images))
+
+
+def register(form, mean="good", variance=None, headers=ADMIN):
+    return lambda c, x: c.post("/experts", data=form, files=upload(x, mean, variance), headers=headers)
+
+
+BAD = [
+    # ---- descriptions ----
+    ("empty", gen({"description": ""}), 422, "description"),
+    ("whitespace-only", gen({"description": " \t\n  "}), 422, "description"),
+    ("over-long", gen({"description": "x" * 1001}), 422, "description"),
+    ("nul", gen({"description": "a\x00b"}), 422, "description"),
+    ("bell", gen({"description": "ring the bell\x07"}), 422, "description"),
+    ("ansi-escape", gen({"description": "\x1b[31ma red circle"}), 422, "description"),
+    ("c1-control", gen({"description": "a\x9bcircle"}), 422, "description"),
+    ("missing", gen({}), 422, "description"),
+    # ---- JSON types ----
+    ("description-number", gen({"description": 12}), 422, "description"),
+    ("description-list", gen({"description": ["a"]}), 422, "description"),
+    ("seed-string", gen({"description": "a", "seed": "abc"}), 422, "seed"),
+    ("seed-bool", gen({"description": "a", "seed": True}), 422, "seed"),
+    ("seed-float", gen({"description": "a", "seed": 1.5}), 422, "seed"),
+    ("top-k-float", gen({"description": "a", "top_k": 2.5}), 422, "top_k"),
+    ("temperature-string", gen({"description": "a", "temperature": "hot"}), 422, "temperature"),
+    ("method-number", gen({"description": "a", "method": 3}), 422, "method"),
+    ("unknown-field", gen({"description": "a", "topk": 2}), 422, "topk"),
+    ("body-list", gen([{"description": "a"}]), 422, "body"),
+    ("body-null", raw("/generate", b"null", "application/json"), 422, "body"),
+    ("malformed-json", raw("/generate", b'{"description": "a",', "application/json"), 422, "body"),
+    ("not-utf8", raw("/generate", b'{"description": "a\xff"}', "application/json"), 400, "body"),
+    ("batch-items-not-list", batch({"description": "a"}), 422, "items"),
+    ("batch-empty", batch([]), 422, "items"),
+    ("batch-too-many", batch([{"description": "a"}] * 33), 422, "items"),
+    ("batch-bad-item", batch([{"description": "a\x00"}]), 422, "items[0].description"),
+    # ---- ranges ----
+    ("seed-negative", gen({"description": "a", "seed": -1}), 422, "seed"),
+    ("seed-2^63", gen({"description": "a", "seed": 2**63}), 422, "seed"),
+    ("top-k-zero", gen({"description": "a", "top_k": 0}), 422, "top_k"),
+    ("top-k-over-experts", gen({"description": "a", "top_k": 5}), 422, "top_k"),
+    ("top-k-huge", gen({"description": "a", "top_k": 2**80}), 422, "top_k"),
+    ("temperature-zero", gen({"description": "a", "temperature": 0}), 422, "temperature"),
+    ("temperature-negative", gen({"description": "a", "temperature": -0.5}), 422, "temperature"),
+    ("temperature-underflow", gen({"description": "a", "temperature": 1e-300}), 422, "temperature"),
+    ("method-unknown", gen({"description": "a", "method": "lora-magic"}), 422, "method"),
+    ("preview-top-k", lambda c, x: c.post("/generate/preview", json={"description": "a", "top_k": 9}), 422, "top_k"),
+    # ---- multipart ----
+    ("multipart-no-boundary", raw("/retrieve", b"xyz", "multipart/form-data"), 400, "body"),
+    ("multipart-garbage", raw("/retrieve", b"garbage", "multipart/form-data; boundary=zz"), 400, "body"),
+    (
+        "multipart-cut",
+        raw(
+            "/retrieve",
+            b'--zz\r\nContent-Disposition: form-data; name="description"\r\n\r\na',
+            "multipart/form-data; boundary=zz",
+        ),
+        422,
+        "images",
+    ),  # noqa: E501
+    ("form-urlencoded", lambda c, x: c.post("/retrieve", data={"description": "a"}), 422, "images"),
+    ("retrieve-no-text", retrieve({}), 422, "description"),
+    ("retrieve-both", retrieve({"description": "a", "etag": "0" * 32}), 422, "description"),
+    ("retrieve-caption-blank", retrieve({"description": "a", "captions": ["ok", " "]}), 422, "captions[1]"),
+    ("retrieve-caption-control", retrieve({"description": "a", "captions": ["a\x00"]}), 422, "captions[0]"),
+    ("retrieve-caption-long", retrieve({"description": "a", "captions": ["y" * 1001]}), 422, "captions[0]"),
+    ("retrieve-top-k", retrieve({"description": "a", "top_k": "9"}), 422, "top_k"),
+    ("retrieve-temperature", retrieve({"description": "a", "temperature": "0"}), 422, "temperature"),
+    ("retrieve-seed-text", retrieve({"description": "a", "seed": "x"}), 422, "seed"),
+    ("retrieve-method", retrieve({"description": "a", "method": "nope"}), 422, "method"),
+    # ---- images ----
+    *[(f"image-{k}", retrieve({"description": "a"}, (GOOD_PNG, v)), IMAGE_STATUS.get(k, 422), "images[1]") for k, v in IMAGES],
+    ("too-many-images", retrieve({"description": "a"}, [GOOD_PNG] * 65), 422, "images"),
+    ("too-many-pixels-together", retrieve({"description": "a"}, [LARGE_PNG] * 4), 422, "images"),
+    ("body-over-limit", retrieve({"description": "a"}, [GOOD_PNG + bytes(35_000)] * 90), 413, "body"),
+    ("chunked-body-over-limit", lambda c, x: c.post("/generate", content=iter([b"x" * 1_000_000] * 4)), 413, "body"),
+    # ---- adapter references ----
+    ("etag-unknown", retrieve({"etag": '"' + "0" * 32 + '"'}), 404, "etag"),
+    ("etag-malformed", retrieve({"etag": "../../manifest.json"}), 422, "etag"),
+    # ---- expert uploads ----
+    ("expert-renamed-tensors", register(expert_form(), "renamed"), 422, "mean"),
+    ("expert-missing-tensor", register(expert_form(), "missing"), 422, "mean"),
+    ("expert-wrong-shape", register(expert_form(), "reshaped"), 422, "mean"),
+    ("expert-nan", register(expert_form(), "nan"), 422, "mean"),
+    ("expert-inf", register(expert_form(), "inf"), 422, "mean"),
+    ("expert-not-safetensors", register(expert_form(), "garbage"), 422, "mean"),
+    ("expert-huge-header", register(expert_form(), "huge-header"), 422, "mean"),
+    ("expert-over-size-limit", register(expert_form(), "oversized"), 413, "mean"),
+    ("expert-variance-negative", register(expert_form(), "good", "negative"), 422, "variance"),
+    ("expert-variance-nan", register(expert_form(), "good", "nan"), 422, "variance"),
+    ("expert-variance-over-limit", register(expert_form(), "good", "oversized"), 413, "variance"),
+    ("expert-name-traversal", register(expert_form(name="../../manifest")), 422, "name"),
+    ("expert-name-hidden", register(expert_form(name=".hidden")), 422, "name"),
+    ("expert-name-taken", register(expert_form(name="circle")), 409, "name"),
+    ("expert-description-blank", register(expert_form(description="  ")), 422, "description"),
+    ("expert-description-control", register(expert_form(description="a\x00")), 422, "description"),
+    ("expert-description-long", register(expert_form(description="z" * 1001)), 422, "description"),
+    ("expert-snapshots-zero", register(expert_form(num_snapshots="0")), 422, "num_snapshots"),
+    ("expert-no-mean", lambda c, x: c.post("/experts", data=expert_form(), headers=ADMIN), 422, "mean"),
+    ("delete-unknown", lambda c, x: c.delete("/experts/nobody", headers=ADMIN), 404, "name"),
+    ("delete-bad-name", lambda c, x: c.delete("/experts/..manifest.json", headers=ADMIN), 422, "name"),
+    ("delete-traversal", lambda c, x: c.delete("/experts/..%2F..%2Fmanifest.json", headers=ADMIN), 404, "path"),
+    # ---- routing ----
+    ("unknown-path", lambda c, x: c.get("/generate/../../etc/passwd"), 404, "path"),
+    ("wrong-method", lambda c, x: c.get("/generate"), 405, "method"),
+    ("static-traversal", lambda c, x: c.get("/static/../settings.py"), 404, "path"),
+    ("static-encoded-traversal", lambda c, x: c.get("/static/%2e%2e/settings.py"), 404, "path"),
+]
+
+
+@pytest.fixture(scope="module")
+def baseline(served):
+    client, root, _ = served
+    body = {"description": "a red circle", "seed": 3}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200
+    return body, r.content, snapshot(root), client.get("/experts").json()
+
+
+@pytest.mark.parametrize(("make", "status", "field"), [pytest.param(*case[1:], id=case[0]) for case in BAD])
+def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(served, baseline, make, status, field):
+    client, root, experts = served
+    body, data, files_before, listing = baseline
+    r = make(client, experts)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    detail = r.json()["detail"]
+    assert detail["field"] == field and isinstance(detail["reason"], str) and detail["reason"], detail
+    # Nothing changed: the files, the repository, the answer to the same request.
+    assert snapshot(root) == files_before
+    assert client.get("/experts").json() == listing
+    again = client.post("/generate", json=body)
+    assert again.status_code == 200 and again.content == data
+    assert client.get("/ready").status_code == 200
+
+
+def test_description_limit_is_configurable(make_settings):
+    with TestClient(create_app(make_settings(max_description_chars=10, threads=1))) as c:
+        assert c.post("/generate", json={"description": "a" * 10, "seed": 1}).status_code == 200
+        r = c.post("/generate", json={"description": "a" * 11})
+        assert r.status_code == 422 and r.json()["detail"]["field"] == "description" and "10" in r.json()["detail"]["reason"]
+        # Whitespace is normalised first: runs of spaces do not count against the limit.
+        assert c.post("/generate", json={"description": "  a    b  c   ", "seed": 1}).status_code == 200
+
+
+def test_allowed_images_decode(served):
+    client, _, _ = served
+    imgs = []
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 24), "blue").save(buf, format=fmt)
+        imgs.append(buf.getvalue())
+    r = client.post("/retrieve", data={"description": "a blue square", "seed": "1"}, files=files(*imgs))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["lora"]["scores"]) == 5
+
+
+# ---- access ------------------------------------------------------------------------------------------
+OPEN = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"), ("GET", "/static/app.js")]
+MODEL = [
+    ("POST", "/generate", {"json": {"description": "a ring", "seed": 1}}),
+    ("POST", "/generate/preview", {"json": {"description": "a ring", "seed": 1}}),
+    ("POST", "/generate/batch", {"json": {"items": [{"description": "a ring", "seed": 1}]}}),
+    ("POST", "/retrieve", {"data": {"description": "a ring", "seed": "1"}, "files": files(GOOD_PNG)}),
+    ("GET", "/experts", {}),
+]
+NO_KEY = {"X-API-Key": ""}
+
+
+@pytest.mark.parametrize(("method", "path"), OPEN)
+def test_operational_endpoints_stay_open(served, method, path):
+    client, _, _ = served
+    assert client.request(method, path, headers=NO_KEY).status_code == 200
+    assert client.request(method, path, headers={"X-API-Key": "wrong"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (NO_KEY, 401),
+        ({"X-API-Key": "wrong"}, 403),
+        ({"X-API-Key": "user-key "}, 403),  # exact match only
+        ({"X-API-Key": "USER-KEY"}, 403),
+        ({"X-API-Key": "", "Authorization": "Bearer wrong"}, 403),
+        ({"X-API-Key": "", "Authorization": "Basic dXNlci1rZXk="}, 401),  # only Bearer is read
+        (USER, 200),
+        (ADMIN, 200),  # an admin key works everywhere
+        ({"X-API-Key": "", "Authorization": "Bearer user-key"}, 200),
+    ],
+    ids=["none", "wrong", "trailing-space", "case", "bearer-wrong", "basic", "user", "admin", "bearer-user"],
+)
+@pytest.mark.parametrize("endpoint", MODEL, ids=[f"{m} {p}" for m, p, _ in MODEL])
+def test_model_endpoints_need_an_api_key(served, endpoint, headers, status):
+    client, _, _ = served
+    method, path, kwargs = endpoint
+    r = client.request(method, path, headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    if status >= 400:
+        assert r.json()["detail"]["field"] == "X-API-Key"
+
+
+def test_admin_operations_need_the_admin_key(served):
+    client, root, experts = served
+    before = snapshot(root)
+    form, files_ = expert_form(name="keyed"), upload(experts)
+    for headers, status in ((NO_KEY, 401), (USER, 403), ({"X-API-Key": "wrong"}, 403)):
+        r = client.post("/experts", data=form, files=files_, headers=headers)
+        assert (r.status_code, r.json()["detail"]["field"]) == (status, "X-API-Key")
+        r = client.delete("/experts/circle", headers=headers)
+        assert (r.status_code, r.json()["detail"]["field"]) == (status, "X-API-Key")
+    assert snapshot(root) == before
+    r = client.post("/experts", data=form, files=files_, headers={"X-API-Key": "", "Authorization": "Bearer admin-key"})
+    assert r.status_code == 201, r.text
+    assert (root / "repository" / "experts" / "keyed.safetensors").exists()
+    assert client.delete("/experts/keyed", headers=ADMIN).status_code == 200
+    assert not (root / "repository" / "experts" / "keyed.safetensors").exists()
+
+
+def test_without_admin_keys_expert_changes_are_disabled(tiny_artifacts, make_settings):
+    settings = make_settings(artifacts=tiny_artifacts, api_keys=["admin-key"], threads=1)  # the key is only a user key here
+    with TestClient(create_app(settings), headers=ADMIN) as c:
+        r = c.delete("/experts/circle")
+        assert r.status_code == 403 and "disabled" in r.json()["detail"]["reason"]
+        assert c.get("/experts").status_code == 200
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch):
+    """Every configured key is compared (no early exit on a match), on equal-length digests."""
+    import app.deps as deps
+
+    calls = []
+    real = deps.hmac.compare_digest
+
+    def counting(a, b):
+        calls.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(deps.hmac, "compare_digest", counting)
+    assert key_matches("k1", ["k1", "k2", "a-much-longer-key-3"])
+    assert len(calls) == 3 and all(a == b == 32 for a, b in calls)
+    calls.clear()
+    assert not key_matches("nope", ["k1", "k2"])
+    assert len(calls) == 2

@@ -1,0 +1,34 @@
+"""scripts/loadtest.py, small: a few clients for a few seconds against a server it starts itself.
+
+The full run (200 clients x 60 s) is in docs/benchmarks-service-load.md. Here the queue holds a single
+job, so the server has to refuse with 429s: the script must see them carry Retry-After, honour them,
+and count nothing else as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loadtest_script_few_clients_no_errors_but_429s(tiny_artifacts_session, tmp_path):
+    out = tmp_path / "load.json"
+    env = {**os.environ, "SGLORA_MAX_QUEUE": "1", "SGLORA_RETRY_AFTER_S": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--clients", "8", "--duration", "3", "--warmup", "1", "--new-fraction", "0.6", "--max-rss-growth", "0.25"]
+    cmd += ["--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    run = result["run"]
+    assert run["errors"] == 0 and result["warmup"]["errors"] == 0, run["error_samples"]
+    assert set(run["statuses"]) <= {"200", "429"} and run["statuses"]["200"] > 20
+    assert run["throttled_429"] > 0  # deliberate back-pressure happened, with Retry-After
+    assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+    assert result["rss_mib"]["after_run"] > 0 and result["server_exit"] == 0
+    assert "PASS" in p.stdout

@@ -1,0 +1,205 @@
+"""The browser UI at / in a real headless Chromium (Selenium), against a real uvicorn process on loopback.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them). Without them the test
+is skipped, except under ``CI=true``, where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = Path("/tmp/ui.png")
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1000",
+]
+
+
+def require_browser() -> None:
+    missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if path is None]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium (pip)")
+    if missing:
+        message = f"the UI test needs {', '.join(missing)} (apt-get install chromium chromium-driver; pip install selenium)"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts_session):
+    require_browser()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--port", str(port), "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end, "the server did not become ready"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*CHROME_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"]:
+        options.add_argument(flag)
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def shape_png(path: Path, draw) -> Path:
+    img = Image.new("RGB", (64, 64), "black")
+    draw(ImageDraw.Draw(img))
+    img.save(path)
+    return path
+
+
+def test_describe_generate_download_and_compare_retrieval(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{server}/")
+    assert browser.title == "SG-LoRA"
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+
+    # 1. describe, generate: the experts table
+    browser.find_element(By.ID, "description").send_keys("a photo of a red circle")
+    browser.find_element(By.ID, "generate").click()
+    rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#experts-table tbody tr"))
+    seed = int(browser.find_element(By.ID, "seed-out").text)
+    shown = [
+        (r.get_attribute("data-name"), float(r.get_attribute("data-weight")), r.find_element(By.CSS_SELECTOR, ".value").text)
+        for r in rows
+    ]
+    # The weights shown are the API's for the same request.
+    api = httpx.post(f"{server}/generate/preview", json={"description": "a photo of a red circle", "seed": seed}).json()
+    assert [(e["name"], e["weight"], f"{e['weight']:.4f}") for e in api["experts"]] == shown
+    assert browser.find_element(By.ID, "etag-out").text == api["etag"]
+    assert len(shown) == api["top_k"] == 3
+
+    # 2. download: the same bytes as the API's /generate for that seed
+    browser.find_element(By.ID, "download-safetensors").click()
+    end = time.monotonic() + 20
+    while not [p for p in browser.downloads.glob("*.safetensors")]:
+        assert time.monotonic() < end, "no download"
+        time.sleep(0.1)
+    time.sleep(0.3)  # let Chromium finish renaming the file
+    downloaded = next(browser.downloads.glob("*.safetensors")).read_bytes()
+    expected = httpx.post(f"{server}/generate", json={"description": "a photo of a red circle", "seed": seed}).content
+    assert downloaded == expected
+
+    # 3. upload images with captions: retrieval with and without the LoRA
+    images = [
+        (shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red")), "a red circle"),
+        (shape_png(tmp_path / "blue_square.png", lambda d: d.rectangle((12, 12, 52, 52), fill="blue")), "a blue square"),
+        (
+            shape_png(
+                tmp_path / "green_cross.png",
+                lambda d: (d.rectangle((28, 8, 36, 56), fill="green"), d.rectangle((8, 28, 56, 36), fill="green")),
+            ),
+            "a green cross",
+        ),
+    ]
+    browser.find_element(By.ID, "images").send_keys("\n".join(str(p) for p, _ in images))
+    inputs = wait.until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, ".caption-input")
+            if len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 3
+            else None
+        )
+    )
+    for field, (_, caption) in zip(inputs, images):
+        field.clear()
+        field.send_keys(caption)
+    browser.find_element(By.ID, "retrieve").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#zs-table tbody tr")) == 3)
+    assert browser.find_element(By.ID, "rankings").is_displayed()
+    for table in ("lora-table", "zs-table"):
+        body_rows = browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+        assert len(body_rows) == 3
+        assert all(len(r.find_elements(By.CSS_SELECTOR, "td.num")) == 3 for r in body_rows)
+        heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, f"#{table} thead th")][1:]
+        assert [h.split(". ", 1)[1] for h in heads] == [c for _, c in images]
+    assert "recall@1" in browser.find_element(By.ID, "lora-recall").text
+    assert browser.find_element(By.ID, "error").is_displayed() is False
+
+    # A screenshot of the whole page, to look at.
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, max(1000, height + 200))
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(SCREENSHOT))
+
+
+def test_errors_are_shown_with_the_field(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    browser.find_element(By.ID, "description").send_keys("a circle")
+    browser.find_element(By.ID, "top-k").send_keys("99")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "error")))
+    text = browser.find_element(By.ID, "error").text
+    assert "422" in text and "top_k" in text and "number of experts" in text
