@@ -37,7 +37,7 @@ from app.images import load_rgb, open_image
 from app.metrics import Metrics
 from app.settings import Settings
 from app.worker import ModelWorker
-from expert_store.repository import EXPERTS_DIR, Expert, check_name
+from expert_store.repository import Expert, check_name
 from models.backbone import Backbone
 from models.lora import check_finite
 from sglora import __version__
@@ -399,26 +399,16 @@ class Service:
             raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
         embedding = self.engine.embed([description])[0].float()
         # The path comes from a checked name (check_name: no separators, no '..'); the library writes the
-        # expert file, then the index, each atomically (temporary file renamed over), and undoes the
-        # in-memory change on failure. What it leaves is an expert file without an index entry when the
-        # index write fails: removed here, so a failed upload leaves the directory exactly as it was.
-        expert_file = self.repository_dir / EXPERTS_DIR / f"{name}.safetensors"
-        existed = expert_file.exists()
+        # expert file, then the index, each atomically, and on failure undoes both the in-memory change
+        # and the expert file, so a failed upload leaves the directory exactly as it was.
         try:
             repo.add_and_save(Expert(name, description, mean, variance, embedding, num_snapshots), self.repository_dir)
         except ValueError as e:
-            self._drop_orphan(expert_file, existed)
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         except OSError as e:
-            self._drop_orphan(expert_file, existed)
             log.error("could not persist expert %r: %s", name, e)
             raise APIError(500, None, f"could not write the expert repository ({type(e).__name__}); nothing was changed") from e
         return self._repository_changed()
-
-    @staticmethod
-    def _drop_orphan(path: Path, existed: bool) -> None:
-        if not existed:
-            path.unlink(missing_ok=True)
 
     async def remove_expert(self, name: str) -> str:
         return await self.worker.run(self._remove_expert_job, _checked_name(name))
@@ -429,17 +419,13 @@ class Service:
             raise APIError(404, "name", f"no expert named {name!r}")
         if len(repo) == 1:
             raise APIError(409, "name", "cannot remove the last expert")
-        order = repo.names
         try:
             repo.remove_and_save(name, self.repository_dir)  # index first (atomic), then the expert file
         except OSError as e:
             if name not in repo:  # the index was written, only deleting the expert's file failed: removed
                 log.warning("expert %r removed, but its file could not be deleted: %s", name, e)
                 return self._repository_changed()
-            # The library's rollback puts the expert back at the end; the ones that followed it go behind it
-            # again, so memory matches the index on disk (order decides ties in top-K and the listing).
-            for later in order[order.index(name) + 1 :]:
-                repo.add(repo.remove(later))
+            # The library's rollback restores the experts in their order, matching the index on disk.
             log.error("could not persist the removal of expert %r: %s", name, e)
             raise APIError(500, None, f"could not write the expert repository ({type(e).__name__}); nothing was changed") from e
         return self._repository_changed()

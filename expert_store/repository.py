@@ -161,21 +161,24 @@ class ExpertRepository:
     def add_and_save(self, expert: Expert, directory: Path) -> None:
         """Adds an expert and persists it: expert file first, then the index, both atomic."""
         self.add(expert)
+        path = directory / EXPERTS_DIR / f"{expert.name}.safetensors"
         try:
             self._write_expert(directory, expert)
             write_json(directory / INDEX_FILE, self._index(directory))
         except BaseException:
             self._experts.pop(expert.name, None)
             self._stack = None
+            path.unlink(missing_ok=True)  # the index never named it
             raise
 
     def remove_and_save(self, name: str, directory: Path) -> Expert:
         """Removes an expert: index first (atomic), then its file."""
+        before = dict(self._experts)
         expert = self.remove(name)
         try:
             write_json(directory / INDEX_FILE, self._index(directory))
         except BaseException:
-            self._experts[name] = expert
+            self._experts = before  # same experts, same order
             self._stack = None
             raise
         (directory / EXPERTS_DIR / f"{name}.safetensors").unlink(missing_ok=True)

@@ -116,9 +116,7 @@ class CVAE(nn.Module):
         return rec + self.config.kl_weight * kl / x.shape[-1], rec, kl
 
     @torch.no_grad()
-    def sample(
-        self, prior_mean: torch.Tensor, prior_var: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample(self, prior_mean: torch.Tensor, prior_var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draws z ~ p(z | c) and decodes: (P,) or (B, P) raw prior -> raw LoRA of the same shape."""
         single = prior_mean.dim() == 1
         pm, pv = (prior_mean.unsqueeze(0), prior_var.unsqueeze(0)) if single else (prior_mean, prior_var)

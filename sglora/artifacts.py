@@ -194,7 +194,13 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
             f"the backbone takes {backbone.spec.num_params}"
         )
     prior = config.get("prior", {})
-    engine = Engine(backbone, repository, generator, top_k=min(prior.get("top_k", 4), len(repository)), temperature=prior.get("temperature", 0.1))
+    engine = Engine(
+        backbone,
+        repository,
+        generator,
+        top_k=min(prior.get("top_k", 4), len(repository)),
+        temperature=prior.get("temperature", 0.1),
+    )
     return Artifacts(root, manifest, config, backbone, repository, generator, engine)
 
 

@@ -63,7 +63,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
     meta = generation_metadata(a, args.description, g)
     out = Path(args.out)
-    data = peft_zip_bytes(a.backbone.spec, g.lora, meta) if out.suffix == ".zip" else safetensors_bytes(a.backbone.spec, g.lora, meta)
+    data = (
+        peft_zip_bytes(a.backbone.spec, g.lora, meta)
+        if out.suffix == ".zip"
+        else safetensors_bytes(a.backbone.spec, g.lora, meta)
+    )
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
@@ -106,13 +110,13 @@ def generation_metadata(a, description: str, g) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.serve import main as serve_main
 
-    os.environ["SGLORA_ARTIFACTS"] = str(args.artifacts)
+    argv = ["--artifacts", str(args.artifacts), "--host", args.host, "--port", str(args.port)]
+    argv += ["--graceful-timeout", str(args.graceful_timeout)]
     if args.device != "auto":
-        os.environ["SGLORA_DEVICE"] = args.device
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=30)
-    return 0
+        argv += ["--device", args.device]
+    return serve_main(argv)  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pipeline", help="train experts, build the repository, train the generator, evaluate")
     s.add_argument("--config", required=True, help="YAML config (see configs/)")
     s.add_argument("--out", required=True, help="artefact directory")
-    s.add_argument("--stage", action="append", choices=["experts", "repository", "generator", "evaluate"], help="run only this stage (repeatable)")
+    s.add_argument(
+        "--stage",
+        action="append",
+        choices=["experts", "repository", "generator", "evaluate"],
+        help="run only this stage (repeatable)",
+    )
     s.add_argument("--device", default="auto", help="cpu, cuda or auto")
     s.set_defaults(func=cmd_pipeline)
 
@@ -161,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="auto")
+    s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -19,9 +19,10 @@ def test_flatten_unflatten_round_trip_is_exact(tiny_backbone):
 
 
 def test_paper_layout_on_vit_b16_has_110592_parameters():
+    import open_clip
+
     from models.backbone import BackboneConfig
     from models.open_clip_backbone import lora_spec_for
-    import open_clip
 
     visual = open_clip.create_model("ViT-B-16", pretrained=None).visual
     spec = lora_spec_for(visual, BackboneConfig())
@@ -56,7 +57,9 @@ def test_each_qkv_block_gets_its_own_update(tiny_backbone):
     parts = {t.name: (torch.zeros(t.out_features, spec.rank), torch.zeros(spec.rank, t.in_features)) for t in spec.targets}
     name = "visual.transformer.resblocks.0.attn.k"
     parts[name] = (torch.ones(64, spec.rank), torch.ones(spec.rank, 64))
-    new = spec.deltas(spec.flatten(parts), {"transformer.resblocks.0.attn.in_proj_weight": w, "transformer.resblocks.1.attn.in_proj_weight": w})
+    new = spec.deltas(
+        spec.flatten(parts), {"transformer.resblocks.0.attn.in_proj_weight": w, "transformer.resblocks.1.attn.in_proj_weight": w}
+    )
     d = new["transformer.resblocks.0.attn.in_proj_weight"] - w
     assert torch.all(d[:64] == 0) and torch.all(d[128:] == 0)
     torch.testing.assert_close(d[64:128], torch.full((64, 64), spec.rank * spec.scale))

@@ -22,7 +22,13 @@ def _reduced():
     return dataclasses.replace(
         cfg,
         data=DataConfig(kind="combined", sources=sources),
-        split=dataclasses.replace(cfg.split, experts={"fashion": 4, "tux": 3}, train={"fashion": 3, "tux": 2}, val={"fashion": 1}, test={"fashion": 2, "tux": 1}),
+        split=dataclasses.replace(
+            cfg.split,
+            experts={"fashion": 4, "tux": 3},
+            train={"fashion": 3, "tux": 2},
+            val={"fashion": 1},
+            test={"fashion": 2, "tux": 1},
+        ),
         experts=dataclasses.replace(cfg.experts, epochs=4, keep_last=2),
         generator=dataclasses.replace(cfg.generator, epochs=5),
         evaluation=dataclasses.replace(cfg.evaluation, sg_samples=1),

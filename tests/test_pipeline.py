@@ -58,7 +58,21 @@ def test_generate_cli_is_reproducible_and_self_describing(tiny_artifacts_session
     assert all(k.startswith("base_model.model.vision_model.encoder.layers.") for k in keys)
     assert main(args[:-1] + ["4", "--out", str(tmp_path / "c.safetensors")]) == 0
     assert (tmp_path / "c.safetensors").read_bytes() != (tmp_path / "a.safetensors").read_bytes()
-    assert main(["generate", "a photo of a circle", "--artifacts", str(tiny_artifacts_session), "--method", "topk-weighted", "--out", str(tmp_path / "d.zip")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a photo of a circle",
+                "--artifacts",
+                str(tiny_artifacts_session),
+                "--method",
+                "topk-weighted",
+                "--out",
+                str(tmp_path / "d.zip"),
+            ]
+        )
+        == 0
+    )
     import zipfile
 
     assert sorted(zipfile.ZipFile(tmp_path / "d.zip").namelist()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -33,7 +33,9 @@ def test_save_load_add_remove(tiny_backbone, tmp_path):
     assert index["lora"]["rank"] == tiny_backbone.spec.rank and index["embed_dim"] == tiny_backbone.embed_dim
     assert index["code_version"] and all(len(e["sha256"]) == 64 for e in index["experts"])
     torch.testing.assert_close(loaded.stacked()[0], repo.stacked()[0])
-    new = Expert.from_snapshots("late", "a late expert", torch.randn(2, tiny_backbone.spec.num_params), torch.randn(tiny_backbone.embed_dim))
+    new = Expert.from_snapshots(
+        "late", "a late expert", torch.randn(2, tiny_backbone.spec.num_params), torch.randn(tiny_backbone.embed_dim)
+    )
     loaded.add_and_save(new, tmp_path)
     loaded.remove_and_save("e1", tmp_path)
     again = ExpertRepository.load(tmp_path)

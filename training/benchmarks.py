@@ -149,7 +149,9 @@ def fashion_tasks(cfg: DataConfig) -> TaskDataset:
         names = [m[0] for m in members]
         name = "fashion-" + "-".join(m[1] for m in members)
         listed = ", ".join(names[:-1]) + " and " + names[-1]
-        tasks[name] = TaskInfo(name, f"This is a classification task for recognizing {listed}", "classification", tuple(names), group="fashion")
+        tasks[name] = TaskInfo(
+            name, f"This is a classification task for recognizing {listed}", "classification", tuple(names), group="fashion"
+        )
 
     samples: list[Sample] = []
     for split, per_class in (("train", cfg.train_per_task), ("test", cfg.test_per_task)):

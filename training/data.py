@@ -82,9 +82,7 @@ class TaskDataset:
         if task.kind == "retrieval":
             return [s for s in self.samples if s.task == name and s.split == split]
         classes = set(task.classes)
-        return [
-            s for s in self.samples if s.split == split and s.label in classes and (s.task is None or s.task == name)
-        ]
+        return [s for s in self.samples if s.split == split and s.label in classes and (s.task is None or s.task == name)]
 
     def class_prompt(self, task: str, cls: str) -> str:
         return self.class_template.format(cls)
@@ -114,7 +112,9 @@ def load_task_dataset(directory: Path) -> TaskDataset:
     tasks: dict[str, TaskInfo] = {}
     for i, t in enumerate(raw.get("tasks", [])):
         try:
-            info = TaskInfo(t["name"], t["description"], t.get("kind", "retrieval"), tuple(t.get("classes", ())), t.get("group", ""))
+            info = TaskInfo(
+                t["name"], t["description"], t.get("kind", "retrieval"), tuple(t.get("classes", ())), t.get("group", "")
+            )
         except KeyError as e:
             raise ValueError(f"{tasks_path}: task #{i} lacks {e}") from e
         if info.name in tasks:

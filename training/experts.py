@@ -82,7 +82,9 @@ def prepare_task(
     return PreparedTask(info, splits["train"], splits["test"])
 
 
-def task_loss(backbone: Backbone, lora: torch.Tensor, feats: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+def task_loss(
+    backbone: Backbone, lora: torch.Tensor, feats: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
     """Symmetric CLIP loss for retrieval (texts (B, D) paired with feats), cross-entropy over class prompts otherwise."""
     img = backbone.encode_image(feats, lora)  # (B, D)
     logits = backbone.logit_scale * img @ texts.to(img.device).T

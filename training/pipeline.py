@@ -61,7 +61,9 @@ def _load_source(d) -> TaskDataset:
             clash = sorted(set(tasks) & set(part.tasks))
             if clash:
                 raise ValueError(f"data.sources: task names occur in two sources: {clash[:3]}")
-            tasks.update({n: t if t.group else dataclasses.replace(t, group=f"source{len(tasks)}") for n, t in part.tasks.items()})
+            tasks.update(
+                {n: t if t.group else dataclasses.replace(t, group=f"source{len(tasks)}") for n, t in part.tasks.items()}
+            )
         return CombinedDataset(parts, tasks)
     from training import benchmarks
 
@@ -313,7 +315,11 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def results_table(results: dict) -> str:
     methods = results["methods"]
-    keys = [k for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "accuracy") if any(k in v for v in methods.values())]
+    keys = [
+        k
+        for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "accuracy")
+        if any(k in v for v in methods.values())
+    ]
     lines = [
         f"Averaged over {len(results['test_tasks'])} unseen tasks ({results['config']}).",
         "",

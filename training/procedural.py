@@ -28,7 +28,13 @@ COLOURS = {
     "orange": (240, 140, 30),
     "white": (240, 240, 240),
 }
-POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7), "centre": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "centre": (0.5, 0.5),
+}
 
 
 def draw_shape(shape: str, colour: str, position: str, size: int, scale: float, noise_seed: int) -> Image.Image:
@@ -92,10 +98,12 @@ def procedural_dataset(
             for _ in range(n):
                 add(shape, rng.choice(list(COLOURS)), split, shape, None)
     colours = list(COLOURS)
-    for i in range(colour_tasks):
+    for _i in range(colour_tasks):
         trio = tuple(rng.sample(colours, 3))
         name = "colours-" + "-".join(trio)
-        tasks[name] = TaskInfo(name, f"This is a classification task for recognizing {trio[0]}, {trio[1]} and {trio[2]}", "classification", trio)
+        tasks[name] = TaskInfo(
+            name, f"This is a classification task for recognizing {trio[0]}, {trio[1]} and {trio[2]}", "classification", trio
+        )
     if colour_tasks:
         for colour in colours:
             for split, n in (("train", train_per_task), ("test", test_per_task)):
