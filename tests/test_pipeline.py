@@ -160,3 +160,21 @@ def test_too_few_samples_names_the_task(tiny_config, tmp_path):
     with pytest.raises(ValueError, match=r"task '.*' has 24 train samples; at least 1000"):
         stage_experts(cfg, tmp_path / "x")
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_later_stages_take_new_prior_settings_but_not_new_experts_settings(tiny_artifacts):
+    import dataclasses
+
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import stage_evaluate, stage_generator
+
+    built = from_dict(PipelineConfig, json.loads((tiny_artifacts / "config.json").read_text()))
+    new_prior = dataclasses.replace(built, prior=dataclasses.replace(built.prior, top_k=2))
+    with pytest.raises(ValueError, match="rerun the generator stage"):
+        stage_evaluate(new_prior, tiny_artifacts)
+    stage_generator(new_prior, tiny_artifacts)
+    assert json.loads((tiny_artifacts / "config.json").read_text())["prior"]["top_k"] == 2
+    assert load_artifacts(tiny_artifacts).engine.top_k == 2
+    other_experts = dataclasses.replace(built, experts=dataclasses.replace(built.experts, lr=0.5))
+    with pytest.raises(ValueError, match="other experts settings"):
+        stage_generator(other_experts, tiny_artifacts)

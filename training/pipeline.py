@@ -171,11 +171,25 @@ def _snapshot_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _require(out: Path, stage: str) -> dict:
+# Config sections fixed by the experts stage; prior, generator and evaluation may change later.
+FIXED_SECTIONS = ("backbone", "data", "split", "experts")
+
+
+def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
     manifest = art.read_manifest(out)
     if stage not in manifest.get("stages", {}):
         raise ValueError(f"{out}: run the '{stage}' stage first")
+    built = read_json(out / "config.json", "pipeline config")
+    changed = [k for k in FIXED_SECTIONS if built.get(k) != cfg.to_dict()[k]]
+    if changed:
+        raise ValueError(f"{out} was built with other {', '.join(changed)} settings; use a new --out directory")
     return manifest
+
+
+def _record_config(out: Path, cfg: PipelineConfig) -> None:
+    """After a later stage succeeds: config.json holds the prior/generator settings it used."""
+    if read_json(out / "config.json", "pipeline config") != cfg.to_dict():
+        write_json(out / "config.json", cfg.to_dict())
 
 
 def _task_snapshots(out: Path, name: str) -> torch.Tensor:
@@ -197,7 +211,7 @@ def _descriptions(out: Path, names: list[str]) -> list[str]:
 
 def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     t0 = time.perf_counter()
-    manifest = _require(out, "experts")
+    manifest = _require(out, "experts", cfg)
     art.verify_files(out, manifest, ("backbone", "snapshots"))
     backbone = art.load_backbone_from(out, device)
     splits = read_json(out / "splits.json", "task splits")
@@ -209,12 +223,13 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     with atomic_dir(out / "repository") as tmp:
         repo.save(tmp)
     _log(f"[repository] {len(repo)} experts")
+    _record_config(out, cfg)
     art.update_manifest(out, "repository", {"seconds": round(time.perf_counter() - t0, 1), "experts": len(repo)})
 
 
 def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     t0 = time.perf_counter()
-    manifest = _require(out, "repository")
+    manifest = _require(out, "repository", cfg)
     art.verify_files(out, manifest, ("backbone", "snapshots"))
     backbone = art.load_backbone_from(out, device)
     repo = ExpertRepository.load(out / "repository")
@@ -235,6 +250,7 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None
     with atomic_dir(out / "generator") as tmp:
         art.save_generator(tmp, model, history)
         _plot_history(history, tmp / "history.png")
+    _record_config(out, cfg)
     art.update_manifest(out, "generator", {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x)})
 
 
@@ -264,6 +280,11 @@ def stage_evaluate(
     """Evaluates every method on the unseen ``test`` tasks (or the ``val`` tasks, for tuning; written to eval-val/)."""
     t0 = time.perf_counter()
     methods = methods or cfg.evaluation.methods
+    _require(out, "experts", cfg)
+    built = read_json(out / "config.json", "pipeline config")
+    stale = [k for k in ("prior", "generator") if built.get(k) != cfg.to_dict()[k]]
+    if stale:
+        raise ValueError(f"{out}: the config's {', '.join(stale)} settings differ from the built ones; rerun the generator stage")
     a = art.load_artifacts(out, device, require_generator="sg-lora" in methods)
     dataset = load_data(cfg)
     splits = read_json(out / "splits.json", "task splits")
@@ -303,6 +324,7 @@ def stage_evaluate(
         write_json(tmp / "results.json", results)
         (tmp / "results.md").write_text(results_table(results))
     if on == "test":
+        _record_config(out, cfg)
         art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
     _log(results_table(results))
     return results
