@@ -1,6 +1,6 @@
 """scripts/loadtest.py, small: a few clients for a few seconds against a server it starts itself.
 
-The full run (200 clients x 60 s) is in docs/benchmarks-service-load.md. Here the queue holds a single
+The full run (200 clients x 60 s) is in docs/benchmarks.md ("Service under load"). Here the queue holds a single
 job, so the server has to refuse with 429s: the script must see them carry Retry-After, honour them,
 and count nothing else as an error.
 """
