@@ -145,3 +145,8 @@ def make_settings(tiny_artifacts_session, shared_redis):
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"

@@ -13,11 +13,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from app_helpers import serving, until
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -28,26 +28,6 @@ from sglora.io import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"X-API-Key": "admin-key"}
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@asynccontextmanager
-async def serving(settings):
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sglora") as client:
-            yield app.state.service, client
-
-
-async def until(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -74,15 +54,15 @@ async def test_redis_stopped_and_restarted_during_a_stream_of_requests(private_r
                 await asyncio.sleep(0.005)
 
         tasks = [asyncio.create_task(stream(k)) for k in range(4)]
-        await until(lambda: sum(c == "hit" for _, _, c in results) >= 10)
+        await until(lambda: sum(c == "hit" for _, _, c in results) >= 10, timeout=10.0)
         state["phase"] = "down"
         await asyncio.to_thread(private_redis.stop)
         n = len(results)
-        await until(lambda: len(results) >= n + 30)
+        await until(lambda: len(results) >= n + 30, timeout=10.0)
         state["phase"] = "restarted"
         await asyncio.to_thread(private_redis.start)  # same port, empty
         # The cache is used again: the first requests refill it, the next are hits.
-        await until(lambda: sum(p == "restarted" and c == "hit" for p, _, c in results) >= 10)
+        await until(lambda: sum(p == "restarted" and c == "hit" for p, _, c in results) >= 10, timeout=10.0)
         stop.set()
         await asyncio.gather(*tasks)
         assert (await client.get("/ready")).json()["redis"] == "ok"
@@ -160,7 +140,7 @@ async def test_requests_past_their_timeout_get_504_and_free_the_worker(make_sett
         service.worker._embed = lambda texts: (encoded.extend(texts), embed(texts))[1]
         gate = threading.Event()
         blocker = asyncio.create_task(service.worker.run(gate.wait, 10))  # the model thread hangs
-        await until(lambda: service.worker.pending == 1)
+        await until(lambda: service.worker.pending == 1, timeout=10.0)
         late = await asyncio.gather(*(client.post("/generate", json={"description": f"late {i}", "seed": i}) for i in range(3)))
         assert [r.status_code for r in late] == [504] * 3
         assert all(r.json()["detail"]["reason"] for r in late)

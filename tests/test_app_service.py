@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from app_helpers import serving, until
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,27 +19,6 @@ from app.settings import Settings
 from sglora.artifacts import ArtifactError
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@asynccontextmanager
-async def serving(settings):
-    """The app with its lifespan, in this event loop, behind an in-process httpx client."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sglora") as client:
-            yield app.state.service, client
-
-
-async def until(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def block(service) -> tuple[threading.Event, asyncio.Task]:

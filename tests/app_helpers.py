@@ -1,0 +1,26 @@
+"""Helpers shared by the in-process service tests."""
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+
+from app.main import create_app
+
+
+@asynccontextmanager
+async def serving(settings):
+    """The app with its lifespan, in this event loop, behind an in-process httpx client."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sglora") as client:
+            yield app.state.service, client
+
+
+async def until(predicate, timeout=5.0):
+    """Polls ``predicate`` until true; fails the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.005)
