@@ -150,3 +150,22 @@ def make_settings(tiny_artifacts_session, shared_redis):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def client(make_settings):
+    """The service on the tiny artefacts behind a TestClient (lifespan included), one per test module."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifacts_session):
+    """An independent load of the same artefacts: what the CLI / library would produce."""
+    from sglora.artifacts import load_artifacts
+
+    return load_artifacts(tiny_artifacts_session)

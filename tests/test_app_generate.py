@@ -14,23 +14,10 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load
 
 from app.main import create_app
-from sglora.artifacts import load_artifacts
 from sglora.cli import generation_metadata
 from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, from_peft_tensors, peft_zip_bytes
 
 META_KEYS = {"description", "method", "seed", "experts", "backbone", "rank", "alpha", "targets", "artifact_version"}
-
-
-@pytest.fixture(scope="module")
-def client(make_settings):
-    with TestClient(create_app(make_settings())) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_artifacts_session):
-    """An independent load of the same artefacts: what the CLI / library would produce."""
-    return load_artifacts(tiny_artifacts_session)
 
 
 def metadata(data: bytes) -> dict[str, str]:

@@ -6,28 +6,14 @@ import io
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from safetensors.torch import load
 
 from app.errors import APIError
 from app.images import decode_image
-from app.main import create_app
-from sglora.artifacts import load_artifacts
 from sglora.export import from_peft_tensors
 
 CAPTIONS = ["a red circle", "a blue square", "a green cross", "a white ring"]
-
-
-@pytest.fixture(scope="module")
-def client(make_settings):
-    with TestClient(create_app(make_settings())) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_artifacts_session):
-    return load_artifacts(tiny_artifacts_session)
 
 
 def png(draw, size=32, fmt="PNG") -> bytes:

@@ -216,9 +216,10 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     backbone = art.load_backbone_from(out, device)
     splits = read_json(out / "splits.json", "task splits")
     names = splits["experts"]
-    embeddings = backbone.encode_text(_descriptions(out, names)).cpu()
+    descriptions = _descriptions(out, names)
+    embeddings = backbone.encode_text(descriptions).cpu()
     repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint())
-    for name, desc, emb in zip(names, _descriptions(out, names), embeddings, strict=True):
+    for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
         repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
     with atomic_dir(out / "repository") as tmp:
         repo.save(tmp)
