@@ -84,11 +84,9 @@ class RedisProcess:
     """A private ``redis-server`` on a free loopback port that a test may stop and restart."""
 
     def __init__(self, workdir: Path):
-        import socket
+        from app_helpers import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
         self.proc = None

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app_helpers import serving, until
+from app_helpers import free_port, serving, until, wait_ready
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -159,25 +158,6 @@ async def test_requests_past_their_timeout_get_504_and_free_the_worker(make_sett
 
 
 # ---- SIGTERM -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
-
-
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_artifacts_session):
     port = free_port()
     base = f"http://127.0.0.1:{port}"

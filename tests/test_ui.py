@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from app_helpers import free_port, wait_ready
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +49,6 @@ def require_browser() -> None:
         pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifacts_session):
     require_browser()
@@ -64,16 +58,7 @@ def server(tiny_artifacts_session):
     cmd = [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--port", str(port), "--no-access-log"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, "the server did not become ready"
-            time.sleep(0.2)
+        wait_ready(base, proc)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)
