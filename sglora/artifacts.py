@@ -29,7 +29,6 @@ from safetensors.torch import load_file
 from expert_store.repository import ExpertRepository
 from models.backbone import BACKBONE_FILE, Backbone, BackboneConfig, load_backbone
 from models.cvae import CVAE, CVAEConfig
-from models.lora import LoraSpec
 from sglora import __version__
 from sglora.engine import Engine
 from sglora.io import read_json, sha256_file, write_json, write_safetensors
@@ -202,7 +201,3 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         temperature=prior.get("temperature", 0.1),
     )
     return Artifacts(root, manifest, config, backbone, repository, generator, engine)
-
-
-def lora_spec_of(root: Path) -> LoraSpec:
-    return LoraSpec.from_dict(read_json(root / "backbone" / BACKBONE_FILE, "backbone description")["lora"])

@@ -155,12 +155,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Checks/converts a YAML value against a (simple) type annotation; raises ValueError naming ``where``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, where)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                continue
         raise ValueError(f"{where}: {value!r} does not fit {tp}")
     if tp is type(None):
         if value is None:
