@@ -275,6 +275,7 @@ class Ready(BaseModel):
                     "device": "cpu",
                     "experts": 40,
                     "queue": 0,
+                    "max_batch": 32,
                 }
             ]
         }
@@ -287,3 +288,6 @@ class Ready(BaseModel):
     device: str | None = None
     experts: int | None = None
     queue: int | None = None
+    max_batch: int | None = Field(
+        None, description="descriptions per text-encoder call; 1 when batching would change a seeded LoRA's bytes"
+    )

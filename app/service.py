@@ -23,7 +23,6 @@ import struct
 import time
 import zipfile
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from models.lora import check_finite
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata
-from sglora.engine import Generation
+from sglora.engine import Request
 from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, adapter_config, from_peft_tensors, safetensors_bytes
 
 log = logging.getLogger("sglora.service")
@@ -153,6 +152,30 @@ def _rank(scores: torch.Tensor) -> Scores:
     return Scores(scores.tolist(), i2t.tolist(), t2i.tolist(), recall)
 
 
+PROBES = (
+    "a photo of a cat",
+    "This is a classification task for recognizing coat, pullover and shirt",
+    "tell footwear apart: sandals, sneakers and boots; " * 6,
+)
+
+
+def batching_mismatch(embed, descriptions: list[str], max_batch: int) -> str | None:
+    """Whether batching changes embeddings on this device: each probe encoded alone vs inside batches
+    of other sizes and orders (up to ``max_batch``). None when every row is bit-identical, else what
+    differed. The probes mix the given descriptions with fixed ones of other lengths."""
+    texts = list(dict.fromkeys([*descriptions, *PROBES]))[:max_batch]
+    alone = torch.cat([embed([t]) for t in texts])
+    filler = [f"{t} (variant {i})" for i, t in enumerate(texts * max_batch)][: max(0, max_batch - len(texts))]
+    for batch in (texts, texts[::-1], texts[:2], [*filler, *texts]):
+        if len(batch) < 2:
+            continue
+        got = embed(batch)
+        for row, t in enumerate(batch):
+            if t in texts and not torch.equal(got[row], alone[texts.index(t)]):
+                return f"the embedding of {t[:40]!r} differs in a batch of {len(batch)} from its embedding alone"
+    return None
+
+
 def _checked_name(name: str) -> str:
     """An expert name from a request, before it goes anywhere near a path; APIError(422, "name") otherwise."""
     try:
@@ -193,6 +216,7 @@ class Service:
         self.worker = ModelWorker(
             self.engine.embed,
             metrics,
+            finish=self._generate_jobs,
             threads=settings.resolved_threads(),
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
@@ -217,10 +241,22 @@ class Service:
         service = cls(settings, artifacts, device, metrics)
         service.worker.start()
         try:
-            await service.worker.encode("warm-up", lambda e: service.engine.generate(e, "sg-lora", seed=0))
+            await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
         except BaseException:
             await service.stop()
             raise
+        if settings.batch_invariance == "require" and service.worker.max_batch > 1:
+            probes = [artifacts.repository[n].description for n in artifacts.repository.names[:6]]
+            mismatch = await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
+            if mismatch:
+                log.warning(
+                    "micro-batching off: on %s with %d torch thread(s), %s; descriptions are encoded one at a time so "
+                    "that a seeded LoRA never depends on its neighbours (SGLORA_BATCH_INVARIANCE=ignore batches anyway)",
+                    device,
+                    settings.resolved_threads(),
+                    mismatch,
+                )
+                service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
             "ready: artefacts %s (version %s, backbone %s, %d experts) on %s; redis %s",
@@ -288,7 +324,7 @@ class Service:
         else:
             self.metrics.cache.labels(result="miss").inc()
         try:
-            data, used_version = await self.worker.encode(params.description, partial(self._generate_job, params))
+            data, used_version = await self.worker.encode(params.description, params)
         except ValueError as e:  # the engine's own checks (e.g. an expert removed meanwhile)
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         etag = etag_of(data)
@@ -297,22 +333,29 @@ class Service:
             await self.cache.set_many({"gen:" + key: data, "etag:" + etag: data})
         return GeneratedLora(data, etag, "miss", read_metadata(data))
 
-    def _generate_job(self, params: GenerateParams, embedding: torch.Tensor) -> tuple[bytes, str]:
-        """On the worker thread, after the micro-batched text encoding: prior, sampling, serialisation."""
+    def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> list[tuple[bytes, str] | Exception]:
+        """On the worker thread, after the micro-batched text encoding: prior and sampling for the whole
+        batch (one :meth:`Engine.generate_many`), then each LoRA's serialisation. Stage metrics: prior and
+        sampling once per batch (what each of its requests waited), serialisation per request."""
         version = self.version
         self._sampling_s = 0.0
         t0 = time.perf_counter()
-        g: Generation = self.engine.generate(
-            embedding, params.method, seed=params.seed, top_k=params.top_k, temperature=params.temperature
-        )
+        gens = self.engine.generate_many(embeddings, [Request(p.method, p.seed, p.top_k, p.temperature) for p in jobs])
         t1 = time.perf_counter()
         self.metrics.stage.labels(stage="prior").observe(t1 - t0 - self._sampling_s)
-        if params.method == "sg-lora":
+        if self._sampling_s:
             self.metrics.stage.labels(stage="sampling").observe(self._sampling_s)
-        meta = generation_metadata(_MetaSource(self.artifacts.backbone, version), params.description, g)
-        data = safetensors_bytes(self.spec, g.lora, meta)
-        self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t1)
-        return data, version
+        meta_source = _MetaSource(self.artifacts.backbone, version)
+        out: list[tuple[bytes, str] | Exception] = []
+        for params, g in zip(jobs, gens, strict=True):
+            if isinstance(g, Exception):
+                out.append(g)
+                continue
+            t2 = time.perf_counter()
+            data = safetensors_bytes(self.spec, g.lora, generation_metadata(meta_source, params.description, g))
+            self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t2)
+            out.append((data, version))
+        return out
 
     async def zip_of(self, lora: GeneratedLora) -> bytes:
         t0 = time.perf_counter()

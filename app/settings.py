@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     # ---- worker, batching, limits --------------------------------------------------------------------
     max_batch: int = Field(32, ge=1, description="most descriptions encoded in one text-encoder call")
     batch_wait_ms: float = Field(2.0, ge=0, description="under load, wait this long for a micro-batch to fill")
+    batch_invariance: Literal["require", "ignore"] = Field(
+        "require",
+        description="'require': at start-up, check that a description's embedding is bit-identical alone and in a batch "
+        "on this device and thread count, and encode one description at a time if not (a seeded LoRA then never depends "
+        "on its neighbours); 'ignore': batch regardless",
+    )
     max_queue: int = Field(256, ge=1, description="jobs waiting for or in the model worker; beyond: 429")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 429")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for the model worker; beyond: 504")

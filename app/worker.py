@@ -2,12 +2,12 @@
 
 Requests never run torch on the event loop. Two kinds of job reach the thread:
 
-* ``encode(text, then)``: queued on an asyncio queue; a batcher task takes whatever is queued
+* ``encode(text, job)``: queued on an asyncio queue; a batcher task takes whatever is queued
   (up to ``max_batch``), waiting up to ``batch_wait_ms`` for more only while the previous batch
   was not alone (no wait for a lone client), and runs ONE ``engine.embed(batch)`` call (identical
-  descriptions encoded once) followed by each item's ``then(embedding)`` (prior, sampling,
-  serialisation) in the same thread hop. While a batch runs, new arrivals queue up and form the
-  next one: under load the batch size adapts to the arrival rate.
+  descriptions encoded once) followed, in the same thread hop, by ONE ``finish(embeddings, jobs)``
+  call over every item that has a job (prior and sampling, batched too). While a batch runs, new
+  arrivals queue up and form the next one: under load the batch size adapts to the arrival rate.
 * ``run(fn)``: any other job (retrieval, expert registration), in order with the batches.
 
 Admission: at most ``max_queue`` jobs wait or run; beyond that :class:`Overloaded` (-> 429 with
@@ -50,9 +50,13 @@ class WorkerTimeout(Exception):
 @dataclass
 class _Item:
     text: str
-    then: Callable[[torch.Tensor], Any] | None
+    job: Any  # handed to ``finish``; None: the caller wants the embedding itself
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+# finish(embeddings (B, D), jobs) -> one result per job; an Exception instance fails that job alone.
+Finish = Callable[[torch.Tensor, list[Any]], list[Any]]
 
 
 class ModelWorker:
@@ -60,6 +64,7 @@ class ModelWorker:
         self,
         embed: Callable[[list[str]], torch.Tensor],
         metrics: Metrics,
+        finish: Finish | None = None,
         threads: int = 0,
         max_batch: int = 32,
         batch_wait_ms: float = 2.0,
@@ -68,6 +73,7 @@ class ModelWorker:
         delay_s: float = 0.0,
     ):
         self._embed = embed
+        self._finish = finish
         self.metrics = metrics
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0
@@ -129,13 +135,15 @@ class ModelWorker:
             raise
 
     # ---- jobs -----------------------------------------------------------------------------------
-    async def encode(self, text: str, then: Callable[[torch.Tensor], T] | None = None) -> T:
-        """Embeds ``text`` in a micro-batch; returns ``then(embedding (D,))`` run on the worker thread
-        (or the embedding itself)."""
+    async def encode(self, text: str, job: Any = None) -> Any:
+        """Embeds ``text`` in a micro-batch; returns this job's result of ``finish`` (run on the worker
+        thread with the other jobs of the batch), or the embedding (D,) itself when ``job`` is None."""
+        if job is not None and self._finish is None:
+            raise TypeError("this worker has no finish step: encode(text) without a job")
         self._admit()
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: self._release())
-        self._queue.put_nowait(_Item(text, then, future))
+        self._queue.put_nowait(_Item(text, job, future))
         return await self._wait(future)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -218,13 +226,20 @@ class ModelWorker:
                 for it in batch:
                     loop.call_soon_threadsafe(_set_exception, it.future, e)
                 return
-            for it in batch:
-                if it.future.cancelled():
-                    continue
-                try:
-                    result = it.then(emb[row[it.text]]) if it.then is not None else emb[row[it.text]]
-                except Exception as e:  # noqa: BLE001
-                    loop.call_soon_threadsafe(_set_exception, it.future, e)
+            live = [it for it in batch if not it.future.cancelled()]
+            for it in live:
+                if it.job is None:
+                    loop.call_soon_threadsafe(_set_result, it.future, emb[row[it.text]])
+            jobs = [it for it in live if it.job is not None]
+            if not jobs:
+                return
+            try:
+                results = self._finish(emb[[row[it.text] for it in jobs]], [it.job for it in jobs])
+            except Exception as e:  # noqa: BLE001 - a bug in finish: every job of the batch gets it
+                results = [e] * len(jobs)
+            for it, result in zip(jobs, results, strict=True):
+                if isinstance(result, Exception):
+                    loop.call_soon_threadsafe(_set_exception, it.future, result)
                 else:
                     loop.call_soon_threadsafe(_set_result, it.future, result)
 

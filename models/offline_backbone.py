@@ -365,7 +365,46 @@ class OfflineBackbone(Backbone):
         return self
 
 
+MIN_BUCKET = 16  # shortest padded length; then powers of two up to the model's max_seq_length
+
+
+def bucket_length(tokens: int, max_length: int) -> int:
+    """The padded length of a description of ``tokens`` tokens: the next power of two >= 16, at most
+    ``max_length``. It depends on the description alone, never on what it is batched with."""
+    n = MIN_BUCKET
+    while n < tokens:
+        n *= 2
+    return min(n, max_length)
+
+
+@torch.no_grad()
 def _encode(text_model, texts: list[str]) -> torch.Tensor:
-    emb = text_model.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
-    # sentence-transformers encodes under inference_mode; clone() outside it gives an ordinary tensor.
-    return F.normalize(emb.float().clone(), dim=-1)
+    """Unit-norm MiniLM embeddings (N, 384), each description padded to its own length bucket.
+
+    sentence-transformers pads a batch to its longest member, so the same description would be run
+    at a different shape (and round differently in the last bits) depending on its neighbours. With a
+    per-description padded length, each sub-batch runs at one shape per bucket; on the CPU with one
+    torch thread a description's embedding is then bit-identical alone or in any batch (the service
+    checks this at start-up: app/service.py), which keeps seeded LoRAs byte-identical under load.
+    """
+    prep = getattr(text_model, "preprocess", None) or text_model.tokenize
+    feats = prep(texts)  # padded to the longest, truncated to max_seq_length
+    mask = feats["attention_mask"]
+    max_len = int(text_model.max_seq_length or mask.shape[1])
+    pad_id = text_model.tokenizer.pad_token_id or 0
+    buckets = [bucket_length(int(n), max_len) for n in mask.sum(1)]
+    device = next(text_model.parameters()).device
+    dim = getattr(text_model, "get_embedding_dimension", None) or text_model.get_sentence_embedding_dimension
+    out = torch.empty(len(texts), dim())
+    for length in sorted(set(buckets)):
+        rows = [i for i, b in enumerate(buckets) if b == length]
+        sub = {}
+        for key, value in feats.items():
+            if not torch.is_tensor(value) or value.dim() != 2:
+                continue
+            v = value[rows, :length]  # only padding is cut: every row here has <= length tokens
+            if v.shape[1] < length:
+                v = F.pad(v, (0, length - v.shape[1]), value=pad_id if key == "input_ids" else 0)
+            sub[key] = v.to(device)
+        out[rows] = text_model(sub)["sentence_embedding"].float().cpu()
+    return F.normalize(out, dim=-1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from torch.nn import functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -106,7 +107,18 @@ class OpenClipBackbone(Backbone):
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float()
+        m = self.model
+        if not isinstance(m, open_clip.CLIP) or not isinstance(m.text_projection, torch.Tensor):
+            return m.encode_text(tokens, normalize=True).float()
+        # open_clip's CLIP.encode_text, with the final projection done row by row: as one (B, W) @ (W, E)
+        # product its rounding would depend on the batch size B, and so would a description's embedding
+        # (every earlier product has B x context rows, which keeps it in one kernel regime on the CPU).
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        x = open_clip.model.text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        x = (x.unsqueeze(-1) * m.text_projection).sum(-2)  # (B, W, 1) * (W, E) summed over W
+        return F.normalize(x, dim=-1).float()
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image.convert("RGB"))

@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
         "backbone": ready.get("backbone"),
         "device": ready.get("device"),
         "redis": ready.get("redis"),
+        "max_batch": ready.get("max_batch"),
         "bare_embed_ms": bare,
         "miss_ms": miss_ms,
         "hit_ms": hit_ms,
@@ -275,7 +276,10 @@ def table(r: dict) -> str:
             "",
         ),
     ]
-    setup = f"backbone {r['backbone']}, {r['device']}, {r['threads']} torch threads, Redis {r['redis']}"
+    setup = (
+        f"backbone {r['backbone']}, {r['device']}, {r['threads']} torch threads, Redis {r['redis']}, "
+        f"max batch {r['max_batch']}"
+    )
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
     lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]
     return head + "\n".join(lines)

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn import functional as F
 
-from expert_store.prior import mix, select_experts
+from expert_store.prior import mix, weights
 from expert_store.repository import ExpertRepository
 from models.backbone import Backbone
 from models.cvae import CVAE
@@ -31,6 +32,16 @@ class ExpertChoice:
     name: str
     weight: float
     similarity: float
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: ``method`` and the optional knobs (None: the engine's defaults; a drawn seed)."""
+
+    method: str = "sg-lora"
+    seed: int | None = None
+    top_k: int | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,33 +96,78 @@ class Engine:
         temperature: float | None = None,
     ) -> Generation:
         """embedding (D,) of the task description -> a LoRA by ``method``."""
-        top_k = self.top_k if top_k is None else top_k
-        temperature = self.temperature if temperature is None else temperature
-        if method not in GENERATIVE_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {GENERATIVE_METHODS}")
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be between 0 and {MAX_SEED}")
-        means, variances, embeddings = self.repository.stacked()
+        out = self.generate_many(embedding.unsqueeze(0), [Request(method, seed, top_k, temperature)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def generate_many(self, embeddings: torch.Tensor, requests: list[Request]) -> list[Generation | ValueError]:
+        """embeddings (B, D), one request each -> one Generation (or the ValueError naming what is wrong) each.
+
+        Each row's result is the same bytes as that row alone (tests/test_engine.py checks it), so
+        batching never changes a seeded LoRA: the similarities (B, E) are computed row-wise (no matrix
+        product), and each sg-lora row gets its own CVAE pass with its own seeded generator.
+        """
+        if embeddings.dim() != 2 or embeddings.shape[0] != len(requests):
+            raise ValueError(f"need one embedding row per request, got {tuple(embeddings.shape)} for {len(requests)}")
+        out: list[Generation | ValueError | None] = [None] * len(requests)
+        means, variances, stored = self.repository.stacked()
         names = self.repository.names
-        if method == "zero-shot":
-            return Generation(torch.zeros(means.shape[1]), method, None, top_k, temperature)
-        if method == "model-soup":
-            w = 1.0 / len(names)
-            sims = torch.nn.functional.cosine_similarity(embedding.unsqueeze(0), embeddings, dim=-1)
-            experts = [ExpertChoice(n, w, float(s)) for n, s in zip(names, sims, strict=True)]
-            return Generation(means.mean(0), method, None, top_k, temperature, experts)
-        idx, alpha, sims = select_experts(embedding, embeddings, top_k, temperature)
-        if method == "adapter-soup":
-            alpha = torch.full_like(alpha, 1.0 / len(idx))
-        experts = [ExpertChoice(names[i], float(a), float(s)) for i, a, s in zip(idx.tolist(), alpha, sims, strict=True)]
-        mu, var = mix(means[idx], variances[idx], alpha)
-        if method in ("adapter-soup", "topk-weighted"):
-            return Generation(mu, method, None, top_k, temperature, experts)
+        resolved: list[tuple[int, str, int | None, int, float]] = []
+        for i, r in enumerate(requests):
+            try:
+                resolved.append((i, *self._resolve(r, len(names))))
+            except ValueError as e:
+                out[i] = e
+        if not resolved:
+            return out  # type: ignore[return-value]
+        rows = torch.tensor([i for i, *_ in resolved])
+        # (B, E) cosine similarities; row-wise (no matrix product), so a row's values do not depend on the batch.
+        sims = F.cosine_similarity(embeddings[rows].float().unsqueeze(1), stored.float().unsqueeze(0), dim=-1)
+        for j, (i, method, seed, top_k, temperature) in enumerate(resolved):
+            if method == "zero-shot":
+                out[i] = Generation(torch.zeros(means.shape[1]), method, None, top_k, temperature)
+                continue
+            if method == "model-soup":
+                w = 1.0 / len(names)
+                experts = [ExpertChoice(n, w, float(s)) for n, s in zip(names, sims[j], strict=True)]
+                out[i] = Generation(means.mean(0), method, None, top_k, temperature, experts)
+                continue
+            top = torch.topk(sims[j], top_k)  # sorted, most similar first
+            alpha = weights(top.values, temperature)
+            if method == "adapter-soup":
+                alpha = torch.full_like(alpha, 1.0 / top_k)
+            idx = top.indices
+            experts = [ExpertChoice(names[k], float(a), float(s)) for k, a, s in zip(idx.tolist(), alpha, top.values)]
+            mu, var = mix(means[idx], variances[idx], alpha)
+            if method != "sg-lora":
+                out[i] = Generation(mu, method, None, top_k, temperature, experts)
+                continue
+            # One CVAE pass per row: a matrix product's rounding depends on how many rows it has, so a
+            # batched pass would make a seeded LoRA's bytes depend on its neighbours in the batch.
+            g = torch.Generator().manual_seed(seed)
+            dev = self.generator.x_mean.device
+            lora = self.generator.sample(mu.to(dev), var.to(dev), generator=g).cpu()
+            out[i] = Generation(lora, method, seed, top_k, temperature, experts)
+        return out  # type: ignore[return-value]
+
+    def _resolve(self, r: Request, n_experts: int) -> tuple[str, int | None, int, float]:
+        """A request with defaults filled in; ValueError naming the bad field."""
+        top_k = self.top_k if r.top_k is None else r.top_k
+        temperature = self.temperature if r.temperature is None else r.temperature
+        if r.method not in GENERATIVE_METHODS:
+            raise ValueError(f"unknown method {r.method!r}; choose from {GENERATIVE_METHODS}")
+        if r.seed is not None and not 0 <= r.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}")
+        if r.method in ("zero-shot", "model-soup"):
+            return r.method, None, top_k, temperature
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be between 1 and the number of experts ({n_experts}), got {top_k}")
+        if r.method != "sg-lora":
+            return r.method, None, top_k, temperature
         if self.generator is None:
             raise ValueError("method 'sg-lora' needs a trained generator; these artefacts have none")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        g = torch.Generator().manual_seed(seed)
-        dev = self.generator.x_mean.device
-        lora = self.generator.sample(mu.to(dev), var.to(dev), generator=g).cpu()
-        return Generation(lora, method, seed, top_k, temperature, experts)
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if r.seed is None else r.seed
+        return r.method, seed, top_k, temperature

@@ -138,7 +138,7 @@ def make_settings(tiny_artifacts_session, shared_redis):
     url, prefix = shared_redis
 
     def make(**overrides):
-        values = {"artifacts": tiny_artifacts_session, "redis_url": url, "cache_prefix": prefix(), "threads": 2}
+        values = {"artifacts": tiny_artifacts_session, "redis_url": url, "cache_prefix": prefix(), "threads": 1}
         values.update(overrides)
         return Settings(**values)
 

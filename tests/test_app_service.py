@@ -13,10 +13,12 @@ import pytest
 from app_helpers import serving, until
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load as load_safetensors
 
 from app.main import create_app
 from app.settings import Settings
 from sglora.artifacts import ArtifactError
+from sglora.export import from_peft_tensors
 
 pytestmark = pytest.mark.anyio
 
@@ -145,6 +147,12 @@ async def test_concurrent_descriptions_share_one_text_encoding(make_settings):
         # Each answer is still its own: same bytes as a lone request.
         lone = await client.post("/generate", json={"description": "shape 3", "seed": 3})
         assert lone.headers["x-cache"] == "hit" and lone.content == responses[3].content
+        # ... and, byte for byte, the LoRA the engine makes for it alone, outside any batch.
+        engine = service.engine
+        for i in (0, 3, 11):
+            alone = engine.generate(engine.embed([f"shape {i}"])[0], "sg-lora", seed=i).lora
+            got = from_peft_tensors(service.spec, load_safetensors(responses[i].content))
+            assert got.numpy().tobytes() == alone.numpy().tobytes(), i
 
 
 async def test_full_queue_answers_429_with_retry_after(make_settings):
@@ -193,3 +201,28 @@ async def test_graceful_shutdown_finishes_in_flight_requests(make_settings):
         assert r.status_code == 200 and r.headers["x-cache"] == "miss"
         await blocker
         await asyncio.wait_for(shutdown, 10)
+
+
+async def test_batching_is_turned_off_where_it_would_change_bytes(make_settings, monkeypatch, caplog):
+    import app.service as service_module
+
+    # On this CPU the check passes (the tiny text tower pads to a fixed length): batching stays on.
+    async with serving(make_settings(max_batch=8)) as (service, client):
+        assert service.worker.max_batch == 8
+        assert (await client.get("/ready")).json()["max_batch"] == 8
+        embed = service.engine.embed
+    # An encoder whose rows depend on their batch (as a multi-threaded or GPU matrix product can) is caught ...
+    assert service_module.batching_mismatch(embed, ["a photo of a star"], 8) is None
+    found = service_module.batching_mismatch(lambda texts: embed(texts) + 1e-7 * len(texts), ["a photo of a star"], 8)
+    assert found is not None and "differs in a batch of" in found
+    # ... and then the service encodes one description at a time, and says why.
+    monkeypatch.setattr(service_module, "batching_mismatch", lambda *a: "the embedding of 'x' differs in a batch of 2")
+    with caplog.at_level("WARNING", logger="sglora.service"):
+        async with serving(make_settings(max_batch=8)) as (service, client):
+            assert service.worker.max_batch == 1
+            assert (await client.get("/ready")).json()["max_batch"] == 1
+            assert (await client.post("/generate", json={"description": "a red ring", "seed": 1})).status_code == 200
+    assert "micro-batching off" in caplog.text and "differs in a batch of 2" in caplog.text
+    # SGLORA_BATCH_INVARIANCE=ignore skips the check.
+    async with serving(make_settings(max_batch=8, batch_invariance="ignore")) as (service, _):
+        assert service.worker.max_batch == 8

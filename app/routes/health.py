@@ -35,6 +35,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
         device=service.device,
         experts=len(service.artifacts.repository),
         queue=service.worker.pending,
+        max_batch=service.worker.max_batch,
     )
 
 

@@ -1,0 +1,60 @@
+"""Engine.generate_many: one batched pass gives, row for row, the bytes of Engine.generate alone."""
+
+import pytest
+import torch
+
+from sglora.artifacts import load_artifacts
+from sglora.engine import Request
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifacts_session):
+    return load_artifacts(tiny_artifacts_session, "cpu").engine
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.numpy().tobytes()
+
+
+def test_batch_rows_equal_single_generations(engine):
+    texts = ["a photo of a circle", "a photo of a star", "a red square at the top", "a photo of a circle"]
+    requests = [
+        Request("sg-lora", seed=11),
+        Request("sg-lora", seed=12, top_k=2, temperature=0.5),
+        Request("topk-weighted", top_k=3),
+        Request("adapter-soup"),
+        Request("model-soup"),
+        Request("zero-shot"),
+        Request("sg-lora", seed=11),
+    ]
+    emb = engine.embed([texts[i % len(texts)] for i in range(len(requests))])
+    with torch.inference_mode():
+        batch = engine.generate_many(emb, requests)
+        for row, (r, g) in enumerate(zip(requests, batch, strict=True)):
+            alone = engine.generate(emb[row], r.method, seed=r.seed, top_k=r.top_k, temperature=r.temperature)
+            assert _bytes(g.lora) == _bytes(alone.lora), (row, r)
+            assert g.experts == alone.experts and g.seed == alone.seed and g.top_k == alone.top_k
+    assert _bytes(batch[0].lora) != _bytes(batch[6].lora)  # same seed, another description
+    assert batch[2].top_k == 3 and len(batch[2].experts) == 3
+    assert len(batch[4].experts) == len(engine.repository)
+
+
+def test_a_bad_request_fails_alone(engine):
+    emb = engine.embed(["a photo of a circle"] * 4)
+    out = engine.generate_many(
+        emb, [Request("sg-lora", seed=1), Request("sg-lora", top_k=99), Request("nope"), Request("topk-weighted", temperature=0)]
+    )
+    assert not isinstance(out[0], Exception) and out[0].seed == 1
+    assert isinstance(out[1], ValueError) and "top_k" in str(out[1])
+    assert isinstance(out[2], ValueError) and "unknown method" in str(out[2])
+    assert isinstance(out[3], ValueError) and "temperature" in str(out[3])
+    with pytest.raises(ValueError, match="top_k"):
+        engine.generate(emb[0], "sg-lora", top_k=0)
+    with pytest.raises(ValueError, match="one embedding row per request"):
+        engine.generate_many(emb, [Request()])
+
+
+def test_unseeded_sg_lora_draws_distinct_seeds(engine):
+    emb = engine.embed(["a photo of a circle"] * 3)
+    out = engine.generate_many(emb, [Request("sg-lora")] * 3)
+    assert len({g.seed for g in out}) == 3
