@@ -1,13 +1,16 @@
 """LoRA cache: Redis (``redis.asyncio``, binary values) that fails open, plus an in-process LRU by ETag.
 
-Fail open: every Redis call has a short connect/socket timeout and no retries; after an error the
-cache is skipped for ``backoff_s`` so a dead Redis costs one timeout per back-off period, not one
-per request. Requests keep being answered (uncached) meanwhile; the next call after the back-off
-tries Redis again, and a success resumes normal use.
+Writes go behind the response (``set_behind``): a miss is answered as soon as the LoRA is made, and
+until its write lands the same key is answered from memory. Fail open: every Redis call has a short
+connect/socket timeout and no retries; after an error the cache is skipped for ``backoff_s`` so a
+dead Redis costs one timeout per back-off period, not one per request. Requests keep being answered
+(uncached) meanwhile; the next call after the back-off tries Redis again, and a success resumes
+normal use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -21,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from app.metrics import Metrics
+from sglora import __version__
 
 log = logging.getLogger("sglora.cache")
 
@@ -38,7 +42,8 @@ class CacheKey:
 
     def digest(self) -> str:
         blob = json.dumps(
-            [self.version, self.description, self.method, self.seed, self.top_k, repr(float(self.temperature))],
+            # The code version too: a release may change the numerics (and so the bytes) of a generation.
+            [__version__, self.version, self.description, self.method, self.seed, self.top_k, repr(float(self.temperature))],
             separators=(",", ":"),
         )
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -63,6 +68,8 @@ class RedisCache:
         self.backoff_s = backoff_s
         self.metrics = metrics
         self._skip_until = 0.0
+        self._writing: dict[str, bytes] = {}  # values of write-behind sets still on their way to Redis
+        self._writes: set[asyncio.Task] = set()
         self._client: Redis | None = None
         self._pool: BlockingConnectionPool | None = None
         if url:
@@ -97,6 +104,8 @@ class RedisCache:
 
     async def get(self, key: str) -> tuple[bytes | None, bool]:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
+        if key in self._writing:  # stored a moment ago, not yet in Redis
+            return self._writing[key], True
         if not self.available():
             return None, False
         assert self._client is not None
@@ -120,6 +129,25 @@ class RedisCache:
             self._failed("set", e)
             return False
 
+    def set_behind(self, items: dict[str, bytes]) -> None:
+        """``set_many`` in a background task: the response need not wait for Redis. Until the write
+        lands, ``get`` answers these keys from memory; ``close`` waits for the writes in flight."""
+        if not self.available() or not items:
+            return
+        self._writing.update(items)
+
+        async def write() -> None:
+            try:
+                await self.set_many(items)
+            finally:
+                for k, v in items.items():
+                    if self._writing.get(k) is v:
+                        del self._writing[k]
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
     async def ping(self) -> str:
         """'ok', 'degraded' (unreachable or backing off) or 'disabled'. A success ends a back-off early."""
         if self._client is None:
@@ -133,6 +161,8 @@ class RedisCache:
         return "ok"
 
     async def close(self) -> None:
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
         if self._client is not None:
             try:
                 await self._client.aclose()

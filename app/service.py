@@ -330,7 +330,7 @@ class Service:
         etag = etag_of(data)
         self.lru.put(etag, data)
         if used_version == version:  # else the repository changed under the request: do not file it under the old key
-            await self.cache.set_many({"gen:" + key: data, "etag:" + etag: data})
+            self.cache.set_behind({"gen:" + key: data, "etag:" + etag: data})
         return GeneratedLora(data, etag, "miss", read_metadata(data))
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> list[tuple[bytes, str] | Exception]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch.nn import functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig
 from models.lora import LoraSpec, LoraTarget

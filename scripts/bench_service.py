@@ -277,8 +277,7 @@ def table(r: dict) -> str:
         ),
     ]
     setup = (
-        f"backbone {r['backbone']}, {r['device']}, {r['threads']} torch threads, Redis {r['redis']}, "
-        f"max batch {r['max_batch']}"
+        f"backbone {r['backbone']}, {r['device']}, {r['threads']} torch threads, Redis {r['redis']}, max batch {r['max_batch']}"
     )
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
     lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]

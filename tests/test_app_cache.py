@@ -130,3 +130,29 @@ def test_lru_is_bounded_by_bytes():
     assert lru.get("b") is None and lru.get("a") and lru.get("c") and len(lru) == 2
     lru.put("huge", b"x" * 11)
     assert lru.get("huge") is None
+
+
+def test_writes_go_behind_the_response_and_land_in_redis(make_settings):
+    import redis
+
+    settings = make_settings()
+    body = {"description": "a blue star", "seed": 4}
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        first = c.post("/generate", json=body)
+        again = c.post("/generate", json=body)  # from memory while the write is in flight, else from Redis
+        assert (first.headers["x-cache"], again.headers["x-cache"]) == ("miss", "hit")
+        assert again.content == first.content
+        assert wait_for(lambda: not cache._writing)
+        etag = first.headers["etag"].strip('"')
+        stored = redis.Redis.from_url(settings.redis_url).get(settings.cache_prefix + "etag:" + etag)
+        assert stored == first.content
+
+
+def test_cache_key_names_the_code_version(monkeypatch):
+    import app.cache as cache_module
+
+    before = CacheKey("v1", "a cat", "sg-lora", 1, 4, 0.1).digest()
+    assert CacheKey("v1", "a cat", "sg-lora", 1, 4, 0.1).digest() == before
+    monkeypatch.setattr(cache_module, "__version__", cache_module.__version__ + ".next")
+    assert CacheKey("v1", "a cat", "sg-lora", 1, 4, 0.1).digest() != before
