@@ -38,9 +38,10 @@ def weights(similarities: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def mix(means: torch.Tensor, variances: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """means/variances (K, P), alpha (K,) -> (mu* (P,), sigma*^2 (P,)) by the law of total variance."""
-    a = alpha.to(means.dtype).unsqueeze(1)  # (K, 1)
-    mu = (a * means).sum(0)
-    var = (a * variances).sum(0) + (a * (means - mu) ** 2).sum(0)
+    a = alpha.to(means.dtype)  # (K,)
+    mu = a @ means  # one pass over the K rows (a (K,) x (K, P) product), not K scaled copies
+    d = means - mu
+    var = a @ variances + a @ d.mul_(d)  # d: the one (K, P) temporary
     return mu, var
 
 

@@ -72,6 +72,9 @@ class BackboneConfig:
             raise ValueError(f"backbone.kind must be one of {BACKBONE_KINDS}, got {self.kind!r}")
 
 
+GPU_TEXT_ROWS = 32  # see Backbone.text_rows
+
+
 class Backbone(ABC):
     """A frozen text/image model whose image tower takes a flat LoRA."""
 
@@ -93,6 +96,15 @@ class Backbone(ABC):
     @abstractmethod
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(N,) strings -> (N, D) L2-normalised embeddings."""
+
+    def text_rows(self, n: int) -> int:
+        """How many rows to run the text tower at for ``n`` descriptions: ``n`` on the CPU; on a GPU the
+        next multiple of :data:`GPU_TEXT_ROWS`. GPU matrix libraries choose kernels (and so rounding)
+        by shape: at a fixed number of rows a description's embedding does not depend on what it is
+        batched with, and on a GPU the padding rows cost next to nothing."""
+        if self.device.type == "cpu":
+            return n
+        return -(-n // GPU_TEXT_ROWS) * GPU_TEXT_ROWS
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -53,7 +53,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -331,7 +331,7 @@ class OfflineBackbone(Backbone):
         texts = list(texts)
         if not texts:
             return torch.zeros(0, self.embed_dim, device=self.device)
-        return _encode(self.text_model, texts).to(self.device)
+        return _encode(self.text_model, texts, self.text_rows).to(self.device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         im = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
@@ -378,7 +378,7 @@ def bucket_length(tokens: int, max_length: int) -> int:
 
 
 @torch.no_grad()
-def _encode(text_model, texts: list[str]) -> torch.Tensor:
+def _encode(text_model, texts: list[str], rows: Callable[[int], int] | None = None) -> torch.Tensor:
     """Unit-norm MiniLM embeddings (N, 384), each description padded to its own length bucket.
 
     sentence-transformers pads a batch to its longest member, so the same description would be run
@@ -397,14 +397,16 @@ def _encode(text_model, texts: list[str]) -> torch.Tensor:
     dim = getattr(text_model, "get_embedding_dimension", None) or text_model.get_sentence_embedding_dimension
     out = torch.empty(len(texts), dim())
     for length in sorted(set(buckets)):
-        rows = [i for i, b in enumerate(buckets) if b == length]
+        idx = [i for i, b in enumerate(buckets) if b == length]
+        # On a GPU each bucket runs at a fixed number of rows too (Backbone.text_rows): repeat the last.
+        run = idx + idx[-1:] * ((rows(len(idx)) if rows else len(idx)) - len(idx))
         sub = {}
         for key, value in feats.items():
             if not torch.is_tensor(value) or value.dim() != 2:
                 continue
-            v = value[rows, :length]  # only padding is cut: every row here has <= length tokens
+            v = value[run, :length]  # only padding is cut: every row here has <= length tokens
             if v.shape[1] < length:
                 v = F.pad(v, (0, length - v.shape[1]), value=pad_id if key == "input_ids" else 0)
             sub[key] = v.to(device)
-        out[rows] = text_model(sub)["sentence_embedding"].float().cpu()
+        out[idx] = text_model(sub)["sentence_embedding"][: len(idx)].float().cpu()
     return F.normalize(out, dim=-1)

@@ -107,6 +107,12 @@ class OpenClipBackbone(Backbone):
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
+        n, rows = tokens.shape[0], self.text_rows(tokens.shape[0])
+        if rows > n:  # a fixed shape on a GPU (Backbone.text_rows); the extra rows repeat the last text
+            tokens = torch.cat([tokens, tokens[-1:].expand(rows - n, -1)])
+        return self._encode_tokens(tokens)[:n]
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         if not isinstance(m, open_clip.CLIP) or not isinstance(m.text_projection, torch.Tensor):
             return m.encode_text(tokens, normalize=True).float()

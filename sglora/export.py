@@ -13,11 +13,11 @@ import io
 import json
 import re
 import struct
+import sys
 import zipfile
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from models.lora import LoraSpec
 
@@ -78,17 +78,27 @@ def adapter_config(spec: LoraSpec, base_model: str | None = None) -> dict[str, A
 def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any]) -> bytes:
     """Serialises the LoRA; metadata values that are not strings are stored as JSON strings.
 
-    The header is re-emitted with sorted keys: safetensors writes ``__metadata__`` from a hash map
-    whose order varies between calls, and identical requests must give identical bytes.
+    The file is what ``safetensors.torch.save`` writes (tensors in name order, 8-byte aligned data),
+    with the header's keys sorted: safetensors emits ``__metadata__`` from a hash map whose order
+    varies between calls, and identical requests must give identical bytes. Written here in one pass
+    over the flat vector: the library's per-tensor path costs milliseconds for a ViT-B/16 LoRA (72
+    tensors), on every cache miss. tests/test_export.py checks the bytes against the library's.
     """
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
-    raw = save(to_peft_tensors(spec, vec))
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    header["__metadata__"] = meta
+    tensors = to_peft_tensors(spec, vec)
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + 4 * t.numel()]}
+        offset += 4 * t.numel()
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned
-    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+    data = torch.cat([tensors[n].reshape(-1) for n in names]).numpy()
+    if sys.byteorder != "little":  # safetensors is little-endian
+        data = data.byteswap()
+    return struct.pack("<Q", len(text)) + text + data.tobytes()
 
 
 def peft_zip_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any], base_model: str | None = None) -> bytes:

@@ -58,3 +58,15 @@ def test_unseeded_sg_lora_draws_distinct_seeds(engine):
     emb = engine.embed(["a photo of a circle"] * 3)
     out = engine.generate_many(emb, [Request("sg-lora")] * 3)
     assert len({g.seed for g in out}) == 3
+
+
+def test_text_tower_padded_to_fixed_rows_returns_each_rows_embedding(tiny_backbone, monkeypatch):
+    """On a GPU the text tower runs at a multiple of GPU_TEXT_ROWS rows (Backbone.text_rows); the padding
+    rows must not leak into the answer. Emulated on the CPU by padding to multiples of 8."""
+    texts = ["a photo of a circle", "a star", "This is a classification task for recognizing coat, pullover and shirt"]
+    plain = tiny_backbone.encode_text(texts)
+    monkeypatch.setattr(tiny_backbone, "text_rows", lambda n: -(-n // 8) * 8)
+    padded = tiny_backbone.encode_text(texts)
+    assert padded.shape == plain.shape
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
+    assert tiny_backbone.text_rows(3) == 8 and type(tiny_backbone).text_rows(tiny_backbone, 3) == 3  # CPU: no padding

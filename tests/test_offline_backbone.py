@@ -23,6 +23,7 @@ from models.offline_backbone import (  # noqa: E402
     CLASS_EMB_FILE,
     META_FILE,
     OfflineBackbone,
+    bucket_length,
     resolve_options,
     resolve_targets,
 )
@@ -182,3 +183,22 @@ def test_zero_shot_fashion_better_than_chance(backbone: OfflineBackbone):
     mean3 = sum(accs3) / len(accs3)
     assert mean3 > 0.37, f"mean 3-way zero-shot accuracy {mean3:.3f} (chance 0.333)"
     assert acc10 > 0.13, f"10-way zero-shot accuracy {acc10:.3f} (chance 0.1)"
+
+
+def test_text_embeddings_do_not_depend_on_the_batch(backbone: OfflineBackbone, monkeypatch):
+    """Each description runs at its own padded length (bucket_length): alone or among others of any
+    length, its embedding is bit-identical (one torch thread, as the service checks at start-up)."""
+    texts = ["a photo of a persian", "tell footwear apart: sandals, sneakers and boots", "x " * 40, "a cat"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = torch.cat([backbone.encode_text([t]) for t in texts])
+        together = backbone.encode_text(texts)
+        reversed_ = backbone.encode_text(texts[::-1]).flip(0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, together) and torch.equal(alone, reversed_)
+    assert [bucket_length(n, 256) for n in (1, 16, 17, 100, 300)] == [16, 16, 32, 128, 256]
+    # On a GPU each bucket also runs at a fixed number of rows (Backbone.text_rows): emulated here.
+    monkeypatch.setattr(backbone, "text_rows", lambda n: -(-n // 8) * 8)
+    torch.testing.assert_close(backbone.encode_text(texts), together, rtol=0, atol=1e-6)
