@@ -116,13 +116,27 @@ class CVAE(nn.Module):
         return rec + self.config.kl_weight * kl / x.shape[-1], rec, kl
 
     @torch.no_grad()
-    def sample(self, prior_mean: torch.Tensor, prior_var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draws z ~ p(z | c) and decodes: (P,) or (B, P) raw prior -> raw LoRA of the same shape."""
+    def sample(
+        self,
+        prior_mean: torch.Tensor,
+        prior_var: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Draws z ~ p(z | c) and decodes: (P,) or (B, P) raw prior -> raw LoRA of the same shape.
+
+        ``generator``: one for the whole draw, or a list with one per row (row i's noise is then what
+        its generator alone would draw, whatever else is in the batch).
+        """
         single = prior_mean.dim() == 1
         pm, pv = (prior_mean.unsqueeze(0), prior_var.unsqueeze(0)) if single else (prior_mean, prior_var)
         hc, mu_n = self.condition(pm, pv)
         mu_p, logvar_p = self._prior(hc)
-        # Noise drawn on the CPU from the caller's generator: identical bytes on every device.
-        eps = torch.randn(mu_p.shape, generator=generator, dtype=mu_p.dtype).to(mu_p.device)
-        x = self.denormalise(self._decode(mu_p + eps * (0.5 * logvar_p).exp(), hc, mu_n))
+        # Noise drawn on the CPU from the caller's generator(s): identical bytes on every device.
+        if isinstance(generator, list):
+            if len(generator) != mu_p.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {mu_p.shape[0]} rows")
+            eps = torch.cat([torch.randn((1, mu_p.shape[1]), generator=g, dtype=mu_p.dtype) for g in generator])
+        else:
+            eps = torch.randn(mu_p.shape, generator=generator, dtype=mu_p.dtype)
+        x = self.denormalise(self._decode(mu_p + eps.to(mu_p.device) * (0.5 * logvar_p).exp(), hc, mu_n))
         return x[0] if single else x

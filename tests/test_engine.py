@@ -70,3 +70,27 @@ def test_text_tower_padded_to_fixed_rows_returns_each_rows_embedding(tiny_backbo
     assert padded.shape == plain.shape
     torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
     assert tiny_backbone.text_rows(3) == 8 and type(tiny_backbone).text_rows(tiny_backbone, 3) == 3  # CPU: no padding
+
+
+def test_more_sg_lora_rows_than_one_cvae_pass(engine):
+    """A fixed number of rows per CVAE pass: several passes (the last padded) still give each row its bytes alone."""
+    rows = engine.sample_rows
+    n = 2 * rows + 1
+    texts = [f"a photo of shape number {i}" for i in range(n)]
+    emb = engine.embed(texts)
+    with torch.inference_mode():
+        batch = engine.generate_many(emb, [Request("sg-lora", seed=100 + i) for i in range(n)])
+        for i in (0, rows - 1, rows, n - 1):
+            alone = engine.generate(emb[i], "sg-lora", seed=100 + i)
+            assert _bytes(batch[i].lora) == _bytes(alone.lora), i
+    assert len({_bytes(g.lora) for g in batch}) == n
+
+
+def test_without_a_generator_the_merges_still_work(engine):
+    from sglora.engine import Engine
+
+    bare = Engine(engine.backbone, engine.repository, None, top_k=2, temperature=0.1)
+    emb = bare.embed(["a photo of a circle"] * 2)
+    out = bare.generate_many(emb, [Request("topk-weighted"), Request("sg-lora", seed=1)])
+    assert not isinstance(out[0], Exception) and len(out[0].experts) == 2
+    assert isinstance(out[1], ValueError) and "needs a trained generator" in str(out[1])
