@@ -27,10 +27,11 @@ GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", 
 MAX_SEED = 2**63 - 1
 # Rows of every CVAE pass (Engine._sample_chunk). A fixed shape makes a row's rounding independent of
 # the batch. On a CPU core a 2-row pass costs what a 1-row pass costs (one read of the generator's
-# weights: 1.36 vs 1.31 ms for the offline default) while 16 rows cost 3.2 ms, so 2 keeps a lone
-# request's latency and halves the per-LoRA cost under load; on a GPU 32 rows cost what one does.
+# weights: 1.36 vs 1.31 ms for the offline default; 16 rows: 3.2 ms), so 2 keeps a lone request's
+# latency and halves the per-LoRA cost under load. On the GPU one row per pass is what was measured
+# end to end (docs/benchmarks.md: 32 rows padded on the host slowed a lone miss from 18 to 32 ms).
 SAMPLE_ROWS_CPU = 2
-SAMPLE_ROWS_GPU = 32
+SAMPLE_ROWS_GPU = 1
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,15 @@ class Engine:
         """One CVAE pass at exactly ``size`` rows (the last row repeated as padding): a matrix
         product's rounding depends on its number of rows, so a fixed shape is what keeps each row's
         LoRA independent of its neighbours while still sharing one pass over the weights."""
-        pad = size - len(rows)
-        mu = torch.stack([r[1] for r in rows] + [rows[-1][1]] * pad)
-        var = torch.stack([r[2] for r in rows] + [rows[-1][2]] * pad)
-        gens = [torch.Generator().manual_seed(r[3]) for r in rows] + [torch.Generator().manual_seed(0) for _ in range(pad)]
-        dev = self.generator.x_mean.device
-        loras = self.generator.sample(mu.to(dev), var.to(dev), generator=gens).cpu()
-        for (i, *_), lora in zip(rows, loras):  # the padding rows are dropped
+        n, dev = len(rows), self.generator.x_mean.device
+        # Only the real rows travel to the device; the padding repeats the last one there.
+        mu = torch.stack([r[1] for r in rows]).to(dev)
+        var = torch.stack([r[2] for r in rows]).to(dev)
+        if size > n:
+            mu, var = torch.cat([mu, mu[-1:].expand(size - n, -1)]), torch.cat([var, var[-1:].expand(size - n, -1)])
+        gens = [torch.Generator().manual_seed(r[3]) for r in rows] + [torch.Generator() for _ in range(size - n)]
+        loras = self.generator.sample(mu, var, generator=gens)[:n].cpu()  # the padding rows are dropped
+        for (i, *_), lora in zip(rows, loras):
             out[i] = replace(out[i], lora=lora)
 
     def _resolve(self, r: Request, n_experts: int) -> tuple[str, int | None, int, float]:
