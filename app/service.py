@@ -2,12 +2,13 @@
 scoring and expert changes. Built once in the FastAPI lifespan; all torch work goes through
 :class:`app.worker.ModelWorker`.
 
-Caching: a generated LoRA is stored under ``gen:<sha256 of (artefact version, normalised request)>``
-and under ``etag:<its ETag>`` (for /retrieve). The artefact version changes whenever an expert is
-added or removed, so entries of an older repository are simply never looked up again (they age out
-by TTL / LRU). An sg-lora request without a seed draws a fresh seed (reported in X-Seed) and is not
-looked up (it is a new sample by definition), but its result is stored under the drawn seed, so
-repeating the request with that seed is a cache hit. The deterministic methods ignore the seed.
+Caching: a generated LoRA is stored under ``gen:<sha256 of (code and artefact version, normalised
+request)>``; ``etag:<its ETag>`` (for /retrieve) holds a pointer to that key, not a second copy. The
+artefact version changes whenever an expert is added or removed, so entries of an older repository
+are simply never looked up again (they age out by TTL / LRU). An sg-lora request without a seed draws
+a fresh seed (reported in X-Seed) and is not looked up (it is a new sample by definition), but its
+result is stored under the drawn seed, so repeating the request with that seed is a cache hit. The
+deterministic methods ignore the seed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
 # Drawn seeds stay below 2^53: a JSON client (JavaScript, the UI) holds them exactly as numbers, so sending
 # X-Seed / "seed" back reproduces the LoRA. (The engine's own draws go to 2^62; requests may use up to 2^63-1.)
 UNSEEDED_SEEDS = 2**53
+# Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes.
+# (A safetensors file starts with its 8-byte little-endian header length, never with these bytes.)
+ETAG_POINTER = b"->"
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,8 @@ class Service:
         etag = etag_of(data)
         self.lru.put(etag, data)
         if used_version == version:  # else the repository changed under the request: do not file it under the old key
-            self.cache.set_behind({"gen:" + key: data, "etag:" + etag: data})
+            # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
+            self.cache.set_behind({"gen:" + key: data, "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
         return GeneratedLora(data, etag, "miss", read_metadata(data))
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> list[tuple[bytes, str] | Exception]:
@@ -369,6 +374,8 @@ class Service:
         data = self.lru.get(key)
         if data is None:
             data, _ = await self.cache.get("etag:" + key)
+            if data is not None and data.startswith(ETAG_POINTER):
+                data, _ = await self.cache.get(data[len(ETAG_POINTER) :].decode())
         if data is None or etag_of(data) != key:
             raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")
         self.lru.put(key, data)

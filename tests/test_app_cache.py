@@ -145,8 +145,15 @@ def test_writes_go_behind_the_response_and_land_in_redis(make_settings):
         assert again.content == first.content
         assert wait_for(lambda: not cache._writing)
         etag = first.headers["etag"].strip('"')
-        stored = redis.Redis.from_url(settings.redis_url).get(settings.cache_prefix + "etag:" + etag)
-        assert stored == first.content
+        r = redis.Redis.from_url(settings.redis_url)
+        pointer = r.get(settings.cache_prefix + "etag:" + etag)  # the ETag entry points at the gen: entry
+        assert pointer.startswith(b"->gen:") and len(pointer) < 100
+        assert r.get(settings.cache_prefix + pointer[2:].decode()) == first.content
+        # /retrieve by ETag follows the pointer once the in-process LRU no longer has it.
+        service = c.app.state.service
+        service.lru = BytesLRU(0)
+        found = c.portal.call(service.adapter, etag)
+        assert found.data == first.content and found.etag == etag
 
 
 def test_cache_key_names_the_code_version(monkeypatch):
