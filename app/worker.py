@@ -6,8 +6,9 @@ Requests never run torch on the event loop. Two kinds of job reach the thread:
   (up to ``max_batch``), waiting up to ``batch_wait_ms`` for more only while the previous batch
   was not alone (no wait for a lone client), and runs ONE ``engine.embed(batch)`` call (identical
   descriptions encoded once) followed, in the same thread hop, by ONE ``finish(embeddings, jobs)``
-  call over every item that has a job (prior and sampling, batched too). While a batch runs, new
-  arrivals queue up and form the next one: under load the batch size adapts to the arrival rate.
+  call over every item that has a job (prior, sampling, serialisation), whose results are handed to
+  the event loop one by one as ``finish`` yields them. While a batch runs, new arrivals queue up and
+  form the next one: under load the batch size adapts to the arrival rate.
 * ``run(fn)``: any other job (retrieval, expert registration), in order with the batches.
 
 Admission: at most ``max_queue`` jobs wait or run; beyond that :class:`Overloaded` (-> 429 with
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -55,8 +56,9 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-# finish(embeddings (B, D), jobs) -> one result per job; an Exception instance fails that job alone.
-Finish = Callable[[torch.Tensor, list[Any]], list[Any]]
+# finish(embeddings (B, D), jobs) -> one result per job, in order (a list, or a generator that yields
+# them as they are made); an Exception instance fails that job alone.
+Finish = Callable[[torch.Tensor, list[Any]], Iterable[Any]]
 
 
 class ModelWorker:
@@ -233,15 +235,22 @@ class ModelWorker:
             jobs = [it for it in live if it.job is not None]
             if not jobs:
                 return
+            # finish may yield its results one by one: each request is answered as soon as its result
+            # exists, and the event loop (answering cache hits meanwhile) is woken between them.
+            done = 0
             try:
-                results = self._finish(emb[[row[it.text] for it in jobs]], [it.job for it in jobs])
-            except Exception as e:  # noqa: BLE001 - a bug in finish: every job of the batch gets it
-                results = [e] * len(jobs)
-            for it, result in zip(jobs, results, strict=True):
-                if isinstance(result, Exception):
-                    loop.call_soon_threadsafe(_set_exception, it.future, result)
-                else:
-                    loop.call_soon_threadsafe(_set_result, it.future, result)
+                for it, result in zip(jobs, self._finish(emb[[row[it.text] for it in jobs]], [it.job for it in jobs])):
+                    done += 1
+                    if isinstance(result, Exception):
+                        loop.call_soon_threadsafe(_set_exception, it.future, result)
+                    else:
+                        loop.call_soon_threadsafe(_set_result, it.future, result)
+            except Exception as e:  # noqa: BLE001 - a bug in finish: every job still open gets it
+                for it in jobs[done:]:
+                    loop.call_soon_threadsafe(_set_exception, it.future, e)
+            else:
+                for it in jobs[done:]:  # finish gave fewer results than jobs: a bug, never a hang
+                    loop.call_soon_threadsafe(_set_exception, it.future, RuntimeError("no result for this job"))
 
     # ---- shutdown -------------------------------------------------------------------------------
     async def drain(self, timeout_s: float) -> bool:

@@ -24,9 +24,14 @@ pytestmark = pytest.mark.anyio
 
 
 def block(service) -> tuple[threading.Event, asyncio.Task]:
-    """Occupies the model thread until the returned event is set."""
+    """Occupies the service's model thread until the returned event is set."""
+    return block_worker(service.worker)
+
+
+def block_worker(worker) -> tuple[threading.Event, asyncio.Task]:
+    """Occupies a worker's model thread until the returned event is set."""
     gate = threading.Event()
-    return gate, asyncio.create_task(service.worker.run(gate.wait, 10))
+    return gate, asyncio.create_task(worker.run(gate.wait, 10))
 
 
 # ---- start-up --------------------------------------------------------------------------------------
@@ -226,3 +231,36 @@ async def test_batching_is_turned_off_where_it_would_change_bytes(make_settings,
     # SGLORA_BATCH_INVARIANCE=ignore skips the check.
     async with serving(make_settings(max_batch=8, batch_invariance="ignore")) as (service, _):
         assert service.worker.max_batch == 8
+
+
+async def test_results_of_a_batch_are_answered_as_they_are_made():
+    """finish may yield: the first request of a batch is answered while the rest are still being made
+    (answering a whole batch at once made cache hits queue behind a burst of responses)."""
+    import torch
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    first_answered = threading.Event()
+
+    def finish(embeddings, jobs):
+        yield f"done {jobs[0]}"
+        assert first_answered.wait(5), "the first job was not answered before the second was made"
+        for j in jobs[1:]:
+            yield f"done {j}"
+
+    worker = ModelWorker(lambda texts: torch.zeros(len(texts), 4), Metrics(), finish=finish, threads=1)
+    worker.start()
+    try:
+        gate, blocker = block_worker(worker)
+        await until(lambda: worker.pending == 1)
+        a = asyncio.create_task(worker.encode("a", "a"))
+        b = asyncio.create_task(worker.encode("b", "b"))
+        await until(lambda: worker.pending == 3)
+        gate.set()
+        assert await asyncio.wait_for(a, 5) == "done a"
+        first_answered.set()
+        assert await asyncio.wait_for(b, 5) == "done b"
+        await blocker
+    finally:
+        await worker.close()
