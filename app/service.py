@@ -347,7 +347,7 @@ class Service:
         200-client load test). Stage metrics: prior and sampling per pass, serialisation per request."""
         version = self.version
         meta_source = _MetaSource(self.artifacts.backbone, version)
-        step = self.engine.sample_rows if self.artifacts.generator is not None else len(jobs)
+        step = self.engine.sample_rows
         for start in range(0, len(jobs), step):
             part = jobs[start : start + step]
             self._sampling_s = 0.0

@@ -28,12 +28,8 @@ def select_experts(
         raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
     sims = F.cosine_similarity(query.float().unsqueeze(0), embeddings.float(), dim=-1)  # (E,)
     top = torch.topk(sims, top_k)  # sorted, most similar first
-    return top.indices, weights(top.values, temperature), top.values
-
-
-def weights(similarities: torch.Tensor, temperature: float) -> torch.Tensor:
-    """alpha = softmax(similarities / temperature) over the chosen experts (paper eq. 6)."""
-    return torch.softmax(similarities / temperature, dim=-1)
+    alpha = torch.softmax(top.values / temperature, dim=0)
+    return top.indices, alpha, top.values
 
 
 def mix(means: torch.Tensor, variances: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.nn import functional as F
 
-from expert_store.prior import mix, weights
+from expert_store.prior import mix, select_experts
 from expert_store.repository import ExpertRepository
 from models.backbone import Backbone
 from models.cvae import CVAE
@@ -112,58 +112,51 @@ class Engine:
         """embeddings (B, D), one request each -> one Generation (or the ValueError naming what is wrong) each.
 
         Each row's result is the same bytes as that row alone (tests/test_engine.py checks it), so
-        batching never changes a seeded LoRA: the similarities (B, E) are computed row-wise (no matrix
-        product), the priors per row, and the sg-lora rows share CVAE passes of a fixed number of rows
-        (:attr:`sample_rows`), each with its own seeded generator.
+        batching never changes a seeded LoRA: similarities and priors are computed per row, and the
+        sg-lora rows share CVAE passes of a fixed number of rows (:attr:`sample_rows`), each with its
+        own seeded generator.
         """
         if embeddings.dim() != 2 or embeddings.shape[0] != len(requests):
             raise ValueError(f"need one embedding row per request, got {tuple(embeddings.shape)} for {len(requests)}")
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
         names = self.repository.names
-        resolved: list[tuple[int, str, int | None, int, float]] = []
+        sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
+        # Each row alone (similarities, top-K, mixture): nothing here depends on the other rows.
         for i, r in enumerate(requests):
             try:
-                resolved.append((i, *self._resolve(r, len(names))))
-            except ValueError as e:
+                method, seed, top_k, temperature = self._resolve(r)
+                if method == "zero-shot":
+                    out[i] = Generation(torch.zeros(means.shape[1]), method, None, top_k, temperature)
+                    continue
+                if method == "model-soup":
+                    w = 1.0 / len(names)
+                    sims = F.cosine_similarity(embeddings[i].float().unsqueeze(0), stored.float(), dim=-1)
+                    experts = [ExpertChoice(n, w, float(s)) for n, s in zip(names, sims, strict=True)]
+                    out[i] = Generation(means.mean(0), method, None, top_k, temperature, experts)
+                    continue
+                idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature)
+            except ValueError as e:  # this request alone is bad (method, seed, top_k, temperature)
                 out[i] = e
-        if not resolved:
-            return out  # type: ignore[return-value]
-        rows = torch.tensor([i for i, *_ in resolved])
-        # (B, E) cosine similarities; row-wise (no matrix product), so a row's values do not depend on the batch.
-        sims = F.cosine_similarity(embeddings[rows].float().unsqueeze(1), stored.float().unsqueeze(0), dim=-1)
-        sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
-        for j, (i, method, seed, top_k, temperature) in enumerate(resolved):
-            if method == "zero-shot":
-                out[i] = Generation(torch.zeros(means.shape[1]), method, None, top_k, temperature)
                 continue
-            if method == "model-soup":
-                w = 1.0 / len(names)
-                experts = [ExpertChoice(n, w, float(s)) for n, s in zip(names, sims[j], strict=True)]
-                out[i] = Generation(means.mean(0), method, None, top_k, temperature, experts)
-                continue
-            top = torch.topk(sims[j], top_k)  # sorted, most similar first
-            alpha = weights(top.values, temperature)
             if method == "adapter-soup":
                 alpha = torch.full_like(alpha, 1.0 / top_k)
-            idx = top.indices
-            experts = [ExpertChoice(names[k], float(a), float(s)) for k, a, s in zip(idx.tolist(), alpha, top.values)]
+            experts = [ExpertChoice(names[k], float(a), float(s)) for k, a, s in zip(idx.tolist(), alpha, sims)]
             mu, var = mix(means[idx], variances[idx], alpha)
             if method != "sg-lora":
                 out[i] = Generation(mu, method, None, top_k, temperature, experts)
                 continue
             out[i] = Generation(mu, method, seed, top_k, temperature, experts)  # .lora: the prior mean, for now
             sample_rows.append((i, mu, var, seed))
-        if sample_rows:
-            chunk = self.sample_rows
-            for start in range(0, len(sample_rows), chunk):
-                self._sample_chunk(out, sample_rows[start : start + chunk], chunk)
+        chunk = self.sample_rows
+        for start in range(0, len(sample_rows), chunk):
+            self._sample_chunk(out, sample_rows[start : start + chunk], chunk)
         return out  # type: ignore[return-value]
 
     @property
     def sample_rows(self) -> int:
-        """Rows of every CVAE pass on the generator's device (SAMPLE_ROWS_CPU / SAMPLE_ROWS_GPU)."""
-        return SAMPLE_ROWS_CPU if self.generator.x_mean.device.type == "cpu" else SAMPLE_ROWS_GPU
+        """Rows of every CVAE pass on the engine's device (SAMPLE_ROWS_CPU / SAMPLE_ROWS_GPU)."""
+        return SAMPLE_ROWS_CPU if self.backbone.device.type == "cpu" else SAMPLE_ROWS_GPU
 
     def _sample_chunk(self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int]], size: int) -> None:
         """One CVAE pass at exactly ``size`` rows (the last row repeated as padding): a matrix
@@ -180,7 +173,7 @@ class Engine:
         for (i, *_), lora in zip(rows, loras):
             out[i] = replace(out[i], lora=lora)
 
-    def _resolve(self, r: Request, n_experts: int) -> tuple[str, int | None, int, float]:
+    def _resolve(self, r: Request) -> tuple[str, int | None, int, float]:
         """A request with defaults filled in; ValueError naming the bad field."""
         top_k = self.top_k if r.top_k is None else r.top_k
         temperature = self.temperature if r.temperature is None else r.temperature
@@ -188,13 +181,7 @@ class Engine:
             raise ValueError(f"unknown method {r.method!r}; choose from {GENERATIVE_METHODS}")
         if r.seed is not None and not 0 <= r.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
-        if r.method in ("zero-shot", "model-soup"):
-            return r.method, None, top_k, temperature
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be between 1 and the number of experts ({n_experts}), got {top_k}")
-        if r.method != "sg-lora":
+        if r.method != "sg-lora":  # top_k and temperature are checked by select_experts
             return r.method, None, top_k, temperature
         if self.generator is None:
             raise ValueError("method 'sg-lora' needs a trained generator; these artefacts have none")
