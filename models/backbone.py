@@ -75,6 +75,13 @@ class BackboneConfig:
 GPU_TEXT_ROWS = 32  # see Backbone.text_rows
 
 
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, ...) -> (max(n, rows), ...), the last row repeated: how a fixed-shape pass is filled (the
+    padding rows' outputs are dropped)."""
+    n = x.shape[0]
+    return x if rows <= n else torch.cat([x, x[-1:].expand(rows - n, *x.shape[1:])])
+
+
 class Backbone(ABC):
     """A frozen text/image model whose image tower takes a flat LoRA."""
 

@@ -64,7 +64,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from models.backbone import Backbone, BackboneConfig, LoraConfig
+from models.backbone import Backbone, BackboneConfig, LoraConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
 
 META_FILE = "offline_backbone.json"
@@ -398,13 +398,12 @@ def _encode(text_model, texts: list[str], rows: Callable[[int], int] | None = No
     out = torch.empty(len(texts), dim())
     for length in sorted(set(buckets)):
         idx = [i for i, b in enumerate(buckets) if b == length]
-        # On a GPU each bucket runs at a fixed number of rows too (Backbone.text_rows): repeat the last.
-        run = idx + idx[-1:] * ((rows(len(idx)) if rows else len(idx)) - len(idx))
+        n_rows = rows(len(idx)) if rows else len(idx)  # on a GPU a fixed number of rows (Backbone.text_rows)
         sub = {}
         for key, value in feats.items():
             if not torch.is_tensor(value) or value.dim() != 2:
                 continue
-            v = value[run, :length]  # only padding is cut: every row here has <= length tokens
+            v = pad_rows(value[idx, :length], n_rows)  # only padding is cut: every row here has <= length tokens
             if v.shape[1] < length:
                 v = F.pad(v, (0, length - v.shape[1]), value=pad_id if key == "input_ids" else 0)
             sub[key] = v.to(device)

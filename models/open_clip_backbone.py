@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from models.backbone import Backbone, BackboneConfig
+from models.backbone import Backbone, BackboneConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
 
 CONFIG_FILE = "open_clip_config.json"
@@ -107,10 +107,8 @@ class OpenClipBackbone(Backbone):
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
-        n, rows = tokens.shape[0], self.text_rows(tokens.shape[0])
-        if rows > n:  # a fixed shape on a GPU (Backbone.text_rows); the extra rows repeat the last text
-            tokens = torch.cat([tokens, tokens[-1:].expand(rows - n, -1)])
-        return self._encode_tokens(tokens)[:n]
+        n = tokens.shape[0]  # on a GPU a fixed shape (Backbone.text_rows)
+        return self._encode_tokens(pad_rows(tokens, self.text_rows(n)))[:n]
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model

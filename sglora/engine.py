@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from expert_store.prior import mix, select_experts
 from expert_store.repository import ExpertRepository
-from models.backbone import Backbone
+from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
 
 GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot")
@@ -164,10 +164,8 @@ class Engine:
         LoRA independent of its neighbours while still sharing one pass over the weights."""
         n, dev = len(rows), self.generator.x_mean.device
         # Only the real rows travel to the device; the padding repeats the last one there.
-        mu = torch.stack([r[1] for r in rows]).to(dev)
-        var = torch.stack([r[2] for r in rows]).to(dev)
-        if size > n:
-            mu, var = torch.cat([mu, mu[-1:].expand(size - n, -1)]), torch.cat([var, var[-1:].expand(size - n, -1)])
+        mu = pad_rows(torch.stack([r[1] for r in rows]).to(dev), size)
+        var = pad_rows(torch.stack([r[2] for r in rows]).to(dev), size)
         gens = [torch.Generator().manual_seed(r[3]) for r in rows] + [torch.Generator() for _ in range(size - n)]
         loras = self.generator.sample(mu, var, generator=gens)[:n].cpu()  # the padding rows are dropped
         for (i, *_), lora in zip(rows, loras):
