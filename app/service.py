@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import logging
 import re
 import secrets
 import struct
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +43,7 @@ from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata
 from sglora.engine import Request
-from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, adapter_config, from_peft_tensors, safetensors_bytes
+from sglora.export import from_peft_tensors, peft_zip_from_weights, safetensors_bytes
 
 log = logging.getLogger("sglora.service")
 ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -132,18 +130,6 @@ def normalise_etag(value: str) -> str:
     if not ETAG_RE.match(v):
         raise APIError(422, "etag", "not an ETag of this service (32 hex digits, as sent by /generate)")
     return v
-
-
-def peft_zip_from_safetensors(spec, weights: bytes) -> bytes:
-    """The zipped PEFT folder of :func:`sglora.export.peft_zip_bytes`, built from already-serialised weights
-    (a cache hit has bytes, not a vector); byte-identical to it."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in ((PEFT_CONFIG, json.dumps(adapter_config(spec), indent=2).encode()), (PEFT_WEIGHTS, weights)):
-            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, data)
-    return buf.getvalue()
 
 
 def _rank(scores: torch.Tensor) -> Scores:
@@ -369,7 +355,7 @@ class Service:
 
     async def zip_of(self, lora: GeneratedLora) -> bytes:
         t0 = time.perf_counter()
-        data = await asyncio.to_thread(peft_zip_from_safetensors, self.spec, lora.data)  # zlib releases the GIL
+        data = await asyncio.to_thread(peft_zip_from_weights, self.spec, lora.data)  # zlib releases the GIL
         self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t0)
         return data
 

@@ -102,12 +102,17 @@ def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any
 
 
 def peft_zip_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any], base_model: str | None = None) -> bytes:
+    return peft_zip_from_weights(spec, safetensors_bytes(spec, vec, metadata), base_model)
+
+
+def peft_zip_from_weights(spec: LoraSpec, weights: bytes, base_model: str | None = None) -> bytes:
+    """The zipped PEFT adapter folder around already-serialised ``adapter_model.safetensors`` bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         # Fixed timestamps keep the archive byte-identical for identical requests.
         for name, data in (
             (PEFT_CONFIG, json.dumps(adapter_config(spec, base_model), indent=2).encode()),
-            (PEFT_WEIGHTS, safetensors_bytes(spec, vec, metadata)),
+            (PEFT_WEIGHTS, weights),
         ):
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
