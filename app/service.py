@@ -156,7 +156,7 @@ def batching_mismatch(embed, descriptions: list[str], max_batch: int) -> str | N
     differed. The probes mix the given descriptions with fixed ones of other lengths."""
     texts = list(dict.fromkeys([*descriptions, *PROBES]))[:max_batch]
     alone = torch.cat([embed([t]) for t in texts])
-    filler = [f"{t} (variant {i})" for i, t in enumerate(texts * max_batch)][: max(0, max_batch - len(texts))]
+    filler = [f"{texts[i % len(texts)]} (variant {i})" for i in range(max_batch - len(texts))]
     for batch in (texts, texts[::-1], texts[:2], [*filler, *texts]):
         if len(batch) < 2:
             continue
