@@ -365,16 +365,18 @@ class OfflineBackbone(Backbone):
         return self
 
 
-MIN_BUCKET = 16  # shortest padded length; then powers of two up to the model's max_seq_length
+MIN_BUCKET = 16  # shortest padded length (every matrix product of the tower then has >= 16 rows)
+BUCKET_STEP = 8  # padded lengths are multiples of this, up to the model's max_seq_length
 
 
 def bucket_length(tokens: int, max_length: int) -> int:
-    """The padded length of a description of ``tokens`` tokens: the next power of two >= 16, at most
-    ``max_length``. It depends on the description alone, never on what it is batched with."""
-    n = MIN_BUCKET
-    while n < tokens:
-        n *= 2
-    return min(n, max_length)
+    """The padded length of a description of ``tokens`` tokens: the next multiple of 8 that is >= 16,
+    at most ``max_length``. It depends on the description alone, never on what it is batched with.
+
+    Steps of 8 rather than powers of two: on one CPU core a batch costs in proportion to its padded
+    tokens (batch 32: 6.9 ms a description at 24 tokens, 8.9 ms at 32), so a 22-token description
+    padded to 32 wasted a quarter of the encoder; 8 is the fp32 SIMD width, and no finer step pays."""
+    return min(max(MIN_BUCKET, -(-tokens // BUCKET_STEP) * BUCKET_STEP), max_length)
 
 
 @torch.no_grad()
