@@ -8,6 +8,7 @@ The PEFT names are those of HF ``CLIPModel`` (``vision_model.encoder.layers.{i}.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import open_clip
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
 from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, pad_rows
@@ -23,6 +26,7 @@ from models.lora import LoraSpec, LoraTarget
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 QKV = ("q", "k", "v")
+_TOKENIZER_LOCK = threading.Lock()  # the service encodes from several model threads
 
 
 def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
@@ -106,7 +110,9 @@ class OpenClipBackbone(Backbone):
 
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
+        with _TOKENIZER_LOCK:  # HF tokenizers (some open_clip models) fail when called from two threads at once
+            tokens = self.tokenizer(list(texts))
+        tokens = tokens.to(self.device)
         n = tokens.shape[0]  # on a GPU a fixed shape (Backbone.text_rows)
         return self._encode_tokens(pad_rows(tokens, self.text_rows(n)))[:n]
 
@@ -116,10 +122,11 @@ class OpenClipBackbone(Backbone):
             return m.encode_text(tokens, normalize=True).float()
         # open_clip's CLIP.encode_text, with the final projection done row by row: as one (B, W) @ (W, E)
         # product its rounding would depend on the batch size B, and so would a description's embedding
-        # (every earlier product has B x context rows, which keeps it in one kernel regime on the CPU).
+        # (every earlier product has B x context rows, which keeps it in one kernel regime on the CPU), and
+        # the attention as _text_transformer computes it.
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        x = m.ln_final(_text_transformer(m.transformer, x, m.attn_mask))
         x = open_clip.model.text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         x = (x.unsqueeze(-1) * m.text_projection).sum(-2)  # (B, W, 1) * (W, E) summed over W
         return F.normalize(x, dim=-1).float()
@@ -135,3 +142,46 @@ class OpenClipBackbone(Backbone):
         super().to(device)
         self.model.to(self.device)
         return self
+
+
+def _self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """``mha(x, x, x, need_weights=False)[0]`` for batch-first x (B, L, E), computed as one input
+    projection over the B*L contiguous rows and ``scaled_dot_product_attention``.
+
+    The values are nn.MultiheadAttention's up to rounding, but here a row's rounding does not depend
+    on the batch: nn.MultiheadAttention transposes to (L, B, E) and projects that strided view, and
+    on an AVX-512 CPU the product then rounds differently at B = 1, 2-3 and 4+ (measured), so a
+    description's embedding would change with its neighbours.
+    """
+    b, n, e = x.shape
+    h = mha.num_heads
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, E / H)
+    return F.linear(out.transpose(1, 2).reshape(b, n, e), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _text_transformer(transformer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """open_clip's text ``Transformer.forward`` with :func:`_self_attention` in every block; any other
+    block layout (cross-attention, custom attention, sequence-first) runs open_clip's own forward."""
+    blocks = getattr(transformer, "resblocks", None)
+    plain = (
+        getattr(transformer, "batch_first", False)
+        and blocks is not None
+        and all(
+            type(blk) is ResidualAttentionBlock
+            and not hasattr(blk, "ln_1_kv")
+            and isinstance(blk.attn, nn.MultiheadAttention)
+            and blk.attn.batch_first
+            and blk.attn._qkv_same_embed_dim
+            and blk.attn.bias_k is None
+            and not blk.attn.add_zero_attn
+            for blk in blocks
+        )
+    )
+    if not plain:
+        return transformer(x, attn_mask=attn_mask)
+    mask = attn_mask.to(x.dtype) if attn_mask is not None else None  # as ResidualAttentionBlock.attention does
+    for blk in blocks:
+        x = x + blk.ls_1(_self_attention(blk.attn, blk.ln_1(x), mask))
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x

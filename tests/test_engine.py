@@ -72,6 +72,23 @@ def test_text_tower_padded_to_fixed_rows_returns_each_rows_embedding(tiny_backbo
     assert tiny_backbone.text_rows(3) == 8 and type(tiny_backbone).text_rows(tiny_backbone, 3) == 3  # CPU: no padding
 
 
+def test_open_clip_text_embedding_does_not_depend_on_the_batch(tiny_backbone):
+    """nn.MultiheadAttention rounds a row differently at batch 1, 2-3 and 4+ on an AVX-512 CPU; the
+    backbone's own attention (same values) does not. One torch thread, as the service runs."""
+    texts = ["a photo of a ring", "a photo of a star", "x y z", "a cat", "This is a task about shirts"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            alone = torch.cat([tiny_backbone.encode_text([t]) for t in texts])
+            for n in range(2, len(texts) + 1):
+                assert torch.equal(tiny_backbone.encode_text(texts[:n]), alone[:n]), n
+            stock = tiny_backbone.model.encode_text(tiny_backbone.tokenizer(texts), normalize=True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(alone, stock, rtol=0, atol=1e-6)  # open_clip's values, up to rounding
+
+
 def test_more_sg_lora_rows_than_one_cvae_pass(engine):
     """A fixed number of rows per CVAE pass: several passes (the last padded) still give each row its bytes alone."""
     rows = engine.sample_rows
