@@ -276,6 +276,7 @@ class Ready(BaseModel):
                     "experts": 40,
                     "queue": 0,
                     "max_batch": 32,
+                    "model_threads": 1,
                 }
             ]
         }
@@ -291,3 +292,4 @@ class Ready(BaseModel):
     max_batch: int | None = Field(
         None, description="descriptions per text-encoder call; 1 when batching would change a seeded LoRA's bytes"
     )
+    model_threads: int | None = Field(None, description="model threads, each running its own micro-batch")

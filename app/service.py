@@ -20,6 +20,7 @@ import logging
 import re
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -204,18 +205,20 @@ class Service:
             max_connections=settings.redis_max_connections,
         )
         self.lru = BytesLRU(settings.lru_bytes)
+        model_threads, threads = settings.resolved_parallelism(device)
         self.worker = ModelWorker(
             self.engine.embed,
             metrics,
             finish=self._generate_jobs,
-            threads=settings.resolved_threads(),
+            threads=threads,
+            model_threads=model_threads,
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
             max_queue=settings.max_queue,
             timeout_s=settings.request_timeout_s,
             delay_s=settings.test_model_delay_s,
         )
-        self._sampling_s = 0.0
+        self._timing = threading.local()  # per model thread: .sampling_s of the current pass
         self._time_sampling()
         metrics.set_info(self.backbone_name, self.version, __version__, device)
 
@@ -226,8 +229,8 @@ class Service:
         worker and warms the model up with one real generation."""
         if settings.artifacts is None:
             raise ArtifactError("no artefact directory: set SGLORA_ARTIFACTS (or `sglora serve --artifacts DIR`)")
-        torch.set_num_threads(settings.resolved_threads())
         device = settings.resolved_device()
+        torch.set_num_threads(settings.resolved_parallelism(device)[1])
         artifacts = await asyncio.to_thread(load_artifacts, settings.artifacts, device)
         service = cls(settings, artifacts, device, metrics)
         service.worker.start()
@@ -244,18 +247,21 @@ class Service:
                     "micro-batching off: on %s with %d torch thread(s), %s; descriptions are encoded one at a time so "
                     "that a seeded LoRA never depends on its neighbours (SGLORA_BATCH_INVARIANCE=ignore batches anyway)",
                     device,
-                    settings.resolved_threads(),
+                    torch.get_num_threads(),
                     mismatch,
                 )
                 service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
-            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s; redis %s",
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (%d model thread(s), %d torch thread(s)); "
+            "redis %s",
             artifacts.root,
             service.version,
             service.backbone_name,
             len(artifacts.repository),
             device,
+            service.worker.model_threads,
+            torch.get_num_threads(),
             redis,
         )
         return service
@@ -279,7 +285,7 @@ class Service:
             try:
                 return inner(*args, **kwargs)
             finally:
-                self._sampling_s += time.perf_counter() - t0
+                self._timing.sampling_s = getattr(self._timing, "sampling_s", 0.0) + time.perf_counter() - t0
 
         gen.sample = timed_sample  # instance attribute: shadows the method for this generator only
 
@@ -336,14 +342,14 @@ class Service:
         step = self.engine.sample_rows
         for start in range(0, len(jobs), step):
             part = jobs[start : start + step]
-            self._sampling_s = 0.0
+            self._timing.sampling_s = 0.0
             t0 = time.perf_counter()
             gens = self.engine.generate_many(
                 embeddings[start : start + step], [Request(p.method, p.seed, p.top_k, p.temperature) for p in part]
             )
-            self.metrics.stage.labels(stage="prior").observe(time.perf_counter() - t0 - self._sampling_s)
-            if self._sampling_s:
-                self.metrics.stage.labels(stage="sampling").observe(self._sampling_s)
+            self.metrics.stage.labels(stage="prior").observe(time.perf_counter() - t0 - self._timing.sampling_s)
+            if self._timing.sampling_s:
+                self.metrics.stage.labels(stage="sampling").observe(self._timing.sampling_s)
             for params, g in zip(part, gens, strict=True):
                 if isinstance(g, Exception):
                     yield g

@@ -18,7 +18,15 @@ class Settings(BaseSettings):
     # ---- artefacts and device ----------------------------------------------------------------------
     artifacts: Path | None = Field(None, description="artefact directory written by `sglora pipeline`")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    threads: int = Field(0, ge=0, description="torch intra-op threads of the model worker; 0 = the cores available - 1 (>= 1)")
+    threads: int = Field(
+        0, ge=0, description="torch intra-op threads (shared by the model threads); 0 = 1 on a CPU, the cores - 1 on a GPU"
+    )
+    model_threads: int = Field(
+        0,
+        ge=0,
+        description="model threads sharing one copy of the weights, each running its own micro-batch; 0 = on a CPU "
+        "(the cores - 1) / threads, on a GPU 1",
+    )
 
     # ---- cache -------------------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the LoRA cache; empty disables caching")
@@ -79,13 +87,22 @@ class Settings(BaseSettings):
             return self.max_body_bytes
         return max(self.max_images * self.max_image_bytes, 2 * self.max_expert_bytes) + (1 << 20)
 
-    def resolved_threads(self) -> int:
-        """0 -> one thread less than the cores this process may use (at least 1): the event loop keeps a
-        core, and an oversubscribed OpenMP pool can slow a forward down by an order of magnitude."""
-        if self.threads > 0:
-            return self.threads
+    def resolved_parallelism(self, device: str) -> tuple[int, int]:
+        """(model threads, torch intra-op threads) for ``device``; the event loop keeps one core.
+
+        On a CPU the default is one intra-op thread per model thread and one model thread per spare
+        core: a torch op then runs on its caller's thread at the shape it has alone, so micro-batches
+        stay bit-identical (two or more intra-op threads round differently by batch size, and the
+        start-up check then turns batching off), and N model threads use N cores. The cores are never
+        oversubscribed: an OpenMP pool that competes for busy cores can slow a forward down by an
+        order of magnitude. On a GPU one model thread feeds the device.
+        """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores - 1)
+        spare = max(1, cores - 1)
+        if device.startswith("cpu"):
+            threads = self.threads or (max(1, spare // self.model_threads) if self.model_threads else 1)
+            return self.model_threads or max(1, spare // threads), threads
+        return self.model_threads or 1, self.threads or spare
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,21 +1,27 @@
-"""The model worker: all torch work on one dedicated thread, text encodings micro-batched.
+"""The model worker: all torch work on dedicated model threads, text encodings micro-batched.
 
-Requests never run torch on the event loop. Two kinds of job reach the thread:
+Requests never run torch on the event loop. ``model_threads`` threads share one copy of the weights
+(on a CPU each runs torch ops with the process's intra-op threads, one by default, so N of them keep
+N cores busy while every op keeps the shape, and so the rounding, it has alone). Two kinds of job
+reach them:
 
 * ``encode(text, job)``: queued on an asyncio queue; a batcher task takes whatever is queued
   (up to ``max_batch``), waiting up to ``batch_wait_ms`` for more only while the previous batch
   was not alone (no wait for a lone client), and runs ONE ``engine.embed(batch)`` call (identical
   descriptions encoded once) followed, in the same thread hop, by ONE ``finish(embeddings, jobs)``
   call over every item that has a job (prior, sampling, serialisation), whose results are handed to
-  the event loop one by one as ``finish`` yields them. While a batch runs, new arrivals queue up and
-  form the next one: under load the batch size adapts to the arrival rate.
-* ``run(fn)``: any other job (retrieval, expert registration), in order with the batches.
+  the event loop one by one as ``finish`` yields them. A batch starts when a model thread is free;
+  while every thread is busy, new arrivals queue up and form the next batch: under load the batch
+  size adapts to the arrival rate.
+* ``run(fn)``: any other job (retrieval, expert registration). It runs alone: it waits for the
+  running batches, and no batch starts until it is done.
 
 Admission: at most ``max_queue`` jobs wait or run; beyond that :class:`Overloaded` (-> 429 with
 Retry-After). A caller waits at most ``timeout_s`` (-> 504); a job whose caller gave up before it
 started is skipped. ``drain`` stops admission and waits for the accepted jobs (graceful shutdown).
-Running everything on one thread also serialises expert registration with generation, so a
-generation never sees a half-updated repository.
+Running ``run`` jobs alone keeps expert registration apart from generation, so a generation never
+sees a half-updated repository, and keeps two retrievals (which swap LoRA weights into the image
+tower for one forward) apart.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class ModelWorker:
         metrics: Metrics,
         finish: Finish | None = None,
         threads: int = 0,
+        model_threads: int = 1,
         max_batch: int = 32,
         batch_wait_ms: float = 2.0,
         max_queue: int = 256,
@@ -82,8 +89,17 @@ class ModelWorker:
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.delay_s = delay_s  # tests only (Settings.test_model_delay_s): a slow model
+        if model_threads < 1:
+            raise ValueError(f"model_threads must be >= 1, got {model_threads}")
         self._threads = threads
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglora-torch", initializer=self._init_thread)
+        self.model_threads = model_threads
+        self._executor = ThreadPoolExecutor(
+            max_workers=model_threads, thread_name_prefix="sglora-torch", initializer=self._init_thread
+        )
+        # One slot per model thread: a batch takes one, a run() job takes them all.
+        self._slots = asyncio.Semaphore(model_threads)
+        self._exclusive = asyncio.Lock()  # one run() job at a time gathers the slots (no deadlock)
+        self._tasks: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0  # admitted jobs not yet finished (queued + running)
         self._closing = False
@@ -149,7 +165,7 @@ class ModelWorker:
         return await self._wait(future)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs ``fn(*args)`` on the worker thread, under inference mode."""
+        """Runs ``fn(*args)`` on a model thread, under inference mode, alone (no batch runs meanwhile)."""
         self._admit()
         loop = asyncio.get_running_loop()
         enqueued = time.perf_counter()
@@ -170,14 +186,31 @@ class ModelWorker:
             else:
                 loop.call_soon_threadsafe(_set_result, future, result)
 
-        self._executor.submit(job)
+        self._spawn(self._alone(job, future))
         return await self._wait(future)
+
+    async def _alone(self, job: Callable[[], None], future: asyncio.Future) -> None:
+        async with self._exclusive:
+            for _ in range(self.model_threads):
+                await self._slots.acquire()
+        try:
+            if not future.cancelled():  # the caller gave up while the batches finished
+                await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        finally:
+            for _ in range(self.model_threads):
+                self._slots.release()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- batching -------------------------------------------------------------------------------
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            await self._slots.acquire()  # a free model thread; meanwhile arrivals queue up for this batch
             deadline = loop.time() + self.batch_wait_s
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
@@ -192,14 +225,19 @@ class ModelWorker:
                     break
             batch = [it for it in batch if not it.future.cancelled()]
             if not batch:
+                self._slots.release()
                 continue
             self._last_batch = len(batch)
-            # Await the batch: later arrivals queue up meanwhile and form the next batch.
-            done = loop.run_in_executor(self._executor, self._run_batch, batch, loop)
-            try:
-                await done
-            except Exception:  # noqa: BLE001 - every item's future already got its error
-                log.exception("batch failed")
+            self._spawn(self._dispatch(batch))
+
+    async def _dispatch(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._run_batch, batch, loop)
+        except Exception:  # noqa: BLE001 - every item's future already got its error
+            log.exception("batch failed")
+        finally:
+            self._slots.release()
 
     def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         # Requests that timed out (or went away) while this batch waited for the thread are not encoded:

@@ -53,6 +53,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -92,6 +93,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "class_template": "a photo of a {}",
 }
 EMBED_DIM = 384
+# The service may encode from several model threads; HF fast tokenizers fail ("Already borrowed")
+# when one instance is called from two threads at once.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def resolve_options(config: BackboneConfig) -> dict[str, Any]:
@@ -390,7 +394,8 @@ def _encode(text_model, texts: list[str], rows: Callable[[int], int] | None = No
     checks this at start-up: app/service.py), which keeps seeded LoRAs byte-identical under load.
     """
     prep = getattr(text_model, "preprocess", None) or text_model.tokenize
-    feats = prep(texts)  # padded to the longest, truncated to max_seq_length
+    with _TOKENIZER_LOCK:  # a Rust tokenizer reconfigures itself per call: one caller at a time
+        feats = prep(texts)  # padded to the longest, truncated to max_seq_length
     mask = feats["attention_mask"]
     max_len = int(text_model.max_seq_length or mask.shape[1])
     pad_id = text_model.tokenizer.pad_token_id or 0

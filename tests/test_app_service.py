@@ -264,3 +264,75 @@ async def test_results_of_a_batch_are_answered_as_they_are_made():
         await blocker
     finally:
         await worker.close()
+
+
+async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
+    """Two model threads encode two micro-batches at once; a run() job (retrieval, expert change)
+    waits for them and runs with no batch beside it."""
+    import time
+
+    import torch
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    lock, active, peak, seen_by_job = threading.Lock(), [0], [0], []
+
+    def embed(texts):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        return torch.zeros(len(texts), 4)
+
+    def alone():
+        for _ in range(5):  # no batch starts while this job runs
+            seen_by_job.append(active[0])
+            time.sleep(0.02)
+        return "alone"
+
+    worker = ModelWorker(embed, Metrics(), finish=lambda e, jobs: list(jobs), threads=1, model_threads=2, max_batch=1)
+    worker.start()
+    try:
+        first = [asyncio.create_task(worker.encode(f"d{i}", i)) for i in range(2)]
+        await until(lambda: active[0] == 2)
+        job = asyncio.create_task(worker.run(alone))
+        later = [asyncio.create_task(worker.encode(f"e{i}", 10 + i)) for i in range(2)]
+        assert await asyncio.wait_for(asyncio.gather(*first, job, *later), 10) == [0, 1, "alone", 10, 11]
+    finally:
+        await worker.close()
+    assert peak[0] == 2  # the two batches ran side by side
+    assert seen_by_job == [0] * 5  # the job started after both, and the later batches waited for it
+
+
+async def test_generation_on_two_model_threads_gives_the_bytes_of_one(make_settings):
+    async with serving(make_settings(model_threads=2, max_batch=3)) as (service, client):
+        assert (await client.get("/ready")).json()["model_threads"] == 2
+        bodies = [{"description": f"a shape of kind {i}", "seed": i} for i in range(12)]
+        responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        assert [r.status_code for r in responses] == [200] * 12
+        engine = service.engine
+        for b, r in zip(bodies, responses, strict=True):
+            alone = engine.generate(engine.embed([b["description"]])[0], "sg-lora", seed=b["seed"]).lora
+            got = from_peft_tensors(service.spec, load_safetensors(r.content))
+            assert got.numpy().tobytes() == alone.numpy().tobytes(), b
+
+
+@pytest.mark.parametrize(
+    ("threads", "model_threads", "device", "cores", "expected"),
+    [
+        (0, 0, "cpu", 16, (15, 1)),  # one single-threaded model thread per spare core
+        (0, 0, "cpu", 2, (1, 1)),
+        (0, 0, "cpu", 1, (1, 1)),
+        (4, 0, "cpu", 16, (3, 4)),
+        (0, 3, "cpu", 16, (3, 5)),
+        (2, 2, "cpu", 16, (2, 2)),
+        (0, 0, "cuda", 16, (1, 15)),
+        (0, 2, "cuda:1", 16, (2, 15)),
+    ],
+)
+def test_parallelism_defaults(monkeypatch, threads, model_threads, device, cores, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    assert Settings(threads=threads, model_threads=model_threads).resolved_parallelism(device) == expected

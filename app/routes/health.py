@@ -36,6 +36,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
         experts=len(service.artifacts.repository),
         queue=service.worker.pending,
         max_batch=service.worker.max_batch,
+        model_threads=service.worker.model_threads,
     )
 
 
