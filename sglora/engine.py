@@ -26,11 +26,12 @@ from models.cvae import CVAE
 GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot")
 MAX_SEED = 2**63 - 1
 # Rows of every CVAE pass (Engine._sample_chunk). A fixed shape makes a row's rounding independent of
-# the batch. On a CPU core a 2-row pass costs what a 1-row pass costs (one read of the generator's
-# weights: 1.36 vs 1.31 ms for the offline default; 16 rows: 3.2 ms), so 2 keeps a lone request's
-# latency and halves the per-LoRA cost under load. On the GPU one row per pass is what was measured
-# end to end (docs/benchmarks.md: 32 rows padded on the host slowed a lone miss from 18 to 32 ms).
-SAMPLE_ROWS_CPU = 2
+# the batch. One row on both: on the CPU a pass reads the generator's 24 MiB of weights, and whether a
+# second row comes free depends on the processor's matrix kernels (1.31 vs 1.36 ms for 1 vs 2 rows on
+# one 2-core host, 1.6 vs 3.3 ms on an AVX-512 one, where the 2-row kernel reads the weights twice),
+# while a lone request always pays for the whole pass. On the GPU one row per pass is what was
+# measured end to end (docs/benchmarks.md: 32 rows padded on the host slowed a lone miss from 18 to 32 ms).
+SAMPLE_ROWS_CPU = 1
 SAMPLE_ROWS_GPU = 1
 
 
