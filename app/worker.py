@@ -93,9 +93,14 @@ class ModelWorker:
             raise ValueError(f"model_threads must be >= 1, got {model_threads}")
         self._threads = threads
         self.model_threads = model_threads
-        self._executor = ThreadPoolExecutor(
-            max_workers=model_threads, thread_name_prefix="sglora-torch", initializer=self._init_thread
-        )
+        # One single-thread executor per model thread, and a batch goes to the free one with the lowest
+        # index: a lone client's requests then always run on the same thread, whose core keeps the
+        # weights it touched in its caches (alternating threads cost a lone miss 1-2 ms, measured).
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sglora-torch-{i}", initializer=self._init_thread)
+            for i in range(model_threads)
+        ]
+        self._free = list(range(model_threads))  # indices of idle model threads
         # One slot per model thread: a batch takes one, a run() job takes them all.
         self._slots = asyncio.Semaphore(model_threads)
         self._exclusive = asyncio.Lock()  # one run() job at a time gathers the slots (no deadlock)
@@ -195,7 +200,7 @@ class ModelWorker:
                 await self._slots.acquire()
         try:
             if not future.cancelled():  # the caller gave up while the batches finished
-                await asyncio.get_running_loop().run_in_executor(self._executor, job)
+                await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
         finally:
             for _ in range(self.model_threads):
                 self._slots.release()
@@ -233,7 +238,12 @@ class ModelWorker:
     async def _dispatch(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._run_batch, batch, loop)
+            index = min(self._free)  # holding a slot guarantees a free thread
+            self._free.remove(index)
+            try:
+                await loop.run_in_executor(self._executors[index], self._run_batch, batch, loop)
+            finally:
+                self._free.append(index)
         except Exception:  # noqa: BLE001 - every item's future already got its error
             log.exception("batch failed")
         finally:
@@ -308,7 +318,8 @@ class ModelWorker:
                 await self._batcher
             except asyncio.CancelledError:
                 pass
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        for executor in self._executors:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

@@ -276,9 +276,10 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
     from app.metrics import Metrics
     from app.worker import ModelWorker
 
-    lock, active, peak, seen_by_job = threading.Lock(), [0], [0], []
+    lock, active, peak, seen_by_job, threads = threading.Lock(), [0], [0], [], []
 
     def embed(texts):
+        threads.append(threading.current_thread().name)
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
@@ -301,6 +302,11 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
         job = asyncio.create_task(worker.run(alone))
         later = [asyncio.create_task(worker.encode(f"e{i}", 10 + i)) for i in range(2)]
         assert await asyncio.wait_for(asyncio.gather(*first, job, *later), 10) == [0, 1, "alone", 10, 11]
+        assert len({t.rsplit("_", 1)[0] for t in threads}) == 2  # both model threads worked
+        threads.clear()
+        for i in range(3):  # one request at a time: always the first thread (its core's caches stay warm)
+            assert await worker.encode(f"lone {i}", i) == i
+        assert {t.rsplit("_", 1)[0] for t in threads} == {"sglora-torch-0"}
     finally:
         await worker.close()
     assert peak[0] == 2  # the two batches ran side by side
