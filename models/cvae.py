@@ -10,8 +10,11 @@ snapshots, stored as buffers so a saved generator is self-contained.
   loss = ||X - X_hat||^2 + lambda * KL(q || p)
 
 The first layer of each MLP acts on a concatenation with c; its c-part W_c c is computed
-once and shared by the three networks (one ``cond`` projection), which keeps the
-parameter count near 4·P·H instead of 8·P·H for large LoRAs (P = 110,592 for ViT-B/16).
+once and shared by the three networks, which keeps the parameter count near 4·P·H instead of
+8·P·H for large LoRAs (P = 110,592 for ViT-B/16). W_c c is kept as two products,
+``cond_mu`` on the normalised mu* and ``cond_var`` on log sigma*^2: the first is linear in
+mu* = sum_k alpha_k mu_k, so a sampler can precompute it per expert (:meth:`mean_features`)
+and read only two of the three P x H weight blocks per sample.
 With ``residual`` the decoder predicts X - mu* (normalised): the generator learns a
 correction of the prior mean rather than the whole LoRA.
 """
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import skip_init
 
 LOGVAR_EPS = 1e-6
 
@@ -58,7 +62,16 @@ class CVAE(nn.Module):
         self.config = config
         p, h, lat = config.lora_dim, config.hidden_dim, config.latent_dim
         c_dim = 2 * p if config.use_variance else p
-        self.cond = nn.Linear(c_dim, h)  # shared W_c c of the three first layers
+        # Shared W_c c of the three first layers, as [W_mu | W_var]: initialised as one Linear(c_dim, h)
+        # (the same draws as a single layer would take), then split.
+        full = nn.Linear(c_dim, h)
+        self.cond_mu = skip_init(nn.Linear, p, h)  # skip_init: no draws, so every later layer's init is unchanged
+        self.cond_var = skip_init(nn.Linear, p, h, bias=False) if config.use_variance else None
+        with torch.no_grad():
+            self.cond_mu.weight.copy_(full.weight[:, :p])
+            self.cond_mu.bias.copy_(full.bias)
+            if self.cond_var is not None:
+                self.cond_var.weight.copy_(full.weight[:, p:])
         self.enc_x = nn.Linear(p, h, bias=False)
         self.enc_out = nn.Linear(h, 2 * lat)
         self.prior_in = nn.Linear(h, h)
@@ -83,13 +96,41 @@ class CVAE(nn.Module):
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.x_std + self.x_mean
 
-    def condition(self, prior_mean: torch.Tensor, prior_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw prior (B, P) x2 -> (shared condition features (B, H), normalised mu* (B, P))."""
+    def condition(
+        self, prior_mean: torch.Tensor, prior_var: torch.Tensor, mean_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw prior (B, P) x2 -> (shared condition features (B, H), normalised mu* (B, P)).
+
+        ``mean_features`` (B, H): W_mu applied to the normalised mu*, when the caller has it already
+        (sum_k alpha_k of the experts' :meth:`mean_features`); it replaces a read of W_mu."""
         mu_n = self.normalise(prior_mean)
-        parts = [mu_n]
-        if self.config.use_variance:
-            parts.append(torch.log(prior_var / self.x_std**2 + LOGVAR_EPS))
-        return self.cond(torch.cat(parts, dim=-1)), mu_n
+        if mean_features is None:
+            hc = self.cond_mu(mu_n)
+        else:
+            hc = mean_features + self.cond_mu.bias
+        if self.cond_var is not None:
+            hc = hc + self.cond_var(torch.log(prior_var / self.x_std**2 + LOGVAR_EPS))
+        return hc, mu_n
+
+    @torch.no_grad()
+    def mean_features(self, means: torch.Tensor) -> torch.Tensor:
+        """(E, P) raw expert means -> (E, H): W_mu applied to each normalised mean, one row at a time
+        (a row's value does not depend on E). Since the softmax weights alpha sum to 1,
+        W_mu normalise(sum_k alpha_k mu_k) = sum_k alpha_k (W_mu normalise(mu_k))."""
+        w = self.cond_mu.weight
+        return torch.cat([F.linear(self.normalise(m.unsqueeze(0)), w) for m in means.to(w.device, w.dtype)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Generators saved before the split hold one ``cond`` layer over [mu_n, log var]: split it.
+        old_w, old_b = state_dict.pop(prefix + "cond.weight", None), state_dict.pop(prefix + "cond.bias", None)
+        if old_w is not None:
+            p = self.config.lora_dim
+            state_dict[prefix + "cond_mu.weight"] = old_w[:, :p].contiguous()
+            if old_b is not None:
+                state_dict[prefix + "cond_mu.bias"] = old_b
+            if self.config.use_variance:
+                state_dict[prefix + "cond_var.weight"] = old_w[:, p:].contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- networks -----------------------------------------------------------------------------
     def _prior(self, hc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +162,19 @@ class CVAE(nn.Module):
         prior_mean: torch.Tensor,
         prior_var: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        mean_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draws z ~ p(z | c) and decodes: (P,) or (B, P) raw prior -> raw LoRA of the same shape.
 
         ``generator``: one for the whole draw, or a list with one per row (row i's noise is then what
-        its generator alone would draw, whatever else is in the batch).
+        its generator alone would draw, whatever else is in the batch). ``mean_features``: see
+        :meth:`condition`, (H,) or (B, H).
         """
         single = prior_mean.dim() == 1
         pm, pv = (prior_mean.unsqueeze(0), prior_var.unsqueeze(0)) if single else (prior_mean, prior_var)
-        hc, mu_n = self.condition(pm, pv)
+        if mean_features is not None and mean_features.dim() == 1:
+            mean_features = mean_features.unsqueeze(0)
+        hc, mu_n = self.condition(pm, pv, mean_features)
         mu_p, logvar_p = self._prior(hc)
         # Noise drawn on the CPU from the caller's generator(s): identical bytes on every device.
         if isinstance(generator, list):

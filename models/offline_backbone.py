@@ -93,8 +93,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "class_template": "a photo of a {}",
 }
 EMBED_DIM = 384
-# The service may encode from several model threads; HF fast tokenizers fail ("Already borrowed")
-# when one instance is called from two threads at once.
+# The service may encode from several model threads; an HF fast tokenizer can fail ("RuntimeError:
+# Already borrowed", huggingface/tokenizers#537, transformers#47085) when one instance is called from
+# two threads at once, since each call may reconfigure its truncation and padding.
 _TOKENIZER_LOCK = threading.Lock()
 
 

@@ -88,6 +88,9 @@ class Engine:
         self.generator = generator
         self.top_k = top_k
         self.temperature = temperature
+        # (the repository's stacked means, the generator's mean_features of them): recomputed when
+        # the repository changes (stacked() then returns new tensors).
+        self._features: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def embed(self, descriptions: list[str]) -> torch.Tensor:
         for d in descriptions:
@@ -122,7 +125,7 @@ class Engine:
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
         names = self.repository.names
-        sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
+        sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
         # Each row alone (similarities, top-K, mixture): nothing here depends on the other rows.
         for i, r in enumerate(requests):
             try:
@@ -148,7 +151,9 @@ class Engine:
                 out[i] = Generation(mu, method, None, top_k, temperature, experts)
                 continue
             out[i] = Generation(mu, method, seed, top_k, temperature, experts)  # .lora: the prior mean, for now
-            sample_rows.append((i, mu, var, seed))
+            # The condition layer's mu*-part as the same mix of the experts' precomputed parts: the CVAE
+            # pass then reads one P x H weight block fewer (a third of its weights).
+            sample_rows.append((i, mu, var, seed, alpha @ self._expert_features(means)[idx]))
         chunk = self.sample_rows
         for start in range(0, len(sample_rows), chunk):
             self._sample_chunk(out, sample_rows[start : start + chunk], chunk)
@@ -159,7 +164,16 @@ class Engine:
         """Rows of every CVAE pass on the engine's device (SAMPLE_ROWS_CPU / SAMPLE_ROWS_GPU)."""
         return SAMPLE_ROWS_CPU if self.backbone.device.type == "cpu" else SAMPLE_ROWS_GPU
 
-    def _sample_chunk(self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int]], size: int) -> None:
+    def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
+        """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; cached for
+        these ``means`` (any change to the repository stacks new tensors)."""
+        cached = self._features
+        if cached is None or cached[0] is not means:
+            cached = (means, self.generator.mean_features(means).cpu())
+            self._features = cached  # one assignment: another model thread sees the old pair or the new one
+        return cached[1]
+
+    def _sample_chunk(self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]], size: int) -> None:
         """One CVAE pass at exactly ``size`` rows (the last row repeated as padding): a matrix
         product's rounding depends on its number of rows, so a fixed shape is what keeps each row's
         LoRA independent of its neighbours while still sharing one pass over the weights."""
@@ -167,8 +181,9 @@ class Engine:
         # Only the real rows travel to the device; the padding repeats the last one there.
         mu = pad_rows(torch.stack([r[1] for r in rows]).to(dev), size)
         var = pad_rows(torch.stack([r[2] for r in rows]).to(dev), size)
+        feats = pad_rows(torch.stack([r[4] for r in rows]).to(dev), size)
         gens = [torch.Generator().manual_seed(r[3]) for r in rows] + [torch.Generator() for _ in range(size - n)]
-        loras = self.generator.sample(mu, var, generator=gens)[:n].cpu()  # the padding rows are dropped
+        loras = self.generator.sample(mu, var, generator=gens, mean_features=feats)[:n].cpu()  # padding rows dropped
         for (i, *_), lora in zip(rows, loras):
             out[i] = replace(out[i], lora=lora)
 

@@ -63,3 +63,36 @@ def test_rows_with_their_own_generators_match_each_row_alone():
     assert not torch.equal(batch[1], batch[2])
     with pytest.raises(ValueError, match="2 generators for 5 rows"):
         m.sample(mus, vars_, [torch.Generator(), torch.Generator()])
+
+
+def test_condition_from_precomputed_expert_features_matches_the_full_product():
+    """W_mu normalise(sum_k alpha_k mu_k) = sum_k alpha_k (W_mu normalise(mu_k)) when alpha sums to 1:
+    a sample from the experts' precomputed features equals (to rounding) the full product's."""
+    m = _model()
+    torch.nn.init.normal_(m.dec_out.weight)
+    means, variances = torch.randn(6, 20), torch.rand(6, 20)
+    alpha = torch.softmax(torch.randn(6), 0)
+    mu = alpha @ means
+    var = alpha @ variances
+    feats = m.mean_features(means)
+    assert feats.shape == (6, 16)
+    assert torch.equal(m.mean_features(means[2:3])[0], feats[2])  # a row's value does not depend on the others
+    full = m.sample(mu, var, torch.Generator().manual_seed(1))
+    quick = m.sample(mu, var, torch.Generator().manual_seed(1), mean_features=alpha @ feats)
+    torch.testing.assert_close(quick, full, rtol=1e-5, atol=1e-6)
+
+
+def test_generators_saved_with_one_condition_layer_still_load():
+    """Before the condition layer was split, it was one Linear over [normalised mu*, log var*]."""
+    m = _model()
+    torch.nn.init.normal_(m.dec_out.weight)
+    state = dict(m.state_dict())
+    state["cond.weight"] = torch.cat([state.pop("cond_mu.weight"), state.pop("cond_var.weight")], dim=1)
+    state["cond.bias"] = state.pop("cond_mu.bias")
+    old = CVAE(m.config)
+    old.load_state_dict(state, strict=True)
+    mu, var = torch.randn(20), torch.rand(20)
+    a = old.sample(mu, var, torch.Generator().manual_seed(4))
+    b = m.sample(mu, var, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert torch.equal(old.cond_mu.weight, m.cond_mu.weight) and torch.equal(old.cond_var.weight, m.cond_var.weight)
