@@ -253,8 +253,7 @@ class Service:
                 service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
-            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (%d model thread(s), %d torch thread(s)); "
-            "redis %s",
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (%d model thread(s), %d torch thread(s)); redis %s",
             artifacts.root,
             service.version,
             service.backbone_name,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torch.nn import functional as F
 

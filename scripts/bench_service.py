@@ -3,12 +3,14 @@
     python scripts/bench_service.py --artifacts artifacts/offline-default [--redis-url redis://127.0.0.1:6379/0]
 
 Measures, on one machine:
-  1. the bare ``engine.embed([description])`` forward (in this process, before the server starts);
+  1. the bare ``engine.embed([description])`` forward (in this process);
   2. /generate cache-miss median latency (every request a fresh seed)     target <= 1.25x the bare forward;
   3. /generate cache-hit median latency (one request repeated)            target <= 0.1x the miss;
   4. throughput of cache misses with 32 concurrent clients vs 1 client    target >= 3x (micro-batching).
-The server is started here (uvicorn in a subprocess on a free loopback port, one worker) against the
-given Redis, with a fresh key prefix that is deleted at the end. Prints a Markdown table.
+1 and 2 alternate in blocks, and so do the two sides of 4, so that a drift in the machine's speed
+falls on both sides of each ratio. The server is started here (uvicorn in a subprocess on a free
+loopback port, one worker) against the given Redis, with a fresh key prefix that is deleted at the
+end. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -30,25 +32,33 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
 DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
 
 
-def bare_embed_ms(artifacts: Path, device: str, threads: int, description: str, n: int) -> float:
-    import torch
+class BareForward:
+    """The bare ``engine.embed([description])`` forward, in this process, with the server's torch threads."""
 
-    from sglora.artifacts import load_artifacts
+    def __init__(self, artifacts: Path, device: str, threads: int, description: str):
+        import torch
 
-    torch.set_num_threads(threads)
-    a = load_artifacts(artifacts, device)
-    times = []
-    with torch.inference_mode():
-        for _ in range(5):
-            a.engine.embed([description])
-        for _ in range(n):
-            t0 = time.perf_counter()
-            a.engine.embed([description])
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        from sglora.artifacts import load_artifacts
+
+        torch.set_num_threads(threads)
+        self.engine = load_artifacts(artifacts, device).engine
+        self.description = description
+        self.times_ms(5)  # warm-up
+
+    def times_ms(self, n: int) -> list[float]:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                self.engine.embed([self.description])
+                out.append(1000 * (time.perf_counter() - t0))
+        return out
 
 
 def free_port() -> int:
@@ -195,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     # The server's rule, so that the bare forward runs with the server's intra-op threads.
     settings = Settings(threads=args.threads, model_threads=args.model_threads, artifacts=args.artifacts)
     args.model_threads, args.threads = settings.resolved_parallelism(args.device)
-    bare = bare_embed_ms(args.artifacts, args.device, args.threads, args.description, args.requests)
+    forward = BareForward(args.artifacts, args.device, args.threads, args.description)
     port, prefix = free_port(), f"bench-{uuid.uuid4().hex[:8]}:"
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, port, prefix)
@@ -204,18 +214,30 @@ def run(args: argparse.Namespace) -> dict:
         ready = wait_ready(url, proc)
         d = args.description
         asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0 - 1 - i} for i in range(5)], "miss"))  # warm up
-        miss = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0 + i} for i in range(args.requests)], "miss"))
+        # Each pair of measurements alternates in blocks, so that a drift in the machine's speed (these
+        # shared cores drift by tens of per cent within minutes) falls on both sides of a ratio.
+        bare_ms: list[float] = []
+        miss: list[float] = []
+        n = -(-args.requests // BLOCKS)
+        for b in range(BLOCKS):
+            bare_ms += forward.times_ms(n)
+            bodies = [{"description": d, "seed": seed0 + b * n + i} for i in range(n)]
+            miss += asyncio.run(latencies_ms(port, bodies, "miss"))
         hit = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0}] * args.requests, "hit"))
-        one = asyncio.run(throughput(port, 1, args.throughput_requests, d, seed0 + 10_000_000))
-        before = httpx.get(url + "/metrics").text
-        many = asyncio.run(throughput(port, args.clients, args.throughput_requests, d, seed0 + 20_000_000))
-        after = httpx.get(url + "/metrics").text
-        calls = metric_sum(after, "sglora_batch_size_count") - metric_sum(before, "sglora_batch_size_count")
-        texts = metric_sum(after, "sglora_batch_size_sum") - metric_sum(before, "sglora_batch_size_sum")
-        stages = {
-            stage: 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / args.throughput_requests
-            for stage in ("text_encoding", "prior", "sampling", "serialisation")
-        }
+        n = -(-args.throughput_requests // BLOCKS)
+        one_s = many_s = calls = texts = 0.0
+        names = ("text_encoding", "prior", "sampling", "serialisation")
+        stages = dict.fromkeys(names, 0.0)
+        for b in range(BLOCKS):
+            one_s += n / asyncio.run(throughput(port, 1, n, d, seed0 + 10_000_000 + b * n))
+            before = httpx.get(url + "/metrics").text  # batches and stages of the many-client blocks only
+            many_s += n / asyncio.run(throughput(port, args.clients, n, d, seed0 + 20_000_000 + b * n))
+            after = httpx.get(url + "/metrics").text
+            calls += metric_sum(after, "sglora_batch_size_count") - metric_sum(before, "sglora_batch_size_count")
+            texts += metric_sum(after, "sglora_batch_size_sum") - metric_sum(before, "sglora_batch_size_sum")
+            for stage in names:
+                stages[stage] += 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / (BLOCKS * n)
+        one, many = BLOCKS * n / one_s, BLOCKS * n / many_s
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -223,7 +245,7 @@ def run(args: argparse.Namespace) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
         cleanup(args.redis_url, prefix)
-    miss_ms, hit_ms = statistics.median(miss), statistics.median(hit)
+    bare, miss_ms, hit_ms = statistics.median(bare_ms), statistics.median(miss), statistics.median(hit)
     return {
         "artifacts": str(args.artifacts),
         "backbone": ready.get("backbone"),
