@@ -38,6 +38,10 @@ class Metrics:
         self.batch_size = Histogram("sglora_batch_size", "descriptions per text-encoder call", buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge("sglora_in_flight_requests", "HTTP requests being served", registry=r)
         self.queue_depth = Gauge("sglora_queue_depth", "jobs waiting for or in the model worker", registry=r)
+        self.busy_threads = Gauge(
+            "sglora_model_threads_busy", "model threads held by a job (a retrieval or an expert change holds all)", registry=r
+        )
+        self.model_threads = Gauge("sglora_model_threads", "model threads of the worker", registry=r)
         self.rejected = Counter("sglora_rejected", "requests refused by the worker", ["reason"], registry=r)
         self.info = Info("sglora_artifacts", "loaded artefacts", registry=r)
         for result in ("hit", "miss", "error"):

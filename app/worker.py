@@ -103,6 +103,7 @@ class ModelWorker:
         self._free = list(range(model_threads))  # indices of idle model threads
         # One slot per model thread: a batch takes one, a run() job takes them all.
         self._slots = asyncio.Semaphore(model_threads)
+        metrics.model_threads.set(model_threads)
         self._exclusive = asyncio.Lock()  # one run() job at a time gathers the slots (no deadlock)
         self._tasks: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -198,10 +199,12 @@ class ModelWorker:
         async with self._exclusive:
             for _ in range(self.model_threads):
                 await self._slots.acquire()
+        self.metrics.busy_threads.inc(self.model_threads)
         try:
             if not future.cancelled():  # the caller gave up while the batches finished
                 await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
         finally:
+            self.metrics.busy_threads.dec(self.model_threads)
             for _ in range(self.model_threads):
                 self._slots.release()
 
@@ -240,9 +243,11 @@ class ModelWorker:
         try:
             index = min(self._free)  # holding a slot guarantees a free thread
             self._free.remove(index)
+            self.metrics.busy_threads.inc()
             try:
                 await loop.run_in_executor(self._executors[index], self._run_batch, batch, loop)
             finally:
+                self.metrics.busy_threads.dec()
                 self._free.append(index)
         except Exception:  # noqa: BLE001 - every item's future already got its error
             log.exception("batch failed")

@@ -294,11 +294,15 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
             time.sleep(0.02)
         return "alone"
 
-    worker = ModelWorker(embed, Metrics(), finish=lambda e, jobs: list(jobs), threads=1, model_threads=2, max_batch=1)
+    metrics = Metrics()
+    busy = lambda: metrics.registry.get_sample_value("sglora_model_threads_busy")  # noqa: E731
+    worker = ModelWorker(embed, metrics, finish=lambda e, jobs: list(jobs), threads=1, model_threads=2, max_batch=1)
     worker.start()
     try:
+        assert metrics.registry.get_sample_value("sglora_model_threads") == 2 and busy() == 0
         first = [asyncio.create_task(worker.encode(f"d{i}", i)) for i in range(2)]
         await until(lambda: active[0] == 2)
+        assert busy() == 2
         job = asyncio.create_task(worker.run(alone))
         later = [asyncio.create_task(worker.encode(f"e{i}", 10 + i)) for i in range(2)]
         assert await asyncio.wait_for(asyncio.gather(*first, job, *later), 10) == [0, 1, "alone", 10, 11]
@@ -306,7 +310,9 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
         threads.clear()
         for i in range(3):  # one request at a time: always the first thread (its core's caches stay warm)
             assert await worker.encode(f"lone {i}", i) == i
+            await until(lambda: busy() == 0)  # the thread is handed back just after its answer
         assert {t.rsplit("_", 1)[0] for t in threads} == {"sglora-torch-0"}
+        await until(lambda: busy() == 0)  # released just after the last answer
     finally:
         await worker.close()
     assert peak[0] == 2  # the two batches ran side by side
