@@ -331,7 +331,7 @@ class Service:
         return GeneratedLora(data, etag, "miss", read_metadata(data))
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:
-        """On the worker thread, after the micro-batched text encoding: priors, CVAE samples and files,
+        """On a model thread, after the micro-batched text encoding: priors, CVAE samples and files,
         a few requests at a time (one CVAE pass of :attr:`Engine.sample_rows` rows each), each result
         yielded as soon as its file exists. Answering a whole batch at once would hand the event loop
         a burst of responses that cache hits then queue behind (measured: hit p50 1.3 -> 15 ms under the
@@ -439,7 +439,7 @@ class Service:
         return await self.worker.run(self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots)
 
     def _add_expert_job(self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int) -> str:
-        # On the worker thread: no generation runs while the repository changes.
+        # A run() job, alone on a model thread: no generation runs while the repository changes.
         repo = self.artifacts.repository
         if name in repo:
             raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
