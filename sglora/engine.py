@@ -26,13 +26,12 @@ from models.cvae import CVAE
 GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot")
 MAX_SEED = 2**63 - 1
 # Rows of every CVAE pass (Engine._sample_chunk). A fixed shape makes a row's rounding independent of
-# the batch. One row on both: on the CPU a pass reads the generator's 24 MiB of weights, and whether a
-# second row comes free depends on the processor's matrix kernels (1.31 vs 1.36 ms for 1 vs 2 rows on
-# one 2-core host, 1.6 vs 3.3 ms on an AVX-512 one, where the 2-row kernel reads the weights twice),
-# while a lone request always pays for the whole pass. On the GPU one row per pass is what was
+# the batch. One row, on every device: on the CPU a pass reads the generator's 24 MiB of weights, and
+# whether a second row comes free depends on the processor's matrix kernels (1.31 vs 1.36 ms for 1 vs 2
+# rows on one 2-core host, 1.6 vs 3.3 ms on an AVX-512 one, where the 2-row kernel reads the weights
+# twice), while a lone request always pays for the whole pass. On the GPU one row per pass is what was
 # measured end to end (docs/benchmarks.md: 32 rows padded on the host slowed a lone miss from 18 to 32 ms).
-SAMPLE_ROWS_CPU = 1
-SAMPLE_ROWS_GPU = 1
+SAMPLE_ROWS = 1
 
 
 @dataclass(frozen=True)
@@ -161,8 +160,8 @@ class Engine:
 
     @property
     def sample_rows(self) -> int:
-        """Rows of every CVAE pass on the engine's device (SAMPLE_ROWS_CPU / SAMPLE_ROWS_GPU)."""
-        return SAMPLE_ROWS_CPU if self.backbone.device.type == "cpu" else SAMPLE_ROWS_GPU
+        """Rows of every CVAE pass (:data:`SAMPLE_ROWS`)."""
+        return SAMPLE_ROWS
 
     def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
         """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; cached for

@@ -93,7 +93,7 @@ def test_open_clip_text_embedding_does_not_depend_on_the_batch(tiny_backbone):
 def test_more_sg_lora_rows_than_one_cvae_pass(engine, monkeypatch, pass_rows):
     """A fixed number of rows per CVAE pass: several passes (the last padded) still give each row its
     bytes alone (3 rows per pass exercises the padding the engine uses where a pass takes several)."""
-    monkeypatch.setattr("sglora.engine.SAMPLE_ROWS_CPU", pass_rows)
+    monkeypatch.setattr("sglora.engine.SAMPLE_ROWS", pass_rows)
     rows = engine.sample_rows
     assert rows == pass_rows
     n = 2 * rows + 1
