@@ -8,8 +8,8 @@ Measures, on one machine:
   3. /generate cache-hit median latency (one request repeated)            target <= 0.1x the miss;
   4. throughput of cache misses with 32 concurrent clients vs 1 client    target >= 3x (micro-batching).
 1 and 2 alternate in blocks, and so do the two sides of 4, so that a drift in the machine's speed
-falls on both sides of each ratio. The server is started here (uvicorn in a subprocess on a free
-loopback port, one worker) against the given Redis, with a fresh key prefix that is deleted at the
+falls on both sides of each ratio. The server is started here (`python -m app`: uvicorn, one worker, on a free
+loopback port) against the given Redis, with a fresh key prefix that is deleted at the
 end. Prints a Markdown table.
 """
 
@@ -20,8 +20,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from app import processes
+
 BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
 DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
 
@@ -61,12 +60,6 @@ class BareForward:
         return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, port: int, prefix: str) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -78,24 +71,7 @@ def start_server(args: argparse.Namespace, port: int, prefix: str) -> subprocess
         "SGLORA_MODEL_THREADS": str(args.model_threads),
         "SGLORA_MAX_QUEUE": "4096",
     }
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "30"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> dict:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            r = httpx.get(url + "/ready", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server was not ready after {timeout_s} s")
+    return processes.start_server(port, env, "--log-level", "warning")
 
 
 class Connection:
@@ -206,12 +182,12 @@ def run(args: argparse.Namespace) -> dict:
     settings = Settings(threads=args.threads, model_threads=args.model_threads, artifacts=args.artifacts)
     args.model_threads, args.threads = settings.resolved_parallelism(args.device)
     forward = BareForward(args.artifacts, args.device, args.threads, args.description)
-    port, prefix = free_port(), f"bench-{uuid.uuid4().hex[:8]}:"
+    port, prefix = processes.free_port(), f"bench-{uuid.uuid4().hex[:8]}:"
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, port, prefix)
     seed0 = random.randrange(1 << 40)
     try:
-        ready = wait_ready(url, proc)
+        ready = processes.wait_ready(url, proc, timeout=300)
         d = args.description
         asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0 - 1 - i} for i in range(5)], "miss"))  # warm up
         # Each pair of measurements alternates in blocks, so that a drift in the machine's speed (these
@@ -239,11 +215,7 @@ def run(args: argparse.Namespace) -> dict:
                 stages[stage] += 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / (BLOCKS * n)
         one, many = BLOCKS * n / one_s, BLOCKS * n / many_s
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        processes.stop(proc)
         cleanup(args.redis_url, prefix)
     bare, miss_ms, hit_ms = statistics.median(bare_ms), statistics.median(miss), statistics.median(hit)
     return {
@@ -328,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except RuntimeError as e:  # the server did not start
+        raise SystemExit(f"bench_service: {e}") from None
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

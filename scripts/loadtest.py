@@ -32,8 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
+from app import processes
+
 SUBJECTS = [
     "sandal", "sneaker", "ankle boot", "coat", "dress", "shirt", "trouser", "bag", "pullover", "t-shirt",
     "circle", "square", "cross", "ring", "sunflower", "tulip", "daisy", "rose", "tabby cat", "beagle",
@@ -224,12 +223,6 @@ async def batch_counters(host: str, port: int) -> tuple[float, float]:
 
 
 # ---- the server process -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -262,22 +255,6 @@ def listener_pid(port: int) -> int | None:
     return None
 
 
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
-    args += ["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"]
-    proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
-
-
 def start_server(args: argparse.Namespace, port: int, redis_url: str, prefix: str) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -291,22 +268,7 @@ def start_server(args: argparse.Namespace, port: int, redis_url: str, prefix: st
     }
     if args.api_key:
         env["SGLORA_API_KEYS"] = args.api_key
-    cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env)
-
-
-async def wait_ready(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
-        try:
-            if (await get(host, port, "/ready"))[0] == 200:
-                return
-        except (OSError, asyncio.IncompleteReadError, HTTPError, TimeoutError):
-            pass
-        await asyncio.sleep(0.25)
-    raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
+    return processes.start_server(port, env, "--log-level", "warning")
 
 
 def delete_prefix(redis_url: str, prefix: str) -> int:
@@ -368,13 +330,15 @@ async def main_async(args: argparse.Namespace) -> int:
         host, port = "127.0.0.1" if u.hostname == "localhost" else u.hostname, u.port or 80
         pid = args.pid or listener_pid(port)
     else:
-        host, port = "127.0.0.1", free_port()
+        host, port = "127.0.0.1", processes.free_port()
         if args.redis_url == "private":
             if shutil.which("redis-server") is None:
                 print("loadtest: redis-server not found, running uncached", file=sys.stderr)
             else:
-                redis_port = free_port()
-                redis_proc = start_redis(redis_port, workdir)
+                redis_port = processes.free_port()
+                redis_proc = processes.start_redis(
+                    redis_port, workdir, "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"
+                )
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
         elif args.redis_url != "none":
             redis_url = args.redis_url
@@ -389,7 +353,7 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     try:
         t0 = time.monotonic()
-        await wait_ready(host, port, proc, args.start_timeout)
+        await asyncio.to_thread(processes.wait_ready, f"http://{host}:{port}", proc, args.start_timeout)
         result["startup_s"] = round(time.monotonic() - t0, 1)
         if args.warmup > 0:
             warm, warm_s = await run_phase(host, port, args.warmup, args, pool)
@@ -409,15 +373,10 @@ async def main_async(args: argparse.Namespace) -> int:
         result["load_average_after"] = os.getloadavg()[0]
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                result["server_exit"] = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                result["server_exit"] = "killed"
+            status = processes.stop(proc)
+            result["server_exit"] = "killed" if status is None else status
         if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+            processes.stop(redis_proc, timeout=10)
         elif proc is not None and redis_url:
             result["redis_keys_deleted"] = delete_prefix(redis_url, prefix)
 
@@ -481,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.clients < 1 or args.duration <= 0:
         raise SystemExit("loadtest: --clients >= 1 and --duration > 0")
-    return asyncio.run(main_async(args))
+    try:
+        return asyncio.run(main_async(args))
+    except RuntimeError as e:  # Redis or the server did not start
+        raise SystemExit(f"loadtest: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """Helpers shared by the in-process service tests."""
 
 import asyncio
-import socket
-import subprocess
 import time
 from contextlib import asynccontextmanager
 
@@ -26,24 +24,3 @@ async def until(predicate, timeout=5.0):
     while not predicate():
         assert time.monotonic() < end, "condition not reached"
         await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    """Polls ``base``/ready of a server subprocess until 200; fails with its stderr if it dies first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")

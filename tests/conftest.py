@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from app.processes import free_port, start_redis, stop  # noqa: E402
+
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,38 +86,17 @@ class RedisProcess:
     """A private ``redis-server`` on a free loopback port that a test may stop and restart."""
 
     def __init__(self, workdir: Path):
-        from app_helpers import free_port
-
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
         self.proc = None
 
     def start(self) -> None:
-        import subprocess
-        import time
-
-        import redis
-
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        self.proc = subprocess.Popen(
-            ["redis-server", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        self.proc = start_redis(self.port, self.workdir)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop(self.proc, timeout=10)
         self.proc = None
 
 

@@ -8,7 +8,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app_helpers import free_port, serving, until, wait_ready
+from app_helpers import serving, until
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.processes import free_port, start_server, wait_ready
 from expert_store.repository import ExpertRepository
 from sglora.artifacts import ArtifactError
 from sglora.export import safetensors_bytes
 from sglora.io import atomic_path
 
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"X-API-Key": "admin-key"}
 
 
@@ -168,8 +167,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_artifacts_session
         "SGLORA_TEST_MODEL_DELAY_S": "1.0",  # every model job takes a second: requests stay in flight
         "OMP_WAIT_POLICY": "PASSIVE",
     }
-    cmd = [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--port", str(port), "--no-access-log"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    artifacts = ("--artifacts", str(tiny_artifacts_session))
+    proc = start_server(port, env, *artifacts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(base, proc)
         with ThreadPoolExecutor(4) as pool:

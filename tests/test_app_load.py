@@ -32,3 +32,24 @@ def test_loadtest_script_few_clients_no_errors_but_429s(tiny_artifacts_session, 
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
     assert result["rss_mib"]["after_run"] > 0 and result["server_exit"] == 0
     assert "PASS" in p.stdout
+
+
+def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_session, shared_redis, tmp_path):
+    """scripts/bench_service.py end to end, small: it checks X-Cache of every answer itself (a miss that
+    comes back as a hit, or the reverse, ends the run), so a completed run means the cache behaved."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--redis-url", shared_redis[0], "--threads", "1", "--requests", "8", "--throughput-requests", "32"]
+    cmd += ["--clients", "4", "--json", str(out)]
+    p = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=180
+    )
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["redis"] == "ok" and r["model_threads"] == 1
+    for key in ("bare_embed_ms", "miss_ms", "hit_ms", "rps_1", "rps_4"):
+        assert r[key] > 0, key
+    assert r["miss_over_bare"] == r["miss_ms"] / r["bare_embed_ms"]
+    assert r["throughput_ratio"] == r["rps_4"] / r["rps_1"]
+    assert 1 <= r["mean_batch"] <= 4
+    assert "| `/generate` cache miss, median |" in p.stdout

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from app_helpers import free_port, wait_ready
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
+from app.processes import free_port, start_server, stop, wait_ready
+
 SCREENSHOT = Path("/tmp/ui.png")
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -55,17 +53,13 @@ def server(tiny_artifacts_session):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--port", str(port), "--no-access-log"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    artifacts = ("--artifacts", str(tiny_artifacts_session))
+    proc = start_server(port, env, *artifacts, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(base, proc)
         yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=30)
         proc.communicate()
 
 
