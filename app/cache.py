@@ -39,11 +39,21 @@ class CacheKey:
     seed: int | None  # None for the deterministic methods
     top_k: int
     temperature: float
+    text_dtype: str = "float32"  # the text tower's: bfloat16 embeddings differ in their last bits
 
     def digest(self) -> str:
         blob = json.dumps(
             # The code version too: a release may change the numerics (and so the bytes) of a generation.
-            [__version__, self.version, self.description, self.method, self.seed, self.top_k, repr(float(self.temperature))],
+            [
+                __version__,
+                self.version,
+                self.description,
+                self.method,
+                self.seed,
+                self.top_k,
+                repr(float(self.temperature)),
+                self.text_dtype,
+            ],
             separators=(",", ":"),
         )
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -277,6 +277,7 @@ class Ready(BaseModel):
                     "queue": 0,
                     "max_batch": 32,
                     "model_threads": 1,
+                    "text_dtype": "bfloat16",
                 }
             ]
         }
@@ -293,3 +294,4 @@ class Ready(BaseModel):
         None, description="descriptions per text-encoder call; 1 when batching would change a seeded LoRA's bytes"
     )
     model_threads: int | None = Field(None, description="model threads, each running its own micro-batch")
+    text_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the text tower runs in")

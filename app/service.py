@@ -195,6 +195,7 @@ class Service:
         self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
         self.version = artifacts.version
+        self.text_dtype = str(artifacts.backbone.text_dtype).removeprefix("torch.")
         self.cache = RedisCache(
             settings.redis_url,
             settings.cache_ttl_s,
@@ -220,7 +221,7 @@ class Service:
         )
         self._timing = threading.local()  # per model thread: .sampling_s of the current pass
         self._time_sampling()
-        metrics.set_info(self.backbone_name, self.version, __version__, device)
+        metrics.set_info(self.backbone_name, self.version, __version__, device, self.text_dtype)
 
     # ---- life cycle -----------------------------------------------------------------------------
     @classmethod
@@ -232,6 +233,11 @@ class Service:
         device = settings.resolved_device()
         torch.set_num_threads(settings.resolved_parallelism(device)[1])
         artifacts = await asyncio.to_thread(load_artifacts, settings.artifacts, device)
+        text_dtype = settings.resolved_text_dtype(device)
+        try:
+            artifacts.backbone.set_text_dtype(getattr(torch, text_dtype))
+        except ValueError as e:
+            raise ArtifactError(f"SGLORA_TEXT_DTYPE={settings.text_dtype}: {e}") from e
         service = cls(settings, artifacts, device, metrics)
         service.worker.start()
         try:
@@ -253,12 +259,14 @@ class Service:
                 service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
-            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (%d model thread(s), %d torch thread(s)); redis %s",
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, %d model thread(s), "
+            "%d torch thread(s)); redis %s",
             artifacts.root,
             service.version,
             service.backbone_name,
             len(artifacts.repository),
             device,
+            service.text_dtype,
             service.worker.model_threads,
             torch.get_num_threads(),
             redis,
@@ -309,7 +317,9 @@ class Service:
         if params.seed is None and params.method == "sg-lora":
             params = replace(params, seed=secrets.randbelow(UNSEEDED_SEEDS))
         version = self.version
-        key = CacheKey(version, params.description, params.method, params.seed, params.top_k, params.temperature).digest()
+        key = CacheKey(
+            version, params.description, params.method, params.seed, params.top_k, params.temperature, self.text_dtype
+        ).digest()
         if lookup:
             data, ok = await self.cache.get("gen:" + key)
             self.metrics.cache.labels(result="hit" if data is not None else ("miss" if ok else "error")).inc()
@@ -479,6 +489,6 @@ class Service:
     def _repository_changed(self) -> str:
         self.engine.top_k = min(self.default_top_k, len(self.artifacts.repository))
         self.version = artefact_version(self.artifacts.root)
-        self.metrics.set_info(self.backbone_name, self.version, __version__, self.device)
+        self.metrics.set_info(self.backbone_name, self.version, __version__, self.device, self.text_dtype)
         log.info("expert repository changed: %d experts, artefact version %s", len(self.artifacts.repository), self.version)
         return self.version

@@ -338,6 +338,9 @@ class OfflineBackbone(Backbone):
             return torch.zeros(0, self.embed_dim, device=self.device)
         return _encode(self.text_model, texts, self.text_rows).to(self.device)
 
+    def _cast_text(self, dtype: torch.dtype) -> None:
+        self.text_model.to(dtype)  # _encode returns float32 embeddings
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         im = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)

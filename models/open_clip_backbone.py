@@ -131,6 +131,19 @@ class OpenClipBackbone(Backbone):
         x = (x.unsqueeze(-1) * m.text_projection).sum(-2)  # (B, W, 1) * (W, E) summed over W
         return F.normalize(x, dim=-1).float()
 
+    def _cast_text(self, dtype: torch.dtype) -> None:
+        m = self.model
+        if not isinstance(m, open_clip.CLIP):
+            super()._cast_text(dtype)  # raises
+        # The text tower of open_clip.CLIP: every module and parameter outside ``visual``. Its forward
+        # runs in the transformer's weight dtype (get_cast_dtype); the LoRA targets stay float32.
+        for name, child in m.named_children():
+            if name != "visual":
+                child.to(dtype)
+        for name, param in m.named_parameters(recurse=False):
+            if name != "logit_scale":
+                param.data = param.data.to(dtype)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image.convert("RGB"))
 

@@ -38,13 +38,14 @@ DESCRIPTION = "This is a classification task for recognizing footwear, which inc
 class BareForward:
     """The bare ``engine.embed([description])`` forward, in this process, with the server's torch threads."""
 
-    def __init__(self, artifacts: Path, device: str, threads: int, description: str):
+    def __init__(self, artifacts: Path, device: str, threads: int, text_dtype: str, description: str):
         import torch
 
         from sglora.artifacts import load_artifacts
 
         torch.set_num_threads(threads)
         self.engine = load_artifacts(artifacts, device).engine
+        self.engine.backbone.set_text_dtype(getattr(torch, text_dtype))
         self.description = description
         self.times_ms(5)  # warm-up
 
@@ -69,6 +70,7 @@ def start_server(args: argparse.Namespace, port: int, prefix: str) -> subprocess
         "SGLORA_DEVICE": args.device,
         "SGLORA_THREADS": str(args.threads),
         "SGLORA_MODEL_THREADS": str(args.model_threads),
+        "SGLORA_TEXT_DTYPE": args.text_dtype,
         "SGLORA_MAX_QUEUE": "4096",
     }
     return processes.start_server(port, env, "--log-level", "warning")
@@ -179,9 +181,10 @@ def run(args: argparse.Namespace) -> dict:
     from app.settings import Settings
 
     # The server's rule, so that the bare forward runs with the server's intra-op threads.
-    settings = Settings(threads=args.threads, model_threads=args.model_threads, artifacts=args.artifacts)
+    settings = Settings(threads=args.threads, model_threads=args.model_threads, text_dtype=args.text_dtype)
     args.model_threads, args.threads = settings.resolved_parallelism(args.device)
-    forward = BareForward(args.artifacts, args.device, args.threads, args.description)
+    args.text_dtype = settings.resolved_text_dtype(args.device)
+    forward = BareForward(args.artifacts, args.device, args.threads, args.text_dtype, args.description)
     port, prefix = processes.free_port(), f"bench-{uuid.uuid4().hex[:8]}:"
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, port, prefix)
@@ -225,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
         "redis": ready.get("redis"),
         "max_batch": ready.get("max_batch"),
         "model_threads": ready.get("model_threads"),
+        "text_dtype": ready.get("text_dtype"),
         "bare_embed_ms": bare,
         "miss_ms": miss_ms,
         "hit_ms": hit_ms,
@@ -276,7 +280,7 @@ def table(r: dict) -> str:
     ]
     setup = (
         f"backbone {r['backbone']}, {r['device']}, {r.get('model_threads', 1)} model thread(s) with {r['threads']} torch "
-        f"thread(s), Redis {r['redis']}, max batch {r['max_batch']}"
+        f"thread(s), text tower in {r.get('text_dtype', 'float32')}, Redis {r['redis']}, max batch {r['max_batch']}"
     )
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
     lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]
@@ -294,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads of the bare forward and the server; 0: the server's default"
     )
     p.add_argument("--model-threads", type=int, default=0, help="the server's model threads; 0: its default")
+    p.add_argument(
+        "--text-dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="of the bare forward and the server"
+    )
     p.add_argument("--description", default=DESCRIPTION)
     p.add_argument("--requests", type=int, default=200, help="sequential requests per latency measurement")
     p.add_argument("--throughput-requests", type=int, default=640, help="requests per throughput measurement")

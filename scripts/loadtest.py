@@ -263,6 +263,7 @@ def start_server(args: argparse.Namespace, port: int, redis_url: str, prefix: st
         "SGLORA_CACHE_PREFIX": prefix,
         "SGLORA_THREADS": str(args.threads),
         "SGLORA_MODEL_THREADS": str(args.model_threads),
+        "SGLORA_TEXT_DTYPE": args.text_dtype,
         "SGLORA_DEVICE": args.device,
         "OMP_WAIT_POLICY": "PASSIVE",
     }
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default="private", help="with --artifacts: 'private' (own redis-server), 'none', or a URL")
     p.add_argument("--threads", type=int, default=1, help="with --artifacts: SGLORA_THREADS")
     p.add_argument("--model-threads", type=int, default=0, help="with --artifacts: SGLORA_MODEL_THREADS (0: the default)")
+    p.add_argument("--text-dtype", default="auto", help="with --artifacts: SGLORA_TEXT_DTYPE")
     p.add_argument("--device", default="cpu", help="with --artifacts: SGLORA_DEVICE")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)

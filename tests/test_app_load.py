@@ -40,13 +40,13 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tiny_artifacts_session)]
     cmd += ["--redis-url", shared_redis[0], "--threads", "1", "--requests", "8", "--throughput-requests", "32"]
-    cmd += ["--clients", "4", "--json", str(out)]
+    cmd += ["--clients", "4", "--text-dtype", "bfloat16", "--json", str(out)]
     p = subprocess.run(
         cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=180
     )
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["redis"] == "ok" and r["model_threads"] == 1
+    assert r["redis"] == "ok" and r["model_threads"] == 1 and r["text_dtype"] == "bfloat16"
     for key in ("bare_embed_ms", "miss_ms", "hit_ms", "rps_1", "rps_4"):
         assert r[key] > 0, key
     assert r["miss_over_bare"] == r["miss_ms"] / r["bare_embed_ms"]

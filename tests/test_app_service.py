@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 from app_helpers import serving, until
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -348,3 +350,71 @@ async def test_generation_on_two_model_threads_gives_the_bytes_of_one(make_setti
 def test_parallelism_defaults(monkeypatch, threads, model_threads, device, cores, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
     assert Settings(threads=threads, model_threads=model_threads).resolved_parallelism(device) == expected
+
+
+def file_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file."""
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+
+
+# ---- text tower dtype ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("setting", "device", "flags", "expected"),
+    [
+        ("auto", "cpu", "fpu avx512f avx512_bf16 avx512_vnni", "bfloat16"),
+        ("auto", "cpu", "fpu amx_bf16 amx_tile", "bfloat16"),
+        ("auto", "cpu", "fpu avx2 avx512f", "float32"),  # bf16 would be emulated: slower than float32
+        ("auto", "cuda", "fpu avx512_bf16", "float32"),
+        ("float32", "cpu", "fpu avx512_bf16", "float32"),
+        ("bfloat16", "cpu", "fpu avx2", "bfloat16"),
+    ],
+)
+def test_text_dtype_defaults(monkeypatch, tmp_path, setting, device, flags, expected):
+    from app import settings as settings_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    real = settings_module.cpu_has_bf16
+    monkeypatch.setattr(settings_module, "cpu_has_bf16", lambda: real(cpuinfo))
+    assert Settings(text_dtype=setting).resolved_text_dtype(device) == expected
+    assert not real(tmp_path / "no-such-file")  # no /proc (not Linux): float32
+
+
+async def test_bfloat16_text_tower_batches_bit_identically_and_has_its_own_cache_entries(make_settings, tiny_artifacts_session):
+    from sglora.artifacts import load_artifacts
+
+    settings = make_settings(text_dtype="bfloat16", max_batch=4, batch_wait_ms=50)
+    async with serving(settings) as (service, client):
+        ready = (await client.get("/ready")).json()
+        assert ready["text_dtype"] == "bfloat16" and ready["max_batch"] == 4  # the start-up check found it batch-invariant
+        bodies = [{"description": f"a bf16 shape {i}", "seed": i} for i in range(6)]
+        responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        assert [r.status_code for r in responses] == [200] * 6
+        assert file_metadata(responses[0].content)["text_dtype"] == "bfloat16"
+        metrics = (await client.get("/metrics")).text
+        assert 'text_dtype="bfloat16"' in metrics
+    # The library with its text tower in bfloat16 makes the same bytes, row by row.
+    reference = load_artifacts(tiny_artifacts_session)
+    reference.backbone.set_text_dtype(torch.bfloat16)
+    engine = reference.engine
+    for b, r in zip(bodies, responses, strict=True):
+        alone = engine.generate(engine.embed([b["description"]])[0], "sg-lora", seed=b["seed"]).lora
+        got = from_peft_tensors(reference.backbone.spec, load_safetensors(r.content))
+        assert got.numpy().tobytes() == alone.numpy().tobytes(), b
+    # A float32 server on the same Redis prefix does not answer from the bfloat16 entries.
+    async with serving(settings.model_copy(update={"text_dtype": "float32"})) as (service32, client32):
+        r32 = await client32.post("/generate", json=bodies[0])
+        assert r32.status_code == 200 and r32.headers["x-cache"] == "miss"
+        assert file_metadata(r32.content)["text_dtype"] == "float32"
+
+
+def test_text_dtype_that_the_backbone_cannot_run_refuses_to_start(make_settings, monkeypatch):
+    from models.open_clip_backbone import OpenClipBackbone
+
+    def fail(self, dtype):
+        raise ValueError("OpenClipBackbone runs its text tower in float32 only")
+
+    monkeypatch.setattr(OpenClipBackbone, "_cast_text", fail)
+    with pytest.raises(ArtifactError, match="SGLORA_TEXT_DTYPE=bfloat16: .*float32 only"):
+        with TestClient(create_app(make_settings(text_dtype="bfloat16"))):
+            pass

@@ -1,5 +1,7 @@
 """Engine.generate_many: one batched pass gives, row for row, the bytes of Engine.generate alone."""
 
+import copy
+
 import pytest
 import torch
 
@@ -115,3 +117,25 @@ def test_without_a_generator_the_merges_still_work(engine):
     out = bare.generate_many(emb, [Request("topk-weighted"), Request("sg-lora", seed=1)])
     assert not isinstance(out[0], Exception) and len(out[0].experts) == 2
     assert isinstance(out[1], ValueError) and "needs a trained generator" in str(out[1])
+
+
+def test_open_clip_bfloat16_text_tower(tiny_backbone):
+    """CLIP's text tower in bfloat16 (every part but ``visual``): float32 embeddings close to the float32
+    tower's, still batch-invariant, the same artefact fingerprint; the image tower stays float32."""
+    bf16 = copy.deepcopy(tiny_backbone)
+    bf16.set_text_dtype(torch.bfloat16)
+    texts = ["a photo of a ring", "a photo of a star", "x y z", "a cat", "This is a task about shirts"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            together = bf16.encode_text(texts)
+            alone = torch.cat([bf16.encode_text([t]) for t in texts])
+            ref = tiny_backbone.encode_text(texts)
+    finally:
+        torch.set_num_threads(threads)
+    assert together.dtype == torch.float32 and torch.equal(alone, together)
+    assert bf16.model.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert bf16.model.visual.conv1.weight.dtype == torch.float32
+    assert (together * ref).sum(-1).min() > 0.99  # a random tiny tower: looser than MiniLM's 0.999
+    assert bf16.fingerprint() == tiny_backbone.fingerprint()

@@ -202,3 +202,27 @@ def test_text_embeddings_do_not_depend_on_the_batch(backbone: OfflineBackbone, m
     # On a GPU each bucket also runs at a fixed number of rows (Backbone.text_rows): emulated here.
     monkeypatch.setattr(backbone, "text_rows", lambda n: -(-n // 8) * 8)
     torch.testing.assert_close(backbone.encode_text(texts), together, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: OfflineBackbone):
+    """The service's default on CPUs with bf16 dot products: MiniLM in bfloat16 (the image side untouched)."""
+    bf16 = copy.deepcopy(backbone)
+    fingerprint = backbone.fingerprint()
+    bf16.set_text_dtype(torch.bfloat16)
+    texts = ["a photo of a persian", "tell footwear apart: sandals, sneakers and boots", "x " * 40, "a cat"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = backbone.encode_text(texts)
+        together = bf16.encode_text(texts)
+        alone = torch.cat([bf16.encode_text([t]) for t in texts])
+    finally:
+        torch.set_num_threads(threads)
+    assert together.dtype == torch.float32 and torch.equal(alone, together)
+    assert not torch.equal(together, ref) and (together * ref).sum(-1).min() > 0.999
+    assert bf16.fingerprint() == fingerprint  # artefacts still match it
+    assert next(bf16.net.parameters()).dtype == torch.float32  # the image tower and the LoRA targets
+    with pytest.raises(ValueError, match="only move to bfloat16"):
+        bf16.set_text_dtype(torch.float32)
+    with pytest.raises(ValueError, match="only move to bfloat16, not torch.float16"):
+        copy.deepcopy(backbone).set_text_dtype(torch.float16)

@@ -37,6 +37,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
         queue=service.worker.pending,
         max_batch=service.worker.max_batch,
         model_threads=service.worker.model_threads,
+        text_dtype=service.text_dtype,
     )
 
 
