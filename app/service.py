@@ -259,14 +259,15 @@ class Service:
                 service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
-            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, %d model thread(s), "
-            "%d torch thread(s)); redis %s",
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, CVAE passes of %s rows, "
+            "%d model thread(s), %d torch thread(s)); redis %s",
             artifacts.root,
             service.version,
             service.backbone_name,
             len(artifacts.repository),
             device,
             service.text_dtype,
+            "-".join(map(str, service.engine.pass_rows)) if service.engine.generator is not None else "no",
             service.worker.model_threads,
             torch.get_num_threads(),
             redis,
@@ -342,13 +343,13 @@ class Service:
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:
         """On a model thread, after the micro-batched text encoding: priors, CVAE samples and files,
-        a few requests at a time (one CVAE pass of :attr:`Engine.sample_rows` rows each), each result
+        up to :attr:`Engine.pass_rows` requests at a time (one CVAE pass each), each result
         yielded as soon as its file exists. Answering a whole batch at once would hand the event loop
         a burst of responses that cache hits then queue behind (measured: hit p50 1.3 -> 15 ms under the
         200-client load test). Stage metrics: prior and sampling per pass, serialisation per request."""
         version = self.version
         meta_source = _MetaSource(self.artifacts.backbone, version)
-        step = self.engine.sample_rows
+        step = self.engine.pass_rows[1]
         for start in range(0, len(jobs), step):
             part = jobs[start : start + step]
             self._timing.sampling_s = 0.0

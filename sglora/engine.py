@@ -25,13 +25,18 @@ from models.cvae import CVAE
 
 GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot")
 MAX_SEED = 2**63 - 1
-# Rows of every CVAE pass (Engine._sample_chunk). A fixed shape makes a row's rounding independent of
-# the batch. One row, on every device: on the CPU a pass reads the generator's 24 MiB of weights, and
-# whether a second row comes free depends on the processor's matrix kernels (1.31 vs 1.36 ms for 1 vs 2
-# rows on one 2-core host, 1.6 vs 3.3 ms on an AVX-512 one, where the 2-row kernel reads the weights
-# twice), while a lone request always pays for the whole pass. On the GPU one row per pass is what was
-# measured end to end (docs/benchmarks.md: 32 rows padded on the host slowed a lone miss from 18 to 32 ms).
-SAMPLE_ROWS = 1
+# Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding depends on its number of rows (on
+# one AVX-512 host F.linear rounds a row one way alone, another among 2-3 rows and a third among 4 or more,
+# whatever the other rows hold), so a row's LoRA would depend on its batch if a pass simply took the
+# batch. On a CPU whose kernels give every row the same bits in any pass of MIN_PASS_ROWS..MAX_PASS_ROWS
+# rows (checked on first use), a batch's sg-lora rows share passes of up to MAX_PASS_ROWS, padded to
+# MIN_PASS_ROWS: a pass reads the generator's weights once (16 MiB on the offline default: 3.3 ms for 4
+# rows, 4.8 ms for 16, against 2.0 ms for one row), so a lone request pays 1.3 ms more and a full pass
+# a sixth per row. Passes of 32 rows made no more throughput but answered in bursts twice as long, which
+# cache hits then wait behind (docs/benchmarks.md). Elsewhere, and on a GPU (where one row per pass is
+# what was measured end to end), passes have one row.
+MIN_PASS_ROWS = 4
+MAX_PASS_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class Engine:
         # (the repository's stacked means, the generator's mean_features of them): recomputed when
         # the repository changes (stacked() then returns new tensors).
         self._features: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pass_rows: tuple[int, int] | None = None  # see pass_rows
 
     def embed(self, descriptions: list[str]) -> torch.Tensor:
         for d in descriptions:
@@ -116,8 +122,8 @@ class Engine:
 
         Each row's result is the same bytes as that row alone (tests/test_engine.py checks it), so
         batching never changes a seeded LoRA: similarities and priors are computed per row, and the
-        sg-lora rows share CVAE passes of a fixed number of rows (:attr:`sample_rows`), each with its
-        own seeded generator.
+        sg-lora rows share CVAE passes whose row count never changes a row's bits (:attr:`pass_rows`),
+        each row with its own seeded generator.
         """
         if embeddings.dim() != 2 or embeddings.shape[0] != len(requests):
             raise ValueError(f"need one embedding row per request, got {tuple(embeddings.shape)} for {len(requests)}")
@@ -153,15 +159,47 @@ class Engine:
             # The condition layer's mu*-part as the same mix of the experts' precomputed parts: the CVAE
             # pass then reads one P x H weight block fewer (a third of its weights).
             sample_rows.append((i, mu, var, seed, alpha @ self._expert_features(means)[idx]))
-        chunk = self.sample_rows
-        for start in range(0, len(sample_rows), chunk):
-            self._sample_chunk(out, sample_rows[start : start + chunk], chunk)
+        fewest, most = self.pass_rows if sample_rows else (1, 1)
+        for start in range(0, len(sample_rows), most):
+            part = sample_rows[start : start + most]
+            self._sample_chunk(out, part, max(fewest, len(part)))
         return out  # type: ignore[return-value]
 
     @property
-    def sample_rows(self) -> int:
-        """Rows of every CVAE pass (:data:`SAMPLE_ROWS`)."""
-        return SAMPLE_ROWS
+    def pass_rows(self) -> tuple[int, int]:
+        """(fewest, most) rows of a CVAE pass: (:data:`MIN_PASS_ROWS`, :data:`MAX_PASS_ROWS`) on a CPU where
+        :meth:`passes_agree` (checked once, on first use, with the torch threads then in effect), else
+        (1, 1): one row per pass."""
+        if self._pass_rows is None:
+            grow = self.generator is not None and self.generator.x_mean.device.type == "cpu" and self.passes_agree()
+            self._pass_rows = (MIN_PASS_ROWS, MAX_PASS_ROWS) if grow else (1, 1)  # one assignment: thread-safe
+        return self._pass_rows
+
+    def passes_agree(self, fewest: int = MIN_PASS_ROWS, most: int = MAX_PASS_ROWS) -> bool:
+        """Whether the generator gives every row the same bits in a pass of any size from ``fewest`` to
+        ``most`` rows, at any position: ``most`` priors mixed from the repository's experts, sampled in
+        one pass, then every smaller pass of other rows in another order compared with it."""
+        means, variances, _ = self.repository.stacked()
+        g = torch.Generator().manual_seed(0)
+        priors = []
+        for _ in range(most):  # random pairs of experts, random weights
+            idx = torch.randint(0, len(means), (2,), generator=g)
+            a = torch.rand((), generator=g)
+            priors.append(mix(means[idx], variances[idx], torch.stack([a, 1 - a])))
+        mu, var = (torch.stack(t) for t in zip(*priors, strict=True))
+        feats = self.generator.mean_features(mu).cpu()
+        dev = self.generator.x_mean.device
+
+        def sample(rows: list[int]) -> torch.Tensor:
+            gens = [torch.Generator().manual_seed(r) for r in rows]
+            return self.generator.sample(mu[rows].to(dev), var[rows].to(dev), generator=gens, mean_features=feats[rows].to(dev))
+
+        full = sample(list(range(most)))
+        for n in range(fewest, most):
+            rows = [(i + n // 2) % most for i in range(n)]
+            if not torch.equal(sample(rows), full[rows]):
+                return False
+        return True
 
     def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
         """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; cached for
@@ -173,9 +211,7 @@ class Engine:
         return cached[1]
 
     def _sample_chunk(self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]], size: int) -> None:
-        """One CVAE pass at exactly ``size`` rows (the last row repeated as padding): a matrix
-        product's rounding depends on its number of rows, so a fixed shape is what keeps each row's
-        LoRA independent of its neighbours while still sharing one pass over the weights."""
+        """One CVAE pass at exactly ``size`` rows (the last row repeated as padding; see :attr:`pass_rows`)."""
         n, dev = len(rows), self.generator.x_mean.device
         # Only the real rows travel to the device; the padding repeats the last one there.
         mu = pad_rows(torch.stack([r[1] for r in rows]).to(dev), size)

@@ -92,6 +92,7 @@ async def test_health_ready_and_metrics(make_settings):
         ready = (await client.get("/ready")).json()
         assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["experts"] == 4
         assert ready["artifact_version"] == service.version
+        assert ready["cvae_pass_rows"] == list(service.engine.pass_rows) and ready["cvae_pass_rows"] in ([1, 1], [4, 16])
         assert (await client.post("/generate", json={"description": "a cross", "seed": 1})).status_code == 200
         assert (await client.post("/generate", json={"description": "a cross", "seed": 1})).status_code == 200
         assert (await client.post("/generate", json={"description": ""})).status_code == 422

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglora.artifacts import load_artifacts
-from sglora.engine import Request
+from sglora.engine import MAX_PASS_ROWS, MIN_PASS_ROWS, Request
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +91,55 @@ def test_open_clip_text_embedding_does_not_depend_on_the_batch(tiny_backbone):
     torch.testing.assert_close(alone, stock, rtol=0, atol=1e-6)  # open_clip's values, up to rounding
 
 
-@pytest.mark.parametrize("pass_rows", [1, 3])
-def test_more_sg_lora_rows_than_one_cvae_pass(engine, monkeypatch, pass_rows):
-    """A fixed number of rows per CVAE pass: several passes (the last padded) still give each row its
-    bytes alone (3 rows per pass exercises the padding the engine uses where a pass takes several)."""
-    monkeypatch.setattr("sglora.engine.SAMPLE_ROWS", pass_rows)
-    rows = engine.sample_rows
-    assert rows == pass_rows
-    n = 2 * rows + 1
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the service runs a model thread (with two, passes of 4 and 8 rows round
+    differently on the AVX-512 host of the tests, and the engine falls back to one-row passes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("pass_rows", [(1, 1), (3, 3), (4, 8), "this host's"])
+def test_sg_lora_rows_over_several_cvae_passes(engine, monkeypatch, one_thread, pass_rows):
+    """Whatever the pass policy, each row gets its bytes alone: one row per pass, fixed passes of 3 (the
+    last padded), passes growing from 4 to 8 rows (17 rows: passes of 8, 8 and 1 padded to 4), and the
+    policy this host's check chose."""
+    if pass_rows == "this host's":
+        monkeypatch.setattr(engine, "_pass_rows", None)
+        assert engine.pass_rows in ((1, 1), (MIN_PASS_ROWS, MAX_PASS_ROWS))
+    elif pass_rows[0] != pass_rows[1] and not engine.passes_agree(*pass_rows):
+        pytest.skip(f"this host rounds rows differently in passes of {pass_rows[0]} to {pass_rows[1]} rows")
+    else:
+        monkeypatch.setattr(engine, "_pass_rows", pass_rows)
+    most = engine.pass_rows[1]
+    n = 2 * most + 1
     texts = [f"a photo of shape number {i}" for i in range(n)]
     emb = engine.embed(texts)
     with torch.inference_mode():
         batch = engine.generate_many(emb, [Request("sg-lora", seed=100 + i) for i in range(n)])
-        for i in (0, rows - 1, rows, n - 1):
+        for i in sorted({0, most - 1, most, n - 1}):
             alone = engine.generate(emb[i], "sg-lora", seed=100 + i)
             assert _bytes(batch[i].lora) == _bytes(alone.lora), i
     assert len({_bytes(g.lora) for g in batch}) == n
+
+
+def test_growing_passes_fall_back_to_one_row_where_a_row_would_change(engine, monkeypatch):
+    """The check behind pass_rows: a generator whose 7-row passes round one value differently fails it,
+    and the engine then samples one row per pass."""
+    sample = engine.generator.sample
+
+    def off_by_one_ulp_at_seven_rows(prior_mean, *args, **kwargs):
+        out = sample(prior_mean, *args, **kwargs)
+        if out.dim() == 2 and out.shape[0] == 7:
+            out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
+        return out
+
+    monkeypatch.setattr(engine.generator, "sample", off_by_one_ulp_at_seven_rows)
+    monkeypatch.setattr(engine, "_pass_rows", None)
+    assert not engine.passes_agree()
+    assert engine.pass_rows == (1, 1)
 
 
 def test_without_a_generator_the_merges_still_work(engine):
