@@ -117,7 +117,7 @@ class Backbone(ABC):
     _text_fingerprint: str | None = None  # set by set_text_dtype
 
     def set_text_dtype(self, dtype: torch.dtype) -> None:
-        """Runs the text tower in ``dtype``: float32 (as loaded) or bfloat16 (about twice as fast on CPUs
+        """Runs the text tower in ``dtype``: float32 (as loaded) or bfloat16 (1.5-2x as fast on CPUs
         with bf16 dot products; embeddings come out float32 and within ~1e-4 in cosine). The image tower
         and everything stored in artefacts stay float32. One way: the float32 weights are not kept, so
         going back needs a fresh backbone. ValueError for other dtypes, that way back, or a backbone whose
