@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         if n in chosen:  # label only the chosen experts: the rest would be unreadable
             ax.annotate(n[:40], pm[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.scatter(*proj(oracle).T, c="tab:green", s=14, label=f"oracle snapshots ({len(oracle)})")
-    ax.scatter(*proj(sg).T, c="tab:blue", s=14, alpha=0.7, label=f"sg-lora samples ({args.samples})")
-    ax.scatter(*proj(topk.lora[None]).T, c="black", marker="*", s=160, label="topk-weighted (prior mean)")
+    # The prior mean as a hollow star under the samples: they often lie within its outline.
+    star = proj(topk.lora[None]).T
+    ax.scatter(*star, facecolors="none", edgecolors="black", marker="*", s=220, zorder=4, label="topk-weighted (prior mean)")
+    ax.scatter(*proj(sg).T, c="tab:blue", s=10, alpha=0.7, zorder=5, label=f"sg-lora samples ({args.samples})")
     ax.scatter([], [], marker="s", c="tab:red", label="chosen experts")
     ax.scatter([], [], marker="s", c="tab:gray", label="other experts")
     ax.set_title(f"LoRA space, unseen task: {desc[:70]}", fontsize=8)
