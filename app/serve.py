@@ -10,6 +10,7 @@ drained shutdown exits 0, and a signal that arrives before uvicorn took over sti
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -29,8 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _KnownStartupFailure(logging.Filter):
+    """Drops the traceback Starlette attaches to a failed start-up when the cause is an ArtifactError: the
+    app has already logged what is wrong ("cannot start: ..."), and the exit status says it failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Traceback") and "sglora.artifacts.ArtifactError: " in message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("uvicorn.error").addFilter(_KnownStartupFailure())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see docs/service.md)
     if args.artifacts:
         os.environ["SGLORA_ARTIFACTS"] = str(args.artifacts)

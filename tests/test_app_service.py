@@ -71,6 +71,19 @@ def test_sglora_serve_exits_with_the_problem(tiny_artifacts):
     )
     assert p.returncode != 0
     assert "cvae.json" in p.stderr and "sha256" in p.stderr
+    assert "Traceback" not in p.stderr  # the problem, not a stack trace
+
+
+def test_wait_ready_reports_a_server_that_dies_with_its_stderr(tmp_path):
+    """app.processes, as the benchmark and the load test use it: a server that cannot start is reported
+    with its exit status and the end of its stderr, not waited for until the timeout."""
+    from app.processes import free_port, start_server, wait_ready
+
+    env = {**os.environ, "SGLORA_ARTIFACTS": str(tmp_path / "missing"), "SGLORA_REDIS_URL": ""}
+    proc = start_server(free_port(), env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(RuntimeError, match=r"exited with status [1-9]\d* before it was ready:\n(.|\n)*missing") as e:
+        wait_ready("http://127.0.0.1:1", proc, timeout=120)
+    assert "artefact directory not found" in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
