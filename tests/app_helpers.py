@@ -1,6 +1,7 @@
 """Helpers shared by the in-process service tests."""
 
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 
@@ -24,3 +25,9 @@ async def until(predicate, timeout=5.0):
     while not predicate():
         assert time.monotonic() < end, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+def file_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header here rather than by the service."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])["__metadata__"]

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 import torch
+from app_helpers import file_metadata
 from fastapi.testclient import TestClient
 from safetensors.torch import load
 
@@ -20,18 +21,13 @@ from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, from_peft_tensors, peft_zip
 META_KEYS = {"description", "method", "seed", "experts", "backbone", "rank", "alpha", "targets", "artifact_version"}
 
 
-def metadata(data: bytes) -> dict[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n])["__metadata__"]
-
-
 def test_generate_returns_the_engines_lora_as_peft_safetensors(client, reference):
     r = client.post("/generate", json={"description": "a  red   circle ", "seed": 11})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/octet-stream"
     assert r.headers["x-cache"] == "miss" and r.headers["x-seed"] == "11"
     assert r.headers["etag"].startswith('"') and len(r.headers["etag"]) == 34
-    meta = metadata(r.content)
+    meta = file_metadata(r.content)
     assert META_KEYS <= set(meta)
     assert meta["description"] == "a red circle" and meta["method"] == "sg-lora" and meta["seed"] == "11"
     assert meta["artifact_version"] == reference.version == r.headers["x-artifact-version"]
@@ -82,7 +78,7 @@ def test_deterministic_methods_ignore_the_seed(client, method):
     b = client.post("/generate", json={"description": f"a cross for {method}", "method": method})
     assert a.status_code == 200 and "x-seed" not in a.headers
     assert (a.headers["x-cache"], b.headers["x-cache"]) == ("miss", "hit") and a.content == b.content
-    assert metadata(a.content)["method"] == method
+    assert file_metadata(a.content)["method"] == method
 
 
 def test_if_none_match_gives_304(client):
@@ -132,7 +128,7 @@ def test_zip_is_a_peft_folder_that_loads_into_hf_clip(client, reference, tmp_pat
     spec = reference.backbone.spec
     vec = from_peft_tensors(spec, load(st.content))
     # Byte-identical to the library's own zip of the same LoRA and metadata.
-    assert r.content == peft_zip_bytes(spec, vec, {k: v for k, v in metadata(st.content).items()})
+    assert r.content == peft_zip_bytes(spec, vec, {k: v for k, v in file_metadata(st.content).items()})
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -210,6 +206,6 @@ def test_metadata_helper_matches_the_cli(client, reference):
     emb = reference.engine.embed(["a circle"])[0]
     g = reference.engine.generate(emb, "topk-weighted")
     expected = {k: v if isinstance(v, str) else json.dumps(v) for k, v in generation_metadata(reference, "a circle", g).items()}
-    got = metadata(r.content)
+    got = file_metadata(r.content)
     assert got.keys() == expected.keys()
     assert {k: got[k] for k in got if k != "experts"} == {k: expected[k] for k in expected if k != "experts"}

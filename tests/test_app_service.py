@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import threading
 import httpx
 import pytest
 import torch
-from app_helpers import serving, until
+from app_helpers import file_metadata, serving, until
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
@@ -364,11 +363,6 @@ async def test_generation_on_two_model_threads_gives_the_bytes_of_one(make_setti
 def test_parallelism_defaults(monkeypatch, threads, model_threads, device, cores, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
     assert Settings(threads=threads, model_threads=model_threads).resolved_parallelism(device) == expected
-
-
-def file_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file."""
-    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
 
 
 # ---- text tower dtype ------------------------------------------------------------------------------------
