@@ -195,7 +195,7 @@ class Service:
         self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
         self.version = artifacts.version
-        self.text_dtype = str(artifacts.backbone.text_dtype).removeprefix("torch.")
+        self.text_dtype = artifacts.backbone.text_dtype_name
         self.cache = RedisCache(
             settings.redis_url,
             settings.cache_ttl_s,

@@ -130,6 +130,11 @@ class Backbone(ABC):
         self._cast_text(dtype)
         self.text_dtype, self._text_fingerprint = dtype, fingerprint
 
+    @property
+    def text_dtype_name(self) -> str:
+        """``text_dtype`` as SGLORA_TEXT_DTYPE, the cache key and the LoRA metadata spell it: 'float32' or 'bfloat16'."""
+        return str(self.text_dtype).removeprefix("torch.")
+
     def _cast_text(self, dtype: torch.dtype) -> None:
         raise ValueError(f"{type(self).__name__} runs its text tower in float32 only")
 

@@ -106,7 +106,7 @@ def generation_metadata(a, description: str, g) -> dict:
         "targets": [t.name for t in spec.targets],
         "lora_fingerprint": spec.fingerprint(),
         "artifact_version": a.version,
-        "text_dtype": str(a.backbone.text_dtype).removeprefix("torch."),  # of the description's embedding
+        "text_dtype": a.backbone.text_dtype_name,  # of the description's embedding
     }
 
 

@@ -32,9 +32,9 @@ MAX_SEED = 2**63 - 1
 # rows (checked on first use), a batch's sg-lora rows share passes of up to MAX_PASS_ROWS, padded to
 # MIN_PASS_ROWS: a pass reads the generator's weights once (8 MiB on the offline default: 1.8-2.5 ms for
 # 4 rows, 2.6-2.9 ms for 16, against 1.1 ms for one row, cold), so a lone request pays about 1 ms more
-# and a full pass a sixth of a row's cost per row. Passes of 32 rows made no more throughput but answered in bursts twice as long, which
-# cache hits then wait behind (docs/benchmarks.md). Elsewhere, and on a GPU (where one row per pass is
-# what was measured end to end), passes have one row.
+# and a full pass a sixth of a row's cost per row. Passes of 32 rows made no more throughput but
+# answered in bursts twice as long, which cache hits then wait behind (docs/benchmarks.md). Elsewhere,
+# and on a GPU (where one row per pass is what was measured end to end), passes have one row.
 MIN_PASS_ROWS = 4
 MAX_PASS_ROWS = 16
 
