@@ -96,3 +96,27 @@ def test_generators_saved_with_one_condition_layer_still_load():
     b = m.sample(mu, var, torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
     assert torch.equal(old.cond_mu.weight, m.cond_mu.weight) and torch.equal(old.cond_var.weight, m.cond_var.weight)
+
+
+def test_generator_weight_decay_shrinks_the_learnt_weights():
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    torch.manual_seed(0)
+    mu = torch.randn(8, 20)
+    x = (mu + torch.linspace(-2, 2, 20)).repeat_interleave(4, 0) + 0.1 * torch.randn(32, 20)
+    data = GeneratorData(x, mu, torch.full((8, 20), 0.1), torch.arange(8).repeat_interleave(4))
+
+    def norm(wd: float) -> float:
+        cfg = GeneratorTrainingConfig(latent_dim=4, hidden_dim=16, epochs=40, batch_size=8, weight_decay=wd)
+        model, _ = train_generator(data, None, cfg, progress=False)
+        return float(torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("weight")]).norm())
+
+    assert norm(3.0) < 0.8 * norm(0.0)
+
+
+def test_negative_generator_weight_decay_is_refused():
+    from training.config import GeneratorTrainingConfig
+
+    with pytest.raises(ValueError, match="weight_decay"):
+        GeneratorTrainingConfig(weight_decay=-1)

@@ -105,10 +105,14 @@ class GeneratorTrainingConfig:
     # Also train on each expert with a leave-one-out prior from the other experts.
     include_experts: bool = False
     seed: int = 0
+    # Decoupled weight decay (AdamW) of the CVAE's weights; 0: plain Adam.
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"generator.epochs must be >= 1, got {self.epochs}")
+        if self.weight_decay < 0:
+            raise ValueError(f"generator.weight_decay must be >= 0, got {self.weight_decay}")
         if not self.lr > 0:
             raise ValueError(f"generator.lr must be > 0, got {self.lr}")
 

@@ -77,7 +77,10 @@ def train_generator(
         )
     )
     model.set_normalisation(train.x)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.weight_decay > 0:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(train.x)
     history: list[dict] = []
