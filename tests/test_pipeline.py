@@ -178,3 +178,23 @@ def test_later_stages_take_new_prior_settings_but_not_new_experts_settings(tiny_
     other_experts = dataclasses.replace(built, experts=dataclasses.replace(built.experts, lr=0.5))
     with pytest.raises(ValueError, match="other experts settings"):
         stage_generator(other_experts, tiny_artifacts)
+
+
+def test_artefacts_built_before_a_new_setting_existed_still_evaluate(tiny_artifacts):
+    # config.json of an older release lacks settings added since (here generator.weight_decay): they
+    # are read at their defaults, so the artefacts are not taken for ones built with another config.
+    from sglora import artifacts as art
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import stage_evaluate
+
+    path = tiny_artifacts / "config.json"
+    written = json.loads(path.read_text())
+    del written["generator"]["weight_decay"]
+    path.write_text(json.dumps(written))
+    art.update_manifest(tiny_artifacts, "generator")  # as an older release would have hashed it
+    cfg = from_dict(PipelineConfig, written)
+    assert cfg.generator.weight_decay == 0.0
+    assert stage_evaluate(cfg, tiny_artifacts, methods=("zero-shot", "sg-lora"))["methods"]["sg-lora"]
+    written["generator"]["weight_decay"] = 0.5  # a setting that does differ still does
+    with pytest.raises(ValueError, match="rerun the generator stage"):
+        stage_evaluate(from_dict(PipelineConfig, written), tiny_artifacts)

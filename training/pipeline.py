@@ -21,7 +21,7 @@ from expert_store.repository import Expert, ExpertRepository
 from models.backbone import create_backbone
 from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, write_json, write_safetensors
-from training.config import METHODS, PipelineConfig, SplitConfig
+from training.config import METHODS, PipelineConfig, SplitConfig, from_dict
 from training.data import TaskDataset, load_task_dataset
 from training.evaluate import evaluate_lora
 from training.experts import FeatureCache, prepare_task, train_expert
@@ -134,7 +134,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     splits = resolve_split(cfg.split, dataset)
     dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
     out.mkdir(parents=True, exist_ok=True)
-    existing = read_json(out / "config.json", "pipeline config") if (out / "config.json").exists() else None
+    existing = _built_config(out) if (out / "config.json").exists() else None
     if existing is not None and existing != cfg.to_dict():
         raise ValueError(f"{out} was built with another config; use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
@@ -179,7 +179,7 @@ def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
     manifest = art.read_manifest(out)
     if stage not in manifest.get("stages", {}):
         raise ValueError(f"{out}: run the '{stage}' stage first")
-    built = read_json(out / "config.json", "pipeline config")
+    built = _built_config(out)
     changed = [k for k in FIXED_SECTIONS if built.get(k) != cfg.to_dict()[k]]
     if changed:
         raise ValueError(f"{out} was built with other {', '.join(changed)} settings; use a new --out directory")
@@ -188,8 +188,18 @@ def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
 
 def _record_config(out: Path, cfg: PipelineConfig) -> None:
     """After a later stage succeeds: config.json holds the prior/generator settings it used."""
-    if read_json(out / "config.json", "pipeline config") != cfg.to_dict():
+    if _built_config(out) != cfg.to_dict():
         write_json(out / "config.json", cfg.to_dict())
+
+
+def _built_config(out: Path) -> dict:
+    """The config an artefact directory was built with, with defaults filled in: a setting added in a
+    later release (at its default) does not make older artefacts look built with another config."""
+    built = read_json(out / "config.json", "pipeline config")
+    try:
+        return from_dict(PipelineConfig, built).to_dict()
+    except ValueError:  # not a config this release can read: compared as written, so it differs loudly
+        return built
 
 
 def _task_snapshots(out: Path, name: str) -> torch.Tensor:
@@ -282,7 +292,7 @@ def stage_evaluate(
     t0 = time.perf_counter()
     methods = methods or cfg.evaluation.methods
     _require(out, "experts", cfg)
-    built = read_json(out / "config.json", "pipeline config")
+    built = _built_config(out)
     stale = [k for k in ("prior", "generator") if built.get(k) != cfg.to_dict()[k]]
     if stale:
         raise ValueError(f"{out}: the config's {', '.join(stale)} settings differ from the built ones; rerun the generator stage")
