@@ -281,9 +281,9 @@ class Service:
         await self.cache.close()
 
     def _time_sampling(self) -> None:
-        # Engine.generate runs prior and sampling in one call; timing the generator's sample() lets the
+        # Engine.generate runs prior and sampling in one call; timing the sampler's sample() lets the
         # metrics split the two stages (sampling = this, prior = the rest) without touching the engine.
-        gen = self.artifacts.generator
+        gen = self.engine.sampler
         if gen is None:
             return
         inner = gen.sample
@@ -295,7 +295,7 @@ class Service:
             finally:
                 self._timing.sampling_s = getattr(self._timing, "sampling_s", 0.0) + time.perf_counter() - t0
 
-        gen.sample = timed_sample  # instance attribute: shadows the method for this generator only
+        gen.sample = timed_sample  # instance attribute: shadows the method for this sampler only
 
     # ---- generation -----------------------------------------------------------------------------
     def resolve(

@@ -29,6 +29,9 @@ from torch.nn import functional as F
 from torch.nn.utils import skip_init
 
 LOGVAR_EPS = 1e-6
+# The layers of the sampling path (condition on sigma*^2, prior network, decoder): those :meth:`CVAE.packed`
+# moves onto oneDNN. cond_mu is left as it is: samplers read its weight through mean_features.
+SAMPLING_LAYERS = ("cond_var", "prior_in", "prior_out", "dec_z", "dec_hidden", "dec_out")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,26 @@ class CVAEConfig:
 def _gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
     """KL(N(mu_q, var_q) || N(mu_p, var_p)) summed over latent dims: (B, L) -> (B,)."""
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
+
+
+class PackedLinear(nn.Module):
+    """An inference-only copy of an ``nn.Linear`` (float32, CPU) whose weight oneDNN reorders once, here,
+    into the blocked layout its matrix-product kernel reads: torch's own path for frozen linear layers on
+    the CPU (what ``torch.compile`` uses after freezing). ``F.linear`` instead hands MKL the plain weight,
+    which repacks it on every call; for the generator's P x H blocks that copy costs more than the
+    product of a few rows (docs/benchmarks.md, release 0.6.0). Not trainable; not in any state dict."""
+
+    def __init__(self, linear: nn.Linear, rows_hint: int = 4):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class CVAE(nn.Module):
@@ -131,6 +154,32 @@ class CVAE(nn.Module):
             if self.config.use_variance:
                 state_dict[prefix + "cond_var.weight"] = old_w[:, p:].contiguous()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def packed(self) -> CVAE | None:
+        """A sampler for the CPU: a CVAE that shares this one's buffers and ``cond_mu`` and runs the layers
+        of :meth:`sample` as :class:`PackedLinear`; it can sample (and nothing else: no encoder, no
+        training), with this generator's weights as they are now. None where that is not possible (not a
+        float32 CPU generator, or a torch without oneDNN): then sample with the generator itself.
+        Its rows round differently from this generator's (another kernel), so one service must sample
+        with one or the other throughout."""
+        if self.x_mean.device.type != "cpu" or self.x_mean.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return None
+        clone = CVAE.__new__(CVAE)
+        nn.Module.__init__(clone)
+        clone.config = self.config
+        clone.register_buffer("x_mean", self.x_mean)
+        clone.register_buffer("x_std", self.x_std)
+        clone.cond_mu = self.cond_mu
+        clone.enc_x = clone.enc_out = None
+        try:
+            for name in SAMPLING_LAYERS:
+                layer = getattr(self, name)
+                setattr(clone, name, None if layer is None else PackedLinear(layer))
+            with torch.no_grad():  # one row through every packed layer: a kernel this build lacks fails here
+                clone.sample(self.x_mean, self.x_std**2, generator=torch.Generator().manual_seed(0))
+        except (RuntimeError, AttributeError):
+            return None
+        return clone.eval()
 
     # ---- networks -----------------------------------------------------------------------------
     def _prior(self, hc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,17 +25,19 @@ from models.cvae import CVAE
 
 GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot")
 MAX_SEED = 2**63 - 1
-# Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding depends on its number of rows (on
-# one AVX-512 host F.linear rounds a row one way alone, another among 2-3 rows and a third among 4 or more,
-# whatever the other rows hold), so a row's LoRA would depend on its batch if a pass simply took the
-# batch. On a CPU whose kernels give every row the same bits in any pass of MIN_PASS_ROWS..MAX_PASS_ROWS
-# rows (checked on first use), a batch's sg-lora rows share passes of up to MAX_PASS_ROWS, padded to
-# MIN_PASS_ROWS: a pass reads the generator's weights once (8 MiB on the offline default: 1.8-2.5 ms for
-# 4 rows, 2.6-2.9 ms for 16, against 1.1 ms for one row, cold), so a lone request pays about 1 ms more
-# and a full pass a sixth of a row's cost per row. Passes of 32 rows made no more throughput but
-# answered in bursts twice as long, which cache hits then wait behind (docs/benchmarks.md). Elsewhere,
-# and on a GPU (where one row per pass is what was measured end to end), passes have one row.
-MIN_PASS_ROWS = 4
+# Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding may depend on its number of rows
+# (with F.linear on one AVX-512 host a row rounds one way alone, another among 2-3 rows and a third among 4
+# or more, whatever the other rows hold), so a row's LoRA would depend on its batch if a pass simply took
+# the batch. On the CPU the engine samples with the generator's oneDNN copy (CVAE.packed: weights
+# reordered once, not repacked per call) and checks on first use the fewest rows from which on every pass
+# of up to MAX_PASS_ROWS rows gives each row the same bits (on that host: 2; 1 would need the one-row
+# kernel to round like the others). If that is at most MAX_PAD_ROWS, a batch's sg-lora rows share passes of
+# up to MAX_PASS_ROWS, a smaller remainder padded to the fewest. A pass reads the generator's P x H weight
+# blocks once (8 MiB on the offline default), so a lone request pays about what one row would, and a full
+# pass a fraction of a row's cost per row. Passes of 32 rows made no more throughput but answered in bursts
+# twice as long, which cache hits then wait behind (docs/benchmarks.md). Elsewhere (and on a GPU, where
+# one row per pass is what was measured end to end) passes have one row.
+MAX_PAD_ROWS = 4
 MAX_PASS_ROWS = 16
 
 
@@ -90,6 +92,8 @@ class Engine:
         self.backbone = backbone
         self.repository = repository
         self.generator = generator
+        # What samples: on the CPU the generator's oneDNN copy (see MAX_PASS_ROWS), else the generator.
+        self.sampler = None if generator is None else (generator.packed() or generator)
         self.top_k = top_k
         self.temperature = temperature
         # (the repository's stacked means, the generator's mean_features of them): recomputed when
@@ -167,16 +171,21 @@ class Engine:
 
     @property
     def pass_rows(self) -> tuple[int, int]:
-        """(fewest, most) rows of a CVAE pass: (:data:`MIN_PASS_ROWS`, :data:`MAX_PASS_ROWS`) on a CPU where
-        :meth:`passes_agree` (checked once, on first use, with the torch threads then in effect), else
-        (1, 1): one row per pass."""
+        """(fewest, most) rows of a CVAE pass: on a CPU, the fewest row count from which on (at most
+        :data:`MAX_PAD_ROWS`) every pass up to :data:`MAX_PASS_ROWS` rows agrees (:meth:`passes_agree`,
+        checked once, on first use, with the torch threads then in effect) and :data:`MAX_PASS_ROWS`;
+        else (1, 1): one row per pass."""
         if self._pass_rows is None:
-            grow = self.generator is not None and self.generator.x_mean.device.type == "cpu" and self.passes_agree()
-            self._pass_rows = (MIN_PASS_ROWS, MAX_PASS_ROWS) if grow else (1, 1)  # one assignment: thread-safe
+            rows = (1, 1)
+            if self.sampler is not None and self.generator.x_mean.device.type == "cpu":
+                fewest = next((f for f in range(1, MAX_PAD_ROWS + 1) if self.passes_agree(f)), None)
+                if fewest is not None:
+                    rows = (fewest, MAX_PASS_ROWS)
+            self._pass_rows = rows  # one assignment: thread-safe
         return self._pass_rows
 
-    def passes_agree(self, fewest: int = MIN_PASS_ROWS, most: int = MAX_PASS_ROWS) -> bool:
-        """Whether the generator gives every row the same bits in a pass of any size from ``fewest`` to
+    def passes_agree(self, fewest: int, most: int = MAX_PASS_ROWS) -> bool:
+        """Whether the sampler gives every row the same bits in a pass of any size from ``fewest`` to
         ``most`` rows, at any position: ``most`` priors mixed from the repository's experts, sampled in
         one pass, then every smaller pass of other rows in another order compared with it."""
         means, variances, _ = self.repository.stacked()
@@ -192,7 +201,7 @@ class Engine:
 
         def sample(rows: list[int]) -> torch.Tensor:
             gens = [torch.Generator().manual_seed(r) for r in rows]
-            return self.generator.sample(mu[rows].to(dev), var[rows].to(dev), generator=gens, mean_features=feats[rows].to(dev))
+            return self.sampler.sample(mu[rows].to(dev), var[rows].to(dev), generator=gens, mean_features=feats[rows].to(dev))
 
         full = sample(list(range(most)))
         for n in range(fewest, most):
@@ -218,7 +227,7 @@ class Engine:
         var = pad_rows(torch.stack([r[2] for r in rows]).to(dev), size)
         feats = pad_rows(torch.stack([r[4] for r in rows]).to(dev), size)
         gens = [torch.Generator().manual_seed(r[3]) for r in rows] + [torch.Generator() for _ in range(size - n)]
-        loras = self.generator.sample(mu, var, generator=gens, mean_features=feats)[:n].cpu()  # padding rows dropped
+        loras = self.sampler.sample(mu, var, generator=gens, mean_features=feats)[:n].cpu()  # padding rows dropped
         for (i, *_), lora in zip(rows, loras):
             out[i] = replace(out[i], lora=lora)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglora.artifacts import load_artifacts
-from sglora.engine import MAX_PASS_ROWS, MIN_PASS_ROWS, Request
+from sglora.engine import MAX_PAD_ROWS, MAX_PASS_ROWS, Request
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_sg_lora_rows_over_several_cvae_passes(engine, monkeypatch, one_thread, 
     policy this host's check chose."""
     if pass_rows == "this host's":
         monkeypatch.setattr(engine, "_pass_rows", None)
-        assert engine.pass_rows in ((1, 1), (MIN_PASS_ROWS, MAX_PASS_ROWS))
+        fewest, most = engine.pass_rows
+        assert (fewest, most) == (1, 1) or (1 <= fewest <= MAX_PAD_ROWS and most == MAX_PASS_ROWS)
     elif pass_rows[0] != pass_rows[1] and not engine.passes_agree(*pass_rows):
         pytest.skip(f"this host rounds rows differently in passes of {pass_rows[0]} to {pass_rows[1]} rows")
     else:
@@ -125,21 +126,49 @@ def test_sg_lora_rows_over_several_cvae_passes(engine, monkeypatch, one_thread, 
     assert len({_bytes(g.lora) for g in batch}) == n
 
 
-def test_growing_passes_fall_back_to_one_row_where_a_row_would_change(engine, monkeypatch):
-    """The check behind pass_rows: a generator whose 7-row passes round one value differently fails it,
-    and the engine then samples one row per pass."""
-    sample = engine.generator.sample
+@pytest.mark.parametrize("odd_rows", [1, 3, 7])
+def test_pass_rows_start_where_every_larger_pass_agrees(engine, monkeypatch, odd_rows):
+    """The check behind pass_rows: a sampler whose passes of ``odd_rows`` rows round one value differently
+    makes the engine pad every pass to more rows than that (odd_rows 1 and 3), or, when even a padded
+    pass would not do (7 > MAX_PAD_ROWS), sample one row per pass."""
+    monkeypatch.setattr(engine, "_pass_rows", None)
+    if engine.pass_rows == (1, 1):
+        pytest.skip("this host samples one row per pass already")
+    sample = engine.sampler.sample
 
-    def off_by_one_ulp_at_seven_rows(prior_mean, *args, **kwargs):
+    def off_by_one_ulp(prior_mean, *args, **kwargs):
         out = sample(prior_mean, *args, **kwargs)
-        if out.dim() == 2 and out.shape[0] == 7:
+        if out.dim() == 2 and out.shape[0] == odd_rows:
             out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
         return out
 
-    monkeypatch.setattr(engine.generator, "sample", off_by_one_ulp_at_seven_rows)
+    monkeypatch.setattr(engine.sampler, "sample", off_by_one_ulp)
     monkeypatch.setattr(engine, "_pass_rows", None)
-    assert not engine.passes_agree()
-    assert engine.pass_rows == (1, 1)
+    assert not engine.passes_agree(1)
+    if odd_rows > MAX_PAD_ROWS:
+        assert engine.pass_rows == (1, 1)
+    else:
+        fewest, most = engine.pass_rows
+        assert fewest > odd_rows and most == MAX_PASS_ROWS
+
+
+def test_the_cpu_sampler_is_the_generator_on_onednn(engine):
+    """On the CPU the engine samples with the generator's packed copy: the same weights (its samples agree
+    with the generator's to float32 rounding), none of them copied into a state dict, and the generator
+    itself untouched (training and saving still use it)."""
+    from models.cvae import PackedLinear
+
+    if engine.sampler is engine.generator:
+        pytest.skip("this torch has no oneDNN linear kernel: the engine samples with the generator itself")
+    assert isinstance(engine.sampler.dec_out, PackedLinear) and not isinstance(engine.generator.dec_out, PackedLinear)
+    assert engine.sampler.x_mean is engine.generator.x_mean and engine.sampler.cond_mu is engine.generator.cond_mu
+    assert list(engine.sampler.state_dict()) == ["x_mean", "x_std", "cond_mu.weight", "cond_mu.bias"]
+    means, variances, _ = engine.repository.stacked()
+    mu, var = means[:4], variances[:4] + 1e-4
+    packed = engine.sampler.sample(mu, var, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    plain = engine.generator.sample(mu, var, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    assert not torch.equal(mu, plain)  # the generator does change the prior mean, so the comparison means something
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_generator_the_merges_still_work(engine):
