@@ -120,3 +120,36 @@ def test_negative_generator_weight_decay_is_refused():
 
     with pytest.raises(ValueError, match="weight_decay"):
         GeneratorTrainingConfig(weight_decay=-1)
+
+
+def test_packed_sampler_samples_what_the_generator_samples():
+    """CVAE.packed: a sampling-only copy on oneDNN, equal to the generator to float32 rounding, sharing its
+    buffers; without use_variance it packs no cond_var."""
+    for use_variance in (True, False):
+        torch.manual_seed(0)
+        m = CVAE(CVAEConfig(lora_dim=20, latent_dim=4, hidden_dim=16, use_variance=use_variance))
+        m.set_normalisation(torch.randn(50, 20) * 3 + 1)
+        torch.nn.init.normal_(m.dec_out.weight)
+        packed = m.packed()
+        if packed is None:
+            pytest.skip("this torch has no oneDNN linear kernel")
+        assert (packed.cond_var is None) == (not use_variance) and packed.x_std is m.x_std
+        mus, vars_ = torch.randn(5, 20), torch.rand(5, 20)
+        want = m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)])
+        got = packed.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(want, m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(1, 6)]))
+
+
+def test_packed_sampler_falls_back_where_onednn_is_missing_or_fails(monkeypatch):
+    m = _model()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert m.packed() is None
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken, raising=False)
+    assert m.packed() is None
+    assert m.half().packed() is None  # only float32 generators are packed
