@@ -198,3 +198,18 @@ def test_artefacts_built_before_a_new_setting_existed_still_evaluate(tiny_artifa
     written["generator"]["weight_decay"] = 0.5  # a setting that does differ still does
     with pytest.raises(ValueError, match="rerun the generator stage"):
         stage_evaluate(from_dict(PipelineConfig, written), tiny_artifacts)
+
+
+def test_generator_stage_on_a_subset_of_its_tasks(tiny_artifacts):
+    """only_tasks (ablations): the generator trains on the named tasks alone, M snapshots each."""
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import stage_generator
+
+    cfg = from_dict(PipelineConfig, json.loads((tiny_artifacts / "config.json").read_text()))
+    splits = json.loads((tiny_artifacts / "splits.json").read_text())
+    full = json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]["generator"]["snapshots"]
+    one = splits["train"][0]
+    stage_generator(cfg, tiny_artifacts, only_tasks=[one, "no-such-task"])
+    subset = json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]["generator"]["snapshots"]
+    assert subset == cfg.experts.keep_last < full
+    assert load_artifacts(tiny_artifacts).generator is not None

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,7 +239,10 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     art.update_manifest(out, "repository", {"seconds": round(time.perf_counter() - t0, 1), "experts": len(repo)})
 
 
-def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
+def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_tasks: Collection[str] | None = None) -> None:
+    """Trains the CVAE on the ``train`` tasks (and the experts, with leave-one-out priors, when
+    ``generator.include_experts``); ``only_tasks`` keeps those of them it names (for ablations, e.g.
+    scripts/generator_learning_curve.py)."""
     t0 = time.perf_counter()
     manifest = _require(out, "repository", cfg)
     art.verify_files(out, manifest, ("backbone", "snapshots"))
@@ -246,6 +250,9 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None
     repo = ExpertRepository.load(out / "repository")
     splits = read_json(out / "splits.json", "task splits")
     train_names = list(splits["train"]) + (list(splits["experts"]) if cfg.generator.include_experts else [])
+    if only_tasks is not None:
+        keep = set(only_tasks)
+        train_names = [n for n in train_names if n in keep]
     if not train_names:
         raise ValueError("the generator needs training tasks: set split.train > 0 or generator.include_experts")
 
