@@ -79,17 +79,19 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Classification accuracy where the validation tasks have it (fashion-tasks), else retrieval R@1.
+    metric = "accuracy" if all(r[m]["accuracy"] is not None for r in rows for m in ("sg-lora", "topk-weighted")) else "r1"
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = sorted({r["tasks"] for r in rows})
     for method, style in (("sg-lora", "o-"), ("topk-weighted", "s--")):
         means = []
         for x in xs:
-            vals = [r[method]["accuracy"] for r in rows if r["tasks"] == x]
+            vals = [r[method][metric] for r in rows if r["tasks"] == x]
             ax.scatter([x] * len(vals), vals, s=12, alpha=0.5, color="C0" if method == "sg-lora" else "C1")
             means.append(sum(vals) / len(vals))
         ax.plot(xs, means, style, label=method, color="C0" if method == "sg-lora" else "C1")
     ax.set_xlabel("generator training tasks")
-    ax.set_ylabel("fashion accuracy on the val tasks (%)")
+    ax.set_ylabel("accuracy on the val tasks (%)" if metric == "accuracy" else "R@1 (I2T, T2I mean) on the val tasks (%)")
     ax.legend()
     ax.set_title("Generator learning curve (dots: seeds)")
     fig.tight_layout()

@@ -1,0 +1,71 @@
+"""The benchmark and ablation scripts, small, on the tiny artefacts (their full runs are in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_bench_sampler_times_both_sampling_paths(tiny_artifacts_session):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_sampler.py"), "--artifacts", str(tiny_artifacts_session)]
+    p = subprocess.run(cmd + ["--steps", "6"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if "request(s):" in line]
+    assert len(lines) == 2, p.stdout
+    for line in lines:
+        m = re.search(r"F\.linear ([\d.]+) ms, oneDNN ([\d.]+) ms \(([\d.]+)x\)", line)
+        assert m, line
+        plain, packed, ratio = (float(x) for x in m.groups())
+        # The ratio is of the unrounded medians; the times are printed to 0.005 ms.
+        assert plain > 0 and packed > 0 and abs(ratio - packed / plain) <= 0.005 + 0.01 / plain
+    assert "pass rows: F.linear" in p.stdout
+
+
+def test_bench_sampler_refuses_a_missing_directory(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_sampler.py"), "--artifacts", str(tmp_path / "nope")]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_generator_learning_curve_trains_on_subsets(tiny_config, tmp_path):
+    """On tiny artefacts with a validation task: one generator per fraction, evaluated on val; the source
+    directory stays as it was (the work copies are hard links and every stage writes by rename)."""
+    import dataclasses
+
+    import yaml
+
+    from training.pipeline import run_pipeline
+
+    cfg = dataclasses.replace(
+        tiny_config,
+        split=dataclasses.replace(tiny_config.split, val=1, test=1),
+        experts=dataclasses.replace(tiny_config.experts, epochs=4),
+        generator=dataclasses.replace(tiny_config.generator, epochs=5),
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    art = tmp_path / "art"
+    run_pipeline(cfg, art, stages=("experts", "repository", "generator"))
+    before = {p.name: p.stat().st_mtime_ns for p in art.rglob("*")}
+    manifest = (art / "manifest.json").read_text()
+
+    out = tmp_path / "curve"
+    cmd = [sys.executable, str(ROOT / "scripts" / "generator_learning_curve.py"), "--artifacts", str(art)]
+    cmd += ["--config", str(config), "--out", str(out), "--fractions", "0.5", "1", "--seeds", "0"]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    rows = json.loads((out / "learning-curve.json").read_text())
+    assert [r["fraction"] for r in rows] == [0.5, 1.0] and rows[0]["tasks"] < rows[1]["tasks"]
+    for r in rows:
+        assert set(r["sg-lora"]) == {"accuracy", "r1"} and r["sg-lora"]["r1"] is not None
+    assert (out / "learning-curve.png").stat().st_size > 0
+    assert not [d for d in out.iterdir() if d.is_dir()]  # the work copies are gone
+    assert {p.name: p.stat().st_mtime_ns for p in art.rglob("*")} == before
+    assert (art / "manifest.json").read_text() == manifest
