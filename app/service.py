@@ -424,6 +424,32 @@ class Service:
     def repository_dir(self) -> Path:
         return self.artifacts.root / "repository"
 
+    def expert_file(self, name: str, part: str) -> bytes:
+        """An expert's mean (or element-wise variance) in the format /generate answers and POST /experts
+        takes (PEFT tensor names), with the expert and the LoRA layout in its metadata; APIError(404)."""
+        try:  # one lookup: an expert removed meanwhile (on a model thread) is simply not found
+            expert = self.artifacts.repository[name]
+        except KeyError:
+            raise APIError(404, "name", f"no expert named {name!r}") from None
+        spec = self.spec
+        cfg = self.artifacts.backbone.config
+        meta = {
+            "format": "sglora-expert",
+            "name": expert.name,
+            "description": expert.description,
+            "part": part,
+            "num_snapshots": str(expert.num_snapshots),
+            "backbone": json.dumps(cfg.model if cfg.kind == "open_clip" else cfg.kind),
+            "backbone_kind": cfg.kind,
+            "rank": str(spec.rank),
+            "alpha": str(spec.alpha),
+            "scaling": spec.scaling,
+            "targets": [t.name for t in spec.targets],
+            "lora_fingerprint": spec.fingerprint(),
+            "artifact_version": self.version,
+        }
+        return safetensors_bytes(spec, expert.mean if part == "mean" else expert.variance, meta)
+
     def _parse_lora(self, data: bytes, field: str) -> torch.Tensor:
         try:
             tensors = load_safetensors(data)

@@ -128,3 +128,60 @@ def test_bad_registrations_are_4xx_naming_the_field(app_root):
         assert (r.status_code, r.json()["detail"]["field"]) == (status, field), (data, r.text)
     assert client.delete("/experts/nobody", headers=ADMIN).status_code == 404
     assert len(client.get("/experts").json()["experts"]) == 4
+
+
+def test_download_an_expert_and_register_it_back(app_root):
+    """GET /experts/{name}: the mean and the variance as /generate's format (PEFT names, metadata), the mean as
+    a zipped PEFT folder; what it answers, POST /experts takes back unchanged."""
+    import io
+    import json
+    import zipfile
+
+    from safetensors.torch import load
+
+    from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, from_peft_tensors
+
+    client, root = app_root
+    repo = ExpertRepository.load(root / "repository")
+    mean = client.get("/experts/circle")
+    assert mean.status_code == 200 and mean.headers["content-type"] == "application/octet-stream"
+    assert mean.headers["x-artifact-version"] == client.get("/experts").json()["artifact_version"]
+    assert 'filename="circle-mean.safetensors"' in mean.headers["content-disposition"]
+    assert torch.equal(from_peft_tensors(repo.spec, load(mean.content)), repo["circle"].mean)
+    n = int.from_bytes(mean.content[:8], "little")
+    meta = json.loads(mean.content[8 : 8 + n])["__metadata__"]
+    assert meta["format"] == "sglora-expert" and meta["name"] == "circle" and meta["part"] == "mean"
+    assert meta["description"] == repo["circle"].description and meta["num_snapshots"] == str(repo["circle"].num_snapshots)
+    assert meta["lora_fingerprint"] == repo.spec.fingerprint() and meta["rank"] == str(repo.spec.rank)
+    variance = client.get("/experts/circle", params={"part": "variance"})
+    assert torch.equal(from_peft_tensors(repo.spec, load(variance.content)), repo["circle"].variance)
+    assert variance.headers["etag"] != mean.headers["etag"]
+
+    zipped = client.get("/experts/circle", headers={"Accept": "application/zip"})
+    assert zipped.status_code == 200 and zipped.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as z:
+        assert sorted(z.namelist()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS]) and z.read(PEFT_WEIGHTS) == mean.content
+        assert json.loads(z.read(PEFT_CONFIG))["r"] == repo.spec.rank
+
+    files = {
+        "mean": ("m.safetensors", mean.content, "application/octet-stream"),
+        "variance": ("v.safetensors", variance.content, "application/octet-stream"),
+    }
+    data = {"name": "circle-copy", "description": repo["circle"].description, "num_snapshots": meta["num_snapshots"]}
+    assert client.post("/experts", data=data, files=files, headers=ADMIN).status_code == 201
+    copy = load_artifacts(root).repository["circle-copy"]
+    assert torch.equal(copy.mean, repo["circle"].mean) and torch.equal(copy.variance, repo["circle"].variance)
+    assert torch.equal(copy.embedding, repo["circle"].embedding)
+
+
+def test_downloading_an_expert_refuses_bad_requests_by_name(app_root):
+    client, _ = app_root
+    cases = [
+        ("/experts/nobody", {}, {}, 404, "name"),
+        ("/experts/circle", {"part": "both"}, {}, 422, "part"),
+        ("/experts/circle", {"part": "variance"}, {"Accept": "application/zip"}, 422, "part"),
+    ]
+    for path, params, headers, status, field in cases:
+        r = client.get(path, params=params, headers=headers)
+        assert r.status_code == status and r.json()["detail"]["field"] == field, (path, params, r.text)
+    assert client.get("/experts/circle", headers={"X-API-Key": ""}).status_code == 401

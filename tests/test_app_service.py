@@ -137,6 +137,7 @@ def test_openapi_documents_every_endpoint_with_examples(make_settings):
         ("/retrieve", "post"),
         ("/experts", "get"),
         ("/experts", "post"),
+        ("/experts/{name}", "get"),
         ("/experts/{name}", "delete"),
         ("/health", "get"),
         ("/ready", "get"),

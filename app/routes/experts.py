@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Header, Path, Query, UploadFile
+from fastapi.responses import Response
 
 from app.deps import AdminKey, ApiKey, ServiceDep
 from app.errors import APIError
 from app.routes.retrieve import read_upload
 from app.schemas import ExpertChange, ExpertList, ExpertOut, clean_text
+from app.service import etag_of
+from sglora.export import peft_zip_from_weights
 
 router = APIRouter(tags=["experts"])
 _ADMIN_ERRORS = {
@@ -37,6 +41,50 @@ async def list_experts(service: ServiceDep) -> ExpertList:
         },
         experts=[ExpertOut(name=n, description=repo[n].description, num_snapshots=repo[n].num_snapshots) for n in repo.names],
     )
+
+
+@router.get(
+    "/experts/{name}",
+    response_class=Response,
+    dependencies=[ApiKey],
+    summary="Download an expert",
+    responses={
+        200: {
+            "description": "the expert's mean (or variance) as safetensors with PEFT tensor names, or its mean as a zipped "
+            "PEFT adapter folder",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        404: {"description": "no such expert"},
+        422: {"description": "bad input; `field` names it"},
+    },
+)
+async def get_expert(
+    name: Annotated[str, Path(description="the expert's name, as GET /experts lists it", examples=["sunflower"])],
+    service: ServiceDep,
+    part: Annotated[
+        Literal["mean", "variance"], Query(description="the expert's mean LoRA, or the element-wise variance of its snapshots")
+    ] = "mean",
+    accept: Annotated[str | None, Header(description="application/zip for the mean as a zipped PEFT adapter folder")] = None,
+) -> Response:
+    """One expert of the repository, in the format `/generate` answers and `POST /experts` takes: to inspect or
+    back it up, register it elsewhere, or merge experts exactly with PEFT (docs/service.md, "Experts")."""
+    data = service.expert_file(name, part)
+    if accept is not None and "application/zip" in accept:
+        if part != "mean":
+            raise APIError(422, "part", "only the mean is a LoRA: a zipped PEFT adapter holds part=mean")
+        data = await asyncio.to_thread(peft_zip_from_weights, service.spec, data)
+        media, ext = "application/zip", "zip"
+    else:
+        media, ext = "application/octet-stream", "safetensors"
+    headers = {
+        "ETag": f'"{etag_of(data)}"',
+        "X-Artifact-Version": service.version,
+        "Content-Disposition": f'attachment; filename="{name}-{part}.{ext}"',
+    }
+    return Response(data, media_type=media, headers=headers)
 
 
 @router.post(
