@@ -146,6 +146,43 @@ def test_zip_is_a_peft_folder_that_loads_into_hf_clip(client, reference, tmp_pat
         torch.testing.assert_close(loaded[k].detach(), v, rtol=0, atol=0)
 
 
+def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client, reference, tmp_path):
+    """The recipe of docs/service.md ("Experts"): /generate/preview's experts and weights, each expert from
+    GET /experts/{name} as a PEFT folder, and PEFT's concatenating merge give exactly sum_k alpha_k B_k A_k
+    (scaled) on every adapted layer, which the [B, A] average that topk-weighted returns does not."""
+    from peft import PeftModel
+
+    body = {"description": "a yellow triangle", "method": "topk-weighted"}
+    experts = client.post("/generate/preview", json=body).json()["experts"]
+    assert len(experts) == reference.engine.top_k and abs(sum(e["weight"] for e in experts) - 1) < 1e-6
+    for e in experts:
+        r = client.get(f"/experts/{e['name']}", headers={"Accept": "application/zip"})
+        assert r.status_code == 200
+        zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path / e["name"])
+    names = [e["name"] for e in experts]
+    model = PeftModel.from_pretrained(tiny_hf_clip(), str(tmp_path / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(tmp_path / n), adapter_name=n)
+    model.add_weighted_adapter(names, [e["weight"] for e in experts], adapter_name="merged", combination_type="cat")
+
+    spec = reference.backbone.spec
+    topk = from_peft_tensors(spec, load(client.post("/generate", json=body).content))
+    averaged = spec.unflatten(topk)
+    lora_layers = [(name, m) for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A")]
+    assert len(lora_layers) == len(spec.targets)
+    differs = False
+    for name, m in lora_layers:
+        merged = (m.lora_B["merged"].weight @ m.lora_A["merged"].weight) * m.scaling["merged"]
+        exact = sum(
+            e["weight"] * (m.lora_B[e["name"]].weight @ m.lora_A[e["name"]].weight) * m.scaling[e["name"]] for e in experts
+        )
+        torch.testing.assert_close(merged, exact, rtol=1e-5, atol=1e-6)
+        target = next(t for t in spec.targets if t.peft_module and name.endswith(t.peft_module))
+        b, a = averaged[target.name]
+        differs |= not torch.allclose(exact, (b @ a) * spec.scale, rtol=1e-3, atol=1e-6)
+    assert differs  # the exact merge is another update than the [B, A] average
+
+
 def test_batch_answers_each_item(client):
     items = [
         {"description": "a purple diamond", "seed": 4},
