@@ -146,9 +146,14 @@ class Backbone(ABC):
         """Frozen prefix of the image tower: (N, C, H, W) -> cacheable features. Default: identity."""
         return pixels
 
-    def encode_image(self, features: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
-        """Cached features (+ optional flat LoRA) -> (N, D) L2-normalised image embeddings."""
-        out = self.applier(lora, features.to(self.device))
+    def encode_image(
+        self, features: torch.Tensor, lora: torch.Tensor | None = None, spec: LoraSpec | None = None
+    ) -> torch.Tensor:
+        """Cached features (+ optional flat LoRA) -> (N, D) L2-normalised image embeddings. ``spec``: the LoRA's
+        layout when it is not the backbone's (same targets, another rank: an exact merge, see
+        :func:`models.lora.concat_merge`)."""
+        applier = self.applier if spec is None or spec == self.spec else LoraApplier(self.image_head, spec)
+        out = applier(lora, features.to(self.device))
         return nn.functional.normalize(out, dim=-1)
 
     @property

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -192,6 +192,25 @@ class LoraSpec:
                 rows.append(w2[cursor:])
             updated[param] = torch.cat(rows).reshape(w.shape)
         return updated
+
+
+def concat_merge(spec: LoraSpec, vecs: torch.Tensor, weights: torch.Tensor) -> tuple[LoraSpec, torch.Tensor]:
+    """The exact weighted sum of K LoRAs' updates, sum_k w_k * scale * B_k A_k, as one LoRA of rank K*r (PEFT's
+    ``combination_type="cat"``): per target the B blocks, each times w_k * scale, side by side and the A
+    blocks stacked. Its spec has the scale folded in (alpha = rank, standard scaling: scale 1).
+    ``vecs`` (K, P) flat LoRAs of ``spec``, ``weights`` (K,)."""
+    if vecs.dim() != 2 or vecs.shape[0] != weights.numel() or vecs.shape[0] < 1:
+        raise ValueError(f"need K >= 1 LoRA rows and K weights, got {tuple(vecs.shape)} and {tuple(weights.shape)}")
+    k = vecs.shape[0]
+    merged = replace(spec, rank=k * spec.rank, alpha=float(k * spec.rank), scaling="standard")
+    parts = [spec.unflatten(v) for v in vecs]
+    scaled = [float(w) * spec.scale for w in weights]
+    return merged, merged.flatten(
+        {
+            t.name: (torch.cat([w * p[t.name][0] for w, p in zip(scaled, parts)], 1), torch.cat([p[t.name][1] for p in parts]))
+            for t in spec.targets
+        }
+    )
 
 
 def check_finite(vec: torch.Tensor, what: str = "LoRA") -> None:

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from models.lora import LoraSpec, LoraTarget, merge_into
+from models.lora import LoraSpec, LoraTarget, concat_merge, merge_into
 
 
 def test_flatten_unflatten_round_trip_is_exact(tiny_backbone):
@@ -91,3 +91,34 @@ def test_conv_1x1_target_matches_merge():
     ref = copy.deepcopy(conv)
     merge_into(ref, spec, vec)
     torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_concat_merge_is_the_exact_weighted_sum_of_the_updates(tiny_backbone, scaling):
+    """concat_merge: one rank-K*r LoRA whose update on every target is sum_k w_k * scale * B_k A_k, and whose
+    application to the backbone equals applying that dense sum."""
+    import dataclasses
+
+    spec = dataclasses.replace(tiny_backbone.spec, alpha=3.0, scaling=scaling)
+    g = torch.Generator().manual_seed(1)
+    vecs = torch.randn(3, spec.num_params, generator=g) * 0.1
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    merged_spec, merged = concat_merge(spec, vecs, weights)
+    assert merged_spec.rank == 3 * spec.rank and merged_spec.scale == 1.0 and merged.numel() == merged_spec.num_params
+    assert [t.name for t in merged_spec.targets] == [t.name for t in spec.targets]
+    parts = [spec.unflatten(v) for v in vecs]
+    for t, (b, a) in zip(spec.targets, merged_spec.unflatten(merged).values(), strict=True):
+        want = sum(w * spec.scale * (p[t.name][0] @ p[t.name][1]) for w, p in zip(weights.tolist(), parts))
+        torch.testing.assert_close(b @ a, want, rtol=1e-5, atol=1e-7)
+    # Applied to the backbone: the same embeddings as the three updates merged densely into its weights.
+    feats = tiny_backbone.image_features(torch.rand(2, 3, 32, 32, generator=g))
+    dense = copy.deepcopy(tiny_backbone)
+    for w, v in zip(weights.tolist(), vecs):
+        merge_into(dense.image_head, dataclasses.replace(spec, alpha=spec.alpha * w), v)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_backbone.encode_image(feats, merged, merged_spec), dense.encode_image(feats), rtol=1e-4, atol=1e-5
+        )
+        assert not torch.allclose(tiny_backbone.encode_image(feats, merged, merged_spec), tiny_backbone.encode_image(feats))
+    with pytest.raises(ValueError, match="K weights"):
+        concat_merge(spec, vecs, weights[:2])

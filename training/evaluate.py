@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from models.backbone import Backbone
+from models.lora import LoraSpec
 from training.experts import PreparedTask
 
 KS = (1, 5, 10)
@@ -37,9 +38,13 @@ def recall_at_k_reference(sim: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[s
 
 
 @torch.no_grad()
-def evaluate_lora(backbone: Backbone, task: PreparedTask, lora: torch.Tensor | None, batch_size: int = 256) -> dict[str, float]:
+def evaluate_lora(
+    backbone: Backbone, task: PreparedTask, lora: torch.Tensor | None, batch_size: int = 256, spec: LoraSpec | None = None
+) -> dict[str, float]:
+    """``spec``: the LoRA's layout when it is not the backbone's (an exact merge's rank)."""
     data = task.test
-    embs = [backbone.encode_image(data.features[i : i + batch_size], lora) for i in range(0, len(data.features), batch_size)]
+    n = len(data.features)
+    embs = [backbone.encode_image(data.features[i : i + batch_size], lora, spec) for i in range(0, n, batch_size)]
     img = torch.cat(embs).cpu()
     sim = img @ data.texts.T
     if data.labels is None:
