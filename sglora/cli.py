@@ -63,11 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
     meta = generation_metadata(a, args.description, g)
     out = Path(args.out)
-    data = (
-        peft_zip_bytes(a.backbone.spec, g.lora, meta)
-        if out.suffix == ".zip"
-        else safetensors_bytes(a.backbone.spec, g.lora, meta)
-    )
+    spec = g.spec or a.backbone.spec
+    data = peft_zip_bytes(spec, g.lora, meta) if out.suffix == ".zip" else safetensors_bytes(spec, g.lora, meta)
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
@@ -89,7 +86,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def generation_metadata(a, description: str, g) -> dict:
-    spec = a.backbone.spec
+    spec = g.spec or a.backbone.spec  # an exact merge (topk-exact) has its own rank
     return {
         "format": "sglora-lora",
         "description": description,
@@ -152,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("description")
     s.add_argument("--artifacts", required=True)
     s.add_argument("--out", required=True, help="FILE.safetensors, or FILE.zip for a zipped PEFT adapter folder")
-    s.add_argument("--method", default="sg-lora", choices=["sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot"])
+    s.add_argument(
+        "--method",
+        default="sg-lora",
+        choices=["sg-lora", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot"],
+    )
     s.add_argument("--seed", type=int)
     s.add_argument("--top-k", type=int)
     s.add_argument("--temperature", type=float)

@@ -4,11 +4,14 @@ zero-shot     no LoRA (all zeros)
 model-soup    uniform mean of all expert means
 adapter-soup  top-K experts, weight 1/K each
 topk-weighted top-K experts, softmax weights alpha (= the prior mean mu*)
+topk-exact    the same experts and weights, merged exactly: sum_k alpha_k scale B_k A_k, a rank-K*r LoRA
+              (not in the paper; the merges above average the flat [B, A] vectors as the paper does)
 sg-lora       a CVAE sample z ~ p(z | c), c = {mu*, sigma*^2}
 oracle        the task's own trained LoRA (evaluation only; needs the task's snapshots)
 
 Merges average the flat [B, A] vectors, as the paper does, not the dense products B @ A;
 with a shared A initialisation across experts (see training/experts.py) the factors stay comparable.
+topk-exact is the exact merge of the updates: its Generation carries its own (rank-K*r) spec.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from expert_store.prior import mix, select_experts
 from expert_store.repository import ExpertRepository
 from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
+from models.lora import LoraSpec, concat_merge
 
-GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "adapter-soup", "model-soup", "zero-shot")
+GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot")
 MAX_SEED = 2**63 - 1
 # Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding may depend on its number of rows
 # (with F.linear on one AVX-512 host a row rounds one way alone, another among 2-3 rows and a third among 4
@@ -66,6 +70,7 @@ class Generation:
     top_k: int
     temperature: float
     experts: list[ExpertChoice] = field(default_factory=list)
+    spec: LoraSpec | None = None  # the LoRA's layout when not the backbone's (topk-exact: rank K*r)
 
 
 class Engine:
@@ -155,6 +160,10 @@ class Engine:
             if method == "adapter-soup":
                 alpha = torch.full_like(alpha, 1.0 / top_k)
             experts = [ExpertChoice(names[k], float(a), float(s)) for k, a, s in zip(idx.tolist(), alpha, sims)]
+            if method == "topk-exact":
+                spec, lora = concat_merge(self.backbone.spec, means[idx], alpha)
+                out[i] = Generation(lora, method, None, top_k, temperature, experts, spec)
+                continue
             mu, var = mix(means[idx], variances[idx], alpha)
             if method != "sg-lora":
                 out[i] = Generation(mu, method, None, top_k, temperature, experts)

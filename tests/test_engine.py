@@ -201,3 +201,20 @@ def test_open_clip_bfloat16_text_tower(tiny_backbone):
     assert bf16.model.visual.conv1.weight.dtype == torch.float32
     assert (together * ref).sum(-1).min() > 0.99  # a random tiny tower: looser than MiniLM's 0.999
     assert bf16.fingerprint() == tiny_backbone.fingerprint()
+
+
+def test_topk_exact_merges_the_topk_experts_updates_exactly(engine):
+    """topk-exact: the experts and weights of topk-weighted, as one rank-K*r LoRA of their exact weighted
+    update (its own spec); in a batch, each row the bytes it has alone."""
+    from models.lora import concat_merge
+
+    emb = engine.embed(["a photo of a circle", "a red square at the top"])
+    weighted = engine.generate(emb[0], "topk-weighted", top_k=3)
+    exact = engine.generate(emb[0], "topk-exact", top_k=3)
+    assert exact.experts == weighted.experts and exact.seed is None and exact.spec.rank == 3 * engine.backbone.spec.rank
+    means = torch.stack([engine.repository[e.name].mean for e in exact.experts])
+    spec, want = concat_merge(engine.backbone.spec, means, torch.tensor([e.weight for e in exact.experts]))
+    assert spec == exact.spec and torch.equal(exact.lora, want)
+    batch = engine.generate_many(emb, [Request("topk-exact", top_k=3), Request("topk-exact", top_k=2)])
+    assert torch.equal(batch[0].lora, exact.lora) and batch[1].spec.rank == 2 * engine.backbone.spec.rank
+    assert torch.equal(batch[1].lora, engine.generate(emb[1], "topk-exact", top_k=2).lora)

@@ -213,3 +213,20 @@ def test_generator_stage_on_a_subset_of_its_tasks(tiny_artifacts):
     subset = json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]["generator"]["snapshots"]
     assert subset == cfg.experts.keep_last < full
     assert load_artifacts(tiny_artifacts).generator is not None
+
+
+def test_generate_cli_writes_an_exact_merge_at_its_rank(tiny_artifacts_session, tmp_path):
+    """sglora generate --method topk-exact: a PEFT folder whose rank is K*r, in its config and its tensors."""
+    import zipfile
+
+    from safetensors.torch import load
+
+    out = tmp_path / "exact.zip"
+    argv = ["generate", "a photo of a circle", "--artifacts", str(tiny_artifacts_session), "--out", str(out)]
+    assert main(argv + ["--method", "topk-exact", "--top-k", "3"]) == 0
+    a = load_artifacts(tiny_artifacts_session)
+    with zipfile.ZipFile(out) as z:
+        config = json.loads(z.read("adapter_config.json"))
+        tensors = load(z.read("adapter_model.safetensors"))
+    assert config["r"] == 3 * a.backbone.spec.rank and config["lora_alpha"] == config["r"]
+    assert {t.shape[1] for k, t in tensors.items() if "lora_B" in k} == {3 * a.backbone.spec.rank}

@@ -325,7 +325,7 @@ def stage_evaluate(
                 row[m] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
             else:
                 g = a.engine.generate(emb, m)
-                row[m] = evaluate_lora(a.backbone, task, None if m == "zero-shot" else g.lora)
+                row[m] = evaluate_lora(a.backbone, task, None if m == "zero-shot" else g.lora, spec=g.spec)
         per_task[name] = row
     averaged = {m: _mean([per_task[t][m] for t in per_task]) for m in methods}
     results = {
