@@ -39,7 +39,7 @@ from app.settings import Settings
 from app.worker import ModelWorker
 from expert_store.repository import Expert, check_name
 from models.backbone import Backbone
-from models.lora import check_finite
+from models.lora import LoraSpec, check_finite
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata
@@ -365,13 +365,22 @@ class Service:
                     yield g
                     continue
                 t2 = time.perf_counter()
-                data = safetensors_bytes(self.spec, g.lora, generation_metadata(meta_source, params.description, g))
+                data = safetensors_bytes(g.spec or self.spec, g.lora, generation_metadata(meta_source, params.description, g))
                 self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t2)
                 yield data, version
 
+    def spec_of(self, lora: GeneratedLora) -> LoraSpec:
+        """The layout of a generated LoRA: the backbone's, or (topk-exact) the same targets at the rank, alpha
+        and scaling its metadata names (the service wrote them)."""
+        meta = lora.metadata
+        rank = int(meta.get("rank", self.spec.rank))
+        if rank == self.spec.rank:
+            return self.spec
+        return replace(self.spec, rank=rank, alpha=float(meta["alpha"]), scaling=meta["scaling"])
+
     async def zip_of(self, lora: GeneratedLora) -> bytes:
         t0 = time.perf_counter()
-        data = await asyncio.to_thread(peft_zip_from_weights, self.spec, lora.data)  # zlib releases the GIL
+        data = await asyncio.to_thread(peft_zip_from_weights, self.spec_of(lora), lora.data)  # zlib releases the GIL
         self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t0)
         return data
 
@@ -400,18 +409,20 @@ class Service:
         return list(await asyncio.gather(*(asyncio.to_thread(load_rgb, im, f"images[{i}]") for i, im in enumerate(opened))))
 
     async def retrieve(self, images: list[Image.Image], texts: list[str], adapter: GeneratedLora, zero_shot: bool) -> Retrieval:
-        lora_scores, zs_scores = await self.worker.run(self._retrieve_job, images, texts, adapter.data, zero_shot)
+        lora_scores, zs_scores = await self.worker.run(
+            self._retrieve_job, images, texts, adapter.data, self.spec_of(adapter), zero_shot
+        )
         return Retrieval(adapter, texts, lora_scores, zs_scores)
 
     def _retrieve_job(
-        self, images: list[Image.Image], texts: list[str], weights: bytes, zero_shot: bool
+        self, images: list[Image.Image], texts: list[str], weights: bytes, spec: LoraSpec, zero_shot: bool
     ) -> tuple[Scores, Scores | None]:
         backbone = self.artifacts.backbone
-        lora = from_peft_tensors(self.spec, load_safetensors(weights))  # (P,): exactly the bytes the client holds
+        lora = from_peft_tensors(spec, load_safetensors(weights))  # (P,): exactly the bytes the client holds
         t0 = time.perf_counter()
         pixels = torch.stack([backbone.preprocess(im) for im in images])  # (N, C, H, W)
         features = backbone.image_features(pixels.to(backbone.device))
-        img = backbone.encode_image(features, lora).float().cpu()  # (N, D), L2-normalised
+        img = backbone.encode_image(features, lora, spec).float().cpu()  # (N, D), L2-normalised
         img0 = backbone.encode_image(features).float().cpu() if zero_shot else None
         self.metrics.stage.labels(stage="image_encoding").observe(time.perf_counter() - t0)
         t1 = time.perf_counter()

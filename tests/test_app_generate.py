@@ -149,7 +149,8 @@ def test_zip_is_a_peft_folder_that_loads_into_hf_clip(client, reference, tmp_pat
 def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client, reference, tmp_path):
     """The recipe of docs/service.md ("Experts"): /generate/preview's experts and weights, each expert from
     GET /experts/{name} as a PEFT folder, and PEFT's concatenating merge give exactly sum_k alpha_k B_k A_k
-    (scaled) on every adapted layer, which the [B, A] average that topk-weighted returns does not."""
+    (scaled) on every adapted layer, which the [B, A] average that topk-weighted returns does not; method
+    topk-exact serves that same update as one PEFT folder."""
     from peft import PeftModel
 
     body = {"description": "a yellow triangle", "method": "topk-weighted"}
@@ -164,6 +165,14 @@ def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client,
     for n in names[1:]:
         model.load_adapter(str(tmp_path / n), adapter_name=n)
     model.add_weighted_adapter(names, [e["weight"] for e in experts], adapter_name="merged", combination_type="cat")
+    # The service's own exact merge (method topk-exact), as a PEFT folder of rank K*r, is that same update.
+    served = client.post("/generate", json={**body, "method": "topk-exact"}, headers={"Accept": "application/zip"})
+    assert served.status_code == 200 and served.headers["x-experts"] == client.post("/generate", json=body).headers["x-experts"]
+    with zipfile.ZipFile(io.BytesIO(served.content)) as z:
+        assert json.loads(z.read(PEFT_CONFIG))["r"] == len(experts) * reference.backbone.spec.rank
+        assert file_metadata(z.read(PEFT_WEIGHTS))["rank"] == str(len(experts) * reference.backbone.spec.rank)
+        z.extractall(tmp_path / "served")
+    model.load_adapter(str(tmp_path / "served"), adapter_name="served")
 
     spec = reference.backbone.spec
     topk = from_peft_tensors(spec, load(client.post("/generate", json=body).content))
@@ -177,6 +186,8 @@ def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client,
             e["weight"] * (m.lora_B[e["name"]].weight @ m.lora_A[e["name"]].weight) * m.scaling[e["name"]] for e in experts
         )
         torch.testing.assert_close(merged, exact, rtol=1e-5, atol=1e-6)
+        served_update = (m.lora_B["served"].weight @ m.lora_A["served"].weight) * m.scaling["served"]
+        torch.testing.assert_close(served_update, exact, rtol=1e-5, atol=1e-6)
         target = next(t for t in spec.targets if t.peft_module and name.endswith(t.peft_module))
         b, a = averaged[target.name]
         differs |= not torch.allclose(exact, (b @ a) * spec.scale, rtol=1e-3, atol=1e-6)

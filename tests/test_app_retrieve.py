@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from app_helpers import file_metadata
 from PIL import Image, ImageDraw
 from safetensors.torch import load
 
@@ -36,13 +37,39 @@ def files(images):
     return [("images", (f"{i}.img", b, "application/octet-stream")) for i, b in enumerate(images)]
 
 
-def reference_scores(reference, images, texts, lora):
+def reference_scores(reference, images, texts, lora, spec=None):
     bb = reference.backbone
     pixels = torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
     with torch.no_grad():
         feats = bb.image_features(pixels)
         txt = reference.engine.embed(texts)
-        return bb.encode_image(feats, lora) @ txt.T, bb.encode_image(feats) @ txt.T
+        return bb.encode_image(feats, lora, spec) @ txt.T, bb.encode_image(feats) @ txt.T
+
+
+def test_retrieval_with_an_exact_merge_applies_it_at_its_rank(client, reference):
+    """topk-exact adapters have rank K*r: /retrieve (by description and method, and by ETag) applies them at
+    that rank, and its scores are those of the library's exact merge."""
+    import dataclasses
+
+    gen = client.post("/generate", json={"description": "a red circle", "method": "topk-exact"})
+    assert gen.status_code == 200, gen.text
+    meta = file_metadata(gen.content)
+    spec = dataclasses.replace(
+        reference.backbone.spec, rank=int(meta["rank"]), alpha=float(meta["alpha"]), scaling=meta["scaling"]
+    )
+    assert spec.rank == reference.engine.top_k * reference.backbone.spec.rank
+    want, _ = reference_scores(reference, IMAGES, CAPTIONS, from_peft_tensors(spec, load(gen.content)), spec)
+    by_etag = client.post("/retrieve", data={"etag": gen.headers["etag"], "captions": CAPTIONS}, files=files(IMAGES))
+    by_description = client.post(
+        "/retrieve", data={"description": "a red circle", "method": "topk-exact", "captions": CAPTIONS}, files=files(IMAGES)
+    )
+    for r in (by_etag, by_description):
+        assert r.status_code == 200, r.text
+        torch.testing.assert_close(torch.tensor(r.json()["lora"]["scores"]), want, rtol=0, atol=1e-5)
+    weighted = client.post(
+        "/retrieve", data={"description": "a red circle", "method": "topk-weighted", "captions": CAPTIONS}, files=files(IMAGES)
+    )
+    assert not torch.allclose(torch.tensor(weighted.json()["lora"]["scores"]), want)
 
 
 def test_retrieval_scores_are_those_of_the_returned_lora(client, reference):

@@ -70,7 +70,7 @@ async def get_expert(
     accept: Annotated[str | None, Header(description="application/zip for the mean as a zipped PEFT adapter folder")] = None,
 ) -> Response:
     """One expert of the repository, in the format `/generate` answers and `POST /experts` takes: to inspect or
-    back it up, register it elsewhere, or merge experts exactly with PEFT (docs/service.md, "Experts")."""
+    back it up, register it elsewhere, or merge experts exactly with PEFT (docs/service.md, "Exact merges")."""
     data = service.expert_file(name, part)
     if accept is not None and "application/zip" in accept:
         if part != "mean":
