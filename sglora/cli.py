@@ -58,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.description.strip():
         raise ValueError("description must not be empty")
-    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method == "sg-lora")
+    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in ("sg-lora", "sg-lora-exact"))
     emb = a.engine.embed([args.description])[0]
     g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
     meta = generation_metadata(a, args.description, g)
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--method",
         default="sg-lora",
-        choices=["sg-lora", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot"],
+        choices=["sg-lora", "sg-lora-exact", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot"],
     )
     s.add_argument("--seed", type=int)
     s.add_argument("--top-k", type=int)

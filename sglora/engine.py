@@ -6,6 +6,9 @@ adapter-soup  top-K experts, weight 1/K each
 topk-weighted top-K experts, softmax weights alpha (= the prior mean mu*)
 topk-exact    the same experts and weights, merged exactly: sum_k alpha_k scale B_k A_k, a rank-K*r LoRA
               (not in the paper; the merges above average the flat [B, A] vectors as the paper does)
+sg-lora-exact the sg-lora sample's correction of its prior mean, on top of the exact merge instead of
+              the [B, A] one: dW = sum_k alpha_k dW_k + dW(sample) - dW(mu*), a rank-(K+2)*r LoRA (not in
+              the paper; the same seed gives the same sample as sg-lora)
 sg-lora       a CVAE sample z ~ p(z | c), c = {mu*, sigma*^2}
 oracle        the task's own trained LoRA (evaluation only; needs the task's snapshots)
 
@@ -27,7 +30,8 @@ from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
 from models.lora import LoraSpec, concat_merge
 
-GENERATIVE_METHODS = ("sg-lora", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot")
+GENERATIVE_METHODS = ("sg-lora", "sg-lora-exact", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot")
+SAMPLING_METHODS = ("sg-lora", "sg-lora-exact")  # draw from the generator: need one, take a seed
 MAX_SEED = 2**63 - 1
 # Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding may depend on its number of rows
 # (with F.linear on one AVX-512 host a row rounds one way alone, another among 2-3 rows and a third among 4
@@ -140,6 +144,7 @@ class Engine:
         means, variances, stored = self.repository.stacked()
         names = self.repository.names
         sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
+        exact_rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # sg-lora-exact: (means, alpha, mu*)
         # Each row alone (similarities, top-K, mixture): nothing here depends on the other rows.
         for i, r in enumerate(requests):
             try:
@@ -165,9 +170,11 @@ class Engine:
                 out[i] = Generation(lora, method, None, top_k, temperature, experts, spec)
                 continue
             mu, var = mix(means[idx], variances[idx], alpha)
-            if method != "sg-lora":
+            if method not in SAMPLING_METHODS:
                 out[i] = Generation(mu, method, None, top_k, temperature, experts)
                 continue
+            if method == "sg-lora-exact":
+                exact_rows[i] = (means[idx], alpha, mu)
             out[i] = Generation(mu, method, seed, top_k, temperature, experts)  # .lora: the prior mean, for now
             # The condition layer's mu*-part as the same mix of the experts' precomputed parts: the CVAE
             # pass then reads one P x H weight block fewer (a third of its weights).
@@ -176,6 +183,13 @@ class Engine:
         for start in range(0, len(sample_rows), most):
             part = sample_rows[start : start + most]
             self._sample_chunk(out, part, max(fewest, len(part)))
+        for i, (expert_means, alpha, mu) in exact_rows.items():  # out[i].lora: the sample
+            spec, lora = concat_merge(
+                self.backbone.spec,
+                torch.cat([expert_means, torch.stack([out[i].lora, mu])]),
+                torch.cat([alpha, torch.tensor([1.0, -1.0], dtype=alpha.dtype)]),
+            )
+            out[i] = replace(out[i], lora=lora, spec=spec)
         return out  # type: ignore[return-value]
 
     @property
@@ -248,9 +262,9 @@ class Engine:
             raise ValueError(f"unknown method {r.method!r}; choose from {GENERATIVE_METHODS}")
         if r.seed is not None and not 0 <= r.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
-        if r.method != "sg-lora":  # top_k and temperature are checked by select_experts
+        if r.method not in SAMPLING_METHODS:  # top_k and temperature are checked by select_experts
             return r.method, None, top_k, temperature
         if self.generator is None:
-            raise ValueError("method 'sg-lora' needs a trained generator; these artefacts have none")
+            raise ValueError(f"method {r.method!r} needs a trained generator; these artefacts have none")
         seed = int(torch.randint(0, 2**62, (1,)).item()) if r.seed is None else r.seed
         return r.method, seed, top_k, temperature

@@ -1,6 +1,7 @@
 """Engine.generate_many: one batched pass gives, row for row, the bytes of Engine.generate alone."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -218,3 +219,32 @@ def test_topk_exact_merges_the_topk_experts_updates_exactly(engine):
     batch = engine.generate_many(emb, [Request("topk-exact", top_k=3), Request("topk-exact", top_k=2)])
     assert torch.equal(batch[0].lora, exact.lora) and batch[1].spec.rank == 2 * engine.backbone.spec.rank
     assert torch.equal(batch[1].lora, engine.generate(emb[1], "topk-exact", top_k=2).lora)
+
+
+def test_sg_lora_exact_is_the_samples_correction_on_the_exact_merge(engine, one_thread):
+    """sg-lora-exact: update = exact top-K merge + dW(sg-lora sample) - dW(prior mean), with the sample sg-lora
+    draws for the same seed; seeded rows give their bytes alone in a batch, unseeded ones draw a seed."""
+    from models.lora import concat_merge
+
+    emb = engine.embed(["a photo of a circle", "a red square at the top"])
+    sg = engine.generate(emb[0], "sg-lora", seed=7, top_k=3)
+    prior = engine.generate(emb[0], "topk-weighted", top_k=3)
+    exact = engine.generate(emb[0], "topk-exact", top_k=3)
+    g = engine.generate(emb[0], "sg-lora-exact", seed=7, top_k=3)
+    assert g.seed == 7 and g.experts == sg.experts and g.spec.rank == 5 * engine.backbone.spec.rank
+    spec = engine.backbone.spec
+    _, correction = concat_merge(spec, torch.stack([sg.lora, prior.lora]), torch.tensor([1.0, -1.0]))
+    parts, exact_parts = g.spec.unflatten(g.lora), exact.spec.unflatten(exact.lora)
+    corr_spec = dataclasses.replace(spec, rank=2 * spec.rank, alpha=2.0 * spec.rank, scaling="standard")
+    corr_parts = corr_spec.unflatten(correction)
+    for t in spec.targets:
+        b, a = parts[t.name]
+        want = exact_parts[t.name][0] @ exact_parts[t.name][1] + corr_parts[t.name][0] @ corr_parts[t.name][1]
+        torch.testing.assert_close(b @ a, want, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(sg.lora, prior.lora)  # the correction is not zero, so the check means something
+    batch = engine.generate_many(
+        emb[[0, 1, 0]],
+        [Request("sg-lora-exact", seed=7, top_k=3), Request("sg-lora-exact", top_k=2), Request("sg-lora", seed=7, top_k=3)],
+    )
+    assert torch.equal(batch[0].lora, g.lora) and batch[0].spec == g.spec and torch.equal(batch[2].lora, sg.lora)
+    assert batch[1].seed is not None and batch[1].spec.rank == 4 * spec.rank

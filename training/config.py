@@ -13,7 +13,7 @@ import yaml
 
 from models.backbone import BackboneConfig, LoraConfig
 
-METHODS = ("zero-shot", "model-soup", "adapter-soup", "topk-weighted", "sg-lora", "topk-exact", "oracle")
+METHODS = ("zero-shot", "model-soup", "adapter-soup", "topk-weighted", "sg-lora", "topk-exact", "sg-lora-exact", "oracle")
 DATA_KINDS = ("procedural", "folder", "fashion-tasks", "tux-retrieval", "combined")
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from expert_store.repository import Expert, ExpertRepository
 from models.backbone import create_backbone
 from sglora import artifacts as art
+from sglora.engine import SAMPLING_METHODS
 from sglora.io import atomic_dir, read_json, write_json, write_safetensors
 from training.config import METHODS, PipelineConfig, SplitConfig, from_dict
 from training.data import TaskDataset, load_task_dataset
@@ -303,7 +304,7 @@ def stage_evaluate(
     stale = [k for k in ("prior", "generator") if built.get(k) != cfg.to_dict()[k]]
     if stale:
         raise ValueError(f"{out}: the config's {', '.join(stale)} settings differ from the built ones; rerun the generator stage")
-    a = art.load_artifacts(out, device, require_generator="sg-lora" in methods)
+    a = art.load_artifacts(out, device, require_generator=any(m in SAMPLING_METHODS for m in methods))
     dataset = load_data(cfg)
     splits = read_json(out / "splits.json", "task splits")
     cache = FeatureCache(a.backbone)
@@ -317,11 +318,9 @@ def stage_evaluate(
         for m in methods:
             if m == "oracle":
                 row[m] = evaluate_lora(a.backbone, task, _task_snapshots(out, name).mean(0))
-            elif m == "sg-lora":
-                runs = [
-                    evaluate_lora(a.backbone, task, a.engine.generate(emb, m, seed=cfg.evaluation.seed + s).lora)
-                    for s in range(cfg.evaluation.sg_samples)
-                ]
+            elif m in SAMPLING_METHODS:
+                gens = [a.engine.generate(emb, m, seed=cfg.evaluation.seed + s) for s in range(cfg.evaluation.sg_samples)]
+                runs = [evaluate_lora(a.backbone, task, g.lora, spec=g.spec) for g in gens]
                 row[m] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
             else:
                 g = a.engine.generate(emb, m)
