@@ -13,7 +13,7 @@ from sglora.engine import MAX_SEED
 # weights become NaN; the range leaves orders of magnitude of room on both sides of any useful value.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 
-Method = Literal["sg-lora", "topk-weighted", "topk-exact", "adapter-soup", "model-soup"]
+Method = Literal["sg-lora", "sg-lora-exact", "topk-weighted", "topk-exact", "adapter-soup", "model-soup"]
 Format = Literal["safetensors", "zip"]
 
 

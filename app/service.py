@@ -43,7 +43,7 @@ from models.lora import LoraSpec, check_finite
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata
-from sglora.engine import Request
+from sglora.engine import SAMPLING_METHODS, Request
 from sglora.export import from_peft_tensors, peft_zip_from_weights, safetensors_bytes
 
 log = logging.getLogger("sglora.service")
@@ -309,13 +309,13 @@ class Service:
         if not 1 <= top_k <= n:
             raise APIError(422, "top_k", f"must be between 1 and the number of experts ({n}), got {top_k}")
         temperature = self.engine.temperature if temperature is None else temperature
-        if method != "sg-lora":
+        if method not in SAMPLING_METHODS:
             seed = None  # the deterministic methods do not sample
         return GenerateParams(description, method, seed, top_k, float(temperature))
 
     async def generate(self, params: GenerateParams) -> GeneratedLora:
-        lookup = params.method != "sg-lora" or params.seed is not None
-        if params.seed is None and params.method == "sg-lora":
+        lookup = params.method not in SAMPLING_METHODS or params.seed is not None
+        if params.seed is None and params.method in SAMPLING_METHODS:
             params = replace(params, seed=secrets.randbelow(UNSEEDED_SEEDS))
         version = self.version
         key = CacheKey(

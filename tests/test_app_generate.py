@@ -194,6 +194,23 @@ def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client,
     assert differs  # the exact merge is another update than the [B, A] average
 
 
+def test_sg_lora_exact_is_seeded_cached_and_a_peft_folder_of_its_rank(client, reference):
+    body = {"description": "a blue star", "method": "sg-lora-exact", "seed": 21}
+    first, again = client.post("/generate", json=body), client.post("/generate", json=body)
+    assert first.status_code == 200 and first.headers["x-seed"] == "21" and first.headers["x-cache"] == "miss"
+    assert again.headers["x-cache"] == "hit" and again.content == first.content
+    meta = file_metadata(first.content)
+    rank = (reference.engine.top_k + 2) * reference.backbone.spec.rank
+    assert meta["method"] == "sg-lora-exact" and meta["seed"] == "21" and meta["rank"] == str(rank)
+    emb = reference.engine.embed([body["description"]])[0]
+    g = reference.engine.generate(emb, "sg-lora-exact", seed=21)
+    assert torch.equal(from_peft_tensors(g.spec, load(first.content)), g.lora)
+    z = client.post("/generate", json=body, headers={"Accept": "application/zip"})
+    assert json.loads(zipfile.ZipFile(io.BytesIO(z.content)).read(PEFT_CONFIG))["r"] == rank
+    drawn = client.post("/generate", json={"description": "a blue star", "method": "sg-lora-exact"})
+    assert drawn.headers["x-cache"] == "miss" and int(drawn.headers["x-seed"]) >= 0
+
+
 def test_batch_answers_each_item(client):
     items = [
         {"description": "a purple diamond", "seed": 4},

@@ -46,23 +46,24 @@ def reference_scores(reference, images, texts, lora, spec=None):
         return bb.encode_image(feats, lora, spec) @ txt.T, bb.encode_image(feats) @ txt.T
 
 
-def test_retrieval_with_an_exact_merge_applies_it_at_its_rank(client, reference):
-    """topk-exact adapters have rank K*r: /retrieve (by description and method, and by ETag) applies them at
-    that rank, and its scores are those of the library's exact merge."""
+@pytest.mark.parametrize(("method", "extra_ranks"), [("topk-exact", 0), ("sg-lora-exact", 2)])
+def test_retrieval_with_an_exact_merge_applies_it_at_its_rank(client, reference, method, extra_ranks):
+    """topk-exact adapters have rank K*r, sg-lora-exact ones (K+2)*r: /retrieve (by description and method,
+    and by ETag) applies them at that rank, and its scores are those of the returned file."""
     import dataclasses
 
-    gen = client.post("/generate", json={"description": "a red circle", "method": "topk-exact"})
+    gen = client.post("/generate", json={"description": "a red circle", "method": method, "seed": 5})
     assert gen.status_code == 200, gen.text
     meta = file_metadata(gen.content)
     spec = dataclasses.replace(
         reference.backbone.spec, rank=int(meta["rank"]), alpha=float(meta["alpha"]), scaling=meta["scaling"]
     )
-    assert spec.rank == reference.engine.top_k * reference.backbone.spec.rank
+    assert spec.rank == (reference.engine.top_k + extra_ranks) * reference.backbone.spec.rank
+    assert gen.headers.get("x-seed") == ("5" if method == "sg-lora-exact" else None)
     want, _ = reference_scores(reference, IMAGES, CAPTIONS, from_peft_tensors(spec, load(gen.content)), spec)
     by_etag = client.post("/retrieve", data={"etag": gen.headers["etag"], "captions": CAPTIONS}, files=files(IMAGES))
-    by_description = client.post(
-        "/retrieve", data={"description": "a red circle", "method": "topk-exact", "captions": CAPTIONS}, files=files(IMAGES)
-    )
+    form = {"description": "a red circle", "method": method, "seed": "5", "captions": CAPTIONS}
+    by_description = client.post("/retrieve", data=form, files=files(IMAGES))
     for r in (by_etag, by_description):
         assert r.status_code == 200, r.text
         torch.testing.assert_close(torch.tensor(r.json()["lora"]["scores"]), want, rtol=0, atol=1e-5)
