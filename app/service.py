@@ -42,7 +42,7 @@ from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
-from sglora.cli import generation_metadata
+from sglora.cli import generation_metadata, layout_metadata
 from sglora.engine import SAMPLING_METHODS, Request
 from sglora.export import from_peft_tensors, peft_zip_from_weights, safetensors_bytes
 
@@ -370,8 +370,8 @@ class Service:
                 yield data, version
 
     def spec_of(self, lora: GeneratedLora) -> LoraSpec:
-        """The layout of a generated LoRA: the backbone's, or (topk-exact) the same targets at the rank, alpha
-        and scaling its metadata names (the service wrote them)."""
+        """The layout of a generated LoRA: the backbone's, or (topk-exact, sg-lora-exact) the same targets at
+        the rank, alpha and scaling its metadata names (the service wrote them)."""
         meta = lora.metadata
         rank = int(meta.get("rank", self.spec.rank))
         if rank == self.spec.rank:
@@ -442,24 +442,15 @@ class Service:
             expert = self.artifacts.repository[name]
         except KeyError:
             raise APIError(404, "name", f"no expert named {name!r}") from None
-        spec = self.spec
-        cfg = self.artifacts.backbone.config
         meta = {
             "format": "sglora-expert",
             "name": expert.name,
             "description": expert.description,
             "part": part,
             "num_snapshots": str(expert.num_snapshots),
-            "backbone": json.dumps(cfg.model if cfg.kind == "open_clip" else cfg.kind),
-            "backbone_kind": cfg.kind,
-            "rank": str(spec.rank),
-            "alpha": str(spec.alpha),
-            "scaling": spec.scaling,
-            "targets": [t.name for t in spec.targets],
-            "lora_fingerprint": spec.fingerprint(),
-            "artifact_version": self.version,
+            **layout_metadata(self.artifacts.backbone, self.spec, self.version),
         }
-        return safetensors_bytes(spec, expert.mean if part == "mean" else expert.variance, meta)
+        return safetensors_bytes(self.spec, expert.mean if part == "mean" else expert.variance, meta)
 
     def _parse_lora(self, data: bytes, field: str) -> torch.Tensor:
         try:

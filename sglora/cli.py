@@ -53,12 +53,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
+    from sglora.engine import SAMPLING_METHODS
     from sglora.export import peft_zip_bytes, safetensors_bytes
     from sglora.io import atomic_path
 
     if not args.description.strip():
         raise ValueError("description must not be empty")
-    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in ("sg-lora", "sg-lora-exact"))
+    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in SAMPLING_METHODS)
     emb = a.engine.embed([args.description])[0]
     g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
     meta = generation_metadata(a, args.description, g)
@@ -85,8 +86,22 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def layout_metadata(backbone, spec, version: str) -> dict:
+    """What every LoRA file the project writes says of its backbone and layout (generations, experts)."""
+    cfg = backbone.config
+    return {
+        "backbone": json.dumps(cfg.model if cfg.kind == "open_clip" else cfg.kind),
+        "backbone_kind": cfg.kind,
+        "rank": str(spec.rank),
+        "alpha": str(spec.alpha),
+        "scaling": spec.scaling,
+        "targets": [t.name for t in spec.targets],
+        "lora_fingerprint": spec.fingerprint(),
+        "artifact_version": version,
+    }
+
+
 def generation_metadata(a, description: str, g) -> dict:
-    spec = g.spec or a.backbone.spec  # an exact merge (topk-exact) has its own rank
     return {
         "format": "sglora-lora",
         "description": description,
@@ -95,14 +110,8 @@ def generation_metadata(a, description: str, g) -> dict:
         "top_k": str(g.top_k),
         "temperature": str(g.temperature),
         "experts": [{"name": e.name, "weight": e.weight, "similarity": e.similarity} for e in g.experts],
-        "backbone": json.dumps(a.backbone.config.model if a.backbone.config.kind == "open_clip" else a.backbone.config.kind),
-        "backbone_kind": a.backbone.config.kind,
-        "rank": str(spec.rank),
-        "alpha": str(spec.alpha),
-        "scaling": spec.scaling,
-        "targets": [t.name for t in spec.targets],
-        "lora_fingerprint": spec.fingerprint(),
-        "artifact_version": a.version,
+        # an exact merge (topk-exact, sg-lora-exact) has its own rank
+        **layout_metadata(a.backbone, g.spec or a.backbone.spec, a.version),
         "text_dtype": a.backbone.text_dtype_name,  # of the description's embedding
     }
 

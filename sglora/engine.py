@@ -14,7 +14,7 @@ oracle        the task's own trained LoRA (evaluation only; needs the task's sna
 
 Merges average the flat [B, A] vectors, as the paper does, not the dense products B @ A;
 with a shared A initialisation across experts (see training/experts.py) the factors stay comparable.
-topk-exact is the exact merge of the updates: its Generation carries its own (rank-K*r) spec.
+topk-exact and sg-lora-exact merge the updates exactly: their Generation carries its own (higher-rank) spec.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Generation:
     top_k: int
     temperature: float
     experts: list[ExpertChoice] = field(default_factory=list)
-    spec: LoraSpec | None = None  # the LoRA's layout when not the backbone's (topk-exact: rank K*r)
+    spec: LoraSpec | None = None  # the LoRA's layout when not the backbone's (rank K*r, or (K+2)*r)
 
 
 class Engine:
