@@ -19,3 +19,21 @@ def test_perfect_and_reversed_rankings():
     anti = -torch.eye(20)
     r = recall_at_k(anti)
     assert r["i2t_r1"] == 0.0 and r["t2i_r10"] == 0.0
+
+
+def test_ties_count_as_a_random_order_not_as_wins():
+    # Every image mapped to one embedding (a collapsed LoRA): each text sees N level images, so
+    # text->image recall is chance (k / N), not 100 %; image->text is unaffected.
+    texts = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sim = torch.ones(12, 1) * texts[:1] @ texts.T  # (12 images, all equal) x 12 texts
+    r = recall_at_k(sim)
+    assert (
+        r["t2i_r1"] == pytest.approx(100 / 12)
+        and r["t2i_r5"] == pytest.approx(500 / 12)
+        and r["t2i_r10"] == pytest.approx(1000 / 12)
+    )
+    ref = recall_at_k_reference(sim)
+    for k in r:
+        assert r[k] == pytest.approx(ref[k]), k
+    partly = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.2, 0.5]])  # rows 0 and 2: one tie each
+    assert recall_at_k(partly)["i2t_r1"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)

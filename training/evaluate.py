@@ -13,27 +13,34 @@ RETRIEVAL_KEYS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
 
 
 def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """sim (N, N) image x text scores, pair i <-> i. Rank of the true item = number of items scoring higher."""
+    """sim (N, N) image x text scores, pair i <-> i. Ties are broken at random, in expectation: with g items
+    scoring above the true one and t others level with it, its rank is uniform on g..g+t, so it counts
+    min(1, max(0, (k - g) / (t + 1))) towards Recall@k. (Counting only the items above would reward a LoRA
+    that maps every image to one embedding with a perfect text->image score.)"""
     diag = sim.diagonal()
-    rank_i2t = (sim > diag[:, None]).sum(1)  # per image, texts scoring above its own caption
-    rank_t2i = (sim > diag[None, :]).sum(0)  # per text, images scoring above its own image
     out = {}
-    for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * (rank_i2t < k).float().mean().item()
-    for k in ks:
-        out[f"t2i_r{k}"] = 100.0 * (rank_t2i < k).float().mean().item()
+    for name, dim, own in (("i2t", 1, diag[:, None]), ("t2i", 0, diag[None, :])):
+        above = (sim > own).sum(dim).float()
+        level = (sim == own).sum(dim).float() - 1  # others tied with the true item
+        for k in ks:
+            out[f"{name}_r{k}"] = 100.0 * ((k - above) / (level + 1)).clamp(0, 1).mean().item()
     return out
 
 
 def recall_at_k_reference(sim: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Full-sort reference of :func:`recall_at_k` (for tests)."""
+    """Reference of :func:`recall_at_k` (for tests): every order of the tied items, one row at a time."""
     n = sim.shape[0]
     out = {}
     for name, m in (("i2t", sim), ("t2i", sim.T)):
-        order = m.argsort(dim=1, descending=True)
-        pos = [(order[i] == i).nonzero().item() for i in range(n)]
+        hits = {k: 0.0 for k in ks}
+        for i in range(n):
+            row = m[i].tolist()
+            above = sum(v > row[i] for v in row)
+            positions = range(above, above + sum(v == row[i] for v in row))  # equally likely places of item i
+            for k in ks:
+                hits[k] += sum(p < k for p in positions) / len(positions)
         for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * sum(p < k for p in pos) / n
+            out[f"{name}_r{k}"] = 100.0 * hits[k] / n
     return out
 
 
