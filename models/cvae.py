@@ -205,6 +205,14 @@ class CVAE(nn.Module):
         kl = _gaussian_kl(mu_q, logvar_q, mu_p, logvar_p).mean()
         return rec + self.config.kl_weight * kl / x.shape[-1], rec, kl
 
+    def rsample(self, prior_mean: torch.Tensor, prior_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The sampling path with gradients (reparameterised): raw prior (B, P) x2 and noise (B, L) -> raw
+        LoRAs (B, P); :meth:`sample` with this noise gives the same values. For training objectives on
+        what the generator samples."""
+        hc, mu_n = self.condition(prior_mean, prior_var)
+        mu_p, logvar_p = self._prior(hc)
+        return self.denormalise(self._decode(mu_p + eps * (0.5 * logvar_p).exp(), hc, mu_n))
+
     @torch.no_grad()
     def sample(
         self,

@@ -153,3 +153,62 @@ def test_packed_sampler_falls_back_where_onednn_is_missing_or_fails(monkeypatch)
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken, raising=False)
     assert m.packed() is None
     assert m.half().packed() is None  # only float32 generators are packed
+
+
+def test_rsample_is_sample_with_gradients():
+    """The reparameterised sampling path (generator.task_weight) draws what sample draws with the same noise."""
+    m = _model()
+    torch.nn.init.normal_(m.dec_out.weight)
+    torch.nn.init.normal_(m.prior_out.weight)
+    mus, vars_ = torch.randn(3, 20), torch.rand(3, 20)
+    eps = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    drawn = m.rsample(mus, vars_, eps)
+    torch.testing.assert_close(drawn, m.sample(mus, vars_, torch.Generator().manual_seed(2)))
+    drawn.square().sum().backward()
+    assert m.prior_out.weight.grad.abs().sum() > 0 and m.dec_out.weight.grad.abs().sum() > 0
+
+
+def test_task_loss_term_needs_the_backbone_and_every_tasks_data():
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    data = GeneratorData(torch.randn(8, 20), torch.randn(2, 20), torch.rand(2, 20), torch.arange(2).repeat_interleave(4))
+    with pytest.raises(ValueError, match="task_weight"):
+        train_generator(data, None, GeneratorTrainingConfig(epochs=1, task_weight=1.0), progress=False)
+    with pytest.raises(ValueError, match="task_weight"):
+        GeneratorTrainingConfig(task_weight=-0.5)
+
+
+def test_task_kinds_are_checked():
+    from training.config import GeneratorTrainingConfig
+
+    assert GeneratorTrainingConfig(task_kinds=("classification",)).task_kinds == ("classification",)
+    for bad in ((), ("segmentation",)):
+        with pytest.raises(ValueError, match="task_kinds"):
+            GeneratorTrainingConfig(task_kinds=bad)
+
+
+def test_prior_path_term_teaches_the_prior_network_what_to_propose():
+    """generator.prior_path_weight > 0 (Sohn et al.'s hybrid objective): samples drawn through p(z | c)
+    reconstruct the snapshots better than those of eq. 9 alone, whose prior network only follows the KL
+    (here weighted 0, so eq. 9 leaves it untrained)."""
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    torch.manual_seed(0)
+    mu = torch.randn(8, 20)
+    x = (mu + torch.randn(8, 20)).repeat_interleave(4, 0) + 0.05 * torch.randn(32, 20)  # a per-task offset
+    data = GeneratorData(x, mu, torch.full((8, 20), 0.1), torch.arange(8).repeat_interleave(4))
+
+    def sample_error(weight: float) -> float:
+        cfg = GeneratorTrainingConfig(
+            latent_dim=4, hidden_dim=32, epochs=150, batch_size=8, kl_weight=0.0, prior_path_weight=weight
+        )
+        model, history = train_generator(data, None, cfg, progress=False)
+        assert ("prior_path" in history[-1]) == (weight > 0)
+        drawn = torch.stack([model.sample(mu[t], data.prior_var[t], torch.Generator().manual_seed(t)) for t in range(8)])
+        return float(((drawn - x[::4]) ** 2).mean())
+
+    assert sample_error(1.0) < 0.8 * sample_error(0.0)
+    with pytest.raises(ValueError, match="prior_path_weight"):
+        GeneratorTrainingConfig(prior_path_weight=-1)

@@ -107,6 +107,19 @@ class GeneratorTrainingConfig:
     seed: int = 0
     # Decoupled weight decay (AdamW) of the CVAE's weights; 0: plain Adam.
     weight_decay: float = 0.0
+    # Not in the paper (0: its eq. 9 alone). > 0 adds this weight times a task loss: each step, the LoRAs
+    # that the sampling path makes for ``task_tasks`` training tasks (z ~ p(z | c), as at inference) are
+    # applied to the backbone on ``task_images`` of each task's training images and scored with the
+    # experts' own loss (training/experts.py task_loss).
+    task_weight: float = 0.0
+    task_tasks: int = 4
+    task_images: int = 64
+    task_kinds: tuple[str, ...] = ("classification", "retrieval")  # the kinds of task the term scores
+    # Not in the paper (0: eq. 9 alone). > 0 adds this weight times the reconstruction error of LoRAs drawn
+    # through the sampling path, z ~ p(z | c), as the hybrid objective of Sohn et al. (2015, the CVAE
+    # paper's "GSNN" term): eq. 9 trains the decoder only on z from the encoder, so what the prior network
+    # proposes for a condition is otherwise held only by the KL term.
+    prior_path_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -115,6 +128,15 @@ class GeneratorTrainingConfig:
             raise ValueError(f"generator.weight_decay must be >= 0, got {self.weight_decay}")
         if not self.lr > 0:
             raise ValueError(f"generator.lr must be > 0, got {self.lr}")
+        for name in ("task_weight", "prior_path_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"generator.{name} must be >= 0, got {getattr(self, name)}")
+        bad = [k for k in self.task_kinds if k not in ("classification", "retrieval")]
+        if bad or not self.task_kinds:
+            raise ValueError(f"generator.task_kinds: {bad or 'empty'}; choose from classification, retrieval")
+        for name in ("task_tasks", "task_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

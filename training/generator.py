@@ -4,6 +4,11 @@ Training tasks are the non-expert tasks of the split; each task's prior comes fr
 description embedding against the expert repository (top-K, softmax tau). With
 ``include_experts`` each expert also contributes its snapshots with a leave-one-out prior
 built from the other experts. Validation tasks pick the best epoch.
+
+With ``generator.task_weight`` > 0 (not in the paper) the loss also scores what the sampling path
+makes: LoRAs drawn from p(z | c) for a few training tasks per step are applied to the backbone on
+those tasks' training images, with the experts' own task loss. Eq. 9 alone only asks the decoder to
+reconstruct snapshots in parameter space; this term asks the samples to work.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from tqdm.auto import tqdm
 
 from expert_store.prior import semantic_prior
 from expert_store.repository import ExpertRepository
+from models.backbone import Backbone
 from models.cvae import CVAE, CVAEConfig
 from training.config import GeneratorTrainingConfig, PriorConfig
+from training.experts import SplitData, task_loss
 
 
 @dataclass
@@ -26,6 +33,7 @@ class GeneratorData:
     prior_mean: torch.Tensor  # (T, P) one prior per task
     prior_var: torch.Tensor  # (T, P)
     task_index: torch.Tensor  # (N,) row -> task
+    tasks: list[SplitData] | None = None  # task t's training split (for generator.task_weight > 0)
 
 
 def build_data(
@@ -52,19 +60,66 @@ def build_data(
     return GeneratorData(torch.cat(xs), torch.stack(pms), torch.stack(pvs), torch.cat(idx))
 
 
-def _eval_loss(model: CVAE, data: GeneratorData) -> float:
+def _sampled_task_loss(
+    model: CVAE, backbone: Backbone, data: GeneratorData, tasks: list[int], images: int, g: torch.Generator | None
+) -> torch.Tensor:
+    """Mean task loss of one LoRA drawn from p(z | c) per task in ``tasks``, each on ``images`` of the
+    task's training images (a random subset with ``g``; all of them, and z at the prior's mean, without)."""
+    t = torch.tensor(tasks)
+    eps = (
+        torch.zeros(len(tasks), model.config.latent_dim)
+        if g is None
+        else torch.randn(len(tasks), model.config.latent_dim, generator=g)
+    )
+    loras = model.rsample(data.prior_mean[t], data.prior_var[t], eps)
+    losses = []
+    for lora, k in zip(loras, tasks, strict=True):
+        split = data.tasks[k]
+        n = len(split.features)
+        b = torch.randperm(n, generator=g)[:images] if g is not None else torch.arange(n)
+        if split.labels is None:  # retrieval: the captions of these images
+            losses.append(task_loss(backbone, lora, split.features[b], split.texts[b], None))
+        else:
+            losses.append(task_loss(backbone, lora, split.features[b], split.texts, split.labels[b]))
+    return torch.stack(losses).mean()
+
+
+def _scored_tasks(data: GeneratorData, cfg: GeneratorTrainingConfig) -> list[int]:
+    """Indices of the tasks whose kind the task-loss term scores (generator.task_kinds)."""
+    kinds = set(cfg.task_kinds)
+    return [t for t, s in enumerate(data.tasks or []) if ("retrieval" if s.labels is None else "classification") in kinds]
+
+
+def _eval_loss(model: CVAE, data: GeneratorData, cfg: GeneratorTrainingConfig, backbone: Backbone | None) -> float:
     model.eval()
     with torch.no_grad():
         torch.manual_seed(0)
         total, _, _ = model.loss(data.x, data.prior_mean[data.task_index], data.prior_var[data.task_index])
+        scored = _scored_tasks(data, cfg) if cfg.task_weight > 0 and backbone is not None else []
+        if scored:
+            total = total + cfg.task_weight * _sampled_task_loss(model, backbone, data, scored, 0, None)
     model.train()
     return float(total)
 
 
 def train_generator(
-    train: GeneratorData, val: GeneratorData | None, cfg: GeneratorTrainingConfig, progress: bool = True
+    train: GeneratorData,
+    val: GeneratorData | None,
+    cfg: GeneratorTrainingConfig,
+    progress: bool = True,
+    backbone: Backbone | None = None,
 ) -> tuple[CVAE, list[dict]]:
-    """Returns the CVAE (best validation epoch when ``val`` is given, else the last) and the loss history."""
+    """Returns the CVAE (best validation epoch when ``val`` is given, else the last) and the loss history.
+    ``backbone`` and ``train.tasks`` (and ``val.tasks``, for the validation loss) are needed when
+    ``cfg.task_weight`` > 0."""
+    use_tasks = cfg.task_weight > 0
+    if use_tasks and (backbone is None or train.tasks is None or len(train.tasks) != len(train.prior_mean)):
+        raise ValueError("generator.task_weight > 0 needs the backbone and every training task's training split")
+    scored = _scored_tasks(train, cfg) if use_tasks else []
+    if use_tasks and not scored:
+        raise ValueError(
+            f"generator.task_weight > 0 but no training task is of a kind in generator.task_kinds {list(cfg.task_kinds)}"
+        )
     torch.manual_seed(cfg.seed)
     model = CVAE(
         CVAEConfig(
@@ -88,23 +143,42 @@ def train_generator(
     bar = tqdm(range(cfg.epochs), desc="generator", unit="ep", disable=not progress)
     for epoch in bar:
         order = torch.randperm(n, generator=g)
-        rec_sum = kl_sum = 0.0
+        rec_sum = kl_sum = task_sum = prior_sum = 0.0
+        steps = 0
         for i in range(0, n, cfg.batch_size):
             b = order[i : i + cfg.batch_size]
             t = train.task_index[b]
             loss, rec, kl = model.loss(train.x[b], train.prior_mean[t], train.prior_var[t])
+            if cfg.prior_path_weight > 0:
+                eps = torch.randn(len(b), cfg.latent_dim, generator=g)
+                drawn = model.rsample(train.prior_mean[t], train.prior_var[t], eps)
+                pr = ((model.normalise(drawn) - model.normalise(train.x[b])) ** 2).mean()
+                loss = loss + cfg.prior_path_weight * pr
+                prior_sum += pr.item() * len(b)
+            if use_tasks:
+                picked = [scored[j] for j in torch.randperm(len(scored), generator=g)[: cfg.task_tasks].tolist()]
+                tl = _sampled_task_loss(model, backbone, train, picked, cfg.task_images, g)
+                loss = loss + cfg.task_weight * tl
+                task_sum += tl.item()
+                steps += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             rec_sum += rec.item() * len(b)
             kl_sum += kl.item() * len(b)
         row = {"epoch": epoch, "reconstruction": rec_sum / n, "kl": kl_sum / n}
+        if use_tasks:
+            row["task"] = task_sum / steps
+        if cfg.prior_path_weight > 0:
+            row["prior_path"] = prior_sum / n
         if val is not None:
-            row["val_loss"] = _eval_loss(model, val)
+            row["val_loss"] = _eval_loss(model, val, cfg, backbone)
             if row["val_loss"] < best:
                 best, best_state = row["val_loss"], copy.deepcopy(model.state_dict())
         history.append(row)
-        bar.set_postfix(rec=f"{row['reconstruction']:.4f}", kl=f"{row['kl']:.3f}")
+        bar.set_postfix(
+            rec=f"{row['reconstruction']:.4f}", kl=f"{row['kl']:.3f}", **({"task": f"{row['task']:.3f}"} if use_tasks else {})
+        )
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError("generator training diverged (NaN/Inf weights); lower generator.lr")
     if best_state is not None:

@@ -264,8 +264,13 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
     prior = dataclasses.replace(cfg.prior, top_k=min(cfg.prior.top_k, len(repo)))
     train = build_data(repo, tasks_of(train_names), prior, leave_one_out=True)
     val = build_data(repo, tasks_of(list(splits["val"])), prior) if splits["val"] else None
+    if cfg.generator.task_weight > 0:  # the task loss needs each task's training images (cached features)
+        dataset, cache = load_data(cfg), FeatureCache(backbone)
+        train.tasks = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in train_names]
+        if val is not None:
+            val.tasks = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in splits["val"]]
     _log(f"[generator] {len(train.x)} training snapshots from {len(train_names)} tasks")
-    model, history = train_generator(train, val, cfg.generator)
+    model, history = train_generator(train, val, cfg.generator, backbone=backbone)
     with atomic_dir(out / "generator") as tmp:
         art.save_generator(tmp, model, history)
         _plot_history(history, tmp / "history.png")
