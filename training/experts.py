@@ -27,6 +27,10 @@ class SplitData:
     labels: torch.Tensor | None  # classification: (N,) class indices
     captions: list[str]
 
+    @property
+    def kind(self) -> str:
+        return "retrieval" if self.labels is None else "classification"
+
 
 @dataclass
 class PreparedTask:
@@ -94,6 +98,14 @@ def task_loss(
     return F.cross_entropy(logits, labels.to(img.device))
 
 
+def batch_loss(backbone: Backbone, lora: torch.Tensor, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`task_loss` on ``rows`` of a split: images paired with their own captions (retrieval) or scored
+    against the task's class prompts (classification)."""
+    if data.labels is None:
+        return task_loss(backbone, lora, data.features[rows], data.texts[rows], None)
+    return task_loss(backbone, lora, data.features[rows], data.texts, data.labels[rows])
+
+
 def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConfig, progress: bool = True) -> torch.Tensor:
     """Trains one task's LoRA; returns the flattened LoRAs of the last ``keep_last`` epochs, (M, P)."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -113,9 +125,7 @@ def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConf
             b = order[i : i + cfg.batch_size]
             if len(b) < 2 and data.labels is None:
                 continue  # a contrastive batch of one has no negatives
-            texts = data.texts[b] if data.labels is None else data.texts
-            labels = None if data.labels is None else data.labels[b]
-            loss = task_loss(backbone, vec, data.features[b], texts, labels)
+            loss = batch_loss(backbone, vec, data, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

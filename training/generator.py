@@ -24,7 +24,7 @@ from expert_store.repository import ExpertRepository
 from models.backbone import Backbone
 from models.cvae import CVAE, CVAEConfig
 from training.config import GeneratorTrainingConfig, PriorConfig
-from training.experts import SplitData, task_loss
+from training.experts import SplitData, batch_loss
 
 
 @dataclass
@@ -77,17 +77,14 @@ def _sampled_task_loss(
         split = data.tasks[k]
         n = len(split.features)
         b = torch.randperm(n, generator=g)[:images] if g is not None else torch.arange(n)
-        if split.labels is None:  # retrieval: the captions of these images
-            losses.append(task_loss(backbone, lora, split.features[b], split.texts[b], None))
-        else:
-            losses.append(task_loss(backbone, lora, split.features[b], split.texts, split.labels[b]))
+        losses.append(batch_loss(backbone, lora, split, b))
     return torch.stack(losses).mean()
 
 
 def _scored_tasks(data: GeneratorData, cfg: GeneratorTrainingConfig) -> list[int]:
     """Indices of the tasks whose kind the task-loss term scores (generator.task_kinds)."""
     kinds = set(cfg.task_kinds)
-    return [t for t, s in enumerate(data.tasks or []) if ("retrieval" if s.labels is None else "classification") in kinds]
+    return [t for t, s in enumerate(data.tasks or []) if s.kind in kinds]
 
 
 def _eval_loss(model: CVAE, data: GeneratorData, cfg: GeneratorTrainingConfig, backbone: Backbone | None) -> float:
@@ -95,7 +92,7 @@ def _eval_loss(model: CVAE, data: GeneratorData, cfg: GeneratorTrainingConfig, b
     with torch.no_grad():
         torch.manual_seed(0)
         total, _, _ = model.loss(data.x, data.prior_mean[data.task_index], data.prior_var[data.task_index])
-        scored = _scored_tasks(data, cfg) if cfg.task_weight > 0 and backbone is not None else []
+        scored = _scored_tasks(data, cfg) if cfg.task_weight > 0 else []  # train_generator checked the backbone
         if scored:
             total = total + cfg.task_weight * _sampled_task_loss(model, backbone, data, scored, 0, None)
     model.train()
