@@ -156,6 +156,16 @@ class Backbone(ABC):
         out = applier(lora, features.to(self.device))
         return nn.functional.normalize(out, dim=-1)
 
+    def adapter_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """The part of the adapted forward that no LoRA changes, computed once per image for training:
+        (N, ...) cached features -> (N, ...) inputs of :meth:`encode_adapted`. Default: the features."""
+        return features.to(self.device)
+
+    def encode_adapted(self, inputs: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_image` with the backbone's own LoRA layout from :meth:`adapter_inputs`; the same
+        embeddings up to float rounding, differentiable in ``lora``. Default: :meth:`encode_image`."""
+        return self.encode_image(inputs, lora)
+
     @property
     def logit_scale(self) -> float:
         """Temperature used by the contrastive / classification losses (CLIP's exp(logit_scale))."""

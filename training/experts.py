@@ -8,6 +8,7 @@ image tower runs once per image (cached features); only the adapted part runs pe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class SplitData:
     texts: torch.Tensor  # retrieval: (N, D) caption embeddings; classification: (C, D) class prompt embeddings
     labels: torch.Tensor | None  # classification: (N,) class indices
     captions: list[str]
+    inputs: torch.Tensor | None = None  # Backbone.adapter_inputs(features), when computed once for many steps
 
     @property
     def kind(self) -> str:
@@ -90,10 +92,13 @@ def task_loss(
     backbone: Backbone, lora: torch.Tensor, feats: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None
 ) -> torch.Tensor:
     """Symmetric CLIP loss for retrieval (texts (B, D) paired with feats), cross-entropy over class prompts otherwise."""
-    img = backbone.encode_image(feats, lora)  # (B, D)
+    return _loss(backbone, backbone.encode_image(feats, lora), texts, labels)
+
+
+def _loss(backbone: Backbone, img: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     logits = backbone.logit_scale * img @ texts.to(img.device).T
     if labels is None:
-        target = torch.arange(len(feats), device=img.device)
+        target = torch.arange(len(img), device=img.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     return F.cross_entropy(logits, labels.to(img.device))
 
@@ -101,9 +106,11 @@ def task_loss(
 def batch_loss(backbone: Backbone, lora: torch.Tensor, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
     """:func:`task_loss` on ``rows`` of a split: images paired with their own captions (retrieval) or scored
     against the task's class prompts (classification)."""
+    inputs = data.inputs[rows] if data.inputs is not None else backbone.adapter_inputs(data.features[rows])
+    img = backbone.encode_adapted(inputs, lora)  # (B, D)
     if data.labels is None:
-        return task_loss(backbone, lora, data.features[rows], data.texts[rows], None)
-    return task_loss(backbone, lora, data.features[rows], data.texts, data.labels[rows])
+        return _loss(backbone, img, data.texts[rows], None)
+    return _loss(backbone, img, data.texts, data.labels[rows])
 
 
 def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConfig, progress: bool = True) -> torch.Tensor:
@@ -114,10 +121,10 @@ def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConf
     if not cfg.train_a:
         b_mask = backbone.spec.b_mask().to(vec.device)  # (P,) 1 on B entries, 0 on A
         vec.register_hook(lambda grad: grad * b_mask)
-    data = task.train
-    n = len(data.features)
+    n = len(task.train.features)
     if n < 2:
         raise ValueError(f"task {task.info.name!r} has {n} training samples; at least 2 are needed")
+    data = dataclasses.replace(task.train, inputs=backbone.adapter_inputs(task.train.features))
     snapshots = []
     for epoch in tqdm(range(cfg.epochs), desc=f"expert {task.info.name}", unit="ep", leave=False, disable=not progress):
         order = torch.randperm(n, generator=g)
