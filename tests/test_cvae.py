@@ -115,6 +115,31 @@ def test_generator_weight_decay_shrinks_the_learnt_weights():
     assert norm(3.0) < 0.8 * norm(0.0)
 
 
+def test_patience_stops_early_and_keeps_the_best_epoch():
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    torch.manual_seed(0)
+    mu = torch.randn(8, 20)
+    x = (mu + torch.linspace(-2, 2, 20)).repeat_interleave(4, 0) + 0.1 * torch.randn(32, 20)
+    data = GeneratorData(x, mu, torch.full((8, 20), 0.1), torch.arange(8).repeat_interleave(4))
+    val = GeneratorData(x[:8] + 5.0, mu[:2], torch.full((2, 20), 0.1), torch.arange(2).repeat_interleave(4))
+    base = dict(latent_dim=4, hidden_dim=16, epochs=60, batch_size=8, lr=0.05)
+    full_model, full = train_generator(data, val, GeneratorTrainingConfig(**base), progress=False)
+    model, hist = train_generator(data, val, GeneratorTrainingConfig(**base, patience=3), progress=False)
+    losses = [h["val_loss"] for h in hist]
+    best = losses.index(min(losses))
+    assert len(hist) < len(full) and len(hist) == best + 4  # stopped 3 epochs after its best
+    assert [h["val_loss"] for h in full[: len(hist)]] == losses  # the same run up to the stop
+    from training.generator import _eval_loss
+
+    assert _eval_loss(model, val, GeneratorTrainingConfig(**base), None) == pytest.approx(min(losses))  # best kept
+    with pytest.raises(ValueError, match="patience needs validation"):
+        train_generator(data, None, GeneratorTrainingConfig(**base, patience=3), progress=False)
+    with pytest.raises(ValueError, match="patience"):
+        GeneratorTrainingConfig(patience=0)
+
+
 def test_negative_generator_weight_decay_is_refused():
     from training.config import GeneratorTrainingConfig
 

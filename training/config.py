@@ -120,10 +120,15 @@ class GeneratorTrainingConfig:
     # paper's "GSNN" term): eq. 9 trains the decoder only on z from the encoder, so what the prior network
     # proposes for a condition is otherwise held only by the KL term.
     prior_path_weight: float = 0.0
+    # Early stopping: end training once the validation loss has not improved for this many epochs (the
+    # best epoch is kept either way). None: train all ``epochs``. Needs validation tasks.
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"generator.epochs must be >= 1, got {self.epochs}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"generator.patience must be >= 1 or null, got {self.patience}")
         if self.weight_decay < 0:
             raise ValueError(f"generator.weight_decay must be >= 0, got {self.weight_decay}")
         if not self.lr > 0:

@@ -106,9 +106,12 @@ def train_generator(
     progress: bool = True,
     backbone: Backbone | None = None,
 ) -> tuple[CVAE, list[dict]]:
-    """Returns the CVAE (best validation epoch when ``val`` is given, else the last) and the loss history.
+    """Returns the CVAE (best validation epoch when ``val`` is given, else the last) and the loss history,
+    which ends early when ``cfg.patience`` epochs pass without a better validation loss.
     ``backbone`` and ``train.tasks`` (and ``val.tasks``, for the validation loss) are needed when
     ``cfg.task_weight`` > 0."""
+    if cfg.patience is not None and val is None:
+        raise ValueError("generator.patience needs validation tasks (split.val > 0) to watch")
     use_tasks = cfg.task_weight > 0
     if use_tasks and (backbone is None or train.tasks is None or len(train.tasks) != len(train.prior_mean)):
         raise ValueError("generator.task_weight > 0 needs the backbone and every training task's training split")
@@ -136,7 +139,7 @@ def train_generator(
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(train.x)
     history: list[dict] = []
-    best, best_state = float("inf"), None
+    best, best_state, best_epoch = float("inf"), None, -1
     bar = tqdm(range(cfg.epochs), desc="generator", unit="ep", disable=not progress)
     for epoch in bar:
         order = torch.randperm(n, generator=g)
@@ -171,11 +174,17 @@ def train_generator(
         if val is not None:
             row["val_loss"] = _eval_loss(model, val, cfg, backbone)
             if row["val_loss"] < best:
-                best, best_state = row["val_loss"], copy.deepcopy(model.state_dict())
+                best, best_state, best_epoch = row["val_loss"], copy.deepcopy(model.state_dict()), epoch
         history.append(row)
         bar.set_postfix(
             rec=f"{row['reconstruction']:.4f}", kl=f"{row['kl']:.3f}", **({"task": f"{row['task']:.3f}"} if use_tasks else {})
         )
+        if cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch + 1 < cfg.epochs:
+            tqdm.write(
+                f"[generator] early stop after epoch {epoch}: no better validation loss for {cfg.patience} epochs "
+                f"(best: epoch {best_epoch})"
+            )
+            break
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError("generator training diverged (NaN/Inf weights); lower generator.lr")
     if best_state is not None:
