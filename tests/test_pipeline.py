@@ -20,9 +20,32 @@ def test_full_pipeline_writes_every_stage(tiny_artifacts_session):
         assert set(results["methods"][m]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
     assert set(results["tasks"]) == set(results["test_tasks"])
     assert "| sg-lora |" in (out / "eval" / "results.md").read_text()
+    first = results["paired"][0]  # tiny is a retrieval benchmark: no accuracy
+    want = ("sg-lora", "topk-weighted", "i2t_r1", len(results["tasks"]))
+    assert (first["a"], first["b"], first["metric"], first["tasks"]) == want
+    assert "| sg-lora - topk-weighted | i2t_r1 |" in (out / "eval" / "results.md").read_text()
     assert (out / "generator" / "history.png").stat().st_size > 0
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["experts"]) & set(splits["test"])
+
+
+def test_paired_differences_by_hand():
+    from training.pipeline import paired_differences
+
+    rows = {
+        "t1": {"sg-lora": {"accuracy": 80.0}, "topk-weighted": {"accuracy": 70.0}},
+        "t2": {"sg-lora": {"accuracy": 60.0}, "topk-weighted": {"accuracy": 60.0}},
+        "t3": {"sg-lora": {"accuracy": 50.0}, "topk-weighted": {"accuracy": 52.0}},
+        "t4": {"sg-lora": {"i2t_r1": 1.0}, "topk-weighted": {"i2t_r1": 0.0}},  # another benchmark's task
+    }
+    (acc, r1) = paired_differences(rows)
+    # differences 10, 0, -2: mean 8/3, sample sd sqrt(((22/3)^2 + (8/3)^2 + (14/3)^2) / 2), s.e. sd / sqrt(3)
+    sd = (((22 / 3) ** 2 + (8 / 3) ** 2 + (14 / 3) ** 2) / 2) ** 0.5
+    assert acc["metric"] == "accuracy" and acc["tasks"] == 3
+    assert acc["mean"] == pytest.approx(8 / 3) and acc["stderr"] == pytest.approx(sd / 3**0.5)
+    assert (acc["wins"], acc["ties"], acc["losses"]) == (1, 1, 1)
+    assert r1["metric"] == "i2t_r1" and r1["tasks"] == 1 and r1["stderr"] is None  # one task: no spread
+    assert paired_differences({"t1": {"sg-lora": {"accuracy": 1.0}}}) == []  # b not evaluated
 
 
 def test_oracle_lora_beats_zero_shot_on_its_own_training_data(tiny_artifacts_session):

@@ -341,6 +341,7 @@ def stage_evaluate(
         "top_k": a.engine.top_k,
         "temperature": a.engine.temperature,
         "sg_samples": cfg.evaluation.sg_samples,
+        "paired": paired_differences(per_task),
     }
     with atomic_dir(out / ("eval" if on == "test" else f"eval-{on}")) as tmp:
         write_json(tmp / "results.json", results)
@@ -355,6 +356,48 @@ def stage_evaluate(
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for r in rows for k in r})
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+# (method, the method it should beat): the issue's order of methods, and each exact merge against its
+# flat-average counterpart and against each other.
+PAIRS = (
+    ("sg-lora", "topk-weighted"),
+    ("topk-weighted", "adapter-soup"),
+    ("adapter-soup", "model-soup"),
+    ("model-soup", "zero-shot"),
+    ("sg-lora-exact", "topk-exact"),
+    ("topk-exact", "topk-weighted"),
+)
+PAIRED_METRICS = ("accuracy", "i2t_r1", "t2i_r1")
+
+
+def paired_differences(per_task: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
+    """Per-task differences a - b for each pair of :data:`PAIRS` both evaluated, on each metric of
+    :data:`PAIRED_METRICS` the tasks report: mean, standard error of the mean over tasks (None for one
+    task), wins / ties / losses. The same tasks score both methods, so the task-to-task spread cancels; a mean within about
+    two standard errors of 0 is not a difference these tasks can resolve."""
+    out = []
+    for a, b in PAIRS:
+        for key in PAIRED_METRICS:
+            d = [row[a][key] - row[b][key] for row in per_task.values() if a in row and b in row and key in row[a]]
+            if not d:
+                continue
+            mean = sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else None
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "metric": key,
+                    "tasks": len(d),
+                    "mean": mean,
+                    "stderr": se,
+                    "wins": sum(x > 0 for x in d),
+                    "ties": sum(x == 0 for x in d),
+                    "losses": sum(x < 0 for x in d),
+                }
+            )
+    return out
 
 
 def results_table(results: dict) -> str:
@@ -373,6 +416,21 @@ def results_table(results: dict) -> str:
     for m in METHODS:
         if m in methods:
             lines.append(f"| {m} | " + " | ".join(f"{methods[m].get(k, float('nan')):.2f}" for k in keys) + " |")
+    paired = results.get("paired") or []
+    if paired:
+        lines += [
+            "",
+            "Paired per-task differences (a - b on the same tasks; mean ± standard error, wins/ties/losses):",
+            "",
+            "| a - b | metric | tasks | mean ± s.e. | w / t / l |",
+            "|---|---|---|---|---|",
+        ]
+        for p in paired:
+            lines.append(
+                f"| {p['a']} - {p['b']} | {p['metric']} | {p['tasks']} | {p['mean']:+.2f} ± "
+                f"{'n/a' if p['stderr'] is None else format(p['stderr'], '.2f')} "
+                f"| {p['wins']} / {p['ties']} / {p['losses']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
