@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.scatter(*proj(sg).T, c="tab:blue", s=10, alpha=0.7, zorder=5, label=f"sg-lora samples ({args.samples})")
     ax.scatter([], [], marker="s", c="tab:red", label="chosen experts")
     ax.scatter([], [], marker="s", c="tab:gray", label="other experts")
-    ax.set_title(f"LoRA space, unseen task: {desc[:70]}", fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(f"LoRA space, unseen task: {desc}", 90)), fontsize=8)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7)
