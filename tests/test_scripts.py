@@ -69,3 +69,38 @@ def test_generator_learning_curve_trains_on_subsets(tiny_config, tmp_path):
     assert not [d for d in out.iterdir() if d.is_dir()]  # the work copies are gone
     assert {p.name: p.stat().st_mtime_ns for p in art.rglob("*")} == before
     assert (art / "manifest.json").read_text() == manifest
+
+
+def _results(tmp_path: Path, name: str, scores: dict[str, dict[str, float]]) -> Path:
+    """A results.json of two fashion tasks: scores[task][method] = accuracy."""
+    methods = sorted({m for row in scores.values() for m in row})
+    tasks = {t: {m: {"accuracy": a} for m, a in row.items()} for t, row in scores.items()}
+    avg = {m: {"accuracy": sum(tasks[t][m]["accuracy"] for t in tasks) / len(tasks)} for m in methods}
+    d = tmp_path / name / "eval"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"methods": avg, "tasks": tasks}))
+    return tmp_path / name
+
+
+def test_compare_runs_pools_seeds_per_task(tmp_path):
+    a = _results(tmp_path, "s0", {"t1": {"sg-lora": 80, "topk-weighted": 70}, "t2": {"sg-lora": 60, "topk-weighted": 64}})
+    b = _results(tmp_path, "s1", {"t1": {"sg-lora": 90, "topk-weighted": 70}, "t2": {"sg-lora": 60, "topk-weighted": 60}})
+    cmd = [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(a), str(b)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    # run averages: sg-lora 70 and 75, topk-weighted 67 and 65
+    assert "| sg-lora | 72.50 (70.00–75.00) |" in p.stdout
+    assert "| topk-weighted | 66.00 (65.00–67.00) |" in p.stdout
+    # per-task means over runs: t1 85 - 70 = +15, t2 60 - 62 = -2: mean 6.5, s.e. |15 - (-2)| / 2 = 8.5
+    assert "| sg-lora - topk-weighted | accuracy | 2 | +6.50 ± 8.50 | 1 / 0 / 1 |" in p.stdout
+
+
+def test_compare_runs_refuses_runs_of_other_tasks(tmp_path):
+    a = _results(tmp_path, "s0", {"t1": {"sg-lora": 80}})
+    b = _results(tmp_path, "s1", {"t2": {"sg-lora": 80}})
+    script = str(ROOT / "scripts" / "compare_runs.py")
+    p = subprocess.run([sys.executable, script, str(a), str(b)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "different tasks" in p.stderr and "Traceback" not in p.stderr
+    missing = [sys.executable, script, str(tmp_path / "nope")]
+    p = subprocess.run(missing, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr

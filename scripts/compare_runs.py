@@ -1,0 +1,96 @@
+"""Pools the evaluations of several runs of one pipeline (other seeds) on the same unseen tasks.
+
+Each run's ``eval/results.json`` scores every method on every test task. Per method and metric: the
+mean over runs of each run's average, and the lowest and highest run. Paired differences (as in one
+run's results.md) of the per-task means over runs: the task stays the unit, so the standard error is
+over tasks, with the seed-to-seed noise averaged inside each task.
+
+    python scripts/compare_runs.py artifacts/od-seed0 artifacts/od-seed1 artifacts/od-seed2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.config import METHODS
+from training.pipeline import paired_differences
+
+METRICS = ("accuracy", "i2t_r1", "t2i_r1")
+
+
+def load_runs(dirs: list[Path]) -> list[dict]:
+    runs = []
+    for d in dirs:
+        path = d / "eval" / "results.json" if d.is_dir() else d
+        if not path.exists():
+            raise ValueError(f"{path} not found: run the pipeline's evaluate stage there first")
+        try:
+            runs.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from e
+    tasks = [sorted(r["tasks"]) for r in runs]
+    if any(t != tasks[0] for t in tasks):
+        raise ValueError("the runs were evaluated on different tasks; pool only runs of one split")
+    return runs
+
+
+def pool(runs: list[dict]) -> tuple[dict, dict, list[dict]]:
+    """(per method and metric: [each run's average], per task the mean over runs, paired differences)."""
+    methods = [m for m in METHODS if all(m in r["methods"] for r in runs)]
+    averages = {m: {k: [r["methods"][m][k] for r in runs] for k in METRICS if k in runs[0]["methods"][m]} for m in methods}
+    per_task = {
+        t: {
+            m: {k: sum(r["tasks"][t][m][k] for r in runs) / len(runs) for k in runs[0]["tasks"][t][m] if k in METRICS}
+            for m in methods
+        }
+        for t in runs[0]["tasks"]
+    }
+    return averages, per_task, paired_differences(per_task)
+
+
+def report(runs: list[dict], names: list[str]) -> str:
+    averages, _, paired = pool(runs)
+    metrics = [k for k in METRICS if any(k in v for v in averages.values())]
+    lines = [
+        f"{len(runs)} runs ({', '.join(names)}), {len(runs[0]['tasks'])} unseen tasks each.",
+        "",
+        "| method | " + " | ".join(f"{k}: mean (lowest–highest run)" for k in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for m, v in averages.items():
+        cells = [f"{sum(v[k]) / len(v[k]):.2f} ({min(v[k]):.2f}–{max(v[k]):.2f})" if k in v else "" for k in metrics]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired differences of the per-task means over runs (mean ± standard error over tasks, wins/ties/losses):",
+        "",
+        "| a - b | metric | tasks | mean ± s.e. | w / t / l |",
+        "|---|---|---|---|---|",
+    ]
+    for p in paired:
+        se = "n/a" if p["stderr"] is None else f"{p['stderr']:.2f}"
+        lines.append(
+            f"| {p['a']} - {p['b']} | {p['metric']} | {p['tasks']} | {p['mean']:+.2f} ± {se} "
+            f"| {p['wins']} / {p['ties']} / {p['losses']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="artefact directories (or their eval/results.json)")
+    args = p.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report(runs, [str(d) for d in args.runs]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
