@@ -245,3 +245,29 @@ def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: Offline
         bf16.set_text_dtype(torch.float32)
     with pytest.raises(ValueError, match="only move to bfloat16, not torch.float16"):
         copy.deepcopy(backbone).set_text_dtype(torch.float16)
+
+
+def test_expert_training_is_the_same_with_inputs_per_batch(backbone: OfflineBackbone, monkeypatch):
+    """train_expert computes a task's adapter inputs once, or per batch above PRECOMPUTE_BYTES: the same
+    training either way (to float rounding)."""
+    from training import experts
+    from training.config import ExpertTrainingConfig
+    from training.data import TaskInfo
+
+    g = torch.Generator().manual_seed(3)
+    feats = backbone.image_features(torch.rand(24, 3, 112, 112, generator=g) * 2 - 1)
+    texts = backbone.encode_text(["a photo of a cat", "a photo of a dog", "a photo of a car"])
+    split = experts.SplitData(feats, texts, torch.arange(24) % 3, ["cat", "dog", "car"])
+    task = experts.PreparedTask(TaskInfo("t", "cats, dogs and cars", "classification", ("cat", "dog", "car")), split, split)
+    cfg = ExpertTrainingConfig(epochs=3, keep_last=2, lr=0.01, batch_size=8)
+    calls = []
+    real = backbone.adapter_inputs
+    monkeypatch.setattr(backbone, "adapter_inputs", lambda f: calls.append(len(f)) or real(f))
+    once = experts.train_expert(backbone, task, cfg, progress=False)
+    assert calls == [1, 24]  # the size probe, then the whole split
+    calls.clear()
+    monkeypatch.setattr(experts, "PRECOMPUTE_BYTES", 0)
+    per_batch = experts.train_expert(backbone, task, cfg, progress=False)
+    assert calls == [1] + [8] * 9  # the probe, then 3 batches x 3 epochs
+    assert not torch.allclose(once[-1], backbone.spec.init_vector(torch.Generator().manual_seed(0)))  # it trained
+    assert torch.allclose(once, per_batch, atol=1e-5)

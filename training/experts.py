@@ -20,6 +20,10 @@ from models.backbone import Backbone
 from training.config import ExpertTrainingConfig
 from training.data import Sample, TaskDataset, TaskInfo
 
+# train_expert computes a task's Backbone.adapter_inputs once when they take at most this many bytes
+# (the offline default's largest task: 30 MB), else per batch.
+PRECOMPUTE_BYTES = 1 << 30
+
 
 @dataclass
 class SplitData:
@@ -124,7 +128,10 @@ def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConf
     n = len(task.train.features)
     if n < 2:
         raise ValueError(f"task {task.info.name!r} has {n} training samples; at least 2 are needed")
-    data = dataclasses.replace(task.train, inputs=backbone.adapter_inputs(task.train.features))
+    data = task.train
+    row_bytes = backbone.adapter_inputs(data.features[:1]).numel() * data.features.element_size()
+    if n * row_bytes <= PRECOMPUTE_BYTES:  # else each batch computes its own (a large task at a large input size)
+        data = dataclasses.replace(data, inputs=backbone.adapter_inputs(data.features))
     snapshots = []
     for epoch in tqdm(range(cfg.epochs), desc=f"expert {task.info.name}", unit="ep", leave=False, disable=not progress):
         order = torch.randperm(n, generator=g)
