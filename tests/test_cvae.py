@@ -140,6 +140,36 @@ def test_patience_stops_early_and_keeps_the_best_epoch():
         GeneratorTrainingConfig(patience=0)
 
 
+def test_max_grad_norm_clips_every_step(monkeypatch):
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    torch.manual_seed(0)
+    mu = torch.randn(8, 20)
+    x = (mu + torch.linspace(-2, 2, 20)).repeat_interleave(4, 0) + 0.1 * torch.randn(32, 20)
+    data = GeneratorData(x, mu, torch.full((8, 20), 0.1), torch.arange(8).repeat_interleave(4))
+    base = dict(latent_dim=4, hidden_dim=16, epochs=3, batch_size=8, lr=0.05)
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        norms.append(float(real(params, max_norm)))  # the norm before clipping
+        after = torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm()
+        assert after <= max_norm * 1.001
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    plain, _ = train_generator(data, None, GeneratorTrainingConfig(**base), progress=False)
+    assert norms == []  # off by default
+    clipped, _ = train_generator(data, None, GeneratorTrainingConfig(**base, max_grad_norm=0.01), progress=False)
+    assert len(norms) == 3 * 4 and max(norms) > 0.01  # every step, and it had something to clip
+    w = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (plain, clipped)]
+    assert not torch.allclose(w[0], w[1])
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        GeneratorTrainingConfig(max_grad_norm=0)
+
+
 def test_negative_generator_weight_decay_is_refused():
     from training.config import GeneratorTrainingConfig
 

@@ -123,10 +123,14 @@ class GeneratorTrainingConfig:
     # Early stopping: end training once the validation loss has not improved for this many epochs (the
     # best epoch is kept either way). None: train all ``epochs``. Needs validation tasks.
     patience: int | None = None
+    # Clip the gradient's global norm to this each step (torch.nn.utils.clip_grad_norm_); None: no clipping.
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"generator.epochs must be >= 1, got {self.epochs}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"generator.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"generator.patience must be >= 1 or null, got {self.patience}")
         if self.weight_decay < 0:

@@ -163,6 +163,8 @@ def train_generator(
                 steps += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             rec_sum += rec.item() * len(b)
             kl_sum += kl.item() * len(b)
