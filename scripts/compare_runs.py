@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from training.config import METHODS
-from training.pipeline import paired_differences
+from training.pipeline import paired_differences, paired_table
 
 METRICS = ("accuracy", "i2t_r1", "t2i_r1")
 
@@ -37,8 +37,8 @@ def load_runs(dirs: list[Path]) -> list[dict]:
     return runs
 
 
-def pool(runs: list[dict]) -> tuple[dict, dict, list[dict]]:
-    """(per method and metric: [each run's average], per task the mean over runs, paired differences)."""
+def pool(runs: list[dict]) -> tuple[dict, list[dict]]:
+    """(per method and metric: [each run's average], paired differences of the per-task means over runs)."""
     methods = [m for m in METHODS if all(m in r["methods"] for r in runs)]
     averages = {m: {k: [r["methods"][m][k] for r in runs] for k in METRICS if k in runs[0]["methods"][m]} for m in methods}
     per_task = {
@@ -48,11 +48,11 @@ def pool(runs: list[dict]) -> tuple[dict, dict, list[dict]]:
         }
         for t in runs[0]["tasks"]
     }
-    return averages, per_task, paired_differences(per_task)
+    return averages, paired_differences(per_task)
 
 
 def report(runs: list[dict], names: list[str]) -> str:
-    averages, _, paired = pool(runs)
+    averages, paired = pool(runs)
     metrics = [k for k in METRICS if any(k in v for v in averages.values())]
     lines = [
         f"{len(runs)} runs ({', '.join(names)}), {len(runs[0]['tasks'])} unseen tasks each.",
@@ -67,15 +67,8 @@ def report(runs: list[dict], names: list[str]) -> str:
         "",
         "Paired differences of the per-task means over runs (mean ± standard error over tasks, wins/ties/losses):",
         "",
-        "| a - b | metric | tasks | mean ± s.e. | w / t / l |",
-        "|---|---|---|---|---|",
+        *paired_table(paired),
     ]
-    for p in paired:
-        se = "n/a" if p["stderr"] is None else f"{p['stderr']:.2f}"
-        lines.append(
-            f"| {p['a']} - {p['b']} | {p['metric']} | {p['tasks']} | {p['mean']:+.2f} ± {se} "
-            f"| {p['wins']} / {p['ties']} / {p['losses']} |"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -418,20 +418,21 @@ def results_table(results: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(f"{methods[m].get(k, float('nan')):.2f}" for k in keys) + " |")
     paired = results.get("paired") or []
     if paired:
-        lines += [
-            "",
-            "Paired per-task differences (a - b on the same tasks; mean ± standard error, wins/ties/losses):",
-            "",
-            "| a - b | metric | tasks | mean ± s.e. | w / t / l |",
-            "|---|---|---|---|---|",
-        ]
-        for p in paired:
-            lines.append(
-                f"| {p['a']} - {p['b']} | {p['metric']} | {p['tasks']} | {p['mean']:+.2f} ± "
-                f"{'n/a' if p['stderr'] is None else format(p['stderr'], '.2f')} "
-                f"| {p['wins']} / {p['ties']} / {p['losses']} |"
-            )
+        lines += ["", "Paired per-task differences (a - b on the same tasks; mean ± standard error, wins/ties/losses):"]
+        lines += ["", *paired_table(paired)]
     return "\n".join(lines) + "\n"
+
+
+def paired_table(paired: list[dict]) -> list[str]:
+    """Markdown rows of :func:`paired_differences`' output."""
+    lines = ["| a - b | metric | tasks | mean ± s.e. | w / t / l |", "|---|---|---|---|---|"]
+    for p in paired:
+        se = "n/a" if p["stderr"] is None else f"{p['stderr']:.2f}"
+        lines.append(
+            f"| {p['a']} - {p['b']} | {p['metric']} | {p['tasks']} | {p['mean']:+.2f} ± {se} "
+            f"| {p['wins']} / {p['ties']} / {p['losses']} |"
+        )
+    return lines
 
 
 STAGE_FUNCS = {"experts": stage_experts, "repository": stage_repository, "generator": stage_generator, "evaluate": stage_evaluate}
