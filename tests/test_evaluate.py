@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.evaluate import recall_at_k, recall_at_k_reference
+from training.evaluate import image_cosine, recall_at_k, recall_at_k_reference
 
 
 @pytest.mark.parametrize("n,seed", [(5, 0), (12, 1), (40, 2)])
@@ -37,3 +37,15 @@ def test_ties_count_as_a_random_order_not_as_wins():
         assert r[k] == pytest.approx(ref[k]), k
     partly = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.2, 0.5]])  # rows 0 and 2: one tie each
     assert recall_at_k(partly)["i2t_r1"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+
+
+def test_image_cosine_flags_a_collapsed_embedding():
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 16, generator=g)
+    assert image_cosine(one.repeat(9, 1) * torch.rand(9, 1, generator=g)) == pytest.approx(1.0)  # one direction
+    basis = torch.eye(6)
+    assert image_cosine(basis) == pytest.approx(0.0)  # orthogonal
+    pair = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert image_cosine(pair) == pytest.approx(2**-0.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        image_cosine(one)

@@ -17,13 +17,16 @@ def test_full_pipeline_writes_every_stage(tiny_artifacts_session):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["methods"]) == set(METHODS)
     for m in METHODS:
-        assert set(results["methods"][m]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+        keys = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "image_cosine"}
+        assert set(results["methods"][m]) == keys
+        assert -1.0 <= results["methods"][m]["image_cosine"] <= 1.0
     assert set(results["tasks"]) == set(results["test_tasks"])
     assert "| sg-lora |" in (out / "eval" / "results.md").read_text()
     first = results["paired"][0]  # tiny is a retrieval benchmark: no accuracy
     want = ("sg-lora", "topk-weighted", "i2t_r1", len(results["tasks"]))
     assert (first["a"], first["b"], first["metric"], first["tasks"]) == want
     assert "| sg-lora - topk-weighted | i2t_r1 |" in (out / "eval" / "results.md").read_text()
+    assert "mean cosine between a task's held-out image embeddings" in (out / "eval" / "results.md").read_text()
     assert (out / "generator" / "history.png").stat().st_size > 0
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["experts"]) & set(splits["test"])

@@ -416,6 +416,16 @@ def results_table(results: dict) -> str:
     for m in METHODS:
         if m in methods:
             lines.append(f"| {m} | " + " | ".join(f"{methods[m].get(k, float('nan')):.2f}" for k in keys) + " |")
+    cos = {m: methods[m]["image_cosine"] for m in METHODS if "image_cosine" in methods.get(m, {})}
+    if cos:
+        lines += [
+            "",
+            "Retrieval tasks: mean cosine between a task's held-out image embeddings (1.000: every image on one embedding):",
+            "",
+            "| " + " | ".join(cos) + " |",
+            "|" + "---|" * len(cos),
+            "| " + " | ".join(f"{v:.3f}" for v in cos.values()) + " |",
+        ]
     paired = results.get("paired") or []
     if paired:
         lines += ["", "Paired per-task differences (a - b on the same tasks; mean ± standard error, wins/ties/losses):"]
