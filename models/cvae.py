@@ -17,6 +17,8 @@ mu* = sum_k alpha_k mu_k, so a sampler can precompute it per expert (:meth:`mean
 and read only two of the three P x H weight blocks per sample.
 With ``residual`` the decoder predicts X - mu* (normalised): the generator learns a
 correction of the prior mean rather than the whole LoRA.
+With ``description_dim`` > 0 (not in the paper) c also holds the task's description embedding d*
+(D values): ``cond_desc`` adds W_d d* to the shared condition features.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.nn.utils import skip_init
 LOGVAR_EPS = 1e-6
 # The layers of the sampling path (condition on sigma*^2, prior network, decoder): those :meth:`CVAE.packed`
 # moves onto oneDNN. cond_mu is left as it is: samplers read its weight through mean_features.
-SAMPLING_LAYERS = ("cond_var", "prior_in", "prior_out", "dec_z", "dec_hidden", "dec_out")
+SAMPLING_LAYERS = ("cond_var", "cond_desc", "prior_in", "prior_out", "dec_z", "dec_hidden", "dec_out")
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,14 @@ class CVAEConfig:
     kl_weight: float = 1.0  # lambda in eq. 9 (paper: 1)
     residual: bool = True  # decoder predicts X - mu* (normalised) instead of X
     use_variance: bool = True  # condition on sigma*^2 as well as mu* (paper: c = {mu*, sigma*^2})
+    description_dim: int = 0  # > 0: condition on the description embedding d* too (not in the paper)
 
     def __post_init__(self) -> None:
         for name in ("lora_dim", "latent_dim", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
+        if self.description_dim < 0:
+            raise ValueError(f"description_dim must be >= 0, got {self.description_dim}")
         if self.kl_weight < 0:
             raise ValueError(f"generator.kl_weight must be >= 0, got {self.kl_weight}")
 
@@ -106,6 +111,8 @@ class CVAE(nn.Module):
         nn.init.zeros_(self.dec_out.bias)
         self.register_buffer("x_mean", torch.zeros(p))
         self.register_buffer("x_std", torch.ones(p))
+        # Last, so that without it every other layer draws the same initial weights as before.
+        self.cond_desc = nn.Linear(config.description_dim, h, bias=False) if config.description_dim else None
 
     # ---- normalisation ------------------------------------------------------------------------
     def set_normalisation(self, snapshots: torch.Tensor, min_std: float = 1e-6) -> None:
@@ -120,12 +127,18 @@ class CVAE(nn.Module):
         return x * self.x_std + self.x_mean
 
     def condition(
-        self, prior_mean: torch.Tensor, prior_var: torch.Tensor, mean_features: torch.Tensor | None = None
+        self,
+        prior_mean: torch.Tensor,
+        prior_var: torch.Tensor,
+        mean_features: torch.Tensor | None = None,
+        description: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw prior (B, P) x2 -> (shared condition features (B, H), normalised mu* (B, P)).
 
         ``mean_features`` (B, H): W_mu applied to the normalised mu*, when the caller has it already
-        (sum_k alpha_k of the experts' :meth:`mean_features`); it replaces a read of W_mu."""
+        (sum_k alpha_k of the experts' :meth:`mean_features`); it replaces a read of W_mu.
+        ``description`` (B, D): the description embeddings d*; required exactly when
+        ``config.description_dim`` > 0."""
         mu_n = self.normalise(prior_mean)
         if mean_features is None:
             hc = self.cond_mu(mu_n)
@@ -133,6 +146,14 @@ class CVAE(nn.Module):
             hc = mean_features + self.cond_mu.bias
         if self.cond_var is not None:
             hc = hc + self.cond_var(torch.log(prior_var / self.x_std**2 + LOGVAR_EPS))
+        if self.cond_desc is not None:
+            if description is None or description.shape[-1] != self.config.description_dim:
+                got = None if description is None else tuple(description.shape)
+                dim = self.config.description_dim
+                raise ValueError(f"this generator is conditioned on {dim}-d description embeddings, got {got}")
+            hc = hc + self.cond_desc(description.to(hc.dtype))
+        elif description is not None:
+            raise ValueError("this generator takes no description embedding (description_dim 0)")
         return hc, mu_n
 
     @torch.no_grad()
@@ -176,7 +197,8 @@ class CVAE(nn.Module):
                 layer = getattr(self, name)
                 setattr(clone, name, None if layer is None else PackedLinear(layer))
             with torch.no_grad():  # one row through every packed layer: a kernel this build lacks fails here
-                clone.sample(self.x_mean, self.x_std**2, generator=torch.Generator().manual_seed(0))
+                d = torch.zeros(self.config.description_dim) if self.cond_desc is not None else None
+                clone.sample(self.x_mean, self.x_std**2, generator=torch.Generator().manual_seed(0), description=d)
         except (RuntimeError, AttributeError):
             return None
         return clone.eval()
@@ -191,10 +213,10 @@ class CVAE(nn.Module):
         return out + mu_n if self.config.residual else out
 
     def loss(
-        self, x: torch.Tensor, prior_mean: torch.Tensor, prior_var: torch.Tensor
+        self, x: torch.Tensor, prior_mean: torch.Tensor, prior_var: torch.Tensor, description: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eq. 9 on a batch of raw snapshots x (B, P): (total, reconstruction, KL), each a batch mean."""
-        hc, mu_n = self.condition(prior_mean, prior_var)
+        hc, mu_n = self.condition(prior_mean, prior_var, description=description)
         x_n = self.normalise(x)
         mu_q, logvar_q = self.enc_out(F.relu(self.enc_x(x_n) + hc)).chunk(2, dim=-1)
         logvar_q = logvar_q.clamp(-10, 10)
@@ -205,11 +227,13 @@ class CVAE(nn.Module):
         kl = _gaussian_kl(mu_q, logvar_q, mu_p, logvar_p).mean()
         return rec + self.config.kl_weight * kl / x.shape[-1], rec, kl
 
-    def rsample(self, prior_mean: torch.Tensor, prior_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def rsample(
+        self, prior_mean: torch.Tensor, prior_var: torch.Tensor, eps: torch.Tensor, description: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The sampling path with gradients (reparameterised): raw prior (B, P) x2 and noise (B, L) -> raw
         LoRAs (B, P); :meth:`sample` with this noise gives the same values. For training objectives on
         what the generator samples."""
-        hc, mu_n = self.condition(prior_mean, prior_var)
+        hc, mu_n = self.condition(prior_mean, prior_var, description=description)
         mu_p, logvar_p = self._prior(hc)
         return self.denormalise(self._decode(mu_p + eps * (0.5 * logvar_p).exp(), hc, mu_n))
 
@@ -220,18 +244,21 @@ class CVAE(nn.Module):
         prior_var: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         mean_features: torch.Tensor | None = None,
+        description: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draws z ~ p(z | c) and decodes: (P,) or (B, P) raw prior -> raw LoRA of the same shape.
 
         ``generator``: one for the whole draw, or a list with one per row (row i's noise is then what
-        its generator alone would draw, whatever else is in the batch). ``mean_features``: see
-        :meth:`condition`, (H,) or (B, H).
+        its generator alone would draw, whatever else is in the batch). ``mean_features`` and
+        ``description``: see :meth:`condition`, (H,) / (D,) or (B, H) / (B, D).
         """
         single = prior_mean.dim() == 1
         pm, pv = (prior_mean.unsqueeze(0), prior_var.unsqueeze(0)) if single else (prior_mean, prior_var)
         if mean_features is not None and mean_features.dim() == 1:
             mean_features = mean_features.unsqueeze(0)
-        hc, mu_n = self.condition(pm, pv, mean_features)
+        if description is not None and description.dim() == 1:
+            description = description.unsqueeze(0)
+        hc, mu_n = self.condition(pm, pv, mean_features, description)
         mu_p, logvar_p = self._prior(hc)
         # Noise drawn on the CPU from the caller's generator(s): identical bytes on every device.
         if isinstance(generator, list):

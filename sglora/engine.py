@@ -9,7 +9,8 @@ topk-exact    the same experts and weights, merged exactly: sum_k alpha_k scale 
 sg-lora-exact the sg-lora sample's correction of its prior mean, on top of the exact merge instead of
               the [B, A] one: dW = sum_k alpha_k dW_k + dW(sample) - dW(mu*), a rank-(K+2)*r LoRA (not in
               the paper; the same seed gives the same sample as sg-lora)
-sg-lora       a CVAE sample z ~ p(z | c), c = {mu*, sigma*^2}
+sg-lora       a CVAE sample z ~ p(z | c), c = {mu*, sigma*^2} (and the description embedding d*, for a
+              generator trained with generator.condition_on_description; not in the paper)
 oracle        the task's own trained LoRA (evaluation only; needs the task's snapshots)
 
 Merges average the flat [B, A] vectors, as the paper does, not the dense products B @ A;
@@ -98,6 +99,11 @@ class Engine:
             raise ValueError(
                 f"the generator makes {generator.config.lora_dim}-parameter LoRAs, the backbone takes {backbone.spec.num_params}"
             )
+        if generator is not None and generator.config.description_dim not in (0, backbone.embed_dim):
+            raise ValueError(
+                f"the generator is conditioned on {generator.config.description_dim}-d description embeddings, "
+                f"the backbone makes {backbone.embed_dim}-d"
+            )
         self.backbone = backbone
         self.repository = repository
         self.generator = generator
@@ -143,7 +149,7 @@ class Engine:
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
         names = self.repository.names
-        sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
+        sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         exact_rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # sg-lora-exact: (means, alpha, mu*)
         # Each row alone (similarities, top-K, mixture): nothing here depends on the other rows.
         for i, r in enumerate(requests):
@@ -178,7 +184,7 @@ class Engine:
             out[i] = Generation(mu, method, seed, top_k, temperature, experts)  # .lora: the prior mean, for now
             # The condition layer's mu*-part as the same mix of the experts' precomputed parts: the CVAE
             # pass then reads one P x H weight block fewer (a third of its weights).
-            sample_rows.append((i, mu, var, seed, alpha @ self._expert_features(means)[idx]))
+            sample_rows.append((i, mu, var, seed, alpha @ self._expert_features(means)[idx], embeddings[i].float()))
         fewest, most = self.pass_rows if sample_rows else (1, 1)
         for start in range(0, len(sample_rows), most):
             part = sample_rows[start : start + most]
@@ -221,10 +227,15 @@ class Engine:
         mu, var = (torch.stack(t) for t in zip(*priors, strict=True))
         feats = self.generator.mean_features(mu).cpu()
         dev = self.generator.x_mean.device
+        d_dim = self.generator.config.description_dim
+        desc = torch.nn.functional.normalize(torch.randn(most, d_dim, generator=g), dim=-1) if d_dim else None
 
         def sample(rows: list[int]) -> torch.Tensor:
             gens = [torch.Generator().manual_seed(r) for r in rows]
-            return self.sampler.sample(mu[rows].to(dev), var[rows].to(dev), generator=gens, mean_features=feats[rows].to(dev))
+            d = None if desc is None else desc[rows].to(dev)
+            return self.sampler.sample(
+                mu[rows].to(dev), var[rows].to(dev), generator=gens, mean_features=feats[rows].to(dev), description=d
+            )
 
         full = sample(list(range(most)))
         for n in range(fewest, most):
@@ -242,15 +253,19 @@ class Engine:
             self._features = cached  # one assignment: another model thread sees the old pair or the new one
         return cached[1]
 
-    def _sample_chunk(self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]], size: int) -> None:
+    def _sample_chunk(
+        self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]], size: int
+    ) -> None:
         """One CVAE pass at exactly ``size`` rows (the last row repeated as padding; see :attr:`pass_rows`)."""
         n, dev = len(rows), self.generator.x_mean.device
         # Only the real rows travel to the device; the padding repeats the last one there.
         mu = pad_rows(torch.stack([r[1] for r in rows]).to(dev), size)
         var = pad_rows(torch.stack([r[2] for r in rows]).to(dev), size)
         feats = pad_rows(torch.stack([r[4] for r in rows]).to(dev), size)
+        desc = pad_rows(torch.stack([r[5] for r in rows]).to(dev), size) if self.generator.config.description_dim else None
         gens = [torch.Generator().manual_seed(r[3]) for r in rows] + [torch.Generator() for _ in range(size - n)]
-        loras = self.sampler.sample(mu, var, generator=gens, mean_features=feats)[:n].cpu()  # padding rows dropped
+        # padding rows dropped
+        loras = self.sampler.sample(mu, var, generator=gens, mean_features=feats, description=desc)[:n].cpu()
         for (i, *_), lora in zip(rows, loras):
             out[i] = replace(out[i], lora=lora)
 

@@ -267,3 +267,73 @@ def test_prior_path_term_teaches_the_prior_network_what_to_propose():
     assert sample_error(1.0) < 0.8 * sample_error(0.0)
     with pytest.raises(ValueError, match="prior_path_weight"):
         GeneratorTrainingConfig(prior_path_weight=-1)
+
+
+def _described_model():
+    torch.manual_seed(0)
+    m = CVAE(CVAEConfig(lora_dim=20, latent_dim=4, hidden_dim=16, description_dim=6))
+    m.set_normalisation(torch.randn(50, 20) * 3 + 1)
+    torch.nn.init.normal_(m.dec_out.weight)
+    return m
+
+
+def test_description_condition_changes_the_sample_and_is_required():
+    """condition_on_description: c = {mu*, sigma*^2, d*}; the same prior and seed with another description
+    gives another LoRA, rsample follows sample, and a missing or misshapen d* is refused by name."""
+    m = _described_model()
+    mu, var = torch.randn(3, 20), torch.rand(3, 20)
+    d = torch.randn(3, 6)
+    a = m.sample(mu, var, torch.Generator().manual_seed(1), description=d)
+    assert torch.equal(a, m.sample(mu, var, torch.Generator().manual_seed(1), description=d))
+    assert not torch.allclose(a, m.sample(mu, var, torch.Generator().manual_seed(1), description=d.flip(0)))
+    eps = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(m.rsample(mu, var, eps, d), a)
+    torch.testing.assert_close(m.sample(mu[0], var[0], torch.Generator().manual_seed(1), description=d[0]), a[0])
+    with pytest.raises(ValueError, match="6-d description"):
+        m.sample(mu, var)
+    with pytest.raises(ValueError, match="6-d description"):
+        m.loss(mu, mu, var, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="no description"):
+        _model().sample(mu, var, description=d)
+    with pytest.raises(ValueError, match="description_dim"):
+        CVAEConfig(lora_dim=20, description_dim=-1)
+
+
+def test_without_a_description_the_layers_draw_as_before():
+    """description_dim > 0 adds a layer after the others: every other initial weight stays the same."""
+    torch.manual_seed(0)
+    plain = CVAE(CVAEConfig(lora_dim=20, latent_dim=4, hidden_dim=16))
+    torch.manual_seed(0)
+    described = CVAE(CVAEConfig(lora_dim=20, latent_dim=4, hidden_dim=16, description_dim=6))
+    for name, t in plain.state_dict().items():
+        assert torch.equal(t, described.state_dict()[name]), name
+    assert set(described.state_dict()) - set(plain.state_dict()) == {"cond_desc.weight"}
+
+
+def test_packed_sampler_takes_the_description_too():
+    m = _described_model()
+    packed = m.packed()
+    if packed is None:
+        pytest.skip("this torch has no oneDNN linear kernel")
+    mus, vars_, d = torch.randn(5, 20), torch.rand(5, 20), torch.randn(5, 6)
+    want = m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)], description=d)
+    got = packed.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)], description=d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generator_trains_on_descriptions_when_asked():
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    g = torch.Generator().manual_seed(0)
+    x, mu = torch.randn(32, 20, generator=g), torch.randn(8, 20, generator=g)
+    index = torch.arange(8).repeat_interleave(4)
+    data = GeneratorData(x, mu, torch.full((8, 20), 0.1), index, torch.randn(8, 6, generator=g))
+    cfg = GeneratorTrainingConfig(epochs=3, hidden_dim=16, latent_dim=4, condition_on_description=True)
+    model, history = train_generator(data, None, cfg, progress=False)
+    assert model.config.description_dim == 6 and len(history) == 3
+    moved = model.sample(mu, data.prior_var, torch.Generator().manual_seed(0), description=data.descriptions)
+    other = model.sample(mu, data.prior_var, torch.Generator().manual_seed(0), description=data.descriptions.flip(0))
+    assert not torch.allclose(moved, other)
+    with pytest.raises(ValueError, match="description embedding"):
+        train_generator(GeneratorData(x, mu, torch.full((8, 20), 0.1), index), None, cfg, progress=False)

@@ -248,3 +248,50 @@ def test_sg_lora_exact_is_the_samples_correction_on_the_exact_merge(engine, one_
     )
     assert torch.equal(batch[0].lora, g.lora) and batch[0].spec == g.spec and torch.equal(batch[2].lora, sg.lora)
     assert batch[1].seed is not None and batch[1].spec.rank == 4 * spec.rank
+
+
+@pytest.fixture(scope="module")
+def described_engine(engine):
+    """The tiny engine with a generator conditioned on the description embedding as well
+    (generator.condition_on_description): the shipped generator's weights plus a random W_d."""
+    from models.cvae import CVAE
+    from sglora.engine import Engine
+
+    cfg = dataclasses.replace(engine.generator.config, description_dim=engine.backbone.embed_dim)
+    gen = CVAE(cfg)
+    missing, _ = gen.load_state_dict(engine.generator.state_dict(), strict=False)
+    assert missing == ["cond_desc.weight"]
+    torch.nn.init.normal_(gen.dec_out.weight, std=0.1)  # so that the condition reaches the output
+    return Engine(engine.backbone, engine.repository, gen.eval(), engine.top_k, engine.temperature)
+
+
+def test_description_conditioned_generator_in_the_engine(described_engine, one_thread):
+    """A generator conditioned on d* gets each row's own description embedding: batch rows equal the
+    row alone, and a row is the sampler's draw for that prior with that embedding (not another's)."""
+    from expert_store.prior import mix, select_experts
+
+    engine = described_engine
+    texts = ["a photo of a circle", "a photo of a star", "a red square at the top"] * 3
+    emb = engine.embed(texts)
+    with torch.inference_mode():
+        batch = engine.generate_many(emb, [Request("sg-lora", seed=5 + i) for i in range(len(texts))])
+        for i in (0, 4, 8):
+            assert _bytes(batch[i].lora) == _bytes(engine.generate(emb[i], "sg-lora", seed=5 + i).lora), i
+        means, variances, stored = engine.repository.stacked()
+        idx, alpha, _ = select_experts(emb[1], stored, engine.top_k, engine.temperature)
+        mu, var = mix(means[idx], variances[idx], alpha)
+
+        def draw(d: torch.Tensor) -> torch.Tensor:
+            return engine.generator.sample(mu, var, torch.Generator().manual_seed(6), description=d)
+
+        torch.testing.assert_close(batch[1].lora, draw(emb[1]), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(batch[1].lora, draw(emb[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_engine_refuses_a_generator_of_another_description_size(engine):
+    from models.cvae import CVAE
+    from sglora.engine import Engine
+
+    gen = CVAE(dataclasses.replace(engine.generator.config, description_dim=engine.backbone.embed_dim + 1))
+    with pytest.raises(ValueError, match="description embeddings"):
+        Engine(engine.backbone, engine.repository, gen, engine.top_k, engine.temperature)

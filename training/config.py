@@ -125,6 +125,9 @@ class GeneratorTrainingConfig:
     patience: int | None = None
     # Clip the gradient's global norm to this each step (torch.nn.utils.clip_grad_norm_); None: no clipping.
     max_grad_norm: float | None = None
+    # Not in the paper (c = {mu*, sigma*^2} there): condition the generator on the task's description
+    # embedding d* as well, c = {mu*, sigma*^2, d*}.
+    condition_on_description: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -33,7 +33,16 @@ class GeneratorData:
     prior_mean: torch.Tensor  # (T, P) one prior per task
     prior_var: torch.Tensor  # (T, P)
     task_index: torch.Tensor  # (N,) row -> task
+    descriptions: torch.Tensor | None = None  # (T, D) description embeddings (generator.condition_on_description)
     tasks: list[SplitData] | None = None  # task t's training split (for generator.task_weight > 0)
+
+    def described(self, cfg: GeneratorTrainingConfig, t: torch.Tensor) -> torch.Tensor | None:
+        """The description embeddings of tasks ``t`` when the generator is conditioned on them, else None."""
+        if not cfg.condition_on_description:
+            return None
+        if self.descriptions is None:
+            raise ValueError("generator.condition_on_description needs every task's description embedding")
+        return self.descriptions[t]
 
 
 def build_data(
@@ -45,7 +54,7 @@ def build_data(
     """tasks: name -> (snapshots (M, P), description embedding (D,))."""
     means, variances, embeddings = repo.stacked()
     names = repo.names
-    xs, pms, pvs, idx = [], [], [], []
+    xs, pms, pvs, idx, ds = [], [], [], [], []
     for t, (name, (snaps, emb)) in enumerate(tasks.items()):
         if leave_one_out and name in repo:
             keep = torch.tensor([n != name for n in names])
@@ -57,11 +66,18 @@ def build_data(
         pms.append(p.mean)
         pvs.append(p.variance)
         idx.append(torch.full((len(snaps),), t))
-    return GeneratorData(torch.cat(xs), torch.stack(pms), torch.stack(pvs), torch.cat(idx))
+        ds.append(emb.float())
+    return GeneratorData(torch.cat(xs), torch.stack(pms), torch.stack(pvs), torch.cat(idx), torch.stack(ds))
 
 
 def _sampled_task_loss(
-    model: CVAE, backbone: Backbone, data: GeneratorData, tasks: list[int], images: int, g: torch.Generator | None
+    model: CVAE,
+    backbone: Backbone,
+    data: GeneratorData,
+    tasks: list[int],
+    images: int,
+    g: torch.Generator | None,
+    cfg: GeneratorTrainingConfig,
 ) -> torch.Tensor:
     """Mean task loss of one LoRA drawn from p(z | c) per task in ``tasks``, each on ``images`` of the
     task's training images (a random subset with ``g``; all of them, and z at the prior's mean, without)."""
@@ -71,7 +87,7 @@ def _sampled_task_loss(
         if g is None
         else torch.randn(len(tasks), model.config.latent_dim, generator=g)
     )
-    loras = model.rsample(data.prior_mean[t], data.prior_var[t], eps)
+    loras = model.rsample(data.prior_mean[t], data.prior_var[t], eps, data.described(cfg, t))
     losses = []
     for lora, k in zip(loras, tasks, strict=True):
         split = data.tasks[k]
@@ -91,10 +107,11 @@ def _eval_loss(model: CVAE, data: GeneratorData, cfg: GeneratorTrainingConfig, b
     model.eval()
     with torch.no_grad():
         torch.manual_seed(0)
-        total, _, _ = model.loss(data.x, data.prior_mean[data.task_index], data.prior_var[data.task_index])
+        t = data.task_index
+        total, _, _ = model.loss(data.x, data.prior_mean[t], data.prior_var[t], data.described(cfg, t))
         scored = _scored_tasks(data, cfg) if cfg.task_weight > 0 else []  # train_generator checked the backbone
         if scored:
-            total = total + cfg.task_weight * _sampled_task_loss(model, backbone, data, scored, 0, None)
+            total = total + cfg.task_weight * _sampled_task_loss(model, backbone, data, scored, 0, None, cfg)
     model.train()
     return float(total)
 
@@ -129,6 +146,7 @@ def train_generator(
             kl_weight=cfg.kl_weight,
             residual=cfg.residual,
             use_variance=cfg.use_variance,
+            description_dim=train.described(cfg, torch.arange(1)).shape[1] if cfg.condition_on_description else 0,
         )
     )
     model.set_normalisation(train.x)
@@ -148,16 +166,17 @@ def train_generator(
         for i in range(0, n, cfg.batch_size):
             b = order[i : i + cfg.batch_size]
             t = train.task_index[b]
-            loss, rec, kl = model.loss(train.x[b], train.prior_mean[t], train.prior_var[t])
+            d = train.described(cfg, t)
+            loss, rec, kl = model.loss(train.x[b], train.prior_mean[t], train.prior_var[t], d)
             if cfg.prior_path_weight > 0:
                 eps = torch.randn(len(b), cfg.latent_dim, generator=g)
-                drawn = model.rsample(train.prior_mean[t], train.prior_var[t], eps)
+                drawn = model.rsample(train.prior_mean[t], train.prior_var[t], eps, d)
                 pr = ((model.normalise(drawn) - model.normalise(train.x[b])) ** 2).mean()
                 loss = loss + cfg.prior_path_weight * pr
                 prior_sum += pr.item() * len(b)
             if use_tasks:
                 picked = [scored[j] for j in torch.randperm(len(scored), generator=g)[: cfg.task_tasks].tolist()]
-                tl = _sampled_task_loss(model, backbone, train, picked, cfg.task_images, g)
+                tl = _sampled_task_loss(model, backbone, train, picked, cfg.task_images, g, cfg)
                 loss = loss + cfg.task_weight * tl
                 task_sum += tl.item()
                 steps += 1
