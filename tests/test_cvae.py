@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -337,3 +339,25 @@ def test_generator_trains_on_descriptions_when_asked():
     assert not torch.allclose(moved, other)
     with pytest.raises(ValueError, match="description embedding"):
         train_generator(GeneratorData(x, mu, torch.full((8, 20), 0.1), index), None, cfg, progress=False)
+
+
+def test_ema_decay_returns_the_moving_average_of_the_weights():
+    """generator.ema_decay: the returned generator is the exponential moving average of the weights after
+    each step (the first step copied), here two steps: decay * after_first + (1 - decay) * after_second."""
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, train_generator
+
+    g = torch.Generator().manual_seed(0)
+    data = GeneratorData(
+        torch.randn(16, 20, generator=g), torch.randn(4, 20, generator=g), torch.rand(4, 20), torch.arange(4).repeat_interleave(4)
+    )
+    base = GeneratorTrainingConfig(epochs=1, hidden_dim=16, latent_dim=4, batch_size=16)  # one step an epoch
+    first = train_generator(data, None, base, progress=False)[0].state_dict()
+    second = train_generator(data, None, dataclasses.replace(base, epochs=2), progress=False)[0].state_dict()
+    averaged = train_generator(data, None, dataclasses.replace(base, epochs=2, ema_decay=0.25), progress=False)[0]
+    assert not averaged.training
+    for name, got in averaged.state_dict().items():
+        torch.testing.assert_close(got, 0.25 * first[name] + 0.75 * second[name], msg=name)
+    assert not torch.equal(first["dec_hidden.weight"], second["dec_hidden.weight"])
+    with pytest.raises(ValueError, match="ema_decay"):
+        GeneratorTrainingConfig(ema_decay=1.0)

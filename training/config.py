@@ -128,12 +128,17 @@ class GeneratorTrainingConfig:
     # Not in the paper (c = {mu*, sigma*^2} there): condition the generator on the task's description
     # embedding d* as well, c = {mu*, sigma*^2, d*}.
     condition_on_description: bool = False
+    # Keep an exponential moving average of the generator's weights, with this decay per step, and
+    # validate and return the average instead of the last weights; None: no average.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"generator.epochs must be >= 1, got {self.epochs}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"generator.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"generator.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"generator.patience must be >= 1 or null, got {self.patience}")
         if self.weight_decay < 0:

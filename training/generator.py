@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from expert_store.prior import semantic_prior
@@ -154,6 +155,11 @@ def train_generator(
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The weights validated and returned: the model itself, or the exponential moving average of its weights.
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    kept = model if ema is None else ema.module
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(train.x)
     history: list[dict] = []
@@ -185,6 +191,8 @@ def train_generator(
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             rec_sum += rec.item() * len(b)
             kl_sum += kl.item() * len(b)
         row = {"epoch": epoch, "reconstruction": rec_sum / n, "kl": kl_sum / n}
@@ -193,9 +201,9 @@ def train_generator(
         if cfg.prior_path_weight > 0:
             row["prior_path"] = prior_sum / n
         if val is not None:
-            row["val_loss"] = _eval_loss(model, val, cfg, backbone)
+            row["val_loss"] = _eval_loss(kept, val, cfg, backbone)
             if row["val_loss"] < best:
-                best, best_state, best_epoch = row["val_loss"], copy.deepcopy(model.state_dict()), epoch
+                best, best_state, best_epoch = row["val_loss"], copy.deepcopy(kept.state_dict()), epoch
         history.append(row)
         bar.set_postfix(
             rec=f"{row['reconstruction']:.4f}", kl=f"{row['kl']:.3f}", **({"task": f"{row['task']:.3f}"} if use_tasks else {})
@@ -206,9 +214,9 @@ def train_generator(
                 f"(best: epoch {best_epoch})"
             )
             break
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not all(torch.isfinite(p).all() for p in kept.parameters()):
         raise ValueError("generator training diverged (NaN/Inf weights); lower generator.lr")
     if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, history
+        kept.load_state_dict(best_state)
+    kept.eval()
+    return kept, history
