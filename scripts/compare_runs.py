@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 from training.config import METHODS
+from training.pipeline import PAIRED_METRICS as METRICS  # the metrics one run pairs, pooled over runs
 from training.pipeline import paired_differences, paired_table
-
-METRICS = ("accuracy", "i2t_r1", "t2i_r1")
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
