@@ -164,6 +164,18 @@ def stage_sum(text: str, stage: str) -> float:
     )
 
 
+def endpoint_sum(text: str, endpoint: str) -> float:
+    """Seconds the server counted for ``endpoint`` (its end-to-end latency histogram's sum)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "sglora_request_duration_seconds_sum" and s.labels.get("endpoint") == endpoint
+    )
+
+
 def cleanup(redis_url: str, prefix: str) -> None:
     if not redis_url:
         return
@@ -198,14 +210,21 @@ def run(args: argparse.Namespace) -> dict:
         bare_ms: list[float] = []
         miss: list[float] = []
         n = -(-args.requests // BLOCKS)
+        names = ("queue", "text_encoding", "prior", "sampling", "serialisation")
+        lone = dict.fromkeys(("server", *names), 0.0)  # where a lone miss's time goes (means, ms)
         for b in range(BLOCKS):
             bare_ms += forward.times_ms(n)
             bodies = [{"description": d, "seed": seed0 + b * n + i} for i in range(n)]
+            before = httpx.get(url + "/metrics").text
             miss += asyncio.run(latencies_ms(port, bodies, "miss"))
+            after = httpx.get(url + "/metrics").text
+            lone["server"] += 1000 * (endpoint_sum(after, "/generate") - endpoint_sum(before, "/generate")) / (BLOCKS * n)
+            for stage in names:
+                lone[stage] += 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / (BLOCKS * n)
         hit = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0}] * args.requests, "hit"))
         n = -(-args.throughput_requests // BLOCKS)
         one_s = many_s = calls = texts = 0.0
-        names = ("text_encoding", "prior", "sampling", "serialisation")
+        names = names[1:]
         stages = dict.fromkeys(names, 0.0)
         for b in range(BLOCKS):
             one_s += n / asyncio.run(throughput(port, 1, n, d, seed0 + 10_000_000 + b * n))
@@ -239,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         "throughput_ratio": many / one,
         "mean_batch": texts / calls if calls else float("nan"),
         "stage_ms_per_request": stages,
+        "lone_miss_ms": {"client": statistics.fmean(miss), **lone},
         "threads": args.threads,
         "clients": args.clients,
     }
@@ -274,6 +294,12 @@ def table(r: dict) -> str:
         (
             f"model threads' time per request, {c} clients",
             ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in r["stage_ms_per_request"].items()),
+            "",
+            "",
+        ),
+        (
+            "lone miss, mean: client, server, and the server's model stages",
+            ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in r["lone_miss_ms"].items()),
             "",
             "",
         ),

@@ -52,4 +52,6 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert r["miss_over_bare"] == r["miss_ms"] / r["bare_embed_ms"]
     assert r["throughput_ratio"] == r["rps_4"] / r["rps_1"]
     assert 1 <= r["mean_batch"] <= 4
+    lone = r["lone_miss_ms"]  # the server's own clock sits inside the client's, its model stages inside it
+    assert 0 < lone["text_encoding"] + lone["prior"] + lone["sampling"] < lone["server"] <= lone["client"]
     assert "| `/generate` cache miss, median |" in p.stdout
