@@ -12,7 +12,8 @@ reach them:
   call over every item that has a job (prior, sampling, serialisation), whose results are handed to
   the event loop one by one as ``finish`` yields them. A batch starts when a model thread is free;
   while every thread is busy, new arrivals queue up and form the next batch: under load the batch
-  size adapts to the arrival rate.
+  size adapts to the arrival rate. An item that finds nothing queued, no batch being formed and a
+  model thread idle goes to that thread at once (``_submit``), as the batcher would send it alone.
 * ``run(fn)``: any other job (retrieval, expert registration). It runs alone: it waits for the
   running batches, and no batch starts until it is done.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -100,11 +102,13 @@ class ModelWorker:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sglora-torch-{i}", initializer=self._init_thread)
             for i in range(model_threads)
         ]
+        # A batch takes one idle model thread, a run() job takes them all; whoever waits for one is handed
+        # the next thread given back, in order of arrival.
         self._free = list(range(model_threads))  # indices of idle model threads
-        # One slot per model thread: a batch takes one, a run() job takes them all.
-        self._slots = asyncio.Semaphore(model_threads)
+        self._thread_waiters: deque[asyncio.Future[int]] = deque()
         metrics.model_threads.set(model_threads)
-        self._exclusive = asyncio.Lock()  # one run() job at a time gathers the slots (no deadlock)
+        self._exclusive = asyncio.Lock()  # one run() job at a time gathers the threads (no deadlock)
+        self._forming = False  # the batcher holds items of a batch it has not dispatched yet
         self._tasks: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0  # admitted jobs not yet finished (queued + running)
@@ -147,28 +151,43 @@ class ModelWorker:
             self._idle.set()
 
     async def _wait(self, future: asyncio.Future) -> Any:
+        """The result of a job's future, within the request timeout (-> :class:`WorkerTimeout`). A timeout or
+        a cancelled caller (the client went away) cancels the future: the worker skips a job that has not
+        started yet, and drops the result of one that has."""
         try:
-            # shield: a timeout must not cancel the future the worker thread will resolve.
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            # The future itself is awaited (no shield, no wait_for task): one event-loop step fewer
+            # between the model thread's result and the request, and cancelling the caller cancels it.
+            async with asyncio.timeout(self.timeout_s):
+                return await future
         except TimeoutError as e:
-            future.cancel()  # the worker skips it if it has not started yet
             self.metrics.rejected.labels(reason="timeout").inc()
             raise WorkerTimeout() from e
-        except asyncio.CancelledError:  # the client went away: skip the job too
-            future.cancel()
-            raise
 
     # ---- jobs -----------------------------------------------------------------------------------
-    async def encode(self, text: str, job: Any = None) -> Any:
-        """Embeds ``text`` in a micro-batch; returns this job's result of ``finish`` (run on the worker
-        thread with the other jobs of the batch), or the embedding (D,) itself when ``job`` is None."""
+    def _submit(self, text: str, job: Any = None) -> asyncio.Future:
+        """Admits ``text`` (:class:`Overloaded` / :class:`ShuttingDown` at once) for a micro-batch; the
+        future of its result (see :meth:`encode`)."""
         if job is not None and self._finish is None:
             raise TypeError("this worker has no finish step: encode(text) without a job")
         self._admit()
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         future.add_done_callback(lambda _: self._release())
-        self._queue.put_nowait(_Item(text, job, future))
-        return await self._wait(future)
+        item = _Item(text, job, future)
+        # Nothing queued, no batch being formed and a model thread idle: the batcher would take this item
+        # alone and dispatch it at once, so do that here, a few event-loop steps sooner.
+        index = None if self._forming or not self._queue.empty() else self._try_take()
+        if index is None:
+            self._queue.put_nowait(item)
+        else:
+            self._last_batch = 1
+            self._dispatch([item], index, loop)
+        return future
+
+    async def encode(self, text: str, job: Any = None) -> Any:
+        """Embeds ``text`` in a micro-batch; returns this job's result of ``finish`` (run on the worker
+        thread with the other jobs of the batch), or the embedding (D,) itself when ``job`` is None."""
+        return await self._wait(self._submit(text, job))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn(*args)`` on a model thread, under inference mode, alone (no batch runs meanwhile)."""
@@ -196,17 +215,53 @@ class ModelWorker:
         return await self._wait(future)
 
     async def _alone(self, job: Callable[[], None], future: asyncio.Future) -> None:
-        async with self._exclusive:
-            for _ in range(self.model_threads):
-                await self._slots.acquire()
-        self.metrics.busy_threads.inc(self.model_threads)
+        taken: list[int] = []
         try:
-            if not future.cancelled():  # the caller gave up while the batches finished
-                await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
+            async with self._exclusive:
+                while len(taken) < self.model_threads:
+                    taken.append(await self._take())
+            self.metrics.busy_threads.inc(self.model_threads)
+            try:
+                if not future.cancelled():  # the caller gave up while the batches finished
+                    await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
+            finally:
+                self.metrics.busy_threads.dec(self.model_threads)
         finally:
-            self.metrics.busy_threads.dec(self.model_threads)
-            for _ in range(self.model_threads):
-                self._slots.release()
+            for index in taken:
+                self._give(index)
+
+    # ---- model threads --------------------------------------------------------------------------
+    def _try_take(self) -> int | None:
+        """The idle model thread with the lowest index (a lone client's jobs then always run on the same
+        thread), unless none is idle or others wait for one."""
+        if not self._free or self._thread_waiters:
+            return None
+        index = min(self._free)
+        self._free.remove(index)
+        return index
+
+    async def _take(self) -> int:
+        index = self._try_take()
+        if index is not None:
+            return index
+        waiter = asyncio.get_running_loop().create_future()
+        self._thread_waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a thread as it was cancelled: pass it on
+                self._give(waiter.result())
+            else:
+                self._thread_waiters.remove(waiter)
+            raise
+
+    def _give(self, index: int) -> None:
+        while self._thread_waiters:
+            waiter = self._thread_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(index)
+                return
+        self._free.append(index)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -218,7 +273,8 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            await self._slots.acquire()  # a free model thread; meanwhile arrivals queue up for this batch
+            self._forming = True
+            index = await self._take()  # a free model thread; meanwhile arrivals queue up for this batch
             deadline = loop.time() + self.batch_wait_s
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
@@ -231,28 +287,25 @@ class ModelWorker:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+            self._forming = False
             batch = [it for it in batch if not it.future.cancelled()]
             if not batch:
-                self._slots.release()
+                self._give(index)
                 continue
             self._last_batch = len(batch)
-            self._spawn(self._dispatch(batch))
+            self._dispatch(batch, index, loop)
 
-    async def _dispatch(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            index = min(self._free)  # holding a slot guarantees a free thread
-            self._free.remove(index)
-            self.metrics.busy_threads.inc()
-            try:
-                await loop.run_in_executor(self._executors[index], self._run_batch, batch, loop)
-            finally:
-                self.metrics.busy_threads.dec()
-                self._free.append(index)
-        except Exception:  # noqa: BLE001 - every item's future already got its error
-            log.exception("batch failed")
-        finally:
-            self._slots.release()
+    def _dispatch(self, batch: list[_Item], index: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs ``batch`` on model thread ``index`` (taken); a callback gives the thread back when it is done."""
+        self.metrics.busy_threads.inc()
+
+        def done(f: asyncio.Future) -> None:
+            self.metrics.busy_threads.dec()
+            self._give(index)
+            if not f.cancelled() and f.exception() is not None:  # every item's future already got its error
+                log.error("batch failed", exc_info=f.exception())
+
+        loop.run_in_executor(self._executors[index], self._run_batch, batch, loop).add_done_callback(done)
 
     def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         # Requests that timed out (or went away) while this batch waited for the thread are not encoded:

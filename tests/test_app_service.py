@@ -195,6 +195,7 @@ async def test_full_queue_answers_429_with_retry_after(make_settings):
 async def test_slow_model_answers_504_and_recovers(make_settings):
     async with serving(make_settings(request_timeout_s=0.3)) as (service, client):
         gate, blocker = block(service)
+        await until(lambda: service.worker.pending == 1)  # the blocker holds the model before the request comes
         r = await client.post("/generate", json={"description": "too slow", "seed": 1})
         assert r.status_code == 504 and r.json()["detail"]["reason"]
         gate.set()
@@ -326,6 +327,7 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
         assert await asyncio.wait_for(asyncio.gather(*first, job, *later), 10) == [0, 1, "alone", 10, 11]
         assert len({t.rsplit("_", 1)[0] for t in threads}) == 2  # both model threads worked
         threads.clear()
+        await until(lambda: busy() == 0)  # both threads handed back (just after the answers they made)
         for i in range(3):  # one request at a time: always the first thread (its core's caches stay warm)
             assert await worker.encode(f"lone {i}", i) == i
             await until(lambda: busy() == 0)  # the thread is handed back just after its answer
