@@ -40,6 +40,7 @@ class CacheKey:
     top_k: int
     temperature: float
     text_dtype: str = "float32"  # the text tower's: bfloat16 embeddings differ in their last bits
+    generator_dtype: str = ""  # the CVAE's, for the methods that sample ("" for the others)
 
     def digest(self) -> str:
         blob = json.dumps(
@@ -53,6 +54,7 @@ class CacheKey:
                 self.top_k,
                 repr(float(self.temperature)),
                 self.text_dtype,
+                self.generator_dtype,
             ],
             separators=(",", ":"),
         )

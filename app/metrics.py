@@ -49,9 +49,11 @@ class Metrics:
         for stage in STAGES:
             self.stage.labels(stage=stage)
 
-    def set_info(self, backbone: str, version: str, code_version: str, device: str, text_dtype: str) -> None:
+    def set_info(
+        self, backbone: str, version: str, code_version: str, device: str, text_dtype: str, generator_dtype: str
+    ) -> None:
         labels = {"backbone": backbone, "artifact_version": version, "code_version": code_version, "device": device}
-        self.info.info({**labels, "text_dtype": text_dtype})
+        self.info.info({**labels, "text_dtype": text_dtype, "generator_dtype": generator_dtype})
 
 
 class MetricsMiddleware:

@@ -278,6 +278,7 @@ class Ready(BaseModel):
                     "max_batch": 32,
                     "model_threads": 1,
                     "text_dtype": "bfloat16",
+                    "generator_dtype": "float32",
                     "cvae_pass_rows": [2, 16],
                 }
             ]
@@ -296,6 +297,7 @@ class Ready(BaseModel):
     )
     model_threads: int | None = Field(None, description="model threads, each running its own micro-batch")
     text_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the text tower runs in")
+    generator_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the CVAE samples in")
     cvae_pass_rows: list[int] | None = Field(
         None,
         description="[fewest, most] rows of a CVAE pass: [1, 1], or [f, 16] where every pass of f to 16 rows gives "

@@ -196,6 +196,7 @@ class Service:
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
         self.version = artifacts.version
         self.text_dtype = artifacts.backbone.text_dtype_name
+        self.generator_dtype = self.engine.generator_dtype_name
         self.cache = RedisCache(
             settings.redis_url,
             settings.cache_ttl_s,
@@ -221,7 +222,7 @@ class Service:
         )
         self._timing = threading.local()  # per model thread: .sampling_s of the current pass
         self._time_sampling()
-        metrics.set_info(self.backbone_name, self.version, __version__, device, self.text_dtype)
+        metrics.set_info(self.backbone_name, self.version, __version__, device, self.text_dtype, self.generator_dtype)
 
     # ---- life cycle -----------------------------------------------------------------------------
     @classmethod
@@ -238,6 +239,11 @@ class Service:
             artifacts.backbone.set_text_dtype(getattr(torch, text_dtype))
         except ValueError as e:
             raise ArtifactError(f"SGLORA_TEXT_DTYPE={settings.text_dtype}: {e}") from e
+        generator_dtype = settings.resolved_generator_dtype(device)
+        try:
+            artifacts.engine.set_generator_dtype(getattr(torch, generator_dtype))
+        except ValueError as e:
+            raise ArtifactError(f"SGLORA_GENERATOR_DTYPE={settings.generator_dtype}: {e}") from e
         service = cls(settings, artifacts, device, metrics)
         service.worker.start()
         try:
@@ -259,7 +265,7 @@ class Service:
                 service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
-            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, CVAE passes of %s rows, "
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, CVAE in %s, passes of %s rows, "
             "%d model thread(s), %d torch thread(s)); redis %s",
             artifacts.root,
             service.version,
@@ -267,6 +273,7 @@ class Service:
             len(artifacts.repository),
             device,
             service.text_dtype,
+            service.generator_dtype,
             "-".join(map(str, service.engine.pass_rows)) if service.engine.generator is not None else "no",
             service.worker.model_threads,
             torch.get_num_threads(),
@@ -319,7 +326,14 @@ class Service:
             params = replace(params, seed=secrets.randbelow(UNSEEDED_SEEDS))
         version = self.version
         key = CacheKey(
-            version, params.description, params.method, params.seed, params.top_k, params.temperature, self.text_dtype
+            version,
+            params.description,
+            params.method,
+            params.seed,
+            params.top_k,
+            params.temperature,
+            self.text_dtype,
+            self.generator_dtype if params.method in SAMPLING_METHODS else "",
         ).digest()
         if lookup:
             data, ok = await self.cache.get("gen:" + key)
@@ -518,6 +532,6 @@ class Service:
     def _repository_changed(self) -> str:
         self.engine.top_k = min(self.default_top_k, len(self.artifacts.repository))
         self.version = artefact_version(self.artifacts.root)
-        self.metrics.set_info(self.backbone_name, self.version, __version__, self.device, self.text_dtype)
+        self.metrics.set_info(self.backbone_name, self.version, __version__, self.device, self.text_dtype, self.generator_dtype)
         log.info("expert repository changed: %d experts, artefact version %s", len(self.artifacts.repository), self.version)
         return self.version

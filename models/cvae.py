@@ -69,19 +69,28 @@ class PackedLinear(nn.Module):
     into the blocked layout its matrix-product kernel reads: torch's own path for frozen linear layers on
     the CPU (what ``torch.compile`` uses after freezing). ``F.linear`` instead hands MKL the plain weight,
     which repacks it on every call; for the generator's P x H blocks that copy costs more than the
-    product of a few rows (docs/benchmarks.md, release 0.6.0). Not trainable; not in any state dict."""
+    product of a few rows (docs/benchmarks.md, release 0.6.0). Not trainable; not in any state dict.
 
-    def __init__(self, linear: nn.Linear, rows_hint: int = 4):
+    ``dtype`` bfloat16: the weight (and bias) are stored, and the product runs, in bfloat16, with float32
+    accumulation; inputs and outputs stay float32 (cast at the edges). Half the bytes to read per pass."""
+
+    def __init__(self, linear: nn.Linear, rows_hint: int = 4, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype, copy=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "").float()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}"
+        )
 
 
 class CVAE(nn.Module):
@@ -176,13 +185,16 @@ class CVAE(nn.Module):
                 state_dict[prefix + "cond_var.weight"] = old_w[:, p:].contiguous()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def packed(self) -> CVAE | None:
+    def packed(self, dtype: torch.dtype = torch.float32) -> CVAE | None:
         """A sampler for the CPU: a CVAE that shares this one's buffers and ``cond_mu`` and runs the layers
-        of :meth:`sample` as :class:`PackedLinear`; it can sample (and nothing else: no encoder, no
-        training), with this generator's weights as they are now. None where that is not possible (not a
-        float32 CPU generator, or a torch without oneDNN): then sample with the generator itself.
-        Its rows round differently from this generator's (another kernel), so one service must sample
-        with one or the other throughout."""
+        of :meth:`sample` as :class:`PackedLinear` in ``dtype`` (float32, or bfloat16: half the weight bytes
+        a pass reads; samples within ~2e-3 relative of float32's); it can sample (and nothing else: no
+        encoder, no training), with this generator's weights as they are now. None where that is not
+        possible (not a float32 CPU generator, a torch without oneDNN, or a dtype its kernels lack): then
+        sample with the generator itself. Its rows round differently from this generator's (another
+        kernel), so one service must sample with one or the other throughout."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"packed samplers run in float32 or bfloat16, not {dtype}")
         if self.x_mean.device.type != "cpu" or self.x_mean.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return None
         clone = CVAE.__new__(CVAE)
@@ -195,7 +207,7 @@ class CVAE(nn.Module):
         try:
             for name in SAMPLING_LAYERS:
                 layer = getattr(self, name)
-                setattr(clone, name, None if layer is None else PackedLinear(layer))
+                setattr(clone, name, None if layer is None else PackedLinear(layer, dtype=dtype))
             with torch.no_grad():  # one row through every packed layer: a kernel this build lacks fails here
                 d = torch.zeros(self.config.description_dim) if self.cond_desc is not None else None
                 clone.sample(self.x_mean, self.x_std**2, generator=torch.Generator().manual_seed(0), description=d)

@@ -1,9 +1,11 @@
 """What the service's bfloat16 text tower does to quality: every method evaluated with the task
-descriptions encoded in bfloat16 (class prompts, captions, images and the generator in float32, as the
-service runs them), on a copy of an artefact directory, and how often the chosen experts change.
+descriptions encoded in bfloat16 (class prompts, captions and images in float32, as the service runs
+them), on a copy of an artefact directory, and how often the chosen experts change. With
+``--generator-dtype bfloat16`` the CVAE samples in bfloat16 too, as the service does by default on a
+CPU with bf16 dot products.
 
     python scripts/eval_text_dtype.py --artifacts artifacts/offline-default --config configs/offline-default.yaml \
-        --copy /tmp/od-bf16 [--on test --on val]
+        --copy /tmp/od-bf16 [--on test --on val] [--generator-dtype bfloat16]
 
 Writes the copy's eval/ (and eval-val/) as `sglora evaluate` does, plus text_dtype.json: per description
 the cosine between its float32 and bfloat16 embeddings, whether the top-K experts (in order) are the
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="the config the artefacts were built with")
     p.add_argument("--copy", type=Path, required=True, help="where to copy the artefacts (evaluated there, not in place)")
     p.add_argument("--on", action="append", choices=["test", "val"], help="default: test and val")
+    p.add_argument("--generator-dtype", choices=["float32", "bfloat16"], default="float32", help="what the CVAE samples in")
     args = p.parse_args(argv)
     if not (args.artifacts / "manifest.json").is_file():
         raise SystemExit(f"eval_text_dtype: {args.artifacts} holds no artefacts (no manifest.json)")
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16 = copy.deepcopy(loaded.backbone)
         bf16.set_text_dtype(torch.bfloat16)
         engine, embed32 = loaded.engine, loaded.engine.embed
+        engine.set_generator_dtype(getattr(torch, args.generator_dtype))
         stored = loaded.repository.stacked()[2]
 
         def embed(texts: list[str]) -> torch.Tensor:

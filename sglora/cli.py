@@ -113,6 +113,7 @@ def generation_metadata(a, description: str, g) -> dict:
         # an exact merge (topk-exact, sg-lora-exact) has its own rank
         **layout_metadata(a.backbone, g.spec or a.backbone.spec, a.version),
         "text_dtype": a.backbone.text_dtype_name,  # of the description's embedding
+        "generator_dtype": g.generator_dtype,  # what the CVAE sampled in; "" for the methods that do not sample
     }
 
 

@@ -76,6 +76,7 @@ class Generation:
     temperature: float
     experts: list[ExpertChoice] = field(default_factory=list)
     spec: LoraSpec | None = None  # the LoRA's layout when not the backbone's (rank K*r, or (K+2)*r)
+    generator_dtype: str = ""  # what the CVAE sampled in ("float32", "bfloat16"); "" for the methods that do not sample
 
 
 class Engine:
@@ -109,12 +110,32 @@ class Engine:
         self.generator = generator
         # What samples: on the CPU the generator's oneDNN copy (see MAX_PASS_ROWS), else the generator.
         self.sampler = None if generator is None else (generator.packed() or generator)
+        self.generator_dtype = torch.float32  # what the sampler's products run in (set_generator_dtype)
         self.top_k = top_k
         self.temperature = temperature
         # (the repository's stacked means, the generator's mean_features of them): recomputed when
         # the repository changes (stacked() then returns new tensors).
         self._features: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pass_rows: tuple[int, int] | None = None  # see pass_rows
+
+    def set_generator_dtype(self, dtype: torch.dtype) -> None:
+        """Samples with the generator's oneDNN copy in ``dtype``: float32 (as loaded) or bfloat16 (half
+        the weight bytes a CVAE pass reads; samples within ~2e-3 relative of float32's). The pass rows
+        are checked again on first use. ValueError where that is not possible (no generator, not on a
+        CPU, no oneDNN kernels for ``dtype``). Call it before generating, from one thread."""
+        if dtype == self.generator_dtype:
+            return
+        if self.generator is None:
+            raise ValueError("these artefacts have no generator")
+        sampler = self.generator.packed(dtype) or (self.generator if dtype == torch.float32 else None)
+        if sampler is None:
+            raise ValueError(f"the generator cannot sample in {dtype} here (it needs a CPU with oneDNN kernels for it)")
+        self.sampler, self.generator_dtype, self._pass_rows = sampler, dtype, None
+
+    @property
+    def generator_dtype_name(self) -> str:
+        """``generator_dtype`` as SGLORA_GENERATOR_DTYPE, the cache key and the LoRA metadata spell it."""
+        return str(self.generator_dtype).removeprefix("torch.")
 
     def embed(self, descriptions: list[str]) -> torch.Tensor:
         for d in descriptions:
@@ -181,7 +202,8 @@ class Engine:
                 continue
             if method == "sg-lora-exact":
                 exact_rows[i] = (means[idx], alpha, mu)
-            out[i] = Generation(mu, method, seed, top_k, temperature, experts)  # .lora: the prior mean, for now
+            # .lora: the prior mean, for now
+            out[i] = Generation(mu, method, seed, top_k, temperature, experts, generator_dtype=self.generator_dtype_name)
             # The condition layer's mu*-part as the same mix of the experts' precomputed parts: the CVAE
             # pass then reads one P x H weight block fewer (a third of its weights).
             sample_rows.append((i, mu, var, seed, alpha @ self._expert_features(means)[idx], embeddings[i].float()))

@@ -382,7 +382,7 @@ def test_parallelism_defaults(monkeypatch, threads, model_threads, device, cores
         ("bfloat16", "cpu", "fpu avx2", "bfloat16"),
     ],
 )
-def test_text_dtype_defaults(monkeypatch, tmp_path, setting, device, flags, expected):
+def test_text_and_generator_dtype_defaults(monkeypatch, tmp_path, setting, device, flags, expected):
     from app import settings as settings_module
 
     cpuinfo = tmp_path / "cpuinfo"
@@ -390,6 +390,7 @@ def test_text_dtype_defaults(monkeypatch, tmp_path, setting, device, flags, expe
     real = settings_module.cpu_has_bf16
     monkeypatch.setattr(settings_module, "cpu_has_bf16", lambda: real(cpuinfo))
     assert Settings(text_dtype=setting).resolved_text_dtype(device) == expected
+    assert Settings(generator_dtype=setting).resolved_generator_dtype(device) == expected  # the same rule
     assert not real(tmp_path / "no-such-file")  # no /proc (not Linux): float32
 
 
@@ -419,6 +420,51 @@ async def test_bfloat16_text_tower_batches_bit_identically_and_has_its_own_cache
         r32 = await client32.post("/generate", json=bodies[0])
         assert r32.status_code == 200 and r32.headers["x-cache"] == "miss"
         assert file_metadata(r32.content)["text_dtype"] == "float32"
+
+
+async def test_bfloat16_generator_batches_bit_identically_and_has_its_own_cache_entries(make_settings, tiny_artifacts_session):
+    from sglora.artifacts import load_artifacts
+
+    reference = load_artifacts(tiny_artifacts_session)
+    if reference.generator.packed(torch.bfloat16) is None:
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    settings = make_settings(generator_dtype="bfloat16", max_batch=4, batch_wait_ms=50)
+    bodies = [{"description": f"a bf16 sample {i}", "seed": i} for i in range(6)]
+    async with serving(settings) as (service, client):
+        ready = (await client.get("/ready")).json()
+        assert ready["generator_dtype"] == "bfloat16" and ready["text_dtype"] == "float32"
+        responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        assert [r.status_code for r in responses] == [200] * 6
+        assert {file_metadata(r.content)["generator_dtype"] for r in responses} == {"bfloat16"}
+        assert 'generator_dtype="bfloat16"' in (await client.get("/metrics")).text
+        soup = await client.post("/generate", json={"description": "a bf16 sample 0", "method": "topk-weighted"})
+        assert file_metadata(soup.content)["generator_dtype"] == ""  # no sample, no generator dtype
+    # The library sampling in bfloat16 makes the same bytes, row by row, within ~1e-2 of float32's.
+    engine = reference.engine
+    float32 = [engine.generate(engine.embed([b["description"]])[0], "sg-lora", seed=b["seed"]).lora for b in bodies]
+    engine.set_generator_dtype(torch.bfloat16)
+    for b, r, lora32 in zip(bodies, responses, float32, strict=True):
+        alone = engine.generate(engine.embed([b["description"]])[0], "sg-lora", seed=b["seed"]).lora
+        got = from_peft_tensors(reference.backbone.spec, load_safetensors(r.content))
+        assert got.numpy().tobytes() == alone.numpy().tobytes(), b
+        assert not torch.equal(got, lora32) and float((got - lora32).norm() / lora32.norm()) < 1e-2
+    # A float32 server on the same Redis prefix does not answer samples from the bfloat16 entries; the
+    # deterministic methods never sampled, so their entries are shared.
+    async with serving(settings.model_copy(update={"generator_dtype": "float32"})) as (service32, client32):
+        r32 = await client32.post("/generate", json=bodies[0])
+        assert r32.status_code == 200 and r32.headers["x-cache"] == "miss"
+        assert file_metadata(r32.content)["generator_dtype"] == "float32"
+        again = await client32.post("/generate", json={"description": "a bf16 sample 0", "method": "topk-weighted"})
+        assert again.headers["x-cache"] == "hit" and again.content == soup.content
+
+
+def test_generator_dtype_that_cannot_run_refuses_to_start(make_settings, monkeypatch):
+    from models.cvae import CVAE
+
+    monkeypatch.setattr(CVAE, "packed", lambda self, dtype=torch.float32: None)
+    with pytest.raises(ArtifactError, match="SGLORA_GENERATOR_DTYPE=bfloat16: .*cannot sample in torch.bfloat16"):
+        with TestClient(create_app(make_settings(generator_dtype="bfloat16"))):
+            pass
 
 
 def test_text_dtype_that_the_backbone_cannot_run_refuses_to_start(make_settings, monkeypatch):

@@ -198,6 +198,24 @@ def test_packed_sampler_samples_what_the_generator_samples():
         assert not torch.equal(want, m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(1, 6)]))
 
 
+def test_bfloat16_packed_sampler_is_close_to_float32_and_keeps_float32_at_its_edges():
+    torch.manual_seed(0)
+    m = CVAE(CVAEConfig(lora_dim=64, latent_dim=4, hidden_dim=32))
+    m.set_normalisation(torch.randn(50, 64) * 3 + 1)
+    torch.nn.init.normal_(m.dec_out.weight, std=0.1)  # a trained decoder's output is not zero
+    packed32, packed16 = m.packed(), m.packed(torch.bfloat16)
+    if packed32 is None or packed16 is None:
+        pytest.skip("this torch has no oneDNN bfloat16 linear kernel")
+    assert packed16.dec_out.weight.dtype == torch.bfloat16 and "dtype=bfloat16" in repr(packed16.dec_out)
+    mus, vars_ = torch.randn(5, 64), torch.rand(5, 64)
+    want = packed32.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)])
+    got = packed16.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)])
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        m.packed(torch.float16)
+
+
 def test_packed_sampler_falls_back_where_onednn_is_missing_or_fails(monkeypatch):
     m = _model()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)

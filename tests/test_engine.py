@@ -42,6 +42,29 @@ def test_batch_rows_equal_single_generations(engine):
     assert len(batch[4].experts) == len(engine.repository)
 
 
+def test_bfloat16_sampler_keeps_rows_independent_of_their_batch(tiny_artifacts_session, one_thread):
+    """set_generator_dtype(bfloat16): the pass rows are checked again for the bfloat16 kernels, and a
+    batch's rows still get their bytes alone; float32 again restores the float32 samples."""
+    engine = load_artifacts(tiny_artifacts_session, "cpu").engine
+    if engine.generator.packed(torch.bfloat16) is None:
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    n = 7
+    emb = engine.embed([f"a shape of kind {i}" for i in range(n)])
+    requests = [Request("sg-lora", seed=i) for i in range(n)]
+    with torch.inference_mode():
+        float32 = engine.generate_many(emb, requests)
+        engine.set_generator_dtype(torch.bfloat16)
+        assert engine._pass_rows is None and engine.generator_dtype_name == "bfloat16"
+        batch = engine.generate_many(emb, requests)
+        for i, (r, g) in enumerate(zip(requests, batch, strict=True)):
+            assert g.generator_dtype == "bfloat16" and float32[i].generator_dtype == "float32"
+            assert _bytes(g.lora) == _bytes(engine.generate(emb[i], "sg-lora", seed=r.seed).lora), i
+            assert _bytes(g.lora) != _bytes(float32[i].lora)
+        assert engine.generate(emb[0], "topk-weighted").generator_dtype == ""
+        engine.set_generator_dtype(torch.float32)
+        assert _bytes(engine.generate_many(emb, requests)[3].lora) == _bytes(float32[3].lora)
+
+
 def test_a_bad_request_fails_alone(engine):
     emb = engine.embed(["a photo of a circle"] * 4)
     out = engine.generate_many(
