@@ -147,33 +147,25 @@ async def throughput(port: int, clients: int, total: int, description: str, seed
             await c.close()
 
 
-def metric_sum(text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-
-def stage_sum(text: str, stage: str) -> float:
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples ``name`` in a /metrics text whose labels include ``labels``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     return sum(
         s.value
         for f in text_string_to_metric_families(text)
         for s in f.samples
-        if s.name == "sglora_stage_duration_seconds_sum" and s.labels.get("stage") == stage
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def stage_sum(text: str, stage: str) -> float:
+    return metric_sum(text, "sglora_stage_duration_seconds_sum", stage=stage)
 
 
 def endpoint_sum(text: str, endpoint: str) -> float:
     """Seconds the server counted for ``endpoint`` (its end-to-end latency histogram's sum)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "sglora_request_duration_seconds_sum" and s.labels.get("endpoint") == endpoint
-    )
+    return metric_sum(text, "sglora_request_duration_seconds_sum", endpoint=endpoint)
 
 
 def cleanup(redis_url: str, prefix: str) -> None:
