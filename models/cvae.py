@@ -30,6 +30,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import skip_init
 
+from models.packed import PackedLinear
+
 LOGVAR_EPS = 1e-6
 # The layers of the sampling path (condition on sigma*^2, prior network, decoder): those :meth:`CVAE.packed`
 # moves onto oneDNN. cond_mu is left as it is: samplers read its weight through mean_features.
@@ -62,35 +64,6 @@ class CVAEConfig:
 def _gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
     """KL(N(mu_q, var_q) || N(mu_p, var_p)) summed over latent dims: (B, L) -> (B,)."""
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
-
-
-class PackedLinear(nn.Module):
-    """An inference-only copy of an ``nn.Linear`` (float32, CPU) whose weight oneDNN reorders once, here,
-    into the blocked layout its matrix-product kernel reads: torch's own path for frozen linear layers on
-    the CPU (what ``torch.compile`` uses after freezing). ``F.linear`` instead hands MKL the plain weight,
-    which repacks it on every call; for the generator's P x H blocks that copy costs more than the
-    product of a few rows (docs/benchmarks.md, release 0.6.0). Not trainable; not in any state dict.
-
-    ``dtype`` bfloat16: the weight (and bias) are stored, and the product runs, in bfloat16, with float32
-    accumulation; inputs and outputs stay float32 (cast at the edges). Half the bytes to read per pass."""
-
-    def __init__(self, linear: nn.Linear, rows_hint: int = 4, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dtype = dtype
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype, copy=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "").float()
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"dtype={str(self.dtype).removeprefix('torch.')}"
-        )
 
 
 class CVAE(nn.Module):

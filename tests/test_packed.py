@@ -1,0 +1,41 @@
+"""models/packed.py: frozen linear layers on oneDNN with their weights reordered once."""
+
+import pytest
+import torch
+from torch import nn
+
+from models.packed import PackedLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _block() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8, bias=False), nn.MultiheadAttention(8, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_layers_compute_what_the_plain_ones_do_at_any_rank(dtype):
+    plain = _block()[:3].to(dtype)
+    packed = _block()[:3].to(dtype)
+    assert pack_linears(packed, dtype) == 2
+    assert [type(m).__name__ for m in packed] == ["PackedLinear", "GELU", "PackedLinear"]
+    x = torch.randn(3, 5, 16).to(dtype)  # (batch, tokens, features)
+    with torch.inference_mode():
+        got, want = packed(x), plain(x)
+    assert got.dtype == dtype and got.shape == (3, 5, 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_a_bfloat16_layer_keeps_float32_at_its_edges_and_subclasses_stay():
+    block = _block()
+    out_proj = block[3].out_proj  # a Linear subclass that MultiheadAttention reads through .weight
+    assert pack_linears(block, torch.bfloat16) == 2 and block[3].out_proj is out_proj
+    layer = block[0]
+    assert isinstance(layer, PackedLinear) and layer.weight.dtype == torch.bfloat16 and "dtype=bfloat16" in repr(layer)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _block()[0](x), rtol=2e-2, atol=2e-2)
