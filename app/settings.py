@@ -119,17 +119,13 @@ class Settings(BaseSettings):
         """'float32' or 'bfloat16'. 'auto' picks bfloat16 only where the processor multiplies bf16 natively
         (elsewhere a bf16 forward is emulated and slower than float32): about 1.5x faster for one
         description and 2x in a batch of 32 on one AVX512-BF16 core (docs/benchmarks.md)."""
-        if self.text_dtype != "auto":
-            return self.text_dtype
-        return "bfloat16" if device.startswith("cpu") and cpu_has_bf16() else "float32"
+        return _resolved_dtype(self.text_dtype, device)
 
     def resolved_generator_dtype(self, device: str) -> str:
         """'float32' or 'bfloat16'; 'auto' as for the text tower. A bfloat16 CVAE pass reads half the weight
         bytes (the generator's P x H blocks: 4 MiB instead of 8 on the offline default); its samples are
         within ~2e-3 relative of float32's (docs/benchmarks.md)."""
-        if self.generator_dtype != "auto":
-            return self.generator_dtype
-        return "bfloat16" if device.startswith("cpu") and cpu_has_bf16() else "float32"
+        return _resolved_dtype(self.generator_dtype, device)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -137,6 +133,13 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolved_dtype(setting: str, device: str) -> str:
+    """A dtype setting as set, or for 'auto': bfloat16 on a CPU with native bf16 dot products, else float32."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if device.startswith("cpu") and cpu_has_bf16() else "float32"
 
 
 def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:

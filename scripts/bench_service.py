@@ -202,8 +202,8 @@ def run(args: argparse.Namespace) -> dict:
         bare_ms: list[float] = []
         miss: list[float] = []
         n = -(-args.requests // BLOCKS)
-        names = ("queue", "text_encoding", "prior", "sampling", "serialisation")
-        lone = dict.fromkeys(("server", *names), 0.0)  # where a lone miss's time goes (means, ms)
+        names = ("text_encoding", "prior", "sampling", "serialisation")  # the model stages of a request
+        lone = dict.fromkeys(("server", "queue", *names), 0.0)  # where a lone miss's time goes (means, ms)
         for b in range(BLOCKS):
             bare_ms += forward.times_ms(n)
             bodies = [{"description": d, "seed": seed0 + b * n + i} for i in range(n)]
@@ -211,12 +211,11 @@ def run(args: argparse.Namespace) -> dict:
             miss += asyncio.run(latencies_ms(port, bodies, "miss"))
             after = httpx.get(url + "/metrics").text
             lone["server"] += 1000 * (endpoint_sum(after, "/generate") - endpoint_sum(before, "/generate")) / (BLOCKS * n)
-            for stage in names:
+            for stage in ("queue", *names):
                 lone[stage] += 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / (BLOCKS * n)
         hit = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0}] * args.requests, "hit"))
         n = -(-args.throughput_requests // BLOCKS)
         one_s = many_s = calls = texts = 0.0
-        names = names[1:]
         stages = dict.fromkeys(names, 0.0)
         for b in range(BLOCKS):
             one_s += n / asyncio.run(throughput(port, 1, n, d, seed0 + 10_000_000 + b * n))

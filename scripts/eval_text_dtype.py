@@ -1,8 +1,8 @@
 """What the service's bfloat16 text tower does to quality: every method evaluated with the task
 descriptions encoded in bfloat16 (class prompts, captions and images in float32, as the service runs
 them), on a copy of an artefact directory, and how often the chosen experts change. With
-``--generator-dtype bfloat16`` the CVAE samples in bfloat16 too, as the service does by default on a
-CPU with bf16 dot products.
+``--generator-dtype bfloat16`` the CVAE samples in bfloat16 too, as the service does with
+SGLORA_GENERATOR_DTYPE=bfloat16 (or auto, on a CPU with bf16 dot products).
 
     python scripts/eval_text_dtype.py --artifacts artifacts/offline-default --config configs/offline-default.yaml \
         --copy /tmp/od-bf16 [--on test --on val] [--generator-dtype bfloat16]
