@@ -34,6 +34,12 @@ class Metrics:
         self.cache = Counter(
             "sglora_cache_events", "LoRA cache lookups: hit, miss or error (Redis failed or skipped)", ["result"], registry=r
         )
+        self.embeddings = Counter(
+            "sglora_embedding_cache_events",
+            "descriptions whose text embedding was reused (hit) or encoded (miss)",
+            ["result"],
+            registry=r,
+        )
         self.redis_errors = Counter("sglora_redis_errors", "failed Redis calls", ["op"], registry=r)
         self.batch_size = Histogram("sglora_batch_size", "descriptions per text-encoder call", buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge("sglora_in_flight_requests", "HTTP requests being served", registry=r)
@@ -46,6 +52,8 @@ class Metrics:
         self.info = Info("sglora_artifacts", "loaded artefacts", registry=r)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result=result)
+        for result in ("hit", "miss"):
+            self.embeddings.labels(result=result)
         for stage in STAGES:
             self.stage.labels(stage=stage)
 

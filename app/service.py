@@ -219,6 +219,7 @@ class Service:
             max_queue=settings.max_queue,
             timeout_s=settings.request_timeout_s,
             delay_s=settings.test_model_delay_s,
+            embedding_cache_items=settings.embedding_cache_items,
         )
         self._timing = threading.local()  # per model thread: .sampling_s of the current pass
         self._time_sampling()

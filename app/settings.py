@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     redis_backoff_s: float = Field(5.0, ge=0, description="after a Redis error, skip Redis for this long")
     redis_max_connections: int = Field(128, ge=1, description="Redis connection pool size; beyond, calls wait (timeout)")
     lru_bytes: int = Field(64 << 20, ge=0, description="in-process LRU of recent LoRAs by ETag (for /retrieve)")
+    embedding_cache_items: int = Field(
+        4096,
+        ge=0,
+        description="in-process LRU of recent descriptions' text embeddings (0: off): a description seen before skips "
+        "the text encoder, e.g. a request without a seed (never looked up in Redis) or another seed, method or top_k",
+    )
 
     # ---- access ------------------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

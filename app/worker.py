@@ -8,7 +8,8 @@ reach them:
 * ``encode(text, job)``: queued on an asyncio queue; a batcher task takes whatever is queued
   (up to ``max_batch``), waiting up to ``batch_wait_ms`` for more only while the previous batch
   was not alone (no wait for a lone client), and runs ONE ``engine.embed(batch)`` call (identical
-  descriptions encoded once) followed, in the same thread hop, by ONE ``finish(embeddings, jobs)``
+  descriptions encoded once; descriptions whose embedding is still in the :class:`EmbeddingCache`
+  not at all) followed, in the same thread hop, by ONE ``finish(embeddings, jobs)``
   call over every item that has a job (prior, sampling, serialisation), whose results are handed to
   the event loop one by one as ``finish`` yields them. A batch starts when a model thread is free;
   while every thread is busy, new arrivals queue up and form the next batch: under load the batch
@@ -29,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +66,40 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class EmbeddingCache:
+    """The text embeddings of recent descriptions (LRU by count), shared by the model threads.
+
+    The text tower is frozen and its dtype fixed for the life of the process, so a description's
+    embedding never changes; with batching on, the start-up check has found it bit-identical alone and
+    in any batch, so a reused row is the row a fresh encoding would give."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        with self._lock:
+            found = {t: self._items[t] for t in texts if t in self._items}
+            for t in found:
+                self._items.move_to_end(t)
+        return found
+
+    def put_many(self, texts: list[str], embeddings: torch.Tensor) -> None:
+        if self.max_items <= 0:
+            return
+        rows = [e.clone() for e in embeddings]  # not views: a cached row must not keep its whole batch alive
+        with self._lock:
+            for t, e in zip(texts, rows, strict=True):
+                self._items[t] = e
+                self._items.move_to_end(t)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 # finish(embeddings (B, D), jobs) -> one result per job, in order (a list, or a generator that yields
 # them as they are made); an Exception instance fails that job alone.
 Finish = Callable[[torch.Tensor, list[Any]], Iterable[Any]]
@@ -82,8 +118,10 @@ class ModelWorker:
         max_queue: int = 256,
         timeout_s: float = 30.0,
         delay_s: float = 0.0,
+        embedding_cache_items: int = 0,
     ):
         self._embed = embed
+        self.embeddings = EmbeddingCache(embedding_cache_items)
         self._finish = finish
         self.metrics = metrics
         self.max_batch = max_batch
@@ -318,14 +356,11 @@ class ModelWorker:
             self.metrics.stage.labels(stage="queue").observe(now - it.enqueued)
         texts = list(dict.fromkeys(it.text for it in batch))  # identical descriptions are encoded once
         row = {t: i for i, t in enumerate(texts)}
-        self.metrics.batch_size.observe(len(texts))
         if self.delay_s:
             time.sleep(self.delay_s)
         with torch.inference_mode():
             try:
-                t0 = time.perf_counter()
-                emb = self._embed(texts)  # (B, D)
-                self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t0)
+                emb = self._encode(texts)  # (B, D)
             except Exception as e:  # noqa: BLE001
                 if len(texts) > 1:  # one bad description must not fail its neighbours: retry them one by one
                     for t in texts:
@@ -357,6 +392,25 @@ class ModelWorker:
             else:
                 for it in jobs[done:]:  # finish gave fewer results than jobs: a bug, never a hang
                     loop.call_soon_threadsafe(_set_exception, it.future, RuntimeError("no result for this job"))
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings (B, D) of distinct ``texts``: reused from the cache where known, the rest in ONE
+        text-encoder call (the batch the metrics count)."""
+        known = self.embeddings.get_many(texts)
+        todo = [t for t in texts if t not in known]
+        self.metrics.embeddings.labels(result="hit").inc(len(texts) - len(todo))
+        if not todo:
+            return torch.stack([known[t] for t in texts])
+        self.metrics.embeddings.labels(result="miss").inc(len(todo))
+        self.metrics.batch_size.observe(len(todo))
+        t0 = time.perf_counter()
+        fresh = self._embed(todo)
+        self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t0)
+        self.embeddings.put_many(todo, fresh)
+        if not known:
+            return fresh
+        rows = dict(zip(todo, fresh, strict=True)) | known
+        return torch.stack([rows[t] for t in texts])
 
     # ---- shutdown -------------------------------------------------------------------------------
     async def drain(self, timeout_s: float) -> bool:

@@ -35,8 +35,10 @@ def test_loadtest_script_few_clients_no_errors_but_429s(tiny_artifacts_session, 
 
 
 def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_session, shared_redis, tmp_path):
-    """scripts/bench_service.py end to end, small: it checks X-Cache of every answer itself (a miss that
-    comes back as a hit, or the reverse, ends the run), so a completed run means the cache behaved."""
+    """scripts/bench_service.py end to end, small: it checks X-Cache of every answer and the server's
+    text-embedding cache counts of every lone block itself (a miss that comes back as a hit, a measured
+    miss that skipped the text encoder, or the reverse, ends the run), so a completed run means both
+    caches behaved."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tiny_artifacts_session)]
     cmd += ["--redis-url", shared_redis[0], "--threads", "1", "--requests", "8", "--throughput-requests", "32"]
@@ -47,9 +49,10 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["redis"] == "ok" and r["model_threads"] == 1 and r["text_dtype"] == "bfloat16"
-    for key in ("bare_embed_ms", "miss_ms", "hit_ms", "rps_1", "rps_4"):
+    for key in ("bare_embed_ms", "miss_ms", "hit_ms", "miss_seen_ms", "rps_1", "rps_4"):
         assert r[key] > 0, key
     assert r["miss_over_bare"] == r["miss_ms"] / r["bare_embed_ms"]
+    assert r["miss_seen_over_bare"] == r["miss_seen_ms"] / r["bare_embed_ms"]
     assert r["throughput_ratio"] == r["rps_4"] / r["rps_1"]
     assert 1 <= r["mean_batch"] <= 4
     lone = r["lone_miss_ms"]  # the server's own clock sits inside the client's, its model stages inside it

@@ -339,6 +339,92 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
     assert seen_by_job == [0] * 5  # the job started after both, and the later batches waited for it
 
 
+async def test_embedding_cache_encodes_only_descriptions_it_has_not_seen():
+    import torch
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    calls: list[list[str]] = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return torch.stack([torch.full((4,), float(len(t))) for t in texts])
+
+    metrics = Metrics()
+    events = lambda result: metrics.registry.get_sample_value("sglora_embedding_cache_events_total", {"result": result})  # noqa: E731
+    worker = ModelWorker(
+        embed,
+        metrics,
+        finish=lambda e, jobs: [(j, e[i].tolist()) for i, j in enumerate(jobs)],
+        threads=1,
+        embedding_cache_items=2,
+    )
+    worker.start()
+    try:
+        assert await worker.encode("ab", 1) == (1, [2.0] * 4)
+        assert await worker.encode("ab", 2) == (2, [2.0] * 4)  # another seed of the same description
+        assert calls == [["ab"]] and (events("hit"), events("miss")) == (1, 1)
+        # A batch of known and new descriptions encodes the new ones alone, and answers each its own row.
+        gate, blocker = block_worker(worker)
+        await until(lambda: worker.pending == 1)
+        jobs = [asyncio.create_task(worker.encode(t, i)) for i, t in enumerate(["xyz", "ab", "q"])]
+        await until(lambda: worker.pending == 4)
+        gate.set()
+        assert await asyncio.gather(*jobs) == [(0, [3.0] * 4), (1, [2.0] * 4), (2, [1.0] * 4)]
+        await blocker
+        assert calls[1:] == [["xyz", "q"]]
+        assert worker.metrics.registry.get_sample_value("sglora_batch_size_sum") == 3  # texts the encoder saw
+        # Two entries at most, least recently used out first: "ab" was evicted by "xyz" and "q".
+        assert torch.equal(await worker.encode("ab"), torch.full((4,), 2.0))
+        assert calls[-1] == ["ab"] and len(worker.embeddings) == 2
+        assert (events("hit"), events("miss")) == (2, 4)
+    finally:
+        await worker.close()
+
+
+async def test_embedding_cache_off_encodes_every_time():
+    import torch
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    calls = []
+    worker = ModelWorker(lambda texts: (calls.append(texts), torch.zeros(len(texts), 4))[1], Metrics(), threads=1)
+    worker.start()
+    try:
+        for _ in range(3):
+            await worker.encode("same")
+        assert len(calls) == 3 and len(worker.embeddings) == 0
+    finally:
+        await worker.close()
+
+
+async def test_repeated_description_skips_the_text_encoder_with_the_same_bytes(make_settings):
+    """A request without a seed is never looked up in Redis; its description's embedding is reused, and a
+    seeded LoRA made from a reused embedding is byte for byte the one a fresh encoding makes."""
+    body = {"description": "a striped shape, seen before"}
+    async with serving(make_settings(embedding_cache_items=0)) as (_, client):
+        fresh = await client.post("/generate", json={**body, "seed": 7})
+    async with serving(make_settings()) as (service, client):
+        calls = []
+        embed = service.worker._embed
+        service.worker._embed = lambda texts: (calls.append(list(texts)), embed(texts))[1]
+        first = await client.post("/generate", json=body)  # no seed: drawn, Redis not asked
+        again = await client.post("/generate", json={**body, "seed": 7})
+        assert first.status_code == again.status_code == 200 and again.headers["x-cache"] == "miss"
+        assert calls == [[body["description"]]]
+        assert again.content == fresh.content
+        text = (await client.get("/metrics")).text
+        hits = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "sglora_embedding_cache_events_total" and s.labels["result"] == "hit"
+        ]
+        assert hits == [1.0]
+
+
 async def test_generation_on_two_model_threads_gives_the_bytes_of_one(make_settings):
     async with serving(make_settings(model_threads=2, max_batch=3)) as (service, client):
         assert (await client.get("/ready")).json()["model_threads"] == 2
