@@ -80,7 +80,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, e: Exception) -> JSONResponse:
-        # A bug, never bad input. Starlette re-raises it after this answer, so the server logs the traceback.
+        # A bug, never bad input. The app's own bugs are answered (and logged) by RequestIdMiddleware with the
+        # request ID; this is the last resort beyond it. Starlette re-raises after it, so the server logs the traceback.
         return JSONResponse(error_body(None, f"internal error ({type(e).__name__}); see the service log"), status_code=500)
 
     @app.exception_handler(Overloaded)

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
+from app.request_id import RequestIdFilter, RequestIdMiddleware
 from app.routes import experts, generate, health, retrieve, ui
 from app.service import Service
 from app.settings import Settings
@@ -43,7 +44,8 @@ def _configure_logging() -> None:
     logger = logging.getLogger("sglora")
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        handler.addFilter(RequestIdFilter())  # " [request <id>]" on the lines logged while serving a request
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s:%(request)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
@@ -73,7 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.resolved_max_body_bytes())
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of the limit too
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts the 413s of the limit too
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, a bug's 500 too
     install_error_handlers(app, settings.retry_after_s)
     for r in (generate.router, retrieve.router, experts.router, health.router, ui.router):
         app.include_router(r)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import struct
 import zlib
@@ -250,6 +251,7 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(served, baselin
     r = make(client, experts)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
+    assert re.fullmatch("[0-9a-f]{32}", r.headers["x-request-id"])  # to match a report with the log
     detail = r.json()["detail"]
     assert detail["field"] == field and isinstance(detail["reason"], str) and detail["reason"], detail
     # Nothing changed: the files, the repository, the answer to the same request.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
 
+from app import processes
 from app.main import create_app
 from app.settings import Settings
 from sglora.artifacts import ArtifactError
@@ -148,6 +151,67 @@ def test_openapi_documents_every_endpoint_with_examples(make_settings):
     text = str(spec)
     assert "a photo of a sunflower" in text and "examples" in text
     assert "application/zip" in str(paths["/generate"]["post"]["responses"]["200"])
+
+
+# ---- request IDs ------------------------------------------------------------------------------------
+async def test_every_answer_carries_a_request_id_and_keeps_a_sane_one(make_settings):
+    async with serving(make_settings()) as (_, client):
+        first, second = (
+            (await client.get("/health")).headers["x-request-id"],
+            (await client.get("/health")).headers["x-request-id"],
+        )
+        assert re.fullmatch("[0-9a-f]{32}", first) and re.fullmatch("[0-9a-f]{32}", second) and first != second
+        kept = await client.post("/generate", json={"description": "a ring", "seed": 1}, headers={"X-Request-ID": "lb-7f3a.2:x"})
+        assert kept.status_code == 200 and kept.headers["x-request-id"] == "lb-7f3a.2:x"
+        for bad in ("has space", "x" * 129, "semi;colon", ""):
+            r = await client.get("/nowhere", headers={"X-Request-ID": bad})
+            assert r.status_code == 404 and re.fullmatch("[0-9a-f]{32}", r.headers["x-request-id"]), bad
+        r = await client.post("/generate", json={"description": "a ring", "top_k": 0})
+        assert r.status_code == 422 and re.fullmatch("[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+async def test_a_bug_is_a_500_naming_the_request_id_logged_once_with_its_traceback(make_settings, caplog):
+    async with serving(make_settings()) as (service, client):
+
+        async def broken(params):
+            raise RuntimeError("a bug")
+
+        service.generate = broken
+        with caplog.at_level(logging.ERROR, logger="sglora"):
+            r = await client.post("/generate", json={"description": "a ring"}, headers={"X-Request-ID": "report-42"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "report-42"
+        detail = r.json()["detail"]
+        assert detail["field"] is None and "RuntimeError" in detail["reason"] and "request report-42" in detail["reason"]
+        errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info and "POST /generate" in errors[0].getMessage()
+        text = (await client.get("/metrics")).text
+        assert 'sglora_requests_total{endpoint="/generate",method="POST",status="500"} 1.0' in text
+        del service.generate  # the class's method again: the service answers as before
+        assert (await client.post("/generate", json={"description": "a ring"})).status_code == 200
+
+
+async def test_service_log_lines_of_a_request_carry_its_id(make_settings):
+    from app.request_id import RequestIdFilter
+
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lines.append
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("sglora")
+    logger.addHandler(handler)
+    try:
+        # Redis on a closed port, no back-off: the lookup fails and the service logs it while serving the request.
+        async with serving(make_settings(redis_url=f"redis://127.0.0.1:{processes.free_port()}/0", redis_backoff_s=0)) as (
+            _,
+            client,
+        ):
+            r = await client.post("/generate", json={"description": "a ring", "seed": 3}, headers={"X-Request-ID": "abc-1"})
+            assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+    finally:
+        logger.removeHandler(handler)
+    by_op = {rec.getMessage().split()[1]: rec.request for rec in lines if rec.getMessage().startswith("redis ")}
+    # The start-up's ping is outside any request; the lookup and the write-behind it started are the request's.
+    assert by_op == {"ping": "", "get": " [request abc-1]", "set": " [request abc-1]"}
 
 
 # ---- the worker ------------------------------------------------------------------------------------
