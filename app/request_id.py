@@ -40,10 +40,12 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds ``record.request``: `` [request <id>]`` inside a request, else empty (for a log format)."""
+    """Adds ``record.request_id`` (None outside a request) and ``record.request``: `` [request <id>]``
+    inside a request, else empty (for a text format)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         rid = current.get()
+        record.request_id = rid
         record.request = f" [request {rid}]" if rid else ""
         return True
 

@@ -17,6 +17,8 @@ import sys
 
 import uvicorn
 
+from app.logs import FORMATS, log_config
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description="Run the SG-LoRA HTTP service.")
@@ -26,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=os.environ.get("SGLORA_LOG_FORMAT", "text"),
+        help="text, or json: one JSON object per line (default: $SGLORA_LOG_FORMAT or text)",
+    )
     return p
 
 
@@ -40,7 +48,13 @@ class _KnownStartupFailure(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_format not in FORMATS:  # from the environment: argparse checks only the flag's value
+        parser.error(f"SGLORA_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {args.log_format!r}")
+    if args.log_format == "json":
+        os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars (model loading) between the JSON lines
+        logging.captureWarnings(True)  # Python warnings through the JSON formatter too
     logging.getLogger("uvicorn.error").addFilter(_KnownStartupFailure())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see docs/service.md)
     if args.artifacts:
@@ -56,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=args.graceful_timeout,
         access_log=not args.no_access_log,
         log_level=args.log_level,
+        log_config=log_config(args.log_format, args.log_level),
     )
     server = uvicorn.Server(config)
 

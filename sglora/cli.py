@@ -124,6 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     argv += ["--graceful-timeout", str(args.graceful_timeout)]
     if args.device != "auto":
         argv += ["--device", args.device]
+    if args.log_format:
+        argv += ["--log-format", args.log_format]
     return serve_main(argv)  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
@@ -183,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="auto")
     s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    s.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text, or json: one JSON object per line (default: $SGLORA_LOG_FORMAT or text)",
+    )
     s.set_defaults(func=cmd_serve)
     return p
 

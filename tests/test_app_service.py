@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -75,6 +76,57 @@ def test_sglora_serve_exits_with_the_problem(tiny_artifacts):
     assert p.returncode != 0
     assert "cvae.json" in p.stderr and "sha256" in p.stderr
     assert "Traceback" not in p.stderr  # the problem, not a stack trace
+
+
+def test_json_logs_are_one_object_per_line_with_the_request_id(tiny_artifacts_session):
+    port = processes.free_port()
+    env = {**os.environ, "SGLORA_ARTIFACTS": str(tiny_artifacts_session), "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts_session), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--log-format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        processes.wait_ready(f"http://127.0.0.1:{port}", proc)
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"description": "a ring"}, headers={"X-Request-ID": "job-9"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "job-9"
+    finally:
+        assert processes.stop(proc) == 0
+    out, err = proc.communicate()
+    lines = [json.loads(line) for line in (out + err).splitlines()]  # every line is JSON: no progress bar either
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    access = [line for line in lines if line["logger"] == "uvicorn.access" and line["path"] == "/generate"]
+    assert len(access) == 1 and access[0]["method"] == "POST" and access[0]["status"] == 200
+    assert access[0]["request_id"] == "job-9"
+    assert any(line["logger"] == "sglora.service" and line["message"].startswith("ready:") for line in lines)
+
+
+def test_text_log_lines_of_a_request_end_with_its_id():
+    import uvicorn.logging
+
+    from app.logs import log_config
+    from app.request_id import RequestIdFilter, current
+
+    formats = log_config("text")["formatters"]
+    access = uvicorn.logging.AccessFormatter(fmt=formats["access"]["fmt"], use_colors=False)
+    service = uvicorn.logging.DefaultFormatter(fmt=formats["service"]["fmt"], use_colors=False)
+    args = ("127.0.0.1:5000", "POST", "/generate", "1.1", 200)
+    token = current.set("job-9")
+    try:
+        line = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', args, None)
+        warning = logging.LogRecord("sglora.cache", logging.WARNING, "", 0, "redis get failed", None, None)
+        RequestIdFilter().filter(line), RequestIdFilter().filter(warning)
+    finally:
+        current.reset(token)
+    assert access.format(line) == 'INFO:     127.0.0.1:5000 - "POST /generate HTTP/1.1" 200 OK [request job-9]'
+    assert service.format(warning) == "WARNING:  sglora.cache: [request job-9] redis get failed"
+    outside = logging.LogRecord("sglora.service", logging.INFO, "", 0, "ready", None, None)
+    RequestIdFilter().filter(outside)
+    assert service.format(outside) == "INFO:     sglora.service: ready"
+
+
+def test_unknown_log_format_is_refused_by_name():
+    env = {**os.environ, "SGLORA_LOG_FORMAT": "xml"}
+    p = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2 and "SGLORA_LOG_FORMAT must be one of text, json, got 'xml'" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_wait_ready_reports_a_server_that_dies_with_its_stderr(tmp_path):
