@@ -45,6 +45,10 @@ _HEADERS = {
     "X-Seed": {"description": "sg-lora sampling seed (drawn when the request had none)", "schema": {"type": "integer"}},
     "X-Experts": {"description": "chosen experts as name=weight, comma-separated", "schema": {"type": "string"}},
     "X-Artifact-Version": {"description": "artefact version the LoRA was made with", "schema": {"type": "string"}},
+    "X-Request-ID": {
+        "description": "the request's own X-Request-ID when sane, else a fresh one (every answer has one)",
+        "schema": {"type": "string"},
+    },
 }
 
 
