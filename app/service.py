@@ -443,7 +443,10 @@ class Service:
         t1 = time.perf_counter()
         txt = self.engine.embed(texts).float()  # (T, D), L2-normalised
         self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t1)
-        return _rank(img @ txt.t()), (_rank(img0 @ txt.t()) if img0 is not None else None)
+        t2 = time.perf_counter()
+        scores = _rank(img @ txt.t()), (_rank(img0 @ txt.t()) if img0 is not None else None)
+        self.metrics.stage.labels(stage="scoring").observe(time.perf_counter() - t2)
+        return scores
 
     # ---- experts --------------------------------------------------------------------------------
     @property

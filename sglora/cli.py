@@ -126,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--device", args.device]
     if args.log_format:
         argv += ["--log-format", args.log_format]
+    argv += ["--log-level", args.log_level]
     return serve_main(argv)  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="text, or json: one JSON object per line (default: $SGLORA_LOG_FORMAT or text)",
     )
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from app_helpers import file_metadata
 from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load
 
 from app.errors import APIError
@@ -35,6 +36,16 @@ IMAGES = [
 
 def files(images):
     return [("images", (f"{i}.img", b, "application/octet-stream")) for i, b in enumerate(images)]
+
+
+def stage_count(client, stage: str) -> float:
+    text = client.get("/metrics").text
+    return next(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "sglora_stage_duration_seconds_count" and s.labels["stage"] == stage
+    )
 
 
 def reference_scores(reference, images, texts, lora, spec=None):
@@ -76,8 +87,11 @@ def test_retrieval_with_an_exact_merge_applies_it_at_its_rank(client, reference,
 def test_retrieval_scores_are_those_of_the_returned_lora(client, reference):
     gen = client.post("/generate", json={"description": "a red circle", "seed": 3})
     etag = gen.headers["etag"]
+    counts = lambda: {st: stage_count(client, st) for st in ("image_encoding", "scoring")}  # noqa: E731
+    before = counts()
     r = client.post("/retrieve", data={"etag": etag, "captions": CAPTIONS, "zero_shot": "true"}, files=files(IMAGES))
     assert r.status_code == 200, r.text
+    assert counts() == {st: n + 1 for st, n in before.items()}  # the retrieval's stages are timed
     body = r.json()
     assert body["adapter"]["etag"] == etag.strip('"') and body["adapter"]["seed"] == 3 and body["texts"] == CAPTIONS
     # Load the returned bytes back, apply them to the backbone: the service's scores, to float precision.
