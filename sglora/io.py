@@ -1,4 +1,8 @@
-"""Small file helpers shared by every artefact writer: atomic writes and content hashes."""
+"""Small file helpers shared by every artefact writer: atomic writes and content hashes.
+
+torch is imported only by :func:`write_safetensors`, so that the HTTP client (sglora/client.py) can use
+the atomic writes without it.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def sha256_file(path: Path) -> str:
@@ -43,7 +47,14 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
