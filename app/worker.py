@@ -401,11 +401,11 @@ class ModelWorker:
         self.metrics.embeddings.labels(result="hit").inc(len(texts) - len(todo))
         if not todo:
             return torch.stack([known[t] for t in texts])
-        self.metrics.embeddings.labels(result="miss").inc(len(todo))
         self.metrics.batch_size.observe(len(todo))
         t0 = time.perf_counter()
         fresh = self._embed(todo)
         self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t0)
+        self.metrics.embeddings.labels(result="miss").inc(len(todo))  # after success: a failed batch is retried
         self.embeddings.put_many(todo, fresh)
         if not known:
             return fresh
