@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 FORMATS = ("text", "json")
+LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's --log-level names
 
 
 class JsonFormatter(logging.Formatter):

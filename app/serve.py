@@ -17,7 +17,7 @@ import sys
 
 import uvicorn
 
-from app.logs import FORMATS, log_config
+from app.logs import FORMATS, LEVELS, log_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--log-level", default="info", choices=LEVELS)
     p.add_argument(
         "--log-format",
         choices=FORMATS,

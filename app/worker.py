@@ -398,15 +398,17 @@ class ModelWorker:
         text-encoder call (the batch the metrics count)."""
         known = self.embeddings.get_many(texts)
         todo = [t for t in texts if t not in known]
-        self.metrics.embeddings.labels(result="hit").inc(len(texts) - len(todo))
+        if todo:
+            self.metrics.batch_size.observe(len(todo))
+            t0 = time.perf_counter()
+            fresh = self._embed(todo)
+            self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t0)
+            self.embeddings.put_many(todo, fresh)
+        # Counted once the batch is encoded: a failed batch is retried one description at a time.
+        self.metrics.embeddings.labels(result="hit").inc(len(known))
+        self.metrics.embeddings.labels(result="miss").inc(len(todo))
         if not todo:
             return torch.stack([known[t] for t in texts])
-        self.metrics.batch_size.observe(len(todo))
-        t0 = time.perf_counter()
-        fresh = self._embed(todo)
-        self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t0)
-        self.metrics.embeddings.labels(result="miss").inc(len(todo))  # after success: a failed batch is retried
-        self.embeddings.put_many(todo, fresh)
         if not known:
             return fresh
         rows = dict(zip(todo, fresh, strict=True)) | known

@@ -159,21 +159,18 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     )
 
 
-def stage_sum(text: str, stage: str) -> float:
-    return metric_sum(text, "sglora_stage_duration_seconds_sum", stage=stage)
+def metric_delta(before: str, after: str, name: str, **labels: str) -> float:
+    """How much :func:`metric_sum` grew between two /metrics texts."""
+    return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
 
-def endpoint_sum(text: str, endpoint: str) -> float:
-    """Seconds the server counted for ``endpoint`` (its end-to-end latency histogram's sum)."""
-    return metric_sum(text, "sglora_request_duration_seconds_sum", endpoint=endpoint)
+STAGE_SUM = "sglora_stage_duration_seconds_sum"
 
 
 def expect_embeddings(before: str, after: str, result: str, n: int) -> None:
     """Ends the run unless the server's text-embedding cache counted ``n`` events ``result`` between the
     two /metrics texts: a measured miss must run the text encoder, a "seen" miss must not."""
-    got = metric_sum(after, "sglora_embedding_cache_events_total", result=result) - metric_sum(
-        before, "sglora_embedding_cache_events_total", result=result
-    )
+    got = metric_delta(before, after, "sglora_embedding_cache_events_total", result=result)
     if got != n:
         raise SystemExit(f"expected {n} text-embedding cache {result}es in this block, the server counted {got:g}")
 
@@ -226,9 +223,10 @@ def run(args: argparse.Namespace) -> dict:
             miss += asyncio.run(latencies_ms(port, bodies, "miss"))
             after = httpx.get(url + "/metrics").text
             expect_embeddings(before, after, "miss", n)
-            lone["server"] += 1000 * (endpoint_sum(after, "/generate") - endpoint_sum(before, "/generate")) / (BLOCKS * n)
+            server_s = metric_delta(before, after, "sglora_request_duration_seconds_sum", endpoint="/generate")
+            lone["server"] += 1000 * server_s / (BLOCKS * n)
             for stage in ("queue", *names):
-                lone[stage] += 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / (BLOCKS * n)
+                lone[stage] += 1000 * metric_delta(before, after, STAGE_SUM, stage=stage) / (BLOCKS * n)
             seen += asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0 + b * n + i} for i in range(n)], "miss"))
             expect_embeddings(after, httpx.get(url + "/metrics").text, "hit", n)
         hit = asyncio.run(latencies_ms(port, [{"description": d, "seed": seed0}] * args.requests, "hit"))
@@ -242,10 +240,10 @@ def run(args: argparse.Namespace) -> dict:
             before = httpx.get(url + "/metrics").text  # batches and stages of the many-client blocks only
             many_s += n / asyncio.run(throughput(port, args.clients, bodies))
             after = httpx.get(url + "/metrics").text
-            calls += metric_sum(after, "sglora_batch_size_count") - metric_sum(before, "sglora_batch_size_count")
-            texts += metric_sum(after, "sglora_batch_size_sum") - metric_sum(before, "sglora_batch_size_sum")
+            calls += metric_delta(before, after, "sglora_batch_size_count")
+            texts += metric_delta(before, after, "sglora_batch_size_sum")
             for stage in names:
-                stages[stage] += 1000 * (stage_sum(after, stage) - stage_sum(before, stage)) / (BLOCKS * n)
+                stages[stage] += 1000 * metric_delta(before, after, STAGE_SUM, stage=stage) / (BLOCKS * n)
         one, many = BLOCKS * n / one_s, BLOCKS * n / many_s
     finally:
         processes.stop(proc)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from app.logs import FORMATS, LEVELS
 from sglora import __version__
 
 EXIT_USAGE = 2
@@ -188,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     s.add_argument(
         "--log-format",
-        choices=["text", "json"],
+        choices=FORMATS,
         help="text, or json: one JSON object per line (default: $SGLORA_LOG_FORMAT or text)",
     )
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--log-level", default="info", choices=LEVELS)
     s.set_defaults(func=cmd_serve)
     return p
 

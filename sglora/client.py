@@ -119,14 +119,15 @@ class Client:
     # ---- requests --------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {**self._headers, **kwargs.pop("headers", {})}
-        for attempt in range(self.retries + 1):
+        retried = 0
+        while True:
             r = self._http.request(method, path, headers=headers, **kwargs)
             if r.status_code < 400:
                 return r
-            if r.status_code not in RETRIED or attempt == self.retries:
+            if r.status_code not in RETRIED or retried == self.retries:
                 raise _error(r)
+            retried += 1
             time.sleep(min(_retry_after(r), self.max_wait_s))
-        raise AssertionError("unreachable")
 
     def generate(
         self,
@@ -181,8 +182,8 @@ class Client:
     ) -> dict[str, Any]:
         """Ranks ``images`` (paths or bytes) against ``captions`` (else the description) with the LoRA of
         ``description`` or of an earlier adapter's ``etag`` applied; the service's JSON answer."""
-        fields = {"description": description, "etag": etag, "method": method, "seed": seed, "top_k": top_k}
-        form: dict[str, Any] = {k: str(v) for k, v in {**fields, "temperature": temperature}.items() if v is not None}
+        options = {"etag": etag, **_body(description, method, seed, top_k, temperature)}
+        form: dict[str, Any] = {k: str(v) for k, v in options.items() if v is not None}
         form["zero_shot"] = "true" if zero_shot else "false"
         if captions is not None:
             form["captions"] = list(captions)
@@ -196,7 +197,7 @@ class Client:
         return self._request("GET", "/ready").json()
 
 
-def _body(description: str, method: str | None, seed: int | None, top_k: int | None, temperature: float | None) -> dict:
+def _body(description: str | None, method: str | None, seed: int | None, top_k: int | None, temperature: float | None) -> dict:
     body: dict[str, Any] = {"description": description}
     for key, value in (("method", method), ("seed", seed), ("top_k", top_k), ("temperature", temperature)):
         if value is not None:
@@ -213,9 +214,10 @@ def _retry_after(r: httpx.Response) -> float:
 
 def _error(r: httpx.Response) -> ServiceError:
     try:
-        detail = r.json().get("detail", {})
+        body = r.json()
     except ValueError:
-        detail = None
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, dict):
         field, reason = detail.get("field"), str(detail.get("reason", r.reason_phrase))
     else:
