@@ -15,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+REJECT_REASONS = ("overloaded", "timeout")  # sglora_rejected_total{reason}
+REDIS_OPS = ("get", "set", "ping")  # sglora_redis_errors_total{op}
 STAGES = ("queue", "text_encoding", "prior", "sampling", "serialisation", "image_encoding", "scoring")
 
 
@@ -56,6 +58,12 @@ class Metrics:
             self.embeddings.labels(result=result)
         for stage in STAGES:
             self.stage.labels(stage=stage)
+        # Every label value the code uses exists from the start, so that rate() and the alert rules
+        # (deploy/alerts.yml) see a series at 0 rather than none.
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op=op)
 
     def set_info(
         self, backbone: str, version: str, code_version: str, device: str, text_dtype: str, generator_dtype: str
