@@ -26,7 +26,7 @@ def test_compose_file_is_valid_and_wires_the_services():
         [COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config"], check=True, cwd=ROOT, capture_output=True, text=True
     )
     services = yaml.safe_load(out.stdout)["services"]
-    assert set(services) == {"redis", "trainer", "api", "prometheus"}
+    assert set(services) == {"redis", "trainer", "api", "prometheus", "grafana"}
     assert services["api"]["depends_on"] == {
         "trainer": {"condition": "service_completed_successfully"},
         "redis": {"condition": "service_healthy"},
@@ -36,12 +36,19 @@ def test_compose_file_is_valid_and_wires_the_services():
     assert "--maxmemory " in redis_cmd and "allkeys-lru" in redis_cmd and services["redis"]["healthcheck"]
     assert "offline-default.yaml" in services["trainer"]["command"][0]
     assert services["api"]["environment"]["SGLORA_REDIS_URL"] == "redis://redis:6379/0"
+    # prometheus.yml names its rule file relative to itself: both are mounted in the same folder
+    binds = [v.split(":") for v in services["prometheus"]["volumes"] if v.startswith("/")]  # host:container:mode
+    mounts = {host.rsplit("/", 1)[-1]: container for host, container, *_ in binds}
+    assert mounts == {"prometheus.yml": "/etc/prometheus/prometheus.yml", "alerts.yml": "/etc/prometheus/alerts.yml"}
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
 
 
-def test_prometheus_scrapes_the_api():
-    cfg = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+@pytest.mark.parametrize(("config", "target"), [("prometheus.yml", "api:8000"), ("prometheus-local.yml", "127.0.0.1:8000")])
+def test_prometheus_scrapes_the_api_and_loads_the_alerts(config, target):
+    cfg = yaml.safe_load((ROOT / "deploy" / config).read_text())
     job = cfg["scrape_configs"][0]
-    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["api:8000"]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == [target]
+    assert cfg["rule_files"] == ["alerts.yml"]
 
 
 def test_images_run_as_a_user_with_cpu_torch():

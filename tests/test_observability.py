@@ -1,0 +1,268 @@
+"""The monitoring files in deploy/: Prometheus configs and alert rules (checked and unit-tested with
+promtool), the Grafana dashboard and its provisioning, all against the metrics the service exposes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from app_helpers import serving
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+ALERTS = DEPLOY / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sglora.json"
+PROMTOOL = shutil.which("promtool")
+
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None and os.environ.get("CI") != "true",
+    reason="promtool is not installed (apt-get install prometheus); under CI=true this fails instead",
+)
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    assert PROMTOOL, "promtool is not installed; .ci/run installs it (Debian package prometheus)"
+    p = subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def alert_rules() -> dict[str, dict]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {r["alert"]: r for g in groups for r in g["rules"]}
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def as_promql(expr: str) -> str:
+    """A dashboard query with Grafana's variables filled in as Grafana would."""
+    return expr.replace("$__rate_interval", "5m").replace('=~"$instance"', '=~".*"')
+
+
+# ---- Prometheus ---------------------------------------------------------------------------------
+@needs_promtool
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-local.yml"])
+def test_prometheus_configs_and_their_rules_pass_promtool(config):
+    out = promtool("check", "config", str(DEPLOY / config)).stdout
+    assert "1 rule files found" in out and f"{len(alert_rules())} rules found" in out
+
+
+# Per alert: input series (1-minute steps), when it must fire, and a variant in which it must not.
+# Every series carries job/instance as a Prometheus scrape adds them.
+_T = 'job="sglora-api", instance="api:8000"'
+
+
+def _requests(status: str, per_min: int, endpoint: str = "/generate", steps: int = 30) -> dict:
+    method = "GET" if endpoint == "/ready" else "POST"
+    series = f'sglora_requests_total{{{_T}, endpoint="{endpoint}", method="{method}", status="{status}"}}'
+    return {"series": series, "values": f"0+{per_min}x{steps}"}
+
+
+def _latency(bucket: str) -> list[dict]:
+    """/generate requests, 100 a minute, all in the bucket whose upper bound is ``bucket``."""
+    out = []
+    for le in ("1.0", "2.5", "5.0", "+Inf"):
+        inside = float(le) >= float(bucket)
+        series = f'sglora_request_duration_seconds_bucket{{{_T}, endpoint="/generate", le="{le}"}}'
+        out.append({"series": series, "values": "0+100x40" if inside else "0x40"})
+    return out
+
+
+def _cache(error_per_min: int) -> list[dict]:
+    return [
+        {"series": f'sglora_cache_events_total{{{_T}, result="{r}"}}', "values": f"0+{n}x30"}
+        for r, n in (("hit", 60), ("miss", 30), ("error", error_per_min))
+    ]
+
+
+SCENARIOS = {
+    # alert: (series when it fires, eval time, series when it does not, the alert's own labels beyond severity)
+    "SGLoRAApiDown": (
+        [{"series": f"up{{{_T}}}", "values": "1 1 0 0 0 0 0 0 0 0"}],
+        "5m",
+        [{"series": f"up{{{_T}}}", "values": "1 1 1 1 0 1 1 1 1 1"}],  # one failed scrape is not down
+        {"job": "sglora-api", "instance": "api:8000"},
+    ),
+    "SGLoRAServerErrors": (
+        [_requests("200", 600), _requests("500", 12)],  # 2 % 500s
+        "15m",
+        # 0.5 % 5xx, and /ready's 503s (a draining replica says so) are not errors
+        [_requests("200", 600), _requests("504", 3), _requests("503", 600, endpoint="/ready")],
+        {"job": "sglora-api"},
+    ),
+    "SGLoRAOverloaded": (
+        [_requests("200", 600), _requests("429", 60)],
+        "15m",
+        [_requests("200", 600), _requests("429", 12)],
+        {"job": "sglora-api"},
+    ),
+    "SGLoRAModelTimeouts": (
+        [{"series": f'sglora_rejected_total{{{_T}, reason="timeout"}}', "values": "0+1x30"}],
+        "15m",
+        [
+            {"series": f'sglora_rejected_total{{{_T}, reason="timeout"}}', "values": "0x30"},
+            {"series": f'sglora_rejected_total{{{_T}, reason="overloaded"}}', "values": "0+5x30"},
+        ],
+        {"job": "sglora-api"},
+    ),
+    "SGLoRACacheDegraded": (_cache(60), "15m", _cache(3), {"job": "sglora-api"}),
+    "SGLoRAGenerateSlow": (_latency("5.0"), "30m", _latency("2.5"), {"job": "sglora-api"}),
+    "SGLoRAModelSaturated": (
+        [
+            {"series": f"sglora_model_threads_busy{{{_T}}}", "values": "1x40"},
+            {"series": f"sglora_model_threads{{{_T}}}", "values": "1x40"},
+        ],
+        "35m",
+        [
+            {"series": f"sglora_model_threads_busy{{{_T}}}", "values": " ".join(["1", "0"] * 20)},  # busy half the time
+            {"series": f"sglora_model_threads{{{_T}}}", "values": "1x40"},
+        ],
+        {"job": "sglora-api"},
+    ),
+}
+
+
+def test_every_alert_has_a_scenario():
+    assert set(SCENARIOS) == set(alert_rules())
+
+
+@needs_promtool
+def test_each_alert_fires_on_its_scenario_and_not_on_the_benign_one(tmp_path):
+    rules = alert_rules()
+    tests = []
+    for name, (firing, at, benign, labels) in SCENARIOS.items():
+        rule = rules[name]
+        expected = {
+            "exp_labels": {"severity": rule["labels"]["severity"], **labels},
+            "exp_annotations": {
+                k: v.replace("{{ $labels.instance }}", labels.get("instance", "")) for k, v in rule["annotations"].items()
+            },
+        }
+        tests.append(
+            {
+                "name": f"{name} fires",
+                "interval": "1m",
+                "input_series": firing,
+                "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": [expected]}],
+            }
+        )
+        tests.append(
+            {
+                "name": f"{name} stays quiet",
+                "interval": "1m",
+                "input_series": benign,
+                "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": []}],
+            }
+        )
+    spec = tmp_path / "alerts-test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    out = promtool("test", "rules", str(spec), cwd=tmp_path)
+    assert "SUCCESS" in out.stdout
+
+
+@needs_promtool
+def test_a_scenario_that_should_fire_is_caught_when_the_rule_is_wrong(tmp_path):
+    """The unit test above can fail: the same scenario against a rule with a threshold nobody reaches."""
+    broken = ALERTS.read_text().replace("> 0.01\n", "> 0.5\n")
+    assert broken != ALERTS.read_text()
+    (tmp_path / "alerts.yml").write_text(broken)
+    firing, at, _, labels = SCENARIOS["SGLoRAServerErrors"]
+    rule = alert_rules()["SGLoRAServerErrors"]
+    expected = {"exp_labels": {"severity": "critical", **labels}, "exp_annotations": rule["annotations"]}
+    check = {"eval_time": at, "alertname": "SGLoRAServerErrors", "exp_alerts": [expected]}
+    case = {"interval": "1m", "input_series": firing, "alert_rule_test": [check]}
+    (tmp_path / "t.yml").write_text(yaml.safe_dump({"rule_files": ["alerts.yml"], "tests": [case]}))
+    p = subprocess.run([PROMTOOL, "test", "rules", "t.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "SGLoRAServerErrors" in p.stdout + p.stderr
+
+
+# ---- Grafana --------------------------------------------------------------------------------------
+def test_dashboard_layout_and_variables():
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    cells = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["allValue"] == ".*"
+    for expr in dashboard_exprs():
+        assert '{instance=~"$instance"' in expr or 'instance=~"$instance"' in expr, f"not filtered by replica: {expr}"
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    rules = [{"record": f"sglora:panel_query_{i}", "expr": as_promql(e)} for i, e in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    assert f"{len(rules)} rules found" in promtool("check", "rules", str(path)).stdout
+
+
+def test_grafana_provisioning_is_wired_in_compose():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["grafana"]
+    env, mounts = compose["environment"], dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["volumes"][:2])
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "$SGLORA_PROMETHEUS_URL"
+    assert env["SGLORA_PROMETHEUS_URL"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "sglora.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "$SGLORA_GRAFANA_DASHBOARDS"
+    assert mounts["./deploy/grafana/dashboards"] == env["SGLORA_GRAFANA_DASHBOARDS"]
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == env["SGLORA_GRAFANA_DASHBOARDS"] + "/" + DASHBOARD.name
+
+
+# ---- both, against the service's own /metrics -------------------------------------------------------
+_SELECTOR = re.compile(r"\b(sglora_[a-z_]+)(?:\{([^}]*)\})?")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+_BY = re.compile(r"\bby\s*\(([^)]*)\)")
+_ADDED = {"job", "instance"}  # labels Prometheus adds to every scraped series
+
+
+@pytest.mark.anyio
+async def test_rules_and_dashboard_name_only_metrics_and_labels_the_service_exposes(make_settings):
+    async with serving(make_settings()) as (_, client):
+        assert (await client.post("/generate", json={"description": "a photo of a cat", "seed": 1})).status_code == 200
+        text = (await client.get("/metrics")).text
+    labels: dict[str, set[str]] = {}  # sample name -> label names
+    values: dict[str, set[str]] = {}  # label name -> values seen
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+            for k, v in s.labels.items():
+                values.setdefault(k, set()).add(v)
+    exprs = [r["expr"] for r in alert_rules().values()] + [as_promql(e) for e in dashboard_exprs()]
+    checked = 0
+    for expr in exprs:
+        named = _SELECTOR.findall(expr)
+        assert named or "sglora_" not in expr, expr
+        for name, matchers in named:
+            assert name in labels, f"{name} is not in the service's /metrics (in {expr!r})"
+            for label, op, value in _MATCHER.findall(matchers):
+                assert label in labels[name] | _ADDED, f"{name} has no label {label!r} (in {expr!r})"
+                if op == "=" and label not in _ADDED | {"status"}:
+                    assert value in values.get(label, set()), f"no {name} series has {label}={value!r}"
+            checked += 1
+        known = set().union(*(labels[n] for n, _ in named)) | _ADDED if named else _ADDED
+        for group in _BY.findall(expr):
+            for label in (x.strip() for x in group.split(",")):
+                assert label in known, f"'by ({group})' names {label!r}, which none of its metrics has (in {expr!r})"
+    assert checked >= 30
