@@ -19,6 +19,7 @@ from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.request_id import RequestIdFilter, RequestIdMiddleware
 from app.routes import experts, generate, health, retrieve, ui
+from app.runtime import freeze_heap, unfreeze_heap
 from app.service import Service
 from app.settings import Settings
 from sglora import __version__
@@ -64,10 +65,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", e)
             raise
         app.state.service = service
+        frozen = settings.gc_freeze
+        if frozen:
+            log.info("garbage collector: %d start-up objects frozen", freeze_heap())
+        metrics.gc_pauses.install()
         try:
             yield
         finally:
+            metrics.gc_pauses.uninstall()
             await service.stop()
+            if frozen:
+                unfreeze_heap()
             log.info("stopped")
 
     app = FastAPI(title="SG-LoRA", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.runtime import GcPauses
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -52,6 +63,13 @@ class Metrics:
         self.model_threads = Gauge("sglora_model_threads", "model threads of the worker", registry=r)
         self.rejected = Counter("sglora_rejected", "requests refused by the worker", ["reason"], registry=r)
         self.info = Info("sglora_artifacts", "loaded artefacts", registry=r)
+        # What prometheus-client's default registry would carry: process_* (CPU, RSS, open files),
+        # python_info and python_gc_*; and the collector's pauses (app/runtime.py), timed while serving.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.gc_pauses = GcPauses()
+        r.register(self.gc_pauses)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result=result)
         for result in ("hit", "miss"):

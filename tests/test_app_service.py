@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -167,7 +168,7 @@ async def test_health_ready_and_metrics(make_settings):
         assert (await client.post("/generate", json={"description": ""})).status_code == 422
         text = (await client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert all(name.startswith("sglora_") for name in families)
+    assert all(name.startswith(("sglora_", "process_", "python_")) for name in families)
     value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200")))] == 2
     assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "422")))] == 1
@@ -180,6 +181,32 @@ async def test_health_ready_and_metrics(make_settings):
     assert families["sglora_in_flight_requests"].type == "gauge"
     info = families["sglora_artifacts_info"].samples[0].labels
     assert info["backbone"] == "tiny-vit" and info["artifact_version"] == service.version
+    assert value[("process_resident_memory_bytes", ())] > 50e6 and value[("process_cpu_seconds_total", ())] > 0
+    assert sum(v for (name, _), v in value.items() if name == "sglora_gc_pause_seconds_count") >= 1
+
+
+async def test_start_up_heap_is_frozen_while_serving_and_collections_are_timed(make_settings):
+    assert gc.get_freeze_count() == 0
+    async with serving(make_settings()) as (service, client):
+        assert gc.get_freeze_count() > 10_000  # the loaded model, the libraries
+        pauses = service.metrics.gc_pauses
+
+        def counts():
+            return {s.labels["generation"]: s.value for s in next(pauses.collect()).samples if s.name.endswith("_count")}
+
+        before = counts()
+        gc.collect()
+        assert counts()["2"] == before["2"] + 1
+        text = (await client.get("/metrics")).text
+    assert gc.get_freeze_count() == 0  # handed back at shutdown
+    buckets = [s for f in text_string_to_metric_families(text) if f.name == "sglora_gc_pause_seconds" for s in f.samples]
+    full = [s.value for s in buckets if s.name.endswith("_bucket") and s.labels["generation"] == "2"]
+    assert full == sorted(full) and full[-1] >= 1  # cumulative; +Inf holds the forced collection
+    stopped = counts()
+    gc.collect()  # no longer timed once the app stopped
+    assert counts() == stopped
+    async with serving(make_settings(gc_freeze=False)):
+        assert gc.get_freeze_count() == 0
 
 
 def test_openapi_documents_every_endpoint_with_examples(make_settings):

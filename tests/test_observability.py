@@ -231,7 +231,7 @@ def test_grafana_provisioning_is_wired_in_compose():
 
 
 # ---- both, against the service's own /metrics -------------------------------------------------------
-_SELECTOR = re.compile(r"\b(sglora_[a-z_]+)(?:\{([^}]*)\})?")
+_SELECTOR = re.compile(r"\b((?:sglora|process|python)_[a-z_]+)(?:\{([^}]*)\})?")
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 _BY = re.compile(r"\bby\s*\(([^)]*)\)")
 _ADDED = {"job", "instance"}  # labels Prometheus adds to every scraped series
@@ -253,7 +253,7 @@ async def test_rules_and_dashboard_name_only_metrics_and_labels_the_service_expo
     checked = 0
     for expr in exprs:
         named = _SELECTOR.findall(expr)
-        assert named or "sglora_" not in expr, expr
+        assert named or "sglora_" not in expr, expr  # every query but `up` names a metric of the service
         for name, matchers in named:
             assert name in labels, f"{name} is not in the service's /metrics (in {expr!r})"
             for label, op, value in _MATCHER.findall(matchers):

@@ -1,0 +1,79 @@
+"""The Python runtime under the service: garbage-collector pauses, and the start-up heap kept out of them.
+
+A loaded service holds ~600k objects the cyclic garbage collector tracks (torch modules, transformers,
+tokenizers), and a full collection walks all of them: 280 ms on the offline default, during which the
+process holds the GIL and neither the event loop nor the model threads run. Under load such a
+collection comes every few seconds, and each one stalls every request in flight (docs/benchmarks.md,
+"Garbage-collector pauses"). :func:`freeze_heap` moves what start-up left alive to the collector's
+permanent generation (``gc.freeze``): those objects are still freed by reference counting, but no
+longer traversed, and a full collection then only walks what the service created since.
+:class:`GcPauses` times every collection, for ``sglora_gc_pause_seconds``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from itertools import accumulate
+
+from prometheus_client.core import HistogramMetricFamily
+
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def freeze_heap() -> int:
+    """Collects once, then freezes every object alive now; returns how many objects are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+def unfreeze_heap() -> None:
+    """Hands the frozen objects back to the collector (on shutdown: what the service leaves behind
+    in cycles can then be freed, e.g. between the apps of one test process)."""
+    gc.unfreeze()
+
+
+class GcPauses:
+    """A Prometheus collector of the garbage collector's pauses per generation, timed by a
+    ``gc.callbacks`` hook between :meth:`install` and :meth:`uninstall`.
+
+    The hook only adds to plain counters: it may run on any thread, in the middle of any allocation,
+    so it must not take a lock (a prometheus-client metric's lock could be held by that very thread).
+    The histogram is built from the counters when /metrics is scraped."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._counts = [[0] * (len(GC_BUCKETS) + 1) for _ in range(3)]  # per generation, per bucket (last: +Inf)
+        self._sums = [0.0, 0.0, 0.0]
+
+    def _hook(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        generation = info["generation"]
+        self._sums[generation] += pause
+        self._counts[generation][bisect_left(GC_BUCKETS, pause)] += 1
+
+    def install(self) -> None:
+        if self._hook not in gc.callbacks:
+            gc.callbacks.append(self._hook)
+
+    def uninstall(self) -> None:
+        if self._hook in gc.callbacks:
+            gc.callbacks.remove(self._hook)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "sglora_gc_pause_seconds",
+            "pauses of Python's cyclic garbage collector (the whole process waits), by generation",
+            labels=["generation"],
+        )
+        for generation in range(3):
+            cumulative = list(accumulate(self._counts[generation]))
+            buckets = [(str(b), c) for b, c in zip(GC_BUCKETS, cumulative, strict=False)] + [("+Inf", cumulative[-1])]
+            family.add_metric([str(generation)], buckets, self._sums[generation])
+        yield family
