@@ -39,7 +39,11 @@ class Metrics:
             "sglora_requests", "HTTP requests by endpoint and status", ["endpoint", "method", "status"], registry=r
         )
         self.latency = Histogram(
-            "sglora_request_duration_seconds", "end-to-end request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+            "sglora_request_duration_seconds",
+            "end-to-end request latency; cache: the answer's X-Cache (hit or miss, /generate), else empty",
+            ["endpoint", "cache"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.stage = Histogram(
             "sglora_stage_duration_seconds", "latency of one stage of a model job", ["stage"], buckets=STAGE_BUCKETS, registry=r
@@ -101,13 +105,14 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status, cache = 500, ""
         start = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, cache
             if message["type"] == "http.response.start":
                 status = message["status"]
+                cache = next((v.decode("latin-1") for k, v in message.get("headers", ()) if k.lower() == b"x-cache"), "")
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -118,4 +123,4 @@ class MetricsMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
             self.metrics.requests.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
-            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(endpoint=endpoint, cache=cache).observe(time.perf_counter() - start)

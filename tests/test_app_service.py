@@ -176,7 +176,8 @@ async def test_health_ready_and_metrics(make_settings):
     assert value[("sglora_cache_events_total", (("result", "miss"),))] == 1
     for stage in ("queue", "text_encoding", "prior", "sampling", "serialisation"):
         assert value[("sglora_stage_duration_seconds_count", (("stage", stage),))] >= 1, stage
-    assert value[("sglora_request_duration_seconds_count", (("endpoint", "/generate"),))] == 3
+    for cache in ("hit", "miss", ""):  # the 422 has no X-Cache
+        assert value[("sglora_request_duration_seconds_count", (("cache", cache), ("endpoint", "/generate")))] == 1, cache
     assert value[("sglora_batch_size_count", ())] >= 2  # warm-up + the miss
     assert families["sglora_in_flight_requests"].type == "gauge"
     info = families["sglora_artifacts_info"].samples[0].labels

@@ -68,13 +68,14 @@ def _requests(status: str, per_min: int, endpoint: str = "/generate", steps: int
     return {"series": series, "values": f"0+{per_min}x{steps}"}
 
 
-def _latency(bucket: str) -> list[dict]:
-    """/generate requests, 100 a minute, all in the bucket whose upper bound is ``bucket``."""
+def _latency(cache: str, bucket: str, other: str) -> list[dict]:
+    """/generate answers ``cache``, 100 a minute, all in the bucket whose upper bound is ``bucket``; as many
+    of the other cache result, all in the bucket ``other``."""
     out = []
-    for le in ("1.0", "2.5", "5.0", "+Inf"):
-        inside = float(le) >= float(bucket)
-        series = f'sglora_request_duration_seconds_bucket{{{_T}, endpoint="/generate", le="{le}"}}'
-        out.append({"series": series, "values": "0+100x40" if inside else "0x40"})
+    for result, upper in ((cache, bucket), ("miss" if cache == "hit" else "hit", other)):
+        for le in ("0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "+Inf"):
+            series = f'sglora_request_duration_seconds_bucket{{{_T}, endpoint="/generate", cache="{result}", le="{le}"}}'
+            out.append({"series": series, "values": "0+100x40" if float(le) >= float(upper) else "0x40"})
     return out
 
 
@@ -116,7 +117,9 @@ SCENARIOS = {
         {"job": "sglora-api"},
     ),
     "SGLoRACacheDegraded": (_cache(60), "15m", _cache(3), {"job": "sglora-api"}),
-    "SGLoRAGenerateSlow": (_latency("5.0"), "30m", _latency("2.5"), {"job": "sglora-api"}),
+    # slow misses fire it, slow hits beside fast misses do not (and the other way round for hits)
+    "SGLoRAGenerateSlow": (_latency("miss", "5.0", "0.1"), "30m", _latency("hit", "5.0", "1.0"), {"job": "sglora-api"}),
+    "SGLoRACacheHitsSlow": (_latency("hit", "1.0", "2.5"), "30m", _latency("miss", "5.0", "0.25"), {"job": "sglora-api"}),
     "SGLoRAModelSaturated": (
         [
             {"series": f"sglora_model_threads_busy{{{_T}}}", "values": "1x40"},
@@ -240,7 +243,9 @@ _ADDED = {"job", "instance"}  # labels Prometheus adds to every scraped series
 @pytest.mark.anyio
 async def test_rules_and_dashboard_name_only_metrics_and_labels_the_service_exposes(make_settings):
     async with serving(make_settings()) as (_, client):
-        assert (await client.post("/generate", json={"description": "a photo of a cat", "seed": 1})).status_code == 200
+        for cache in ("miss", "hit"):
+            r = await client.post("/generate", json={"description": "a photo of a cat", "seed": 1})
+            assert r.status_code == 200 and r.headers["x-cache"] == cache
         text = (await client.get("/metrics")).text
     labels: dict[str, set[str]] = {}  # sample name -> label names
     values: dict[str, set[str]] = {}  # label name -> values seen
