@@ -6,7 +6,9 @@ process holds the GIL and neither the event loop nor the model threads run. Unde
 collection comes every few seconds, and each one stalls every request in flight (docs/benchmarks.md,
 "Garbage-collector pauses"). :func:`freeze_heap` moves what start-up left alive to the collector's
 permanent generation (``gc.freeze``): those objects are still freed by reference counting, but no
-longer traversed, and a full collection then only walks what the service created since.
+longer traversed, and a full collection then only walks what the service created since (the price: a
+start-up object that later ends up in an unreachable reference cycle stays until shutdown; most of
+them, the loaded model, live as long as the service anyway).
 :class:`GcPauses` times every collection, for ``sglora_gc_pause_seconds``.
 """
 
