@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -104,3 +106,35 @@ def test_compare_runs_refuses_runs_of_other_tasks(tmp_path):
     missing = [sys.executable, script, str(tmp_path / "nope")]
     p = subprocess.run(missing, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_plot_service_bench_draws_the_miss_breakdown(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import plot_service_bench as plot
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    run = {
+        "bare_embed_ms": 8.0,
+        "miss_ms": 12.0,
+        "rps_1": 80.0,
+        "throughput_ratio": 2.5,
+        "mean_batch": 20.0,
+        "lone_miss_ms": {"client": 13.0, "server": 12.0, "queue": 0.1, "text_encoding": 9.0, "prior": 0.5, "sampling": 1.2,
+                         "serialisation": 0.3},
+        "stage_ms_per_request": {"text_encoding": 4.0, "prior": 0.5, "sampling": 0.1, "serialisation": 0.5},
+    }  # fmt: skip
+    miss, alone, loaded = plot.segments(run)
+    assert dict(miss)["server, other"] == pytest.approx(0.9) and dict(miss)["HTTP and client"] == 1.0  # what the stages leave
+    assert sum(v for _, v in miss) == pytest.approx(13.0) and sum(v for _, v in loaded) == pytest.approx(5.1) and len(alone) == 4
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps([{"bare_embed_ms": 1.0}, run]))  # a list: the last run is drawn
+    out = tmp_path / "figures" / "miss.png"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_service_bench.py"), str(result), "--out", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.parent.glob("*.tmp.png"))
+    result.write_text(json.dumps({"bare_embed_ms": 1.0}))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_service_bench.py"), str(result)],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode != 0 and "missing miss_ms" in p.stderr and "Traceback" not in p.stderr
