@@ -210,6 +210,17 @@ async def test_start_up_heap_is_frozen_while_serving_and_collections_are_timed(m
         assert gc.get_freeze_count() == 0
 
 
+def test_every_setting_has_a_row_in_the_docs():
+    from pathlib import Path
+
+    from app.settings import Settings
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    rows = set(re.findall(r"^\| `(SGLORA_[A-Z0-9_]+)` \|", doc, flags=re.M))
+    # SGLORA_LOG_FORMAT is read by `python -m app` / `sglora serve` before the app exists (app/serve.py)
+    assert rows == {f"SGLORA_{name.upper()}" for name in Settings.model_fields} | {"SGLORA_LOG_FORMAT"}
+
+
 def test_openapi_documents_every_endpoint_with_examples(make_settings):
     app = create_app(make_settings())
     spec = app.openapi()
