@@ -1,0 +1,96 @@
+"""sglora.open_clip_lora: a /generate file merged into a plain open_clip model the caller loaded."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load, save
+from torch.nn import functional as F
+
+from sglora.export import from_peft_tensors
+from sglora.open_clip_lora import merge_lora, read_lora
+
+
+@pytest.fixture(scope="module")
+def generated(client):
+    """(sg-lora file, topk-exact file): an ordinary rank and a higher-rank exact merge."""
+    out = []
+    for body in ({"description": "a red circle", "seed": 3}, {"description": "a red circle", "method": "topk-exact"}):
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        out.append(r.content)
+    return out
+
+
+def _embed(model, pixels):
+    with torch.no_grad():
+        return F.normalize(model.encode_image(pixels), dim=-1)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_merged_model_embeds_images_as_the_library_does_and_is_restored(generated, reference, which, tmp_path):
+    backbone = reference.backbone
+    model = copy.deepcopy(backbone.model).eval()  # "the user's own open_clip model": same weights, not the library's
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = _embed(model, pixels)
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(generated[which])
+
+    with merge_lora(model, path) as lora:
+        after = _embed(model, pixels)
+        assert lora.metadata["description"] == "a red circle" and len(lora.experts) >= 1
+        # the library's own layout (not the one the helper read from the file), at the file's rank
+        spec = dataclasses.replace(backbone.spec, rank=lora.spec.rank, alpha=lora.spec.alpha, scaling=lora.spec.scaling)
+        assert lora.spec == spec
+        vector = from_peft_tensors(spec, load(path.read_bytes()))
+        expected = backbone.encode_image(backbone.image_features(pixels), vector, spec)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+    assert (after - before).abs().max() > 1e-4  # the LoRA did change the embeddings
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())  # restored bit for bit
+    if which == 1:
+        assert lora.spec.rank > backbone.spec.rank  # the exact merge's own rank, read from the metadata
+    torch.testing.assert_close(_embed(model, pixels), before, rtol=0, atol=0)
+
+
+def _with_metadata(data: bytes, **changes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"backbone_kind": "offline"}, "for a offline backbone, not an open_clip model"),
+        ({"targets": json.dumps(["visual.transformer.resblocks.7.attn.q"])}, "has 2 blocks"),
+        ({"targets": json.dumps(["visual.proj"])}, "not a q/k/v block"),
+        ({"rank": "3"}, "expected B"),
+        ({"rank": "two"}, "does not describe its LoRA layout"),
+    ],
+)
+def test_a_file_that_does_not_fit_is_refused_before_any_weight_changes(generated, reference, change, message):
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        merge_lora(model, _with_metadata(generated[0], **change))
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
+
+
+def test_not_a_lora_file_and_non_finite_values_are_refused(generated, reference):
+    with pytest.raises(ValueError, match="not a safetensors LoRA file"):
+        read_lora(b"\x00" * 7)
+    tensors, meta = read_lora(generated[0])
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        merge_lora(copy.deepcopy(reference.backbone.model), save(tensors, metadata=meta))
