@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,77 @@ async def test_rules_and_dashboard_name_only_metrics_and_labels_the_service_expo
             for label in (x.strip() for x in group.split(",")):
                 assert label in known, f"'by ({group})' names {label!r}, which none of its metrics has (in {expr!r})"
     assert checked >= 30
+
+
+# ---- a real Prometheus against the real service ------------------------------------------------------
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None and os.environ.get("CI") != "true",
+    reason="prometheus is not installed (apt-get install prometheus); under CI=true this fails instead",
+)
+def test_prometheus_scrapes_the_service_loads_the_rules_and_every_panel_has_data(tiny_artifacts_session, shared_redis, tmp_path):
+    """deploy/prometheus-local.yml with the service on a free port and a 1 s scrape: the rules load and
+    evaluate, and every dashboard query returns series once the service has answered a few requests."""
+    import httpx
+
+    from app.processes import free_port, start_server, stop, wait_ready
+
+    assert PROMETHEUS, "prometheus is not installed; .ci/run installs it (Debian package prometheus)"
+    url, prefix = shared_redis
+    port, prom_port = free_port(), free_port()
+    env = {**os.environ, "SGLORA_ARTIFACTS": str(tiny_artifacts_session), "SGLORA_REDIS_URL": url,
+           "SGLORA_CACHE_PREFIX": prefix(), "SGLORA_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # fmt: skip
+    config = yaml.safe_load((DEPLOY / "prometheus-local.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    server = start_server(port, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prom = None
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server)
+        prom = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        api = f"http://127.0.0.1:{prom_port}/api/v1"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for i in range(6):  # misses and hits over a few scrapes
+                for _ in range(2):
+                    r = client.post("/generate", json={"description": f"a red circle {i % 3}", "seed": 1})
+                    assert r.status_code == 200
+                client.get("/experts")
+                time.sleep(0.5)
+
+        def query(expr: str) -> list:
+            r = httpx.get(f"{api}/query", params={"query": expr}, timeout=10)
+            assert r.status_code == 200 and r.json()["status"] == "success", (expr, r.text)
+            return r.json()["data"]["result"]
+
+        end = time.monotonic() + 30
+        while not query('up{job="sglora-api"} == 1') or not query("rate(sglora_requests_total[20s]) > 0"):
+            assert prom.poll() is None, prom.communicate()[1][-2000:]
+            assert time.monotonic() < end, "Prometheus did not scrape the service"
+            time.sleep(0.5)
+        rules = httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"]
+        loaded = {r["name"]: r for g in rules for r in g["rules"]}
+        assert set(loaded) == set(alert_rules())
+        assert all(r["health"] == "ok" for r in loaded.values()), [(n, r.get("lastError")) for n, r in loaded.items()]
+        assert all(r["state"] == "inactive" for r in loaded.values())  # a healthy service fires nothing
+        empty = []
+        for expr in dashboard_exprs():
+            q = expr.replace("$__rate_interval", "20s").replace('=~"$instance"', '=~".+"')
+            if not query(q):
+                empty.append(expr)
+        # Only the 5xx and 429 ratios may be empty: no such answer happened, so their numerators have no series.
+        allowed = ('status=~"5..', 'status="429"')
+        assert [e for e in empty if not any(a in e for a in allowed)] == []
+        assert len(empty) <= 2, empty
+    finally:
+        if prom is not None:
+            prom.terminate()
+            prom.wait(timeout=30)
+        stop(server)
