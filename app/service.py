@@ -338,7 +338,10 @@ class Service:
         ).digest()
         if lookup:
             data, ok = await self.cache.get("gen:" + key)
-            self.metrics.cache.labels(result="hit" if data is not None else ("miss" if ok else "error")).inc()
+            # error: Redis failed or is skipped for its back-off; with the cache off (SGLORA_REDIS_URL empty)
+            # nothing is stored, so nothing is found: a miss, not an error (else the cache alert would fire).
+            failed = not ok and self.cache.enabled
+            self.metrics.cache.labels(result="hit" if data is not None else ("error" if failed else "miss")).inc()
             if data is not None:
                 etag = etag_of(data)
                 self.lru.put(etag, data)

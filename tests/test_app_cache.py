@@ -163,3 +163,14 @@ def test_cache_key_names_the_code_version(monkeypatch):
     assert CacheKey("v1", "a cat", "sg-lora", 1, 4, 0.1).digest() == before
     monkeypatch.setattr(cache_module, "__version__", cache_module.__version__ + ".next")
     assert CacheKey("v1", "a cat", "sg-lora", 1, 4, 0.1).digest() != before
+
+
+def test_with_the_cache_off_a_lookup_is_a_miss_not_an_error(make_settings):
+    """SGLORA_REDIS_URL empty: nothing is stored, so nothing is found; counting errors would keep the
+    cache-degraded alert (deploy/alerts.yml) firing for a service configured without a cache."""
+    with TestClient(create_app(make_settings(redis_url=""))) as c:
+        assert c.get("/ready").json()["redis"] == "disabled"
+        for _ in range(2):
+            r = c.post("/generate", json={"description": "a red circle", "seed": 1})
+            assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+        assert (cache_events(c, "miss"), cache_events(c, "error"), cache_events(c, "hit")) == (2, 0, 0)
