@@ -72,10 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            metrics.gc_pauses.uninstall()
-            await service.stop()
-            if frozen:
-                unfreeze_heap()
+            try:
+                await service.stop()
+            finally:
+                metrics.gc_pauses.uninstall()  # after the drain: its pauses count too
+                if frozen:
+                    unfreeze_heap()
             log.info("stopped")
 
     app = FastAPI(title="SG-LoRA", version=__version__, description=DESCRIPTION, lifespan=lifespan)

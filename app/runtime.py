@@ -15,6 +15,7 @@ them, the loaded model, live as long as the service anyway).
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -25,17 +26,35 @@ from prometheus_client.core import HistogramMetricFamily
 GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+_freezers = 0  # apps of this process that froze the heap and have not stopped yet
+_freezers_lock = threading.Lock()
+
+
 def freeze_heap() -> int:
-    """Collects once, then freezes every object alive now; returns how many objects are frozen."""
-    gc.collect()
-    gc.freeze()
+    """Collects once, then freezes every object alive now; returns how many objects are frozen. The
+    freeze is the process's, so it is counted: :func:`unfreeze_heap` undoes it when the last app of the
+    process that froze it stops (tests run several apps in one process)."""
+    global _freezers
+    with _freezers_lock:
+        gc.collect()
+        gc.freeze()
+        _freezers += 1
     return gc.get_freeze_count()
 
 
 def unfreeze_heap() -> None:
-    """Hands the frozen objects back to the collector (on shutdown: what the service leaves behind
-    in cycles can then be freed, e.g. between the apps of one test process)."""
-    gc.unfreeze()
+    """Hands the frozen objects back to the collector once no app that froze them is left (on shutdown:
+    what the service leaves behind in cycles can then be freed)."""
+    global _freezers
+    with _freezers_lock:
+        _freezers = max(0, _freezers - 1)
+        if _freezers == 0:
+            gc.unfreeze()
+
+
+def freezers() -> int:
+    """How many apps of this process hold the heap frozen."""
+    return _freezers
 
 
 class GcPauses:
@@ -47,7 +66,7 @@ class GcPauses:
     The histogram is built from the counters when /metrics is scraped."""
 
     def __init__(self) -> None:
-        self._started = 0.0
+        self._started: float | None = None  # None: no collection under way that this hook saw start
         self._counts = [[0] * (len(GC_BUCKETS) + 1) for _ in range(3)]  # per generation, per bucket (last: +Inf)
         self._sums = [0.0, 0.0, 0.0]
 
@@ -55,7 +74,9 @@ class GcPauses:
         if phase == "start":
             self._started = time.perf_counter()
             return
-        pause = time.perf_counter() - self._started
+        if self._started is None:  # installed while a collection was under way: its start was not seen
+            return
+        pause, self._started = time.perf_counter() - self._started, None
         generation = info["generation"]
         self._sums[generation] += pause
         self._counts[generation][bisect_left(GC_BUCKETS, pause)] += 1
