@@ -39,6 +39,9 @@ def load(path: Path) -> dict:
     run = data[-1] if isinstance(data, list) and data else data
     need = ("bare_embed_ms", "miss_ms", "lone_miss_ms", "stage_ms_per_request", "throughput_ratio", "rps_1")
     missing = [k for k in need if not isinstance(run, dict) or k not in run]
+    if not missing:
+        lone = run["lone_miss_ms"] if isinstance(run["lone_miss_ms"], dict) else {}
+        missing = [f"lone_miss_ms.{k}" for k in ("client", "server", *STAGES) if not isinstance(lone.get(k), int | float)]
     if missing:
         raise SystemExit(f"{path}: not a bench_service.py result with the per-stage breakdown (missing {', '.join(missing)})")
     return run
@@ -96,7 +99,8 @@ def plot(run: dict, out: Path) -> None:
     right.set_xlim(0, 1.18 * max(one_client / 3, sum(v for _, v in alone), sum(v for _, v in loaded)))
     clients = run.get("clients", 32)
     batch = run.get("mean_batch")
-    right.set_yticks([1, 0], ["1 client", f"{clients} clients\n(batch {batch:.0f})" if batch else f"{clients} clients"])
+    known = isinstance(batch, int | float) and batch == batch  # JSON null or NaN: not measured
+    right.set_yticks([1, 0], ["1 client", f"{clients} clients\n(batch {batch:.0f})" if known else f"{clients} clients"])
     right.set_xlabel("model-thread ms per miss")
     right.set_ylim(-0.6, 1.7)
     threads = run.get("model_threads", 1)

@@ -46,7 +46,10 @@ def read_lora(source: bytes | str | Path) -> tuple[dict[str, torch.Tensor], dict
     data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        header = json.loads(data[8 : 8 + n])
+        metadata = header.get("__metadata__") or {} if isinstance(header, dict) else None
+        if not isinstance(metadata, dict):
+            raise ValueError("its header is not a JSON object with a __metadata__ map")
         tensors = load(data)
     except (struct.error, ValueError, SafetensorError) as e:
         raise ValueError(f"not a safetensors LoRA file: {e}") from e
@@ -72,7 +75,10 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
         i, which = int(m.group(1)), m.group(2)
         if i >= len(blocks):
             raise ValueError(f"target {name!r}: the model's visual transformer has {len(blocks)} blocks")
-        width = blocks[i].attn.embed_dim
+        attn = getattr(blocks[i], "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise ValueError(f"target {name!r}: block {i} of the model has no fused q/k/v attention (nn.MultiheadAttention)")
+        width = attn.embed_dim
         j = _QKV.index(which)
         targets.append(
             LoraTarget(

@@ -88,6 +88,8 @@ def test_a_file_that_does_not_fit_is_refused_before_any_weight_changes(generated
 def test_not_a_lora_file_and_non_finite_values_are_refused(generated, reference):
     with pytest.raises(ValueError, match="not a safetensors LoRA file"):
         read_lora(b"\x00" * 7)
+    with pytest.raises(ValueError, match="not a JSON object"):
+        read_lora(struct.pack("<Q", 8) + b"[1,2,3] ")
     tensors, meta = read_lora(generated[0])
     name = sorted(tensors)[0]
     tensors[name] = tensors[name].clone()

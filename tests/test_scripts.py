@@ -138,3 +138,7 @@ def test_plot_service_bench_draws_the_miss_breakdown(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_service_bench.py"), str(result)],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode != 0 and "missing miss_ms" in p.stderr and "Traceback" not in p.stderr
+    result.write_text(json.dumps({**run, "lone_miss_ms": {"client": 13.0}}))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_service_bench.py"), str(result)],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode != 0 and "lone_miss_ms.server" in p.stderr and "Traceback" not in p.stderr
