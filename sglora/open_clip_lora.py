@@ -66,7 +66,13 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
         rank, alpha, scaling = int(metadata["rank"]), float(metadata["alpha"]), metadata.get("scaling", "standard")
     except (KeyError, ValueError) as e:
         raise ValueError(f"the file's metadata does not describe its LoRA layout ({e})") from e
-    blocks = list(getattr(getattr(visual, "transformer", None), "resblocks", []))
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None:
+        raise ValueError(
+            f"{type(visual).__name__} is not an open_clip visual transformer (no transformer.resblocks); for an HF "
+            "CLIPModel load the PEFT zip of /generate with peft.PeftModel.from_pretrained"
+        )
+    blocks = list(blocks)
     targets = []
     for name in names:
         m = _TARGET.fullmatch(name)

@@ -85,6 +85,11 @@ def test_a_file_that_does_not_fit_is_refused_before_any_weight_changes(generated
     assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
 
 
+def test_a_model_that_is_not_open_clip_is_refused_with_the_peft_route_named(generated):
+    with pytest.raises(ValueError, match="not an open_clip visual transformer.*PeftModel"):
+        merge_lora(torch.nn.Linear(4, 4), generated[0])
+
+
 def test_not_a_lora_file_and_non_finite_values_are_refused(generated, reference):
     with pytest.raises(ValueError, match="not a safetensors LoRA file"):
         read_lora(b"\x00" * 7)
