@@ -122,6 +122,12 @@ SCENARIOS = {
     # slow misses fire it, slow hits beside fast misses do not (and the other way round for hits)
     "SGLoRAGenerateSlow": (_latency("miss", "5.0", "0.1"), "30m", _latency("hit", "5.0", "1.0"), {"job": "sglora-api"}),
     "SGLoRACacheHitsSlow": (_latency("hit", "1.0", "2.5"), "30m", _latency("miss", "5.0", "0.25"), {"job": "sglora-api"}),
+    "SGLoRAGcPauses": (  # seconds paused per minute: 1.8 (3 %) against 0.3 (0.5 %)
+        [{"series": f'sglora_gc_pause_seconds_sum{{{_T}, generation="2"}}', "values": "0+1.8x40"}],
+        "35m",
+        [{"series": f'sglora_gc_pause_seconds_sum{{{_T}, generation="2"}}', "values": "0+0.3x40"}],
+        {"job": "sglora-api"},
+    ),
     "SGLoRAModelSaturated": (
         [
             {"series": f"sglora_model_threads_busy{{{_T}}}", "values": "1x40"},
@@ -330,22 +336,28 @@ def _scrape_and_query(api: str, service: str, prom: subprocess.Popen) -> None:
 
     def until(expr: str) -> None:
         end = time.monotonic() + 30
-        while True:
-            try:
-                if query(expr):
-                    return
-            except httpx.TransportError:  # not listening yet
-                pass
+        while not query(expr):
             assert prom.poll() is None, prom.communicate()[1][-2000:]
             assert time.monotonic() < end, f"Prometheus never saw {expr}"
             time.sleep(0.3)
 
+    end = time.monotonic() + 30
+    while True:  # Prometheus answers 503 until its storage is open
+        try:
+            if httpx.get(api.removesuffix("/api/v1") + "/-/ready", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert prom.poll() is None, prom.communicate()[1][-2000:]
+        assert time.monotonic() < end, "Prometheus did not get ready"
+        time.sleep(0.3)
     until('up{job="sglora-api"} == 1')  # scraping before the traffic, so that rates see it start
     with httpx.Client(base_url=service, timeout=30) as client:
-        for i in range(8):  # misses and hits over a few scrapes
-            for _ in range(2):
-                r = client.post("/generate", json={"description": f"a red circle {i % 3}", "seed": 1})
-                assert r.status_code == 200
+        # A miss and a hit in every scrape interval: a series' first sample shows no increase to rate().
+        for i in range(8):
+            for cache in ("miss", "hit"):
+                r = client.post("/generate", json={"description": f"a red circle {i}", "seed": 1})
+                assert r.status_code == 200 and r.headers["x-cache"] == cache
             client.get("/experts")
             time.sleep(0.4)
     until('sum(rate(sglora_request_duration_seconds_count{endpoint="/generate", cache="hit"}[30s])) > 0')
