@@ -14,7 +14,10 @@ warm-up and after the measured phase.
 
 Pass (exit 0): no error (anything but 200, or a 429 that carries Retry-After; a 429 is then honoured
 by sleeping Retry-After) and resident memory after the run within --max-rss-growth of after warm-up.
-Reports p50/p90/p99/max latency, throughput, status counts, cache hits and the mean micro-batch size.
+Reports p50/p90/p99/max latency, throughput, status counts, cache hits and the mean micro-batch size,
+and /generate's latency per cache result as the server's own histogram has it over the measured phase
+(quantiles interpolated within its buckets, as Prometheus's histogram_quantile does): the difference to
+the client's is time outside the app (connection queues, this load generator).
 
 Started by this script (``--artifacts``), the server is ``python -m app`` on a free loopback port without
 access log, with SGLORA_THREADS (default 1) and OMP_WAIT_POLICY=PASSIVE, and by default a private
@@ -211,15 +214,53 @@ async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
         await conn.close()
 
 
-async def batch_counters(host: str, port: int) -> tuple[float, float]:
-    """(sum, count) of the server's sglora_batch_size histogram."""
+async def server_counters(host: str, port: int) -> dict[tuple[str, tuple], float]:
+    """The server's /metrics samples this script reads: the micro-batch histogram's sum and count, and
+    /generate's latency buckets by cache result. {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     _, text = await get(host, port, "/metrics")
-    values = {}
-    for line in text.decode().splitlines():
-        if line.startswith(("sglora_batch_size_sum", "sglora_batch_size_count")):
-            name, value = line.split()
-            values[name] = float(value)
-    return values.get("sglora_batch_size_sum", 0.0), values.get("sglora_batch_size_count", 0.0)
+    wanted = {"sglora_batch_size_sum", "sglora_batch_size_count", "sglora_request_duration_seconds_bucket"}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+        if s.name in wanted and s.labels.get("endpoint", "/generate") == "/generate"
+    }
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus's histogram_quantile over cumulative (upper bound, count) pairs sorted by bound, the last
+    +Inf: linear within the bucket the rank falls in; the highest finite bound when it falls in +Inf."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / (count - below) if count > below else upper
+        lower, below = upper, count
+    return lower
+
+
+def server_latency_ms(before: dict, after: dict) -> dict:
+    """/generate latency as the server measured it, per cache result, over the phase between two
+    :func:`server_counters`: request count and p50/p90/p99 interpolated within the histogram's buckets."""
+    out = {}
+    for cache in ("hit", "miss"):
+        rows = []
+        for (name, labels), value in after.items():
+            d = dict(labels)
+            if name == "sglora_request_duration_seconds_bucket" and d.get("cache") == cache:
+                rows.append((float(d["le"]), value - before.get((name, labels), 0.0)))
+        rows.sort()
+        if rows and rows[-1][1] > 0:
+            out[cache] = {"requests": int(rows[-1][1])} | {
+                f"p{round(100 * q)}": round(1000 * bucket_quantile(q, rows), 1) for q in (0.5, 0.9, 0.99)
+            }
+    return out
 
 
 # ---- the server process -------------------------------------------------------------------------------
@@ -360,12 +401,15 @@ async def main_async(args: argparse.Namespace) -> int:
             warm, warm_s = await run_phase(host, port, args.warmup, args, pool)
             result["warmup"] = summarise(warm, warm_s)
         rss_warm = rss_kib(pid) if pid else None
-        b0 = await batch_counters(host, port)
+        c0 = await server_counters(host, port)
         stats, seconds = await run_phase(host, port, args.duration, args, pool)
-        b1 = await batch_counters(host, port)
+        c1 = await server_counters(host, port)
         rss_after = rss_kib(pid) if pid else None
         result["run"] = summarise(stats, seconds)
-        result["mean_batch"] = round((b1[0] - b0[0]) / (b1[1] - b0[1]), 1) if b1[1] > b0[1] else None
+        batch_sum, batch_count = (c1.get((f"sglora_batch_size_{k}", ()), 0.0) - c0.get((f"sglora_batch_size_{k}", ()), 0.0)
+                                  for k in ("sum", "count"))  # fmt: skip
+        result["mean_batch"] = round(batch_sum / batch_count, 1) if batch_count > 0 else None
+        result["server_latency_ms_by_cache"] = server_latency_ms(c0, c1)
         result["rss_mib"] = {
             "after_warmup": round(rss_warm / 1024, 1) if rss_warm else None,
             "after_run": round(rss_after / 1024, 1) if rss_after else None,
@@ -404,6 +448,8 @@ def print_report(r: dict) -> None:
     print(f"latency p50 {lat['p50']} ms  p90 {lat['p90']} ms  p99 {lat['p99']} ms  max {lat['max']} ms")
     for cache, q in run["latency_ms_by_cache"].items():
         print(f"  cache {cache:4s} p50 {q['p50']} ms  p90 {q['p90']} ms  p99 {q['p99']} ms")
+    for cache, q in r.get("server_latency_ms_by_cache", {}).items():
+        print(f"  server's own histogram, {cache:4s} p50 {q['p50']} ms  p90 {q['p90']} ms  p99 {q['p99']} ms  (within buckets)")
     hits = f"{run['cache_hits']} ({100 * run['hit_ratio']:.0f} % of 200s)"
     print(f"cache hits {hits}  429s {run['throttled_429']}  mean batch {r['mean_batch']}")
     print(f"RSS after warm-up {rss['after_warmup']} MiB, after run {rss['after_run']} MiB, growth {rss['growth']}")

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,27 @@ def test_loadtest_script_few_clients_no_errors_but_429s(tiny_artifacts_session, 
     assert run["throttled_429"] > 0  # deliberate back-pressure happened, with Retry-After
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
     assert result["rss_mib"]["after_run"] > 0 and result["server_exit"] == 0
-    assert "PASS" in p.stdout
+    # The server's own view of the same phase: every answered /generate is a hit or a miss there; the
+    # counts differ from the client's by at most the requests in flight when the phase began and ended.
+    server = result["server_latency_ms_by_cache"]
+    assert set(server) == {"hit", "miss"}
+    assert abs(server["hit"]["requests"] + server["miss"]["requests"] - run["statuses"]["200"]) <= 2 * 8
+    assert all(0 < q["p50"] <= q["p90"] <= q["p99"] for q in server.values())
+    assert "server's own histogram" in p.stdout and "PASS" in p.stdout
+
+
+def test_loadtest_bucket_quantile_interpolates_as_prometheus_does():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from loadtest import bucket_quantile
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    buckets = [(0.1, 50.0), (0.5, 90.0), (float("inf"), 100.0)]  # cumulative
+    assert bucket_quantile(0.5, buckets) == 0.1
+    assert bucket_quantile(0.7, buckets) == pytest.approx(0.3)
+    assert bucket_quantile(0.9, buckets) == pytest.approx(0.5)
+    assert bucket_quantile(0.95, buckets) == 0.5  # in +Inf: the highest finite bound, as histogram_quantile
+    assert bucket_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
 
 
 def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_session, shared_redis, tmp_path):
