@@ -216,10 +216,14 @@ async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
 
 async def server_counters(host: str, port: int) -> dict[tuple[str, tuple], float]:
     """The server's /metrics samples this script reads: the micro-batch histogram's sum and count, and
-    /generate's latency buckets by cache result. {(sample name, sorted labels): value}."""
+    /generate's latency buckets by cache result. {(sample name, sorted labels): value}; empty when /metrics
+    does not answer 200. With --url behind a load balancer, two reads may reach two replicas: compare
+    the server-side numbers only against a single server."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    _, text = await get(host, port, "/metrics")
+    status, text = await get(host, port, "/metrics")
+    if status != 200:  # e.g. behind a proxy that does not pass /metrics: no server-side numbers
+        return {}
     wanted = {"sglora_batch_size_sum", "sglora_batch_size_count", "sglora_request_duration_seconds_bucket"}
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value

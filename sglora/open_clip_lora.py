@@ -60,7 +60,10 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
     """The layout a file's metadata names, on this open_clip visual tower; ValueError where they differ."""
     kind = metadata.get("backbone_kind")
     if kind != "open_clip":
-        raise ValueError(f"this LoRA is for a {kind or 'unknown'} backbone, not an open_clip model")
+        raise ValueError(
+            f"this LoRA was made for the {kind or 'unknown'!r} backbone kind, not open_clip; apply it with the library that "
+            "made it (sglora) or, for a PEFT-named model of that backbone, with peft.PeftModel.from_pretrained"
+        )
     try:
         names = json.loads(metadata["targets"])
         rank, alpha, scaling = int(metadata["rank"]), float(metadata["alpha"]), metadata.get("scaling", "standard")
@@ -69,8 +72,8 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if blocks is None:
         raise ValueError(
-            f"{type(visual).__name__} is not an open_clip visual transformer (no transformer.resblocks); for an HF "
-            "CLIPModel load the PEFT zip of /generate with peft.PeftModel.from_pretrained"
+            f"{type(visual).__name__} is not an open_clip ViT visual tower (no transformer.resblocks): merge_lora adapts "
+            "open_clip ViTs; for an HF CLIPModel load the PEFT zip of /generate with peft.PeftModel.from_pretrained"
         )
     blocks = list(blocks)
     targets = []

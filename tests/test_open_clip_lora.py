@@ -70,7 +70,7 @@ def _with_metadata(data: bytes, **changes) -> bytes:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"backbone_kind": "offline"}, "for a offline backbone, not an open_clip model"),
+        ({"backbone_kind": "offline"}, "made for the 'offline' backbone kind, not open_clip"),
         ({"targets": json.dumps(["visual.transformer.resblocks.7.attn.q"])}, "has 2 blocks"),
         ({"targets": json.dumps(["visual.proj"])}, "not a q/k/v block"),
         ({"rank": "3"}, "expected B"),
@@ -86,7 +86,7 @@ def test_a_file_that_does_not_fit_is_refused_before_any_weight_changes(generated
 
 
 def test_a_model_that_is_not_open_clip_is_refused_with_the_peft_route_named(generated):
-    with pytest.raises(ValueError, match="not an open_clip visual transformer.*PeftModel"):
+    with pytest.raises(ValueError, match="not an open_clip ViT visual tower.*PeftModel"):
         merge_lora(torch.nn.Linear(4, 4), generated[0])
 
 
