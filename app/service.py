@@ -45,6 +45,7 @@ from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_ar
 from sglora.cli import generation_metadata, layout_metadata
 from sglora.engine import SAMPLING_METHODS, Request
 from sglora.export import from_peft_tensors, peft_zip_from_weights, safetensors_bytes
+from sglora.io import safetensors_metadata
 
 log = logging.getLogger("sglora.service")
 ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -115,12 +116,6 @@ class _MetaSource:
 
 def etag_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, from its JSON header alone (no tensor is read)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
 
 
 def normalise_etag(value: str) -> str:
@@ -345,7 +340,7 @@ class Service:
             if data is not None:
                 etag = etag_of(data)
                 self.lru.put(etag, data)
-                return GeneratedLora(data, etag, "hit", read_metadata(data))
+                return GeneratedLora(data, etag, "hit", safetensors_metadata(data))
         else:
             self.metrics.cache.labels(result="miss").inc()
         try:
@@ -357,7 +352,7 @@ class Service:
         if used_version == version:  # else the repository changed under the request: do not file it under the old key
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
             self.cache.set_behind({"gen:" + key: data, "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
-        return GeneratedLora(data, etag, "miss", read_metadata(data))
+        return GeneratedLora(data, etag, "miss", safetensors_metadata(data))
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:
         """On a model thread, after the micro-batched text encoding: priors, CVAE samples and files,
@@ -413,7 +408,7 @@ class Service:
         if data is None or etag_of(data) != key:
             raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")
         self.lru.put(key, data)
-        return GeneratedLora(data, key, "hit", read_metadata(data))
+        return GeneratedLora(data, key, "hit", safetensors_metadata(data))
 
     # ---- retrieval ------------------------------------------------------------------------------
     async def decode_images(self, images: list[bytes]) -> list[Image.Image]:

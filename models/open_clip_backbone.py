@@ -29,6 +29,20 @@ QKV = ("q", "k", "v")
 _TOKENIZER_LOCK = threading.Lock()  # the service encodes from several model threads
 
 
+def qkv_target(block: int, which: str, width: int) -> LoraTarget:
+    """The rank-r update of Wq, Wk or Wv (``which``) of visual block ``block``: its row block of the fused
+    ``in_proj_weight`` (width x width), named as files name it, with the HF ``CLIPModel`` module of PEFT."""
+    j = QKV.index(which)
+    return LoraTarget(
+        name=f"visual.transformer.resblocks.{block}.attn.{which}",
+        param=f"transformer.resblocks.{block}.attn.in_proj_weight",
+        rows=(j * width, (j + 1) * width),
+        in_features=width,
+        out_features=width,
+        peft_module=f"vision_model.encoder.layers.{block}.self_attn.{which}_proj",
+    )
+
+
 def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
     blocks = list(visual.transformer.resblocks)
     n = len(blocks)
@@ -42,19 +56,10 @@ def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
     targets = []
     for i in chosen:
         width = blocks[i].attn.embed_dim
-        for j, which in enumerate(QKV):
+        for which in QKV:
             if which not in config.lora.targets:
                 continue
-            targets.append(
-                LoraTarget(
-                    name=f"visual.transformer.resblocks.{i}.attn.{which}",
-                    param=f"transformer.resblocks.{i}.attn.in_proj_weight",
-                    rows=(j * width, (j + 1) * width),
-                    in_features=width,
-                    out_features=width,
-                    peft_module=f"vision_model.encoder.layers.{i}.self_attn.{which}_proj",
-                )
-            )
+            targets.append(qkv_target(i, which, width))
     return LoraSpec(targets=tuple(targets), rank=config.lora.rank, alpha=config.lora.alpha, scaling=config.lora.scaling)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import time
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from sglora.io import write_bytes
+from sglora.io import safetensors_metadata, write_bytes
 
 # The two files of a PEFT adapter folder (sglora.export.PEFT_CONFIG / PEFT_WEIGHTS, without importing torch).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -63,8 +62,7 @@ class Adapter:
     @classmethod
     def from_response(cls, r: httpx.Response) -> Adapter:
         data = r.content
-        (n,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+        metadata = safetensors_metadata(data)
         seed = r.headers.get("x-seed")
         etag, cache, request_id = r.headers["etag"].strip('"'), r.headers.get("x-cache", ""), r.headers.get("x-request-id")
         return cls(data, etag, cache, int(seed) if seed else None, request_id, metadata)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,20 @@ def write_json(path: Path, obj: Any) -> None:
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes, from its JSON header alone (no tensor is read);
+    {} when it has none. ValueError when the bytes do not start with a safetensors header."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"unreadable safetensors header: {e}") from e
+    metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise ValueError("the safetensors header is not a JSON object with a __metadata__ map")
+    return metadata
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.lora import LoraSpec, LoraTarget, check_finite
+from models.lora import LoraSpec, check_finite
+from models.open_clip_backbone import qkv_target
 from sglora.export import from_peft_tensors
+from sglora.io import safetensors_metadata
 
 _TARGET = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.attn\.([qkv])")
-_QKV = "qkv"
 
 
 def read_lora(source: bytes | str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,13 +45,9 @@ def read_lora(source: bytes | str | Path) -> tuple[dict[str, torch.Tensor], dict
 
     data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        metadata = header.get("__metadata__") or {} if isinstance(header, dict) else None
-        if not isinstance(metadata, dict):
-            raise ValueError("its header is not a JSON object with a __metadata__ map")
+        metadata = safetensors_metadata(data)
         tensors = load(data)
-    except (struct.error, ValueError, SafetensorError) as e:
+    except (ValueError, SafetensorError) as e:
         raise ValueError(f"not a safetensors LoRA file: {e}") from e
     return tensors, metadata
 
@@ -87,18 +83,7 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
         attn = getattr(blocks[i], "attn", None)
         if not isinstance(attn, nn.MultiheadAttention):
             raise ValueError(f"target {name!r}: block {i} of the model has no fused q/k/v attention (nn.MultiheadAttention)")
-        width = attn.embed_dim
-        j = _QKV.index(which)
-        targets.append(
-            LoraTarget(
-                name=name,
-                param=f"transformer.resblocks.{i}.attn.in_proj_weight",
-                rows=(j * width, (j + 1) * width),
-                in_features=width,
-                out_features=width,
-                peft_module=f"vision_model.encoder.layers.{i}.self_attn.{which}_proj",
-            )
-        )
+        targets.append(qkv_target(i, which, attn.embed_dim))
     return LoraSpec(targets=tuple(targets), rank=rank, alpha=alpha, scaling=scaling)
 
 
