@@ -150,7 +150,7 @@ class OpenClipBackbone(Backbone):
                 param.data = param.data.to(dtype)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._transform(image.convert("RGB"))
+        return self._transform(bounded_aspect(image.convert("RGB")))
 
     @property
     def logit_scale(self) -> float:
@@ -160,6 +160,30 @@ class OpenClipBackbone(Backbone):
         super().to(device)
         self.model.to(self.device)
         return self
+
+
+MAX_ASPECT = 2.0  # longest / shortest side of what open_clip's transform is given
+
+
+def bounded_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """The image's central region with at most ``max_aspect`` between its sides (the image itself when it
+    already has). open_clip's eval transform scales the SHORTEST side to the model's input size and then
+    keeps the central square: a 100,000 x 1 image (a few hundred bytes of PNG) became 22,400,000 x 224
+    pixels, gigabytes and seconds, before the crop threw all but 224 x 224 of them away. Cutting the
+    long side first to ``max_aspect`` times the short one keeps that central square and half its width
+    again on each side (far more than the resampling filter reads), so what the model sees is the same
+    up to where the crop's edge rounds (at most one pixel)."""
+    w, h = image.size
+    short = min(w, h)
+    long_max = max(1, round(short * max_aspect))
+    if max(w, h) <= long_max:
+        return image
+    long_max += (max(w, h) - long_max) % 2  # an even cut: the region's centre is the image's, exactly
+    if w > h:
+        left = (w - long_max) // 2
+        return image.crop((left, 0, left + long_max, h))
+    top = (h - long_max) // 2
+    return image.crop((0, top, w, top + long_max))
 
 
 def _self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

@@ -163,3 +163,29 @@ def test_decode_refuses_oversized_and_unlisted_formats():
     with pytest.raises(APIError):
         decode_image(buf.getvalue(), "images[0]", max_pixels=10_000)
     assert decode_image(IMAGES[1], "images[0]", max_pixels=10_000).size == (32, 32)
+
+
+def test_a_sliver_image_is_cut_to_its_central_region_before_open_clip_scales_it(client, reference):
+    """open_clip's eval transform scales the shortest side to the input size: a 100,000 x 1 PNG of a few
+    hundred bytes would become 100,000 times the input size wide before the centre crop. The backbone
+    gives the transform the image's central region (sides at most 1:2) instead, which leaves what the
+    model sees the same up to a pixel at the crop's edge; the request is answered as any other."""
+    from models.open_clip_backbone import MAX_ASPECT, bounded_aspect
+
+    sliver = Image.new("RGB", (100_000, 1), "red")
+    assert bounded_aspect(sliver).size == (2, 1) and bounded_aspect(sliver.rotate(90, expand=True)).size == (1, 2)
+    square = Image.new("RGB", (40, 30))
+    assert bounded_aspect(square) is square  # up to 1:2 the transform gets the image itself, bit for bit
+    # A smooth 6:1 image: the central region through the transform against the whole image through it.
+    x = torch.linspace(0, 1, 600)[None, :, None]
+    y = torch.linspace(0, 1, 100)[:, None, None]
+    rgb = torch.cat([0.5 + 0.5 * torch.sin(12 * x + 0 * y), y.expand(100, 600, 1), (x * y).expand(100, 600, 1)], dim=2)
+    wide = Image.fromarray((255 * rgb).round().to(torch.uint8).numpy())
+    bb = reference.backbone
+    assert max(bounded_aspect(wide).size) == MAX_ASPECT * 100
+    cut, whole = bb.preprocess(wide), bb._transform(wide)
+    assert cut.shape == whole.shape and (cut - whole).abs().mean() < 0.02
+    buf = io.BytesIO()
+    sliver.save(buf, "PNG")
+    r = client.post("/retrieve", data={"description": "a red circle"}, files=[("images", ("s.png", buf.getvalue()))])
+    assert r.status_code == 200, r.text
