@@ -167,7 +167,7 @@ class Client:
 
     def retrieve(
         self,
-        images: Sequence[str | os.PathLike | bytes],
+        images: Sequence[str | os.PathLike | bytes | bytearray | memoryview],
         captions: Iterable[str] | None = None,
         *,
         description: str | None = None,
@@ -184,12 +184,15 @@ class Client:
         form: dict[str, Any] = {k: str(v) for k, v in options.items() if v is not None}
         form["zero_shot"] = "true" if zero_shot else "false"
         if captions is not None:
+            if isinstance(captions, str):  # a str is an iterable of one-character captions
+                raise TypeError("captions: give a list of strings (one caption per image or query), not one string")
             form["captions"] = list(captions)
-        files = [("images", (f"{i}", im if isinstance(im, bytes) else Path(im).read_bytes())) for i, im in enumerate(images)]
+        files = [("images", (f"{i}", _image_bytes(im))) for i, im in enumerate(images)]
         return self._request("POST", "/retrieve", data=form, files=files).json()
 
     def experts(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/experts").json()
+        """The repository's experts (name, description, ...), as ``GET /experts`` lists them under ``experts``."""
+        return self._request("GET", "/experts").json()["experts"]
 
     def ready(self) -> dict[str, Any]:
         return self._request("GET", "/ready").json()
@@ -201,6 +204,13 @@ def _body(description: str | None, method: str | None, seed: int | None, top_k: 
         if value is not None:
             body[key] = value
     return body
+
+
+def _image_bytes(image: str | os.PathLike | bytes | bytearray | memoryview) -> bytes:
+    """An image given as data (bytes-like) or as a path -> its bytes."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    return Path(image).read_bytes()
 
 
 def _retry_after(r: httpx.Response) -> float:

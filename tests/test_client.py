@@ -62,6 +62,20 @@ def test_retrieve_by_etag_and_by_description(service):
     assert by_description["lora"]["scores"] == by_etag["lora"]["scores"] and by_description["zero_shot"] is None
 
 
+def test_experts_lists_the_repository_as_the_service_does(service, client):
+    experts = service.experts()
+    assert isinstance(experts, list) and experts == client.get("/experts").json()["experts"]
+    assert {"name", "description"} <= set(experts[0])
+
+
+def test_retrieve_takes_bytes_like_images_and_refuses_one_string_of_captions(service):
+    as_bytes = service.retrieve(IMAGES, CAPTIONS, description="a red circle", seed=3)
+    as_bytearray = service.retrieve([bytearray(im) for im in IMAGES], CAPTIONS, description="a red circle", seed=3)
+    assert as_bytearray["lora"]["scores"] == as_bytes["lora"]["scores"]
+    with pytest.raises(TypeError, match="captions: give a list"):
+        service.retrieve(IMAGES, CAPTIONS[0], description="a red circle")
+
+
 def test_refusals_raise_with_the_field_reason_and_request_id(service):
     with pytest.raises(ServiceError) as e:
         service.generate("a red circle", top_k=10_000)
@@ -99,7 +113,7 @@ def scripted(*answers: httpx.Response) -> tuple[Client, list[httpx.Request]]:
 
 def test_a_full_queue_is_retried_after_retry_after_then_reported():
     busy = httpx.Response(429, headers={"Retry-After": "5"}, json={"detail": {"field": None, "reason": "queue full"}})
-    ok = httpx.Response(200, json=[{"name": "ring"}])
+    ok = httpx.Response(200, json={"artifact_version": "v", "experts": [{"name": "ring"}]})  # GET /experts's shape
     c, seen = scripted(busy, busy, ok)
     assert c.experts() == [{"name": "ring"}] and len(seen) == 3  # waits capped at max_wait_s
     c, seen = scripted(busy, busy, busy)
