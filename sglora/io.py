@@ -53,9 +53,10 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes, whole: bool = False) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's bytes, from its JSON header alone (no tensor is read);
-    {} when it has none. ValueError when the bytes do not start with a safetensors header."""
+    {} when it has none. ValueError when the bytes do not start with a safetensors header, or, with
+    ``whole``, when they are not exactly as long as the header's tensors say (a truncated or padded file)."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + n])
@@ -64,6 +65,13 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise ValueError("the safetensors header is not a JSON object with a __metadata__ map")
+    if whole:
+        try:
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (TypeError, KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"the safetensors header has a tensor without data_offsets: {e!r}") from e
+        if len(data) != 8 + n + end:
+            raise ValueError(f"{len(data)} bytes, but the safetensors header describes {8 + n + end}")
     return metadata
 
 

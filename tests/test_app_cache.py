@@ -174,3 +174,28 @@ def test_with_the_cache_off_a_lookup_is_a_miss_not_an_error(make_settings):
             r = c.post("/generate", json={"description": "a red circle", "seed": 1})
             assert r.status_code == 200 and r.headers["x-cache"] == "miss"
         assert (cache_events(c, "miss"), cache_events(c, "error"), cache_events(c, "hit")) == (2, 0, 0)
+
+
+def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(make_settings):
+    """A foreign or damaged value under a cache key (a shared Redis, a truncated write) costs a miss, counted as a
+    cache error, and the fresh file replaces it; it is never served and never a 500."""
+    import redis
+
+    settings = make_settings()
+    body = {"description": "a green hexagon", "seed": 5}
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        good = c.post("/generate", json=body)
+        assert good.headers["x-cache"] == "miss" and wait_for(lambda: not cache._writing)
+        r = redis.Redis.from_url(settings.redis_url)
+        pointer = r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))
+        key = settings.cache_prefix + pointer[2:].decode()
+        for bad in (b"not a safetensors file", good.content[:-5], good.content + b"\0"):
+            r.set(key, bad)
+            errors = cache_events(c, "error")
+            again = c.post("/generate", json=body)
+            assert again.status_code == 200 and again.headers["x-cache"] == "miss"
+            assert again.content == good.content and cache_events(c, "error") == errors + 1
+            preview = c.post("/generate/preview", json=body)
+            assert preview.status_code == 200, preview.text
+            assert wait_for(lambda: r.get(key) == good.content)  # overwritten by the fresh file
