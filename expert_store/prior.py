@@ -7,6 +7,16 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+# Softmax temperature of the expert weights: below ~1e-37 the scaled similarities overflow float32 and the
+# weights become NaN; the range leaves orders of magnitude of room on both sides of any useful value.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """ValueError unless ``MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE`` (NaN and infinities included)."""
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {temperature}")
+
 
 @dataclass(frozen=True)
 class Prior:
@@ -21,8 +31,7 @@ def select_experts(
     query: torch.Tensor, embeddings: torch.Tensor, top_k: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """query (D,), embeddings (E, D) -> (indices (K,), alpha (K,), similarities (K,))."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     n = embeddings.shape[0]
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")

@@ -10,16 +10,39 @@ from pathlib import Path
 
 from app.logs import FORMATS, LEVELS
 from sglora import __version__
+from sglora.devices import check_device_name, resolve_device
+from sglora.methods import EVALUATION_METHODS, GENERATIVE_METHODS, SAMPLING_METHODS
+from sglora.text import clean_text
 
 EXIT_USAGE = 2
+OUT_SUFFIXES = (".safetensors", ".zip")
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
+    return resolve_device(name, "--device")
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def _description(text: str) -> str:
+    """The description as the service would encode it (whitespace collapsed; blank or control characters refused)."""
+    try:
+        return clean_text(text)
+    except ValueError as e:
+        raise ValueError(f"description {e}") from None
+
+
+def _device_arg(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port: 0 (any free one) to 65535."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {port}")
+    return port
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -54,19 +77,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
-    from sglora.engine import SAMPLING_METHODS
     from sglora.export import peft_zip_bytes, safetensors_bytes
     from sglora.io import atomic_path
 
-    if not args.description.strip():
-        raise ValueError("description must not be empty")
-    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in SAMPLING_METHODS)
-    emb = a.engine.embed([args.description])[0]
-    g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
-    meta = generation_metadata(a, args.description, g)
+    description = _description(args.description)
     out = Path(args.out)
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise ValueError(f"--out {out}: give a FILE.safetensors or a FILE.zip (a zipped PEFT adapter folder)")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name")
+    a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in SAMPLING_METHODS)
+    emb = a.engine.embed([description])[0]
+    g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
+    meta = generation_metadata(a, description, g)
     spec = g.spec or a.backbone.spec
-    data = peft_zip_bytes(spec, g.lora, meta) if out.suffix == ".zip" else safetensors_bytes(spec, g.lora, meta)
+    zipped = out.suffix.lower() == ".zip"
+    data = peft_zip_bytes(spec, g.lora, meta) if zipped else safetensors_bytes(spec, g.lora, meta)
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
@@ -77,11 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
 
-    if not args.description.strip():
-        raise ValueError("description must not be empty")
+    description = _description(args.description)
     a = load_artifacts(args.artifacts, "cpu", require_generator=False)
-    g = a.engine.generate(a.engine.embed([args.description])[0], "topk-weighted", top_k=args.top_k, temperature=args.temperature)
-    print(f"top-{g.top_k} experts for {args.description!r} (temperature {g.temperature}):")
+    g = a.engine.generate(a.engine.embed([description])[0], "topk-weighted", top_k=args.top_k, temperature=args.temperature)
+    print(f"top-{g.top_k} experts for {description!r} (temperature {g.temperature}):")
     for e in g.experts:
         print(f"  {e.weight:6.3f}  sim {e.similarity:+.3f}  {e.name}: {a.repository[e.name].description}")
     return 0
@@ -128,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.log_format:
         argv += ["--log-format", args.log_format]
     argv += ["--log-level", args.log_level]
-    return serve_main(argv)  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
+    return serve_main(argv, prog="sglora serve")  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["experts", "repository", "generator", "evaluate"],
         help="run only this stage (repeatable)",
     )
-    s.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("check-config", help="load and validate a config, print it resolved")
@@ -154,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="evaluate every method on the unseen tasks of an artefact directory")
     s.add_argument("--artifacts", required=True)
-    s.add_argument("--method", action="append", help="only this method (repeatable)")
+    s.add_argument("--method", action="append", choices=EVALUATION_METHODS, help="only this method (repeatable)")
     s.add_argument("--on", choices=["test", "val"], default="test", help="unseen test tasks, or validation tasks for tuning")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("generate", help="generate a LoRA for a task description")
@@ -166,12 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--method",
         default="sg-lora",
-        choices=["sg-lora", "sg-lora-exact", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot"],
+        choices=GENERATIVE_METHODS,
     )
     s.add_argument("--seed", type=int)
     s.add_argument("--top-k", type=int)
     s.add_argument("--temperature", type=float)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("select", help="show the experts and weights a description selects")
@@ -184,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the HTTP service")
     s.add_argument("--artifacts", required=True)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--port", type=port_number, default=8000)
+    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     s.add_argument(
         "--log-format",
@@ -203,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:  # OSError: a missing file, a directory given for a file, no permission
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

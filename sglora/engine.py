@@ -30,9 +30,8 @@ from expert_store.repository import ExpertRepository
 from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
 from models.lora import LoraSpec, concat_merge
+from sglora.methods import GENERATIVE_METHODS, SAMPLING_METHODS
 
-GENERATIVE_METHODS = ("sg-lora", "sg-lora-exact", "topk-weighted", "topk-exact", "adapter-soup", "model-soup", "zero-shot")
-SAMPLING_METHODS = ("sg-lora", "sg-lora-exact")  # draw from the generator: need one, take a seed
 MAX_SEED = 2**63 - 1
 # Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding may depend on its number of rows
 # (with F.linear on one AVX-512 host a row rounds one way alone, another among 2-3 rows and a third among 4

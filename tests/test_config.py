@@ -25,6 +25,7 @@ def _write(tmp_path, text):
         ("generator: {latnt_dim: 3}", "latnt_dim"),
         ("experts: {epochs: 5, keep_last: 9}", "keep_last"),
         ("prior: {temperature: 0}", "temperature"),
+        ("prior: {temperature: 1.0e-300}", "prior.temperature must be between"),
         ("prior: {top_k: two}", "prior.top_k"),
         ("backbone: {kind: tensorflow}", "backbone.kind"),
         ("evaluation: {methods: [sg-lora, magic]}", "magic"),

@@ -290,3 +290,57 @@ def test_generator_task_loss_term_makes_samples_fit_their_training_tasks(tiny_ar
         return sum(losses) / len(losses)
 
     assert sampled_loss(30.0) < 0.95 * sampled_loss(0.0)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "a cat", "--temperature", "1e-300", "--out", "x.safetensors"], "temperature must be between"),
+        (["generate", "a cat", "--temperature", "inf", "--out", "x.safetensors"], "temperature must be between"),
+        (["generate", "\u200b", "--out", "x.safetensors"], "description must contain a visible character"),
+        (["generate", "a cat", "--out", "x.txt"], "give a FILE.safetensors or a FILE.zip"),
+        (["select", "a cat", "--temperature", "1e-300"], "temperature must be between"),
+    ],
+)
+def test_cli_refuses_what_the_service_refuses(tiny_artifacts_session, tmp_path, capsys, argv, needle):
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = str(tmp_path / argv[argv.index("--out") + 1])
+    assert main(argv + ["--artifacts", str(tiny_artifacts_session)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_file_system_and_device_errors_are_messages(tiny_artifacts_session, tmp_path, capsys):
+    import torch
+
+    art = ["--artifacts", str(tiny_artifacts_session)]
+    (tmp_path / "d.safetensors").mkdir()
+    assert main(["generate", "a cat", "--out", str(tmp_path / "d.safetensors"), *art]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path)]) == 2
+    assert "Is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["pipeline", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "file")]) == 2
+    assert "error:" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    for argv, needle in (
+        (["generate", "a cat", "--out", "x.safetensors", "--device", "gpu", *art], "unknown device 'gpu'"),
+        (["serve", *art, "--port", "99999"], "must be between 0 and 65535"),
+    ):
+        with pytest.raises(SystemExit) as e:  # argparse: usage and status 2 before anything loads
+            main(argv)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "a cat", "--out", str(tmp_path / "c.safetensors"), "--device", "cuda", *art]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_case_blind(tiny_artifacts_session, tmp_path):
+    import zipfile
+
+    art = ["--artifacts", str(tiny_artifacts_session), "--seed", "2"]
+    assert main(["generate", "a photo of a circle", "--out", str(tmp_path / "a.safetensors"), *art]) == 0
+    assert main(["generate", "  a photo\tof a   circle\n", "--out", str(tmp_path / "b.safetensors"), *art]) == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert main(["generate", "a photo of a circle", "--out", str(tmp_path / "c.ZIP"), *art]) == 0
+    assert zipfile.is_zipfile(tmp_path / "c.ZIP")

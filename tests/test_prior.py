@@ -45,3 +45,8 @@ def test_bad_arguments_are_named():
         select_experts(emb[0], emb, 4, 0.1)
     with pytest.raises(ValueError, match="temperature"):
         select_experts(emb[0], emb, 2, 0.0)
+    for bad in (1e-300, float("inf"), float("nan"), 2e6):  # below ~1e-37 the weights would be NaN
+        with pytest.raises(ValueError, match="temperature must be between 1e-06 and 1e"):
+            select_experts(emb[0], emb, 2, bad)
+    for ok in (1e-6, 1e6):
+        assert torch.isfinite(select_experts(emb[0], emb, 2, ok)[1]).all()

@@ -11,9 +11,11 @@ from typing import Any
 
 import yaml
 
+from expert_store.prior import check_temperature
 from models.backbone import BackboneConfig, LoraConfig
+from sglora.methods import EVALUATION_METHODS
 
-METHODS = ("zero-shot", "model-soup", "adapter-soup", "topk-weighted", "sg-lora", "topk-exact", "sg-lora-exact", "oracle")
+METHODS = EVALUATION_METHODS
 DATA_KINDS = ("procedural", "folder", "fashion-tasks", "tux-retrieval", "combined")
 
 
@@ -88,8 +90,7 @@ class PriorConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"prior.top_k must be >= 1, got {self.top_k}")
-        if not self.temperature > 0:
-            raise ValueError(f"prior.temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature, "prior.temperature")
 
 
 @dataclass(frozen=True)

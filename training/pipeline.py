@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from expert_store.repository import Expert, ExpertRepository
 from models.backbone import create_backbone
 from sglora import artifacts as art
-from sglora.engine import SAMPLING_METHODS
 from sglora.io import atomic_dir, read_json, write_json, write_safetensors
+from sglora.methods import SAMPLING_METHODS
 from training.config import METHODS, PipelineConfig, SplitConfig, from_dict
 from training.data import TaskDataset, load_task_dataset
 from training.evaluate import evaluate_lora

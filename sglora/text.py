@@ -1,0 +1,20 @@
+"""Normalising the descriptions and captions that reach the text encoder (the service and the CLI alike)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def clean_text(v: str) -> str:
+    """Trimmed, runs of whitespace (tabs, newlines included) collapsed to one space; no other control
+    characters, and at least one character that is neither a space nor an invisible format character
+    (a lone zero-width space or byte-order mark is blank to a reader, not a description)."""
+    v = " ".join(v.split())
+    if not v:
+        raise ValueError("must not be empty or blank")
+    bad = next((ch for ch in v if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
+    if all(ch == " " or unicodedata.category(ch) == "Cf" for ch in v):
+        raise ValueError("must contain a visible character (only spaces and invisible format characters found)")
+    return v
