@@ -54,11 +54,11 @@ def key_matches(presented: str, keys: list[str]) -> bool:
     return matched
 
 
-def _check(keys: list[str], presented: str | None) -> None:
+def _check(keys: list[str], presented: str | None, kind: str) -> None:
     if presented is None:
-        raise APIError(401, "X-API-Key", "an API key is required (X-API-Key header or Authorization: Bearer)")
+        raise APIError(401, "X-API-Key", f"{kind} is required (X-API-Key header or Authorization: Bearer)")
     if not key_matches(presented, keys):
-        raise APIError(403, "X-API-Key", "this key is not accepted here")
+        raise APIError(403, "X-API-Key", f"this key is not accepted here: {kind} is required")
 
 
 async def require_api_key(
@@ -68,7 +68,7 @@ async def require_api_key(
 ) -> None:
     """Open when no API keys are configured; admin keys are accepted too."""
     if settings.api_keys:
-        _check(settings.api_keys + settings.admin_keys, _presented_key(x_api_key, authorization))
+        _check(settings.api_keys + settings.admin_keys, _presented_key(x_api_key, authorization), "an API key")
 
 
 async def require_admin_key(
@@ -78,7 +78,7 @@ async def require_admin_key(
 ) -> None:
     if not settings.admin_keys:
         raise APIError(403, "X-API-Key", "expert changes are disabled: no admin key is configured (SGLORA_ADMIN_KEYS)")
-    _check(settings.admin_keys, _presented_key(x_api_key, authorization))
+    _check(settings.admin_keys, _presented_key(x_api_key, authorization), "an admin key (SGLORA_ADMIN_KEYS)")
 
 
 ApiKey = Depends(require_api_key)

@@ -21,7 +21,7 @@ from app.request_id import RequestIdFilter, RequestIdMiddleware
 from app.routes import experts, generate, health, retrieve, ui
 from app.runtime import freeze_heap, unfreeze_heap
 from app.service import Service
-from app.settings import Settings
+from app.settings import Settings, StartupError
 from sglora import __version__
 from sglora.artifacts import ArtifactError
 
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             service = await Service.start(settings, metrics)
-        except ArtifactError as e:
+        except (ArtifactError, StartupError) as e:
             log.error("cannot start: %s", e)
             raise
         app.state.service = service

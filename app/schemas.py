@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from expert_store.prior import MAX_TEMPERATURE, MIN_TEMPERATURE
 from sglora.engine import MAX_SEED
-
-# Softmax temperature of the expert weights: below ~1e-37 the scaled similarities overflow float32 and the
-# weights become NaN; the range leaves orders of magnitude of room on both sides of any useful value.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+from sglora.text import clean_text
 
 Method = Literal["sg-lora", "sg-lora-exact", "topk-weighted", "topk-exact", "adapter-soup", "model-soup"]
 Format = Literal["safetensors", "zip"]
-
-
-def clean_text(v: str) -> str:
-    """Trimmed, runs of whitespace (tabs, newlines included) collapsed to one space; no other control characters."""
-    v = " ".join(v.split())
-    if not v:
-        raise ValueError("must not be empty or blank")
-    bad = next((ch for ch in v if unicodedata.category(ch) == "Cc"), None)
-    if bad is not None:
-        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
-    return v
 
 
 class GenerateRequest(BaseModel):

@@ -16,15 +16,18 @@ import signal
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from app.logs import FORMATS, LEVELS, log_config
+from app.settings import Settings
+from sglora.cli import EXIT_USAGE, port_number
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description="Run the SG-LoRA HTTP service.")
     p.add_argument("--artifacts", help="artefact directory (default: $SGLORA_ARTIFACTS)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
@@ -39,16 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _KnownStartupFailure(logging.Filter):
-    """Drops the traceback Starlette attaches to a failed start-up when the cause is an ArtifactError: the
-    app has already logged what is wrong ("cannot start: ..."), and the exit status says it failed."""
+    """Drops the traceback Starlette attaches to a failed start-up when the cause is an ArtifactError or a
+    StartupError: the app has already logged what is wrong ("cannot start: ..."), and the exit status says
+    it failed."""
+
+    KNOWN = ("sglora.artifacts.ArtifactError: ", "app.settings.StartupError: ")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Traceback") and "sglora.artifacts.ArtifactError: " in message)
+        return not (message.startswith("Traceback") and any(k in message for k in self.KNOWN))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser()
+    if prog:
+        parser.prog = prog
     args = parser.parse_args(argv)
     if args.log_format not in FORMATS:  # from the environment: argparse checks only the flag's value
         parser.error(f"SGLORA_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {args.log_format!r}")
@@ -61,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SGLORA_ARTIFACTS"] = str(args.artifacts)
     if args.device:
         os.environ["SGLORA_DEVICE"] = args.device
+    try:
+        Settings()  # checked here, before uvicorn loads the app: a bad value is a message, not a traceback
+    except ValidationError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,

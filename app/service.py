@@ -35,7 +35,7 @@ from app.cache import BytesLRU, CacheKey, RedisCache
 from app.errors import APIError
 from app.images import load_rgb, open_image
 from app.metrics import Metrics
-from app.settings import Settings
+from app.settings import Settings, StartupError
 from app.worker import ModelWorker
 from expert_store.repository import Expert, check_name
 from models.backbone import Backbone
@@ -43,9 +43,10 @@ from models.lora import LoraSpec, check_finite
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata, layout_metadata
-from sglora.engine import SAMPLING_METHODS, Request
+from sglora.engine import Request
 from sglora.export import from_peft_tensors, peft_zip_from_weights, safetensors_bytes
 from sglora.io import safetensors_metadata
+from sglora.methods import SAMPLING_METHODS
 
 log = logging.getLogger("sglora.service")
 ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -227,7 +228,10 @@ class Service:
         worker and warms the model up with one real generation."""
         if settings.artifacts is None:
             raise ArtifactError("no artefact directory: set SGLORA_ARTIFACTS (or `sglora serve --artifacts DIR`)")
-        device = settings.resolved_device()
+        try:
+            device = settings.resolved_device()
+        except ValueError as e:
+            raise StartupError(str(e)) from None
         torch.set_num_threads(settings.resolved_parallelism(device)[1])
         artifacts = await asyncio.to_thread(load_artifacts, settings.artifacts, device)
         text_dtype = settings.resolved_text_dtype(device)
@@ -336,11 +340,17 @@ class Service:
             # error: Redis failed or is skipped for its back-off; with the cache off (SGLORA_REDIS_URL empty)
             # nothing is stored, so nothing is found: a miss, not an error (else the cache alert would fire).
             failed = not ok and self.cache.enabled
+            if data is not None:
+                try:
+                    metadata = safetensors_metadata(data, whole=True)
+                except ValueError as e:  # not what this service stores there: generate it again, and overwrite it
+                    log.warning("cache: the value of gen:%s is not a whole LoRA file (%s); generating it again", key, e)
+                    data, failed = None, True
             self.metrics.cache.labels(result="hit" if data is not None else ("error" if failed else "miss")).inc()
             if data is not None:
                 etag = etag_of(data)
                 self.lru.put(etag, data)
-                return GeneratedLora(data, etag, "hit", safetensors_metadata(data))
+                return GeneratedLora(data, etag, "hit", metadata)
         else:
             self.metrics.cache.labels(result="miss").inc()
         try:
@@ -404,7 +414,7 @@ class Service:
         if data is None:
             data, _ = await self.cache.get("etag:" + key)
             if data is not None and data.startswith(ETAG_POINTER):
-                data, _ = await self.cache.get(data[len(ETAG_POINTER) :].decode())
+                data, _ = await self.cache.get(data[len(ETAG_POINTER) :].decode(errors="replace"))
         if data is None or etag_of(data) != key:
             raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")
         self.lru.put(key, data)

@@ -9,6 +9,14 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sglora.devices import check_device_name, resolve_device
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url takes
+
+
+class StartupError(ValueError):
+    """A setting that cannot work on this machine (e.g. SGLORA_DEVICE=cuda without a GPU): the service refuses to start."""
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Lists (API keys) take a comma-separated string."""
@@ -98,6 +106,20 @@ class Settings(BaseSettings):
         0.0, ge=0, description="TEST ONLY: the model thread sleeps this long before every job (a slow model); 0 = off"
     )
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        return check_device_name(v, "SGLORA_DEVICE")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if v and not v.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"SGLORA_REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)} (or be empty: no cache), got {v!r}"
+            )
+        return v
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
@@ -141,11 +163,8 @@ class Settings(BaseSettings):
         return _resolved_dtype(self.generator_dtype, device)
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        """'auto' resolved; ValueError when the device named does not exist here (no CUDA, no such GPU)."""
+        return resolve_device(self.device, "SGLORA_DEVICE")
 
 
 def _resolved_dtype(setting: str, device: str) -> str:

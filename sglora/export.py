@@ -53,6 +53,8 @@ def from_peft_tensors(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> torch
         raise ValueError(f"missing tensor(s): {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     parts: dict[str, list] = {t.name: [None, None] for t in spec.targets}
     for key, (name, which) in expected.items():
+        if not tensors[key].is_floating_point():  # an index or mask file, not LoRA weights
+            raise ValueError(f"{key}: dtype {str(tensors[key].dtype).removeprefix('torch.')}, expected floating point")
         parts[name][which] = tensors[key].float()
     return spec.flatten({k: (v[0], v[1]) for k, v in parts.items()})
 

@@ -85,6 +85,9 @@ def test_keys_are_required(app_root, make_settings, tiny_artifacts):
     assert client.post("/generate", json={"description": "a"}, headers=anonymous).status_code == 401
     r = client.post("/experts", data={"name": "x", "description": "x"}, files=files)  # user key, not admin
     assert r.status_code == 403 and r.json()["detail"]["field"] == "X-API-Key"
+    assert "an admin key (SGLORA_ADMIN_KEYS) is required" in r.json()["detail"]["reason"]
+    r = client.delete("/experts/circle", headers=anonymous)
+    assert r.status_code == 401 and r.json()["detail"]["reason"].startswith("an admin key")
     assert client.delete("/experts/circle").status_code == 403
     assert client.get("/health", headers=anonymous).status_code == 200
     with TestClient(create_app(make_settings(artifacts=tiny_artifacts))) as open_client:  # no keys configured

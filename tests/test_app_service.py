@@ -130,6 +130,29 @@ def test_unknown_log_format_is_refused_by_name():
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "status", "needle"),
+    [
+        ({"SGLORA_DEVICE": "gpu"}, 2, "SGLORA_DEVICE: unknown device 'gpu'"),
+        ({"SGLORA_REDIS_URL": "localhost:6379"}, 2, "SGLORA_REDIS_URL must start with one of redis://"),
+        ({"SGLORA_THREADS": "-1"}, 2, "threads"),
+    ],
+)
+def test_bad_settings_are_refused_by_name_before_the_app_loads(env, status, needle):
+    p = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert p.returncode == status and needle in p.stderr and p.stderr.startswith("python -m app: error:")
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_at_start_up(tiny_artifacts_session):
+    env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_DEVICE": "cuda"}
+    cmd = [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--port", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode != 0 and "cannot start: SGLORA_DEVICE=cuda: CUDA is not available" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_wait_ready_reports_a_server_that_dies_with_its_stderr(tmp_path):
     """app.processes, as the benchmark and the load test use it: a server that cannot start is reported
     with its exit status and the end of its stderr, not waited for until the timeout."""

@@ -103,7 +103,7 @@ async def add_expert(
     variance: Annotated[
         UploadFile | None, File(description="element-wise variances, same names and shapes; default zeros")
     ] = None,
-    num_snapshots: Annotated[int, Form(ge=1, description="snapshots the mean/variance summarise")] = 1,
+    num_snapshots: Annotated[int, Form(ge=1, le=2**31 - 1, description="snapshots the mean/variance summarise")] = 1,
 ) -> ExpertChange:
     """Adds an expert to the repository (persisted atomically; cached LoRAs of the old repository stop being served)."""
     try:

@@ -155,6 +155,10 @@ async def generate_batch(body: BatchGenerateRequest, service: ServiceDep) -> Bat
     """Generates one LoRA per item (micro-batched together); each item has its own status, bytes in base64."""
     if len(body.items) > service.settings.max_batch_items:
         raise APIError(422, "items", f"at most {service.settings.max_batch_items} items per call, got {len(body.items)}")
+    limit = service.settings.max_description_chars
+    for i, it in enumerate(body.items):  # a setting, not the artefacts or the load: the whole body is malformed
+        if len(it.description) > limit:
+            raise APIError(422, f"items[{i}].description", f"longer than {limit} characters")
     as_zip = body.format == "zip"
     results = await asyncio.gather(*(_one(service, i, it, as_zip) for i, it in enumerate(body.items)))
     return BatchGenerateResponse(artifact_version=service.version, format=body.format, results=list(results))
