@@ -9,7 +9,8 @@ from training.procedural import procedural_dataset
 def test_folder_format_round_trip(tmp_path):
     ds = procedural_dataset(seed=1, train_per_task=3, test_per_task=2, shapes=("circle", "square"), colour_tasks=2)
     write_task_dataset(ds, tmp_path)
-    back = load_task_dataset(tmp_path)
+    with pytest.warns(UserWarning, match="labels no classification task lists, their samples unused: 'green'"):
+        back = load_task_dataset(tmp_path)  # the procedural pool has more colours than its two colour tasks
     assert back.tasks == ds.tasks
     assert len(back.samples) == len(ds.samples)
     assert len(back.task_samples("circle", "train")) == 3
@@ -38,3 +39,73 @@ def test_bad_manifest_lines_are_named(tmp_path, line, needle):
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="tasks.json"):
         load_task_dataset(tmp_path)
+
+
+TASKS = [
+    {"name": "circle", "description": "a photo of a circle"},
+    {"name": "colours", "description": "red or blue", "kind": "classification", "classes": ["red", "blue"]},
+]
+
+
+@pytest.mark.parametrize(
+    "tasks,needle",
+    [
+        (TASKS, "a JSON object with a list of tasks"),
+        ({"tasks": ["circle"]}, "task #0: a task must be a JSON object"),
+        ({"tasks": [{"name": 7, "description": "x"}]}, "task #0: name must be a string"),
+        ({"tasks": [{"name": "../../x", "description": "x"}]}, "task #0: invalid task name '../../x'"),
+        ({"tasks": [{"name": "a circle", "description": "x"}]}, "invalid task name 'a circle'"),
+        ({"tasks": [{"name": "c", "description": 42}]}, "task #0: description must be a string"),
+        ({"tasks": [{"name": "c", "description": "x", "kinds": "retrieval"}]}, r"unknown key\(s\) \['kinds'\]"),
+        ({"tasks": [{**TASKS[1], "classes": "red"}]}, "classes must be a list of strings"),
+        ({"tasks": [{**TASKS[1], "classes": ["red", "red", "blue"]}]}, r"class\(es\) \['red'\] listed more than once"),
+    ],
+)
+def test_bad_tasks_are_named_before_anything_is_trained(tmp_path, tasks, needle):
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    (tmp_path / "samples.jsonl").write_text("")
+    with pytest.raises(ValueError, match=needle):
+        load_task_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ('["a.png"]', ":1: a sample must be a JSON object"),
+        ('{"image": 5, "label": "red"}', ":1: image must be a string"),
+        ('{"image": "a.png", "label": ["red"]}', ":1: label must be a string"),
+        ('{"image": "a.png", "task": "circle", "caption": 12345}', ":1: caption must be a string"),
+        ('{"image": "a.png", "lable": "red"}', r":1: unknown key\(s\) \['lable'\]"),
+        ('{"image": "a.png", "task": "colours"}', ":1: label None is not one of task 'colours'"),
+        ('{"image": "a.png", "task": "colours", "label": "redd"}', ":1: label 'redd' is not one of task 'colours'"),
+        ('{"image": "a.png", "caption": "a circle"}', ":1: a sample needs a task"),
+    ],
+)
+def test_bad_samples_are_named_by_line(tmp_path, line, needle):
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": TASKS}))
+    (tmp_path / "samples.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=needle):
+        load_task_dataset(tmp_path)
+
+
+def test_text_that_is_not_utf8_names_its_file(tmp_path):
+    (tmp_path / "tasks.json").write_bytes(json.dumps({"tasks": TASKS}).replace("red or blue", "r\u00e9d").encode("latin-1"))
+    (tmp_path / "samples.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"tasks.json: not UTF-8 text"):
+        load_task_dataset(tmp_path)
+    (tmp_path / "tasks.json").write_text("\ufeff" + json.dumps({"tasks": TASKS}))  # a byte-order mark is fine
+    (tmp_path / "samples.jsonl").write_bytes('{"image": "a.png", "label": "r\u00e9d"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"samples.jsonl: not UTF-8 text"):
+        load_task_dataset(tmp_path)
+
+
+def test_a_class_without_images_in_a_split_is_named(tmp_path):
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": TASKS}))
+    lines = [
+        {"image": f"{i}.png", "label": c, "split": sp}
+        for i, (c, sp) in enumerate([("red", "train"), ("blue", "train"), ("red", "test")])
+    ]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = load_task_dataset(tmp_path)
+    with pytest.raises(ValueError, match=r"task 'colours': class\(es\) \['blue'\] have no test samples"):
+        ds.check(["colours"], 1, 1)

@@ -18,12 +18,16 @@ task, or untagged (``task`` absent) and then shared by every task listing that c
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from expert_store.repository import check_name
 
 TASK_KINDS = ("retrieval", "classification")
 SPLITS = ("train", "test")
@@ -40,6 +44,7 @@ class TaskInfo:
     group: str = ""  # benchmark or source the task comes from; splits can be stratified by it
 
     def __post_init__(self) -> None:
+        check_name(self.name)  # a task name becomes a file name (snapshots, expert files)
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if not self.description or not self.description.strip():
@@ -87,63 +92,145 @@ class TaskDataset:
     def class_prompt(self, task: str, cls: str) -> str:
         return self.class_template.format(cls)
 
+    def fingerprint(self) -> str:
+        """A hash of what the tasks and samples say: names, descriptions, kinds, classes and class prompts,
+        each sample's image path (for files), caption, task, label and split. Not the images' pixels."""
+        prompt = self.class_prompt
+        tasks = [[t.name, t.description, t.kind, list(t.classes), t.group, prompt(t.name, "{}")] for t in self.tasks.values()]
+        samples = [[s.image if isinstance(s.image, str) else "", s.caption, s.task, s.label, s.split] for s in self.samples]
+        return hashlib.sha256(json.dumps([tasks, samples]).encode()).hexdigest()[:16]
+
     def check(self, names: Sequence[str], min_train: int, min_test: int) -> None:
         """Raises ValueError naming the first task that is unknown or has too few samples."""
         for n in names:
             if n not in self.tasks:
                 raise ValueError(f"unknown task {n!r} (the dataset has {len(self.tasks)} tasks)")
             for split, need in (("train", min_train), ("test", min_test)):
-                have = len(self.task_samples(n, split))
-                if have < need:
-                    raise ValueError(f"task {n!r} has {have} {split} samples; at least {need} are needed")
+                have = self.task_samples(n, split)
+                if len(have) < need:
+                    raise ValueError(f"task {n!r} has {len(have)} {split} samples; at least {need} are needed")
+                if self.tasks[n].kind == "classification":
+                    missing = sorted(set(self.tasks[n].classes) - {s.label for s in have})
+                    if missing:
+                        raise ValueError(f"task {n!r}: class(es) {missing} have no {split} samples")
+
+
+TASK_KEYS = ("name", "description", "kind", "classes", "group")
+SAMPLE_KEYS = ("image", "caption", "task", "label", "split")
+
+
+def _text(value: object, what: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is tolerated
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def _task(t: object, where: str) -> TaskInfo:
+    if not isinstance(t, dict):
+        raise ValueError(f"{where}: a task must be a JSON object, got {type(t).__name__} {t!r}")
+    unknown = sorted(set(t) - set(TASK_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; a task has {', '.join(TASK_KEYS)}")
+    for key in ("name", "description"):
+        if key not in t:
+            raise ValueError(f"{where}: task lacks {key!r}")
+    name = _text(t["name"], f"{where}: name")
+    try:
+        check_name(name)  # a task name becomes a file name (its snapshots, its expert file)
+    except ValueError as e:
+        raise ValueError(f"{where}: {str(e).replace('expert name', 'task name')}") from None
+    classes = t.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{where}: classes must be a list of strings, got {classes!r}")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ValueError(f"{where}: class(es) {twice} listed more than once")
+    return TaskInfo(
+        name,
+        _text(t["description"], f"{where}: description"),
+        _text(t.get("kind", "retrieval"), f"{where}: kind"),
+        tuple(classes),
+        _text(t.get("group", ""), f"{where}: group"),
+    )
 
 
 def load_task_dataset(directory: Path) -> TaskDataset:
-    """Reads a dataset folder in the format above; errors name the file and line."""
+    """Reads a dataset folder in the format above; errors name the file and the task or line.
+
+    Strict, because a sample this loader cannot place would otherwise be dropped without a word: unknown
+    keys (a misspelt ``label``) and a sample with neither task nor label are errors; labels that no
+    classification task lists (a pool may hold more classes than the tasks use) are one warning."""
     directory = Path(directory)
     tasks_path, samples_path = directory / TASKS_FILE, directory / SAMPLES_FILE
     for p in (tasks_path, samples_path):
-        if not p.exists():
+        if not p.is_file():
             raise FileNotFoundError(f"dataset file not found: {p}")
     try:
-        raw = json.loads(tasks_path.read_text())
+        raw = json.loads(_read_text(tasks_path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{tasks_path}: invalid JSON: {e}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
+        raise ValueError(f'{tasks_path}: expected {{"tasks": [...]}}, a JSON object with a list of tasks')
     tasks: dict[str, TaskInfo] = {}
-    for i, t in enumerate(raw.get("tasks", [])):
-        try:
-            info = TaskInfo(
-                t["name"], t["description"], t.get("kind", "retrieval"), tuple(t.get("classes", ())), t.get("group", "")
-            )
-        except KeyError as e:
-            raise ValueError(f"{tasks_path}: task #{i} lacks {e}") from e
+    for i, t in enumerate(raw["tasks"]):
+        info = _task(t, f"{tasks_path}: task #{i}")
         if info.name in tasks:
             raise ValueError(f"{tasks_path}: duplicate task name {info.name!r}")
         tasks[info.name] = info
     if not tasks:
         raise ValueError(f"{tasks_path}: no tasks")
+    all_classes = {c for t in tasks.values() if t.kind == "classification" for c in t.classes}
+    unused: dict[str, int] = {}  # labels no classification task lists -> first line
     samples = []
-    with open(samples_path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-                image = s["image"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{samples_path}:{lineno}: bad sample ({e})") from e
-            split = s.get("split", "train")
-            if split not in SPLITS:
-                raise ValueError(f"{samples_path}:{lineno}: split must be one of {SPLITS}, got {split!r}")
-            task = s.get("task")
-            if task is not None and task not in tasks:
-                raise ValueError(f"{samples_path}:{lineno}: unknown task {task!r}")
-            if task is not None and tasks[task].kind == "retrieval" and not s.get("caption"):
-                raise ValueError(f"{samples_path}:{lineno}: a retrieval sample needs a caption")
-            path = (directory / image).resolve()
-            if not path.is_relative_to(directory.resolve()):
-                raise ValueError(f"{samples_path}:{lineno}: image path leaves the dataset folder: {image!r}")
-            samples.append(Sample(str(path), s.get("caption"), task, s.get("label"), split))
+    for lineno, line in enumerate(_read_text(samples_path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{samples_path}:{lineno}"
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: bad sample ({e})") from e
+        if not isinstance(s, dict):
+            raise ValueError(f"{where}: a sample must be a JSON object, got {type(s).__name__}")
+        unknown = sorted(set(s) - set(SAMPLE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; a sample has {', '.join(SAMPLE_KEYS)}")
+        if "image" not in s:
+            raise ValueError(f"{where}: bad sample (no 'image')")
+        image = _text(s["image"], f"{where}: image")
+        caption = _text(s.get("caption"), f"{where}: caption", optional=True)
+        task = _text(s.get("task"), f"{where}: task", optional=True)
+        label = _text(s.get("label"), f"{where}: label", optional=True)
+        split = s.get("split", "train")
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split must be one of {SPLITS}, got {split!r}")
+        if task is not None and task not in tasks:
+            raise ValueError(f"{where}: unknown task {task!r}")
+        kind = tasks[task].kind if task is not None else None
+        if kind == "retrieval" and not caption:
+            raise ValueError(f"{where}: a retrieval sample needs a caption")
+        if kind == "classification" and label not in tasks[task].classes:
+            raise ValueError(f"{where}: label {label!r} is not one of task {task!r}'s classes {list(tasks[task].classes)}")
+        if task is None and label is None:
+            raise ValueError(f"{where}: a sample needs a task (retrieval: with a caption) or a label (classification)")
+        if task is None and label not in all_classes:
+            unused.setdefault(label, lineno)
+        path = (directory / image).resolve()
+        if not path.is_relative_to(directory.resolve()):
+            raise ValueError(f"{where}: image path leaves the dataset folder: {image!r}")
+        samples.append(Sample(str(path), caption, task, label, split))
+    if unused:  # a pool may hold more classes than the tasks use, but a misspelt label lands here too
+        shown = ", ".join(f"{label!r} (line {n})" for label, n in list(unused.items())[:5])
+        warnings.warn(f"{samples_path}: labels no classification task lists, their samples unused: {shown}", stacklevel=2)
     return TaskDataset(tasks, samples)
 
 
