@@ -31,6 +31,11 @@ def _write(tmp_path, text):
         ("evaluation: {methods: [sg-lora, magic]}", "magic"),
         ("data: {kind: folder}", "data.path"),
         ("bogus: 1", "bogus"),
+        ("split: {test: -1}", r"split.test: task counts must be >= 0"),
+        ("split: {experts: {fashion: -2}}", r"split.experts: task counts must be >= 0"),
+        ("split: {test: [a, a]}", r"split.test: task\(s\) \['a'\] listed more than once"),
+        ("experts: {min_test_samples: 1}", "experts.min_test_samples must be >= 2"),
+        ("experts: {min_train_samples: 0}", "experts.min_train_samples must be >= 2"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, needle):
@@ -41,3 +46,11 @@ def test_bad_configs_name_the_problem(tmp_path, text, needle):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_dataset_paths_are_relative_to_the_config_file_also_in_combined_sources(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    text = "data: {kind: combined, sources: [{kind: folder, path: ../ds}, {kind: procedural}]}"
+    monkeypatch.chdir(tmp_path)  # the working directory is not the config's folder
+    cfg = load_config(_write(tmp_path / "cfg", text))
+    assert cfg.data.sources[0].path == str((tmp_path / "ds").resolve()) and cfg.data.sources[1].path is None

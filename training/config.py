@@ -56,6 +56,16 @@ class SplitConfig:
     test: tuple[str, ...] | int | dict[str, int] = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for role in ("experts", "train", "val", "test"):
+            value = getattr(self, role)
+            counts = value.values() if isinstance(value, dict) else [value] if isinstance(value, int) else []
+            if any(n < 0 for n in counts):
+                raise ValueError(f"split.{role}: task counts must be >= 0, got {value!r}")
+            if isinstance(value, tuple) and len(set(value)) < len(value):
+                twice = sorted({t for t in value if value.count(t) > 1})
+                raise ValueError(f"split.{role}: task(s) {twice} listed more than once")
+
 
 @dataclass(frozen=True)
 class ExpertTrainingConfig:
@@ -80,6 +90,10 @@ class ExpertTrainingConfig:
             raise ValueError(f"experts.lr must be > 0, got {self.lr}")
         if self.batch_size < 2:
             raise ValueError(f"experts.batch_size must be >= 2, got {self.batch_size}")
+        # An expert trains on >= 2 images; a retrieval task's evaluation ranks >= 2 of them.
+        for key in ("min_train_samples", "min_test_samples"):
+            if getattr(self, key) < 2:
+                raise ValueError(f"experts.{key} must be >= 2, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -270,10 +284,16 @@ def load_config(path: str | Path) -> PipelineConfig:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from e
     cfg = from_dict(PipelineConfig, data)
-    if cfg.data.path and not Path(cfg.data.path).is_absolute():
-        # Dataset paths are relative to the config file's folder.
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str((path.parent / cfg.data.path).resolve())))
-    return cfg
+    return dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
+
+
+def _resolve_paths(data: DataConfig, base: Path) -> DataConfig:
+    """Dataset paths (data.path, and each combined source's) relative to the config file's folder."""
+    if data.path and not Path(data.path).is_absolute():
+        data = dataclasses.replace(data, path=str((base / data.path).resolve()))
+    if data.sources:
+        data = dataclasses.replace(data, sources=tuple(_resolve_paths(s, base) for s in data.sources))
+    return data
 
 
 def backbone_from_dict(data: dict) -> BackboneConfig:
