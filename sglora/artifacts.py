@@ -1,7 +1,7 @@
 """The artefact directory written by ``sglora pipeline`` and loaded by the CLI and the service.
 
     DIR/
-      manifest.json            format, code version, backbone, LoRA spec, stages done, sha256 of every file
+      manifest.json            format, code version, stages done, sha256 of every file below but the repository's
       config.json              the pipeline config that produced it
       splits.json              expert / train / val / test task names
       backbone/backbone.json   backbone config + fingerprint (+ weights for randomly initialised ones)
@@ -58,13 +58,30 @@ def _files_under(root: Path, subdirs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def update_manifest(root: Path, stage: str, extra: dict | None = None) -> dict:
-    """Marks ``stage`` done and re-hashes every pinned file; the manifest is written atomically."""
+# What each stage writes, so what it pins (config.json: every stage records the settings it ran with).
+STAGE_FILES = {
+    "experts": ("config.json", "splits.json", "backbone", "snapshots"),
+    "repository": ("config.json",),
+    "generator": ("config.json", "generator"),
+    "evaluate": ("config.json", "eval"),
+}
+
+
+def update_manifest(root: Path, stage: str, extra: dict | None = None, invalidate: tuple[str, ...] = ()) -> dict:
+    """Marks ``stage`` done and pins the files it wrote; the others keep the digests their own stages
+    recorded (re-hashing them here would pin a file damaged since). ``invalidate``: stages whose results
+    are stale now (built from what ``stage`` just changed): unmarked, so loading refuses until they run
+    again. The manifest is written atomically."""
     path = root / MANIFEST
     manifest = read_json(path, "artefact manifest") if path.exists() else {"format": FORMAT, "version": FORMAT_VERSION}
     manifest["code_version"] = __version__
-    manifest.setdefault("stages", {})[stage] = {"completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
-    manifest["files"] = _files_under(root, ("config.json", "splits.json", "backbone", "snapshots", "generator", "eval"))
+    stages = manifest.setdefault("stages", {})
+    for s in invalidate:
+        stages.pop(s, None)
+    stages[stage] = {"completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+    mine = STAGE_FILES[stage]
+    kept = {k: v for k, v in manifest.get("files", {}).items() if not (k in mine or k.startswith(tuple(f"{d}/" for d in mine)))}
+    manifest["files"] = dict(sorted({**kept, **_files_under(root, mine)}.items()))
     write_json(path, manifest)
     return manifest
 
@@ -99,16 +116,27 @@ def read_manifest(root: Path) -> dict:
         manifest = read_json(root / MANIFEST, "artefact manifest")
     except (FileNotFoundError, ValueError) as e:
         raise ArtifactError(str(e)) from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise ArtifactError(f"{root / MANIFEST}: not a version-{FORMAT_VERSION} {FORMAT} manifest")
+    files, stages = manifest.get("files"), manifest.get("stages")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        raise ArtifactError(f"{root / MANIFEST}: 'files' must map each pinned file to its sha256")
+    if not isinstance(stages, dict):
+        raise ArtifactError(f"{root / MANIFEST}: 'stages' must map each stage done to its record")
+    for rel in files:  # pinned files live inside the directory: no absolute paths, no '..', no devices
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise ArtifactError(f"{root / MANIFEST}: pinned path {rel!r} leaves the artefact directory")
     return manifest
 
 
 def verify_files(root: Path, manifest: dict, prefixes: tuple[str, ...] | None = None) -> None:
-    for rel, digest in manifest.get("files", {}).items():
+    for rel, digest in manifest["files"].items():
         if prefixes is not None and not rel.startswith(prefixes):
             continue
         p = root / rel
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise ArtifactError(f"artefact file is not a regular file: {p}")
         if not p.exists():
             raise ArtifactError(f"artefact file missing: {p}")
         if sha256_file(p) != digest:

@@ -29,14 +29,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic two calls
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; renames it over ``path`` only if the block succeeds."""
+    """Yields a temporary path beside ``path``; renames it over ``path`` only if the block succeeds. The
+    file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -84,11 +100,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside ``path``; on success it replaces ``path`` whole."""
+    """Yields a fresh temporary directory beside ``path``; on success it replaces ``path`` whole (with the
+    mode ``mkdir`` would give it, 0777 less the umask, not mkdtemp's private 0700)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -105,6 +123,8 @@ def read_json(path: Path, what: str) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text ({path}): {e}") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} is not valid JSON ({path}): {e}") from e

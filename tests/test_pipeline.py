@@ -344,3 +344,88 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert main(["generate", "a photo of a circle", "--out", str(tmp_path / "c.ZIP"), *art]) == 0
     assert zipfile.is_zipfile(tmp_path / "c.ZIP")
+
+
+def test_a_rerun_retrains_a_snapshot_damaged_since_and_marks_the_later_stages_stale(tiny_artifacts, tiny_config, capsys):
+    """The manifest pins every snapshot: a resumed experts stage trusts a file only if it still matches
+    (else it trains the task again, never re-pins the damage), and once it trained anything, the stages
+    built from the old snapshots are unmarked until they run again."""
+    from sglora.io import sha256_file
+    from training.pipeline import run_pipeline, stage_experts
+
+    name = json.loads((tiny_artifacts / "splits.json").read_text())["experts"][0]
+    path = tiny_artifacts / "snapshots" / f"{name}.safetensors"
+    pinned = json.loads((tiny_artifacts / "manifest.json").read_text())["files"][f"snapshots/{name}.safetensors"]
+    original = load_file(str(path))["snapshots"].clone()  # not a view of the file about to change
+    damaged = bytearray(path.read_bytes())
+    damaged[-97] ^= 0x40  # a bit in the tensor data: the header and its LoRA fingerprint still read
+    path.write_bytes(bytes(damaged))
+    stage_experts(tiny_config, tiny_artifacts)
+    assert f"{name}: its snapshot file differs from the one the manifest pins" in capsys.readouterr().out
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert path.read_bytes() != bytes(damaged) and manifest["files"][f"snapshots/{name}.safetensors"] == sha256_file(path)
+    # Seeded training: the same snapshots, up to float rounding (its image features came in other batches).
+    assert sha256_file(path) != pinned
+    torch.testing.assert_close(load_file(str(path))["snapshots"], original)
+    assert set(manifest["stages"]) == {"experts"}
+    with pytest.raises(ArtifactError, match="stage 'repository' has not been run"):
+        load_artifacts(tiny_artifacts)
+    stage_experts(tiny_config, tiny_artifacts)  # nothing to train: the later stages stay as they are
+    run_pipeline(tiny_config, tiny_artifacts, ("repository", "generator"))
+    assert load_artifacts(tiny_artifacts).generator is not None
+
+
+def test_a_changed_dataset_is_refused_and_fingerprinted_by_what_it_says(tiny_artifacts, tiny_config):
+    from sglora.io import write_json
+    from training.pipeline import load_data, stage_evaluate, stage_experts
+
+    dataset = load_data(tiny_config)
+    assert dataset.fingerprint() == load_data(tiny_config).fingerprint()
+    dataset.samples[0].caption = (dataset.samples[0].caption or "") + " (edited)"
+    assert dataset.fingerprint() != load_data(tiny_config).fingerprint()
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    manifest["stages"]["experts"]["data"] = "0" * 16  # as if built on other tasks or samples
+    write_json(tiny_artifacts / "manifest.json", manifest)
+    for stage in (stage_experts, stage_evaluate):
+        with pytest.raises(ValueError, match="the dataset changed since its experts were trained"):
+            stage(tiny_config, tiny_artifacts)
+
+
+def test_a_partial_evaluation_goes_beside_the_full_results(tiny_artifacts, tiny_config, capsys):
+    before = (tiny_artifacts / "eval" / "results.json").read_bytes()
+    manifest = (tiny_artifacts / "manifest.json").read_bytes()
+    assert main(["evaluate", "--artifacts", str(tiny_artifacts), "--method", "zero-shot"]) == 0
+    partial = json.loads((tiny_artifacts / "eval-partial" / "results.json").read_text())
+    assert list(partial["methods"]) == ["zero-shot"] and "eval-partial" in capsys.readouterr().out
+    assert (tiny_artifacts / "eval" / "results.json").read_bytes() == before
+    assert (tiny_artifacts / "manifest.json").read_bytes() == manifest
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--artifacts", str(tiny_artifacts), "--method", "bogus"])  # argparse, before any work
+
+
+def test_artefacts_take_the_umask_like_any_file(tiny_artifacts_session):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700): the final files get 0666/0777 less the umask,
+    so another user (a service account) can read what the pipeline or `sglora generate` wrote."""
+    from sglora.io import umask
+
+    mask = umask()
+    assert ((tiny_artifacts_session / "manifest.json").stat().st_mode & 0o777) == 0o666 & ~mask
+    assert ((tiny_artifacts_session / "generator").stat().st_mode & 0o777) == 0o777 & ~mask
+    assert ((tiny_artifacts_session / "generator" / "cvae.safetensors").stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: [], "not a version-1 sglora-artifacts manifest"),
+        (lambda m: {**m, "files": []}, "'files' must map each pinned file"),
+        (lambda m: {k: v for k, v in m.items() if k != "files"}, "'files' must map each pinned file"),
+        (lambda m: {**m, "stages": list(m["stages"])}, "'stages' must map"),
+        (lambda m: {**m, "files": {**m["files"], "../../../../dev/zero": "0" * 64}}, "leaves the artefact directory"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_refused_by_name(tiny_artifacts, edit, needle):
+    path = tiny_artifacts / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ArtifactError, match=needle):
+        load_artifacts(tiny_artifacts, require_generator=False)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from expert_store.repository import Expert, ExpertRepository
 from models.backbone import create_backbone
 from sglora import artifacts as art
-from sglora.io import atomic_dir, read_json, write_json, write_safetensors
+from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
 from training.config import METHODS, PipelineConfig, SplitConfig, from_dict
 from training.data import TaskDataset, load_task_dataset
@@ -135,10 +135,17 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     dataset = load_data(cfg)
     splits = resolve_split(cfg.split, dataset)
     dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+    data = dataset.fingerprint()
     out.mkdir(parents=True, exist_ok=True)
     existing = _built_config(out) if (out / "config.json").exists() else None
-    if existing is not None and existing != cfg.to_dict():
-        raise ValueError(f"{out} was built with another config; use a new --out directory")
+    if existing is not None:
+        changed = sorted(k for k in set(existing) | set(cfg.to_dict()) if existing.get(k) != cfg.to_dict().get(k))
+        if changed:
+            raise ValueError(f"{out} was built with another config ({', '.join(changed)} differ); use a new --out directory")
+    manifest = read_json(out / art.MANIFEST, "artefact manifest") if (out / art.MANIFEST).exists() else {}
+    _check_data(out, manifest, data)
+    if (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
+        raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
     with atomic_dir(out / "backbone") as tmp:
         art.save_backbone(tmp, backbone, cfg.to_dict()["backbone"])
@@ -148,10 +155,16 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     fp = backbone.spec.fingerprint()
     tasks = splits.all()
     _log(f"[experts] {len(tasks)} tasks, LoRA of {backbone.spec.num_params} parameters ({len(backbone.spec.targets)} targets)")
+    pinned = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
+    trained = []
     for name in tqdm(tasks, desc="experts", unit="task"):
         path = out / "snapshots" / f"{name}.safetensors"
+        rel = f"snapshots/{name}.safetensors"
         if path.exists() and _snapshot_fingerprint(path) == fp:
-            continue  # resumable: this task was trained by an earlier, interrupted run
+            if rel not in pinned or sha256_file(path) == pinned[rel]:
+                continue  # resumable: trained by an earlier run (pinned, or not yet: that run was interrupted)
+            _log(f"[experts] {name}: its snapshot file differs from the one the manifest pins; training it again")
+        trained.append(name)
         task = prepare_task(backbone, dataset, name, cache)
         snaps = train_expert(backbone, task, cfg.experts)
         info = dataset.tasks[name]
@@ -160,7 +173,24 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
             {"snapshots": snaps},
             metadata={"task": name, "description": info.description, "kind": info.kind, "lora_fingerprint": fp},
         )
-    art.update_manifest(out, "experts", {"seconds": round(time.perf_counter() - t0, 1), "tasks": len(tasks)})
+    if len(trained) < len(tasks):
+        _log(f"[experts] {len(tasks) - len(trained)} of {len(tasks)} tasks already trained (resumed); trained {len(trained)}")
+    # Snapshots the later stages were built from changed: their results are stale until they run again.
+    invalidate = art.STAGES[1:] if trained else ()
+    extra = {"seconds": round(time.perf_counter() - t0, 1), "tasks": len(tasks), "data": data}
+    art.update_manifest(out, "experts", extra, invalidate=invalidate)
+
+
+def _check_data(out: Path, manifest: dict, data: str) -> None:
+    """ValueError when the dataset's tasks or samples differ from those ``out``'s experts were trained on
+    (directories built before the fingerprint was recorded are not checked)."""
+    stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    recorded = (stages.get("experts") or {}).get("data")
+    if recorded is not None and recorded != data:
+        raise ValueError(
+            f"{out}: the dataset changed since its experts were trained (tasks or samples differ: fingerprint {data}, "
+            f"built on {recorded}); use a new --out directory"
+        )
 
 
 def _snapshot_fingerprint(path: Path) -> str | None:
@@ -266,6 +296,7 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
     val = build_data(repo, tasks_of(list(splits["val"])), prior) if splits["val"] else None
     if cfg.generator.task_weight > 0:  # the task loss needs each task's training images (cached features)
         dataset, cache = load_data(cfg), FeatureCache(backbone)
+        _check_data(out, manifest, dataset.fingerprint())
         train.tasks = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in train_names]
         if val is not None:
             val.tasks = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in splits["val"]]
@@ -301,16 +332,19 @@ def _plot_history(history: list[dict], path: Path) -> None:
 def stage_evaluate(
     cfg: PipelineConfig, out: Path, device: str = "cpu", methods: tuple[str, ...] | None = None, on: str = "test"
 ) -> dict:
-    """Evaluates every method on the unseen ``test`` tasks (or the ``val`` tasks, for tuning; written to eval-val/)."""
+    """Evaluates every method on the unseen ``test`` tasks (or the ``val`` tasks, for tuning; written to eval-val/).
+    With ``methods`` that leave out some of the config's, the results go to eval-partial/ (eval-val-partial/)."""
     t0 = time.perf_counter()
+    partial = methods is not None and not set(cfg.evaluation.methods) <= set(methods)
     methods = methods or cfg.evaluation.methods
-    _require(out, "experts", cfg)
+    manifest = _require(out, "experts", cfg)
     built = _built_config(out)
     stale = [k for k in ("prior", "generator") if built.get(k) != cfg.to_dict()[k]]
     if stale:
         raise ValueError(f"{out}: the config's {', '.join(stale)} settings differ from the built ones; rerun the generator stage")
     a = art.load_artifacts(out, device, require_generator=any(m in SAMPLING_METHODS for m in methods))
     dataset = load_data(cfg)
+    _check_data(out, manifest, dataset.fingerprint())
     splits = read_json(out / "splits.json", "task splits")
     cache = FeatureCache(a.backbone)
     per_task: dict[str, dict[str, dict[str, float]]] = {}
@@ -343,10 +377,13 @@ def stage_evaluate(
         "sg_samples": cfg.evaluation.sg_samples,
         "paired": paired_differences(per_task),
     }
-    with atomic_dir(out / ("eval" if on == "test" else f"eval-{on}")) as tmp:
+    # Some of the methods only: beside the full results, never over them (eval-partial/, eval-val-partial/).
+    folder = ("eval" if on == "test" else f"eval-{on}") + ("-partial" if partial else "")
+    with atomic_dir(out / folder) as tmp:
         write_json(tmp / "results.json", results)
         (tmp / "results.md").write_text(results_table(results))
-    if on == "test":
+    _log(f"[evaluate] results in {out / folder}")
+    if on == "test" and not partial:
         _record_config(out, cfg)
         art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
     _log(results_table(results))
