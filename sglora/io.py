@@ -92,10 +92,25 @@ def safetensors_metadata(data: bytes, whole: bool = False) -> dict[str, str]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    """A safetensors file whose bytes depend on its content alone (see :func:`canonical_safetensors`)."""
+    from safetensors.torch import save
 
+    data = canonical_safetensors(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted. safetensors writes ``__metadata__`` from a hash
+    map, so the same tensors and metadata gave other bytes (and sha256s, and artefact versions) from one
+    process to the next. Reordering keys keeps the header's length (compact JSON, UTF-8 as written), so
+    the tensor data and its offsets stay where they were."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    canonical = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    if len(canonical) > n:  # not the compact JSON this was written in: leave the file as it is
+        return data
+    return data[:8] + canonical.ljust(n, b" ") + data[8 + n :]
 
 
 @contextmanager

@@ -1,0 +1,38 @@
+"""sglora.io: files whose bytes depend on their content alone, and headers read whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from sglora.io import canonical_safetensors, safetensors_metadata
+
+WRITE = """
+import sys, torch
+from sglora.io import write_safetensors
+write_safetensors(__import__("pathlib").Path(sys.argv[1]), {"b": torch.ones(3, 2), "a": torch.arange(4)},
+                  {f"key{i}": "välue" * i for i in range(24)})
+"""
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes_in_any_process(tmp_path):
+    """safetensors writes __metadata__ from a hash map seeded per process: without the sorted header a
+    rerun of a pipeline stage changed every file's sha256 (and the service's artefact version)."""
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", WRITE, str(tmp_path / name)], check=True, timeout=60)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() == (tmp_path / "c").read_bytes()
+    back = load_file(str(tmp_path / "a"))
+    assert torch.equal(back["a"], torch.arange(4)) and torch.equal(back["b"], torch.ones(3, 2))
+    assert safetensors_metadata((tmp_path / "a").read_bytes(), whole=True)["key3"] == "välue" * 3
+
+
+def test_a_header_read_whole_refuses_truncated_and_padded_files():
+    data = canonical_safetensors(save({"x": torch.ones(4)}, metadata={"format": "t"}))
+    assert safetensors_metadata(data, whole=True) == {"format": "t"}
+    for bad in (data[:-1], data + b"\0", b"\x05" + b"\0" * 7 + b"{}"):
+        with pytest.raises(ValueError):
+            safetensors_metadata(bad, whole=True)
