@@ -79,6 +79,7 @@ def test_bad_tasks_are_named_before_anything_is_trained(tmp_path, tasks, needle)
         ('{"image": "a.png", "task": "colours"}', ":1: label None is not one of task 'colours'"),
         ('{"image": "a.png", "task": "colours", "label": "redd"}', ":1: label 'redd' is not one of task 'colours'"),
         ('{"image": "a.png", "caption": "a circle"}', ":1: a sample needs a task"),
+        ('{"image": "missing.png", "label": "red"}', ":1: image not found: "),
     ],
 )
 def test_bad_samples_are_named_by_line(tmp_path, line, needle):
@@ -105,6 +106,8 @@ def test_a_class_without_images_in_a_split_is_named(tmp_path):
         {"image": f"{i}.png", "label": c, "split": sp}
         for i, (c, sp) in enumerate([("red", "train"), ("blue", "train"), ("red", "test")])
     ]
+    for x in lines:
+        (tmp_path / x["image"]).write_bytes(b"")  # only their existence is checked on load
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ds = load_task_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"task 'colours': class\(es\) \['blue'\] have no test samples"):

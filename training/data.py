@@ -227,6 +227,8 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         path = (directory / image).resolve()
         if not path.is_relative_to(directory.resolve()):
             raise ValueError(f"{where}: image path leaves the dataset folder: {image!r}")
+        if not path.is_file():  # found now, not after the tasks before it have trained
+            raise ValueError(f"{where}: image not found: {path}")
         samples.append(Sample(str(path), caption, task, label, split))
     if unused:  # a pool may hold more classes than the tasks use, but a misspelt label lands here too
         shown = ", ".join(f"{label!r} (line {n})" for label, n in list(unused.items())[:5])
