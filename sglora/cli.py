@@ -222,9 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_PROGRESS_INTERVAL_S = "10"
+
+
+def progress_for(stream) -> None:
+    """Progress bars redraw in place on a terminal; written to a log file or a pipe (CI, a container's
+    log) every redraw is another chunk of text, a few per second per bar. There, at most one per
+    ``LOG_PROGRESS_INTERVAL_S`` (tqdm reads ``TQDM_MININTERVAL``; a value set by the user wins)."""
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads: idle OpenMP threads sleep rather than spin (shared machines, servers).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    progress_for(sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

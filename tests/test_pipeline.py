@@ -427,3 +427,23 @@ def test_a_manifest_of_the_wrong_shape_is_refused_by_name(tiny_artifacts, edit, 
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     with pytest.raises(ArtifactError, match=needle):
         load_artifacts(tiny_artifacts, require_generator=False)
+
+
+def test_progress_bars_redraw_rarely_when_stderr_is_a_log(monkeypatch):
+    import io
+    import os
+
+    from sglora.cli import LOG_PROGRESS_INTERVAL_S, progress_for
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    progress_for(Terminal())
+    assert "TQDM_MININTERVAL" not in os.environ
+    progress_for(io.StringIO())
+    assert os.environ["TQDM_MININTERVAL"] == LOG_PROGRESS_INTERVAL_S
+    monkeypatch.setenv("TQDM_MININTERVAL", "1")
+    progress_for(io.StringIO())  # the user's own setting wins
+    assert os.environ["TQDM_MININTERVAL"] == "1"
