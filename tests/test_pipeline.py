@@ -422,11 +422,15 @@ def test_artefacts_take_the_umask_like_any_file(tiny_artifacts_session):
         (lambda m: {**m, "files": {**m["files"], "../../../../dev/zero": "0" * 64}}, "leaves the artefact directory"),
     ],
 )
-def test_a_manifest_of_the_wrong_shape_is_refused_by_name(tiny_artifacts, edit, needle):
+def test_a_manifest_of_the_wrong_shape_is_refused_by_name(tiny_artifacts, tiny_config, edit, needle):
+    from training.pipeline import stage_experts
+
     path = tiny_artifacts / "manifest.json"
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     with pytest.raises(ArtifactError, match=needle):
         load_artifacts(tiny_artifacts, require_generator=False)
+    with pytest.raises(ArtifactError, match=needle):  # a rerun too, before it writes anything
+        stage_experts(tiny_config, tiny_artifacts)
 
 
 def test_progress_bars_redraw_rarely_when_stderr_is_a_log(monkeypatch):

@@ -142,7 +142,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
         changed = sorted(k for k in set(existing) | set(cfg.to_dict()) if existing.get(k) != cfg.to_dict().get(k))
         if changed:
             raise ValueError(f"{out} was built with another config ({', '.join(changed)} differ); use a new --out directory")
-    manifest = read_json(out / art.MANIFEST, "artefact manifest") if (out / art.MANIFEST).exists() else {}
+    manifest = art.read_manifest(out) if (out / art.MANIFEST).exists() else {}  # refuses a damaged one by name
     _check_data(out, manifest, data)
     if (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
         raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
@@ -155,7 +155,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     fp = backbone.spec.fingerprint()
     tasks = splits.all()
     _log(f"[experts] {len(tasks)} tasks, LoRA of {backbone.spec.num_params} parameters ({len(backbone.spec.targets)} targets)")
-    pinned = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
+    pinned = manifest.get("files", {})
     trained = []
     for name in tqdm(tasks, desc="experts", unit="task"):
         path = out / "snapshots" / f"{name}.safetensors"
@@ -184,8 +184,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
 def _check_data(out: Path, manifest: dict, data: str) -> None:
     """ValueError when the dataset's tasks or samples differ from those ``out``'s experts were trained on
     (directories built before the fingerprint was recorded are not checked)."""
-    stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
-    recorded = (stages.get("experts") or {}).get("data")
+    recorded = (manifest.get("stages", {}).get("experts") or {}).get("data")
     if recorded is not None and recorded != data:
         raise ValueError(
             f"{out}: the dataset changed since its experts were trained (tasks or samples differ: fingerprint {data}, "
