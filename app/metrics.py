@@ -55,7 +55,10 @@ class Metrics:
             "sglora_stage_duration_seconds", "latency of one stage of a model job", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )
         self.cache = Counter(
-            "sglora_cache_events", "LoRA cache lookups: hit, miss or error (Redis failed or skipped)", ["result"], registry=r
+            "sglora_cache_events",
+            "LoRA cache decisions: hit, miss, error (Redis failed or in its back-off), skip (no seed: no lookup)",
+            ["result"],
+            registry=r,
         )
         self.embeddings = Counter(
             "sglora_embedding_cache_events",
@@ -80,7 +83,7 @@ class Metrics:
         GCCollector(registry=r)
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
-        for result in ("hit", "miss", "error"):
+        for result in ("hit", "miss", "error", "skip"):
             self.cache.labels(result=result)
         for result in ("hit", "miss"):
             self.embeddings.labels(result=result)

@@ -352,7 +352,11 @@ class Service:
                 self.lru.put(etag, data)
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
-            self.metrics.cache.labels(result="miss").inc()
+            # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
+            # failing (its back-off) the request still could not use the cache: an error, so that an outage
+            # shows in the error ratio whatever share of the traffic sends seeds.
+            degraded = self.cache.enabled and not self.cache.available()
+            self.metrics.cache.labels(result="error" if degraded else "skip").inc()
         try:
             data, used_version = await self.worker.encode(params.description, params)
         except ValueError as e:  # the engine's own checks (e.g. an expert removed meanwhile)

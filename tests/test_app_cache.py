@@ -199,3 +199,23 @@ def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(ma
             preview = c.post("/generate/preview", json=body)
             assert preview.status_code == 200, preview.text
             assert wait_for(lambda: r.get(key) == good.content)  # overwritten by the fresh file
+
+
+def test_requests_without_a_seed_skip_the_cache_and_count_as_errors_while_redis_is_out(private_redis, make_settings):
+    """A sampling request without a seed is never looked up (it asks for a new sample): `skip`, outside the
+    hit ratio. While Redis fails (its back-off) such a request could not have used the cache either:
+    `error`, so that an outage moves the SGLoRACacheDegraded ratio even when no client sends seeds."""
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=30)
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        before = {r: cache_events(c, r) for r in ("hit", "miss", "error", "skip")}
+        assert c.post("/generate", json={"description": "a red circle"}).status_code == 200
+        assert cache_events(c, "skip") == before["skip"] + 1 and cache_events(c, "miss") == before["miss"]
+        assert wait_for(lambda: not cache._writing)
+        private_redis.stop()
+        c.post("/generate", json={"description": "a red circle", "seed": 9})  # fails: Redis is in its back-off now
+        errors = cache_events(c, "error")
+        for _ in range(3):
+            assert c.post("/generate", json={"description": "a red circle"}).status_code == 200
+        assert cache_events(c, "error") == errors + 3 and cache_events(c, "skip") == before["skip"] + 1
+        private_redis.start()
