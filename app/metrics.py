@@ -19,6 +19,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.runtime import GcPauses
@@ -129,7 +130,16 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "other"
+            endpoint = getattr(scope.get("route"), "path", None) or _route_of(scope)
             self.metrics.requests.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
             self.metrics.latency.labels(endpoint=endpoint, cache=cache).observe(time.perf_counter() - start)
+
+
+def _route_of(scope: Scope) -> str:
+    """The route template of a request answered before routing (a 413 of the body limit), else "other"."""
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match != Match.NONE and isinstance(getattr(route, "path", None), str):
+            return route.path
+    return "other"

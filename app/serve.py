@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from app.logs import FORMATS, LEVELS, log_config
 from app.settings import Settings
+from app.worker import abandoned_threads
 from sglora.cli import EXIT_USAGE, port_number
 
 
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if abandoned_threads():
+        # A job ran past SGLORA_SHUTDOWN_TIMEOUT_S (logged): Python would join its thread at exit and keep the
+        # process alive until the job ends (a hung device: until the orchestrator's SIGKILL). End it now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -36,7 +36,7 @@ from app.errors import APIError
 from app.images import load_rgb, open_image
 from app.metrics import Metrics
 from app.settings import Settings, StartupError
-from app.worker import ModelWorker
+from app.worker import ModelWorker, WorkerTimeout
 from expert_store.repository import Expert, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
@@ -56,6 +56,7 @@ UNSEEDED_SEEDS = 2**53
 # Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes.
 # (A safetensors file starts with its 8-byte little-endian header length, never with these bytes.)
 ETAG_POINTER = b"->"
+STARTUP_TIMEOUT_S = 600.0  # the warm-up generation and the batching check (see Service.start)
 
 
 @dataclass(frozen=True)
@@ -246,23 +247,31 @@ class Service:
             raise ArtifactError(f"SGLORA_GENERATOR_DTYPE={settings.generator_dtype}: {e}") from e
         service = cls(settings, artifacts, device, metrics)
         service.worker.start()
+        # The first generation (lazy initialisation, a first CUDA call, a cold disk) may take far longer than
+        # a request may wait: the start-up jobs get STARTUP_TIMEOUT_S, not SGLORA_REQUEST_TIMEOUT_S.
+        service.worker.timeout_s = max(settings.request_timeout_s, STARTUP_TIMEOUT_S)
         try:
             await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
+            mismatch = None
+            if settings.batch_invariance == "require" and service.worker.max_batch > 1:
+                probes = [artifacts.repository[n].description for n in artifacts.repository.names[:6]]
+                mismatch = await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
+        except WorkerTimeout:
+            await service.stop()
+            raise StartupError(f"the warm-up generation took longer than {service.worker.timeout_s:g} s") from None
         except BaseException:
             await service.stop()
             raise
-        if settings.batch_invariance == "require" and service.worker.max_batch > 1:
-            probes = [artifacts.repository[n].description for n in artifacts.repository.names[:6]]
-            mismatch = await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
-            if mismatch:
-                log.warning(
-                    "micro-batching off: on %s with %d torch thread(s), %s; descriptions are encoded one at a time so "
-                    "that a seeded LoRA never depends on its neighbours (SGLORA_BATCH_INVARIANCE=ignore batches anyway)",
-                    device,
-                    torch.get_num_threads(),
-                    mismatch,
-                )
-                service.worker.max_batch = 1
+        service.worker.timeout_s = settings.request_timeout_s
+        if mismatch:
+            log.warning(
+                "micro-batching off: on %s with %d torch thread(s), %s; descriptions are encoded one at a time so "
+                "that a seeded LoRA never depends on its neighbours (SGLORA_BATCH_INVARIANCE=ignore batches anyway)",
+                device,
+                torch.get_num_threads(),
+                mismatch,
+            )
+            service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
             "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, CVAE in %s, passes of %s rows, "
@@ -283,8 +292,8 @@ class Service:
 
     async def stop(self) -> None:
         """Finishes the accepted model jobs, then releases the worker and Redis."""
-        await self.worker.drain(self.settings.shutdown_timeout_s)
-        await self.worker.close()
+        drained = await self.worker.drain(self.settings.shutdown_timeout_s)
+        await self.worker.close(wait=drained)
         await self.cache.close()
 
     def _time_sampling(self) -> None:

@@ -415,25 +415,51 @@ class ModelWorker:
         return torch.stack([rows[t] for t in texts])
 
     # ---- shutdown -------------------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        """Model threads running a job now (a job whose caller gave up included: it runs to its end)."""
+        return self.model_threads - len(self._free)
+
     async def drain(self, timeout_s: float) -> bool:
-        """Stops admitting jobs and waits for the accepted ones; False if they did not finish in time."""
+        """Stops admitting jobs and waits, at most ``timeout_s`` in all, for the accepted ones and for the
+        jobs still running on the model threads (those of requests that timed out or were cut off hold a
+        thread too); False if they did not finish in time."""
         self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
         except TimeoutError:
             log.warning("shutdown: %d model jobs still pending after %.1f s", self._pending, timeout_s)
             return False
+        while self.busy and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.busy:
+            log.warning("shutdown: %d model thread(s) still busy after %.1f s; not waiting for them", self.busy, timeout_s)
+            return False
+        return True
 
-    async def close(self) -> None:
+    async def close(self, wait: bool = True) -> None:
+        """Stops the batcher and the model threads; ``wait=False`` (a drain that timed out) leaves a running
+        job behind: the threads are marked abandoned and ``app.serve`` ends the process without them."""
         if self._batcher is not None:
             self._batcher.cancel()
             try:
                 await self._batcher
             except asyncio.CancelledError:
                 pass
+        if not wait and self.busy:
+            _abandoned.append(self.busy)
         for executor in self._executors:
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(executor.shutdown, wait=wait, cancel_futures=True)
+
+
+_abandoned: list[int] = []  # model threads left running by a shutdown that timed out (this process)
+
+
+def abandoned_threads() -> int:
+    """How many model threads shutdowns of this process left running (their jobs past SGLORA_SHUTDOWN_TIMEOUT_S)."""
+    return sum(_abandoned)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

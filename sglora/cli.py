@@ -153,6 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.log_format:
         argv += ["--log-format", args.log_format]
     argv += ["--log-level", args.log_level]
+    if args.no_access_log:
+        argv += ["--no-access-log"]
     return serve_main(argv, prog="sglora serve")  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
@@ -218,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text, or json: one JSON object per line (default: $SGLORA_LOG_FORMAT or text)",
     )
     s.add_argument("--log-level", default="info", choices=LEVELS)
+    s.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -375,3 +375,24 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     calls.clear()
     assert not key_matches("nope", ["k1", "k2"])
     assert len(calls) == 2
+
+
+def test_refusals_before_routing_are_counted_under_their_endpoint(served):
+    """The body limit answers 413 before FastAPI routes the request: the metric still names the route
+    template (an unknown path stays 'other')."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _, _ = served
+
+    def count(endpoint: str, status: str) -> float:
+        samples = (s for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples)
+        return sum(
+            s.value
+            for s in samples
+            if s.name == "sglora_requests_total" and s.labels["endpoint"] == endpoint and s.labels["status"] == status
+        )
+
+    before, other = count("/generate", "413"), count("other", "404")
+    assert client.post("/generate", content=iter([b"x" * 1_000_000] * 4)).status_code == 413
+    assert client.get("/nowhere").status_code == 404
+    assert count("/generate", "413") == before + 1 and count("other", "404") == other + 1

@@ -370,6 +370,15 @@ async def test_full_queue_answers_429_with_retry_after(make_settings):
         assert hit.status_code == 200 and hit.headers["x-cache"] == "hit"
 
 
+async def test_a_warm_up_slower_than_the_request_timeout_still_starts_the_service(make_settings):
+    """The first generation may be much slower than a request may wait (a first CUDA call, a cold disk):
+    start-up gets its own limit, and the request timeout applies from then on."""
+    async with serving(make_settings(request_timeout_s=0.3, test_model_delay_s=0.5)) as (service, client):
+        assert service.worker.timeout_s == 0.3
+        r = await client.post("/generate", json={"description": "slow", "seed": 1})
+        assert r.status_code == 504
+
+
 async def test_slow_model_answers_504_and_recovers(make_settings):
     async with serving(make_settings(request_timeout_s=0.3)) as (service, client):
         gate, blocker = block(service)
@@ -741,3 +750,44 @@ def test_text_dtype_that_the_backbone_cannot_run_refuses_to_start(make_settings,
     with pytest.raises(ArtifactError, match="SGLORA_TEXT_DTYPE=bfloat16: .*float32 only"):
         with TestClient(create_app(make_settings(text_dtype="bfloat16"))):
             pass
+
+
+def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifacts_session, tmp_path):
+    """SIGTERM with a job on the model thread whose request uvicorn cut off at --graceful-timeout: the
+    lifespan waits SGLORA_SHUTDOWN_TIMEOUT_S for it, then logs it and the process ends without it (Python
+    would otherwise join the thread at exit, for as long as the job takes: a hung device, forever)."""
+    import signal
+    import time
+
+    from app.processes import free_port, start_server, wait_ready
+
+    port, job_s = free_port(), 8.0
+    env = {
+        **os.environ,
+        "SGLORA_ARTIFACTS": str(tiny_artifacts_session),
+        "SGLORA_REDIS_URL": "",
+        "SGLORA_TEST_MODEL_DELAY_S": str(job_s),
+        "SGLORA_BATCH_INVARIANCE": "ignore",  # one slow start-up job (the warm-up), not two
+        "SGLORA_SHUTDOWN_TIMEOUT_S": "0.5",
+    }
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the server writes it until it exits
+    proc = start_server(port, env, "--graceful-timeout", "0.5", stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+        sent = threading.Thread(
+            target=lambda: httpx.post(f"http://127.0.0.1:{port}/generate", json={"description": "slow"}, timeout=30),
+            daemon=True,
+        )
+        sent.start()
+        time.sleep(1.0)  # the job is on the model thread now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert "model thread(s) still busy after 0.5 s; not waiting for them" in text
+    assert took < job_s - 3, f"the process waited {took:.1f} s for a job of {job_s} s"
