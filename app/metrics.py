@@ -36,6 +36,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 REJECT_REASONS = ("overloaded", "timeout")  # sglora_rejected_total{reason}
 REDIS_OPS = ("get", "set", "ping")  # sglora_redis_errors_total{op}
 STAGES = ("queue", "text_encoding", "prior", "sampling", "serialisation", "image_encoding", "scoring")
+# sglora_requests_total series that exist from the start: the model endpoints' refusals and errors, which the
+# 5xx and 429 alerts divide (a series that appears with its first increment loses that burst to rate()).
+MODEL_ENDPOINTS = ("/generate", "/generate/preview", "/generate/batch", "/retrieve")
+ALERTED_STATUSES = ("200", "429", "500", "503", "504")
 
 
 class Metrics:
@@ -86,6 +90,9 @@ class Metrics:
         r.register(self.gc_pauses)
         for result in ("hit", "miss", "error", "skip"):
             self.cache.labels(result=result)
+        for endpoint in MODEL_ENDPOINTS:
+            for status in ALERTED_STATUSES:
+                self.requests.labels(endpoint=endpoint, method="POST", status=status)
         for result in ("hit", "miss"):
             self.embeddings.labels(result=result)
         for stage in STAGES:
@@ -135,10 +142,20 @@ class MetricsMiddleware:
             self.metrics.latency.labels(endpoint=endpoint, cache=cache).observe(time.perf_counter() - start)
 
 
+def leaf_routes(routes) -> list:
+    """The routes of an app or router, those of included routers in place of them (FastAPI wraps each
+    ``include_router`` in a router of its own)."""
+    out = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        out.extend(leaf_routes(inner) if inner is not None else [route])
+    return out
+
+
 def _route_of(scope: Scope) -> str:
     """The route template of a request answered before routing (a 413 of the body limit), else "other"."""
     app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", ()):
+    for route in leaf_routes(getattr(getattr(app, "router", None), "routes", ())):
         match, _ = route.matches(scope)
         if match != Match.NONE and isinstance(getattr(route, "path", None), str):
             return route.path

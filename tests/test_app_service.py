@@ -791,3 +791,21 @@ def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifact
     text = (tmp_path / "server.log").read_text()
     assert "model thread(s) still busy after 0.5 s; not waiting for them" in text
     assert took < job_s - 3, f"the process waited {took:.1f} s for a job of {job_s} s"
+
+
+def test_the_alerted_request_series_exist_from_the_start_for_real_routes(make_settings):
+    from app.metrics import ALERTED_STATUSES, MODEL_ENDPOINTS, leaf_routes
+
+    app = create_app(make_settings())
+    posts = {r.path for r in leaf_routes(app.routes) if "POST" in (getattr(r, "methods", None) or ())}
+    assert set(MODEL_ENDPOINTS) <= posts  # a renamed route cannot leave a dead pre-created series behind
+    with TestClient(app) as c:
+        samples = {
+            (s.labels["endpoint"], s.labels["method"], s.labels["status"]): s.value
+            for f in text_string_to_metric_families(c.get("/metrics").text)
+            for s in f.samples
+            if s.name == "sglora_requests_total"
+        }
+    for endpoint in MODEL_ENDPOINTS:
+        for status in ALERTED_STATUSES:
+            assert samples[(endpoint, "POST", status)] == 0
