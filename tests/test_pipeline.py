@@ -199,6 +199,7 @@ def test_later_stages_take_new_prior_settings_but_not_new_experts_settings(tiny_
     with pytest.raises(ValueError, match="rerun the generator stage"):
         stage_evaluate(new_prior, tiny_artifacts)
     stage_generator(new_prior, tiny_artifacts)
+    assert "evaluate" not in json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]  # eval/ is stale
     assert json.loads((tiny_artifacts / "config.json").read_text())["prior"]["top_k"] == 2
     assert load_artifacts(tiny_artifacts).engine.top_k == 2
     other_experts = dataclasses.replace(built, experts=dataclasses.replace(built.experts, lr=0.5))

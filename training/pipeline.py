@@ -305,7 +305,8 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
         art.save_generator(tmp, model, history)
         _plot_history(history, tmp / "history.png")
     _record_config(out, cfg)
-    art.update_manifest(out, "generator", {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x)})
+    extra = {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x)}
+    art.update_manifest(out, "generator", extra, invalidate=("evaluate",))  # eval/ scored the previous generator
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
