@@ -7,6 +7,7 @@ in the same process; scale with replicas), so prometheus-client's multiprocess m
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import (
@@ -125,9 +126,12 @@ class MetricsMiddleware:
         status, cache = 500, ""
         start = time.perf_counter()
 
+        started = False
+
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, cache
+            nonlocal status, cache, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 cache = next((v.decode("latin-1") for k, v in message.get("headers", ()) if k.lower() == b"x-cache"), "")
             await send(message)
@@ -135,6 +139,10 @@ class MetricsMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            if status == 500 and not started:  # cut off at shutdown: RequestIdMiddleware answers 503
+                status = 503
+            raise
         finally:
             self.metrics.in_flight.dec()
             endpoint = getattr(scope.get("route"), "path", None) or _route_of(scope)

@@ -6,11 +6,13 @@ served, ``sglora.*`` log lines carry it (``[request <id>]``, through :class:`Req
 
 An exception that no handler answered (a bug) is answered here, as long as nothing of the response
 was sent: a 500 in the service's error shape whose reason names the request ID, and the traceback
-logged once, under that ID, so a user's report can be matched to the log line.
+logged once, under that ID, so a user's report can be matched to the log line. A request that the
+server cancels at shutdown (uvicorn's graceful timeout) gets a 503 in that shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -71,6 +73,13 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its graceful-shutdown timeout ends, and would
+            # answer them with its own plain-text 500 (no ID, counted as a bug): a 503 in the service's shape.
+            if not started:
+                body = error_body(None, f"the service stopped before this request finished; retry (request {rid})")
+                await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send_with_id)
+            raise
         except Exception as e:
             if started:  # too late for an answer: the server closes the connection and logs it
                 raise

@@ -774,8 +774,16 @@ def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifact
     proc = start_server(port, env, "--graceful-timeout", "0.5", stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+        answers = []
         sent = threading.Thread(
-            target=lambda: httpx.post(f"http://127.0.0.1:{port}/generate", json={"description": "slow"}, timeout=30),
+            target=lambda: answers.append(
+                httpx.post(
+                    f"http://127.0.0.1:{port}/generate",
+                    json={"description": "slow"},
+                    headers={"X-Request-ID": "cut-off-1"},
+                    timeout=30,
+                )
+            ),
             daemon=True,
         )
         sent.start()
@@ -790,6 +798,11 @@ def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifact
         log.close()
     text = (tmp_path / "server.log").read_text()
     assert "model thread(s) still busy after 0.5 s; not waiting for them" in text
+    # The request uvicorn cut off at --graceful-timeout: a 503 in the service's shape, not uvicorn's plain 500.
+    sent.join(timeout=10)
+    (cut,) = answers
+    assert cut.status_code == 503 and cut.headers["x-request-id"] == "cut-off-1" and cut.headers["retry-after"] == "1"
+    assert "stopped before this request finished" in cut.json()["detail"]["reason"]
     assert took < job_s - 3, f"the process waited {took:.1f} s for a job of {job_s} s"
 
 
