@@ -61,6 +61,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     print(json.dumps(cfg.to_dict(), indent=2))
+    if args.data:  # the dataset too: its files, the split and each task's samples, as the experts stage checks them
+        from training.pipeline import load_data, resolve_split
+
+        dataset = load_data(cfg)
+        splits = resolve_split(cfg.split, dataset)
+        dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+        roles = ", ".join(f"{role} {len(getattr(splits, role))}" for role in ("experts", "train", "val", "test"))
+        size = f"{len(dataset.tasks)} tasks, {len(dataset.samples)} samples"
+        print(f"data: {size}; split: {roles}; fingerprint {dataset.fingerprint()}", file=sys.stderr)
     return 0
 
 
@@ -177,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-config", help="load and validate a config, print it resolved")
     s.add_argument("config")
+    s.add_argument("--data", action="store_true", help="also load the dataset and check the split and every task's samples")
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("evaluate", help="evaluate every method on the unseen tasks of an artefact directory")

@@ -452,3 +452,19 @@ def test_progress_bars_redraw_rarely_when_stderr_is_a_log(monkeypatch):
     monkeypatch.setenv("TQDM_MININTERVAL", "1")
     progress_for(io.StringIO())  # the user's own setting wins
     assert os.environ["TQDM_MININTERVAL"] == "1"
+
+
+def test_check_config_with_data_checks_the_split_and_the_samples(tiny_config, tmp_path, capsys):
+    import yaml
+
+    cfg = tiny_config.to_dict()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path), "--data"]) == 0
+    assert "data: 8 tasks" in capsys.readouterr().err
+    cfg["experts"]["min_train_samples"] = 1000  # the config alone is valid; its data cannot meet it
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["check-config", str(path), "--data"]) == 2
+    assert "train samples; at least 1000 are needed" in capsys.readouterr().err
