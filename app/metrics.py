@@ -123,10 +123,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status, cache = 500, ""
+        status, cache, started = 500, "", False
         start = time.perf_counter()
-
-        started = False
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, cache, started
@@ -140,7 +138,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except asyncio.CancelledError:
-            if status == 500 and not started:  # cut off at shutdown: RequestIdMiddleware answers 503
+            if not started:  # cut off at shutdown: RequestIdMiddleware answers 503
                 status = 503
             raise
         finally:

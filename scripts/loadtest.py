@@ -410,8 +410,9 @@ async def main_async(args: argparse.Namespace) -> int:
         c1 = await server_counters(host, port)
         rss_after = rss_kib(pid) if pid else None
         result["run"] = summarise(stats, seconds)
-        batch_sum, batch_count = (c1.get((f"sglora_batch_size_{k}", ()), 0.0) - c0.get((f"sglora_batch_size_{k}", ()), 0.0)
-                                  for k in ("sum", "count"))  # fmt: skip
+        batch_sum, batch_count = (
+            c1.get((n, ()), 0.0) - c0.get((n, ()), 0.0) for n in ("sglora_batch_size_sum", "sglora_batch_size_count")
+        )
         result["mean_batch"] = round(batch_sum / batch_count, 1) if batch_count > 0 else None
         result["server_latency_ms_by_cache"] = server_latency_ms(c0, c1)
         result["rss_mib"] = {

@@ -37,6 +37,10 @@ def _device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
 
 
+def _add_device(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def port_number(text: str) -> int:
     """argparse type of a TCP port: 0 (any free one) to 65535."""
     port = int(text)
@@ -62,11 +66,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     print(json.dumps(cfg.to_dict(), indent=2))
     if args.data:  # the dataset too: its files, the split and each task's samples, as the experts stage checks them
-        from training.pipeline import load_data, resolve_split
+        from training.pipeline import prepare_data
 
-        dataset = load_data(cfg)
-        splits = resolve_split(cfg.split, dataset)
-        dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+        dataset, splits = prepare_data(cfg)
         roles = ", ".join(f"{role} {len(getattr(splits, role))}" for role in ("experts", "train", "val", "test"))
         size = f"{len(dataset.tasks)} tasks, {len(dataset.samples)} samples"
         print(f"data: {size}; split: {roles}; fingerprint {dataset.fingerprint()}", file=sys.stderr)
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["experts", "repository", "generator", "evaluate"],
         help="run only this stage (repeatable)",
     )
-    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_device(s)
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("check-config", help="load and validate a config, print it resolved")
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifacts", required=True)
     s.add_argument("--method", action="append", choices=EVALUATION_METHODS, help="only this method (repeatable)")
     s.add_argument("--on", choices=["test", "val"], default="test", help="unseen test tasks, or validation tasks for tuning")
-    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_device(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("generate", help="generate a LoRA for a task description")
@@ -208,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--top-k", type=int)
     s.add_argument("--temperature", type=float)
-    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_device(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("select", help="show the experts and weights a description selects")
@@ -222,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifacts", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port_number, default=8000)
-    s.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_device(s)
     s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     s.add_argument(
         "--log-format",

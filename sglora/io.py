@@ -69,15 +69,20 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _header(data: bytes) -> tuple[int, Any]:
+    """(length, parsed JSON) of a safetensors file's header; ValueError when the bytes do not start with one."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        return n, json.loads(data[8 : 8 + n])
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"unreadable safetensors header: {e}") from e
+
+
 def safetensors_metadata(data: bytes, whole: bool = False) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's bytes, from its JSON header alone (no tensor is read);
     {} when it has none. ValueError when the bytes do not start with a safetensors header, or, with
     ``whole``, when they are not exactly as long as the header's tensors say (a truncated or padded file)."""
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-    except (struct.error, ValueError) as e:
-        raise ValueError(f"unreadable safetensors header: {e}") from e
+    n, header = _header(data)
     metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise ValueError("the safetensors header is not a JSON object with a __metadata__ map")
@@ -105,8 +110,7 @@ def canonical_safetensors(data: bytes) -> bytes:
     map, so the same tensors and metadata gave other bytes (and sha256s, and artefact versions) from one
     process to the next. Reordering keys keeps the header's length (compact JSON, UTF-8 as written), so
     the tensor data and its offsets stay where they were."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+    n, header = _header(data)
     canonical = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
     if len(canonical) > n:  # not the compact JSON this was written in: leave the file as it is
         return data

@@ -44,7 +44,10 @@ class TaskInfo:
     group: str = ""  # benchmark or source the task comes from; splits can be stratified by it
 
     def __post_init__(self) -> None:
-        check_name(self.name)  # a task name becomes a file name (snapshots, expert files)
+        try:
+            check_name(self.name)  # a task name becomes a file name (snapshots, expert files)
+        except ValueError as e:
+            raise ValueError(str(e).replace("expert name", "task name")) from None
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if not self.description or not self.description.strip():
@@ -144,23 +147,18 @@ def _task(t: object, where: str) -> TaskInfo:
         if key not in t:
             raise ValueError(f"{where}: task lacks {key!r}")
     name = _text(t["name"], f"{where}: name")
-    try:
-        check_name(name)  # a task name becomes a file name (its snapshots, its expert file)
-    except ValueError as e:
-        raise ValueError(f"{where}: {str(e).replace('expert name', 'task name')}") from None
     classes = t.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{where}: classes must be a list of strings, got {classes!r}")
     twice = sorted({c for c in classes if classes.count(c) > 1})
     if twice:
         raise ValueError(f"{where}: class(es) {twice} listed more than once")
-    return TaskInfo(
-        name,
-        _text(t["description"], f"{where}: description"),
-        _text(t.get("kind", "retrieval"), f"{where}: kind"),
-        tuple(classes),
-        _text(t.get("group", ""), f"{where}: group"),
-    )
+    description = _text(t["description"], f"{where}: description")
+    kind, group = _text(t.get("kind", "retrieval"), f"{where}: kind"), _text(t.get("group", ""), f"{where}: group")
+    try:
+        return TaskInfo(name, description, kind, tuple(classes), group)
+    except ValueError as e:  # its own checks: name, kind, description, classes
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_task_dataset(directory: Path) -> TaskDataset:

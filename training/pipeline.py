@@ -129,12 +129,19 @@ def _log(msg: str) -> None:
     tqdm.write(msg)
 
 
-# ---- stages ----------------------------------------------------------------------------------
-def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
-    t0 = time.perf_counter()
+def prepare_data(cfg: PipelineConfig) -> tuple[TaskDataset, Splits]:
+    """The dataset and its split, every task of the split checked for its samples (ValueError naming the
+    first that falls short): what the experts stage starts from, and what ``check-config --data`` checks."""
     dataset = load_data(cfg)
     splits = resolve_split(cfg.split, dataset)
     dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+    return dataset, splits
+
+
+# ---- stages ----------------------------------------------------------------------------------
+def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
+    t0 = time.perf_counter()
+    dataset, splits = prepare_data(cfg)
     data = dataset.fingerprint()
     out.mkdir(parents=True, exist_ok=True)
     existing = _built_config(out) if (out / "config.json").exists() else None
