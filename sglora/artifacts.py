@@ -11,13 +11,15 @@
       generator/cvae.json + cvae.safetensors + history.json
       eval/results.json + results.md
 
-Loading checks every sha256 in the manifest and the consistency of backbone, LoRA layout
+Loading checks every sha256 in the manifest (a report under eval*/ or generator/history.* that is missing
+or changed is only a warning: nothing loads it) and the consistency of backbone, LoRA layout
 and embedding size across parts, and refuses with a message naming the problem.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 GENERATOR_CONFIG = "generator/cvae.json"
 GENERATOR_WEIGHTS = "generator/cvae.safetensors"
 STAGES = ("experts", "repository", "generator", "evaluate")
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(ValueError):
@@ -130,17 +133,30 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
+def is_report(rel: str) -> bool:
+    """Files written for people (result tables, plots, the loss history): nothing loads them."""
+    return rel.split("/", 1)[0].startswith("eval") or rel.startswith("generator/history.")
+
+
 def verify_files(root: Path, manifest: dict, prefixes: tuple[str, ...] | None = None) -> None:
+    """Checks every pinned file (those under ``prefixes`` only, when given) against its sha256. A model
+    file missing, changed or not a regular file raises :class:`ArtifactError`; a report (:func:`is_report`)
+    is only logged as a warning, since nothing loads it and rerunning its stage rewrites it."""
     for rel, digest in manifest["files"].items():
         if prefixes is not None and not rel.startswith(prefixes):
             continue
         p = root / rel
         if p.is_symlink() or (p.exists() and not p.is_file()):
-            raise ArtifactError(f"artefact file is not a regular file: {p}")
-        if not p.exists():
-            raise ArtifactError(f"artefact file missing: {p}")
-        if sha256_file(p) != digest:
-            raise ArtifactError(f"artefact file corrupt (sha256 mismatch): {p}")
+            problem = f"artefact file is not a regular file: {p}"
+        elif not p.exists():
+            problem = f"artefact file missing: {p}"
+        elif sha256_file(p) != digest:
+            problem = f"artefact file corrupt (sha256 mismatch): {p}"
+        else:
+            continue
+        if not is_report(rel):
+            raise ArtifactError(problem)
+        log.warning("%s (a report: loading goes on; rerunning its stage writes it again)", problem)
 
 
 def load_backbone_from(root: Path, device: str | torch.device = "cpu") -> Backbone:

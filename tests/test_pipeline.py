@@ -131,6 +131,30 @@ def test_corrupt_generator_is_refused_by_name(tiny_artifacts):
         load_artifacts(tiny_artifacts)
 
 
+def test_a_deleted_or_edited_report_warns_and_its_stage_writes_it_again(tiny_config, tiny_artifacts, caplog):
+    # Reports (tables, plots, loss history) are pinned but loaded by nothing: losing one must not lock the
+    # directory, not even against the rerun that would write it again.
+    from training.pipeline import stage_evaluate
+
+    (tiny_artifacts / "eval" / "results.md").unlink()
+    (tiny_artifacts / "generator" / "history.png").write_bytes(b"edited")
+    with caplog.at_level("WARNING", logger="sglora.artifacts"):
+        assert load_artifacts(tiny_artifacts).generator is not None
+    warned = caplog.text
+    assert "artefact file missing" in warned and "results.md" in warned
+    assert "sha256 mismatch" in warned and "history.png" in warned
+    stage_evaluate(tiny_config, tiny_artifacts, methods=tuple(tiny_config.evaluation.methods))
+    assert (tiny_artifacts / "eval" / "results.md").is_file()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sglora.artifacts"):
+        load_artifacts(tiny_artifacts)
+    assert "results.md" not in caplog.text and "history.png" in caplog.text
+    # A model file stays strict.
+    (tiny_artifacts / "generator" / "cvae.json").unlink()
+    with pytest.raises(ArtifactError, match="artefact file missing: .*cvae.json"):
+        load_artifacts(tiny_artifacts)
+
+
 def test_repository_with_another_rank_is_refused(tiny_artifacts):
     idx = tiny_artifacts / "repository" / "repository.json"
     data = json.loads(idx.read_text())
