@@ -142,6 +142,33 @@ def test_patience_stops_early_and_keeps_the_best_epoch():
         GeneratorTrainingConfig(patience=0)
 
 
+def test_validation_leaves_the_training_noise_alone(monkeypatch):
+    # The validation loss uses a fixed noise draw, but must not reseed the training loop's generator:
+    # each epoch then drew the encoder's noise the validation pass had just reset it to.
+    from training.config import GeneratorTrainingConfig
+    from training.generator import GeneratorData, _eval_loss, train_generator
+
+    torch.manual_seed(0)
+    mu = torch.randn(4, 20)
+    x = mu.repeat_interleave(4, 0) + 0.1 * torch.randn(16, 20)
+    data = GeneratorData(x, mu, torch.full((4, 20), 0.1), torch.arange(4).repeat_interleave(4))
+    cfg = GeneratorTrainingConfig(latent_dim=4, hidden_dim=16, epochs=3, batch_size=16, lr=0.01)
+    model = _model()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = _eval_loss(model, data, cfg, None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert _eval_loss(model, data, cfg, None) == first  # still a fixed draw
+
+    draws = []
+    real = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda t, **kw: draws.append(real(t, **kw)) or draws[-1])
+    train_generator(data, data, cfg, progress=False)
+    training = draws[0::2]  # one batch per epoch: the training step's draw, then validation's
+    assert len(training) == 3 and not torch.equal(training[1], training[2])
+    assert torch.equal(draws[1], draws[3])  # validation: the same draw each epoch
+
+
 def test_max_grad_norm_clips_every_step(monkeypatch):
     from training.config import GeneratorTrainingConfig
     from training.generator import GeneratorData, train_generator

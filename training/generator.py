@@ -106,7 +106,9 @@ def _scored_tasks(data: GeneratorData, cfg: GeneratorTrainingConfig) -> list[int
 
 def _eval_loss(model: CVAE, data: GeneratorData, cfg: GeneratorTrainingConfig, backbone: Backbone | None) -> float:
     model.eval()
-    with torch.no_grad():
+    # A fixed draw for the encoder's noise, so that epochs compare; fork_rng hands the training loop its own
+    # stream back (seeding the global generator here made every epoch after the first draw the same noise).
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         t = data.task_index
         total, _, _ = model.loss(data.x, data.prior_mean[t], data.prior_var[t], data.described(cfg, t))
