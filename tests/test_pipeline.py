@@ -492,3 +492,51 @@ def test_check_config_with_data_checks_the_split_and_the_samples(tiny_config, tm
     capsys.readouterr()
     assert main(["check-config", str(path), "--data"]) == 2
     assert "train samples; at least 1000 are needed" in capsys.readouterr().err
+
+
+def _class_tasks():
+    import itertools
+
+    from training.data import TaskDataset, TaskInfo
+
+    classes = ["a", "b", "c", "d", "e"]
+    tasks = {
+        f"{x}{y}": TaskInfo(f"{x}{y}", f"recognise {x} and {y}", "classification", (x, y), group="cls")
+        for x, y in itertools.combinations(classes, 2)
+    }
+    tasks |= {f"r{i}": TaskInfo(f"r{i}", f"retrieve {i}", group="ret") for i in range(4)}
+    return TaskDataset(tasks)
+
+
+def test_holdout_classes_keep_a_class_out_of_every_trained_role():
+    from training.config import SplitConfig
+    from training.pipeline import resolve_split
+
+    ds = _class_tasks()  # 10 two-class tasks over a..e (4 with "e"), 4 retrieval tasks
+    counts = dict(experts={"cls": 3, "ret": 1}, train={"cls": 2, "ret": 1}, val=1, test=4)
+    s = resolve_split(SplitConfig(**counts, holdout_classes=("e",)), ds)
+    trained = s.experts + s.train + s.val
+    assert not any("e" in ds.tasks[n].classes for n in trained)
+    assert all("e" in ds.tasks[n].classes or not ds.tasks[n].classes for n in s.test)
+    assert len(s.test) == 4
+    # Without the option the same counts give "e" tasks trained roles too (seed 0 does).
+    plain = resolve_split(SplitConfig(**counts), ds)
+    assert any("e" in ds.tasks[n].classes for n in plain.experts + plain.train + plain.val)
+
+
+@pytest.mark.parametrize(
+    "split,needle",
+    [
+        (dict(experts=2, test=1, holdout_classes=("z",)), r"no task has the class\(es\) \['z'\]"),
+        (dict(experts=("ae",), test=1, holdout_classes=("e",)), r"split.experts: task\(s\) \['ae'\] have a class"),
+        (dict(experts={"cls": 7}, test=1, holdout_classes=("e",)), "only 6 unassigned tasks that split.holdout_classes allows"),
+    ],
+)
+def test_holdout_classes_refusals_name_the_problem(split, needle):
+    from training.config import SplitConfig
+    from training.pipeline import resolve_split
+
+    with pytest.raises(ValueError, match=needle):
+        resolve_split(SplitConfig(**split), _class_tasks())
+    with pytest.raises(ValueError, match="more than once"):
+        SplitConfig(holdout_classes=("e", "e"))

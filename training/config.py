@@ -48,6 +48,9 @@ class SplitConfig:
 
     Either list names, or give counts for a seeded random split of all the dataset's tasks,
     or counts per task group ({fashion: 30, tux: 8}) for a split stratified by group.
+    ``holdout_classes``: classes that no expert, generator-training or validation task may have; the test
+    tasks drawn by count are then classification tasks with at least one of them (or tasks without classes,
+    such as retrieval tasks), so that every unseen class-based task brings a class nothing was trained on.
     """
 
     experts: tuple[str, ...] | int | dict[str, int] = 4
@@ -55,6 +58,7 @@ class SplitConfig:
     val: tuple[str, ...] | int | dict[str, int] = 0
     test: tuple[str, ...] | int | dict[str, int] = 2
     seed: int = 0
+    holdout_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for role in ("experts", "train", "val", "test"):
@@ -65,6 +69,8 @@ class SplitConfig:
             if isinstance(value, tuple) and len(set(value)) < len(value):
                 twice = sorted({t for t in value if value.count(t) > 1})
                 raise ValueError(f"split.{role}: task(s) {twice} listed more than once")
+        if len(set(self.holdout_classes)) < len(self.holdout_classes):
+            raise ValueError(f"split.holdout_classes: a class is listed more than once: {list(self.holdout_classes)}")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,26 @@ def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
     taken = [n for listed in explicit.values() for n in listed]
     if len(taken) != len(set(taken)):
         raise ValueError("split: a task is listed in more than one role")
+    held = set(split.holdout_classes)
+    if held:
+        known = {c for t in dataset.tasks.values() for c in t.classes}
+        if held - known:
+            raise ValueError(f"split.holdout_classes: no task has the class(es) {sorted(held - known)}")
+
+    def trained_on_held(n: str) -> bool:
+        return bool(held & set(dataset.tasks[n].classes))
+
+    def allowed(role: str, n: str) -> bool:  # held-out classes: test tasks only, and every class-based test task has one
+        if not held:
+            return True
+        if role == "test":
+            return trained_on_held(n) or not dataset.tasks[n].classes
+        return not trained_on_held(n)
+
+    for role, listed in explicit.items():
+        if role != "test" and any(trained_on_held(n) for n in listed):
+            bad = [n for n in listed if trained_on_held(n)]
+            raise ValueError(f"split.{role}: task(s) {bad[:5]} have a class of split.holdout_classes")
     pool = [n for n in names if n not in set(taken)]
     random.Random(split.seed).shuffle(pool)
     groups = sorted({t.group for t in dataset.tasks.values()})
@@ -111,10 +131,11 @@ def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
                 raise ValueError(f"split.{role}: unknown task group {g!r}; the dataset has {groups}")
         chosen: list[str] = []
         for g, n in counts.items():
-            avail = [t for t in pool if g is None or dataset.tasks[t].group == g]
+            avail = [t for t in pool if (g is None or dataset.tasks[t].group == g) and allowed(role, t)]
             if n > len(avail):
                 where = "" if g is None else f" of group {g!r}"
-                raise ValueError(f"split.{role}: asks for {n} tasks{where} but only {len(avail)} unassigned tasks remain")
+                rule = " that split.holdout_classes allows there" if held else ""
+                raise ValueError(f"split.{role}: asks for {n} tasks{where} but only {len(avail)} unassigned tasks{rule} remain")
             chosen += avail[:n]
         out[role] = tuple(chosen)
         pool = [t for t in pool if t not in set(chosen)]
