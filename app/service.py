@@ -66,7 +66,7 @@ class GenerateParams:
     description: str
     method: str
     seed: int | None
-    top_k: int
+    top_k: int | None  # None: the repository's default (min of the artefacts' top_k and its size) when it runs
     temperature: float
 
 
@@ -105,6 +105,23 @@ class Retrieval:
     texts: list[str]
     lora: Scores
     zero_shot: Scores | None
+
+
+@dataclass(frozen=True)
+class ExpertSummary:
+    name: str
+    description: str
+    num_snapshots: int
+
+
+@dataclass(frozen=True)
+class RepositoryState:
+    """What readers on the event loop see of the expert repository, replaced whole after each change (one
+    assignment: a reader never pairs one state's version with another's experts or default top_k)."""
+
+    version: str
+    top_k: int  # the default: min(the artefacts' top_k, number of experts)
+    experts: tuple[ExpertSummary, ...]
 
 
 @dataclass(frozen=True)
@@ -191,7 +208,7 @@ class Service:
         cfg = artifacts.backbone.config
         self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
-        self.version = artifacts.version
+        self.state = self._state_of(artifacts.version)
         self.text_dtype = artifacts.backbone.text_dtype_name
         self.generator_dtype = self.engine.generator_dtype_name
         self.cache = RedisCache(
@@ -320,9 +337,8 @@ class Service:
         """Fills defaults and checks what depends on the loaded artefacts; APIError(422) naming the field."""
         if len(description) > self.settings.max_description_chars:
             raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
-        n = len(self.artifacts.repository)
-        top_k = self.engine.top_k if top_k is None else top_k
-        if not 1 <= top_k <= n:
+        n = len(self.state.experts)
+        if top_k is not None and not 1 <= top_k <= n:  # None: the default, fixed when the job runs
             raise APIError(422, "top_k", f"must be between 1 and the number of experts ({n}), got {top_k}")
         temperature = self.engine.temperature if temperature is None else temperature
         if method not in SAMPLING_METHODS:
@@ -333,13 +349,14 @@ class Service:
         lookup = params.method not in SAMPLING_METHODS or params.seed is not None
         if params.seed is None and params.method in SAMPLING_METHODS:
             params = replace(params, seed=secrets.randbelow(UNSEEDED_SEEDS))
-        version = self.version
+        state = self.state
+        version = state.version
         key = CacheKey(
             version,
             params.description,
             params.method,
             params.seed,
-            params.top_k,
+            state.top_k if params.top_k is None else params.top_k,
             params.temperature,
             self.text_dtype,
             self.generator_dtype if params.method in SAMPLING_METHODS else "",
@@ -372,7 +389,8 @@ class Service:
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         etag = etag_of(data)
         self.lru.put(etag, data)
-        if used_version == version:  # else the repository changed under the request: do not file it under the old key
+        # Else the repository changed under the request (and with it, maybe, the default top_k): not filed under the old key.
+        if used_version == version:
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
             self.cache.set_behind({"gen:" + key: data, "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
         return GeneratedLora(data, etag, "miss", safetensors_metadata(data))
@@ -383,7 +401,8 @@ class Service:
         yielded as soon as its file exists. Answering a whole batch at once would hand the event loop
         a burst of responses that cache hits then queue behind (measured: hit p50 1.3 -> 15 ms under the
         200-client load test). Stage metrics: prior and sampling per pass, serialisation per request."""
-        version = self.version
+        state = self.state  # no change runs beside a generation job (ModelWorker.run jobs run alone)
+        version = state.version
         meta_source = _MetaSource(self.artifacts.backbone, version)
         step = self.engine.pass_rows[1]
         for start in range(0, len(jobs), step):
@@ -391,7 +410,8 @@ class Service:
             self._timing.sampling_s = 0.0
             t0 = time.perf_counter()
             gens = self.engine.generate_many(
-                embeddings[start : start + step], [Request(p.method, p.seed, p.top_k, p.temperature) for p in part]
+                embeddings[start : start + step],
+                [Request(p.method, p.seed, state.top_k if p.top_k is None else p.top_k, p.temperature) for p in part],
             )
             self.metrics.stage.labels(stage="prior").observe(time.perf_counter() - t0 - self._timing.sampling_s)
             if self._timing.sampling_s:
@@ -554,9 +574,19 @@ class Service:
             raise APIError(500, None, f"could not write the expert repository ({type(e).__name__}); nothing was changed") from e
         return self._repository_changed()
 
+    @property
+    def version(self) -> str:
+        return self.state.version
+
+    def _state_of(self, version: str) -> RepositoryState:
+        repo = self.artifacts.repository
+        experts = tuple(ExpertSummary(e.name, e.description, e.num_snapshots) for e in (repo[n] for n in repo.names))
+        return RepositoryState(version, min(self.default_top_k, len(experts)), experts)
+
     def _repository_changed(self) -> str:
+        """On the model thread of the change, alone: the new state, published by one assignment."""
         self.engine.top_k = min(self.default_top_k, len(self.artifacts.repository))
-        self.version = artefact_version(self.artifacts.root)
-        self.metrics.set_info(self.backbone_name, self.version, __version__, self.device, self.text_dtype, self.generator_dtype)
-        log.info("expert repository changed: %d experts, artefact version %s", len(self.artifacts.repository), self.version)
-        return self.version
+        self.state = state = self._state_of(artefact_version(self.artifacts.root))
+        self.metrics.set_info(self.backbone_name, state.version, __version__, self.device, self.text_dtype, self.generator_dtype)
+        log.info("expert repository changed: %d experts, artefact version %s", len(state.experts), state.version)
+        return state.version

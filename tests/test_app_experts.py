@@ -188,3 +188,46 @@ def test_downloading_an_expert_refuses_bad_requests_by_name(app_root):
         r = client.get(path, params=params, headers=headers)
         assert r.status_code == status and r.json()["detail"]["field"] == field, (path, params, r.text)
     assert client.get("/experts/circle", headers={"X-API-Key": ""}).status_code == 401
+
+
+@pytest.mark.anyio
+async def test_a_default_top_k_is_the_one_of_the_repository_the_job_runs_on(tiny_artifacts, make_settings):
+    from app.errors import APIError
+    from tests.app_helpers import serving
+
+    async with serving(make_settings(artifacts=tiny_artifacts)) as (service, client):
+        assert len(service.state.experts) == 4 and service.state.top_k == 3
+        # Resolved while 4 experts exist, run after two were removed: a request that sent no top_k
+        # gets the new default (it was a 422 blaming the top_k it never sent); an explicit one keeps its own.
+        defaulted = service.resolve("a red ring", "sg-lora", 5, None, None)
+        explicit = service.resolve("a red ring", "sg-lora", 5, 3, None)
+        for name in ("square", "cross"):
+            await service.remove_expert(name)
+        assert service.state.top_k == 2
+        lora = await service.generate(defaulted)
+        assert lora.metadata["top_k"] == "2" and len(lora.experts) == 2
+        with pytest.raises(APIError) as e:
+            await service.generate(explicit)
+        assert e.value.status == 422 and e.value.field == "top_k"
+        same = await client.post("/generate", json={"description": "a red ring", "seed": 5, "top_k": 2})
+        assert same.status_code == 200 and same.content == lora.data
+
+
+@pytest.mark.anyio
+async def test_the_listing_and_ready_read_one_published_state(tiny_artifacts, make_settings):
+    from tests.app_helpers import serving
+
+    async with serving(make_settings(artifacts=tiny_artifacts)) as (service, client):
+        before = (await client.get("/experts")).json()
+        ready = (await client.get("/ready")).json()
+        # Mid-change, on the model thread: the repository's dict already changed, the new version not yet
+        # computed. Readers on the event loop keep seeing the last published state, whole (the listing
+        # read the live dict: a KeyError 500, or a version paired with another set of experts).
+        service.artifacts.repository.remove("ring")
+        assert (await client.get("/experts")).json() == before
+        now = (await client.get("/ready")).json()
+        assert (
+            (now["artifact_version"], now["experts"])
+            == (ready["artifact_version"], ready["experts"])
+            == (before["artifact_version"], 4)
+        )

@@ -28,10 +28,10 @@ _ADMIN_ERRORS = {
 @router.get("/experts", response_model=ExpertList, dependencies=[ApiKey], summary="List the experts")
 async def list_experts(service: ServiceDep) -> ExpertList:
     """Lists the experts of the repository and the LoRA layout an expert must have."""
-    repo = service.artifacts.repository
+    state = service.state  # one snapshot: the version names exactly these experts
     spec = service.spec
     return ExpertList(
-        artifact_version=service.version,
+        artifact_version=state.version,
         lora={
             "rank": spec.rank,
             "alpha": spec.alpha,
@@ -39,7 +39,7 @@ async def list_experts(service: ServiceDep) -> ExpertList:
             "num_params": spec.num_params,
             "targets": len(spec.targets),
         },
-        experts=[ExpertOut(name=n, description=repo[n].description, num_snapshots=repo[n].num_snapshots) for n in repo.names],
+        experts=[ExpertOut(name=e.name, description=e.description, num_snapshots=e.num_snapshots) for e in state.experts],
     )
 
 

@@ -27,13 +27,15 @@ async def ready(request: Request) -> Ready | JSONResponse:
         return JSONResponse(Ready(status="starting").model_dump(), status_code=503)
     if service.worker.closing:
         return JSONResponse(Ready(status="draining").model_dump(), status_code=503)
+    redis = await service.cache.ping()
+    state = service.state  # one snapshot: the version and the number of experts agree
     return Ready(
         status="ready",
-        redis=await service.cache.ping(),
-        artifact_version=service.version,
+        redis=redis,
+        artifact_version=state.version,
         backbone=service.backbone_name,
         device=service.device,
-        experts=len(service.artifacts.repository),
+        experts=len(state.experts),
         queue=service.worker.pending,
         max_batch=service.worker.max_batch,
         model_threads=service.worker.model_threads,
