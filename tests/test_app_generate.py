@@ -88,7 +88,8 @@ def test_if_none_match_gives_304(client):
 
 
 def tiny_hf_clip():
-    """HF CLIPModel twin of the tiny open_clip config (vision width 64, 2 layers, patch 8, image 32)."""
+    """HF CLIPModel twin of the tiny open_clip config (vision width 64, 2 layers, patch 8, image 32). Its
+    activation is open_clip's default GELU (the config has no quick_gelu); HF's default is quick_gelu."""
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(
@@ -98,6 +99,7 @@ def tiny_hf_clip():
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
             "max_position_embeddings": 16,
+            "hidden_act": "gelu",
         },
         vision_config={
             "hidden_size": 64,
@@ -106,6 +108,7 @@ def tiny_hf_clip():
             "num_attention_heads": 2,
             "image_size": 32,
             "patch_size": 8,
+            "hidden_act": "gelu",
         },
         projection_dim=32,
     )
@@ -144,6 +147,14 @@ def test_zip_is_a_peft_folder_that_loads_into_hf_clip(client, reference, tmp_pat
     assert set(loaded) == set(ours)  # exactly the 2 x 3 vision projections, nothing in the text tower
     for k, v in ours.items():
         torch.testing.assert_close(loaded[k].detach(), v, rtol=0, atol=0)
+    # the twin computes what the open_clip model does: same MLP activation in both towers
+    x = torch.linspace(-4, 4, 101)
+    hf, oc = model.base_model.model, reference.backbone.model
+    for hf_act, oc_act in (
+        (hf.vision_model.encoder.layers[0].mlp.activation_fn, oc.visual.transformer.resblocks[0].mlp.gelu),
+        (hf.text_model.encoder.layers[0].mlp.activation_fn, oc.transformer.resblocks[0].mlp.gelu),
+    ):
+        torch.testing.assert_close(hf_act(x), oc_act(x), rtol=1e-6, atol=1e-6)
 
 
 def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client, reference, tmp_path):
