@@ -80,3 +80,25 @@ def test_an_offline_zip_loads_in_peft_after_the_documented_conv_reshape(tmp_path
     merge_into(ref, spec, vec)
     with torch.no_grad():
         torch.testing.assert_close(PeftModel.from_pretrained(net, tmp_path)(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "model_config", "expected"),
+    [
+        ("ViT-B-16", "openai", None, "openai/clip-vit-base-patch16"),
+        ("ViT-B-16-quickgelu", "openai", None, "openai/clip-vit-base-patch16"),
+        ("ViT-B-32", "openai", None, "openai/clip-vit-base-patch32"),
+        ("ViT-L-14-quickgelu", "openai", None, "openai/clip-vit-large-patch14"),
+        ("ViT-B-16", "laion2b_s34b_b88k", None, None),
+        ("ViT-B-16", None, None, None),
+        ("tiny-vit", None, {"embed_dim": 8}, None),
+    ],
+)
+def test_the_peft_config_names_the_hf_twin_of_openai_weights_only(tiny_backbone, model, pretrained, model_config, expected):
+    from models.backbone import BackboneConfig
+    from sglora.export import adapter_config, hf_base_model
+
+    base = hf_base_model(BackboneConfig(model=model, pretrained=pretrained, model_config=model_config))
+    assert base == expected
+    assert adapter_config(tiny_backbone.spec, base)["base_model_name_or_path"] == expected
+    assert hf_base_model(BackboneConfig(kind="offline")) is None
