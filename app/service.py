@@ -44,7 +44,7 @@ from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata, layout_metadata
 from sglora.engine import Request
-from sglora.export import from_peft_tensors, peft_zip_from_weights, safetensors_bytes
+from sglora.export import from_peft_tensors, hf_base_model, peft_zip_from_weights, safetensors_bytes
 from sglora.io import safetensors_metadata
 from sglora.methods import SAMPLING_METHODS
 
@@ -434,9 +434,16 @@ class Service:
             return self.spec
         return replace(self.spec, rank=rank, alpha=float(meta["alpha"]), scaling=meta["scaling"])
 
+    @property
+    def base_model(self) -> str | None:
+        """The HF hub id the zips name as their base model (None for backbones without one)."""
+        return hf_base_model(self.artifacts.backbone.config)
+
     async def zip_of(self, lora: GeneratedLora) -> bytes:
         t0 = time.perf_counter()
-        data = await asyncio.to_thread(peft_zip_from_weights, self.spec_of(lora), lora.data)  # zlib releases the GIL
+        data = await asyncio.to_thread(
+            peft_zip_from_weights, self.spec_of(lora), lora.data, self.base_model
+        )  # zlib releases the GIL
         self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t0)
         return data
 

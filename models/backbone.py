@@ -56,6 +56,10 @@ class BackboneConfig:
     model: open_clip architecture name ("ViT-B-16") or, with ``model_config``, a name for the custom one.
     pretrained: open_clip tag ("openai") or a local checkpoint path; None = random init (weights are saved).
     model_config: inline open_clip model config (embed_dim, vision_cfg, text_cfg) for tiny test models.
+    quick_gelu: open_clip only: QuickGELU (x * sigmoid(1.702 x)) instead of GELU in the transformer MLPs.
+        None = what the pretrained tag's weights were trained with (open_clip's pretrained config: True
+        for 'openai'), else the architecture's default; an explicit value that contradicts the tag is
+        refused. With ``model_config`` the activation is its ``quick_gelu`` key.
     seed: seed for random initialisation.
     """
 
@@ -63,6 +67,7 @@ class BackboneConfig:
     model: str = "ViT-B-16"
     pretrained: str | None = None
     model_config: dict[str, Any] | None = None
+    quick_gelu: bool | None = None
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     options: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +75,15 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.kind not in BACKBONE_KINDS:
             raise ValueError(f"backbone.kind must be one of {BACKBONE_KINDS}, got {self.kind!r}")
+        if self.quick_gelu is not None and self.kind != "open_clip":
+            raise ValueError(f"backbone.quick_gelu applies to open_clip models only, not kind {self.kind!r}")
+        if self.quick_gelu is not None and self.model_config is not None:
+            inline = bool(self.model_config.get("quick_gelu", False))
+            if self.quick_gelu != inline:
+                raise ValueError(
+                    f"backbone.quick_gelu is {self.quick_gelu} but model_config.quick_gelu is {inline}: "
+                    "set it in model_config only"
+                )
 
 
 GPU_TEXT_ROWS = 32  # see Backbone.text_rows

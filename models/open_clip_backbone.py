@@ -43,6 +43,36 @@ def qkv_target(block: int, which: str, width: int) -> LoraTarget:
     )
 
 
+def tag_quick_gelu(model: str, pretrained: str | None) -> bool | None:
+    """Whether the weights of open_clip's pretrained tag ``pretrained`` for ``model`` were trained with
+    QuickGELU; None when ``pretrained`` is not a known tag (no weights, or a checkpoint path)."""
+    if not pretrained:
+        return None
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    return bool(cfg.get("quick_gelu", False)) if cfg else None
+
+
+def architecture_quick_gelu(model: str) -> bool:
+    """The activation open_clip's built-in config ``model`` has by itself (True for the '-quickgelu' names)."""
+    cfg = open_clip.get_model_config(model)
+    return bool(cfg.get("quick_gelu", False)) if cfg else False
+
+
+def resolve_quick_gelu(config: BackboneConfig) -> bool:
+    """The activation a named open_clip model is built with: ``config.quick_gelu``, or by default the one
+    its pretrained tag's weights need (else the architecture's); ValueError when the two contradict."""
+    needed = tag_quick_gelu(config.model, config.pretrained)
+    if config.quick_gelu is None:
+        return architecture_quick_gelu(config.model) if needed is None else needed
+    if needed is not None and config.quick_gelu != needed:
+        act = "QuickGELU" if needed else "GELU"
+        raise ValueError(
+            f"backbone.quick_gelu is {config.quick_gelu}, but the {config.pretrained!r} weights of {config.model} were "
+            f"trained with {act} (open_clip's pretrained config): set backbone.quick_gelu: {str(needed).lower()} or leave it out"
+        )
+    return config.quick_gelu
+
+
 def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
     blocks = list(visual.transformer.resblocks)
     n = len(blocks)
@@ -86,8 +116,14 @@ class OpenClipBackbone(Backbone):
             tokenizer = open_clip.SimpleTokenizer(context_length=config.model_config["text_cfg"].get("context_length", 77))
             return cls(model, tokenizer, config, device)
         torch.manual_seed(config.seed)
+        quick_gelu = resolve_quick_gelu(config)
+        # force_quick_gelu sets it before open_clip's tag check (no mismatch warning); GELU on a '-quickgelu'
+        # architecture needs the constructor override.
+        extra: dict = {"force_quick_gelu": True} if quick_gelu else {}
+        if not quick_gelu and architecture_quick_gelu(config.model):
+            extra = {"quick_gelu": False}
         try:
-            model = open_clip.create_model(config.model, pretrained=config.pretrained)
+            model = open_clip.create_model(config.model, pretrained=config.pretrained, **extra)
         except RuntimeError as e:  # unknown model names and failed downloads both land here
             raise ValueError(f"backbone: cannot create open_clip model {config.model!r} ({config.pretrained}): {e}") from e
         return cls(model, open_clip.get_tokenizer(config.model), config, device)

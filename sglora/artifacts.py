@@ -164,12 +164,33 @@ def load_backbone_from(root: Path, device: str | torch.device = "cpu") -> Backbo
 
     meta = read_json(root / "backbone" / BACKBONE_FILE, "backbone description")
     cfg: BackboneConfig = backbone_from_dict(meta["config"])
+    if "quick_gelu" not in meta["config"]:
+        _check_legacy_activation(root, cfg)
     backbone = load_backbone(root / "backbone", cfg, device=device)
     if backbone.spec.fingerprint() != meta["lora_fingerprint"]:
         raise ArtifactError(f"{root / 'backbone'}: the rebuilt backbone's LoRA layout differs from the recorded one")
     if backbone.fingerprint() != meta["fingerprint"]:
         raise ArtifactError(f"{root / 'backbone'}: the rebuilt backbone's weights differ from those the artefacts were built on")
     return backbone
+
+
+def _check_legacy_activation(root: Path, cfg: BackboneConfig) -> None:
+    """Artefacts written before ``backbone.quick_gelu`` existed were built with the architecture's own
+    activation; a config that says nothing now follows the pretrained tag. Where the two differ (a
+    plain ViT-B-16 on the 'openai' weights: GELU then, QuickGELU now) the rebuilt backbone is not the
+    one the experts were trained on: refused with the reason rather than as a weight mismatch."""
+    if cfg.kind != "open_clip" or cfg.model_config is not None:
+        return
+    from models.open_clip_backbone import architecture_quick_gelu, tag_quick_gelu
+
+    needed, built = tag_quick_gelu(cfg.model, cfg.pretrained), architecture_quick_gelu(cfg.model)
+    if needed is not None and needed != built:
+        act = {True: "QuickGELU", False: "GELU"}
+        raise ArtifactError(
+            f"{root / 'backbone'}: built with {act[built]}, the default of {cfg.model} before backbone.quick_gelu existed, "
+            f"but the {cfg.pretrained!r} weights were trained with {act[needed]}, which a backbone now follows; "
+            "rebuild the artefacts (sglora pipeline, a new --out) to use the right activation"
+        )
 
 
 def load_generator(root: Path, device: str | torch.device = "cpu") -> CVAE:

@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
-    from sglora.export import peft_zip_bytes, safetensors_bytes
+    from sglora.export import hf_base_model, peft_zip_bytes, safetensors_bytes
     from sglora.io import atomic_path
 
     description = _description(args.description)
@@ -103,7 +103,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     meta = generation_metadata(a, description, g)
     spec = g.spec or a.backbone.spec
     zipped = out.suffix.lower() == ".zip"
-    data = peft_zip_bytes(spec, g.lora, meta) if zipped else safetensors_bytes(spec, g.lora, meta)
+    data = (
+        peft_zip_bytes(spec, g.lora, meta, hf_base_model(a.backbone.config)) if zipped else safetensors_bytes(spec, g.lora, meta)
+    )
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])

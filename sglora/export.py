@@ -23,6 +23,23 @@ from models.lora import LoraSpec
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+# open_clip (architecture, pretrained tag) -> the HF hub CLIPModel with the same weights, named in
+# adapter_config.json's base_model_name_or_path. Only OpenAI's: other tags have no like-for-like HF twin here.
+HF_CLIP_MODELS = {
+    ("ViT-B-32", "openai"): "openai/clip-vit-base-patch32",
+    ("ViT-B-16", "openai"): "openai/clip-vit-base-patch16",
+    ("ViT-L-14", "openai"): "openai/clip-vit-large-patch14",
+    ("ViT-B-32-quickgelu", "openai"): "openai/clip-vit-base-patch32",
+    ("ViT-B-16-quickgelu", "openai"): "openai/clip-vit-base-patch16",
+    ("ViT-L-14-quickgelu", "openai"): "openai/clip-vit-large-patch14",
+}
+
+
+def hf_base_model(config) -> str | None:
+    """The HF hub id of a backbone config's weights (a ``BackboneConfig``), or None where there is none."""
+    if config.kind != "open_clip" or config.model_config is not None or config.pretrained is None:
+        return None
+    return HF_CLIP_MODELS.get((config.model, config.pretrained))
 
 
 def module_name(target) -> str:

@@ -3,11 +3,16 @@
     import open_clip
     from sglora.open_clip_lora import merge_lora
 
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained="openai")
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16-quickgelu", pretrained="openai")
     with merge_lora(model, "persian.safetensors") as lora:   # or the bytes of a /generate answer
         print(lora.metadata["description"], lora.experts)
         features = model.encode_image(images)                 # with the LoRA
     # on leaving the block the model has its own weights again (bit for bit)
+
+Merges stack: merging a second file adds to the weights the first left. They are undone last in, first
+out (nested ``with`` blocks do that by themselves); restoring a merge while a later one on the same model
+is still applied raises RuntimeError, because its saved weights would erase the later merge's update
+while the later handle would then write the earlier LoRA back.
 
 The file is what ``POST /generate``, ``sglora generate`` or ``GET /experts/{name}`` write: PEFT tensor
 names (``base_model.model.vision_model.encoder.layers.{i}.self_attn.{q,k,v}_proj.lora_{A,B}.weight``)
@@ -15,7 +20,8 @@ and, in ``__metadata__``, the layout (rank, alpha, scaling, targets). Each rank-
 row block of the visual ``in_proj_weight`` (Wq, Wk, Wv fused by open_clip), scaled as the metadata says
 (alpha / r, or alpha / sqrt(r) for rslora): the weights the service's own retrieval uses. Anything that
 does not fit the model (another backbone kind, a block or width the model lacks, a tensor of the wrong
-shape) is refused with a ValueError naming it, before any weight changes.
+shape) or is not a LoRA (an expert's variance, a file without SG-LoRA metadata) is refused with a
+ValueError naming it, before any weight changes.
 
 For an HF ``transformers.CLIPModel``, load the zip of ``/generate`` (``Accept: application/zip``) with
 ``peft.PeftModel.from_pretrained`` instead (docs/service.md, "PEFT names").
@@ -25,7 +31,9 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -36,14 +44,34 @@ from sglora.export import from_peft_tensors
 from sglora.io import safetensors_metadata
 
 _TARGET = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.attn\.([qkv])")
+# The `format` of the files holding a LoRA: a generation (/generate, sglora generate) and an expert's
+# export (GET /experts/{name}), whose `part` must then be the mean (its variance is not a LoRA).
+LORA_FORMATS = ("sglora-lora", "sglora-expert")
+
+Source = bytes | bytearray | memoryview | str | Path | BinaryIO
 
 
-def read_lora(source: bytes | str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors LoRA file (path or bytes) -> (tensors, ``__metadata__``); ValueError if it is not one."""
+def _read_bytes(source: Source) -> bytes:
+    if isinstance(source, str | Path):
+        return Path(source).read_bytes()
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    read = getattr(source, "read", None)
+    if callable(read):  # an open file, io.BytesIO, a response body
+        data = read()
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"the file object gave {type(data).__name__}, not bytes: open the file in binary mode ('rb')")
+        return bytes(data)
+    raise ValueError(f"a LoRA source is a path, bytes or a binary file object, not {type(source).__name__}")
+
+
+def read_lora(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors LoRA file (path, bytes or binary file object) -> (tensors, ``__metadata__``);
+    ValueError if it is not one."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
+    data = _read_bytes(source)
     try:
         metadata = safetensors_metadata(data)
         tensors = load(data)
@@ -52,13 +80,33 @@ def read_lora(source: bytes | str | Path) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
+def check_is_lora(metadata: dict[str, str]) -> None:
+    """ValueError unless the metadata is that of an SG-LoRA LoRA file (a generation or an expert's mean)."""
+    if "format" not in metadata and "backbone_kind" not in metadata:
+        raise ValueError(
+            "the file carries no SG-LoRA metadata (no format, backbone_kind, rank, targets in its __metadata__): "
+            "merge_lora takes the files /generate, sglora generate and GET /experts/{name} write"
+        )
+    fmt = metadata.get("format")
+    if fmt is not None and fmt not in LORA_FORMATS:
+        raise ValueError(f"the file's format is {fmt!r}, not a LoRA ({' or '.join(LORA_FORMATS)})")
+    part = metadata.get("part", "mean")
+    if part != "mean":
+        raise ValueError(
+            f"the file holds an expert's {part!r}, not a LoRA: only its mean (GET /experts/{{name}}?part=mean) is one"
+        )
+
+
 def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
     """The layout a file's metadata names, on this open_clip visual tower; ValueError where they differ."""
+    check_is_lora(metadata)
     kind = metadata.get("backbone_kind")
+    if kind is None:
+        raise ValueError("the file's metadata names no backbone_kind: merge_lora cannot tell what model it was made for")
     if kind != "open_clip":
         raise ValueError(
-            f"this LoRA was made for the {kind or 'unknown'!r} backbone kind, not open_clip; apply it with the library that "
-            "made it (sglora) or, for a PEFT-named model of that backbone, with peft.PeftModel.from_pretrained"
+            f"this LoRA was made for the {kind!r} backbone kind, not open_clip: merge_lora adapts open_clip ViTs; "
+            "apply it with the library that made it (sglora, e.g. POST /retrieve of the service)"
         )
     try:
         names = json.loads(metadata["targets"])
@@ -87,9 +135,14 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
     return LoraSpec(targets=tuple(targets), rank=rank, alpha=alpha, scaling=scaling)
 
 
+# The merges still applied to each visual tower, oldest first: restore() must undo them last in, first out.
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[MergedLora]] = weakref.WeakKeyDictionary()
+
+
 class MergedLora:
     """A LoRA merged into a model's weights; :meth:`restore` (or leaving the ``with`` block) puts the
-    model's own weights back."""
+    model's weights back as they were before this merge. Merges on one model are restored last in,
+    first out; restoring one under a later merge still applied raises RuntimeError."""
 
     def __init__(self, visual: nn.Module, spec: LoraSpec, vector: torch.Tensor, metadata: dict[str, str]):
         self.spec, self.vector, self.metadata = spec, vector, metadata
@@ -101,6 +154,8 @@ class MergedLora:
             for name, w in merged.items():
                 params[name].copy_(w)
         self._params = {name: params[name] for name in merged}
+        self._visual = weakref.ref(visual)
+        _APPLIED.setdefault(visual, []).append(self)
 
     @property
     def experts(self) -> list[dict]:
@@ -108,10 +163,22 @@ class MergedLora:
         return json.loads(self.metadata.get("experts", "[]"))
 
     def restore(self) -> None:
+        """Puts back the weights this merge replaced; a second call does nothing."""
+        visual = self._visual()
+        stack = _APPLIED.get(visual, []) if visual is not None else []
+        if self not in stack:  # already restored
+            return
+        if stack[-1] is not self:
+            later = len(stack) - 1 - stack.index(self)
+            raise RuntimeError(
+                f"restore out of order: {later} later merge(s) on this model are still applied; merges are "
+                "restored last in, first out (restore the most recent first, or nest the with blocks)"
+            )
         with torch.no_grad():
             for name, w in self._saved.items():
                 self._params[name].copy_(w)
         self._saved = {}
+        stack.pop()
 
     def __enter__(self) -> MergedLora:
         return self
@@ -120,9 +187,10 @@ class MergedLora:
         self.restore()
 
 
-def merge_lora(model: nn.Module, source: bytes | str | Path) -> MergedLora:
-    """Adds the LoRA of ``source`` (a file path or its bytes) to ``model``'s visual tower in place (an
-    ``open_clip.CLIP``, or its ``.visual``); returns the handle that restores the weights."""
+def merge_lora(model: nn.Module, source: Source) -> MergedLora:
+    """Adds the LoRA of ``source`` (a file path, its bytes or a binary file object) to ``model``'s visual
+    tower in place (an ``open_clip.CLIP``, or its ``.visual``); returns the handle that restores the
+    weights. Several merges on one model are restored last in, first out."""
     visual = getattr(model, "visual", model)
     tensors, metadata = read_lora(source)
     spec = lora_spec(visual, metadata)

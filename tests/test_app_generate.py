@@ -88,7 +88,8 @@ def test_if_none_match_gives_304(client):
 
 
 def tiny_hf_clip():
-    """HF CLIPModel twin of the tiny open_clip config (vision width 64, 2 layers, patch 8, image 32)."""
+    """HF CLIPModel twin of the tiny open_clip config (vision width 64, 2 layers, patch 8, image 32). Its
+    activation is open_clip's default GELU (the config has no quick_gelu); HF's default is quick_gelu."""
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(
@@ -98,6 +99,7 @@ def tiny_hf_clip():
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
             "max_position_embeddings": 16,
+            "hidden_act": "gelu",
         },
         vision_config={
             "hidden_size": 64,
@@ -106,6 +108,7 @@ def tiny_hf_clip():
             "num_attention_heads": 2,
             "image_size": 32,
             "patch_size": 8,
+            "hidden_act": "gelu",
         },
         projection_dim=32,
     )
@@ -144,6 +147,14 @@ def test_zip_is_a_peft_folder_that_loads_into_hf_clip(client, reference, tmp_pat
     assert set(loaded) == set(ours)  # exactly the 2 x 3 vision projections, nothing in the text tower
     for k, v in ours.items():
         torch.testing.assert_close(loaded[k].detach(), v, rtol=0, atol=0)
+    # the twin computes what the open_clip model does: same MLP activation in both towers
+    x = torch.linspace(-4, 4, 101)
+    hf, oc = model.base_model.model, reference.backbone.model
+    for hf_act, oc_act in (
+        (hf.vision_model.encoder.layers[0].mlp.activation_fn, oc.visual.transformer.resblocks[0].mlp.gelu),
+        (hf.text_model.encoder.layers[0].mlp.activation_fn, oc.transformer.resblocks[0].mlp.gelu),
+    ):
+        torch.testing.assert_close(hf_act(x), oc_act(x), rtol=1e-6, atol=1e-6)
 
 
 def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client, reference, tmp_path):
@@ -192,6 +203,47 @@ def test_experts_merge_exactly_in_peft_with_the_weights_generate_reports(client,
         b, a = averaged[target.name]
         differs |= not torch.allclose(exact, (b @ a) * spec.scale, rtol=1e-3, atol=1e-6)
     assert differs  # the exact merge is another update than the [B, A] average
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_the_peft_cat_merge_recipe_with_rslora_needs_its_scaling_set_to_one(reference, tmp_path, scaling):
+    """docs/service.md ("Exact merges"): PEFT's cat merge folds each expert's scale into B, and the merged
+    adapter inherits use_rslora with r = lora_alpha = K*r, so PEFT scales it by sqrt(K*r) instead of 1;
+    with its scaling set to 1 it is sum_k w_k scale B_k A_k, the update topk-exact (concat_merge) serves."""
+    import dataclasses
+
+    from peft import PeftModel
+
+    from models.lora import concat_merge
+
+    spec = dataclasses.replace(reference.backbone.spec, scaling=scaling, alpha=3.0)
+    vecs = torch.randn(3, spec.num_params, generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    names = ["e0", "e1", "e2"]
+    for n, v in zip(names, vecs, strict=True):
+        zipfile.ZipFile(io.BytesIO(peft_zip_bytes(spec, v, {"format": "sglora-expert"}))).extractall(tmp_path / n)
+    model = PeftModel.from_pretrained(tiny_hf_clip(), str(tmp_path / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(tmp_path / n), adapter_name=n)
+    model.add_weighted_adapter(names, weights.tolist(), adapter_name="merged", combination_type="cat")
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "merged" in m.scaling]
+    assert len(lora_layers) == len(spec.targets)
+    k_r = len(names) * spec.rank
+    expected_scaling = k_r**0.5 if scaling == "rslora" else 1.0  # alpha = r = K*r: sqrt(K*r) under rslora
+    assert all(abs(m.scaling["merged"] - expected_scaling) < 1e-6 for m in lora_layers)
+    for m in lora_layers:  # the documented fix
+        m.scaling["merged"] = 1.0
+    served_spec, served = concat_merge(spec, vecs, weights)
+    zipfile.ZipFile(io.BytesIO(peft_zip_bytes(served_spec, served, {"format": "sglora-lora"}))).extractall(tmp_path / "s")
+    model.load_adapter(str(tmp_path / "s"), adapter_name="served")
+    for m in lora_layers:
+        merged = (m.lora_B["merged"].weight @ m.lora_A["merged"].weight) * m.scaling["merged"]
+        exact = sum(
+            float(w) * (m.lora_B[n].weight @ m.lora_A[n].weight) * m.scaling[n] for n, w in zip(names, weights, strict=True)
+        )
+        torch.testing.assert_close(merged, exact, rtol=1e-5, atol=1e-6)
+        served_update = (m.lora_B["served"].weight @ m.lora_A["served"].weight) * m.scaling["served"]
+        torch.testing.assert_close(served_update, exact, rtol=1e-5, atol=1e-6)
 
 
 def test_sg_lora_exact_is_seeded_cached_and_a_peft_folder_of_its_rank(client, reference):

@@ -33,3 +33,72 @@ def test_bytes_equal_the_librarys_and_load_back(tiny_backbone, seed):
     back = load(data)
     for name, t in to_peft_tensors(spec, vec).items():
         assert torch.equal(back[name], t)
+
+
+def test_an_offline_zip_loads_in_peft_after_the_documented_conv_reshape(tmp_path):
+    """docs/service.md, "PEFT names": the offline backbone's 1x1 conv target is exported 2-D; PEFT's Conv2d
+    LoRA wants 4-D. Reshaped, a plain Conv2d ``_conv_head`` + ``_fc`` (small stand-ins of EfficientNet's)
+    gives the library's merge."""
+    import io
+    import zipfile
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from torch import nn
+
+    from models.lora import LoraSpec, LoraTarget, merge_into
+    from sglora.export import peft_zip_bytes
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._conv_head = nn.Conv2d(8, 16, 1, bias=False)
+            self._fc = nn.Linear(16, 10)
+
+        def forward(self, x):  # (N, 8, h, w) -> (N, 10)
+            return self._fc(self._conv_head(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net, x = Head().eval(), torch.randn(3, 8, 4, 4)
+    spec = LoraSpec(
+        targets=(
+            LoraTarget("visual.conv_head", "_conv_head.weight", (0, 16), 8, 16, peft_module="_conv_head"),
+            LoraTarget("visual.fc", "_fc.weight", (0, 10), 16, 10, peft_module="_fc"),
+        ),
+        rank=2,
+        alpha=4.0,
+    )
+    vec = torch.randn(spec.num_params)
+    zipfile.ZipFile(io.BytesIO(peft_zip_bytes(spec, vec, {"format": "sglora-lora"}))).extractall(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    t = load_file(weights)
+    for k in [k for k in t if "._conv_head." in k]:
+        t[k] = t[k][:, :, None, None].contiguous()
+    save_file(t, weights)
+    ref = Head().eval()
+    ref.load_state_dict(net.state_dict())
+    merge_into(ref, spec, vec)
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(net, tmp_path)(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "model_config", "expected"),
+    [
+        ("ViT-B-16", "openai", None, "openai/clip-vit-base-patch16"),
+        ("ViT-B-16-quickgelu", "openai", None, "openai/clip-vit-base-patch16"),
+        ("ViT-B-32", "openai", None, "openai/clip-vit-base-patch32"),
+        ("ViT-L-14-quickgelu", "openai", None, "openai/clip-vit-large-patch14"),
+        ("ViT-B-16", "laion2b_s34b_b88k", None, None),
+        ("ViT-B-16", None, None, None),
+        ("tiny-vit", None, {"embed_dim": 8}, None),
+    ],
+)
+def test_the_peft_config_names_the_hf_twin_of_openai_weights_only(tiny_backbone, model, pretrained, model_config, expected):
+    from models.backbone import BackboneConfig
+    from sglora.export import adapter_config, hf_base_model
+
+    base = hf_base_model(BackboneConfig(model=model, pretrained=pretrained, model_config=model_config))
+    assert base == expected
+    assert adapter_config(tiny_backbone.spec, base)["base_model_name_or_path"] == expected
+    assert hf_base_model(BackboneConfig(kind="offline")) is None

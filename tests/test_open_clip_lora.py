@@ -101,3 +101,80 @@ def test_not_a_lora_file_and_non_finite_values_are_refused(generated, reference)
     tensors[name].view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         merge_lora(copy.deepcopy(reference.backbone.model), save(tensors, metadata=meta))
+
+
+def _same(model, own) -> bool:
+    return all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "sglora-expert", "part": "variance"}, "expert's 'variance', not a LoRA"),
+        ({"format": "sglora-cvae"}, "format is 'sglora-cvae', not a LoRA"),
+    ],
+)
+def test_a_file_that_is_not_a_lora_mean_is_refused(generated, reference, change, message):
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        merge_lora(model, _with_metadata(generated[0], **change))
+    assert _same(model, own)
+
+
+def test_an_experts_variance_download_is_refused_and_its_mean_merges(client, reference):
+    model = copy.deepcopy(reference.backbone.model)
+    name = client.get("/experts").json()["experts"][0]["name"]
+    variance = client.get(f"/experts/{name}", params={"part": "variance"})
+    assert variance.status_code == 200, variance.text
+    with pytest.raises(ValueError, match="not a LoRA: only its mean"):
+        merge_lora(model, variance.content)
+    mean = client.get(f"/experts/{name}").content
+    with merge_lora(model, mean) as lora:
+        assert lora.metadata["part"] == "mean" and lora.experts == []
+
+
+def test_a_file_without_sglora_metadata_says_so(generated, reference):
+    tensors, _ = read_lora(generated[0])
+    with pytest.raises(ValueError, match="carries no SG-LoRA metadata"):
+        merge_lora(copy.deepcopy(reference.backbone.model), save(tensors))
+
+
+def test_a_binary_file_object_is_read_and_a_text_one_is_refused(generated, reference, tmp_path):
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(generated[0])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with merge_lora(model, generated[0]):
+        expected = _embed(model, pixels)
+    with open(path, "rb") as f, merge_lora(model, f):
+        torch.testing.assert_close(_embed(model, pixels), expected, rtol=0, atol=0)
+    with open(path, encoding="latin-1") as f, pytest.raises(ValueError, match="binary mode"):
+        merge_lora(model, f)
+    with pytest.raises(ValueError, match="not int"):
+        merge_lora(model, 3)
+    assert _same(model, own)
+
+
+def test_merges_are_restored_last_in_first_out(generated, reference):
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    a = merge_lora(model, generated[0])
+    b = merge_lora(model.visual, generated[1])  # the same tower, reached directly
+    with pytest.raises(RuntimeError, match="out of order: 1 later merge"):
+        a.restore()
+    assert not _same(model, own)  # nothing was written by the refused restore
+    b.restore()
+    a.restore()
+    a.restore()  # a second restore does nothing
+    assert _same(model, own)
+    with merge_lora(model, generated[0]), merge_lora(model, generated[1]):  # nested blocks unwind in order
+        pass
+    assert _same(model, own)
+    # another model's merges are its own
+    other = copy.deepcopy(reference.backbone.model)
+    a, c = merge_lora(model, generated[0]), merge_lora(other, generated[1])
+    a.restore()
+    c.restore()
+    assert _same(model, own)

@@ -75,7 +75,7 @@ async def get_expert(
     if accept is not None and "application/zip" in accept:
         if part != "mean":
             raise APIError(422, "part", "only the mean is a LoRA: a zipped PEFT adapter holds part=mean")
-        data = await asyncio.to_thread(peft_zip_from_weights, service.spec, data)
+        data = await asyncio.to_thread(peft_zip_from_weights, service.spec, data, service.base_model)
         media, ext = "application/zip", "zip"
     else:
         media, ext = "application/octet-stream", "safetensors"

@@ -1,0 +1,85 @@
+"""models.open_clip_backbone: the activation a named open_clip model is built with (QuickGELU or GELU)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import open_clip
+import open_clip.factory
+import pytest
+from open_clip.transformer import QuickGELU
+
+from models.backbone import BackboneConfig
+from models.open_clip_backbone import OpenClipBackbone, resolve_quick_gelu
+from sglora.artifacts import ArtifactError, _check_legacy_activation, load_backbone_from
+from training.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "quick_gelu", "expected"),
+    [
+        ("ViT-B-16", "openai", None, True),  # the tag's weights were trained with QuickGELU
+        ("ViT-B-16-quickgelu", "openai", None, True),
+        ("ViT-B-16", "openai", True, True),
+        ("ViT-B-16", "laion2b_s34b_b88k", None, False),
+        ("ViT-B-16", None, None, False),  # no tag: the architecture's own
+        ("ViT-B-16-quickgelu", None, None, True),
+        ("ViT-B-16", "/some/checkpoint.pt", True, True),  # a path is no tag: as configured
+        ("ViT-B-16", None, True, True),
+    ],
+)
+def test_the_activation_follows_the_pretrained_tag_unless_set(model, pretrained, quick_gelu, expected):
+    cfg = BackboneConfig(model=model, pretrained=pretrained, quick_gelu=quick_gelu)
+    assert resolve_quick_gelu(cfg) is expected
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "quick_gelu", "message"),
+    [
+        ("ViT-B-16", "openai", False, "trained with QuickGELU .* set backbone.quick_gelu: true"),
+        ("ViT-B-16", "laion2b_s34b_b88k", True, "trained with GELU"),
+    ],
+)
+def test_a_setting_that_contradicts_the_tag_is_refused(model, pretrained, quick_gelu, message):
+    with pytest.raises(ValueError, match=message):
+        OpenClipBackbone.create(BackboneConfig(model=model, pretrained=pretrained, quick_gelu=quick_gelu))
+
+
+def test_quick_gelu_is_checked_against_the_kind_and_an_inline_model_config():
+    with pytest.raises(ValueError, match="open_clip models only"):
+        BackboneConfig(kind="offline", quick_gelu=True)
+    with pytest.raises(ValueError, match="model_config.quick_gelu is False"):
+        BackboneConfig(model_config={"embed_dim": 8}, quick_gelu=True)
+    assert BackboneConfig(model_config={"embed_dim": 8, "quick_gelu": True}, quick_gelu=True).quick_gelu
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("paper-*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_build_the_openai_weights_with_quick_gelu(path):
+    cfg = load_config(path).backbone
+    assert cfg.pretrained == "openai" and cfg.quick_gelu is True and resolve_quick_gelu(cfg)
+
+
+def test_a_plain_vit_on_openai_weights_is_built_with_quick_gelu_and_no_mismatch_warning(monkeypatch):
+    # No download here: the tag's checkpoint is stubbed out, the model keeps its random init.
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: "")
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda *a, **k: None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*QuickGELU mismatch")
+        backbone = OpenClipBackbone.create(BackboneConfig(model="ViT-B-32", pretrained="openai"))
+    assert isinstance(backbone.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(backbone.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+def test_artefacts_from_before_the_setting_load_as_built_or_are_refused_with_the_reason(tiny_artifacts):
+    path = tiny_artifacts / "backbone" / "backbone.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["quick_gelu"]  # as written before the key existed
+    path.write_text(json.dumps(meta))
+    load_backbone_from(tiny_artifacts)  # an inline model_config: its activation never depended on a tag
+    _check_legacy_activation(tiny_artifacts, BackboneConfig(model="ViT-B-16-quickgelu", pretrained="openai"))
+    with pytest.raises(ArtifactError, match="built with GELU.*'openai' weights were trained with QuickGELU.*rebuild"):
+        _check_legacy_activation(tiny_artifacts, BackboneConfig(model="ViT-B-16", pretrained="openai"))
