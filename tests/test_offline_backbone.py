@@ -239,11 +239,14 @@ def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: Offline
         torch.set_num_threads(threads)
     assert together.dtype == torch.float32 and torch.equal(alone, together)
     assert not torch.equal(together, ref) and (together * ref).sum(-1).min() > 0.999
-    # Its linear layers run with weights reordered once (PackedLinear), the same products as F.linear's.
+    # Its linear layers run with weights reordered once (PackedLinear), the products F.linear makes in
+    # bfloat16 but for their rounding (the 1536-wide reductions run in fixed 64-row blocks: models/packed.py).
     assert {type(m).__name__ for m in bf16.text_model.modules()} & {"Linear", "PackedLinear"} == {"PackedLinear"}
     plain = copy.deepcopy(backbone)
     plain.text_model.to(torch.bfloat16)  # what set_text_dtype did before packing
-    torch.testing.assert_close(together, plain.encode_text(texts), rtol=0, atol=1e-5)
+    unpacked = plain.encode_text(texts)
+    assert (together * unpacked).sum(-1).min() > 0.9999
+    torch.testing.assert_close(together, unpacked, rtol=0, atol=5e-3)
     assert bf16.fingerprint() == fingerprint  # artefacts still match it
     assert next(bf16.net.parameters()).dtype == torch.float32  # the image tower and the LoRA targets
     with pytest.raises(ValueError, match="only move to bfloat16"):
