@@ -37,7 +37,7 @@ from app.images import load_rgb, open_image
 from app.metrics import Metrics
 from app.settings import Settings, StartupError
 from app.worker import ModelWorker, WorkerTimeout
-from expert_store.repository import Expert, check_name
+from expert_store.repository import Expert, RepositoryChanged, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
@@ -554,6 +554,8 @@ class Service:
         # and the expert file, so a failed upload leaves the directory exactly as it was.
         try:
             repo.add_and_save(Expert(name, description, mean, variance, embedding, num_snapshots), self.repository_dir)
+        except RepositoryChanged as e:
+            raise APIError(409, None, f"{e}: restart this server to serve it") from e
         except ValueError as e:
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         except OSError as e:
@@ -572,6 +574,8 @@ class Service:
             raise APIError(409, "name", "cannot remove the last expert")
         try:
             repo.remove_and_save(name, self.repository_dir)  # index first (atomic), then the expert file
+        except RepositoryChanged as e:
+            raise APIError(409, None, f"{e}: restart this server to serve it") from e
         except OSError as e:
             if name not in repo:  # the index was written, only deleting the expert's file failed: removed
                 log.warning("expert %r removed, but its file could not be deleted: %s", name, e)

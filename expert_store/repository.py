@@ -7,12 +7,21 @@ On disk::
       experts/<name>.safetensors      {"mean": (P,), "variance": (P,), "embedding": (D,)}
 
 One file per expert makes adding and removing an expert an atomic file write plus an
-atomic rewrite of the index; a reader never sees a half-written expert.
+atomic rewrite of the index; a reader never sees a half-written expert. A change holds an exclusive lock
+on ``repository/.lock`` and refuses (:class:`RepositoryChanged`) when the index on disk is no longer the
+one this object loaded or last wrote: two processes serving one directory cannot undo each other's
+changes. Loading removes the temporary files a killed writer left and names expert files the index
+does not list.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +31,31 @@ from safetensors.torch import load_file
 
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
-from sglora.io import read_json, sha256_file, write_json, write_safetensors
+from sglora.io import read_json, sha256_file, umask, write_json, write_safetensors
 
 INDEX_FILE = "repository.json"
 EXPERTS_DIR = "experts"
 FORMAT = "sglora-expert-repository"
 FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger("sglora.repository")
+
+
+class RepositoryChanged(RuntimeError):
+    """The repository on disk changed since this object loaded or wrote it (another process changed it)."""
+
+
+@contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Holds the repository directory's exclusive advisory lock (``flock`` on ``.lock``): one writer at a
+    time across processes."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_name(name: str) -> str:
@@ -66,6 +93,7 @@ class ExpertRepository:
         self.backbone_fingerprint = backbone_fingerprint
         self._experts: dict[str, Expert] = {}
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._index_sha256: str | None = None  # of the index this object loaded or last wrote
         for e in experts or []:
             self.add(e)
 
@@ -156,38 +184,57 @@ class ExpertRepository:
         """Writes every expert and the index (a fresh directory, or one this repository was loaded from)."""
         for e in self._experts.values():
             self._write_expert(directory, e)
+        self._write_index(directory)
+
+    def _write_index(self, directory: Path) -> None:
         write_json(directory / INDEX_FILE, self._index(directory))
+        self._index_sha256 = sha256_file(directory / INDEX_FILE)
+
+    def _check_unchanged(self, directory: Path) -> None:
+        """Under the lock: RepositoryChanged unless the index on disk is the one this object last saw."""
+        path = directory / INDEX_FILE
+        seen = self._index_sha256
+        if seen is not None and (not path.exists() or sha256_file(path) != seen):
+            raise RepositoryChanged(
+                f"{path} changed since this repository was loaded (another process changed the experts); "
+                "load it again before changing it"
+            )
 
     def add_and_save(self, expert: Expert, directory: Path) -> None:
-        """Adds an expert and persists it: expert file first, then the index, both atomic."""
-        self.add(expert)
-        path = directory / EXPERTS_DIR / f"{expert.name}.safetensors"
-        try:
-            self._write_expert(directory, expert)
-            write_json(directory / INDEX_FILE, self._index(directory))
-        except BaseException:
-            self._experts.pop(expert.name, None)
-            self._stack = None
-            path.unlink(missing_ok=True)  # the index never named it
-            raise
+        """Adds an expert and persists it: expert file first, then the index, both atomic, under the lock."""
+        with locked(directory):
+            self._check_unchanged(directory)
+            self.add(expert)
+            path = directory / EXPERTS_DIR / f"{expert.name}.safetensors"
+            try:
+                self._write_expert(directory, expert)
+                self._write_index(directory)
+            except BaseException:
+                self._experts.pop(expert.name, None)
+                self._stack = None
+                path.unlink(missing_ok=True)  # the index never named it
+                raise
 
     def remove_and_save(self, name: str, directory: Path) -> Expert:
-        """Removes an expert: index first (atomic), then its file."""
-        before = dict(self._experts)
-        expert = self.remove(name)
-        try:
-            write_json(directory / INDEX_FILE, self._index(directory))
-        except BaseException:
-            self._experts = before  # same experts, same order
-            self._stack = None
-            raise
-        (directory / EXPERTS_DIR / f"{name}.safetensors").unlink(missing_ok=True)
+        """Removes an expert: index first (atomic), then its file, under the lock."""
+        with locked(directory):
+            self._check_unchanged(directory)
+            before = dict(self._experts)
+            expert = self.remove(name)
+            try:
+                self._write_index(directory)
+            except BaseException:
+                self._experts = before  # same experts, same order
+                self._stack = None
+                raise
+            (directory / EXPERTS_DIR / f"{name}.safetensors").unlink(missing_ok=True)
         return expert
 
     @classmethod
     def load(cls, directory: Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
         """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
         index = read_json(directory / INDEX_FILE, "expert repository index")
+        index_sha256 = sha256_file(directory / INDEX_FILE)
         if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
         spec = LoraSpec.from_dict(index["lora"])
@@ -214,4 +261,22 @@ class ExpertRepository:
             if missing:
                 raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
             repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
+        repo._index_sha256 = index_sha256
+        _tidy(directory, set(repo.names))
         return repo
+
+
+def _tidy(directory: Path, names: set[str]) -> None:
+    """Removes the temporary files a writer killed mid-write left (under the lock, so none is being written
+    now) and names expert files the index does not list (a writer killed between file and index). Skipped
+    where the directory is read-only."""
+    try:
+        with locked(directory):
+            for tmp in [*directory.glob(".*.tmp"), *(directory / EXPERTS_DIR).glob(".*.tmp")]:
+                tmp.unlink(missing_ok=True)
+                log.warning("removed %s, left by a write that did not finish", tmp)
+    except OSError as e:
+        log.debug("repository %s not tidied: %s", directory, e)
+    orphans = sorted(p.name for p in (directory / EXPERTS_DIR).glob("*.safetensors") if p.stem not in names)
+    if orphans:
+        log.warning("%s: expert files the index does not list (ignored): %s", directory / EXPERTS_DIR, ", ".join(orphans))

@@ -43,17 +43,39 @@ def umask() -> int:
     return mask
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flushes a file's data, or a directory's entries (a rename in it), to the disk. A directory that
+    cannot be opened for it (some filesystems, Windows) is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it over ``path`` only if the block succeeds. The
-    file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600."""
+    file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600.
+    Durable too: the data reaches the disk before the rename, and the rename before this returns (a power
+    cut leaves the old file or the new one, never an empty one under the new name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask())
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -126,6 +148,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())
+        for f in sorted(tmp.rglob("*")):  # whatever wrote them, the files reach the disk before the rename
+            fsync_path(f)
+        fsync_path(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -134,6 +159,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -231,3 +231,15 @@ async def test_the_listing_and_ready_read_one_published_state(tiny_artifacts, ma
             == (ready["artifact_version"], ready["experts"])
             == (before["artifact_version"], 4)
         )
+
+
+def test_a_change_made_on_disk_by_another_process_is_a_409_not_a_lost_update(app_root):
+    client, root = app_root
+    other = ExpertRepository.load(root / "repository")  # a second server on the same directory
+    files, repo = expert_files(root)
+    other.remove_and_save("ring", root / "repository")
+    r = client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+    assert r.status_code == 409 and "another process changed the experts" in r.json()["detail"]["reason"]
+    assert client.delete("/experts/square", headers=ADMIN).status_code == 409
+    assert ExpertRepository.load(root / "repository").names == other.names  # the other writer's change stands
+    assert len(client.get("/experts").json()["experts"]) == 4  # this server: as loaded, until restarted

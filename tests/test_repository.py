@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, check_name
+from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, RepositoryChanged, check_name
 
 
 def _repo(tiny_backbone, n=3):
@@ -75,3 +75,37 @@ def test_corrupt_expert_file_is_refused(tiny_backbone, tmp_path):
     (tmp_path / INDEX_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ExpertRepository.load(tmp_path)
+
+
+def _late(tiny_backbone, name="late"):
+    p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
+    return Expert.from_snapshots(name, f"a {name} expert", torch.randn(2, p), torch.randn(d))
+
+
+def test_two_writers_on_one_directory_cannot_undo_each_other(tiny_backbone, tmp_path):
+    # Two processes serving one directory: B's removal rewrote the index from B's memory, dropping what A
+    # had added, and A's next change then failed on B's deleted file. Now the second writer is refused.
+    _repo(tiny_backbone).save(tmp_path)
+    a, b = ExpertRepository.load(tmp_path), ExpertRepository.load(tmp_path)
+    a.add_and_save(_late(tiny_backbone, "z1"), tmp_path)
+    with pytest.raises(RepositoryChanged, match="changed since this repository was loaded"):
+        b.remove_and_save("e2", tmp_path)
+    with pytest.raises(RepositoryChanged):
+        b.add_and_save(_late(tiny_backbone, "z2"), tmp_path)
+    assert b.names == ["e0", "e1", "e2"]  # the refused changes left B's memory as it was
+    assert not (tmp_path / "experts" / "z2.safetensors").exists()
+    a.remove_and_save("e2", tmp_path)  # A wrote the index last: its changes go on
+    assert ExpertRepository.load(tmp_path).names == ["e0", "e1", "z1"]
+
+
+def test_loading_removes_a_killed_writers_temporary_files_and_names_orphans(tiny_backbone, tmp_path, caplog):
+    _repo(tiny_backbone).save(tmp_path)
+    left = [tmp_path / ".repository.json.abc123.tmp", tmp_path / "experts" / ".x.safetensors.def456.tmp"]
+    for f in left:
+        f.write_bytes(b"half")
+    repo = _repo(tiny_backbone, 1)
+    repo._write_expert(tmp_path, _late(tiny_backbone, "x1"))  # an expert file written, the index never
+    with caplog.at_level("WARNING", logger="sglora.repository"):
+        assert ExpertRepository.load(tmp_path).names == ["e0", "e1", "e2"]
+    assert not any(f.exists() for f in left)
+    assert "did not finish" in caplog.text and "the index does not list (ignored): x1.safetensors" in caplog.text

@@ -20,7 +20,7 @@ _ADMIN_ERRORS = {
     401: {"description": "admin key missing"},
     403: {"description": "admin key not accepted, or expert changes disabled"},
     404: {"description": "no such expert"},
-    409: {"description": "name taken, or the last expert"},
+    409: {"description": "name taken, the last expert, or the repository changed on disk since this server loaded it"},
     422: {"description": "bad input; `field` names it"},
 }
 
