@@ -264,6 +264,7 @@ class Ready(BaseModel):
                     "max_batch": 32,
                     "model_threads": 1,
                     "text_dtype": "bfloat16",
+                    "text_fixed_rows": None,
                     "generator_dtype": "float32",
                     "cvae_pass_rows": [2, 16],
                 }
@@ -283,6 +284,11 @@ class Ready(BaseModel):
     )
     model_threads: int | None = Field(None, description="model threads, each running its own micro-batch")
     text_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the text tower runs in")
+    text_fixed_rows: int | None = Field(
+        None,
+        description="rows per block of the text tower's long bfloat16 reductions, where the start-up check needed "
+        "them for batching to leave embeddings bit-identical (CPUs with AMX); null: one product per layer",
+    )
     generator_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the CVAE samples in")
     cvae_pass_rows: list[int] | None = Field(
         None,

@@ -40,6 +40,7 @@ from app.worker import ModelWorker, WorkerTimeout
 from expert_store.repository import Expert, RepositoryChanged, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
+from models.packed import FIXED_ROWS
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.cli import generation_metadata, layout_metadata
@@ -210,6 +211,7 @@ class Service:
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
         self.state = self._state_of(artifacts.version)
         self.text_dtype = artifacts.backbone.text_dtype_name
+        self.text_numerics = self.text_dtype  # what fixes an embedding's bits: the dtype, and fixed-row blocks if on
         self.generator_dtype = self.engine.generator_dtype_name
         self.cache = RedisCache(
             settings.redis_url,
@@ -269,10 +271,23 @@ class Service:
         service.worker.timeout_s = max(settings.request_timeout_s, STARTUP_TIMEOUT_S)
         try:
             await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
-            mismatch = None
+            mismatch = blocked = None
             if settings.batch_invariance == "require" and service.worker.max_batch > 1:
                 probes = [artifacts.repository[n].description for n in artifacts.repository.names[:6]]
                 mismatch = await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
+                # Where the CPU's kernels block long reductions by the number of rows (AMX), fixed-row
+                # blocks make a row's product independent of its batch: try them before giving batching up.
+                if mismatch and artifacts.backbone.set_text_fixed_rows(FIXED_ROWS):
+                    blocked, mismatch = (
+                        mismatch,
+                        await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch),
+                    )
+                    if mismatch:
+                        artifacts.backbone.set_text_fixed_rows(None)
+                        blocked = None
+                    else:
+                        service.text_numerics = f"{service.text_dtype}/rows{FIXED_ROWS}"
+                        service.worker.embeddings.clear()  # the warm-up's, made without the blocks
         except WorkerTimeout:
             await service.stop()
             raise StartupError(f"the warm-up generation took longer than {service.worker.timeout_s:g} s") from None
@@ -280,6 +295,13 @@ class Service:
             await service.stop()
             raise
         service.worker.timeout_s = settings.request_timeout_s
+        if blocked:
+            log.info(
+                "text tower: %s with one product per layer; its long reductions now run in fixed %d-row blocks, "
+                "with which batching leaves every embedding bit-identical (micro-batching on)",
+                blocked,
+                FIXED_ROWS,
+            )
         if mismatch:
             log.warning(
                 "micro-batching off: on %s with %d torch thread(s), %s; descriptions are encoded one at a time so "
@@ -358,7 +380,7 @@ class Service:
             params.seed,
             state.top_k if params.top_k is None else params.top_k,
             params.temperature,
-            self.text_dtype,
+            self.text_numerics,
             self.generator_dtype if params.method in SAMPLING_METHODS else "",
         ).digest()
         if lookup:

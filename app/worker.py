@@ -99,6 +99,10 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
 
 # finish(embeddings (B, D), jobs) -> one result per job, in order (a list, or a generator that yields
 # them as they are made); an Exception instance fails that job alone.

@@ -17,6 +17,7 @@ does not list.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from safetensors.torch import load_file
 
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
-from sglora.io import read_json, sha256_file, umask, write_json, write_safetensors
+from sglora.io import json_bytes, read_json_and_digest, sha256_file, umask, write_bytes, write_safetensors
 
 INDEX_FILE = "repository.json"
 EXPERTS_DIR = "experts"
@@ -47,13 +48,19 @@ class RepositoryChanged(RuntimeError):
 
 
 @contextmanager
-def locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path, wait: bool = True) -> Iterator[bool]:
     """Holds the repository directory's exclusive advisory lock (``flock`` on ``.lock``): one writer at a
-    time across processes."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    time across processes. The file is opened read-only (``flock`` needs no more), so a ``.lock`` another
+    user created does not stop a writer allowed in the directory. ``wait=False`` yields False at once
+    instead of waiting when another process holds it."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666 & ~umask())
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # releases the lock
 
@@ -187,8 +194,11 @@ class ExpertRepository:
         self._write_index(directory)
 
     def _write_index(self, directory: Path) -> None:
-        write_json(directory / INDEX_FILE, self._index(directory))
-        self._index_sha256 = sha256_file(directory / INDEX_FILE)
+        # The digest of the bytes written, known before the rename: nothing can fail after it.
+        data = json_bytes(self._index(directory))
+        digest = hashlib.sha256(data).hexdigest()
+        write_bytes(directory / INDEX_FILE, data)
+        self._index_sha256 = digest
 
     def _check_unchanged(self, directory: Path) -> None:
         """Under the lock: RepositoryChanged unless the index on disk is the one this object last saw."""
@@ -233,8 +243,7 @@ class ExpertRepository:
     @classmethod
     def load(cls, directory: Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
         """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
-        index = read_json(directory / INDEX_FILE, "expert repository index")
-        index_sha256 = sha256_file(directory / INDEX_FILE)
+        index, index_sha256 = read_json_and_digest(directory / INDEX_FILE, "expert repository index")
         if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
         spec = LoraSpec.from_dict(index["lora"])
@@ -271,8 +280,8 @@ def _tidy(directory: Path, names: set[str]) -> None:
     now) and names expert files the index does not list (a writer killed between file and index). Skipped
     where the directory is read-only."""
     try:
-        with locked(directory):
-            for tmp in [*directory.glob(".*.tmp"), *(directory / EXPERTS_DIR).glob(".*.tmp")]:
+        with locked(directory, wait=False) as held:
+            for tmp in [*directory.glob(".*.tmp"), *(directory / EXPERTS_DIR).glob(".*.tmp")] if held else []:
                 tmp.unlink(missing_ok=True)
                 log.warning("removed %s, left by a write that did not finish", tmp)
     except OSError as e:

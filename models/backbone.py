@@ -144,6 +144,18 @@ class Backbone(ABC):
         self._cast_text(dtype)
         self.text_dtype, self._text_fingerprint = dtype, fingerprint
 
+    def set_text_fixed_rows(self, rows: int | None) -> int:
+        """Runs the text tower's long bfloat16 reductions in blocks of ``rows`` rows (None: one product),
+        so that a description's embedding does not depend on what it is batched with where the CPU's
+        kernels block those reductions by the number of rows (models/packed.py). Returns how many layers
+        it changed: 0 where the text tower has none (float32, other backbones)."""
+        return 0
+
+    @property
+    def text_fixed_rows(self) -> int | None:
+        """The block size :meth:`set_text_fixed_rows` set, or None."""
+        return getattr(self, "_text_fixed_rows", None)
+
     @property
     def text_dtype_name(self) -> str:
         """``text_dtype`` as SGLORA_TEXT_DTYPE, the cache key and the LoRA metadata spell it: 'float32' or 'bfloat16'."""

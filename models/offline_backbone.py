@@ -68,7 +68,7 @@ from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, LoraConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
-from models.packed import pack_linears
+from models.packed import pack_linears, set_fixed_rows
 
 log = logging.getLogger("sglora.backbone")
 
@@ -358,6 +358,11 @@ class OfflineBackbone(Backbone):
                 pack_linears(self.text_model, dtype)
             except RuntimeError as e:  # a build without the kernel: the plain layers still work
                 log.warning("MiniLM's linear layers stay unpacked: %s", e)
+
+    def set_text_fixed_rows(self, rows: int | None) -> int:
+        n = set_fixed_rows(self.text_model, rows)
+        self._text_fixed_rows = rows if n else None
+        return n
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         im = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)

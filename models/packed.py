@@ -11,7 +11,10 @@ its bfloat16 kernel splits a long reduction (MiniLM's 1536-wide feed-forward out
 different numbers of rows, so a row's result, in its last bits, depended on how many rows came with it:
 a description's embedding alone and inside a batch differed, and the service turned micro-batching off.
 ``fixed_rows`` runs such a layer in blocks of exactly that many rows (the last padded), so every row's
-product has one shape whatever it is batched with (docs/benchmarks.md, release 0.9.5).
+product has one shape whatever it is batched with. It costs time (the padding, more calls: on one AMX
+core a lone description 8.7 -> 9.4 ms, a batch of 32 1.41 -> 1.70 ms a description), so the service
+turns it on only where its start-up check finds batching changes embeddings without it
+(:func:`set_fixed_rows`; docs/benchmarks.md, release 0.9.5).
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        if self.fixed_rows is None:
+        n, block = rows.shape[0], self.fixed_rows
+        if block is None or n == 0:
             y = self._product(rows)
         else:
-            n, block = rows.shape[0], self.fixed_rows
             padded = F.pad(rows, (0, 0, 0, -n % block))
             y = torch.cat([self._product(padded[i : i + block]) for i in range(0, padded.shape[0], block)])[:n]
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -58,25 +61,30 @@ class PackedLinear(nn.Module):
         )
 
 
-# bfloat16 layers with reductions this long run in blocks of FIXED_ROWS rows (see the module docstring). On
-# one AMX core, MiniLM: a lone description 9.3 ms either way, a batch of 32 1.59 against 1.54 ms a description.
+# Reductions at least this long are the ones whose blocking followed the row count (see the module docstring).
 LONG_REDUCTION = 1024
 FIXED_ROWS = 64
 
 
+def set_fixed_rows(module: nn.Module, rows: int | None, min_in_features: int = LONG_REDUCTION) -> int:
+    """Runs every bfloat16 :class:`PackedLinear` inside ``module`` with at least ``min_in_features`` inputs
+    in blocks of ``rows`` rows (None: one product of all the rows again); returns how many layers."""
+    layers = [m for m in module.modules() if isinstance(m, PackedLinear) and m.dtype == torch.bfloat16]
+    layers = [m for m in layers if m.in_features >= min_in_features]
+    for m in layers:
+        m.fixed_rows = rows
+    return len(layers)
+
+
 def pack_linears(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -> int:
     """Replaces every ``nn.Linear`` inside ``module`` (called as a module, not through its ``.weight``) by a
-    :class:`PackedLinear` in ``dtype``; in bfloat16, layers of at least :data:`LONG_REDUCTION` inputs run
-    in blocks of :data:`FIXED_ROWS` rows. All or none: a layer oneDNN cannot pack raises RuntimeError
-    before any is replaced. Returns how many were replaced (0 where torch has no oneDNN)."""
+    :class:`PackedLinear` in ``dtype``, one product per call (:func:`set_fixed_rows` changes that). All or
+    none: a layer oneDNN cannot pack raises RuntimeError before any is replaced. Returns how many were
+    replaced (0 where torch has no oneDNN)."""
     if not torch.backends.mkldnn.is_available():
         return 0
-
-    def fixed(layer: nn.Linear) -> int | None:
-        return FIXED_ROWS if dtype == torch.bfloat16 and layer.in_features >= LONG_REDUCTION else None
-
     swaps = [
-        (parent, name, PackedLinear(child, rows_hint, dtype, fixed(child)))
+        (parent, name, PackedLinear(child, rows_hint, dtype))
         for parent in module.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear

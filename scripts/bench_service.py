@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     seed0 = random.randrange(1 << 40)
     try:
         ready = processes.wait_ready(url, proc, timeout=300)
+        forward.engine.backbone.set_text_fixed_rows(ready.get("text_fixed_rows"))  # the server's text numerics
         d = args.description
         fresh = (f"{d} (request {i})" for i in itertools.count())  # descriptions the server has not seen
         forward.times_ms([next(fresh) for _ in range(5)])  # warm-up
@@ -257,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_batch": ready.get("max_batch"),
         "model_threads": ready.get("model_threads"),
         "text_dtype": ready.get("text_dtype"),
+        "text_fixed_rows": ready.get("text_fixed_rows"),
         "bare_embed_ms": bare,
         "miss_ms": miss_ms,
         "hit_ms": hit_ms,
@@ -323,7 +325,9 @@ def table(r: dict) -> str:
     ]
     setup = (
         f"backbone {r['backbone']}, {r['device']}, {r.get('model_threads', 1)} model thread(s) with {r['threads']} torch "
-        f"thread(s), text tower in {r.get('text_dtype', 'float32')}, Redis {r['redis']}, max batch {r['max_batch']}"
+        f"thread(s), text tower in {r.get('text_dtype', 'float32')}"
+        + (f" ({r['text_fixed_rows']}-row blocks)" if r.get("text_fixed_rows") else "")
+        + f", Redis {r['redis']}, max batch {r['max_batch']}"
     )
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
     lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]

@@ -81,9 +81,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """What :func:`write_json` writes."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
 def write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_bytes(path, json_bytes(obj))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -165,10 +169,16 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def read_json(path: Path, what: str) -> Any:
+    return read_json_and_digest(path, what)[0]
+
+
+def read_json_and_digest(path: Path, what: str) -> tuple[Any, str]:
+    """(parsed JSON, sha256 of the bytes parsed): one read, so the digest is that of what was loaded."""
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
+    data = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} is not UTF-8 text ({path}): {e}") from e
     except json.JSONDecodeError as e:

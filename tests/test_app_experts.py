@@ -192,8 +192,9 @@ def test_downloading_an_expert_refuses_bad_requests_by_name(app_root):
 
 @pytest.mark.anyio
 async def test_a_default_top_k_is_the_one_of_the_repository_the_job_runs_on(tiny_artifacts, make_settings):
+    from app_helpers import serving
+
     from app.errors import APIError
-    from tests.app_helpers import serving
 
     async with serving(make_settings(artifacts=tiny_artifacts)) as (service, client):
         assert len(service.state.experts) == 4 and service.state.top_k == 3
@@ -215,7 +216,7 @@ async def test_a_default_top_k_is_the_one_of_the_repository_the_job_runs_on(tiny
 
 @pytest.mark.anyio
 async def test_the_listing_and_ready_read_one_published_state(tiny_artifacts, make_settings):
-    from tests.app_helpers import serving
+    from app_helpers import serving
 
     async with serving(make_settings(artifacts=tiny_artifacts)) as (service, client):
         before = (await client.get("/experts")).json()

@@ -822,3 +822,31 @@ def test_the_alerted_request_series_exist_from_the_start_for_real_routes(make_se
     for endpoint in MODEL_ENDPOINTS:
         for status in ALERTED_STATUSES:
             assert samples[(endpoint, "POST", status)] == 0
+
+
+async def test_start_up_turns_fixed_row_blocks_on_where_they_make_batching_invariant(make_settings, monkeypatch):
+    # On AMX CPUs the text tower's long reductions were blocked by row count: the check failed and batching
+    # went off. The service now retries with fixed-row blocks, keeps them only if that passes.
+    import app.service as svc
+    from models.backbone import Backbone
+    from models.packed import FIXED_ROWS
+
+    rows: dict[str, int | None] = {"now": None}
+
+    def set_rows(self, n):
+        rows["now"] = n
+        return 6
+
+    monkeypatch.setattr(Backbone, "set_text_fixed_rows", set_rows)
+    monkeypatch.setattr(Backbone, "text_fixed_rows", property(lambda self: rows["now"]))
+    monkeypatch.setattr(svc, "batching_mismatch", lambda embed, probes, n: None if rows["now"] else "row 3 differs")
+    async with serving(make_settings()) as (service, client):
+        ready = (await client.get("/ready")).json()
+        assert ready["max_batch"] > 1 and ready["text_fixed_rows"] == FIXED_ROWS
+        assert service.text_numerics == f"{service.text_dtype}/rows{FIXED_ROWS}"  # in the cache key
+        assert len(service.worker.embeddings) == 0  # the warm-up's embedding, made without blocks, dropped
+    monkeypatch.setattr(svc, "batching_mismatch", lambda embed, probes, n: "row 3 differs")  # blocks do not help
+    async with serving(make_settings()) as (service, client):
+        ready = (await client.get("/ready")).json()
+        assert ready["max_batch"] == 1 and ready["text_fixed_rows"] is None and rows["now"] is None
+        assert service.text_numerics == service.text_dtype

@@ -41,28 +41,31 @@ def test_a_bfloat16_layer_keeps_float32_at_its_edges_and_subclasses_stay():
     torch.testing.assert_close(y, _block()[0](x), rtol=2e-2, atol=2e-2)
 
 
-def test_long_bfloat16_reductions_run_in_fixed_row_blocks_whatever_the_batch():
+def test_fixed_row_blocks_give_each_row_the_bits_it_has_alone():
     # oneDNN's AMX kernel splits a long reduction by the number of rows: the same row alone and inside a
     # batch differed in its last bits. In fixed blocks every row's product has one shape.
     import copy
 
-    from models.packed import FIXED_ROWS, LONG_REDUCTION
+    from models.packed import FIXED_ROWS, LONG_REDUCTION, set_fixed_rows
 
     torch.manual_seed(0)
     wide = LONG_REDUCTION + 512
     block = nn.Sequential(nn.Linear(384, wide), nn.GELU(), nn.Linear(wide, 384))
     plain, in_float32 = copy.deepcopy(block), copy.deepcopy(block)
     assert pack_linears(block, torch.bfloat16) == 2 and pack_linears(in_float32, torch.float32) == 2
-    assert block[0].fixed_rows is None and in_float32[2].fixed_rows is None  # short reduction; float32
+    assert block[2].fixed_rows is None  # one product per call unless asked
+    assert set_fixed_rows(block, FIXED_ROWS) == 1 and set_fixed_rows(in_float32, FIXED_ROWS) == 0
     long = block[2]
-    assert long.fixed_rows == FIXED_ROWS and f"fixed_rows={FIXED_ROWS}" in repr(long)
+    assert block[0].fixed_rows is None and long.fixed_rows == FIXED_ROWS and f"fixed_rows={FIXED_ROWS}" in repr(long)
     x = torch.randn(3 * FIXED_ROWS + 5, wide)
     with torch.inference_mode():
         batch = long(x)
         for n in (1, 7, FIXED_ROWS, FIXED_ROWS + 1, 2 * FIXED_ROWS + 3):
             assert torch.equal(long(x[:n]), batch[:n]), n
         assert torch.equal(long(x[-9:]), batch[-9:])  # rows from another block of the batch: the same bits too
+        assert long(x[:0]).shape == (0, 384)
         want = plain[2](x)
     torch.testing.assert_close(batch, want, rtol=2e-2, atol=2e-2)
+    assert set_fixed_rows(block, None) == 1 and long.fixed_rows is None
     with pytest.raises(ValueError, match="fixed_rows must be >= 1"):
         PackedLinear(nn.Linear(4, 4), fixed_rows=0)

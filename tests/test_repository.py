@@ -109,3 +109,66 @@ def test_loading_removes_a_killed_writers_temporary_files_and_names_orphans(tiny
         assert ExpertRepository.load(tmp_path).names == ["e0", "e1", "e2"]
     assert not any(f.exists() for f in left)
     assert "did not finish" in caplog.text and "the index does not list (ignored): x1.safetensors" in caplog.text
+
+
+def test_the_digest_kept_on_load_is_that_of_the_index_it_parsed(tiny_backbone, tmp_path, monkeypatch):
+    # Another process's write landing between reading the index and hashing it gave the new file's digest
+    # to the old experts: the next change then passed the check and dropped the other's expert.
+    import expert_store.repository as r
+
+    _repo(tiny_backbone).save(tmp_path)
+    real = r.read_json_and_digest
+
+    def read_then_other_writes(path, what):
+        out = real(path, what)
+        monkeypatch.setattr(r, "read_json_and_digest", real)
+        ExpertRepository.load(tmp_path).add_and_save(_late(tiny_backbone, "from_b"), tmp_path)
+        return out
+
+    monkeypatch.setattr(r, "read_json_and_digest", read_then_other_writes)
+    a = ExpertRepository.load(tmp_path)
+    assert "from_b" not in a.names
+    with pytest.raises(RepositoryChanged):
+        a.remove_and_save("e0", tmp_path)
+    assert "from_b" in ExpertRepository.load(tmp_path).names
+
+
+def test_nothing_after_the_index_rename_can_fail_the_change(tiny_backbone, tmp_path, monkeypatch):
+    # Hashing the index again after renaming it sat inside the rollback: a failed read there deleted the
+    # expert file the index on disk already listed, and the next load failed.
+    import expert_store.repository as r
+
+    _repo(tiny_backbone).save(tmp_path)
+    repo = ExpertRepository.load(tmp_path)
+    real_hash, real_write = r.sha256_file, r.write_bytes
+    written = []
+
+    def write(path, data):
+        real_write(path, data)
+        written.append(path.name)
+
+    def failing_read_back(path):
+        if path.name == INDEX_FILE and INDEX_FILE in written:
+            raise OSError(5, "Input/output error")
+        return real_hash(path)
+
+    monkeypatch.setattr(r, "write_bytes", write)
+    monkeypatch.setattr(r, "sha256_file", failing_read_back)
+    repo.add_and_save(_late(tiny_backbone), tmp_path)
+    written.clear()
+    repo.remove_and_save("e1", tmp_path)
+    assert ExpertRepository.load(tmp_path).names == ["e0", "e2", "late"]
+
+
+def test_loading_does_not_wait_for_a_writer_and_leaves_its_files(tiny_backbone, tmp_path):
+    from expert_store.repository import locked
+
+    _repo(tiny_backbone).save(tmp_path)
+    busy = tmp_path / ".repository.json.inflight.tmp"
+    with locked(tmp_path) as held:  # another writer, mid-change
+        assert held
+        busy.write_bytes(b"being written")
+        assert ExpertRepository.load(tmp_path).names == ["e0", "e1", "e2"]  # no wait, no tidy
+        assert busy.exists()
+    ExpertRepository.load(tmp_path)
+    assert not busy.exists()
