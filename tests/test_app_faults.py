@@ -102,7 +102,7 @@ def failing_write(path: Path, *args, **kwargs) -> None:
         raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("fails", ["write_safetensors", "write_json"])
+@pytest.mark.parametrize("fails", ["write_safetensors", "write_bytes"])
 def test_failed_expert_change_leaves_the_repository_as_it_was(tiny_artifacts, make_settings, monkeypatch, fails):
     settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-key"], threads=1)
     repo = ExpertRepository.load(tiny_artifacts / "repository")
@@ -116,7 +116,7 @@ def test_failed_expert_change_leaves_the_repository_as_it_was(tiny_artifacts, ma
         monkeypatch.setattr(f"expert_store.repository.{fails}", failing_write)
         r = c.post("/experts", data=form, files={"mean": ("m.safetensors", mean)}, headers=ADMIN)
         assert r.status_code == 500 and "nothing was changed" in r.json()["detail"]["reason"]
-        if fails == "write_json":  # the expert file was written before the index failed
+        if fails == "write_bytes":  # the index write: the expert file was written before it failed
             r = c.delete("/experts/circle", headers=ADMIN)
             assert r.status_code == 500 and "nothing was changed" in r.json()["detail"]["reason"]
         assert snapshot(tiny_artifacts) == before_files  # no new, half-written or temporary file
