@@ -178,3 +178,45 @@ def test_merges_are_restored_last_in_first_out(generated, reference):
     a.restore()
     c.restore()
     assert _same(model, own)
+
+
+def test_hf_vision_model_embeds_as_open_clip_and_takes_the_peft_zip(client, reference, tmp_path):
+    # An HF CLIP vision tower built from the open_clip model itself: its image_embeds are encode_image's,
+    # and the /generate zip loaded into it with PEFT changes them as merge_lora does the open_clip model.
+    import io
+    import zipfile
+
+    from peft import PeftModel
+
+    from sglora.hf_clip import hf_vision_config, hf_vision_model
+
+    model = copy.deepcopy(reference.backbone.model).eval()
+    hf = hf_vision_model(model)
+    assert hf_vision_config(model)["hidden_act"] == "gelu"  # open_clip's default, not HF's quick_gelu
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=pixels).image_embeds, model.encode_image(pixels), rtol=1e-5, atol=1e-5)
+    body = {"description": "a blue square", "seed": 4}
+    st = client.post("/generate", json=body).content
+    zipped = client.post("/generate", json=body, headers={"Accept": "application/zip"}).content
+    with zipfile.ZipFile(io.BytesIO(zipped)) as z:
+        z.extractall(tmp_path / "adapter")
+    adapted = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad(), merge_lora(model, st):
+        want = model.encode_image(pixels)
+        got = adapted(pixel_values=pixels).image_embeds
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert (got - model.encode_image(pixels)).abs().max() > 1e-4  # the adapter did something
+
+
+def test_hf_vision_model_refuses_what_hf_clip_cannot_express(reference):
+    from sglora.hf_clip import hf_vision_model
+
+    model = copy.deepcopy(reference.backbone.model)
+    model.visual.pool_type = "avg"
+    model.visual.transformer.resblocks[1].ls_2 = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match=r"pool_type 'avg'.*block 1: ls_2"):
+        hf_vision_model(model)
+    with pytest.raises(ValueError, match="not an open_clip VisionTransformer: Linear"):
+        hf_vision_model(torch.nn.Linear(2, 2))
