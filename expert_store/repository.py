@@ -16,6 +16,7 @@ does not list.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -50,10 +51,18 @@ class RepositoryChanged(RuntimeError):
 @contextmanager
 def locked(directory: Path, wait: bool = True) -> Iterator[bool]:
     """Holds the repository directory's exclusive advisory lock (``flock`` on ``.lock``): one writer at a
-    time across processes. The file is opened read-only (``flock`` needs no more), so a ``.lock`` another
-    user created does not stop a writer allowed in the directory. ``wait=False`` yields False at once
-    instead of waiting when another process holds it."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666 & ~umask())
+    time across processes. The file is opened for writing where allowed (on NFS an exclusive ``flock`` is
+    a byte-range lock, which needs that), else read-only (enough on local filesystems: a ``.lock`` another
+    user created and left readable does not stop a writer allowed in the directory). ``wait=False`` yields
+    False at once instead of waiting when another process holds it."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    except PermissionError:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

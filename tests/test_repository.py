@@ -172,3 +172,32 @@ def test_loading_does_not_wait_for_a_writer_and_leaves_its_files(tiny_backbone, 
         assert busy.exists()
     ExpertRepository.load(tmp_path)
     assert not busy.exists()
+
+
+def test_the_lock_file_is_opened_for_writing_where_allowed(tmp_path, monkeypatch):
+    # NFS turns an exclusive flock into a byte-range lock, which needs a descriptor open for writing.
+    import os
+
+    import expert_store.repository as r
+
+    modes = []
+    real_open = os.open
+
+    def recording_open(path, flags, *args):
+        modes.append(flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(r.os, "open", recording_open)
+    with r.locked(tmp_path) as held:
+        assert held
+    assert modes == [os.O_RDWR]
+
+    def read_only_for_writers(path, flags, *args):  # e.g. a .lock another user created, mode 0644
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return recording_open(path, flags, *args)
+
+    monkeypatch.setattr(r.os, "open", read_only_for_writers)
+    with r.locked(tmp_path) as held:
+        assert held
+    assert modes[-1] == os.O_RDONLY
