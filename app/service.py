@@ -109,20 +109,17 @@ class Retrieval:
 
 
 @dataclass(frozen=True)
-class ExpertSummary:
-    name: str
-    description: str
-    num_snapshots: int
-
-
-@dataclass(frozen=True)
 class RepositoryState:
     """What readers on the event loop see of the expert repository, replaced whole after each change (one
     assignment: a reader never pairs one state's version with another's experts or default top_k)."""
 
     version: str
     top_k: int  # the default: min(the artefacts' top_k, number of experts)
-    experts: tuple[ExpertSummary, ...]
+    experts: tuple[Expert, ...]  # frozen: the objects the repository held then
+
+    def top_k_for(self, requested: int | None) -> int:
+        """A request's top_k, or this repository's default where it gave none."""
+        return self.top_k if requested is None else requested
 
 
 @dataclass(frozen=True)
@@ -273,15 +270,16 @@ class Service:
             await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
             mismatch = blocked = None
             if settings.batch_invariance == "require" and service.worker.max_batch > 1:
-                probes = [artifacts.repository[n].description for n in artifacts.repository.names[:6]]
-                mismatch = await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
+                probes = [e.description for e in service.state.experts[:6]]
+
+                async def check() -> str | None:
+                    return await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
+
+                mismatch = await check()
                 # Where the CPU's kernels block long reductions by the number of rows (AMX), fixed-row
                 # blocks make a row's product independent of its batch: try them before giving batching up.
                 if mismatch and artifacts.backbone.set_text_fixed_rows(FIXED_ROWS):
-                    blocked, mismatch = (
-                        mismatch,
-                        await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch),
-                    )
+                    blocked, mismatch = mismatch, await check()
                     if mismatch:
                         artifacts.backbone.set_text_fixed_rows(None)
                         blocked = None
@@ -378,7 +376,7 @@ class Service:
             params.description,
             params.method,
             params.seed,
-            state.top_k if params.top_k is None else params.top_k,
+            state.top_k_for(params.top_k),
             params.temperature,
             self.text_numerics,
             self.generator_dtype if params.method in SAMPLING_METHODS else "",
@@ -433,7 +431,7 @@ class Service:
             t0 = time.perf_counter()
             gens = self.engine.generate_many(
                 embeddings[start : start + step],
-                [Request(p.method, p.seed, state.top_k if p.top_k is None else p.top_k, p.temperature) for p in part],
+                [Request(p.method, p.seed, state.top_k_for(p.top_k), p.temperature) for p in part],
             )
             self.metrics.stage.labels(stage="prior").observe(time.perf_counter() - t0 - self._timing.sampling_s)
             if self._timing.sampling_s:
@@ -613,13 +611,13 @@ class Service:
 
     def _state_of(self, version: str) -> RepositoryState:
         repo = self.artifacts.repository
-        experts = tuple(ExpertSummary(e.name, e.description, e.num_snapshots) for e in (repo[n] for n in repo.names))
+        experts = tuple(repo[n] for n in repo.names)
         return RepositoryState(version, min(self.default_top_k, len(experts)), experts)
 
     def _repository_changed(self) -> str:
         """On the model thread of the change, alone: the new state, published by one assignment."""
-        self.engine.top_k = min(self.default_top_k, len(self.artifacts.repository))
         self.state = state = self._state_of(artefact_version(self.artifacts.root))
+        self.engine.top_k = state.top_k
         self.metrics.set_info(self.backbone_name, state.version, __version__, self.device, self.text_dtype, self.generator_dtype)
         log.info("expert repository changed: %d experts, artefact version %s", len(state.experts), state.version)
         return state.version

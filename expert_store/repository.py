@@ -57,10 +57,8 @@ def locked(directory: Path, wait: bool = True) -> Iterator[bool]:
     False at once instead of waiting when another process holds it."""
     try:
         fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    except PermissionError:
-        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
     except OSError as e:
-        if e.errno != errno.EROFS:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
             raise
         fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
     try:

@@ -169,16 +169,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def read_json(path: Path, what: str) -> Any:
-    return read_json_and_digest(path, what)[0]
+    return _read_json(path, what)[0]
 
 
 def read_json_and_digest(path: Path, what: str) -> tuple[Any, str]:
     """(parsed JSON, sha256 of the bytes parsed): one read, so the digest is that of what was loaded."""
+    obj, data = _read_json(path, what)
+    return obj, hashlib.sha256(data).hexdigest()
+
+
+def _read_json(path: Path, what: str) -> tuple[Any, bytes]:
+    """(parsed JSON, the bytes it was parsed from)."""
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     data = path.read_bytes()
     try:
-        return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
+        return json.loads(data.decode("utf-8")), data
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} is not UTF-8 text ({path}): {e}") from e
     except json.JSONDecodeError as e:

@@ -113,8 +113,8 @@ def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
         return not trained_on_held(n)
 
     for role, listed in explicit.items():
-        if role != "test" and any(trained_on_held(n) for n in listed):
-            bad = [n for n in listed if trained_on_held(n)]
+        bad = [n for n in listed if trained_on_held(n)]
+        if role != "test" and bad:
             raise ValueError(f"split.{role}: task(s) {bad[:5]} have a class of split.holdout_classes")
     pool = [n for n in names if n not in set(taken)]
     random.Random(split.seed).shuffle(pool)
@@ -167,7 +167,8 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
     existing = _built_config(out) if (out / "config.json").exists() else None
     if existing is not None:
-        changed = sorted(k for k in set(existing) | set(cfg.to_dict()) if existing.get(k) != cfg.to_dict().get(k))
+        wanted = cfg.to_dict()
+        changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
         if changed:
             raise ValueError(f"{out} was built with another config ({', '.join(changed)} differ); use a new --out directory")
     manifest = art.read_manifest(out) if (out / art.MANIFEST).exists() else {}  # refuses a damaged one by name
