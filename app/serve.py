@@ -5,6 +5,12 @@ uvicorn catches SIGTERM/SIGINT, drains (stops accepting, lets in-flight requests
 and then re-raises the signal so that its default action ends the process: status -15 (143 in a shell)
 even though nothing was lost. Here the handlers active at that moment only ask the server to stop, so a
 drained shutdown exits 0, and a signal that arrives before uvicorn took over still stops the start-up.
+
+uvicorn looks at a stop request only once the lifespan start-up is done, and start-up can take minutes
+(hashing a large checkpoint, open_clip fetching weights, the warm-up on a cold device). A signal before
+the server is ready ends the process at once, also with status 0: no request has been accepted, and
+start-up only reads the artefacts (their writes are atomic, a killed writer's temporary files are tidied
+on the next start).
 """
 
 from __future__ import annotations
@@ -54,6 +60,19 @@ class _KnownStartupFailure(logging.Filter):
         return not (message.startswith("Traceback") and any(k in message for k in self.KNOWN))
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped at once by a signal that arrives before it is ready (see above)."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if not self.started:
+            logging.getLogger("uvicorn.error").info("%s during start-up: stopped", signal.Signals(sig).name)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # the start-up's thread (loading, warm-up) cannot be interrupted, and need not be
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser()
     if prog:
@@ -86,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         log_level=args.log_level,
         log_config=log_config(args.log_format, args.log_level),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
 
     def stop(signum: int, frame: object) -> None:
         server.should_exit = True

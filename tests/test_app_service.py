@@ -806,6 +806,43 @@ def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifact
     assert took < job_s - 3, f"the process waited {took:.1f} s for a job of {job_s} s"
 
 
+def test_sigterm_during_start_up_stops_at_once(tiny_artifacts_session, tmp_path):
+    """uvicorn looks at a stop request only after the lifespan start-up; a slow start-up (here a warm-up
+    job of 8 s) must not hold a SIGTERM for that long."""
+    import signal
+    import time
+
+    from app.processes import free_port, start_server
+
+    port, job_s = free_port(), 8.0
+    env = {
+        **os.environ,
+        "SGLORA_ARTIFACTS": str(tiny_artifacts_session),
+        "SGLORA_REDIS_URL": "",
+        "SGLORA_TEST_MODEL_DELAY_S": str(job_s),
+        "SGLORA_BATCH_INVARIANCE": "ignore",
+    }
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes it until it exits
+    proc = start_server(port, env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Waiting for application startup" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the lifespan: loading or the warm-up
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert "SIGTERM during start-up: stopped" in log_path.read_text()
+    assert took < 3, f"the process took {took:.1f} s to stop"
+
+
 def test_the_alerted_request_series_exist_from_the_start_for_real_routes(make_settings):
     from app.metrics import ALERTED_STATUSES, MODEL_ENDPOINTS, leaf_routes
 
