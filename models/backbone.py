@@ -231,6 +231,16 @@ def create_backbone(config: BackboneConfig, device: str | torch.device = "cpu") 
     return OfflineBackbone.create(config, device=device)
 
 
+def describe_backbone(config: BackboneConfig) -> str:
+    """One line on what :func:`create_backbone` would build from ``config``, checked without loading
+    pretrained weights; ValueError (or ImportError) naming what is wrong."""
+    if config.kind == "open_clip":
+        from models.open_clip_backbone import describe_config
+    else:
+        from models.offline_backbone import describe_config
+    return describe_config(config)
+
+
 def load_backbone(directory: Path, config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
     """Rebuilds a backbone from an artefact's ``backbone/`` folder written by :meth:`Backbone.save`."""
     if config.kind == "open_clip":

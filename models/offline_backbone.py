@@ -241,6 +241,20 @@ def lora_spec_for(config: BackboneConfig, head: ConseHead) -> LoraSpec:
     return LoraSpec(targets=tuple(targets), rank=config.lora.rank, alpha=config.lora.alpha, scaling=config.lora.scaling)
 
 
+def describe_config(config: BackboneConfig) -> str:
+    """What :meth:`OfflineBackbone.create` would build from ``config``, checked from the installed packages
+    (the image tower is built, the text tower only found): ValueError or ImportError naming what is wrong."""
+    _require_packages()
+    opts = resolve_options(config)
+    head = ConseHead(load_efficientnet(opts["image_size"]), torch.zeros(1000, EMBED_DIM), opts["conse_temperature"])
+    spec = lora_spec_for(config, head)
+    return (
+        f"offline: MiniLM-L6 text tower, EfficientNet-Lite0 image tower at {opts['image_size']} px (ConSE), "
+        f"{EMBED_DIM}-d embeddings; LoRA: {len(spec.targets)} modules ({', '.join(resolve_targets(config.lora))}), "
+        f"rank {spec.rank}, {spec.num_params:,} parameters"
+    )
+
+
 class OfflineBackbone(Backbone):
     """MiniLM text tower + EfficientNet-Lite0 image tower, aligned by ConSE (see the module docstring)."""
 

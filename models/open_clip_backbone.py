@@ -7,7 +7,9 @@ The PEFT names are those of HF ``CLIPModel`` (``vision_model.encoder.layers.{i}.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,8 +76,20 @@ def resolve_quick_gelu(config: BackboneConfig) -> bool:
 
 
 def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
-    blocks = list(visual.transformer.resblocks)
+    resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if resblocks is None:
+        raise ValueError(
+            f"backbone: LoRA on Wq/Wk/Wv needs open_clip's ViT image tower (transformer.resblocks); {config.model}'s "
+            f"image tower is a {type(visual).__name__}"
+        )
+    blocks = list(resblocks)
     n = len(blocks)
+    odd = sorted({type(b.attn).__name__ for b in blocks if not isinstance(b.attn, nn.MultiheadAttention)})
+    if odd:
+        raise ValueError(
+            f"backbone: LoRA on Wq/Wk/Wv needs nn.MultiheadAttention blocks (a fused in_proj_weight); {config.model}'s "
+            f"image tower has {', '.join(odd)}"
+        )
     chosen = range(n) if config.lora.blocks is None else sorted({b % n for b in config.lora.blocks})
     for b in config.lora.blocks or ():
         if not -n <= b < n:
@@ -91,6 +105,72 @@ def lora_spec_for(visual: torch.nn.Module, config: BackboneConfig) -> LoraSpec:
                 continue
             targets.append(qkv_target(i, which, width))
     return LoraSpec(targets=tuple(targets), rank=config.lora.rank, alpha=config.lora.alpha, scaling=config.lora.scaling)
+
+
+def _activation_kwargs(config: BackboneConfig) -> dict:
+    """``open_clip.create_model`` arguments for the activation :func:`resolve_quick_gelu` chooses."""
+    quick_gelu = resolve_quick_gelu(config)
+    # force_quick_gelu sets it before open_clip's tag check (no mismatch warning); GELU on a '-quickgelu'
+    # architecture needs the constructor override.
+    if quick_gelu:
+        return {"force_quick_gelu": True}
+    return {"quick_gelu": False} if architecture_quick_gelu(config.model) else {}
+
+
+def _weights_source(config: BackboneConfig) -> str:
+    """Where a named model's weights come from, in words; ValueError for a ``pretrained`` that is neither
+    one of open_clip's tags for the model nor a file."""
+    p = config.pretrained
+    if p is None:
+        return f"random init (seed {config.seed})"
+    if open_clip.get_pretrained_cfg(config.model, p):
+        return f"open_clip tag {p!r} (downloaded on first use unless cached)"
+    if Path(p).is_file():
+        return f"checkpoint {p}"
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(config.model)) or "none"
+    raise ValueError(
+        f"backbone.pretrained: {p!r} is neither an open_clip tag of {config.model} (tags: {tags}) nor a checkpoint file "
+        "(a relative path is taken from the current directory)"
+    )
+
+
+def describe_config(config: BackboneConfig) -> str:
+    """What :meth:`OpenClipBackbone.create` would build from ``config``, checked without weights (the
+    architecture on the meta device): the model name, the weights' source, the activation and the LoRA
+    targets. ValueError naming what is wrong. A model from the HF hub (``hf-hub:...``) is not checked."""
+    if config.model_config is not None:
+        if config.pretrained is not None:
+            raise ValueError("backbone: give either model_config (random init) or pretrained, not both")
+        try:
+            with torch.device("meta"):
+                model = open_clip.CLIP(**config.model_config)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"backbone.model_config: open_clip.CLIP cannot be built from it: {e}") from e
+        source, act = f"random init (model_config, seed {config.seed})", config.model_config.get("quick_gelu", False)
+    elif config.model.startswith("hf-hub:"):
+        return f"open_clip {config.model}: from the HF hub, not checked offline"
+    else:
+        names = open_clip.list_models()
+        if config.model not in names:
+            close = difflib.get_close_matches(config.model, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (open_clip.list_models() lists them)"
+            raise ValueError(f"backbone.model: open_clip has no model {config.model!r}{hint}")
+        source, kwargs = _weights_source(config), _activation_kwargs(config)
+        act = "force_quick_gelu" in kwargs or (architecture_quick_gelu(config.model) and not kwargs)
+        quiet = logging.root.manager.disable  # open_clip warns that it initialised randomly: the point here
+        logging.disable(logging.WARNING)
+        try:
+            with torch.device("meta"):
+                model = open_clip.create_model(config.model, pretrained=None, device="meta", **kwargs)
+        finally:
+            logging.disable(quiet)
+    spec = lora_spec_for(model.visual, config)
+    blocks = model.visual.transformer.resblocks
+    return (
+        f"open_clip {config.model} ({'QuickGELU' if act else 'GELU'}), weights: {source}; image tower: {len(blocks)} blocks "
+        f"of width {blocks[0].attn.embed_dim}, {model.visual.output_dim}-d embeddings; LoRA: {len(spec.targets)} modules "
+        f"({', '.join(config.lora.targets)}), rank {spec.rank}, {spec.num_params:,} parameters"
+    )
 
 
 class OpenClipBackbone(Backbone):
@@ -116,14 +196,8 @@ class OpenClipBackbone(Backbone):
             tokenizer = open_clip.SimpleTokenizer(context_length=config.model_config["text_cfg"].get("context_length", 77))
             return cls(model, tokenizer, config, device)
         torch.manual_seed(config.seed)
-        quick_gelu = resolve_quick_gelu(config)
-        # force_quick_gelu sets it before open_clip's tag check (no mismatch warning); GELU on a '-quickgelu'
-        # architecture needs the constructor override.
-        extra: dict = {"force_quick_gelu": True} if quick_gelu else {}
-        if not quick_gelu and architecture_quick_gelu(config.model):
-            extra = {"quick_gelu": False}
         try:
-            model = open_clip.create_model(config.model, pretrained=config.pretrained, **extra)
+            model = open_clip.create_model(config.model, pretrained=config.pretrained, **_activation_kwargs(config))
         except RuntimeError as e:  # unknown model names and failed downloads both land here
             raise ValueError(f"backbone: cannot create open_clip model {config.model!r} ({config.pretrained}): {e}") from e
         return cls(model, open_clip.get_tokenizer(config.model), config, device)

@@ -61,10 +61,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from models.backbone import describe_backbone
     from training.config import load_config
 
     cfg = load_config(args.config)
     print(json.dumps(cfg.to_dict(), indent=2))
+    print(f"backbone: {describe_backbone(cfg.backbone)}", file=sys.stderr)
     if args.data:  # the dataset too: its files, the split and each task's samples, as the experts stage checks them
         from training.pipeline import prepare_data
 
@@ -258,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError) as e:  # OSError: a missing file, a directory given for a file, no permission
+    # OSError: a missing file, a directory given for a file, no permission; ImportError: an optional package
+    # a config needs (the offline backbone's) is not installed
+    except (ValueError, KeyError, OSError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -293,3 +293,12 @@ def test_expert_training_is_the_same_with_inputs_per_batch(backbone: OfflineBack
     assert calls == [1] + [8] * 9  # the probe, then 3 batches x 3 epochs
     assert not torch.allclose(once[-1], backbone.spec.init_vector(torch.Generator().manual_seed(0)))  # it trained
     assert torch.allclose(once, per_batch, atol=1e-5)
+
+
+def test_describe_matches_what_create_builds(backbone: OfflineBackbone):
+    from models.backbone import describe_backbone
+
+    line = describe_backbone(backbone.config)
+    assert f"LoRA: {len(backbone.spec.targets)} modules (conv_head, fc), rank 2, {backbone.spec.num_params:,} parameters" in line
+    with pytest.raises(ValueError, match="not targets of the offline backbone"):
+        describe_backbone(replace(backbone.config, lora=LoraConfig(targets=("q",))))

@@ -83,3 +83,50 @@ def test_artefacts_from_before_the_setting_load_as_built_or_are_refused_with_the
     _check_legacy_activation(tiny_artifacts, BackboneConfig(model="ViT-B-16-quickgelu", pretrained="openai"))
     with pytest.raises(ArtifactError, match="built with GELU.*'openai' weights were trained with QuickGELU.*rebuild"):
         _check_legacy_activation(tiny_artifacts, BackboneConfig(model="ViT-B-16", pretrained="openai"))
+
+
+# ---- check-config: what a config would build, without weights -------------------------------------
+def test_describe_matches_what_create_builds(tiny_config):
+    from models.backbone import create_backbone, describe_backbone
+
+    line = describe_backbone(tiny_config.backbone)
+    spec = create_backbone(tiny_config.backbone).spec
+    assert f"LoRA: {len(spec.targets)} modules" in line and f"{spec.num_params:,} parameters" in line
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("paper-*.yaml")), ids=lambda p: p.name)
+def test_describe_names_the_paper_shape_without_downloading(path):
+    from models.backbone import describe_backbone
+
+    line = describe_backbone(load_config(path).backbone)  # the architecture on the meta device: no weights
+    assert "ViT-B-16 (QuickGELU), weights: open_clip tag 'openai'" in line
+    assert "12 blocks of width 768, 512-d embeddings; LoRA: 36 modules (q, k, v), rank 2, 110,592 parameters" in line
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ({"model": "ViT-B-61"}, r"open_clip has no model 'ViT-B-61'; did you mean ViT-B-16"),
+        ({"model": "ViT-B-16", "pretrained": "opneai"}, r"'opneai' is neither an open_clip tag of ViT-B-16 \(tags: openai, "),
+        ({"model": "ViT-B-16", "pretrained": "/no/such/checkpoint.pt"}, "nor a checkpoint file"),
+        ({"model": "RN50"}, "needs open_clip's ViT image tower .* RN50's image tower is a ModifiedResNet"),
+        ({"model": "ViT-B-16", "lora": {"blocks": [12]}}, "block 12 out of range for a 12-block"),
+        ({"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": False}, "trained with QuickGELU"),
+    ],
+)
+def test_check_config_names_a_backbone_it_cannot_build(tmp_path, capsys, backbone, message):
+    import re
+
+    import yaml
+
+    from sglora.cli import main
+
+    cfg = load_config(CONFIGS / "paper-pets.yaml").to_dict()
+    cfg["backbone"] = {**cfg["backbone"], "pretrained": None, "quick_gelu": None, **backbone}
+    cfg["backbone"]["lora"] = {**cfg["backbone"]["lora"], **backbone.get("lora", {})}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
