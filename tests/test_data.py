@@ -112,3 +112,38 @@ def test_a_class_without_images_in_a_split_is_named(tmp_path):
     ds = load_task_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"task 'colours': class\(es\) \['blue'\] have no test samples"):
         ds.check(["colours"], 1, 1)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation is applied (a phone photo is not trained on its side) and 16-bit greyscale is scaled
+    (convert("RGB") clipped it to a white square); a floating-point image is refused by name. The service
+    decodes uploads the same way, so retrieval sees what training saw."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from app.errors import APIError
+    from app.images import decode_image, load_rgb
+    from training.data import open_image
+
+    picture = Image.new("RGB", (40, 20), (200, 50, 50))
+    picture.paste((20, 20, 220), (0, 0, 10, 20))  # a blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    picture.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = open_image(tmp_path / "phone.jpg")
+    assert upright.size == (20, 40)
+    assert np.asarray(upright)[2, 10, 2] > 150  # the blue band is now at the top
+    grey = np.asarray(picture.convert("L")).astype(np.uint16)
+    Image.fromarray(grey * 257).save(tmp_path / "deep.png")  # 16-bit greyscale, mode I;16
+    assert np.array_equal(np.asarray(open_image(tmp_path / "deep.png"))[..., 0], grey)
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"float\.tif: a floating-point image \(mode F\)"):
+        open_image(tmp_path / "float.tif")
+    assert decode_image((tmp_path / "phone.jpg").read_bytes(), "images[0]", max_pixels=10_000).size == (20, 40)
+    buf = io.BytesIO()
+    Image.fromarray(grey * 257).save(buf, format="PNG")
+    assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "images[0]", max_pixels=10_000))[..., 0], grey)
+    with pytest.raises(APIError, match=r"unsupported image: a 32-bit integer image \(mode I\) with values 0 to 70000"):
+        load_rgb(Image.fromarray(np.array([[0, 70_000]], dtype=np.int32)), "images[0]")

@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from expert_store.repository import check_name
+from sglora.images import to_rgb
 
 TASK_KINDS = ("retrieval", "classification")
 SPLITS = ("train", "test")
@@ -71,10 +72,12 @@ class Sample:
 
 
 def open_image(path: Path) -> Image.Image:
+    """The image as RGB (see :func:`sglora.images.to_rgb`: EXIF orientation applied, 16-bit scaled);
+    ValueError naming the file when it cannot be read."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:
+            return to_rgb(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
