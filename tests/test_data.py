@@ -1,9 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from training.data import load_task_dataset, write_task_dataset
 from training.procedural import procedural_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_folder_format_round_trip(tmp_path):
@@ -107,7 +111,7 @@ def test_a_class_without_images_in_a_split_is_named(tmp_path):
         for i, (c, sp) in enumerate([("red", "train"), ("blue", "train"), ("red", "test")])
     ]
     for x in lines:
-        (tmp_path / x["image"]).write_bytes(b"")  # only their existence is checked on load
+        Image.new("RGB", (2, 2)).save(tmp_path / x["image"])  # only their headers are read on load
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ds = load_task_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"task 'colours': class\(es\) \['blue'\] have no test samples"):
@@ -121,7 +125,6 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     import io
 
     import numpy as np
-    from PIL import Image
 
     from app.errors import APIError
     from app.images import decode_image, load_rgb
@@ -147,3 +150,37 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "images[0]", max_pixels=10_000))[..., 0], grey)
     with pytest.raises(APIError, match=r"unsupported image: a 32-bit integer image \(mode I\) with values 0 to 70000"):
         load_rgb(Image.fromarray(np.array([[0, 70_000]], dtype=np.int32)), "images[0]")
+
+
+def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
+    """An empty or non-image file is refused when the dataset loads (from its header); one cut short inside
+    its pixels by ``check-config --data``, which decodes every image, rather than by the experts stage after
+    the tasks before it have trained."""
+    import yaml
+
+    from sglora.cli import main
+    from training.config import load_config
+
+    ds = procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=("circle", "square"), colour_tasks=0)
+    write_task_dataset(ds, tmp_path / "ds")
+    lines = (tmp_path / "ds" / "samples.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])["image"]
+    image = tmp_path / "ds" / first
+    good = image.read_bytes()
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"samples.jsonl:1: cannot read image .*{first}"):
+        load_task_dataset(tmp_path / "ds")
+    image.write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
+    loaded = load_task_dataset(tmp_path / "ds")
+    with pytest.raises(ValueError, match=rf"cannot read image .*{first}"):
+        loaded.check_images(list(loaded.tasks))
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {"kind": "folder", "path": "ds"}
+    cfg["split"] = {"experts": 1, "train": 0, "val": 0, "test": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    load_config(tmp_path / "c.yaml")
+    assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 2
+    assert f"error: cannot read image {image}" in capsys.readouterr().err
+    image.write_bytes(good)
+    assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 0
+    assert "2 tasks, 12 samples, 12 image files read" in capsys.readouterr().err
