@@ -29,6 +29,7 @@ def test_folder_format_round_trip(tmp_path):
         ('{"caption": "x", "task": "circle"}', "bad sample"),
         ('{"image": "a.png", "task": "nope", "caption": "x"}', "unknown task"),
         ('{"image": "a.png", "task": "circle"}', "needs a caption"),
+        ('{"image": "a.png", "task": "circle", "caption": " \\t "}', "needs a caption"),
         ('{"image": "../../etc/passwd", "task": "circle", "caption": "x"}', "leaves the dataset folder"),
         ('{"image": "a.png", "split": "dev", "task": "circle", "caption": "x"}', "split"),
     ],

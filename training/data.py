@@ -239,7 +239,7 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if task is not None and task not in tasks:
             raise ValueError(f"{where}: unknown task {task!r}")
         kind = tasks[task].kind if task is not None else None
-        if kind == "retrieval" and not caption:
+        if kind == "retrieval" and not (caption and caption.strip()):  # a blank one pairs its image with nothing
             raise ValueError(f"{where}: a retrieval sample needs a caption")
         if kind == "classification" and label not in tasks[task].classes:
             raise ValueError(f"{where}: label {label!r} is not one of task {task!r}'s classes {list(tasks[task].classes)}")
