@@ -12,6 +12,7 @@ import io
 from PIL import Image
 
 from app.errors import APIError
+from sglora.images import to_rgb
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
@@ -34,7 +35,9 @@ def load_rgb(img: Image.Image, field: str) -> Image.Image:
     """Decodes an image from :func:`open_image` -> RGB; APIError(422, field) for truncated or corrupt data."""
     try:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
+    except ValueError as e:  # a mode with no 8-bit reading (to_rgb)
+        raise APIError(422, field, f"unsupported image: {e}") from e
     except Exception as e:  # noqa: BLE001 - untrusted input: any decoder error
         raise APIError(422, field, f"image data is truncated or corrupt: {type(e).__name__}: {e}") from e
 

@@ -71,8 +71,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         from training.pipeline import prepare_data
 
         dataset, splits = prepare_data(cfg)
+        read = dataset.check_images(splits.all())  # a file cut short is found now, not after tasks have trained
         roles = ", ".join(f"{role} {len(getattr(splits, role))}" for role in ("experts", "train", "val", "test"))
-        size = f"{len(dataset.tasks)} tasks, {len(dataset.samples)} samples"
+        size = f"{len(dataset.tasks)} tasks, {len(dataset.samples)} samples" + (f", {read} image files read" if read else "")
         print(f"data: {size}; split: {roles}; fingerprint {dataset.fingerprint()}", file=sys.stderr)
     return 0
 

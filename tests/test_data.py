@@ -1,9 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from training.data import load_task_dataset, write_task_dataset
 from training.procedural import procedural_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_folder_format_round_trip(tmp_path):
@@ -25,6 +29,7 @@ def test_folder_format_round_trip(tmp_path):
         ('{"caption": "x", "task": "circle"}', "bad sample"),
         ('{"image": "a.png", "task": "nope", "caption": "x"}', "unknown task"),
         ('{"image": "a.png", "task": "circle"}', "needs a caption"),
+        ('{"image": "a.png", "task": "circle", "caption": " \\t "}', "needs a caption"),
         ('{"image": "../../etc/passwd", "task": "circle", "caption": "x"}', "leaves the dataset folder"),
         ('{"image": "a.png", "split": "dev", "task": "circle", "caption": "x"}', "split"),
     ],
@@ -107,8 +112,76 @@ def test_a_class_without_images_in_a_split_is_named(tmp_path):
         for i, (c, sp) in enumerate([("red", "train"), ("blue", "train"), ("red", "test")])
     ]
     for x in lines:
-        (tmp_path / x["image"]).write_bytes(b"")  # only their existence is checked on load
+        Image.new("RGB", (2, 2)).save(tmp_path / x["image"])  # only their headers are read on load
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ds = load_task_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"task 'colours': class\(es\) \['blue'\] have no test samples"):
         ds.check(["colours"], 1, 1)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation is applied (a phone photo is not trained on its side) and 16-bit greyscale is scaled
+    (convert("RGB") clipped it to a white square); a floating-point image is refused by name. The service
+    decodes uploads the same way, so retrieval sees what training saw."""
+    import io
+
+    import numpy as np
+
+    from app.errors import APIError
+    from app.images import decode_image, load_rgb
+    from training.data import open_image
+
+    picture = Image.new("RGB", (40, 20), (200, 50, 50))
+    picture.paste((20, 20, 220), (0, 0, 10, 20))  # a blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    picture.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = open_image(tmp_path / "phone.jpg")
+    assert upright.size == (20, 40)
+    assert np.asarray(upright)[2, 10, 2] > 150  # the blue band is now at the top
+    grey = np.asarray(picture.convert("L")).astype(np.uint16)
+    Image.fromarray(grey * 257).save(tmp_path / "deep.png")  # 16-bit greyscale, mode I;16
+    assert np.array_equal(np.asarray(open_image(tmp_path / "deep.png"))[..., 0], grey)
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"float\.tif: a floating-point image \(mode F\)"):
+        open_image(tmp_path / "float.tif")
+    assert decode_image((tmp_path / "phone.jpg").read_bytes(), "images[0]", max_pixels=10_000).size == (20, 40)
+    buf = io.BytesIO()
+    Image.fromarray(grey * 257).save(buf, format="PNG")
+    assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "images[0]", max_pixels=10_000))[..., 0], grey)
+    with pytest.raises(APIError, match=r"unsupported image: a 32-bit integer image \(mode I\) with values 0 to 70000"):
+        load_rgb(Image.fromarray(np.array([[0, 70_000]], dtype=np.int32)), "images[0]")
+
+
+def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
+    """An empty or non-image file is refused when the dataset loads (from its header); one cut short inside
+    its pixels by ``check-config --data``, which decodes every image, rather than by the experts stage after
+    the tasks before it have trained."""
+    import yaml
+
+    from sglora.cli import main
+    from training.config import load_config
+
+    ds = procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=("circle", "square"), colour_tasks=0)
+    write_task_dataset(ds, tmp_path / "ds")
+    lines = (tmp_path / "ds" / "samples.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])["image"]
+    image = tmp_path / "ds" / first
+    good = image.read_bytes()
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"samples.jsonl:1: cannot read image .*{first}"):
+        load_task_dataset(tmp_path / "ds")
+    image.write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
+    loaded = load_task_dataset(tmp_path / "ds")
+    with pytest.raises(ValueError, match=rf"cannot read image .*{first}"):
+        loaded.check_images(list(loaded.tasks))
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {"kind": "folder", "path": "ds"}
+    cfg["split"] = {"experts": 1, "train": 0, "val": 0, "test": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    load_config(tmp_path / "c.yaml")
+    assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 2
+    assert f"error: cannot read image {image}" in capsys.readouterr().err
+    image.write_bytes(good)
+    assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 0
+    assert "2 tasks, 12 samples, 12 image files read" in capsys.readouterr().err

@@ -414,6 +414,29 @@ def test_a_changed_dataset_is_refused_and_fingerprinted_by_what_it_says(tiny_art
             stage(tiny_config, tiny_artifacts)
 
 
+def test_snapshots_of_an_interrupted_run_on_other_data_are_refused(tiny_artifacts, tiny_config, capsys):
+    """The manifest records the dataset only when the experts stage completes; a run stopped before that
+    (Ctrl-C, a bad image) left snapshots that their own metadata ties to the data: an edited dataset is
+    refused, never resumed on top of snapshots trained on the old one (nor with their old descriptions)."""
+    from training.pipeline import load_data, stage_experts
+
+    data = load_data(tiny_config).fingerprint()
+    (tiny_artifacts / "manifest.json").unlink()  # as after an interrupted experts stage
+    name = json.loads((tiny_artifacts / "splits.json").read_text())["experts"][0]
+    path = tiny_artifacts / "snapshots" / f"{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["data"] == data
+    snaps = load_file(str(path))["snapshots"]
+    save_file({"snapshots": snaps}, str(path), metadata={**meta, "data": "0" * 16})  # trained on other samples
+    with pytest.raises(ValueError, match=f"the dataset changed since task '{name}' was trained"):
+        stage_experts(tiny_config, tiny_artifacts)
+    assert not (tiny_artifacts / "manifest.json").exists()
+    save_file({"snapshots": snaps}, str(path), metadata=meta)  # the same data: resumed, nothing trained
+    stage_experts(tiny_config, tiny_artifacts)
+    assert "8 of 8 tasks already trained" in capsys.readouterr().out
+
+
 def test_a_partial_evaluation_goes_beside_the_full_results(tiny_artifacts, tiny_config, capsys):
     before = (tiny_artifacts / "eval" / "results.json").read_bytes()
     manifest = (tiny_artifacts / "manifest.json").read_bytes()

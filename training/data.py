@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from expert_store.repository import check_name
+from sglora.images import to_rgb
 
 TASK_KINDS = ("retrieval", "classification")
 SPLITS = ("train", "test")
@@ -71,11 +73,24 @@ class Sample:
 
 
 def open_image(path: Path) -> Image.Image:
+    """The image as RGB (see :func:`sglora.images.to_rgb`: EXIF orientation applied, 16-bit scaled);
+    ValueError naming the file when it cannot be read."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:
+            return to_rgb(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _probe_image(path: Path, where: str) -> None:
+    """ValueError when ``path`` is not an image PIL can open (an empty file, a text file, an HTML error page
+    saved as .jpg): read from its header alone, so found before anything trains. A file cut short inside its
+    pixel data is found when decoded (``sglora check-config --data`` decodes every image)."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e}") from e
 
 
 @dataclass
@@ -102,6 +117,16 @@ class TaskDataset:
         tasks = [[t.name, t.description, t.kind, list(t.classes), t.group, prompt(t.name, "{}")] for t in self.tasks.values()]
         samples = [[s.image if isinstance(s.image, str) else "", s.caption, s.task, s.label, s.split] for s in self.samples]
         return hashlib.sha256(json.dumps([tasks, samples]).encode()).hexdigest()[:16]
+
+    def check_images(self, names: Sequence[str]) -> int:
+        """Decodes every image file of the named tasks (ValueError naming the first that cannot be read);
+        returns how many were read. Images generated in memory (procedural, benchmarks) are not read."""
+        paths = sorted(
+            {s.image for n in names for split in SPLITS for s in self.task_samples(n, split) if isinstance(s.image, str)}
+        )
+        for path in tqdm(paths, desc="reading images", unit="img", leave=False, disable=not paths):
+            open_image(Path(path))
+        return len(paths)
 
     def check(self, names: Sequence[str], min_train: int, min_test: int) -> None:
         """Raises ValueError naming the first task that is unknown or has too few samples."""
@@ -214,7 +239,7 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if task is not None and task not in tasks:
             raise ValueError(f"{where}: unknown task {task!r}")
         kind = tasks[task].kind if task is not None else None
-        if kind == "retrieval" and not caption:
+        if kind == "retrieval" and not (caption and caption.strip()):  # a blank one pairs its image with nothing
             raise ValueError(f"{where}: a retrieval sample needs a caption")
         if kind == "classification" and label not in tasks[task].classes:
             raise ValueError(f"{where}: label {label!r} is not one of task {task!r}'s classes {list(tasks[task].classes)}")
@@ -227,6 +252,7 @@ def load_task_dataset(directory: Path) -> TaskDataset:
             raise ValueError(f"{where}: image path leaves the dataset folder: {image!r}")
         if not path.is_file():  # found now, not after the tasks before it have trained
             raise ValueError(f"{where}: image not found: {path}")
+        _probe_image(path, where)
         samples.append(Sample(str(path), caption, task, label, split))
     if unused:  # a pool may hold more classes than the tasks use, but a misspelt label lands here too
         shown = ", ".join(f"{label!r} (line {n})" for label, n in list(unused.items())[:5])

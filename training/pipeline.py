@@ -185,6 +185,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     tasks = splits.all()
     _log(f"[experts] {len(tasks)} tasks, LoRA of {backbone.spec.num_params} parameters ({len(backbone.spec.targets)} targets)")
     pinned = manifest.get("files", {})
+    _check_snapshot_data(out, tasks, data)
     trained = []
     for name in tqdm(tasks, desc="experts", unit="task"):
         path = out / "snapshots" / f"{name}.safetensors"
@@ -200,7 +201,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
         write_safetensors(
             path,
             {"snapshots": snaps},
-            metadata={"task": name, "description": info.description, "kind": info.kind, "lora_fingerprint": fp},
+            metadata={"task": name, "description": info.description, "kind": info.kind, "lora_fingerprint": fp, "data": data},
         )
     if len(trained) < len(tasks):
         _log(f"[experts] {len(tasks) - len(trained)} of {len(tasks)} tasks already trained (resumed); trained {len(trained)}")
@@ -221,14 +222,32 @@ def _check_data(out: Path, manifest: dict, data: str) -> None:
         )
 
 
-def _snapshot_fingerprint(path: Path) -> str | None:
+def _check_snapshot_data(out: Path, tasks: list[str], data: str) -> None:
+    """ValueError when a snapshot kept for resuming was trained on other tasks or samples. The manifest records
+    the dataset only once the experts stage completes: a run interrupted (or failed on a bad image) before that
+    leaves snapshots that only their own metadata ties to the data they were trained on."""
+    for name in tasks:
+        path = out / "snapshots" / f"{name}.safetensors"
+        recorded = _snapshot_metadata(path).get("data") if path.exists() else None
+        if recorded is not None and recorded != data:
+            raise ValueError(
+                f"{out}: the dataset changed since task {name!r} was trained (tasks or samples differ: fingerprint {data}, "
+                f"its snapshot was trained on {recorded}); use a new --out directory"
+            )
+
+
+def _snapshot_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("lora_fingerprint")
+            return f.metadata() or {}
     except Exception:  # unreadable leftovers are retrained
-        return None
+        return {}
+
+
+def _snapshot_fingerprint(path: Path) -> str | None:
+    return _snapshot_metadata(path).get("lora_fingerprint")
 
 
 # Config sections fixed by the experts stage; prior, generator and evaluation may change later.

@@ -1,0 +1,29 @@
+"""A decoded image as the RGB picture a viewer shows, the same for the training data and the service's uploads.
+
+``Image.convert("RGB")`` alone ignores a JPEG's EXIF orientation (a phone photo stays on its side) and clips
+16-bit greyscale to 8 bits (a 16-bit PNG became a white square); a 32-bit or floating-point image has no
+one reading as 8-bit pixels, so it is refused by name rather than clipped to white or black.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, upright as its EXIF orientation says, 16-bit greyscale scaled to 8 bits. ValueError for a 32-bit
+    integer image with values beyond 0-255 or a floating-point one."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(im).astype(np.float64) / 257.0  # 0-65535 -> 0-255
+        im = Image.fromarray(np.rint(pixels).astype(np.uint8))  # mode L
+    elif im.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no 8-bit reading; save it as 8- or 16-bit")
+    elif im.mode == "I":
+        lo, hi = im.getextrema()
+        if lo < 0 or hi > 255:
+            raise ValueError(f"a 32-bit integer image (mode I) with values {lo} to {hi}; save it as 8- or 16-bit")
+    return im.convert("RGB")
