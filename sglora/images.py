@@ -14,16 +14,19 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, upright as its EXIF orientation says, 16-bit greyscale scaled to 8 bits. ValueError for a 32-bit
-    integer image with values beyond 0-255 or a floating-point one."""
+    """RGB, upright as its EXIF orientation says, 16-bit greyscale scaled to 8 bits (also a 32-bit integer
+    image whose values fit 16 bits). ValueError for a 32-bit integer image with values beyond 0-65535 or a
+    floating-point one."""
     im = ImageOps.exif_transpose(im)
-    if im.mode in SIXTEEN_BIT_MODES:
+    if im.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no 8-bit reading; save it as 8- or 16-bit")
+    sixteen = im.mode in SIXTEEN_BIT_MODES
+    if im.mode == "I":  # 32-bit integers; older Pillow releases also open 16-bit PNGs so
+        lo, hi = im.getextrema()
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"a 32-bit integer image (mode I) with values {lo} to {hi}; save it as 8- or 16-bit")
+        sixteen = hi > 255
+    if sixteen:
         pixels = np.asarray(im).astype(np.float64) / 257.0  # 0-65535 -> 0-255
         im = Image.fromarray(np.rint(pixels).astype(np.uint8))  # mode L
-    elif im.mode == "F":
-        raise ValueError("a floating-point image (mode F) has no 8-bit reading; save it as 8- or 16-bit")
-    elif im.mode == "I":
-        lo, hi = im.getextrema()
-        if lo < 0 or hi > 255:
-            raise ValueError(f"a 32-bit integer image (mode I) with values {lo} to {hi}; save it as 8- or 16-bit")
     return im.convert("RGB")

@@ -41,6 +41,24 @@ def test_bad_manifest_lines_are_named(tmp_path, line, needle):
         load_task_dataset(tmp_path)
 
 
+def test_a_symlink_inside_the_folder_may_point_elsewhere_a_path_as_written_may_not(tmp_path):
+    """An images folder kept on another disk and linked into the dataset folder is the folder's own; a
+    path that leaves the folder as written (`..`, an absolute path elsewhere) is refused."""
+    elsewhere, ds = tmp_path / "disk2", tmp_path / "ds"
+    elsewhere.mkdir()
+    ds.mkdir()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(elsewhere / "a.png")
+    (ds / "img").symlink_to(elsewhere, target_is_directory=True)
+    (ds / "tasks.json").write_text(json.dumps({"tasks": [{"name": "circle", "description": "a photo of a circle"}]}))
+    (ds / "samples.jsonl").write_text('{"image": "img/a.png", "task": "circle", "caption": "x"}\n')
+    (sample,) = load_task_dataset(ds).samples
+    assert sample.load().getpixel((0, 0)) == (10, 20, 30)
+    for image in ("../disk2/a.png", str(elsewhere / "a.png"), "img/../../disk2/a.png"):
+        (ds / "samples.jsonl").write_text(json.dumps({"image": image, "task": "circle", "caption": "x"}) + "\n")
+        with pytest.raises(ValueError, match="leaves the dataset folder"):
+            load_task_dataset(ds)
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="tasks.json"):
         load_task_dataset(tmp_path)
@@ -151,6 +169,10 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "images[0]", max_pixels=10_000))[..., 0], grey)
     with pytest.raises(APIError, match=r"unsupported image: a 32-bit integer image \(mode I\) with values 0 to 70000"):
         load_rgb(Image.fromarray(np.array([[0, 70_000]], dtype=np.int32)), "images[0]")
+    # Older Pillow releases open a 16-bit PNG as mode I: the same pixels as mode I;16
+    as_i = Image.fromarray((grey * 257).astype(np.int32))
+    assert as_i.mode == "I" and np.array_equal(np.asarray(load_rgb(as_i, "images[0]"))[..., 0], grey)
+    assert np.array_equal(np.asarray(load_rgb(Image.fromarray(grey.astype(np.int32)), "images[0]"))[..., 0], grey)
 
 
 def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):

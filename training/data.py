@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -248,7 +249,10 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if task is None and label not in all_classes:
             unused.setdefault(label, lineno)
         path = (directory / image).resolve()
-        if not path.is_relative_to(directory.resolve()):
+        # Inside the folder as written (no `..` out of it, no absolute path elsewhere); a symlink inside it (an
+        # images folder kept on another disk) may point anywhere.
+        written = Path(os.path.normpath(directory.absolute() / image))
+        if not (written.is_relative_to(os.path.normpath(directory.absolute())) or path.is_relative_to(directory.resolve())):
             raise ValueError(f"{where}: image path leaves the dataset folder: {image!r}")
         if not path.is_file():  # found now, not after the tasks before it have trained
             raise ValueError(f"{where}: image not found: {path}")
