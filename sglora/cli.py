@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from app.logs import FORMATS, LEVELS
@@ -254,11 +256,25 @@ def progress_for(stream) -> None:
         os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a scheduler's kill) raised where the program is, as Ctrl-C is: the ``finally``
+    blocks of atomic writes remove their temporary files, and the run says it was stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads: idle OpenMP threads sleep rather than spin (shared machines, servers).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     progress_for(sys.stderr)
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.func(args)
     # OSError: a missing file, a directory given for a file, no permission; ImportError: an optional package
@@ -267,9 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated as e:
+        print(f"stopped by {e.args[0]}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -563,3 +563,40 @@ def test_holdout_classes_refusals_name_the_problem(split, needle):
         resolve_split(SplitConfig(**split), _class_tasks())
     with pytest.raises(ValueError, match="more than once"):
         SplitConfig(holdout_classes=("e", "e"))
+
+
+def test_sigterm_stops_a_run_cleanly(tiny_config, tmp_path):
+    """``docker stop`` on the trainer: SIGTERM is raised where the run is, as Ctrl-C is, so atomic writes
+    remove their temporary files; the run says so and exits 128 + 15, its finished tasks kept for a rerun."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from app.processes import ROOT
+
+    cfg = tiny_config.to_dict()
+    cfg["experts"]["epochs"] = 400  # long enough to be stopped inside the experts stage
+    path, out = tmp_path / "c.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "sglora.cli", "pipeline", "--config", str(path), "--out", str(out), "--stage", "experts"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "snapshots").glob("*.safetensors")):  # one task trained: the stage is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    from training.pipeline import prepare_data
+
+    kept = len(list((out / "snapshots").glob("*.safetensors")))
+    assert 1 <= kept < len(prepare_data(tiny_config)[1].all())  # stopped inside the stage: what a rerun resumes from
