@@ -600,3 +600,21 @@ def test_sigterm_stops_a_run_cleanly(tiny_config, tmp_path):
 
     kept = len(list((out / "snapshots").glob("*.safetensors")))
     assert 1 <= kept < len(prepare_data(tiny_config)[1].all())  # stopped inside the stage: what a rerun resumes from
+
+
+def test_results_table_says_how_many_tasks_each_column_averages():
+    from training.pipeline import results_table
+
+    recall = dict.fromkeys(("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"), 50.0)
+    results = {
+        "config": "mixed",
+        "test_tasks": ["a", "b", "c"],
+        "methods": {"zero-shot": {**recall, "accuracy": 40.0}},
+        "tasks": {"a": {"zero-shot": recall}, "b": {"zero-shot": {"accuracy": 30.0}}, "c": {"zero-shot": {"accuracy": 50.0}}},
+    }
+    first = results_table(results).splitlines()[0]
+    assert first == (
+        "Averaged over 3 unseen tasks (mixed): each column over the tasks that have it (retrieval recall: 1, accuracy: 2)."
+    )
+    results["methods"]["zero-shot"].pop("accuracy")
+    assert results_table(results).splitlines()[0] == "Averaged over 3 unseen tasks (mixed)."  # one kind of column: all tasks

@@ -492,8 +492,18 @@ def results_table(results: dict) -> str:
         for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "accuracy")
         if any(k in v for v in methods.values())
     ]
+    # Each column averages the tasks that have its metric (retrieval: recall, classification: accuracy).
+    per_task = results.get("tasks", {}).values()
+    have = {
+        kind: sum(any(k in m for m in t.values()) for t in per_task)
+        for kind, k in (("retrieval recall", "i2t_r1"), ("accuracy", "accuracy"))
+        if k in keys
+    }
+    split = ""
+    if len(have) > 1:
+        split = ": each column over the tasks that have it (" + ", ".join(f"{kind}: {n}" for kind, n in have.items()) + ")"
     lines = [
-        f"Averaged over {len(results['test_tasks'])} unseen tasks ({results['config']}).",
+        f"Averaged over {len(results['test_tasks'])} unseen tasks ({results['config']}){split}.",
         "",
         "| method | " + " | ".join(keys) + " |",
         "|---|" + "---|" * len(keys),
