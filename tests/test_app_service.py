@@ -752,26 +752,46 @@ def test_text_dtype_that_the_backbone_cannot_run_refuses_to_start(make_settings,
             pass
 
 
+def _slow_server(artifacts, tmp_path, port: int, job_s: float, env: dict[str, str], *args: str):
+    """``python -m app`` whose model jobs (the warm-up too) each sleep ``job_s``, logging to tmp_path/server.log:
+    (the process, the open log file, to close once it has exited)."""
+    from app.processes import start_server
+
+    env = {
+        **os.environ,
+        "SGLORA_ARTIFACTS": str(artifacts),
+        "SGLORA_REDIS_URL": "",
+        "SGLORA_TEST_MODEL_DELAY_S": str(job_s),
+        "SGLORA_BATCH_INVARIANCE": "ignore",  # one slow start-up job (the warm-up), not two
+        **env,
+    }
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the server writes it until it exits
+    return start_server(port, env, *args, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _sigterm(proc: subprocess.Popen, timeout: float) -> float:
+    """SIGTERM to ``proc``; the seconds until it exited, with status 0."""
+    import signal
+    import time
+
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=timeout) == 0
+    return time.monotonic() - t0
+
+
 def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifacts_session, tmp_path):
     """SIGTERM with a job on the model thread whose request uvicorn cut off at --graceful-timeout: the
     lifespan waits SGLORA_SHUTDOWN_TIMEOUT_S for it, then logs it and the process ends without it (Python
     would otherwise join the thread at exit, for as long as the job takes: a hung device, forever)."""
-    import signal
     import time
 
-    from app.processes import free_port, start_server, wait_ready
+    from app.processes import free_port, wait_ready
 
     port, job_s = free_port(), 8.0
-    env = {
-        **os.environ,
-        "SGLORA_ARTIFACTS": str(tiny_artifacts_session),
-        "SGLORA_REDIS_URL": "",
-        "SGLORA_TEST_MODEL_DELAY_S": str(job_s),
-        "SGLORA_BATCH_INVARIANCE": "ignore",  # one slow start-up job (the warm-up), not two
-        "SGLORA_SHUTDOWN_TIMEOUT_S": "0.5",
-    }
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the server writes it until it exits
-    proc = start_server(port, env, "--graceful-timeout", "0.5", stdout=log, stderr=subprocess.STDOUT)
+    proc, log = _slow_server(
+        tiny_artifacts_session, tmp_path, port, job_s, {"SGLORA_SHUTDOWN_TIMEOUT_S": "0.5"}, "--graceful-timeout", "0.5"
+    )
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
         answers = []
@@ -788,10 +808,7 @@ def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifact
         )
         sent.start()
         time.sleep(1.0)  # the job is on the model thread now
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        took = time.monotonic() - t0
+        took = _sigterm(proc, 60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -809,32 +826,19 @@ def test_shutdown_does_not_wait_past_its_timeout_for_a_running_job(tiny_artifact
 def test_sigterm_during_start_up_stops_at_once(tiny_artifacts_session, tmp_path):
     """uvicorn looks at a stop request only after the lifespan start-up; a slow start-up (here a warm-up
     job of 8 s) must not hold a SIGTERM for that long."""
-    import signal
     import time
 
-    from app.processes import free_port, start_server
+    from app.processes import free_port
 
-    port, job_s = free_port(), 8.0
-    env = {
-        **os.environ,
-        "SGLORA_ARTIFACTS": str(tiny_artifacts_session),
-        "SGLORA_REDIS_URL": "",
-        "SGLORA_TEST_MODEL_DELAY_S": str(job_s),
-        "SGLORA_BATCH_INVARIANCE": "ignore",
-    }
     log_path = tmp_path / "server.log"
-    log = open(log_path, "w")  # noqa: SIM115 - the server writes it until it exits
-    proc = start_server(port, env, stdout=log, stderr=subprocess.STDOUT)
+    proc, log = _slow_server(tiny_artifacts_session, tmp_path, free_port(), 8.0, {})
     try:
         deadline = time.monotonic() + 60
         while "Waiting for application startup" not in log_path.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.05)
         time.sleep(0.5)  # into the lifespan: loading or the warm-up
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        took = time.monotonic() - t0
+        took = _sigterm(proc, 30)
     finally:
         if proc.poll() is None:
             proc.kill()
