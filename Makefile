@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 ARTIFACTS ?= artifacts/offline-default
 CONFIG ?= configs/offline-default.yaml
+TORCH_INDEX ?=
 
 .PHONY: install install-data test test-all demo lint serve
 
@@ -11,8 +12,10 @@ $(PY):
 	python3 -m venv $(VENV)
 
 install: $(PY) install-data
-	# CPU-compatible torch/torchvision that pip takes from local disk here (see README).
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	# torch/torchvision at the versions the project is tested with. PyPI's Linux torch wheel pulls CUDA libraries
+	# (several GB); for a CPU-only install add TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu (as the
+	# Docker images do). Where pip is set up with local wheels (the CI machines) it takes them from there.
+	$(PIP) install -q $(TORCH_INDEX) torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[offline,dev]'
 
 install-data:

@@ -5,7 +5,7 @@ per-coordinate normalised space (x - m) / s with m, s the statistics of the trai
 snapshots, stored as buffers so a saved generator is self-contained.
 
   encoder q(z | X, c): 2-layer ReLU MLP -> (mu_q, logvar_q)
-  prior   p(z | c):    2-layer ReLU MLP -> (mu_p, logvar_p)
+  prior   p(z | c):    3-layer ReLU MLP -> (mu_p, logvar_p)   (the paper: 2 layers; see README)
   decoder p(X | z, c): 3-layer ReLU MLP -> X_hat
   loss = ||X - X_hat||^2 + lambda * KL(q || p)
 
