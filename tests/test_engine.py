@@ -98,10 +98,33 @@ def test_text_tower_padded_to_fixed_rows_returns_each_rows_embedding(tiny_backbo
     assert tiny_backbone.text_rows(3) == 8 and type(tiny_backbone).text_rows(tiny_backbone, 3) == 3  # CPU: no padding
 
 
+LONG = "This is a classification task for recognizing rings and stars and crosses"  # past 8 tokens
+
+
+def test_open_clip_text_runs_at_the_description_length_only_where_the_tower_is_causal(tiny_backbone):
+    """CLIP's text tower is causal and pools at the end-of-text token: a description runs at its length
+    (rounded up to 8), with the values of the whole context up to rounding. A tower that pools elsewhere
+    or attends both ways runs the whole context."""
+    import copy
+
+    texts = ["a cat", LONG]
+    tokens = tiny_backbone.tokenizer(texts)
+    with torch.inference_mode():
+        whole = tiny_backbone._encode_tokens(tokens)
+        torch.testing.assert_close(tiny_backbone.encode_text(texts), whole, rtol=0, atol=1e-6)
+        for change in ({"text_pool_type": "last"}, {"attn_mask": None}):
+            other = copy.deepcopy(tiny_backbone)
+            other.__dict__.pop("_causal_text", None)
+            for name, value in change.items():
+                setattr(other.model, name, value)
+            assert other._text_lengths(tokens) is None, change
+
+
 def test_open_clip_text_embedding_does_not_depend_on_the_batch(tiny_backbone):
     """nn.MultiheadAttention rounds a row differently at batch 1, 2-3 and 4+ on an AVX-512 CPU; the
     backbone's own attention (same values) does not. One torch thread, as the service runs."""
-    texts = ["a photo of a ring", "a photo of a star", "x y z", "a cat", "This is a task about shirts"]
+    texts = ["a photo of a ring", "a photo of a star", "x y z", "a cat", "This is a task about shirts", LONG]
+    assert tiny_backbone._text_lengths(tiny_backbone.tokenizer(texts)).tolist() == [8, 8, 8, 8, 8, 16]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -210,7 +233,8 @@ def test_open_clip_bfloat16_text_tower(tiny_backbone):
     tower's, still batch-invariant, the same artefact fingerprint; the image tower stays float32."""
     bf16 = copy.deepcopy(tiny_backbone)
     bf16.set_text_dtype(torch.bfloat16)
-    texts = ["a photo of a ring", "a photo of a star", "x y z", "a cat", "This is a task about shirts"]
+    texts = ["a photo of a ring", "a photo of a star", "x y z", "a cat", "This is a task about shirts", LONG]
+    assert tiny_backbone._text_lengths(tiny_backbone.tokenizer(texts)).tolist() == [8, 8, 8, 8, 8, 16]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
