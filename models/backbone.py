@@ -210,8 +210,14 @@ class Backbone(ABC):
         params = list(self.image_head.parameters())
         for p in (params[0], params[-1]):
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(self.encode_text(["a photo of a cat"]).float().cpu().numpy().round(4).tobytes())
+        h.update(self._fingerprint_text("a photo of a cat").float().cpu().numpy().round(4).tobytes())
         return h.hexdigest()[:16]
+
+    def _fingerprint_text(self, text: str) -> torch.Tensor:
+        """(1, D) the text embedding :meth:`fingerprint` hashes: :meth:`encode_text`'s. A backbone whose
+        encoding changes in its last bits between releases (a faster path) keeps the earlier one here, or
+        artefacts recorded with it would be refused as built on other weights."""
+        return self.encode_text([text])
 
     def to(self, device: str | torch.device) -> Backbone:
         self.device = torch.device(device)

@@ -247,6 +247,15 @@ class OpenClipBackbone(Backbone):
         n = tokens.shape[0]  # on a GPU a fixed shape (Backbone.text_rows)
         return self._encode_tokens(pad_rows(tokens, self.text_rows(n)))[:n]
 
+    @torch.no_grad()
+    def _fingerprint_text(self, text: str) -> torch.Tensor:
+        # The whole context, as releases before 0.9.6 ran every description: at its own length the values
+        # differ in their last bits (within 1e-7), which can move one of the fingerprint's rounded values
+        # (3 of 30 randomly initialised ViT-B-16-shaped text towers), and artefacts built before would be refused.
+        with _TOKENIZER_LOCK:
+            tokens = self.tokenizer([text])
+        return self._encoded(tokens.to(self.device))
+
     def _text_lengths(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """(N,) the length each description's tokens are run at: up to its pooled (end-of-text) token,
         rounded up to a multiple of :data:`TEXT_LENGTH_STEP`; None where the tower needs the whole context.

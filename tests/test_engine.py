@@ -120,6 +120,20 @@ def test_open_clip_text_runs_at_the_description_length_only_where_the_tower_is_c
             assert other._text_lengths(tokens) is None, change
 
 
+def test_open_clip_fingerprint_hashes_the_whole_context_as_artefacts_recorded_it(tiny_backbone):
+    """Artefacts record the backbone's fingerprint (a rounded text embedding among it); those written before
+    descriptions ran at their own length recorded the whole context's. Where the two differ in their last
+    bits (here made to differ more, so that the rounding moves on any CPU) the fingerprint stays the same."""
+    whole, at_length = copy.deepcopy(tiny_backbone), copy.deepcopy(tiny_backbone)
+    whole.__dict__["_causal_text"] = False  # as before: every description over the whole context
+    context = tiny_backbone.model.context_length
+    for b in (whole, at_length):
+        plain = b._encode_tokens
+        b._encode_tokens = lambda tokens, plain=plain: plain(tokens) + 1e-3 * (tokens.shape[1] < context)
+    assert not torch.equal(at_length.encode_text(["a photo of a cat"]), whole.encode_text(["a photo of a cat"]))
+    assert at_length.fingerprint() == whole.fingerprint()
+
+
 def test_open_clip_text_embedding_does_not_depend_on_the_batch(tiny_backbone):
     """nn.MultiheadAttention rounds a row differently at batch 1, 2-3 and 4+ on an AVX-512 CPU; the
     backbone's own attention (same values) does not. One torch thread, as the service runs."""
