@@ -231,7 +231,7 @@ class OpenClipBackbone(Backbone):
             tokens = self.tokenizer(list(texts))
         tokens = tokens.to(self.device)
         lengths = self._text_lengths(tokens)
-        if lengths is None:
+        if lengths is None or not len(lengths):  # no descriptions: (0, D), as for any backbone
             return self._encoded(tokens)
         # Descriptions of one length bucket run together; each always at its own bucket's length, so its
         # embedding does not depend on the lengths of what it is batched with.

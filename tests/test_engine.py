@@ -120,6 +120,11 @@ def test_open_clip_text_runs_at_the_description_length_only_where_the_tower_is_c
             assert other._text_lengths(tokens) is None, change
 
 
+def test_open_clip_text_of_no_descriptions_is_an_empty_tensor(tiny_backbone):
+    out = tiny_backbone.encode_text([])
+    assert isinstance(out, torch.Tensor) and out.shape == (0, tiny_backbone.embed_dim)
+
+
 def test_open_clip_fingerprint_hashes_the_whole_context_as_artefacts_recorded_it(tiny_backbone):
     """Artefacts record the backbone's fingerprint (a rounded text embedding among it); those written before
     descriptions ran at their own length recorded the whole context's. Where the two differ in their last
