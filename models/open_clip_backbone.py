@@ -167,6 +167,11 @@ def describe_config(config: BackboneConfig) -> str:
         finally:
             logging.disable(quiet)
     spec = lora_spec_for(model.visual, config)
+    if not isinstance(model, open_clip.CLIP):  # CoCa, or a custom (HF) text tower: no text_projection
+        raise ValueError(
+            f"backbone: {config.model} is an open_clip {type(model).__name__}; the open_clip backbone takes "
+            "open_clip.CLIP models (the size of its text embeddings comes from CLIP's text projection)"
+        )
     blocks = model.visual.transformer.resblocks
     return (
         f"open_clip {config.model} ({'QuickGELU' if act else 'GELU'}), weights: {source}; image tower: {len(blocks)} blocks "

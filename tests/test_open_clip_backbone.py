@@ -110,6 +110,7 @@ def test_describe_names_the_paper_shape_without_downloading(path):
         ({"model": "ViT-B-16", "pretrained": "opneai"}, r"'opneai' is neither an open_clip tag of ViT-B-16 \(tags: openai, "),
         ({"model": "ViT-B-16", "pretrained": "/no/such/checkpoint.pt"}, "nor a checkpoint file"),
         ({"model": "RN50"}, "needs open_clip's ViT image tower .* RN50's image tower is a ModifiedResNet"),
+        ({"model": "coca_ViT-B-32"}, "coca_ViT-B-32 is an open_clip CoCa; the open_clip backbone takes open_clip.CLIP"),
         ({"model": "ViT-B-16", "lora": {"blocks": [12]}}, "block 12 out of range for a 12-block"),
         ({"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": False}, "trained with QuickGELU"),
     ],
