@@ -128,7 +128,7 @@ class Backbone(ABC):
         return -(-n // GPU_TEXT_ROWS) * GPU_TEXT_ROWS
 
     text_dtype: torch.dtype = torch.float32
-    _text_fingerprint: str | None = None  # set by set_text_dtype
+    _fingerprints: tuple[str, str] | None = None  # (fingerprint, legacy): the float32 tower's, kept by set_text_dtype
 
     def set_text_dtype(self, dtype: torch.dtype) -> None:
         """Runs the text tower in ``dtype``: float32 (as loaded) or bfloat16 (1.5-2x as fast on CPUs
@@ -140,9 +140,9 @@ class Backbone(ABC):
             return
         if dtype != torch.bfloat16 or self.text_dtype != torch.float32:
             raise ValueError(f"the text tower runs in {self.text_dtype} and can only move to bfloat16, not {dtype}")
-        fingerprint = self.fingerprint()
+        fingerprints = self.fingerprints()
         self._cast_text(dtype)
-        self.text_dtype, self._text_fingerprint = dtype, fingerprint
+        self.text_dtype, self._fingerprints = dtype, fingerprints
 
     def set_text_fixed_rows(self, rows: int | None) -> int:
         """Runs the text tower's long bfloat16 reductions in blocks of ``rows`` rows (None: one product),
@@ -202,10 +202,31 @@ class Backbone(ABC):
         """Writes what is needed to rebuild this backbone into ``directory``; returns the file names."""
 
     def fingerprint(self) -> str:
-        """Hash of a few frozen weights: detects artefacts built on another backbone. Always the float32
-        text tower's (kept from before :meth:`set_text_dtype`)."""
-        if self._text_fingerprint is not None:
-            return self._text_fingerprint
+        """Hash of a few frozen weights, bit for bit: the image head's first and last parameters and the
+        text tower's :meth:`_text_weights`. Detects artefacts built on another backbone, and is the same on
+        every device and CPU (nothing is computed). Always the float32 tower's (kept by :meth:`set_text_dtype`)."""
+        return self.fingerprints()[0]
+
+    def fingerprints(self) -> tuple[str, str]:
+        """(:meth:`fingerprint`, the one artefacts written before release 0.9.6 recorded): the values an
+        artefact's record may hold. The earlier one hashed a text embedding rounded to 4 decimals, whose
+        last digit moves with a few ulps of difference in the forward (another device, CPU or kernel; 3
+        in 30 random ViT-B-16 text towers when only the sequence length changed), so artefacts built on a
+        GPU were refused on a CPU as built on other weights. It is computed once, for the check alone."""
+        if self._fingerprints is None:
+            h = hashlib.sha256(b"weights")
+            params = list(self.image_head.parameters())
+            for p in (params[0], params[-1], *self._text_weights()):
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            self._fingerprints = (h.hexdigest()[:16], self._legacy_fingerprint())
+        return self._fingerprints
+
+    def _text_weights(self) -> list[torch.Tensor]:
+        """A few of the text tower's frozen weights, float32, for :meth:`fingerprint` (small ones: hashing
+        a 100 MB token embedding would cost a second at every load)."""
+        raise NotImplementedError
+
+    def _legacy_fingerprint(self) -> str:
         h = hashlib.sha256()
         params = list(self.image_head.parameters())
         for p in (params[0], params[-1]):
@@ -214,9 +235,8 @@ class Backbone(ABC):
         return h.hexdigest()[:16]
 
     def _fingerprint_text(self, text: str) -> torch.Tensor:
-        """(1, D) the text embedding :meth:`fingerprint` hashes: :meth:`encode_text`'s. A backbone whose
-        encoding changes in its last bits between releases (a faster path) keeps the earlier one here, or
-        artefacts recorded with it would be refused as built on other weights."""
+        """(1, D) the text embedding the legacy fingerprint hashed: :meth:`encode_text`'s. A backbone whose
+        encoding changed in its last bits since (a faster path) keeps the earlier one here."""
         return self.encode_text([text])
 
     def to(self, device: str | torch.device) -> Backbone:

@@ -362,6 +362,9 @@ class OfflineBackbone(Backbone):
             return torch.zeros(0, self.embed_dim, device=self.device)
         return _encode(self.text_model, texts, self.text_rows).to(self.device)
 
+    def _text_weights(self) -> list[torch.Tensor]:
+        return list(self.text_model.parameters())[-4:]  # MiniLM's last layer norm and output projection
+
     def _cast_text(self, dtype: torch.dtype) -> None:
         self.text_model.to(dtype)  # _encode returns float32 embeddings
         if dtype == torch.bfloat16 and self.device.type == "cpu":

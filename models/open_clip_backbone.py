@@ -252,6 +252,15 @@ class OpenClipBackbone(Backbone):
         n = tokens.shape[0]  # on a GPU a fixed shape (Backbone.text_rows)
         return self._encode_tokens(pad_rows(tokens, self.text_rows(n)))[:n]
 
+    def _text_weights(self) -> list[torch.Tensor]:
+        m = self.model
+        if isinstance(m, open_clip.CLIP) and isinstance(m.text_projection, torch.Tensor):
+            return [m.positional_embedding, m.ln_final.weight, m.ln_final.bias, m.text_projection]
+        # Other text towers: the last four parameters of up to 1M values outside the image tower (not a
+        # token embedding) but the logit scale and bias.
+        text = [p for n, p in m.named_parameters() if not n.startswith(("visual.", "logit_")) and p.numel() <= 1 << 20]
+        return text[-4:]
+
     @torch.no_grad()
     def _fingerprint_text(self, text: str) -> torch.Tensor:
         # The whole context, as releases before 0.9.6 ran every description: at its own length the values

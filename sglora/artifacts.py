@@ -169,7 +169,7 @@ def load_backbone_from(root: Path, device: str | torch.device = "cpu") -> Backbo
     backbone = load_backbone(root / "backbone", cfg, device=device)
     if backbone.spec.fingerprint() != meta["lora_fingerprint"]:
         raise ArtifactError(f"{root / 'backbone'}: the rebuilt backbone's LoRA layout differs from the recorded one")
-    if backbone.fingerprint() != meta["fingerprint"]:
+    if meta["fingerprint"] not in backbone.fingerprints():  # the recorded one: this release's, or the legacy one
         raise ArtifactError(f"{root / 'backbone'}: the rebuilt backbone's weights differ from those the artefacts were built on")
     return backbone
 
@@ -249,7 +249,7 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         repository = ExpertRepository.load(root / "repository", expect_spec=backbone.spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ArtifactError(str(e)) from e
-    if repository.backbone_fingerprint != backbone.fingerprint():
+    if repository.backbone_fingerprint not in backbone.fingerprints():
         raise ArtifactError(f"{root / 'repository'}: experts were built on another backbone")
     generator = load_generator(root, device) if "generator" in stages else None
     if generator is not None and generator.config.lora_dim != backbone.spec.num_params:

@@ -618,3 +618,47 @@ def test_results_table_says_how_many_tasks_each_column_averages():
     )
     results["methods"]["zero-shot"].pop("accuracy")
     assert results_table(results).splitlines()[0] == "Averaged over 3 unseen tasks (mixed)."  # one kind of column: all tasks
+
+
+def test_the_backbone_fingerprint_hashes_weights_not_a_forward(tiny_artifacts, tiny_backbone):
+    """The recorded fingerprint hashes frozen weights bit for bit: a forward a few ulps off (another device,
+    CPU or kernel) cannot move it, other weights do. Artefacts that recorded the earlier fingerprint (a
+    text embedding rounded to 4 decimals) still load."""
+    import copy
+
+    from sglora.artifacts import load_backbone_from
+    from sglora.io import sha256_file
+
+    noisy = copy.deepcopy(tiny_backbone)
+    noisy._fingerprints = None
+    plain = noisy._encode_tokens
+    noisy._encode_tokens = lambda tokens: plain(tokens) + 1e-3
+    assert noisy.fingerprint() == tiny_backbone.fingerprint()
+    assert noisy.fingerprints()[1] != tiny_backbone.fingerprints()[1]  # the legacy one moved
+    other = copy.deepcopy(tiny_backbone)
+    other._fingerprints = None
+    with torch.no_grad():
+        other.model.text_projection.add_(1e-6)
+    assert other.fingerprint() != tiny_backbone.fingerprint()
+
+    path = tiny_artifacts / "backbone" / "backbone.json"
+    meta = json.loads(path.read_text())
+    backbone = load_backbone_from(tiny_artifacts)
+    fingerprint, legacy = backbone.fingerprints()
+    assert meta["fingerprint"] == fingerprint
+    index_path = tiny_artifacts / "repository" / "repository.json"
+    for recorded in (legacy, "0123456789abcdef"):
+        meta["fingerprint"] = recorded
+        path.write_text(json.dumps(meta))
+        index = json.loads(index_path.read_text())
+        index["backbone_fingerprint"] = recorded
+        index_path.write_text(json.dumps(index))
+        manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+        for rel, p in (("backbone/backbone.json", path), ("repository/repository.json", index_path)):
+            manifest["files"][rel] = sha256_file(p)
+        (tiny_artifacts / "manifest.json").write_text(json.dumps(manifest))
+        if recorded == legacy:
+            assert load_artifacts(tiny_artifacts).repository.backbone_fingerprint == legacy
+        else:
+            with pytest.raises(ArtifactError, match="the rebuilt backbone's weights differ"):
+                load_artifacts(tiny_artifacts)
