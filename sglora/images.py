@@ -27,6 +27,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
             raise ValueError(f"a 32-bit integer image (mode I) with values {lo} to {hi}; save it as 8- or 16-bit")
         sixteen = hi > 255
     if sixteen:
-        pixels = np.asarray(im).astype(np.float64) / 257.0  # 0-65535 -> 0-255
-        im = Image.fromarray(np.rint(pixels).astype(np.uint8))  # mode L
+        pixels = np.asarray(im).astype(np.uint32)  # 0-65535 -> 0-255, rounded (x / 257 is never a half)
+        im = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))  # mode L
     return im.convert("RGB")
