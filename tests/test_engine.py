@@ -362,3 +362,37 @@ def test_engine_refuses_a_generator_of_another_description_size(engine):
     gen = CVAE(dataclasses.replace(engine.generator.config, description_dim=engine.backbone.embed_dim + 1))
     with pytest.raises(ValueError, match="description embeddings"):
         Engine(engine.backbone, engine.repository, gen, engine.top_k, engine.temperature)
+
+
+def test_open_clip_bfloat16_text_packs_its_mlps_and_can_block_long_reductions():
+    """On a CPU the bfloat16 text tower's MLP layers are packed for oneDNN (the same bits as F.linear on an
+    AVX512-BF16 CPU); where a CPU's kernel rounds long reductions by row count (AMX), the service's start-up
+    check can then run them in fixed-row blocks, as it does for MiniLM. A text tower 256 wide (MLP 1024)."""
+    from conftest import TINY_MODEL
+
+    from models.backbone import BackboneConfig, create_backbone
+    from models.packed import FIXED_ROWS, PackedLinear
+
+    cfg = {**TINY_MODEL, "text_cfg": {**TINY_MODEL["text_cfg"], "width": 256, "heads": 4}}
+    backbone = create_backbone(BackboneConfig(kind="open_clip", model="tiny-wide", model_config=cfg))
+    texts = ["a photo of a ring", LONG, "a cat", "This is a task about shirts"]
+    with torch.inference_mode():
+        want = backbone.encode_text(texts)
+    backbone.set_text_dtype(torch.bfloat16)
+    mlp = backbone.model.transformer.resblocks[0].mlp
+    if not isinstance(mlp.c_proj, PackedLinear):
+        pytest.skip("no oneDNN bfloat16 kernels in this torch build")
+    assert backbone.text_fixed_rows is None
+    assert backbone.set_text_fixed_rows(FIXED_ROWS) == 1 and mlp.c_proj.fixed_rows == FIXED_ROWS  # 1024 wide: long
+    assert mlp.c_fc.fixed_rows is None and backbone.text_fixed_rows == FIXED_ROWS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            alone = torch.cat([backbone.encode_text([t]) for t in texts])
+            together = backbone.encode_text(texts)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, together)
+    assert (together * want).sum(-1).min() > 0.99
+    assert backbone.set_text_fixed_rows(None) == 1 and backbone.text_fixed_rows is None
