@@ -9,6 +9,7 @@ optional flat LoRA and returns L2-normalised embeddings in the text space.
 from __future__ import annotations
 
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from PIL import Image
 from torch import nn
 
 from models.lora import LoraApplier, LoraSpec
+from models.packed import pack_linears, set_fixed_rows
+
+log = logging.getLogger("sglora.backbone")
 
 BACKBONE_FILE = "backbone.json"
 BACKBONE_KINDS = ("open_clip", "offline")
@@ -142,14 +146,28 @@ class Backbone(ABC):
             raise ValueError(f"the text tower runs in {self.text_dtype} and can only move to bfloat16, not {dtype}")
         fingerprints = self.fingerprints()
         self._cast_text(dtype)
+        linears = self._text_linears()
+        if linears is not None and self.device.type == "cpu":
+            try:  # their weights reordered once (models/packed.py): the same bits as F.linear, faster
+                pack_linears(linears, dtype)
+            except RuntimeError as e:  # a build without the kernel: the plain layers still work
+                log.warning("the text tower's linear layers stay unpacked: %s", e)
         self.text_dtype, self._fingerprints = dtype, fingerprints
+
+    def _text_linears(self) -> nn.Module | None:
+        """The part of the text tower whose linear layers run packed for oneDNN once it is in bfloat16 on
+        a CPU, and in fixed-row blocks where :meth:`set_text_fixed_rows` asks; None: none."""
+        return None
 
     def set_text_fixed_rows(self, rows: int | None) -> int:
         """Runs the text tower's long bfloat16 reductions in blocks of ``rows`` rows (None: one product),
         so that a description's embedding does not depend on what it is batched with where the CPU's
         kernels block those reductions by the number of rows (models/packed.py). Returns how many layers
         it changed: 0 where the text tower has none (float32, other backbones)."""
-        return 0
+        linears = self._text_linears()
+        n = 0 if linears is None else set_fixed_rows(linears, rows)
+        self._text_fixed_rows = rows if n else None
+        return n
 
     @property
     def text_fixed_rows(self) -> int | None:
@@ -214,25 +232,22 @@ class Backbone(ABC):
         in 30 random ViT-B-16 text towers when only the sequence length changed), so artefacts built on a
         GPU were refused on a CPU as built on other weights. It is computed once, for the check alone."""
         if self._fingerprints is None:
-            h = hashlib.sha256(b"weights")
             params = list(self.image_head.parameters())
-            for p in (params[0], params[-1], *self._text_weights()):
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-            self._fingerprints = (h.hexdigest()[:16], self._legacy_fingerprint())
+            head = [_weight_bytes(p) for p in (params[0], params[-1])]
+            current, legacy = hashlib.sha256(b"weights"), hashlib.sha256()
+            for b in head:
+                current.update(b)
+                legacy.update(b)
+            for p in self._text_weights():
+                current.update(_weight_bytes(p))
+            legacy.update(self._fingerprint_text("a photo of a cat").float().cpu().numpy().round(4).tobytes())
+            self._fingerprints = (current.hexdigest()[:16], legacy.hexdigest()[:16])
         return self._fingerprints
 
     def _text_weights(self) -> list[torch.Tensor]:
         """A few of the text tower's frozen weights, float32, for :meth:`fingerprint` (small ones: hashing
         a 100 MB token embedding would cost a second at every load)."""
         raise NotImplementedError
-
-    def _legacy_fingerprint(self) -> str:
-        h = hashlib.sha256()
-        params = list(self.image_head.parameters())
-        for p in (params[0], params[-1]):
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(self._fingerprint_text("a photo of a cat").float().cpu().numpy().round(4).tobytes())
-        return h.hexdigest()[:16]
 
     def _fingerprint_text(self, text: str) -> torch.Tensor:
         """(1, D) the text embedding the legacy fingerprint hashed: :meth:`encode_text`'s. A backbone whose
@@ -244,6 +259,10 @@ class Backbone(ABC):
         self.image_head.to(self.device)
         self._applier = None
         return self
+
+
+def _weight_bytes(p: torch.Tensor) -> bytes:
+    return p.detach().float().cpu().contiguous().numpy().tobytes()
 
 
 def create_backbone(config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:

@@ -52,7 +52,6 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -68,9 +67,6 @@ from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, LoraConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
-from models.packed import pack_linears, set_fixed_rows
-
-log = logging.getLogger("sglora.backbone")
 
 META_FILE = "offline_backbone.json"
 CLASS_EMB_FILE = "offline_class_embeddings.safetensors"
@@ -367,19 +363,12 @@ class OfflineBackbone(Backbone):
 
     def _cast_text(self, dtype: torch.dtype) -> None:
         self.text_model.to(dtype)  # _encode returns float32 embeddings
-        if dtype == torch.bfloat16 and self.device.type == "cpu":
-            # MiniLM's linear layers with their weights reordered once: F.linear in bfloat16 runs the same
-            # oneDNN kernel but reorders the weight on every call (a lone description: 12.2 -> 9.7 ms on one
-            # AVX512-BF16 core, the same bits there; docs/benchmarks.md, release 0.9.1).
-            try:
-                pack_linears(self.text_model, dtype)
-            except RuntimeError as e:  # a build without the kernel: the plain layers still work
-                log.warning("MiniLM's linear layers stay unpacked: %s", e)
 
-    def set_text_fixed_rows(self, rows: int | None) -> int:
-        n = set_fixed_rows(self.text_model, rows)
-        self._text_fixed_rows = rows if n else None
-        return n
+    def _text_linears(self) -> nn.Module:
+        # MiniLM's linear layers: F.linear in bfloat16 runs the same oneDNN kernel as the packed layers but
+        # reorders the weight on every call (a lone description: 12.2 -> 9.7 ms on one AVX512-BF16 core, the
+        # same bits there; docs/benchmarks.md, release 0.9.1).
+        return self.text_model
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         im = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)

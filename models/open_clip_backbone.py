@@ -25,9 +25,6 @@ from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
-from models.packed import pack_linears, set_fixed_rows
-
-log = logging.getLogger("sglora.backbone")
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -255,9 +252,15 @@ class OpenClipBackbone(Backbone):
         n = tokens.shape[0]  # on a GPU a fixed shape (Backbone.text_rows)
         return self._encode_tokens(pad_rows(tokens, self.text_rows(n)))[:n]
 
+    @functools.cached_property
+    def _clip_text(self) -> bool:
+        """Whether the text tower is open_clip.CLIP's own (a text projection matrix), which this backbone
+        runs itself; other models' encode_text runs as open_clip has it."""
+        return isinstance(self.model, open_clip.CLIP) and isinstance(self.model.text_projection, torch.Tensor)
+
     def _text_weights(self) -> list[torch.Tensor]:
         m = self.model
-        if isinstance(m, open_clip.CLIP) and isinstance(m.text_projection, torch.Tensor):
+        if self._clip_text:
             return [m.positional_embedding, m.ln_final.weight, m.ln_final.bias, m.text_projection]
         # Other text towers: the last four parameters of up to 1M values outside the image tower (not a
         # token embedding) but the logit scale and bias.
@@ -296,7 +299,7 @@ class OpenClipBackbone(Backbone):
         """Whether the text tower is open_clip's CLIP one with a causal mask and end-of-text pooling
         (what :meth:`_text_lengths` relies on)."""
         m = self.model
-        if not isinstance(m, open_clip.CLIP) or not isinstance(m.text_projection, torch.Tensor):
+        if not self._clip_text:
             return False
         mask = getattr(m, "attn_mask", None)
         if mask is None or m.text_pool_type not in ("argmax", "eos"):
@@ -309,7 +312,7 @@ class OpenClipBackbone(Backbone):
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if not isinstance(m, open_clip.CLIP) or not isinstance(m.text_projection, torch.Tensor):
+        if not self._clip_text:
             return m.encode_text(tokens, normalize=True).float()
         # open_clip's CLIP.encode_text, with the final projection done row by row: as one (B, W) @ (W, E)
         # product its rounding would depend on the batch size B, and so would a description's embedding
@@ -336,19 +339,11 @@ class OpenClipBackbone(Backbone):
         for name, param in m.named_parameters(recurse=False):
             if name != "logit_scale":
                 param.data = param.data.to(dtype)
-        if dtype == torch.bfloat16 and self.device.type == "cpu":
-            # The text blocks' MLP layers with their weights reordered once (models/packed.py), as MiniLM's:
-            # the same bits as F.linear here, a lone description on ViT-B-16's tower 8.8 -> 6.9 ms on one
-            # AVX512-BF16 core; and on AMX CPUs set_text_fixed_rows can then block their long reductions.
-            try:
-                pack_linears(m.transformer, dtype)
-            except RuntimeError as e:  # a build without the kernel: the plain layers still work
-                log.warning("the text tower's linear layers stay unpacked: %s", e)
 
-    def set_text_fixed_rows(self, rows: int | None) -> int:
-        n = set_fixed_rows(self.model.transformer, rows) if isinstance(self.model, open_clip.CLIP) else 0
-        self._text_fixed_rows = rows if n else None
-        return n
+    def _text_linears(self) -> nn.Module | None:
+        # The text blocks' MLP layers (the attention's projections run through F.linear in _self_attention):
+        # packed, a lone description on ViT-B-16's tower 8.8 -> 6.9 ms on one AVX512-BF16 core, the same bits.
+        return self.model.transformer if self._clip_text else None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(bounded_aspect(image.convert("RGB")))

@@ -878,9 +878,7 @@ async def test_start_up_turns_fixed_row_blocks_on_where_they_make_batching_invar
         rows["now"] = n
         return 6
 
-    from models.open_clip_backbone import OpenClipBackbone
-
-    monkeypatch.setattr(OpenClipBackbone, "set_text_fixed_rows", set_rows)  # the tiny artefacts' backbone
+    monkeypatch.setattr(Backbone, "set_text_fixed_rows", set_rows)
     monkeypatch.setattr(Backbone, "text_fixed_rows", property(lambda self: rows["now"]))
     monkeypatch.setattr(svc, "batching_mismatch", lambda embed, probes, n: None if rows["now"] else "row 3 differs")
     async with serving(make_settings()) as (service, client):
