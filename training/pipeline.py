@@ -185,12 +185,12 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     tasks = splits.all()
     _log(f"[experts] {len(tasks)} tasks, LoRA of {backbone.spec.num_params} parameters ({len(backbone.spec.targets)} targets)")
     pinned = manifest.get("files", {})
-    _check_snapshot_data(out, tasks, data)
+    kept = _check_snapshot_data(out, tasks, data)
     trained = []
     for name in tqdm(tasks, desc="experts", unit="task"):
         path = out / "snapshots" / f"{name}.safetensors"
         rel = f"snapshots/{name}.safetensors"
-        if path.exists() and _snapshot_fingerprint(path) == fp:
+        if name in kept and kept[name].get("lora_fingerprint") == fp:
             if rel not in pinned or sha256_file(path) == pinned[rel]:
                 continue  # resumable: trained by an earlier run (pinned, or not yet: that run was interrupted)
             _log(f"[experts] {name}: its snapshot file differs from the one the manifest pins; training it again")
@@ -222,18 +222,23 @@ def _check_data(out: Path, manifest: dict, data: str) -> None:
         )
 
 
-def _check_snapshot_data(out: Path, tasks: list[str], data: str) -> None:
-    """ValueError when a snapshot kept for resuming was trained on other tasks or samples. The manifest records
-    the dataset only once the experts stage completes: a run interrupted (or failed on a bad image) before that
-    leaves snapshots that only their own metadata ties to the data they were trained on."""
+def _check_snapshot_data(out: Path, tasks: list[str], data: str) -> dict[str, dict[str, str]]:
+    """The metadata of the snapshots kept for resuming, by task; ValueError when one was trained on other tasks or
+    samples. The manifest records the dataset only once the experts stage completes: a run interrupted (or failed
+    on a bad image) before that leaves snapshots that only their own metadata ties to the data they were trained on."""
+    kept = {}
     for name in tasks:
         path = out / "snapshots" / f"{name}.safetensors"
-        recorded = _snapshot_metadata(path).get("data") if path.exists() else None
+        if not path.exists():
+            continue
+        kept[name] = meta = _snapshot_metadata(path)
+        recorded = meta.get("data")
         if recorded is not None and recorded != data:
             raise ValueError(
                 f"{out}: the dataset changed since task {name!r} was trained (tasks or samples differ: fingerprint {data}, "
                 f"its snapshot was trained on {recorded}); use a new --out directory"
             )
+    return kept
 
 
 def _snapshot_metadata(path: Path) -> dict[str, str]:
@@ -244,10 +249,6 @@ def _snapshot_metadata(path: Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception:  # unreadable leftovers are retrained
         return {}
-
-
-def _snapshot_fingerprint(path: Path) -> str | None:
-    return _snapshot_metadata(path).get("lora_fingerprint")
 
 
 # Config sections fixed by the experts stage; prior, generator and evaluation may change later.
