@@ -12,12 +12,16 @@
 
 The service's refusals raise :class:`ServiceError` with its status, the field it names, its reason and
 the request ID (to match the service's log). A full queue (429) or a service that is starting or
-draining (503) is retried after its ``Retry-After`` (at most ``retries`` times, each wait capped at
-``max_wait_s``). Files are written atomically (a temporary file renamed over the target).
+draining (503) is retried after its ``Retry-After``, and a refused connection (a server restarting:
+uvicorn opens its port only once the model is loaded) after a second; at most ``retries`` times, each
+wait capped at ``max_wait_s``. What still fails to connect, or outlasts ``timeout``, raises httpx's own
+``httpx.ConnectError`` / ``httpx.TimeoutException`` (a timed-out request is not sent again: the model may
+still be working on it). Files are written atomically (a temporary file renamed over the target).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -27,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -35,6 +40,7 @@ from sglora.io import safetensors_metadata, write_bytes
 # The two files of a PEFT adapter folder (sglora.export.PEFT_CONFIG / PEFT_WEIGHTS, without importing torch).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RETRIED = (429, 503)
+CONNECT_WAIT_S = 1.0  # before connecting again after a refused connection
 
 
 class ServiceError(Exception):
@@ -119,7 +125,14 @@ class Client:
         headers = {**self._headers, **kwargs.pop("headers", {})}
         retried = 0
         while True:
-            r = self._http.request(method, path, headers=headers, **kwargs)
+            try:
+                r = self._http.request(method, path, headers=headers, **kwargs)
+            except httpx.ConnectError:  # nothing was sent: safe to send again, whatever the method
+                if retried == self.retries:
+                    raise
+                retried += 1
+                time.sleep(min(CONNECT_WAIT_S, self.max_wait_s))
+                continue
             if r.status_code < 400:
                 return r
             if r.status_code not in RETRIED or retried == self.retries:
@@ -165,6 +178,39 @@ class Client:
             write_bytes(folder / name, data)
         return folder
 
+    def preview(
+        self,
+        description: str,
+        *,
+        method: str | None = None,
+        seed: int | None = None,
+        top_k: int | None = None,
+        temperature: float | None = None,
+    ) -> dict[str, Any]:
+        """What ``generate`` would make, as the service's JSON (``POST /generate/preview``): the chosen experts
+        (name, weight, similarity), the seed, the ETag and the size, without the file. Same cache and bytes:
+        ``generate`` with the seed it reports gives the file with this ETag."""
+        return self._request("POST", "/generate/preview", json=_body(description, method, seed, top_k, temperature)).json()
+
+    def generate_batch(self, items: Iterable[str | dict[str, Any]]) -> list[Adapter | ServiceError]:
+        """One LoRA per item (a description, or a dict of ``generate``'s arguments with its ``description``),
+        micro-batched together by the service; in order, each an :class:`Adapter` or, for an item the service
+        refused alone (``top_k`` too large, a full queue), its :class:`ServiceError`. A malformed item refuses
+        the whole call (a ServiceError naming ``items[i]...``)."""
+        body = {"items": [{"description": it} if isinstance(it, str) else dict(it) for it in items]}
+        r = self._request("POST", "/generate/batch", json=body)
+        request_id = r.headers.get("x-request-id")
+        results: list[Adapter | ServiceError] = []
+        for item in r.json()["results"]:
+            if item["status"] != 200:
+                error = item.get("error") or {}
+                results.append(ServiceError(item["status"], error.get("field"), str(error.get("reason", "")), request_id))
+                continue
+            data = base64.b64decode(item["data"])
+            metadata = safetensors_metadata(data)
+            results.append(Adapter(data, item["etag"], item["cache"], item["seed"], request_id, metadata))
+        return results
+
     def retrieve(
         self,
         images: Sequence[str | os.PathLike | bytes | bytearray | memoryview],
@@ -180,6 +226,8 @@ class Client:
     ) -> dict[str, Any]:
         """Ranks ``images`` (paths or bytes) against ``captions`` (else the description) with the LoRA of
         ``description`` or of an earlier adapter's ``etag`` applied; the service's JSON answer."""
+        if isinstance(images, str | os.PathLike | bytes | bytearray | memoryview):  # one image, not a list of them
+            raise TypeError("images: give a list of images (paths or bytes), not one image")
         options = {"etag": etag, **_body(description, method, seed, top_k, temperature)}
         form: dict[str, Any] = {k: str(v) for k, v in options.items() if v is not None}
         form["zero_shot"] = "true" if zero_shot else "false"
@@ -187,12 +235,39 @@ class Client:
             if isinstance(captions, str):  # a str is an iterable of one-character captions
                 raise TypeError("captions: give a list of strings (one caption per image or query), not one string")
             form["captions"] = list(captions)
-        files = [("images", (f"{i}", _image_bytes(im))) for i, im in enumerate(images)]
+        files = [("images", (f"{i}", _file_bytes(im))) for i, im in enumerate(images)]
         return self._request("POST", "/retrieve", data=form, files=files).json()
 
     def experts(self) -> list[dict[str, Any]]:
         """The repository's experts (name, description, ...), as ``GET /experts`` lists them under ``experts``."""
         return self._request("GET", "/experts").json()["experts"]
+
+    def expert_file(self, name: str, part: str = "mean") -> bytes:
+        """One expert's ``part`` (``mean``: its LoRA, or ``variance``) as safetensors with PEFT names, the
+        format ``add_expert`` takes back (``GET /experts/{name}``)."""
+        return self._request("GET", f"/experts/{quote(name, safe='')}", params={"part": part}).content
+
+    def add_expert(
+        self,
+        name: str,
+        description: str,
+        mean: str | os.PathLike | bytes | bytearray | memoryview,
+        *,
+        variance: str | os.PathLike | bytes | bytearray | memoryview | None = None,
+        num_snapshots: int = 1,
+    ) -> dict[str, Any]:
+        """Registers an expert (``POST /experts``; needs an admin key as ``api_key``): its mean LoRA and
+        optionally its variances, as paths or bytes of safetensors with PEFT names. The service's answer
+        (``name``, ``action``, the new ``artifact_version``, the number of ``experts``)."""
+        files = [("mean", ("mean.safetensors", _file_bytes(mean)))]
+        if variance is not None:
+            files.append(("variance", ("variance.safetensors", _file_bytes(variance))))
+        form = {"name": name, "description": description, "num_snapshots": str(num_snapshots)}
+        return self._request("POST", "/experts", data=form, files=files).json()
+
+    def remove_expert(self, name: str) -> dict[str, Any]:
+        """Removes an expert (``DELETE /experts/{name}``; needs an admin key as ``api_key``)."""
+        return self._request("DELETE", f"/experts/{quote(name, safe='')}").json()
 
     def ready(self) -> dict[str, Any]:
         return self._request("GET", "/ready").json()
@@ -206,11 +281,11 @@ def _body(description: str | None, method: str | None, seed: int | None, top_k: 
     return body
 
 
-def _image_bytes(image: str | os.PathLike | bytes | bytearray | memoryview) -> bytes:
-    """An image given as data (bytes-like) or as a path -> its bytes."""
-    if isinstance(image, bytes | bytearray | memoryview):
-        return bytes(image)
-    return Path(image).read_bytes()
+def _file_bytes(file: str | os.PathLike | bytes | bytearray | memoryview) -> bytes:
+    """A file given as data (bytes-like) or as a path -> its bytes."""
+    if isinstance(file, bytes | bytearray | memoryview):
+        return bytes(file)
+    return Path(file).read_bytes()
 
 
 def _retry_after(r: httpx.Response) -> float:

@@ -6,16 +6,21 @@ import io
 import json
 import subprocess
 import sys
+import textwrap
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
 from app_helpers import file_metadata
+from PIL import Image
 from test_app_generate import tiny_hf_clip
 from test_app_retrieve import CAPTIONS, IMAGES
 
-from sglora.client import PEFT_FILES, Client, ServiceError
+from sglora.client import PEFT_FILES, Adapter, Client, ServiceError
 from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,78 @@ def test_retrieve_takes_bytes_like_images_and_refuses_one_string_of_captions(ser
     assert as_bytearray["lora"]["scores"] == as_bytes["lora"]["scores"]
     with pytest.raises(TypeError, match="captions: give a list"):
         service.retrieve(IMAGES, CAPTIONS[0], description="a red circle")
+    for one in ("cat.png", Path("cat.png"), IMAGES[0]):  # a str would be read as one path per character
+        with pytest.raises(TypeError, match="images: give a list"):
+            service.retrieve(one, CAPTIONS[:1], description="a red circle")
+
+
+def test_preview_says_what_generate_makes(service):
+    info = service.preview("a blue square", seed=5, top_k=2)
+    adapter = service.generate("a blue square", seed=5, top_k=2)
+    assert info["etag"] == adapter.etag and info["seed"] == 5 and info["size_bytes"] == len(adapter.data)
+    assert info["experts"] == adapter.experts and info["top_k"] == 2
+    drawn = service.preview("a blue square")
+    assert service.generate("a blue square", seed=drawn["seed"]).etag == drawn["etag"]
+
+
+def test_generate_batch_gives_adapters_and_per_item_refusals(service):
+    items = ["a red circle", {"description": "a red circle", "seed": 3, "top_k": 2}, {"description": "a ring", "top_k": 10_000}]
+    drawn, seeded, refused = service.generate_batch(items)
+    alone = service.generate("a red circle", seed=3, top_k=2)
+    assert isinstance(seeded, Adapter) and seeded.data == alone.data and seeded.etag == alone.etag
+    assert seeded.seed == 3 and seeded.experts == alone.experts and seeded.request_id
+    assert isinstance(drawn, Adapter) and service.generate("a red circle", seed=drawn.seed).data == drawn.data
+    assert isinstance(refused, ServiceError) and refused.status == 422 and refused.field == "top_k"
+    with pytest.raises(ServiceError) as e:  # a malformed item refuses the whole call
+        service.generate_batch(["a ring", {"description": "a ring", "colour": "red"}])
+    assert e.value.status == 422 and e.value.field == "items[1].colour"
+
+
+def test_experts_are_downloaded_registered_and_removed(tiny_artifacts, make_settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"])
+    with TestClient(create_app(settings)) as http:
+        user, admin = Client(http=http), Client(http=http, api_key="admin-secret")
+        mean = user.expert_file("circle")
+        variance = tmp_path / "variance.safetensors"
+        variance.write_bytes(user.expert_file("circle", part="variance"))
+        assert mean == http.get("/experts/circle").content and file_metadata(mean)["part"] == "mean"
+        with pytest.raises(ServiceError) as e:
+            user.add_expert("disc", "an orange disc", mean)
+        assert e.value.status == 401 and e.value.field == "X-API-Key"
+        added = admin.add_expert("disc", "an orange disc", mean, variance=variance, num_snapshots=4)
+        assert added["action"] == "added" and added["experts"] == 5
+        assert "disc" in [x["name"] for x in user.experts()]
+        disc = file_metadata(user.expert_file("disc", part="variance"))
+        assert disc["name"] == "disc" and disc["part"] == "variance" and disc["num_snapshots"] == "4"
+        assert admin.remove_expert("disc")["experts"] == 4
+        with pytest.raises(ServiceError) as e:
+            user.expert_file("disc")
+        assert e.value.status == 404 and e.value.field == "name"
+        with pytest.raises(ServiceError) as e:  # quoted: one path segment, never another route
+            user.expert_file("../health")
+        assert e.value.status in (404, 422)
+
+
+def test_the_documented_examples_run(client, tmp_path, monkeypatch):
+    """The module docstring's example and docs/service.md's, against the in-process service."""
+    import sglora.client
+
+    for name, colour in (("cat.png", "orange"), ("dog.png", "brown")):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    docstring = sglora.client.__doc__.split("\n\n", 1)[1].split("\n\nThe service's refusals")[0]
+    service_md = (ROOT / "docs" / "service.md").read_text().split("### Python client")[1]
+    examples = [textwrap.dedent(docstring), service_md.split("```python\n")[1].split("```")[0]]
+    for code in examples:
+        assert 'Client("http://127.0.0.1:8000"' in code
+        code = code.replace('Client("http://127.0.0.1:8000"', "Client(http=http")
+        exec(compile(code, "example", "exec"), {"http": client})
+        assert sorted(p.name for p in (tmp_path / "persian").iterdir()) == sorted(PEFT_FILES)
+        assert (tmp_path / "persian.safetensors").read_bytes()[8:9] == b"{"
 
 
 def test_refusals_raise_with_the_field_reason_and_request_id(service):
@@ -98,14 +175,17 @@ def test_api_key_is_sent(make_settings):
         assert Client(http=http, api_key="k1").generate("a ring", seed=1).seed == 1
 
 
-def scripted(*answers: httpx.Response) -> tuple[Client, list[httpx.Request]]:
-    """A client whose transport answers ``answers`` in order and records the requests."""
+def scripted(*answers: httpx.Response | Exception) -> tuple[Client, list[httpx.Request]]:
+    """A client whose transport answers ``answers`` in order (raising the exceptions) and records the requests."""
     seen: list[httpx.Request] = []
     queue = list(answers)
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return queue.pop(0)
+        answer = queue.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     http = httpx.Client(transport=httpx.MockTransport(handle), base_url="http://service")
     return Client(http=http, retries=2, max_wait_s=0.01), seen
@@ -124,6 +204,28 @@ def test_a_full_queue_is_retried_after_retry_after_then_reported():
     with pytest.raises(ServiceError) as e:
         c.ready()
     assert e.value.status == 500 and e.value.reason == "upstream broke" and len(seen) == 1  # not retried
+
+
+def test_a_refused_connection_is_retried_a_timeout_is_not():
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    ok = httpx.Response(200, json={"status": "ready"})
+    c, seen = scripted(refused, refused, ok)
+    assert c.ready() == {"status": "ready"} and len(seen) == 3  # a restarting server
+    c, seen = scripted(refused, refused, refused)
+    with pytest.raises(httpx.ConnectError):
+        c.ready()
+    assert len(seen) == 3
+    c, seen = scripted(httpx.ReadTimeout("timed out"), ok)
+    with pytest.raises(httpx.TimeoutException):
+        c.generate("a ring", seed=1)
+    assert len(seen) == 1  # the model may still be working on it: not sent twice
+
+
+def test_a_port_nothing_listens_on_raises_httpx_connect_error():
+    from app.processes import free_port
+
+    with Client(f"http://127.0.0.1:{free_port()}", retries=1, max_wait_s=0.01) as c, pytest.raises(httpx.ConnectError):
+        c.generate("a ring", seed=1)
 
 
 def test_the_client_needs_no_torch():
