@@ -182,3 +182,73 @@ def test_errors_are_shown_with_the_field(server, browser):
     WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "error")))
     text = browser.find_element(By.ID, "error").text
     assert "422" in text and "top_k" in text and "number of experts" in text
+
+
+def generate_in_page(browser, server, description="a photo of a red circle"):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    browser.find_element(By.ID, "description").send_keys(description)
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#experts-table tbody tr"))
+
+
+# Replaces the page's fetch: answers `url` with the next of `answers` ("network": a failed fetch; a status:
+# that status with Retry-After: 1; "pass": the service), and counts the calls in window.calls.
+SCRIPTED_FETCH = """
+const [url, answers] = arguments;
+const real = window.fetch;
+window.calls = 0;
+window.fetch = (u, options) => {
+  if (u !== url) return real(u, options);
+  const answer = answers[Math.min(window.calls++, answers.length - 1)];
+  if (answer === "network") return Promise.reject(new TypeError("Failed to fetch"));
+  if (answer === "pass") return real(u, options);
+  const body = JSON.stringify({detail: {field: null, reason: "model is overloaded: the request queue is full, retry later"}});
+  return Promise.resolve(new Response(body, {status: answer, headers: {"Retry-After": "1", "Content-Type": "application/json"}}));
+};
+"""
+
+
+def test_a_failed_download_and_a_full_queue_are_shown(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    generate_in_page(browser, server)
+    browser.execute_script(SCRIPTED_FETCH, "/generate", ["network"])
+    browser.find_element(By.ID, "download-zip").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    assert "network error" in browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "download-zip").is_enabled()
+
+    # A 429 is retried after its Retry-After; shown once the retries are spent.
+    browser.execute_script(SCRIPTED_FETCH, "/generate/preview", [429, "pass"])
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.execute_script("return window.calls") == 2 and d.find_element(By.ID, "generate").is_enabled())
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    browser.execute_script(SCRIPTED_FETCH, "/generate/preview", [429])
+    browser.find_element(By.ID, "generate").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    assert browser.find_element(By.ID, "error").text.startswith("429: model is overloaded")
+    assert browser.execute_script("return window.calls") == 3
+
+
+def test_a_refused_image_is_named_by_its_file(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    generate_in_page(browser, server)
+    good = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    browser.find_element(By.ID, "images").send_keys(f"{good}\n{bad}")
+    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 2)
+    browser.find_element(By.ID, "retrieve").click()
+    WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "retrieval-error")))
+    assert browser.find_element(By.ID, "retrieval-error").text.startswith("422 · images[1] (notes.txt): ")

@@ -13,12 +13,24 @@ function headers(extra = {}) {
   return key ? { ...extra, "X-API-Key": key } : extra;
 }
 
-async function errorText(response) {
+// A full queue (429) or a service starting or draining (503) says when to come back: retried twice after
+// its Retry-After (at most 10 s), as the Python client does, before the refusal is shown.
+async function send(url, options, retries = 2) {
+  for (let attempt = 0; ; attempt++) {
+    const r = await fetch(url, options);
+    if ((r.status !== 429 && r.status !== 503) || attempt === retries) return r;
+    const wait = Math.min(Number(r.headers.get("Retry-After")) || 1, 10);
+    await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+  }
+}
+
+// "422 · top_k: must be ..."; label(field) may say more of the field (e.g. which file images[1] is).
+async function errorText(response, label = (field) => field) {
   try {
     const body = await response.json();
     const d = body.detail || {};
     if (typeof d === "string") return `${response.status}: ${d}`;
-    return `${response.status}${d.field ? ` · ${d.field}` : ""}: ${d.reason || "request refused"}`;
+    return `${response.status}${d.field ? ` · ${label(d.field)}` : ""}: ${d.reason || "request refused"}`;
   } catch (_) {
     return `${response.status}: ${response.statusText || "request failed"}`;
   }
@@ -81,7 +93,7 @@ async function generate(event) {
   $("generate-busy").hidden = false;
   try {
     const request = generationRequest();
-    const r = await fetch("/generate/preview", {
+    const r = await send("/generate/preview", {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify(request),
@@ -139,25 +151,33 @@ async function download(asZip) {
   const body = { ...current.request };
   if (current.info.seed !== null) body.seed = current.info.seed;
   const accept = asZip ? "application/zip" : "application/octet-stream";
-  const r = await fetch("/generate", {
-    method: "POST",
-    headers: headers({ "Content-Type": "application/json", Accept: accept }),
-    body: JSON.stringify(body),
-  });
-  if (!r.ok) {
-    showError($("error"), await errorText(r));
-    return;
+  const buttons = [$("download-safetensors"), $("download-zip")];
+  for (const b of buttons) b.disabled = true;
+  try {
+    const r = await send("/generate", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json", Accept: accept }),
+      body: JSON.stringify(body),
+    });
+    if (!r.ok) {
+      showError($("error"), await errorText(r));
+      return;
+    }
+    const blob = await r.blob();
+    const disposition = r.headers.get("Content-Disposition") || "";
+    const match = disposition.match(/filename="([^"]+)"/);
+    const a = el("a", { href: URL.createObjectURL(blob), download: match ? match[1] : asZip ? "sglora.zip" : "sglora.safetensors" });
+    document.body.append(a);
+    a.click();
+    setTimeout(() => {
+      URL.revokeObjectURL(a.href);
+      a.remove();
+    }, 1000);
+  } catch (e) {
+    showError($("error"), `network error: ${e}`);
+  } finally {
+    for (const b of buttons) b.disabled = false;
   }
-  const blob = await r.blob();
-  const disposition = r.headers.get("Content-Disposition") || "";
-  const match = disposition.match(/filename="([^"]+)"/);
-  const a = el("a", { href: URL.createObjectURL(blob), download: match ? match[1] : asZip ? "sglora.zip" : "sglora.safetensors" });
-  document.body.append(a);
-  a.click();
-  setTimeout(() => {
-    URL.revokeObjectURL(a.href);
-    a.remove();
-  }, 1000);
 }
 
 // ---- retrieval -----------------------------------------------------------------------------------
@@ -199,23 +219,30 @@ function updateRetrieveButton() {
 
 async function retrieve() {
   showError($("retrieval-error"), "");
-  const captions = uploads.map((u) => u.caption);
+  const sent = [...uploads]; // the images of this request, whatever is added or removed meanwhile
+  const captions = sent.map((u) => u.caption);
   const form = new FormData();
   form.append("etag", current.info.etag);
   form.append("zero_shot", "true");
   for (const c of captions) form.append("captions", c);
-  for (const u of uploads) form.append("images", u.file, u.file.name);
+  for (const u of sent) form.append("images", u.file, u.file.name);
   $("retrieve").disabled = true;
   $("retrieve-busy").hidden = false;
   try {
-    const r = await fetch("/retrieve", { method: "POST", headers: headers(), body: form });
+    const r = await send("/retrieve", { method: "POST", headers: headers(), body: form });
     if (!r.ok) {
-      showError($("retrieval-error"), await errorText(r));
+      // The service counts images from 0 (images[1]); the page shows them by name.
+      const label = (field) => {
+        const m = /^(images|captions)\[(\d+)\]$/.exec(field);
+        const u = m && sent[Number(m[2])];
+        return u ? `${field} (${m[1] === "images" ? "" : "caption of "}${u.file.name})` : field;
+      };
+      showError($("retrieval-error"), await errorText(r, label));
       return;
     }
     const body = await r.json();
-    renderScores($("lora-table"), $("lora-recall"), body.lora, body.texts);
-    renderScores($("zs-table"), $("zs-recall"), body.zero_shot, body.texts);
+    renderScores($("lora-table"), $("lora-recall"), body.lora, body.texts, sent);
+    renderScores($("zs-table"), $("zs-recall"), body.zero_shot, body.texts, sent);
     $("rankings").hidden = false;
   } catch (e) {
     showError($("retrieval-error"), `network error: ${e}`);
@@ -225,7 +252,7 @@ async function retrieve() {
   }
 }
 
-function renderScores(table, recallBox, ranking, texts) {
+function renderScores(table, recallBox, ranking, texts, images) {
   const head = el("tr", {}, el("th", {}, "image"), ...texts.map((t, j) => el("th", { class: "num", title: t }, `${j + 1}. ${t}`)));
   table.querySelector("thead").replaceChildren(head);
   table.querySelector("tbody").replaceChildren(
@@ -234,7 +261,7 @@ function renderScores(table, recallBox, ranking, texts) {
       return el(
         "tr",
         {},
-        el("td", { class: "thumb" }, el("img", { src: uploads[i] ? uploads[i].url : "", alt: "" }), String(i + 1)),
+        el("td", { class: "thumb" }, el("img", { src: images[i] ? images[i].url : "", alt: "" }), String(i + 1)),
         ...row.map((s, j) => {
           const classes = ["num"];
           if (j === best) classes.push("best");
