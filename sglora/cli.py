@@ -56,9 +56,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.pipeline import run_pipeline
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found before the config and the data load
+        raise ValueError(f"--out {out} is a file; give an artefact directory (a new one, or one to resume)")
     cfg = load_config(args.config)
     stages = tuple(args.stage) if args.stage else STAGES
-    run_pipeline(cfg, Path(args.out), stages, device=_device(args.device))
+    run_pipeline(cfg, out, stages, device=_device(args.device))
     return 0
 
 
@@ -86,6 +89,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.pipeline import stage_evaluate
 
     root = Path(args.artifacts)
+    if not root.is_dir():
+        raise ValueError(f"artefact directory not found: {root}")
     cfg = from_dict(PipelineConfig, read_json(root / "config.json", "pipeline config"))
     stage_evaluate(cfg, root, _device(args.device), tuple(args.method) if args.method else None, on=args.on)
     return 0

@@ -28,6 +28,11 @@ def test_full_pipeline_writes_every_stage(tiny_artifacts_session):
     assert "| sg-lora - topk-weighted | i2t_r1 |" in (out / "eval" / "results.md").read_text()
     assert "mean cosine between a task's held-out image embeddings" in (out / "eval" / "results.md").read_text()
     assert (out / "generator" / "history.png").stat().st_size > 0
+    assert (out / "eval" / "results.png").stat().st_size > 0  # every task's score per method, beside the tables
+    assert results["seed"] == 0 and results["sg_samples"] == 2
+    history = json.loads((out / "generator" / "history.json").read_text())
+    generator = manifest["stages"]["generator"]
+    assert (generator["epochs"], generator["kept_epoch"]) == (len(history), len(history) - 1)  # no val tasks: the last
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["experts"]) & set(splits["test"])
 
@@ -347,7 +352,14 @@ def test_cli_file_system_and_device_errors_are_messages(tiny_artifacts_session, 
     assert "Is a directory" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["pipeline", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "file")]) == 2
-    assert "error:" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert "--out " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+    assert main(["evaluate", "--artifacts", str(tmp_path / "none")]) == 2
+    assert "artefact directory not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    for stage in ("generator", "evaluate"):  # a folder no run has written to
+        assert main(["pipeline", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "empty"), "--stage", stage]) == 2
+        assert "no stage has run there (no manifest.json); run the pipeline from its 'experts' stage" in capsys.readouterr().err
     for argv, needle in (
         (["generate", "a cat", "--out", "x.safetensors", "--device", "gpu", *art], "unknown device 'gpu'"),
         (["serve", *art, "--port", "99999"], "must be between 0 and 65535"),
@@ -614,10 +626,91 @@ def test_results_table_says_how_many_tasks_each_column_averages():
     }
     first = results_table(results).splitlines()[0]
     assert first == (
-        "Averaged over 3 unseen tasks (mixed): each column over the tasks that have it (retrieval recall: 1, accuracy: 2)."
+        "Averaged over 3 unseen test tasks (mixed): each column over the tasks that have it (retrieval recall: 1, accuracy: 2)."
     )
     results["methods"]["zero-shot"].pop("accuracy")
-    assert results_table(results).splitlines()[0] == "Averaged over 3 unseen tasks (mixed)."  # one kind of column: all tasks
+    assert results_table(results).splitlines()[0] == "Averaged over 3 unseen test tasks (mixed)."  # one kind: all tasks
+
+
+def _scored(on: str = "test") -> dict:
+    """results.json of two classification tasks scored by zero-shot, topk-weighted, sg-lora and the oracle."""
+    scores = {"t1": (40.0, 70.0, 80.0, 90.0), "t2": (40.0, 60.0, 66.0, 70.0)}
+    names = ("zero-shot", "topk-weighted", "sg-lora", "oracle")
+    tasks = {t: {m: {"accuracy": v} for m, v in zip(names, row, strict=True)} for t, row in scores.items()}
+    methods = {m: {"accuracy": sum(tasks[t][m]["accuracy"] for t in tasks) / 2} for m in names}
+    return {
+        "methods": methods,
+        "tasks": tasks,
+        "config": "c",
+        "evaluated_on": on,
+        "test_tasks": list(tasks),
+        "top_k": 8,
+        "temperature": 0.1,
+        "sg_samples": 3,
+        "seed": 5,
+    }
+
+
+def test_results_md_says_what_was_measured_and_shows_every_task(tmp_path):
+    """results.md names the tasks it averages (validation tasks are not unseen), the unit, the samples and seeds
+    behind sg-lora, K and tau; it gives the share of the oracle's gain the README quotes and every task's score;
+    results.png draws them."""
+    from training.pipeline import oracle_gain, paired_differences, plot_results, results_table
+
+    results = _scored()
+    results["paired"] = paired_differences(results["tasks"])
+    md = results_table(results)
+    assert md.startswith("Averaged over 2 unseen test tasks (c).")
+    assert "Scores in %" in md and "sg-lora: the mean over 3 LoRA(s) sampled per task, seeds 5-7." in md
+    assert "K = 8, temperature 0.1" in md
+    # averages: zero-shot 40, topk-weighted 65, sg-lora 73, oracle 80 -> 62.5 % and 82.5 % of the gain
+    assert oracle_gain(results["methods"], "accuracy") == {"topk-weighted": 62.5, "sg-lora": 82.5}
+    assert "| topk-weighted | 62.5 |" in md and "| sg-lora | 82.5 |" in md
+    assert "| t2 | 40.00 | 60.00 | 66.00 | 70.00 |" in md  # per task, in the tables' order of methods
+    assert "| sg-lora - topk-weighted | accuracy | 2 | +8.00 ± 2.00 | 2 / 0 / 0 |" in md
+    assert "| t2 |" not in results_table(results, per_task=False)  # the console's copy: the summary only
+    assert results_table(_scored("val")).startswith(
+        "Averaged over 2 validation tasks (c; not unseen: they chose the generator's epoch and the settings)."
+    )
+    below = _scored()
+    below["methods"]["oracle"]["accuracy"] = 30.0  # no gain to recover
+    assert oracle_gain(below["methods"], "accuracy") == {"topk-weighted": None, "sg-lora": None}
+    assert "| sg-lora | n/a |" in results_table(below)
+    assert plot_results(results, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 0
+    assert not plot_results({**results, "tasks": {}}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_generator_history_plot_marks_the_kept_epoch(tmp_path):
+    from training.config import GeneratorTrainingConfig
+    from training.pipeline import _plot_history, kept_epoch
+
+    rows = [{"epoch": e, "reconstruction": 1.0 / (e + 1), "kl": 2.0, "task": 0.5} for e in range(6)]
+    assert kept_epoch(rows) == 5  # no validation loss: the last epoch's weights
+    for row, val in zip(rows, (3.0, 2.0, 1.0, 1.0, 1.5, 2.0), strict=True):
+        row["val_loss"] = val
+    assert kept_epoch(rows) == 2  # the first of the lowest, as train_generator keeps it
+    _plot_history(rows, tmp_path / "h.png", GeneratorTrainingConfig(epochs=10, task_weight=30.0))
+    assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_progress_in_a_log_is_one_bar_per_stage(tiny_backbone, tiny_config, monkeypatch, capsys):
+    """stderr not a terminal (capsys): the bars inside a task loop (a task's image features, an expert's epochs)
+    stay off, and the generator's bar keeps TQDM_MININTERVAL (its per-epoch postfix does not force a redraw)."""
+    from training.config import GeneratorTrainingConfig
+    from training.experts import FeatureCache, prepare_task, train_expert
+    from training.generator import GeneratorData, train_generator
+    from training.pipeline import load_data
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "10")
+    dataset = load_data(tiny_config)
+    task = prepare_task(tiny_backbone, dataset, sorted(dataset.tasks)[0], FeatureCache(tiny_backbone))
+    train_expert(tiny_backbone, task, tiny_config.experts)
+    assert capsys.readouterr().err == ""
+    torch.manual_seed(0)
+    data = GeneratorData(torch.randn(16, 12), torch.randn(4, 12), torch.rand(4, 12) + 0.1, torch.arange(4).repeat_interleave(4))
+    train_generator(data, None, GeneratorTrainingConfig(latent_dim=2, hidden_dim=8, epochs=25, batch_size=8))
+    err = capsys.readouterr().err
+    assert 1 <= err.count("generator:") <= 3, err  # opened and closed, not once per epoch
 
 
 def test_the_backbone_fingerprint_hashes_weights_not_a_forward(tiny_artifacts, tiny_backbone):

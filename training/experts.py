@@ -56,7 +56,9 @@ class FeatureCache:
     @torch.no_grad()
     def features(self, samples: list[Sample], desc: str | None = None) -> torch.Tensor:
         todo = [s for s in samples if id(s) not in self._cache]
-        bar = tqdm(total=len(todo), desc=desc or "image features", unit="img", leave=False, disable=not todo)
+        # A bar inside a task loop (experts, evaluation) that clears itself: on a terminal only (disable=None),
+        # where it redraws in place; in a log each one would leave its own lines for every task.
+        bar = tqdm(total=len(todo), desc=desc or "image features", unit="img", leave=False, disable=None if todo else True)
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
             pixels = torch.stack([self.backbone.preprocess(s.load()) for s in chunk]).to(self.backbone.device)
@@ -133,7 +135,9 @@ def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConf
     if n * row_bytes <= PRECOMPUTE_BYTES:  # else each batch computes its own (a large task at a large input size)
         data = dataclasses.replace(data, inputs=backbone.adapter_inputs(data.features))
     snapshots = []
-    for epoch in tqdm(range(cfg.epochs), desc=f"expert {task.info.name}", unit="ep", leave=False, disable=not progress):
+    # Inside the experts stage's task bar: on a terminal only, as FeatureCache's (disable=None: off when not a TTY).
+    epochs = tqdm(range(cfg.epochs), desc=f"expert {task.info.name}", unit="ep", leave=False, disable=None if progress else True)
+    for epoch in epochs:
         order = torch.randperm(n, generator=g)
         for i in range(0, n, cfg.batch_size):
             b = order[i : i + cfg.batch_size]

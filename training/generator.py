@@ -207,8 +207,11 @@ def train_generator(
             if row["val_loss"] < best:
                 best, best_state, best_epoch = row["val_loss"], copy.deepcopy(kept.state_dict()), epoch
         history.append(row)
-        bar.set_postfix(
-            rec=f"{row['reconstruction']:.4f}", kl=f"{row['kl']:.3f}", **({"task": f"{row['task']:.3f}"} if use_tasks else {})
+        bar.set_postfix(  # shown at the bar's next redraw: refreshing here would bypass its minimum interval in a log
+            rec=f"{row['reconstruction']:.4f}",
+            kl=f"{row['kl']:.3f}",
+            **({"task": f"{row['task']:.3f}"} if use_tasks else {}),
+            refresh=False,
         )
         if cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch + 1 < cfg.epochs:
             tqdm.write(

@@ -23,7 +23,7 @@ from models.backbone import create_backbone
 from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
-from training.config import METHODS, PipelineConfig, SplitConfig, from_dict
+from training.config import METHODS, GeneratorTrainingConfig, PipelineConfig, SplitConfig, from_dict
 from training.data import TaskDataset, load_task_dataset
 from training.evaluate import evaluate_lora
 from training.experts import FeatureCache, prepare_task, train_expert
@@ -256,6 +256,8 @@ FIXED_SECTIONS = ("backbone", "data", "split", "experts")
 
 
 def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
+    if out.is_dir() and not (out / art.MANIFEST).exists():  # an empty or unrelated folder: no stage has run there
+        raise ValueError(f"{out}: no stage has run there (no {art.MANIFEST}); run the pipeline from its 'experts' stage")
     manifest = art.read_manifest(out)
     if stage not in manifest.get("stages", {}):
         raise ValueError(f"{out}: run the '{stage}' stage first")
@@ -345,34 +347,82 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
     if cfg.generator.task_weight > 0:  # the task loss needs each task's training images (cached features)
         dataset, cache = load_data(cfg), FeatureCache(backbone)
         _check_data(out, manifest, dataset.fingerprint())
-        train.tasks = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in train_names]
+        names = tqdm(train_names + (list(splits["val"]) if val is not None else []), desc="generator tasks' images", unit="task")
+        prepared = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in names]
+        train.tasks = prepared[: len(train_names)]
         if val is not None:
-            val.tasks = [prepare_task(backbone, dataset, n, cache, ("train",)).train for n in splits["val"]]
+            val.tasks = prepared[len(train_names) :]
     _log(f"[generator] {len(train.x)} training snapshots from {len(train_names)} tasks")
     model, history = train_generator(train, val, cfg.generator, backbone=backbone)
+    kept = kept_epoch(history)
     with atomic_dir(out / "generator") as tmp:
         art.save_generator(tmp, model, history)
-        _plot_history(history, tmp / "history.png")
+        _plot_history(history, tmp / "history.png", cfg.generator)
+    how = "the last; no validation tasks"
+    if "val_loss" in history[0]:
+        how = f"lowest validation loss, {history[kept]['val_loss']:.4g}"
+    _log(f"[generator] {len(history)} of {cfg.generator.epochs} epochs; kept the weights of epoch {kept} ({how})")
     _record_config(out, cfg)
-    extra = {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x)}
+    extra = {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x), "epochs": len(history), "kept_epoch": kept}
     art.update_manifest(out, "generator", extra, invalidate=("evaluate",))  # eval/ scored the previous generator
 
 
-def _plot_history(history: list[dict], path: Path) -> None:
+def kept_epoch(history: list[dict]) -> int:
+    """The epoch whose weights :func:`train_generator` returns: the first with the lowest validation loss,
+    the last one without validation tasks."""
+    best, kept = float("inf"), history[-1]["epoch"]
+    if "val_loss" in history[0]:
+        for h in history:
+            if h["val_loss"] < best:
+                best, kept = h["val_loss"], h["epoch"]
+    return kept
+
+
+# history.json's training terms, as the plot names them (each the epoch's mean, unweighted)
+HISTORY_TERMS = {
+    "reconstruction": "reconstruction (eq. 9)",
+    "kl": "KL (eq. 9, summed over the latent)",
+    "task": "task loss of sampled LoRAs",
+    "prior_path": "prior-path reconstruction",
+}
+
+
+def _plot_history(history: list[dict], path: Path, cfg: GeneratorTrainingConfig | None = None) -> None:
+    """Left: the training terms per epoch as history.json records them (unweighted). Right: the validation
+    loss that picks the kept epoch (eq. 9 with its weights plus the weighted task term), the kept epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    val = "val_loss" in history[0]
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 6, 3.8), squeeze=False)
     ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["reconstruction"] for h in history], label="reconstruction (train)")
-    if "val_loss" in history[0]:
-        ax.plot(ep, [h["val_loss"] for h in history], label="loss (val)")
+    kept = kept_epoch(history)
+    ax = axes[0][0]
+    for key, label in HISTORY_TERMS.items():
+        if key in history[0]:
+            ax.plot(ep, [h[key] for h in history], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.legend()
-    ax.set_title("CVAE training")
+    ax.set_ylabel("loss term (epoch mean, unweighted)")
+    ax.set_title("training terms")
+    ax.legend(fontsize=8)
+    if val:
+        ax = axes[0][1]
+        ax.plot(ep, [h["val_loss"] for h in history], color="C4")
+        best = next(h["val_loss"] for h in history if h["epoch"] == kept)
+        ax.plot([kept], [best], "o", color="C3", label=f"kept: epoch {kept}")
+        weight = f" + {cfg.task_weight:g} x task" if cfg is not None and cfg.task_weight > 0 else ""
+        ax.set_ylabel(f"validation loss (eq. 9{weight})")
+        ax.set_xlabel("epoch")
+        ax.set_title("validation loss (picks the kept epoch)")
+        ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    stop = "" if cfg is None or len(history) >= cfg.epochs else f", stopped early after epoch {ep[-1]} of {cfg.epochs}"
+    fig.suptitle(f"CVAE training: {len(history)} epochs{stop}; weights of epoch {kept} kept", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -424,6 +474,7 @@ def stage_evaluate(
         "top_k": a.engine.top_k,
         "temperature": a.engine.temperature,
         "sg_samples": cfg.evaluation.sg_samples,
+        "seed": cfg.evaluation.seed,  # the sampling methods' LoRAs: seeds seed .. seed + sg_samples - 1
         "paired": paired_differences(per_task),
     }
     # Some of the methods only: beside the full results, never over them (eval-partial/, eval-val-partial/).
@@ -431,11 +482,12 @@ def stage_evaluate(
     with atomic_dir(out / folder) as tmp:
         write_json(tmp / "results.json", results)
         (tmp / "results.md").write_text(results_table(results))
+        plot_results(results, tmp / "results.png")
     _log(f"[evaluate] results in {out / folder}")
     if on == "test" and not partial:
         _record_config(out, cfg)
         art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
-    _log(results_table(results))
+    _log(results_table(results, per_task=False) + f"(per-task scores: {out / folder / 'results.md'})")
     return results
 
 
@@ -486,7 +538,54 @@ def paired_differences(per_task: dict[str, dict[str, dict[str, float]]]) -> list
     return out
 
 
-def results_table(results: dict) -> str:
+METRIC_NAMES = {"accuracy": "accuracy", "i2t_r1": "Recall@1 image->text", "t2i_r1": "Recall@1 text->image"}
+
+
+def _what_was_scored(results: dict) -> str:
+    """Which tasks a table averages: the unseen test tasks, or the validation tasks (which picked the
+    generator's epoch and the settings: not unseen)."""
+    n, on, config = len(results["test_tasks"]), results.get("evaluated_on", "test"), results["config"]
+    if on == "test":
+        return f"{n} unseen test tasks ({config})"
+    if on == "val":
+        return f"{n} validation tasks ({config}; not unseen: they chose the generator's epoch and the settings)"
+    return f"{n} {on!r} tasks ({config})"
+
+
+def _how_it_was_scored(results: dict) -> list[str]:
+    """Units and what each method's number is: the metrics, the samples behind the sampling methods, K and tau."""
+    methods = results["methods"]
+    lines = [
+        "Scores in %: accuracy of the argmax over the task's class prompts; i2t_rK / t2i_rK: Recall@K image->text / text->image."
+    ]
+    sampled = [m for m in SAMPLING_METHODS if m in methods]
+    n = results.get("sg_samples")
+    if sampled and n:
+        seed = results.get("seed")
+        seeds = "" if seed is None else f", seeds {seed}" + (f"-{seed + n - 1}" if n > 1 else "")
+        lines.append(f"{' and '.join(sampled)}: the mean over {n} LoRA(s) sampled per task{seeds}.")
+    if results.get("top_k") is not None:
+        lines.append(f"Top-K merges and the prior: K = {results['top_k']}, temperature {results['temperature']}.")
+    if "oracle" in methods:
+        lines.append("oracle: the task's own expert (the mean of its snapshots, trained on its data): a reference, not a method.")
+    return lines
+
+
+def oracle_gain(methods: dict[str, dict[str, float]], key: str) -> dict[str, float | None]:
+    """(method - zero-shot) / (oracle - zero-shot) in % on the averages of ``key``, per method but those two;
+    None for every method where the oracle does not beat zero-shot (no gain to recover)."""
+    if "zero-shot" not in methods or "oracle" not in methods or key not in methods["oracle"]:
+        return {}
+    base, top = methods["zero-shot"][key], methods["oracle"][key]
+    names = [m for m in METHODS if m in methods and m not in ("zero-shot", "oracle") and key in methods[m]]
+    if top <= base:
+        return dict.fromkeys(names)
+    return {m: 100.0 * (methods[m][key] - base) / (top - base) for m in names}
+
+
+def results_table(results: dict, per_task: bool = True) -> str:
+    """results.md: the averages, the share of the oracle's gain, the paired differences and (``per_task``)
+    every task's score on the metrics of :data:`PAIRED_METRICS`."""
     methods = results["methods"]
     keys = [
         k
@@ -494,9 +593,9 @@ def results_table(results: dict) -> str:
         if any(k in v for v in methods.values())
     ]
     # Each column averages the tasks that have its metric (retrieval: recall, classification: accuracy).
-    per_task = results.get("tasks", {}).values()
+    tasks = results.get("tasks", {})
     have = {
-        kind: sum(any(k in m for m in t.values()) for t in per_task)
+        kind: sum(any(k in m for m in t.values()) for t in tasks.values())
         for kind, k in (("retrieval recall", "i2t_r1"), ("accuracy", "accuracy"))
         if k in keys
     }
@@ -504,7 +603,9 @@ def results_table(results: dict) -> str:
     if len(have) > 1:
         split = ": each column over the tasks that have it (" + ", ".join(f"{kind}: {n}" for kind, n in have.items()) + ")"
     lines = [
-        f"Averaged over {len(results['test_tasks'])} unseen tasks ({results['config']}){split}.",
+        f"Averaged over {_what_was_scored(results)}{split}.",
+        "",
+        *_how_it_was_scored(results),
         "",
         "| method | " + " | ".join(keys) + " |",
         "|---|" + "---|" * len(keys),
@@ -512,6 +613,21 @@ def results_table(results: dict) -> str:
     for m in METHODS:
         if m in methods:
             lines.append(f"| {m} | " + " | ".join(f"{methods[m].get(k, float('nan')):.2f}" for k in keys) + " |")
+    gains = {k: oracle_gain(methods, k) for k in PAIRED_METRICS if k in keys}
+    gains = {k: g for k, g in gains.items() if g}
+    if gains:
+        rows = [m for m in METHODS if any(m in g for g in gains.values())]
+        lines += [
+            "",
+            "Share of the oracle's gain, (method - zero-shot) / (oracle - zero-shot) on the averages above, in %"
+            " (n/a: the oracle does not beat zero-shot there):",
+            "",
+            "| method | " + " | ".join(gains) + " |",
+            "|---|" + "---|" * len(gains),
+        ]
+        for m in rows:
+            cells = ["" if m not in g else "n/a" if g[m] is None else f"{g[m]:.1f}" for g in gains.values()]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     cos = {m: methods[m]["image_cosine"] for m in METHODS if "image_cosine" in methods.get(m, {})}
     if cos:
         lines += [
@@ -526,7 +642,60 @@ def results_table(results: dict) -> str:
     if paired:
         lines += ["", "Paired per-task differences (a - b on the same tasks; mean ± standard error, wins/ties/losses):"]
         lines += ["", *paired_table(paired)]
+    for key in PAIRED_METRICS if per_task else ():
+        rows = {t: r for t, r in tasks.items() if any(key in v for v in r.values())}
+        if not rows:
+            continue
+        cols = [m for m in METHODS if any(m in r and key in r[m] for r in rows.values())]
+        name = key if METRIC_NAMES[key] == key else f"{key} ({METRIC_NAMES[key]})"
+        lines += ["", f"Per task, {name} in %:", "", "| task | " + " | ".join(cols) + " |"]
+        lines.append("|---|" + "---|" * len(cols))
+        for t, r in rows.items():
+            cells = [f"{r[m][key]:.2f}" if m in r and key in r[m] else "" for m in cols]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, path: Path) -> bool:
+    """Every task's score under each method (one grey line per task, so that the pairing shows) and the
+    mean over the tasks ± standard error, one panel per metric of :data:`PAIRED_METRICS` the tasks have.
+    False (nothing written) when no task has one."""
+    per_task = results.get("tasks", {})
+    panels = []
+    for key in PAIRED_METRICS:
+        rows = [r for r in per_task.values() if any(key in v for v in r.values())]
+        cols = [m for m in METHODS if any(m in r and key in r[m] for r in rows)]
+        if rows and cols:
+            panels.append((key, rows, cols))
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 4.2), squeeze=False)
+    for ax, (key, rows, cols) in zip(axes[0], panels, strict=True):
+        x = range(len(cols))
+        for r in rows:
+            ax.plot(x, [r[m][key] if m in r and key in r[m] else float("nan") for m in cols], color="0.75", lw=0.8, zorder=1)
+        for i, m in enumerate(cols):
+            v = [r[m][key] for r in rows if m in r and key in r[m]]
+            mean = sum(v) / len(v)
+            se = (sum((a - mean) ** 2 for a in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else 0.0
+            ax.errorbar(i, mean, yerr=se, fmt="o", color="C3" if m == "sg-lora" else "k", capsize=3, zorder=2)
+        ax.set_xticks(list(x), cols, rotation=45, ha="right")
+        ax.set_ylabel(f"{METRIC_NAMES[key]} (%)")
+        ax.set_title(f"{key}, {len(rows)} task{'s' if len(rows) > 1 else ''}")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        f"{_what_was_scored(results).split(' (')[0]} ({results['config']}): grey line = one task, dot = mean ± s.e.",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def paired_table(paired: list[dict]) -> list[str]:
