@@ -274,6 +274,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
+    if args.command != "pipeline":
+        return ""
+    return f"; the trained tasks and finished stages in {args.out} are kept: rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads: idle OpenMP threads sleep rather than spin (shared machines, servers).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -290,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except Terminated as e:
-        print(f"stopped by {e.args[0]}", file=sys.stderr)
+        print(f"stopped by {e.args[0]}{_resume_hint(args)}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     finally:
         if main_thread:  # None: a handler set outside Python, which cannot be put back; the default then

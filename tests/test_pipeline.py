@@ -607,6 +607,7 @@ def test_sigterm_stops_a_run_cleanly(tiny_config, tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert "rerun the same command to resume" in err
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     from training.pipeline import prepare_data
 
