@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
@@ -26,6 +27,8 @@ from sglora import __version__
 from sglora.artifacts import ArtifactError
 
 log = logging.getLogger("sglora.app")
+
+DOCS_STATIC = "/static-docs"  # Swagger UI's and ReDoc's scripts (fastapi-offline's copies)
 
 DESCRIPTION = """
 Generates LoRA adapters for a frozen CLIP-style model from a task description (SG-LoRA):
@@ -80,7 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     unfreeze_heap()
             log.info("stopped")
 
-    app = FastAPI(title="SG-LoRA", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their scripts served from the package (FastAPI's own pages fetch them from
+    # cdn.jsdelivr.net, and stay blank on a machine without internet access).
+    app = FastAPIOffline(title="SG-LoRA", version=__version__, description=DESCRIPTION, lifespan=lifespan, static_url=DOCS_STATIC)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None

@@ -290,7 +290,10 @@ def test_allowed_images_decode(served):
 
 
 # ---- access ------------------------------------------------------------------------------------------
-OPEN = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/"), ("GET", "/static/app.js")]
+OPEN = [
+    *[("GET", p) for p in ("/health", "/ready", "/metrics", "/", "/static/app.js", "/openapi.json", "/docs", "/redoc")],
+    ("GET", "/static-docs/swagger-ui-bundle.js"),
+]
 MODEL = [
     ("POST", "/generate", {"json": {"description": "a ring", "seed": 1}}),
     ("POST", "/generate/preview", {"json": {"description": "a ring", "seed": 1}}),

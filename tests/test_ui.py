@@ -252,3 +252,19 @@ def test_a_refused_image_is_named_by_its_file(server, browser, tmp_path):
     browser.find_element(By.ID, "retrieve").click()
     WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "retrieval-error")))
     assert browser.find_element(By.ID, "retrieval-error").text.startswith("422 · images[1] (notes.txt): ")
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_documentation_renders_without_internet(server, browser, page):
+    """Swagger UI and ReDoc load their scripts from the service (the browser here has no internet: FastAPI's
+    own pages, which fetch them from cdn.jsdelivr.net, stayed blank)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}{page}")
+    sources = browser.execute_script(
+        "return Array.from(document.querySelectorAll('script[src], link[href]'), e => e.src || e.href)"
+    )
+    assert sources and all(s.startswith(server) for s in sources), sources
+    body = WebDriverWait(browser, 30).until(lambda d: "Generate a LoRA" in (t := d.find_element(By.TAG_NAME, "body").text) and t)
+    assert "/generate/batch" in body and "/retrieve" in body
