@@ -270,7 +270,12 @@ class Client:
         return self._request("DELETE", f"/experts/{quote(name, safe='')}").json()
 
     def ready(self) -> dict[str, Any]:
-        return self._request("GET", "/ready").json()
+        """``/ready``'s answer, asked once (a readiness probe is not retried): ``status`` is "ready", or
+        "starting" / "draining" (the service's 503). A refused connection raises ``httpx.ConnectError``."""
+        r = self._http.get("/ready", headers=self._headers)
+        if r.status_code in (200, 503) and r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        raise _error(r)
 
 
 def _body(description: str | None, method: str | None, seed: int | None, top_k: int | None, temperature: float | None) -> dict:

@@ -208,12 +208,12 @@ def test_a_full_queue_is_retried_after_retry_after_then_reported():
 
 def test_a_refused_connection_is_retried_a_timeout_is_not():
     refused = httpx.ConnectError("[Errno 111] Connection refused")
-    ok = httpx.Response(200, json={"status": "ready"})
+    ok = httpx.Response(200, json={"artifact_version": "v", "experts": [{"name": "ring"}]})
     c, seen = scripted(refused, refused, ok)
-    assert c.ready() == {"status": "ready"} and len(seen) == 3  # a restarting server
+    assert c.experts() == [{"name": "ring"}] and len(seen) == 3  # a restarting server
     c, seen = scripted(refused, refused, refused)
     with pytest.raises(httpx.ConnectError):
-        c.ready()
+        c.experts()
     assert len(seen) == 3
     c, seen = scripted(httpx.ReadTimeout("timed out"), ok)
     with pytest.raises(httpx.TimeoutException):
@@ -231,3 +231,15 @@ def test_a_port_nothing_listens_on_raises_httpx_connect_error():
 def test_the_client_needs_no_torch():
     code = "import sys, sglora.client; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_ready_is_a_probe_asked_once():
+    """A starting or draining service's 503 is its answer, not an error to retry."""
+    draining = httpx.Response(503, json={"status": "draining"})
+    c, seen = scripted(draining, httpx.Response(200, json={"status": "ready"}))
+    assert c.ready() == {"status": "draining"} and len(seen) == 1
+    assert c.ready() == {"status": "ready"} and len(seen) == 2
+    c, seen = scripted(httpx.ConnectError("[Errno 111] Connection refused"))
+    with pytest.raises(httpx.ConnectError):
+        c.ready()
+    assert len(seen) == 1
