@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import load_config
+from training.config import PipelineConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -36,11 +36,19 @@ def _write(tmp_path, text):
         ("split: {test: [a, a]}", r"split.test: task\(s\) \['a'\] listed more than once"),
         ("experts: {min_test_samples: 1}", "experts.min_test_samples must be >= 2"),
         ("experts: {min_train_samples: 0}", "experts.min_train_samples must be >= 2"),
+        ("experts: {epochs: 0}", r"^experts\.epochs must be >= 1, got 0$"),  # the section named once
+        ("prior: {top_k: 0}", r"^prior\.top_k must be >= 1, got 0$"),
+        ("", "the config is empty"),  # all defaults would be a random-weight ViT-B-16
+        ("# a comment only\n", "the config is empty"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, needle):
     with pytest.raises(ValueError, match=needle):
         load_config(_write(tmp_path, text))
+
+
+def test_an_explicit_empty_mapping_takes_every_default(tmp_path):
+    assert load_config(_write(tmp_path, "{}")).backbone.kind == PipelineConfig().backbone.kind
 
 
 def test_missing_config_file(tmp_path):

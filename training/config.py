@@ -277,8 +277,9 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}" if where != "config" else str(e)) from e
+    except ValueError as e:  # the dataclass's own checks name their field with its section or without it
+        named = where == "config" or str(e).startswith(f"{where}.")
+        raise ValueError(str(e) if named else f"{where}: {e}") from e
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -289,6 +290,8 @@ def load_config(path: str | Path) -> PipelineConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if data is None:  # every setting defaulted would be a random-weight ViT-B-16: surely not what was meant
+        raise ValueError(f"{path}: the config is empty (write {{}} to take every default)")
     cfg = from_dict(PipelineConfig, data)
     return dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
 
