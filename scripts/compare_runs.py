@@ -1,7 +1,8 @@
 """Pools the evaluations of several runs of one pipeline (other seeds) on the same unseen tasks.
 
 Each run's ``eval/results.json`` scores every method on every test task. Per method and metric: the
-mean over runs of each run's average, and the lowest and highest run. Paired differences (as in one
+mean over runs of each run's average, and the lowest and highest run; the same for each run's share of
+the oracle's gain over zero-shot. Paired differences (as in one
 run's results.md) of the per-task means over runs: the task stays the unit, so the standard error is
 over tasks, with the seed-to-seed noise averaged inside each task.
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from training.config import METHODS
 from training.pipeline import PAIRED_METRICS as METRICS  # the metrics one run pairs, pooled over runs
-from training.pipeline import paired_differences, paired_table
+from training.pipeline import oracle_gain, paired_differences, paired_table
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -62,6 +63,21 @@ def report(runs: list[dict], names: list[str]) -> str:
     for m, v in averages.items():
         cells = [f"{sum(v[k]) / len(v[k]):.2f} ({min(v[k]):.2f}–{max(v[k]):.2f})" if k in v else "" for k in metrics]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    gains = {k: [oracle_gain(r["methods"], k) for r in runs] for k in metrics}
+    gains = {k: g for k, g in gains.items() if all(g)}  # every run has zero-shot and oracle on k
+    if gains:
+        lines += [
+            "",
+            "Share of the oracle's gain, (method - zero-shot) / (oracle - zero-shot) on each run's averages, in %:"
+            " mean (lowest–highest run); n/a where the oracle does not beat zero-shot in some run",
+            "",
+            "| method | " + " | ".join(gains) + " |",
+            "|---|" + "---|" * len(gains),
+        ]
+        for m in averages:
+            cells = [_share_cell([run.get(m, "") for run in g]) for g in gains.values()]
+            if any(cells):
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Paired differences of the per-task means over runs (mean ± standard error over tasks, wins/ties/losses):",
@@ -69,6 +85,15 @@ def report(runs: list[dict], names: list[str]) -> str:
         *paired_table(paired),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _share_cell(shares: list) -> str:
+    """ "" where a run lacks the method, "n/a" where some run's oracle does not beat zero-shot."""
+    if "" in shares:
+        return ""
+    if None in shares:
+        return "n/a"
+    return f"{sum(shares) / len(shares):.1f} ({min(shares):.1f}–{max(shares):.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,18 @@ def test_compare_runs_pools_seeds_per_task(tmp_path):
     assert "| sg-lora - topk-weighted | accuracy | 2 | +6.50 ± 8.50 | 1 / 0 / 1 |" in p.stdout
 
 
+def test_compare_runs_pools_each_runs_share_of_the_oracle_gain(tmp_path):
+    scores = {"zero-shot": 40, "sg-lora": 70, "topk-weighted": 60, "oracle": 80}
+    a = _results(tmp_path, "s0", {"t1": scores, "t2": scores})  # sg-lora (70-40)/(80-40) = 75 %, top-K 50 %
+    b = _results(tmp_path, "s1", {"t1": {**scores, "sg-lora": 80}, "t2": {**scores, "sg-lora": 80}})  # 100 %
+    cmd = [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(a), str(b)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "| sg-lora | 87.5 (75.0–100.0) |" in p.stdout
+    assert "| topk-weighted | 50.0 (50.0–50.0) |" in p.stdout
+    assert "| oracle | 80.00 (80.00–80.00) |" in p.stdout  # in the averages, not among the shares
+
+
 def test_compare_runs_refuses_runs_of_other_tasks(tmp_path):
     a = _results(tmp_path, "s0", {"t1": {"sg-lora": 80}})
     b = _results(tmp_path, "s1", {"t2": {"sg-lora": 80}})
