@@ -52,7 +52,9 @@ def server(tiny_artifacts_session):
     require_browser()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    # Neither Redis nor the in-process LRU keeps a LoRA: an ETag is forgotten at once, and the page's
+    # retrieval must still work (it sends the seeded request, which gives the same LoRA again).
+    env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_LRU_BYTES": "0", "SGLORA_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     artifacts = ("--artifacts", str(tiny_artifacts_session))
     proc = start_server(port, env, *artifacts, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -162,6 +164,9 @@ def test_describe_generate_download_and_compare_retrieval(server, browser, tmp_p
         assert [h.split(". ", 1)[1] for h in heads] == [c for _, c in images]
     assert "recall@1" in browser.find_element(By.ID, "lora-recall").text
     assert browser.find_element(By.ID, "error").is_displayed() is False
+    assert not browser.find_element(By.ID, "retrieval-note").is_displayed()  # the previewed LoRA, generated again
+    gone = httpx.post(f"{server}/retrieve", data={"etag": api["etag"]}, files=[("images", images[0][0].read_bytes())])
+    assert gone.status_code == 404  # what the page sent before: the ETag alone, forgotten here
 
     # A screenshot of the whole page, to look at.
     height = browser.execute_script("return document.documentElement.scrollHeight")
@@ -268,3 +273,20 @@ def test_api_documentation_renders_without_internet(server, browser, page):
     assert sources and all(s.startswith(server) for s in sources), sources
     body = WebDriverWait(browser, 30).until(lambda d: "Generate a LoRA" in (t := d.find_element(By.TAG_NAME, "body").text) and t)
     assert "/generate/batch" in body and "/retrieve" in body
+
+
+def test_retrieval_says_when_the_request_gives_another_lora_than_the_preview(server, browser, tmp_path):
+    """After an expert change the seeded request gives another LoRA than the one previewed: the scores are
+    that LoRA's, and the page says so (here the preview's ETag is replaced to stand for such a change)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    generate_in_page(browser, server)
+    previewed = browser.execute_script("const e = current.info.etag; current.info.etag = 'an-earlier-lora'; return e;")
+    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
+    browser.find_element(By.ID, "images").send_keys(str(image))
+    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
+    browser.find_element(By.ID, "retrieve").click()
+    note = WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "retrieval-note")))
+    assert "expert repository changed" in note.text and previewed in note.text

@@ -1,7 +1,7 @@
 // The SG-LoRA page: plain JavaScript over the public API, no build step.
 //   POST /generate/preview  -> chosen experts, weights, similarities, seed, ETag (JSON)
 //   POST /generate          -> the LoRA file (same request + the seed: the same bytes)
-//   POST /retrieve          -> image/caption scores with the LoRA (by ETag) and zero-shot
+//   POST /retrieve          -> image/caption scores with the LoRA (the same request) and zero-shot
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -144,12 +144,19 @@ function renderExperts(info) {
   );
 }
 
+// The request the preview answered, with the seed it reported: the same bytes again (from the cache,
+// or generated again once they left it), unless the expert repository changed meanwhile.
+function seededRequest() {
+  const body = { ...current.request };
+  if (current.info.seed !== null) body.seed = current.info.seed;
+  return body;
+}
+
 async function download(asZip) {
   if (!current) return;
   showError($("error"), "");
   // The same request with the seed the preview reported: byte-identical to what the preview generated.
-  const body = { ...current.request };
-  if (current.info.seed !== null) body.seed = current.info.seed;
+  const body = seededRequest();
   const accept = asZip ? "application/zip" : "application/octet-stream";
   const buttons = [$("download-safetensors"), $("download-zip")];
   for (const b of buttons) b.disabled = true;
@@ -222,7 +229,8 @@ async function retrieve() {
   const sent = [...uploads]; // the images of this request, whatever is added or removed meanwhile
   const captions = sent.map((u) => u.caption);
   const form = new FormData();
-  form.append("etag", current.info.etag);
+  // The request rather than the preview's ETag, which names the LoRA only while the cache holds it.
+  for (const [key, value] of Object.entries(seededRequest())) form.append(key, String(value));
   form.append("zero_shot", "true");
   for (const c of captions) form.append("captions", c);
   for (const u of sent) form.append("images", u.file, u.file.name);
@@ -241,6 +249,11 @@ async function retrieve() {
       return;
     }
     const body = await r.json();
+    const regenerated = body.adapter.etag !== current.info.etag;
+    $("retrieval-note").textContent = regenerated
+      ? `The expert repository changed since the preview: scored with the LoRA the same request gives now (ETag ${body.adapter.etag}).`
+      : "";
+    $("retrieval-note").hidden = !regenerated;
     renderScores($("lora-table"), $("lora-recall"), body.lora, body.texts, sent);
     renderScores($("zs-table"), $("zs-recall"), body.zero_shot, body.texts, sent);
     $("rankings").hidden = false;
