@@ -290,3 +290,29 @@ def test_retrieval_says_when_the_request_gives_another_lora_than_the_preview(ser
     browser.find_element(By.ID, "retrieve").click()
     note = WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "retrieval-note")))
     assert "expert repository changed" in note.text and previewed in note.text
+
+
+def test_a_new_preview_during_retrieval_is_not_taken_for_an_expert_change(server, browser, tmp_path):
+    """The note compares the LoRA scored with the preview the retrieval was sent for: another description
+    previewed while the images are scored is no change to the expert repository."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    generate_in_page(browser, server)
+    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
+    browser.find_element(By.ID, "images").send_keys(str(image))
+    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
+    # The answer to /retrieve arrives after another preview (here: its answer put in place of the first).
+    browser.execute_script(
+        """
+        const real = window.fetch;
+        window.fetch = async (u, options) => {
+          const r = await real(u, options);
+          if (u === "/retrieve") current = { ...current, info: { ...current.info, etag: "a-later-preview" } };
+          return r;
+        };
+        """
+    )
+    browser.find_element(By.ID, "retrieve").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "rankings").is_displayed())
+    assert not browser.find_element(By.ID, "retrieval-note").is_displayed()

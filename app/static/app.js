@@ -227,6 +227,7 @@ function updateRetrieveButton() {
 async function retrieve() {
   showError($("retrieval-error"), "");
   const sent = [...uploads]; // the images of this request, whatever is added or removed meanwhile
+  const previewed = current.info.etag; // the LoRA asked for, whatever is previewed meanwhile
   const captions = sent.map((u) => u.caption);
   const form = new FormData();
   // The request rather than the preview's ETag, which names the LoRA only while the cache holds it.
@@ -249,7 +250,7 @@ async function retrieve() {
       return;
     }
     const body = await r.json();
-    const regenerated = body.adapter.etag !== current.info.etag;
+    const regenerated = body.adapter.etag !== previewed;
     $("retrieval-note").textContent = regenerated
       ? `The expert repository changed since the preview: scored with the LoRA the same request gives now (ETag ${body.adapter.etag}).`
       : "";
