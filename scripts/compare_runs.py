@@ -18,7 +18,7 @@ from pathlib import Path
 
 from training.config import METHODS
 from training.pipeline import PAIRED_METRICS as METRICS  # the metrics one run pairs, pooled over runs
-from training.pipeline import oracle_gain, paired_differences, paired_table
+from training.pipeline import oracle_gain, paired_differences, paired_table, share_table
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -66,18 +66,9 @@ def report(runs: list[dict], names: list[str]) -> str:
     gains = {k: [oracle_gain(r["methods"], k) for r in runs] for k in metrics}
     gains = {k: g for k, g in gains.items() if all(g)}  # every run has zero-shot and oracle on k
     if gains:
-        lines += [
-            "",
-            "Share of the oracle's gain, (method - zero-shot) / (oracle - zero-shot) on each run's averages, in %:"
-            " mean (lowest–highest run); n/a where the oracle does not beat zero-shot in some run",
-            "",
-            "| method | " + " | ".join(gains) + " |",
-            "|---|" + "---|" * len(gains),
-        ]
-        for m in averages:
-            cells = [_share_cell([run.get(m, "") for run in g]) for g in gains.values()]
-            if any(cells):
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        rows = {m: [_share_cell([run.get(m, "") for run in g]) for g in gains.values()] for m in averages}
+        note = "on each run's averages, in %: mean (lowest–highest run); n/a where the oracle does not beat zero-shot in some run"
+        lines += share_table(note, list(gains), {m: cells for m, cells in rows.items() if any(cells)})
     lines += [
         "",
         "Paired differences of the per-task means over runs (mean ± standard error over tasks, wins/ties/losses):",

@@ -583,6 +583,14 @@ def oracle_gain(methods: dict[str, dict[str, float]], key: str) -> dict[str, flo
     return {m: 100.0 * (methods[m][key] - base) / (top - base) for m in names}
 
 
+def share_table(note: str, metrics: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """Markdown lines of a share-of-the-oracle's-gain table (results.md, scripts/compare_runs.py): its
+    heading, what ``note`` adds to the formula, and one row of cells per method."""
+    lines = ["", f"Share of the oracle's gain, (method - zero-shot) / (oracle - zero-shot) {note}", ""]
+    lines += ["| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    return lines + [f"| {m} | " + " | ".join(cells) + " |" for m, cells in rows.items()]
+
+
 def results_table(results: dict, per_task: bool = True) -> str:
     """results.md: the averages, the share of the oracle's gain, the paired differences and (``per_task``)
     every task's score on the metrics of :data:`PAIRED_METRICS`."""
@@ -616,18 +624,13 @@ def results_table(results: dict, per_task: bool = True) -> str:
     gains = {k: oracle_gain(methods, k) for k in PAIRED_METRICS if k in keys}
     gains = {k: g for k, g in gains.items() if g}
     if gains:
-        rows = [m for m in METHODS if any(m in g for g in gains.values())]
-        lines += [
-            "",
-            "Share of the oracle's gain, (method - zero-shot) / (oracle - zero-shot) on the averages above, in %"
-            " (n/a: the oracle does not beat zero-shot there):",
-            "",
-            "| method | " + " | ".join(gains) + " |",
-            "|---|" + "---|" * len(gains),
-        ]
-        for m in rows:
-            cells = ["" if m not in g else "n/a" if g[m] is None else f"{g[m]:.1f}" for g in gains.values()]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        rows = {
+            m: ["" if m not in g else "n/a" if g[m] is None else f"{g[m]:.1f}" for g in gains.values()]
+            for m in METHODS
+            if any(m in g for g in gains.values())
+        }
+        note = "on the averages above, in % (n/a: the oracle does not beat zero-shot there):"
+        lines += share_table(note, list(gains), rows)
     cos = {m: methods[m]["image_cosine"] for m in METHODS if "image_cosine" in methods.get(m, {})}
     if cos:
         lines += [
