@@ -677,13 +677,15 @@ def test_results_md_says_what_was_measured_and_shows_every_task(tmp_path):
     below["methods"]["oracle"]["accuracy"] = 30.0  # no gain to recover
     assert oracle_gain(below["methods"], "accuracy") == {"topk-weighted": None, "sg-lora": None}
     assert "| sg-lora | n/a |" in results_table(below)
+    one = {**_scored(), "sg_samples": 1}
+    assert "sg-lora: the mean over 1 LoRA(s) sampled per task, seed 5." in results_table(one)  # not "seeds 5"
     assert plot_results(results, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 0
     assert not plot_results({**results, "tasks": {}}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 def test_generator_history_plot_marks_the_kept_epoch(tmp_path):
     from training.config import GeneratorTrainingConfig
-    from training.pipeline import _plot_history, kept_epoch
+    from training.pipeline import _plot_history, history_title, kept_epoch
 
     rows = [{"epoch": e, "reconstruction": 1.0 / (e + 1), "kl": 2.0, "task": 0.5} for e in range(6)]
     assert kept_epoch(rows) == 5  # no validation loss: the last epoch's weights
@@ -691,6 +693,11 @@ def test_generator_history_plot_marks_the_kept_epoch(tmp_path):
         row["val_loss"] = val
     assert kept_epoch(rows) == 2  # the first of the lowest, as train_generator keeps it
     _plot_history(rows, tmp_path / "h.png", GeneratorTrainingConfig(epochs=10, task_weight=30.0))
+    # 6 epochs run, numbered 0-5: not "after epoch 5 of 10", which reads as 5 of them
+    assert history_title(rows, GeneratorTrainingConfig(epochs=10)) == (
+        "CVAE training: 6 of 10 epochs (stopped early), numbered from 0; weights of epoch 2 kept"
+    )
+    assert history_title(rows, GeneratorTrainingConfig(epochs=6)).startswith("CVAE training: 6 epochs, numbered from 0;")
     assert (tmp_path / "h.png").stat().st_size > 0
 
 

@@ -387,6 +387,17 @@ HISTORY_TERMS = {
 }
 
 
+def history_title(history: list[dict], cfg: GeneratorTrainingConfig | None = None) -> str:
+    """history.png's title: the epochs run (of those configured, when it stopped early) and the kept one,
+    numbered from 0 as history.json, the plot's axis and the manifest's kept_epoch number them."""
+    run = (
+        f"{len(history)} epochs"
+        if cfg is None or len(history) >= cfg.epochs
+        else f"{len(history)} of {cfg.epochs} epochs (stopped early)"
+    )
+    return f"CVAE training: {run}, numbered from 0; weights of epoch {kept_epoch(history)} kept"
+
+
 def _plot_history(history: list[dict], path: Path, cfg: GeneratorTrainingConfig | None = None) -> None:
     """Left: the training terms per epoch as history.json records them (unweighted). Right: the validation
     loss that picks the kept epoch (eq. 9 with its weights plus the weighted task term), the kept epoch marked."""
@@ -421,8 +432,7 @@ def _plot_history(history: list[dict], path: Path, cfg: GeneratorTrainingConfig 
         ax.legend(fontsize=8)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    stop = "" if cfg is None or len(history) >= cfg.epochs else f", stopped early after epoch {ep[-1]} of {cfg.epochs}"
-    fig.suptitle(f"CVAE training: {len(history)} epochs{stop}; weights of epoch {kept} kept", fontsize=10)
+    fig.suptitle(history_title(history, cfg), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -562,7 +572,7 @@ def _how_it_was_scored(results: dict) -> list[str]:
     n = results.get("sg_samples")
     if sampled and n:
         seed = results.get("seed")
-        seeds = "" if seed is None else f", seeds {seed}" + (f"-{seed + n - 1}" if n > 1 else "")
+        seeds = "" if seed is None else f", seed {seed}" if n == 1 else f", seeds {seed}-{seed + n - 1}"
         lines.append(f"{' and '.join(sampled)}: the mean over {n} LoRA(s) sampled per task{seeds}.")
     if results.get("top_k") is not None:
         lines.append(f"Top-K merges and the prior: K = {results['top_k']}, temperature {results['temperature']}.")
