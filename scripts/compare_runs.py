@@ -18,7 +18,7 @@ from pathlib import Path
 
 from training.config import METHODS
 from training.pipeline import PAIRED_METRICS as METRICS  # the metrics one run pairs, pooled over runs
-from training.pipeline import oracle_gain, paired_differences, paired_table, share_table
+from training.pipeline import oracle_gain, paired_differences, paired_table, scored_tasks, share_table
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -31,6 +31,8 @@ def load_runs(dirs: list[Path]) -> list[dict]:
             runs.append(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e})") from e
+    if len({r.get("evaluated_on", "test") for r in runs}) > 1:
+        raise ValueError("the runs were evaluated on different splits (test and validation); pool one split")
     tasks = [sorted(r["tasks"]) for r in runs]
     if any(t != tasks[0] for t in tasks):
         raise ValueError("the runs were evaluated on different tasks; pool only runs of one split")
@@ -54,8 +56,9 @@ def pool(runs: list[dict]) -> tuple[dict, list[dict]]:
 def report(runs: list[dict], names: list[str]) -> str:
     averages, paired = pool(runs)
     metrics = [k for k in METRICS if any(k in v for v in averages.values())]
+    tasks = scored_tasks(len(runs[0]["tasks"]), runs[0].get("evaluated_on", "test"))
     lines = [
-        f"{len(runs)} runs ({', '.join(names)}), {len(runs[0]['tasks'])} unseen tasks each.",
+        f"{len(runs)} runs ({', '.join(names)}), {tasks} each.",
         "",
         "| method | " + " | ".join(f"{k}: mean (lowest–highest run)" for k in metrics) + " |",
         "|---|" + "---|" * len(metrics),

@@ -78,14 +78,14 @@ def test_generator_learning_curve_trains_on_subsets(tiny_config, tmp_path):
     assert (art / "manifest.json").read_text() == manifest
 
 
-def _results(tmp_path: Path, name: str, scores: dict[str, dict[str, float]]) -> Path:
-    """A results.json of two fashion tasks: scores[task][method] = accuracy."""
+def _results(tmp_path: Path, name: str, scores: dict[str, dict[str, float]], on: str = "test") -> Path:
+    """A results.json of fashion tasks (``on``: the split evaluated): scores[task][method] = accuracy."""
     methods = sorted({m for row in scores.values() for m in row})
     tasks = {t: {m: {"accuracy": a} for m, a in row.items()} for t, row in scores.items()}
     avg = {m: {"accuracy": sum(tasks[t][m]["accuracy"] for t in tasks) / len(tasks)} for m in methods}
     d = tmp_path / name / "eval"
     d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps({"methods": avg, "tasks": tasks}))
+    (d / "results.json").write_text(json.dumps({"methods": avg, "tasks": tasks, "evaluated_on": on}))
     return tmp_path / name
 
 
@@ -159,3 +159,15 @@ def test_plot_service_bench_draws_the_miss_breakdown(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_service_bench.py"), str(result)],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode != 0 and "lone_miss_ms.server" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_compare_runs_names_the_split_and_refuses_to_mix_them(tmp_path):
+    script = str(ROOT / "scripts" / "compare_runs.py")
+    val = [_results(tmp_path, f"v{i}", {"t1": {"sg-lora": 80}}, on="val") for i in range(2)]
+    p = subprocess.run([sys.executable, script, *map(str, val)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "1 validation tasks (not unseen: they chose the generator's epoch" in p.stdout, p.stderr
+    test = _results(tmp_path, "t0", {"t1": {"sg-lora": 80}})
+    p = subprocess.run(
+        [sys.executable, script, str(test), str(val[0])], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 2 and "different splits" in p.stderr and "Traceback" not in p.stderr

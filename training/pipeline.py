@@ -552,14 +552,17 @@ METRIC_NAMES = {"accuracy": "accuracy", "i2t_r1": "Recall@1 image->text", "t2i_r
 
 
 def _what_was_scored(results: dict) -> str:
+    return scored_tasks(len(results["test_tasks"]), results.get("evaluated_on", "test"), results["config"])
+
+
+def scored_tasks(n: int, on: str, config: str | None = None) -> str:
     """Which tasks a table averages: the unseen test tasks, or the validation tasks (which picked the
     generator's epoch and the settings: not unseen)."""
-    n, on, config = len(results["test_tasks"]), results.get("evaluated_on", "test"), results["config"]
-    if on == "test":
-        return f"{n} unseen test tasks ({config})"
     if on == "val":
-        return f"{n} validation tasks ({config}; not unseen: they chose the generator's epoch and the settings)"
-    return f"{n} {on!r} tasks ({config})"
+        where = f"{config}; " if config else ""
+        return f"{n} validation tasks ({where}not unseen: they chose the generator's epoch and the settings)"
+    what = f"{n} unseen test tasks" if on == "test" else f"{n} {on!r} tasks"
+    return f"{what} ({config})" if config else what
 
 
 def _how_it_was_scored(results: dict) -> list[str]:
