@@ -41,6 +41,8 @@ STAGES = ("queue", "text_encoding", "prior", "sampling", "serialisation", "image
 # 5xx and 429 alerts divide (a series that appears with its first increment loses that burst to rate()).
 MODEL_ENDPOINTS = ("/generate", "/generate/preview", "/generate/batch", "/retrieve")
 ALERTED_STATUSES = ("200", "429", "500", "503", "504")
+# sglora_requests_total{method}: HTTP accepts any token as a method, and each made-up one would add series for good.
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 
 
 class Metrics:
@@ -144,7 +146,8 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_flight.dec()
             endpoint = getattr(scope.get("route"), "path", None) or _route_of(scope)
-            self.metrics.requests.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
             self.metrics.latency.labels(endpoint=endpoint, cache=cache).observe(time.perf_counter() - start)
 
 

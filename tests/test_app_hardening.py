@@ -400,3 +400,19 @@ def test_refusals_before_routing_are_counted_under_their_endpoint(served):
     assert client.post("/generate", content=b"{}", headers=too_big).status_code == 413
     assert client.get("/nowhere").status_code == 404
     assert count("/generate", "413") == before + 1 and count("other", "404") == other + 1
+
+
+def test_request_methods_of_the_metrics_are_a_fixed_set(served):
+    """The method label takes the standard methods only: each made-up method (any token passes HTTP
+    parsing) would otherwise add series to sglora_requests_total for good."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _, _ = served
+    for i in range(5):
+        assert client.request(f"MADEUP{i}", "/health").status_code == 405
+    assert client.request("DELETE", "/health").status_code == 405
+    samples = [s for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples]
+    methods = {s.labels["method"] for s in samples if s.name == "sglora_requests_total"}
+    assert not any(m.startswith("MADEUP") for m in methods), methods
+    assert {"GET", "POST", "DELETE", "other"} <= methods
+    assert sum(s.value for s in samples if s.name == "sglora_requests_total" and s.labels["method"] == "other") >= 5
