@@ -89,7 +89,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.resolved_max_body_bytes())
+    json_limit = min(settings.resolved_max_json_bytes(), settings.resolved_max_body_bytes())
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.resolved_max_body_bytes(),
+        path_limits=dict.fromkeys((r.path for r in generate.router.routes), json_limit),  # the JSON endpoints
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts the 413s of the limit too
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, a bug's 500 too
     install_error_handlers(app, settings.retry_after_s)

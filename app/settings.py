@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         0, ge=0, description="size limit of a whole request body (413 beyond); 0 = derived from the image and expert limits"
     )
+    max_json_bytes: int = Field(
+        0,
+        ge=0,
+        description="size limit of a JSON body (/generate*; 413 beyond); 0 = derived from the batch and description limits",
+    )
 
     # ---- tests only ----------------------------------------------------------------------------------
     test_model_delay_s: float = Field(
@@ -132,6 +137,13 @@ class Settings(BaseSettings):
         if self.max_body_bytes > 0:
             return self.max_body_bytes
         return max(self.max_images * self.max_image_bytes, 2 * self.max_expert_bytes) + (1 << 20)
+
+    def resolved_max_json_bytes(self) -> int:
+        """0 -> room for the largest valid /generate/batch (every character of every description escaped as a
+        surrogate pair, 12 bytes), + 1 MiB for the rest."""
+        if self.max_json_bytes > 0:
+            return self.max_json_bytes
+        return 12 * self.max_batch_items * self.max_description_chars + (1 << 20)
 
     def resolved_parallelism(self, device: str) -> tuple[int, int]:
         """(model threads, torch intra-op threads) for ``device``; the event loop keeps one core.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import shutil
 import struct
@@ -416,3 +417,25 @@ def test_request_methods_of_the_metrics_are_a_fixed_set(served):
     assert not any(m.startswith("MADEUP") for m in methods), methods
     assert {"GET", "POST", "DELETE", "other"} <= methods
     assert sum(s.value for s in samples if s.name == "sglora_requests_total" and s.labels["method"] == "other") >= 5
+
+
+def test_json_bodies_have_a_limit_of_their_own(served):
+    """The body limit is sized for uploads (hundreds of MB by default); a JSON body that large is parsed
+    into Python objects several times its size, before the API key is even looked at. The JSON endpoints
+    take what their largest valid body needs (SGLORA_MAX_JSON_BYTES, derived by default)."""
+    client, _, _ = served
+    many = b'{"items":[' + b",".join([b'{"description":"a"}'] * 110_000) + b"]}"  # 2.1 MB, under the body limit
+    assert 2_000_000 < len(many) < LIMITS["max_body_bytes"]
+    json_type = {"Content-Type": "application/json"}
+    for path in ("/generate", "/generate/preview", "/generate/batch"):
+        for headers in (NO_KEY, USER):
+            r = client.post(path, content=many, headers={**json_type, **headers})
+            assert (r.status_code, r.json()["detail"]["field"]) == (413, "body"), r.text
+    r = client.post("/generate/batch", content=iter([many[:1_000_000], many[1_000_000:]]), headers=json_type)  # chunked
+    assert (r.status_code, r.json()["detail"]["field"]) == (413, "body"), r.text
+    # The largest valid batch still fits: every item at the description limit, every character escaped (12 bytes).
+    items = [{"description": "\U0001f600" * 1000, "method": "topk-weighted"}] * 32
+    body = json.dumps({"items": items}).encode()
+    assert len(body) > 32 * 12_000
+    r = client.post("/generate/batch", content=body, headers=json_type)
+    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [200] * 32, r.text[:300]
