@@ -244,3 +244,27 @@ def test_a_change_made_on_disk_by_another_process_is_a_409_not_a_lost_update(app
     assert client.delete("/experts/square", headers=ADMIN).status_code == 409
     assert ExpertRepository.load(root / "repository").names == other.names  # the other writer's change stands
     assert len(client.get("/experts").json()["experts"]) == 4  # this server: as loaded, until restarted
+
+
+def test_an_expert_file_with_an_outsized_header_is_refused_before_it_is_read(app_root, monkeypatch):
+    """A safetensors header may list any number of empty tensors: 29 MB of them took 4.6 s and 690 MB to
+    load (256 MB, the default upload limit: ~40 s and ~6 GB). A LoRA's header is a few kB."""
+    import json
+    import struct
+
+    import app.service as service_module
+
+    client, root = app_root
+    loads = []
+    real = service_module.load_safetensors
+    monkeypatch.setattr(service_module, "load_safetensors", lambda data: loads.append(len(data)) or real(data))
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(40_000)}).encode()
+    assert len(header) > service_module.MAX_LORA_HEADER_BYTES
+    empty = ("m.safetensors", struct.pack("<Q", len(header)) + header, "application/octet-stream")
+    files, _ = expert_files(root)
+    for parts, field in (({"mean": empty}, "mean"), ({"mean": files["mean"], "variance": empty}, "variance")):
+        r = client.post("/experts", data={"name": "empty", "description": "nothing"}, files=parts, headers=ADMIN)
+        assert (r.status_code, r.json()["detail"]["field"]) == (422, field), r.text
+        assert "header" in r.json()["detail"]["reason"]
+    assert all(n < 100_000 for n in loads), loads  # only the good mean was read
+    assert len(client.get("/experts").json()["experts"]) == 4
