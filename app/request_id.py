@@ -17,6 +17,7 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
+from urllib.parse import quote
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
@@ -83,7 +84,8 @@ class RequestIdMiddleware:
         except Exception as e:
             if started:  # too late for an answer: the server closes the connection and logs it
                 raise
-            method, path = scope.get("method", ""), scope.get("path", "")
+            # The path percent-encoded, as in uvicorn's access line: the server decoded it, and a %0A would start a forged line.
+            method, path = scope.get("method", ""), quote(scope.get("path", ""))
             log.exception("internal error answering %s %s", method, path)
             body = error_body(None, f"internal error ({type(e).__name__}); see the service log, request {rid}")
             await JSONResponse(body, status_code=500)(scope, receive, send_with_id)

@@ -304,6 +304,23 @@ async def test_a_bug_is_a_500_naming_the_request_id_logged_once_with_its_traceba
         assert (await client.post("/generate", json={"description": "a ring"})).status_code == 200
 
 
+async def test_a_bug_s_log_line_shows_the_path_percent_encoded(make_settings, caplog):
+    """The path is percent-decoded by the server: a %0A in it would start a forged log line."""
+    async with serving(make_settings()) as (service, client):
+
+        def broken(name, part):
+            raise RuntimeError("a bug")
+
+        service.expert_file = broken
+        with caplog.at_level(logging.ERROR, logger="sglora"):
+            r = await client.get("/experts/x%0AERROR:%20forged%1B[2J")
+        assert r.status_code == 500
+        (record,) = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+        message = record.getMessage()
+        assert "\n" not in message and "\x1b" not in message
+        assert message.endswith("GET /experts/x%0AERROR%3A%20forged%1B%5B2J"), message
+
+
 async def test_service_log_lines_of_a_request_carry_its_id(make_settings):
     from app.request_id import RequestIdFilter
 
