@@ -11,8 +11,14 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import APIError
+from app.errors import APIError, error_body
+from app.metrics import leaf_routes
 from app.service import Service
 from app.settings import Settings
 
@@ -61,14 +67,24 @@ def _check(keys: list[str], presented: str | None, kind: str) -> None:
         raise APIError(403, "X-API-Key", f"this key is not accepted here: {kind} is required")
 
 
+def check_key(settings: Settings, presented: str | None, admin: bool) -> None:
+    """APIError (401, 403) unless ``presented`` is a key the route takes: an admin key for expert changes,
+    an API or admin key elsewhere (anything when no API keys are configured)."""
+    if admin:
+        if not settings.admin_keys:
+            raise APIError(403, "X-API-Key", "expert changes are disabled: no admin key is configured (SGLORA_ADMIN_KEYS)")
+        _check(settings.admin_keys, presented, "an admin key (SGLORA_ADMIN_KEYS)")
+    elif settings.api_keys:
+        _check(settings.api_keys + settings.admin_keys, presented, "an API key")
+
+
 async def require_api_key(
     settings: SettingsDep,
     x_api_key: Annotated[str | None, Header(description="an API key, when SGLORA_API_KEYS is set")] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     """Open when no API keys are configured; admin keys are accepted too."""
-    if settings.api_keys:
-        _check(settings.api_keys + settings.admin_keys, _presented_key(x_api_key, authorization), "an API key")
+    check_key(settings, _presented_key(x_api_key, authorization), admin=False)
 
 
 async def require_admin_key(
@@ -76,10 +92,53 @@ async def require_admin_key(
     x_api_key: Annotated[str | None, Header(description="an admin key (SGLORA_ADMIN_KEYS)")] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
-    if not settings.admin_keys:
-        raise APIError(403, "X-API-Key", "expert changes are disabled: no admin key is configured (SGLORA_ADMIN_KEYS)")
-    _check(settings.admin_keys, _presented_key(x_api_key, authorization), "an admin key (SGLORA_ADMIN_KEYS)")
+    check_key(settings, _presented_key(x_api_key, authorization), admin=True)
 
 
 ApiKey = Depends(require_api_key)
 AdminKey = Depends(require_admin_key)
+
+
+def _key_routes(routes: list) -> list[tuple[APIRoute, bool]]:
+    """(route, admin) for every route that checks a key."""
+    out = []
+    for route in leaf_routes(routes):
+        if isinstance(route, APIRoute):
+            calls, todo = set(), list(route.dependant.dependencies)
+            while todo:
+                d = todo.pop()
+                calls.add(d.call)
+                todo.extend(d.dependencies)
+            if require_admin_key in calls or require_api_key in calls:
+                out.append((route, require_admin_key in calls))
+    return out
+
+
+class KeyGateMiddleware:
+    """Checks a route's key from the request's headers before anything reads its body. FastAPI reads a body
+    (and spools a multipart upload to disk) before it runs a route's dependencies: without this, a request
+    without a key had an upload of up to the body limit stored, or megabytes of JSON parsed, before its 401.
+    The routes' own dependencies still check (and document) the key."""
+
+    BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._routes: list[tuple[APIRoute, bool]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in self.BODY_METHODS:
+            if self._routes is None:
+                self._routes = _key_routes(scope["app"].router.routes)
+            for route, admin in self._routes:
+                if route.matches(scope)[0] == Match.FULL:
+                    headers = Headers(scope=scope)
+                    try:
+                        check_key(self.settings, _presented_key(headers.get("x-api-key"), headers.get("authorization")), admin)
+                    except APIError as e:
+                        response = JSONResponse(error_body(e.field, e.reason), e.status, headers={"Connection": "close"})
+                        await response(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)

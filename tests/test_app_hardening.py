@@ -6,6 +6,7 @@ Every bad request gets a 4xx whose JSON body names the field and the reason, and
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -335,6 +336,48 @@ def test_model_endpoints_need_an_api_key(served, endpoint, headers, status):
     assert r.status_code == status, r.text
     if status >= 400:
         assert r.json()["detail"]["field"] == "X-API-Key"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/experts", [], 401),
+        ("/experts", [(b"x-api-key", b"user-key")], 403),
+        ("/retrieve", [], 401),
+        ("/generate", [(b"x-api-key", b"x")], 403),
+    ],
+)
+def test_a_key_is_checked_before_the_body_is_read(served, path, headers, status):
+    """FastAPI reads a body (spooling an upload to disk) before a route's key dependency runs: the key is
+    checked from the headers first, so a request without one never has its body read."""
+    client, _, _ = served
+    read, sent = [], []
+
+    async def receive():
+        read.append(True)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test"), (b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"900000")]
+        + headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["status"] == status and not read
+    assert json.loads(sent[1]["body"])["detail"]["field"] == "X-API-Key"
 
 
 def test_admin_operations_need_the_admin_key(served):
