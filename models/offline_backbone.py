@@ -141,6 +141,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _release(version: str | None) -> str | None:
+    """A version without its local label: torch's wheel indexes tag one release by build (torchvision
+    0.29.1+cpu in the Docker images, 0.29.1+cu126 or plain 0.29.1 elsewhere), and the variant changes
+    neither the weights nor the class names, so artefacts load across CPU and GPU installs."""
+    return version.partition("+")[0] if version else version
+
+
 def _require_packages() -> None:
     missing = [n for n, v in package_versions().items() if v == "not installed"]
     if missing:
@@ -305,7 +312,7 @@ class OfflineBackbone(Backbone):
         problems = []
         installed = package_versions()
         for name, want in meta.get("packages", {}).items():
-            if installed.get(name) != want:
+            if _release(installed.get(name)) != _release(want):
                 problems.append(f"package {name}: artefact built with {want}, installed {installed.get(name)}")
         weights_hash = file_sha256(efficientnet_weights_path())
         if meta.get("efficientnet_sha256") != weights_hash:

