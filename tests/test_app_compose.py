@@ -79,3 +79,87 @@ def test_trainer_skips_complete_artefacts(tmp_path, done):
         assert "nothing to do" in p.stdout and "sglora pipeline" not in p.stdout
     else:
         assert f"sglora pipeline --config configs/offline-default.yaml --out {out}" in p.stdout
+
+
+# ---- the images' files: what a build would find, and the commands they run -----------------------------
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether BuildKit leaves ``path`` (relative to the context) out, for the patterns the images use: a
+    ``**`` catch-all, ``!dir/`` or ``!file`` re-inclusions and ``**/name`` exclusions; the last match wins."""
+    parts = path.split("/")
+    ignored = False
+    for raw in patterns:
+        negate, pat = raw.startswith("!"), raw.lstrip("!").rstrip("/")
+        if pat == "**":
+            hit = True
+        elif pat.startswith("**/"):
+            hit = pat[3:] in parts
+        else:
+            hit = path == pat or path.startswith(pat + "/")
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def _instructions(dockerfile: str) -> list[tuple[str, str]]:
+    text = (ROOT / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+@pytest.mark.parametrize("image", ["api", "trainer"])
+def test_every_copied_file_exists_and_is_in_the_build_context(image):
+    dockerfile = f"Dockerfile.{image}"
+    patterns = [
+        line.strip()
+        for line in (ROOT / "docker" / f"{dockerfile}.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    copies = [args.split() for op, args in _instructions(dockerfile) if op == "COPY"]
+    assert copies
+    for *sources, _dest in copies:
+        for src in sources:
+            files = [f for f in tracked if f == src or f.startswith(src + "/")]
+            assert files, f"{dockerfile}: COPY {src}: no such file in the repository"
+            sent = [f for f in files if not _dockerignored(f, patterns)]
+            assert sent, f"{dockerfile}: COPY {src}: {dockerfile}.dockerignore leaves it out of the build context"
+
+
+def test_both_images_install_the_versions_the_artefacts_record():
+    """The offline backbone refuses artefacts written under other versions of its packages: the trainer
+    and API images pin them alike (docker/constraints.txt), at the torchvision of their CPU-wheel line."""
+    from models.offline_backbone import PINNED_PACKAGES
+
+    pins = {}
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip()] = version.strip()
+    assert set(PINNED_PACKAGES) <= set(pins) and all(pins.values()), pins
+    for image in ("api", "trainer"):
+        runs = [args for op, args in _instructions(f"Dockerfile.{image}") if op == "RUN" and "pip install" in args]
+        assert any(f"torchvision=={pins['torchvision']}" in r and "whl/cpu" in r for r in runs), runs
+        assert any("-c docker/constraints.txt '.[offline]'" in r for r in runs), runs
+
+
+def test_the_images_commands_parse_with_the_cli():
+    from sglora.cli import build_parser
+
+    def command(dockerfile: str, op: str) -> list[str]:
+        (args,) = [a for o, a in _instructions(dockerfile) if o == op]
+        return json.loads(args)
+
+    api = command("Dockerfile.api", "CMD")
+    assert api[:2] == ["sh", "-c"] and api[2].startswith("exec sglora serve ")  # exec: the server is PID 1
+    argv = api[2].removeprefix("exec sglora ").replace('"$SGLORA_ARTIFACTS"', "/artifacts/offline-default").split()
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8000)
+    assert ("EXPOSE", "8000") in _instructions("Dockerfile.api")
+
+    assert command("Dockerfile.trainer", "ENTRYPOINT") == ["sh", "/usr/local/bin/sglora-train"]
+    config, out = command("Dockerfile.trainer", "CMD")
+    assert (ROOT / config).is_file()
+    entry = (ROOT / "docker" / "trainer-entrypoint.sh").read_text()
+    assert 'exec sglora pipeline --config "$CONFIG" --out "$OUT"' in entry
+    args = build_parser().parse_args(["pipeline", "--config", config, "--out", out])
+    assert args.command == "pipeline" and args.stage is None
