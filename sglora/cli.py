@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except Terminated as e:
+        if args.command == "serve":  # while app.serve loads (torch, uvicorn), before its own handlers: as after
+            print(f"{e.args[0]} during start-up: stopped", file=sys.stderr)
+            return 0
         print(f"stopped by {e.args[0]}{_resume_hint(args)}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:

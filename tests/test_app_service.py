@@ -908,3 +908,49 @@ async def test_start_up_turns_fixed_row_blocks_on_where_they_make_batching_invar
         ready = (await client.get("/ready")).json()
         assert ready["max_batch"] == 1 and ready["text_fixed_rows"] is None and rows["now"] is None
         assert service.text_numerics == service.text_dtype
+
+
+def test_sigterm_while_the_server_imports_its_modules_exits_0(tmp_path, monkeypatch):
+    """The docs promise status 0 for a signal before the server is ready; importing torch and uvicorn
+    takes a second or more before app/serve.py installs its handlers, and a SIGTERM then ended
+    `python -m app` with -15 and `sglora serve` with 143."""
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    from sglora import cli
+
+    def importing(args):  # the SIGTERM lands while cmd_serve imports app.serve
+        raise cli.Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "cmd_serve", importing)
+    assert cli.main(["serve", "--artifacts", str(tmp_path)]) == 0
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs /proc to see when the process handles SIGTERM")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--artifacts", str(tmp_path / "nowhere"), "--port", "0"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # SIGTERM handled, torch not loaded yet: inside the imports
+            assert proc.poll() is None and time.monotonic() < deadline, "never saw the import window"
+            try:
+                lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                caught = int(next(x for x in lines if x.startswith("SigCgt:")).split()[1], 16)
+                loaded = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+            except (OSError, StopIteration):
+                caught, loaded = 0, False
+            if caught & (1 << (signal.SIGTERM - 1)) and not loaded:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "SIGTERM during start-up: stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
