@@ -1,6 +1,7 @@
 #!/bin/sh
 # One-shot trainer: builds the artefacts of CONFIG into OUT, unless OUT's manifest already records
-# the evaluate stage (the last one), in which case it exits 0 at once.
+# the evaluate stage (the last one) and OUT loads with this image's packages, in which case it exits 0;
+# complete but not loadable: exits 1, naming why.
 #   usage: sglora-train [CONFIG] [OUT]
 set -eu
 CONFIG="${1:-configs/offline-default.yaml}"
@@ -15,7 +16,22 @@ except (OSError, ValueError):
     sys.exit(1)
 PY
 then
-    echo "sglora-train: $OUT is complete (evaluate stage done); nothing to do"
+    # Complete, but the API would load it with this image's packages: check that it does, so that a volume
+    # written under other package versions (or damaged) fails here, naming why, instead of the API
+    # restarting over and over.
+    python3 - "$OUT" <<'PY'
+import sys
+
+from sglora.artifacts import load_artifacts
+
+try:
+    load_artifacts(sys.argv[1], "cpu")
+except (OSError, ValueError) as e:  # ArtifactError and the backbones' refusals are ValueErrors
+    print(f"sglora-train: {sys.argv[1]} is complete but does not load here: {e}", file=sys.stderr)
+    print("sglora-train: remove the artifacts volume (docker compose down -v) to build it again", file=sys.stderr)
+    sys.exit(1)
+PY
+    echo "sglora-train: $OUT is complete (evaluate stage done) and loads; nothing to do"
     exit 0
 fi
 echo "sglora-train: building $OUT from $CONFIG"

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,25 +61,34 @@ def test_images_run_as_a_user_with_cpu_torch():
     assert "--no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default" in trainer
 
 
-@pytest.mark.parametrize("done", [True, False])
-def test_trainer_skips_complete_artefacts(tmp_path, done):
-    out = tmp_path / "offline-default"
-    out.mkdir()
-    stages = {"experts": {}, "repository": {}, "generator": {}} | ({"evaluate": {}} if done else {})
-    (out / "manifest.json").write_text(json.dumps({"stages": stages}))
+@pytest.mark.parametrize("state", ["complete", "incomplete", "complete-but-damaged"])
+def test_trainer_skips_complete_artefacts_that_load(tiny_artifacts, tmp_path, state):
+    out = tiny_artifacts
+    if state == "incomplete":
+        manifest = json.loads((out / "manifest.json").read_text())
+        del manifest["stages"]["evaluate"]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    elif state == "complete-but-damaged":  # as a volume written under other package versions: it refuses to load
+        with open(out / "backbone" / "backbone.json", "a") as f:
+            f.write(" ")
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "sglora").write_text('#!/bin/sh\necho "sglora $*"\n')
     (stub / "sglora").chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}"}
+    python = Path(sys.executable).parent  # the venv's python3 stands for the image's, which has the package
+    env = {**os.environ, "PATH": f"{stub}:{python}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(
         ["sh", str(ROOT / "docker" / "trainer-entrypoint.sh"), "configs/offline-default.yaml", str(out)],
-        capture_output=True, text=True, env=env, timeout=30, check=True,
+        capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
-    if done:
-        assert "nothing to do" in p.stdout and "sglora pipeline" not in p.stdout
+    if state == "complete":
+        assert p.returncode == 0 and "nothing to do" in p.stdout and "sglora pipeline" not in p.stdout, p.stderr
+    elif state == "incomplete":
+        assert p.returncode == 0 and f"sglora pipeline --config configs/offline-default.yaml --out {out}" in p.stdout
     else:
-        assert f"sglora pipeline --config configs/offline-default.yaml --out {out}" in p.stdout
+        assert p.returncode == 1 and "sglora pipeline" not in p.stdout
+        assert "is complete but does not load here" in p.stderr and "backbone.json" in p.stderr and "down -v" in p.stderr
+        assert "Traceback" not in p.stderr
 
 
 # ---- the images' files: what a build would find, and the commands they run -----------------------------
