@@ -16,7 +16,9 @@ install: $(PY) install-data
 	# (several GB); for a CPU-only install add TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu (as the
 	# Docker images do). Where pip is set up with local wheels (the CI machines) it takes them from there.
 	$(PIP) install -q $(TORCH_INDEX) torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[offline,dev]'
+	# The packages the offline backbone records in its artefacts at the versions the Docker images install
+	# (docker/constraints.txt): artefacts built here load in the images and the other way round.
+	$(PIP) install -q -c docker/constraints.txt -e '.[offline,dev]'
 
 install-data:
 	# Real images for the offline benchmarks (Debian packages; see README for sizes).

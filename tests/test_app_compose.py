@@ -150,6 +150,7 @@ def test_both_images_install_the_versions_the_artefacts_record():
         runs = [args for op, args in _instructions(f"Dockerfile.{image}") if op == "RUN" and "pip install" in args]
         assert any(f"torchvision=={pins['torchvision']}" in r and "whl/cpu" in r for r in runs), runs
         assert any("-c docker/constraints.txt '.[offline]'" in r for r in runs), runs
+    assert "install -q -c docker/constraints.txt -e '.[offline,dev]'" in (ROOT / "Makefile").read_text()  # a local venv too
 
 
 def test_the_images_commands_parse_with_the_cli():
