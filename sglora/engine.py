@@ -20,6 +20,8 @@ topk-exact and sg-lora-exact merge the updates exactly: their Generation carries
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -137,8 +139,15 @@ class Engine:
         return str(self.generator_dtype).removeprefix("torch.")
 
     def embed(self, descriptions: list[str]) -> torch.Tensor:
+        """A list of N descriptions -> (N, D) float32 text embeddings, on the CPU (``embed([text])[0]``: one
+        description's (D,) row, what :meth:`generate` takes). A lone string is refused (TypeError) rather
+        than read as a list of its characters."""
+        if isinstance(descriptions, str):
+            raise TypeError("embed takes a list of descriptions, not a string: embed([description])[0] is its embedding")
         for d in descriptions:
-            if not d or not d.strip():
+            if not isinstance(d, str):
+                raise TypeError(f"a description is a string, not {type(d).__name__}")
+            if not d.strip():
                 raise ValueError("description must not be empty")
         return self.backbone.encode_text(descriptions).cpu()
 
@@ -150,7 +159,11 @@ class Engine:
         top_k: int | None = None,
         temperature: float | None = None,
     ) -> Generation:
-        """embedding (D,) of the task description -> a LoRA by ``method``."""
+        """embedding (D,) of the task description (a row of :meth:`embed`) -> a LoRA by ``method``.
+        ValueError naming what is wrong (the request's fields, the embedding's shape or size)."""
+        if not isinstance(embedding, torch.Tensor) or embedding.dim() != 1:
+            shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+            raise ValueError(f"embedding must be one description's (D,) tensor, got {shape}: pass embed([description])[0]")
         out = self.generate_many(embedding.unsqueeze(0), [Request(method, seed, top_k, temperature)])[0]
         if isinstance(out, Exception):
             raise out
@@ -166,6 +179,13 @@ class Engine:
         """
         if embeddings.dim() != 2 or embeddings.shape[0] != len(requests):
             raise ValueError(f"need one embedding row per request, got {tuple(embeddings.shape)} for {len(requests)}")
+        if embeddings.shape[1] != self.repository.embed_dim:  # e.g. made by another artefact set's backbone
+            raise ValueError(
+                f"the embeddings are {embeddings.shape[1]}-d, this engine's experts {self.repository.embed_dim}-d: "
+                "embed the descriptions with this engine (embed) or its backbone"
+            )
+        if not embeddings.is_floating_point() or not torch.isfinite(embeddings).all():
+            raise ValueError("the embeddings must be finite floating-point values")
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
         names = self.repository.names
@@ -291,16 +311,32 @@ class Engine:
             out[i] = replace(out[i], lora=lora)
 
     def _resolve(self, r: Request) -> tuple[str, int | None, int, float]:
-        """A request with defaults filled in; ValueError naming the bad field."""
-        top_k = self.top_k if r.top_k is None else r.top_k
+        """A request with defaults filled in; ValueError naming the bad field. The default top_k is at most
+        the number of experts (a repository edited since the engine was made may hold fewer)."""
+        top_k = min(self.top_k, len(self.repository)) if r.top_k is None else _integer(r.top_k, "top_k")
         temperature = self.temperature if r.temperature is None else r.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise ValueError(f"temperature must be a number, got {type(temperature).__name__}")
+        temperature = float(temperature)
         if r.method not in GENERATIVE_METHODS:
             raise ValueError(f"unknown method {r.method!r}; choose from {GENERATIVE_METHODS}")
-        if r.seed is not None and not 0 <= r.seed <= MAX_SEED:
+        seed = None if r.seed is None else _integer(r.seed, "seed")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
         if r.method not in SAMPLING_METHODS:  # top_k and temperature are checked by select_experts
             return r.method, None, top_k, temperature
         if self.generator is None:
             raise ValueError(f"method {r.method!r} needs a trained generator; these artefacts have none")
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if r.seed is None else r.seed
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
         return r.method, seed, top_k, temperature
+
+
+def _integer(value: object, name: str) -> int:
+    """``value`` as a Python int (numpy and torch integers included); ValueError naming ``name`` for a
+    bool, a float or anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None

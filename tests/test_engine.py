@@ -80,6 +80,50 @@ def test_a_bad_request_fails_alone(engine):
         engine.generate_many(emb, [Request()])
 
 
+def test_request_fields_of_the_wrong_type_fail_their_row_alone(engine):
+    # A float, bool or string seed (or a float top_k) reached torch.Generator.manual_seed or torch.topk after
+    # the other rows were done, and its TypeError or RuntimeError lost the whole batch; numpy integers failed too.
+    import numpy as np
+
+    emb = engine.embed(["a photo of a circle"] * 7)
+    bad = [Request("sg-lora", seed=1.5), Request("sg-lora", seed="7"), Request("sg-lora", seed=True)]
+    bad += [Request("topk-weighted", top_k=2.0), Request("topk-weighted", temperature="0.5")]
+    good = [Request("sg-lora", seed=np.int64(4), top_k=np.int64(2)), Request("topk-weighted", temperature=np.float32(0.5))]
+    out = engine.generate_many(emb, bad + good)
+    for r, g in zip(bad, out, strict=False):
+        assert isinstance(g, ValueError), r
+    assert [str(g).split(" must")[0] for g in out[:5]] == ["seed", "seed", "seed", "top_k", "temperature"]
+    assert out[5].seed == 4 and type(out[5].seed) is int and out[5].top_k == 2
+    assert _bytes(out[5].lora) == _bytes(engine.generate(emb[0], "sg-lora", seed=4, top_k=2).lora)
+    assert out[6].temperature == 0.5
+
+
+def test_embedding_misuse_is_named(engine, tiny_artifacts_session):
+    with pytest.raises(TypeError, match=r"a list of descriptions, not a string: embed\(\[description\]\)\[0\]"):
+        engine.embed("circle")  # was six one-letter descriptions
+    with pytest.raises(TypeError, match="a description is a string, not NoneType"):
+        engine.embed([None])
+    emb = engine.embed(["a photo of a circle"])
+    with pytest.raises(ValueError, match=r"one description's \(D,\) tensor, got \(1, 32\)"):
+        engine.generate(emb, "topk-weighted")  # embed's (1, D), not its row
+    with pytest.raises(ValueError, match="the embeddings are 17-d, this engine's experts 32-d"):
+        engine.generate(torch.randn(17), "sg-lora", seed=1)  # another backbone's embedding: was a torch RuntimeError
+    with pytest.raises(ValueError, match="finite"):
+        engine.generate(torch.full((32,), float("nan")), "topk-weighted")  # was NaN weights, silently
+
+
+def test_the_default_top_k_follows_a_repository_that_shrank(tiny_artifacts_session):
+    a = load_artifacts(tiny_artifacts_session, "cpu")
+    emb = a.engine.embed(["a photo of a circle"])[0]
+    assert a.engine.top_k == 3 == a.engine.generate(emb, "topk-weighted").top_k
+    for name in a.repository.names[:2]:
+        a.repository.remove(name)
+    g = a.engine.generate(emb, "sg-lora", seed=0)  # was: top_k must be between 1 and ... (2), got 3
+    assert g.top_k == 2 == len(g.experts)
+    with pytest.raises(ValueError, match="top_k"):
+        a.engine.generate(emb, "topk-weighted", top_k=3)  # an explicit one is still checked
+
+
 def test_unseeded_sg_lora_draws_distinct_seeds(engine):
     emb = engine.embed(["a photo of a circle"] * 3)
     out = engine.generate_many(emb, [Request("sg-lora")] * 3)
