@@ -9,9 +9,10 @@ On disk::
 One file per expert makes adding and removing an expert an atomic file write plus an
 atomic rewrite of the index; a reader never sees a half-written expert. A change holds an exclusive lock
 on ``repository/.lock`` and refuses (:class:`RepositoryChanged`) when the index on disk is no longer the
-one this object loaded or last wrote: two processes serving one directory cannot undo each other's
-changes. Loading removes the temporary files a killed writer left and names expert files the index
-does not list.
+one this object loaded or last wrote (for a repository made in memory: when the directory holds one at
+all): two processes serving one directory cannot undo each other's changes, and a new repository saved
+over an existing one cannot drop its experts from the index. Loading removes the temporary files a
+killed writer left and names expert files the index does not list.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -126,6 +127,9 @@ class ExpertRepository:
         return self._experts[name]
 
     def add(self, expert: Expert) -> None:
+        """Adds an expert in memory (:meth:`add_and_save` also persists it). Its tensors are kept as float32
+        on the CPU, as loading gives them: the engine's merges and samples come out float32 whatever the
+        caller's tensors were."""
         check_name(expert.name)
         if expert.name in self._experts:
             raise ValueError(f"expert {expert.name!r} already exists")
@@ -143,7 +147,9 @@ class ExpertRepository:
             check_finite(t, f"expert {expert.name!r} {what}")
         if (expert.variance < 0).any():
             raise ValueError(f"expert {expert.name!r}: variance has negative entries")
-        self._experts[expert.name] = expert
+        self._experts[expert.name] = replace(
+            expert, **{k: getattr(expert, k).detach().float().cpu() for k in ("mean", "variance", "embedding")}
+        )
         self._stack = None
 
     def remove(self, name: str) -> Expert:
@@ -194,11 +200,19 @@ class ExpertRepository:
             metadata={"name": e.name, "description": e.description, "num_snapshots": str(e.num_snapshots)},
         )
 
-    def save(self, directory: Path) -> None:
-        """Writes every expert and the index (a fresh directory, or one this repository was loaded from)."""
-        for e in self._experts.values():
-            self._write_expert(directory, e)
-        self._write_index(directory)
+    def save(self, directory: str | Path) -> None:
+        """Writes every expert and the index into a fresh directory (created if missing), or into the one
+        this repository was loaded from, under the lock. A directory holding another repository's index
+        (one this object did not load or write, or one changed since) is refused with
+        :class:`RepositoryChanged` before anything is written: its experts would drop out of the index."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with locked(directory):
+            if (directory / INDEX_FILE).exists():
+                self._check_unchanged(directory)
+            for e in self._experts.values():
+                self._write_expert(directory, e)
+            self._write_index(directory)
 
     def _write_index(self, directory: Path) -> None:
         # The digest of the bytes written, known before the rename: nothing can fail after it.
@@ -211,14 +225,26 @@ class ExpertRepository:
         """Under the lock: RepositoryChanged unless the index on disk is the one this object last saw."""
         path = directory / INDEX_FILE
         seen = self._index_sha256
-        if seen is not None and (not path.exists() or sha256_file(path) != seen):
+        if seen is None:  # made in memory: a fresh directory only
+            if path.exists():
+                raise RepositoryChanged(
+                    f"{directory} holds an expert repository this object did not load; load it "
+                    "(ExpertRepository.load) to change it, or save into a new directory"
+                )
+            return
+        if not path.exists() or sha256_file(path) != seen:
             raise RepositoryChanged(
                 f"{path} changed since this repository was loaded (another process changed the experts); "
                 "load it again before changing it"
             )
 
-    def add_and_save(self, expert: Expert, directory: Path) -> None:
-        """Adds an expert and persists it: expert file first, then the index, both atomic, under the lock."""
+    def add_and_save(self, expert: Expert, directory: str | Path) -> None:
+        """Adds an expert and persists it: expert file first, then the index, both atomic, under the lock.
+        ``directory``: the one this repository was loaded from or saved to, or (for a repository made in
+        memory) a fresh one, created if missing; else :class:`RepositoryChanged`."""
+        directory = Path(directory)
+        if self._index_sha256 is None:
+            directory.mkdir(parents=True, exist_ok=True)
         with locked(directory):
             self._check_unchanged(directory)
             self.add(expert)
@@ -232,8 +258,9 @@ class ExpertRepository:
                 path.unlink(missing_ok=True)  # the index never named it
                 raise
 
-    def remove_and_save(self, name: str, directory: Path) -> Expert:
+    def remove_and_save(self, name: str, directory: str | Path) -> Expert:
         """Removes an expert: index first (atomic), then its file, under the lock."""
+        directory = Path(directory)
         with locked(directory):
             self._check_unchanged(directory)
             before = dict(self._experts)
@@ -248,8 +275,9 @@ class ExpertRepository:
         return expert
 
     @classmethod
-    def load(cls, directory: Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
+    def load(cls, directory: str | Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
         """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
+        directory = Path(directory)
         index, index_sha256 = read_json_and_digest(directory / INDEX_FILE, "expert repository index")
         if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")

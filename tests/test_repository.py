@@ -201,3 +201,47 @@ def test_the_lock_file_is_opened_for_writing_where_allowed(tmp_path, monkeypatch
     with r.locked(tmp_path) as held:
         assert held
     assert modes[-1] == os.O_RDONLY
+
+
+def test_a_repository_made_in_memory_does_not_replace_one_on_disk(tiny_backbone, tmp_path):
+    # A new ExpertRepository's add_and_save (or save) into a directory that held a repository rewrote the
+    # index with its own experts alone: the others dropped out of it, their files left as orphans.
+    _repo(tiny_backbone).save(tmp_path)
+    before = (tmp_path / INDEX_FILE).read_bytes()
+    fresh = ExpertRepository(tiny_backbone.spec, tiny_backbone.embed_dim, "fp")
+    with pytest.raises(RepositoryChanged, match="holds an expert repository this object did not load"):
+        fresh.add_and_save(_late(tiny_backbone), tmp_path)
+    with pytest.raises(RepositoryChanged, match="did not load"):
+        _repo(tiny_backbone, 1).save(tmp_path)
+    assert (tmp_path / INDEX_FILE).read_bytes() == before and fresh.names == []
+    assert not (tmp_path / "experts" / "late.safetensors").exists()
+    # saved over by the object that loaded it: allowed, unless another writer changed it since
+    loaded, other = ExpertRepository.load(tmp_path), ExpertRepository.load(tmp_path)
+    loaded.remove("e0")
+    loaded.save(tmp_path)
+    with pytest.raises(RepositoryChanged, match="changed since"):
+        other.save(tmp_path)
+    assert ExpertRepository.load(tmp_path).names == ["e1", "e2"]
+
+
+def test_a_new_repository_is_built_in_a_new_directory_given_as_a_string(tiny_backbone, tmp_path):
+    # add_and_save into a missing directory failed on its lock file; str paths failed on '/'.
+    target = str(tmp_path / "new" / "repository")
+    fresh = ExpertRepository(tiny_backbone.spec, tiny_backbone.embed_dim, "fp")
+    fresh.add_and_save(_late(tiny_backbone, "a"), target)
+    fresh.add_and_save(_late(tiny_backbone, "b"), target)
+    fresh.remove_and_save("a", target)
+    assert ExpertRepository.load(target).names == ["b"]
+    _repo(tiny_backbone).save(str(tmp_path / "other"))
+    assert len(ExpertRepository.load(str(tmp_path / "other"))) == 3
+
+
+def test_experts_are_kept_as_float32(tiny_backbone):
+    # A float64 expert made every stacked mean, merge and sample float64 (Generation.lora is float32).
+    p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
+    repo = _repo(tiny_backbone, 1)
+    snaps = torch.randn(3, p, dtype=torch.float64)
+    repo.add(Expert.from_snapshots("wide", "a float64 expert", snaps, torch.randn(d, dtype=torch.float64)))
+    assert all(t.dtype == torch.float32 for t in repo.stacked())
+    assert repo["wide"].mean.dtype == torch.float32
+    torch.testing.assert_close(repo["wide"].mean, snaps.mean(0).float())
