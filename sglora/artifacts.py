@@ -32,6 +32,7 @@ from expert_store.repository import ExpertRepository
 from models.backbone import BACKBONE_FILE, Backbone, BackboneConfig, load_backbone
 from models.cvae import CVAE, CVAEConfig
 from sglora import __version__
+from sglora.devices import DEVICE_PATTERN, resolve_device
 from sglora.engine import Engine
 from sglora.io import read_json, sha256_file, write_json, write_safetensors
 
@@ -235,7 +236,11 @@ class Artifacts:
 
 
 def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require_generator: bool = True) -> Artifacts:
-    """Loads and cross-checks a whole artefact directory; raises :class:`ArtifactError` naming what is wrong."""
+    """Loads and cross-checks a whole artefact directory; raises :class:`ArtifactError` naming what is wrong.
+    ``device``: a torch device, or a name as the CLI takes it ('auto': CUDA where torch sees a GPU, else
+    the CPU); a CUDA device that is not there is a ValueError saying so, before any file is read."""
+    if isinstance(device, str) and DEVICE_PATTERN.fullmatch(device):
+        device = resolve_device(device)
     root = Path(root)
     manifest = read_manifest(root)
     verify_files(root, manifest)

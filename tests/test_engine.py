@@ -440,3 +440,13 @@ def test_open_clip_bfloat16_text_packs_its_mlps_and_can_block_long_reductions():
     assert torch.equal(alone, together)
     assert (together * want).sum(-1).min() > 0.99
     assert backbone.set_text_fixed_rows(None) == 1 and backbone.text_fixed_rows is None
+
+
+def test_load_artifacts_takes_the_clis_device_names(tiny_artifacts_session):
+    # 'auto' (the CLI's default) was a torch RuntimeError, and a missing GPU one from deep inside the load
+    # after every file had been hashed.
+    a = load_artifacts(tiny_artifacts_session, "auto")
+    assert a.backbone.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device=cuda:0: CUDA is not available"):
+            load_artifacts(tiny_artifacts_session, "cuda:0")
