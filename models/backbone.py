@@ -195,7 +195,13 @@ class Backbone(ABC):
     ) -> torch.Tensor:
         """Cached features (+ optional flat LoRA) -> (N, D) L2-normalised image embeddings. ``spec``: the LoRA's
         layout when it is not the backbone's (same targets, another rank: an exact merge, see
-        :func:`models.lora.concat_merge`)."""
+        :func:`models.lora.concat_merge`: a topk-exact or sg-lora-exact Generation's ``spec``)."""
+        if lora is not None and spec is None and lora.dim() == 1 and lora.numel() != self.spec.num_params:
+            raise ValueError(
+                f"a {lora.numel()}-parameter LoRA does not fit this backbone's layout ({self.spec.num_params} "
+                "parameters): pass the layout of an exact merge (topk-exact, sg-lora-exact) as spec=generation.spec; "
+                "a LoRA made on other artefacts does not apply here"
+            )
         applier = self.applier if spec is None or spec == self.spec else LoraApplier(self.image_head, spec)
         out = applier(lora, features.to(self.device))
         return nn.functional.normalize(out, dim=-1)

@@ -450,3 +450,11 @@ def test_load_artifacts_takes_the_clis_device_names(tiny_artifacts_session):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device=cuda:0: CUDA is not available"):
             load_artifacts(tiny_artifacts_session, "cuda:0")
+
+
+def test_an_exact_merge_applied_without_its_layout_names_it(engine):
+    g = engine.generate(engine.embed(["a photo of a circle"])[0], "topk-exact")
+    feats = engine.backbone.image_features(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"spec=generation\.spec"):  # was: LoRA vector must have shape (1536,)
+        engine.backbone.encode_image(feats, g.lora)
+    assert engine.backbone.encode_image(feats, g.lora, g.spec).shape == (2, engine.backbone.embed_dim)
