@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,16 @@ class Prior:
 def select_experts(
     query: torch.Tensor, embeddings: torch.Tensor, top_k: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """query (D,), embeddings (E, D) -> (indices (K,), alpha (K,), similarities (K,))."""
+    """query (D,), embeddings (E, D) -> (indices (K,), alpha (K,), similarities (K,)); ValueError naming a
+    bad argument (shapes, top_k, temperature)."""
+    if query.dim() != 1 or embeddings.dim() != 2 or query.shape[0] != embeddings.shape[1]:
+        raise ValueError(
+            f"need a query (D,) and expert embeddings (E, D), got {tuple(query.shape)} and {tuple(embeddings.shape)}"
+        )
     check_temperature(temperature)
     n = embeddings.shape[0]
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise ValueError(f"top_k must be an integer, got {top_k!r}")
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
     sims = F.cosine_similarity(query.float().unsqueeze(0), embeddings.float(), dim=-1)  # (E,)

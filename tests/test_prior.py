@@ -50,3 +50,16 @@ def test_bad_arguments_are_named():
             select_experts(emb[0], emb, 2, bad)
     for ok in (1e-6, 1e6):
         assert torch.isfinite(select_experts(emb[0], emb, 2, ok)[1]).all()
+
+
+def test_shapes_and_a_non_integer_top_k_are_named():
+    # A (1, D) query gave (1, K) indices and a prior of the wrong shape, silently; a query of another size was a
+    # torch RuntimeError and a float top_k a TypeError from torch.topk.
+    emb = torch.eye(3)
+    for query, stored in ((emb[:1], emb), (torch.ones(4), emb), (emb[0], emb[0])):
+        with pytest.raises(ValueError, match=r"need a query \(D,\) and expert embeddings \(E, D\)"):
+            select_experts(query, stored, 1, 0.1)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(ValueError, match="top_k must be an integer"):
+            select_experts(emb[0], emb, bad, 0.1)
+    assert select_experts(emb[0], emb, torch.tensor(2).item(), 0.1)[0].tolist() == [0, 1]
