@@ -43,9 +43,15 @@ from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
-from sglora.cli import generation_metadata, layout_metadata
 from sglora.engine import Request
-from sglora.export import from_peft_tensors, hf_base_model, peft_zip_from_weights, safetensors_bytes
+from sglora.export import (
+    from_peft_tensors,
+    generation_metadata,
+    hf_base_model,
+    layout_metadata,
+    peft_zip_from_weights,
+    safetensors_bytes,
+)
 from sglora.io import safetensors_metadata
 from sglora.methods import SAMPLING_METHODS
 
@@ -128,7 +134,7 @@ class RepositoryState:
 
 @dataclass(frozen=True)
 class _MetaSource:
-    """What :func:`sglora.cli.generation_metadata` reads of an Artifacts, with the version held in
+    """What :func:`sglora.export.generation_metadata` reads of an Artifacts, with the version held in
     memory instead of re-hashed from disk on every request."""
 
     backbone: Backbone

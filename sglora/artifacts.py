@@ -33,7 +33,7 @@ from models.backbone import BACKBONE_FILE, Backbone, BackboneConfig, load_backbo
 from models.cvae import CVAE, CVAEConfig
 from sglora import __version__
 from sglora.devices import DEVICE_PATTERN, resolve_device
-from sglora.engine import Engine
+from sglora.engine import Engine, Generation
 from sglora.io import read_json, sha256_file, write_json, write_safetensors
 
 MANIFEST = "manifest.json"
@@ -233,6 +233,34 @@ class Artifacts:
 
     def snapshots(self, task: str) -> torch.Tensor:
         return load_file(str(self.root / "snapshots" / f"{task}.safetensors"))["snapshots"]
+
+    def lora_file(
+        self,
+        description: str,
+        method: str = "sg-lora",
+        *,
+        seed: int | None = None,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        zipped: bool = False,
+    ) -> tuple[bytes, Generation]:
+        """A LoRA for ``description`` as the file ``sglora generate`` writes (the same request and seed give
+        the same bytes; so does ``POST /generate`` with the text tower in the same dtype): safetensors with PEFT names and the generation's
+        metadata, or with ``zipped`` a zipped PEFT adapter folder; and the engine's Generation (experts,
+        weights, seed). The description is cleaned as the CLI and the service clean it."""
+        from sglora.export import generation_metadata, hf_base_model, peft_zip_bytes, safetensors_bytes
+        from sglora.text import clean_text
+
+        try:
+            description = clean_text(description)
+        except ValueError as e:
+            raise ValueError(f"description {e}") from None
+        g = self.engine.generate(self.engine.embed([description])[0], method, seed=seed, top_k=top_k, temperature=temperature)
+        meta = generation_metadata(self, description, g)
+        spec = g.spec or self.backbone.spec
+        if zipped:
+            return peft_zip_bytes(spec, g.lora, meta, hf_base_model(self.backbone.config)), g
+        return safetensors_bytes(spec, g.lora, meta), g
 
 
 def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require_generator: bool = True) -> Artifacts:

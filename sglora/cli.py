@@ -98,7 +98,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
-    from sglora.export import hf_base_model, peft_zip_bytes, safetensors_bytes
     from sglora.io import atomic_path
 
     description = _description(args.description)
@@ -108,13 +107,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name")
     a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in SAMPLING_METHODS)
-    emb = a.engine.embed([description])[0]
-    g = a.engine.generate(emb, args.method, seed=args.seed, top_k=args.top_k, temperature=args.temperature)
-    meta = generation_metadata(a, description, g)
-    spec = g.spec or a.backbone.spec
-    zipped = out.suffix.lower() == ".zip"
-    data = (
-        peft_zip_bytes(spec, g.lora, meta, hf_base_model(a.backbone.config)) if zipped else safetensors_bytes(spec, g.lora, meta)
+    data, g = a.lora_file(
+        description,
+        args.method,
+        seed=args.seed,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        zipped=out.suffix.lower() == ".zip",
     )
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
@@ -133,37 +132,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     for e in g.experts:
         print(f"  {e.weight:6.3f}  sim {e.similarity:+.3f}  {e.name}: {a.repository[e.name].description}")
     return 0
-
-
-def layout_metadata(backbone, spec, version: str) -> dict:
-    """What every LoRA file the project writes says of its backbone and layout (generations, experts)."""
-    cfg = backbone.config
-    return {
-        "backbone": json.dumps(cfg.model if cfg.kind == "open_clip" else cfg.kind),
-        "backbone_kind": cfg.kind,
-        "rank": str(spec.rank),
-        "alpha": str(spec.alpha),
-        "scaling": spec.scaling,
-        "targets": [t.name for t in spec.targets],
-        "lora_fingerprint": spec.fingerprint(),
-        "artifact_version": version,
-    }
-
-
-def generation_metadata(a, description: str, g) -> dict:
-    return {
-        "format": "sglora-lora",
-        "description": description,
-        "method": g.method,
-        "seed": "" if g.seed is None else str(g.seed),
-        "top_k": str(g.top_k),
-        "temperature": str(g.temperature),
-        "experts": [{"name": e.name, "weight": e.weight, "similarity": e.similarity} for e in g.experts],
-        # an exact merge (topk-exact, sg-lora-exact) has its own rank
-        **layout_metadata(a.backbone, g.spec or a.backbone.spec, a.version),
-        "text_dtype": a.backbone.text_dtype_name,  # of the description's embedding
-        "generator_dtype": g.generator_dtype,  # what the CVAE sampled in; "" for the methods that do not sample
-    }
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

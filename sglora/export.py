@@ -137,3 +137,36 @@ def peft_zip_from_weights(spec: LoraSpec, weights: bytes, base_model: str | None
             info.compress_type = zipfile.ZIP_DEFLATED
             z.writestr(info, data)
     return buf.getvalue()
+
+
+def layout_metadata(backbone, spec, version: str) -> dict:
+    """What every LoRA file the project writes says of its backbone and layout (generations, experts)."""
+    cfg = backbone.config
+    return {
+        "backbone": json.dumps(cfg.model if cfg.kind == "open_clip" else cfg.kind),
+        "backbone_kind": cfg.kind,
+        "rank": str(spec.rank),
+        "alpha": str(spec.alpha),
+        "scaling": spec.scaling,
+        "targets": [t.name for t in spec.targets],
+        "lora_fingerprint": spec.fingerprint(),
+        "artifact_version": version,
+    }
+
+
+def generation_metadata(a, description: str, g) -> dict:
+    """The metadata of a generated LoRA file: the request, the chosen experts and the layout. ``a``: an
+    :class:`~sglora.artifacts.Artifacts` (its backbone and version); ``g``: the engine's ``Generation``."""
+    return {
+        "format": "sglora-lora",
+        "description": description,
+        "method": g.method,
+        "seed": "" if g.seed is None else str(g.seed),
+        "top_k": str(g.top_k),
+        "temperature": str(g.temperature),
+        "experts": [{"name": e.name, "weight": e.weight, "similarity": e.similarity} for e in g.experts],
+        # an exact merge (topk-exact, sg-lora-exact) has its own rank
+        **layout_metadata(a.backbone, g.spec or a.backbone.spec, a.version),
+        "text_dtype": a.backbone.text_dtype_name,  # of the description's embedding
+        "generator_dtype": g.generator_dtype,  # what the CVAE sampled in; "" for the methods that do not sample
+    }

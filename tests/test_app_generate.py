@@ -15,8 +15,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load
 
 from app.main import create_app
-from sglora.cli import generation_metadata
-from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, from_peft_tensors, peft_zip_bytes
+from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS, from_peft_tensors, generation_metadata, peft_zip_bytes
 
 META_KEYS = {"description", "method", "seed", "experts", "backbone", "rank", "alpha", "targets", "artifact_version"}
 
@@ -61,6 +60,15 @@ def test_same_request_same_bytes_served_from_cache(client, make_settings):
     with TestClient(create_app(make_settings(redis_url=""))) as fresh:
         r = fresh.post("/generate", json=body)
         assert r.headers["x-cache"] == "miss" and r.content == first.content
+
+
+def test_the_library_writes_the_services_bytes_with_the_same_text_dtype(make_settings, tiny_artifacts_session):
+    from sglora.artifacts import load_artifacts
+
+    body = {"description": "a blue square", "seed": 5, "method": "sg-lora"}
+    with TestClient(create_app(make_settings(redis_url="", text_dtype="float32"))) as c:
+        served = c.post("/generate", json=body).content
+    assert load_artifacts(tiny_artifacts_session).lora_file("a blue square", seed=5)[0] == served
 
 
 def test_unseeded_request_draws_a_seed_that_reproduces_it(client):

@@ -382,6 +382,16 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     assert main(["generate", "a photo of a circle", "--out", str(tmp_path / "c.ZIP"), *art]) == 0
     assert zipfile.is_zipfile(tmp_path / "c.ZIP")
 
+    # The same files from Python: Artifacts.lora_file, as the README shows it.
+    from sglora.artifacts import load_artifacts
+
+    a = load_artifacts(tiny_artifacts_session)
+    data, g = a.lora_file("a photo of a  circle ", seed=2)
+    assert data == (tmp_path / "a.safetensors").read_bytes() and g.seed == 2 and g.method == "sg-lora"
+    assert a.lora_file("a photo of a circle", seed=2, zipped=True)[0] == (tmp_path / "c.ZIP").read_bytes()
+    with pytest.raises(ValueError, match="description must not contain control characters"):
+        a.lora_file("a photo\x00of a circle", seed=2)
+
 
 def test_a_rerun_retrains_a_snapshot_damaged_since_and_marks_the_later_stages_stale(tiny_artifacts, tiny_config, capsys):
     """The manifest pins every snapshot: a resumed experts stage trusts a file only if it still matches
