@@ -245,9 +245,10 @@ class Artifacts:
         zipped: bool = False,
     ) -> tuple[bytes, Generation]:
         """A LoRA for ``description`` as the file ``sglora generate`` writes (the same request and seed give
-        the same bytes; so does ``POST /generate`` with the text tower in the same dtype): safetensors with PEFT names and the generation's
-        metadata, or with ``zipped`` a zipped PEFT adapter folder; and the engine's Generation (experts,
-        weights, seed). The description is cleaned as the CLI and the service clean it."""
+        the same bytes; so does ``POST /generate`` with the text tower in the same dtype): safetensors with
+        PEFT names and the generation's metadata, or with ``zipped`` a zipped PEFT adapter folder; and the
+        engine's Generation (experts, weights, seed). The description is cleaned as the CLI and the service
+        clean it."""
         from sglora.export import generation_metadata, hf_base_model, peft_zip_bytes, safetensors_bytes
         from sglora.text import clean_text
 
