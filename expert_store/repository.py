@@ -204,7 +204,8 @@ class ExpertRepository:
         """Writes every expert and the index into a fresh directory (created if missing), or into the one
         this repository was loaded from, under the lock. A directory holding another repository's index
         (one this object did not load or write, or one changed since) is refused with
-        :class:`RepositoryChanged` before anything is written: its experts would drop out of the index."""
+        :class:`RepositoryChanged` before anything is written: its experts would drop out of the index.
+        The files of experts the index no longer names (removed in memory since the load) are deleted."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with locked(directory):
@@ -213,6 +214,11 @@ class ExpertRepository:
             for e in self._experts.values():
                 self._write_expert(directory, e)
             self._write_index(directory)
+            # The files of experts removed in memory since the load: the index no longer names them.
+            for path in (directory / EXPERTS_DIR).glob("*.safetensors"):
+                if path.stem not in self._experts:
+                    path.unlink()
+                    log.info("%s: removed %s (not in the repository saved)", directory, path.name)
 
     def _write_index(self, directory: Path) -> None:
         # The digest of the bytes written, known before the rename: nothing can fail after it.

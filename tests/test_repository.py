@@ -44,6 +44,17 @@ def test_save_load_add_remove(tiny_backbone, tmp_path):
     assert again.stacked()[0].shape == (3, tiny_backbone.spec.num_params)
 
 
+def test_saving_after_a_removal_in_memory_leaves_no_orphan_file(tiny_backbone, tmp_path, caplog):
+    _repo(tiny_backbone).save(tmp_path)
+    loaded = ExpertRepository.load(tmp_path)
+    loaded.remove("e1")
+    loaded.save(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "experts").glob("*.safetensors")) == ["e0.safetensors", "e2.safetensors"]
+    caplog.clear()
+    assert ExpertRepository.load(tmp_path).names == ["e0", "e2"]
+    assert "does not list" not in caplog.text  # no orphan named at every later load
+
+
 def test_rejects_bad_experts(tiny_backbone):
     repo = _repo(tiny_backbone, 1)
     p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
