@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {e.args[0]}{_resume_hint(args)}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
+        if args.command == "serve":  # Ctrl-C in the same window: as python -m app and a later start-up do
+            print("SIGINT during start-up: stopped", file=sys.stderr)
+            return 0
         print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     finally:

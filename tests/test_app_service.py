@@ -954,3 +954,18 @@ def test_sigterm_while_the_server_imports_its_modules_exits_0(tmp_path, monkeypa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_while_the_server_imports_its_modules_exits_0(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGINT, a KeyboardInterrupt) in the same window ends `sglora serve` with status 0 too, as it
+    ends `python -m app` and a later start-up; it gave 130. Other commands still give 130."""
+    from sglora import cli
+
+    def importing(args):  # the KeyboardInterrupt lands while cmd_serve imports app.serve
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_serve", importing)
+    assert cli.main(["serve", "--artifacts", str(tmp_path)]) == 0
+    assert "SIGINT during start-up: stopped" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_select", importing)
+    assert cli.main(["select", "x", "--artifacts", str(tmp_path)]) == 130
