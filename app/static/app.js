@@ -14,7 +14,7 @@ function headers(extra = {}) {
 }
 
 // A full queue (429) or a service starting or draining (503) says when to come back: retried twice after
-// its Retry-After (at most 10 s), as the Python client does, before the refusal is shown.
+// its Retry-After (at most 10 s) before the refusal is shown.
 async function send(url, options, retries = 2) {
   for (let attempt = 0; ; attempt++) {
     const r = await fetch(url, options);
