@@ -17,17 +17,19 @@ uvicorn opens its port only once the model is loaded) after a second; at most ``
 wait capped at ``max_wait_s``. What still fails to connect, or outlasts ``timeout``, raises httpx's own
 ``httpx.ConnectError`` / ``httpx.TimeoutException`` (a timed-out request is not sent again: the model may
 still be working on it). Files are written atomically (a temporary file renamed over the target).
+:class:`AsyncClient` has the same calls for asyncio (``await service.generate(...)``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import os
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,57 +91,56 @@ class Adapter:
         return path
 
 
-class Client:
-    """The service at ``url``. ``http``: an ``httpx.Client`` to use instead of a new one (e.g. Starlette's
-    TestClient); its base URL then applies."""
+@dataclass(frozen=True)
+class _Call:
+    """One request of the API and what makes its answer a result; run by :class:`Client` or :class:`AsyncClient`."""
 
-    def __init__(
-        self,
-        url: str = "http://127.0.0.1:8000",
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        retries: int = 3,
-        max_wait_s: float = 30.0,
-        http: httpx.Client | None = None,
-    ):
+    method: str
+    path: str
+    kwargs: dict[str, Any]
+    parse: Callable[[httpx.Response], Any]
+    probe: bool = False  # asked once; a 503 with JSON is an answer too (/ready while starting or draining)
+
+
+class _Api:
+    """The service's calls, written once: each builds a :class:`_Call` that ``_run`` sends (and retries) and
+    parses; ``Client._run`` returns the result, ``AsyncClient._run`` a coroutine of it."""
+
+    retries: int
+    max_wait_s: float
+    _headers: dict[str, str]
+
+    def _configure(self, api_key: str | None, retries: int, max_wait_s: float) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        self._own = http is None
-        self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self.retries = retries
         self.max_wait_s = max_wait_s
 
-    def __enter__(self) -> Client:
-        return self
+    def _run(self, call: _Call) -> Any:
+        raise NotImplementedError
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _step(self, call: _Call, retried: int, r: httpx.Response | None, error: httpx.ConnectError | None) -> tuple[bool, Any]:
+        """(True, the result) or (False, seconds to wait before sending again); raises what ends the call."""
+        if error is not None:  # nothing was sent: safe to send again, whatever the method
+            if call.probe or retried == self.retries:
+                raise error
+            return False, min(CONNECT_WAIT_S, self.max_wait_s)
+        assert r is not None
+        if call.probe and r.status_code in (200, 503) and r.headers.get("content-type", "").startswith("application/json"):
+            return True, call.parse(r)
+        if r.status_code < 400 and not call.probe:
+            return True, call.parse(r)
+        if call.probe or r.status_code not in RETRIED or retried == self.retries:
+            raise _error(r)
+        return False, min(_retry_after(r), self.max_wait_s)
 
-    def close(self) -> None:
-        if self._own:
-            self._http.close()
+    def _send_args(self, call: _Call) -> dict[str, Any]:
+        kwargs = dict(call.kwargs)
+        kwargs["headers"] = {**self._headers, **kwargs.get("headers", {})}
+        return kwargs
 
-    # ---- requests --------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {**self._headers, **kwargs.pop("headers", {})}
-        retried = 0
-        while True:
-            try:
-                r = self._http.request(method, path, headers=headers, **kwargs)
-            except httpx.ConnectError:  # nothing was sent: safe to send again, whatever the method
-                if retried == self.retries:
-                    raise
-                retried += 1
-                time.sleep(min(CONNECT_WAIT_S, self.max_wait_s))
-                continue
-            if r.status_code < 400:
-                return r
-            if r.status_code not in RETRIED or retried == self.retries:
-                raise _error(r)
-            retried += 1
-            time.sleep(min(_retry_after(r), self.max_wait_s))
-
+    # ---- the API ---------------------------------------------------------------------------------
     def generate(
         self,
         description: str,
@@ -151,8 +152,8 @@ class Client:
     ) -> Adapter:
         """A LoRA for ``description`` (safetensors with PEFT names). Without a seed the service draws one
         (``Adapter.seed``); the same request with that seed gives the same bytes."""
-        r = self._request("POST", "/generate", json=_body(description, method, seed, top_k, temperature))
-        return Adapter.from_response(r)
+        body = _body(description, method, seed, top_k, temperature)
+        return self._run(_Call("POST", "/generate", {"json": body}, Adapter.from_response))
 
     def generate_peft(
         self,
@@ -167,16 +168,8 @@ class Client:
         """The LoRA as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``),
         written into ``folder`` (created if needed; each file atomically); returns the folder."""
         body = _body(description, method, seed, top_k, temperature)
-        r = self._request("POST", "/generate", json=body, headers={"Accept": "application/zip"})
-        with zipfile.ZipFile(io.BytesIO(r.content)) as z:
-            names = sorted(z.namelist())
-            if names != sorted(PEFT_FILES):
-                raise ValueError(f"the service sent a zip of {names}, not a PEFT adapter folder")
-            files = {name: z.read(name) for name in PEFT_FILES}
-        folder = Path(folder)
-        for name, data in files.items():
-            write_bytes(folder / name, data)
-        return folder
+        kwargs = {"json": body, "headers": {"Accept": "application/zip"}}
+        return self._run(_Call("POST", "/generate", kwargs, lambda r: _write_peft_folder(r.content, Path(folder))))
 
     def preview(
         self,
@@ -190,7 +183,8 @@ class Client:
         """What ``generate`` would make, as the service's JSON (``POST /generate/preview``): the chosen experts
         (name, weight, similarity), the seed, the ETag and the size, without the file. Same cache and bytes:
         ``generate`` with the seed it reports gives the file with this ETag."""
-        return self._request("POST", "/generate/preview", json=_body(description, method, seed, top_k, temperature)).json()
+        body = _body(description, method, seed, top_k, temperature)
+        return self._run(_Call("POST", "/generate/preview", {"json": body}, httpx.Response.json))
 
     def generate_batch(self, items: Iterable[str | dict[str, Any]]) -> list[Adapter | ServiceError]:
         """One LoRA per item (a description, or a dict of ``generate``'s arguments with its ``description``),
@@ -198,18 +192,7 @@ class Client:
         refused alone (``top_k`` too large, a full queue), its :class:`ServiceError`. A malformed item refuses
         the whole call (a ServiceError naming ``items[i]...``)."""
         body = {"items": [{"description": it} if isinstance(it, str) else dict(it) for it in items]}
-        r = self._request("POST", "/generate/batch", json=body)
-        request_id = r.headers.get("x-request-id")
-        results: list[Adapter | ServiceError] = []
-        for item in r.json()["results"]:
-            if item["status"] != 200:
-                error = item.get("error") or {}
-                results.append(ServiceError(item["status"], error.get("field"), str(error.get("reason", "")), request_id))
-                continue
-            data = base64.b64decode(item["data"])
-            metadata = safetensors_metadata(data)
-            results.append(Adapter(data, item["etag"], item["cache"], item["seed"], request_id, metadata))
-        return results
+        return self._run(_Call("POST", "/generate/batch", {"json": body}, _batch_results))
 
     def retrieve(
         self,
@@ -236,16 +219,16 @@ class Client:
                 raise TypeError("captions: give a list of strings (one caption per image or query), not one string")
             form["captions"] = list(captions)
         files = [("images", (f"{i}", _file_bytes(im))) for i, im in enumerate(images)]
-        return self._request("POST", "/retrieve", data=form, files=files).json()
+        return self._run(_Call("POST", "/retrieve", {"data": form, "files": files}, httpx.Response.json))
 
     def experts(self) -> list[dict[str, Any]]:
         """The repository's experts (name, description, ...), as ``GET /experts`` lists them under ``experts``."""
-        return self._request("GET", "/experts").json()["experts"]
+        return self._run(_Call("GET", "/experts", {}, lambda r: r.json()["experts"]))
 
     def expert_file(self, name: str, part: str = "mean") -> bytes:
         """One expert's ``part`` (``mean``: its LoRA, or ``variance``) as safetensors with PEFT names, the
         format ``add_expert`` takes back (``GET /experts/{name}``)."""
-        return self._request("GET", f"/experts/{quote(name, safe='')}", params={"part": part}).content
+        return self._run(_Call("GET", f"/experts/{quote(name, safe='')}", {"params": {"part": part}}, lambda r: r.content))
 
     def add_expert(
         self,
@@ -263,19 +246,127 @@ class Client:
         if variance is not None:
             files.append(("variance", ("variance.safetensors", _file_bytes(variance))))
         form = {"name": name, "description": description, "num_snapshots": str(num_snapshots)}
-        return self._request("POST", "/experts", data=form, files=files).json()
+        return self._run(_Call("POST", "/experts", {"data": form, "files": files}, httpx.Response.json))
 
     def remove_expert(self, name: str) -> dict[str, Any]:
         """Removes an expert (``DELETE /experts/{name}``; needs an admin key as ``api_key``)."""
-        return self._request("DELETE", f"/experts/{quote(name, safe='')}").json()
+        return self._run(_Call("DELETE", f"/experts/{quote(name, safe='')}", {}, httpx.Response.json))
 
     def ready(self) -> dict[str, Any]:
         """``/ready``'s answer, asked once (a readiness probe is not retried): ``status`` is "ready", or
         "starting" / "draining" (the service's 503). A refused connection raises ``httpx.ConnectError``."""
-        r = self._http.get("/ready", headers=self._headers)
-        if r.status_code in (200, 503) and r.headers.get("content-type", "").startswith("application/json"):
-            return r.json()
-        raise _error(r)
+        return self._run(_Call("GET", "/ready", {}, httpx.Response.json, probe=True))
+
+
+class Client(_Api):
+    """The service at ``url``. ``http``: an ``httpx.Client`` to use instead of a new one (e.g. Starlette's
+    TestClient); its base URL then applies."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        max_wait_s: float = 30.0,
+        http: httpx.Client | None = None,
+    ):
+        self._configure(api_key, retries, max_wait_s)
+        self._own = http is None
+        self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own:
+            self._http.close()
+
+    def _run(self, call: _Call) -> Any:
+        retried = 0
+        while True:
+            r, error = None, None
+            try:
+                r = self._http.request(call.method, call.path, **self._send_args(call))
+            except httpx.ConnectError as e:
+                error = e
+            done, value = self._step(call, retried, r, error)
+            if done:
+                return value
+            retried += 1
+            time.sleep(value)
+
+
+class AsyncClient(_Api):
+    """:class:`Client` for asyncio: the same calls, each awaited (``await service.generate(...)``), on an
+    ``httpx.AsyncClient`` (``http``: one to use instead of a new one). Many concurrent calls share its
+    connection pool (``max_connections``)."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        max_wait_s: float = 30.0,
+        max_connections: int = 100,
+        http: httpx.AsyncClient | None = None,
+    ):
+        self._configure(api_key, retries, max_wait_s)
+        self._own = http is None
+        limits = httpx.Limits(max_connections=max_connections)
+        self._http = http if http is not None else httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own:
+            await self._http.aclose()
+
+    async def _run(self, call: _Call) -> Any:
+        retried = 0
+        while True:
+            r, error = None, None
+            try:
+                r = await self._http.request(call.method, call.path, **self._send_args(call))
+            except httpx.ConnectError as e:
+                error = e
+            done, value = self._step(call, retried, r, error)
+            if done:
+                return value
+            retried += 1
+            await asyncio.sleep(value)
+
+
+def _write_peft_folder(data: bytes, folder: Path) -> Path:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = sorted(z.namelist())
+        if names != sorted(PEFT_FILES):
+            raise ValueError(f"the service sent a zip of {names}, not a PEFT adapter folder")
+        files = {name: z.read(name) for name in PEFT_FILES}
+    for name, data in files.items():
+        write_bytes(folder / name, data)
+    return folder
+
+
+def _batch_results(r: httpx.Response) -> list[Adapter | ServiceError]:
+    request_id = r.headers.get("x-request-id")
+    results: list[Adapter | ServiceError] = []
+    for item in r.json()["results"]:
+        if item["status"] != 200:
+            error = item.get("error") or {}
+            results.append(ServiceError(item["status"], error.get("field"), str(error.get("reason", "")), request_id))
+            continue
+        data = base64.b64decode(item["data"])
+        results.append(Adapter(data, item["etag"], item["cache"], item["seed"], request_id, safetensors_metadata(data)))
+    return results
 
 
 def _body(description: str | None, method: str | None, seed: int | None, top_k: int | None, temperature: float | None) -> dict:

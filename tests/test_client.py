@@ -175,8 +175,9 @@ def test_api_key_is_sent(make_settings):
         assert Client(http=http, api_key="k1").generate("a ring", seed=1).seed == 1
 
 
-def scripted(*answers: httpx.Response | Exception) -> tuple[Client, list[httpx.Request]]:
-    """A client whose transport answers ``answers`` in order (raising the exceptions) and records the requests."""
+def scripted(*answers: httpx.Response | Exception, asynchronous: bool = False) -> tuple[Client, list[httpx.Request]]:
+    """A client (``asynchronous``: an AsyncClient) whose transport answers ``answers`` in order (raising the
+    exceptions) and records the requests."""
     seen: list[httpx.Request] = []
     queue = list(answers)
 
@@ -187,6 +188,11 @@ def scripted(*answers: httpx.Response | Exception) -> tuple[Client, list[httpx.R
             raise answer
         return answer
 
+    if asynchronous:
+        from sglora.client import AsyncClient
+
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://service")
+        return AsyncClient(http=http, retries=2, max_wait_s=0.01), seen
     http = httpx.Client(transport=httpx.MockTransport(handle), base_url="http://service")
     return Client(http=http, retries=2, max_wait_s=0.01), seen
 
@@ -243,3 +249,57 @@ def test_ready_is_a_probe_asked_once():
     with pytest.raises(httpx.ConnectError):
         c.ready()
     assert len(seen) == 1
+
+
+def test_the_async_client_makes_the_same_calls_concurrently(tiny_artifacts_session, tmp_path):
+    """AsyncClient against a real server: concurrent generations give the bytes the sync client gets, and
+    the other calls (preview, PEFT folder, refusals, the probe) answer as the sync ones do."""
+    import asyncio
+    import os
+
+    from app.processes import free_port, start_server, stop, wait_ready
+    from sglora.client import AsyncClient
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = start_server(
+        port, env, "--artifacts", str(tiny_artifacts_session), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_ready(base, proc)
+
+        async def calls():
+            async with AsyncClient(base) as service:
+                adapters = await asyncio.gather(*(service.generate("a red circle", seed=s) for s in range(6)))
+                preview = await service.preview("a red circle", seed=3)
+                folder = await service.generate_peft("a red circle", tmp_path / "peft", seed=3)
+                with pytest.raises(ServiceError) as refused:
+                    await service.generate("a red circle", top_k=99)
+                return adapters, preview, folder, refused.value, await service.ready()
+
+        adapters, preview, folder, refused, ready = asyncio.run(calls())
+        with Client(base) as sync:
+            assert [a.data for a in adapters] == [sync.generate("a red circle", seed=s).data for s in range(6)]
+            assert preview["etag"] == adapters[3].etag
+            assert sorted(p.name for p in folder.iterdir()) == sorted(PEFT_FILES)
+            assert (refused.status, refused.field) == (422, "top_k")
+            assert ready["status"] == "ready" == sync.ready()["status"]
+    finally:
+        stop(proc, timeout=30)
+
+
+def test_the_async_client_retries_as_the_sync_one_does():
+    import asyncio
+
+    busy = httpx.Response(429, headers={"Retry-After": "5"}, json={"detail": {"field": None, "reason": "queue full"}})
+    ok = httpx.Response(200, json={"artifact_version": "v", "experts": [{"name": "ring"}]})
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    c, seen = scripted(busy, refused, ok, asynchronous=True)
+    assert asyncio.run(c.experts()) == [{"name": "ring"}] and len(seen) == 3
+    c, seen = scripted(busy, busy, busy, asynchronous=True)
+    with pytest.raises(ServiceError) as e:
+        asyncio.run(c.experts())
+    assert e.value.status == 429 and len(seen) == 3
+    c, seen = scripted(httpx.Response(503, json={"status": "draining"}), asynchronous=True)
+    assert asyncio.run(c.ready()) == {"status": "draining"} and len(seen) == 1  # a probe, asked once
