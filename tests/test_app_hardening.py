@@ -345,6 +345,7 @@ def test_model_endpoints_need_an_api_key(served, endpoint, headers, status):
         ("/experts", [(b"x-api-key", b"user-key")], 403),
         ("/retrieve", [], 401),
         ("/generate", [(b"x-api-key", b"x")], 403),
+        ("/sglora/experts", [], 401),  # behind a proxy's path prefix (root_path "/sglora")
     ],
 )
 def test_a_key_is_checked_before_the_body_is_read(served, path, headers, status):
@@ -368,7 +369,7 @@ def test_a_key_is_checked_before_the_body_is_read(served, path, headers, status)
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "root_path": "",
+        "root_path": "/sglora" if path.startswith("/sglora/") else "",
         "query_string": b"",
         "headers": [(b"host", b"test"), (b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"900000")]
         + headers,
@@ -460,6 +461,29 @@ def test_request_methods_of_the_metrics_are_a_fixed_set(served):
     assert not any(m.startswith("MADEUP") for m in methods), methods
     assert {"GET", "POST", "DELETE", "other"} <= methods
     assert sum(s.value for s in samples if s.name == "sglora_requests_total" and s.labels["method"] == "other") >= 5
+
+
+@pytest.mark.parametrize(("path", "root_path"), [("/generate", ""), ("/sglora/generate", "/sglora")])
+def test_a_json_limit_applies_behind_a_path_prefix(path, root_path):
+    """Under uvicorn --root-path the request's path carries the prefix; the limit is the route's."""
+    from app.limits import BodyLimitMiddleware
+
+    sent = []
+
+    async def inner(scope, receive, send):
+        raise AssertionError("the body should have been refused")
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    gate = BodyLimitMiddleware(inner, max_bytes=10_000, path_limits={"/generate": 100})
+    headers = [(b"content-length", b"5000"), (b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": root_path, "headers": headers, "query_string": b""}
+    asyncio.run(gate(scope, receive, send))
+    assert sent[0]["status"] == 413
 
 
 def test_json_bodies_have_a_limit_of_their_own(served):
