@@ -250,12 +250,9 @@ class Artifacts:
         engine's Generation (experts, weights, seed). The description is cleaned as the CLI and the service
         clean it."""
         from sglora.export import generation_metadata, hf_base_model, peft_zip_bytes, safetensors_bytes
-        from sglora.text import clean_text
+        from sglora.text import clean_description
 
-        try:
-            description = clean_text(description)
-        except ValueError as e:
-            raise ValueError(f"description {e}") from None
+        description = clean_description(description)
         g = self.engine.generate(self.engine.embed([description])[0], method, seed=seed, top_k=top_k, temperature=temperature)
         meta = generation_metadata(self, description, g)
         spec = g.spec or self.backbone.spec

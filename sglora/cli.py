@@ -14,7 +14,7 @@ from app.logs import FORMATS, LEVELS
 from sglora import __version__
 from sglora.devices import check_device_name, resolve_device
 from sglora.methods import EVALUATION_METHODS, GENERATIVE_METHODS, SAMPLING_METHODS
-from sglora.text import clean_text
+from sglora.text import clean_description
 
 EXIT_USAGE = 2
 OUT_SUFFIXES = (".safetensors", ".zip")
@@ -22,14 +22,6 @@ OUT_SUFFIXES = (".safetensors", ".zip")
 
 def _device(name: str) -> str:
     return resolve_device(name, "--device")
-
-
-def _description(text: str) -> str:
-    """The description as the service would encode it (whitespace collapsed; blank or control characters refused)."""
-    try:
-        return clean_text(text)
-    except ValueError as e:
-        raise ValueError(f"description {e}") from None
 
 
 def _device_arg(text: str) -> str:
@@ -100,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
     from sglora.io import atomic_path
 
-    description = _description(args.description)
+    description = clean_description(args.description)  # refused before the artefacts load
     out = Path(args.out)
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise ValueError(f"--out {out}: give a FILE.safetensors or a FILE.zip (a zipped PEFT adapter folder)")
@@ -125,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
 
-    description = _description(args.description)
+    description = clean_description(args.description)
     a = load_artifacts(args.artifacts, "cpu", require_generator=False)
     g = a.engine.generate(a.engine.embed([description])[0], "topk-weighted", top_k=args.top_k, temperature=args.temperature)
     print(f"top-{g.top_k} experts for {description!r} (temperature {g.temperature}):")

@@ -18,3 +18,12 @@ def clean_text(v: str) -> str:
     if all(ch == " " or unicodedata.category(ch) == "Cf" for ch in v):
         raise ValueError("must contain a visible character (only spaces and invisible format characters found)")
     return v
+
+
+def clean_description(v: str) -> str:
+    """:func:`clean_text` for a task description, its refusal naming it (``sglora generate``/``select``,
+    :meth:`sglora.artifacts.Artifacts.lora_file`)."""
+    try:
+        return clean_text(v)
+    except ValueError as e:
+        raise ValueError(f"description {e}") from None
