@@ -519,6 +519,14 @@ PAIRS = (
 PAIRED_METRICS = ("accuracy", "i2t_r1", "t2i_r1")
 
 
+def mean_stderr(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); None for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
 def paired_differences(per_task: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
     """Per-task differences a - b for each pair of :data:`PAIRS` both evaluated, on each metric of
     :data:`PAIRED_METRICS` the tasks report: mean, standard error of the mean over tasks (None for one
@@ -530,8 +538,7 @@ def paired_differences(per_task: dict[str, dict[str, dict[str, float]]]) -> list
             d = [row[a][key] - row[b][key] for row in per_task.values() if a in row and b in row and key in row[a]]
             if not d:
                 continue
-            mean = sum(d) / len(d)
-            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else None
+            mean, se = mean_stderr(d)
             out.append(
                 {
                     "a": a,
@@ -697,9 +704,8 @@ def plot_results(results: dict, path: Path) -> bool:
             ax.plot(x, [r[m][key] if m in r and key in r[m] else float("nan") for m in cols], color="0.75", lw=0.8, zorder=1)
         for i, m in enumerate(cols):
             v = [r[m][key] for r in rows if m in r and key in r[m]]
-            mean = sum(v) / len(v)
-            se = (sum((a - mean) ** 2 for a in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else 0.0
-            ax.errorbar(i, mean, yerr=se, fmt="o", color="C3" if m == "sg-lora" else "k", capsize=3, zorder=2)
+            mean, se = mean_stderr(v)
+            ax.errorbar(i, mean, yerr=se or 0.0, fmt="o", color="C3" if m == "sg-lora" else "k", capsize=3, zorder=2)
         ax.set_xticks(list(x), cols, rotation=45, ha="right")
         ax.set_ylabel(f"{METRIC_NAMES[key]} (%)")
         ax.set_title(f"{key}, {len(rows)} task{'s' if len(rows) > 1 else ''}")
