@@ -293,5 +293,5 @@ class Ready(BaseModel):
     cvae_pass_rows: list[int] | None = Field(
         None,
         description="[fewest, most] rows of a CVAE pass: [1, 1], or [f, 16] where every pass of f to 16 rows gives "
-        "each row the same bits (a lone request is padded to f rows)",
+        "each row the same bits (a lone request is padded to f rows; on a GPU [16, 16])",
     )

@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": ready.get("device"),
         "redis": ready.get("redis"),
         "max_batch": ready.get("max_batch"),
+        "cvae_pass_rows": ready.get("cvae_pass_rows"),
         "model_threads": ready.get("model_threads"),
         "text_dtype": ready.get("text_dtype"),
         "text_fixed_rows": ready.get("text_fixed_rows"),
@@ -328,6 +329,7 @@ def table(r: dict) -> str:
         f"thread(s), text tower in {r.get('text_dtype', 'float32')}"
         + (f" ({r['text_fixed_rows']}-row blocks)" if r.get("text_fixed_rows") else "")
         + f", Redis {r['redis']}, max batch {r['max_batch']}"
+        + (f", CVAE passes of {'-'.join(map(str, r['cvae_pass_rows']))} rows" if r.get("cvae_pass_rows") else "")
     )
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
     lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]

@@ -45,8 +45,11 @@ MAX_SEED = 2**63 - 1
 # up to MAX_PASS_ROWS, a smaller remainder padded to the fewest. A pass reads the generator's P x H weight
 # blocks once (8 MiB on the offline default), so a lone request pays about what one row would, and a full
 # pass a fraction of a row's cost per row. Passes of 32 rows made no more throughput but answered in bursts
-# twice as long, which cache hits then wait behind (docs/benchmarks.md). Elsewhere (and on a GPU, where
-# one row per pass is what was measured end to end) passes have one row.
+# twice as long, which cache hits then wait behind (docs/benchmarks.md). On a GPU every pass has
+# MAX_PASS_ROWS rows (padded on the device) where the same check passes at that size: a pass there costs
+# about the same at 1 or 16 rows, and one shape means one kernel choice; on the H200, with the ViT-B-16
+# shape, 32 clients made 26 % more misses per second than with one row per pass, and a lone miss took as
+# long (docs/benchmarks.md). Elsewhere passes have one row.
 MAX_PAD_ROWS = 4
 MAX_PASS_ROWS = 16
 
@@ -243,21 +246,24 @@ class Engine:
     def pass_rows(self) -> tuple[int, int]:
         """(fewest, most) rows of a CVAE pass: on a CPU, the fewest row count from which on (at most
         :data:`MAX_PAD_ROWS`) every pass up to :data:`MAX_PASS_ROWS` rows agrees (:meth:`passes_agree`,
-        checked once, on first use, with the torch threads then in effect) and :data:`MAX_PASS_ROWS`;
-        else (1, 1): one row per pass."""
+        checked once, on first use, with the torch threads then in effect) and :data:`MAX_PASS_ROWS`; on
+        a GPU (MAX_PASS_ROWS, MAX_PASS_ROWS) where passes of that size agree in any row order; else (1, 1):
+        one row per pass."""
         if self._pass_rows is None:
             rows = (1, 1)
             if self.sampler is not None and self.generator.x_mean.device.type == "cpu":
                 fewest = next((f for f in range(1, MAX_PAD_ROWS + 1) if self.passes_agree(f)), None)
                 if fewest is not None:
                     rows = (fewest, MAX_PASS_ROWS)
+            elif self.sampler is not None and self.passes_agree(MAX_PASS_ROWS):
+                rows = (MAX_PASS_ROWS, MAX_PASS_ROWS)
             self._pass_rows = rows  # one assignment: thread-safe
         return self._pass_rows
 
     def passes_agree(self, fewest: int, most: int = MAX_PASS_ROWS) -> bool:
         """Whether the sampler gives every row the same bits in a pass of any size from ``fewest`` to
         ``most`` rows, at any position: ``most`` priors mixed from the repository's experts, sampled in
-        one pass, then every smaller pass of other rows in another order compared with it."""
+        one pass, then every pass of ``fewest`` to ``most`` rows, in another order, compared with it."""
         means, variances, _ = self.repository.stacked()
         g = torch.Generator().manual_seed(0)
         priors = []
@@ -279,7 +285,7 @@ class Engine:
             )
 
         full = sample(list(range(most)))
-        for n in range(fewest, most):
+        for n in range(fewest, most + 1):  # n == most: the same rows in another order
             rows = [(i + n // 2) % most for i in range(n)]
             if not torch.equal(sample(rows), full[rows]):
                 return False
