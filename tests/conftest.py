@@ -146,7 +146,8 @@ def client(make_settings):
 
 @pytest.fixture(scope="module")
 def reference(tiny_artifacts_session):
-    """An independent load of the same artefacts: what the CLI / library would produce."""
+    """An independent load of the same artefacts on the device the service and the CLI pick ('auto'): what
+    they would produce (bit for bit only on the same device)."""
     from sglora.artifacts import load_artifacts
 
-    return load_artifacts(tiny_artifacts_session)
+    return load_artifacts(tiny_artifacts_session, "auto")

@@ -68,7 +68,7 @@ def test_the_library_writes_the_services_bytes_with_the_same_text_dtype(make_set
     body = {"description": "a blue square", "seed": 5, "method": "sg-lora"}
     with TestClient(create_app(make_settings(redis_url="", text_dtype="float32"))) as c:
         served = c.post("/generate", json=body).content
-    assert load_artifacts(tiny_artifacts_session).lora_file("a blue square", seed=5)[0] == served
+    assert load_artifacts(tiny_artifacts_session, "auto").lora_file("a blue square", seed=5)[0] == served
 
 
 def test_unseeded_request_draws_a_seed_that_reproduces_it(client):

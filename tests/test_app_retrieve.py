@@ -51,10 +51,11 @@ def stage_count(client, stage: str) -> float:
 def reference_scores(reference, images, texts, lora, spec=None):
     bb = reference.backbone
     pixels = torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
-    with torch.no_grad():
-        feats = bb.image_features(pixels)
-        txt = reference.engine.embed(texts)
-        return bb.encode_image(feats, lora, spec) @ txt.T, bb.encode_image(feats) @ txt.T
+    with torch.no_grad():  # as the service computes them, on the backbone's device
+        feats = bb.image_features(pixels.to(bb.device))
+        txt = reference.engine.embed(texts).float()
+        img, img0 = bb.encode_image(feats, lora, spec).float().cpu(), bb.encode_image(feats).float().cpu()
+        return img @ txt.T, img0 @ txt.T
 
 
 @pytest.mark.parametrize(("method", "extra_ranks"), [("topk-exact", 0), ("sg-lora-exact", 2)])

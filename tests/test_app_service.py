@@ -698,7 +698,7 @@ async def test_bfloat16_text_tower_batches_bit_identically_and_has_its_own_cache
         metrics = (await client.get("/metrics")).text
         assert 'text_dtype="bfloat16"' in metrics
     # The library with its text tower in bfloat16 makes the same bytes, row by row.
-    reference = load_artifacts(tiny_artifacts_session)
+    reference = load_artifacts(tiny_artifacts_session, "auto")  # the service's device
     reference.backbone.set_text_dtype(torch.bfloat16)
     engine = reference.engine
     for b, r in zip(bodies, responses, strict=True):
@@ -715,9 +715,9 @@ async def test_bfloat16_text_tower_batches_bit_identically_and_has_its_own_cache
 async def test_bfloat16_generator_batches_bit_identically_and_has_its_own_cache_entries(make_settings, tiny_artifacts_session):
     from sglora.artifacts import load_artifacts
 
-    reference = load_artifacts(tiny_artifacts_session)
+    reference = load_artifacts(tiny_artifacts_session, "auto")  # the service's device
     if reference.generator.packed(torch.bfloat16) is None:
-        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+        pytest.skip("no oneDNN bfloat16 kernels here (on a CPU only; a GPU service refuses bfloat16 sampling)")
     settings = make_settings(generator_dtype="bfloat16", max_batch=4, batch_wait_ms=50)
     bodies = [{"description": f"a bf16 sample {i}", "seed": i} for i in range(6)]
     async with serving(settings) as (service, client):

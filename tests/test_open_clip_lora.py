@@ -17,6 +17,15 @@ from sglora.open_clip_lora import merge_lora, read_lora
 
 
 @pytest.fixture(scope="module")
+def reference(tiny_artifacts_session):
+    """The artefacts loaded on the CPU (not conftest's service device): the tests' "user's own open_clip
+    model" is a copy of this backbone's, fed CPU tensors."""
+    from sglora.artifacts import load_artifacts
+
+    return load_artifacts(tiny_artifacts_session)
+
+
+@pytest.fixture(scope="module")
 def generated(client):
     """(sg-lora file, topk-exact file): an ordinary rank and a higher-rank exact merge."""
     out = []

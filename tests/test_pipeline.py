@@ -385,7 +385,7 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     # The same files from Python: Artifacts.lora_file, as the README shows it.
     from sglora.artifacts import load_artifacts
 
-    a = load_artifacts(tiny_artifacts_session)
+    a = load_artifacts(tiny_artifacts_session, "auto")  # the CLI's device
     data, g = a.lora_file("a photo of a  circle ", seed=2)
     assert data == (tmp_path / "a.safetensors").read_bytes() and g.seed == 2 and g.method == "sg-lora"
     assert a.lora_file("a photo of a circle", seed=2, zipped=True)[0] == (tmp_path / "c.ZIP").read_bytes()
