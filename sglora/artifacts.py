@@ -245,7 +245,8 @@ class Artifacts:
         zipped: bool = False,
     ) -> tuple[bytes, Generation]:
         """A LoRA for ``description`` as the file ``sglora generate`` writes (the same request and seed give
-        the same bytes; so does ``POST /generate`` with the text tower in the same dtype): safetensors with
+        the same bytes on the same device, and the CLI's default is 'auto'; so does ``POST /generate`` with
+        the text tower in the same dtype): safetensors with
         PEFT names and the generation's metadata, or with ``zipped`` a zipped PEFT adapter folder; and the
         engine's Generation (experts, weights, seed). The description is cleaned as the CLI and the service
         clean it."""
