@@ -11,7 +11,7 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/15}
 ART=$(realpath -m "${ART:-artifacts/bench-vitb16}")
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}; CONFIG=${CONFIG:-configs/bench-vitb16.yaml}  # DEVICE=cpu CONFIG=configs/tiny.yaml: a dry run
-TESTS=${TESTS:-tests/test_engine.py tests/test_app_service.py tests/test_app_generate.py tests/test_app_retrieve.py
+TESTS=${TESTS:-tests/test_engine.py tests/test_app_service.py tests/test_app_generate.py tests/test_app_retrieve.py tests/test_app_experts.py
   tests/test_cvae.py tests/test_open_clip_backbone.py tests/test_open_clip_lora.py tests/test_pipeline.py}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
