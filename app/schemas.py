@@ -286,7 +286,8 @@ class Ready(BaseModel):
     text_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the text tower runs in")
     text_fixed_rows: int | None = Field(
         None,
-        description="rows per block of the text tower's long bfloat16 reductions, where the start-up check needed "
+        description="rows per block of the text tower's long bfloat16 reductions (an open_clip text tower: all its "
+        "linear layers), where the start-up check needed "
         "them for batching to leave embeddings bit-identical (CPUs with AMX); null: one product per layer",
     )
     generator_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the CVAE samples in")

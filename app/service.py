@@ -305,7 +305,8 @@ class Service:
         service.worker.timeout_s = settings.request_timeout_s
         if blocked:
             log.info(
-                "text tower: %s with one product per layer; its long reductions now run in fixed %d-row blocks, "
+                "text tower: %s with one product per layer; its long reductions (open_clip: every linear layer) now "
+                "run in fixed %d-row blocks, "
                 "with which batching leaves every embedding bit-identical (micro-batching on)",
                 blocked,
                 FIXED_ROWS,

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from models.lora import LoraApplier, LoraSpec
-from models.packed import pack_linears, set_fixed_rows
+from models.packed import LONG_REDUCTION, pack_linears, set_fixed_rows
 
 log = logging.getLogger("sglora.backbone")
 
@@ -149,7 +149,7 @@ class Backbone(ABC):
         linears = self._text_linears()
         if linears is not None and self.device.type == "cpu":
             try:  # their weights reordered once (models/packed.py): the same bits as F.linear, faster
-                pack_linears(linears, dtype)
+                self._pack_text(linears, dtype)
             except RuntimeError as e:  # a build without the kernel: the plain layers still work
                 log.warning("the text tower's linear layers stay unpacked: %s", e)
         self.text_dtype, self._fingerprints = dtype, fingerprints
@@ -159,13 +159,20 @@ class Backbone(ABC):
         a CPU, and in fixed-row blocks where :meth:`set_text_fixed_rows` asks; None: none."""
         return None
 
+    # The packed layers set_text_fixed_rows blocks: those with at least this many inputs (models/packed.py).
+    text_blocked_min_features = LONG_REDUCTION
+
+    def _pack_text(self, linears: nn.Module, dtype: torch.dtype) -> None:
+        """Packs the layers of :meth:`_text_linears` (models/packed.py); RuntimeError where oneDNN cannot."""
+        pack_linears(linears, dtype)
+
     def set_text_fixed_rows(self, rows: int | None) -> int:
         """Runs the text tower's long bfloat16 reductions in blocks of ``rows`` rows (None: one product),
         so that a description's embedding does not depend on what it is batched with where the CPU's
         kernels block those reductions by the number of rows (models/packed.py). Returns how many layers
         it changed: 0 where the text tower has none (float32, other backbones)."""
         linears = self._text_linears()
-        n = 0 if linears is None else set_fixed_rows(linears, rows)
+        n = 0 if linears is None else set_fixed_rows(linears, rows, self.text_blocked_min_features)
         self._text_fixed_rows = rows if n else None
         return n
 

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
+from models.packed import pack_attention
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -341,9 +342,20 @@ class OpenClipBackbone(Backbone):
                 param.data = param.data.to(dtype)
 
     def _text_linears(self) -> nn.Module | None:
-        # The text blocks' MLP layers (the attention's projections run through F.linear in _self_attention):
-        # packed, a lone description on ViT-B-16's tower 8.8 -> 6.9 ms on one AVX512-BF16 core, the same bits.
+        # The text blocks' MLP layers, packed: a lone description on ViT-B-16's tower 8.8 -> 6.9 ms on one
+        # AVX512-BF16 core, the same bits. And the attention's projections (_pack_text).
         return self.model.transformer if self._clip_text else None
+
+    # On an AMX core ViT-B-16's text tower also rounds a row of its 512-wide products by how many rows came
+    # with it (first seen at the attention's output projection), not only of the 2,048-wide one: the
+    # start-up check's fixed-row blocks cover every layer (docs/benchmarks.md, release 0.9.8).
+    text_blocked_min_features = 1
+
+    def _pack_text(self, linears: nn.Module, dtype: torch.dtype) -> None:
+        # The attention's projections too, as packed copies that _self_attention calls (pack_attention):
+        # one AMX core, a lone description 23.4 -> 19.5 ms; and set_text_fixed_rows can then block them.
+        super()._pack_text(linears, dtype)
+        pack_attention(linears, dtype)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(bounded_aspect(image.convert("RGB")))
@@ -393,9 +405,11 @@ def _self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torc
     """
     b, n, e = x.shape
     h = mha.num_heads
-    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, E / H)
-    return F.linear(out.transpose(1, 2).reshape(b, n, e), mha.out_proj.weight, mha.out_proj.bias)
+    in_proj, out_proj = getattr(mha, "packed_in_proj", None), getattr(mha, "packed_out_proj", None)  # pack_attention
+    qkv = in_proj(x) if in_proj is not None else F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, n, e)  # (B, L, E)
+    return out_proj(out) if out_proj is not None else F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
 
 
 def _text_transformer(transformer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

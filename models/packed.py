@@ -76,6 +76,26 @@ def set_fixed_rows(module: nn.Module, rows: int | None, min_in_features: int = L
     return len(layers)
 
 
+def pack_attention(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -> int:
+    """Gives every ``nn.MultiheadAttention`` inside ``module`` whose input projection is one (3E, E) matrix
+    packed copies of its input and output projections, ``packed_in_proj`` and ``packed_out_proj``
+    (:class:`PackedLinear` in ``dtype``), for forwards that compute the attention themselves
+    (models/open_clip_backbone.py); nn.MultiheadAttention's own forward does not use them. As children of
+    the attention they are found by :func:`set_fixed_rows`. Returns how many attentions (0 without oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    attentions = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim]
+    packed = []
+    for mha in attentions:
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        in_proj = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        in_proj.weight, in_proj.bias = w, b
+        packed.append((PackedLinear(in_proj, rows_hint, dtype), PackedLinear(mha.out_proj, rows_hint, dtype)))
+    for mha, (in_proj, out_proj) in zip(attentions, packed, strict=True):
+        mha.packed_in_proj, mha.packed_out_proj = in_proj, out_proj
+    return len(attentions)
+
+
 def pack_linears(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -> int:
     """Replaces every ``nn.Linear`` inside ``module`` (called as a module, not through its ``.weight``) by a
     :class:`PackedLinear` in ``dtype``, one product per call (:func:`set_fixed_rows` changes that). All or

@@ -408,10 +408,12 @@ def test_engine_refuses_a_generator_of_another_description_size(engine):
         Engine(engine.backbone, engine.repository, gen, engine.top_k, engine.temperature)
 
 
-def test_open_clip_bfloat16_text_packs_its_mlps_and_can_block_long_reductions():
+def test_open_clip_bfloat16_text_packs_its_layers_and_can_block_them_all():
     """On a CPU the bfloat16 text tower's MLP layers are packed for oneDNN (the same bits as F.linear on an
-    AVX512-BF16 CPU); where a CPU's kernel rounds long reductions by row count (AMX), the service's start-up
-    check can then run them in fixed-row blocks, as it does for MiniLM. A text tower 256 wide (MLP 1024)."""
+    AVX512-BF16 CPU), and its attention's projections get packed copies that the forward calls; where a
+    CPU's kernels round a product by row count (AMX: on ViT-B-16's tower 512-wide products too), the
+    service's start-up check can then run every one of them in fixed-row blocks. A text tower 256 wide
+    (MLP 1024)."""
     from conftest import TINY_MODEL
 
     from models.backbone import BackboneConfig, create_backbone
@@ -422,13 +424,24 @@ def test_open_clip_bfloat16_text_packs_its_mlps_and_can_block_long_reductions():
     texts = ["a photo of a ring", LONG, "a cat", "This is a task about shirts"]
     with torch.inference_mode():
         want = backbone.encode_text(texts)
+    state = set(backbone.model.state_dict())
     backbone.set_text_dtype(torch.bfloat16)
-    mlp = backbone.model.transformer.resblocks[0].mlp
+    block = backbone.model.transformer.resblocks[0]
+    mlp, attn = block.mlp, block.attn
     if not isinstance(mlp.c_proj, PackedLinear):
         pytest.skip("no oneDNN bfloat16 kernels in this torch build")
+    assert isinstance(attn.packed_in_proj, PackedLinear) and isinstance(attn.packed_out_proj, PackedLinear)
+    attention_state = {k for k in backbone.model.state_dict() if ".attn." in k}
+    assert attention_state == {k for k in state if ".attn." in k}  # the packed copies hold no state
+    calls = []
+    attn.packed_out_proj.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        backbone.encode_text(texts[:1])
+    assert calls  # the forward runs the packed copies
     assert backbone.text_fixed_rows is None
-    assert backbone.set_text_fixed_rows(FIXED_ROWS) == 1 and mlp.c_proj.fixed_rows == FIXED_ROWS  # 1024 wide: long
-    assert mlp.c_fc.fixed_rows is None and backbone.text_fixed_rows == FIXED_ROWS
+    assert backbone.set_text_fixed_rows(FIXED_ROWS) == 4  # c_fc, c_proj, the attention's in and out projections
+    layers = (mlp.c_fc, mlp.c_proj, attn.packed_in_proj, attn.packed_out_proj)
+    assert all(m.fixed_rows == FIXED_ROWS for m in layers) and backbone.text_fixed_rows == FIXED_ROWS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -439,7 +452,7 @@ def test_open_clip_bfloat16_text_packs_its_mlps_and_can_block_long_reductions():
         torch.set_num_threads(threads)
     assert torch.equal(alone, together)
     assert (together * want).sum(-1).min() > 0.99
-    assert backbone.set_text_fixed_rows(None) == 1 and backbone.text_fixed_rows is None
+    assert backbone.set_text_fixed_rows(None) == 4 and backbone.text_fixed_rows is None
 
 
 def test_load_artifacts_takes_the_clis_device_names(tiny_artifacts_session):

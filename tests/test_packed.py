@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.packed import PackedLinear, pack_linears
+from models.packed import PackedLinear, pack_attention, pack_linears, set_fixed_rows
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -69,3 +69,25 @@ def test_fixed_row_blocks_give_each_row_the_bits_it_has_alone():
     assert set_fixed_rows(block, None) == 1 and long.fixed_rows is None
     with pytest.raises(ValueError, match="fixed_rows must be >= 1"):
         PackedLinear(nn.Linear(4, 4), fixed_rows=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_gets_packed_copies_of_its_projections(dtype):
+    """pack_attention leaves nn.MultiheadAttention as it is (its own forward reads .weight) and adds packed
+    copies of the input and output projections, which compute what they do, hold no state and are found
+    by set_fixed_rows; attention with separate q/k/v weights is left alone."""
+    block = _block()
+    attn = block[3]
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    separate = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+    assert pack_attention(nn.Sequential(block, separate), dtype) == 1 and not hasattr(separate, "packed_in_proj")
+    assert {k: v.dtype for k, v in block.state_dict().items()} == {k: v.dtype for k, v in state.items()}
+    assert all(torch.equal(v, state[k]) for k, v in block.state_dict().items())
+    x = torch.randn(3, 5, 8)
+    with torch.inference_mode():
+        qkv, out = attn.packed_in_proj(x), attn.packed_out_proj(x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    want_qkv = nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    torch.testing.assert_close(qkv, want_qkv, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, attn.out_proj(x), rtol=tol, atol=tol)
+    assert set_fixed_rows(attn, 4, min_in_features=1) == (2 if dtype == torch.bfloat16 else 0)
