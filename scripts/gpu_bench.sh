@@ -14,12 +14,14 @@ DEVICE=${DEVICE:-cuda}; CONFIG=${CONFIG:-configs/bench-vitb16.yaml}  # DEVICE=cp
 TESTS=${TESTS:-tests/test_engine.py tests/test_app_service.py tests/test_app_generate.py tests/test_app_retrieve.py tests/test_app_experts.py
   tests/test_cvae.py tests/test_open_clip_backbone.py tests/test_open_clip_lora.py tests/test_pipeline.py}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+case $CONFIG in /*) ;; *) CONFIG=$ROOT/$CONFIG ;; esac  # a relative CONFIG names a file of this checkout
+case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac  # a relative path to a python: the tests run in $ROOT
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # this checkout's packages, installed or not
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'; } 2>&1 | tee "$OUT_DIR/gpu.txt"
 if [ ! -f "$ART/manifest.json" ]; then
-  "$PY" -m sglora.cli pipeline --config "$ROOT/$CONFIG" --out "$ART" --device "$DEVICE" \
+  "$PY" -m sglora.cli pipeline --config "$CONFIG" --out "$ART" --device "$DEVICE" \
     > "$OUT_DIR/pipeline.log" 2>&1 || { tail -40 "$OUT_DIR/pipeline.log"; exit 1; }
   grep -a "done in" "$OUT_DIR/pipeline.log"
 fi
@@ -34,4 +36,6 @@ done
 tail -12 "$OUT_DIR/load.md"
 # shellcheck disable=SC2086  # TESTS: several paths
 cd "$ROOT" && "$PY" -m pytest -q -p no:cacheprovider -rfE $TESTS > "$OUT_DIR/pytest.log" 2>&1
-echo "pytest exit $?"; tail -15 "$OUT_DIR/pytest.log"
+rc=$?
+echo "pytest exit $rc"; tail -15 "$OUT_DIR/pytest.log"
+exit "$rc"  # the tests' status, for whoever runs this script
