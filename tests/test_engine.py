@@ -212,11 +212,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("pass_rows", [(1, 1), (3, 3), (4, 8), "this host's"])
+@pytest.mark.parametrize("pass_rows", [(1, 1), (3, 3), (4, 8), (MAX_PASS_ROWS, MAX_PASS_ROWS), "this host's"])
 def test_sg_lora_rows_over_several_cvae_passes(engine, monkeypatch, one_thread, pass_rows):
     """Whatever the pass policy, each row gets its bytes alone: one row per pass, fixed passes of 3 (the
-    last padded), passes growing from 4 to 8 rows (17 rows: passes of 8, 8 and 1 padded to 4), and the
-    policy this host's check chose."""
+    last padded), passes growing from 4 to 8 rows (17 rows: passes of 8, 8 and 1 padded to 4), fixed
+    passes of MAX_PASS_ROWS (a GPU's: a lone row padded to all of them), and the policy this host's check
+    chose."""
     if pass_rows == "this host's":
         monkeypatch.setattr(engine, "_pass_rows", None)
         fewest, most = engine.pass_rows
@@ -261,6 +262,25 @@ def test_pass_rows_start_where_every_larger_pass_agrees(engine, monkeypatch, odd
     else:
         fewest, most = engine.pass_rows
         assert fewest > odd_rows and most == MAX_PASS_ROWS
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_pass_rows_off_the_cpu_are_full_passes_where_they_agree_in_another_order(engine, monkeypatch, agree):
+    """With the generator on a GPU every pass has MAX_PASS_ROWS rows where passes of that size agree in
+    another row order (the one check made there), else one row; the CPU's search for the fewest rows
+    does not run."""
+    checked = []
+
+    def passes_agree(fewest, most=MAX_PASS_ROWS):
+        checked.append((fewest, most))
+        return agree
+
+    on_gpu = dataclasses.make_dataclass("OnGpu", ["x_mean"])(torch.empty(0, device="meta"))
+    monkeypatch.setattr(engine, "generator", on_gpu)
+    monkeypatch.setattr(engine, "passes_agree", passes_agree)
+    monkeypatch.setattr(engine, "_pass_rows", None)
+    assert engine.pass_rows == ((MAX_PASS_ROWS, MAX_PASS_ROWS) if agree else (1, 1))
+    assert checked == [(MAX_PASS_ROWS, MAX_PASS_ROWS)]
 
 
 def test_the_cpu_sampler_is_the_generator_on_onednn(engine):
