@@ -62,13 +62,11 @@ def test_same_request_same_bytes_served_from_cache(client, make_settings):
         assert r.headers["x-cache"] == "miss" and r.content == first.content
 
 
-def test_the_library_writes_the_services_bytes_with_the_same_text_dtype(make_settings, tiny_artifacts_session):
-    from sglora.artifacts import load_artifacts
-
+def test_the_library_writes_the_services_bytes_with_the_same_text_dtype(make_settings, reference):
     body = {"description": "a blue square", "seed": 5, "method": "sg-lora"}
     with TestClient(create_app(make_settings(redis_url="", text_dtype="float32"))) as c:
         served = c.post("/generate", json=body).content
-    assert load_artifacts(tiny_artifacts_session, "auto").lora_file("a blue square", seed=5)[0] == served
+    assert reference.lora_file("a blue square", seed=5)[0] == served
 
 
 def test_unseeded_request_draws_a_seed_that_reproduces_it(client):
