@@ -2,10 +2,12 @@
 
 Writes go behind the response (``set_behind``): a miss is answered as soon as the LoRA is made, and
 until its write lands the same key is answered from memory. Fail open: every Redis call has a short
-connect/socket timeout and no retries; after an error the cache is skipped for ``backoff_s`` so a
-dead Redis costs one timeout per back-off period, not one per request. Requests keep being answered
-(uncached) meanwhile; the next call after the back-off tries Redis again, and a success resumes
-normal use.
+connect/socket timeout and no retries; after an error the cache is skipped for a back-off period so a
+dead Redis costs one timeout per period, not one per request. Requests keep being answered (uncached)
+meanwhile; the next call after the period tries Redis again. The period starts at ``backoff_min_s``
+and doubles with each retry that fails, up to ``backoff_s``; a success resets it. So a lone slow call
+(one timeout under a burst of load) costs the cache a short period, while a dead Redis is soon tried
+only every ``backoff_s``.
 """
 
 from __future__ import annotations
@@ -73,13 +75,16 @@ class RedisCache:
         backoff_s: float,
         metrics: Metrics,
         max_connections: int = 128,
+        backoff_min_s: float | None = None,
     ):
         self.url = url
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.backoff_s = backoff_s
+        self.backoff_min_s = backoff_s if backoff_min_s is None else min(backoff_min_s, backoff_s)
         self.metrics = metrics
         self._skip_until = 0.0
+        self._next_backoff = self.backoff_min_s  # the period the next failure starts
         self._writing: dict[str, bytes] = {}  # values of write-behind sets still on their way to Redis
         self._writes: set[asyncio.Task] = set()
         self._client: Redis | None = None
@@ -110,9 +115,16 @@ class RedisCache:
 
     def _failed(self, op: str, e: Exception) -> None:
         self.metrics.redis_errors.labels(op=op).inc()
-        if time.monotonic() >= self._skip_until:
-            log.warning("redis %s failed (%s: %s); skipping the cache for %.1f s", op, type(e).__name__, e, self.backoff_s)
-        self._skip_until = time.monotonic() + self.backoff_s
+        now = time.monotonic()
+        if now < self._skip_until:
+            return  # a call that began before the period did (the calls in flight time out together): no longer
+        period = self._next_backoff
+        self._skip_until = now + period
+        self._next_backoff = min(2 * period, self.backoff_s)
+        log.warning("redis %s failed (%s: %s); skipping the cache for %.2f s", op, type(e).__name__, e, period)
+
+    def _succeeded(self) -> None:
+        self._next_backoff = self.backoff_min_s
 
     async def get(self, key: str) -> tuple[bytes | None, bool]:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
@@ -122,10 +134,12 @@ class RedisCache:
             return None, False
         assert self._client is not None
         try:
-            return await self._client.get(self.prefix + key), True
+            value = await self._client.get(self.prefix + key)
         except (RedisError, OSError) as e:
             self._failed("get", e)
             return None, False
+        self._succeeded()
+        return value, True
 
     async def set_many(self, items: dict[str, bytes]) -> bool:
         if not self.available() or not items:
@@ -136,10 +150,11 @@ class RedisCache:
                 for k, v in items.items():
                     pipe.set(self.prefix + k, v, ex=self.ttl_s)
                 await pipe.execute()
-            return True
         except (RedisError, OSError) as e:
             self._failed("set", e)
             return False
+        self._succeeded()
+        return True
 
     def set_behind(self, items: dict[str, bytes]) -> None:
         """``set_many`` in a background task: the response need not wait for Redis. Until the write
@@ -170,6 +185,7 @@ class RedisCache:
             self._failed("ping", e)
             return "degraded"
         self._skip_until = 0.0
+        self._succeeded()
         return "ok"
 
     async def close(self) -> None:

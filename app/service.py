@@ -228,6 +228,7 @@ class Service:
             settings.redis_backoff_s,
             metrics,
             max_connections=settings.redis_max_connections,
+            backoff_min_s=settings.redis_backoff_min_s,
         )
         self.lru = BytesLRU(settings.lru_bytes)
         model_threads, threads = settings.resolved_parallelism(device)

@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of a cached LoRA")
     cache_prefix: str = Field("sglora:", description="prefix of every Redis key this service writes")
     redis_timeout_s: float = Field(0.25, gt=0, description="connect and socket timeout of each Redis call")
-    redis_backoff_s: float = Field(5.0, ge=0, description="after a Redis error, skip Redis for this long")
+    redis_backoff_s: float = Field(
+        5.0, ge=0, description="longest skip of Redis after errors (the skip doubles with each failed retry, up to this)"
+    )
+    redis_backoff_min_s: float = Field(
+        0.5, gt=0, description="skip of Redis after an error that follows a success (at most SGLORA_REDIS_BACKOFF_S)"
+    )
     redis_max_connections: int = Field(128, ge=1, description="Redis connection pool size; beyond, calls wait (timeout)")
     lru_bytes: int = Field(64 << 20, ge=0, description="in-process LRU of recent LoRAs by ETag (for /retrieve)")
     embedding_cache_items: int = Field(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import TimeoutError as RedisTimeout
 
-from app.cache import BytesLRU, CacheKey
+from app import cache as cache_module
+from app.cache import BytesLRU, CacheKey, RedisCache
 from app.main import create_app
+from app.metrics import Metrics
 
 
 def samples(client) -> dict[tuple[str, tuple], float]:
@@ -83,7 +88,9 @@ def test_silent_redis_costs_one_short_timeout(make_settings):
     t.start()
     try:
         port = server.getsockname()[1]
-        settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2, redis_backoff_s=30)
+        settings = make_settings(
+            redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=30
+        )
         with TestClient(create_app(settings)) as c:  # start-up pings Redis too: it must not hang
             t0 = time.perf_counter()
             ready = c.get("/ready")  # a live call into the silent Redis: bounded by the socket timeout
@@ -205,7 +212,7 @@ def test_requests_without_a_seed_skip_the_cache_and_count_as_errors_while_redis_
     """A sampling request without a seed is never looked up (it asks for a new sample): `skip`, outside the
     hit ratio. While Redis fails (its back-off) such a request could not have used the cache either:
     `error`, so that an outage moves the SGLoRACacheDegraded ratio even when no client sends seeds."""
-    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=30)
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=30)
     with TestClient(create_app(settings)) as c:
         cache = c.app.state.service.cache
         before = {r: cache_events(c, r) for r in ("hit", "miss", "error", "skip")}
@@ -219,3 +226,79 @@ def test_requests_without_a_seed_skip_the_cache_and_count_as_errors_while_redis_
             assert c.post("/generate", json={"description": "a red circle"}).status_code == 200
         assert cache_events(c, "error") == errors + 3 and cache_events(c, "skip") == before["skip"] + 1
         private_redis.start()
+
+
+class FakeRedis:
+    """Answers ``get`` or raises, as the test says."""
+
+    def __init__(self):
+        self.fail = False
+        self.calls = 0
+
+    async def get(self, key):
+        self.calls += 1
+        if self.fail:
+            raise RedisTimeout("Timeout reading from socket")
+        return b"v"
+
+
+def test_the_back_off_doubles_with_each_failed_retry_and_a_success_resets_it(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])
+    cache = RedisCache("redis://127.0.0.1:1/0", 60, "t:", 0.2, backoff_s=5.0, metrics=Metrics(), backoff_min_s=0.5)
+    fake = cache._client = FakeRedis()
+
+    def get():
+        return asyncio.run(cache.get("k"))
+
+    def skipped_for() -> float:
+        """How long the cache now skips Redis, to the nearest 10 ms."""
+        start, calls = now[0], fake.calls
+        while not cache.available():
+            now[0] += 0.01
+        period = round(now[0] - start, 2)
+        assert fake.calls == calls  # nothing was tried meanwhile
+        return period
+
+    assert get() == (b"v", True)
+    fake.fail = True
+    periods = []
+    for _ in range(6):
+        assert get() == (None, False)
+        periods.append(skipped_for())
+    assert periods == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+
+    # Calls in flight when the cache trips fail inside the period: counted, but the period stands.
+    assert get() == (None, False)
+    now[0] += 0.2
+    cache._failed("get", RedisTimeout("Timeout reading from socket"))
+    assert round(cache._skip_until - now[0], 2) == 4.8
+
+    fake.fail = False
+    while not cache.available():
+        now[0] += 0.01
+    assert get() == (b"v", True)
+    fake.fail = True
+    assert get() == (None, False)
+    assert skipped_for() == 0.5  # the success reset it
+
+
+def test_a_lone_slow_call_skips_the_cache_briefly(private_redis, make_settings):
+    """Redis stalls past the timeout once (CLIENT PAUSE: the server holds every client's commands), then
+    answers again. Hits resume after the short first period, not after the 30 s longest one."""
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=0.3)
+    body = {"description": "a brief stall", "seed": 3}
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        errors = cache_events(c, "error")
+        admin = redis.Redis.from_url(private_redis.url)
+        admin.execute_command("CLIENT", "PAUSE", 600, "ALL")
+        try:
+            stalled = c.post("/generate", json=body)
+        finally:
+            admin.close()
+        assert stalled.status_code == 200 and stalled.headers["x-cache"] == "miss"
+        assert cache_events(c, "error") == errors + 1
+        assert wait_for(lambda: c.post("/generate", json=body).headers["x-cache"] == "hit", timeout=10.0)
