@@ -228,3 +228,37 @@ class BytesLRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class HotKeys:
+    """Request key -> (ETag, file metadata) of the LoRAs this process generated or read from Redis lately.
+    A repeated request whose bytes are still in the ETag LRU is answered from memory, without the Redis
+    round trip, the file check and the hash of a Redis hit. Bounded by count (the bytes by the LRU's
+    budget); an entry lives at most ``ttl_s`` from when it was stored here, as its Redis entry does."""
+
+    def __init__(self, max_items: int, ttl_s: float):
+        self.max_items = max_items
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[str, tuple[str, dict[str, str], float]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[str, dict[str, str]] | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        etag, metadata, expires = item
+        if time.monotonic() >= expires:
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return etag, metadata
+
+    def put(self, key: str, etag: str, metadata: dict[str, str]) -> None:
+        if self.max_items <= 0:
+            return
+        self._items.pop(key, None)
+        self._items[key] = (etag, metadata, time.monotonic() + self.ttl_s)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -68,6 +68,11 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.memory_hits = Counter(
+            "sglora_cache_memory_hits",
+            "cache hits answered from process memory without a Redis round trip (a part of the hits)",
+            registry=r,
+        )
         self.embeddings = Counter(
             "sglora_embedding_cache_events",
             "descriptions whose text embedding was reused (hit) or encoded (miss)",

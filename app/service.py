@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from app.cache import BytesLRU, CacheKey, RedisCache
+from app.cache import BytesLRU, CacheKey, HotKeys, RedisCache
 from app.errors import APIError
 from app.images import load_rgb, open_image
 from app.metrics import Metrics
@@ -231,6 +231,8 @@ class Service:
             backoff_min_s=settings.redis_backoff_min_s,
         )
         self.lru = BytesLRU(settings.lru_bytes)
+        # With the cache off (no Redis URL) nothing is cached, in memory either.
+        self.hot = HotKeys(settings.hot_keys if self.cache.enabled else 0, settings.cache_ttl_s)
         model_threads, threads = settings.resolved_parallelism(device)
         self.worker = ModelWorker(
             self.engine.embed,
@@ -394,6 +396,11 @@ class Service:
             self.generator_dtype if params.method in SAMPLING_METHODS else "",
         ).digest()
         if lookup:
+            hot = self.hot.get(key)
+            if hot is not None and (data := self.lru.get(hot[0])) is not None:
+                self.metrics.cache.labels(result="hit").inc()
+                self.metrics.memory_hits.inc()
+                return GeneratedLora(data, hot[0], "hit", hot[1])
             data, ok = await self.cache.get("gen:" + key)
             # error: Redis failed or is skipped for its back-off; with the cache off (SGLORA_REDIS_URL empty)
             # nothing is stored, so nothing is found: a miss, not an error (else the cache alert would fire).
@@ -408,6 +415,7 @@ class Service:
             if data is not None:
                 etag = etag_of(data)
                 self.lru.put(etag, data)
+                self.hot.put(key, etag, metadata)
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
@@ -421,11 +429,13 @@ class Service:
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         etag = etag_of(data)
         self.lru.put(etag, data)
+        metadata = safetensors_metadata(data)
         # Else the repository changed under the request (and with it, maybe, the default top_k): not filed under the old key.
         if used_version == version:
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
             self.cache.set_behind({"gen:" + key: data, "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
-        return GeneratedLora(data, etag, "miss", safetensors_metadata(data))
+            self.hot.put(key, etag, metadata)
+        return GeneratedLora(data, etag, "miss", metadata)
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:
         """On a model thread, after the micro-batched text encoding: priors, CVAE samples and files,

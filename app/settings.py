@@ -66,7 +66,13 @@ class Settings(BaseSettings):
         0.5, gt=0, description="skip of Redis after an error that follows a success (at most SGLORA_REDIS_BACKOFF_S)"
     )
     redis_max_connections: int = Field(128, ge=1, description="Redis connection pool size; beyond, calls wait (timeout)")
-    lru_bytes: int = Field(64 << 20, ge=0, description="in-process LRU of recent LoRAs by ETag (for /retrieve)")
+    lru_bytes: int = Field(64 << 20, ge=0, description="in-process LRU of recent LoRAs by ETag (for /retrieve and hot keys)")
+    hot_keys: int = Field(
+        4096,
+        ge=0,
+        description="requests whose LoRA a repeat gets from process memory (the ETag LRU) without asking Redis (0: off); "
+        "only with the Redis cache on",
+    )
     embedding_cache_items: int = Field(
         4096,
         ge=0,

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from app import cache as cache_module
-from app.cache import BytesLRU, CacheKey, RedisCache
+from app.cache import BytesLRU, CacheKey, HotKeys, RedisCache
 from app.main import create_app
 from app.metrics import Metrics
 
@@ -40,7 +40,8 @@ def wait_for(predicate, timeout=5.0):
 
 
 def test_fail_open_when_redis_stops_and_recovery_when_it_returns(private_redis, make_settings):
-    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=0.3)
+    # Without the hot keys, whose repeats would not ask Redis at all (test_hot_keys_...).
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=0.3, hot_keys=0)
     body = {"description": "a red circle", "seed": 1}
     with TestClient(create_app(settings)) as c:
         first = c.post("/generate", json=body)
@@ -89,7 +90,7 @@ def test_silent_redis_costs_one_short_timeout(make_settings):
     try:
         port = server.getsockname()[1]
         settings = make_settings(
-            redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=30
+            redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=30, hot_keys=0
         )
         with TestClient(create_app(settings)) as c:  # start-up pings Redis too: it must not hang
             t0 = time.perf_counter()
@@ -140,8 +141,6 @@ def test_lru_is_bounded_by_bytes():
 
 
 def test_writes_go_behind_the_response_and_land_in_redis(make_settings):
-    import redis
-
     settings = make_settings()
     body = {"description": "a blue star", "seed": 4}
     with TestClient(create_app(settings)) as c:
@@ -186,9 +185,7 @@ def test_with_the_cache_off_a_lookup_is_a_miss_not_an_error(make_settings):
 def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(make_settings):
     """A foreign or damaged value under a cache key (a shared Redis, a truncated write) costs a miss, counted as a
     cache error, and the fresh file replaces it; it is never served and never a 500."""
-    import redis
-
-    settings = make_settings()
+    settings = make_settings(hot_keys=0)  # else a repeat never reads Redis
     body = {"description": "a green hexagon", "seed": 5}
     with TestClient(create_app(settings)) as c:
         cache = c.app.state.service.cache
@@ -286,7 +283,9 @@ def test_the_back_off_doubles_with_each_failed_retry_and_a_success_resets_it(mon
 def test_a_lone_slow_call_skips_the_cache_briefly(private_redis, make_settings):
     """Redis stalls past the timeout once (CLIENT PAUSE: the server holds every client's commands), then
     answers again. Hits resume after the short first period, not after the 30 s longest one."""
-    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=0.3)
+    settings = make_settings(
+        redis_url=private_redis.url, redis_timeout_s=0.2, redis_backoff_s=30, redis_backoff_min_s=0.3, hot_keys=0
+    )
     body = {"description": "a brief stall", "seed": 3}
     with TestClient(create_app(settings)) as c:
         assert c.post("/generate", json=body).headers["x-cache"] == "miss"
@@ -302,3 +301,78 @@ def test_a_lone_slow_call_skips_the_cache_briefly(private_redis, make_settings):
         assert stalled.status_code == 200 and stalled.headers["x-cache"] == "miss"
         assert cache_events(c, "error") == errors + 1
         assert wait_for(lambda: c.post("/generate", json=body).headers["x-cache"] == "hit", timeout=10.0)
+
+
+def memory_hits(client) -> float:
+    return samples(client)[("sglora_cache_memory_hits_total", ())]
+
+
+def test_hot_keys_answer_repeats_from_memory_without_redis(private_redis, make_settings):
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2)
+    body = {"description": "a hot key", "seed": 4}
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        redis_gets = []
+        real_get = cache.get
+
+        async def counted_get(key):
+            redis_gets.append(key)
+            return await real_get(key)
+
+        cache.get = counted_get
+        first = c.post("/generate", json=body)
+        assert first.headers["x-cache"] == "miss" and len(redis_gets) == 1
+        hits = cache_events(c, "hit")
+        again = c.post("/generate", json=body)
+        assert again.headers["x-cache"] == "hit" and len(redis_gets) == 1  # Redis was not asked
+        assert again.content == first.content
+        for name in ("etag", "x-seed", "x-experts", "x-artifact-version"):
+            assert again.headers[name] == first.headers[name]
+        assert cache_events(c, "hit") == hits + 1 and memory_hits(c) == 1
+        as_zip = c.post("/generate", json=body, headers={"Accept": "application/zip"})
+        assert as_zip.headers["x-cache"] == "hit" and as_zip.content.startswith(b"PK") and len(redis_gets) == 1
+
+        private_redis.stop()  # repeats this process has answered stay hits; anything new is a miss
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        errors = cache_events(c, "error")
+        new = c.post("/generate", json={**body, "seed": 5})
+        assert new.status_code == 200 and new.headers["x-cache"] == "miss"
+        assert cache_events(c, "error") == errors + 1
+        private_redis.start()
+
+
+def test_a_hit_from_redis_becomes_a_hot_key_and_the_lru_bounds_what_memory_answers(make_settings):
+    body = {"description": "a shared key", "seed": 6}
+    writer = make_settings()
+    with TestClient(create_app(writer)) as c:
+        made = c.post("/generate", json=body)
+        assert made.headers["x-cache"] == "miss"
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+    # Another process on the same Redis: its first answer comes from Redis, the next from memory.
+    with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix))) as c:
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit" and memory_hits(c) == 0
+        again = c.post("/generate", json=body)
+        assert again.headers["x-cache"] == "hit" and again.content == made.content and memory_hits(c) == 1
+    # An LRU too small for a LoRA keeps no bytes: every repeat goes to Redis.
+    with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix, lru_bytes=1024))) as c:
+        for _ in range(2):
+            assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert memory_hits(c) == 0
+
+
+def test_hot_keys_expire_and_are_bounded_by_count(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])
+    hot = HotKeys(max_items=2, ttl_s=10)
+    hot.put("a", "etag-a", {"seed": "1"})
+    hot.put("b", "etag-b", {})
+    assert hot.get("a") == ("etag-a", {"seed": "1"})  # "a" is now the most recent
+    hot.put("c", "etag-c", {})
+    assert hot.get("b") is None and len(hot) == 2
+    now[0] = 9.99
+    assert hot.get("a") is not None
+    now[0] = 10.0
+    assert hot.get("a") is None and hot.get("c") is None and len(hot) == 0
+    off = HotKeys(max_items=0, ttl_s=10)
+    off.put("a", "etag-a", {})
+    assert off.get("a") is None
