@@ -9,6 +9,8 @@ def clean_text(v: str) -> str:
     """Trimmed, runs of whitespace (tabs, newlines included) collapsed to one space; no other control
     characters, and at least one character that is neither a space nor an invisible format character
     (a lone zero-width space or byte-order mark is blank to a reader, not a description)."""
+    if not isinstance(v, str):
+        raise TypeError(f"must be a string, got {type(v).__name__}")
     v = " ".join(v.split())
     if not v:
         raise ValueError("must not be empty or blank")
@@ -27,3 +29,5 @@ def clean_description(v: str) -> str:
         return clean_text(v)
     except ValueError as e:
         raise ValueError(f"description {e}") from None
+    except TypeError as e:
+        raise TypeError(f"description {e}") from None

@@ -391,6 +391,8 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     assert a.lora_file("a photo of a circle", seed=2, zipped=True)[0] == (tmp_path / "c.ZIP").read_bytes()
     with pytest.raises(ValueError, match="description must not contain control characters"):
         a.lora_file("a photo\x00of a circle", seed=2)
+    with pytest.raises(TypeError, match="description must be a string, got int"):
+        a.lora_file(42, seed=2)
 
 
 def test_a_rerun_retrains_a_snapshot_damaged_since_and_marks_the_later_stages_stale(tiny_artifacts, tiny_config, capsys):
