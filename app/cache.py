@@ -1,10 +1,11 @@
-"""LoRA cache: Redis (``redis.asyncio``, binary values) that fails open, plus an in-process LRU by ETag.
+"""LoRA cache: Redis (``redis.asyncio``, binary values) that fails open, an in-process LRU by ETag, and
+the hot keys (a repeated request answered from that LRU without asking Redis).
 
 Writes go behind the response (``set_behind``): a miss is answered as soon as the LoRA is made, and
 until its write lands the same key is answered from memory. Fail open: every Redis call has a short
 connect/socket timeout and no retries; after an error the cache is skipped for a back-off period so a
-dead Redis costs one timeout per period, not one per request. Requests keep being answered (uncached)
-meanwhile; the next call after the period tries Redis again. The period starts at ``backoff_min_s``
+dead Redis costs one timeout per period, not one per request. Requests keep being answered meanwhile
+(generated anew, or from the hot keys); the next call after the period tries Redis again. The period starts at ``backoff_min_s``
 and doubles with each retry that fails, up to ``backoff_s``; a success resets it. So a lone slow call
 (one timeout under a burst of load) costs the cache a short period, while a dead Redis is soon tried
 only every ``backoff_s``.
@@ -84,6 +85,7 @@ class RedisCache:
         self.backoff_min_s = backoff_s if backoff_min_s is None else min(backoff_min_s, backoff_s)
         self.metrics = metrics
         self._skip_until = 0.0
+        self._tripped_at = float("-inf")  # when the last period began
         self._next_backoff = self.backoff_min_s  # the period the next failure starts
         self._writing: dict[str, bytes] = {}  # values of write-behind sets still on their way to Redis
         self._writes: set[asyncio.Task] = set()
@@ -113,18 +115,22 @@ class RedisCache:
         """False when disabled or inside the back-off window after an error."""
         return self._client is not None and time.monotonic() >= self._skip_until
 
-    def _failed(self, op: str, e: Exception) -> None:
+    def _failed(self, op: str, e: Exception, started: float) -> None:
+        """A call begun at ``started`` failed. A call begun before the last period did (the calls in flight
+        time out together, and under load a call may wait for a connection, then for its answer, past the
+        period) only counts: the failure that began the period stands for it."""
         self.metrics.redis_errors.labels(op=op).inc()
+        if started < self._tripped_at:
+            return
         now = time.monotonic()
-        if now < self._skip_until:
-            return  # a call that began before the period did (the calls in flight time out together): no longer
         period = self._next_backoff
-        self._skip_until = now + period
+        self._tripped_at, self._skip_until = now, now + period
         self._next_backoff = min(2 * period, self.backoff_s)
         log.warning("redis %s failed (%s: %s); skipping the cache for %.2f s", op, type(e).__name__, e, period)
 
-    def _succeeded(self) -> None:
-        self._next_backoff = self.backoff_min_s
+    def _succeeded(self, started: float) -> None:
+        if started >= self._tripped_at:  # else it says nothing about Redis since the last failure
+            self._next_backoff = self.backoff_min_s
 
     async def get(self, key: str) -> tuple[bytes | None, bool]:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
@@ -133,27 +139,29 @@ class RedisCache:
         if not self.available():
             return None, False
         assert self._client is not None
+        started = time.monotonic()
         try:
             value = await self._client.get(self.prefix + key)
         except (RedisError, OSError) as e:
-            self._failed("get", e)
+            self._failed("get", e, started)
             return None, False
-        self._succeeded()
+        self._succeeded(started)
         return value, True
 
     async def set_many(self, items: dict[str, bytes]) -> bool:
         if not self.available() or not items:
             return False
         assert self._client is not None
+        started = time.monotonic()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for k, v in items.items():
                     pipe.set(self.prefix + k, v, ex=self.ttl_s)
                 await pipe.execute()
         except (RedisError, OSError) as e:
-            self._failed("set", e)
+            self._failed("set", e, started)
             return False
-        self._succeeded()
+        self._succeeded(started)
         return True
 
     def set_behind(self, items: dict[str, bytes]) -> None:
@@ -179,13 +187,15 @@ class RedisCache:
         """'ok', 'degraded' (unreachable or backing off) or 'disabled'. A success ends a back-off early."""
         if self._client is None:
             return "disabled"
+        started = time.monotonic()
         try:
             await self._client.ping()
         except (RedisError, OSError) as e:
-            self._failed("ping", e)
+            self._failed("ping", e, started)
             return "degraded"
-        self._skip_until = 0.0
-        self._succeeded()
+        if started >= self._tripped_at:
+            self._skip_until = 0.0
+        self._succeeded(started)
         return "ok"
 
     async def close(self) -> None:
@@ -234,7 +244,8 @@ class HotKeys:
     """Request key -> (ETag, file metadata) of the LoRAs this process generated or read from Redis lately.
     A repeated request whose bytes are still in the ETag LRU is answered from memory, without the Redis
     round trip, the file check and the hash of a Redis hit. Bounded by count (the bytes by the LRU's
-    budget); an entry lives at most ``ttl_s`` from when it was stored here, as its Redis entry does."""
+    budget); an entry lives at most ``ttl_s`` from when it was stored here (after a Redis hit, that can
+    outlast the Redis entry, whose remaining lifetime is not read)."""
 
     def __init__(self, max_items: int, ttl_s: float):
         self.max_items = max_items

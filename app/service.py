@@ -434,7 +434,8 @@ class Service:
         if used_version == version:
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
             self.cache.set_behind({"gen:" + key: data, "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
-            self.hot.put(key, etag, metadata)
+            if lookup:  # a drawn seed is new to the client: hardly ever repeated, it would only push real repeats out
+                self.hot.put(key, etag, metadata)
         return GeneratedLora(data, etag, "miss", metadata)
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:

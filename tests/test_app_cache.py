@@ -226,14 +226,17 @@ def test_requests_without_a_seed_skip_the_cache_and_count_as_errors_while_redis_
 
 
 class FakeRedis:
-    """Answers ``get`` or raises, as the test says."""
+    """Answers ``get`` or raises, as the test says; with a ``gate``, only once the gate opens (a call in flight)."""
 
     def __init__(self):
         self.fail = False
         self.calls = 0
+        self.gate: asyncio.Event | None = None
 
     async def get(self, key):
         self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail:
             raise RedisTimeout("Timeout reading from socket")
         return b"v"
@@ -265,19 +268,39 @@ def test_the_back_off_doubles_with_each_failed_retry_and_a_success_resets_it(mon
         periods.append(skipped_for())
     assert periods == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
 
-    # Calls in flight when the cache trips fail inside the period: counted, but the period stands.
-    assert get() == (None, False)
-    now[0] += 0.2
-    cache._failed("get", RedisTimeout("Timeout reading from socket"))
-    assert round(cache._skip_until - now[0], 2) == 4.8
-
     fake.fail = False
-    while not cache.available():
-        now[0] += 0.01
     assert get() == (b"v", True)
     fake.fail = True
     assert get() == (None, False)
     assert skipped_for() == 0.5  # the success reset it
+    assert get() == (None, False)
+    assert skipped_for() == 1.0
+    fake.fail = False
+    assert get() == (b"v", True)
+
+    async def scenario() -> list[float]:
+        """A call begun before the cache trips fails after the period is over (under load it waited for a
+        connection, then for its answer): it neither begins a period nor doubles the next one."""
+        fake.fail = True
+        first_gate = asyncio.Event()
+        fake.gate = first_gate
+        slow = asyncio.create_task(cache.get("k"))
+        await asyncio.sleep(0)  # begun, waiting at its gate
+        fake.gate = None
+        now[0] += 0.05
+        assert await cache.get("k") == (None, False)  # fails at once: the cache trips
+        periods = [round(cache._skip_until - now[0], 2)]
+        now[0] += 0.6  # the period is over when the slow call fails
+        first_gate.set()
+        assert await slow == (None, False)
+        assert cache.available()  # it did not begin a period
+        assert await cache.get("k") == (None, False)  # the first retry
+        periods.append(round(cache._skip_until - now[0], 2))
+        return periods
+
+    assert asyncio.run(scenario()) == [0.5, 1.0]
+    errors = sum(s.value for f in cache.metrics.registry.collect() for s in f.samples if s.name == "sglora_redis_errors_total")
+    assert errors == 11  # every failure counts, the slow call's too
 
 
 def test_a_lone_slow_call_skips_the_cache_briefly(private_redis, make_settings):
@@ -376,3 +399,13 @@ def test_hot_keys_expire_and_are_bounded_by_count(monkeypatch):
     off = HotKeys(max_items=0, ttl_s=10)
     off.put("a", "etag-a", {})
     assert off.get("a") is None
+
+
+def test_requests_without_a_seed_do_not_push_repeats_out_of_the_hot_keys(make_settings):
+    """A drawn seed is new to the client, so its key is hardly ever asked for again: it is not kept."""
+    with TestClient(create_app(make_settings(hot_keys=1))) as c:
+        body = {"description": "a kept key", "seed": 8}
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        for _ in range(2):
+            assert c.post("/generate", json={"description": "a new sample"}).headers["x-cache"] == "miss"
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit" and memory_hits(c) == 1
