@@ -5,10 +5,10 @@ Writes go behind the response (``set_behind``): a miss is answered as soon as th
 until its write lands the same key is answered from memory. Fail open: every Redis call has a short
 connect/socket timeout and no retries; after an error the cache is skipped for a back-off period so a
 dead Redis costs one timeout per period, not one per request. Requests keep being answered meanwhile
-(generated anew, or from the hot keys); the next call after the period tries Redis again. The period starts at ``backoff_min_s``
-and doubles with each retry that fails, up to ``backoff_s``; a success resets it. So a lone slow call
-(one timeout under a burst of load) costs the cache a short period, while a dead Redis is soon tried
-only every ``backoff_s``.
+(generated anew, or from the hot keys); the next call after the period tries Redis again. The period
+starts at ``backoff_min_s`` and doubles with each retry that fails, up to ``backoff_s``; a success
+resets it. So a lone slow call (one timeout under a burst of load) costs the cache a short period, while
+a dead Redis is soon tried only every ``backoff_s``.
 """
 
 from __future__ import annotations
