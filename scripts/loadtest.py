@@ -19,6 +19,11 @@ and /generate's latency per cache result as the server's own histogram has it ov
 (quantiles interpolated within its buckets, as Prometheus's histogram_quantile does): the difference to
 the client's is time outside the app (connection queues, this load generator).
 
+The JSON also holds each phase's timeline: per second of the phase, the answers, the cache hits, the
+429s and the errors. ``--redis-pause AT:MS`` (repeatable) has Redis hold every client's commands for MS
+milliseconds (``CLIENT PAUSE``), AT seconds into the measured phase: a Redis that stalls under load, to
+see the cache fail open and come back (``scripts/plot_loadtest.py`` draws the timelines).
+
 Started by this script (``--artifacts``), the server is ``python -m app`` on a free loopback port without
 access log, with SGLORA_THREADS (default 1) and OMP_WAIT_POLICY=PASSIVE, and by default a private
 ``redis-server`` (``--maxmemory 256mb --maxmemory-policy allkeys-lru``, no persistence) on another free
@@ -129,8 +134,16 @@ class Stats:
     errors: list[str] = field(default_factory=list)
     hits: int = 0
     throttled: int = 0
+    start: float = field(default_factory=time.monotonic)  # of the phase: the timeline's zero
+    # per second of the phase: [answers, cache hits, 429s, errors]
+    timeline: dict[int, list[int]] = field(default_factory=dict)
+
+    def tick(self, column: int) -> None:
+        row = self.timeline.setdefault(int(time.monotonic() - self.start), [0, 0, 0, 0])
+        row[column] += 1
 
     def add_error(self, text: str) -> None:
+        self.tick(3)
         if len(self.errors) < 1000:
             self.errors.append(text)
         else:
@@ -181,14 +194,18 @@ async def client_loop(
                 continue
             stats.latencies.append(time.perf_counter() - t0)
             stats.statuses[status] = stats.statuses.get(status, 0) + 1
+            stats.tick(0)
             if status == 200:
                 cache = resp_headers.get("x-cache", "miss")
                 stats.hits += cache == "hit"
+                if cache == "hit":
+                    stats.tick(1)
                 stats.by_cache.setdefault(cache, []).append(stats.latencies[-1])
                 if not data:
                     stats.add_error("200 with an empty body")
             elif status == 429 and resp_headers.get("retry-after", "").isdigit():
                 stats.throttled += 1  # deliberate back-pressure: honour it
+                stats.tick(2)
                 await asyncio.sleep(min(float(resp_headers["retry-after"]), max(0.0, deadline - time.monotonic())))
             else:
                 stats.add_error(f"{status}: {data[:200]!r}")
@@ -196,13 +213,40 @@ async def client_loop(
         await conn.close()
 
 
-async def run_phase(host: str, port: int, seconds: float, args: argparse.Namespace, pool: list[dict]) -> tuple[Stats, float]:
+async def run_phase(
+    host: str, port: int, seconds: float, args: argparse.Namespace, pool: list[dict], redis_pauses: list[tuple[float, int]] = ()
+) -> tuple[Stats, float]:
     stats = Stats()
     budget = [args.max_requests]
-    t0 = time.monotonic()
-    deadline = t0 + seconds
+    deadline = stats.start + seconds
+    pauses = [asyncio.create_task(pause_redis(args.redis_url_used, at, ms)) for at, ms in redis_pauses]
     await asyncio.gather(*(client_loop(i, host, port, deadline, budget, stats, args, pool) for i in range(args.clients)))
-    return stats, time.monotonic() - t0
+    await asyncio.gather(*pauses)
+    return stats, time.monotonic() - stats.start
+
+
+async def pause_redis(url: str, at: float, ms: int) -> None:
+    """``CLIENT PAUSE ms ALL`` on the Redis at ``url``, ``at`` seconds from now (on a connection of its own)."""
+    from redis.asyncio import Redis
+
+    await asyncio.sleep(at)
+    r = Redis.from_url(url, socket_timeout=5)
+    try:
+        await r.execute_command("CLIENT", "PAUSE", ms, "ALL")
+    finally:
+        await r.aclose()
+
+
+def parse_pause(text: str) -> tuple[float, int]:
+    """'AT:MS' -> (seconds into the measured phase, milliseconds)."""
+    try:
+        at, ms = text.split(":")
+        at_s, ms_i = float(at), int(ms)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AT:MS (seconds into the run : milliseconds), got {text!r}") from None
+    if at_s < 0 or ms_i <= 0:
+        raise argparse.ArgumentTypeError(f"AT must be >= 0 and MS > 0, got {text!r}")
+    return at_s, ms_i
 
 
 async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
@@ -361,7 +405,15 @@ def summarise(stats: Stats, seconds: float) -> dict:
         "error_samples": stats.errors[:5],
         "latency_ms": quantiles_ms(lat),
         "latency_ms_by_cache": {k: quantiles_ms(v) for k, v in stats.by_cache.items() if v},
+        "timeline": timeline(stats, seconds),
     }
+
+
+def timeline(stats: Stats, seconds: float) -> dict[str, list[int]]:
+    """Per whole second of the phase (the last, partial one included): answers, hits, 429s, errors."""
+    n = max(int(seconds) + 1, *(k + 1 for k in stats.timeline)) if stats.timeline else int(seconds) + 1
+    rows = [stats.timeline.get(k, [0, 0, 0, 0]) for k in range(n)]
+    return {name: [r[i] for r in rows] for i, name in enumerate(("answers", "hits", "throttled_429", "errors"))}
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -390,12 +442,18 @@ async def main_async(args: argparse.Namespace) -> int:
             redis_url = args.redis_url
         proc = start_server(args, port, redis_url, prefix)
         pid = proc.pid
+    # The Redis to pause: the server's when started here; with --url, the one --redis-url names.
+    args.redis_url_used = redis_url if proc is not None else args.redis_url
+    if args.redis_pause and not args.redis_url_used:  # redis-server was not found
+        processes.stop(proc)
+        raise SystemExit("loadtest: --redis-pause needs a Redis, and this run has none")
     result: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "clients": args.clients,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_before": os.getloadavg()[0],
         "cache": "private redis" if redis_proc else (redis_url or "none") if proc else "as configured",
+        "redis_pauses": [{"at_s": at, "ms": ms} for at, ms in args.redis_pause],
     }
     try:
         t0 = time.monotonic()
@@ -406,7 +464,7 @@ async def main_async(args: argparse.Namespace) -> int:
             result["warmup"] = summarise(warm, warm_s)
         rss_warm = rss_kib(pid) if pid else None
         c0 = await server_counters(host, port)
-        stats, seconds = await run_phase(host, port, args.duration, args, pool)
+        stats, seconds = await run_phase(host, port, args.duration, args, pool, args.redis_pause)
         c1 = await server_counters(host, port)
         rss_after = rss_kib(pid) if pid else None
         result["run"] = summarise(stats, seconds)
@@ -479,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth from after warm-up to after the run")
     p.add_argument("--api-key", default="", help="X-API-Key to send (and, with --artifacts, to require)")
     p.add_argument("--redis-url", default="private", help="with --artifacts: 'private' (own redis-server), 'none', or a URL")
+    p.add_argument(
+        "--redis-pause",
+        type=parse_pause,
+        action="append",
+        default=[],
+        metavar="AT:MS",
+        help="pause the server's Redis (CLIENT PAUSE ... ALL) for MS ms, AT s into the measured phase; repeatable",
+    )
     p.add_argument("--threads", type=int, default=1, help="with --artifacts: SGLORA_THREADS")
     p.add_argument("--model-threads", type=int, default=0, help="with --artifacts: SGLORA_MODEL_THREADS (0: the default)")
     p.add_argument("--text-dtype", default="auto", help="with --artifacts: SGLORA_TEXT_DTYPE")
@@ -493,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.clients < 1 or args.duration <= 0:
         raise SystemExit("loadtest: --clients >= 1 and --duration > 0")
+    if any(at >= args.duration for at, _ in args.redis_pause):
+        raise SystemExit("loadtest: every --redis-pause must fall inside the measured --duration")
+    if args.redis_pause and (args.redis_url == "none" or (args.url and args.redis_url == "private")):
+        raise SystemExit("loadtest: --redis-pause needs the server's Redis: --redis-url private or a URL (with --url: its URL)")
     try:
         return asyncio.run(main_async(args))
     except RuntimeError as e:  # Redis or the server did not start

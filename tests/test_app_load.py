@@ -42,6 +42,50 @@ def test_loadtest_script_few_clients_no_errors_but_429s(tiny_artifacts_session, 
     assert "server's own histogram" in p.stdout and "PASS" in p.stdout
 
 
+def test_loadtest_pauses_redis_and_the_timeline_shows_the_service_failing_open(tiny_artifacts_session, tmp_path):
+    """--redis-pause stalls the run's private Redis past the cache timeout: the server logs its back-off,
+    every answer stays a 200, and the per-second timeline adds up to the run's counts; the plot script
+    draws it."""
+    out = tmp_path / "load.json"
+    env = {**os.environ, "SGLORA_REDIS_TIMEOUT_S": "0.1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--clients", "8", "--duration", "4", "--warmup", "1", "--max-rss-growth", "0.25", "--redis-pause", "1.5:600"]
+    cmd += ["--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "skipping the cache" in p.stdout + p.stderr  # a Redis call timed out during the pause
+    result = json.loads(out.read_text())
+    run, t = result["run"], result["run"]["timeline"]
+    assert result["redis_pauses"] == [{"at_s": 1.5, "ms": 600}]
+    assert run["errors"] == 0 and set(run["statuses"]) == {"200"}
+    assert len(t["answers"]) in (4, 5) and sum(t["answers"]) == run["requests"] and sum(t["hits"]) == run["cache_hits"]
+    assert sum(t["throttled_429"]) == run["throttled_429"] and sum(t["errors"]) == 0
+
+    figure = tmp_path / "timeline.png"
+    plot = [sys.executable, str(ROOT / "scripts" / "plot_loadtest.py"), str(out), "--label", "paused", "--out", str(figure)]
+    p = subprocess.run(plot, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "old.json").write_text(json.dumps({"run": {"requests": 1}}))
+    p = subprocess.run([*plot[:2], str(tmp_path / "old.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "no run timeline" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--redis-pause", "5:100", "--duration", "3"], "inside the measured --duration"),
+        (["--redis-pause", "1:100", "--redis-url", "none"], "needs the server's Redis"),
+        (["--redis-pause", "soon"], "expected AT:MS"),
+        (["--redis-pause", "1:0"], "MS > 0"),
+    ],
+)
+def test_loadtest_refuses_a_redis_pause_it_cannot_make(tmp_path, args, message):
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tmp_path), *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
 def test_loadtest_bucket_quantile_interpolates_as_prometheus_does():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -71,6 +115,7 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["redis"] == "ok" and r["model_threads"] == 1 and r["text_dtype"] == "bfloat16"
+    assert r["hits_from_memory"] == 1.0  # the hot keys, on by default
     for key in ("bare_embed_ms", "miss_ms", "hit_ms", "miss_seen_ms", "rps_1", "rps_4"):
         assert r[key] > 0, key
     assert r["miss_over_bare"] == r["miss_ms"] / r["bare_embed_ms"]

@@ -1,0 +1,77 @@
+"""Load-test timelines, drawn from `scripts/loadtest.py --json` results: answers and cache hits per second.
+
+    python scripts/plot_loadtest.py a.json b.json --label "5 s back-off" --label "0.5 s back-off" \
+        --out docs/figures/loadtest-redis-stall.png
+
+One panel per result, stacked, on the same axes: per second of the measured phase, the answers (all
+statuses), the cache hits among them, and the 429s and errors when there were any; the Redis pauses the
+run asked for (``--redis-pause``) are shaded. A panel's title is its label (default: the file's name)
+with the run's throughput and hit ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load(path: Path) -> dict:
+    """A loadtest.py JSON result with a timeline; SystemExit naming what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read a JSON load-test result: {e}") from e
+    timeline = data.get("run", {}).get("timeline") if isinstance(data, dict) else None
+    if not isinstance(timeline, dict) or not timeline.get("answers"):
+        raise SystemExit(f"{path}: no run timeline in it (written by scripts/loadtest.py --json of release 0.9.9 or later?)")
+    return data
+
+
+def plot(results: list[dict], labels: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), sharex=True, sharey=True, squeeze=False)
+    for ax, r, label in zip(axes[:, 0], results, labels, strict=True):
+        run, t = r["run"], r["run"]["timeline"]
+        seconds = list(range(len(t["answers"])))
+        for p in r.get("redis_pauses", []):
+            ax.axvspan(p["at_s"], p["at_s"] + p["ms"] / 1000, color="#C44E52", alpha=0.25, lw=0)
+        ax.step(seconds, t["answers"], where="post", color="#4C72B0", label="answers/s")
+        ax.step(seconds, t["hits"], where="post", color="#55A868", label="cache hits/s")
+        for key, colour, name in (("throttled_429", "#DD8452", "429s/s"), ("errors", "#C44E52", "errors/s")):
+            if any(t.get(key, [])):
+                ax.step(seconds, t[key], where="post", color=colour, label=name)
+        ax.set_title(f"{label}: {run['throughput_rps']} req/s, {100 * run['hit_ratio']:.1f} % hits", fontsize=10)
+        ax.set_ylabel("per second")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds into the measured phase (shaded: Redis paused)")
+    axes[0, 0].legend(loc="lower right", fontsize=8, ncol=4)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, nargs="+", help="JSON files written by scripts/loadtest.py --json")
+    p.add_argument("--label", action="append", default=[], help="a panel's name, in the order of the files")
+    p.add_argument("--out", type=Path, default=Path("loadtest-timeline.png"))
+    args = p.parse_args(argv)
+    if args.label and len(args.label) != len(args.results):
+        raise SystemExit(f"plot_loadtest: {len(args.label)} --label for {len(args.results)} files: give one per file or none")
+    plot([load(f) for f in args.results], args.label or [f.stem for f in args.results], args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
