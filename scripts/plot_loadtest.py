@@ -36,20 +36,28 @@ def plot(results: list[dict], labels: list[str], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), sharex=True, sharey=True, squeeze=False)
+    top = 0
     for ax, r, label in zip(axes[:, 0], results, labels, strict=True):
         run, t = r["run"], r["run"]["timeline"]
-        seconds = list(range(len(t["answers"])))
+        # Whole seconds only (a last, partial second would read as a drop); each drawn as a step of width one.
+        n = max(1, min(len(t["answers"]), int(run["seconds"])))
+        seconds = list(range(n + 1))
+
+        def steps(values: list[int], n: int = n) -> list[int]:
+            return [*values[:n], values[n - 1]]
+
         for p in r.get("redis_pauses", []):
             ax.axvspan(p["at_s"], p["at_s"] + p["ms"] / 1000, color="#C44E52", alpha=0.25, lw=0)
-        ax.step(seconds, t["answers"], where="post", color="#4C72B0", label="answers/s")
-        ax.step(seconds, t["hits"], where="post", color="#55A868", label="cache hits/s")
+        ax.step(seconds, steps(t["answers"]), where="post", color="#4C72B0", label="answers/s")
+        ax.step(seconds, steps(t["hits"]), where="post", color="#55A868", label="cache hits/s")
         for key, colour, name in (("throttled_429", "#DD8452", "429s/s"), ("errors", "#C44E52", "errors/s")):
-            if any(t.get(key, [])):
-                ax.step(seconds, t[key], where="post", color=colour, label=name)
+            if any(t.get(key, [])[:n]):
+                ax.step(seconds, steps(t[key]), where="post", color=colour, label=name)
+        top = max(top, *t["answers"][:n])
         ax.set_title(f"{label}: {run['throughput_rps']} req/s, {100 * run['hit_ratio']:.1f} % hits", fontsize=10)
         ax.set_ylabel("per second")
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    axes[0, 0].set_ylim(0, 1.08 * top or 1)  # shared by every panel
     axes[-1, 0].set_xlabel("seconds into the measured phase (shaded: Redis paused)")
     axes[0, 0].legend(loc="lower right", fontsize=8, ncol=4)
     fig.tight_layout()
