@@ -239,6 +239,10 @@ class BytesLRU:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
 
 class HotKeys:
     """Request key -> (ETag, file metadata) of the LoRAs this process generated or read from Redis lately.

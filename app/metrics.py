@@ -87,6 +87,8 @@ class Metrics:
             "sglora_model_threads_busy", "model threads held by a job (a retrieval or an expert change holds all)", registry=r
         )
         self.model_threads = Gauge("sglora_model_threads", "model threads of the worker", registry=r)
+        self.lru_bytes = Gauge("sglora_lora_memory_bytes", "bytes of LoRA files in process memory (the ETag LRU)", registry=r)
+        self.hot_keys = Gauge("sglora_hot_keys", "requests whose LoRA a repeat gets from process memory", registry=r)
         self.rejected = Counter("sglora_rejected", "requests refused by the worker", ["reason"], registry=r)
         self.info = Info("sglora_artifacts", "loaded artefacts", registry=r)
         # What prometheus-client's default registry would carry: process_* (CPU, RSS, open files),

@@ -233,6 +233,8 @@ class Service:
         self.lru = BytesLRU(settings.lru_bytes)
         # With the cache off (no Redis URL) nothing is cached, in memory either.
         self.hot = HotKeys(settings.hot_keys if self.cache.enabled else 0, settings.cache_ttl_s)
+        metrics.lru_bytes.set_function(lambda: self.lru.size_bytes)
+        metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
         self.worker = ModelWorker(
             self.engine.embed,

@@ -352,6 +352,8 @@ def test_hot_keys_answer_repeats_from_memory_without_redis(private_redis, make_s
         for name in ("etag", "x-seed", "x-experts", "x-artifact-version"):
             assert again.headers[name] == first.headers[name]
         assert cache_events(c, "hit") == hits + 1 and memory_hits(c) == 1
+        gauges = samples(c)
+        assert gauges[("sglora_hot_keys", ())] == 1 and gauges[("sglora_lora_memory_bytes", ())] == len(first.content)
         as_zip = c.post("/generate", json=body, headers={"Accept": "application/zip"})
         assert as_zip.headers["x-cache"] == "hit" and as_zip.content.startswith(b"PK") and len(redis_gets) == 1
 
