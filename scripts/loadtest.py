@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -125,6 +126,9 @@ class Connection:
         return status, resp_headers, data
 
 
+SECRETS = ("SGLORA_API_KEYS", "SGLORA_ADMIN_KEYS")  # never written to the JSON
+
+
 # ---- the workload -----------------------------------------------------------------------------------
 @dataclass
 class Stats:
@@ -134,6 +138,7 @@ class Stats:
     errors: list[str] = field(default_factory=list)
     hits: int = 0
     throttled: int = 0
+    pause_errors: list[str] = field(default_factory=list)  # --redis-pause: the pauses not made
     start: float = field(default_factory=time.monotonic)  # of the phase: the timeline's zero
     # per second of the phase: [answers, cache hits, 429s, errors]
     timeline: dict[int, list[int]] = field(default_factory=dict)
@@ -221,20 +226,31 @@ async def run_phase(
     deadline = stats.start + seconds
     pauses = [asyncio.create_task(pause_redis(args.redis_url_used, at, ms)) for at, ms in redis_pauses]
     await asyncio.gather(*(client_loop(i, host, port, deadline, budget, stats, args, pool) for i in range(args.clients)))
-    await asyncio.gather(*pauses)
-    return stats, time.monotonic() - stats.start
+    seconds = time.monotonic() - stats.start
+    for task in pauses:  # the clients stopped early (--max-requests): a pause still waiting is not made
+        task.cancel()
+    made = await asyncio.gather(*pauses, return_exceptions=True)
+    stats.pause_errors = [
+        "not made: the phase ended first" if isinstance(e, asyncio.CancelledError) else e for e in made if e is not None
+    ]
+    return stats, seconds
 
 
-async def pause_redis(url: str, at: float, ms: int) -> None:
-    """``CLIENT PAUSE ms ALL`` on the Redis at ``url``, ``at`` seconds from now (on a connection of its own)."""
+async def pause_redis(url: str, at: float, ms: int) -> str | None:
+    """``CLIENT PAUSE ms ALL`` on the Redis at ``url``, ``at`` seconds from now (on a connection of its own).
+    None when made, else what went wrong."""
     from redis.asyncio import Redis
+    from redis.exceptions import RedisError
 
     await asyncio.sleep(at)
-    r = Redis.from_url(url, socket_timeout=5)
+    r = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         await r.execute_command("CLIENT", "PAUSE", ms, "ALL")
+    except (RedisError, OSError) as e:  # unreachable, or a Redis before 6.2 (no ALL | WRITE argument)
+        return f"CLIENT PAUSE at {at:g} s failed: {type(e).__name__}: {e}"
     finally:
         await r.aclose()
+    return None
 
 
 def parse_pause(text: str) -> tuple[float, int]:
@@ -244,7 +260,7 @@ def parse_pause(text: str) -> tuple[float, int]:
         at_s, ms_i = float(at), int(ms)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected AT:MS (seconds into the run : milliseconds), got {text!r}") from None
-    if at_s < 0 or ms_i <= 0:
+    if not math.isfinite(at_s) or at_s < 0 or ms_i <= 0:
         raise argparse.ArgumentTypeError(f"AT must be >= 0 and MS > 0, got {text!r}")
     return at_s, ms_i
 
@@ -361,14 +377,20 @@ def start_server(args: argparse.Namespace, port: int, redis_url: str, prefix: st
     return processes.start_server(port, env, "--log-level", "warning")
 
 
-def delete_prefix(redis_url: str, prefix: str) -> int:
+def delete_prefix(redis_url: str, prefix: str) -> int | None:
+    """Deletes the run's keys; None (and a note) when that Redis cannot be reached: they expire anyway."""
     import redis
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     n = 0
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        n += client.delete(key)
-    client.close()
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            n += client.delete(key)
+    except (redis.RedisError, OSError) as e:
+        print(f"loadtest: could not delete the run's keys {prefix}* ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+    finally:
+        client.close()
     return n
 
 
@@ -406,6 +428,7 @@ def summarise(stats: Stats, seconds: float) -> dict:
         "latency_ms": quantiles_ms(lat),
         "latency_ms_by_cache": {k: quantiles_ms(v) for k, v in stats.by_cache.items() if v},
         "timeline": timeline(stats, seconds),
+        **({"redis_pause_errors": stats.pause_errors} if stats.pause_errors else {}),
     }
 
 
@@ -440,13 +463,12 @@ async def main_async(args: argparse.Namespace) -> int:
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
         elif args.redis_url != "none":
             redis_url = args.redis_url
+        if args.redis_pause and not redis_url:  # redis-server was not found
+            raise SystemExit("loadtest: --redis-pause needs a Redis, and this run has none")
         proc = start_server(args, port, redis_url, prefix)
         pid = proc.pid
     # The Redis to pause: the server's when started here; with --url, the one --redis-url names.
     args.redis_url_used = redis_url if proc is not None else args.redis_url
-    if args.redis_pause and not args.redis_url_used:  # redis-server was not found
-        processes.stop(proc)
-        raise SystemExit("loadtest: --redis-pause needs a Redis, and this run has none")
     result: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "clients": args.clients,
@@ -454,6 +476,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "load_average_before": os.getloadavg()[0],
         "cache": "private redis" if redis_proc else (redis_url or "none") if proc else "as configured",
         "redis_pauses": [{"at_s": at, "ms": ms} for at, ms in args.redis_pause],
+        # the server's settings from this environment (a server started here inherits them), keys left out
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SGLORA_") and k not in SECRETS},
     }
     try:
         t0 = time.monotonic()
@@ -491,6 +515,7 @@ async def main_async(args: argparse.Namespace) -> int:
     failures = []
     if result["run"]["errors"] or result.get("warmup", {}).get("errors"):
         failures.append("errors other than 429 with Retry-After")
+    failures += result["run"].get("redis_pause_errors", [])
     growth = result["rss_mib"]["growth"]
     if growth is not None and growth > args.max_rss_growth:
         failures.append(f"resident memory grew by {100 * growth:.1f} % (limit {100 * args.max_rss_growth:.0f} %)")
@@ -543,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="AT:MS",
-        help="pause the server's Redis (CLIENT PAUSE ... ALL) for MS ms, AT s into the measured phase; repeatable",
+        help="pause the server's Redis (CLIENT PAUSE ... ALL, Redis 6.2 or later) for MS ms, AT s into the measured phase; "
+        "repeatable. It pauses every client of that Redis: use the private one, not a shared Redis",
     )
     p.add_argument("--threads", type=int, default=1, help="with --artifacts: SGLORA_THREADS")
     p.add_argument("--model-threads", type=int, default=0, help="with --artifacts: SGLORA_MODEL_THREADS (0: the default)")

@@ -50,7 +50,7 @@ def plot(results: list[dict], labels: list[str], out: Path) -> None:
             ax.axvspan(p["at_s"], p["at_s"] + p["ms"] / 1000, color="#C44E52", alpha=0.25, lw=0)
         ax.step(seconds, steps(t["answers"]), where="post", color="#4C72B0", label="answers/s")
         ax.step(seconds, steps(t["hits"]), where="post", color="#55A868", label="cache hits/s")
-        for key, colour, name in (("throttled_429", "#DD8452", "429s/s"), ("errors", "#C44E52", "errors/s")):
+        for key, colour, name in (("throttled_429", "#DD8452", "429s/s"), ("errors", "#000000", "errors/s")):
             if any(t.get(key, [])[:n]):
                 ax.step(seconds, steps(t[key]), where="post", color=colour, label=name)
         top = max(top, *t["answers"][:n])
@@ -59,8 +59,12 @@ def plot(results: list[dict], labels: list[str], out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(0, 1.08 * top or 1)  # shared by every panel
     axes[-1, 0].set_xlabel("seconds into the measured phase (shaded: Redis paused)")
-    axes[0, 0].legend(loc="lower right", fontsize=8, ncol=4)
-    fig.tight_layout()
+    handles: dict[str, object] = {}  # every panel's lines, once each (429s and errors only where there were any)
+    for ax in axes[:, 0]:
+        for h, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

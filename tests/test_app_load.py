@@ -56,9 +56,9 @@ def test_loadtest_pauses_redis_and_the_timeline_shows_the_service_failing_open(t
     assert "skipping the cache" in p.stdout + p.stderr  # a Redis call timed out during the pause
     result = json.loads(out.read_text())
     run, t = result["run"], result["run"]["timeline"]
-    assert result["redis_pauses"] == [{"at_s": 1.5, "ms": 600}]
+    assert result["redis_pauses"] == [{"at_s": 1.5, "ms": 600}] and result["environment"]["SGLORA_REDIS_TIMEOUT_S"] == "0.1"
     assert run["errors"] == 0 and set(run["statuses"]) == {"200"}
-    assert len(t["answers"]) in (4, 5) and sum(t["answers"]) == run["requests"] and sum(t["hits"]) == run["cache_hits"]
+    assert len(t["answers"]) >= 5 and sum(t["answers"]) == run["requests"] and sum(t["hits"]) == run["cache_hits"]
     assert sum(t["throttled_429"]) == run["throttled_429"] and sum(t["errors"]) == 0
 
     figure = tmp_path / "timeline.png"
@@ -71,6 +71,22 @@ def test_loadtest_pauses_redis_and_the_timeline_shows_the_service_failing_open(t
     assert p.returncode != 0 and "no run timeline" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_a_redis_pause_that_fails_fails_the_run_with_a_message(tiny_artifacts_session, tmp_path):
+    """No Redis where --redis-url points: the server fails open, the pause cannot be made, and the run
+    says so (exit 1, the JSON and the report written) instead of a traceback."""
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--redis-url", "redis://127.0.0.1:1/0", "--clients", "2", "--duration", "2", "--warmup", "0"]
+    cmd += ["--redis-pause", "0.5:100", "--max-rss-growth", "1", "--json", str(out)]
+    p = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr[-3000:]
+    assert "FAIL: CLIENT PAUSE at 0.5 s failed: ConnectionError" in p.stdout
+    result = json.loads(out.read_text())
+    assert result["run"]["errors"] == 0 and result["failures"] == result["run"]["redis_pause_errors"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -78,6 +94,7 @@ def test_loadtest_pauses_redis_and_the_timeline_shows_the_service_failing_open(t
         (["--redis-pause", "1:100", "--redis-url", "none"], "needs the server's Redis"),
         (["--redis-pause", "soon"], "expected AT:MS"),
         (["--redis-pause", "1:0"], "MS > 0"),
+        (["--redis-pause", "nan:100"], "AT must be >= 0"),
     ],
 )
 def test_loadtest_refuses_a_redis_pause_it_cannot_make(tmp_path, args, message):
