@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from sglora.io import atomic_path
+
 
 def load(path: Path) -> dict:
     """A loadtest.py JSON result with a timeline; SystemExit naming what is wrong."""
@@ -65,11 +67,9 @@ def plot(results: list[dict], labels: list[str], out: Path) -> None:
             handles.setdefault(name, h)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from sglora.io import atomic_path
+
 STAGES = ("queue", "text_encoding", "prior", "sampling", "serialisation")
 COLOURS = {
     "text encoding": "#4C72B0",
@@ -114,11 +116,9 @@ def plot(run: dict, out: Path) -> None:
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
