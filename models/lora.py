@@ -109,9 +109,13 @@ class LoraSpec:
         return spec
 
     def fingerprint(self) -> str:
-        """Short hash of everything that fixes the flat layout and its meaning."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Short hash of everything that fixes the flat layout and its meaning (computed once: every
+        generated file's metadata names it)."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            fp = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+            object.__setattr__(self, "_fingerprint", fp)  # a cache on a frozen instance, not a field
+        return fp
 
     # ---- flat <-> per-target ---------------------------------------------------------------
     def unflatten(self, vec: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from models.lora import LoraSpec, LoraTarget
 from sglora.export import safetensors_bytes, to_peft_tensors
 
 
@@ -33,6 +34,34 @@ def test_bytes_equal_the_librarys_and_load_back(tiny_backbone, seed):
     back = load(data)
     for name, t in to_peft_tensors(spec, vec).items():
         assert torch.equal(back[name], t)
+
+
+def vit_like_spec() -> LoraSpec:
+    """open_clip ViT-B-16's layout in small: 12 blocks x q, k, v, where 'layers.10' sorts before 'layers.2'."""
+    targets = []
+    for i in range(12):
+        for j, which in enumerate("qkv"):
+            targets.append(
+                LoraTarget(
+                    name=f"visual.transformer.resblocks.{i}.attn.{which}",
+                    param=f"visual.transformer.resblocks.{i}.attn.in_proj_weight",
+                    rows=(8 * j, 8 * j + 8),
+                    in_features=8,
+                    out_features=8,
+                    peft_module=f"vision_model.encoder.layers.{i}.self_attn.{which}_proj",
+                )
+            )
+    return LoraSpec(targets=tuple(targets), rank=2)
+
+
+def test_a_vit_layout_gives_the_librarys_bytes_and_a_wrong_length_is_refused():
+    spec = vit_like_spec()
+    vec = torch.randn(spec.num_params, generator=torch.Generator().manual_seed(3))
+    meta = {"description": "a dog", "targets": [t.name for t in spec.targets]}
+    assert safetensors_bytes(spec, vec, meta) == library_bytes(spec, vec, meta)
+    for bad in (vec[:-1], vec.view(2, -1)):
+        with pytest.raises(ValueError, match=rf"LoRA vector must have shape \({spec.num_params},\)"):
+            safetensors_bytes(spec, bad, meta)
 
 
 def test_an_offline_zip_loads_in_peft_after_the_documented_conv_reshape(tmp_path):
