@@ -47,22 +47,33 @@ def module_name(target) -> str:
     return target.peft_module or target.name
 
 
-def to_peft_tensors(spec: LoraSpec, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-    parts = spec.unflatten(vec.detach().float().cpu())
+def peft_names(target) -> tuple[str, str]:
+    """PEFT's names of a target's (A, B) tensors."""
+    prefix = f"base_model.model.{module_name(target)}"
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+
+
+def _by_peft_name(spec: LoraSpec, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The flat vector's A and B blocks under their PEFT names: views of ``vec`` (:meth:`LoraSpec.unflatten`)."""
+    parts = spec.unflatten(vec)
     out = {}
     for t in spec.targets:
         b, a = parts[t.name]
-        out[f"base_model.model.{module_name(t)}.lora_A.weight"] = a.contiguous()
-        out[f"base_model.model.{module_name(t)}.lora_B.weight"] = b.contiguous()
+        name_a, name_b = peft_names(t)
+        out[name_a], out[name_b] = a, b
     return out
+
+
+def to_peft_tensors(spec: LoraSpec, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in _by_peft_name(spec, vec.detach().float().cpu()).items()}
 
 
 def from_peft_tensors(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`to_peft_tensors`; raises ValueError naming missing, unknown or mis-shaped tensors."""
     expected = {}
     for t in spec.targets:
-        expected[f"base_model.model.{module_name(t)}.lora_A.weight"] = (t.name, 1)
-        expected[f"base_model.model.{module_name(t)}.lora_B.weight"] = (t.name, 0)
+        name_a, name_b = peft_names(t)
+        expected[name_a], expected[name_b] = (t.name, 1), (t.name, 0)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise ValueError(f"unknown tensor name(s): {unknown[:3]}")
@@ -124,25 +135,17 @@ def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any
 def _file_layout(spec: LoraSpec) -> tuple[torch.Tensor, bytes]:
     """-> (the flat vector's indices in the file's data order: never the vector's own, where each target's
     B precedes its A; the header's tensor entries as sorted JSON after its opening brace)."""
-    slices = {}  # PEFT name -> (start, shape) in the flat vector: B (out, r) then A (r, in) per target
-    i = 0
-    for t in spec.targets:
-        nb, na = t.out_features * spec.rank, spec.rank * t.in_features
-        slices[f"base_model.model.{module_name(t)}.lora_B.weight"] = (i, [t.out_features, spec.rank])
-        slices[f"base_model.model.{module_name(t)}.lora_A.weight"] = (i + nb, [spec.rank, t.in_features])
-        i += nb + na
-    names = sorted(slices)
+    index = _by_peft_name(spec, torch.arange(spec.num_params))  # each tensor's positions in the flat vector
+    names = sorted(index)
     if names[0] <= "__metadata__":  # cannot happen with PEFT names; the header's order would differ
         raise AssertionError(f"tensor name {names[0]!r} sorts before __metadata__")
-    header, blocks, offset = {}, [], 0
+    header, offset = {}, 0
     for name in names:
-        start, shape = slices[name]
-        n = shape[0] * shape[1]
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * n]}
-        blocks.append(torch.arange(start, start + n))
-        offset += 4 * n
+        t = index[name]
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + 4 * t.numel()]}
+        offset += 4 * t.numel()
     entries = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()[1:]
-    return torch.cat(blocks), entries
+    return torch.cat([index[n].reshape(-1) for n in names]), entries
 
 
 def peft_zip_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any], base_model: str | None = None) -> bytes:
