@@ -202,8 +202,8 @@ async def client_loop(
             stats.tick(0)
             if status == 200:
                 cache = resp_headers.get("x-cache", "miss")
-                stats.hits += cache == "hit"
                 if cache == "hit":
+                    stats.hits += 1
                     stats.tick(1)
                 stats.by_cache.setdefault(cache, []).append(stats.latencies[-1])
                 if not data:
@@ -219,12 +219,19 @@ async def client_loop(
 
 
 async def run_phase(
-    host: str, port: int, seconds: float, args: argparse.Namespace, pool: list[dict], redis_pauses: list[tuple[float, int]] = ()
+    host: str,
+    port: int,
+    seconds: float,
+    args: argparse.Namespace,
+    pool: list[dict],
+    redis_pauses: list[tuple[float, int]] = (),
+    redis_url: str = "",
 ) -> tuple[Stats, float]:
+    """The clients for ``seconds``; ``redis_pauses`` (seconds in, milliseconds) paused on the Redis at ``redis_url``."""
     stats = Stats()
     budget = [args.max_requests]
     deadline = stats.start + seconds
-    pauses = [asyncio.create_task(pause_redis(args.redis_url_used, at, ms)) for at, ms in redis_pauses]
+    pauses = [asyncio.create_task(pause_redis(redis_url, at, ms)) for at, ms in redis_pauses]
     await asyncio.gather(*(client_loop(i, host, port, deadline, budget, stats, args, pool) for i in range(args.clients)))
     seconds = time.monotonic() - stats.start
     for task in pauses:  # the clients stopped early (--max-requests): a pause still waiting is not made
@@ -468,7 +475,7 @@ async def main_async(args: argparse.Namespace) -> int:
         proc = start_server(args, port, redis_url, prefix)
         pid = proc.pid
     # The Redis to pause: the server's when started here; with --url, the one --redis-url names.
-    args.redis_url_used = redis_url if proc is not None else args.redis_url
+    pause_url = redis_url if proc is not None else args.redis_url
     result: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "clients": args.clients,
@@ -488,7 +495,7 @@ async def main_async(args: argparse.Namespace) -> int:
             result["warmup"] = summarise(warm, warm_s)
         rss_warm = rss_kib(pid) if pid else None
         c0 = await server_counters(host, port)
-        stats, seconds = await run_phase(host, port, args.duration, args, pool, args.redis_pause)
+        stats, seconds = await run_phase(host, port, args.duration, args, pool, args.redis_pause, pause_url)
         c1 = await server_counters(host, port)
         rss_after = rss_kib(pid) if pid else None
         result["run"] = summarise(stats, seconds)
