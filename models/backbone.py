@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from models.lora import LoraApplier, LoraSpec
-from models.packed import LONG_REDUCTION, pack_linears, set_fixed_rows
+from models.packed import LONG_REDUCTION, has_packed, pack_linears, set_fixed_rows, unpack_linears
 
 log = logging.getLogger("sglora.backbone")
 
@@ -146,13 +146,19 @@ class Backbone(ABC):
             raise ValueError(f"the text tower runs in {self.text_dtype} and can only move to bfloat16, not {dtype}")
         fingerprints = self.fingerprints()
         self._cast_text(dtype)
-        linears = self._text_linears()
-        if linears is not None and self.device.type == "cpu":
-            try:  # their weights reordered once (models/packed.py): the same bits as F.linear, faster
-                self._pack_text(linears, dtype)
-            except RuntimeError as e:  # a build without the kernel: the plain layers still work
-                log.warning("the text tower's linear layers stay unpacked: %s", e)
         self.text_dtype, self._fingerprints = dtype, fingerprints
+        self._pack_text_here()
+
+    def _pack_text_here(self) -> None:
+        """On a CPU, packs the bfloat16 text tower's linear layers once (models/packed.py: the same bits as
+        F.linear, faster); elsewhere, or where they are packed already, nothing."""
+        linears = self._text_linears() if self.text_dtype == torch.bfloat16 else None
+        if linears is None or self.device.type != "cpu" or has_packed(linears):
+            return
+        try:
+            self._pack_text(linears, self.text_dtype)
+        except RuntimeError as e:  # a build without the kernel: the plain layers still work
+            log.warning("the text tower's linear layers stay unpacked: %s", e)
 
     def _text_linears(self) -> nn.Module | None:
         """The part of the text tower whose linear layers run packed for oneDNN once it is in bfloat16 on
@@ -268,10 +274,23 @@ class Backbone(ABC):
         return self.encode_text([text])
 
     def to(self, device: str | torch.device) -> Backbone:
-        self.device = torch.device(device)
-        self.image_head.to(self.device)
+        """Moves the backbone to ``device``. A bfloat16 text tower's packed layers (CPU only) go back to
+        plain ones before it leaves the CPU (their fixed-row blocks with them: they are for the CPU's kernels),
+        and are packed again when it returns: the same weights."""
+        device = torch.device(device)
+        linears = self._text_linears() if self.text_dtype == torch.bfloat16 else None
+        if linears is not None and device.type != "cpu" and unpack_linears(linears):
+            self._text_fixed_rows = None
+        self.device = device
+        self.image_head.to(device)
+        self._move(device)
         self._applier = None
+        self._pack_text_here()
         return self
+
+    @abstractmethod
+    def _move(self, device: torch.device) -> None:
+        """Moves the modules besides :attr:`image_head` (:meth:`to`)."""
 
 
 def _weight_bytes(p: torch.Tensor) -> bytes:

@@ -438,11 +438,9 @@ class OfflineBackbone(Backbone):
     def logit_scale(self) -> float:
         return float(self.options["logit_scale"])
 
-    def to(self, device: str | torch.device) -> OfflineBackbone:
-        super().to(device)
-        self.net.to(self.device)
-        self.text_model.to(self.device)
-        return self
+    def _move(self, device: torch.device) -> None:
+        self.net.to(device)
+        self.text_model.to(device)
 
 
 MIN_BUCKET = 16  # shortest padded length (every matrix product of the tower then has >= 16 rows)

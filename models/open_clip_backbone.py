@@ -364,10 +364,8 @@ class OpenClipBackbone(Backbone):
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
 
-    def to(self, device: str | torch.device) -> OpenClipBackbone:
-        super().to(device)
-        self.model.to(self.device)
-        return self
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
 
 
 MAX_ASPECT = 2.0  # longest / shortest side of what open_clip's transform is given

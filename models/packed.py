@@ -28,7 +28,8 @@ class PackedLinear(nn.Module):
     """An inference-only copy of an ``nn.Linear`` (CPU) whose weight oneDNN reorders once, here, in
     ``dtype`` (float32 or bfloat16; a bfloat16 product accumulates in float32). An input of another
     dtype is cast to ``dtype`` and the output back to the input's dtype; inputs of any rank
-    (..., in_features). Not trainable; not in any state dict."""
+    (..., in_features). Not trainable; not in any state dict. ``copy.deepcopy`` reorders the weight again;
+    ``Module.to`` and casts carry it along (:meth:`_apply`); :func:`unpack_linears` gives plain layers back."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 4, dtype: torch.dtype = torch.float32, fixed_rows: int | None = None):
         super().__init__()
@@ -36,6 +37,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"fixed_rows must be >= 1, got {fixed_rows}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = dtype
+        self.rows_hint = rows_hint
         self.fixed_rows = fixed_rows  # None: one product of all the rows
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows_hint)
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype, copy=True)
@@ -51,7 +53,55 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.weight.is_mkldnn:  # moved off the CPU or to a dtype oneDNN lacks (_apply)
+            return F.linear(rows, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+
+    def unpacked(self) -> nn.Linear:
+        """A plain, frozen ``nn.Linear`` in ``dtype`` with this layer's weights (oneDNN's reorder undone: the
+        same values), where this layer is."""
+        weight = self._plain_weight()
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, weight.device, self.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False).train(self.training)
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        # oneDNN's reordered weight has no storage to copy: the copy reorders the plain weight again.
+        copied = PackedLinear.__new__(PackedLinear)
+        nn.Module.__init__(copied)
+        copied.in_features, copied.out_features = self.in_features, self.out_features
+        copied.dtype, copied.rows_hint, copied.fixed_rows = self.dtype, self.rows_hint, self.fixed_rows
+        weight = self._plain_weight().clone()
+        copied.weight = self._reordered(weight) if self.weight.is_mkldnn else weight
+        copied.bias = None if self.bias is None else self.bias.clone()
+        memo[id(self)] = copied
+        return copied.train(self.training)
+
+    def _apply(self, fn, recurse: bool = True) -> PackedLinear:
+        # Module.to / .cuda / .float reach here (the weights are neither parameters nor buffers, which
+        # torch would move itself). The reordered weight is a CPU oneDNN tensor: a move or a cast takes the
+        # plain weight and reorders it again where oneDNN can (a CPU, float32 or bfloat16); elsewhere the
+        # layer keeps the plain weight and runs F.linear.
+        probe = fn(torch.zeros(1, dtype=self.dtype, device=self.weight.device))
+        if probe.device == self.weight.device and probe.dtype == self.dtype:
+            return self  # nothing changes (e.g. .to("cpu") on the CPU): no reorder
+        weight = fn(self._plain_weight())
+        self.bias = None if self.bias is None else fn(self.bias)
+        self.dtype = weight.dtype
+        self.weight = self._reordered(weight)
+        return self
+
+    def _plain_weight(self) -> torch.Tensor:
+        return self.weight.to_dense() if self.weight.is_mkldnn else self.weight
+
+    def _reordered(self, weight: torch.Tensor) -> torch.Tensor:
+        on_onednn = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+        if not on_onednn or not torch.backends.mkldnn.is_available():
+            return weight
+        return torch.ops.mkldnn._reorder_linear_weight(weight, self.rows_hint)
 
     def extra_repr(self) -> str:
         return (
@@ -76,6 +126,10 @@ def set_fixed_rows(module: nn.Module, rows: int | None, min_in_features: int = L
     return len(layers)
 
 
+# The attributes pack_attention gives an attention: packed copies of projections it still holds itself.
+PACKED_ATTENTION = ("packed_in_proj", "packed_out_proj")
+
+
 def pack_attention(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -> int:
     """Gives every ``nn.MultiheadAttention`` inside ``module`` whose input projection is one (3E, E) matrix
     packed copies of its input and output projections, ``packed_in_proj`` and ``packed_out_proj``
@@ -92,7 +146,8 @@ def pack_attention(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -
         in_proj.weight, in_proj.bias = w, b
         packed.append((PackedLinear(in_proj, rows_hint, dtype), PackedLinear(mha.out_proj, rows_hint, dtype)))
     for mha, (in_proj, out_proj) in zip(attentions, packed, strict=True):
-        mha.packed_in_proj, mha.packed_out_proj = in_proj, out_proj
+        setattr(mha, PACKED_ATTENTION[0], in_proj)
+        setattr(mha, PACKED_ATTENTION[1], out_proj)
     return len(attentions)
 
 
@@ -112,3 +167,27 @@ def pack_linears(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -> 
     for parent, name, packed in swaps:
         setattr(parent, name, packed)
     return len(swaps)
+
+
+def unpack_linears(module: nn.Module) -> int:
+    """Undoes :func:`pack_linears` and :func:`pack_attention` inside ``module``: every :class:`PackedLinear`
+    becomes a plain ``nn.Linear`` with the same weights (:meth:`PackedLinear.unpacked`), the attentions'
+    packed copies are dropped (the attention holds its own projections). Then the module can move to
+    another device or dtype. Returns how many packed layers were removed."""
+    found = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, PackedLinear)
+    ]
+    for parent, name, child in found:
+        if isinstance(parent, nn.MultiheadAttention) and name in PACKED_ATTENTION:
+            delattr(parent, name)
+        else:
+            setattr(parent, name, child.unpacked())
+    return len(found)
+
+
+def has_packed(module: nn.Module) -> bool:
+    """Whether ``module`` holds a :class:`PackedLinear`."""
+    return any(isinstance(m, PackedLinear) for m in module.modules())

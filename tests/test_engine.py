@@ -475,6 +475,43 @@ def test_open_clip_bfloat16_text_packs_its_layers_and_can_block_them_all():
     assert backbone.set_text_fixed_rows(None) == 4 and backbone.text_fixed_rows is None
 
 
+def test_a_packed_bfloat16_text_tower_deep_copies_and_leaves_the_cpu_as_plain_layers(tiny_backbone):
+    """oneDNN's reordered weights have no storage: copy.deepcopy raised NotImplementedError, and
+    Backbone.to(another device) left them behind on the CPU, to fail at the next forward. Now a copy packs
+    the same weights again, and the layers leave the CPU unpacked and come back packed."""
+    from models.packed import PackedLinear, has_packed, unpack_linears
+
+    backbone = copy.deepcopy(tiny_backbone)
+    backbone.set_text_dtype(torch.bfloat16)
+    if not has_packed(backbone.model.transformer):
+        pytest.skip("no oneDNN bfloat16 kernels in this torch build")
+    texts = ["a photo of a persian", "a cat"]
+    assert backbone.set_text_fixed_rows(8) > 0
+    with torch.inference_mode():
+        want = backbone.encode_text(texts)
+    twin = copy.deepcopy(backbone)
+    layers = [m for m in twin.model.transformer.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.fixed_rows == 8 for m in layers) and twin.text_fixed_rows == 8
+    with torch.inference_mode():
+        assert torch.equal(twin.encode_text(texts), want)
+    # Back to the plain layers (what leaving the CPU does first), then packed again by a move to the CPU.
+    assert unpack_linears(twin.model.transformer) == len(layers)
+    assert not has_packed(twin.model.transformer) and not hasattr(twin.model.transformer.resblocks[0].attn, "packed_in_proj")
+    with torch.inference_mode():
+        torch.testing.assert_close(twin.encode_text(texts), want, rtol=0, atol=1e-2)
+    twin.to("cpu")
+    assert has_packed(twin.model.transformer)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin.encode_text(texts), want, rtol=0, atol=1e-2)
+    # Another device (meta stands in for a GPU here): plain layers there, the blocks gone with them.
+    twin.to("meta")
+    assert not has_packed(twin.model.transformer) and twin.text_fixed_rows is None
+    assert {p.device.type for p in twin.model.parameters()} == {"meta"}
+    # The module moved by itself (not through Backbone.to): the packed layers follow, with plain weights.
+    assert backbone.model.transformer.to("meta") is backbone.model.transformer
+    assert not any(m.weight.is_mkldnn for m in backbone.model.transformer.modules() if isinstance(m, PackedLinear))
+
+
 def test_load_artifacts_takes_the_clis_device_names(tiny_artifacts_session):
     # 'auto' (the CLI's default) was a torch RuntimeError, and a missing GPU one from deep inside the load
     # after every file had been hashed.

@@ -1,10 +1,12 @@
 """models/packed.py: frozen linear layers on oneDNN with their weights reordered once."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from models.packed import PackedLinear, pack_attention, pack_linears, set_fixed_rows
+from models.packed import PackedLinear, has_packed, pack_attention, pack_linears, set_fixed_rows, unpack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -91,3 +93,32 @@ def test_attention_gets_packed_copies_of_its_projections(dtype):
     torch.testing.assert_close(qkv, want_qkv, rtol=tol, atol=tol)
     torch.testing.assert_close(out, attn.out_proj(x), rtol=tol, atol=tol)
     assert set_fixed_rows(attn, 4, min_in_features=1) == (2 if dtype == torch.bfloat16 else 0)
+
+
+def test_packed_layers_deep_copy_cast_move_and_unpack_with_their_weights():
+    """oneDNN's reordered weight has no storage: copy.deepcopy raised NotImplementedError, and Module.to
+    left the weight behind (neither a parameter nor a buffer), to fail at the next forward."""
+    block = _block().to(torch.bfloat16)
+    plain = copy.deepcopy(block)
+    assert pack_linears(block, torch.bfloat16) == 2 and pack_attention(block, torch.bfloat16) == 1
+    set_fixed_rows(block, 4, min_in_features=1)
+    x = torch.randn(6, 16)
+    with torch.inference_mode():
+        want = block[:3](x)
+        twin = copy.deepcopy(block)
+        assert twin[0].weight.is_mkldnn and twin[0].fixed_rows == 4 and twin[0] is not block[0]
+        assert torch.equal(twin[:3](x), want)
+        # Unpacked: nn.Linear again with the very weights, the attention's copies dropped.
+        linear = twin[2].unpacked()
+        assert type(linear) is nn.Linear and torch.equal(linear.weight, plain[2].weight) and linear.bias is None
+        assert unpack_linears(twin) == 4 and not has_packed(twin) and not hasattr(twin[3], "packed_in_proj")
+        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), plain.state_dict().values(), strict=True))
+        # A cast packs again in the new dtype; a move off the CPU keeps plain weights and runs F.linear.
+        cast = copy.deepcopy(block[:3]).float()
+        assert cast[0].dtype == torch.float32 and cast[0].weight.is_mkldnn
+        torch.testing.assert_close(cast(x), plain[:3].float()(x), rtol=1e-5, atol=1e-5)
+        moved = copy.deepcopy(block[:3]).to("meta")
+        assert moved[0].weight.device.type == "meta" and not moved[0].weight.is_mkldnn
+        assert moved(x.to("meta")).shape == (6, 8)
+        assert block.to("cpu") is block and block[0].weight.is_mkldnn  # a move to where it is: untouched
+        assert torch.equal(block[:3](x), want)
