@@ -99,6 +99,56 @@ ApiKey = Depends(require_api_key)
 AdminKey = Depends(require_admin_key)
 
 
+async def require_json_body(request: Request) -> None:
+    """The JSON endpoints' body must be sent as JSON. FastAPI reads a body of another Content-Type, or of
+    none, as raw bytes and refuses it as "not a valid dictionary", which hides the cause (``curl -d``
+    sends application/x-www-form-urlencoded)."""
+    value = request.headers.get("content-type", "")
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    sent = f"not {media}" if media else "the request had none"
+    raise APIError(415, "Content-Type", f"send the body as JSON (Content-Type: application/json); {sent}")
+
+
+JsonBody = Depends(require_json_body)
+ZIP, SAFETENSORS = "application/zip", "application/octet-stream"
+
+
+def wants_zip(accept: str | None) -> bool:
+    """Whether an Accept header asks for a zipped PEFT folder rather than the safetensors file: it names
+    application/zip with a q above 0, and at least the q it gives application/octet-stream (directly, or
+    through application/* or */*). q-values by RFC 9110; a range whose q does not parse is left out."""
+    if not accept:
+        return False
+    ranges: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = -1.0
+        if media and 0.0 <= q <= 1.0:
+            ranges[media.lower()] = max(q, ranges.get(media.lower(), 0.0))
+    if ranges.get(ZIP, 0.0) <= 0.0:
+        return False
+    safetensors_q = next((ranges[m] for m in (SAFETENSORS, "application/*", "*/*") if m in ranges), 0.0)
+    return ranges[ZIP] >= safetensors_q
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header matches ``etag`` (weak comparison, as RFC 9110 asks of it; ``*``
+    matches any)."""
+    if if_none_match is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or f'"{etag}"' in tags
+
+
 def _key_routes(routes: list) -> list[tuple[APIRoute, bool]]:
     """(route, admin) for every route that checks a key."""
     out = []

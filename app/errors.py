@@ -76,6 +76,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
             reason = f"{request.method} is not allowed on {request.url.path}"
         elif e.status_code == 404 and field == "path":
             reason = f"nothing at {request.url.path}"
+        elif e.status_code == 400 and e.__cause__ is not None:  # FastAPI's "error parsing the body": say which
+            reason = f"{reason}: {e.__cause__}"
         return JSONResponse(error_body(field, reason), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)

@@ -68,6 +68,8 @@ STARTUP_TIMEOUT_S = 600.0  # the warm-up generation and the batching check (see 
 # header may list any number of empty tensors, which safetensors loads as tensor objects (29 MB of header:
 # 4.6 s and 690 MB), so a larger one is refused before it is read.
 MAX_LORA_HEADER_BYTES = 1 << 20
+# POST /experts: an expert's largest |value| at most this many times the largest among the repository's means.
+MAX_EXPERT_SCALE = 1000.0
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,10 @@ class Service:
         # a request may wait: the start-up jobs get STARTUP_TIMEOUT_S, not SGLORA_REQUEST_TIMEOUT_S.
         service.worker.timeout_s = max(settings.request_timeout_s, STARTUP_TIMEOUT_S)
         try:
-            await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
+            try:
+                await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
+            except ValueError as e:  # the repository's data (an expert of absurd values): its requests get a 422
+                log.warning("the warm-up generation failed: %s", e)
             mismatch = blocked = None
             if settings.batch_invariance == "require" and service.worker.max_batch > 1:
                 probes = [e.description for e in service.state.experts[:6]]
@@ -465,6 +470,10 @@ class Service:
                 if isinstance(g, Exception):
                     yield g
                     continue
+                if not torch.isfinite(g.lora).all():  # never a 200 of NaNs: an expert on disk holds values too large
+                    names = ", ".join(e.name for e in g.experts)
+                    yield ValueError(f"the generated LoRA is not finite: one of the experts {names} holds values too large")
+                    continue
                 t2 = time.perf_counter()
                 data = safetensors_bytes(g.spec or self.spec, g.lora, generation_metadata(meta_source, params.description, g))
                 self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t2)
@@ -531,6 +540,8 @@ class Service:
         pixels = torch.stack([backbone.preprocess(im) for im in images])  # (N, C, H, W)
         features = backbone.image_features(pixels.to(backbone.device))
         img = backbone.encode_image(features, lora, spec).float().cpu()  # (N, D), L2-normalised
+        if not torch.isfinite(img).all():  # null scores in a 200 otherwise
+            raise APIError(422, None, "with this LoRA applied the image embeddings are not finite: its values are too large")
         img0 = backbone.encode_image(features).float().cpu() if zero_shot else None
         self.metrics.stage.labels(stage="image_encoding").observe(time.perf_counter() - t0)
         t1 = time.perf_counter()
@@ -600,6 +611,7 @@ class Service:
         repo = self.artifacts.repository
         if name in repo:
             raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
+        self._check_scale(mean, variance)
         embedding = self.engine.embed([description])[0].float()
         # The path comes from a checked name (check_name: no separators, no '..'); the library writes the
         # expert file, then the index, each atomically, and on failure undoes both the in-memory change
@@ -614,6 +626,32 @@ class Service:
             log.error("could not persist expert %r: %s", name, e)
             raise APIError(500, None, f"could not write the expert repository ({type(e).__name__}); nothing was changed") from e
         return self._repository_changed()
+
+    def _check_scale(self, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        """Refuses an expert whose values are finite but far too large. One of 1e10s registered fine, then
+        every LoRA it took part in held 1e9s and retrieval with them answered null scores (1e19s: NaN LoRAs).
+        Its mean and its standard deviations at most :data:`MAX_EXPERT_SCALE` times the largest |value| among
+        the repository's means; and (a bound of its own where the repository is empty) the mean, and the mean
+        plus one standard deviation, each applied to a probe image must give finite image embeddings."""
+        spread = variance.sqrt()
+        checks = (("mean", mean, "value"), ("variance", spread, "standard deviation"))
+        if len(self.artifacts.repository):
+            largest = float(self.artifacts.repository.stacked()[0].abs().max())
+            for field, values, what in checks:
+                if (top := float(values.abs().max())) > MAX_EXPERT_SCALE * largest:
+                    raise APIError(
+                        422,
+                        field,
+                        f"its largest |{what}| is {top:.3g}, over {MAX_EXPERT_SCALE:g} times the largest |value| among the "
+                        f"repository's expert means ({largest:.3g}): not a LoRA of this repository's scale",
+                    )
+        backbone = self.artifacts.backbone
+        probe = Image.linear_gradient("L").convert("RGB")  # 256 x 256, every pixel value
+        features = backbone.image_features(backbone.preprocess(probe)[None].to(backbone.device))
+        for field, lora in (("mean", mean), ("variance", mean + spread)):
+            if not torch.isfinite(backbone.encode_image(features, lora, self.spec)).all():
+                reason = "applied to the backbone, this LoRA gives non-finite image embeddings: its values are too large"
+                raise APIError(422, field, reason)
 
     async def remove_expert(self, name: str) -> str:
         return await self.worker.run(self._remove_expert_job, _checked_name(name))

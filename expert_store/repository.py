@@ -41,7 +41,7 @@ EXPERTS_DIR = "experts"
 FORMAT = "sglora-expert-repository"
 FORMAT_VERSION = 1
 LOCK_FILE = ".lock"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a final newline through
 log = logging.getLogger("sglora.repository")
 
 
@@ -75,7 +75,7 @@ def locked(directory: Path, wait: bool = True) -> Iterator[bool]:
 
 def check_name(name: str) -> str:
     """Expert names become file names: letters, digits, '.', '_', '-', at most 64, no leading dot."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(f"invalid expert name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting alnum")
     return name
 

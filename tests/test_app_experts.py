@@ -268,3 +268,63 @@ def test_an_expert_file_with_an_outsized_header_is_refused_before_it_is_read(app
         assert "header" in r.json()["detail"]["reason"]
     assert all(n < 100_000 for n in loads), loads  # only the good mean was read
     assert len(client.get("/experts").json()["experts"]) == 4
+
+
+def test_experts_of_values_too_large_are_refused_and_never_answered_with_a_200(tiny_artifacts, make_settings, monkeypatch):
+    """An expert of finite 1e10s registered fine, then every LoRA it took part in held 1e9s and retrieval
+    with them answered null scores; of 1e19s, NaN LoRAs came back with a 200."""
+    import dataclasses
+
+    import app.service
+
+    repo = ExpertRepository.load(tiny_artifacts / "repository")
+    circle = repo["circle"]
+    # One already on disk (written before the check existed): generation and retrieval refuse to answer NaN.
+    repo.add_and_save(dataclasses.replace(circle, name="huge", mean=circle.mean * 1e19), tiny_artifacts / "repository")
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"])
+    png = expert_png()
+    with TestClient(create_app(settings)) as c:
+        body = {"description": circle.description, "seed": 1, "top_k": 2}
+        r = c.post("/generate", json=body)
+        assert r.status_code == 422 and "not finite" in r.json()["detail"]["reason"] and "huge" in r.json()["detail"]["reason"]
+        assert c.post("/generate", json={**body, "description": "a red square"}).status_code == 200  # others unaffected
+        r = c.post(
+            "/retrieve",
+            data={"description": circle.description, "method": "topk-weighted", "top_k": "2"},
+            files=[("images", ("a.png", png))],
+        )
+        assert r.status_code == 422 and "not finite" in r.json()["detail"]["reason"], r.text
+        assert c.delete("/experts/huge", headers=ADMIN).status_code == 200
+        # A new one is refused at the door: over 1000x the repository's scale ...
+        files = {"mean": ("m.safetensors", safetensors_bytes(repo.spec, circle.mean * 1e4, {}))}
+        r = c.post("/experts", data={"name": "big", "description": "a big circle"}, files=files, headers=ADMIN)
+        assert r.status_code == 422 and r.json()["detail"]["field"] == "mean" and "1000 times" in r.json()["detail"]["reason"]
+        assert (
+            c.post(
+                "/experts",
+                data={"name": "big", "description": "a big circle"},
+                files={"mean": ("m", safetensors_bytes(repo.spec, circle.mean * 900, {}))},
+                headers=ADMIN,
+            ).status_code
+            == 201
+        )
+        # ... and, without that bound (an empty repository has no scale), by the probe image's embeddings.
+        monkeypatch.setattr(app.service, "MAX_EXPERT_SCALE", float("inf"))
+        files = {"mean": ("m.safetensors", safetensors_bytes(repo.spec, circle.mean * 1e19, {}))}
+        r = c.post("/experts", data={"name": "bigger", "description": "a bigger circle"}, files=files, headers=ADMIN)
+        assert (
+            r.status_code == 422
+            and r.json()["detail"]["field"] == "mean"
+            and "non-finite image embeddings" in r.json()["detail"]["reason"]
+        )
+        assert "bigger" not in [e["name"] for e in c.get("/experts").json()["experts"]]
+
+
+def expert_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -88,9 +88,48 @@ def test_deterministic_methods_ignore_the_seed(client, method):
 
 
 def test_if_none_match_gives_304(client):
-    r = client.post("/generate", json={"description": "a star", "seed": 2})
-    again = client.post("/generate", json={"description": "a star", "seed": 2}, headers={"If-None-Match": r.headers["etag"]})
-    assert again.status_code == 304 and not again.content and again.headers["etag"] == r.headers["etag"]
+    body = {"description": "a star", "seed": 2}
+    r = client.post("/generate", json=body)
+    etag = r.headers["etag"]
+    for header in (etag, f"W/{etag}", f'"other", {etag}', "*"):  # weak comparison, lists, and "*" (RFC 9110)
+        again = client.post("/generate", json=body, headers={"If-None-Match": header})
+        assert again.status_code == 304 and not again.content and again.headers["etag"] == etag, header
+    for header in ('"other"', etag.strip('"')[:-1], f'{etag[:-1]}-zip"'):
+        assert client.post("/generate", json=body, headers={"If-None-Match": header}).status_code == 200, header
+
+
+@pytest.mark.parametrize(
+    ("accept", "zipped"),
+    [
+        (None, False),
+        ("application/zip", True),
+        ("application/zip, */*;q=0.1", True),
+        ("application/octet-stream, application/zip", True),  # a tie: the zip was named
+        ("application/zip;q=0, application/octet-stream", False),  # q=0: "not acceptable"
+        ("application/zip;q=0.5, application/octet-stream", False),
+        ("application/zip;q=0.5, application/*;q=0.4", True),
+        ("APPLICATION/ZIP; Q=1", True),
+        ("application/zip;q=oops, application/octet-stream", False),  # a q that does not parse: range left out
+        ("*/*", False),
+        ("application/*", False),
+        ("text/html", False),
+    ],
+)
+def test_accept_takes_the_zip_only_when_its_q_ranks_it_first(client, accept, zipped):
+    """Accept used to be searched for the substring "application/zip", so "application/zip;q=0" (refusing it)
+    got a zip; GET /experts/{name}?part=variance then refused a request that had refused the zip."""
+    from app.deps import wants_zip
+
+    assert wants_zip(accept) is zipped
+    headers = {"Accept": accept} if accept else {}
+    r = client.post("/generate", json={"description": "a star", "seed": 2}, headers=headers)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == ("application/zip" if zipped else "application/octet-stream")
+    assert r.headers["etag"].endswith('-zip"') is zipped
+    name = client.get("/experts").json()["experts"][0]["name"]
+    v = client.get(f"/experts/{name}", params={"part": "variance"}, headers=headers)
+    want = (422, "application/json") if zipped else (200, "application/octet-stream")
+    assert (v.status_code, v.headers["content-type"]) == want
 
 
 def tiny_hf_clip():
@@ -320,7 +359,31 @@ def test_bad_input_is_a_4xx_naming_the_field(client, body, field):
 def test_malformed_json_is_a_4xx(client):
     r = client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422
+    # A body JSON's parser gives up on: the reason says why, not only that it failed.
+    huge_seed = b'{"description": "a", "seed": ' + b"9" * 5000 + b"}"
+    r = client.post("/generate", content=huge_seed, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "digits" in r.json()["detail"]["reason"], r.text
     assert client.post("/generate/batch", json={"items": []}).json()["detail"]["field"] == "items"
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.sglora+json", "Application/JSON"])
+def test_json_bodies_are_read_under_any_json_type(client, content_type):
+    r = client.post("/generate", content=b'{"description": "a star", "seed": 2}', headers={"Content-Type": content_type})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [("application/x-www-form-urlencoded", "not application/x-www-form-urlencoded"), (None, "had none")],
+)
+def test_a_body_not_sent_as_json_is_refused_by_its_type(client, content_type, named):
+    """curl -d sends application/x-www-form-urlencoded: FastAPI then read the JSON as bytes and answered
+    422 "Input should be a valid dictionary", which hid the cause; so it did without a Content-Type."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    r = client.post("/generate", content=b'{"description": "a star"}', headers=headers)
+    assert r.status_code == 415
+    detail = r.json()["detail"]
+    assert detail["field"] == "Content-Type" and "application/json" in detail["reason"] and named in detail["reason"], detail
 
 
 def test_metadata_helper_matches_the_cli(client, reference):

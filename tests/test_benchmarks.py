@@ -12,7 +12,7 @@ import pytest
 from training.benchmarks import FASHION_ROOT, TUX_ROOT, fashion_tasks, scan_tux_stamps, tux_retrieval
 from training.config import DataConfig
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a final newline through
 
 needs_fashion = pytest.mark.skipif(
     not (FASHION_ROOT / "train-images-idx3-ubyte.gz").exists(),
@@ -38,7 +38,7 @@ def test_fashion_all_triples():
     cfg = DataConfig(kind="fashion-tasks", train_per_task=5, test_per_task=3)
     data = fashion_tasks(cfg)
     assert len(data.tasks) == 120  # C(10, 3)
-    assert all(NAME_RE.match(n) for n in data.tasks)
+    assert all(NAME_RE.fullmatch(n) for n in data.tasks)
     task = data.tasks["fashion-coat-pullover-shirt"]
     assert task.kind == "classification"
     assert task.classes == ("coat", "pullover", "shirt")
@@ -98,7 +98,7 @@ def test_tux_tasks_and_splits():
         assert sum(len(v) for v in scan_tux_stamps(TUX_ROOT).values()) == 785
     else:
         assert len(data.tasks) >= 5
-    assert all(NAME_RE.match(n) for n in data.tasks)
+    assert all(NAME_RE.fullmatch(n) for n in data.tasks)
     birds = data.tasks["tux-animals-birds"]
     assert birds.kind == "retrieval" and birds.description == "a photo of birds (animals)"
     for name in data.tasks:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from expert_store.repository import NAME_RE  # task names become expert names
 from training.config import DataConfig
 from training.data import Sample, TaskDataset, TaskInfo
 
@@ -74,8 +75,6 @@ TUX_READABLE = {
     "newyears": "new years",
     "roadsigns": "road signs",
 }
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def _check_options(cfg: DataConfig, allowed: set[str]) -> dict[str, Any]:
@@ -237,7 +236,7 @@ def tux_retrieval(cfg: DataConfig) -> TaskDataset:
             continue
         name = "tux-" + "-".join(p.replace("_", "") for p in key)
         name = re.sub(r"[^A-Za-z0-9._-]", "", name)[:64]
-        if not NAME_RE.match(name) or name in tasks:
+        if not NAME_RE.fullmatch(name) or name in tasks:
             raise ValueError(f"tux stamp folder {'/'.join(key)} gives an invalid or duplicate task name {name!r}")
         words = _readable(key[-1]) + (f" ({_readable(key[0])})" if len(key) > 1 else "")
         tasks[name] = TaskInfo(name, f"a photo of {words}", "retrieval", group="tux")

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Header, Path, Query, UploadFile
 from fastapi.responses import Response
 
-from app.deps import AdminKey, ApiKey, ServiceDep
+from app.deps import AdminKey, ApiKey, ServiceDep, wants_zip
 from app.errors import APIError
 from app.routes.retrieve import read_upload
 from app.schemas import ExpertChange, ExpertList, ExpertOut, clean_text
@@ -72,7 +72,7 @@ async def get_expert(
     """One expert of the repository, in the format `/generate` answers and `POST /experts` takes: to inspect or
     back it up, register it elsewhere, or merge experts exactly with PEFT (docs/service.md, "Exact merges")."""
     data = service.expert_file(name, part)
-    if accept is not None and "application/zip" in accept:
+    if wants_zip(accept):
         if part != "mean":
             raise APIError(422, "part", "only the mean is a LoRA: a zipped PEFT adapter holds part=mean")
         data = await asyncio.to_thread(peft_zip_from_weights, service.spec, data, service.base_model)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
-from app.deps import ApiKey, ServiceDep
+from app.deps import ApiKey, JsonBody, ServiceDep, etag_matches, wants_zip
 from app.errors import APIError
 from app.schemas import (
     BatchGenerateRequest,
@@ -23,11 +23,12 @@ from app.schemas import (
 from app.service import GeneratedLora, Service
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKey])
+router = APIRouter(tags=["generate"], dependencies=[ApiKey, JsonBody])
 
 _ERRORS = {
     401: {"description": "API key missing"},
     403: {"description": "API key not accepted"},
+    415: {"description": "the body was not sent as JSON (`Content-Type: application/json`)"},
     422: {
         "description": "bad input; `field` names it",
         "content": {
@@ -42,6 +43,7 @@ _ERRORS = {
 _HEADERS = {
     "X-Cache": {"description": "hit or miss", "schema": {"type": "string"}},
     "ETag": {"description": "adapter id; pass it to /retrieve as `etag`", "schema": {"type": "string"}},
+    "X-Method": {"description": "the method that made the LoRA", "schema": {"type": "string"}},
     "X-Seed": {"description": "sg-lora sampling seed (drawn when the request had none)", "schema": {"type": "integer"}},
     "X-Experts": {"description": "chosen experts as name=weight, comma-separated", "schema": {"type": "string"}},
     "X-Artifact-Version": {"description": "artefact version the LoRA was made with", "schema": {"type": "string"}},
@@ -94,10 +96,10 @@ async def generate(
 ) -> Response:
     """Generates a LoRA for a task description: safetensors, or a zipped PEFT folder with `Accept: application/zip`."""
     lora = await service.generate(_params(service, body))
-    want_zip = accept is not None and "application/zip" in accept
+    want_zip = wants_zip(accept)
     etag = f"{lora.etag}-zip" if want_zip else lora.etag
     headers = lora_headers(lora, etag)
-    if if_none_match is not None and f'"{etag}"' in if_none_match:
+    if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     if want_zip:
         data, media, ext = await service.zip_of(lora), "application/zip", "zip"
