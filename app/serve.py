@@ -23,6 +23,7 @@ import sys
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
 
 from app.logs import FORMATS, LEVELS, log_config
 from app.settings import Settings
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
+    except SystemExit as e:
+        if e.code != STARTUP_FAILURE:
+            raise
+        # The lifespan refused to start (artefacts missing, corrupt or mismatched; the reason is logged):
+        # an error like the CLI's others, status 2, not uvicorn's 3.
+        return EXIT_USAGE
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

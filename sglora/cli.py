@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     argv = ["--artifacts", str(args.artifacts), "--host", args.host, "--port", str(args.port)]
     argv += ["--graceful-timeout", str(args.graceful_timeout)]
-    if args.device != "auto":
+    if args.device is not None:  # an explicit --device auto overrides $SGLORA_DEVICE too
         argv += ["--device", args.device]
     if args.log_format:
         argv += ["--log-format", args.log_format]
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifacts", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port_number, default=8000)
-    _add_device(s)
+    s.add_argument("--device", type=_device_arg, default=None, help="auto, cpu, cuda or cuda:N (default: $SGLORA_DEVICE or auto)")
     s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     s.add_argument(
         "--log-format",

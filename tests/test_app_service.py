@@ -74,7 +74,7 @@ def test_sglora_serve_exits_with_the_problem(tiny_artifacts):
         timeout=120,
         env=env,
     )
-    assert p.returncode != 0
+    assert p.returncode == 2  # as the CLI's other errors (uvicorn's own status for a failed start-up is 3)
     assert "cvae.json" in p.stderr and "sha256" in p.stderr
     assert "Traceback" not in p.stderr  # the problem, not a stack trace
 
@@ -969,3 +969,16 @@ def test_ctrl_c_while_the_server_imports_its_modules_exits_0(tmp_path, monkeypat
     assert "SIGINT during start-up: stopped" in capsys.readouterr().err
     monkeypatch.setattr(cli, "cmd_select", importing)
     assert cli.main(["select", "x", "--artifacts", str(tmp_path)]) == 130
+
+
+def test_sglora_serve_forwards_an_explicit_device_even_auto(monkeypatch):
+    """--device auto was dropped on the way to app.serve, so an exported SGLORA_DEVICE=cpu still won."""
+    import app.serve
+    from sglora import cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(app.serve, "main", lambda argv, prog: seen.append(argv) or 0)
+    for extra in ([], ["--device", "auto"], ["--device", "cuda:1"]):
+        assert cli.main(["serve", "--artifacts", "somewhere", *extra]) == 0
+    devices = [argv[argv.index("--device") + 1] if "--device" in argv else None for argv in seen]
+    assert devices == [None, "auto", "cuda:1"]  # none given: $SGLORA_DEVICE or auto, as app.serve reads it
