@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from app.metrics import Metrics
 from sglora import __version__
@@ -142,6 +142,13 @@ class RedisCache:
         started = time.monotonic()
         try:
             value = await self._client.get(self.prefix + key)
+        except ResponseError as e:
+            # Redis answered, refusing this key (WRONGTYPE: another writer left a list there): the key's
+            # problem, not Redis's. Counted, not a back-off, which would also stop the write that mends it.
+            self.metrics.redis_errors.labels(op="get").inc()
+            self._succeeded(started)
+            log.warning("redis get %s refused (%s); the value will be written again", key, e)
+            return None, False
         except (RedisError, OSError) as e:
             self._failed("get", e, started)
             return None, False

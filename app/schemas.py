@@ -86,6 +86,7 @@ class BatchItemResult(BaseModel):
     method: str | None = None
     seed: int | None = None
     experts: list[ExpertChoiceOut] = Field(default_factory=list)
+    artifact_version: str | None = Field(None, description="the artefact version this item's LoRA was made with")
     data: str | None = Field(None, description="base64 of the safetensors file (or zip, see `format`)")
     error: ErrorDetail | None = None
 
@@ -106,6 +107,7 @@ class BatchGenerateResponse(BaseModel):
                             "method": "sg-lora",
                             "seed": 1,
                             "experts": [{"name": "tabby", "weight": 0.71, "similarity": 0.93}],
+                            "artifact_version": "3f2a9c0d1e4b5a69",
                             "data": "<base64>",
                             "error": None,
                         },
@@ -116,7 +118,10 @@ class BatchGenerateResponse(BaseModel):
         }
     )
 
-    artifact_version: str
+    artifact_version: str | None = Field(
+        description="the artefact version of every item's LoRA; null when an expert change during the call "
+        "gave items different ones (each item names its own)"
+    )
     format: Format
     results: list[BatchItemResult]
 

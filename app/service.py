@@ -200,6 +200,15 @@ def _checked_name(name: str) -> str:
         raise APIError(422, "name", str(e)) from e
 
 
+def _check_cached(metadata: dict[str, str], params: GenerateParams, version: str) -> None:
+    """ValueError unless a cached file's metadata says it is this request's LoRA (a whole safetensors file
+    of another writer, an empty one even, passed the structural check)."""
+    want = {"format": "sglora-lora", "artifact_version": version, "description": params.description, "method": params.method}
+    wrong = [k for k, v in want.items() if metadata.get(k) != v]
+    if wrong:
+        raise ValueError(f"its metadata's {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not match")
+
+
 def _value_error_field(message: str) -> str | None:
     for name in ("top_k", "temperature", "seed", "method", "description"):
         if name in message:
@@ -415,14 +424,18 @@ class Service:
             if data is not None:
                 try:
                     metadata = safetensors_metadata(data, whole=True)
+                    _check_cached(metadata, params, version)
                 except ValueError as e:  # not what this service stores there: generate it again, and overwrite it
-                    log.warning("cache: the value of gen:%s is not a whole LoRA file (%s); generating it again", key, e)
+                    log.warning("cache: the value of gen:%s is not this request's LoRA file (%s); generating it again", key, e)
                     data, failed = None, True
             self.metrics.cache.labels(result="hit" if data is not None else ("error" if failed else "miss")).inc()
             if data is not None:
                 etag = etag_of(data)
                 self.lru.put(etag, data)
                 self.hot.put(key, etag, metadata)
+                # Its ETag pointer may have been evicted (allkeys-lru: /retrieve alone reads it) while the
+                # file, read by every repeat, stayed: this answer hands the ETag out, so /retrieve must find it.
+                self.cache.set_behind({"etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is

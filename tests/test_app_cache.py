@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 import threading
 import time
 
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -194,7 +196,11 @@ def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(ma
         r = redis.Redis.from_url(settings.redis_url)
         pointer = r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))
         key = settings.cache_prefix + pointer[2:].decode()
-        for bad in (b"not a safetensors file", good.content[:-5], good.content + b"\0"):
+        # Whole safetensors files that are not this request's LoRA: an empty one (it was served as a 10-byte
+        # hit, and /generate/preview failed with a 500 on its missing top_k), and another request's file.
+        empty = b"\x02\0\0\0\0\0\0\0{}"
+        other = c.post("/generate", json={**body, "description": "a red hexagon"}).content
+        for bad in (b"not a safetensors file", good.content[:-5], good.content + b"\0", empty, other):
             r.set(key, bad)
             errors = cache_events(c, "error")
             again = c.post("/generate", json=body)
@@ -411,3 +417,45 @@ def test_requests_without_a_seed_do_not_push_repeats_out_of_the_hot_keys(make_se
         for _ in range(2):
             assert c.post("/generate", json={"description": "a new sample"}).headers["x-cache"] == "miss"
         assert c.post("/generate", json=body).headers["x-cache"] == "hit" and memory_hits(c) == 1
+
+
+def test_a_key_of_another_type_is_mended_without_switching_the_cache_off(make_settings):
+    """WRONGTYPE for one key (a foreign writer left a list there) was handled as a Redis outage: the back-off
+    turned the cache off for every request, and the write that would mend the key was skipped with it."""
+    settings = make_settings(hot_keys=0)
+    body = {"description": "a listed hexagon", "seed": 5}
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        good = c.post("/generate", json=body)
+        assert wait_for(lambda: not cache._writing)
+        r = redis.Redis.from_url(settings.redis_url)
+        key = settings.cache_prefix + r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))[2:].decode()
+        r.delete(key)
+        r.rpush(key, b"x")
+        errors = cache_events(c, "error")
+        again = c.post("/generate", json=body)
+        assert again.status_code == 200 and again.content == good.content and cache_events(c, "error") == errors + 1
+        assert cache.available()  # no back-off: other keys are served from Redis meanwhile
+        assert wait_for(lambda: r.type(key) == b"string" and r.get(key) == good.content)  # mended
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+
+
+def test_a_hit_from_redis_writes_its_etag_pointer_again(make_settings):
+    """Under allkeys-lru the ETag pointer (read by /retrieve alone) can be evicted while the file, read by every
+    repeat, stays: another replica then handed out an ETag that /retrieve answered with a 404."""
+    writer = make_settings()
+    body = {"description": "a pointed hexagon", "seed": 8}
+    with TestClient(create_app(writer)) as c:
+        made = c.post("/generate", json=body)
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+    r = redis.Redis.from_url(writer.redis_url)
+    pointer = writer.cache_prefix + "etag:" + made.headers["etag"].strip('"')
+    assert r.delete(pointer) == 1  # evicted
+    with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix))) as c:
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert wait_for(lambda: r.exists(pointer))
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix))) as c:  # a third replica
+        found = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
+        assert found.status_code == 200, found.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -328,3 +330,31 @@ def expert_png() -> bytes:
     buf = io.BytesIO()
     Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.anyio
+async def test_a_batch_across_an_expert_change_names_each_items_version(tiny_artifacts, make_settings):
+    """A batch answered partly before a DELETE /experts (a hit) and partly after it reported the version read
+    after the whole call, which one item's file contradicted; items had no version of their own."""
+    import asyncio
+
+    from app_helpers import file_metadata, serving
+
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"], test_model_delay_s=0.3)
+    async with serving(settings) as (service, client):
+        old = service.version
+        first = {"description": "a red ring", "seed": 1}
+        assert (await client.post("/generate", json=first)).status_code == 200
+        delete = asyncio.create_task(client.delete("/experts/square", headers=ADMIN))
+        await asyncio.sleep(0.05)  # the removal waits for the model thread, then holds the next jobs back
+        items = [first, {"description": "a blue cross", "seed": 2}]
+        r = await client.post("/generate/batch", json={"items": items})
+        new = (await delete).json()["artifact_version"]
+        body = r.json()
+        made = [file_metadata(base64.b64decode(it["data"]))["artifact_version"] for it in body["results"]]
+        assert [it["artifact_version"] for it in body["results"]] == made
+        assert made == [old, new]  # the hit from before the change, the miss after it
+        assert body["artifact_version"] is None
+        # Without a change in between, one version for all.
+        r = (await client.post("/generate/batch", json={"items": items})).json()
+        assert r["artifact_version"] == new and {it["artifact_version"] for it in r["results"]} == {new}

@@ -148,6 +148,7 @@ async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) ->
         method=lora.method,
         seed=lora.seed,
         experts=[ExpertChoiceOut(**e) for e in lora.experts],
+        artifact_version=lora.metadata.get("artifact_version", ""),
         data=base64.b64encode(data).decode(),
     )
 
@@ -162,5 +163,9 @@ async def generate_batch(body: BatchGenerateRequest, service: ServiceDep) -> Bat
         if len(it.description) > limit:
             raise APIError(422, f"items[{i}].description", f"longer than {limit} characters")
     as_zip = body.format == "zip"
+    version = service.version
     results = await asyncio.gather(*(_one(service, i, it, as_zip) for i, it in enumerate(body.items)))
-    return BatchGenerateResponse(artifact_version=service.version, format=body.format, results=list(results))
+    made = {r.artifact_version for r in results if r.status == 200}
+    if made:  # an expert change while the call ran may have given items different versions
+        version = made.pop() if len(made) == 1 else None
+    return BatchGenerateResponse(artifact_version=version, format=body.format, results=list(results))
