@@ -160,10 +160,22 @@ def verify_files(root: Path, manifest: dict, prefixes: tuple[str, ...] | None = 
         log.warning("%s (a report: loading goes on; rerunning its stage writes it again)", problem)
 
 
+def _fields(meta: object, path: Path, *keys: str) -> None:
+    """ArtifactError naming the file and the field when a JSON artefact lacks one this release reads."""
+    missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ArtifactError(
+            f"{path}: no {', '.join(repr(k) for k in missing)} field: not written by this release's pipeline "
+            f"(release {__version__}); rebuild the artefacts with it"
+        )
+
+
 def load_backbone_from(root: Path, device: str | torch.device = "cpu") -> Backbone:
     from training.config import backbone_from_dict
 
-    meta = read_json(root / "backbone" / BACKBONE_FILE, "backbone description")
+    path = root / "backbone" / BACKBONE_FILE
+    meta = read_json(path, "backbone description")
+    _fields(meta, path, "config", "lora_fingerprint", "fingerprint")
     cfg: BackboneConfig = backbone_from_dict(meta["config"])
     if "quick_gelu" not in meta["config"]:
         _check_legacy_activation(root, cfg)
@@ -196,7 +208,11 @@ def _check_legacy_activation(root: Path, cfg: BackboneConfig) -> None:
 
 def load_generator(root: Path, device: str | torch.device = "cpu") -> CVAE:
     meta = read_json(root / GENERATOR_CONFIG, "generator config")
-    model = CVAE(CVAEConfig(**meta["cvae"]))
+    _fields(meta, root / GENERATOR_CONFIG, "cvae")
+    try:
+        model = CVAE(CVAEConfig(**meta["cvae"]))
+    except TypeError as e:  # a field this release does not know (a later release's), or a missing one
+        raise ArtifactError(f"{root / GENERATOR_CONFIG}: its 'cvae' settings do not fit this release ({__version__}): {e}") from e
     try:
         state = load_file(str(root / GENERATOR_WEIGHTS))
     except (SafetensorError, OSError) as e:

@@ -52,7 +52,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():  # found before the config and the data load
         raise ValueError(f"--out {out} is a file; give an artefact directory (a new one, or one to resume)")
     cfg = load_config(args.config)
-    stages = tuple(args.stage) if args.stage else STAGES
+    stages = tuple(s for s in STAGES if s in args.stage) if args.stage else STAGES  # in pipeline order, as given or not
     run_pipeline(cfg, out, stages, device=_device(args.device))
     return 0
 

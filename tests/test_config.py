@@ -38,6 +38,15 @@ def _write(tmp_path, text):
         ("experts: {min_train_samples: 0}", "experts.min_train_samples must be >= 2"),
         ("experts: {epochs: 0}", r"^experts\.epochs must be >= 1, got 0$"),  # the section named once
         ("prior: {top_k: 0}", r"^prior\.top_k must be >= 1, got 0$"),
+        # Once a traceback or a late, unnamed failure (after the experts stage had run):
+        ("data: {image_size: 0}", r"data\.image_size must be >= 1"),
+        ("experts: {weight_decay: -1}", r"experts\.weight_decay must be >= 0"),
+        ("generator: {batch_size: 0}", r"generator\.batch_size must be >= 1"),
+        ("generator: {latent_dim: 0}", r"generator\.latent_dim must be >= 1"),
+        ("generator: {hidden_dim: 0}", r"generator\.hidden_dim must be >= 1"),
+        ("generator: {kl_weight: -1}", r"generator\.kl_weight must be >= 0"),
+        ("evaluation: {methods: []}", r"evaluation\.methods: empty"),  # a results table of no methods
+        ("experts: {epochs: 5}\nprior: {top_k: 2}\nexperts: {lr: 0.01}\n", "the key 'experts' is given twice"),
         ("", "the config is empty"),  # all defaults would be a random-weight ViT-B-16
         ("# a comment only\n", "the config is empty"),
     ],

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -775,3 +776,89 @@ def test_the_backbone_fingerprint_hashes_weights_not_a_forward(tiny_artifacts, t
         else:
             with pytest.raises(ArtifactError, match="the rebuilt backbone's weights differ"):
                 load_artifacts(tiny_artifacts)
+
+
+def test_a_procedural_option_it_does_not_take_is_named(tiny_config):
+    from training.pipeline import load_data
+
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, options={"bogus": 1}))
+    with pytest.raises(ValueError, match=r"data\.options: unknown key\(s\) \['bogus'\] for kind 'procedural'"):
+        load_data(cfg)  # was a TypeError from procedural_dataset()
+
+
+def test_a_run_that_failed_before_any_task_does_not_lock_its_folder(tiny_config, tmp_path, monkeypatch):
+    """config.json is written before the first task trains: a first run that failed there (a bad setting)
+    left --out refusing the corrected config as "built with another config"."""
+    from training import pipeline
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "train_expert", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("diverged")))
+    with pytest.raises(RuntimeError, match="diverged"):
+        pipeline.stage_experts(tiny_config, out)
+    assert (out / "config.json").exists() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    fixed = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, lr=0.002))
+    pipeline.stage_experts(fixed, out)
+    assert json.loads((out / "config.json").read_text())["experts"]["lr"] == 0.002
+
+
+def test_trained_tasks_without_their_config_are_not_resumed_under_another(tiny_artifacts, tiny_config):
+    """With config.json deleted, a resume under another experts config kept the old snapshots and recorded
+    the new settings as theirs."""
+    from training.pipeline import stage_experts
+
+    (tiny_artifacts / "config.json").unlink()
+    other = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, lr=0.02))
+    with pytest.raises(ValueError, match="holds trained tasks but no config.json"):
+        stage_experts(other, tiny_artifacts)
+    assert not (tiny_artifacts / "config.json").exists()
+
+
+def test_the_repository_stage_does_not_label_the_generator_with_settings_it_was_not_trained_with(tiny_artifacts):
+    """--stage repository with a new prior/generator config recorded it in config.json, and the generator
+    trained with the old settings then passed the evaluate stage's stale check."""
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import run_pipeline
+
+    built = from_dict(PipelineConfig, json.loads((tiny_artifacts / "config.json").read_text()))
+    new = dataclasses.replace(built, prior=dataclasses.replace(built.prior, top_k=1))
+    run_pipeline(new, tiny_artifacts, ("repository",))
+    assert json.loads((tiny_artifacts / "config.json").read_text())["prior"]["top_k"] == built.prior.top_k
+    with pytest.raises(ValueError, match="rerun the generator stage"):
+        run_pipeline(new, tiny_artifacts, ("evaluate",))
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "needle"),
+    [
+        ("generator/cvae.json", lambda m: m.pop("cvae"), r"cvae\.json: no 'cvae' field"),
+        ("generator/cvae.json", lambda m: m["cvae"].update(later=1), r"cvae\.json: its 'cvae' settings do not fit"),
+        ("backbone/backbone.json", lambda m: m.pop("lora_fingerprint"), r"backbone\.json: no 'lora_fingerprint' field"),
+    ],
+)
+def test_artefact_json_of_another_release_is_refused_by_file_and_field(tiny_artifacts, file, edit, needle):
+    """Once a traceback (TypeError from CVAEConfig) or "error: 'lora_fingerprint'"."""
+    from sglora.io import sha256_file
+
+    path = tiny_artifacts / file
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    manifest["files"][file] = sha256_file(path)  # re-pinned: the content, not the hash, is what is refused
+    (tiny_artifacts / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=needle):
+        load_artifacts(tiny_artifacts)
+
+
+def test_stages_run_in_pipeline_order_whatever_order_they_are_given_in(tiny_config, tmp_path, monkeypatch):
+    import yaml
+
+    from training import pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, out, stages, device: ran.append(stages))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config.to_dict()))
+    argv = ["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--stage", "evaluate", "--stage", "generator"]) == 0
+    assert ran == [("generator", "evaluate")]

@@ -40,6 +40,8 @@ class DataConfig:
             raise ValueError("data.path is required when data.kind is 'folder'")
         if self.train_per_task < 1 or self.test_per_task < 1:
             raise ValueError("data.train_per_task and data.test_per_task must be >= 1")
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class ExpertTrainingConfig:
             raise ValueError(f"experts.lr must be > 0, got {self.lr}")
         if self.batch_size < 2:
             raise ValueError(f"experts.batch_size must be >= 2, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ValueError(f"experts.weight_decay must be >= 0, got {self.weight_decay}")
         # An expert trains on >= 2 images; a retrieval task's evaluation ranks >= 2 of them.
         for key in ("min_train_samples", "min_test_samples"):
             if getattr(self, key) < 2:
@@ -156,6 +160,11 @@ class GeneratorTrainingConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"generator.epochs must be >= 1, got {self.epochs}")
+        for name in ("latent_dim", "hidden_dim", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_weight < 0:
+            raise ValueError(f"generator.kl_weight must be >= 0, got {self.kl_weight}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"generator.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -185,8 +194,8 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"evaluation.methods: unknown {bad}; choose from {METHODS}")
+        if bad or not self.methods:
+            raise ValueError(f"evaluation.methods: {f'unknown {bad}' if bad else 'empty'}; choose from {METHODS}")
         if self.sg_samples < 1:
             raise ValueError("evaluation.sg_samples must be >= 1")
 
@@ -282,12 +291,28 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
         raise ValueError(str(e) if named else f"{where}: {e}") from e
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: YAML keeps the last silently, so a
+    second ``experts:`` section dropped the first one's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from e
     if data is None:  # every setting defaulted would be a random-weight ViT-B-16: surely not what was meant

@@ -53,6 +53,9 @@ def load_data(cfg: PipelineConfig) -> TaskDataset:
 
 def _load_source(d) -> TaskDataset:
     if d.kind == "procedural":
+        unknown = sorted(set(d.options) - {"shapes", "colour_tasks"})
+        if unknown:
+            raise ValueError(f"data.options: unknown key(s) {unknown} for kind 'procedural'; allowed: ['colour_tasks', 'shapes']")
         return procedural_dataset(d.seed, d.image_size, d.train_per_task, d.test_per_task, **d.options)
     if d.kind == "folder":
         return load_task_dataset(Path(d.path))
@@ -165,15 +168,23 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     dataset, splits = prepare_data(cfg)
     data = dataset.fingerprint()
     out.mkdir(parents=True, exist_ok=True)
-    existing = _built_config(out) if (out / "config.json").exists() else None
-    if existing is not None:
+    # Work to resume: a stage done, or a task trained. Without any, what an earlier attempt wrote (a run that
+    # failed on a bad setting before its first task) is replaced; with some, it must match.
+    built = (out / art.MANIFEST).exists() or any((out / "snapshots").glob("*.safetensors"))
+    if built:
+        if not (out / "config.json").exists():
+            raise ValueError(
+                f"{out} holds trained tasks but no config.json to tell what they were trained with; "
+                "use a new --out directory (or put its config.json back)"
+            )
+        existing = _built_config(out)
         wanted = cfg.to_dict()
         changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
         if changed:
             raise ValueError(f"{out} was built with another config ({', '.join(changed)} differ); use a new --out directory")
     manifest = art.read_manifest(out) if (out / art.MANIFEST).exists() else {}  # refuses a damaged one by name
     _check_data(out, manifest, data)
-    if (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
+    if built and (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
         raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
     with atomic_dir(out / "backbone") as tmp:
@@ -316,7 +327,8 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     with atomic_dir(out / "repository") as tmp:
         repo.save(tmp)
     _log(f"[repository] {len(repo)} experts")
-    _record_config(out, cfg)
+    # No _record_config: this stage uses none of the prior/generator settings, and recording the config's would
+    # label a generator trained with others as made with them (its stale check would then pass).
     art.update_manifest(out, "repository", {"seconds": round(time.perf_counter() - t0, 1), "experts": len(repo)})
 
 
