@@ -102,10 +102,20 @@ class Expert:
 class ExpertRepository:
     """In-memory view of the repository, stacked for fast top-K: means/variances (E, P), embeddings (E, D)."""
 
-    def __init__(self, spec: LoraSpec, embed_dim: int, backbone_fingerprint: str, experts: list[Expert] | None = None):
+    def __init__(
+        self,
+        spec: LoraSpec,
+        embed_dim: int,
+        backbone_fingerprint: str,
+        experts: list[Expert] | None = None,
+        provenance: str | None = None,
+    ):
         self.spec = spec
         self.embed_dim = embed_dim
         self.backbone_fingerprint = backbone_fingerprint
+        # What built it, as its builder says (the pipeline: a digest of the settings its experts were trained
+        # with), kept through every later change; None: not said.
+        self.provenance = provenance
         self._experts: dict[str, Expert] = {}
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._index_sha256: str | None = None  # of the index this object loaded or last wrote
@@ -181,6 +191,7 @@ class ExpertRepository:
             "lora_fingerprint": self.spec.fingerprint(),
             "embed_dim": self.embed_dim,
             "backbone_fingerprint": self.backbone_fingerprint,
+            **({} if self.provenance is None else {"provenance": self.provenance}),
             "experts": [
                 {
                     "name": e.name,
@@ -295,7 +306,7 @@ class ExpertRepository:
                 f"{directory}: expert LoRA layout (rank {spec.rank}, {spec.num_params} params) does not match "
                 f"the backbone's (rank {expect_spec.rank}, {expect_spec.num_params} params)"
             )
-        repo = cls(spec, int(index["embed_dim"]), index["backbone_fingerprint"])
+        repo = cls(spec, int(index["embed_dim"]), index["backbone_fingerprint"], provenance=index.get("provenance"))
         for entry in index["experts"]:
             name = check_name(entry["name"])
             path = directory / EXPERTS_DIR / f"{name}.safetensors"

@@ -19,6 +19,7 @@ and embedding size across parts, and refuses with a message naming the problem.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +42,27 @@ FORMAT = "sglora-artifacts"
 FORMAT_VERSION = 1
 GENERATOR_CONFIG = "generator/cvae.json"
 GENERATOR_WEIGHTS = "generator/cvae.safetensors"
+# The config sections the experts stage trains with: the later stages must not change them.
+EXPERT_SECTIONS = ("backbone", "data", "split", "experts")
+
+
+def experts_provenance(config: dict) -> str:
+    """A digest of the settings an artefact directory's experts were trained with (``config.json``'s
+    :data:`EXPERT_SECTIONS`, defaults filled in), which the repository stage records in the repository:
+    a repository copied in from another run is refused at load."""
+    from training.config import PipelineConfig, from_dict
+
+    try:
+        config = from_dict(PipelineConfig, config).to_dict()
+    except ValueError:  # not a config this release can read: digested as written
+        pass
+    sections = {k: config.get(k) for k in EXPERT_SECTIONS}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Files a completed stage always wrote and loading reads: each must be pinned (an edited manifest that drops one
+# would let any file load in its place).
+PINNED_BY = {"experts": ("config.json", "backbone/backbone.json"), "generator": (GENERATOR_CONFIG, GENERATOR_WEIGHTS)}
 STAGES = ("experts", "repository", "generator", "evaluate")
 log = logging.getLogger(__name__)
 
@@ -291,12 +313,22 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
     for needed in ("experts", "repository") + (("generator",) if require_generator else ()):
         if needed not in stages:
             raise ArtifactError(f"{root}: stage '{needed}' has not been run (manifest stages: {sorted(stages)})")
+    pinned = manifest.get("files", {})
+    for stage, files in PINNED_BY.items():  # a file the manifest does not pin would load unchecked
+        unpinned = [f for f in files if stage in stages and f not in pinned]
+        if unpinned:
+            raise ArtifactError(f"{root}: the manifest pins no sha256 for {', '.join(unpinned)}, which its '{stage}' stage wrote")
     config = read_json(root / "config.json", "pipeline config")
     try:
         backbone = load_backbone_from(root, device)
         repository = ExpertRepository.load(root / "repository", expect_spec=backbone.spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ArtifactError(str(e)) from e
+    if repository.provenance is not None and repository.provenance != experts_provenance(config):
+        raise ArtifactError(
+            f"{root / 'repository'}: built from the experts of another run (experts settings digest "
+            f"{repository.provenance}, this directory's {experts_provenance(config)}); rerun the repository stage"
+        )
     if repository.backbone_fingerprint not in backbone.fingerprints():
         raise ArtifactError(f"{root / 'repository'}: experts were built on another backbone")
     generator = load_generator(root, device) if "generator" in stages else None

@@ -862,3 +862,39 @@ def test_stages_run_in_pipeline_order_whatever_order_they_are_given_in(tiny_conf
     argv = ["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--stage", "evaluate", "--stage", "generator"]) == 0
     assert ran == [("generator", "evaluate")]
+
+
+def test_a_manifest_that_stops_pinning_a_model_file_is_refused(tiny_artifacts):
+    """Deleting the generator's weights from the manifest's files and copying in another run's: loaded unchecked."""
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    del manifest["files"]["generator/cvae.safetensors"]
+    (tiny_artifacts / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="pins no sha256 for generator/cvae.safetensors"):
+        load_artifacts(tiny_artifacts)
+
+
+def test_a_repository_from_another_run_is_refused_and_its_provenance_survives_changes(tiny_artifacts):
+    """A repository/ copied in from a run with other experts settings (same backbone) loaded, and its experts
+    served as this run's: the repository stage now records a digest of the settings its experts were
+    trained with, kept through the service's additions and removals."""
+    from expert_store.repository import ExpertRepository
+    from sglora.artifacts import experts_provenance
+
+    config = json.loads((tiny_artifacts / "config.json").read_text())
+    repo = ExpertRepository.load(tiny_artifacts / "repository")
+    assert repo.provenance == experts_provenance(config)
+    removed = repo.remove_and_save(repo.names[0], tiny_artifacts / "repository")  # as DELETE /experts does
+    again = ExpertRepository.load(tiny_artifacts / "repository")
+    assert again.provenance == repo.provenance and removed.name not in again
+    load_artifacts(tiny_artifacts)
+    # Another run's: its experts trained with another lr.
+    other = {**config, "experts": {**config["experts"], "lr": config["experts"]["lr"] * 2}}
+    index = json.loads((tiny_artifacts / "repository" / "repository.json").read_text())
+    index["provenance"] = experts_provenance(other)
+    (tiny_artifacts / "repository" / "repository.json").write_text(json.dumps(index))
+    with pytest.raises(ArtifactError, match="built from the experts of another run"):
+        load_artifacts(tiny_artifacts)
+    # A repository written before provenance was recorded loads as before.
+    del index["provenance"]
+    (tiny_artifacts / "repository" / "repository.json").write_text(json.dumps(index))
+    assert load_artifacts(tiny_artifacts).repository.provenance is None

@@ -263,7 +263,7 @@ def _snapshot_metadata(path: Path) -> dict[str, str]:
 
 
 # Config sections fixed by the experts stage; prior, generator and evaluation may change later.
-FIXED_SECTIONS = ("backbone", "data", "split", "experts")
+FIXED_SECTIONS = art.EXPERT_SECTIONS
 
 
 def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
@@ -321,7 +321,8 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     names = splits["experts"]
     descriptions = _descriptions(out, names)
     embeddings = backbone.encode_text(descriptions).cpu()
-    repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint())
+    provenance = art.experts_provenance(read_json(out / "config.json", "pipeline config"))
+    repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint(), provenance=provenance)
     for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
         repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
     with atomic_dir(out / "repository") as tmp:
