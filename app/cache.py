@@ -143,8 +143,11 @@ class RedisCache:
         try:
             value = await self._client.get(self.prefix + key)
         except ResponseError as e:
-            # Redis answered, refusing this key (WRONGTYPE: another writer left a list there): the key's
-            # problem, not Redis's. Counted, not a back-off, which would also stop the write that mends it.
+            if not str(e).startswith("WRONGTYPE"):  # NOPERM, and the like: Redis's problem, as any other
+                self._failed("get", e, started)
+                return None, False
+            # Redis answered, refusing this key (another writer left a list there): the key's problem, not
+            # Redis's. Counted, not a back-off, which would also stop the write that mends it.
             self.metrics.redis_errors.labels(op="get").inc()
             self._succeeded(started)
             log.warning("redis get %s refused (%s); the value will be written again", key, e)

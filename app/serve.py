@@ -114,15 +114,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
-    except SystemExit as e:
+    except SystemExit as e:  # uvicorn >= 0.53 exits with STARTUP_FAILURE; earlier ones return
         if e.code != STARTUP_FAILURE:
             raise
-        # The lifespan refused to start (artefacts missing, corrupt or mismatched; the reason is logged):
-        # an error like the CLI's others, status 2, not uvicorn's 3.
-        return EXIT_USAGE
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if getattr(server.lifespan, "startup_failed", False):
+        # The lifespan refused to start (artefacts missing, corrupt or mismatched; the reason is logged):
+        # an error like the CLI's others, status 2, not uvicorn's 3 (nor 0 under an older uvicorn).
+        return EXIT_USAGE
     if abandoned_threads():
         # A job ran past SGLORA_SHUTDOWN_TIMEOUT_S (logged): Python would join its thread at exit and keep the
         # process alive until the job ends (a hung device: until the orchestrator's SIGKILL). End it now.

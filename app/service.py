@@ -648,8 +648,8 @@ class Service:
         plus one standard deviation, each applied to a probe image must give finite image embeddings."""
         spread = variance.sqrt()
         checks = (("mean", mean, "value"), ("variance", spread, "standard deviation"))
-        if len(self.artifacts.repository):
-            largest = float(self.artifacts.repository.stacked()[0].abs().max())
+        largest = float(self.artifacts.repository.stacked()[0].abs().max()) if len(self.artifacts.repository) else 0.0
+        if largest > 0:  # a repository of zero means has no scale: the probe below bounds it
             for field, values, what in checks:
                 if (top := float(values.abs().max())) > MAX_EXPERT_SCALE * largest:
                     raise APIError(

@@ -108,13 +108,13 @@ class ExpertRepository:
         embed_dim: int,
         backbone_fingerprint: str,
         experts: list[Expert] | None = None,
-        provenance: str | None = None,
+        provenance: dict | None = None,
     ):
         self.spec = spec
         self.embed_dim = embed_dim
         self.backbone_fingerprint = backbone_fingerprint
-        # What built it, as its builder says (the pipeline: a digest of the settings its experts were trained
-        # with), kept through every later change; None: not said.
+        # What built it, as its builder says (the pipeline: the settings its experts were trained with), a
+        # JSON object kept through every later change; None: not said.
         self.provenance = provenance
         self._experts: dict[str, Expert] = {}
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

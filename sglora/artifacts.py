@@ -19,7 +19,6 @@ and embedding size across parts, and refuses with a message naming the problem.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -46,18 +45,26 @@ GENERATOR_WEIGHTS = "generator/cvae.safetensors"
 EXPERT_SECTIONS = ("backbone", "data", "split", "experts")
 
 
-def experts_provenance(config: dict) -> str:
-    """A digest of the settings an artefact directory's experts were trained with (``config.json``'s
-    :data:`EXPERT_SECTIONS`, defaults filled in), which the repository stage records in the repository:
-    a repository copied in from another run is refused at load."""
+def experts_settings(config: dict) -> dict:
+    """The settings an artefact directory's experts were trained with: ``config.json``'s
+    :data:`EXPERT_SECTIONS` as written. The repository stage records them in the repository, so that a
+    repository copied in from another run is refused at load (:func:`same_experts`)."""
+    return {k: config.get(k) for k in EXPERT_SECTIONS}
+
+
+def same_experts(recorded: dict, config: dict) -> bool:
+    """Whether ``recorded`` (:func:`experts_settings` of a repository) are ``config``'s, each with this
+    release's defaults filled in: a setting added since with its default is not a difference."""
     from training.config import PipelineConfig, from_dict
 
-    try:
-        config = from_dict(PipelineConfig, config).to_dict()
-    except ValueError:  # not a config this release can read: digested as written
-        pass
-    sections = {k: config.get(k) for k in EXPERT_SECTIONS}
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+    def filled(sections: dict) -> dict:
+        try:
+            full = from_dict(PipelineConfig, {k: v for k, v in sections.items() if v is not None}).to_dict()
+        except ValueError:  # not settings this release can read: compared as written
+            return sections
+        return {k: full[k] for k in EXPERT_SECTIONS}
+
+    return isinstance(recorded, dict) and filled(recorded) == filled(experts_settings(config))
 
 
 # Files a completed stage always wrote and loading reads: each must be pinned (an edited manifest that drops one
@@ -324,10 +331,10 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         repository = ExpertRepository.load(root / "repository", expect_spec=backbone.spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ArtifactError(str(e)) from e
-    if repository.provenance is not None and repository.provenance != experts_provenance(config):
+    if repository.provenance is not None and not same_experts(repository.provenance, config):
         raise ArtifactError(
-            f"{root / 'repository'}: built from the experts of another run (experts settings digest "
-            f"{repository.provenance}, this directory's {experts_provenance(config)}); rerun the repository stage"
+            f"{root / 'repository'}: built from the experts of another run (trained with other "
+            f"{', '.join(EXPERT_SECTIONS)} settings than config.json's); rerun the repository stage"
         )
     if repository.backbone_fingerprint not in backbone.fingerprints():
         raise ArtifactError(f"{root / 'repository'}: experts were built on another backbone")

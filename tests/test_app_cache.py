@@ -243,6 +243,8 @@ class FakeRedis:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
+        if isinstance(self.fail, Exception):
+            raise self.fail
         if self.fail:
             raise RedisTimeout("Timeout reading from socket")
         return b"v"
@@ -459,3 +461,14 @@ def test_a_hit_from_redis_writes_its_etag_pointer_again(make_settings):
     with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix))) as c:  # a third replica
         found = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
         assert found.status_code == 200, found.text
+
+
+def test_only_wrongtype_is_a_keys_problem_other_refusals_back_off():
+    """WRONGTYPE is the key's problem (no back-off, so the write that mends it runs); a refusal such as
+    NOPERM holds for every key and backs off like an outage, else each request would try Redis in vain."""
+    cache = RedisCache("redis://127.0.0.1:1/0", 60, "t:", 0.2, backoff_s=5.0, metrics=Metrics(), backoff_min_s=0.5)
+    fake = cache._client = FakeRedis()
+    fake.fail = redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+    assert asyncio.run(cache.get("k")) == (None, False) and cache.available()
+    fake.fail = redis.exceptions.NoPermissionError("NOPERM User has no permissions to run the 'get' command")
+    assert asyncio.run(cache.get("k")) == (None, False) and not cache.available()

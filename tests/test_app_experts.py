@@ -358,3 +358,21 @@ async def test_a_batch_across_an_expert_change_names_each_items_version(tiny_art
         # Without a change in between, one version for all.
         r = (await client.post("/generate/batch", json={"items": items})).json()
         assert r["artifact_version"] == new and {it["artifact_version"] for it in r["results"]} == {new}
+
+
+@pytest.mark.anyio
+async def test_a_repository_of_zero_means_has_no_scale_to_bound_a_new_expert(tiny_artifacts, make_settings, monkeypatch):
+    """With every stored mean zero (a zero expert registered, the others deleted) the 1000x bound refused any
+    real expert, and the last expert cannot be deleted: the repository was locked. The probe still bounds it."""
+    from app_helpers import serving
+
+    from app.errors import APIError
+
+    async with serving(make_settings(artifacts=tiny_artifacts)) as (service, _):
+        repo = service.artifacts.repository
+        means, variances, embeddings = repo.stacked()
+        monkeypatch.setattr(repo, "stacked", lambda: (torch.zeros_like(means), variances, embeddings))
+        circle = repo["circle"]
+        service._check_scale(circle.mean, circle.variance)  # no exception: a real expert is welcome
+        with pytest.raises(APIError, match="non-finite image embeddings"):
+            service._check_scale(circle.mean * 1e19, circle.variance)

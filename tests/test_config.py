@@ -71,3 +71,11 @@ def test_dataset_paths_are_relative_to_the_config_file_also_in_combined_sources(
     monkeypatch.chdir(tmp_path)  # the working directory is not the config's folder
     cfg = load_config(_write(tmp_path / "cfg", text))
     assert cfg.data.sources[0].path == str((tmp_path / "ds").resolve()) and cfg.data.sources[1].path is None
+
+
+def test_yaml_merge_keys_still_load_and_an_unhashable_key_is_named(tmp_path):
+    """The duplicate-key check must leave YAML's merge key (<<) to the loader, and name a key a mapping cannot hold."""
+    cfg = load_config(_write(tmp_path, "experts: {<<: [{epochs: 3}, {keep_last: 2}], lr: 0.01}\n"))
+    assert (cfg.experts.epochs, cfg.experts.keep_last, cfg.experts.lr) == (3, 2, 0.01)
+    with pytest.raises(ValueError, match="unhashable key"):
+        load_config(_write(tmp_path, "experts: {? [1, 2] : 3}\n"))

@@ -875,26 +875,29 @@ def test_a_manifest_that_stops_pinning_a_model_file_is_refused(tiny_artifacts):
 
 def test_a_repository_from_another_run_is_refused_and_its_provenance_survives_changes(tiny_artifacts):
     """A repository/ copied in from a run with other experts settings (same backbone) loaded, and its experts
-    served as this run's: the repository stage now records a digest of the settings its experts were
-    trained with, kept through the service's additions and removals."""
+    served as this run's: the repository stage now records the settings its experts were trained with,
+    kept through the service's additions and removals."""
     from expert_store.repository import ExpertRepository
-    from sglora.artifacts import experts_provenance
+    from sglora.artifacts import experts_settings, same_experts
 
     config = json.loads((tiny_artifacts / "config.json").read_text())
     repo = ExpertRepository.load(tiny_artifacts / "repository")
-    assert repo.provenance == experts_provenance(config)
+    assert repo.provenance == experts_settings(config)
     removed = repo.remove_and_save(repo.names[0], tiny_artifacts / "repository")  # as DELETE /experts does
     again = ExpertRepository.load(tiny_artifacts / "repository")
     assert again.provenance == repo.provenance and removed.name not in again
     load_artifacts(tiny_artifacts)
+    index_path = tiny_artifacts / "repository" / "repository.json"
+    index = json.loads(index_path.read_text())
+    # Recorded before a setting existed (its default now): the same experts.
+    older = {**index["provenance"], "experts": {k: v for k, v in index["provenance"]["experts"].items() if k != "train_a"}}
+    assert older != index["provenance"] and same_experts(older, config)
     # Another run's: its experts trained with another lr.
-    other = {**config, "experts": {**config["experts"], "lr": config["experts"]["lr"] * 2}}
-    index = json.loads((tiny_artifacts / "repository" / "repository.json").read_text())
-    index["provenance"] = experts_provenance(other)
-    (tiny_artifacts / "repository" / "repository.json").write_text(json.dumps(index))
+    index["provenance"] = {**index["provenance"], "experts": {**config["experts"], "lr": config["experts"]["lr"] * 2}}
+    index_path.write_text(json.dumps(index))
     with pytest.raises(ArtifactError, match="built from the experts of another run"):
         load_artifacts(tiny_artifacts)
     # A repository written before provenance was recorded loads as before.
     del index["provenance"]
-    (tiny_artifacts / "repository" / "repository.json").write_text(json.dumps(index))
+    index_path.write_text(json.dumps(index))
     assert load_artifacts(tiny_artifacts).repository.provenance is None

@@ -321,7 +321,7 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     names = splits["experts"]
     descriptions = _descriptions(out, names)
     embeddings = backbone.encode_text(descriptions).cpu()
-    provenance = art.experts_provenance(read_json(out / "config.json", "pipeline config"))
+    provenance = art.experts_settings(read_json(out / "config.json", "pipeline config"))
     repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint(), provenance=provenance)
     for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
         repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
