@@ -495,11 +495,13 @@ class Service:
     def spec_of(self, lora: GeneratedLora) -> LoraSpec:
         """The layout of a generated LoRA: the backbone's, or (topk-exact, sg-lora-exact) the same targets at
         the rank, alpha and scaling its metadata names (the service wrote them)."""
-        meta = lora.metadata
-        rank = int(meta.get("rank", self.spec.rank))
-        if rank == self.spec.rank:
-            return self.spec
-        return replace(self.spec, rank=rank, alpha=float(meta["alpha"]), scaling=meta["scaling"])
+        meta, spec = lora.metadata, self.spec
+        layout = (int(meta.get("rank", spec.rank)), float(meta.get("alpha", spec.alpha)), meta.get("scaling", spec.scaling))
+        # All three: a top-1 exact merge has the backbone's rank but alpha = rank and standard scaling (its
+        # scale folded into B), which the backbone's alpha or rslora would scale again.
+        if layout == (spec.rank, spec.alpha, spec.scaling):
+            return spec
+        return replace(spec, rank=layout[0], alpha=layout[1], scaling=layout[2])
 
     @property
     def base_model(self) -> str | None:

@@ -190,7 +190,8 @@ class LoraSpec:
                     rows.append(w2[cursor:start])
                 if d.shape[1] != w2.shape[1]:
                     raise ValueError(f"target {t.name}: in_features {d.shape[1]} != weight's {w2.shape[1]}")
-                rows.append(w2[start:stop] + d.to(w2.dtype))
+                acc = torch.promote_types(w2.dtype, d.dtype)  # W + dW rounded once to a low-precision weight's dtype
+                rows.append((w2[start:stop].to(acc) + d.to(acc)).to(w2.dtype))
                 cursor = stop
             if cursor < w2.shape[0]:
                 rows.append(w2[cursor:])

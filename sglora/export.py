@@ -110,7 +110,8 @@ def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any
     """Serialises the LoRA; metadata values that are not strings are stored as JSON strings.
 
     The file is what ``safetensors.torch.save`` writes (tensors in name order, 8-byte aligned data),
-    with the header's keys sorted: safetensors emits ``__metadata__`` from a hash map whose order
+    with the header's keys sorted and non-ASCII metadata escaped as JSON allows (the same strings read
+    back): safetensors emits ``__metadata__`` from a hash map whose order
     varies between calls, and identical requests must give identical bytes. Each PEFT tensor is a
     contiguous slice of the flat vector, so the data section is the vector's elements in a fixed order
     (:func:`_file_layout`, once per layout) and the header's tensor entries are fixed text: a request

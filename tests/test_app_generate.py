@@ -291,6 +291,30 @@ def test_the_peft_cat_merge_recipe_with_rslora_needs_its_scaling_set_to_one(refe
         torch.testing.assert_close(served_update, exact, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_an_exact_merge_of_one_expert_keeps_its_own_alpha_in_the_zip_and_retrieval(reference, scaling):
+    """A top-1 exact merge has the backbone's rank but alpha = rank and standard scaling (its scale folded into
+    B). With artefacts of alpha != rank, or rslora, the service's spec_of compared the rank alone and gave the
+    zip and /retrieve the backbone's alpha: PEFT scaled the update again (2.1x on alpha 4, rank 2)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from app.service import GeneratedLora, Service
+    from models.lora import concat_merge
+    from sglora.export import layout_metadata
+
+    spec = dataclasses.replace(reference.backbone.spec, alpha=2.0 * reference.backbone.spec.rank, scaling=scaling)
+    vec = torch.randn(1, spec.num_params, generator=torch.Generator().manual_seed(0))
+    merged_spec, merged = concat_merge(spec, vec, torch.tensor([1.0]))
+    assert merged_spec.rank == spec.rank and (merged_spec.alpha, merged_spec.scaling) != (spec.alpha, spec.scaling)
+    service = SimpleNamespace(spec=spec)  # spec_of reads the backbone's spec alone
+    meta = layout_metadata(reference.backbone, merged_spec, "v")
+    assert Service.spec_of(service, GeneratedLora(b"", "e", "miss", meta)) == merged_spec
+    assert merged_spec.scale == 1.0  # the update is concat_merge's as it stands
+    own = layout_metadata(reference.backbone, spec, "v")
+    assert Service.spec_of(service, GeneratedLora(b"", "e", "miss", own)) is spec
+
+
 def test_sg_lora_exact_is_seeded_cached_and_a_peft_folder_of_its_rank(client, reference):
     body = {"description": "a blue star", "method": "sg-lora-exact", "seed": 21}
     first, again = client.post("/generate", json=body), client.post("/generate", json=body)

@@ -65,6 +65,23 @@ def test_each_qkv_block_gets_its_own_update(tiny_backbone):
     torch.testing.assert_close(d[64:128], torch.full((64, 64), spec.rank * spec.scale))
 
 
+def test_a_low_precision_weight_is_merged_with_one_rounding(tiny_backbone):
+    """W + dW was computed as W + dW.to(bfloat16): two roundings, and 2-4 % of a merged bfloat16 weight's
+    entries one step off the nearest value of the exact sum."""
+    spec = tiny_backbone.spec
+    w = dict(tiny_backbone.image_head.named_parameters())["transformer.resblocks.0.attn.in_proj_weight"].detach()
+    vec = torch.randn(spec.num_params, generator=torch.Generator().manual_seed(0)) * 0.05
+    base = {t.param: w for t in spec.targets}
+    exact = spec.deltas(vec.double(), {k: v.double() for k, v in base.items()})  # float64: no rounding that matters
+    for dtype in (torch.bfloat16, torch.float16):
+        merged = spec.deltas(vec, {k: v.to(dtype) for k, v in base.items()})
+        for param, m in merged.items():
+            assert m.dtype == dtype
+            # Each entry is the low-precision rounding of W + dW, computed in float32 from the rounded W.
+            want = (base[param].to(dtype).float() + (exact[param] - base[param].double()).float()).to(dtype)
+            assert (m != want).float().mean() < 1e-3, (dtype, param)
+
+
 def test_spec_validation_and_round_trip():
     t = LoraTarget("a", "w", (0, 4), 3, 4)
     spec = LoraSpec((t,), rank=2, alpha=4.0, scaling="rslora")
