@@ -619,7 +619,7 @@ class Service:
         )
         if (var_vec < 0).any():
             raise APIError(422, "variance", "variances must be >= 0")
-        return await self.worker.run(self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots)
+        return await self.worker.run(self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots, commit=True)
 
     def _add_expert_job(self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int) -> str:
         # A run() job, alone on a model thread: no generation runs while the repository changes.
@@ -669,7 +669,7 @@ class Service:
                 raise APIError(422, field, reason)
 
     async def remove_expert(self, name: str) -> str:
-        return await self.worker.run(self._remove_expert_job, _checked_name(name))
+        return await self.worker.run(self._remove_expert_job, _checked_name(name), commit=True)
 
     def _remove_expert_job(self, name: str) -> str:
         repo = self.artifacts.repository

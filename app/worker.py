@@ -20,7 +20,10 @@ reach them:
 
 Admission: at most ``max_queue`` jobs wait or run; beyond that :class:`Overloaded` (-> 429 with
 Retry-After). A caller waits at most ``timeout_s`` (-> 504); a job whose caller gave up before it
-started is skipped. ``drain`` stops admission and waits for the accepted jobs (graceful shutdown).
+started is skipped (a ``run`` job also stops waiting for the threads). A ``run(..., commit=True)`` job
+(a change of state) that has begun is waited for to its end instead. ``drain`` stops admission and
+waits for the accepted jobs (graceful shutdown); ``close`` answers what is still queued with
+:class:`ShuttingDown`.
 Running ``run`` jobs alone keeps expert registration apart from generation, so a generation never
 sees a half-updated repository, and keeps two retrievals (which swap LoRA weights into the image
 tower for one forward) apart.
@@ -152,6 +155,7 @@ class ModelWorker:
         self._exclusive = asyncio.Lock()  # one run() job at a time gathers the threads (no deadlock)
         self._forming = False  # the batcher holds items of a batch it has not dispatched yet
         self._tasks: set[asyncio.Task] = set()
+        self._waiting_alone: dict[asyncio.Future, asyncio.Task] = {}  # run() jobs not begun: their future -> task
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0  # admitted jobs not yet finished (queued + running)
         self._closing = False
@@ -194,8 +198,8 @@ class ModelWorker:
 
     async def _wait(self, future: asyncio.Future) -> Any:
         """The result of a job's future, within the request timeout (-> :class:`WorkerTimeout`). A timeout or
-        a cancelled caller (the client went away) cancels the future: the worker skips a job that has not
-        started yet, and drops the result of one that has."""
+        a cancelled caller cancels the future: the worker skips a job that has not started yet, and drops
+        the result of one that has. (uvicorn does not cancel a request whose client went away.)"""
         try:
             # The future itself is awaited (no shield, no wait_for task): one event-loop step fewer
             # between the model thread's result and the request, and cancelling the caller cancels it.
@@ -231,16 +235,21 @@ class ModelWorker:
         thread with the other jobs of the batch), or the embedding (D,) itself when ``job`` is None."""
         return await self._wait(self._submit(text, job))
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs ``fn(*args)`` on a model thread, under inference mode, alone (no batch runs meanwhile)."""
+    async def run(self, fn: Callable[..., T], *args: Any, commit: bool = False) -> T:
+        """Runs ``fn(*args)`` on a model thread, under inference mode, alone (no batch runs meanwhile).
+
+        ``commit``: ``fn`` changes state (registers or removes an expert). Such a job either never starts
+        (the caller timed out or went away first) or is waited for to its end, past the request timeout:
+        a 504 for a change that was then made would tell the client the opposite of the truth."""
         self._admit()
         loop = asyncio.get_running_loop()
         enqueued = time.perf_counter()
         future = loop.create_future()
         future.add_done_callback(lambda _: self._release())
+        started = threading.Lock()  # held by the job once it runs; taken by a caller that gives up first
 
         def job() -> None:
-            if future.cancelled():
+            if future.cancelled() or not started.acquire(blocking=False):
                 return
             self.metrics.stage.labels(stage="queue").observe(time.perf_counter() - enqueued)
             if self.delay_s:
@@ -253,8 +262,32 @@ class ModelWorker:
             else:
                 loop.call_soon_threadsafe(_set_result, future, result)
 
-        self._spawn(self._alone(job, future))
-        return await self._wait(future)
+        task = self._spawn(self._alone(job, future))
+        self._waiting_alone[future] = task
+
+        def given_up(f: asyncio.Future) -> None:
+            # A caller that timed out or went away before its job began: the task waiting for the model
+            # threads goes too, with the arguments it holds (a retrieval's decoded images), instead of
+            # piling up beyond max_queue until every thread is free.
+            if f.cancelled() and self._waiting_alone.pop(f, None) is not None:
+                task.cancel()
+
+        future.add_done_callback(given_up)
+        if not commit:
+            return await self._wait(future)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError as e:
+            if not started.acquire(blocking=False):  # begun: its change will be made; answer with its outcome
+                return await asyncio.shield(future)
+            future.cancel()  # not begun: it never will
+            self.metrics.rejected.labels(reason="timeout").inc()
+            raise WorkerTimeout() from e
+        except asyncio.CancelledError:  # the caller went away: a job not begun never will
+            if started.acquire(blocking=False):
+                future.cancel()
+            raise
 
     async def _alone(self, job: Callable[[], None], future: asyncio.Future) -> None:
         taken: list[int] = []
@@ -262,10 +295,11 @@ class ModelWorker:
             async with self._exclusive:
                 while len(taken) < self.model_threads:
                     taken.append(await self._take())
+            if self._waiting_alone.pop(future, None) is None or future.done():  # given up, or closed
+                return
             self.metrics.busy_threads.inc(self.model_threads)
             try:
-                if not future.cancelled():  # the caller gave up while the batches finished
-                    await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
+                await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
             finally:
                 self.metrics.busy_threads.dec(self.model_threads)
         finally:
@@ -305,10 +339,11 @@ class ModelWorker:
                 return
         self._free.append(index)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # a reference until done (the loop keeps only weak ones)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ---- batching -------------------------------------------------------------------------------
     async def _batch_loop(self) -> None:
@@ -316,7 +351,12 @@ class ModelWorker:
         while True:
             batch = [await self._queue.get()]
             self._forming = True
-            index = await self._take()  # a free model thread; meanwhile arrivals queue up for this batch
+            try:
+                index = await self._take()  # a free model thread; meanwhile arrivals queue up for this batch
+            except asyncio.CancelledError:  # closed (a drain that timed out) while waiting for one
+                for it in batch:
+                    _set_exception(it.future, ShuttingDown())
+                raise
             deadline = loop.time() + self.batch_wait_s
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
@@ -329,6 +369,11 @@ class ModelWorker:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+                except asyncio.CancelledError:
+                    self._give(index)
+                    for it in batch:
+                        _set_exception(it.future, ShuttingDown())
+                    raise
             self._forming = False
             batch = [it for it in batch if not it.future.cancelled()]
             if not batch:
@@ -452,6 +497,12 @@ class ModelWorker:
                 await self._batcher
             except asyncio.CancelledError:
                 pass
+        # What no model thread will run now (after a drain that timed out): answered, not left to time out.
+        while not self._queue.empty():
+            _set_exception(self._queue.get_nowait().future, ShuttingDown())
+        for future, task in list(self._waiting_alone.items()):
+            _set_exception(future, ShuttingDown())
+            task.cancel()
         if not wait and self.busy:
             _abandoned.append(self.busy)
         for executor in self._executors:

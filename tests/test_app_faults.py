@@ -157,6 +157,79 @@ async def test_requests_past_their_timeout_get_504_and_free_the_worker(make_sett
         assert not any(t.startswith("late") for t in encoded)  # the given-up jobs were skipped, not run
 
 
+@pytest.mark.anyio
+async def test_an_expert_change_that_began_is_answered_with_its_outcome_not_a_504(tiny_artifacts, make_settings):
+    """A registration that got the model threads just before its deadline was made, while its client got a
+    504: the expert was on disk, a retry said 409. One that has not begun when the time is up never does."""
+    repo = ExpertRepository.load(tiny_artifacts / "repository")
+    mean = safetensors_bytes(repo.spec, repo["circle"].mean * 0.5, {})
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-key"], request_timeout_s=0.5, test_model_delay_s=1.0)
+    async with serving(settings) as (service, client):
+        form = {"name": "disc", "description": "an orange disc"}
+        r = await client.post("/experts", data=form, files={"mean": ("m.safetensors", mean)}, headers=ADMIN)
+        assert r.status_code == 201, r.text  # begun at once, finished after the timeout: its outcome
+        assert "disc" in ExpertRepository.load(tiny_artifacts / "repository")
+        # Behind a job holding the model threads past the timeout: never begun, never made.
+        gate = threading.Event()
+        blocker = asyncio.create_task(service.worker.run(gate.wait, 10))
+        await until(lambda: service.worker.busy == 1, timeout=10.0)
+        r = await client.delete("/experts/disc", headers=ADMIN)
+        assert r.status_code == 504
+        gate.set()
+        with pytest.raises(Exception):  # noqa: B017 - the blocker timed out as well
+            await blocker
+        await until(lambda: service.worker.busy == 0, timeout=10.0)
+        await asyncio.sleep(1.2)  # long enough for the removal to have run, had it been left queued
+        assert "disc" in ExpertRepository.load(tiny_artifacts / "repository")
+        assert "disc" in [e["name"] for e in (await client.get("/experts")).json()["experts"]]
+
+
+@pytest.mark.anyio
+async def test_given_up_jobs_that_run_alone_do_not_pile_up_waiting_for_the_threads(make_settings):
+    """A run() job (a retrieval) whose caller timed out kept its task, and the decoded images it holds, alive
+    until every model thread was free: beyond max_queue, by the hundred, gigabytes of them."""
+    async with serving(make_settings(request_timeout_s=0.2, max_queue=4, threads=1)) as (service, _):
+        worker = service.worker
+        gate = threading.Event()
+        blocker = asyncio.create_task(worker.run(gate.wait, 10))
+        await until(lambda: worker.busy == 1, timeout=10.0)
+        ran: list[int] = []
+        outcomes = await asyncio.gather(*(worker.run(ran.append, i) for i in range(20)), return_exceptions=True)
+        assert {type(o).__name__ for o in outcomes} <= {"WorkerTimeout", "Overloaded"}
+        assert worker.pending == 0 and not worker._waiting_alone
+        await until(lambda: len(worker._tasks) <= 2, timeout=5.0)  # the blocker's and the batcher's at most
+        gate.set()
+        with pytest.raises(Exception):  # noqa: B017 - the blocker timed out as well
+            await blocker
+        await until(lambda: worker.busy == 0, timeout=10.0)
+        assert ran == []  # none of them ran
+
+
+@pytest.mark.anyio
+async def test_a_drain_that_times_out_answers_the_queued_jobs(make_settings, monkeypatch):
+    """After a drain that timed out, close() cancelled the batcher and left the queued requests to wait for
+    their own timeout (a 504 after 30 s) instead of a 503 at once."""
+    from app import worker as worker_module
+    from app.worker import ShuttingDown
+
+    monkeypatch.setattr(worker_module, "_abandoned", [])  # this process's record, which app.serve acts on
+    async with serving(make_settings(shutdown_timeout_s=0.3, threads=1)) as (service, _):
+        worker = service.worker
+        gate = threading.Event()
+        blocker = asyncio.create_task(worker.run(gate.wait, 10))
+        await until(lambda: worker.busy == 1, timeout=10.0)
+        queued = [asyncio.create_task(worker.encode(f"queued {i}")) for i in range(3)]
+        alone = asyncio.create_task(worker.run(time.sleep, 0))
+        await until(lambda: worker.pending == 5, timeout=5.0)
+        assert not await worker.drain(0.3)
+        t0 = time.perf_counter()
+        await worker.close(wait=False)
+        outcomes = await asyncio.gather(*queued, alone, return_exceptions=True)
+        assert all(isinstance(o, ShuttingDown) for o in outcomes) and time.perf_counter() - t0 < 2.0, outcomes
+        gate.set()
+        await asyncio.gather(blocker, return_exceptions=True)
+
+
 # ---- SIGTERM -------------------------------------------------------------------------------------------
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_artifacts_session):
     port = free_port()
