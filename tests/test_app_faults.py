@@ -231,6 +231,47 @@ async def test_a_drain_that_times_out_answers_the_queued_jobs(make_settings, mon
 
 
 # ---- SIGTERM -------------------------------------------------------------------------------------------
+def test_a_client_that_hangs_up_cancels_its_request_and_its_job(tiny_artifacts_session):
+    """uvicorn lets a handler run on after its client went away: 4 clients that gave up after 0.3 s kept the
+    queue full (a 5th got 429), their descriptions were all encoded for nobody, and they counted as 200s."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict:
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        families = text_string_to_metric_families(text)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1", "SGLORA_TEST_MODEL_DELAY_S": "1.0"}
+    env["SGLORA_MAX_QUEUE"] = "4"
+    artifacts = ("--artifacts", str(tiny_artifacts_session))
+    proc = start_server(port, env, *artifacts, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(base, proc)
+        misses = ("sglora_embedding_cache_events_total", (("result", "miss"),))
+        before = samples().get(misses, 0.0)
+
+        def hang_up(i: int) -> None:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{base}/generate", json={"description": f"gone {i}", "seed": i}, timeout=0.3)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(hang_up, range(4)))
+        r = httpx.post(f"{base}/generate", json={"description": "a patient client", "seed": 9}, timeout=30)
+        assert r.status_code == 200  # their slots were freed (it was a 429)
+        after = samples()
+        assert after[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "499")))] == 4
+        assert ("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200"))) in after
+        assert after[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200")))] == 1
+        # The job already running when its client left ran on; those still queued were skipped.
+        assert after[misses] - before <= 2, after[misses] - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in proc.stderr.read()
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_artifacts_session):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
