@@ -199,7 +199,7 @@ class ModelWorker:
     async def _wait(self, future: asyncio.Future) -> Any:
         """The result of a job's future, within the request timeout (-> :class:`WorkerTimeout`). A timeout or
         a cancelled caller cancels the future: the worker skips a job that has not started yet, and drops
-        the result of one that has. (uvicorn does not cancel a request whose client went away.)"""
+        the result of one that has (a request whose client went away is cancelled: app/disconnect.py)."""
         try:
             # The future itself is awaited (no shield, no wait_for task): one event-loop step fewer
             # between the model thread's result and the request, and cancelling the caller cancels it.
@@ -284,10 +284,13 @@ class ModelWorker:
             future.cancel()  # not begun: it never will
             self.metrics.rejected.labels(reason="timeout").inc()
             raise WorkerTimeout() from e
-        except asyncio.CancelledError:  # the caller went away: a job not begun never will
+        except asyncio.CancelledError:  # the client went away, or the server stops: a job not begun never will
             if started.acquire(blocking=False):
                 future.cancel()
-            raise
+                raise
+            # Begun: its change will be made. Its outcome, not a "retry" (503) that would then meet a 409.
+            asyncio.current_task().uncancel()
+            return await asyncio.shield(future)
 
     async def _alone(self, job: Callable[[], None], future: asyncio.Future) -> None:
         taken: list[int] = []
@@ -327,7 +330,7 @@ class ModelWorker:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # handed a thread as it was cancelled: pass it on
                 self._give(waiter.result())
-            else:
+            elif waiter in self._thread_waiters:  # else _give has already dropped it (a cancelled waiter)
                 self._thread_waiters.remove(waiter)
             raise
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from app_helpers import serving, until
 from fastapi.testclient import TestClient
 
@@ -182,6 +183,57 @@ async def test_an_expert_change_that_began_is_answered_with_its_outcome_not_a_50
         await asyncio.sleep(1.2)  # long enough for the removal to have run, had it been left queued
         assert "disc" in ExpertRepository.load(tiny_artifacts / "repository")
         assert "disc" in [e["name"] for e in (await client.get("/experts")).json()["experts"]]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("commit", [False, True])
+async def test_a_job_given_up_as_its_thread_comes_free_ends_cleanly(commit):
+    """The caller of a run() job waiting for the model thread gives up in the very loop step in which the thread
+    is given back: _give dropped the cancelled waiter, then _take removed it again and the job's task died with
+    ValueError ("Task exception was never retrieved" and a traceback in the log)."""
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    loop = asyncio.get_running_loop()
+    worker = ModelWorker(lambda texts: torch.zeros(len(texts), 4), Metrics(), model_threads=1, timeout_s=30)
+    worker.start()
+    gate, waiting = threading.Event(), {}
+
+    def blocker() -> None:
+        gate.wait()
+        loop.call_soon_threadsafe(waiting["caller"].cancel)  # the second caller leaves as the thread frees
+
+    first = asyncio.create_task(worker.run(blocker))
+    await until(lambda: worker.busy == 1)
+    ran: list[int] = []
+    waiting["caller"] = asyncio.create_task(worker.run(ran.append, 1, commit=commit))
+    await until(lambda: len(worker._waiting_alone) == 1)
+    task = next(iter(worker._waiting_alone.values()))
+    gate.set()
+    await asyncio.gather(first, waiting["caller"], return_exceptions=True)
+    await until(lambda: task.done())
+    assert task.cancelled() and ran == []  # not a ValueError; the job never ran
+    assert worker._free == [0] and not worker._thread_waiters and worker.pending == 0
+    await worker.close()
+
+
+@pytest.mark.anyio
+async def test_an_expert_change_that_began_outlives_its_callers_cancellation():
+    """Cut off after it began (uvicorn's graceful-shutdown timeout cancels the requests still running, which then
+    read 503 "retry" while the drain let the change be made; a retry met 409): its outcome instead."""
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    worker = ModelWorker(lambda texts: torch.zeros(len(texts), 4), Metrics(), model_threads=1, timeout_s=30)
+    worker.start()
+    gate = threading.Event()
+    caller = asyncio.create_task(worker.run(lambda: (gate.wait(), "changed")[1], commit=True))
+    await until(lambda: worker.busy == 1)  # begun
+    caller.cancel()
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await caller == "changed"
+    await worker.close()
 
 
 @pytest.mark.anyio
