@@ -16,8 +16,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from app.deps import KeyGateMiddleware
-from app.disconnect import DisconnectMiddleware
 from app.errors import install_error_handlers
+from app.lifetime import RequestLifetimeMiddleware
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.request_id import RequestIdFilter, RequestIdMiddleware
@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     json_limit = min(settings.resolved_max_json_bytes(), settings.resolved_max_body_bytes())
-    app.add_middleware(DisconnectMiddleware)  # innermost: a request whose client went away is cancelled (499)
+    # Innermost: one deadline for a request's model waits; a request whose client went away is cancelled (499).
+    app.add_middleware(RequestLifetimeMiddleware, request_timeout_s=settings.request_timeout_s)
     app.add_middleware(KeyGateMiddleware, settings=settings)  # a key is checked before a body is read
     app.add_middleware(
         BodyLimitMiddleware,

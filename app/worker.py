@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -47,6 +48,18 @@ from app.metrics import Metrics
 
 T = TypeVar("T")
 log = logging.getLogger("sglora.worker")
+
+
+@dataclass
+class Deadline:
+    """The event-loop time by which a request's model waits must end, all of them together (a /retrieve by
+    description waits for its LoRA, then for the retrieval); None until its body is read."""
+
+    at: float | None = None
+
+
+# Set per request by app/lifetime.py (a holder it fills once the body is read); None outside a request.
+REQUEST_DEADLINE: ContextVar[Deadline | None] = ContextVar("sglora_request_deadline", default=None)
 
 
 class Overloaded(Exception):
@@ -196,14 +209,21 @@ class ModelWorker:
         if self._pending == 0:
             self._idle.set()
 
+    def _timeout(self) -> float:
+        """Seconds this wait may last: ``timeout_s``, or what is left of the request's (:data:`REQUEST_DEADLINE`)."""
+        deadline = REQUEST_DEADLINE.get()
+        if deadline is None or deadline.at is None:
+            return self.timeout_s
+        return min(self.timeout_s, deadline.at - asyncio.get_running_loop().time())
+
     async def _wait(self, future: asyncio.Future) -> Any:
         """The result of a job's future, within the request timeout (-> :class:`WorkerTimeout`). A timeout or
         a cancelled caller cancels the future: the worker skips a job that has not started yet, and drops
-        the result of one that has (a request whose client went away is cancelled: app/disconnect.py)."""
+        the result of one that has (a request whose client went away is cancelled: app/lifetime.py)."""
         try:
             # The future itself is awaited (no shield, no wait_for task): one event-loop step fewer
             # between the model thread's result and the request, and cancelling the caller cancels it.
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self._timeout()):
                 return await future
         except TimeoutError as e:
             self.metrics.rejected.labels(reason="timeout").inc()
@@ -276,7 +296,7 @@ class ModelWorker:
         if not commit:
             return await self._wait(future)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self._timeout()):
                 return await asyncio.shield(future)
         except TimeoutError as e:
             if not started.acquire(blocking=False):  # begun: its change will be made; answer with its outcome

@@ -159,6 +159,27 @@ async def test_requests_past_their_timeout_get_504_and_free_the_worker(make_sett
 
 
 @pytest.mark.anyio
+async def test_a_retrieval_by_description_waits_for_the_model_within_one_request_timeout(make_settings):
+    """Its two waits (its LoRA, then the retrieval) each had the whole SGLORA_REQUEST_TIMEOUT_S: 0.7 s + 0.7 s of
+    model work under a 1 s timeout was answered 200, after 1.4 s."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    image = [("images", ("a.png", buf.getvalue()))]
+    async with serving(make_settings(request_timeout_s=1.0, test_model_delay_s=0.7, threads=1)) as (service, client):
+        r = await client.post("/retrieve", data={"description": "a red ring", "seed": "1"}, files=image)
+        assert r.status_code == 504, r.text
+        made = await client.post("/generate", json={"description": "a red ring", "seed": 1})  # its LoRA was made
+        assert made.status_code == 200
+        await until(lambda: service.worker.busy == 0, timeout=5.0)  # the given-up retrieval had begun: it ends
+        r = await client.post("/retrieve", data={"etag": made.headers["etag"]}, files=image)  # one wait: in time
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
 async def test_an_expert_change_that_began_is_answered_with_its_outcome_not_a_504(tiny_artifacts, make_settings):
     """A registration that got the model threads just before its deadline was made, while its client got a
     504: the expert was on disk, a retry said 409. One that has not begun when the time is up never does."""

@@ -1,15 +1,20 @@
-"""A request whose client closes its connection before the answer begins is cancelled.
+"""A request's lifetime as the model sees it: one deadline for its model waits, and cancellation when its
+client hangs up.
 
-uvicorn lets a handler run on after its client went away, so a request waiting for the model kept its
-admission slot, its job ran for nobody (a client that times out and retries doubles the load it was
-timing out on), and it was counted as answered. This middleware watches the connection once the
-request's body has been read and the request is still running ``after_s`` later (a cache hit is
-answered before that and costs no watcher task): a disconnect before the answer begins cancels the
-request's task. The worker then skips its job if it has not begun (an expert change that has begun
-still runs to its end, see :meth:`app.worker.ModelWorker.run`), and the request is counted with status
-499, "client closed request", as nginx logs it. No answer is sent: there is nobody to read it.
+Deadline: once the request's body is read, every wait of the request for the model ends within
+``request_timeout_s`` of that moment, all of them together (:data:`app.worker.REQUEST_DEADLINE`): a
+/retrieve by description waits for its LoRA, then for the retrieval, and each wait had the whole timeout.
 
-Only POST requests are watched (every endpoint that waits for the model); a handler that reads the
+Hang-ups: uvicorn lets a handler run on after its client went away, so a request waiting for the model
+kept its admission slot, its job ran for nobody (a client that times out and retries doubles the load it
+was timing out on), and it was counted as answered. The connection is watched once the body is read and
+the request is still running ``after_s`` later (a cache hit is answered before that and costs no
+watcher task): a disconnect before the answer begins cancels the request's task. The worker then skips
+its job if it has not begun (an expert change that has begun still runs to its end, see
+:meth:`app.worker.ModelWorker.run`), and the request is counted with status 499, "client closed
+request", as nginx logs it. No answer is sent: there is nobody to read it.
+
+Only POST requests are handled (every endpoint that waits for the model); a handler that reads the
 connection itself after the body (streaming responses) would compete with the watcher.
 """
 
@@ -19,12 +24,15 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.worker import REQUEST_DEADLINE, Deadline
+
 CLIENT_CLOSED = 499
 
 
-class DisconnectMiddleware:
-    def __init__(self, app: ASGIApp, after_s: float = 0.005) -> None:
+class RequestLifetimeMiddleware:
+    def __init__(self, app: ASGIApp, request_timeout_s: float | None = None, after_s: float = 0.005) -> None:
         self.app = app
+        self.request_timeout_s = request_timeout_s
         self.after_s = after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -34,6 +42,8 @@ class DisconnectMiddleware:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        deadline = Deadline()
+        token = REQUEST_DEADLINE.set(deadline)  # the handler's tasks (a batch's items) share the holder
         responded = gone = False
         timer: asyncio.TimerHandle | None = None
         watcher: asyncio.Task | None = None
@@ -54,6 +64,8 @@ class DisconnectMiddleware:
             nonlocal timer
             message = await receive()
             if timer is None and (message["type"] != "http.request" or not message.get("more_body", False)):
+                if self.request_timeout_s is not None:
+                    deadline.at = loop.time() + self.request_timeout_s
                 timer = loop.call_later(self.after_s, start_watching)  # the body is read: watch, if still running
             return message
 
@@ -72,6 +84,7 @@ class DisconnectMiddleware:
             # Dropped by the server (the connection is closed); the metrics middleware counts it.
             await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
         finally:
+            REQUEST_DEADLINE.reset(token)
             if timer is not None:
                 timer.cancel()
             if watcher is not None and not watcher.done():
