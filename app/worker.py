@@ -374,29 +374,27 @@ class ModelWorker:
         while True:
             batch = [await self._queue.get()]
             self._forming = True
+            index = None
             try:
                 index = await self._take()  # a free model thread; meanwhile arrivals queue up for this batch
-            except asyncio.CancelledError:  # closed (a drain that timed out) while waiting for one
+                deadline = loop.time() + self.batch_wait_s
+                while len(batch) < self.max_batch:
+                    if not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                        continue
+                    remaining = deadline - loop.time()
+                    if self._last_batch <= 1 or remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+            except asyncio.CancelledError:  # closed (a drain that timed out) while forming a batch
+                if index is not None:
+                    self._give(index)
                 for it in batch:
                     _set_exception(it.future, ShuttingDown())
                 raise
-            deadline = loop.time() + self.batch_wait_s
-            while len(batch) < self.max_batch:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if self._last_batch <= 1 or remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-                except asyncio.CancelledError:
-                    self._give(index)
-                    for it in batch:
-                        _set_exception(it.future, ShuttingDown())
-                    raise
             self._forming = False
             batch = [it for it in batch if not it.future.cancelled()]
             if not batch:

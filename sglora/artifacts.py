@@ -55,14 +55,10 @@ def experts_settings(config: dict) -> dict:
 def same_experts(recorded: dict, config: dict) -> bool:
     """Whether ``recorded`` (:func:`experts_settings` of a repository) are ``config``'s, each with this
     release's defaults filled in: a setting added since with its default is not a difference."""
-    from training.config import PipelineConfig, from_dict
+    from training.config import with_defaults
 
     def filled(sections: dict) -> dict:
-        try:
-            full = from_dict(PipelineConfig, {k: v for k, v in sections.items() if v is not None}).to_dict()
-        except ValueError:  # not settings this release can read: compared as written
-            return sections
-        return {k: full[k] for k in EXPERT_SECTIONS}
+        return experts_settings(with_defaults({k: v for k, v in sections.items() if v is not None}))
 
     return isinstance(recorded, dict) and filled(recorded) == filled(experts_settings(config))
 

@@ -77,7 +77,8 @@ TUX_READABLE = {
 }
 
 
-def _check_options(cfg: DataConfig, allowed: set[str]) -> dict[str, Any]:
+def check_options(cfg: DataConfig, allowed: set[str]) -> dict[str, Any]:
+    """``cfg.options``, refused with the keys a dataset kind does not take."""
     unknown = sorted(set(cfg.options) - allowed)
     if unknown:
         raise ValueError(f"data.options: unknown key(s) {unknown} for kind {cfg.kind!r}; allowed: {sorted(allowed)}")
@@ -123,7 +124,7 @@ def _fashion_image(root: str, split: str, index: int) -> Image.Image:
 
 def fashion_tasks(cfg: DataConfig) -> TaskDataset:
     """Fashion-MNIST classification tasks over class subsets (see the module docstring)."""
-    opts = _check_options(cfg, {"num_tasks", "classes_per_task", "root"})
+    opts = check_options(cfg, {"num_tasks", "classes_per_task", "root"})
     root = Path(opts.get("root", FASHION_ROOT))
     missing = [f for pair in FASHION_FILES.values() for f in pair if not (root / f).exists()]
     if missing:
@@ -209,7 +210,7 @@ def scan_tux_stamps(root: Path, depth: int = 2) -> dict[tuple[str, ...], list[tu
 
 def tux_retrieval(cfg: DataConfig) -> TaskDataset:
     """Tux Paint stamp retrieval tasks, one per stamp folder (see the module docstring)."""
-    opts = _check_options(cfg, {"depth", "min_stamps", "root", "max_side"})
+    opts = check_options(cfg, {"depth", "min_stamps", "root", "max_side"})
     depth = _positive_int(opts, "depth", 2)
     min_stamps = _positive_int(opts, "min_stamps", max(8, cfg.test_per_task + 2))
     if min_stamps < cfg.test_per_task + 2:

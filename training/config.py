@@ -335,8 +335,18 @@ def _resolve_paths(data: DataConfig, base: Path) -> DataConfig:
     return data
 
 
+def with_defaults(data: dict) -> dict:
+    """A config as written (``config.json``), with this release's defaults filled in: a setting added in a
+    later release at its default is then no difference. One this release cannot read is returned as
+    written (so it differs, loudly, from any it can)."""
+    try:
+        return from_dict(PipelineConfig, data).to_dict()
+    except ValueError:
+        return data
+
+
 def backbone_from_dict(data: dict) -> BackboneConfig:
     return from_dict(BackboneConfig, data, "backbone")
 
 
-__all__ = ["PipelineConfig", "LoraConfig", "load_config", "from_dict", "METHODS", "backbone_from_dict"]
+__all__ = ["PipelineConfig", "LoraConfig", "load_config", "from_dict", "METHODS", "backbone_from_dict", "with_defaults"]

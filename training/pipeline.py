@@ -7,6 +7,7 @@ marks itself done in ``manifest.json``; an interrupted run leaves no half-writte
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import random
 import time
@@ -23,7 +24,7 @@ from models.backbone import create_backbone
 from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
-from training.config import METHODS, GeneratorTrainingConfig, PipelineConfig, SplitConfig, from_dict
+from training.config import METHODS, GeneratorTrainingConfig, PipelineConfig, SplitConfig, with_defaults
 from training.data import TaskDataset, load_task_dataset
 from training.evaluate import evaluate_lora
 from training.experts import FeatureCache, prepare_task, train_expert
@@ -53,10 +54,11 @@ def load_data(cfg: PipelineConfig) -> TaskDataset:
 
 def _load_source(d) -> TaskDataset:
     if d.kind == "procedural":
-        unknown = sorted(set(d.options) - {"shapes", "colour_tasks"})
-        if unknown:
-            raise ValueError(f"data.options: unknown key(s) {unknown} for kind 'procedural'; allowed: ['colour_tasks', 'shapes']")
-        return procedural_dataset(d.seed, d.image_size, d.train_per_task, d.test_per_task, **d.options)
+        from training.benchmarks import check_options
+
+        settings = ("seed", "image_size", "train_per_task", "test_per_task")  # data settings of their own
+        options = check_options(d, set(inspect.signature(procedural_dataset).parameters) - set(settings))
+        return procedural_dataset(d.seed, d.image_size, d.train_per_task, d.test_per_task, **options)
     if d.kind == "folder":
         return load_task_dataset(Path(d.path))
     if d.kind == "combined":
@@ -263,7 +265,6 @@ def _snapshot_metadata(path: Path) -> dict[str, str]:
 
 
 # Config sections fixed by the experts stage; prior, generator and evaluation may change later.
-FIXED_SECTIONS = art.EXPERT_SECTIONS
 
 
 def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
@@ -273,7 +274,7 @@ def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
     if stage not in manifest.get("stages", {}):
         raise ValueError(f"{out}: run the '{stage}' stage first")
     built = _built_config(out)
-    changed = [k for k in FIXED_SECTIONS if built.get(k) != cfg.to_dict()[k]]
+    changed = [k for k in art.EXPERT_SECTIONS if built.get(k) != cfg.to_dict()[k]]
     if changed:
         raise ValueError(f"{out} was built with other {', '.join(changed)} settings; use a new --out directory")
     return manifest
@@ -288,11 +289,7 @@ def _record_config(out: Path, cfg: PipelineConfig) -> None:
 def _built_config(out: Path) -> dict:
     """The config an artefact directory was built with, with defaults filled in: a setting added in a
     later release (at its default) does not make older artefacts look built with another config."""
-    built = read_json(out / "config.json", "pipeline config")
-    try:
-        return from_dict(PipelineConfig, built).to_dict()
-    except ValueError:  # not a config this release can read: compared as written, so it differs loudly
-        return built
+    return with_defaults(read_json(out / "config.json", "pipeline config"))
 
 
 def _task_snapshots(out: Path, name: str) -> torch.Tensor:
