@@ -33,6 +33,7 @@ from torch.nn.utils import skip_init
 from models.packed import PackedLinear
 
 LOGVAR_EPS = 1e-6
+LOGVAR_BOUND = 10.0  # the prior's and the encoder's log-variances are kept within +-10
 # The layers of the sampling path (condition on sigma*^2, prior network, decoder): those :meth:`CVAE.packed`
 # moves onto oneDNN. cond_mu is left as it is: samplers read its weight through mean_features.
 SAMPLING_LAYERS = ("cond_var", "cond_desc", "prior_in", "prior_out", "dec_z", "dec_hidden", "dec_out")
@@ -59,6 +60,15 @@ class CVAEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _bounded(logvar: torch.Tensor) -> torch.Tensor:
+    """``logvar`` clamped to +-LOGVAR_BOUND. While training, the gradient passes the bound (straight-through):
+    a plain clamp passes none there, so a log-variance that overshot could not be pulled back by the KL term,
+    and Adam's momentum carried it further (measured on the tiny config: a quarter of the prior's dimensions
+    stuck at a standard deviation of e^5). Without a gradient the value is the plain clamp's, bit for bit."""
+    clamped = logvar.clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+    return logvar + (clamped - logvar).detach() if logvar.requires_grad else clamped
 
 
 def _gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
@@ -191,7 +201,7 @@ class CVAE(nn.Module):
     # ---- networks -----------------------------------------------------------------------------
     def _prior(self, hc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.prior_out(F.relu(self.prior_in(F.relu(hc)))).chunk(2, dim=-1)
-        return mu, logvar.clamp(-10, 10)
+        return mu, _bounded(logvar)
 
     def _decode(self, z: torch.Tensor, hc: torch.Tensor, mu_n: torch.Tensor) -> torch.Tensor:
         out = self.dec_out(F.relu(self.dec_hidden(F.relu(self.dec_z(z) + hc))))
@@ -204,7 +214,7 @@ class CVAE(nn.Module):
         hc, mu_n = self.condition(prior_mean, prior_var, description=description)
         x_n = self.normalise(x)
         mu_q, logvar_q = self.enc_out(F.relu(self.enc_x(x_n) + hc)).chunk(2, dim=-1)
-        logvar_q = logvar_q.clamp(-10, 10)
+        logvar_q = _bounded(logvar_q)
         mu_p, logvar_p = self._prior(hc)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()
         x_hat = self._decode(z, hc, mu_n)

@@ -46,6 +46,8 @@ def _write(tmp_path, text):
         ("generator: {hidden_dim: 0}", r"generator\.hidden_dim must be >= 1"),
         ("generator: {kl_weight: -1}", r"generator\.kl_weight must be >= 0"),
         ("evaluation: {methods: []}", r"evaluation\.methods: empty"),  # a results table of no methods
+        ("split: {experts: 1}\ngenerator: {include_experts: true}", r"generator\.include_experts needs at least 2 experts"),
+        ("split: {experts: [a]}\ngenerator: {include_experts: true}", r"split\.experts is \('a',\)"),
         ("experts: {epochs: 5}\nprior: {top_k: 2}\nexperts: {lr: 0.01}\n", "the key 'experts' is given twice"),
         ("", "the config is empty"),  # all defaults would be a random-weight ViT-B-16
         ("# a comment only\n", "the config is empty"),

@@ -52,6 +52,23 @@ def test_training_reduces_loss_and_learns_the_task_offset():
     assert (sample - x[0]).abs().mean() < 0.5 * offset.abs().mean()
 
 
+def test_log_variances_are_bounded_but_the_kl_can_pull_them_back():
+    """A prior log-variance beyond the bound reads as the bound, and the loss's gradient still reaches it
+    (a plain clamp passed none: such a dimension stayed at std e^5); without gradients the plain clamp's value."""
+    m = _model()
+    with torch.no_grad():
+        m.prior_out.bias[m.config.latent_dim :] = 25.0  # every prior log-variance far above the bound
+    hc, _ = m.condition(torch.randn(20), torch.rand(20))
+    _, logvar = m._prior(hc)
+    assert torch.equal(logvar.detach(), torch.full_like(logvar, 10.0))
+    m.loss(torch.randn(8, 20), torch.randn(8, 20), torch.rand(8, 20))[0].backward()
+    grad = m.prior_out.bias.grad[m.config.latent_dim :]
+    assert (grad > 0).all()  # descending it lowers the variance that overshot
+    with torch.no_grad():
+        _, logvar = m._prior(hc)
+    assert not logvar.requires_grad and torch.equal(logvar, torch.full_like(logvar, 10.0))
+
+
 def test_rows_with_their_own_generators_match_each_row_alone():
     m = _model()
     torch.nn.init.normal_(m.dec_out.weight)

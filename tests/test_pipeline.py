@@ -734,6 +734,27 @@ def test_progress_in_a_log_is_one_bar_per_stage(tiny_backbone, tiny_config, monk
     assert 1 <= err.count("generator:") <= 3, err  # opened and closed, not once per epoch
 
 
+def test_a_frozen_a_stays_at_its_initialisation_under_weight_decay(tiny_backbone, tiny_config):
+    """experts.train_a: false keeps every expert's A at the shared initialisation; Adam's weight decay, added
+    in step() after the gradient mask, moved it by 38 % (measured). B still decays."""
+    import dataclasses
+
+    from training.experts import FeatureCache, prepare_task, train_expert
+    from training.pipeline import load_data
+
+    dataset = load_data(tiny_config)
+    task = prepare_task(tiny_backbone, dataset, sorted(dataset.tasks)[0], FeatureCache(tiny_backbone))
+    spec = tiny_backbone.spec
+    a = spec.b_mask() == 0
+    init = spec.init_vector(torch.Generator().manual_seed(tiny_config.experts.seed))
+    cfg = dataclasses.replace(tiny_config.experts, epochs=3, keep_last=1, train_a=False)
+    plain, decayed = (
+        train_expert(tiny_backbone, task, dataclasses.replace(cfg, weight_decay=wd), progress=False)[-1] for wd in (0.0, 0.5)
+    )
+    assert torch.equal(plain[a], init[a]) and torch.equal(decayed[a], init[a])
+    assert decayed[~a].norm() < plain[~a].norm()
+
+
 def test_the_backbone_fingerprint_hashes_weights_not_a_forward(tiny_artifacts, tiny_backbone):
     """The recorded fingerprint hashes frozen weights bit for bit: a forward a few ulps off (another device,
     CPU or kernel) cannot move it, other weights do. Artefacts that recorded the earlier fingerprint (a

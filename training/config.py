@@ -212,6 +212,15 @@ class PipelineConfig:
     generator: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
+    def __post_init__(self) -> None:
+        experts = self.split.experts
+        n = len(experts) if isinstance(experts, tuple) else sum(experts.values()) if isinstance(experts, dict) else experts
+        if self.generator.include_experts and n < 2:  # found only after the experts stage otherwise
+            raise ValueError(
+                f"generator.include_experts needs at least 2 experts (split.experts is {experts!r}): an expert "
+                "trains the generator against the prior of the other experts, and a lone expert has none"
+            )
+
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 

@@ -123,10 +123,13 @@ def train_expert(backbone: Backbone, task: PreparedTask, cfg: ExpertTrainingConf
     """Trains one task's LoRA; returns the flattened LoRAs of the last ``keep_last`` epochs, (M, P)."""
     g = torch.Generator().manual_seed(cfg.seed)
     vec = nn.Parameter(backbone.spec.init_vector(g).to(backbone.device))
-    opt = torch.optim.Adam([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if not cfg.train_a:
+    if cfg.train_a:
+        opt = torch.optim.Adam([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:  # A stays at its initialisation: no gradient, and no weight decay either (Adam adds it in step())
+        opt = torch.optim.Adam([vec], lr=cfg.lr)
         b_mask = backbone.spec.b_mask().to(vec.device)  # (P,) 1 on B entries, 0 on A
-        vec.register_hook(lambda grad: grad * b_mask)
+        wd = cfg.weight_decay
+        vec.register_hook(lambda grad: (grad + wd * vec.detach() if wd else grad) * b_mask)  # Adam's own L2 term, on B
     n = len(task.train.features)
     if n < 2:
         raise ValueError(f"task {task.info.name!r} has {n} training samples; at least 2 are needed")
