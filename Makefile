@@ -6,7 +6,7 @@ ARTIFACTS ?= artifacts/offline-default
 CONFIG ?= configs/offline-default.yaml
 TORCH_INDEX ?=
 
-.PHONY: install install-data test test-all demo lint serve
+.PHONY: install install-data test demo lint serve
 
 $(PY):
 	python3 -m venv $(VENV)

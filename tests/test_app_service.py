@@ -189,9 +189,11 @@ async def test_health_ready_and_metrics(make_settings):
         assert (await client.post("/generate", json={"description": "a cross", "seed": 1})).status_code == 200
         assert (await client.post("/generate", json={"description": "a cross", "seed": 1})).status_code == 200
         assert (await client.post("/generate", json={"description": ""})).status_code == 422
+        assert (await client.get("/static/app.js")).status_code == 200
         text = (await client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert all(name.startswith(("sglora_", "process_", "python_")) for name in families)
+    assert not any(s.name.endswith("_created") for f in families.values() for s in f.samples)
     value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200")))] == 2
     assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "422")))] == 1
@@ -203,10 +205,24 @@ async def test_health_ready_and_metrics(make_settings):
         assert value[("sglora_request_duration_seconds_count", (("cache", cache), ("endpoint", "/generate")))] == 1, cache
     assert value[("sglora_batch_size_count", ())] >= 2  # warm-up + the miss
     assert families["sglora_in_flight_requests"].type == "gauge"
+    assert value[("sglora_in_flight_requests", ())] == 0  # the scrape itself is not counted
+    # A mount rewrites the path it passes on: static files were counted as "other", with the unknown paths
+    assert value[("sglora_requests_total", (("endpoint", "/static"), ("method", "GET"), ("status", "200")))] == 1
     info = families["sglora_artifacts_info"].samples[0].labels
     assert info["backbone"] == "tiny-vit" and info["artifact_version"] == service.version
     assert value[("process_resident_memory_bytes", ())] > 50e6 and value[("process_cpu_seconds_total", ())] > 0
     assert sum(v for (name, _), v in value.items() if name == "sglora_gc_pause_seconds_count") >= 1
+
+
+def test_prometheus_multiprocess_mode_is_refused(monkeypatch):
+    """prometheus-client's multiprocess variable made it keep values in files: a restarted process with the same
+    PID (PID 1 in a container) took up the last one's counts and gauges."""
+    from app.metrics import Metrics
+    from app.settings import StartupError
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/metrics")
+    with pytest.raises(StartupError, match="PROMETHEUS_MULTIPROC_DIR is set: the service runs one worker per process"):
+        Metrics()
 
 
 async def test_start_up_heap_is_frozen_while_serving_and_collections_are_timed(make_settings):
