@@ -112,6 +112,28 @@ async def require_json_body(request: Request) -> None:
 
 
 JsonBody = Depends(require_json_body)
+
+
+async def require_multipart_body(request: Request) -> None:
+    """The upload endpoints' body must be multipart/form-data. FastAPI reads a JSON body there as an empty
+    form and refuses it as "images: Field required", which hides the cause."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        sent = f"not {media}" if media else "the request had none"
+        raise APIError(415, "Content-Type", f"send the body as multipart/form-data (curl -F); {sent}")
+
+
+MultipartBody = Depends(require_multipart_body)
+
+
+async def refuse_repeated(request: Request, names: tuple[str, ...]) -> None:
+    """APIError(422, name) for a single-value form field sent more than once: FastAPI takes the last one silently."""
+    form = await request.form()  # parsed already for the endpoint's parameters: the same object
+    for name in names:
+        if (n := len(form.getlist(name))) > 1:
+            raise APIError(422, name, f"given {n} times; send it once")
+
+
 ZIP, SAFETENSORS = "application/zip", "application/octet-stream"
 
 

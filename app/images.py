@@ -17,6 +17,13 @@ from sglora.images import to_rgb
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Lets Pillow's own decompression-bomb check (an error above 2 x ``Image.MAX_IMAGE_PIXELS``, 179M pixels by
+    default) pass images within ``max_pixels``: a larger SGLORA_MAX_IMAGE_PIXELS was otherwise cut to it."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """bytes -> a PIL image whose header was read (nothing decoded yet); APIError(422, field) otherwise."""
     try:

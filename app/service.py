@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 
 from app.cache import BytesLRU, CacheKey, HotKeys, RedisCache
 from app.errors import APIError
-from app.images import load_rgb, open_image
+from app.images import allow_pixels, load_rgb, open_image
 from app.metrics import Metrics
 from app.settings import Settings, StartupError
 from app.worker import ModelWorker, WorkerTimeout
@@ -157,12 +157,13 @@ def normalise_etag(value: str) -> str:
     return v
 
 
-def _rank(scores: torch.Tensor) -> Scores:
-    """scores (N images, T texts) -> rankings both ways (+ recall@1 when N == T, pairs on the diagonal)."""
+def _rank(scores: torch.Tensor, paired: bool) -> Scores:
+    """scores (N images, T texts) -> rankings both ways (+ recall@1 when the texts are captions paired with
+    the images, N == T, pairs on the diagonal)."""
     i2t = scores.argsort(dim=1, descending=True, stable=True)  # (N, T)
     t2i = scores.t().argsort(dim=1, descending=True, stable=True)  # (T, N)
     recall = None
-    if scores.shape[0] == scores.shape[1]:
+    if paired and scores.shape[0] == scores.shape[1]:
         ar = torch.arange(scores.shape[0])
         recall = (float((i2t[:, 0] == ar).float().mean()), float((t2i[:, 0] == ar).float().mean()))
     return Scores(scores.tolist(), i2t.tolist(), t2i.tolist(), recall)
@@ -276,6 +277,7 @@ class Service:
         except ValueError as e:
             raise StartupError(str(e)) from None
         torch.set_num_threads(settings.resolved_parallelism(device)[1])
+        allow_pixels(settings.max_image_pixels)
         artifacts = await asyncio.to_thread(load_artifacts, settings.artifacts, device)
         text_dtype = settings.resolved_text_dtype(device)
         try:
@@ -530,29 +532,40 @@ class Service:
         return GeneratedLora(data, key, "hit", safetensors_metadata(data))
 
     # ---- retrieval ------------------------------------------------------------------------------
-    async def decode_images(self, images: list[bytes]) -> list[Image.Image]:
-        """Uploaded bytes -> RGB images, off the event loop; APIError(422, "images[i]") for a bad one, and
-        (422, "images") when together they have more pixels than allowed, checked before any decoding."""
+    async def decode_images(self, images: list[bytes]) -> torch.Tensor:
+        """Uploaded bytes -> the backbone's input pixels (N, C, H, W), off the event loop; APIError(422,
+        "images[i]") for a bad image, and (422, "images") when together they have more pixels than allowed,
+        checked before any decoding. Each image is decoded and preprocessed in one step, so that a request
+        waiting for the model threads holds its images at the model's input size, not at full resolution
+        (four 4096 x 4096 uploads held 833 MB decoded, each queued request as much)."""
         per_image, total = self.settings.max_image_pixels, self.settings.max_request_pixels
         opened = await asyncio.to_thread(lambda: [open_image(b, f"images[{i}]", per_image) for i, b in enumerate(images)])
         pixels = sum(im.size[0] * im.size[1] for im in opened)
         if pixels > total:
             raise APIError(422, "images", f"the images have {pixels} pixels together, more than the limit of {total}")
-        return list(await asyncio.gather(*(asyncio.to_thread(load_rgb, im, f"images[{i}]") for i, im in enumerate(opened))))
+        preprocess = self.artifacts.backbone.preprocess
 
-    async def retrieve(self, images: list[Image.Image], texts: list[str], adapter: GeneratedLora, zero_shot: bool) -> Retrieval:
+        def pixels_of(im: Image.Image, field: str) -> torch.Tensor:
+            return preprocess(load_rgb(im, field))
+
+        jobs = (asyncio.to_thread(pixels_of, im, f"images[{i}]") for i, im in enumerate(opened))
+        return torch.stack(await asyncio.gather(*jobs))
+
+    async def retrieve(
+        self, pixels: torch.Tensor, texts: list[str], adapter: GeneratedLora, zero_shot: bool, paired: bool
+    ) -> Retrieval:
+        """``pixels`` from :meth:`decode_images`; ``paired``: the texts are captions, one per image (recall@1)."""
         lora_scores, zs_scores = await self.worker.run(
-            self._retrieve_job, images, texts, adapter.data, self.spec_of(adapter), zero_shot
+            self._retrieve_job, pixels, texts, adapter.data, self.spec_of(adapter), zero_shot, paired
         )
         return Retrieval(adapter, texts, lora_scores, zs_scores)
 
     def _retrieve_job(
-        self, images: list[Image.Image], texts: list[str], weights: bytes, spec: LoraSpec, zero_shot: bool
+        self, pixels: torch.Tensor, texts: list[str], weights: bytes, spec: LoraSpec, zero_shot: bool, paired: bool
     ) -> tuple[Scores, Scores | None]:
         backbone = self.artifacts.backbone
         lora = from_peft_tensors(spec, load_safetensors(weights))  # (P,): exactly the bytes the client holds
         t0 = time.perf_counter()
-        pixels = torch.stack([backbone.preprocess(im) for im in images])  # (N, C, H, W)
         features = backbone.image_features(pixels.to(backbone.device))
         img = backbone.encode_image(features, lora, spec).float().cpu()  # (N, D), L2-normalised
         if not torch.isfinite(img).all():  # null scores in a 200 otherwise
@@ -563,7 +576,7 @@ class Service:
         txt = self.engine.embed(texts).float()  # (T, D), L2-normalised
         self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
-        scores = _rank(img @ txt.t()), (_rank(img0 @ txt.t()) if img0 is not None else None)
+        scores = _rank(img @ txt.t(), paired), (_rank(img0 @ txt.t(), paired) if img0 is not None else None)
         self.metrics.stage.labels(stage="scoring").observe(time.perf_counter() - t2)
         return scores
 

@@ -126,7 +126,8 @@ def test_bad_registrations_are_4xx_naming_the_field(app_root):
         ({"name": "ok", "description": "x"}, {"mean": mean, "variance": negative}, 422, "variance"),
         ({"name": "ok", "description": "x", "num_snapshots": "0"}, {"mean": mean}, 422, "num_snapshots"),
         ({"name": "ok"}, {"mean": mean}, 422, "description"),
-        ({"name": "ok", "description": "x"}, {}, 422, "mean"),
+        ({"name": "ok", "description": "x"}, {"variance": negative}, 422, "mean"),  # multipart without a mean
+        ({"name": "ok", "description": "x"}, {}, 415, "Content-Type"),  # no file: httpx sends the form urlencoded
     ]
     for data, f, status, field in cases:
         r = client.post("/experts", data=data, files=f, headers=ADMIN)

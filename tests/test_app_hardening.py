@@ -202,7 +202,9 @@ BAD = [
         422,
         "images",
     ),  # noqa: E501
-    ("form-urlencoded", lambda c, x: c.post("/retrieve", data={"description": "a"}), 422, "images"),
+    ("form-urlencoded", lambda c, x: c.post("/retrieve", data={"description": "a"}), 415, "Content-Type"),
+    ("retrieve-json", lambda c, x: c.post("/retrieve", json={"description": "a"}), 415, "Content-Type"),
+    ("retrieve-description-twice", retrieve({"description": ["a", "b"]}), 422, "description"),
     ("retrieve-no-text", retrieve({}), 422, "description"),
     ("retrieve-both", retrieve({"description": "a", "etag": "0" * 32}), 422, "description"),
     ("retrieve-caption-blank", retrieve({"description": "a", "captions": ["ok", " "]}), 422, "captions[1]"),
@@ -222,6 +224,8 @@ BAD = [
     ("etag-unknown", retrieve({"etag": '"' + "0" * 32 + '"'}), 404, "etag"),
     ("etag-malformed", retrieve({"etag": "../../manifest.json"}), 422, "etag"),
     # ---- expert uploads ----
+    ("expert-form-urlencoded", lambda c, x: c.post("/experts", data=expert_form(), headers=ADMIN), 415, "Content-Type"),
+    ("expert-name-twice", register(expert_form(name=["disc", "ring"])), 422, "name"),
     ("expert-renamed-tensors", register(expert_form(), "renamed"), 422, "mean"),
     ("expert-missing-tensor", register(expert_form(), "missing"), 422, "mean"),
     ("expert-wrong-shape", register(expert_form(), "reshaped"), 422, "mean"),
@@ -245,7 +249,12 @@ BAD = [
     ("expert-snapshots-zero", register(expert_form(num_snapshots="0")), 422, "num_snapshots"),
     ("expert-snapshots-huge", register(expert_form(num_snapshots=str(10**30))), 422, "num_snapshots"),
     ("expert-integer-tensors", register(expert_form(), "integers"), 422, "mean"),
-    ("expert-no-mean", lambda c, x: c.post("/experts", data=expert_form(), headers=ADMIN), 422, "mean"),
+    (
+        "expert-no-mean",
+        lambda c, x: c.post("/experts", data=expert_form(), files={"variance": ("v.safetensors", x["good"])}, headers=ADMIN),
+        422,
+        "mean",
+    ),
     ("delete-unknown", lambda c, x: c.delete("/experts/nobody", headers=ADMIN), 404, "name"),
     ("delete-bad-name", lambda c, x: c.delete("/experts/..manifest.json", headers=ADMIN), 422, "name"),
     ("delete-traversal", lambda c, x: c.delete("/experts/..%2F..%2Fmanifest.json", headers=ADMIN), 404, "path"),

@@ -117,6 +117,12 @@ def test_retrieve_by_description_uses_the_same_lora_as_generate(client):
     assert body["texts"] == ["a blue square"] and body["zero_shot"] is None
     assert len(body["lora"]["scores"]) == 2 and len(body["lora"]["scores"][0]) == 1
     assert body["lora"]["recall_at_1"] is None
+    # One image and no caption: the one text is the description, not a caption of it; no recall (it said 1.0)
+    one = client.post("/retrieve", data={"description": "a blue square", "zero_shot": "1"}, files=files(IMAGES[:1])).json()
+    assert one["lora"]["recall_at_1"] is None and one["zero_shot"]["recall_at_1"] is None
+    data = {"description": "a blue square", "captions": ["a square"]}
+    paired = client.post("/retrieve", data=data, files=files(IMAGES[:1])).json()
+    assert paired["lora"]["recall_at_1"] == {"image_to_text": 1.0, "text_to_image": 1.0}
 
 
 def test_zip_etag_is_accepted_too(client):
@@ -142,6 +148,9 @@ def test_zip_etag_is_accepted_too(client):
         ({"description": "a"}, [b""], 422, "images[0]"),
         ({"description": "a"}, [IMAGES[0]] * 65, 422, "images"),
         ({"description": "a", "captions": ["ok", " "]}, IMAGES[:1], 422, "captions[1]"),
+        # A field given twice: the last one was taken silently
+        ({"description": ["a red circle", "a blue square"]}, IMAGES[:1], 422, "description"),
+        ({"description": "a", "seed": ["1", "2"]}, IMAGES[:1], 422, "seed"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(client, data, images, status, field):
@@ -151,8 +160,51 @@ def test_bad_input_is_a_4xx_naming_the_field(client, data, images, status, field
 
 
 def test_missing_images_is_a_422(client):
-    r = client.post("/retrieve", data={"description": "a"})
+    r = client.post("/retrieve", data={"description": "a"}, files=[("other", ("x.txt", b"x"))])  # multipart, no images
     assert r.status_code == 422 and r.json()["detail"]["field"] == "images"
+
+
+def test_a_body_that_is_not_multipart_is_a_415(client):
+    """It was a 422 "images: Field required", which hides the cause."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for kwargs in ({"json": {"description": "a"}}, {"content": b"description=a", "headers": form}):
+        r = client.post("/retrieve", **kwargs)
+        assert r.status_code == 415 and r.json()["detail"]["field"] == "Content-Type", r.text
+        assert "multipart/form-data" in r.json()["detail"]["reason"]
+
+
+def test_uploads_wait_for_the_model_at_its_input_size(client):
+    """decode_images hands the model its input pixels: a queued request holds those, not the decoded upload
+    (four 4096 x 4096 uploads held 833 MB while they waited)."""
+    service = client.app.state.service
+    buf = io.BytesIO()
+    Image.new("RGB", (900, 700), "red").save(buf, format="PNG")
+    pixels = client.portal.call(service.decode_images, [buf.getvalue(), IMAGES[0]])
+    one = service.artifacts.backbone.preprocess(Image.open(io.BytesIO(IMAGES[0])).convert("RGB"))  # (3, 32, 32)
+    assert pixels.shape == (2, *one.shape) and torch.equal(pixels[1], one)
+
+
+def test_pillows_own_pixel_limit_follows_the_setting(monkeypatch):
+    """Pillow refuses images above 2 x Image.MAX_IMAGE_PIXELS (179M pixels) by itself: a larger
+    SGLORA_MAX_IMAGE_PIXELS was cut to that, with a message naming the setting's limit."""
+    import struct
+    import zlib
+
+    from app.images import allow_pixels, open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # 196M pixels claimed, none sent: only the header is read
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 14_000, 14_000, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+    with pytest.raises(APIError, match="decompression bomb"):
+        open_image(header, "images[0]", 300_000_000)
+    allow_pixels(300_000_000)
+    assert open_image(header, "images[0]", 300_000_000).size == (14_000, 14_000)
+    with pytest.raises(APIError, match="more than the limit of 100000000"):
+        open_image(header, "images[0]", 100_000_000)
 
 
 def test_decode_refuses_oversized_and_unlisted_formats():

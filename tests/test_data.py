@@ -175,6 +175,33 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     assert np.array_equal(np.asarray(load_rgb(Image.fromarray(grey.astype(np.int32)), "images[0]"))[..., 0], grey)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_transparency_is_composited_onto_white(tmp_path, fmt):
+    """A transparent pixel shows white, as the tux benchmark's stamps are trained, not the colour it hides
+    (convert("RGB") showed the hidden green, or black); a half-transparent one is blended."""
+    from app.images import decode_image
+    from training.data import open_image
+
+    im = Image.new("RGBA", (4, 2), (0, 255, 0, 0))  # transparent, hiding green
+    im.putpixel((1, 0), (200, 30, 30, 255))
+    im.putpixel((2, 0), (0, 0, 0, 128))
+    if fmt == "GIF":  # a palette with one transparent index
+        im = im.convert("RGB").quantize(4)
+        im.info["transparency"] = im.getpixel((0, 0))
+    path = tmp_path / f"stamp.{fmt.lower()}"
+    im.save(path, format=fmt, lossless=True)
+    for got in (open_image(path), decode_image(path.read_bytes(), "images[0]", 100)):
+        assert got.mode == "RGB"
+        assert got.getpixel((0, 0)) == (255, 255, 255)
+        assert got.getpixel((1, 0)) == (200, 30, 30)
+        if fmt != "GIF":
+            assert all(126 <= c <= 129 for c in got.getpixel((2, 0)))  # black at half opacity over white
+    la = Image.new("LA", (2, 1), (0, 0))  # grey with alpha: transparent black, then opaque grey
+    la.putpixel((1, 0), (40, 255))
+    la.save(tmp_path / "la.png")
+    assert list(open_image(tmp_path / "la.png").getdata()) == [(255, 255, 255), (40, 40, 40)]
+
+
 def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
     """An empty or non-image file is refused when the dataset loads (from its header); one cut short inside
     its pixels by ``check-config --data``, which decodes every image, rather than by the experts stage after

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Header, Path, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from app.deps import AdminKey, ApiKey, ServiceDep, wants_zip
+from app.deps import AdminKey, ApiKey, MultipartBody, ServiceDep, refuse_repeated, wants_zip
 from app.errors import APIError
 from app.routes.retrieve import read_upload
 from app.schemas import ExpertChange, ExpertList, ExpertOut, clean_text
@@ -91,11 +91,12 @@ async def get_expert(
     "/experts",
     response_model=ExpertChange,
     status_code=201,
-    dependencies=[AdminKey],
+    dependencies=[AdminKey, MultipartBody],
     summary="Register an expert",
-    responses=_ADMIN_ERRORS,
+    responses={**_ADMIN_ERRORS, 415: {"description": "the body is not multipart/form-data"}},
 )
 async def add_expert(
+    request: Request,
     service: ServiceDep,
     name: Annotated[str, Form(description="1-64 letters, digits, '.', '_' or '-'; becomes a file name", examples=["sunflower"])],
     description: Annotated[str, Form(description="what the expert is for, in words", examples=["a photo of a sunflower"])],
@@ -106,6 +107,7 @@ async def add_expert(
     num_snapshots: Annotated[int, Form(ge=1, le=2**31 - 1, description="snapshots the mean/variance summarise")] = 1,
 ) -> ExpertChange:
     """Adds an expert to the repository (persisted atomically; cached LoRAs of the old repository stop being served)."""
+    await refuse_repeated(request, ("name", "description", "mean", "variance", "num_snapshots"))
     try:
         description = clean_text(description)
     except ValueError as e:

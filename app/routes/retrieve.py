@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from app.deps import ApiKey, ServiceDep
+from app.deps import ApiKey, MultipartBody, ServiceDep, refuse_repeated
 from app.errors import APIError
 from app.schemas import (
     MAX_TEMPERATURE,
@@ -23,6 +23,7 @@ from app.service import Scores
 from sglora.engine import MAX_SEED
 
 router = APIRouter(tags=["retrieve"], dependencies=[ApiKey])
+SINGLE_FIELDS = ("description", "etag", "method", "seed", "top_k", "temperature", "zero_shot")
 
 
 async def read_upload(f: UploadFile, field: str, limit: int) -> bytes:
@@ -46,10 +47,13 @@ def _ranking(s: Scores) -> Ranking:
     responses={
         404: {"description": "unknown or expired `etag`"},
         413: {"description": "an image is too large"},
+        415: {"description": "the body is not multipart/form-data"},
         422: {"description": "bad input; `field` names it"},
     },
+    dependencies=[MultipartBody],
 )
 async def retrieve(
+    request: Request,
     service: ServiceDep,
     images: Annotated[list[UploadFile], File(description="1-64 images (PNG, JPEG, WEBP, GIF or BMP)")],
     captions: Annotated[
@@ -68,6 +72,7 @@ async def retrieve(
 ) -> RetrieveResponse:
     """Scores every image against every text with the LoRA applied; rankings both ways, zero-shot beside them on request."""
     settings = service.settings
+    await refuse_repeated(request, SINGLE_FIELDS)
     if not 1 <= len(images) <= settings.max_images:
         raise APIError(422, "images", f"send 1 to {settings.max_images} images, got {len(images)}")
     if (description is None) == (etag is None):
@@ -93,7 +98,7 @@ async def retrieve(
     else:
         adapter = await service.adapter(etag or "")
     texts = texts or [adapter.metadata.get("description", "")]
-    r = await service.retrieve(decoded, texts, adapter, zero_shot)
+    r = await service.retrieve(decoded, texts, adapter, zero_shot, paired=bool(captions))
     return RetrieveResponse(
         adapter=AdapterOut(
             etag=adapter.etag,
