@@ -112,17 +112,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         server.should_exit = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
     try:
         server.run()
     except SystemExit as e:  # uvicorn >= 0.53 exits with STARTUP_FAILURE; earlier ones return
         if e.code != STARTUP_FAILURE:
             raise
+        failed = True
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if getattr(server.lifespan, "startup_failed", False):
-        # The lifespan refused to start (artefacts missing, corrupt or mismatched; the reason is logged):
-        # an error like the CLI's others, status 2, not uvicorn's 3 (nor 0 under an older uvicorn).
+    if failed or getattr(server.lifespan, "startup_failed", False) or not (server.started or server.should_exit):
+        # The lifespan refused to start (artefacts missing, corrupt or mismatched), or the address could not be
+        # bound (in use, or no such host); uvicorn logged why: an error like the CLI's others, status 2, not
+        # uvicorn's 3 (nor 0, which a bind failure gave, and which a supervisor restarting on failure ignores).
         return EXIT_USAGE
     if abandoned_threads():
         # A job ran past SGLORA_SHUTDOWN_TIMEOUT_S (logged): Python would join its thread at exit and keep the

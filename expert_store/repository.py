@@ -50,18 +50,18 @@ class RepositoryChanged(RuntimeError):
 
 
 @contextmanager
-def locked(directory: Path, wait: bool = True) -> Iterator[bool]:
+def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE) -> Iterator[bool]:
     """Holds the repository directory's exclusive advisory lock (``flock`` on ``.lock``): one writer at a
     time across processes. The file is opened for writing where allowed (on NFS an exclusive ``flock`` is
     a byte-range lock, which needs that), else read-only (enough on local filesystems: a ``.lock`` another
     user created and left readable does not stop a writer allowed in the directory). ``wait=False`` yields
-    False at once instead of waiting when another process holds it."""
+    False at once instead of waiting when another process holds it. ``name``: another lock file of the directory."""
     try:
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
     except OSError as e:
         if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
             raise
-        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(directory / name, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -296,8 +296,18 @@ class ExpertRepository:
         """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
         directory = Path(directory)
         index, index_sha256 = read_json_and_digest(directory / INDEX_FILE, "expert repository index")
-        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+        if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
+        try:
+            return cls._from_index(directory, index, index_sha256, verify, expect_spec)
+        except (KeyError, TypeError, AttributeError) as e:  # the index is not pinned by the manifest: edited by hand?
+            what = f"field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{directory / INDEX_FILE}: malformed index ({type(e).__name__}: {what})") from e
+
+    @classmethod
+    def _from_index(
+        cls, directory: Path, index: dict, index_sha256: str, verify: bool, expect_spec: LoraSpec | None
+    ) -> ExpertRepository:
         spec = LoraSpec.from_dict(index["lora"])
         if spec.fingerprint() != index["lora_fingerprint"]:
             raise ValueError(f"{directory / INDEX_FILE}: LoRA spec does not match its fingerprint")

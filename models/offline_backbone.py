@@ -61,12 +61,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, LoraConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
+from sglora.io import save_safetensors_file
 
 META_FILE = "offline_backbone.json"
 CLASS_EMB_FILE = "offline_class_embeddings.safetensors"
@@ -352,9 +353,7 @@ class OfflineBackbone(Backbone):
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         emb = self.image_head.class_embeddings.detach().cpu().contiguous()
-        save_file(
-            {"class_embeddings": emb}, str(directory / CLASS_EMB_FILE), metadata={"template": self.options["class_template"]}
-        )
+        save_safetensors_file({"class_embeddings": emb}, directory / CLASS_EMB_FILE, {"template": self.options["class_template"]})
         return [META_FILE, CLASS_EMB_FILE]
 
     # ---- towers ---------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from models.backbone import Backbone, BackboneConfig, pad_rows
 from models.lora import LoraSpec, LoraTarget
 from models.packed import pack_attention
+from sglora.io import save_safetensors_file
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -228,7 +229,7 @@ class OpenClipBackbone(Backbone):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps({"model_cfg": self.config.model_config}, indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
+        save_safetensors_file(state, directory / WEIGHTS_FILE)
         return [CONFIG_FILE, WEIGHTS_FILE]
 
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training

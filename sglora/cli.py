@@ -48,6 +48,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.pipeline import run_pipeline
 
+    if not args.out.strip():  # an unset $OUT in a script: the artefacts landed in the working directory
+        raise ValueError("--out is empty; give an artefact directory (a new one, or one to resume)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # found before the config and the data load
         raise ValueError(f"--out {out} is a file; give an artefact directory (a new one, or one to resume)")
@@ -78,13 +80,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from sglora.io import read_json
     from training.config import PipelineConfig, from_dict
-    from training.pipeline import stage_evaluate
+    from training.pipeline import pipeline_lock, stage_evaluate
 
     root = Path(args.artifacts)
     if not root.is_dir():
         raise ValueError(f"artefact directory not found: {root}")
     cfg = from_dict(PipelineConfig, read_json(root / "config.json", "pipeline config"))
-    stage_evaluate(cfg, root, _device(args.device), tuple(args.method) if args.method else None, on=args.on)
+    with pipeline_lock(root):
+        stage_evaluate(cfg, root, _device(args.device), tuple(args.method) if args.method else None, on=args.on)
     return 0
 
 

@@ -131,6 +131,19 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         tmp.write_bytes(data)
 
 
+def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` streamed to disk (large weights), with a failed write (disk full, a file
+    size limit) raised as the OSError it is: safetensors raises its own error type, which reached users as a
+    traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"{path}: {e}") from e
+
+
 def canonical_safetensors(data: bytes) -> bytes:
     """The same file with its JSON header's keys sorted. safetensors writes ``__metadata__`` from a hash
     map, so the same tensors and metadata gave other bytes (and sha256s, and artefact versions) from one

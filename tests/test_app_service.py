@@ -58,6 +58,25 @@ def test_startup_refuses_damaged_artefacts_naming_the_file(tiny_artifacts, make_
             pass
 
 
+def test_sglora_serve_exits_2_when_it_cannot_bind(tiny_artifacts_session):
+    """Address in use: uvicorn logs it and exits; `sglora serve` exited 0, which a supervisor restarting on
+    failure takes for a clean stop."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = subprocess.run(
+            [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts_session), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_DEVICE": "cpu"},
+        )
+    assert p.returncode == 2 and "address already in use" in p.stderr.lower(), p.stderr
+
+
 def test_startup_without_artefact_path_says_so(make_settings):
     with pytest.raises(ArtifactError, match="SGLORA_ARTIFACTS"):
         with TestClient(create_app(make_settings(artifacts=None))):

@@ -36,3 +36,26 @@ def test_a_header_read_whole_refuses_truncated_and_padded_files():
     for bad in (data[:-1], data + b"\0", b"\x05" + b"\0" * 7 + b"{}"):
         with pytest.raises(ValueError):
             safetensors_metadata(bad, whole=True)
+
+
+def test_a_failed_weights_write_is_an_os_error(tmp_path):
+    """safetensors raises its own error type for a full disk (os error 28), which reached users as a traceback
+    from the experts stage (saving the backbone); the CLI reports an OSError as a message."""
+    from sglora.io import save_safetensors_file
+
+    code = (  # a file size limit (ulimit -f), in a child: the same failed write as a full disk
+        "import resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from sglora.io import save_safetensors_file\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    save_safetensors_file({'w': torch.zeros(1_000_000)}, Path(sys.argv[1]))\n"
+        "except OSError as e:\n"
+        "    print('OSError:', e)\n"
+    )
+    target = tmp_path / "big.safetensors"
+    p = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    assert p.stdout.startswith(f"OSError: {target}: ") and "File too large" in p.stdout, p.stdout + p.stderr
+    save_safetensors_file({"w": torch.ones(3)}, tmp_path / "w.safetensors", {"k": "v"})
+    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], torch.ones(3))

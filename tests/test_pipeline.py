@@ -357,6 +357,12 @@ def test_cli_file_system_and_device_errors_are_messages(tiny_artifacts_session, 
     assert (tmp_path / "file").read_text() == "x"
     assert main(["evaluate", "--artifacts", str(tmp_path / "none")]) == 2
     assert "artefact directory not found" in capsys.readouterr().err
+    for out in ("", " "):  # an unset $OUT in a script: the artefacts were written into the working directory
+        assert main(["pipeline", "--config", "configs/tiny.yaml", "--out", out]) == 2
+        assert "--out is empty" in capsys.readouterr().err
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main(["check-config", str(tmp_path / "latin1.yaml")]) == 2
+    assert f"{tmp_path / 'latin1.yaml'}: not UTF-8 text (byte 9)" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     for stage in ("generator", "evaluate"):  # a folder no run has written to
         assert main(["pipeline", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "empty"), "--stage", stage]) == 2
@@ -732,6 +738,49 @@ def test_progress_in_a_log_is_one_bar_per_stage(tiny_backbone, tiny_config, monk
     train_generator(data, None, GeneratorTrainingConfig(latent_dim=2, hidden_dim=8, epochs=25, batch_size=8))
     err = capsys.readouterr().err
     assert 1 <= err.count("generator:") <= 3, err  # opened and closed, not once per epoch
+
+
+def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_artifacts, tiny_config, capsys):
+    """Two pipelines on one --out trained the same tasks with two configs; a resume then kept snapshots of
+    both under one config.json. The second is refused at once; so is `sglora evaluate` beside a pipeline."""
+    from expert_store.repository import locked
+    from training.pipeline import PIPELINE_LOCK, pipeline_lock, run_pipeline
+
+    with locked(tiny_artifacts, wait=False, name=PIPELINE_LOCK) as held:  # a pipeline running there
+        assert held
+        with pytest.raises(ValueError, match="another `sglora pipeline` or `sglora evaluate` is running on it"):
+            run_pipeline(tiny_config, tiny_artifacts, ("evaluate",))
+        assert main(["evaluate", "--artifacts", str(tiny_artifacts)]) == 2
+        assert "is running on it" in capsys.readouterr().err
+    (tiny_artifacts / ".generator.x1.tmp").mkdir()  # SIGKILL inside atomic_dir
+    (tiny_artifacts / "snapshots" / ".circle.safetensors.x2.tmp").write_bytes(b"half")
+    (tiny_artifacts / ".backbone.old").mkdir()  # killed after the replacement: the old copy stayed
+    (tiny_artifacts / ".generator.old").mkdir()  # killed between the two renames: the only copy, kept
+    (tiny_artifacts / "generator").rename(tiny_artifacts / "gen-moved")
+    with pipeline_lock(tiny_artifacts):
+        pass
+    left = sorted(p.name for d in (tiny_artifacts, tiny_artifacts / "snapshots") for p in d.glob(".*") if p.name != PIPELINE_LOCK)
+    assert left == [".generator.old"]
+
+
+def test_a_rebuilt_repository_keeps_the_experts_the_service_added_and_removed(tiny_artifacts, tiny_config, capsys):
+    """Rerunning the pipeline (a resume, the trainer container) rebuilt the repository from the snapshots:
+    an expert registered through POST /experts was dropped, files and all, and a removed one came back."""
+    from expert_store.repository import Expert, ExpertRepository
+    from training.pipeline import stage_repository
+
+    repo_dir = tiny_artifacts / "repository"
+    repo = ExpertRepository.load(repo_dir)
+    first, second = repo.names[:2]
+    sunflower = Expert("sunflower", "a sunflower", repo[first].mean * 2, repo[first].variance, repo[first].embedding, 1)
+    repo.add_and_save(sunflower, repo_dir)
+    repo.remove_and_save(second, repo_dir)
+    stage_repository(tiny_config, tiny_artifacts)
+    assert "added sunflower; removed " + second in capsys.readouterr().out
+    rebuilt = ExpertRepository.load(repo_dir)
+    assert "sunflower" in rebuilt and second not in rebuilt and len(rebuilt) == len(repo.names)
+    assert torch.equal(rebuilt["sunflower"].mean, sunflower.mean)
+    assert torch.equal(rebuilt[first].mean, repo[first].mean)  # the pipeline's own experts, from their snapshots
 
 
 def test_a_frozen_a_stays_at_its_initialisation_under_weight_decay(tiny_backbone, tiny_config):

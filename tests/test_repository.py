@@ -89,6 +89,25 @@ def test_corrupt_expert_file_is_refused(tiny_backbone, tmp_path):
         ExpertRepository.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda index: [], "not a version-"),
+        (lambda index: {k: v for k, v in index.items() if k != "embed_dim"}, r"malformed index \(KeyError: field 'embed_dim'\)"),
+        (lambda index: {**index, "experts": [7]}, r"malformed index \(TypeError"),
+        (lambda index: {**index, "lora": "x"}, r"malformed index \(TypeError"),
+    ],
+)
+def test_a_malformed_index_is_named(tiny_backbone, tmp_path, edit, needle):
+    """The index is not pinned by the manifest (the service changes it): an edit by hand gave tracebacks
+    (AttributeError, TypeError) or a bare "'embed_dim'"."""
+    _repo(tiny_backbone).save(tmp_path)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    (tmp_path / INDEX_FILE).write_text(json.dumps(edit(index)))
+    with pytest.raises(ValueError, match=f"{INDEX_FILE}: {needle}"):
+        ExpertRepository.load(tmp_path)
+
+
 def _late(tiny_backbone, name="late"):
     p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
     return Expert.from_snapshots(name, f"a {name} expert", torch.randn(2, p), torch.randn(d))

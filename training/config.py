@@ -326,9 +326,11 @@ def load_config(path: str | Path) -> PipelineConfig:
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from e
     if data is None:  # every setting defaulted would be a random-weight ViT-B-16: surely not what was meant
         raise ValueError(f"{path}: the config is empty (write {{}} to take every default)")
     cfg = from_dict(PipelineConfig, data)

@@ -10,8 +10,10 @@ import dataclasses
 import inspect
 import json
 import random
+import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from expert_store.repository import Expert, ExpertRepository
+from expert_store.repository import Expert, ExpertRepository, locked
 from models.backbone import create_backbone
 from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
@@ -309,6 +311,31 @@ def _descriptions(out: Path, names: list[str]) -> list[str]:
     return descs
 
 
+@contextmanager
+def locked_repository(directory: Path) -> Iterator[None]:
+    """The repository folder's writer lock, held while it is read and replaced (a new folder: nothing to hold)."""
+    if not directory.is_dir():
+        yield
+        return
+    with locked(directory):
+        yield
+
+
+def _service_changes(directory: Path, names: list[str], backbone) -> tuple[list[Expert], list[str]]:
+    """What the service changed in an existing repository (POST/DELETE /experts): the experts it added (not
+    among the pipeline's ``names``) and the pipeline's experts it removed. A rebuild keeps both changes: it
+    dropped the added experts, files and all, and brought the removed ones back. Nothing for a new folder."""
+    if not (directory / "repository.json").exists():
+        return [], []
+    try:
+        old = ExpertRepository.load(directory, expect_spec=backbone.spec)
+    except (OSError, ValueError) as e:  # damaged: rebuilt from the snapshots, as before
+        _log(f"[repository] the existing {directory} does not load ({e}); building it from the snapshots alone")
+        return [], []
+    pipeline = set(names)
+    return [old[n] for n in old.names if n not in pipeline], [n for n in names if n not in old]
+
+
 def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     t0 = time.perf_counter()
     manifest = _require(out, "experts", cfg)
@@ -320,10 +347,18 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     embeddings = backbone.encode_text(descriptions).cpu()
     provenance = art.experts_settings(read_json(out / "config.json", "pipeline config"))
     repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint(), provenance=provenance)
-    for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
-        repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
-    with atomic_dir(out / "repository") as tmp:
-        repo.save(tmp)
+    with locked_repository(out / "repository"):  # no expert change by a service meanwhile
+        added, removed = _service_changes(out / "repository", names, backbone)
+        for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
+            if name not in removed:
+                repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
+        for expert in added:
+            repo.add(expert)
+        with atomic_dir(out / "repository") as tmp:
+            repo.save(tmp)
+    if added or removed:
+        kept = ", ".join(e.name for e in added) or "none"
+        _log(f"[repository] kept the service's expert changes: added {kept}; removed {', '.join(removed) or 'none'}")
     _log(f"[repository] {len(repo)} experts")
     # No _record_config: this stage uses none of the prior/generator settings, and recording the config's would
     # label a generator trained with others as made with them (its stale check would then pass).
@@ -745,9 +780,35 @@ def paired_table(paired: list[dict]) -> list[str]:
 STAGE_FUNCS = {"experts": stage_experts, "repository": stage_repository, "generator": stage_generator, "evaluate": stage_evaluate}
 
 
+PIPELINE_LOCK = ".pipeline.lock"
+
+
+@contextmanager
+def pipeline_lock(out: Path) -> Iterator[None]:
+    """One pipeline (or evaluation) at a time on an artefact directory: two at once trained the same tasks
+    with two configs, and the resumed directory then held snapshots of both under one config.json. Refused
+    at once (ValueError). Under the lock, what a killed run left is removed: temporary files and folders
+    (``.*.tmp``), and a replaced folder's old copy (``.X.old``) once its replacement ``X`` is in place."""
+    if not out.is_dir():  # the stage names the problem (no artefact directory there)
+        yield
+        return
+    with locked(out, wait=False, name=PIPELINE_LOCK) as held:
+        if not held:
+            raise ValueError(f"{out}: another `sglora pipeline` or `sglora evaluate` is running on it; wait for it to end")
+        for d in (out, out / "snapshots"):
+            old = [p for p in d.glob(".*.old") if (d / p.name[1 : -len(".old")]).exists()]
+            for leftover in [*d.glob(".*.tmp"), *old]:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+                _log(f"[pipeline] removed {leftover}, left by a run that was stopped")
+        yield
+
+
 def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
-    for s in stages:
-        t = time.perf_counter()
-        STAGE_FUNCS[s](cfg, out, device)
-        _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
+    if "experts" in stages:
+        out.mkdir(parents=True, exist_ok=True)
+    with pipeline_lock(out):
+        for s in stages:
+            t = time.perf_counter()
+            STAGE_FUNCS[s](cfg, out, device)
+            _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
     _log(json.dumps({"artifacts": str(out)}))
