@@ -52,13 +52,18 @@ ALERTED_STATUSES = ("200", "429", "500", "503", "504")
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 
 
+def single_process_metrics() -> None:
+    """StartupError when prometheus-client's multiprocess mode is asked for: it reads the variable at import and
+    keeps every value in files there, so values of an earlier process with the same PID (PID 1 in a container)
+    came back, and a missing folder failed the first metric."""
+    for var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        if os.environ.get(var):
+            raise StartupError(f"{var} is set: the service runs one worker per process, with its own metrics; unset it")
+
+
 class Metrics:
     def __init__(self) -> None:
-        # prometheus-client reads it at import and keeps every value in files there: values of an earlier
-        # process with the same PID (PID 1 in a container) came back, a missing folder failed the first metric.
-        for var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
-            if os.environ.get(var):
-                raise StartupError(f"{var} is set: the service runs one worker per process, with its own metrics; unset it")
+        single_process_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

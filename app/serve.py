@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 
 from app.logs import FORMATS, LEVELS, log_config
-from app.settings import Settings
+from app.metrics import single_process_metrics
+from app.settings import Settings, StartupError
 from app.worker import abandoned_threads
 from sglora.cli import EXIT_USAGE, port_number
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.environ["SGLORA_DEVICE"] = args.device
     try:
         Settings()  # checked here, before uvicorn loads the app: a bad value is a message, not a traceback
-    except ValidationError as e:
+        single_process_metrics()
+    except (ValidationError, StartupError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     config = uvicorn.Config(
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     failed = False
     try:
         server.run()
-    except SystemExit as e:  # uvicorn >= 0.53 exits with STARTUP_FAILURE; earlier ones return
-        if e.code != STARTUP_FAILURE:
+    except SystemExit as e:  # a failed start-up: uvicorn >= 0.53 exits with STARTUP_FAILURE, earlier ones 1 or return
+        if e.code != STARTUP_FAILURE and server.started:
             raise
         failed = True
     finally:

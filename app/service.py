@@ -532,8 +532,8 @@ class Service:
         return GeneratedLora(data, key, "hit", safetensors_metadata(data))
 
     # ---- retrieval ------------------------------------------------------------------------------
-    async def decode_images(self, images: list[bytes]) -> torch.Tensor:
-        """Uploaded bytes -> the backbone's input pixels (N, C, H, W), off the event loop; APIError(422,
+    async def decode_images(self, images: list[bytes]) -> list[torch.Tensor]:
+        """Uploaded bytes -> the backbone's input pixels, (C, H, W) each, off the event loop; APIError(422,
         "images[i]") for a bad image, and (422, "images") when together they have more pixels than allowed,
         checked before any decoding. Each image is decoded and preprocessed in one step, so that a request
         waiting for the model threads holds its images at the model's input size, not at full resolution
@@ -548,11 +548,10 @@ class Service:
         def pixels_of(im: Image.Image, field: str) -> torch.Tensor:
             return preprocess(load_rgb(im, field))
 
-        jobs = (asyncio.to_thread(pixels_of, im, f"images[{i}]") for i, im in enumerate(opened))
-        return torch.stack(await asyncio.gather(*jobs))
+        return list(await asyncio.gather(*(asyncio.to_thread(pixels_of, im, f"images[{i}]") for i, im in enumerate(opened))))
 
     async def retrieve(
-        self, pixels: torch.Tensor, texts: list[str], adapter: GeneratedLora, zero_shot: bool, paired: bool
+        self, pixels: list[torch.Tensor], texts: list[str], adapter: GeneratedLora, zero_shot: bool, paired: bool
     ) -> Retrieval:
         """``pixels`` from :meth:`decode_images`; ``paired``: the texts are captions, one per image (recall@1)."""
         lora_scores, zs_scores = await self.worker.run(
@@ -561,12 +560,12 @@ class Service:
         return Retrieval(adapter, texts, lora_scores, zs_scores)
 
     def _retrieve_job(
-        self, pixels: torch.Tensor, texts: list[str], weights: bytes, spec: LoraSpec, zero_shot: bool, paired: bool
+        self, pixels: list[torch.Tensor], texts: list[str], weights: bytes, spec: LoraSpec, zero_shot: bool, paired: bool
     ) -> tuple[Scores, Scores | None]:
         backbone = self.artifacts.backbone
         lora = from_peft_tensors(spec, load_safetensors(weights))  # (P,): exactly the bytes the client holds
         t0 = time.perf_counter()
-        features = backbone.image_features(pixels.to(backbone.device))
+        features = backbone.image_features(torch.stack(pixels).to(backbone.device))  # (N, C, H, W)
         img = backbone.encode_image(features, lora, spec).float().cpu()  # (N, D), L2-normalised
         if not torch.isfinite(img).all():  # null scores in a 200 otherwise
             raise APIError(422, None, "with this LoRA applied the image embeddings are not finite: its values are too large")

@@ -157,20 +157,23 @@ class Settings(BaseSettings):
         return 12 * self.max_batch_items * self.max_description_chars + (1 << 20)
 
     def resolved_parallelism(self, device: str) -> tuple[int, int]:
-        """(model threads, torch intra-op threads) for ``device``; the event loop keeps one core.
+        """(model threads, torch intra-op threads) for ``device``.
 
         On a CPU the default is one intra-op thread per model thread and one model thread per spare
-        core: a torch op then runs on its caller's thread at the shape it has alone, so micro-batches
-        stay bit-identical (two or more intra-op threads round differently by batch size, and the
-        start-up check then turns batching off), and N model threads use N cores. The cores are never
-        oversubscribed: an OpenMP pool that competes for busy cores can slow a forward down by an
-        order of magnitude. On a GPU one model thread feeds the device.
+        core (the event loop keeps one), or per core on one or two cores: a torch op then runs on its
+        caller's thread at the shape it has alone, so micro-batches stay bit-identical (two or more
+        intra-op threads round differently by batch size, and the start-up check then turns batching
+        off), and N model threads use N cores. No OpenMP pool is oversubscribed: one that competes for
+        busy cores can slow a forward down by an order of magnitude. On two cores a second model thread
+        beside the event loop, which is idle most of the time, gave 1.4x the load test's answers per second
+        and 1.3x the 32-client benchmark's misses per second, at the same server-side hit latency
+        (docs/benchmarks.md, release 0.9.11). On a GPU one model thread feeds the device.
         """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         spare = max(1, cores - 1)
         if device.startswith("cpu"):
             threads = self.threads or (max(1, spare // self.model_threads) if self.model_threads else 1)
-            return self.model_threads or max(1, spare // threads), threads
+            return self.model_threads or max(1, (cores if cores <= 2 else spare) // threads), threads
         return self.model_threads or 1, self.threads or spare
 
     def resolved_text_dtype(self, device: str) -> str:

@@ -114,13 +114,15 @@ def private_redis(tmp_path):
 @pytest.fixture(scope="session")
 def make_settings(tiny_artifacts_session, shared_redis):
     """Settings for a test app: the shared tiny artefacts and a fresh cache prefix, with overrides. The text
-    tower and the CVAE run in float32 (not 'auto'), so that answers compare bit for bit with a library engine's."""
+    tower and the CVAE run in float32 (not 'auto'), so that answers compare bit for bit with a library engine's.
+    One model thread, whatever the machine's cores (the default follows them): tests that want more say so."""
     from app.settings import Settings
 
     url, prefix = shared_redis
 
     def make(**overrides):
-        values = {"artifacts": tiny_artifacts_session, "redis_url": url, "cache_prefix": prefix(), "threads": 1}
+        values = {"artifacts": tiny_artifacts_session, "redis_url": url, "cache_prefix": prefix()}
+        values["threads"] = values["model_threads"] = 1
         values["text_dtype"] = values["generator_dtype"] = "float32"
         values.update(overrides)
         return Settings(**values)

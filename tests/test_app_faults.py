@@ -317,7 +317,7 @@ def test_a_client_that_hangs_up_cancels_its_request_and_its_job(tiny_artifacts_s
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_THREADS": "1", "SGLORA_TEST_MODEL_DELAY_S": "1.0"}
-    env["SGLORA_MAX_QUEUE"] = "4"
+    env["SGLORA_MAX_QUEUE"], env["SGLORA_MODEL_THREADS"] = "4", "1"  # one job runs at a time
     artifacts = ("--artifacts", str(tiny_artifacts_session))
     proc = start_server(port, env, *artifacts, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

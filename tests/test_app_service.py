@@ -242,6 +242,8 @@ def test_prometheus_multiprocess_mode_is_refused(monkeypatch):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/metrics")
     with pytest.raises(StartupError, match="PROMETHEUS_MULTIPROC_DIR is set: the service runs one worker per process"):
         Metrics()
+    p = subprocess.run([sys.executable, "-m", "app", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "error: PROMETHEUS_MULTIPROC_DIR is set" in p.stderr and "Traceback" not in p.stderr
 
 
 async def test_start_up_heap_is_frozen_while_serving_and_collections_are_timed(make_settings):
@@ -681,7 +683,9 @@ async def test_generation_on_two_model_threads_gives_the_bytes_of_one(make_setti
     ("threads", "model_threads", "device", "cores", "expected"),
     [
         (0, 0, "cpu", 16, (15, 1)),  # one single-threaded model thread per spare core
-        (0, 0, "cpu", 2, (1, 1)),
+        (0, 0, "cpu", 2, (2, 1)),  # two cores: both, beside the event loop (1.4x the answers per second)
+        (0, 1, "cpu", 2, (1, 1)),
+        (2, 0, "cpu", 2, (1, 2)),
         (0, 0, "cpu", 1, (1, 1)),
         (4, 0, "cpu", 16, (3, 4)),
         (0, 3, "cpu", 16, (3, 5)),

@@ -753,6 +753,7 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
         assert main(["evaluate", "--artifacts", str(tiny_artifacts)]) == 2
         assert "is running on it" in capsys.readouterr().err
     (tiny_artifacts / ".generator.x1.tmp").mkdir()  # SIGKILL inside atomic_dir
+    (tiny_artifacts / ".notes.tmp").write_text("not the pipeline's")
     (tiny_artifacts / "snapshots" / ".circle.safetensors.x2.tmp").write_bytes(b"half")
     (tiny_artifacts / ".backbone.old").mkdir()  # killed after the replacement: the old copy stayed
     (tiny_artifacts / ".generator.old").mkdir()  # killed between the two renames: the only copy, kept
@@ -760,7 +761,7 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
     with pipeline_lock(tiny_artifacts):
         pass
     left = sorted(p.name for d in (tiny_artifacts, tiny_artifacts / "snapshots") for p in d.glob(".*") if p.name != PIPELINE_LOCK)
-    assert left == [".generator.old"]
+    assert left == [".generator.old", ".notes.tmp"]
 
 
 def test_a_rebuilt_repository_keeps_the_experts_the_service_added_and_removed(tiny_artifacts, tiny_config, capsys):
@@ -775,12 +776,24 @@ def test_a_rebuilt_repository_keeps_the_experts_the_service_added_and_removed(ti
     sunflower = Expert("sunflower", "a sunflower", repo[first].mean * 2, repo[first].variance, repo[first].embedding, 1)
     repo.add_and_save(sunflower, repo_dir)
     repo.remove_and_save(second, repo_dir)
+    third = repo.names[2]  # replaced: removed, then registered again under its name
+    replaced = Expert(third, "a new " + third, repo[third].mean * 3, repo[third].variance, repo[third].embedding, 1)
+    repo.remove_and_save(third, repo_dir)
+    repo.add_and_save(replaced, repo_dir)
     stage_repository(tiny_config, tiny_artifacts)
-    assert "added sunflower; removed " + second in capsys.readouterr().out
+    assert f"added or replaced {third}, sunflower; removed {second}" in capsys.readouterr().out
     rebuilt = ExpertRepository.load(repo_dir)
     assert "sunflower" in rebuilt and second not in rebuilt and len(rebuilt) == len(repo.names)
-    assert torch.equal(rebuilt["sunflower"].mean, sunflower.mean)
+    assert torch.equal(rebuilt["sunflower"].mean, sunflower.mean) and rebuilt[third].description == "a new " + third
     assert torch.equal(rebuilt[first].mean, repo[first].mean)  # the pipeline's own experts, from their snapshots
+    # A repository of another run (other experts settings), copied in: rebuilt from this run's snapshots alone
+    index = json.loads((repo_dir / "repository.json").read_text())
+    index["provenance"]["experts"]["lr"] = 1.0
+    (repo_dir / "repository.json").write_text(json.dumps(index))
+    stage_repository(tiny_config, tiny_artifacts)
+    assert "holds another run's experts; building it from the snapshots alone" in capsys.readouterr().out
+    pipeline_experts = json.loads((tiny_artifacts / "splits.json").read_text())["experts"]
+    assert sorted(ExpertRepository.load(repo_dir).names) == sorted(pipeline_experts)
 
 
 def test_a_frozen_a_stays_at_its_initialisation_under_weight_decay(tiny_backbone, tiny_config):

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,10 +321,15 @@ def locked_repository(directory: Path) -> Iterator[None]:
         yield
 
 
-def _service_changes(directory: Path, names: list[str], backbone) -> tuple[list[Expert], list[str]]:
-    """What the service changed in an existing repository (POST/DELETE /experts): the experts it added (not
-    among the pipeline's ``names``) and the pipeline's experts it removed. A rebuild keeps both changes: it
-    dropped the added experts, files and all, and brought the removed ones back. Nothing for a new folder."""
+def _service_changes(
+    directory: Path, experts: dict[str, tuple[str, int]], config: dict, backbone
+) -> tuple[list[Expert], list[str]]:
+    """What the service changed in an existing repository (POST/DELETE /experts): the experts to keep as it
+    left them (those it added, and a pipeline expert it replaced: another description or snapshot count
+    than ``experts`` = name -> (description, snapshots) of the pipeline's own) and the pipeline's experts
+    it removed. A rebuild keeps these changes: it dropped the added experts, files and all, and brought the
+    removed ones back. Nothing for a new folder, a damaged one, or one of another run (other experts
+    settings or backbone: copied in; its experts are not this run's to keep)."""
     if not (directory / "repository.json").exists():
         return [], []
     try:
@@ -332,8 +337,13 @@ def _service_changes(directory: Path, names: list[str], backbone) -> tuple[list[
     except (OSError, ValueError) as e:  # damaged: rebuilt from the snapshots, as before
         _log(f"[repository] the existing {directory} does not load ({e}); building it from the snapshots alone")
         return [], []
-    pipeline = set(names)
-    return [old[n] for n in old.names if n not in pipeline], [n for n in names if n not in old]
+    if (old.provenance is not None and not art.same_experts(old.provenance, config)) or (
+        old.backbone_fingerprint not in backbone.fingerprints()
+    ):
+        _log(f"[repository] the existing {directory} holds another run's experts; building it from the snapshots alone")
+        return [], []
+    kept = [e for e in map(old.__getitem__, old.names) if experts.get(e.name) != (e.description, e.num_snapshots)]
+    return kept, [n for n in experts if n not in old]
 
 
 def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
@@ -345,20 +355,23 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     names = splits["experts"]
     descriptions = _descriptions(out, names)
     embeddings = backbone.encode_text(descriptions).cpu()
-    provenance = art.experts_settings(read_json(out / "config.json", "pipeline config"))
-    repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint(), provenance=provenance)
+    config = read_json(out / "config.json", "pipeline config")
+    repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint(), provenance=art.experts_settings(config))
+    snapshots = {name: _task_snapshots(out, name) for name in names}
+    own = {name: (desc, len(snapshots[name])) for name, desc in zip(names, descriptions, strict=True)}
     with locked_repository(out / "repository"):  # no expert change by a service meanwhile
-        added, removed = _service_changes(out / "repository", names, backbone)
+        kept, removed = _service_changes(out / "repository", own, config, backbone)
+        left = set(removed) | {e.name for e in kept}
         for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
-            if name not in removed:
-                repo.add(Expert.from_snapshots(name, desc, _task_snapshots(out, name), emb))
-        for expert in added:
+            if name not in left:
+                repo.add(Expert.from_snapshots(name, desc, snapshots[name], emb))
+        for expert in kept:
             repo.add(expert)
         with atomic_dir(out / "repository") as tmp:
             repo.save(tmp)
-    if added or removed:
-        kept = ", ".join(e.name for e in added) or "none"
-        _log(f"[repository] kept the service's expert changes: added {kept}; removed {', '.join(removed) or 'none'}")
+    if kept or removed:
+        changed, gone = ", ".join(sorted(e.name for e in kept)) or "none", ", ".join(sorted(removed)) or "none"
+        _log(f"[repository] kept the service's expert changes: added or replaced {changed}; removed {gone}")
     _log(f"[repository] {len(repo)} experts")
     # No _record_config: this stage uses none of the prior/generator settings, and recording the config's would
     # label a generator trained with others as made with them (its stale check would then pass).
@@ -781,32 +794,35 @@ STAGE_FUNCS = {"experts": stage_experts, "repository": stage_repository, "genera
 
 
 PIPELINE_LOCK = ".pipeline.lock"
+# What the stages write at the top of an artefact directory (atomic_path/atomic_dir name their temporary
+# copies ".NAME.<random>.tmp", and a replaced folder's old copy ".NAME.old"); snapshots/ holds TASK.safetensors.
+OWN_FILES = ("backbone", "repository", "generator", "eval", "eval-partial", "config.json", "splits.json", art.MANIFEST)
 
 
 @contextmanager
 def pipeline_lock(out: Path) -> Iterator[None]:
-    """One pipeline (or evaluation) at a time on an artefact directory: two at once trained the same tasks
-    with two configs, and the resumed directory then held snapshots of both under one config.json. Refused
-    at once (ValueError). Under the lock, what a killed run left is removed: temporary files and folders
-    (``.*.tmp``), and a replaced folder's old copy (``.X.old``) once its replacement ``X`` is in place."""
-    if not out.is_dir():  # the stage names the problem (no artefact directory there)
-        yield
-        return
+    """One pipeline (or evaluation) at a time on the artefact directory ``out``: two at once trained the same
+    tasks with two configs, and the resumed directory then held snapshots of both under one config.json.
+    Refused at once (ValueError). Under the lock, what a killed run left of the stages' own files is
+    removed: their temporary copies, and a replaced folder's old copy once its replacement is in place."""
     with locked(out, wait=False, name=PIPELINE_LOCK) as held:
         if not held:
             raise ValueError(f"{out}: another `sglora pipeline` or `sglora evaluate` is running on it; wait for it to end")
-        for d in (out, out / "snapshots"):
-            old = [p for p in d.glob(".*.old") if (d / p.name[1 : -len(".old")]).exists()]
-            for leftover in [*d.glob(".*.tmp"), *old]:
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-                _log(f"[pipeline] removed {leftover}, left by a run that was stopped")
+        leftovers = [p for name in OWN_FILES for p in out.glob(f".{name}.*.tmp")]
+        leftovers += [out / f".{name}.old" for name in OWN_FILES if (out / f".{name}.old").exists() and (out / name).exists()]
+        leftovers += list((out / "snapshots").glob(".*.safetensors.*.tmp"))
+        for leftover in leftovers:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            _log(f"[pipeline] removed {leftover}, left by a run that was stopped")
         yield
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
     if "experts" in stages:
         out.mkdir(parents=True, exist_ok=True)
-    with pipeline_lock(out):
+    # Else only an artefact directory is locked (and tidied); in any other folder the first stage says what is wrong.
+    built = "experts" in stages or (out / art.MANIFEST).is_file()
+    with pipeline_lock(out) if built else nullcontext():
         for s in stages:
             t = time.perf_counter()
             STAGE_FUNCS[s](cfg, out, device)
