@@ -752,6 +752,10 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
             run_pipeline(tiny_config, tiny_artifacts, ("evaluate",))
         assert main(["evaluate", "--artifacts", str(tiny_artifacts)]) == 2
         assert "is running on it" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:  # a read-only mount (root, who runs CI, passes chmod): said before any work
+        mp.setattr("training.pipeline.os.access", lambda path, mode: False)
+        assert main(["evaluate", "--artifacts", str(tiny_artifacts)]) == 2
+        assert f"{tiny_artifacts} is not writable" in capsys.readouterr().err
     (tiny_artifacts / ".generator.x1.tmp").mkdir()  # SIGKILL inside atomic_dir
     (tiny_artifacts / ".notes.tmp").write_text("not the pipeline's")
     (tiny_artifacts / "snapshots" / ".circle.safetensors.x2.tmp").write_bytes(b"half")

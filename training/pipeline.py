@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import random
 import shutil
 import time
@@ -805,6 +806,8 @@ def pipeline_lock(out: Path) -> Iterator[None]:
     tasks with two configs, and the resumed directory then held snapshots of both under one config.json.
     Refused at once (ValueError). Under the lock, what a killed run left of the stages' own files is
     removed: their temporary copies, and a replaced folder's old copy once its replacement is in place."""
+    if not os.access(out, os.W_OK):  # found now, not after an evaluation's whole work
+        raise ValueError(f"{out} is not writable: the stages write their results there")
     with locked(out, wait=False, name=PIPELINE_LOCK) as held:
         if not held:
             raise ValueError(f"{out}: another `sglora pipeline` or `sglora evaluate` is running on it; wait for it to end")
