@@ -39,9 +39,10 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 def _presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
-    if x_api_key:
-        return x_api_key
-    if authorization and authorization.lower().startswith("bearer "):
+    """The key sent, blanks around it dropped (as around the configured keys); None when none was."""
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    if authorization and authorization.lower().startswith("bearer ") and authorization[7:].strip():
         return authorization[7:].strip()
     return None
 
@@ -62,7 +63,8 @@ def key_matches(presented: str, keys: list[str]) -> bool:
 
 def _check(keys: list[str], presented: str | None, kind: str) -> None:
     if presented is None:
-        raise APIError(401, "X-API-Key", f"{kind} is required (X-API-Key header or Authorization: Bearer)")
+        reason = f"{kind} is required (X-API-Key header or Authorization: Bearer)"
+        raise APIError(401, "X-API-Key", reason, headers={"WWW-Authenticate": 'Bearer realm="sglora"'})
     if not key_matches(presented, keys):
         raise APIError(403, "X-API-Key", f"this key is not accepted here: {kind} is required")
 
@@ -209,7 +211,8 @@ class KeyGateMiddleware:
                     try:
                         check_key(self.settings, _presented_key(headers.get("x-api-key"), headers.get("authorization")), admin)
                     except APIError as e:
-                        response = JSONResponse(error_body(e.field, e.reason), e.status, headers={"Connection": "close"})
+                        headers = {**(e.headers or {}), "Connection": "close"}
+                        response = JSONResponse(error_body(e.field, e.reason), e.status, headers=headers)
                         await response(scope, receive, send)
                         return
                     break

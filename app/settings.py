@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sglora.devices import check_device_name, resolve_device
@@ -21,7 +21,8 @@ class StartupError(ValueError):
 class Settings(BaseSettings):
     """Every knob of the service. Lists (API keys) take a comma-separated string."""
 
-    model_config = SettingsConfigDict(env_prefix="SGLORA_", extra="ignore")
+    # hide_input_in_errors: a refused setting is named, its value not echoed (it may be a key) into logs and stderr
+    model_config = SettingsConfigDict(env_prefix="SGLORA_", extra="ignore", hide_input_in_errors=True)
 
     # ---- artefacts and device ----------------------------------------------------------------------
     artifacts: Path | None = Field(None, description="artefact directory written by `sglora pipeline`")
@@ -138,9 +139,16 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
-    def _split_keys(cls, v: object) -> object:
+    def _split_keys(cls, v: object, info: ValidationInfo) -> object:
         if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
+            keys = [k.strip() for k in v.split(",") if k.strip()]
+            if v.strip() and not keys:  # " , " left the API open without a word
+                raise ValueError(f"SGLORA_{info.field_name.upper()} holds only blanks and commas; leave it unset for no key")
+            v = keys
+        for i, k in enumerate(v if isinstance(v, list) else []):
+            # A header value is read as Latin-1, the key hashed as UTF-8: a non-ASCII key never matched. Not echoed.
+            if not isinstance(k, str) or not k or any(not 33 <= ord(c) <= 126 for c in k):
+                raise ValueError(f"SGLORA_{info.field_name.upper()}: key {i + 1} is not printable ASCII without spaces")
         return v
 
     def resolved_max_body_bytes(self) -> int:

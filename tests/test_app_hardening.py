@@ -334,6 +334,34 @@ def test_operational_endpoints_stay_open(served, method, path):
     client, _, _ = served
     assert client.request(method, path, headers=NO_KEY).status_code == 200
     assert client.request(method, path, headers={"X-API-Key": "wrong"}).status_code == 200
+    if method == "GET" and path in ("/", "/health", "/ready", "/metrics"):  # HEAD wherever GET answers: it was a 405
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b""
+
+
+def test_the_page_may_not_be_framed_and_loads_its_own_files_only(served):
+    r = served[0].get("/")
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (" , ", "SGLORA_API_KEYS holds only blanks and commas"),  # the API was left open without a word
+        ("ok,clé-secrète", "SGLORA_API_KEYS: key 2 is not printable ASCII"),  # a UTF-8 client never matched it
+        ("two words", "SGLORA_API_KEYS: key 1 is not printable ASCII without spaces"),
+    ],
+)
+def test_key_settings_that_cannot_work_are_refused_without_echoing_them(monkeypatch, value, needle):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    monkeypatch.setenv("SGLORA_API_KEYS", value)
+    with pytest.raises(ValidationError, match=needle) as e:
+        Settings()
+    assert "input_value" not in str(e.value) and "secr" not in str(e.value) and "words" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -341,15 +369,16 @@ def test_operational_endpoints_stay_open(served, method, path):
     [
         (NO_KEY, 401),
         ({"X-API-Key": "wrong"}, 403),
-        ({"X-API-Key": "user-key "}, 403),  # exact match only
+        ({"X-API-Key": "user-key\t "}, 200),  # blanks around a field value are not part of it (RFC 9110), as for Bearer
         ({"X-API-Key": "USER-KEY"}, 403),
         ({"X-API-Key": "", "Authorization": "Bearer wrong"}, 403),
         ({"X-API-Key": "", "Authorization": "Basic dXNlci1rZXk="}, 401),  # only Bearer is read
+        ({"X-API-Key": "", "Authorization": "Bearer  "}, 401),  # no key sent, as with an empty X-API-Key
         (USER, 200),
         (ADMIN, 200),  # an admin key works everywhere
         ({"X-API-Key": "", "Authorization": "Bearer user-key"}, 200),
     ],
-    ids=["none", "wrong", "trailing-space", "case", "bearer-wrong", "basic", "user", "admin", "bearer-user"],
+    ids=["none", "wrong", "trailing-blanks", "case", "bearer-wrong", "basic", "bearer-empty", "user", "admin", "bearer-user"],
 )
 @pytest.mark.parametrize("endpoint", MODEL, ids=[f"{m} {p}" for m, p, _ in MODEL])
 def test_model_endpoints_need_an_api_key(served, endpoint, headers, status):
@@ -359,6 +388,7 @@ def test_model_endpoints_need_an_api_key(served, endpoint, headers, status):
     assert r.status_code == status, r.text
     if status >= 400:
         assert r.json()["detail"]["field"] == "X-API-Key"
+    assert (r.headers.get("www-authenticate") == 'Bearer realm="sglora"') == (status == 401)  # RFC 9110 asks it of a 401
 
 
 @pytest.mark.parametrize(

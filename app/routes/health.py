@@ -55,3 +55,8 @@ async def ready(request: Request) -> Ready | JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus text format; every name starts with `sglora_`."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# HEAD wherever GET answers (HTTP says so; some health checkers send it): the same handler, the body left out.
+for _path, _endpoint in (("/health", health), ("/ready", ready), ("/metrics", metrics)):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False, response_model=None)
