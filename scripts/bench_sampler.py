@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=300, help="lone-request steps; 16-request steps are 2/5 of it")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.steps < 2:
+        p.error(f"--steps must be >= 2 (the two variants alternate step by step), got {args.steps}")
 
     import torch
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from app import processes
+from sglora.io import atomic_path, output_path_problem
 
 BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
 DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
@@ -361,13 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
+    if args.threads < 0 or args.model_threads < 0:
+        p.error("--threads and --model-threads must be >= 0 (0: the server's default)")
+    if args.json and (problem := output_path_problem(args.json, "--json")) is not None:
+        p.error(problem)
+    from sglora.artifacts import ArtifactError
+
     try:
         result = run(args)
+    except ArtifactError as e:  # missing or broken artefacts
+        raise SystemExit(f"bench_service: {e}") from None
     except RuntimeError as e:  # the server did not start
         raise SystemExit(f"bench_service: {e}") from None
     print(table(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

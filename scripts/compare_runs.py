@@ -28,15 +28,36 @@ def load_runs(dirs: list[Path]) -> list[dict]:
         if not path.exists():
             raise ValueError(f"{path} not found: run the pipeline's evaluate stage there first")
         try:
-            runs.append(json.loads(path.read_text()))
+            run = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e})") from e
+        if problem := _not_a_result(run):
+            raise ValueError(f"{path}: not an evaluation result of the pipeline ({problem})")
+        runs.append(run)
     if len({r.get("evaluated_on", "test") for r in runs}) > 1:
         raise ValueError("the runs were evaluated on different splits (test and validation); pool one split")
     tasks = [sorted(r["tasks"]) for r in runs]
     if any(t != tasks[0] for t in tasks):
         raise ValueError("the runs were evaluated on different tasks; pool only runs of one split")
+    if not any(all(m in r["methods"] for r in runs) for m in METHODS):
+        raise ValueError(f"no method of {', '.join(METHODS)} was evaluated in every run")
     return runs
+
+
+def _not_a_result(run: object) -> str:
+    """What makes ``run`` not a results.json of the evaluate stage ("" if nothing): an object with a
+    method -> {metric: number} "methods" and a task -> {method -> {metric: number}} "tasks", neither empty."""
+    if not isinstance(run, dict):
+        return f"a JSON {type(run).__name__}, not an object"
+    for key in ("methods", "tasks"):
+        if not isinstance(run.get(key), dict) or not run[key]:
+            return f"no {key}" if key not in run else f"empty or malformed {key!r}"
+    if not all(isinstance(v, dict) and all(isinstance(x, int | float) for x in v.values()) for v in run["methods"].values()):
+        return "malformed 'methods'"
+    for task, row in run["tasks"].items():
+        if not isinstance(row, dict) or not row or not all(isinstance(v, dict) for v in row.values()):
+            return f"malformed scores of task {task!r}"
+    return ""
 
 
 def pool(runs: list[dict]) -> tuple[dict, list[dict]]:

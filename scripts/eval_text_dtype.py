@@ -22,11 +22,42 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from expert_store.prior import select_experts
 from sglora import artifacts as art
+from sglora.io import atomic_path, read_json
+from sglora.methods import SAMPLING_METHODS
 from training import pipeline
-from training.config import load_config
+from training.config import PipelineConfig, load_config
+
+
+def check(artifacts: Path, config: Path, on: list[str] | None) -> tuple[PipelineConfig, list[str]]:
+    """(the config, the splits to evaluate) once the artefacts, the config and the splits fit; SystemExit
+    saying what does not. Run before anything is copied. A split not asked for explicitly (the default,
+    test and val) is skipped with a note when the artefacts have no tasks in it."""
+    try:
+        cfg = load_config(config)
+        built = pipeline._built_config(artifacts)
+        changed = [k for k in (*art.EXPERT_SECTIONS, "prior", "generator") if built.get(k) != cfg.to_dict()[k]]
+        if changed:
+            raise ValueError(f"{artifacts} was built with other {', '.join(changed)} settings than {config}")
+        sampling = any(m in SAMPLING_METHODS for m in cfg.evaluation.methods)
+        art.load_artifacts(artifacts, "cpu", require_generator=sampling)
+        splits = read_json(artifacts / "splits.json", "task splits")
+    except (OSError, ValueError) as e:  # ArtifactError is a ValueError
+        raise SystemExit(f"eval_text_dtype: {e}") from None
+    wanted = on or ["test", "val"]
+    missing = [s for s in wanted if not (isinstance(splits, dict) and splits.get(s))]
+    if missing and on:
+        raise SystemExit(
+            f"eval_text_dtype: {artifacts} has no {' or '.join(missing)} tasks (splits.json); leave out --on {missing[0]}"
+        )
+    for s in missing:
+        print(f"eval_text_dtype: {artifacts} has no {s} tasks (splits.json): not evaluated on them", file=sys.stderr)
+    if len(missing) == len(wanted):
+        raise SystemExit(f"eval_text_dtype: {artifacts} has no test or val tasks (splits.json)")
+    return cfg, [s for s in wanted if s not in missing]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"eval_text_dtype: {args.artifacts} holds no artefacts (no manifest.json)")
     if args.copy.exists():
         raise SystemExit(f"eval_text_dtype: {args.copy} exists; pass a new path")
+    cfg, splits = check(args.artifacts, args.config, args.on)
     shutil.copytree(args.artifacts, args.copy)
     choices: dict[str, dict] = {}
     load = art.load_artifacts
@@ -60,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 i16, a16, _ = select_experts(y, stored, engine.top_k, engine.temperature)
                 same = i32.tolist() == i16.tolist()
                 choices[text] = {
-                    "cosine": float((x * y).sum()),
+                    "cosine": float(F.cosine_similarity(x.float(), y.float(), dim=0)),
                     "same_top_k": same,
                     "max_alpha_change": float((a32 - a16).abs().max()) if same else None,
                 }
@@ -70,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         return loaded
 
     pipeline.art.load_artifacts = load_with_bf16_descriptions
-    cfg = load_config(args.config)
-    for on in args.on or ["test", "val"]:
+    for on in splits:
         pipeline.stage_evaluate(cfg, args.copy, "cpu", on=on)
-    (args.copy / "text_dtype.json").write_text(json.dumps(choices, indent=1) + "\n")
+    with atomic_path(args.copy / "text_dtype.json") as tmp:
+        tmp.write_text(json.dumps(choices, indent=1) + "\n")
     same = sum(c["same_top_k"] for c in choices.values())
     alpha = max((c["max_alpha_change"] or 0.0) for c in choices.values())
     print(f"{len(choices)} descriptions: same top-K (in order) for {same}; lowest cosine", end=" ")

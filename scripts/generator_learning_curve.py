@@ -35,12 +35,35 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < f <= 1 for f in args.fractions):
         p.error("--fractions must lie in (0, 1]")
 
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file: give a directory (work copies and results go there)")
+    if not (args.artifacts / "manifest.json").is_file():
+        p.error(f"--artifacts {args.artifacts}: no artefacts there (no manifest.json)")
+
     import training.pipeline as pipeline
+    from sglora import artifacts as art
+    from sglora.io import atomic_path, read_json
     from training.config import load_config
 
-    cfg = load_config(args.config)
-    splits = json.loads((args.artifacts / "splits.json").read_text())
-    pool = list(splits["train"]) + (list(splits["experts"]) if cfg.generator.include_experts else [])
+    try:
+        cfg = load_config(args.config)
+        stages = art.read_manifest(args.artifacts).get("stages", {})
+        built = pipeline._built_config(args.artifacts)
+        splits = read_json(args.artifacts / "splits.json", "task splits")
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    if "repository" not in stages:
+        p.error(f"--artifacts {args.artifacts}: run the pipeline's 'repository' stage first")
+    changed = [k for k in art.EXPERT_SECTIONS if built.get(k) != cfg.to_dict()[k]]
+    if changed:
+        p.error(f"--artifacts {args.artifacts} was built with other {', '.join(changed)} settings than --config {args.config}")
+    if not isinstance(splits, dict) or not splits.get("val"):
+        p.error(f"--artifacts {args.artifacts} has no validation tasks (split.val: 0): the curve is measured on them")
+    pool = list(splits.get("train", [])) + (list(splits.get("experts", [])) if cfg.generator.include_experts else [])
+    if not pool:
+        p.error(
+            f"--artifacts {args.artifacts}: the generator has no training tasks (split.train: 0, no generator.include_experts)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for fraction in args.fractions:
@@ -58,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(work)
-    (args.out / "learning-curve.json").write_text(json.dumps(rows, indent=2))
+    with atomic_path(args.out / "learning-curve.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2))
     _plot(rows, args.out / "learning-curve.png")
     return 0
 
@@ -95,7 +119,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.legend()
     ax.set_title("Generator learning curve (dots: seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from sglora.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

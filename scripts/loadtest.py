@@ -50,6 +50,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from app import processes
+from sglora.io import atomic_path, output_path_problem
 
 SUBJECTS = [
     "sandal", "sneaker", "ankle boot", "coat", "dress", "shirt", "trouser", "bag", "pullover", "t-shirt",
@@ -520,6 +521,8 @@ async def main_async(args: argparse.Namespace) -> int:
             result["redis_keys_deleted"] = delete_prefix(redis_url, prefix)
 
     failures = []
+    if not result["run"]["requests"]:
+        failures.append("no answers in the measured phase")
     if result["run"]["errors"] or result.get("warmup", {}).get("errors"):
         failures.append("errors other than 429 with Retry-After")
     failures += result["run"].get("redis_pause_errors", [])
@@ -530,7 +533,8 @@ async def main_async(args: argparse.Namespace) -> int:
     result["failures"] = failures
     print_report(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if not failures else 1
 
 
@@ -589,9 +593,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.clients < 1 or args.duration <= 0:
-        raise SystemExit("loadtest: --clients >= 1 and --duration > 0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error("--clients must be >= 1")
+    if not (math.isfinite(args.duration) and args.duration > 0):
+        parser.error(f"--duration must be a finite number of seconds > 0, got {args.duration}")
+    if not (math.isfinite(args.warmup) and args.warmup >= 0):
+        parser.error(f"--warmup must be a finite number of seconds >= 0, got {args.warmup}")
+    if args.max_requests < 1:
+        parser.error(f"--max-requests must be >= 1, got {args.max_requests}")
+    if args.url:
+        try:
+            urlsplit(args.url).port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+        except ValueError as e:
+            parser.error(f"--url {args.url}: {e}")
+    if args.json and (problem := output_path_problem(Path(args.json), "--json")) is not None:
+        parser.error(problem)
     if any(at >= args.duration for at, _ in args.redis_pause):
         raise SystemExit("loadtest: every --redis-pause must fall inside the measured --duration")
     if args.redis_pause and (args.redis_url == "none" or (args.url and args.redis_url == "private")):

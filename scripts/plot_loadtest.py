@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from sglora.io import atomic_path
+from sglora.io import atomic_path, figure_path_problem
 
 
 def load(path: Path) -> dict:
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.label and len(args.label) != len(args.results):
         raise SystemExit(f"plot_loadtest: {len(args.label)} --label for {len(args.results)} files: give one per file or none")
+    if (problem := figure_path_problem(args.out)) is not None:
+        p.error(problem)
     plot([load(f) for f in args.results], args.label or [f.stem for f in args.results], args.out)
     print(args.out)
     return 0

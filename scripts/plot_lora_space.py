@@ -3,7 +3,11 @@
 Plots the expert means, the task's oracle snapshots, N sg-lora samples and the
 top-K merges, projected on the first two principal components of all of them.
 
-    python scripts/plot_lora_space.py --artifacts artifacts/offline-default/fashion --out docs/figures/lora-space-fashion.png
+    python scripts/plot_lora_space.py --artifacts artifacts/offline-default --out docs/figures/lora-space-fashion.png
+    python scripts/plot_lora_space.py --artifacts artifacts/offline-default --task TASK --out docs/figures/lora-space-tux.png
+
+One artefact directory holds the tasks of every kind (fashion and tux): without --task the first test
+task is plotted; --task picks another of the "test" tasks in its splits.json (e.g. the first tux one).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sglora.artifacts import load_artifacts  # noqa: E402
+from sglora.artifacts import ArtifactError, load_artifacts  # noqa: E402
+from sglora.io import atomic_path, figure_path_problem  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", required=True)
     p.add_argument("--task", help="unseen task to plot (default: the first test task)")
     p.add_argument("--samples", type=int, default=50)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=Path, required=True, help="the figure (its suffix names the format; none: PNG)")
     args = p.parse_args(argv)
-    a = load_artifacts(args.artifacts)
+    if args.samples < 1:
+        p.error(f"--samples must be >= 1, got {args.samples}")
+    if (problem := figure_path_problem(args.out)) is not None:
+        p.error(problem)
+    try:
+        a = load_artifacts(args.artifacts)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.generator is None:
+        print(f"error: {args.artifacts} has no generator (run the pipeline's generator stage)", file=sys.stderr)
+        return 2
     splits = json.loads((Path(args.artifacts) / "splits.json").read_text())
+    if not splits.get("test"):
+        print(f"error: {args.artifacts} has no unseen test tasks (splits.json)", file=sys.stderr)
+        return 2
     task = args.task or splits["test"][0]
     if task not in splits["test"]:
         print(f"error: {task!r} is not an unseen test task of these artefacts", file=sys.stderr)
@@ -68,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    with atomic_path(args.out) as tmp:  # a failed write leaves an older figure as it was
+        fig.savefig(tmp, dpi=110, format=args.out.suffix.lstrip(".").lower() or "png")
+    plt.close(fig)
     print(f"wrote {args.out}")
     return 0
 

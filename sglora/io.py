@@ -131,6 +131,34 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         tmp.write_bytes(data)
 
 
+def output_path_problem(path: Path, flag: str) -> str | None:
+    """Why a script's output ``path`` (given as ``flag``) could not be written, or None: checked before the
+    work, so that a run's results are not lost to a path refused at its end."""
+    if path.is_dir():
+        return f"{flag} {path} is a directory: give a file name"
+    parent = path.absolute().parent
+    while not parent.exists():  # atomic_path creates the missing folders
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: cannot write in {parent}"
+    return None
+
+
+def figure_path_problem(path: Path, flag: str = "--out") -> str | None:
+    """:func:`output_path_problem`, and a suffix matplotlib cannot write (none: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if (problem := output_path_problem(path, flag)) is not None:
+        return problem
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt not in formats:
+        return f"{flag} {path}: matplotlib cannot write .{fmt} files (use one of {', '.join(sorted(formats))})"
+    return None
+
+
 def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` streamed to disk (large weights), with a failed write (disk full, a file
     size limit) raised as the OSError it is: safetensors raises its own error type, which reached users as a

@@ -171,3 +171,155 @@ def test_compare_runs_names_the_split_and_refuses_to_mix_them(tmp_path):
         [sys.executable, script, str(test), str(val[0])], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60
     )
     assert p.returncode == 2 and "different splits" in p.stderr and "Traceback" not in p.stderr
+
+
+def _script(name: str):
+    """A script of scripts/ imported as a module (its main() called in this process: no torch start-up)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def _refused(capsys, name: str, argv: list[str]) -> tuple[int, str]:
+    """(exit status, stderr) of a script's main(argv) that refuses its arguments: any exception but
+    SystemExit (a traceback from the command line) fails the test."""
+    capsys.readouterr()
+    try:
+        code = _script(name).main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    if isinstance(code, str):  # raise SystemExit("message"): printed by the interpreter, status 1
+        code, err = 1, err + code
+    return code, err
+
+
+def _run(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=60)
+
+
+def test_plot_service_bench_target_scales_with_model_threads():
+    plot = _script("plot_service_bench")
+    run = plot.load(ROOT / "docs" / "bench" / "cpu-offline-default-0.9.11-epyc25-mt2.json")
+    assert run["model_threads"] == 2 and run["throughput_ratio"] > 3  # the run met the 3x target
+    assert plot.target_ms(run) == pytest.approx(2 * 1000 / run["rps_1"] / 3)
+    loaded = sum(v for _, v in plot.segments(run)[2])
+    assert loaded < plot.target_ms(run) and loaded > plot.target_ms({**run, "model_threads": 1})  # drawn as met
+    assert plot.target_ms({k: v for k, v in run.items() if k != "model_threads"}) == pytest.approx(1000 / run["rps_1"] / 3)
+
+
+def test_plot_scripts_refuse_an_unwritable_out(tmp_path):
+    bench = ROOT / "docs" / "bench" / "cpu-offline-default-0.9.11-epyc25-mt2.json"
+    load = ROOT / "docs" / "bench" / "load-redis-pause-0.9.9-amx.json"
+    for script, result in (("plot_service_bench.py", bench), ("plot_loadtest.py", load)):
+        p = _run(script, str(result), "--out", str(tmp_path))
+        assert p.returncode == 2 and "is a directory" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        p = _run(script, str(result), "--out", str(tmp_path / "x.xyz"))
+        assert p.returncode == 2 and "cannot write .xyz" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loadtest_refuses_bad_arguments_before_measuring(tmp_path):
+    url = ["--url", "http://127.0.0.1:1"]
+    for args, message in (
+        ([*url, "--duration", "nan"], "--duration must be a finite number"),
+        ([*url, "--duration", "0"], "--duration must be a finite number"),
+        ([*url, "--max-requests", "0"], "--max-requests must be >= 1"),
+        (["--url", "http://127.0.0.1:abc"], "--url http://127.0.0.1:abc"),
+        (["--url", "http://127.0.0.1:99999"], "out of range"),
+        ([*url, "--json", str(tmp_path)], "is a directory"),
+        ([*url, "--json", str(tmp_path / "file" / "out.json")], "is not a directory"),
+    ):
+        (tmp_path / "file").write_text("")
+        p = _run("loadtest.py", *args)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_bench_service_refuses_bad_arguments_before_measuring(tmp_path, capsys):
+    code, err = _refused(capsys, "bench_service", ["--artifacts", str(tmp_path / "nope")])
+    assert code == 1 and "artefact directory not found" in err
+    for args, message in (
+        (["--threads", "-1"], "--threads and --model-threads must be >= 0"),
+        (["--model-threads", "-2"], "--threads and --model-threads must be >= 0"),
+        (["--json", str(tmp_path)], "is a directory"),
+    ):
+        code, err = _refused(capsys, "bench_service", ["--artifacts", str(tmp_path), *args])
+        assert code == 2 and message in err, (args, err)
+
+
+def test_bench_sampler_refuses_bad_steps_and_threads(tmp_path, capsys):
+    for args, message in ((["--steps", "1"], "--steps must be >= 2"), (["--threads", "0"], "--threads must be >= 1")):
+        code, err = _refused(capsys, "bench_sampler", ["--artifacts", str(tmp_path), *args])
+        assert code == 2 and message in err, (args, err)
+
+
+def test_compare_runs_refuses_what_is_not_an_evaluation(tmp_path, capsys):
+    for i, (content, message) in enumerate((
+        ({}, "no methods"),
+        ([], "a JSON list"),
+        ({"run": {"timeline": {}}}, "no methods"),  # a load-test result
+        ({"methods": {}, "tasks": {}}, "empty or malformed 'methods'"),
+        ({"methods": {"x": {"accuracy": 1}}, "tasks": {"t": {"x": {"accuracy": 1}}}}, "no method of"),
+    )):  # fmt: skip
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps(content))
+        code, err = _refused(capsys, "compare_runs", [str(path)])
+        assert code == 2 and message in err, (content, err)
+
+
+def test_plot_lora_space_refuses_bad_arguments(tiny_artifacts_session, tmp_path, capsys):
+    art = ["--artifacts", str(tiny_artifacts_session)]
+    for args, message in (
+        (["--artifacts", str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")], "artefact directory not found"),
+        ([*art, "--samples", "0", "--out", str(tmp_path / "a.png")], "--samples must be >= 1"),
+        ([*art, "--out", str(tmp_path)], "is a directory"),
+        ([*art, "--out", str(tmp_path / "a.xyz")], "cannot write .xyz"),
+    ):
+        code, err = _refused(capsys, "plot_lora_space", args)
+        assert code == 2 and message in err, (args, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_text_dtype_checks_before_copying(tiny_artifacts_session, tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config.to_dict()))
+    other = tmp_path / "other.yaml"
+    experts = dataclasses.replace(tiny_config.experts, epochs=tiny_config.experts.epochs + 1)
+    other.write_text(yaml.safe_dump(dataclasses.replace(tiny_config, experts=experts).to_dict()))
+    copy = tmp_path / "copy"
+    base = ["--artifacts", str(tiny_artifacts_session), "--copy", str(copy)]
+    for args, message in (
+        (["--config", str(config), "--on", "val"], "has no val tasks"),  # the tiny config has none
+        (["--config", str(tmp_path / "nope.yaml")], "config file not found"),
+        (["--config", str(other)], "was built with other"),
+    ):
+        code, err = _refused(capsys, "eval_text_dtype", [*base, *args])
+        assert code == 1 and message in err and not copy.exists(), (args, err)
+
+
+def test_generator_learning_curve_refuses_bad_inputs(tiny_artifacts_session, tiny_config, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config.to_dict()))
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "curve"
+    art = ["--artifacts", str(tiny_artifacts_session)]
+    for args, message in (
+        (["--artifacts", str(tmp_path / "nope"), "--config", str(config), "--out", str(out)], "no artefacts there"),
+        ([*art, "--config", str(tmp_path / "nope.yaml"), "--out", str(out)], "config file not found"),
+        ([*art, "--config", str(config), "--out", str(tmp_path / "file")], "is a file"),
+        ([*art, "--config", str(ROOT / "configs" / "offline-default.yaml"), "--out", str(out)], "--config"),
+        ([*art, "--config", str(config), "--out", str(out)], "no validation tasks"),  # the tiny config has none
+    ):
+        code, err = _refused(capsys, "generator_learning_curve", args)
+        assert code == 2 and message in err and "--out directory" not in err and not out.exists(), (args, err)
