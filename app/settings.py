@@ -174,7 +174,7 @@ class Settings(BaseSettings):
         off), and N model threads use N cores. No OpenMP pool is oversubscribed: one that competes for
         busy cores can slow a forward down by an order of magnitude. On two cores a second model thread
         beside the event loop, which is idle most of the time, gave 1.4x the load test's answers per second
-        and 1.3x the 32-client benchmark's misses per second, at the same server-side hit latency
+        and 1.12x the 32-client benchmark's misses per second, at the same server-side hit latency
         (docs/benchmarks.md, release 0.9.11). On a GPU one model thread feeds the device.
         """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

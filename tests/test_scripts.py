@@ -318,7 +318,7 @@ def test_generator_learning_curve_refuses_bad_inputs(tiny_artifacts_session, tin
         (["--artifacts", str(tmp_path / "nope"), "--config", str(config), "--out", str(out)], "no artefacts there"),
         ([*art, "--config", str(tmp_path / "nope.yaml"), "--out", str(out)], "config file not found"),
         ([*art, "--config", str(config), "--out", str(tmp_path / "file")], "is a file"),
-        ([*art, "--config", str(ROOT / "configs" / "offline-default.yaml"), "--out", str(out)], "--config"),
+        ([*art, "--config", str(ROOT / "configs" / "offline-default.yaml"), "--out", str(out)], "was built with other"),
         ([*art, "--config", str(config), "--out", str(out)], "no validation tasks"),  # the tiny config has none
     ):
         code, err = _refused(capsys, "generator_learning_curve", args)
