@@ -42,9 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.generator is None:
-        print(f"error: {args.artifacts} has no generator", file=sys.stderr)
-        return 2
     a.backbone.set_text_dtype(getattr(torch, args.text_dtype))
     packed = a.engine
     plain = copy.copy(packed)

@@ -63,6 +63,19 @@ def same_experts(recorded: dict, config: dict) -> bool:
     return isinstance(recorded, dict) and filled(recorded) == filled(experts_settings(config))
 
 
+def foreign_repository(repository: ExpertRepository, config: dict, backbone: Backbone) -> str | None:
+    """Why ``repository`` is not the one the run of ``config`` built on ``backbone`` (copied in from another
+    run, or built on another backbone), or None."""
+    if repository.provenance is not None and not same_experts(repository.provenance, config):
+        return (
+            f"built from the experts of another run (trained with other {', '.join(EXPERT_SECTIONS)} settings "
+            "than config.json's); rerun the repository stage"
+        )
+    if repository.backbone_fingerprint not in backbone.fingerprints():
+        return "experts were built on another backbone"
+    return None
+
+
 # Files a completed stage always wrote and loading reads: each must be pinned (an edited manifest that drops one
 # would let any file load in its place).
 PINNED_BY = {"experts": ("config.json", "backbone/backbone.json"), "generator": (GENERATOR_CONFIG, GENERATOR_WEIGHTS)}
@@ -327,13 +340,8 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         repository = ExpertRepository.load(root / "repository", expect_spec=backbone.spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ArtifactError(str(e)) from e
-    if repository.provenance is not None and not same_experts(repository.provenance, config):
-        raise ArtifactError(
-            f"{root / 'repository'}: built from the experts of another run (trained with other "
-            f"{', '.join(EXPERT_SECTIONS)} settings than config.json's); rerun the repository stage"
-        )
-    if repository.backbone_fingerprint not in backbone.fingerprints():
-        raise ArtifactError(f"{root / 'repository'}: experts were built on another backbone")
+    if (foreign := foreign_repository(repository, config, backbone)) is not None:
+        raise ArtifactError(f"{root / 'repository'}: {foreign}")
     generator = load_generator(root, device) if "generator" in stages else None
     if generator is not None and generator.config.lora_dim != backbone.spec.num_params:
         raise ArtifactError(

@@ -267,9 +267,6 @@ def _snapshot_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-# Config sections fixed by the experts stage; prior, generator and evaluation may change later.
-
-
 def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
     if out.is_dir() and not (out / art.MANIFEST).exists():  # an empty or unrelated folder: no stage has run there
         raise ValueError(f"{out}: no stage has run there (no {art.MANIFEST}); run the pipeline from its 'experts' stage")
@@ -338,12 +335,10 @@ def _service_changes(
     except (OSError, ValueError) as e:  # damaged: rebuilt from the snapshots, as before
         _log(f"[repository] the existing {directory} does not load ({e}); building it from the snapshots alone")
         return [], []
-    if (old.provenance is not None and not art.same_experts(old.provenance, config)) or (
-        old.backbone_fingerprint not in backbone.fingerprints()
-    ):
+    if art.foreign_repository(old, config, backbone) is not None:
         _log(f"[repository] the existing {directory} holds another run's experts; building it from the snapshots alone")
         return [], []
-    kept = [e for e in map(old.__getitem__, old.names) if experts.get(e.name) != (e.description, e.num_snapshots)]
+    kept = [old[n] for n in old.names if experts.get(n) != (old[n].description, old[n].num_snapshots)]
     return kept, [n for n in experts if n not in old]
 
 
