@@ -606,14 +606,49 @@ class Service:
             raise APIError(422, field, f"the safetensors header is larger than {MAX_LORA_HEADER_BYTES} bytes: not a LoRA")
         try:
             tensors = load_safetensors(data)
+            metadata = safetensors_metadata(data)
         except (SafetensorError, ValueError, OSError, struct.error) as e:
             raise APIError(422, field, f"not a readable safetensors file: {e}") from e
+        if problem := self._layout_problem(metadata, field):
+            raise APIError(422, field, problem)
         try:
             vec = from_peft_tensors(self.spec, tensors)
             check_finite(vec, field)
         except ValueError as e:
             raise APIError(422, field, str(e)) from e
         return vec
+
+    def _layout_problem(self, metadata: dict[str, str], field: str) -> str | None:
+        """Why a file's SG-LoRA metadata (/generate's, GET /experts/{name}'s) says it is not a ``field`` (mean or
+        variance) of this repository's layout; None when it fits or carries none (a PEFT file: its shapes are
+        checked, its scale cannot be). The shapes alone pass a file of another alpha or scaling, which would then
+        be applied at this repository's scale, and a variance sent as a mean."""
+        fmt, part = metadata.get("format"), metadata.get("part")
+        if fmt is None and "lora_fingerprint" not in metadata:
+            return None
+        if fmt is not None and fmt not in ("sglora-lora", "sglora-expert"):
+            return f"the file's format is {fmt!r}, not an SG-LoRA LoRA or expert file"
+        held = part or "mean"  # a generation holds a LoRA: a mean
+        if held != field:
+            return f"the file holds an expert's {held}, not its {field}"
+        kind, own = metadata.get("backbone_kind"), self.artifacts.backbone.config.kind
+        if kind is not None and kind != own:
+            return f"the file was made for the {kind!r} backbone kind, this repository's is {own!r}"
+        mine = {"rank": self.spec.rank, "alpha": self.spec.alpha, "scaling": self.spec.scaling}
+        mine["lora_fingerprint"] = self.spec.fingerprint()
+        for key, value in mine.items():
+            if key not in metadata:
+                continue
+            try:
+                theirs = type(value)(metadata[key])
+            except ValueError:
+                return f"the file's {key} is {metadata[key]!r}, not a {type(value).__name__}"
+            if theirs != value:
+                return (
+                    f"the file's {key} is {metadata[key]!r}, this repository's {str(value)!r}: a LoRA of another "
+                    "layout or scale (its update would be applied at this repository's)"
+                )
+        return None
 
     async def add_expert(self, name: str, description: str, mean: bytes, variance: bytes | None, num_snapshots: int) -> str:
         """``description`` already normalised (``clean_text``). Every check runs before the repository is touched."""

@@ -138,6 +138,25 @@ def _weights_source(config: BackboneConfig) -> str:
     )
 
 
+def block_activation(block: nn.Module) -> str | None:
+    """The activation of an open_clip transformer block's MLP: "quick_gelu", "gelu" (exact), else None."""
+    act = getattr(getattr(block, "mlp", None), "gelu", None)
+    if isinstance(act, open_clip.transformer.QuickGELU):
+        return "quick_gelu"
+    if type(act) is nn.GELU and act.approximate == "none":
+        return "gelu"
+    return None
+
+
+def mlp_activation(visual: nn.Module) -> str | None:
+    """The activation of every MLP of an open_clip ViT tower ("quick_gelu" or "gelu"); None where it has no
+    blocks, or they use another or differ. OpenAI's weights need QuickGELU, and a model built with GELU runs
+    them without an error, only worse: the LoRA files name it, and merge_lora compares."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    acts = {block_activation(b) for b in blocks} if blocks is not None else set()
+    return acts.pop() if len(acts) == 1 else None
+
+
 def describe_config(config: BackboneConfig) -> str:
     """What :meth:`OpenClipBackbone.create` would build from ``config``, checked without weights (the
     architecture on the meta device): the model name, the weights' source, the activation and the LoRA

@@ -164,6 +164,7 @@ def peft_zip_from_weights(spec: LoraSpec, weights: bytes, base_model: str | None
         ):
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16  # else unzip makes them 0600: unreadable to a server of another user
             z.writestr(info, data)
     return buf.getvalue()
 
@@ -171,7 +172,7 @@ def peft_zip_from_weights(spec: LoraSpec, weights: bytes, base_model: str | None
 def layout_metadata(backbone, spec, version: str) -> dict:
     """What every LoRA file the project writes says of its backbone and layout (generations, experts)."""
     cfg = backbone.config
-    return {
+    meta = {
         "backbone": json.dumps(cfg.model if cfg.kind == "open_clip" else cfg.kind),
         "backbone_kind": cfg.kind,
         "rank": str(spec.rank),
@@ -181,6 +182,12 @@ def layout_metadata(backbone, spec, version: str) -> dict:
         "lora_fingerprint": spec.fingerprint(),
         "artifact_version": version,
     }
+    if cfg.kind == "open_clip":  # GELU or QuickGELU: the model name alone does not say (OpenAI's weights need QuickGELU)
+        from models.open_clip_backbone import mlp_activation
+
+        if act := mlp_activation(backbone.model.visual):
+            meta["activation"] = act
+    return meta
 
 
 def generation_metadata(a, description: str, g) -> dict:

@@ -34,14 +34,12 @@ if TYPE_CHECKING:
 
 
 def _activation(block: nn.Module) -> str:
-    from open_clip.transformer import QuickGELU
+    from models.open_clip_backbone import block_activation
 
-    act = getattr(block.mlp, "gelu", None)
-    if isinstance(act, QuickGELU):
-        return "quick_gelu"
-    if type(act) is nn.GELU and act.approximate == "none":
-        return "gelu"
-    raise ValueError(f"the MLP activation {type(act).__name__} has no HF CLIP equivalent")
+    act = block_activation(block)
+    if act is None:
+        raise ValueError(f"the MLP activation {type(getattr(block.mlp, 'gelu', None)).__name__} has no HF CLIP equivalent")
+    return act
 
 
 def _check_expressible(visual: nn.Module) -> None:

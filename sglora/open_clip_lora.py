@@ -29,9 +29,11 @@ For an HF ``transformers.CLIPModel``, load the zip of ``/generate`` (``Accept: a
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import weakref
+import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,8 +41,8 @@ import torch
 from torch import nn
 
 from models.lora import LoraSpec, check_finite
-from models.open_clip_backbone import qkv_target
-from sglora.export import from_peft_tensors
+from models.open_clip_backbone import mlp_activation, qkv_target
+from sglora.export import PEFT_WEIGHTS, from_peft_tensors
 from sglora.io import safetensors_metadata
 
 _TARGET = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.attn\.([qkv])")
@@ -52,17 +54,38 @@ Source = bytes | bytearray | memoryview | str | Path | BinaryIO
 
 
 def _read_bytes(source: Source) -> bytes:
+    """The safetensors bytes of ``source``; a PEFT adapter folder, or its zip (what ``/generate`` answers to
+    ``Accept: application/zip``), gives its ``adapter_model.safetensors``, the same file."""
     if isinstance(source, str | Path):
-        return Path(source).read_bytes()
+        path = Path(source)
+        if path.is_dir():
+            weights = path / PEFT_WEIGHTS
+            if not weights.is_file():
+                raise ValueError(f"{path} is a folder without {PEFT_WEIGHTS}: not a PEFT adapter folder")
+            path = weights
+        return _unzipped(path.read_bytes())
     if isinstance(source, bytes | bytearray | memoryview):
-        return bytes(source)
+        return _unzipped(bytes(source))
     read = getattr(source, "read", None)
     if callable(read):  # an open file, io.BytesIO, a response body
         data = read()
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ValueError(f"the file object gave {type(data).__name__}, not bytes: open the file in binary mode ('rb')")
-        return bytes(data)
+        return _unzipped(bytes(data))
     raise ValueError(f"a LoRA source is a path, bytes or a binary file object, not {type(source).__name__}")
+
+
+def _unzipped(data: bytes) -> bytes:
+    """``data``, or the ``adapter_model.safetensors`` inside it where it is a zip."""
+    if not data.startswith(b"PK\x03\x04"):
+        return data
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return z.read(PEFT_WEIGHTS)
+    except KeyError:
+        raise ValueError(f"a zip without {PEFT_WEIGHTS}: not a zipped PEFT adapter folder") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as e:
+        raise ValueError(f"an unreadable zip: {e}") from e
 
 
 def read_lora(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -119,6 +142,12 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
             f"{type(visual).__name__} is not an open_clip ViT visual tower (no transformer.resblocks): merge_lora adapts "
             "open_clip ViTs; for an HF CLIPModel load the PEFT zip of /generate with peft.PeftModel.from_pretrained"
         )
+    own, theirs = mlp_activation(visual), metadata.get("activation")
+    if theirs is not None and own is not None and own != theirs:
+        raise ValueError(
+            f"this LoRA was made on a model whose MLPs use {theirs}, this model's use {own}: build the model with the "
+            f"activation of the artefacts' backbone (OpenAI's weights need QuickGELU, e.g. 'ViT-B-16-quickgelu')"
+        )
     blocks = list(blocks)
     targets = []
     for name in names:
@@ -150,6 +179,8 @@ class MergedLora:
         base = {t.param: params[t.param] for t in spec.targets}
         with torch.no_grad():
             merged = spec.deltas(vector.to(next(iter(base.values())).device), base)  # computed before any write
+            if not all(torch.isfinite(w).all() for w in merged.values()):
+                raise ValueError("merged into the model, this LoRA gives non-finite weights: its values are too large")
             self._saved = {name: params[name].detach().clone() for name in merged}
             for name, w in merged.items():
                 params[name].copy_(w)
@@ -188,7 +219,8 @@ class MergedLora:
 
 
 def merge_lora(model: nn.Module, source: Source) -> MergedLora:
-    """Adds the LoRA of ``source`` (a file path, its bytes or a binary file object) to ``model``'s visual
+    """Adds the LoRA of ``source`` (a file path, its bytes or a binary file object; or a PEFT adapter folder
+    or its zip, as ``/generate`` answers ``Accept: application/zip``) to ``model``'s visual
     tower in place (an ``open_clip.CLIP``, or its ``.visual``); returns the handle that restores the
     weights. Several merges on one model are restored last in, first out."""
     visual = getattr(model, "visual", model)

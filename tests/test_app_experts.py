@@ -180,6 +180,51 @@ def test_download_an_expert_and_register_it_back(app_root):
     assert torch.equal(copy.embedding, repo["circle"].embedding)
 
 
+def test_a_file_whose_metadata_names_another_layout_or_part_is_refused(app_root):
+    """The shapes alone pass a LoRA of another alpha (applied here at this repository's scale) and a variance
+    sent as the mean; the metadata /generate and GET /experts write says so, and is read. A PEFT file without
+    it is still taken (its shapes are all there is to check)."""
+    import json
+
+    client, root = app_root
+    repo = ExpertRepository.load(root / "repository")
+    mean, variance = client.get("/experts/circle").content, client.get("/experts/circle", params={"part": "variance"}).content
+
+    def with_meta(data: bytes, **changes) -> bytes:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header["__metadata__"].update(changes)
+        raw = json.dumps(header).encode()
+        return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+    def post(name: str, m: bytes, v: bytes | None = None):
+        files = {"mean": ("m.safetensors", m, "application/octet-stream")}
+        if v is not None:
+            files["variance"] = ("v.safetensors", v, "application/octet-stream")
+        data = {"name": name, "description": "a red circle", "num_snapshots": "3"}
+        return client.post("/experts", data=data, files=files, headers=ADMIN)
+
+    cases = [
+        (with_meta(mean, alpha="8.0"), None, "mean", "alpha"),
+        (with_meta(mean, scaling="rslora"), None, "mean", "scaling"),
+        (with_meta(mean, lora_fingerprint="0" * 16), None, "mean", "lora_fingerprint"),
+        (with_meta(mean, backbone_kind="offline"), None, "mean", "backbone kind"),
+        (with_meta(mean, format="safetensors-dump"), None, "mean", "format"),
+        (variance, None, "mean", "variance, not its mean"),
+        (mean, mean, "variance", "mean, not its variance"),
+    ]
+    for m, v, field, words in cases:
+        r = post("refused", m, v)
+        assert r.status_code == 422, (words, r.text)
+        assert r.json()["detail"]["field"] == field and words in r.json()["detail"]["reason"], r.json()
+    assert "refused" not in load_artifacts(root).repository
+    # A generation (format sglora-lora, no part) is a mean of this layout; a bare PEFT file carries no metadata.
+    generated = client.post("/generate", json={"description": "a red circle", "seed": 1}).content
+    assert post("from-generate", generated).status_code == 201
+    bare = save(to_peft_tensors(repo.spec, repo["circle"].mean))
+    assert post("from-peft", bare).status_code == 201
+
+
 def test_downloading_an_expert_refuses_bad_requests_by_name(app_root):
     client, _ = app_root
     cases = [

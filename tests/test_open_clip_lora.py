@@ -216,3 +216,81 @@ def test_hf_vision_model_refuses_what_hf_clip_cannot_express(reference):
         hf_vision_model(model)
     with pytest.raises(ValueError, match="not an open_clip VisionTransformer: Linear"):
         hf_vision_model(torch.nn.Linear(2, 2))
+
+
+def test_a_peft_folder_or_its_zip_merges_as_the_file_does(client, generated, reference, tmp_path):
+    """What /generate answers to Accept: application/zip, zipped or unzipped, holds the same file."""
+    import io
+    import os
+    import stat
+    import subprocess
+    import zipfile
+
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    body = {"description": "a red circle", "seed": 3}  # generated[0]'s request
+    zipped = client.post("/generate", json=body, headers={"Accept": "application/zip"}).content
+    with merge_lora(model, generated[0]):
+        expected = _embed(model, pixels)
+    (tmp_path / "a.zip").write_bytes(zipped)
+    zipfile.ZipFile(io.BytesIO(zipped)).extractall(tmp_path / "adapter")
+    for source in (zipped, tmp_path / "a.zip", str(tmp_path / "adapter")):
+        with merge_lora(model, source):
+            torch.testing.assert_close(_embed(model, pixels), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="folder without adapter_model.safetensors"):
+        merge_lora(model, tmp_path)
+    with pytest.raises(ValueError, match="zip without adapter_model.safetensors"):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("other.txt", b"x")
+        merge_lora(model, buf.getvalue())
+    assert _same(model, own)
+    # Extracted with unzip under the usual umask, the files are readable by others (a server of another user).
+    if shutil_which("unzip"):
+        subprocess.run(["unzip", "-q", str(tmp_path / "a.zip"), "-d", str(tmp_path / "u")], check=True, env={**os.environ})
+        for f in (tmp_path / "u").iterdir():
+            assert f.stat().st_mode & stat.S_IROTH, f
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+@pytest.mark.parametrize("alpha", ["inf", "-inf", "nan", "0", "-2"])
+def test_an_alpha_that_is_not_a_finite_positive_number_is_refused(generated, reference, alpha):
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        merge_lora(model, _with_metadata(generated[0], alpha=alpha))
+    assert _same(model, own)
+
+
+def test_values_that_overflow_the_merged_weights_are_refused(generated, reference):
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors, meta = read_lora(generated[0])
+    big = {k: torch.full_like(v, 3e38) for k, v in tensors.items()}
+    with pytest.raises(ValueError, match="non-finite weights"):
+        merge_lora(model, save(big, metadata=meta))
+    with pytest.raises(ValueError, match="non-finite weights"):  # a finite alpha beyond float32's range
+        merge_lora(model, _with_metadata(generated[0], alpha="1e39"))
+    assert _same(model, own)
+
+
+def test_a_model_of_the_other_activation_is_refused(generated, reference):
+    """The files name their backbone's MLP activation: OpenAI's weights in a GELU model run without an error,
+    only worse, so a LoRA made on the QuickGELU model is refused there (and the other way round)."""
+    from models.open_clip_backbone import mlp_activation
+
+    _, meta = read_lora(generated[0])
+    assert meta["activation"] == mlp_activation(reference.backbone.model.visual) == "gelu"
+    model = copy.deepcopy(reference.backbone.model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="MLPs use quick_gelu, this model's use gelu"):
+        merge_lora(model, _with_metadata(generated[0], activation="quick_gelu"))
+    assert _same(model, own)
+    with merge_lora(model, _with_metadata(generated[0], activation="gelu")):  # its own: merged
+        pass
