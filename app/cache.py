@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from app.metrics import Metrics
 from sglora import __version__
@@ -89,6 +89,13 @@ class RedisCache:
         self._next_backoff = self.backoff_min_s  # the period the next failure starts
         self._writing: dict[str, bytes] = {}  # values of write-behind sets still on their way to Redis
         self._writes: set[asyncio.Task] = set()
+        # Write-behind tasks in flight at most: beyond, a write is dropped (counted), so that under load writes
+        # never take every pooled connection from the lookups.
+        self.max_writes = max(1, max_connections // 2)
+        # Redis answering writes with a refusal (out of memory under noeviction, a read-only replica): writes
+        # are skipped until then, reads go on (the entries it holds are still good).
+        self._writes_refused_until = 0.0
+        self._next_write_backoff = self.backoff_min_s
         self._client: Redis | None = None
         self._pool: BlockingConnectionPool | None = None
         if url:
@@ -101,9 +108,15 @@ class RedisCache:
                 timeout=timeout_s,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),  # the default retries would multiply the timeout
+                # One retry, on a closed connection only: a pooled connection that Redis, a proxy or a restart
+                # closed while it idled fails on its next use, and that is no outage. A timeout is not retried
+                # (the default retries would multiply it).
+                retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
                 decode_responses=False,
                 health_check_interval=0,
+                # RESP2: under redis-py 8's RESP3 default its maintenance notifications ("auto") keep a pooled
+                # connection from being checked for a close before use (one failure, one back-off, per idle spell).
+                protocol=2,
             )
             self._client = Redis(connection_pool=self._pool)
 
@@ -158,8 +171,12 @@ class RedisCache:
         self._succeeded(started)
         return value, True
 
+    def writable(self) -> bool:
+        """False when disabled, backing off, or while Redis refuses writes (see :meth:`set_many`)."""
+        return self.available() and time.monotonic() >= self._writes_refused_until
+
     async def set_many(self, items: dict[str, bytes]) -> bool:
-        if not self.available() or not items:
+        if not self.writable() or not items:
             return False
         assert self._client is not None
         started = time.monotonic()
@@ -168,16 +185,30 @@ class RedisCache:
                 for k, v in items.items():
                     pipe.set(self.prefix + k, v, ex=self.ttl_s)
                 await pipe.execute()
+        except ResponseError as e:
+            # Redis answered, refusing the write (OOM under noeviction, READONLY, NOPERM): what it holds can
+            # still be read, so only writes back off.
+            self.metrics.redis_errors.labels(op="set").inc()
+            period = self._next_write_backoff
+            self._writes_refused_until = time.monotonic() + period
+            self._next_write_backoff = min(2 * period, self.backoff_s)
+            log.warning("redis refused a write (%s); skipping writes for %.2f s, reads go on", e, period)
+            return False
         except (RedisError, OSError) as e:
             self._failed("set", e, started)
             return False
         self._succeeded(started)
+        self._next_write_backoff = self.backoff_min_s
         return True
 
     def set_behind(self, items: dict[str, bytes]) -> None:
         """``set_many`` in a background task: the response need not wait for Redis. Until the write
-        lands, ``get`` answers these keys from memory; ``close`` waits for the writes in flight."""
-        if not self.available() or not items:
+        lands, ``get`` answers these keys from memory; ``close`` waits for the writes in flight. With
+        :attr:`max_writes` in flight already, the write is dropped and counted."""
+        if not self.writable() or not items:
+            return
+        if len(self._writes) >= self.max_writes:
+            self.metrics.cache_writes_dropped.inc()
             return
         self._writing.update(items)
 
@@ -194,7 +225,8 @@ class RedisCache:
         task.add_done_callback(self._writes.discard)
 
     async def ping(self) -> str:
-        """'ok', 'degraded' (unreachable or backing off) or 'disabled'. A success ends a back-off early."""
+        """'ok', 'degraded' (unreachable, or refusing writes) or 'disabled'. A success ends a back-off early
+        (the read back-off: a ping says nothing of writes)."""
         if self._client is None:
             return "disabled"
         started = time.monotonic()
@@ -206,7 +238,7 @@ class RedisCache:
         if started >= self._tripped_at:
             self._skip_until = 0.0
         self._succeeded(started)
-        return "ok"
+        return "ok" if time.monotonic() >= self._writes_refused_until else "degraded"
 
     async def close(self) -> None:
         if self._writes:

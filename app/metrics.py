@@ -97,6 +97,11 @@ class Metrics:
             registry=r,
         )
         self.redis_errors = Counter("sglora_redis_errors", "failed Redis calls", ["op"], registry=r)
+        self.cache_writes_dropped = Counter(
+            "sglora_cache_writes_dropped",
+            "write-behind cache writes dropped because too many were already in flight",
+            registry=r,
+        )
         self.batch_size = Histogram("sglora_batch_size", "descriptions per text-encoder call", buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge("sglora_in_flight_requests", "HTTP requests being served", registry=r)
         self.queue_depth = Gauge("sglora_queue_depth", "jobs waiting for or in the model worker", registry=r)

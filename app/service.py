@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import struct
@@ -433,11 +434,14 @@ class Service:
             self.metrics.cache.labels(result="hit" if data is not None else ("error" if failed else "miss")).inc()
             if data is not None:
                 etag = etag_of(data)
+                known = self.lru.get(etag) is not None
                 self.lru.put(etag, data)
                 self.hot.put(key, etag, metadata)
                 # Its ETag pointer may have been evicted (allkeys-lru: /retrieve alone reads it) while the
                 # file, read by every repeat, stayed: this answer hands the ETag out, so /retrieve must find it.
-                self.cache.set_behind({"etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
+                # Once per stay in the LRU: with the hot keys off, every hit rewrote it, doubling Redis's calls.
+                if not known:
+                    self.cache.set_behind({"etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
@@ -523,9 +527,13 @@ class Service:
         key = normalise_etag(etag)
         data = self.lru.get(key)
         if data is None:
-            data, _ = await self.cache.get("etag:" + key)
+            data, ok = await self.cache.get("etag:" + key)
             if data is not None and data.startswith(ETAG_POINTER):
-                data, _ = await self.cache.get(data[len(ETAG_POINTER) :].decode(errors="replace"))
+                data, ok = await self.cache.get(data[len(ETAG_POINTER) :].decode(errors="replace"))
+            if data is None and not ok and self.cache.enabled and not self.cache.available():  # an outage
+                retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
+                reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"
+                raise APIError(503, "etag", reason, headers={"Retry-After": retry})
         if data is None or etag_of(data) != key:
             raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")
         self.lru.put(key, data)

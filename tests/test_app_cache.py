@@ -472,3 +472,130 @@ def test_only_wrongtype_is_a_keys_problem_other_refusals_back_off():
     assert asyncio.run(cache.get("k")) == (None, False) and cache.available()
     fake.fail = redis.exceptions.NoPermissionError("NOPERM User has no permissions to run the 'get' command")
     assert asyncio.run(cache.get("k")) == (None, False) and not cache.available()
+
+
+def _redis_errors(c) -> float:
+    return sum(v for (name, _), v in samples(c).items() if name == "sglora_redis_errors_total")
+
+
+def test_a_connection_redis_closed_while_idle_is_replaced_without_an_error(private_redis, make_settings):
+    """Redis's idle `timeout`, a proxy or a restart closes pooled connections: the next call on one failed, was
+    counted as an outage and switched the cache off for a back-off period, after every idle spell."""
+    settings = make_settings(redis_url=private_redis.url, hot_keys=0)
+    body = {"description": "an idle circle", "seed": 2}
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        errors, cache_errors = _redis_errors(c), cache_events(c, "error")
+        admin = redis.Redis.from_url(private_redis.url)
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1  # the service's pooled connections
+        for _ in range(2):
+            assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert (_redis_errors(c), cache_events(c, "error")) == (errors, cache_errors)
+        assert c.app.state.service.cache.available()
+
+
+def test_refused_writes_stop_writes_alone_and_show_in_ready(private_redis, make_settings):
+    """Redis out of memory under noeviction (or a read-only replica) refuses writes but still answers reads: the
+    entries it holds kept being hit only 3 times in 20, since a refused write switched the whole cache off."""
+    settings = make_settings(redis_url=private_redis.url, hot_keys=0, redis_backoff_min_s=0.3, redis_backoff_s=0.6)
+    held = {"description": "a held square", "seed": 1}
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        assert c.post("/generate", json=held).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not cache._writing)
+        admin = redis.Redis.from_url(private_redis.url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        for i in range(5):
+            assert c.post("/generate", json={"description": f"a refused square {i}", "seed": 1}).headers["x-cache"] == "miss"
+            assert wait_for(lambda: not cache._writing)
+            assert c.post("/generate", json=held).headers["x-cache"] == "hit"  # reads go on
+        refused = samples(c)[("sglora_redis_errors_total", (("op", "set"),))]
+        assert refused >= 1 and samples(c)[("sglora_redis_errors_total", (("op", "get"),))] == 0
+        assert c.get("/ready").json()["redis"] == "degraded"
+        admin.config_set("maxmemory", 0)
+        assert wait_for(lambda: cache.writable())
+        assert c.get("/ready").json()["redis"] == "ok"
+        new = {"description": "a square written again", "seed": 1}
+        assert c.post("/generate", json=new).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not cache._writing)
+        assert c.post("/generate", json=new).headers["x-cache"] == "hit"
+
+
+def test_hits_from_redis_write_nothing_once_the_etag_is_in_memory(private_redis, make_settings):
+    """With the hot keys off every hit from Redis wrote its ETag pointer again: twice Redis's calls under load."""
+    settings = make_settings(redis_url=private_redis.url, hot_keys=0)
+    body = {"description": "a quiet hexagon", "seed": 6}
+    admin = redis.Redis.from_url(private_redis.url)
+
+    def sets() -> int:
+        return int(admin.info("commandstats").get("cmdstat_set", {}).get("calls", 0))
+
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+        before = sets()
+        for _ in range(5):
+            assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+        assert sets() == before
+
+
+def test_write_behind_tasks_are_capped_and_the_rest_counted():
+    cache = RedisCache("redis://127.0.0.1:1/0", 60, "t:", 0.2, backoff_s=5.0, metrics=Metrics(), max_connections=4)
+    assert cache.max_writes == 2
+
+    class Pipe:
+        gate = asyncio.Event()
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        def set(self, *a, **k):
+            pass
+
+        async def execute(self):
+            await Pipe.gate.wait()
+
+    class Client:
+        def pipeline(self, transaction=False):
+            return Pipe()
+
+    cache._client = Client()
+
+    async def scenario() -> tuple[int, bool]:
+        Pipe.gate = asyncio.Event()
+        for i in range(5):
+            cache.set_behind({f"k{i}": b"v"})
+        await asyncio.sleep(0)
+        in_flight, kept = len(cache._writes), "k4" in cache._writing
+        Pipe.gate.set()
+        await asyncio.gather(*cache._writes)
+        return in_flight, kept
+
+    assert asyncio.run(scenario()) == (2, False)
+    dropped = [
+        s.value for f in cache.metrics.registry.collect() for s in f.samples if s.name == "sglora_cache_writes_dropped_total"
+    ]
+    assert dropped == [3.0]
+
+
+def test_retrieve_by_etag_while_redis_is_out_is_a_503_not_a_404(private_redis, make_settings):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2)
+    with TestClient(create_app(settings)) as c:
+        made = c.post("/generate", json={"description": "an etag kept in redis", "seed": 3})
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+    private_redis.stop()
+    with TestClient(
+        create_app(make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, cache_prefix=settings.cache_prefix))
+    ) as c:
+        r = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
+        assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
+        assert r.json()["detail"]["field"] == "etag" and "unreachable" in r.json()["detail"]["reason"]

@@ -49,6 +49,7 @@ def _ranking(s: Scores) -> Ranking:
         413: {"description": "an image is too large"},
         415: {"description": "the body is not multipart/form-data"},
         422: {"description": "bad input; `field` names it"},
+        503: {"description": "by `etag`: the cache that holds it is unreachable; retry after `Retry-After` seconds"},
     },
     dependencies=[MultipartBody],
 )
