@@ -162,7 +162,8 @@ def figure_path_problem(path: Path, flag: str = "--out") -> str | None:
 def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` streamed to disk (large weights), with a failed write (disk full, a file
     size limit) raised as the OSError it is: safetensors raises its own error type, which reached users as a
-    traceback."""
+    traceback. The file gets the mode a plain ``open`` would give it (0666 less the umask): safetensors
+    creates it 0600, which a server running as another user than the trainer could not read."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -170,6 +171,7 @@ def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:
         raise OSError(f"{path}: {e}") from e
+    os.chmod(path, 0o666 & ~umask())
 
 
 def canonical_safetensors(data: bytes) -> bytes:

@@ -17,6 +17,11 @@ def clean_text(v: str) -> str:
     bad = next((ch for ch in v if unicodedata.category(ch) == "Cc"), None)
     if bad is not None:
         raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
+    # A lone surrogate: bytes that were not UTF-8 (a shell argument read with surrogateescape). The API
+    # refuses them while parsing; written into a file's metadata they make it unreadable.
+    bad = next((ch for ch in v if unicodedata.category(ch) == "Cs"), None)
+    if bad is not None:
+        raise ValueError(f"must be valid UTF-8 text (found the undecodable U+{ord(bad):04X})")
     if all(ch == " " or unicodedata.category(ch) == "Cf" for ch in v):
         raise ValueError("must contain a visible character (only spaces and invisible format characters found)")
     return v

@@ -48,6 +48,10 @@ def _write(tmp_path, text):
         ("evaluation: {methods: []}", r"evaluation\.methods: empty"),  # a results table of no methods
         ("split: {experts: 1}\ngenerator: {include_experts: true}", r"generator\.include_experts needs at least 2 experts"),
         ("split: {experts: [a]}\ngenerator: {include_experts: true}", r"split\.experts is \('a',\)"),
+        # The generator stage's refusals, once found only after every expert had trained:
+        ("split: {train: 0}", r"the generator needs training tasks: set split\.train > 0"),
+        ("split: {train: {fashion: 0}}", r"the generator needs training tasks"),
+        ("generator: {patience: 2}", r"generator\.patience needs validation tasks \(split\.val > 0\)"),
         ("experts: {epochs: 5}\nprior: {top_k: 2}\nexperts: {lr: 0.01}\n", "the key 'experts' is given twice"),
         ("", "the config is empty"),  # all defaults would be a random-weight ViT-B-16
         ("# a comment only\n", "the config is empty"),
@@ -73,6 +77,22 @@ def test_dataset_paths_are_relative_to_the_config_file_also_in_combined_sources(
     monkeypatch.chdir(tmp_path)  # the working directory is not the config's folder
     cfg = load_config(_write(tmp_path / "cfg", text))
     assert cfg.data.sources[0].path == str((tmp_path / "ds").resolve()) and cfg.data.sources[1].path is None
+
+
+def test_a_relative_checkpoint_path_is_made_absolute_and_a_tag_left_alone(tmp_path, monkeypatch):
+    """Artefacts on a pretrained checkpoint rebuild the backbone from it: a relative path loaded only from the
+    folder the pipeline ran in."""
+    (tmp_path / "cfg" / "weights").mkdir(parents=True)
+    (tmp_path / "cfg" / "weights" / "vit.pt").write_bytes(b"x")
+    (tmp_path / "cwd.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    for given, want in (
+        ("weights/vit.pt", tmp_path / "cfg" / "weights" / "vit.pt"),  # beside the config
+        ("cwd.pt", tmp_path / "cwd.pt"),  # in the working directory
+        ("openai", "openai"),  # a tag
+    ):
+        cfg = load_config(_write(tmp_path / "cfg", f"backbone: {{model: ViT-B-32, pretrained: {given}}}"))
+        assert cfg.backbone.pretrained == str(want)
 
 
 def test_yaml_merge_keys_still_load_and_an_unhashable_key_is_named(tmp_path):

@@ -201,10 +201,33 @@ def test_stage_by_stage_and_nan_snapshot_is_refused(tiny_config, tmp_path, capsy
     assert main(["pipeline", "--config", str(cfg_path), "--out", str(out), "--stage", "repository"]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert not (out / "repository").exists()
-    # The same config into the same folder resumes; another config is refused.
-    other = dataclasses.replace(tiny_config, name="other")
-    with pytest.raises(ValueError, match="another config"):
+    # The same config into the same folder resumes; other experts settings are refused.
+    other = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, lr=0.5))
+    with pytest.raises(ValueError, match=r"another config \(experts differ\)"):
         run_pipeline(other, out, ("experts",))
+
+
+def test_a_full_rerun_with_new_generator_settings_keeps_the_experts(tiny_artifacts, tiny_config, capsys):
+    """The whole pipeline rerun with another generator setting was refused ("use a new --out directory"), which
+    threw every trained expert away, although --stage generator takes exactly that change."""
+    from sglora.artifacts import STAGES
+    from training.pipeline import run_pipeline
+
+    before = {p.name: p.read_bytes() for p in (tiny_artifacts / "snapshots").glob("*.safetensors")}
+    built = json.loads((tiny_artifacts / "config.json").read_text())
+    cfg = dataclasses.replace(
+        tiny_config, generator=dataclasses.replace(tiny_config.generator, epochs=built["generator"]["epochs"] + 1)
+    )
+    capsys.readouterr()
+    run_pipeline(cfg, tiny_artifacts)
+    out, err = capsys.readouterr()
+    assert "tasks already trained (resumed); trained 0" in out
+    n = len(before)
+    assert "experts: 100%" in err and f" {n}/{n} " in err and f" 0/{n} " not in err  # the bar starts at the trained tasks
+    assert {p.name: p.read_bytes() for p in (tiny_artifacts / "snapshots").glob("*.safetensors")} == before
+    assert json.loads((tiny_artifacts / "config.json").read_text())["generator"]["epochs"] == built["generator"]["epochs"] + 1
+    assert set(json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]) == set(STAGES)
+    load_artifacts(tiny_artifacts)
 
 
 def test_too_few_samples_names_the_task(tiny_config, tmp_path):
@@ -398,6 +421,11 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     assert a.lora_file("a photo of a circle", seed=2, zipped=True)[0] == (tmp_path / "c.ZIP").read_bytes()
     with pytest.raises(ValueError, match="description must not contain control characters"):
         a.lora_file("a photo\x00of a circle", seed=2)
+    # Bytes that were not UTF-8 (a shell argument): the file's metadata could not have been read back.
+    with pytest.raises(ValueError, match="must be valid UTF-8 text"):
+        a.lora_file("a\udcff photo", seed=2)
+    assert main(["generate", "a\udcff photo", "--artifacts", str(tiny_artifacts_session), "--out", str(tmp_path / "u.safetensors")]) == 2
+    assert not (tmp_path / "u.safetensors").exists()
     with pytest.raises(TypeError, match="description must be a string, got int"):
         a.lora_file(42, seed=2)
 
@@ -489,6 +517,13 @@ def test_artefacts_take_the_umask_like_any_file(tiny_artifacts_session):
     assert ((tiny_artifacts_session / "manifest.json").stat().st_mode & 0o777) == 0o666 & ~mask
     assert ((tiny_artifacts_session / "generator").stat().st_mode & 0o777) == 0o777 & ~mask
     assert ((tiny_artifacts_session / "generator" / "cvae.safetensors").stat().st_mode & 0o777) == 0o666 & ~mask
+    # Every file and folder, the backbone's weights included (safetensors' save_file creates them 0600).
+    wrong = {
+        str(p.relative_to(tiny_artifacts_session)): oct(p.stat().st_mode & 0o777)
+        for p in tiny_artifacts_session.rglob("*")
+        if (p.stat().st_mode & 0o777) != (0o777 if p.is_dir() else 0o666) & ~mask
+    }
+    assert wrong == {}
 
 
 @pytest.mark.parametrize(
@@ -757,6 +792,8 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
         assert main(["evaluate", "--artifacts", str(tiny_artifacts)]) == 2
         assert f"{tiny_artifacts} is not writable" in capsys.readouterr().err
     (tiny_artifacts / ".generator.x1.tmp").mkdir()  # SIGKILL inside atomic_dir
+    (tiny_artifacts / ".eval-val.x3.tmp").mkdir()  # ... of `sglora evaluate --on val`
+    (tiny_artifacts / ".eval-val-partial.x4.tmp").mkdir()
     (tiny_artifacts / ".notes.tmp").write_text("not the pipeline's")
     (tiny_artifacts / "snapshots" / ".circle.safetensors.x2.tmp").write_bytes(b"half")
     (tiny_artifacts / ".backbone.old").mkdir()  # killed after the replacement: the old copy stayed

@@ -213,9 +213,17 @@ class PipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
-        experts = self.split.experts
-        n = len(experts) if isinstance(experts, tuple) else sum(experts.values()) if isinstance(experts, dict) else experts
-        if self.generator.include_experts and n < 2:  # found only after the experts stage otherwise
+        # What the generator stage would refuse, refused here: else found only after the experts stage.
+        def count(role: str) -> int:
+            value = getattr(self.split, role)
+            return len(value) if isinstance(value, tuple) else sum(value.values()) if isinstance(value, dict) else value
+
+        experts, n = self.split.experts, count("experts")
+        if count("train") == 0 and not self.generator.include_experts:
+            raise ValueError("the generator needs training tasks: set split.train > 0 or generator.include_experts")
+        if self.generator.patience is not None and count("val") == 0:
+            raise ValueError("generator.patience needs validation tasks (split.val > 0) to watch")
+        if self.generator.include_experts and n < 2:
             raise ValueError(
                 f"generator.include_experts needs at least 2 experts (split.experts is {experts!r}): an expert "
                 "trains the generator against the prior of the other experts, and a lone expert has none"
@@ -334,7 +342,16 @@ def load_config(path: str | Path) -> PipelineConfig:
     if data is None:  # every setting defaulted would be a random-weight ViT-B-16: surely not what was meant
         raise ValueError(f"{path}: the config is empty (write {{}} to take every default)")
     cfg = from_dict(PipelineConfig, data)
-    return dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
+    cfg = dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
+    pretrained = cfg.backbone.pretrained
+    if pretrained and not Path(pretrained).is_absolute():
+        # A checkpoint file relative to the config's folder (as data paths are), else to the working directory:
+        # stored absolute, so that the artefacts (which rebuild the backbone from it) load from any working
+        # directory, not only the one trained in. A tag ("openai") names no file and stays as it is.
+        found = next((c for c in (path.parent / pretrained, Path(pretrained)) if c.is_file()), None)
+        if found is not None:
+            cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(found.resolve())))
+    return cfg
 
 
 def _resolve_paths(data: DataConfig, base: Path) -> DataConfig:

@@ -185,8 +185,13 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
         existing = _built_config(out)
         wanted = cfg.to_dict()
         changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-        if changed:
-            raise ValueError(f"{out} was built with another config ({', '.join(changed)} differ); use a new --out directory")
+        if expert_changes := [k for k in changed if k in art.EXPERT_SECTIONS]:
+            raise ValueError(
+                f"{out} was built with another config ({', '.join(expert_changes)} differ): its experts were trained "
+                "with other settings; use a new --out directory"
+            )
+        # Only later stages' settings differ (the generator's, the evaluation's): the experts are kept, and
+        # config.json keeps naming what the later stages were built with until each of them runs again.
     manifest = art.read_manifest(out) if (out / art.MANIFEST).exists() else {}  # refuses a damaged one by name
     _check_data(out, manifest, data)
     if built and (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
@@ -194,7 +199,8 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     backbone = create_backbone(cfg.backbone, device=device)
     with atomic_dir(out / "backbone") as tmp:
         art.save_backbone(tmp, backbone, cfg.to_dict()["backbone"])
-    write_json(out / "config.json", cfg.to_dict())
+    if not built:  # else config.json exists (checked above) and its expert sections are these
+        write_json(out / "config.json", cfg.to_dict())
     write_json(out / "splits.json", splits.to_dict())
     cache = FeatureCache(backbone)
     fp = backbone.spec.fingerprint()
@@ -203,13 +209,18 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     pinned = manifest.get("files", {})
     kept = _check_snapshot_data(out, tasks, data)
     trained = []
-    for name in tqdm(tasks, desc="experts", unit="task"):
-        path = out / "snapshots" / f"{name}.safetensors"
+    todo = []
+    for name in tasks:
         rel = f"snapshots/{name}.safetensors"
         if name in kept and kept[name].get("lora_fingerprint") == fp:
-            if rel not in pinned or sha256_file(path) == pinned[rel]:
+            if rel not in pinned or sha256_file(out / rel) == pinned[rel]:
                 continue  # resumable: trained by an earlier run (pinned, or not yet: that run was interrupted)
             _log(f"[experts] {name}: its snapshot file differs from the one the manifest pins; training it again")
+        todo.append(name)
+    # The bar starts at the tasks already trained: counted as done in no time, they made its rate and time
+    # left after a resume a fraction of the real ones.
+    for name in tqdm(todo, desc="experts", unit="task", total=len(tasks), initial=len(tasks) - len(todo)):
+        path = out / "snapshots" / f"{name}.safetensors"
         trained.append(name)
         task = prepare_task(backbone, dataset, name, cache)
         snaps = train_expert(backbone, task, cfg.experts)
@@ -792,7 +803,10 @@ STAGE_FUNCS = {"experts": stage_experts, "repository": stage_repository, "genera
 PIPELINE_LOCK = ".pipeline.lock"
 # What the stages write at the top of an artefact directory (atomic_path/atomic_dir name their temporary
 # copies ".NAME.<random>.tmp", and a replaced folder's old copy ".NAME.old"); snapshots/ holds TASK.safetensors.
-OWN_FILES = ("backbone", "repository", "generator", "eval", "eval-partial", "config.json", "splits.json", art.MANIFEST)
+OWN_FILES = (
+    "backbone", "repository", "generator", "eval", "eval-partial", "eval-val", "eval-val-partial", "config.json", "splits.json",
+    art.MANIFEST,
+)  # fmt: skip
 
 
 @contextmanager
