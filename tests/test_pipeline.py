@@ -424,7 +424,8 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     # Bytes that were not UTF-8 (a shell argument): the file's metadata could not have been read back.
     with pytest.raises(ValueError, match="must be valid UTF-8 text"):
         a.lora_file("a\udcff photo", seed=2)
-    assert main(["generate", "a\udcff photo", "--artifacts", str(tiny_artifacts_session), "--out", str(tmp_path / "u.safetensors")]) == 2
+    args = ["generate", "a\udcff photo", "--artifacts", str(tiny_artifacts_session), "--out", str(tmp_path / "u.safetensors")]
+    assert main(args) == 2
     assert not (tmp_path / "u.safetensors").exists()
     with pytest.raises(TypeError, match="description must be a string, got int"):
         a.lora_file(42, seed=2)
