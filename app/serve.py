@@ -29,7 +29,7 @@ from app.logs import FORMATS, LEVELS, log_config
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError
 from app.worker import abandoned_threads
-from sglora.cli import EXIT_USAGE, port_number
+from sglora.cli import EXIT_USAGE, port_number, seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--graceful-timeout", type=seconds, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
     p.add_argument("--log-level", default="info", choices=LEVELS)
     p.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -41,6 +42,14 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {port}")
     return port
+
+
+def seconds(text: str) -> float:
+    """argparse type of a duration: a finite number of seconds >= 0 (NaN passed float() and failed at shutdown)."""
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -93,14 +102,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sglora.artifacts import load_artifacts
-    from sglora.io import atomic_path
+    from sglora.io import atomic_path, output_path_problem
 
     description = clean_description(args.description)  # refused before the artefacts load
     out = Path(args.out)
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise ValueError(f"--out {out}: give a FILE.safetensors or a FILE.zip (a zipped PEFT adapter folder)")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file name")
+    if problem := output_path_problem(out, "--out"):  # before the work; a failed write named the temporary file
+        raise ValueError(problem)
     a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in SAMPLING_METHODS)
     data, g = a.lora_file(
         description,
@@ -110,10 +119,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         zipped=out.suffix.lower() == ".zip",
     )
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:  # named by the file asked for, not the temporary one beside it
+        raise OSError(f"--out {out}: cannot write it ({e.strerror or e})") from e
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
-    print(f"wrote {out} ({len(data)} bytes) method={g.method} seed={g.seed} experts: {chosen}")
+    shown = os.fsdecode(out).encode("utf-8", "backslashreplace").decode()  # a non-UTF-8 name printed, not a crash
+    print(f"wrote {shown} ({len(data)} bytes) method={g.method} seed={g.seed} experts: {chosen}")
     return 0
 
 
@@ -200,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--device", type=_device_arg, default=None, help="auto, cpu, cuda or cuda:N (default: $SGLORA_DEVICE or auto)")
-    s.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    s.add_argument("--graceful-timeout", type=seconds, default=30.0, help="seconds in-flight requests get after SIGTERM")
     s.add_argument(
         "--log-format",
         choices=FORMATS,

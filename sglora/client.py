@@ -12,11 +12,11 @@
 
 The service's refusals raise :class:`ServiceError` with its status, the field it names, its reason and
 the request ID (to match the service's log). A full queue (429) or a service that is starting or
-draining (503) is retried after its ``Retry-After``, and a refused connection (a server restarting:
-uvicorn opens its port only once the model is loaded) after a second; at most ``retries`` times, each
-wait capped at ``max_wait_s``. What still fails to connect, or outlasts ``timeout``, raises httpx's own
-``httpx.ConnectError`` / ``httpx.TimeoutException`` (a timed-out request is not sent again: the model may
-still be working on it). Files are written atomically (a temporary file renamed over the target).
+draining (503) is retried after its ``Retry-After``, and a refused or timed-out connection (a server
+restarting: uvicorn opens its port only once the model is loaded) after a second; at most ``retries``
+times, each wait capped at ``max_wait_s``. What still fails to connect, or outlasts ``timeout``, raises
+httpx's own ``httpx.ConnectError`` / ``httpx.TimeoutException`` (a request that timed out once sent is not
+sent again: the model may still be working on it). Files are written atomically (a temporary file renamed over the target).
 :class:`AsyncClient` has the same calls for asyncio (``await service.generate(...)``).
 """
 
@@ -113,6 +113,8 @@ class _Api:
     def _configure(self, api_key: str | None, retries: int, max_wait_s: float) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if api_key and not (api_key.isascii() and api_key.isprintable()):  # else every call failed to encode it
+            raise ValueError("api_key must be printable ASCII (the service's keys are)")
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self.retries = retries
         self.max_wait_s = max_wait_s
@@ -120,7 +122,7 @@ class _Api:
     def _run(self, call: _Call) -> Any:
         raise NotImplementedError
 
-    def _step(self, call: _Call, retried: int, r: httpx.Response | None, error: httpx.ConnectError | None) -> tuple[bool, Any]:
+    def _step(self, call: _Call, retried: int, r: httpx.Response | None, error: httpx.TransportError | None) -> tuple[bool, Any]:
         """(True, the result) or (False, seconds to wait before sending again); raises what ends the call."""
         if error is not None:  # nothing was sent: safe to send again, whatever the method
             if call.probe or retried == self.retries:
@@ -191,7 +193,8 @@ class _Api:
         micro-batched together by the service; in order, each an :class:`Adapter` or, for an item the service
         refused alone (``top_k`` too large, a full queue), its :class:`ServiceError`. A malformed item refuses
         the whole call (a ServiceError naming ``items[i]...``)."""
-        body = {"items": [{"description": it} if isinstance(it, str) else dict(it) for it in items]}
+        # A dict's None values are left out, as generate leaves out its None arguments (the service's defaults).
+        body = {"items": [{"description": it} if isinstance(it, str) else _without_none(it) for it in items]}
         return self._run(_Call("POST", "/generate/batch", {"json": body}, _batch_results))
 
     def retrieve(
@@ -211,6 +214,9 @@ class _Api:
         ``description`` or of an earlier adapter's ``etag`` applied; the service's JSON answer."""
         if isinstance(images, str | os.PathLike | bytes | bytearray | memoryview):  # one image, not a list of them
             raise TypeError("images: give a list of images (paths or bytes), not one image")
+        images = list(images)
+        if not images:  # else the form went url-encoded, and the service answered 415
+            raise ValueError("images: give at least one image")
         options = {"etag": etag, **_body(description, method, seed, top_k, temperature)}
         form: dict[str, Any] = {k: str(v) for k, v in options.items() if v is not None}
         form["zero_shot"] = "true" if zero_shot else "false"
@@ -291,7 +297,7 @@ class Client(_Api):
             r, error = None, None
             try:
                 r = self._http.request(call.method, call.path, **self._send_args(call))
-            except httpx.ConnectError as e:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing was sent
                 error = e
             done, value = self._step(call, retried, r, error)
             if done:
@@ -336,7 +342,7 @@ class AsyncClient(_Api):
             r, error = None, None
             try:
                 r = await self._http.request(call.method, call.path, **self._send_args(call))
-            except httpx.ConnectError as e:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing was sent
                 error = e
             done, value = self._step(call, retried, r, error)
             if done:
@@ -367,6 +373,10 @@ def _batch_results(r: httpx.Response) -> list[Adapter | ServiceError]:
         data = base64.b64decode(item["data"])
         results.append(Adapter(data, item["etag"], item["cache"], item["seed"], request_id, safetensors_metadata(data)))
     return results
+
+
+def _without_none(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(item).items() if v is not None}
 
 
 def _body(description: str | None, method: str | None, seed: int | None, top_k: int | None, temperature: float | None) -> dict:

@@ -104,6 +104,9 @@ def test_generate_batch_gives_adapters_and_per_item_refusals(service):
     with pytest.raises(ServiceError) as e:  # a malformed item refuses the whole call
         service.generate_batch(["a ring", {"description": "a ring", "colour": "red"}])
     assert e.value.status == 422 and e.value.field == "items[1].colour"
+    # None is the service's default, as for generate (it was a 422 on items[0].method)
+    (defaulted,) = service.generate_batch([{"description": "a red circle", "seed": 3, "top_k": 2, "method": None}])
+    assert defaulted.data == alone.data
 
 
 def test_experts_are_downloaded_registered_and_removed(tiny_artifacts, make_settings, tmp_path):
@@ -225,6 +228,17 @@ def test_a_refused_connection_is_retried_a_timeout_is_not():
     with pytest.raises(httpx.TimeoutException):
         c.generate("a ring", seed=1)
     assert len(seen) == 1  # the model may still be working on it: not sent twice
+    c, seen = scripted(httpx.ConnectTimeout("timed out connecting"), ok)  # nothing was sent: sent again
+    assert c.experts() == [{"name": "ring"}] and len(seen) == 2
+
+
+def test_client_side_mistakes_are_named_before_anything_is_sent():
+    c, seen = scripted()
+    with pytest.raises(ValueError, match="images: give at least one image"):  # was a 415 from the service
+        c.retrieve([], ["a ring"], description="a ring")
+    with pytest.raises(ValueError, match="api_key must be printable ASCII"):  # was a UnicodeEncodeError per call
+        Client(api_key="clé")
+    assert seen == []
 
 
 def test_a_port_nothing_listens_on_raises_httpx_connect_error():

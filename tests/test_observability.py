@@ -397,3 +397,20 @@ def _scrape_and_query(api: str, service: str, prom: subprocess.Popen) -> None:
     allowed = ('status=~"5..', 'status="429"')
     assert [e for e in empty if not any(a in e for a in allowed)] == []
     assert len(empty) <= 2, empty
+
+
+def test_a_queue_wait_up_to_the_request_timeout_has_its_own_bucket():
+    """The stage buckets stopped at 5 s: a 20 s queue wait (the timeout is 30 s) read as 5 s in every quantile."""
+    from app.metrics import Metrics
+    from app.settings import Settings
+
+    m = Metrics()
+    m.stage.labels(stage="queue").observe(20.0)
+    buckets = {
+        s.labels["le"]: s.value
+        for f in m.registry.collect()
+        for s in f.samples
+        if s.name == "sglora_stage_duration_seconds_bucket" and s.labels["stage"] == "queue"
+    }
+    assert buckets["10.0"] == 0 and buckets["30.0"] == 1
+    assert float(max((k for k in buckets if k != "+Inf"), key=float)) >= Settings.model_fields["request_timeout_s"].default

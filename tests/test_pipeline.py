@@ -125,6 +125,24 @@ def test_generate_cli_bad_input(tiny_artifacts_session, tmp_path, capsys, argv, 
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_generate_cli_checks_its_out_path_first_and_names_it(tmp_path, capsys, monkeypatch):
+    """A bad --out was found after the artefacts loaded and the LoRA was made, and named the temporary file."""
+    from sglora import artifacts
+
+    monkeypatch.setattr(artifacts, "load_artifacts", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "x.safetensors"  # under a file, not a folder
+    assert main(["generate", "a cat", "--artifacts", str(tmp_path), "--out", str(out)]) == 2
+    assert f"--out {out}: {tmp_path / 'file'} is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "-5", "inf"])
+def test_serve_refuses_a_graceful_timeout_that_is_not_a_finite_duration(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--artifacts", "x", "--graceful-timeout", value])
+    assert e.value.code == 2 and "must be a finite number of seconds >= 0" in capsys.readouterr().err
+
+
 def test_missing_artifacts_dir(tmp_path, capsys):
     assert main(["generate", "a cat", "--artifacts", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "artefact directory not found" in capsys.readouterr().err
