@@ -24,7 +24,7 @@ from app.request_id import RequestIdFilter, RequestIdMiddleware
 from app.routes import experts, generate, health, retrieve, ui
 from app.runtime import freeze_heap, unfreeze_heap
 from app.service import Service
-from app.settings import Settings, StartupError
+from app.settings import Settings, StartupError, unknown_variables
 from sglora import __version__
 from sglora.artifacts import ArtifactError
 
@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app; settings default to the ``SGLORA_*`` environment."""
     settings = settings or Settings()
     _configure_logging()
+    if unknown := unknown_variables():
+        log.warning("ignoring unknown environment variables %s: no setting reads them (misspelt?)", ", ".join(unknown))
     metrics = Metrics()
 
     @asynccontextmanager

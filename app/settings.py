@@ -201,6 +201,19 @@ class Settings(BaseSettings):
         return resolve_device(self.device, "SGLORA_DEVICE")
 
 
+# SGLORA_ variables read outside this class (by `sglora serve` / `python -m app`).
+OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT"})
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """``SGLORA_*`` environment variables that no setting reads: a misspelt one (``SGLORA_MAX_QUEU``) was
+    dropped without a word, the setting left at its default."""
+    environ = os.environ if environ is None else environ
+    prefix = Settings.model_config["env_prefix"]
+    known = {prefix + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    return sorted(k for k in environ if k.upper().startswith(prefix) and k.upper() not in known)
+
+
 def _resolved_dtype(setting: str, device: str) -> str:
     """A dtype setting as set, or for 'auto': bfloat16 on a CPU with native bf16 dot products, else float32."""
     if setting != "auto":

@@ -559,3 +559,18 @@ def test_json_bodies_have_a_limit_of_their_own(served):
     assert len(body) > 32 * 12_000
     r = client.post("/generate/batch", content=body, headers=json_type)
     assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [200] * 32, r.text[:300]
+
+
+def test_a_misspelt_setting_is_named_at_start_up(make_settings, monkeypatch, caplog):
+    """SGLORA_MAX_QUEU=5 started the service with the default queue, without a word."""
+    from app.main import create_app
+    from app.settings import unknown_variables
+
+    monkeypatch.setenv("SGLORA_MAX_QUEU", "5")
+    monkeypatch.setenv("SGLORA_LOG_FORMAT", "json")  # read by `sglora serve`, not the settings: known
+    monkeypatch.setenv("sglora_redis_url", "")  # the settings read names in any case
+    unknown = unknown_variables()
+    assert "SGLORA_MAX_QUEU" in unknown and not {"SGLORA_LOG_FORMAT", "sglora_redis_url"} & set(unknown)
+    with caplog.at_level("WARNING", logger="sglora.app"):
+        create_app(make_settings())
+    assert "ignoring unknown environment variables SGLORA_MAX_QUEU" in caplog.text

@@ -48,6 +48,10 @@ def _write(tmp_path, text):
         ("evaluation: {methods: []}", r"evaluation\.methods: empty"),  # a results table of no methods
         ("split: {experts: 1}\ngenerator: {include_experts: true}", r"generator\.include_experts needs at least 2 experts"),
         ("split: {experts: [a]}\ngenerator: {include_experts: true}", r"split\.experts is \('a',\)"),
+        # Settings that did nothing: the top-level seed, a folder dataset's generators' settings.
+        ("seed: 1", r"seed: 1: the top-level seed is not used .* split\.seed"),
+        ("data: {kind: folder, path: ds, train_per_task: 5}", r"data \(.*ds\): train_per_task do nothing for kind 'folder'"),
+        ("data: {kind: folder, path: ds, seed: 2, options: {class_template: x}}", r"seed, options do nothing"),
         # The generator stage's refusals, once found only after every expert had trained:
         ("split: {train: 0}", r"the generator needs training tasks: set split\.train > 0"),
         ("split: {train: {fashion: 0}}", r"the generator needs training tasks"),

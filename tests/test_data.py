@@ -82,6 +82,8 @@ TASKS = [
         ({"tasks": [{"name": "c", "description": "x", "kinds": "retrieval"}]}, r"unknown key\(s\) \['kinds'\]"),
         ({"tasks": [{**TASKS[1], "classes": "red"}]}, "classes must be a list of strings"),
         ({"tasks": [{**TASKS[1], "classes": ["red", "red", "blue"]}]}, r"class\(es\) \['red'\] listed more than once"),
+        # one snapshot file each: on a case-insensitive file system they would share it
+        ({"tasks": [TASKS[0], {**TASKS[0], "name": "Circle"}]}, r"task names 'circle' and 'Circle' differ only in case"),
     ],
 )
 def test_bad_tasks_are_named_before_anything_is_trained(tmp_path, tasks, needle):
@@ -211,7 +213,8 @@ def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
     from sglora.cli import main
     from training.config import load_config
 
-    ds = procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=("circle", "square"), colour_tasks=0)
+    shapes = ("circle", "square", "triangle")
+    ds = procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=shapes, colour_tasks=0)
     write_task_dataset(ds, tmp_path / "ds")
     lines = (tmp_path / "ds" / "samples.jsonl").read_text().splitlines()
     first = json.loads(lines[0])["image"]
@@ -226,11 +229,11 @@ def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
         loaded.check_images(list(loaded.tasks))
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["data"] = {"kind": "folder", "path": "ds"}
-    cfg["split"] = {"experts": 1, "train": 0, "val": 0, "test": 1}
+    cfg["split"] = {"experts": 1, "train": 1, "val": 0, "test": 1}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     load_config(tmp_path / "c.yaml")
     assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 2
     assert f"error: cannot read image {image}" in capsys.readouterr().err
     image.write_bytes(good)
     assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 0
-    assert "2 tasks, 12 samples, 12 image files read" in capsys.readouterr().err
+    assert "3 tasks, 18 samples, 18 image files read" in capsys.readouterr().err

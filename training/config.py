@@ -42,6 +42,18 @@ class DataConfig:
             raise ValueError("data.train_per_task and data.test_per_task must be >= 1")
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
+        if self.kind == "folder":  # the folder's own files say everything: these settings would do nothing
+            defaults = {
+                f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(self)
+            }
+            unused = [
+                k for k in ("seed", "image_size", "train_per_task", "test_per_task", "options") if getattr(self, k) != defaults[k]
+            ]
+            if unused:
+                raise ValueError(
+                    f"data ({self.path}): {', '.join(unused)} do nothing for kind 'folder' (its samples.jsonl lists every "
+                    "image and its split): leave them out"
+                )
 
 
 @dataclass(frozen=True)
@@ -213,6 +225,13 @@ class PipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
+        if self.seed != 0:  # read nowhere: a user "running another seed" got the same run again
+            raise ValueError(
+                f"seed: {self.seed}: the top-level seed is not used (kept at 0 for older configs); set the seed of "
+                "what should change: split.seed (the split), experts.seed (their LoRA init and data order), "
+                "generator.seed, evaluation.seed (sg-lora's samples), data.seed, backbone.seed (random-init weights)"
+            )
+
         # What the generator stage would refuse, refused here: else found only after the experts stage.
         def count(role: str) -> int:
             value = getattr(self.split, role)

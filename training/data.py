@@ -209,6 +209,11 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         info = _task(t, f"{tasks_path}: task #{i}")
         if info.name in tasks:
             raise ValueError(f"{tasks_path}: duplicate task name {info.name!r}")
+        # Each task's snapshots are one file named after it: on a case-insensitive file system (macOS,
+        # Windows, Docker Desktop volumes) "Cat" and "cat" would share one, and a resume would take either's.
+        same = next((n for n in tasks if n.casefold() == info.name.casefold()), None)
+        if same is not None:
+            raise ValueError(f"{tasks_path}: task names {same!r} and {info.name!r} differ only in case (they name files)")
         tasks[info.name] = info
     if not tasks:
         raise ValueError(f"{tasks_path}: no tasks")
