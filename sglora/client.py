@@ -30,6 +30,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from urllib.parse import quote
 
 import httpx
 
-from sglora.io import safetensors_metadata, write_bytes
+from sglora.io import atomic_path, safetensors_metadata, write_bytes
 
 # The two files of a PEFT adapter folder (sglora.export.PEFT_CONFIG / PEFT_WEIGHTS, without importing torch).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -54,6 +55,9 @@ class ServiceError(Exception):
         rid = f" [request {request_id}]" if request_id else ""
         super().__init__(f"HTTP {status}{where}: {reason}{rid}")
         self.status, self.field, self.reason, self.request_id = status, field, reason, request_id
+
+    def __reduce__(self):  # across processes (multiprocessing, ProcessPoolExecutor): the arguments, not the message
+        return ServiceError, (self.status, self.field, self.reason, self.request_id)
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,8 @@ class _Api:
         temperature: float | None = None,
     ) -> Path:
         """The LoRA as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``),
-        written into ``folder`` (created if needed; each file atomically); returns the folder."""
+        written into ``folder`` (created if needed; both files written in full before either replaces its old
+        copy); returns the folder."""
         body = _body(description, method, seed, top_k, temperature)
         kwargs = {"json": body, "headers": {"Accept": "application/zip"}}
         return self._run(_Call("POST", "/generate", kwargs, lambda r: _write_peft_folder(r.content, Path(folder))))
@@ -357,8 +362,11 @@ def _write_peft_folder(data: bytes, folder: Path) -> Path:
         if names != sorted(PEFT_FILES):
             raise ValueError(f"the service sent a zip of {names}, not a PEFT adapter folder")
         files = {name: z.read(name) for name in PEFT_FILES}
-    for name, data in files.items():
-        write_bytes(folder / name, data)
+    # Both written in full before either is renamed into place: an interrupted overwrite left a new config
+    # beside the old weights (another rank or alpha) when each file was written in turn.
+    with ExitStack() as stack:
+        for name, data in files.items():
+            stack.enter_context(atomic_path(folder / name)).write_bytes(data)
     return folder
 
 

@@ -232,6 +232,19 @@ def test_a_refused_connection_is_retried_a_timeout_is_not():
     assert c.experts() == [{"name": "ring"}] and len(seen) == 2
 
 
+def test_a_service_error_crosses_processes_whole():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ServiceError(422, "top_k", "too large", "r1")))
+    assert (e.status, e.field, e.reason, e.request_id, str(e)) == (
+        422,
+        "top_k",
+        "too large",
+        "r1",
+        "HTTP 422 (top_k): too large [request r1]",
+    )
+
+
 def test_client_side_mistakes_are_named_before_anything_is_sent():
     c, seen = scripted()
     with pytest.raises(ValueError, match="images: give at least one image"):  # was a 415 from the service

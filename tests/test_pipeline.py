@@ -1044,3 +1044,22 @@ def test_a_repository_from_another_run_is_refused_and_its_provenance_survives_ch
     del index["provenance"]
     index_path.write_text(json.dumps(index))
     assert load_artifacts(tiny_artifacts).repository.provenance is None
+
+
+def test_a_task_term_with_no_task_of_its_kind_is_refused_before_the_experts_train(tiny_config):
+    """Found by the generator stage, after every expert had trained; check-config --data runs the same check."""
+    from training.pipeline import load_data, prepare_data
+
+    tasks = load_data(tiny_config).tasks
+    retrieval = sorted(n for n, t in tasks.items() if t.kind == "retrieval")
+    assert len(retrieval) >= 3
+    split = dataclasses.replace(
+        tiny_config.split, experts=tuple(retrieval[:1]), train=tuple(retrieval[1:2]), val=0, test=tuple(retrieval[2:3])
+    )
+    generator = dataclasses.replace(
+        tiny_config.generator, task_weight=1.0, task_kinds=("classification",), include_experts=False, patience=None
+    )
+    cfg = dataclasses.replace(tiny_config, split=split, generator=generator)
+    with pytest.raises(ValueError, match=r"no training task is of a kind in generator.task_kinds \['classification'\]"):
+        prepare_data(cfg)
+    prepare_data(dataclasses.replace(cfg, generator=dataclasses.replace(generator, task_kinds=("retrieval",))))

@@ -164,6 +164,13 @@ def prepare_data(cfg: PipelineConfig) -> tuple[TaskDataset, Splits]:
     dataset = load_data(cfg)
     splits = resolve_split(cfg.split, dataset)
     dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+    g = cfg.generator
+    if g.task_weight > 0:  # the generator stage's refusal, found here rather than after every expert trained
+        trains = list(splits.train) + (list(splits.experts) if g.include_experts else [])
+        if not any(dataset.tasks[n].kind in g.task_kinds for n in trains):
+            raise ValueError(
+                f"generator.task_weight > 0 but no training task is of a kind in generator.task_kinds {list(g.task_kinds)}"
+            )
     return dataset, splits
 
 
