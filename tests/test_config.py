@@ -105,3 +105,16 @@ def test_yaml_merge_keys_still_load_and_an_unhashable_key_is_named(tmp_path):
     assert (cfg.experts.epochs, cfg.experts.keep_last, cfg.experts.lr) == (3, 2, 0.01)
     with pytest.raises(ValueError, match="unhashable key"):
         load_config(_write(tmp_path, "experts: {? [1, 2] : 3}\n"))
+
+
+def test_settings_that_do_nothing_are_refused_in_files_not_in_built_artefacts(tmp_path):
+    """The config.json of artefacts built before the refusal still reads (sglora evaluate, a resume)."""
+    from training.config import from_dict
+
+    built = {"seed": 3, "data": {"kind": "folder", "path": "/ds", "image_size": 64}}
+    cfg = from_dict(PipelineConfig, built)
+    assert cfg.seed == 3 and cfg.data.image_size == 64
+    with pytest.raises(ValueError, match="top-level seed is not used"):
+        load_config(_write(tmp_path, "seed: 3"))
+    with pytest.raises(ValueError, match=r"image_size do nothing for kind 'folder'"):  # in a combined source too
+        load_config(_write(tmp_path, "data: {kind: combined, sources: [{kind: folder, path: ds, image_size: 64}]}"))

@@ -42,18 +42,6 @@ class DataConfig:
             raise ValueError("data.train_per_task and data.test_per_task must be >= 1")
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
-        if self.kind == "folder":  # the folder's own files say everything: these settings would do nothing
-            defaults = {
-                f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(self)
-            }
-            unused = [
-                k for k in ("seed", "image_size", "train_per_task", "test_per_task", "options") if getattr(self, k) != defaults[k]
-            ]
-            if unused:
-                raise ValueError(
-                    f"data ({self.path}): {', '.join(unused)} do nothing for kind 'folder' (its samples.jsonl lists every "
-                    "image and its split): leave them out"
-                )
 
 
 @dataclass(frozen=True)
@@ -225,12 +213,6 @@ class PipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
-        if self.seed != 0:  # read nowhere: a user "running another seed" got the same run again
-            raise ValueError(
-                f"seed: {self.seed}: the top-level seed is not used (kept at 0 for older configs); set the seed of "
-                "what should change: split.seed (the split), experts.seed (their LoRA init and data order), "
-                "generator.seed, evaluation.seed (sg-lora's samples), data.seed, backbone.seed (random-init weights)"
-            )
 
         # What the generator stage would refuse, refused here: else found only after the experts stage.
         def count(role: str) -> int:
@@ -361,6 +343,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     if data is None:  # every setting defaulted would be a random-weight ViT-B-16: surely not what was meant
         raise ValueError(f"{path}: the config is empty (write {{}} to take every default)")
     cfg = from_dict(PipelineConfig, data)
+    refuse_settings_that_do_nothing(cfg)
     cfg = dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
     pretrained = cfg.backbone.pretrained
     if pretrained and not Path(pretrained).is_absolute():
@@ -371,6 +354,31 @@ def load_config(path: str | Path) -> PipelineConfig:
         if found is not None:
             cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(found.resolve())))
     return cfg
+
+
+def refuse_settings_that_do_nothing(cfg: PipelineConfig) -> None:
+    """ValueError naming a setting a config file gives that nothing reads: a non-zero top-level ``seed`` (a user
+    "running another seed" got the same run again) and a folder dataset's generator settings. Checked on the
+    files users write (:func:`load_config`), not on the config.json of artefacts built before the check."""
+    if cfg.seed != 0:
+        raise ValueError(
+            f"seed: {cfg.seed}: the top-level seed is not used (kept at 0 for older configs); set the seed of what "
+            "should change: split.seed (the split), experts.seed (their LoRA init and data order), generator.seed, "
+            "evaluation.seed (sg-lora's samples), data.seed, backbone.seed (random-init weights)"
+        )
+    defaults = DataConfig(kind="folder", path=".")
+    for d in (cfg.data, *cfg.data.sources):
+        if d.kind == "folder":  # the folder's own files say everything
+            unused = [
+                k
+                for k in ("seed", "image_size", "train_per_task", "test_per_task", "options")
+                if getattr(d, k) != getattr(defaults, k)
+            ]
+            if unused:
+                raise ValueError(
+                    f"data ({d.path}): {', '.join(unused)} do nothing for kind 'folder' (its samples.jsonl lists every "
+                    "image and its split): leave them out"
+                )
 
 
 def _resolve_paths(data: DataConfig, base: Path) -> DataConfig:
