@@ -23,6 +23,7 @@ import secrets
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,6 +65,8 @@ UNSEEDED_SEEDS = 2**53
 # Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes.
 # (A safetensors file starts with its 8-byte little-endian header length, never with these bytes.)
 ETAG_POINTER = b"->"
+POINTER_REWRITE_S = 60.0  # a Redis hit rewrites its ETag pointer at most this often (per ETag, per process)
+POINTER_MEMORY = 4096  # ETags whose last rewrite is remembered
 STARTUP_TIMEOUT_S = 600.0  # the warm-up generation and the batching check (see Service.start)
 # An uploaded expert's safetensors header: a LoRA's names, shapes, offsets and metadata take a few kB. The
 # header may list any number of empty tensors, which safetensors loads as tensor objects (29 MB of header:
@@ -246,6 +249,7 @@ class Service:
         self.lru = BytesLRU(settings.lru_bytes)
         # With the cache off (no Redis URL) nothing is cached, in memory either.
         self.hot = HotKeys(settings.hot_keys if self.cache.enabled else 0, settings.cache_ttl_s)
+        self._pointers: OrderedDict[str, float] = OrderedDict()  # ETag -> when a Redis hit last rewrote its pointer
         metrics.lru_bytes.set_function(lambda: self.lru.size_bytes)
         metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
@@ -434,13 +438,13 @@ class Service:
             self.metrics.cache.labels(result="hit" if data is not None else ("error" if failed else "miss")).inc()
             if data is not None:
                 etag = etag_of(data)
-                known = self.lru.get(etag) is not None
                 self.lru.put(etag, data)
                 self.hot.put(key, etag, metadata)
                 # Its ETag pointer may have been evicted (allkeys-lru: /retrieve alone reads it) while the
-                # file, read by every repeat, stayed: this answer hands the ETag out, so /retrieve must find it.
-                # Once per stay in the LRU: with the hot keys off, every hit rewrote it, doubling Redis's calls.
-                if not known:
+                # file, read by every repeat, stayed: this answer hands the ETag out, so /retrieve (of any
+                # replica) must find it. At most once a minute per ETag: with the hot keys off, every hit
+                # rewrote it, doubling Redis's calls under load.
+                if self._pointer_due(etag):
                     self.cache.set_behind({"etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
@@ -463,6 +467,19 @@ class Service:
             if lookup:  # a drawn seed is new to the client: hardly ever repeated, it would only push real repeats out
                 self.hot.put(key, etag, metadata)
         return GeneratedLora(data, etag, "miss", metadata)
+
+    def _pointer_due(self, etag: str) -> bool:
+        """Whether a Redis hit of ``etag`` rewrites its pointer now (:data:`POINTER_REWRITE_S` since the last;
+        the last :data:`POINTER_MEMORY` ETags remembered)."""
+        now = time.monotonic()
+        last = self._pointers.get(etag)
+        if last is not None and now - last < POINTER_REWRITE_S:
+            return False
+        self._pointers[etag] = now
+        self._pointers.move_to_end(etag)
+        while len(self._pointers) > POINTER_MEMORY:
+            self._pointers.popitem(last=False)
+        return True
 
     def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:
         """On a model thread, after the micro-batched text encoding: priors, CVAE samples and files,
@@ -631,10 +648,11 @@ class Service:
         variance) of this repository's layout; None when it fits or carries none (a PEFT file: its shapes are
         checked, its scale cannot be). The shapes alone pass a file of another alpha or scaling, which would then
         be applied at this repository's scale, and a variance sent as a mean."""
-        fmt, part = metadata.get("format"), metadata.get("part")
-        if fmt is None and "lora_fingerprint" not in metadata:
+        fmt, part = metadata.get("format") or "", metadata.get("part")
+        # PEFT and transformers write {"format": "pt"}: no SG-LoRA metadata, like a file without any.
+        if not fmt.startswith("sglora-") and "lora_fingerprint" not in metadata:
             return None
-        if fmt is not None and fmt not in ("sglora-lora", "sglora-expert"):
+        if fmt.startswith("sglora-") and fmt not in ("sglora-lora", "sglora-expert"):
             return f"the file's format is {fmt!r}, not an SG-LoRA LoRA or expert file"
         held = part or "mean"  # a generation holds a LoRA: a mean
         if held != field:

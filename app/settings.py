@@ -201,8 +201,9 @@ class Settings(BaseSettings):
         return resolve_device(self.device, "SGLORA_DEVICE")
 
 
-# SGLORA_ variables read outside this class (by `sglora serve` / `python -m app`).
-OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT"})
+# SGLORA_ variables read outside this class: by `sglora serve` / `python -m app`, and by the Prometheus and
+# Grafana files of deploy/ run without Docker (docs/service.md tells users to export them beside the others).
+OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS"})
 
 
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:

@@ -134,7 +134,7 @@ def _weights_source(config: BackboneConfig) -> str:
     tags = ", ".join(open_clip.list_pretrained_tags_by_model(config.model)) or "none"
     raise ValueError(
         f"backbone.pretrained: {p!r} is neither an open_clip tag of {config.model} (tags: {tags}) nor a checkpoint file "
-        "(a relative path is taken from the current directory)"
+        "(a relative path in a config file is taken from the config's folder, else the current directory)"
     )
 
 

@@ -209,7 +209,7 @@ def test_a_file_whose_metadata_names_another_layout_or_part_is_refused(app_root)
         (with_meta(mean, scaling="rslora"), None, "mean", "scaling"),
         (with_meta(mean, lora_fingerprint="0" * 16), None, "mean", "lora_fingerprint"),
         (with_meta(mean, backbone_kind="offline"), None, "mean", "backbone kind"),
-        (with_meta(mean, format="safetensors-dump"), None, "mean", "format"),
+        (with_meta(mean, format="sglora-cvae"), None, "mean", "format"),
         (variance, None, "mean", "variance, not its mean"),
         (mean, mean, "variance", "mean, not its variance"),
     ]
@@ -223,6 +223,8 @@ def test_a_file_whose_metadata_names_another_layout_or_part_is_refused(app_root)
     assert post("from-generate", generated).status_code == 201
     bare = save(to_peft_tensors(repo.spec, repo["circle"].mean))
     assert post("from-peft", bare).status_code == 201
+    saved_by_peft = save(to_peft_tensors(repo.spec, repo["circle"].mean), metadata={"format": "pt"})  # save_pretrained's
+    assert post("saved-by-peft", saved_by_peft).status_code == 201
 
 
 def test_downloading_an_expert_refuses_bad_requests_by_name(app_root):

@@ -118,3 +118,17 @@ def test_settings_that_do_nothing_are_refused_in_files_not_in_built_artefacts(tm
         load_config(_write(tmp_path, "seed: 3"))
     with pytest.raises(ValueError, match=r"image_size do nothing for kind 'folder'"):  # in a combined source too
         load_config(_write(tmp_path, "data: {kind: combined, sources: [{kind: folder, path: ds, image_size: 64}]}"))
+
+
+def test_what_older_releases_wrote_compares_as_this_release_writes_it(tmp_path, monkeypatch):
+    """Artefacts built with a relative checkpoint path, or a folder dataset's settings that did nothing, were
+    refused as "built with other backbone/data settings" once the config file said it as this release wants."""
+    from training.config import with_defaults
+
+    (tmp_path / "w.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    old = with_defaults({"backbone": {"model": "ViT-B-32", "pretrained": "w.pt"}})
+    assert old["backbone"] == with_defaults({"backbone": {"model": "ViT-B-32", "pretrained": str(tmp_path / "w.pt")}})["backbone"]
+    old = with_defaults({"data": {"kind": "folder", "path": "/ds", "image_size": 64, "options": {"x": 1}}})
+    assert old["data"] == with_defaults({"data": {"kind": "folder", "path": "/ds"}})["data"]
+    assert with_defaults({"data": {"kind": "procedural", "image_size": 64}})["data"]["image_size"] == 64  # read there

@@ -237,3 +237,18 @@ def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
     image.write_bytes(good)
     assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 0
     assert "3 tasks, 18 samples, 18 image files read" in capsys.readouterr().err
+
+
+def test_combined_sources_with_task_names_that_differ_only_in_case_are_refused(tmp_path):
+    from training.config import DataConfig, PipelineConfig
+    from training.pipeline import load_data
+
+    for folder, name in (("a", "circle"), ("b", "CIRCLE")):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / folder / "x.png")
+        (tmp_path / folder / "tasks.json").write_text(json.dumps({"tasks": [{"name": name, "description": "a circle"}]}))
+        (tmp_path / folder / "samples.jsonl").write_text(json.dumps({"image": "x.png", "task": name, "caption": "c"}) + "\n")
+    sources = tuple(DataConfig(kind="folder", path=str(tmp_path / f)) for f in ("a", "b"))
+    cfg = PipelineConfig(data=DataConfig(kind="combined", sources=sources))
+    with pytest.raises(ValueError, match=r"occur in two sources \(letter case aside\): \['circle/CIRCLE'\]"):
+        load_data(cfg)

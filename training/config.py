@@ -74,6 +74,11 @@ class SplitConfig:
         if len(set(self.holdout_classes)) < len(self.holdout_classes):
             raise ValueError(f"split.holdout_classes: a class is listed more than once: {list(self.holdout_classes)}")
 
+    def count(self, role: str) -> int:
+        """The number of ``role`` tasks this split asks for (listed, or counted)."""
+        value = getattr(self, role)
+        return len(value) if isinstance(value, tuple) else sum(value.values()) if isinstance(value, dict) else value
+
 
 @dataclass(frozen=True)
 class ExpertTrainingConfig:
@@ -215,15 +220,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
 
         # What the generator stage would refuse, refused here: else found only after the experts stage.
-        def count(role: str) -> int:
-            value = getattr(self.split, role)
-            return len(value) if isinstance(value, tuple) else sum(value.values()) if isinstance(value, dict) else value
-
-        experts, n = self.split.experts, count("experts")
-        if count("train") == 0 and not self.generator.include_experts:
-            raise ValueError("the generator needs training tasks: set split.train > 0 or generator.include_experts")
-        if self.generator.patience is not None and count("val") == 0:
-            raise ValueError("generator.patience needs validation tasks (split.val > 0) to watch")
+        experts, n = self.split.experts, self.split.count("experts")
         if self.generator.include_experts and n < 2:
             raise ValueError(
                 f"generator.include_experts needs at least 2 experts (split.experts is {experts!r}): an expert "
@@ -343,7 +340,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     if data is None:  # every setting defaulted would be a random-weight ViT-B-16: surely not what was meant
         raise ValueError(f"{path}: the config is empty (write {{}} to take every default)")
     cfg = from_dict(PipelineConfig, data)
-    refuse_settings_that_do_nothing(cfg)
+    check_config_file(cfg)
     cfg = dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
     pretrained = cfg.backbone.pretrained
     if pretrained and not Path(pretrained).is_absolute():
@@ -356,10 +353,15 @@ def load_config(path: str | Path) -> PipelineConfig:
     return cfg
 
 
-def refuse_settings_that_do_nothing(cfg: PipelineConfig) -> None:
-    """ValueError naming a setting a config file gives that nothing reads: a non-zero top-level ``seed`` (a user
-    "running another seed" got the same run again) and a folder dataset's generator settings. Checked on the
-    files users write (:func:`load_config`), not on the config.json of artefacts built before the check."""
+def check_config_file(cfg: PipelineConfig) -> None:
+    """ValueError naming what a config file asks for that cannot work: what the generator stage would refuse
+    after every expert had trained, and settings that nothing reads (a non-zero top-level ``seed``: a user
+    "running another seed" got the same run again; a folder dataset's generator settings). Checked on the
+    files users write (:func:`load_config`), not on the config.json of artefacts built before these checks."""
+    if cfg.split.count("train") == 0 and not cfg.generator.include_experts:
+        raise ValueError("the generator needs training tasks: set split.train > 0 or generator.include_experts")
+    if cfg.generator.patience is not None and cfg.split.count("val") == 0:
+        raise ValueError("generator.patience needs validation tasks (split.val > 0) to watch")
     if cfg.seed != 0:
         raise ValueError(
             f"seed: {cfg.seed}: the top-level seed is not used (kept at 0 for older configs); set the seed of what "
@@ -393,11 +395,26 @@ def _resolve_paths(data: DataConfig, base: Path) -> DataConfig:
 def with_defaults(data: dict) -> dict:
     """A config as written (``config.json``), with this release's defaults filled in: a setting added in a
     later release at its default is then no difference. One this release cannot read is returned as
-    written (so it differs, loudly, from any it can)."""
+    written (so it differs, loudly, from any it can). What earlier releases wrote otherwise is written as
+    this release would: a relative checkpoint path found from the working directory (the only place such
+    artefacts loaded from) absolute, and a folder dataset's settings that nothing reads at their defaults."""
     try:
-        return from_dict(PipelineConfig, data).to_dict()
+        cfg = from_dict(PipelineConfig, data)
     except ValueError:
         return data
+    pretrained = cfg.backbone.pretrained
+    if pretrained and not Path(pretrained).is_absolute() and Path(pretrained).is_file():
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(Path(pretrained).resolve())))
+    return dataclasses.replace(cfg, data=_without_unread(cfg.data)).to_dict()
+
+
+def _without_unread(data: DataConfig) -> DataConfig:
+    """``data`` with a folder source's settings that nothing reads at their defaults (see :func:`check_config_file`)."""
+    if data.kind == "folder":
+        return DataConfig(kind="folder", path=data.path)
+    if data.sources:
+        return dataclasses.replace(data, sources=tuple(_without_unread(s) for s in data.sources))
+    return data
 
 
 def backbone_from_dict(data: dict) -> BackboneConfig:

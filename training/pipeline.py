@@ -68,9 +68,12 @@ def _load_source(d) -> TaskDataset:
         parts = [_load_source(s) for s in d.sources]
         tasks: dict = {}
         for part in parts:
-            clash = sorted(set(tasks) & set(part.tasks))
+            # case-folded: each task's snapshots are a file named after it (see load_task_dataset)
+            seen = {n.casefold(): n for n in tasks}
+            pairs = [(seen[n.casefold()], n) for n in part.tasks if n.casefold() in seen]
+            clash = sorted(a if a == b else f"{a}/{b}" for a, b in pairs)
             if clash:
-                raise ValueError(f"data.sources: task names occur in two sources: {clash[:3]}")
+                raise ValueError(f"data.sources: task names occur in two sources (letter case aside): {clash[:3]}")
             tasks.update(
                 {n: t if t.group else dataclasses.replace(t, group=f"source{len(tasks)}") for n, t in part.tasks.items()}
             )
@@ -190,7 +193,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
                 "use a new --out directory (or put its config.json back)"
             )
         existing = _built_config(out)
-        wanted = cfg.to_dict()
+        wanted = with_defaults(cfg.to_dict())
         changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
         if expert_changes := [k for k in changed if k in art.EXPERT_SECTIONS]:
             raise ValueError(
@@ -292,7 +295,8 @@ def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
     if stage not in manifest.get("stages", {}):
         raise ValueError(f"{out}: run the '{stage}' stage first")
     built = _built_config(out)
-    changed = [k for k in art.EXPERT_SECTIONS if built.get(k) != cfg.to_dict()[k]]
+    wanted = with_defaults(cfg.to_dict())
+    changed = [k for k in art.EXPERT_SECTIONS if built.get(k) != wanted[k]]
     if changed:
         raise ValueError(f"{out} was built with other {', '.join(changed)} settings; use a new --out directory")
     return manifest
