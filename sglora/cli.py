@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from app.logs import FORMATS, LEVELS
@@ -257,9 +258,22 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return f"; the trained tasks and finished stages in {args.out} are kept: rerun the same command to resume"
 
 
+_OWN = tuple(Path(__file__).resolve().parent.parent / d for d in ("sglora", "training", "models", "expert_store", "app"))
+_plain_format = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """This project's own warnings as one line, without the source line Python prints after it (a user reads
+    'warning: ...', not a line of the loader's code); other packages' keep their file and line."""
+    if category is UserWarning and any(Path(filename).resolve().is_relative_to(d) for d in _OWN):
+        return f"warning: {message}\n"
+    return _plain_format(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads: idle OpenMP threads sleep rather than spin (shared machines, servers).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    warnings.formatwarning = _format_warning
     progress_for(sys.stderr)
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only

@@ -252,3 +252,15 @@ def test_combined_sources_with_task_names_that_differ_only_in_case_are_refused(t
     cfg = PipelineConfig(data=DataConfig(kind="combined", sources=sources))
     with pytest.raises(ValueError, match=r"occur in two sources \(letter case aside\): \['circle/CIRCLE'\]"):
         load_data(cfg)
+
+
+def test_the_clis_own_warnings_print_as_one_line():
+    """The unused-labels warning printed as Python's UserWarning with a line of the loader's code after it."""
+    import warnings
+
+    from sglora import cli
+
+    own = cli._format_warning("labels unused: 'green'", UserWarning, str(ROOT / "training" / "pipeline.py"), 66, "return x")
+    assert own == "warning: labels unused: 'green'\n"
+    other = cli._format_warning("deprecated", FutureWarning, "/usr/lib/x.py", 3, "y = 1")
+    assert other == warnings.formatwarning("deprecated", FutureWarning, "/usr/lib/x.py", 3, "y = 1") and "x.py:3" in other

@@ -1063,3 +1063,13 @@ def test_a_task_term_with_no_task_of_its_kind_is_refused_before_the_experts_trai
     with pytest.raises(ValueError, match=r"no training task is of a kind in generator.task_kinds \['classification'\]"):
         prepare_data(cfg)
     prepare_data(dataclasses.replace(cfg, generator=dataclasses.replace(generator, task_kinds=("retrieval",))))
+
+
+def test_a_generator_of_one_training_task_is_warned_about(tiny_artifacts, capsys):
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import stage_generator
+
+    cfg = from_dict(PipelineConfig, json.loads((tiny_artifacts / "config.json").read_text()))
+    one = json.loads((tiny_artifacts / "splits.json").read_text())["train"][0]
+    stage_generator(cfg, tiny_artifacts, only_tasks=[one])
+    assert f"[generator] warning: one training task ({one})" in capsys.readouterr().out

@@ -412,6 +412,11 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
         train_names = [n for n in train_names if n in keep]
     if not train_names:
         raise ValueError("the generator needs training tasks: set split.train > 0 or generator.include_experts")
+    if len(train_names) < 2:  # its per-coordinate normalisation is one task's snapshots: near-identical values
+        _log(
+            f"[generator] warning: one training task ({train_names[0]}): the generator learns little from one, and "
+            "sg-lora will be about the top-K weighted merge; give it more (split.train, generator.include_experts)"
+        )
 
     def tasks_of(names: list[str]) -> dict:
         embs = backbone.encode_text(_descriptions(out, names)).cpu()
