@@ -61,8 +61,10 @@ class RequestLifetimeMiddleware:
                 watcher = loop.create_task(watch())
 
         async def receive_body() -> Message:
-            nonlocal timer
+            nonlocal timer, gone
             message = await receive()
+            if message["type"] == "http.disconnect" and timer is None:  # gone while sending its body
+                gone = True  # counted 499, not the 400 ("error parsing the body") the framework answers
             if timer is None and (message["type"] != "http.request" or not message.get("more_body", False)):
                 if self.request_timeout_s is not None:
                     deadline.at = loop.time() + self.request_timeout_s
@@ -73,6 +75,8 @@ class RequestLifetimeMiddleware:
             nonlocal responded
             if message["type"] == "http.response.start":
                 responded = True
+                if gone:  # nobody reads it; the metrics middleware counts what the client did
+                    message = {**message, "status": CLIENT_CLOSED}
             await send(message)
 
         try:

@@ -21,7 +21,11 @@ class BodyTooLarge(HTTPException):
     handler answers it (413, field ``body``)."""
 
     def __init__(self, limit: int):
-        super().__init__(413, {"field": "body", "reason": f"request body larger than {limit} bytes"})
+        # Connection: close: else the server went on reading the rest of a chunked body, without a limit, to
+        # reuse the connection (a declared Content-Length over the limit is refused so already).
+        super().__init__(
+            413, {"field": "body", "reason": f"request body larger than {limit} bytes"}, headers={"Connection": "close"}
+        )
 
 
 class BodyLimitMiddleware:

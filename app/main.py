@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from app.deps import KeyGateMiddleware
+from app.deps import KeyGateMiddleware, UploadGateMiddleware
 from app.errors import install_error_handlers
 from app.lifetime import RequestLifetimeMiddleware
 from app.limits import BodyLimitMiddleware
@@ -96,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     json_limit = min(settings.resolved_max_json_bytes(), settings.resolved_max_body_bytes())
     # Innermost: one deadline for a request's model waits; a request whose client went away is cancelled (499).
     app.add_middleware(RequestLifetimeMiddleware, request_timeout_s=settings.request_timeout_s)
+    # Before a body is read: an upload's 429 while the queue is full (inside the key check: a 401 comes first)
+    app.add_middleware(UploadGateMiddleware, retry_after_s=settings.retry_after_s)
     app.add_middleware(KeyGateMiddleware, settings=settings)  # a key is checked before a body is read
     app.add_middleware(
         BodyLimitMiddleware,

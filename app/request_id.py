@@ -77,10 +77,12 @@ class RequestIdMiddleware:
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when its graceful-shutdown timeout ends, and would
             # answer them with its own plain-text 500 (no ID, counted as a bug): a 503 in the service's shape.
-            if not started:
-                body = error_body(None, f"the service stopped before this request finished; retry (request {rid})")
-                await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send_with_id)
-            raise
+            if started:
+                raise
+            body = error_body(None, f"the service stopped before this request finished; retry (request {rid})")
+            await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send_with_id)
+            # Answered: not re-raised, which made uvicorn log a traceback per request cut off at the graceful timeout.
+            asyncio.current_task().uncancel()
         except Exception as e:
             if started:  # too late for an answer: the server closes the connection and logs it
                 raise

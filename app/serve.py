@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    # Stopped gracefully: a second SIGTERM while Python exits (a second or two: torch's teardown) made the
+    # status 143 instead of 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

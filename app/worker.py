@@ -193,6 +193,11 @@ class ModelWorker:
         return self._closing
 
     # ---- admission ------------------------------------------------------------------------------
+    @property
+    def full(self) -> bool:
+        """Whether a job submitted now would be refused as :class:`Overloaded`."""
+        return self._pending >= self.max_queue
+
     def _admit(self) -> None:
         if self._closing:
             raise ShuttingDown()

@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     finally:
-        if main_thread:  # None: a handler set outside Python, which cannot be put back; the default then
+        # None: a handler set outside Python, which cannot be put back; the default then. Not where the command
+        # set its own meanwhile (a graceful `serve` ignores a second SIGTERM while the process exits).
+        if main_thread and signal.getsignal(signal.SIGTERM) is _terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 

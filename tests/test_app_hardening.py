@@ -574,3 +574,69 @@ def test_a_misspelt_setting_is_named_at_start_up(make_settings, monkeypatch, cap
     with caplog.at_level("WARNING", logger="sglora.app"):
         create_app(make_settings())
     assert "ignoring unknown environment variables SGLORA_MAX_QUEU" in caplog.text
+
+
+def _requests_with_status(c, status: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(c.get("/metrics").text)
+        for s in f.samples
+        if s.name == "sglora_requests_total" and s.labels.get("status") == status
+    )
+
+
+def test_an_upload_is_refused_before_its_body_is_read_while_the_queue_is_full(make_settings):
+    """The worker admits a job once the handler has read, spooled and decoded the upload: under a full queue
+    each /retrieve held its body and decoded every image (18 s to its 429 under 20 such requests)."""
+    with TestClient(create_app(make_settings(retry_after_s=3))) as c:
+        worker = c.app.state.service.worker
+        read = []
+
+        def body():
+            read.append(1)
+            yield b"--x\r\n"
+
+        worker._pending = worker.max_queue  # full
+        try:
+            r = c.post("/retrieve", content=body(), headers={"Content-Type": "multipart/form-data; boundary=x"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "3" and r.headers["connection"] == "close"
+            assert "queue is full" in r.json()["detail"]["reason"] and read == []  # not a byte of it read
+        finally:
+            worker._pending = 0
+        files = [("images", ("a.png", png()))]
+        assert c.post("/retrieve", data={"description": "a red circle"}, files=files).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_closes_the_connection(make_settings):
+    """A declared Content-Length over the limit closed it; a chunked body's 413 kept it open, and the server
+    read the rest of the body, without a limit, to reuse the connection."""
+    with TestClient(create_app(make_settings(max_json_bytes=1024))) as c:
+        r = c.post("/generate", content=(b"x" * 512 for _ in range(8)), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.headers["connection"] == "close"
+
+
+def test_a_client_gone_while_sending_its_body_counts_as_499_not_400(make_settings):
+    """The framework answers a body cut short with 400 "error parsing the body": client aborts inflated the
+    4xx rate. Nobody reads the answer; it is counted as the client closing the request."""
+    with TestClient(create_app(make_settings())) as c:
+        before = (_requests_with_status(c, "499"), _requests_with_status(c, "400"))
+        messages = iter([{"type": "http.request", "body": b'{"descrip', "more_body": True}, {"type": "http.disconnect"}])
+        sent: list[dict] = []
+
+        async def receive():
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/generate", "raw_path": b"/generate", "root_path": "", "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": c.app,
+        }  # fmt: skip
+        c.portal.call(c.app, scope, receive, send)
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+        assert (_requests_with_status(c, "499"), _requests_with_status(c, "400")) == (before[0] + 1, before[1])
