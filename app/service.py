@@ -660,6 +660,9 @@ class Service:
         kind, own = metadata.get("backbone_kind"), self.artifacts.backbone.config.kind
         if kind is not None and kind != own:
             return f"the file was made for the {kind!r} backbone kind, this repository's is {own!r}"
+        own_act = layout_metadata(self.artifacts.backbone, self.spec, self.version).get("activation")
+        if own_act and metadata.get("activation", own_act) != own_act:  # same shapes, another model (GELU/QuickGELU)
+            return f"the file was made on a model whose MLPs use {metadata['activation']}, this backbone's use {own_act}"
         mine = {"rank": self.spec.rank, "alpha": self.spec.alpha, "scaling": self.spec.scaling}
         mine["lora_fingerprint"] = self.spec.fingerprint()
         for key, value in mine.items():

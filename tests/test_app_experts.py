@@ -210,6 +210,7 @@ def test_a_file_whose_metadata_names_another_layout_or_part_is_refused(app_root)
         (with_meta(mean, lora_fingerprint="0" * 16), None, "mean", "lora_fingerprint"),
         (with_meta(mean, backbone_kind="offline"), None, "mean", "backbone kind"),
         (with_meta(mean, format="sglora-cvae"), None, "mean", "format"),
+        (with_meta(mean, activation="quick_gelu"), None, "mean", "MLPs use quick_gelu, this backbone's use gelu"),
         (variance, None, "mean", "variance, not its mean"),
         (mean, mean, "variance", "mean, not its variance"),
     ]
