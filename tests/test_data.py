@@ -264,3 +264,29 @@ def test_the_clis_own_warnings_print_as_one_line():
     assert own == "warning: labels unused: 'green'\n"
     other = cli._format_warning("deprecated", FutureWarning, "/usr/lib/x.py", 3, "y = 1")
     assert other == warnings.formatwarning("deprecated", FutureWarning, "/usr/lib/x.py", 3, "y = 1") and "x.py:3" in other
+
+
+def test_an_unreadable_image_stops_the_experts_stage_before_any_task_trains(tmp_path):
+    """Found when its task trained, after the tasks before it; the fixed dataset (another fingerprint) then
+    had every one of them trained again."""
+    import yaml
+
+    from training.config import load_config
+    from training.pipeline import prepare_data, stage_experts
+
+    shapes = ("circle", "square", "triangle")
+    write_task_dataset(
+        procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=shapes, colour_tasks=0), tmp_path / "ds"
+    )
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {"kind": "folder", "path": "ds"}
+    cfg["split"] = {"experts": 1, "train": 1, "val": 0, "test": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    config = load_config(tmp_path / "c.yaml")
+    dataset, splits = prepare_data(config)
+    last = splits.all()[-1]  # the last task to train
+    image = Path(dataset.task_samples(last, "train")[0].image)
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # the header reads, the pixels do not
+    with pytest.raises(ValueError, match=rf"cannot read image .*{image.name}"):
+        stage_experts(config, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("snapshots/*.safetensors"))  # nothing trained

@@ -227,6 +227,11 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
                 continue  # resumable: trained by an earlier run (pinned, or not yet: that run was interrupted)
             _log(f"[experts] {name}: its snapshot file differs from the one the manifest pins; training it again")
         todo.append(name)
+    # Every image file of the tasks to train decoded first: one that cannot be read was found when its task
+    # trained, after the tasks before it, and fixing the dataset then changed its fingerprint, so every one of
+    # them trained again. (Images made in memory, as the benchmarks' are, are not read.)
+    if todo:
+        dataset.check_images(todo)
     # The bar starts at the tasks already trained: counted as done in no time, they made its rate and time
     # left after a resume a fraction of the real ones.
     for name in tqdm(todo, desc="experts", unit="task", total=len(tasks), initial=len(tasks) - len(todo)):
