@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import inspect
 import io
 import json
 import os
@@ -354,6 +356,21 @@ class AsyncClient(_Api):
                 return value
             retried += 1
             await asyncio.sleep(value)
+
+
+def _coroutine_of(call: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call)
+    async def awaited(self: AsyncClient, *args: Any, **kwargs: Any) -> Any:
+        return await call(self, *args, **kwargs)
+
+    return awaited
+
+
+# Each call a coroutine function: its arguments are checked, and its files read, when it is awaited. Called
+# as _Api's, a bad argument raised at once, so in asyncio.gather the calls made before it were never awaited.
+for _name, _call in list(vars(_Api).items()):
+    if not _name.startswith("_") and inspect.isfunction(_call):
+        setattr(AsyncClient, _name, _coroutine_of(_call))
 
 
 def _write_peft_folder(data: bytes, folder: Path) -> Path:

@@ -330,3 +330,19 @@ def test_the_async_client_retries_as_the_sync_one_does():
     assert e.value.status == 429 and len(seen) == 3
     c, seen = scripted(httpx.Response(503, json={"status": "draining"}), asynchronous=True)
     assert asyncio.run(c.ready()) == {"status": "draining"} and len(seen) == 1  # a probe, asked once
+
+
+def test_the_async_clients_calls_check_their_arguments_when_awaited():
+    """A bad argument raised when the call was made: in asyncio.gather, the calls made before it were then
+    never awaited ("coroutine ... was never awaited")."""
+    import asyncio
+    import inspect
+
+    from sglora.client import AsyncClient
+
+    assert all(inspect.iscoroutinefunction(getattr(AsyncClient, n)) for n in ("generate", "retrieve", "experts", "ready"))
+    c, seen = scripted(asynchronous=True)
+    pending = c.retrieve("cat.png", ["a cat"], description="a cat")  # one path, not a list: not raised here
+    with pytest.raises(TypeError, match="images: give a list"):
+        asyncio.run(pending)
+    assert seen == []
