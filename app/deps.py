@@ -17,10 +17,12 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import APIError, error_body
+from app.errors import APIError, error_body, overloaded_response
+from app.limits import route_path
 from app.metrics import leaf_routes
 from app.service import Service
 from app.settings import Settings
+from app.worker import Overloaded
 
 
 async def get_settings(request: Request) -> Settings:
@@ -232,19 +234,12 @@ class UploadGateMiddleware:
         self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) in self.PATHS:
-            service = getattr(scope["app"].state, "service", None)
-            worker = getattr(service, "worker", None)
-            if worker is not None and worker.full:
-                worker.metrics.rejected.labels(reason="overloaded").inc()
-                body = error_body(None, "model is overloaded: the request queue is full, retry later")
-                headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}
-                await JSONResponse(body, 429, headers=headers)(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) in self.PATHS:
+            worker = getattr(getattr(scope["app"].state, "service", None), "worker", None)
+            try:
+                if worker is not None:
+                    worker.refuse_if_full()
+            except Overloaded:
+                await overloaded_response(self.retry_after_s, {"Connection": "close"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    """The request's path as the routes see it (behind a proxy's prefix, uvicorn --root-path)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path

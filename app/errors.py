@@ -54,6 +54,15 @@ def _error_item(err: dict) -> dict:
     return {"field": _field_of(err.get("loc", ())), "reason": str(err.get("msg", "invalid")).removeprefix("Value error, ")}
 
 
+def overloaded_response(retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The 429 of a full model queue (:class:`Overloaded`), with ``Retry-After`` and any other ``headers``."""
+    return JSONResponse(
+        error_body(None, "model is overloaded: the request queue is full, retry later"),
+        status_code=429,
+        headers={"Retry-After": str(retry_after_s), **(headers or {})},
+    )
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -88,11 +97,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, e: Overloaded) -> JSONResponse:
-        return JSONResponse(
-            error_body(None, "model is overloaded: the request queue is full, retry later"),
-            status_code=429,
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        return overloaded_response(retry_after_s)
 
     @app.exception_handler(WorkerTimeout)
     async def _timeout(_: Request, e: WorkerTimeout) -> JSONResponse:

@@ -28,6 +28,12 @@ class BodyTooLarge(HTTPException):
         )
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path as the routes see it (behind a proxy's path prefix, uvicorn --root-path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         """``path_limits``: exact paths with another limit than ``max_bytes``."""
@@ -39,10 +45,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):  # behind a proxy's path prefix (uvicorn --root-path): the route's path
-            path = path[len(root) :]
-        max_bytes = self.path_limits.get(path, self.max_bytes)
+        max_bytes = self.path_limits.get(route_path(scope), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:

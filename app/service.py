@@ -47,6 +47,7 @@ from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
 from sglora.engine import Request
 from sglora.export import (
+    LORA_FORMATS,
     from_peft_tensors,
     generation_metadata,
     hf_base_model,
@@ -652,7 +653,7 @@ class Service:
         # PEFT and transformers write {"format": "pt"}: no SG-LoRA metadata, like a file without any.
         if not fmt.startswith("sglora-") and "lora_fingerprint" not in metadata:
             return None
-        if fmt.startswith("sglora-") and fmt not in ("sglora-lora", "sglora-expert"):
+        if fmt.startswith("sglora-") and fmt not in LORA_FORMATS:
             return f"the file's format is {fmt!r}, not an SG-LoRA LoRA or expert file"
         held = part or "mean"  # a generation holds a LoRA: a mean
         if held != field:
@@ -660,7 +661,7 @@ class Service:
         kind, own = metadata.get("backbone_kind"), self.artifacts.backbone.config.kind
         if kind is not None and kind != own:
             return f"the file was made for the {kind!r} backbone kind, this repository's is {own!r}"
-        own_act = layout_metadata(self.artifacts.backbone, self.spec, self.version).get("activation")
+        own_act = getattr(self.artifacts.backbone, "activation", None)
         if own_act and metadata.get("activation", own_act) != own_act:  # same shapes, another model (GELU/QuickGELU)
             return f"the file was made on a model whose MLPs use {metadata['activation']}, this backbone's use {own_act}"
         mine = {"rank": self.spec.rank, "alpha": self.spec.alpha, "scaling": self.spec.scaling}

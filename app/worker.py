@@ -193,17 +193,16 @@ class ModelWorker:
         return self._closing
 
     # ---- admission ------------------------------------------------------------------------------
-    @property
-    def full(self) -> bool:
-        """Whether a job submitted now would be refused as :class:`Overloaded`."""
-        return self._pending >= self.max_queue
+    def refuse_if_full(self) -> None:
+        """:class:`Overloaded` (counted) where a job submitted now would be refused for a full queue."""
+        if self._pending >= self.max_queue:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            raise Overloaded()
 
     def _admit(self) -> None:
         if self._closing:
             raise ShuttingDown()
-        if self._pending >= self.max_queue:
-            self.metrics.rejected.labels(reason="overloaded").inc()
-            raise Overloaded()
+        self.refuse_if_full()
         self._pending += 1
         self._idle.clear()
         self.metrics.queue_depth.set(self._pending)

@@ -209,6 +209,7 @@ class OpenClipBackbone(Backbone):
         self.tokenizer = tokenizer
         self.image_head = self.model.visual
         self.spec = lora_spec_for(self.model.visual, config)
+        self.activation = mlp_activation(self.model.visual)  # named in every LoRA file's metadata
         self.embed_dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else 0
         image_size = self.model.visual.image_size
         self._transform = open_clip.image_transform(image_size, is_train=False)

@@ -169,6 +169,11 @@ def peft_zip_from_weights(spec: LoraSpec, weights: bytes, base_model: str | None
     return buf.getvalue()
 
 
+# The `format` of the files holding a LoRA: a generation (/generate, sglora generate) and an expert's
+# export (GET /experts/{name}), whose `part` says whether it holds the mean (a LoRA) or the variance.
+LORA_FORMATS = ("sglora-lora", "sglora-expert")
+
+
 def layout_metadata(backbone, spec, version: str) -> dict:
     """What every LoRA file the project writes says of its backbone and layout (generations, experts)."""
     cfg = backbone.config
@@ -182,11 +187,9 @@ def layout_metadata(backbone, spec, version: str) -> dict:
         "lora_fingerprint": spec.fingerprint(),
         "artifact_version": version,
     }
-    if cfg.kind == "open_clip":  # GELU or QuickGELU: the model name alone does not say (OpenAI's weights need QuickGELU)
-        from models.open_clip_backbone import mlp_activation
-
-        if act := mlp_activation(backbone.model.visual):
-            meta["activation"] = act
+    # GELU or QuickGELU (open_clip backbones): the model name alone does not say (OpenAI's weights need QuickGELU)
+    if act := getattr(backbone, "activation", None):
+        meta["activation"] = act
     return meta
 
 

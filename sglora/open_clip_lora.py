@@ -42,13 +42,10 @@ from torch import nn
 
 from models.lora import LoraSpec, check_finite
 from models.open_clip_backbone import mlp_activation, qkv_target
-from sglora.export import PEFT_WEIGHTS, from_peft_tensors
+from sglora.export import LORA_FORMATS, PEFT_WEIGHTS, from_peft_tensors
 from sglora.io import safetensors_metadata
 
 _TARGET = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.attn\.([qkv])")
-# The `format` of the files holding a LoRA: a generation (/generate, sglora generate) and an expert's
-# export (GET /experts/{name}), whose `part` must then be the mean (its variance is not a LoRA).
-LORA_FORMATS = ("sglora-lora", "sglora-expert")
 
 Source = bytes | bytearray | memoryview | str | Path | BinaryIO
 

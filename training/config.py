@@ -218,7 +218,6 @@ class PipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
-
         # What the generator stage would refuse, refused here: else found only after the experts stage.
         experts, n = self.split.experts, self.split.count("experts")
         if self.generator.include_experts and n < 2:
@@ -341,16 +340,21 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ValueError(f"{path}: the config is empty (write {{}} to take every default)")
     cfg = from_dict(PipelineConfig, data)
     check_config_file(cfg)
-    cfg = dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent))
+    # A checkpoint file relative to the config's folder (as data paths are), else to the working directory.
+    return _checkpoint_absolute(dataclasses.replace(cfg, data=_resolve_paths(cfg.data, path.parent)), (path.parent, Path()))
+
+
+def _checkpoint_absolute(cfg: PipelineConfig, folders: tuple[Path, ...]) -> PipelineConfig:
+    """``cfg`` with a relative ``backbone.pretrained`` that names a file in one of ``folders`` (the first that
+    has it) made absolute: artefacts rebuild the backbone from it, so that they load from any working directory,
+    not only the one they were trained in. A tag ("openai") names no file and stays as it is."""
     pretrained = cfg.backbone.pretrained
-    if pretrained and not Path(pretrained).is_absolute():
-        # A checkpoint file relative to the config's folder (as data paths are), else to the working directory:
-        # stored absolute, so that the artefacts (which rebuild the backbone from it) load from any working
-        # directory, not only the one trained in. A tag ("openai") names no file and stays as it is.
-        found = next((c for c in (path.parent / pretrained, Path(pretrained)) if c.is_file()), None)
-        if found is not None:
-            cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(found.resolve())))
-    return cfg
+    if not pretrained or Path(pretrained).is_absolute():
+        return cfg
+    found = next((f / pretrained for f in folders if (f / pretrained).is_file()), None)
+    if found is None:
+        return cfg
+    return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(found.resolve())))
 
 
 def check_config_file(cfg: PipelineConfig) -> None:
@@ -368,14 +372,10 @@ def check_config_file(cfg: PipelineConfig) -> None:
             "should change: split.seed (the split), experts.seed (their LoRA init and data order), generator.seed, "
             "evaluation.seed (sg-lora's samples), data.seed, backbone.seed (random-init weights)"
         )
-    defaults = DataConfig(kind="folder", path=".")
     for d in (cfg.data, *cfg.data.sources):
         if d.kind == "folder":  # the folder's own files say everything
-            unused = [
-                k
-                for k in ("seed", "image_size", "train_per_task", "test_per_task", "options")
-                if getattr(d, k) != getattr(defaults, k)
-            ]
+            bare = _without_unread(d)
+            unused = [f.name for f in dataclasses.fields(d) if getattr(d, f.name) != getattr(bare, f.name)]
             if unused:
                 raise ValueError(
                     f"data ({d.path}): {', '.join(unused)} do nothing for kind 'folder' (its samples.jsonl lists every "
@@ -402,10 +402,7 @@ def with_defaults(data: dict) -> dict:
         cfg = from_dict(PipelineConfig, data)
     except ValueError:
         return data
-    pretrained = cfg.backbone.pretrained
-    if pretrained and not Path(pretrained).is_absolute() and Path(pretrained).is_file():
-        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(Path(pretrained).resolve())))
-    return dataclasses.replace(cfg, data=_without_unread(cfg.data)).to_dict()
+    return dataclasses.replace(_checkpoint_absolute(cfg, (Path(),)), data=_without_unread(cfg.data)).to_dict()
 
 
 def _without_unread(data: DataConfig) -> DataConfig:

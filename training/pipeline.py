@@ -192,10 +192,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
                 f"{out} holds trained tasks but no config.json to tell what they were trained with; "
                 "use a new --out directory (or put its config.json back)"
             )
-        existing = _built_config(out)
-        wanted = with_defaults(cfg.to_dict())
-        changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-        if expert_changes := [k for k in changed if k in art.EXPERT_SECTIONS]:
+        if expert_changes := _expert_changes(out, cfg):
             raise ValueError(
                 f"{out} was built with another config ({', '.join(expert_changes)} differ): its experts were trained "
                 "with other settings; use a new --out directory"
@@ -299,12 +296,16 @@ def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
     manifest = art.read_manifest(out)
     if stage not in manifest.get("stages", {}):
         raise ValueError(f"{out}: run the '{stage}' stage first")
-    built = _built_config(out)
-    wanted = with_defaults(cfg.to_dict())
-    changed = [k for k in art.EXPERT_SECTIONS if built.get(k) != wanted[k]]
-    if changed:
+    if changed := _expert_changes(out, cfg):
         raise ValueError(f"{out} was built with other {', '.join(changed)} settings; use a new --out directory")
     return manifest
+
+
+def _expert_changes(out: Path, cfg: PipelineConfig) -> list[str]:
+    """The sections of what the experts were trained with (:data:`~sglora.artifacts.EXPERT_SECTIONS`) in which
+    ``cfg`` differs from the config ``out`` was built with, both read as this release writes them."""
+    built, wanted = _built_config(out), with_defaults(cfg.to_dict())
+    return [k for k in art.EXPERT_SECTIONS if built.get(k) != wanted.get(k)]
 
 
 def _record_config(out: Path, cfg: PipelineConfig) -> None:
