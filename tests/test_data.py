@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.data import load_task_dataset, write_task_dataset
+from training.data import Sample, load_task_dataset, write_task_dataset
 from training.procedural import procedural_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +239,46 @@ def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
     assert "3 tasks, 18 samples, 18 image files read" in capsys.readouterr().err
 
 
+def test_a_task_fingerprint_changes_with_its_own_samples_and_definition_alone():
+    """What a resumed experts stage keeps a task's snapshot by: its definition and the samples it is given, in
+    every split; an untagged classification sample belongs to every task that lists its label."""
+    import dataclasses
+
+    def dataset():
+        return procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=("circle", "square"), colour_tasks=2)
+
+    base = dataset()
+    before = {n: base.task_fingerprint(n) for n in base.tasks}
+    assert len(set(before.values())) == len(before) and before == {n: dataset().task_fingerprint(n) for n in base.tasks}
+
+    def changed(edit) -> set[str]:
+        ds = dataset()
+        edit(ds)
+        assert ds.fingerprint() != base.fingerprint()
+        return {n for n in ds.tasks if ds.task_fingerprint(n) != before[n]}
+
+    def caption(ds):
+        ds.task_samples("square", "test")[-1].caption = "a fixed caption"
+
+    def description(ds):
+        ds.tasks["circle"] = dataclasses.replace(ds.tasks["circle"], description="a round thing")
+
+    colour = base.tasks[next(n for n in base.tasks if n.startswith("colours-"))].classes[0]
+    listing = {n for n, t in base.tasks.items() if colour in t.classes}
+
+    def label(ds):
+        next(s for s in ds.samples if s.label == colour).image = "/elsewhere/fixed.png"
+
+    def template(ds):
+        ds.class_template = "a {} thing"
+
+    def unused(ds):  # a sample of a label no task lists
+        ds.samples.append(Sample("/x.png", None, None, "no-such-colour", "train"))
+
+    assert changed(caption) == {"square"} and changed(description) == {"circle"}
+    assert changed(label) == listing and changed(template) == set(base.tasks) and changed(unused) == set()
+
+
 def test_combined_sources_with_task_names_that_differ_only_in_case_are_refused(tmp_path):
     from training.config import DataConfig, PipelineConfig
     from training.pipeline import load_data
@@ -267,8 +307,7 @@ def test_the_clis_own_warnings_print_as_one_line():
 
 
 def test_an_unreadable_image_stops_the_experts_stage_before_any_task_trains(tmp_path):
-    """Found when its task trained, after the tasks before it; the fixed dataset (another fingerprint) then
-    had every one of them trained again."""
+    """Found when its task came, after the tasks before it had trained (hours, on a large dataset)."""
     import yaml
 
     from training.config import load_config

@@ -476,7 +476,9 @@ def test_a_rerun_retrains_a_snapshot_damaged_since_and_marks_the_later_stages_st
     assert load_artifacts(tiny_artifacts).generator is not None
 
 
-def test_a_changed_dataset_is_refused_and_fingerprinted_by_what_it_says(tiny_artifacts, tiny_config):
+def test_a_changed_dataset_is_refused_and_fingerprinted_by_what_it_says(tiny_artifacts, tiny_config, capsys):
+    """The later stages refuse a dataset the experts stage did not record; the experts stage itself goes by what
+    each snapshot records of its own task's data (the tests below), and records the dataset it resumed on."""
     from sglora.io import write_json
     from training.pipeline import load_data, stage_evaluate, stage_experts
 
@@ -487,32 +489,200 @@ def test_a_changed_dataset_is_refused_and_fingerprinted_by_what_it_says(tiny_art
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
     manifest["stages"]["experts"]["data"] = "0" * 16  # as if built on other tasks or samples
     write_json(tiny_artifacts / "manifest.json", manifest)
-    for stage in (stage_experts, stage_evaluate):
-        with pytest.raises(ValueError, match="the dataset changed since its experts were trained"):
-            stage(tiny_config, tiny_artifacts)
+    with pytest.raises(ValueError, match="the dataset changed since its experts were trained .*rerun the pipeline from its"):
+        stage_evaluate(tiny_config, tiny_artifacts)
+    stage_experts(tiny_config, tiny_artifacts)  # every snapshot was trained on its task's data as it is now
+    assert "8 of 8 tasks already trained (resumed); trained 0" in capsys.readouterr().out
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert manifest["stages"]["experts"]["data"] == load_data(tiny_config).fingerprint()
+    assert set(manifest["stages"]) == {"experts", "repository", "generator", "evaluate"}  # nothing trained: still valid
+    stage_evaluate(tiny_config, tiny_artifacts)
 
 
 def test_snapshots_of_an_interrupted_run_on_other_data_are_refused(tiny_artifacts, tiny_config, capsys):
     """The manifest records the dataset only when the experts stage completes; a run stopped before that
-    (Ctrl-C, a bad image) left snapshots that their own metadata ties to the data: an edited dataset is
+    (Ctrl-C, a bad image) left snapshots that their own metadata ties to the data. One written before snapshots
+    recorded their own task's data (``task_data``) says only what the whole dataset was: on an edited dataset it is
     refused, never resumed on top of snapshots trained on the old one (nor with their old descriptions)."""
     from training.pipeline import load_data, stage_experts
 
-    data = load_data(tiny_config).fingerprint()
+    dataset = load_data(tiny_config)
     (tiny_artifacts / "manifest.json").unlink()  # as after an interrupted experts stage
     name = json.loads((tiny_artifacts / "splits.json").read_text())["experts"][0]
     path = tiny_artifacts / "snapshots" / f"{name}.safetensors"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["data"] == data
+    assert (meta["data"], meta["task_data"]) == (dataset.fingerprint(), dataset.task_fingerprint(name))
     snaps = load_file(str(path))["snapshots"]
-    save_file({"snapshots": snaps}, str(path), metadata={**meta, "data": "0" * 16})  # trained on other samples
+    # Its own task's data as it is now, other samples elsewhere in the dataset: resumed.
+    save_file({"snapshots": snaps}, str(path), metadata={**meta, "data": "0" * 16})
+    stage_experts(tiny_config, tiny_artifacts)
+    assert "8 of 8 tasks already trained" in capsys.readouterr().out
+    (tiny_artifacts / "manifest.json").unlink()
+    older = {k: v for k, v in meta.items() if k != "task_data"}
+    save_file({"snapshots": snaps}, str(path), metadata={**older, "data": "0" * 16})  # trained on other samples
     with pytest.raises(ValueError, match=f"the dataset changed since task '{name}' was trained"):
         stage_experts(tiny_config, tiny_artifacts)
     assert not (tiny_artifacts / "manifest.json").exists()
-    save_file({"snapshots": snaps}, str(path), metadata=meta)  # the same data: resumed, nothing trained
+    save_file({"snapshots": snaps}, str(path), metadata=older)  # the same data: resumed, nothing trained
     stage_experts(tiny_config, tiny_artifacts)
     assert "8 of 8 tasks already trained" in capsys.readouterr().out
+
+
+def _folder_pipeline(tmp_path, stages: tuple[str, ...] = ("experts", "repository", "generator", "evaluate")):
+    """The tiny config on a dataset folder (files a test can edit, as a user would) of four shape tasks, 4 training
+    and 2 test images each: two experts, one training task, one test task. Returns the config and its artefacts,
+    ``stages`` built."""
+    from pathlib import Path
+
+    import yaml
+
+    from training.config import load_config
+    from training.data import write_task_dataset
+    from training.pipeline import run_pipeline
+    from training.procedural import procedural_dataset
+
+    shapes = ("circle", "square", "triangle", "diamond")
+    write_task_dataset(procedural_dataset(seed=1, train_per_task=4, test_per_task=2, shapes=shapes), tmp_path / "ds")
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {"kind": "folder", "path": "ds"}
+    cfg["split"] = {"experts": 2, "train": 1, "val": 0, "test": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    config = load_config(tmp_path / "c.yaml")
+    run_pipeline(config, tmp_path / "out", stages)
+    return config, tmp_path / "out"
+
+
+def _edit_first_sample(ds, task: str, **changes) -> dict:
+    """Changes the first sample of ``task`` in samples.jsonl (a training sample); returns it as it was."""
+    rows = [json.loads(line) for line in (ds / "samples.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r.get("task") == task)
+    was = dict(row)
+    row.update(changes)
+    (ds / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return was
+
+
+def _snapshot_digests(out) -> dict[str, str]:
+    from sglora.io import sha256_file
+
+    return {p.stem: sha256_file(p) for p in (out / "snapshots").glob("*.safetensors")}
+
+
+def test_a_rerun_on_a_dataset_with_one_task_changed_trains_that_task_alone(tmp_path, capsys):
+    """A caption fixed in one task's samples changed the dataset's fingerprint, and the rerun refused the folder
+    and every trained task in it: each snapshot records the data of its own task, so the rerun trains that task
+    again, keeps the others as they are, and the later stages, unmarked, run again on the changed data."""
+    from sglora.artifacts import STAGES
+    from training.pipeline import load_data, run_pipeline, stage_evaluate, stage_experts
+
+    cfg, out = _folder_pipeline(tmp_path)
+    name = json.loads((out / "splits.json").read_text())["experts"][0]
+    before = _snapshot_digests(out)
+    _edit_first_sample(tmp_path / "ds", name, caption="a fixed caption")
+    with pytest.raises(ValueError, match="the dataset changed since its experts were trained .*rerun the pipeline from its"):
+        stage_evaluate(cfg, out)
+    capsys.readouterr()
+    stage_experts(cfg, out)
+    log = capsys.readouterr().out
+    assert f"[experts] {name}: its data (samples or task definition) changed since it was trained; training it again" in log
+    assert "3 of 4 tasks already trained (resumed); trained 1" in log and log.count("changed since it was trained") == 1
+    after = _snapshot_digests(out)
+    assert after.keys() == before.keys() and {n for n in before if after[n] != before[n]} == {name}
+    dataset = load_data(cfg)
+    with safe_open(str(out / "snapshots" / f"{name}.safetensors"), "pt") as f:
+        assert f.metadata()["task_data"] == dataset.task_fingerprint(name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"experts"} and manifest["stages"]["experts"]["data"] == dataset.fingerprint()
+    with pytest.raises(ArtifactError, match="stage 'repository' has not been run"):
+        load_artifacts(out)
+    run_pipeline(cfg, out, ("repository", "generator", "evaluate"))  # their checks of the dataset pass
+    assert set(json.loads((out / "manifest.json").read_text())["stages"]) == set(STAGES)
+    assert load_artifacts(out).generator is not None
+
+
+def test_an_interrupted_run_resumes_on_a_dataset_with_one_task_changed(tmp_path, capsys):
+    """Stopped before the experts stage completed (no manifest, a task not yet trained), then an image path fixed
+    in one task's samples: that task trains again, so does the one not yet trained, the others are kept."""
+    import shutil
+
+    from training.pipeline import stage_experts
+
+    cfg, out = _folder_pipeline(tmp_path, ("experts",))
+    (out / "manifest.json").unlink()
+    tasks = [n for role in json.loads((out / "splits.json").read_text()).values() for n in role]
+    (out / "snapshots" / f"{tasks[-1]}.safetensors").unlink()  # its turn had not come
+    ds = tmp_path / "ds"
+    was = _edit_first_sample(ds, tasks[1], image="images/fixed.png")
+    shutil.copy(ds / was["image"], ds / "images" / "fixed.png")  # the same picture, another file
+    before = _snapshot_digests(out)
+    capsys.readouterr()
+    stage_experts(cfg, out)
+    log = capsys.readouterr().out
+    assert f"[experts] {tasks[1]}: its data (samples or task definition) changed" in log
+    assert "2 of 4 tasks already trained (resumed); trained 2" in log
+    after = _snapshot_digests(out)
+    assert after.keys() == set(tasks) and {n for n in before if after[n] != before[n]} == {tasks[1]}
+
+
+def test_snapshots_from_before_each_recorded_its_task_data_are_refused_on_a_changed_dataset(tmp_path):
+    """A snapshot without ``task_data`` (written by an earlier release) cannot tell whether its own task's data
+    changed: on a dataset that changed anywhere the folder is refused as before, not resumed."""
+    from training.pipeline import stage_experts
+
+    cfg, out = _folder_pipeline(tmp_path, ("experts",))
+    tasks = [n for role in json.loads((out / "splits.json").read_text()).values() for n in role]
+    path = out / "snapshots" / f"{tasks[0]}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "task_data"}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    _edit_first_sample(tmp_path / "ds", tasks[1], caption="a fixed caption")  # another task's samples
+    with pytest.raises(ValueError, match="the dataset changed since its experts were trained .*; use a new --out directory"):
+        stage_experts(cfg, out)
+    (out / "manifest.json").unlink()  # an interrupted run: the snapshot's own record
+    with pytest.raises(ValueError, match=f"the dataset changed since task '{tasks[0]}' was trained"):
+        stage_experts(cfg, out)
+
+
+def test_a_dataset_with_another_task_set_is_refused(tmp_path):
+    """Other tasks make another split: the experts stage refuses the folder, whatever its snapshots record."""
+    from training.pipeline import stage_experts
+
+    cfg, out = _folder_pipeline(tmp_path, ("experts",))
+    ds = tmp_path / "ds"
+    index = json.loads((ds / "tasks.json").read_text())
+    index["tasks"].append({"name": "star", "description": "a photo of a star", "kind": "retrieval"})
+    (ds / "tasks.json").write_text(json.dumps(index))
+    rows = [json.loads(line) for line in (ds / "samples.jsonl").read_text().splitlines()]
+    stars = [{**r, "task": "star"} for r in rows if r.get("task") == "circle"]
+    (ds / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + stars))
+    before = _snapshot_digests(out)
+    with pytest.raises(ValueError, match=r"the dataset's tasks changed since it was built \(another split\)"):
+        stage_experts(cfg, out)
+    assert _snapshot_digests(out) == before
+
+
+def test_a_task_whose_description_changed_is_rebuilt_in_the_repository(tmp_path, capsys):
+    """A task's description edited: it trains again, and the rebuilt repository holds its new expert, not the
+    one built before, which has another description than the run's snapshots (as one the service replaced has)."""
+    from expert_store.repository import ExpertRepository
+    from training.pipeline import run_pipeline
+
+    cfg, out = _folder_pipeline(tmp_path)
+    name = json.loads((out / "splits.json").read_text())["experts"][0]
+    ds = tmp_path / "ds"
+    index = json.loads((ds / "tasks.json").read_text())
+    task = next(t for t in index["tasks"] if t["name"] == name)
+    old, task["description"] = task["description"], "a clear photo of a " + name
+    (ds / "tasks.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    run_pipeline(cfg, out)
+    log = capsys.readouterr().out
+    assert f"[experts] {name}: its data (samples or task definition) changed" in log
+    assert "kept the service's expert changes" not in log
+    assert ExpertRepository.load(out / "repository")[name].description == "a clear photo of a " + name
+    with safe_open(str(out / "snapshots" / f"{name}.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["earlier_descriptions"]) == [old]
 
 
 def test_a_partial_evaluation_goes_beside_the_full_results(tiny_artifacts, tiny_config, capsys):

@@ -114,10 +114,23 @@ class TaskDataset:
     def fingerprint(self) -> str:
         """A hash of what the tasks and samples say: names, descriptions, kinds, classes and class prompts,
         each sample's image path (for files), caption, task, label and split. Not the images' pixels."""
-        prompt = self.class_prompt
-        tasks = [[t.name, t.description, t.kind, list(t.classes), t.group, prompt(t.name, "{}")] for t in self.tasks.values()]
-        samples = [[s.image if isinstance(s.image, str) else "", s.caption, s.task, s.label, s.split] for s in self.samples]
+        tasks = [self._task_row(n) for n in self.tasks]
+        samples = [_sample_row(s) for s in self.samples]
         return hashlib.sha256(json.dumps([tasks, samples]).encode()).hexdigest()[:16]
+
+    def task_fingerprint(self, name: str) -> str:
+        """:meth:`fingerprint` of what one task's expert depends on: the task as :meth:`fingerprint` hashes it (its
+        class prompt too) and the samples :meth:`task_samples` gives it, in order, in every split. An untagged
+        classification sample is in every task that lists its label, and so in each of their fingerprints;
+        nothing else ties one task's expert to another's data (each starts from the seeded initialisation of
+        the experts settings). The test split counts although training reads the train split alone: the later
+        stages score the task on it, and training the task again is what marks them stale."""
+        samples = [[_sample_row(s) for s in self.task_samples(name, split)] for split in SPLITS]
+        return hashlib.sha256(json.dumps([self._task_row(name), samples]).encode()).hexdigest()[:16]
+
+    def _task_row(self, name: str) -> list:
+        t = self.tasks[name]
+        return [t.name, t.description, t.kind, list(t.classes), t.group, self.class_prompt(t.name, "{}")]
 
     def check_images(self, names: Sequence[str]) -> int:
         """Decodes every image file of the named tasks (ValueError naming the first that cannot be read);
@@ -142,6 +155,10 @@ class TaskDataset:
                     missing = sorted(set(self.tasks[n].classes) - {s.label for s in have})
                     if missing:
                         raise ValueError(f"task {n!r}: class(es) {missing} have no {split} samples")
+
+
+def _sample_row(s: Sample) -> list:
+    return [s.image if isinstance(s.image, str) else "", s.caption, s.task, s.label, s.split]
 
 
 TASK_KEYS = ("name", "description", "kind", "classes", "group")

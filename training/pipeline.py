@@ -200,7 +200,8 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
         # Only later stages' settings differ (the generator's, the evaluation's): the experts are kept, and
         # config.json keeps naming what the later stages were built with until each of them runs again.
     manifest = art.read_manifest(out) if (out / art.MANIFEST).exists() else {}  # refuses a damaged one by name
-    _check_data(out, manifest, data)
+    tasks = splits.all()
+    kept = _check_snapshot_data(out, manifest, tasks, data)
     if built and (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
         raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
@@ -211,22 +212,25 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     write_json(out / "splits.json", splits.to_dict())
     cache = FeatureCache(backbone)
     fp = backbone.spec.fingerprint()
-    tasks = splits.all()
     _log(f"[experts] {len(tasks)} tasks, LoRA of {backbone.spec.num_params} parameters ({len(backbone.spec.targets)} targets)")
     pinned = manifest.get("files", {})
-    kept = _check_snapshot_data(out, tasks, data)
+    task_data = {name: dataset.task_fingerprint(name) for name in tasks}
     trained = []
     todo = []
     for name in tasks:
         rel = f"snapshots/{name}.safetensors"
         if name in kept and kept[name].get("lora_fingerprint") == fp:
-            if rel not in pinned or sha256_file(out / rel) == pinned[rel]:
+            # A snapshot without task_data was checked against the whole dataset's fingerprint (_check_snapshot_data).
+            if kept[name].get("task_data", task_data[name]) != task_data[name]:
+                _log(f"[experts] {name}: its data (samples or task definition) changed since it was trained; training it again")
+            elif rel not in pinned or sha256_file(out / rel) == pinned[rel]:
                 continue  # resumable: trained by an earlier run (pinned, or not yet: that run was interrupted)
-            _log(f"[experts] {name}: its snapshot file differs from the one the manifest pins; training it again")
+            else:
+                _log(f"[experts] {name}: its snapshot file differs from the one the manifest pins; training it again")
         todo.append(name)
     # Every image file of the tasks to train decoded first: one that cannot be read was found when its task
-    # trained, after the tasks before it, and fixing the dataset then changed its fingerprint, so every one of
-    # them trained again. (Images made in memory, as the benchmarks' are, are not read.)
+    # came, after the tasks before it had trained (hours, on a large dataset). (Images made in memory, as the
+    # benchmarks' are, are not read.)
     if todo:
         dataset.check_images(todo)
     # The bar starts at the tasks already trained: counted as done in no time, they made its rate and time
@@ -237,11 +241,9 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
         task = prepare_task(backbone, dataset, name, cache)
         snaps = train_expert(backbone, task, cfg.experts)
         info = dataset.tasks[name]
-        write_safetensors(
-            path,
-            {"snapshots": snaps},
-            metadata={"task": name, "description": info.description, "kind": info.kind, "lora_fingerprint": fp, "data": data},
-        )
+        meta = {"task": name, "description": info.description, "kind": info.kind, "lora_fingerprint": fp, "data": data}
+        meta.update(task_data=task_data[name], **_earlier_descriptions(kept.get(name, {}), info.description))
+        write_safetensors(path, {"snapshots": snaps}, metadata=meta)
     if len(trained) < len(tasks):
         _log(f"[experts] {len(tasks) - len(trained)} of {len(tasks)} tasks already trained (resumed); trained {len(trained)}")
     # Snapshots the later stages were built from changed: their results are stale until they run again.
@@ -250,34 +252,50 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     art.update_manifest(out, "experts", extra, invalidate=invalidate)
 
 
-def _check_data(out: Path, manifest: dict, data: str) -> None:
+# What a later stage advises when the dataset changed: the experts stage keeps the tasks whose data did not.
+RETRAIN = "rerun the pipeline from its experts stage (it trains again the tasks whose data changed) or use a new --out directory"
+
+
+def _check_data(out: Path, manifest: dict, data: str, advice: str = RETRAIN) -> None:
     """ValueError when the dataset's tasks or samples differ from those ``out``'s experts were trained on
-    (directories built before the fingerprint was recorded are not checked)."""
+    (directories built before the fingerprint was recorded are not checked): the later stages read the tasks'
+    samples, and the experts stage records the dataset once every task's snapshot was trained on it."""
     recorded = (manifest.get("stages", {}).get("experts") or {}).get("data")
     if recorded is not None and recorded != data:
         raise ValueError(
             f"{out}: the dataset changed since its experts were trained (tasks or samples differ: fingerprint {data}, "
-            f"built on {recorded}); use a new --out directory"
+            f"built on {recorded}); {advice}"
         )
 
 
-def _check_snapshot_data(out: Path, tasks: list[str], data: str) -> dict[str, dict[str, str]]:
-    """The metadata of the snapshots kept for resuming, by task; ValueError when one was trained on other tasks or
-    samples. The manifest records the dataset only once the experts stage completes: a run interrupted (or failed
-    on a bad image) before that leaves snapshots that only their own metadata ties to the data they were trained on."""
-    kept = {}
-    for name in tasks:
-        path = out / "snapshots" / f"{name}.safetensors"
-        if not path.exists():
-            continue
-        kept[name] = meta = _snapshot_metadata(path)
-        recorded = meta.get("data")
+def _check_snapshot_data(out: Path, manifest: dict, tasks: list[str], data: str) -> dict[str, dict[str, str]]:
+    """The metadata of the snapshots kept for resuming, by task. Each records the fingerprint of its own task's
+    data (``task_data``), which keeps it or trains it again whatever else of the dataset changed; ValueError when
+    one written before snapshots recorded that was trained on other tasks or samples: only the fingerprint of the
+    whole dataset (its own, or the manifest's once the experts stage completed) ties it to the data it was trained
+    on, and it cannot tell which tasks changed."""
+    paths = {name: out / "snapshots" / f"{name}.safetensors" for name in tasks}
+    kept = {name: _snapshot_metadata(path) for name, path in paths.items() if path.exists()}
+    older = [name for name, meta in kept.items() if meta and "task_data" not in meta]  # unreadable ({}): trained again
+    if older:
+        _check_data(out, manifest, data, advice="use a new --out directory")
+    for name in older:
+        recorded = kept[name].get("data")
         if recorded is not None and recorded != data:
             raise ValueError(
                 f"{out}: the dataset changed since task {name!r} was trained (tasks or samples differ: fingerprint {data}, "
                 f"its snapshot was trained on {recorded}); use a new --out directory"
             )
     return kept
+
+
+def _earlier_descriptions(meta: dict[str, str], description: str) -> dict[str, str]:
+    """The descriptions that earlier snapshots of a task had (``meta``: the one a new snapshot replaces), as the
+    new snapshot's metadata: a rebuilt repository takes its expert of one of them, with the run's snapshot count,
+    for the run's own, built before the description changed, not for an expert the service replaced."""
+    earlier = json.loads(meta.get("earlier_descriptions", "[]")) + [meta.get("description")]
+    earlier = [d for d in dict.fromkeys(earlier) if d is not None and d != description]
+    return {"earlier_descriptions": json.dumps(earlier)} if earlier else {}
 
 
 def _snapshot_metadata(path: Path) -> dict[str, str]:
@@ -348,14 +366,16 @@ def locked_repository(directory: Path) -> Iterator[None]:
 
 
 def _service_changes(
-    directory: Path, experts: dict[str, tuple[str, int]], config: dict, backbone
+    directory: Path, experts: dict[str, tuple[str, int]], earlier: dict[str, list[str]], config: dict, backbone
 ) -> tuple[list[Expert], list[str]]:
     """What the service changed in an existing repository (POST/DELETE /experts): the experts to keep as it
     left them (those it added, and a pipeline expert it replaced: another description or snapshot count
     than ``experts`` = name -> (description, snapshots) of the pipeline's own) and the pipeline's experts
     it removed. A rebuild keeps these changes: it dropped the added experts, files and all, and brought the
     removed ones back. Nothing for a new folder, a damaged one, or one of another run (other experts
-    settings or backbone: copied in; its experts are not this run's to keep)."""
+    settings or backbone: copied in; its experts are not this run's to keep). An expert with one of the
+    ``earlier`` descriptions of its task (name -> those of its snapshots before the dataset changed it, see
+    :func:`_earlier_descriptions`) and the run's snapshot count is the run's own, built before: rebuilt."""
     if not (directory / "repository.json").exists():
         return [], []
     try:
@@ -366,8 +386,12 @@ def _service_changes(
     if art.foreign_repository(old, config, backbone) is not None:
         _log(f"[repository] the existing {directory} holds another run's experts; building it from the snapshots alone")
         return [], []
-    kept = [old[n] for n in old.names if experts.get(n) != (old[n].description, old[n].num_snapshots)]
-    return kept, [n for n in experts if n not in old]
+
+    def own(n: str) -> bool:
+        e = old[n]
+        return n in experts and e.num_snapshots == experts[n][1] and e.description in (experts[n][0], *earlier[n])
+
+    return [old[n] for n in old.names if not own(n)], [n for n in experts if n not in old]
 
 
 def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
@@ -383,8 +407,10 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     repo = ExpertRepository(backbone.spec, backbone.embed_dim, backbone.fingerprint(), provenance=art.experts_settings(config))
     snapshots = {name: _task_snapshots(out, name) for name in names}
     own = {name: (desc, len(snapshots[name])) for name, desc in zip(names, descriptions, strict=True)}
+    meta = {n: _snapshot_metadata(out / "snapshots" / f"{n}.safetensors") for n in names}
+    earlier = {n: json.loads(meta[n].get("earlier_descriptions", "[]")) for n in names}
     with locked_repository(out / "repository"):  # no expert change by a service meanwhile
-        kept, removed = _service_changes(out / "repository", own, config, backbone)
+        kept, removed = _service_changes(out / "repository", own, earlier, config, backbone)
         left = set(removed) | {e.name for e in kept}
         for name, desc, emb in zip(names, descriptions, embeddings, strict=True):
             if name not in left:
