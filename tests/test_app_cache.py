@@ -609,3 +609,49 @@ def test_retrieve_by_etag_while_redis_is_out_is_a_503_not_a_404(private_redis, m
         r = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
         assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
         assert r.json()["detail"]["field"] == "etag" and "unreachable" in r.json()["detail"]["reason"]
+
+
+def early_jobs(client, result: str) -> float:
+    return samples(client)[("sglora_early_jobs_total", (("result", result),))]
+
+
+def test_an_idle_worker_starts_the_model_job_before_redis_answers_and_drops_it_on_a_hit(make_settings):
+    """SGLORA_EARLY_START: with two idle model threads, a looked-up request's job starts while Redis is asked. A
+    miss uses it (the same bytes as without the early start); a hit drops it and answers Redis's bytes."""
+    body = {"description": "an early start", "seed": 8}
+    late = make_settings(model_threads=2, early_start=False)
+    with TestClient(create_app(late)) as c:
+        reference = c.post("/generate", json=body)
+        assert reference.headers["x-cache"] == "miss" and early_jobs(c, "used") == early_jobs(c, "dropped") == 0
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+    with TestClient(create_app(make_settings(model_threads=2))) as c:
+        worker = c.app.state.service.worker
+        encoded = []
+        real_encode = worker._encode
+
+        def counted_encode(texts):
+            encoded.append(list(texts))
+            return real_encode(texts)
+
+        worker._encode = counted_encode
+        miss = c.post("/generate", json=body)
+        assert miss.headers["x-cache"] == "miss" and miss.content == reference.content
+        assert (early_jobs(c, "used"), early_jobs(c, "dropped")) == (1, 0) and encoded == [[body["description"]]]
+        assert wait_for(lambda: worker.idle())
+    # Another process on the same Redis: the key is there, and this process has no hot key for it.
+    with TestClient(create_app(make_settings(model_threads=2, cache_prefix=late.cache_prefix))) as c:
+        worker = c.app.state.service.worker
+        serialised = samples(c)[("sglora_stage_duration_seconds_count", (("stage", "serialisation"),))]  # the warm-up's
+        hit = c.post("/generate", json=body)
+        assert hit.headers["x-cache"] == "hit" and hit.content == reference.content
+        assert (early_jobs(c, "used"), early_jobs(c, "dropped")) == (0, 1)
+        assert wait_for(lambda: worker.idle())  # the dropped job gave its thread and its queue slot back
+        assert worker.pending == 0
+        # A dropped job was encoded at most (its future was cancelled): no LoRA was made for it.
+        assert samples(c)[("sglora_stage_duration_seconds_count", (("stage", "serialisation"),))] == serialised
+        other = c.post("/generate", json={**body, "seed": 9})
+        assert other.status_code == 200 and other.headers["x-cache"] == "miss"
+    # One model thread: a dropped job would hold the only thread, so nothing starts early.
+    with TestClient(create_app(make_settings(cache_prefix=late.cache_prefix))) as c:
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert early_jobs(c, "dropped") == 0
