@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.deps import ApiKey, JsonBody, ServiceDep, etag_matches, wants_zip
+from app.deps import JsonModelCall, etag_matches, header_parameters, wants_zip
 from app.errors import APIError
 from app.schemas import (
     BatchGenerateRequest,
@@ -23,7 +22,8 @@ from app.schemas import (
 from app.service import GeneratedLora, Service
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKey, JsonBody])
+# Each route's one dependency checks the key and the JSON body and gives the service (JsonModelCall).
+router = APIRouter(tags=["generate"])
 
 _ERRORS = {
     401: {"description": "API key missing"},
@@ -87,19 +87,15 @@ def _params(service: Service, body: GenerateRequest):
         304: {"description": "If-None-Match matched the ETag"},
         **_ERRORS,
     },
+    openapi_extra=header_parameters("accept", "if-none-match", "x-api-key"),
 )
-async def generate(
-    body: GenerateRequest,
-    service: ServiceDep,
-    accept: Annotated[str | None, Header(description="application/zip for a zipped PEFT adapter folder")] = None,
-    if_none_match: Annotated[str | None, Header()] = None,
-) -> Response:
+async def generate(body: GenerateRequest, service: JsonModelCall, request: Request) -> Response:
     """Generates a LoRA for a task description: safetensors, or a zipped PEFT folder with `Accept: application/zip`."""
     lora = await service.generate(_params(service, body))
-    want_zip = wants_zip(accept)
+    want_zip = wants_zip(request.headers.get("accept"))
     etag = f"{lora.etag}-zip" if want_zip else lora.etag
     headers = lora_headers(lora, etag)
-    if etag_matches(if_none_match, etag):
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     if want_zip:
         data, media, ext = await service.zip_of(lora), "application/zip", "zip"
@@ -109,8 +105,14 @@ async def generate(
     return Response(data, media_type=media, headers=headers)
 
 
-@router.post("/generate/preview", response_model=GenerationInfo, summary="Generate a LoRA, answer JSON", responses=_ERRORS)
-async def generate_preview(body: GenerateRequest, service: ServiceDep) -> GenerationInfo:
+@router.post(
+    "/generate/preview",
+    response_model=GenerationInfo,
+    summary="Generate a LoRA, answer JSON",
+    responses=_ERRORS,
+    openapi_extra=header_parameters("x-api-key"),
+)
+async def generate_preview(body: GenerateRequest, service: JsonModelCall) -> GenerationInfo:
     """Generates as /generate does (same cache), answers JSON: chosen experts (weight, similarity), seed and ETag."""
     lora = await service.generate(_params(service, body))
     meta = lora.metadata
@@ -153,8 +155,14 @@ async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) ->
     )
 
 
-@router.post("/generate/batch", response_model=BatchGenerateResponse, summary="Generate several LoRAs", responses=_ERRORS)
-async def generate_batch(body: BatchGenerateRequest, service: ServiceDep) -> BatchGenerateResponse:
+@router.post(
+    "/generate/batch",
+    response_model=BatchGenerateResponse,
+    summary="Generate several LoRAs",
+    responses=_ERRORS,
+    openapi_extra=header_parameters("x-api-key"),
+)
+async def generate_batch(body: BatchGenerateRequest, service: JsonModelCall) -> BatchGenerateResponse:
     """Generates one LoRA per item (micro-batched together); each item has its own status, bytes in base64."""
     if len(body.items) > service.settings.max_batch_items:
         raise APIError(422, "items", f"at most {service.settings.max_batch_items} items per call, got {len(body.items)}")
