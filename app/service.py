@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -86,6 +87,16 @@ class GenerateParams:
     seed: int | None
     top_k: int | None  # None: the repository's default (min of the artefacts' top_k and its size) when it runs
     temperature: float
+
+
+class Made(NamedTuple):
+    """A LoRA file made by a model thread: with its ETag and metadata, worked out there rather than on the
+    event loop, and the artefact version it was made with."""
+
+    data: bytes
+    version: str
+    etag: str
+    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -472,14 +483,12 @@ class Service:
             self.metrics.cache.labels(result="error" if degraded else "skip").inc()
         try:
             if early is None:
-                data, used_version = await self.worker.encode(params.description, params)
+                data, used_version, etag, metadata = await self.worker.encode(params.description, params)
             else:
-                data, used_version = await self.worker.finish_early(early)
+                data, used_version, etag, metadata = await self.worker.finish_early(early)
         except ValueError as e:  # the engine's own checks (e.g. an expert removed meanwhile)
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
-        etag = etag_of(data)
         self.lru.put(etag, data)
-        metadata = safetensors_metadata(data)
         # Else the repository changed under the request (and with it, maybe, the default top_k): not filed under the old key.
         if used_version == version:
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
@@ -501,7 +510,7 @@ class Service:
             self._pointers.popitem(last=False)
         return True
 
-    def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[tuple[bytes, str] | Exception]:
+    def _generate_jobs(self, embeddings: torch.Tensor, jobs: list[GenerateParams]) -> Iterator[Made | Exception]:
         """On a model thread, after the micro-batched text encoding: priors, CVAE samples and files,
         up to :attr:`Engine.pass_rows` requests at a time (one CVAE pass each), each result
         yielded as soon as its file exists. Answering a whole batch at once would hand the event loop
@@ -532,8 +541,9 @@ class Service:
                     continue
                 t2 = time.perf_counter()
                 data = safetensors_bytes(g.spec or self.spec, g.lora, generation_metadata(meta_source, params.description, g))
+                made = Made(data, version, etag_of(data), safetensors_metadata(data))
                 self.metrics.stage.labels(stage="serialisation").observe(time.perf_counter() - t2)
-                yield data, version
+                yield made
 
     def spec_of(self, lora: GeneratedLora) -> LoraSpec:
         """The layout of a generated LoRA: the backbone's, or (topk-exact, sg-lora-exact) the same targets at

@@ -214,21 +214,24 @@ class Engine:
             if method == "adapter-soup":
                 alpha = torch.full_like(alpha, 1.0 / top_k)
             experts = [ExpertChoice(names[k], float(a), float(s)) for k, a, s in zip(idx.tolist(), alpha, sims)]
+            chosen = means.index_select(0, idx)  # the same rows as means[idx], a few times faster
             if method == "topk-exact":
-                spec, lora = concat_merge(self.backbone.spec, means[idx], alpha)
+                spec, lora = concat_merge(self.backbone.spec, chosen, alpha)
                 out[i] = Generation(lora, method, None, top_k, temperature, experts, spec)
                 continue
-            mu, var = mix(means[idx], variances[idx], alpha)
+            mu, var = mix(chosen, variances.index_select(0, idx), alpha)
             if method not in SAMPLING_METHODS:
                 out[i] = Generation(mu, method, None, top_k, temperature, experts)
                 continue
             if method == "sg-lora-exact":
-                exact_rows[i] = (means[idx], alpha, mu)
+                exact_rows[i] = (chosen, alpha, mu)
             # .lora: the prior mean, for now
             out[i] = Generation(mu, method, seed, top_k, temperature, experts, generator_dtype=self.generator_dtype_name)
             # The condition layer's mu*-part as the same mix of the experts' precomputed parts: the CVAE
             # pass then reads one P x H weight block fewer (a third of its weights).
-            sample_rows.append((i, mu, var, seed, alpha @ self._expert_features(means)[idx], embeddings[i].float()))
+            sample_rows.append(
+                (i, mu, var, seed, alpha @ self._expert_features(means).index_select(0, idx), embeddings[i].float())
+            )
         fewest, most = self.pass_rows if sample_rows else (1, 1)
         for start in range(0, len(sample_rows), most):
             part = sample_rows[start : start + most]
