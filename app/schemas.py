@@ -111,7 +111,11 @@ class BatchGenerateResponse(BaseModel):
                             "data": "<base64>",
                             "error": None,
                         },
-                        {"index": 1, "status": 422, "error": {"field": "top_k", "reason": "must be between 1 and 4"}},
+                        {
+                            "index": 1,
+                            "status": 422,
+                            "error": {"field": "top_k", "reason": "must be between 1 and the number of experts (4), got 5"},
+                        },
                     ],
                 }
             ]
@@ -223,7 +227,7 @@ class ExpertList(BaseModel):
             "examples": [
                 {
                     "artifact_version": "3f2a9c0d1e4b5a69",
-                    "lora": {"rank": 2, "alpha": 2.0, "num_params": 110592, "targets": 72},
+                    "lora": {"rank": 2, "alpha": 2.0, "scaling": "standard", "num_params": 110592, "targets": 36},
                     "experts": [{"name": "tabby", "description": "a photo of a tabby cat", "num_snapshots": 100}],
                 }
             ]

@@ -28,13 +28,16 @@ class Settings(BaseSettings):
     artifacts: Path | None = Field(None, description="artefact directory written by `sglora pipeline`")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int = Field(
-        0, ge=0, description="torch intra-op threads (shared by the model threads); 0 = 1 on a CPU, the cores - 1 on a GPU"
+        0,
+        ge=0,
+        description="torch intra-op threads (shared by the model threads); 0 = on a CPU 1, or (the cores - 1) / "
+        "model_threads (at least 1) when that is set; on a GPU the cores - 1 (at least 1)",
     )
     model_threads: int = Field(
         0,
         ge=0,
         description="model threads sharing one copy of the weights, each running its own micro-batch; 0 = on a CPU "
-        "(the cores - 1) / threads, on a GPU 1",
+        "(the cores - 1) / threads, at least 1, but on one or two cores the cores / threads; on a GPU 1",
     )
     text_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",

@@ -58,6 +58,14 @@ def tiny_artifacts(tiny_artifacts_session, tmp_path):
 SHARED_REDIS = "redis://127.0.0.1:6379/13"  # the machine's shared Redis; these tests use db 13 + unique prefixes
 
 
+def missing(message: str) -> None:
+    """Skips the test for want of a tool or server, except under CI=true, where that is a failure (.ci/run
+    installs and starts them), as tests/test_ui.py does for the browser."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_redis():
     """(url, prefix factory) on the shared Redis; every key written under the prefixes is deleted at the end."""
@@ -69,7 +77,7 @@ def shared_redis():
     try:
         client.ping()
     except redis.RedisError as e:
-        pytest.skip(f"no Redis at {SHARED_REDIS}: {e}")
+        missing(f"no Redis at {SHARED_REDIS}: {e} (start one: redis-server --save '' --appendonly no --daemonize yes)")
     session = f"sglora-test-{uuid.uuid4().hex[:8]}"
     counter = iter(range(1_000_000))
 
@@ -104,7 +112,7 @@ class RedisProcess:
 def private_redis(tmp_path):
     """A started private Redis (never the shared one); stopped at the end."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        missing("redis-server is not installed (apt-get install redis-server)")
     server = RedisProcess(tmp_path)
     server.start()
     yield server

@@ -53,7 +53,8 @@ async def ready(request: Request) -> Ready | JSONResponse:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": 'sglora_cache_events_total{result="hit"} 12.0\n'}}}},
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; every name starts with `sglora_`."""
+    """Prometheus text format: the service's own metrics start with `sglora_`; the client library's process and
+    interpreter metrics (`process_*`, `python_*`) come with them."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
