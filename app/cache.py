@@ -145,11 +145,6 @@ class RedisCache:
         if started >= self._tripped_at:  # else it says nothing about Redis since the last failure
             self._next_backoff = self.backoff_min_s
 
-    def asks_redis(self, key: str) -> bool:
-        """Whether :meth:`get` of ``key`` now would wait for a Redis round trip (not answered from the writes
-        in flight, nor skipped: the cache off or backing off)."""
-        return key not in self._writing and self.available()
-
     async def get(self, key: str) -> tuple[bytes | None, bool]:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
         if key in self._writing:  # stored a moment ago, not yet in Redis

@@ -98,13 +98,6 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.early_jobs = Counter(
-            "sglora_early_jobs",
-            "model jobs started before Redis answered the request's lookup (SGLORA_EARLY_START): used on a miss, "
-            "dropped on a hit (a text forward wasted on an idle thread)",
-            ["result"],
-            registry=r,
-        )
         self.redis_errors = Counter("sglora_redis_errors", "failed Redis calls", ["op"], registry=r)
         self.cache_writes_dropped = Counter(
             "sglora_cache_writes_dropped",
@@ -136,8 +129,6 @@ class Metrics:
                 self.requests.labels(endpoint=endpoint, method="POST", status=status)
         for result in ("hit", "miss"):
             self.embeddings.labels(result=result)
-        for result in ("used", "dropped"):
-            self.early_jobs.labels(result=result)
         for stage in STAGES:
             self.stage.labels(stage=stage)
         # Every label value the code uses exists from the start, so that rate() and the alert rules

@@ -436,18 +436,7 @@ class Service:
                 self.metrics.cache.labels(result="hit").inc()
                 self.metrics.memory_hits.inc()
                 return GeneratedLora(data, hot[0], "hit", hot[1])
-            # While the worker is idle, the model job starts before Redis has answered: a miss (what a lookup
-            # that missed the hot keys mostly is) does not wait for the round trip first. A hit drops the job,
-            # whose text forward then ran on a model thread that no request was waiting for.
-            early = None
-            if self.settings.early_start and self.cache.asks_redis("gen:" + key) and self.worker.idle():
-                early = self.worker.start_early(params.description, params)
-            try:
-                data, ok = await self.cache.get("gen:" + key)
-            except BaseException:  # cancelled (the client went away)
-                if early is not None:
-                    self.worker.drop_early(early)
-                raise
+            data, ok = await self.cache.get("gen:" + key)
             # error: Redis failed or is skipped for its back-off; with the cache off (SGLORA_REDIS_URL empty)
             # nothing is stored, so nothing is found: a miss, not an error (else the cache alert would fire).
             failed = not ok and self.cache.enabled
@@ -459,11 +448,7 @@ class Service:
                     log.warning("cache: the value of gen:%s is not this request's LoRA file (%s); generating it again", key, e)
                     data, failed = None, True
             self.metrics.cache.labels(result="hit" if data is not None else ("error" if failed else "miss")).inc()
-            if early is not None:
-                self.metrics.early_jobs.labels(result="dropped" if data is not None else "used").inc()
             if data is not None:
-                if early is not None:
-                    self.worker.drop_early(early)
                 etag = etag_of(data)
                 self.lru.put(etag, data)
                 self.hot.put(key, etag, metadata)
@@ -475,17 +460,13 @@ class Service:
                     self.cache.set_behind({"etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
-            early = None
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
             # failing (its back-off) the request still could not use the cache: an error, so that an outage
             # shows in the error ratio whatever share of the traffic sends seeds.
             degraded = self.cache.enabled and not self.cache.available()
             self.metrics.cache.labels(result="error" if degraded else "skip").inc()
         try:
-            if early is None:
-                data, used_version, etag, metadata = await self.worker.encode(params.description, params)
-            else:
-                data, used_version, etag, metadata = await self.worker.finish_early(early)
+            data, used_version, etag, metadata = await self.worker.encode(params.description, params)
         except ValueError as e:  # the engine's own checks (e.g. an expert removed meanwhile)
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         self.lru.put(etag, data)

@@ -77,12 +77,6 @@ class Settings(BaseSettings):
         description="requests whose LoRA a repeat gets from process memory (the ETag LRU) without asking Redis (0: off); "
         "only with the Redis cache on",
     )
-    early_start: bool = Field(
-        True,
-        description="while the model worker is idle (two or more model threads, all free, nothing queued), a looked-up "
-        "request's model job starts before Redis has answered: a miss does not wait for the round trip, a hit drops "
-        "the job (its text forward ran on a thread no request was waiting for)",
-    )
     embedding_cache_items: int = Field(
         4096,
         ge=0,

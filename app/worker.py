@@ -259,38 +259,6 @@ class ModelWorker:
         thread with the other jobs of the batch), or the embedding (D,) itself when ``job`` is None."""
         return await self._wait(self._submit(text, job))
 
-    def idle(self) -> bool:
-        """Whether the worker is idle with a model thread to spare: two or more model threads, every one
-        free, nothing admitted or queued, not closing. A job started now runs at once, and one that turns
-        out not to be needed (:meth:`start_early`) leaves a thread free for the next request."""
-        return (
-            self.model_threads >= 2
-            and len(self._free) == self.model_threads
-            and self._pending == 0
-            and not self._thread_waiters
-            and not self._forming
-            and not self._closing
-        )
-
-    def start_early(self, text: str, job: Any) -> asyncio.Future:
-        """Starts ``job`` now (:meth:`encode`'s admission: :class:`Overloaded` / :class:`ShuttingDown` at once)
-        and returns its future: :meth:`finish_early` awaits it, or :meth:`drop_early` gives it up (a job not
-        begun is skipped; one running finishes its text encoding and stops there)."""
-        return self._submit(text, job)
-
-    async def finish_early(self, future: asyncio.Future) -> Any:
-        """The result of a job begun by :meth:`start_early`, as :meth:`encode` gives it (timeout included)."""
-        return await self._wait(future)
-
-    @staticmethod
-    def drop_early(future: asyncio.Future) -> None:
-        """Gives up a job begun by :meth:`start_early`; an error it already ended with is not logged."""
-        if future.done():
-            if not future.cancelled():
-                future.exception()  # retrieved: asyncio would log it as never retrieved
-        else:
-            future.cancel()
-
     async def run(self, fn: Callable[..., T], *args: Any, commit: bool = False) -> T:
         """Runs ``fn(*args)`` on a model thread, under inference mode, alone (no batch runs meanwhile).
 
