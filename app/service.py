@@ -311,6 +311,9 @@ class Service:
         # The first generation (lazy initialisation, a first CUDA call, a cold disk) may take far longer than
         # a request may wait: the start-up jobs get STARTUP_TIMEOUT_S, not SGLORA_REQUEST_TIMEOUT_S.
         service.worker.timeout_s = max(settings.request_timeout_s, STARTUP_TIMEOUT_S)
+        # The start-up's jobs are not requests: they count in a scratch registry. The warm-up, the slowest job
+        # of a process's life, was the one sample of an idle replica's stage histograms and batch sizes.
+        service.metrics = service.worker.metrics = Metrics()
         try:
             try:
                 await service.worker.encode("warm-up", service.resolve("warm-up", "sg-lora", 0, None, None))
@@ -334,12 +337,15 @@ class Service:
                     else:
                         service.text_numerics = f"{service.text_dtype}/rows{FIXED_ROWS}"
                         service.worker.embeddings.clear()  # the warm-up's, made without the blocks
+            await service.worker.settle()  # the warm-up's model thread handed back (a gauge of the scratch registry)
         except WorkerTimeout:
             await service.stop()
             raise StartupError(f"the warm-up generation took longer than {service.worker.timeout_s:g} s") from None
         except BaseException:
             await service.stop()
             raise
+        finally:
+            service.metrics = service.worker.metrics = metrics
         service.worker.timeout_s = settings.request_timeout_s
         if blocked:
             log.info(

@@ -494,6 +494,12 @@ class ModelWorker:
         """Model threads running a job now (a job whose caller gave up included: it runs to its end)."""
         return self.model_threads - len(self._free)
 
+    async def settle(self) -> None:
+        """Returns once every model thread is idle and handed back (a batch's result reaches its caller a
+        moment before its thread is given back)."""
+        while self.busy or self._pending:
+            await asyncio.sleep(0.001)
+
     async def drain(self, timeout_s: float) -> bool:
         """Stops admitting jobs and waits, at most ``timeout_s`` in all, for the accepted ones and for the
         jobs still running on the model threads (those of requests that timed out or were cut off hold a
