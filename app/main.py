@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from app.deps import KeyGateMiddleware, UploadGateMiddleware
@@ -109,5 +108,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, settings.retry_after_s)
     for r in (generate.router, retrieve.router, experts.router, health.router, ui.router):
         app.include_router(r)
-    app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")  # refuses paths outside the folder
+    app.mount("/static", ui.UiStaticFiles(directory=ui.STATIC_DIR), name="static")  # refuses paths outside the folder
     return app

@@ -32,6 +32,13 @@ from app.worker import abandoned_threads
 from sglora.cli import EXIT_USAGE, port_number, seconds
 
 
+def root_path(value: str) -> str:
+    """A ``--root-path``: empty, or a path that starts with "/" (its trailing "/" dropped)."""
+    if value and not value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"must start with '/' (e.g. /{value}), got {value!r}")
+    return value.rstrip("/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description="Run the SG-LoRA HTTP service.")
     p.add_argument("--artifacts", help="artefact directory (default: $SGLORA_ARTIFACTS)")
@@ -39,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
     p.add_argument("--graceful-timeout", type=seconds, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument(
+        "--root-path",
+        type=root_path,
+        default="",
+        help="the path prefix a proxy serves the service under and strips (uvicorn's --root-path), e.g. /sglora",
+    )
     p.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
     p.add_argument("--log-level", default="info", choices=LEVELS)
     p.add_argument(
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         port=args.port,
         workers=1,
         timeout_graceful_shutdown=args.graceful_timeout,
+        root_path=args.root_path,
         access_log=not args.no_access_log,
         log_level=args.log_level,
         log_config=log_config(args.log_format, args.log_level),

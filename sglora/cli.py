@@ -155,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     argv += ["--log-level", args.log_level]
     if args.no_access_log:
         argv += ["--no-access-log"]
+    if args.root_path:  # checked by app.serve's parser
+        argv += ["--root-path", args.root_path]
     return serve_main(argv, prog="sglora serve")  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
@@ -222,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--log-level", default="info", choices=LEVELS)
     s.add_argument("--no-access-log", action="store_true", help="no line per request (load tests)")
+    s.add_argument("--root-path", default="", help="the path prefix a proxy serves the service under and strips, e.g. /sglora")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -227,9 +227,10 @@ def test_a_failed_download_and_a_full_queue_are_shown(server, browser):
     generate_in_page(browser, server)
     browser.execute_script(SCRIPTED_FETCH, "/generate", ["network"])
     browser.find_element(By.ID, "download-zip").click()
-    wait.until(ec.visibility_of_element_located((By.ID, "error")))
-    assert "network error" in browser.find_element(By.ID, "error").text
-    assert browser.find_element(By.ID, "download-zip").is_enabled()
+    # Said beside the download buttons (the form's error box may be scrolled out of sight by then).
+    wait.until(ec.visibility_of_element_located((By.ID, "download-error")))
+    assert "network error" in browser.find_element(By.ID, "download-error").text
+    assert browser.find_element(By.ID, "download-zip").is_enabled() and not browser.find_element(By.ID, "error").is_displayed()
 
     # A 429 is retried after its Retry-After; shown once the retries are spent.
     browser.execute_script(SCRIPTED_FETCH, "/generate/preview", [429, "pass"])
@@ -316,3 +317,99 @@ def test_a_new_preview_during_retrieval_is_not_taken_for_an_expert_change(server
     browser.find_element(By.ID, "retrieve").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "rankings").is_displayed())
     assert not browser.find_element(By.ID, "retrieval-note").is_displayed()
+
+
+def test_a_download_after_an_expert_change_says_it_is_another_lora(server, browser):
+    """After an expert change the seeded request gives another LoRA than the one the page shows: the file is
+    that LoRA, and the page says so (here the preview's ETag is replaced to stand for such a change)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    generate_in_page(browser, server)
+    browser.find_element(By.ID, "download-safetensors").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "download-safetensors").is_enabled())
+    assert not browser.find_element(By.ID, "download-changed").is_displayed()  # the LoRA shown
+    previewed = browser.execute_script("const e = current.info.etag; current.info.etag = 'an-earlier-lora'; return e;")
+    browser.find_element(By.ID, "download-safetensors").click()
+    note = WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "download-changed")))
+    assert "expert repository changed" in note.text and previewed in note.text and "an-earlier-lora" in note.text
+
+
+def test_a_seed_beyond_two_to_the_53_is_sent_as_typed(server, browser):
+    """Seeds go up to 2^63 - 1; a JavaScript number holds integers exactly only up to 2^53 (Number() rounded
+    1152921504606846977 to ...847000: another LoRA). The page sends, shows and reuses the digits typed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seed = 2**60 + 1
+    browser.get(f"{server}/")
+    WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    browser.find_element(By.ID, "description").send_keys("a photo of a red circle")
+    browser.find_element(By.ID, "seed").send_keys(str(seed))
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#experts-table tbody tr"))
+    assert browser.find_element(By.ID, "seed-out").text == str(seed)
+    api = httpx.post(f"{server}/generate/preview", json={"description": "a photo of a red circle", "seed": seed}).json()
+    assert browser.find_element(By.ID, "etag-out").text == api["etag"]
+    assert browser.execute_script("return requestJson(seededRequest())").endswith(f'"seed":{seed}}}')
+
+
+def test_a_retrieval_answered_after_another_preview_is_dropped(server, browser, tmp_path):
+    """Scores that arrive after another description was previewed belong to the earlier LoRA: not shown under
+    the new experts; and a run's earlier scores are hidden while it runs."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    generate_in_page(browser, server)
+    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
+    browser.find_element(By.ID, "images").send_keys(str(image))
+    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
+    browser.execute_script(
+        """
+        const real = window.fetch;
+        window.fetch = async (u, options) => {
+          const r = await real(u, options);
+          if (u === "/retrieve") previews++;  // another preview made while the images were scored
+          return r;
+        };
+        """
+    )
+    browser.find_element(By.ID, "retrieve").click()
+    WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "retrieve-busy").is_displayed())
+    assert not browser.find_element(By.ID, "rankings").is_displayed()
+    assert browser.find_element(By.ID, "retrieve").is_enabled()
+
+
+def test_the_page_works_under_a_root_path_and_is_revalidated(make_settings):
+    """Behind a proxy's path prefix (uvicorn --root-path) the page's script, style, links and API calls carry
+    it; the page and its assets are revalidated on every load (an upgraded service ran an old cached script)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    # The paths as uvicorn --root-path passes them on: the prefix kept in the path, and named in root_path.
+    with TestClient(create_app(make_settings()), root_path="/sglora") as c:
+        page = c.get("/sglora/")
+        assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+        text = page.text
+        assert '<meta name="sglora-root" content="/sglora">' in text
+        for url in ("/sglora/static/style.css", "/sglora/static/app.js", "/sglora/docs", "/sglora/metrics"):
+            assert f'="{url}"' in text, url
+        assert 'href="/static' not in text and 'src="/static' not in text
+        script = c.get("/sglora/static/app.js")
+        assert script.status_code == 200 and script.headers["cache-control"] == "no-cache"
+        assert 'fetch("/' not in script.text and 'send("/' not in script.text  # every call goes through ROOT
+    with TestClient(create_app(make_settings())) as c:
+        assert '<meta name="sglora-root" content="">' in c.get("/").text and 'src="/static/app.js"' in c.get("/").text
+
+
+def test_serve_takes_a_root_path_that_starts_with_a_slash(capsys):
+    from app.serve import build_parser
+
+    assert build_parser().parse_args(["--root-path", "/sglora/"]).root_path == "/sglora"
+    assert build_parser().parse_args([]).root_path == ""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--root-path", "sglora"])
+    assert "must start with '/' (e.g. /sglora)" in capsys.readouterr().err

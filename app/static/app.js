@@ -5,8 +5,20 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// The service's root path behind a proxy's path prefix (uvicorn --root-path), written into the page.
+const ROOT = document.querySelector('meta[name="sglora-root"]')?.content || "";
 let current = null; // the last /generate/preview answer plus the request that produced it
 let uploads = []; // [{file, url}]
+let previews = 0; // counts previews: a retrieval answered after another preview is dropped
+let retrieving = false;
+
+// JSON of a generation request. A seed stays the digits typed: up to 2^63 - 1, beyond what a JavaScript
+// number holds exactly (2^53), where Number() would round it to another seed and another LoRA.
+function requestJson(body) {
+  const { seed, ...rest } = body;
+  const json = JSON.stringify(rest);
+  return seed === undefined ? json : `${json.slice(0, -1)}${json.length > 2 ? "," : ""}"seed":${seed}}`;
+}
 
 function headers(extra = {}) {
   const key = $("api-key").value.trim();
@@ -56,7 +68,7 @@ function el(tag, attrs = {}, ...children) {
 async function loadStatus() {
   const box = $("status");
   try {
-    const r = await fetch("/ready");
+    const r = await fetch(`${ROOT}/ready`);
     const s = await r.json();
     if (r.ok) {
       box.textContent = `ready · ${s.experts} experts · ${s.backbone}`;
@@ -80,7 +92,7 @@ function generationRequest() {
   const seed = $("seed").value.trim();
   const topK = $("top-k").value.trim();
   const temperature = $("temperature").value.trim();
-  if (seed) body.seed = Number(seed);
+  if (seed) body.seed = seed; // the digits (requestJson): the form's pattern allows nothing else
   if (topK) body.top_k = Number(topK);
   if (temperature) body.temperature = Number(temperature);
   return body;
@@ -93,18 +105,23 @@ async function generate(event) {
   $("generate-busy").hidden = false;
   try {
     const request = generationRequest();
-    const r = await send("/generate/preview", {
+    const r = await send(`${ROOT}/generate/preview`, {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify(request),
+      body: requestJson(request),
     });
     if (!r.ok) {
       showError($("error"), await errorText(r));
       return;
     }
     const info = await r.json();
-    current = { info, request };
-    renderExperts(info);
+    // A seed typed is kept as typed (the JSON answer's number may have lost digits beyond 2^53); a drawn
+    // one is below 2^53 (the service's choice, for this reason).
+    current = { info, request, seed: info.seed === null ? null : (request.seed ?? String(info.seed)) };
+    previews++;
+    showError($("download-error"), "");
+    $("download-changed").hidden = true;
+    renderExperts(current);
     $("result").hidden = false;
     $("retrieval").hidden = false;
     $("rankings").hidden = true;
@@ -117,9 +134,9 @@ async function generate(event) {
   }
 }
 
-function renderExperts(info) {
+function renderExperts({ info, seed }) {
   $("method-out").textContent = info.method;
-  $("seed-out").textContent = info.seed === null ? "— (deterministic)" : String(info.seed);
+  $("seed-out").textContent = seed === null ? "— (deterministic)" : seed;
   $("prior-out").textContent = `${info.top_k} / ${info.temperature}`;
   $("cache-out").textContent = info.cache;
   $("etag-out").textContent = info.etag;
@@ -148,27 +165,37 @@ function renderExperts(info) {
 // or generated again once they left it), unless the expert repository changed meanwhile.
 function seededRequest() {
   const body = { ...current.request };
-  if (current.info.seed !== null) body.seed = current.info.seed;
+  if (current.seed !== null) body.seed = current.seed;
   return body;
 }
 
 async function download(asZip) {
   if (!current) return;
-  showError($("error"), "");
+  showError($("download-error"), "");
+  $("download-changed").hidden = true;
+  const shown = current.info.etag;
   // The same request with the seed the preview reported: byte-identical to what the preview generated.
   const body = seededRequest();
   const accept = asZip ? "application/zip" : "application/octet-stream";
   const buttons = [$("download-safetensors"), $("download-zip")];
   for (const b of buttons) b.disabled = true;
   try {
-    const r = await send("/generate", {
+    const r = await send(`${ROOT}/generate`, {
       method: "POST",
       headers: headers({ "Content-Type": "application/json", Accept: accept }),
-      body: JSON.stringify(body),
+      body: requestJson(body),
     });
     if (!r.ok) {
-      showError($("error"), await errorText(r));
+      showError($("download-error"), await errorText(r));
       return;
+    }
+    // After an expert change the same request gives another LoRA than the one shown: say so.
+    const etag = (r.headers.get("ETag") || "").replace(/^W\//, "").replace(/"/g, "").replace(/-zip$/, "");
+    if (etag && etag !== shown) {
+      $("download-changed").textContent =
+        `The expert repository changed since the preview: this file is the LoRA the same request gives now ` +
+        `(ETag ${etag}), not the one shown above (${shown}). Generate again to see its experts.`;
+      $("download-changed").hidden = false;
     }
     const blob = await r.blob();
     const disposition = r.headers.get("Content-Disposition") || "";
@@ -181,7 +208,7 @@ async function download(asZip) {
       a.remove();
     }, 1000);
   } catch (e) {
-    showError($("error"), `network error: ${e}`);
+    showError($("download-error"), `network error: ${e}`);
   } finally {
     for (const b of buttons) b.disabled = false;
   }
@@ -209,6 +236,7 @@ function renderUploads() {
         u.caption = input.value;
       });
       const remove = el("button", { type: "button", class: "remove", title: "remove this image" }, "×");
+      remove.setAttribute("aria-label", `remove ${u.file.name}`);
       remove.addEventListener("click", () => {
         URL.revokeObjectURL(u.url);
         uploads.splice(i, 1);
@@ -221,7 +249,7 @@ function renderUploads() {
 }
 
 function updateRetrieveButton() {
-  $("retrieve").disabled = !current || uploads.length === 0;
+  $("retrieve").disabled = retrieving || !current || uploads.length === 0;
 }
 
 async function retrieve() {
@@ -235,10 +263,15 @@ async function retrieve() {
   form.append("zero_shot", "true");
   for (const c of captions) form.append("captions", c);
   for (const u of sent) form.append("images", u.file, u.file.name);
-  $("retrieve").disabled = true;
+  const preview = previews;
+  retrieving = true;
+  updateRetrieveButton();
+  $("rankings").hidden = true; // an earlier run's scores are not this request's
+  $("retrieval-note").hidden = true;
   $("retrieve-busy").hidden = false;
   try {
-    const r = await send("/retrieve", { method: "POST", headers: headers(), body: form });
+    const r = await send(`${ROOT}/retrieve`, { method: "POST", headers: headers(), body: form });
+    if (preview !== previews) return; // another description was previewed meanwhile: these scores are not its
     if (!r.ok) {
       // The service counts images from 0 (images[1]); the page shows them by name.
       const label = (field) => {
@@ -261,6 +294,7 @@ async function retrieve() {
   } catch (e) {
     showError($("retrieval-error"), `network error: ${e}`);
   } finally {
+    retrieving = false;
     $("retrieve-busy").hidden = true;
     updateRetrieveButton();
   }
