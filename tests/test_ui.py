@@ -212,6 +212,8 @@ window.fetch = (u, options) => {
   const answer = answers[Math.min(window.calls++, answers.length - 1)];
   if (answer === "network") return Promise.reject(new TypeError("Failed to fetch"));
   if (answer === "pass") return real(u, options);
+  const html = {status: 200, headers: {"Content-Type": "text/html"}};
+  if (answer === "html") return Promise.resolve(new Response("<html>sign in</html>", html));
   const body = JSON.stringify({detail: {field: null, reason: "model is overloaded: the request queue is full, retry later"}});
   return Promise.resolve(new Response(body, {status: answer, headers: {"Retry-After": "1", "Content-Type": "application/json"}}));
 };
@@ -235,7 +237,10 @@ def test_a_failed_download_and_a_full_queue_are_shown(server, browser):
     # A 429 is retried after its Retry-After; shown once the retries are spent.
     browser.execute_script(SCRIPTED_FETCH, "/generate/preview", [429, "pass"])
     browser.find_element(By.ID, "generate").click()
+    # The wait is said while it lasts, and the busy text restored after it.
+    wait.until(lambda d: "queue full (429), retrying in 1 s" in d.find_element(By.ID, "generate-busy").text)
     wait.until(lambda d: d.execute_script("return window.calls") == 2 and d.find_element(By.ID, "generate").is_enabled())
+    assert browser.execute_script("return document.getElementById('generate-busy').textContent") == "generating…"
     assert not browser.find_element(By.ID, "error").is_displayed()
     browser.execute_script(SCRIPTED_FETCH, "/generate/preview", [429])
     browser.find_element(By.ID, "generate").click()
@@ -413,3 +418,23 @@ def test_serve_takes_a_root_path_that_starts_with_a_slash(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--root-path", "sglora"])
     assert "must start with '/' (e.g. /sglora)" in capsys.readouterr().err
+
+
+def test_an_answer_that_is_not_the_services_json_is_named_and_the_soups_show_no_temperature(server, browser):
+    """A proxy's HTML page answered 200 (a login page) was shown as a network error; and the soups, which use
+    no softmax, showed the request's temperature (model-soup also a top-K, though it takes every expert)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    generate_in_page(browser, server)
+    browser.execute_script(SCRIPTED_FETCH, "/generate/preview", ["html"])
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "error")))
+    assert browser.find_element(By.ID, "error").text.startswith("unexpected answer (200, text/html)")
+    generate_in_page(browser, server)  # a fresh page: the service's own fetch again
+    for method, shown in (("model-soup", "all / —"), ("adapter-soup", " / —")):
+        Select(browser.find_element(By.ID, "method")).select_by_value(method)
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 20).until(lambda d, m=method: d.find_element(By.ID, "method-out").text == m)
+        assert shown in browser.find_element(By.ID, "prior-out").text

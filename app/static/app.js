@@ -27,13 +27,33 @@ function headers(extra = {}) {
 
 // A full queue (429) or a service starting or draining (503) says when to come back: retried twice after
 // its Retry-After (at most 10 s) before the refusal is shown.
-async function send(url, options, retries = 2) {
-  for (let attempt = 0; ; attempt++) {
-    const r = await fetch(url, options);
-    if ((r.status !== 429 && r.status !== 503) || attempt === retries) return r;
-    const wait = Math.min(Number(r.headers.get("Retry-After")) || 1, 10);
-    await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+// `busy`: the element saying the request runs, which says the wait meanwhile.
+async function send(url, options, busy = null, retries = 2) {
+  const said = busy && busy.textContent;
+  try {
+    for (let attempt = 0; ; attempt++) {
+      const r = await fetch(url, options);
+      if ((r.status !== 429 && r.status !== 503) || attempt === retries) return r;
+      const wait = Math.min(Number(r.headers.get("Retry-After")) || 1, 10);
+      if (busy) busy.textContent = `${r.status === 429 ? "queue full" : "service unavailable"} (${r.status}), retrying in ${wait} s…`;
+      await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+      if (busy) busy.textContent = said;
+    }
+  } finally {
+    if (busy) busy.textContent = said;
   }
+}
+
+// The JSON of a successful answer; an Error naming what came instead (a proxy's login page, say).
+async function answerJson(r) {
+  const type = r.headers.get("Content-Type") || "";
+  if (!type.includes("json")) throw new Error(`unexpected answer (${r.status}, ${type || "no content type"}): not the service's JSON`);
+  return r.json();
+}
+
+// What a failed call says: a fetch that could not reach the service (TypeError), or anything else by its message.
+function failure(e) {
+  return e instanceof TypeError ? `network error: ${e.message}` : String((e && e.message) || e);
 }
 
 // "422 · top_k: must be ..."; label(field) may say more of the field (e.g. which file images[1] is).
@@ -109,12 +129,12 @@ async function generate(event) {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
       body: requestJson(request),
-    });
+    }, $("generate-busy"));
     if (!r.ok) {
       showError($("error"), await errorText(r));
       return;
     }
-    const info = await r.json();
+    const info = await answerJson(r);
     // A seed typed is kept as typed (the JSON answer's number may have lost digits beyond 2^53); a drawn
     // one is below 2^53 (the service's choice, for this reason).
     current = { info, request, seed: info.seed === null ? null : (request.seed ?? String(info.seed)) };
@@ -127,7 +147,7 @@ async function generate(event) {
     $("rankings").hidden = true;
     updateRetrieveButton();
   } catch (e) {
-    showError($("error"), `network error: ${e}`);
+    showError($("error"), failure(e));
   } finally {
     $("generate").disabled = false;
     $("generate-busy").hidden = true;
@@ -137,7 +157,10 @@ async function generate(event) {
 function renderExperts({ info, seed }) {
   $("method-out").textContent = info.method;
   $("seed-out").textContent = seed === null ? "— (deterministic)" : seed;
-  $("prior-out").textContent = `${info.top_k} / ${info.temperature}`;
+  // The soups use no softmax (equal weights); model-soup takes every expert.
+  const k = info.method === "model-soup" ? "all" : String(info.top_k);
+  const t = info.method === "model-soup" || info.method === "adapter-soup" ? "—" : String(info.temperature);
+  $("prior-out").textContent = `${k} / ${t}`;
   $("cache-out").textContent = info.cache;
   $("etag-out").textContent = info.etag;
   $("download-note").textContent = `${(info.size_bytes / 1024).toFixed(1)} KiB of weights`;
@@ -208,7 +231,7 @@ async function download(asZip) {
       a.remove();
     }, 1000);
   } catch (e) {
-    showError($("download-error"), `network error: ${e}`);
+    showError($("download-error"), failure(e));
   } finally {
     for (const b of buttons) b.disabled = false;
   }
@@ -270,7 +293,7 @@ async function retrieve() {
   $("retrieval-note").hidden = true;
   $("retrieve-busy").hidden = false;
   try {
-    const r = await send(`${ROOT}/retrieve`, { method: "POST", headers: headers(), body: form });
+    const r = await send(`${ROOT}/retrieve`, { method: "POST", headers: headers(), body: form }, $("retrieve-busy"));
     if (preview !== previews) return; // another description was previewed meanwhile: these scores are not its
     if (!r.ok) {
       // The service counts images from 0 (images[1]); the page shows them by name.
@@ -282,7 +305,7 @@ async function retrieve() {
       showError($("retrieval-error"), await errorText(r, label));
       return;
     }
-    const body = await r.json();
+    const body = await answerJson(r);
     const regenerated = body.adapter.etag !== previewed;
     $("retrieval-note").textContent = regenerated
       ? `The expert repository changed since the preview: scored with the LoRA the same request gives now (ETag ${body.adapter.etag}).`
@@ -292,7 +315,7 @@ async function retrieve() {
     renderScores($("zs-table"), $("zs-recall"), body.zero_shot, body.texts, sent);
     $("rankings").hidden = false;
   } catch (e) {
-    showError($("retrieval-error"), `network error: ${e}`);
+    showError($("retrieval-error"), failure(e));
   } finally {
     retrieving = false;
     $("retrieve-busy").hidden = true;
