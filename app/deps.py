@@ -40,6 +40,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+# How the optional X-API-Key header is documented, by its Header() parameter and by header_parameters.
+API_KEY_DOC = "an API key, when SGLORA_API_KEYS is set"
+
+
 def _presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
     """The key sent, blanks around it dropped (as around the configured keys); None when none was."""
     if x_api_key and x_api_key.strip():
@@ -84,7 +88,7 @@ def check_key(settings: Settings, presented: str | None, admin: bool) -> None:
 
 async def require_api_key(
     settings: SettingsDep,
-    x_api_key: Annotated[str | None, Header(description="an API key, when SGLORA_API_KEYS is set")] = None,
+    x_api_key: Annotated[str | None, Header(description=API_KEY_DOC)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     """Open when no API keys are configured; admin keys are accepted too."""
@@ -134,7 +138,7 @@ JsonModelCall = Annotated[Service, Depends(json_model_call)]
 # OpenAPI parameters of the headers that json_model_call and the /generate routes read themselves, as FastAPI
 # documents a Header() parameter.
 _HEADER_DOCS = {
-    "x-api-key": "an API key, when SGLORA_API_KEYS is set",
+    "x-api-key": API_KEY_DOC,
     "accept": "application/zip for a zipped PEFT adapter folder",
     "if-none-match": None,
 }

@@ -201,6 +201,27 @@ def generate_in_page(browser, server, description="a photo of a red circle"):
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#experts-table tbody tr"))
 
 
+def add_one_image(browser, tmp_path):
+    """Adds a red circle to the page's retrieval images (one caption field)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
+    browser.find_element(By.ID, "images").send_keys(str(image))
+    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
+
+
+# Wraps the page's fetch: the statement (%s) runs once /retrieve has answered, before the page reads the answer.
+ON_RETRIEVE_ANSWER = """
+const real = window.fetch;
+window.fetch = async (u, options) => {
+  const r = await real(u, options);
+  if (u === "/retrieve") { %s }
+  return r;
+};
+"""
+
+
 # Replaces the page's fetch: answers `url` with the next of `answers` ("network": a failed fetch; a status:
 # that status with Retry-After: 1; "pass": the service), and counts the calls in window.calls.
 SCRIPTED_FETCH = """
@@ -290,9 +311,7 @@ def test_retrieval_says_when_the_request_gives_another_lora_than_the_preview(ser
 
     generate_in_page(browser, server)
     previewed = browser.execute_script("const e = current.info.etag; current.info.etag = 'an-earlier-lora'; return e;")
-    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
-    browser.find_element(By.ID, "images").send_keys(str(image))
-    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
+    add_one_image(browser, tmp_path)
     browser.find_element(By.ID, "retrieve").click()
     note = WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "retrieval-note")))
     assert "expert repository changed" in note.text and previewed in note.text
@@ -305,20 +324,9 @@ def test_a_new_preview_during_retrieval_is_not_taken_for_an_expert_change(server
     from selenium.webdriver.support.ui import WebDriverWait
 
     generate_in_page(browser, server)
-    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
-    browser.find_element(By.ID, "images").send_keys(str(image))
-    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
+    add_one_image(browser, tmp_path)
     # The answer to /retrieve arrives after another preview (here: its answer put in place of the first).
-    browser.execute_script(
-        """
-        const real = window.fetch;
-        window.fetch = async (u, options) => {
-          const r = await real(u, options);
-          if (u === "/retrieve") current = { ...current, info: { ...current.info, etag: "a-later-preview" } };
-          return r;
-        };
-        """
-    )
+    browser.execute_script(ON_RETRIEVE_ANSWER % 'current = { ...current, info: { ...current.info, etag: "a-later-preview" } };')
     browser.find_element(By.ID, "retrieve").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "rankings").is_displayed())
     assert not browser.find_element(By.ID, "retrieval-note").is_displayed()
@@ -368,19 +376,8 @@ def test_a_retrieval_answered_after_another_preview_is_dropped(server, browser, 
     from selenium.webdriver.support.ui import WebDriverWait
 
     generate_in_page(browser, server)
-    image = shape_png(tmp_path / "red_circle.png", lambda d: d.ellipse((12, 12, 52, 52), fill="red"))
-    browser.find_element(By.ID, "images").send_keys(str(image))
-    WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption-input")) == 1)
-    browser.execute_script(
-        """
-        const real = window.fetch;
-        window.fetch = async (u, options) => {
-          const r = await real(u, options);
-          if (u === "/retrieve") previews++;  // another preview made while the images were scored
-          return r;
-        };
-        """
-    )
+    add_one_image(browser, tmp_path)
+    browser.execute_script(ON_RETRIEVE_ANSWER % "previews++;")  # another preview made while the images were scored
     browser.find_element(By.ID, "retrieve").click()
     WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "retrieve-busy").is_displayed())
     assert not browser.find_element(By.ID, "rankings").is_displayed()

@@ -30,17 +30,13 @@ function headers(extra = {}) {
 // `busy`: the element saying the request runs, which says the wait meanwhile.
 async function send(url, options, busy = null, retries = 2) {
   const said = busy && busy.textContent;
-  try {
-    for (let attempt = 0; ; attempt++) {
-      const r = await fetch(url, options);
-      if ((r.status !== 429 && r.status !== 503) || attempt === retries) return r;
-      const wait = Math.min(Number(r.headers.get("Retry-After")) || 1, 10);
-      if (busy) busy.textContent = `${r.status === 429 ? "queue full" : "service unavailable"} (${r.status}), retrying in ${wait} s…`;
-      await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
-      if (busy) busy.textContent = said;
-    }
-  } finally {
-    if (busy) busy.textContent = said;
+  for (let attempt = 0; ; attempt++) {
+    const r = await fetch(url, options);
+    if ((r.status !== 429 && r.status !== 503) || attempt === retries) return r;
+    const wait = Math.min(Number(r.headers.get("Retry-After")) || 1, 10);
+    if (busy) busy.textContent = `${r.status === 429 ? "queue full" : "service unavailable"} (${r.status}), retrying in ${wait} s…`;
+    await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+    if (busy) busy.textContent = said; // the retry runs
   }
 }
 
