@@ -384,6 +384,24 @@ def test_a_retrieval_answered_after_another_preview_is_dropped(server, browser, 
     assert browser.find_element(By.ID, "retrieve").is_enabled()
 
 
+def test_an_image_removed_during_retrieval_keeps_its_thumbnail_in_the_scores(server, browser, tmp_path):
+    """The scores show the images sent, with the picker's object URLs: removing an image from the picker while
+    it is scored must not revoke the URL its row in the scores still shows (it showed 0 px wide)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    generate_in_page(browser, server)
+    add_one_image(browser, tmp_path)
+    browser.execute_script(ON_RETRIEVE_ANSWER % "document.querySelector('#uploads .remove').click();")
+    browser.find_element(By.ID, "retrieve").click()
+    WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "retrieve-busy").is_displayed())
+    assert not browser.find_elements(By.CSS_SELECTOR, ".caption-input")  # removed from the picker
+    assert browser.find_element(By.ID, "rankings").is_displayed()
+    thumb = browser.find_element(By.CSS_SELECTOR, "#lora-table td.thumb img")
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return arguments[0].complete", thumb))
+    assert browser.execute_script("return arguments[0].naturalWidth", thumb) == 64
+
+
 def test_the_page_works_under_a_root_path_and_is_revalidated(make_settings):
     """Behind a proxy's path prefix (uvicorn --root-path) the page's script, style, links and API calls carry
     it; the page and its assets are revalidated on every load (an upgraded service ran an old cached script)."""

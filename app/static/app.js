@@ -11,6 +11,15 @@ let current = null; // the last /generate/preview answer plus the request that p
 let uploads = []; // [{file, url}]
 let previews = 0; // counts previews: a retrieval answered after another preview is dropped
 let retrieving = false;
+let scoring = []; // the images of the retrieval in flight
+let scored = []; // the images of the scores shown: their thumbnails use the same object URLs
+
+// An image's object URL is revoked once nothing shows it: not the picker, the scores or a retrieval in flight.
+function release(images) {
+  for (const u of images) {
+    if (!uploads.includes(u) && !scoring.includes(u) && !scored.includes(u)) URL.revokeObjectURL(u.url);
+  }
+}
 
 // JSON of a generation request. A seed stays the digits typed: up to 2^63 - 1, beyond what a JavaScript
 // number holds exactly (2^53), where Number() would round it to another seed and another LoRA.
@@ -257,8 +266,8 @@ function renderUploads() {
       const remove = el("button", { type: "button", class: "remove", title: "remove this image" }, "×");
       remove.setAttribute("aria-label", `remove ${u.file.name}`);
       remove.addEventListener("click", () => {
-        URL.revokeObjectURL(u.url);
         uploads.splice(i, 1);
+        release([u]);
         renderUploads();
       });
       return el("div", { class: "upload" }, el("img", { src: u.url, alt: u.file.name }), input, remove);
@@ -284,6 +293,7 @@ async function retrieve() {
   for (const u of sent) form.append("images", u.file, u.file.name);
   const preview = previews;
   retrieving = true;
+  scoring = sent;
   updateRetrieveButton();
   $("rankings").hidden = true; // an earlier run's scores are not this request's
   $("retrieval-note").hidden = true;
@@ -309,11 +319,16 @@ async function retrieve() {
     $("retrieval-note").hidden = !regenerated;
     renderScores($("lora-table"), $("lora-recall"), body.lora, body.texts, sent);
     renderScores($("zs-table"), $("zs-recall"), body.zero_shot, body.texts, sent);
+    const shown = scored;
+    scored = sent;
+    release(shown);
     $("rankings").hidden = false;
   } catch (e) {
     showError($("retrieval-error"), failure(e));
   } finally {
     retrieving = false;
+    scoring = [];
+    release(sent);
     $("retrieve-busy").hidden = true;
     updateRetrieveButton();
   }
