@@ -249,6 +249,31 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     assert f"{len(rules)} rules found" in promtool("check", "rules", str(path)).stdout
 
 
+@needs_promtool
+def test_the_batch_size_p90_panel_reads_whole_descriptions(tmp_path):
+    """histogram_quantile interpolates within a bucket: every call with one description read 0.9; batches are
+    whole descriptions, so the panel rounds up (the bucket's bound when all calls fall in one)."""
+    expr = next(e for e in dashboard_exprs() if "histogram_quantile" in e and "sglora_batch_size_bucket" in e)
+    bounds = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "+Inf")
+
+    def calls(size: int) -> list[dict]:  # 60 calls a minute, each of ``size`` descriptions
+        return [
+            {"series": f'sglora_batch_size_bucket{{{_T}, le="{le}"}}', "values": "0+60x20" if float(le) >= size else "0x20"}
+            for le in bounds
+        ]
+
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": calls(size),
+            "promql_expr_test": [{"expr": as_promql(expr), "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": want}]}],
+        }
+        for size, want in ((1, 1), (6, 8))
+    ]
+    (tmp_path / "t.yml").write_text(yaml.safe_dump({"tests": tests}))
+    assert "SUCCESS" in promtool("test", "rules", "t.yml", cwd=tmp_path).stdout
+
+
 def test_grafana_provisioning_is_wired_in_compose():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["grafana"]
     env, mounts = compose["environment"], dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["volumes"][:2])
