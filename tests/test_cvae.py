@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from kernels import needs_onednn, needs_onednn_bfloat16
 
 from models.cvae import CVAE, CVAEConfig
 
@@ -223,6 +224,7 @@ def test_negative_generator_weight_decay_is_refused():
         GeneratorTrainingConfig(weight_decay=-1)
 
 
+@needs_onednn
 def test_packed_sampler_samples_what_the_generator_samples():
     """CVAE.packed: a sampling-only copy on oneDNN, equal to the generator to float32 rounding, sharing its
     buffers; without use_variance it packs no cond_var."""
@@ -232,8 +234,7 @@ def test_packed_sampler_samples_what_the_generator_samples():
         m.set_normalisation(torch.randn(50, 20) * 3 + 1)
         torch.nn.init.normal_(m.dec_out.weight)
         packed = m.packed()
-        if packed is None:
-            pytest.skip("this torch has no oneDNN linear kernel")
+        assert packed is not None  # None would be a failed test sample (needs_onednn: the kernel is there)
         assert (packed.cond_var is None) == (not use_variance) and packed.x_std is m.x_std
         mus, vars_ = torch.randn(5, 20), torch.rand(5, 20)
         want = m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)])
@@ -242,14 +243,14 @@ def test_packed_sampler_samples_what_the_generator_samples():
         assert not torch.equal(want, m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(1, 6)]))
 
 
+@needs_onednn_bfloat16
 def test_bfloat16_packed_sampler_is_close_to_float32_and_keeps_float32_at_its_edges():
     torch.manual_seed(0)
     m = CVAE(CVAEConfig(lora_dim=64, latent_dim=4, hidden_dim=32))
     m.set_normalisation(torch.randn(50, 64) * 3 + 1)
     torch.nn.init.normal_(m.dec_out.weight, std=0.1)  # a trained decoder's output is not zero
     packed32, packed16 = m.packed(), m.packed(torch.bfloat16)
-    if packed32 is None or packed16 is None:
-        pytest.skip("this torch has no oneDNN bfloat16 linear kernel")
+    assert packed32 is not None and packed16 is not None
     assert packed16.dec_out.weight.dtype == torch.bfloat16 and "dtype=bfloat16" in repr(packed16.dec_out)
     mus, vars_ = torch.randn(5, 64), torch.rand(5, 64)
     want = packed32.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)])
@@ -374,11 +375,11 @@ def test_without_a_description_the_layers_draw_as_before():
     assert set(described.state_dict()) - set(plain.state_dict()) == {"cond_desc.weight"}
 
 
+@needs_onednn
 def test_packed_sampler_takes_the_description_too():
     m = _described_model()
     packed = m.packed()
-    if packed is None:
-        pytest.skip("this torch has no oneDNN linear kernel")
+    assert packed is not None
     mus, vars_, d = torch.randn(5, 20), torch.rand(5, 20), torch.randn(5, 6)
     want = m.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)], description=d)
     got = packed.sample(mus, vars_, [torch.Generator().manual_seed(s) for s in range(5)], description=d)

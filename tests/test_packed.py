@@ -4,27 +4,13 @@ import copy
 
 import pytest
 import torch
+from kernels import needs_onednn, needs_onednn_bfloat16
 from torch import nn
 
 from models.packed import PackedLinear, has_packed, pack_attention, pack_linears, set_fixed_rows, unpack_linears
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-
-
-def _reorders_bfloat16() -> bool:
-    """Whether oneDNN reorders bfloat16 weights on this CPU: not with AVX2 alone (it needs AVX512-BF16,
-    AVX-NE-CONVERT or AMX), where a packed bfloat16 layer cannot be made (the library falls back to plain
-    layers, and the service refuses SGLORA_GENERATOR_DTYPE=bfloat16)."""
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
-    except RuntimeError:
-        return False
-    return True
-
-
-needs_bfloat16 = pytest.mark.skipif(
-    torch.backends.mkldnn.is_available() and not _reorders_bfloat16(), reason="oneDNN reorders no bfloat16 weights on this CPU"
-)
+pytestmark = needs_onednn
+needs_bfloat16 = needs_onednn_bfloat16
 BF16 = pytest.param(torch.bfloat16, marks=needs_bfloat16)
 
 
@@ -112,6 +98,33 @@ def test_attention_gets_packed_copies_of_its_projections(dtype):
     torch.testing.assert_close(qkv, want_qkv, rtol=tol, atol=tol)
     torch.testing.assert_close(out, attn.out_proj(x), rtol=tol, atol=tol)
     assert set_fixed_rows(attn, 4, min_in_features=1) == (2 if dtype == torch.bfloat16 else 0)
+
+
+def test_float32_packed_layers_deep_copy_move_and_unpack_with_their_weights():
+    """What the bfloat16 test below checks, in float32 (which every oneDNN CPU packs); and float32 layers
+    have no reductions to block."""
+    block = _block()
+    plain = copy.deepcopy(block)
+    assert pack_linears(block, torch.float32) == 2 and pack_attention(block, torch.float32) == 1
+    assert set_fixed_rows(block, 4, min_in_features=1) == 0  # fixed-row blocks are for bfloat16 layers only
+    x = torch.randn(6, 16)
+    with torch.inference_mode():
+        want = block[:3](x)
+        torch.testing.assert_close(want, plain[:3](x), rtol=1e-5, atol=1e-5)
+        twin = copy.deepcopy(block)
+        assert twin[0].weight.is_mkldnn and twin[0] is not block[0] and torch.equal(twin[:3](x), want)
+        linear = twin[2].unpacked()
+        assert type(linear) is nn.Linear and torch.equal(linear.weight, plain[2].weight) and linear.bias is None
+        assert unpack_linears(twin) == 4 and not has_packed(twin) and not hasattr(twin[3], "packed_in_proj")
+        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), plain.state_dict().values(), strict=True))
+        # A cast to a dtype oneDNN does not pack keeps the plain weights (F.linear); a move off the CPU too.
+        wide = copy.deepcopy(block[:3]).double()
+        assert wide[0].dtype == torch.float64 and not wide[0].weight.is_mkldnn
+        torch.testing.assert_close(wide(x.double()), plain[:3].double()(x.double()))
+        moved = copy.deepcopy(block[:3]).to("meta")
+        assert moved[0].weight.device.type == "meta" and not moved[0].weight.is_mkldnn
+        assert block.to("cpu") is block and block[0].weight.is_mkldnn
+        assert torch.equal(block[:3](x), want)
 
 
 @needs_bfloat16
