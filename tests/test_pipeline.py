@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from sglora.artifacts import ArtifactError, load_artifacts
 from sglora.cli import main
+from sglora.io import sha256_file
 from training.config import METHODS
 
 
@@ -218,6 +219,14 @@ def test_stage_by_stage_and_nan_snapshot_is_refused(tiny_config, tmp_path, capsy
     save_file({"snapshots": snaps}, str(path), metadata=meta)
     assert main(["pipeline", "--config", str(cfg_path), "--out", str(out), "--stage", "repository"]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
+    assert not (out / "repository").exists()
+    # With the edit pinned in the manifest (a NaN the experts stage itself wrote), the NaN check refuses it.
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][path.relative_to(out).as_posix()] = sha256_file(path)
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["pipeline", "--config", str(cfg_path), "--out", str(out), "--stage", "repository"]) == 2
+    assert f"expert {splits['experts'][0]} snapshots contains 1 NaN/Inf values" in capsys.readouterr().err
     assert not (out / "repository").exists()
     # The same config into the same folder resumes; other experts settings are refused.
     other = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, lr=0.5))
