@@ -78,7 +78,10 @@ def files(*images: bytes) -> list:
 def served(tiny_artifacts_session, tmp_path_factory, make_settings):
     root = tmp_path_factory.mktemp("hardening") / "tiny"
     shutil.copytree(tiny_artifacts_session, root)
-    settings = make_settings(artifacts=root, api_keys=["user-key"], admin_keys=["admin-key"], threads=1, **LIMITS)
+    # No cache of LoRAs (Redis, the in-process LRU, the hot keys): a repeated request is generated again, so
+    # that "the same answer as before" checks the model's state after a refused request, not a cached copy.
+    no_cache = {"redis_url": "", "lru_bytes": 0, "hot_keys": 0}
+    settings = make_settings(artifacts=root, api_keys=["user-key"], admin_keys=["admin-key"], threads=1, **no_cache, **LIMITS)
     with TestClient(create_app(settings), headers=USER, raise_server_exceptions=False) as client:
         repo = ExpertRepository.load(root / "repository")
         mean = repo["circle"].mean
@@ -289,7 +292,7 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(served, baselin
     assert snapshot(root) == files_before
     assert client.get("/experts").json() == listing
     again = client.post("/generate", json=body)
-    assert again.status_code == 200 and again.content == data
+    assert again.status_code == 200 and again.headers["x-cache"] == "miss" and again.content == data
     assert client.get("/ready").status_code == 200
 
 
