@@ -377,9 +377,12 @@ def test_a_retrieval_answered_after_another_preview_is_dropped(server, browser, 
 
     generate_in_page(browser, server)
     add_one_image(browser, tmp_path)
+    before = browser.execute_script("return previews")
     browser.execute_script(ON_RETRIEVE_ANSWER % "previews++;")  # another preview made while the images were scored
     browser.find_element(By.ID, "retrieve").click()
     WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "retrieve-busy").is_displayed())
+    assert browser.execute_script("return previews") == before + 1  # the answer came (the wrapper ran)
+    assert not browser.find_element(By.ID, "retrieval-error").is_displayed()  # dropped, not failed
     assert not browser.find_element(By.ID, "rankings").is_displayed()
     assert browser.find_element(By.ID, "retrieve").is_enabled()
 
