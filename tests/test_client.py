@@ -178,7 +178,9 @@ def test_api_key_is_sent(make_settings):
         assert Client(http=http, api_key="k1").generate("a ring", seed=1).seed == 1
 
 
-def scripted(*answers: httpx.Response | Exception, asynchronous: bool = False) -> tuple[Client, list[httpx.Request]]:
+def scripted(
+    *answers: httpx.Response | Exception, asynchronous: bool = False, max_wait_s: float = 0.01
+) -> tuple[Client, list[httpx.Request]]:
     """A client (``asynchronous``: an AsyncClient) whose transport answers ``answers`` in order (raising the
     exceptions) and records the requests."""
     seen: list[httpx.Request] = []
@@ -195,9 +197,9 @@ def scripted(*answers: httpx.Response | Exception, asynchronous: bool = False) -
         from sglora.client import AsyncClient
 
         http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://service")
-        return AsyncClient(http=http, retries=2, max_wait_s=0.01), seen
+        return AsyncClient(http=http, retries=2, max_wait_s=max_wait_s), seen
     http = httpx.Client(transport=httpx.MockTransport(handle), base_url="http://service")
-    return Client(http=http, retries=2, max_wait_s=0.01), seen
+    return Client(http=http, retries=2, max_wait_s=max_wait_s), seen
 
 
 def test_a_full_queue_is_retried_after_retry_after_then_reported():
@@ -213,6 +215,41 @@ def test_a_full_queue_is_retried_after_retry_after_then_reported():
     with pytest.raises(ServiceError) as e:
         c.ready()
     assert e.value.status == 500 and e.value.reason == "upstream broke" and len(seen) == 1  # not retried
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_waits_between_retries_are_retry_after_capped_at_max_wait(monkeypatch, asynchronous):
+    """A 429 or 503 is sent again after its Retry-After (at most max_wait_s), a refused connection after
+    CONNECT_WAIT_S: the sleeps themselves, recorded."""
+    import asyncio
+
+    import sglora.client as client_module
+
+    waits: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    monkeypatch.setattr(client_module.asyncio, "sleep", asleep)
+    ok = httpx.Response(200, json={"artifact_version": "v", "experts": [{"name": "ring"}]})
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+
+    def busy(status: int, retry_after: str) -> httpx.Response:
+        return httpx.Response(status, headers={"Retry-After": retry_after}, json={"detail": {"field": None, "reason": "busy"}})
+
+    def run(c):
+        return asyncio.run(c.experts()) if asynchronous else c.experts()
+
+    for answers, max_wait, want in (
+        ((busy(429, "2"), busy(503, "3"), ok), 30.0, [2.0, 3.0]),
+        ((busy(429, "60"), busy(429, "2"), ok), 5.0, [5.0, 2.0]),  # capped at max_wait_s
+        ((refused, busy(429, "2"), ok), 30.0, [client_module.CONNECT_WAIT_S, 2.0]),
+    ):
+        waits.clear()
+        c, seen = scripted(*answers, asynchronous=asynchronous, max_wait_s=max_wait)
+        assert run(c) == [{"name": "ring"}] and len(seen) == 3
+        assert waits == want
 
 
 def test_a_refused_connection_is_retried_a_timeout_is_not():
