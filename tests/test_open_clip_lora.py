@@ -246,7 +246,11 @@ def test_a_peft_folder_or_its_zip_merges_as_the_file_does(client, generated, ref
             z.writestr("other.txt", b"x")
         merge_lora(model, buf.getvalue())
     assert _same(model, own)
-    # Extracted with unzip under the usual umask, the files are readable by others (a server of another user).
+    # The entries carry read permission for others, so that an extracted adapter is readable by a server of
+    # another user (unzip and Python's zipfile apply them); and so they are where unzip is installed.
+    with zipfile.ZipFile(tmp_path / "a.zip") as z:
+        for info in z.infolist():
+            assert (info.external_attr >> 16) & stat.S_IROTH, info.filename
     if shutil_which("unzip"):
         subprocess.run(["unzip", "-q", str(tmp_path / "a.zip"), "-d", str(tmp_path / "u")], check=True, env={**os.environ})
         for f in (tmp_path / "u").iterdir():

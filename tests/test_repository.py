@@ -17,11 +17,16 @@ def _repo(tiny_backbone, n=3):
 
 
 def test_mean_and_variance_over_snapshots(tiny_backbone):
-    snaps = torch.randn(6, tiny_backbone.spec.num_params)
+    # Per coordinate: snapshots 1, 3 (mean 2, variance 1) and 2, 6 (mean 4, variance 4), population variance;
+    # one snapshot alone has variance 0.
+    p = tiny_backbone.spec.num_params
+    snaps = torch.tensor([[1.0, 2.0], [3.0, 6.0]]).repeat(1, p // 2 + 1)[:, :p]
     e = Expert.from_snapshots("x", "d", snaps, torch.zeros(tiny_backbone.embed_dim))
-    torch.testing.assert_close(e.mean, snaps.mean(0))
-    torch.testing.assert_close(e.variance, snaps.var(0, unbiased=False))
-    assert e.num_snapshots == 6
+    assert torch.equal(e.mean, torch.tensor([2.0, 4.0]).repeat(p // 2 + 1)[:p])
+    assert torch.equal(e.variance, torch.tensor([1.0, 4.0]).repeat(p // 2 + 1)[:p])
+    assert e.num_snapshots == 2
+    single = Expert.from_snapshots("y", "d", snaps[:1], torch.zeros(tiny_backbone.embed_dim))
+    assert torch.equal(single.mean, snaps[0]) and torch.equal(single.variance, torch.zeros(p))
 
 
 def test_save_load_add_remove(tiny_backbone, tmp_path):
