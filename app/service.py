@@ -40,7 +40,7 @@ from app.images import allow_pixels, load_rgb, open_image
 from app.metrics import Metrics
 from app.settings import Settings, StartupError
 from app.worker import ModelWorker, WorkerTimeout
-from expert_store.repository import Expert, RepositoryChanged, check_name
+from expert_store.repository import Expert, RepositoryBusy, RepositoryChanged, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS
@@ -76,6 +76,11 @@ STARTUP_TIMEOUT_S = 600.0  # the warm-up generation and the batching check (see 
 MAX_LORA_HEADER_BYTES = 1 << 20
 # POST /experts: an expert's largest |value| at most this many times the largest among the repository's means.
 MAX_EXPERT_SCALE = 1000.0
+# An expert change waits at most this long for the repository's lock, which another process holds while it
+# changes the experts (another replica on the same volume) or rebuilds them (sglora pipeline): the change runs
+# alone on the model threads, so every generation waits with it. Then a 503 with Retry-After, nothing changed.
+REPOSITORY_LOCK_WAIT_S = 2.0
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -644,6 +649,11 @@ class Service:
         return safetensors_bytes(self.spec, expert.mean if part == "mean" else expert.variance, meta)
 
     def _parse_lora(self, data: bytes, field: str) -> torch.Tensor:
+        if data.startswith(ZIP_MAGIC):
+            reason = "a zip file, not a safetensors file: send the adapter_model.safetensors it holds (a PEFT adapter's weights)"
+            raise APIError(422, field, reason)
+        if len(data) < 10 or data[8:9] != b"{":  # a safetensors file: 8 bytes of header length, then its JSON
+            raise APIError(422, field, "not a safetensors file (it does not start with a safetensors header)")
         if int.from_bytes(data[:8], "little") > MAX_LORA_HEADER_BYTES:
             raise APIError(422, field, f"the safetensors header is larger than {MAX_LORA_HEADER_BYTES} bytes: not a LoRA")
         try:
@@ -655,6 +665,13 @@ class Service:
             raise APIError(422, field, problem)
         try:
             vec = from_peft_tensors(self.spec, tensors)
+        except ValueError as e:
+            raise APIError(422, field, str(e)) from e
+        if not torch.isfinite(vec).all() and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            top = max(float(t.abs().max()) for t in tensors.values() if t.is_floating_point() and t.numel())
+            reason = f"its values overflow float32 (largest |value| {top:.3g}): not a LoRA of this repository's scale"
+            raise APIError(422, field, reason)
+        try:
             check_finite(vec, field)
         except ValueError as e:
             raise APIError(422, field, str(e)) from e
@@ -725,9 +742,12 @@ class Service:
         # expert file, then the index, each atomically, and on failure undoes both the in-memory change
         # and the expert file, so a failed upload leaves the directory exactly as it was.
         try:
-            repo.add_and_save(Expert(name, description, mean, variance, embedding, num_snapshots), self.repository_dir)
+            expert = Expert(name, description, mean, variance, embedding, num_snapshots)
+            repo.add_and_save(expert, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
         except RepositoryChanged as e:
             raise APIError(409, None, f"{e}: restart this server to serve it") from e
+        except RepositoryBusy as e:
+            raise APIError(503, None, f"{e}; retry", {"Retry-After": "1"}) from e
         except ValueError as e:
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         except OSError as e:
@@ -771,9 +791,12 @@ class Service:
         if len(repo) == 1:
             raise APIError(409, "name", "cannot remove the last expert")
         try:
-            repo.remove_and_save(name, self.repository_dir)  # index first (atomic), then the expert file
+            # index first (atomic), then the expert file
+            repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
         except RepositoryChanged as e:
             raise APIError(409, None, f"{e}: restart this server to serve it") from e
+        except RepositoryBusy as e:
+            raise APIError(503, None, f"{e}; retry", {"Retry-After": "1"}) from e
         except OSError as e:
             if name not in repo:  # the index was written, only deleting the expert's file failed: removed
                 log.warning("expert %r removed, but its file could not be deleted: %s", name, e)

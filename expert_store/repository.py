@@ -11,8 +11,12 @@ atomic rewrite of the index; a reader never sees a half-written expert. A change
 on ``repository/.lock`` and refuses (:class:`RepositoryChanged`) when the index on disk is no longer the
 one this object loaded or last wrote (for a repository made in memory: when the directory holds one at
 all): two processes serving one directory cannot undo each other's changes, and a new repository saved
-over an existing one cannot drop its experts from the index. Loading removes the temporary files a
-killed writer left and names expert files the index does not list.
+over an existing one cannot drop its experts from the index. A load takes no lock (a pipeline reads the
+repository under its own writer's lock); where a change replaced the index while it read the files (an
+expert file removed or replaced after the index named it), it reads the new index again. The index records each
+expert file's sha256 as written or as verified at load, never re-read from disk: a file corrupted on disk
+since stays refused at the next load. Loading removes the temporary files a killed writer left and names
+expert files the index does not list.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,11 +35,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
-from sglora.io import json_bytes, read_json_and_digest, sha256_file, umask, write_bytes, write_safetensors
+from sglora.io import canonical_safetensors, json_bytes, read_json_and_digest, sha256_file, umask, write_bytes
 
 INDEX_FILE = "repository.json"
 EXPERTS_DIR = "experts"
@@ -49,28 +55,49 @@ class RepositoryChanged(RuntimeError):
     """The repository on disk changed since this object loaded or wrote it (another process changed it)."""
 
 
+class RepositoryBusy(RuntimeError):
+    """Another process held the repository's lock longer than a change was allowed to wait for it."""
+
+
+LOCK_POLL_S = 0.05  # between tries of a lock waited for with a timeout
+
+
 @contextmanager
-def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE) -> Iterator[bool]:
+def locked(
+    directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s: float | None = None, shared: bool = False
+) -> Iterator[bool]:
     """Holds the repository directory's exclusive advisory lock (``flock`` on ``.lock``): one writer at a
     time across processes. The file is opened for writing where allowed (on NFS an exclusive ``flock`` is
     a byte-range lock, which needs that), else read-only (enough on local filesystems: a ``.lock`` another
     user created and left readable does not stop a writer allowed in the directory). ``wait=False`` yields
-    False at once instead of waiting when another process holds it. ``name``: another lock file of the directory."""
+    False at once instead of waiting when another process holds it; ``timeout_s`` yields False once that
+    long has passed without it. ``name``: another lock file of the directory. ``shared``: the lock readers
+    hold together, which no writer holds meanwhile."""
+    fd = _open_lock(directory / name)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    deadline = None if timeout_s is None or not wait else time.monotonic() + timeout_s
     try:
-        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    except OSError as e:
-        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
-            raise
-        fd = os.open(directory / name, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
+        while True:
+            try:
+                fcntl.flock(fd, mode | (0 if wait and deadline is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(LOCK_POLL_S)
         yield True
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
+        return os.open(path, os.O_RDONLY)
 
 
 def check_name(name: str) -> str:
@@ -119,6 +146,10 @@ class ExpertRepository:
         self._experts: dict[str, Expert] = {}
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._index_sha256: str | None = None  # of the index this object loaded or last wrote
+        # Of each expert's file as this object wrote it, or as its load verified it (or, unverified, as the
+        # index said): what the next index records. A file is never hashed again from disk for an index, which
+        # would pin whatever the file became meanwhile (bytes corrupted on disk, loaded no more, approved).
+        self._file_sha256: dict[str, str] = {}
         for e in experts or []:
             self.add(e)
 
@@ -198,18 +229,19 @@ class ExpertRepository:
                     "description": e.description,
                     "num_snapshots": e.num_snapshots,
                     "file": f"{EXPERTS_DIR}/{e.name}.safetensors",
-                    "sha256": sha256_file(directory / EXPERTS_DIR / f"{e.name}.safetensors"),
+                    "sha256": self._file_sha256[e.name],
                 }
                 for e in self._experts.values()
             ],
         }
 
     def _write_expert(self, directory: Path, e: Expert) -> None:
-        write_safetensors(
-            directory / EXPERTS_DIR / f"{e.name}.safetensors",
-            {"mean": e.mean, "variance": e.variance, "embedding": e.embedding},
-            metadata={"name": e.name, "description": e.description, "num_snapshots": str(e.num_snapshots)},
-        )
+        """Writes an expert's file (atomic; bytes that depend on its content alone) and keeps their sha256."""
+        tensors = {k: getattr(e, k).detach().cpu().contiguous() for k in ("mean", "variance", "embedding")}
+        metadata = {"name": e.name, "description": e.description, "num_snapshots": str(e.num_snapshots)}
+        data = canonical_safetensors(save_safetensors(tensors, metadata=metadata))
+        write_bytes(directory / EXPERTS_DIR / f"{e.name}.safetensors", data)
+        self._file_sha256[e.name] = hashlib.sha256(data).hexdigest()
 
     def save(self, directory: str | Path) -> None:
         """Writes every expert and the index into a fresh directory (created if missing), or into the one
@@ -255,14 +287,16 @@ class ExpertRepository:
                 "load it again before changing it"
             )
 
-    def add_and_save(self, expert: Expert, directory: str | Path) -> None:
+    def add_and_save(self, expert: Expert, directory: str | Path, lock_timeout_s: float | None = None) -> None:
         """Adds an expert and persists it: expert file first, then the index, both atomic, under the lock.
         ``directory``: the one this repository was loaded from or saved to, or (for a repository made in
-        memory) a fresh one, created if missing; else :class:`RepositoryChanged`."""
+        memory) a fresh one, created if missing; else :class:`RepositoryChanged`. ``lock_timeout_s``: at most
+        that long waiting for the lock (None: as long as it takes), then :class:`RepositoryBusy`, nothing changed."""
         directory = Path(directory)
         if self._index_sha256 is None:
             directory.mkdir(parents=True, exist_ok=True)
-        with locked(directory):
+        with locked(directory, timeout_s=lock_timeout_s) as held:
+            _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
             self.add(expert)
             path = directory / EXPERTS_DIR / f"{expert.name}.safetensors"
@@ -275,10 +309,12 @@ class ExpertRepository:
                 path.unlink(missing_ok=True)  # the index never named it
                 raise
 
-    def remove_and_save(self, name: str, directory: str | Path) -> Expert:
-        """Removes an expert: index first (atomic), then its file, under the lock."""
+    def remove_and_save(self, name: str, directory: str | Path, lock_timeout_s: float | None = None) -> Expert:
+        """Removes an expert: index first (atomic), then its file, under the lock (``lock_timeout_s``: see
+        :meth:`add_and_save`)."""
         directory = Path(directory)
-        with locked(directory):
+        with locked(directory, timeout_s=lock_timeout_s) as held:
+            _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
             before = dict(self._experts)
             expert = self.remove(name)
@@ -295,14 +331,25 @@ class ExpertRepository:
     def load(cls, directory: str | Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
         """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
         directory = Path(directory)
-        index, index_sha256 = read_json_and_digest(directory / INDEX_FILE, "expert repository index")
-        if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
-        try:
-            return cls._from_index(directory, index, index_sha256, verify, expect_spec)
-        except (KeyError, TypeError, AttributeError) as e:  # the index is not pinned by the manifest: edited by hand?
-            what = f"field {e}" if isinstance(e, KeyError) else str(e)
-            raise ValueError(f"{directory / INDEX_FILE}: malformed index ({type(e).__name__}: {what})") from e
+        for attempt in range(LOAD_ATTEMPTS):
+            index, index_sha256 = read_json_and_digest(directory / INDEX_FILE, "expert repository index")
+            if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
+            try:
+                repo = cls._from_index(directory, index, index_sha256, verify, expect_spec)
+            except (KeyError, TypeError, AttributeError) as e:  # the index is not pinned by the manifest: edited by hand?
+                what = f"field {e}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"{directory / INDEX_FILE}: malformed index ({type(e).__name__}: {what})") from e
+            except (FileNotFoundError, ExpertFileChanged):
+                # Another process's change (index first, then the file) between reading the index and the file:
+                # the index is another one now. Where it is still the one read, the file is missing or corrupt.
+                if attempt + 1 < LOAD_ATTEMPTS and _index_digest(directory) not in (index_sha256, None):
+                    log.info("%s: the expert repository changed while it was read; reading it again", directory)
+                    continue
+                raise
+            _tidy(directory, set(repo.names))
+            return repo
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     @classmethod
     def _from_index(
@@ -322,25 +369,49 @@ class ExpertRepository:
             path = directory / EXPERTS_DIR / f"{name}.safetensors"
             if not path.exists():
                 raise FileNotFoundError(f"expert file missing: {path}")
-            if verify and sha256_file(path) != entry["sha256"]:
-                raise ValueError(f"expert file is corrupt (sha256 mismatch): {path}")
+            data = path.read_bytes()  # one read: the bytes verified are the bytes loaded
+            if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise ExpertFileChanged(f"expert file is corrupt (sha256 mismatch): {path}")
             try:
-                t = load_file(str(path))
+                t = load_safetensors(data)
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"expert file is unreadable: {path}: {e}") from e
             missing = {"mean", "variance", "embedding"} - set(t)
             if missing:
                 raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
             repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
+            repo._file_sha256[name] = str(entry["sha256"])
         repo._index_sha256 = index_sha256
-        _tidy(directory, set(repo.names))
         return repo
+
+
+class ExpertFileChanged(ValueError):
+    """An expert file's bytes are not those its index names (corrupt, or replaced by a change since)."""
+
+
+LOAD_ATTEMPTS = 5  # reads of an index that other processes' changes keep replacing mid-load
+
+
+def _index_digest(directory: Path) -> str | None:
+    try:
+        return hashlib.sha256((directory / INDEX_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _check_held(held: bool, directory: Path, timeout_s: float | None) -> None:
+    if not held:
+        raise RepositoryBusy(
+            f"{directory}: another process held the expert repository's lock for over {timeout_s:g} s "
+            "(changing its experts, or rebuilding it); nothing was changed"
+        )
 
 
 def _tidy(directory: Path, names: set[str]) -> None:
     """Removes the temporary files a writer killed mid-write left (under the lock, so none is being written
     now) and names expert files the index does not list (a writer killed between file and index). Skipped
     where the directory is read-only."""
+    held = True
     try:
         with locked(directory, wait=False) as held:
             for tmp in [*directory.glob(".*.tmp"), *(directory / EXPERTS_DIR).glob(".*.tmp")] if held else []:
@@ -348,6 +419,7 @@ def _tidy(directory: Path, names: set[str]) -> None:
                 log.warning("removed %s, left by a write that did not finish", tmp)
     except OSError as e:
         log.debug("repository %s not tidied: %s", directory, e)
-    orphans = sorted(p.name for p in (directory / EXPERTS_DIR).glob("*.safetensors") if p.stem not in names)
+    # While another process holds the lock, a file it is adding is not in the index yet: no orphan.
+    orphans = sorted(p.name for p in (directory / EXPERTS_DIR).glob("*.safetensors") if p.stem not in names) if held else []
     if orphans:
         log.warning("%s: expert files the index does not list (ignored): %s", directory / EXPERTS_DIR, ", ".join(orphans))

@@ -297,6 +297,62 @@ def test_a_change_made_on_disk_by_another_process_is_a_409_not_a_lost_update(app
     assert len(client.get("/experts").json()["experts"]) == 4  # this server: as loaded, until restarted
 
 
+def test_a_change_while_another_process_holds_the_lock_is_a_503_and_changes_nothing(app_root, monkeypatch):
+    """Another replica's change, or a pipeline rebuilding the repository, holds its lock: a change waits for
+    it a bounded time (it holds every model thread meanwhile) and then answers 503 with Retry-After."""
+    import time
+
+    import app.service as service_module
+    from expert_store.repository import locked
+
+    monkeypatch.setattr(service_module, "REPOSITORY_LOCK_WAIT_S", 0.3)
+    client, root = app_root
+    files, _ = expert_files(root)
+    index = (root / "repository" / "repository.json").read_bytes()
+    with locked(root / "repository") as held:
+        assert held
+        t0 = time.monotonic()
+        r = client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+        waited = time.monotonic() - t0
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "held the expert repository's lock" in r.json()["detail"]["reason"] and waited < 10
+        d = client.delete("/experts/ring", headers=ADMIN)
+        assert d.status_code == 503 and d.headers["retry-after"] == "1", d.text
+        assert client.post("/generate", json={"description": "a ring", "seed": 1}).status_code == 200
+    assert (root / "repository" / "repository.json").read_bytes() == index
+    assert not (root / "repository" / "experts" / "disc.safetensors").exists()
+    assert len(client.get("/experts").json()["experts"]) == 4
+    r = client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+    assert r.status_code == 201, r.text  # the lock free again: the same change is made
+
+
+def test_a_file_that_is_not_safetensors_is_named_for_what_it_is(app_root):
+    """A PEFT zip (what /generate and GET /experts/{name} answer with Accept: application/zip), text or other
+    bytes were refused as 'the safetensors header is larger than 1048576 bytes'; a float64 file of values
+    beyond float32's range as 'NaN/Inf values'."""
+    import io
+    import zipfile
+
+    client, root = app_root
+    files, repo = expert_files(root)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("adapter_model.safetensors", files["mean"][1])
+    wide = {k: v.double() * 1e300 for k, v in to_peft_tensors(repo.spec, repo["circle"].mean).items()}
+    cases = (
+        (buf.getvalue(), "a zip file, not a safetensors file"),
+        (b'{"not": "safetensors"}', "not a safetensors file"),
+        (b"PK", "not a safetensors file"),
+        (save(wide), "overflow float32"),
+    )
+    for data, reason in cases:
+        upload = {"mean": ("m", data, "application/octet-stream")}
+        r = client.post("/experts", data={"name": "odd", "description": "x"}, files=upload, headers=ADMIN)
+        assert r.status_code == 422 and r.json()["detail"]["field"] == "mean", r.text
+        assert reason in r.json()["detail"]["reason"], r.text
+    assert len(client.get("/experts").json()["experts"]) == 4
+
+
 def test_an_expert_file_with_an_outsized_header_is_refused_before_it_is_read(app_root, monkeypatch):
     """A safetensors header may list any number of empty tensors: 29 MB of them took 4.6 s and 690 MB to
     load (256 MB, the default upload limit: ~40 s and ~6 GB). A LoRA's header is a few kB."""

@@ -210,6 +210,79 @@ def test_loading_does_not_wait_for_a_writer_and_leaves_its_files(tiny_backbone, 
     assert not busy.exists()
 
 
+def test_an_index_rewrite_records_the_digests_known_not_a_file_corrupted_since(tiny_backbone, tmp_path):
+    """Each change rewrote the index with every expert file's sha256 read from disk again: a file corrupted
+    on disk since the load was approved by the next change, and served after a restart."""
+    _repo(tiny_backbone).save(tmp_path)
+    repo = ExpertRepository.load(tmp_path)
+    path = tmp_path / "experts" / "e0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"sha256 mismatch.*e0\.safetensors"):
+        ExpertRepository.load(tmp_path)
+    late = Expert("late", "added after", repo["e1"].mean, repo["e1"].variance, repo["e1"].embedding, 1)
+    repo.add_and_save(late, tmp_path)
+    repo.remove_and_save("e2", tmp_path)
+    with pytest.raises(ValueError, match=r"sha256 mismatch.*e0\.safetensors"):  # still refused
+        ExpertRepository.load(tmp_path)
+    path.unlink()
+    repo.save(tmp_path)  # a full save writes every file again, from memory: sound again
+    assert ExpertRepository.load(tmp_path).names == ["e0", "e1", "late"]
+
+
+def test_a_load_during_another_process_change_reads_the_new_index(tiny_backbone, tmp_path, monkeypatch):
+    """Another process's change (index first, then the file) between a load's read of the index and of an expert
+    file: the file is gone or another one. The load reads the new index again instead of failing (a replica
+    starting, sglora evaluate); where the index did not change, a missing or corrupt file still fails."""
+    import expert_store.repository as r
+
+    _repo(tiny_backbone).save(tmp_path)
+    other = ExpertRepository.load(tmp_path)
+    real = ExpertRepository._from_index.__func__
+    calls = []
+
+    def changed_midway(cls, directory, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            other.remove_and_save("e1", tmp_path)  # after this load read the index naming e1
+            replaced = other["e2"]
+            other.remove_and_save("e2", tmp_path)
+            other.add_and_save(r.Expert("e2", "replaced", replaced.mean * 2, replaced.variance, replaced.embedding, 1), tmp_path)
+        return real(cls, directory, *args)
+
+    monkeypatch.setattr(ExpertRepository, "_from_index", classmethod(changed_midway))
+    loaded = ExpertRepository.load(tmp_path)
+    assert len(calls) == 2 and loaded.names == ["e0", "e2"] and loaded["e2"].description == "replaced"
+    monkeypatch.undo()
+    (tmp_path / "experts" / "e0.safetensors").unlink()  # the index unchanged: a real loss, named
+    with pytest.raises(FileNotFoundError, match="expert file missing"):
+        ExpertRepository.load(tmp_path)
+
+
+def test_a_change_waits_for_the_lock_at_most_its_timeout(tiny_backbone, tmp_path):
+    import time
+
+    from expert_store.repository import RepositoryBusy, locked
+
+    _repo(tiny_backbone).save(tmp_path)
+    repo = ExpertRepository.load(tmp_path)
+    index = (tmp_path / "repository.json").read_bytes()
+    late = Expert("late", "added after", repo["e1"].mean, repo["e1"].variance, repo["e1"].embedding, 1)
+    with locked(tmp_path) as held:  # another process, mid-change
+        assert held
+        t0 = time.monotonic()
+        with pytest.raises(RepositoryBusy, match="nothing was changed"):
+            repo.add_and_save(late, tmp_path, lock_timeout_s=0.2)
+        with pytest.raises(RepositoryBusy):
+            repo.remove_and_save("e1", tmp_path, lock_timeout_s=0.2)
+        assert 0.4 <= time.monotonic() - t0 < 10
+    assert repo.names == ["e0", "e1", "e2"] and (tmp_path / "repository.json").read_bytes() == index
+    assert not (tmp_path / "experts" / "late.safetensors").exists()
+    repo.add_and_save(late, tmp_path, lock_timeout_s=0.2)  # free: made
+    assert ExpertRepository.load(tmp_path).names == ["e0", "e1", "e2", "late"]
+
+
 def test_the_lock_file_is_opened_for_writing_where_allowed(tmp_path, monkeypatch):
     # NFS turns an exclusive flock into a byte-range lock, which needs a descriptor open for writing.
     import os
