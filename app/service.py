@@ -231,6 +231,17 @@ def _check_cached(metadata: dict[str, str], params: GenerateParams, version: str
         raise ValueError(f"its metadata's {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not match")
 
 
+def _taken(name: str, names: list[str]) -> str | None:
+    """Why ``name`` cannot be registered beside ``names``, or None. Names differing in case alone are one file
+    on a case-insensitive filesystem (a macOS or Windows volume): the second would overwrite the first."""
+    if name in names:
+        return f"expert {name!r} already exists; delete it first"
+    same = next((n for n in names if n.casefold() == name.casefold()), None)
+    if same is not None:
+        return f"expert {same!r} exists, a name that differs in case alone (one file on a case-insensitive filesystem)"
+    return None
+
+
 def _value_error_field(message: str) -> str | None:
     for name in ("top_k", "temperature", "seed", "method", "description"):
         if name in message:
@@ -718,8 +729,8 @@ class Service:
         name = _checked_name(name)
         if len(description) > self.settings.max_description_chars:
             raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
-        if name in self.artifacts.repository:
-            raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
+        if taken := _taken(name, self.artifacts.repository.names):
+            raise APIError(409, "name", taken)
         # Off the event loop: an expert file may be hundreds of MB (SGLORA_MAX_EXPERT_BYTES).
         mean_vec = await asyncio.to_thread(self._parse_lora, mean, "mean")
         var_vec = (
@@ -734,8 +745,8 @@ class Service:
     def _add_expert_job(self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int) -> str:
         # A run() job, alone on a model thread: no generation runs while the repository changes.
         repo = self.artifacts.repository
-        if name in repo:
-            raise APIError(409, "name", f"expert {name!r} already exists; delete it first")
+        if taken := _taken(name, repo.names):
+            raise APIError(409, "name", taken)
         self._check_scale(mean, variance)
         embedding = self.engine.embed([description])[0].float()
         # The path comes from a checked name (check_name: no separators, no '..'); the library writes the

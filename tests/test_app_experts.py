@@ -118,6 +118,7 @@ def test_bad_registrations_are_4xx_naming_the_field(app_root):
     cases = [
         ({"name": "../evil", "description": "x"}, {"mean": mean}, 422, "name"),
         ({"name": "circle", "description": "x"}, {"mean": mean}, 409, "name"),
+        ({"name": "Circle", "description": "x"}, {"mean": mean}, 409, "name"),  # one file where case is not told apart
         ({"name": "ok", "description": "  "}, {"mean": mean}, 422, "description"),
         ({"name": "ok", "description": "x"}, {"mean": ("m", b"garbage", "application/octet-stream")}, 422, "mean"),
         ({"name": "ok", "description": "x"}, {"mean": ("m", save(wrong_shape), "application/octet-stream")}, 422, "mean"),
