@@ -19,6 +19,7 @@ import torch
 from app_helpers import serving, until
 from fastapi.testclient import TestClient
 
+import expert_store.repository as repository_module
 from app.main import create_app
 from app.processes import free_port, start_server, wait_ready
 from expert_store.repository import ExpertRepository
@@ -104,7 +105,7 @@ def failing_write(path: Path, *args, **kwargs) -> None:
         raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("fails", ["write_safetensors", "write_bytes"])
+@pytest.mark.parametrize("fails", ["expert file", "index"])
 def test_failed_expert_change_leaves_the_repository_as_it_was(tiny_artifacts, make_settings, monkeypatch, fails):
     settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-key"], threads=1)
     repo = ExpertRepository.load(tiny_artifacts / "repository")
@@ -115,10 +116,16 @@ def test_failed_expert_change_leaves_the_repository_as_it_was(tiny_artifacts, ma
         before_bytes = c.post("/generate", json=body).content
         before_files, before_list = snapshot(tiny_artifacts), c.get("/experts").json()
 
-        monkeypatch.setattr(f"expert_store.repository.{fails}", failing_write)
+        real_write = repository_module.write_bytes
+        failing = ".safetensors" if fails == "expert file" else ".json"
+
+        def write_bytes(path: Path, data: bytes) -> None:
+            (failing_write if path.suffix == failing else real_write)(path, data)
+
+        monkeypatch.setattr(repository_module, "write_bytes", write_bytes)
         r = c.post("/experts", data=form, files={"mean": ("m.safetensors", mean)}, headers=ADMIN)
         assert r.status_code == 500 and "nothing was changed" in r.json()["detail"]["reason"]
-        if fails == "write_bytes":  # the index write: the expert file was written before it failed
+        if fails == "index":  # the expert file was written before the index write failed
             r = c.delete("/experts/circle", headers=ADMIN)
             assert r.status_code == 500 and "nothing was changed" in r.json()["detail"]["reason"]
         assert snapshot(tiny_artifacts) == before_files  # no new, half-written or temporary file
