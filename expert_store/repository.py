@@ -36,11 +36,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
-from sglora.io import canonical_safetensors, json_bytes, read_json_and_digest, sha256_file, umask, write_bytes
+from sglora.io import json_bytes, read_json_and_digest, safetensors_file, sha256_file, umask, write_bytes
 
 INDEX_FILE = "repository.json"
 EXPERTS_DIR = "experts"
@@ -237,9 +236,9 @@ class ExpertRepository:
 
     def _write_expert(self, directory: Path, e: Expert) -> None:
         """Writes an expert's file (atomic; bytes that depend on its content alone) and keeps their sha256."""
-        tensors = {k: getattr(e, k).detach().cpu().contiguous() for k in ("mean", "variance", "embedding")}
+        tensors = {"mean": e.mean, "variance": e.variance, "embedding": e.embedding}
         metadata = {"name": e.name, "description": e.description, "num_snapshots": str(e.num_snapshots)}
-        data = canonical_safetensors(save_safetensors(tensors, metadata=metadata))
+        data = safetensors_file(tensors, metadata)
         write_bytes(directory / EXPERTS_DIR / f"{e.name}.safetensors", data)
         self._file_sha256[e.name] = hashlib.sha256(data).hexdigest()
 

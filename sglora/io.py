@@ -1,6 +1,6 @@
 """Small file helpers shared by every artefact writer: atomic writes and content hashes.
 
-torch is imported only by :func:`write_safetensors`, so that the HTTP client (sglora/client.py) can use
+torch is imported only by :func:`safetensors_file`, so that the HTTP client (sglora/client.py) can use
 the atomic writes without it.
 """
 
@@ -122,13 +122,16 @@ def safetensors_metadata(data: bytes, whole: bool = False) -> dict[str, str]:
     return metadata
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file whose bytes depend on its content alone (see :func:`canonical_safetensors`)."""
+def safetensors_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes of a safetensors file that depend on its content alone (see :func:`canonical_safetensors`)."""
     from safetensors.torch import save
 
-    data = canonical_safetensors(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    return canonical_safetensors(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes :func:`safetensors_file`'s bytes, atomically."""
+    write_bytes(path, safetensors_file(tensors, metadata))
 
 
 def output_path_problem(path: Path, flag: str) -> str | None:
