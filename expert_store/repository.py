@@ -62,30 +62,26 @@ LOCK_POLL_S = 0.05  # between tries of a lock waited for with a timeout
 
 
 @contextmanager
-def locked(
-    directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s: float | None = None, shared: bool = False
-) -> Iterator[bool]:
+def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s: float | None = None) -> Iterator[bool]:
     """Holds the repository directory's exclusive advisory lock (``flock`` on ``.lock``): one writer at a
     time across processes. The file is opened for writing where allowed (on NFS an exclusive ``flock`` is
     a byte-range lock, which needs that), else read-only (enough on local filesystems: a ``.lock`` another
     user created and left readable does not stop a writer allowed in the directory). ``wait=False`` yields
     False at once instead of waiting when another process holds it; ``timeout_s`` yields False once that
-    long has passed without it. ``name``: another lock file of the directory. ``shared``: the lock readers
-    hold together, which no writer holds meanwhile."""
+    long has passed without it. ``name``: another lock file of the directory."""
     fd = _open_lock(directory / name)
-    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     deadline = None if timeout_s is None or not wait else time.monotonic() + timeout_s
     try:
         while True:
             try:
-                fcntl.flock(fd, mode | (0 if wait and deadline is None else fcntl.LOCK_NB))
-                break
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait and deadline is None else fcntl.LOCK_NB))
+                held = True
             except BlockingIOError:
-                if deadline is None or time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(LOCK_POLL_S)
-        yield True
+                held = False
+            if held or deadline is None or time.monotonic() >= deadline:
+                break
+            time.sleep(LOCK_POLL_S)
+        yield held  # outside the except: an error raised by the caller does not chain the BlockingIOError
     finally:
         os.close(fd)  # releases the lock
 
@@ -190,12 +186,14 @@ class ExpertRepository:
         self._experts[expert.name] = replace(
             expert, **{k: getattr(expert, k).detach().float().cpu() for k in ("mean", "variance", "embedding")}
         )
+        self._file_sha256.pop(expert.name, None)  # in memory only, until written
         self._stack = None
 
     def remove(self, name: str) -> Expert:
         if name not in self._experts:
             raise KeyError(f"no expert named {name!r}")
         self._stack = None
+        self._file_sha256.pop(name, None)
         return self._experts.pop(name)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,6 +232,14 @@ class ExpertRepository:
             ],
         }
 
+    def _check_written(self) -> None:
+        """ValueError naming the experts added in memory and not written since (an index must not name them)."""
+        unwritten = [n for n in self._experts if n not in self._file_sha256]
+        if unwritten:
+            raise ValueError(
+                f"experts {unwritten} were added in memory and never written: save() the repository to write them all"
+            )
+
     def _write_expert(self, directory: Path, e: Expert) -> None:
         """Writes an expert's file (atomic; bytes that depend on its content alone) and keeps their sha256."""
         tensors = {"mean": e.mean, "variance": e.variance, "embedding": e.embedding}
@@ -263,6 +269,7 @@ class ExpertRepository:
                     log.info("%s: removed %s (not in the repository saved)", directory, path.name)
 
     def _write_index(self, directory: Path) -> None:
+        self._check_written()
         # The digest of the bytes written, known before the rename: nothing can fail after it.
         data = json_bytes(self._index(directory))
         digest = hashlib.sha256(data).hexdigest()
@@ -297,6 +304,7 @@ class ExpertRepository:
         with locked(directory, timeout_s=lock_timeout_s) as held:
             _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
+            self._check_written()  # before anything is written
             self.add(expert)
             path = directory / EXPERTS_DIR / f"{expert.name}.safetensors"
             try:
@@ -304,6 +312,7 @@ class ExpertRepository:
                 self._write_index(directory)
             except BaseException:
                 self._experts.pop(expert.name, None)
+                self._file_sha256.pop(expert.name, None)
                 self._stack = None
                 path.unlink(missing_ok=True)  # the index never named it
                 raise
@@ -315,12 +324,13 @@ class ExpertRepository:
         with locked(directory, timeout_s=lock_timeout_s) as held:
             _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
-            before = dict(self._experts)
+            self._check_written()
+            before, digests = dict(self._experts), dict(self._file_sha256)
             expert = self.remove(name)
             try:
                 self._write_index(directory)
             except BaseException:
-                self._experts = before  # same experts, same order
+                self._experts, self._file_sha256 = before, digests  # same experts, same order
                 self._stack = None
                 raise
             (directory / EXPERTS_DIR / f"{name}.safetensors").unlink(missing_ok=True)
@@ -342,11 +352,13 @@ class ExpertRepository:
             except (FileNotFoundError, ExpertFileChanged):
                 # Another process's change (index first, then the file) between reading the index and the file:
                 # the index is another one now. Where it is still the one read, the file is missing or corrupt.
-                if attempt + 1 < LOAD_ATTEMPTS and _index_digest(directory) not in (index_sha256, None):
+                # A moment without an index counts as a change: the pipeline swaps in a rebuilt folder.
+                if attempt + 1 < LOAD_ATTEMPTS and _index_digest(directory) != index_sha256:
                     log.info("%s: the expert repository changed while it was read; reading it again", directory)
+                    time.sleep(LOCK_POLL_S)
                     continue
                 raise
-            _tidy(directory, set(repo.names))
+            _tidy(directory, set(repo.names), index_sha256)
             return repo
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
@@ -406,19 +418,22 @@ def _check_held(held: bool, directory: Path, timeout_s: float | None) -> None:
         )
 
 
-def _tidy(directory: Path, names: set[str]) -> None:
-    """Removes the temporary files a writer killed mid-write left (under the lock, so none is being written
-    now) and names expert files the index does not list (a writer killed between file and index). Skipped
-    where the directory is read-only."""
-    held = True
+def _tidy(directory: Path, names: set[str], index_sha256: str) -> None:
+    """Under the lock, where no other process holds it (else it does not wait, and does nothing): removes the
+    temporary files a writer killed mid-write left and, while the index is still the one loaded (``names``,
+    ``index_sha256``), names expert files it does not list (a writer killed between file and index; a file
+    another process is adding is not one). Skipped where the directory is read-only."""
     try:
         with locked(directory, wait=False) as held:
-            for tmp in [*directory.glob(".*.tmp"), *(directory / EXPERTS_DIR).glob(".*.tmp")] if held else []:
+            if not held:
+                return
+            for tmp in [*directory.glob(".*.tmp"), *(directory / EXPERTS_DIR).glob(".*.tmp")]:
                 tmp.unlink(missing_ok=True)
                 log.warning("removed %s, left by a write that did not finish", tmp)
+            if _index_digest(directory) != index_sha256:  # changed since the load read it: its names are old
+                return
+            orphans = sorted(p.name for p in (directory / EXPERTS_DIR).glob("*.safetensors") if p.stem not in names)
+            if orphans:
+                log.warning("%s: expert files the index does not list (ignored): %s", directory / EXPERTS_DIR, ", ".join(orphans))
     except OSError as e:
         log.debug("repository %s not tidied: %s", directory, e)
-    # While another process holds the lock, a file it is adding is not in the index yet: no orphan.
-    orphans = sorted(p.name for p in (directory / EXPERTS_DIR).glob("*.safetensors") if p.stem not in names) if held else []
-    if orphans:
-        log.warning("%s: expert files the index does not list (ignored): %s", directory / EXPERTS_DIR, ", ".join(orphans))

@@ -260,6 +260,73 @@ def test_a_load_during_another_process_change_reads_the_new_index(tiny_backbone,
         ExpertRepository.load(tmp_path)
 
 
+def test_an_index_never_names_an_expert_that_was_not_written(tiny_backbone, tmp_path):
+    """An expert removed and added again in memory had its old file's digest still on record: the next
+    add_and_save wrote an index naming a deleted file, and the repository loaded no more."""
+    _repo(tiny_backbone).save(tmp_path)
+    repo = ExpertRepository.load(tmp_path)
+    again = repo["e0"]
+    repo.remove_and_save("e0", tmp_path)
+    index = (tmp_path / "repository.json").read_bytes()
+    repo.add(Expert("e0", "back, in memory only", again.mean, again.variance, again.embedding, 1))
+    late = Expert("late", "added after", again.mean, again.variance, again.embedding, 1)
+    for change in (lambda: repo.add_and_save(late, tmp_path), lambda: repo.remove_and_save("e1", tmp_path)):
+        with pytest.raises(ValueError, match=r"\['e0'\] were added in memory and never written"):
+            change()
+        assert (tmp_path / "repository.json").read_bytes() == index and not (tmp_path / "experts" / "late.safetensors").exists()
+    assert ExpertRepository.load(tmp_path).names == ["e1", "e2"]
+    repo.save(tmp_path)  # writes them all
+    assert ExpertRepository.load(tmp_path).names == ["e1", "e2", "e0"]
+    # Made in memory with experts, into a fresh directory: refused before anything is written.
+    fresh = _repo(tiny_backbone)
+    with pytest.raises(ValueError, match="never written"):
+        fresh.add_and_save(late, tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "repository.json").exists()
+
+
+def test_a_load_across_the_pipelines_folder_swap_reads_the_new_folder(tiny_backbone, tmp_path, monkeypatch):
+    """sglora pipeline replaces the repository folder (the old one moved aside, then the new one moved in): a
+    load that read the old index and then found no index at all read it as a missing file, not a change."""
+    import expert_store.repository as r
+
+    d = tmp_path / "repository"
+    _repo(tiny_backbone).save(d)
+    rebuilt = _repo(tiny_backbone)
+    rebuilt.remove("e2")
+    rebuilt.save(tmp_path / "rebuilt")
+    real, real_sleep = ExpertRepository._from_index.__func__, r.time.sleep
+    steps = []
+
+    def swapped_midway(cls, directory, *args):
+        if not steps:
+            steps.append("old folder moved aside")
+            d.rename(tmp_path / "old")
+        return real(cls, directory, *args)
+
+    def sleep(seconds):  # the retry's pause: the new folder moves in meanwhile
+        if steps == ["old folder moved aside"]:
+            steps.append("new folder moved in")
+            (tmp_path / "rebuilt").rename(d)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(ExpertRepository, "_from_index", classmethod(swapped_midway))
+    monkeypatch.setattr(r.time, "sleep", sleep)
+    assert ExpertRepository.load(d).names == ["e0", "e1"] and len(steps) == 2
+
+
+def test_orphans_are_named_only_while_no_other_process_holds_the_lock(tiny_backbone, tmp_path, caplog):
+    from expert_store.repository import locked
+
+    _repo(tiny_backbone).save(tmp_path)
+    (tmp_path / "experts" / "adding.safetensors").write_bytes(b"another process's new expert")
+    with locked(tmp_path) as held:  # that process, between its expert file and its index
+        assert held
+        ExpertRepository.load(tmp_path)
+    assert "does not list" not in caplog.text
+    ExpertRepository.load(tmp_path)  # no one changing it: a real orphan
+    assert "the index does not list (ignored): adding.safetensors" in caplog.text
+
+
 def test_a_change_waits_for_the_lock_at_most_its_timeout(tiny_backbone, tmp_path):
     import time
 
