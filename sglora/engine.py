@@ -204,7 +204,7 @@ class Engine:
                 if method == "model-soup":
                     w = 1.0 / len(names)
                     sims = F.cosine_similarity(embeddings[i].float().unsqueeze(0), stored.float(), dim=-1)
-                    experts = [ExpertChoice(n, w, float(s)) for n, s in zip(names, sims, strict=True)]
+                    experts = [ExpertChoice(n, w, s) for n, s in zip(names, sims.tolist(), strict=True)]
                     out[i] = Generation(means.mean(0), method, None, top_k, temperature, experts)
                     continue
                 idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature)
@@ -213,7 +213,7 @@ class Engine:
                 continue
             if method == "adapter-soup":
                 alpha = torch.full_like(alpha, 1.0 / top_k)
-            experts = [ExpertChoice(names[k], float(a), float(s)) for k, a, s in zip(idx.tolist(), alpha, sims)]
+            experts = [ExpertChoice(names[k], a, s) for k, a, s in zip(idx.tolist(), alpha.tolist(), sims.tolist(), strict=True)]
             chosen = means.index_select(0, idx)  # the same rows as means[idx], a few times faster
             if method == "topk-exact":
                 spec, lora = concat_merge(self.backbone.spec, chosen, alpha)
