@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -240,6 +241,18 @@ def _taken(name: str, names: list[str]) -> str | None:
     if same is not None:
         return f"expert {same!r} exists, a name that differs in case alone (one file on a case-insensitive filesystem)"
     return None
+
+
+@contextmanager
+def _other_writers() -> Iterator[None]:
+    """An expert change refused for another process's: the repository it changed (409: this server serves it
+    only once restarted), or its lock held too long (503: retry)."""
+    try:
+        yield
+    except RepositoryChanged as e:
+        raise APIError(409, None, f"{e}: restart this server to serve it") from e
+    except RepositoryBusy as e:
+        raise APIError(503, None, f"{e}; retry", {"Retry-After": "1"}) from e
 
 
 def _value_error_field(message: str) -> str | None:
@@ -754,11 +767,8 @@ class Service:
         # and the expert file, so a failed upload leaves the directory exactly as it was.
         try:
             expert = Expert(name, description, mean, variance, embedding, num_snapshots)
-            repo.add_and_save(expert, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
-        except RepositoryChanged as e:
-            raise APIError(409, None, f"{e}: restart this server to serve it") from e
-        except RepositoryBusy as e:
-            raise APIError(503, None, f"{e}; retry", {"Retry-After": "1"}) from e
+            with _other_writers():
+                repo.add_and_save(expert, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
         except ValueError as e:
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
         except OSError as e:
@@ -802,12 +812,8 @@ class Service:
         if len(repo) == 1:
             raise APIError(409, "name", "cannot remove the last expert")
         try:
-            # index first (atomic), then the expert file
-            repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
-        except RepositoryChanged as e:
-            raise APIError(409, None, f"{e}: restart this server to serve it") from e
-        except RepositoryBusy as e:
-            raise APIError(503, None, f"{e}; retry", {"Retry-After": "1"}) from e
+            with _other_writers():  # index first (atomic), then the expert file
+                repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
         except OSError as e:
             if name not in repo:  # the index was written, only deleting the expert's file failed: removed
                 log.warning("expert %r removed, but its file could not be deleted: %s", name, e)

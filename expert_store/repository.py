@@ -269,7 +269,6 @@ class ExpertRepository:
                     log.info("%s: removed %s (not in the repository saved)", directory, path.name)
 
     def _write_index(self, directory: Path) -> None:
-        self._check_written()
         # The digest of the bytes written, known before the rename: nothing can fail after it.
         data = json_bytes(self._index(directory))
         digest = hashlib.sha256(data).hexdigest()
@@ -340,7 +339,9 @@ class ExpertRepository:
     def load(cls, directory: str | Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
         """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
         directory = Path(directory)
-        for attempt in range(LOAD_ATTEMPTS):
+        attempt = 0
+        while True:
+            attempt += 1
             index, index_sha256 = read_json_and_digest(directory / INDEX_FILE, "expert repository index")
             if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
                 raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
@@ -353,14 +354,13 @@ class ExpertRepository:
                 # Another process's change (index first, then the file) between reading the index and the file:
                 # the index is another one now. Where it is still the one read, the file is missing or corrupt.
                 # A moment without an index counts as a change: the pipeline swaps in a rebuilt folder.
-                if attempt + 1 < LOAD_ATTEMPTS and _index_digest(directory) != index_sha256:
+                if attempt < LOAD_ATTEMPTS and _index_digest(directory) != index_sha256:
                     log.info("%s: the expert repository changed while it was read; reading it again", directory)
                     time.sleep(LOCK_POLL_S)
                     continue
                 raise
             _tidy(directory, set(repo.names), index_sha256)
             return repo
-        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     @classmethod
     def _from_index(
@@ -378,9 +378,10 @@ class ExpertRepository:
         for entry in index["experts"]:
             name = check_name(entry["name"])
             path = directory / EXPERTS_DIR / f"{name}.safetensors"
-            if not path.exists():
-                raise FileNotFoundError(f"expert file missing: {path}")
-            data = path.read_bytes()  # one read: the bytes verified are the bytes loaded
+            try:
+                data = path.read_bytes()  # one read: the bytes verified are the bytes loaded
+            except FileNotFoundError:
+                raise FileNotFoundError(f"expert file missing: {path}") from None
             if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ExpertFileChanged(f"expert file is corrupt (sha256 mismatch): {path}")
             try:
