@@ -956,12 +956,19 @@ def test_generator_history_plot_marks_the_kept_epoch(tmp_path):
 def test_progress_in_a_log_is_one_bar_per_stage(tiny_backbone, tiny_config, monkeypatch, capsys):
     """stderr not a terminal (capsys): the bars inside a task loop (a task's image features, an expert's epochs)
     stay off, and the generator's bar keeps TQDM_MININTERVAL (its per-epoch postfix does not force a redraw)."""
+    from tqdm.auto import tqdm
+
+    import training.generator as generator_module
     from training.config import GeneratorTrainingConfig
     from training.experts import FeatureCache, prepare_task, train_expert
     from training.generator import GeneratorData, train_generator
     from training.pipeline import load_data
 
-    monkeypatch.setenv("TQDM_MININTERVAL", "10")
+    class TenSecondBar(tqdm):  # what TQDM_MININTERVAL=10 gives; tqdm reads that variable once, when imported
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 10})
+
+    monkeypatch.setattr(generator_module, "tqdm", TenSecondBar)
     dataset = load_data(tiny_config)
     task = prepare_task(tiny_backbone, dataset, sorted(dataset.tasks)[0], FeatureCache(tiny_backbone))
     train_expert(tiny_backbone, task, tiny_config.experts)
