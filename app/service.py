@@ -334,7 +334,10 @@ class Service:
         try:
             artifacts.engine.set_generator_dtype(getattr(torch, generator_dtype))
         except ValueError as e:
-            raise ArtifactError(f"SGLORA_GENERATOR_DTYPE={settings.generator_dtype}: {e}") from e
+            if settings.generator_dtype != "auto":
+                raise ArtifactError(f"SGLORA_GENERATOR_DTYPE={settings.generator_dtype}: {e}") from e
+            # 'auto' read the CPU's flags; this torch build may still lack the kernels: float32, as elsewhere.
+            log.warning("SGLORA_GENERATOR_DTYPE=auto: %s; sampling in float32", e)
         service = cls(settings, artifacts, device, metrics)
         service.worker.start()
         # The first generation (lazy initialisation, a first CUDA call, a cold disk) may take far longer than

@@ -712,6 +712,8 @@ def test_parallelism_defaults(monkeypatch, threads, model_threads, device, cores
         ("auto", "cuda", "fpu avx512_bf16", "float32"),
         ("float32", "cpu", "fpu avx512_bf16", "float32"),
         ("bfloat16", "cpu", "fpu avx2", "bfloat16"),
+        (None, "cpu", "fpu amx_bf16 amx_tile", "bfloat16"),  # None: the settings' defaults, 'auto' both
+        (None, "cpu", "fpu avx2 avx512f", "float32"),
     ],
 )
 def test_text_and_generator_dtype_defaults(monkeypatch, tmp_path, setting, device, flags, expected):
@@ -721,8 +723,12 @@ def test_text_and_generator_dtype_defaults(monkeypatch, tmp_path, setting, devic
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     real = settings_module.cpu_has_bf16
     monkeypatch.setattr(settings_module, "cpu_has_bf16", lambda: real(cpuinfo))
-    assert Settings(text_dtype=setting).resolved_text_dtype(device) == expected
-    assert Settings(generator_dtype=setting).resolved_generator_dtype(device) == expected  # the same rule
+    if setting is None:
+        text = generator = Settings()
+    else:
+        text, generator = Settings(text_dtype=setting), Settings(generator_dtype=setting)
+    assert text.resolved_text_dtype(device) == expected
+    assert generator.resolved_generator_dtype(device) == expected  # the same rule
     assert not real(tmp_path / "no-such-file")  # no /proc (not Linux): float32
 
 
@@ -800,6 +806,24 @@ def test_generator_dtype_that_cannot_run_refuses_to_start(make_settings, monkeyp
     with pytest.raises(ArtifactError, match="SGLORA_GENERATOR_DTYPE=bfloat16: .*cannot sample in torch.bfloat16"):
         with TestClient(create_app(make_settings(generator_dtype="bfloat16"))):
             pass
+
+
+def test_generator_dtype_auto_falls_back_to_float32_without_bfloat16_kernels(make_settings, monkeypatch, caplog):
+    """'auto' goes by the CPU's flags; a torch build without oneDNN's bfloat16 kernels on such a CPU must
+    still start (in float32, with a warning), as an explicit SGLORA_GENERATOR_DTYPE=bfloat16 does not."""
+    from app import settings as settings_module
+    from models.cvae import CVAE
+
+    packed = CVAE.packed
+    monkeypatch.setattr(settings_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(CVAE, "packed", lambda self, dtype=torch.float32: packed(self, dtype) if dtype == torch.float32 else None)
+    with caplog.at_level(logging.WARNING, logger="sglora.service"):
+        with TestClient(create_app(make_settings(generator_dtype="auto"))) as c:
+            ready = c.get("/ready").json()
+            r = c.post("/generate", json={"description": "a photo of a cat", "seed": 1})
+    assert ready["generator_dtype"] == "float32" and r.status_code == 200
+    assert file_metadata(r.content)["generator_dtype"] == "float32"
+    assert "SGLORA_GENERATOR_DTYPE=auto" in caplog.text and "sampling in float32" in caplog.text
 
 
 def test_text_dtype_that_the_backbone_cannot_run_refuses_to_start(make_settings, monkeypatch):
