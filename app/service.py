@@ -143,13 +143,22 @@ class Retrieval:
 
 
 @dataclass(frozen=True)
+class ExpertEntry:
+    """An expert as the state lists it: no tensors (the repository's stack holds those, once)."""
+
+    name: str
+    description: str
+    num_snapshots: int
+
+
+@dataclass(frozen=True)
 class RepositoryState:
     """What readers on the event loop see of the expert repository, replaced whole after each change (one
     assignment: a reader never pairs one state's version with another's experts or default top_k)."""
 
     version: str
     top_k: int  # the default: min(the artefacts' top_k, number of experts)
-    experts: tuple[Expert, ...]  # frozen: the objects the repository held then
+    experts: tuple[ExpertEntry, ...]  # in the repository's order then
 
     def top_k_for(self, requested: int | None) -> int:
         """A request's top_k, or this repository's default where it gave none."""
@@ -308,6 +317,7 @@ class Service:
             embedding_cache_items=settings.embedding_cache_items,
         )
         self._timing = threading.local()  # per model thread: .sampling_s of the current pass
+        self._largest: tuple[torch.Tensor, float] | None = None  # (stacked means, their largest |value|)
         self._time_sampling()
         metrics.set_info(self.backbone_name, self.version, __version__, device, self.text_dtype, self.generator_dtype)
 
@@ -787,7 +797,7 @@ class Service:
         plus one standard deviation, each applied to a probe image must give finite image embeddings."""
         spread = variance.sqrt()
         checks = (("mean", mean, "value"), ("variance", spread, "standard deviation"))
-        largest = float(self.artifacts.repository.stacked()[0].abs().max()) if len(self.artifacts.repository) else 0.0
+        largest = self._largest_mean() if len(self.artifacts.repository) else 0.0
         if largest > 0:  # a repository of zero means has no scale: the probe below bounds it
             for field, values, what in checks:
                 if (top := float(values.abs().max())) > MAX_EXPERT_SCALE * largest:
@@ -804,6 +814,16 @@ class Service:
             if not torch.isfinite(backbone.encode_image(features, lora, self.spec)).all():
                 reason = "applied to the backbone, this LoRA gives non-finite image embeddings: its values are too large"
                 raise APIError(422, field, reason)
+
+    def _largest_mean(self) -> float:
+        """The largest |value| among the repository's expert means, kept per state of the repository; from
+        their least and greatest values (the same number as ``abs().max()``, without an E x P temporary)."""
+        means = self.artifacts.repository.stacked()[0]
+        cached = self._largest
+        if cached is None or cached[0] is not means:
+            low, high = torch.aminmax(means)
+            cached = self._largest = (means, max(-float(low), float(high)))
+        return cached[1]
 
     async def remove_expert(self, name: str) -> str:
         return await self.worker.run(self._remove_expert_job, _checked_name(name), commit=True)
@@ -832,11 +852,14 @@ class Service:
 
     def _state_of(self, version: str) -> RepositoryState:
         repo = self.artifacts.repository
-        experts = tuple(repo[n] for n in repo.names)
+        experts = tuple(ExpertEntry(e.name, e.description, e.num_snapshots) for e in map(repo.__getitem__, repo.names))
         return RepositoryState(version, min(self.default_top_k, len(experts)), experts)
 
     def _repository_changed(self) -> str:
-        """On the model thread of the change, alone: the new state, published by one assignment."""
+        """On the model thread of the change, alone: the new state, published by one assignment. The engine
+        restacks the experts and works out the new ones' generator features here, in the change's job,
+        not in the first generation after it (and the state then holds the experts as rows of the stack)."""
+        self.engine.refresh()
         self.state = state = self._state_of(artefact_version(self.artifacts.root))
         self.engine.top_k = state.top_k
         self.metrics.set_info(self.backbone_name, state.version, __version__, self.device, self.text_dtype, self.generator_dtype)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -117,9 +118,12 @@ class Engine:
         self.generator_dtype = torch.float32  # what the sampler's products run in (set_generator_dtype)
         self.top_k = top_k
         self.temperature = temperature
-        # (the repository's stacked means, the generator's mean_features of them): recomputed when
-        # the repository changes (stacked() then returns new tensors).
+        # (the repository's stacked means, the generator's mean_features of them): brought up to date when
+        # the repository changes (stacked() then returns new tensors), from the rows kept per expert.
         self._features: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._feature_rows: dict[int, torch.Tensor] = {}  # ExpertRepository.row_keys -> (1, H)
+        self._features_lock = threading.Lock()
+        self._soup: tuple[torch.Tensor, torch.Tensor] | None = None  # (stacked means, their mean): model-soup's LoRA
         self._pass_rows: tuple[int, int] | None = None  # see pass_rows
 
     def set_generator_dtype(self, dtype: torch.dtype) -> None:
@@ -205,7 +209,7 @@ class Engine:
                     w = 1.0 / len(names)
                     sims = F.cosine_similarity(embeddings[i].float().unsqueeze(0), stored.float(), dim=-1)
                     experts = [ExpertChoice(n, w, s) for n, s in zip(names, sims.tolist(), strict=True)]
-                    out[i] = Generation(means.mean(0), method, None, top_k, temperature, experts)
+                    out[i] = Generation(self._model_soup(means), method, None, top_k, temperature, experts)
                     continue
                 idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature)
             except ValueError as e:  # this request alone is bad (method, seed, top_k, temperature)
@@ -294,14 +298,48 @@ class Engine:
                 return False
         return True
 
-    def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
-        """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; cached for
-        these ``means`` (any change to the repository stacks new tensors)."""
-        cached = self._features
+    def refresh(self) -> None:
+        """Works out now what the engine keeps per state of the repository (its stack, the generator's
+        features of the experts), instead of in the first generation after a change. Call it where
+        nothing generates meanwhile (a repository change's job)."""
+        means = self.repository.stacked()[0]
+        if self.generator is not None:
+            self._expert_features(means)
+
+    def _model_soup(self, means: torch.Tensor) -> torch.Tensor:
+        """The mean of the stacked ``means`` (model-soup's LoRA), worked out once for these ``means`` (O(E P)
+        once per state of the repository, not per request); a copy each call, which its caller may change."""
+        cached = self._soup
         if cached is None or cached[0] is not means:
-            cached = (means, self.generator.mean_features(means).cpu())
-            self._features = cached  # one assignment: another model thread sees the old pair or the new one
-        return cached[1]
+            cached = (means, means.mean(0))
+            self._soup = cached  # one assignment: another model thread sees the old pair or the new one
+        return cached[1].clone()
+
+    def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
+        """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; kept for these
+        ``means`` (any change to the repository stacks new tensors). After a change only the experts added
+        are worked out (one P x H product each); the others' rows are kept by
+        :meth:`ExpertRepository.row_keys`. Every row is computed alone, as ``mean_features`` does: the
+        same bits whichever experts are around it."""
+        cached = self._features
+        if cached is not None and cached[0] is means:
+            return cached[1]
+        with self._features_lock:  # two model threads after a change: one works the new rows out
+            cached = self._features
+            if cached is not None and cached[0] is means:
+                return cached[1]
+            keys = self.repository.row_keys()
+            if len(keys) != means.shape[0]:  # not the repository's stack: nothing to keep
+                return self.generator.mean_features(means).cpu()
+            kept = self._feature_rows
+            rows = {}
+            for i, key in enumerate(keys):
+                row = kept.get(key)
+                rows[key] = row if row is not None else self.generator.mean_features(means[i : i + 1]).cpu()
+            features = torch.cat([rows[k] for k in keys])
+            self._feature_rows = rows  # the removed experts' rows go
+            self._features = (means, features)  # one assignment: a reader sees the old pair or the new one
+        return features
 
     def _sample_chunk(
         self, out: list, rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]], size: int

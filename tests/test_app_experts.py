@@ -49,6 +49,11 @@ def test_register_list_delete_persist_and_invalidate(app_root):
     assert r.status_code == 201, r.text
     assert r.json()["action"] == "added" and r.json()["experts"] == 5
     assert r.json()["artifact_version"] != listed["artifact_version"]
+    # The change's job restacked the experts and worked out the new one's generator features: the next
+    # generation does not; the published state lists the experts without holding their tensors.
+    service = client.app.state.service
+    assert service.engine._features[0] is service.artifacts.repository.stacked()[0]
+    assert not any(isinstance(v, torch.Tensor) for e in service.state.experts for v in vars(e).values())
     # Persisted (atomically, with its sha256 in the index): a fresh load sees and verifies it.
     fresh = load_artifacts(root)
     assert "disc" in fresh.repository and fresh.version == r.json()["artifact_version"]

@@ -2,6 +2,8 @@
 
 import copy
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -529,3 +531,70 @@ def test_an_exact_merge_applied_without_its_layout_names_it(engine):
     with pytest.raises(ValueError, match=r"spec=generation\.spec"):  # was: LoRA vector must have shape (1536,)
         engine.backbone.encode_image(feats, g.lora)
     assert engine.backbone.encode_image(feats, g.lora, g.spec).shape == (2, engine.backbone.embed_dim)
+
+
+def test_after_a_change_only_the_new_experts_features_are_worked_out(tiny_artifacts_session, monkeypatch, one_thread):
+    """The generator features of every expert were recomputed after any change (E P x H products, in the
+    first generation after it: seconds on ViT-B-16's shape with a thousand experts). Only the added rows
+    are now, each alone: the features and the seeded LoRAs equal those of an engine loaded afresh."""
+    a = load_artifacts(tiny_artifacts_session, "cpu")
+    engine, repo, generator = a.engine, a.repository, a.generator
+    assert engine.pass_rows  # its check samples priors of its own: done before counting
+    rows = []
+    real = type(generator).mean_features
+    monkeypatch.setattr(type(generator), "mean_features", lambda self, m: rows.append(m.shape[0]) or real(self, m))
+    emb = engine.embed(["a photo of a circle"])[0]
+    engine.generate(emb, "sg-lora", seed=0)
+    assert rows == [1] * len(repo)  # at the first use: every expert, one row at a time
+    rows.clear()
+    added = dataclasses.replace(repo[repo.names[0]], name="added", description="a copy")
+    removed = repo.names[1]
+    repo.remove(removed)
+    repo.add(added)
+    engine.refresh()
+    assert rows == [1]  # the added expert alone
+    rows.clear()
+    means = repo.stacked()[0]
+    assert torch.equal(engine._expert_features(means), real(generator, means).cpu())
+    assert engine._features[0] is means and rows == []  # refresh() left nothing for the next generation
+    fresh = load_artifacts(tiny_artifacts_session, "cpu").engine
+    fresh.repository.remove(removed)
+    fresh.repository.add(added)
+    for seed in range(3):
+        ours, theirs = engine.generate(emb, "sg-lora", seed=seed), fresh.generate(emb, "sg-lora", seed=seed)
+        assert _bytes(ours.lora) == _bytes(theirs.lora)
+    soup = engine.generate(emb, "model-soup").lora
+    assert torch.equal(soup, repo.stacked()[0].mean(0)) and engine._soup[0] is repo.stacked()[0]  # kept
+    soup.zero_()  # each generation's own copy
+    assert torch.equal(engine.generate(emb, "model-soup").lora, repo.stacked()[0].mean(0))
+    repo.remove("added")
+    assert torch.equal(engine.generate(emb, "model-soup").lora, repo.stacked()[0].mean(0))  # and renewed on a change
+
+
+def test_two_model_threads_after_a_change_work_the_new_features_out_once(tiny_artifacts_session, monkeypatch):
+    a = load_artifacts(tiny_artifacts_session, "cpu")
+    engine, repo, generator = a.engine, a.repository, a.generator
+    engine.refresh()
+    assert engine.pass_rows  # its check samples priors of its own: done before counting
+    repo.add(dataclasses.replace(repo[repo.names[0]], name="added", description="a copy"))
+    rows, started = [], threading.Barrier(2)
+    real = type(generator).mean_features
+
+    def slow(self, m):
+        rows.append(m.shape[0])
+        time.sleep(0.05)  # long enough for the other thread to arrive meanwhile
+        return real(self, m)
+
+    monkeypatch.setattr(type(generator), "mean_features", slow)
+    emb = engine.embed(["a photo of a circle"])[0]
+
+    def generate():
+        started.wait()
+        engine.generate(emb, "sg-lora", seed=0)
+
+    threads = [threading.Thread(target=generate) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rows == [1]

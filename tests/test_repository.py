@@ -421,3 +421,54 @@ def test_experts_are_kept_as_float32(tiny_backbone):
     assert all(t.dtype == torch.float32 for t in repo.stacked())
     assert repo["wide"].mean.dtype == torch.float32
     torch.testing.assert_close(repo["wide"].mean, snaps.mean(0).float())
+
+
+def test_stacked_experts_hold_their_values_once_and_write_the_same_files(tiny_backbone, tmp_path):
+    repo = _repo(tiny_backbone)
+    before = {n: (repo[n].mean.clone(), repo[n].variance.clone(), repo[n].embedding.clone()) for n in repo.names}
+    repo.save(tmp_path / "a")
+    means, variances, embeddings = repo.stacked()
+    for i, name in enumerate(repo.names):  # each expert's tensors are now rows of the stack, values unchanged
+        e = repo[name]
+        for t, stack in ((e.mean, means), (e.variance, variances), (e.embedding, embeddings)):
+            assert t.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+        assert e.mean.data_ptr() == means[i].data_ptr()
+        assert all(torch.equal(t, b) for t, b in zip((e.mean, e.variance, e.embedding), before[name], strict=True))
+    assert repo.stacked()[0] is means  # kept until a change
+    repo.save(tmp_path / "b")  # rows of the stack write the bytes the experts' own tensors wrote
+    for name in repo.names:
+        assert (tmp_path / "a" / "experts" / f"{name}.safetensors").read_bytes() == (
+            tmp_path / "b" / "experts" / f"{name}.safetensors"
+        ).read_bytes()
+    # A load copies each expert into the stack as it reads it: the experts are its rows from the start.
+    loaded = ExpertRepository.load(tmp_path / "b")
+    stack = loaded._stack
+    assert stack is not None and loaded.stacked() is stack
+    for i, name in enumerate(loaded.names):
+        e = loaded[name]
+        assert [t.data_ptr() for t in (e.mean, e.variance, e.embedding)] == [part[i].data_ptr() for part in stack]
+        assert all(torch.equal(t, b) for t, b in zip((e.mean, e.variance, e.embedding), before[name], strict=True))
+
+
+def test_row_keys_follow_the_experts_and_are_new_for_an_expert_added_again(tiny_backbone, tmp_path, monkeypatch):
+    repo = _repo(tiny_backbone)
+    keys = dict(zip(repo.names, repo.row_keys(), strict=True))
+    assert len(set(keys.values())) == 3
+    repo.stacked()  # restacking changes no key
+    assert repo.row_keys() == list(keys.values())
+    e1 = repo.remove("e1")
+    assert repo.row_keys() == [keys["e0"], keys["e2"]]
+    repo.add(e1)
+    assert repo.names == ["e0", "e2", "e1"] and repo.row_keys()[:2] == [keys["e0"], keys["e2"]]
+    assert repo.row_keys()[2] not in keys.values()
+    repo.save(tmp_path)
+    loaded = ExpertRepository.load(tmp_path)
+    kept = loaded.row_keys()
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("expert_store.repository.write_bytes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        loaded.remove_and_save("e0", tmp_path)  # rolled back: the same experts, the same keys
+    assert loaded.names == ["e0", "e2", "e1"] and loaded.row_keys() == kept
