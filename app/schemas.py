@@ -35,7 +35,10 @@ class GenerateRequest(BaseModel):
     )
     method: Method = Field("sg-lora", description="how to build the LoRA from the chosen experts")
     top_k: int | None = Field(
-        None, ge=1, strict=True, description="experts mixed (1..number of experts); default: the artefacts' top_k"
+        None,
+        ge=1,
+        strict=True,
+        description="experts mixed (1..number of experts, at most SGLORA_MAX_TOP_K); default: the artefacts' top_k",
     )
     temperature: float | None = Field(
         None,

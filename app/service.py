@@ -454,9 +454,10 @@ class Service:
         """Fills defaults and checks what depends on the loaded artefacts; APIError(422) naming the field."""
         if len(description) > self.settings.max_description_chars:
             raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
-        n = len(self.state.experts)
-        if top_k is not None and not 1 <= top_k <= n:  # None: the default, fixed when the job runs
-            raise APIError(422, "top_k", f"must be between 1 and the number of experts ({n}), got {top_k}")
+        n, cap = len(self.state.experts), self.settings.max_top_k
+        if top_k is not None and not 1 <= top_k <= min(n, cap):  # None: the default, fixed when the job runs
+            bound = f"the number of experts ({n})" if n <= cap else f"SGLORA_MAX_TOP_K ({cap})"
+            raise APIError(422, "top_k", f"must be between 1 and {bound}, got {top_k}")
         temperature = self.engine.temperature if temperature is None else temperature
         if method not in SAMPLING_METHODS:
             seed = None  # the deterministic methods do not sample

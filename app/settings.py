@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for queued jobs")
     max_description_chars: int = Field(1000, ge=1, description="length limit of a description or caption (normalised)")
     max_batch_items: int = Field(32, ge=1, description="descriptions per /generate/batch call")
+    max_top_k: int = Field(
+        64,
+        ge=1,
+        description="the largest top_k a request may ask for (also bounded by the number of experts): a merge reads "
+        "top_k x P values and an exact merge makes a rank top_k x r file, so an unbounded top_k on a large "
+        "repository held the model for seconds and gigabytes (1.7 s and 4 GB at 1,000 experts of ViT-B-16's shape)",
+    )
     max_images: int = Field(64, ge=1, description="images per /retrieve call")
     max_image_bytes: int = Field(10 << 20, ge=1, description="size limit of one uploaded image")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height limit of one uploaded image")

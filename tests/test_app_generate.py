@@ -12,6 +12,7 @@ import pytest
 import torch
 from app_helpers import file_metadata
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors.torch import load
 
 from app.main import create_app
@@ -32,6 +33,7 @@ def test_generate_returns_the_engines_lora_as_peft_safetensors(client, reference
     assert meta["artifact_version"] == reference.version == r.headers["x-artifact-version"]
     experts = json.loads(meta["experts"])
     assert [f"{e['name']}={e['weight']:.4f}" for e in experts] == r.headers["x-experts"].split(",")
+    assert r.headers["x-experts-count"] == str(len(experts))
     assert all({"name", "weight", "similarity"} <= set(e) for e in experts)
 
     tensors = load(r.content)
@@ -426,3 +428,43 @@ def test_metadata_helper_matches_the_cli(client, reference):
     got = file_metadata(r.content)
     assert got.keys() == expected.keys()
     assert {k: got[k] for k in got if k != "experts"} == {k: expected[k] for k in expected if k != "experts"}
+
+
+def test_the_experts_header_lists_the_heaviest_sixteen_and_counts_them_all():
+    """model-soup's header listed every expert: 5.7 kB at 144 experts (past the 4-8 kB a proxy buffers by
+    default) and 200 kB at 4,000, which httpx then refused to read."""
+    from app.routes.generate import MAX_HEADER_EXPERTS, lora_headers
+    from app.service import GeneratedLora
+
+    # A model-soup's list: equal weights, in the repository's order, similarities in no order.
+    sims = [((7 * i) % 40) / 40 for i in range(40)]
+    experts = [{"name": f"e{i}", "weight": 1 / 40, "similarity": s} for i, s in enumerate(sims)]
+    lora = GeneratedLora(b"", "x" * 32, "miss", {"experts": json.dumps(experts), "method": "model-soup"})
+    headers = lora_headers(lora, lora.etag)
+    shown = headers["X-Experts"].split(",")
+    best = sorted(range(40), key=lambda i: -sims[i])[:MAX_HEADER_EXPERTS]
+    assert shown == [f"e{i}=0.0250" for i in best] and headers["X-Experts-Count"] == "40"
+    # A top-K list keeps its order (heaviest, then most similar, first).
+    topk = [{"name": "a", "weight": 0.5, "similarity": 0.9}, {"name": "b", "weight": 0.3, "similarity": 0.8}]
+    topk.append({"name": "c", "weight": 0.2, "similarity": 0.7})
+    lora = GeneratedLora(b"", "y" * 32, "hit", {"experts": json.dumps(topk), "method": "topk-weighted"})
+    assert lora_headers(lora, lora.etag)["X-Experts"] == "a=0.5000,b=0.3000,c=0.2000"
+
+
+def test_top_k_is_capped_by_the_setting_as_well_as_the_experts(make_settings):
+    with TestClient(create_app(make_settings(redis_url="", max_top_k=2))) as c:
+        assert c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 2}).status_code == 200
+        r = c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 3})
+        assert r.status_code == 422 and r.json()["detail"] == {
+            "field": "top_k",
+            "reason": "must be between 1 and SGLORA_MAX_TOP_K (2), got 3",
+        }
+        form = {"description": "a circle", "top_k": "3"}
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), "red").save(buf, "PNG")
+        image = ("i.png", buf.getvalue(), "image/png")
+        r = c.post("/retrieve", data=form, files=[("images", image)])
+        assert r.status_code == 422 and "SGLORA_MAX_TOP_K (2)" in r.text
+    with TestClient(create_app(make_settings(redis_url=""))) as c:  # the cap (64) above the experts (4): named by them
+        r = c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 5})
+        assert r.json()["detail"]["reason"] == "must be between 1 and the number of experts (4), got 5"
