@@ -6,11 +6,11 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 # Softmax temperature of the expert weights: below ~1e-37 the scaled similarities overflow float32 and the
 # weights become NaN; the range leaves orders of magnitude of room on both sides of any useful value.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+COSINE_EPS = 1e-8  # F.cosine_similarity's: the smallest norm a vector is divided by
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> None:
@@ -28,11 +28,28 @@ class Prior:
     similarities: torch.Tensor  # (K,) cosine similarities of the chosen experts
 
 
+def unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    """(E, D) -> each row divided by its norm (at least :data:`COSINE_EPS`), in float32, as
+    ``F.cosine_similarity`` divides them: what :func:`cosine_similarities` takes, kept by a caller that
+    compares many queries with the same rows."""
+    x = embeddings.float()
+    return x / torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
+
+
+def cosine_similarities(query: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """query (D,) against :func:`unit_rows` (E, D) -> (E,): the bits of ``F.cosine_similarity(query[None],
+    embeddings)`` (the same divisions, products and sum; tests/test_prior.py checks it), without dividing
+    every row by its norm again per query: 0.5 against 6.7 ms for 4,000 experts of 384 values."""
+    q = query.float().unsqueeze(0)
+    return (q / torch.linalg.vector_norm(q, 2, dim=-1, keepdim=True).clamp_min_(COSINE_EPS) * unit).sum(-1)
+
+
 def select_experts(
-    query: torch.Tensor, embeddings: torch.Tensor, top_k: int, temperature: float
+    query: torch.Tensor, embeddings: torch.Tensor, top_k: int, temperature: float, unit: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """query (D,), embeddings (E, D) -> (indices (K,), alpha (K,), similarities (K,)); ValueError naming a
-    bad argument (shapes, top_k, temperature)."""
+    bad argument (shapes, top_k, temperature). ``unit``: the embeddings' :func:`unit_rows`, where the
+    caller keeps them."""
     if query.dim() != 1 or embeddings.dim() != 2 or query.shape[0] != embeddings.shape[1]:
         raise ValueError(
             f"need a query (D,) and expert embeddings (E, D), got {tuple(query.shape)} and {tuple(embeddings.shape)}"
@@ -43,7 +60,7 @@ def select_experts(
         raise ValueError(f"top_k must be an integer, got {top_k!r}")
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
-    sims = F.cosine_similarity(query.float().unsqueeze(0), embeddings.float(), dim=-1)  # (E,)
+    sims = cosine_similarities(query, unit_rows(embeddings) if unit is None else unit)  # (E,)
     top = torch.topk(sims, top_k)  # sorted, most similar first
     alpha = torch.softmax(top.values / temperature, dim=0)
     return top.indices, alpha, top.values

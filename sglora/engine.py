@@ -26,9 +26,8 @@ import threading
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.nn import functional as F
 
-from expert_store.prior import mix, select_experts
+from expert_store.prior import cosine_similarities, mix, select_experts, unit_rows
 from expert_store.repository import ExpertRepository
 from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
@@ -123,7 +122,9 @@ class Engine:
         self._features: tuple[torch.Tensor, torch.Tensor] | None = None
         self._feature_rows: dict[int, torch.Tensor] = {}  # ExpertRepository.row_keys -> (1, H)
         self._features_lock = threading.Lock()
-        self._soup: tuple[torch.Tensor, torch.Tensor] | None = None  # (stacked means, their mean): model-soup's LoRA
+        # Worked out once per state of the repository, each kept with the stacked tensor it came from:
+        # "soup" model-soup's LoRA (the means' mean), "unit" the embeddings' unit_rows.
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pass_rows: tuple[int, int] | None = None  # see pass_rows
 
     def set_generator_dtype(self, dtype: torch.dtype) -> None:
@@ -195,6 +196,7 @@ class Engine:
             raise ValueError("the embeddings must be finite floating-point values")
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
+        unit = self._per_state("unit", stored, unit_rows)
         names = self.repository.names
         sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         exact_rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # sg-lora-exact: (means, alpha, mu*)
@@ -207,11 +209,12 @@ class Engine:
                     continue
                 if method == "model-soup":
                     w = 1.0 / len(names)
-                    sims = F.cosine_similarity(embeddings[i].float().unsqueeze(0), stored.float(), dim=-1)
+                    sims = cosine_similarities(embeddings[i], unit)
                     experts = [ExpertChoice(n, w, s) for n, s in zip(names, sims.tolist(), strict=True)]
-                    out[i] = Generation(self._model_soup(means), method, None, top_k, temperature, experts)
+                    soup = self._per_state("soup", means, lambda m: m.mean(0)).clone()  # its own copy: callers may change it
+                    out[i] = Generation(soup, method, None, top_k, temperature, experts)
                     continue
-                idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature)
+                idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature, unit)
             except ValueError as e:  # this request alone is bad (method, seed, top_k, temperature)
                 out[i] = e
                 continue
@@ -306,14 +309,14 @@ class Engine:
         if self.generator is not None:
             self._expert_features(means)
 
-    def _model_soup(self, means: torch.Tensor) -> torch.Tensor:
-        """The mean of the stacked ``means`` (model-soup's LoRA), worked out once for these ``means`` (O(E P)
-        once per state of the repository, not per request); a copy each call, which its caller may change."""
-        cached = self._soup
-        if cached is None or cached[0] is not means:
-            cached = (means, means.mean(0))
-            self._soup = cached  # one assignment: another model thread sees the old pair or the new one
-        return cached[1].clone()
+    def _per_state(self, name: str, stacked: torch.Tensor, compute) -> torch.Tensor:
+        """``compute(stacked)``, kept under ``name`` for this ``stacked`` tensor of the repository (any
+        change stacks new tensors): O(E P) or O(E D) work once per state of the repository, not per request."""
+        cached = self._kept.get(name)
+        if cached is None or cached[0] is not stacked:
+            cached = (stacked, compute(stacked))
+            self._kept[name] = cached  # one assignment: another model thread sees the old pair or the new one
+        return cached[1]
 
     def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
         """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; kept for these

@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from expert_store.prior import mix, select_experts, semantic_prior
+from expert_store.prior import cosine_similarities, mix, select_experts, semantic_prior, unit_rows
 
 
 def test_prior_matches_hand_computed_example():
@@ -63,3 +64,20 @@ def test_shapes_and_a_non_integer_top_k_are_named():
         with pytest.raises(ValueError, match="top_k must be an integer"):
             select_experts(emb[0], emb, bad, 0.1)
     assert select_experts(emb[0], emb, torch.tensor(2).item(), 0.1)[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("dim", [1, 17, 384, 512])
+def test_cosine_similarities_of_unit_rows_are_torchs_bits(dim):
+    """The engine keeps the experts' unit rows and compares each query with them: the similarities, and so
+    the weights and every LoRA, must stay F.cosine_similarity's to the bit (large and tiny norms included)."""
+    g = torch.Generator().manual_seed(dim)
+    for experts in (1, 2, 3, 8, 48, 144, 1000):
+        for scale in (1e-12, 1e-3, 1.0, 1e4):
+            rows = torch.randn(experts, dim, generator=g) * scale
+            rows[0] = 0.0 if experts > 2 else rows[0]  # a zero row: divided by the eps, not by its norm
+            query = torch.randn(dim, generator=g) * scale
+            expected = F.cosine_similarity(query.unsqueeze(0), rows, dim=-1)
+            assert torch.equal(cosine_similarities(query, unit_rows(rows)), expected), (experts, scale)
+    top = select_experts(query, rows, 5, 0.1)
+    kept = select_experts(query, rows, 5, 0.1, unit_rows(rows))
+    assert all(torch.equal(a, b) for a, b in zip(top, kept, strict=True))
