@@ -323,3 +323,39 @@ def test_generator_learning_curve_refuses_bad_inputs(tiny_artifacts_session, tin
     ):
         code, err = _refused(capsys, "generator_learning_curve", args)
         assert code == 2 and message in err and "--out directory" not in err and not out.exists(), (args, err)
+
+
+def test_bench_repository_small_run_grows_a_copy_and_measures_a_change(tiny_artifacts_session, tmp_path):
+    """scripts/bench_repository.py end to end, small: the copy grows to 8 experts, the server serves them,
+    an addition and a removal go through, and the original artefacts are left as they were."""
+    index = tiny_artifacts_session / "repository" / "repository.json"
+    before = index.read_bytes()
+    out, work = tmp_path / "bench.json", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_repository.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--experts", "8", "--work", str(work), "--requests", "2", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, "SGLORA_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["experts_before"] == 4 and r["experts"] == 8 and index.read_bytes() == before
+    assert (
+        len(json.loads((work / "repository" / "repository.json").read_text())["experts"]) == 8
+    )  # the removal undid the addition
+    for key in ("startup_s", "lone_miss_ms", "add_ms", "next_after_add_ms", "remove_ms", "next_after_remove_ms"):
+        assert r[key] > 0, key
+    assert len(r["first_two_after_add_ms"]) == len(r["first_two_after_remove_ms"]) == 2
+    assert r["list_experts_bytes"] > 0 and "| POST /experts (an addition) |" in p.stdout
+
+
+def test_bench_repository_refuses_bad_arguments_before_copying(tmp_path, capsys):
+    (tmp_path / "work").mkdir()
+    for args, message in (
+        (["--experts", "0", "--work", str(tmp_path / "new")], "--experts and --requests must be >= 1"),
+        (["--experts", "9", "--work", str(tmp_path / "work")], "exists; give a new path"),
+        (["--experts", "9", "--work", str(tmp_path / "new"), "--json", str(tmp_path)], "is a directory"),
+    ):
+        code, err = _refused(capsys, "bench_repository", ["--artifacts", str(tmp_path), *args])
+        assert code == 2 and message in err, (args, err)
+    code, err = _refused(
+        capsys, "bench_repository", ["--artifacts", str(tmp_path), "--experts", "9", "--work", str(tmp_path / "new")]
+    )
+    assert code == 1 and "holds no artefacts" in err and not (tmp_path / "new").exists()
