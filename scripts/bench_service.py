@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_threads": ready.get("model_threads"),
         "text_dtype": ready.get("text_dtype"),
         "text_fixed_rows": ready.get("text_fixed_rows"),
+        "generator_dtype": ready.get("generator_dtype"),
         "bare_embed_ms": bare,
         "miss_ms": miss_ms,
         "hit_ms": hit_ms,
@@ -334,6 +335,7 @@ def table(r: dict) -> str:
         f"backbone {r['backbone']}, {r['device']}, {r.get('model_threads', 1)} model thread(s) with {r['threads']} torch "
         f"thread(s), text tower in {r.get('text_dtype', 'float32')}"
         + (f" ({r['text_fixed_rows']}-row blocks)" if r.get("text_fixed_rows") else "")
+        + (f", CVAE in {r['generator_dtype']}" if r.get("generator_dtype") else "")
         + f", Redis {r['redis']}, max batch {r['max_batch']}"
         + (f", CVAE passes of {'-'.join(map(str, r['cvae_pass_rows']))} rows" if r.get("cvae_pass_rows") else "")
     )

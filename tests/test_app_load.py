@@ -135,6 +135,7 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     r = json.loads(out.read_text())
     default_threads = Settings(threads=1).resolved_parallelism("cpu")[0]  # the script leaves the server its default
     assert r["redis"] == "ok" and r["model_threads"] == default_threads and r["text_dtype"] == "bfloat16"
+    assert r["generator_dtype"] in ("float32", "bfloat16")  # the server's, as /ready reports it
     assert r["hits_from_memory"] == 1.0  # the hot keys, on by default
     for key in ("bare_embed_ms", "miss_ms", "hit_ms", "miss_seen_ms", "rps_1", "rps_4"):
         assert r[key] > 0, key
