@@ -23,6 +23,7 @@ import secrets
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -317,7 +318,8 @@ class Service:
             embedding_cache_items=settings.embedding_cache_items,
         )
         self._timing = threading.local()  # per model thread: .sampling_s of the current pass
-        self._largest: tuple[torch.Tensor, float] | None = None  # (stacked means, their largest |value|)
+        # (a weak reference to the stacked means, their largest |value|): weak, not to keep a former stack alive
+        self._largest: tuple[weakref.ref, float] | None = None
         self._time_sampling()
         metrics.set_info(self.backbone_name, self.version, __version__, device, self.text_dtype, self.generator_dtype)
 
@@ -821,9 +823,9 @@ class Service:
         their least and greatest values (the same number as ``abs().max()``, without an E x P temporary)."""
         means = self.artifacts.repository.stacked()[0]
         cached = self._largest
-        if cached is None or cached[0] is not means:
+        if cached is None or cached[0]() is not means:
             low, high = torch.aminmax(means)
-            cached = self._largest = (means, max(-float(low), float(high)))
+            cached = self._largest = (weakref.ref(means), max(-float(low), float(high)))
         return cached[1]
 
     async def remove_expert(self, name: str) -> str:
@@ -857,12 +859,16 @@ class Service:
         return RepositoryState(version, min(self.default_top_k, len(experts)), experts)
 
     def _repository_changed(self) -> str:
-        """On the model thread of the change, alone: the new state, published by one assignment. The engine
-        restacks the experts and works out the new ones' generator features here, in the change's job,
-        not in the first generation after it (and the state then holds the experts as rows of the stack)."""
-        self.engine.refresh()
+        """On the model thread of the change, alone: the new state, published by one assignment. Then the
+        engine restacks the experts and works out the new ones' generator features, here in the change's
+        job rather than in the first generation after it; where that fails (memory), the next generation
+        does it, and the change, saved already, stands."""
         self.state = state = self._state_of(artefact_version(self.artifacts.root))
         self.engine.top_k = state.top_k
+        try:
+            self.engine.refresh()
+        except Exception:  # noqa: BLE001 - an optimisation: the change is saved and published
+            log.exception("expert repository changed; working out the new state ahead failed (the next generation will)")
         self.metrics.set_info(self.backbone_name, state.version, __version__, self.device, self.text_dtype, self.generator_dtype)
         log.info("expert repository changed: %d experts, artefact version %s", len(state.experts), state.version)
         return state.version

@@ -210,7 +210,9 @@ class ExpertRepository:
         self._stack = None
         self._file_sha256.pop(name, None)
         self._row_keys.pop(name, None)
-        return self._experts.pop(name)
+        e = self._experts.pop(name)
+        # Its own copies: rows of the stack would keep the whole former stack alive as long as it is held.
+        return replace(e, mean=e.mean.clone(), variance=e.variance.clone(), embedding=e.embedding.clone())
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(means (E, P), variances (E, P), embeddings (E, D)), in :attr:`names` order."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numbers
 import operator
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -117,14 +118,15 @@ class Engine:
         self.generator_dtype = torch.float32  # what the sampler's products run in (set_generator_dtype)
         self.top_k = top_k
         self.temperature = temperature
-        # (the repository's stacked means, the generator's mean_features of them): brought up to date when
-        # the repository changes (stacked() then returns new tensors), from the rows kept per expert.
-        self._features: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (a weak reference to the repository's stacked means, the generator's mean_features of them):
+        # brought up to date when the repository changes (stacked() then returns new tensors), from the rows
+        # kept per expert. Weak: a kept value must not keep a stack of a former state alive (E x P floats).
+        self._features: tuple[weakref.ref, torch.Tensor] | None = None
         self._feature_rows: dict[int, torch.Tensor] = {}  # ExpertRepository.row_keys -> (1, H)
         self._features_lock = threading.Lock()
-        # Worked out once per state of the repository, each kept with the stacked tensor it came from:
-        # "soup" model-soup's LoRA (the means' mean), "unit" the embeddings' unit_rows.
-        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Worked out once per state of the repository, each kept with a weak reference to the stacked tensor
+        # it came from: "soup" model-soup's LoRA (the means' mean), "unit" the embeddings' unit_rows.
+        self._kept: dict[str, tuple[weakref.ref, torch.Tensor]] = {}
         self._pass_rows: tuple[int, int] | None = None  # see pass_rows
 
     def set_generator_dtype(self, dtype: torch.dtype) -> None:
@@ -302,10 +304,11 @@ class Engine:
         return True
 
     def refresh(self) -> None:
-        """Works out now what the engine keeps per state of the repository (its stack, the generator's
-        features of the experts), instead of in the first generation after a change. Call it where
-        nothing generates meanwhile (a repository change's job)."""
-        means = self.repository.stacked()[0]
+        """Works out now what the engine keeps per state of the repository (its stack, the embeddings' unit
+        rows, the generator's features of the experts), instead of in the first generation after a change.
+        Call it where nothing generates meanwhile (a repository change's job)."""
+        means, _, stored = self.repository.stacked()
+        self._per_state("unit", stored, unit_rows)
         if self.generator is not None:
             self._expert_features(means)
 
@@ -313,8 +316,8 @@ class Engine:
         """``compute(stacked)``, kept under ``name`` for this ``stacked`` tensor of the repository (any
         change stacks new tensors): O(E P) or O(E D) work once per state of the repository, not per request."""
         cached = self._kept.get(name)
-        if cached is None or cached[0] is not stacked:
-            cached = (stacked, compute(stacked))
+        if cached is None or cached[0]() is not stacked:
+            cached = (weakref.ref(stacked), compute(stacked))
             self._kept[name] = cached  # one assignment: another model thread sees the old pair or the new one
         return cached[1]
 
@@ -325,15 +328,15 @@ class Engine:
         :meth:`ExpertRepository.row_keys`. Every row is computed alone, as ``mean_features`` does: the
         same bits whichever experts are around it."""
         cached = self._features
-        if cached is not None and cached[0] is means:
+        if cached is not None and cached[0]() is means:
             return cached[1]
         with self._features_lock:  # two model threads after a change: one works the new rows out
             cached = self._features
-            if cached is not None and cached[0] is means:
+            if cached is not None and cached[0]() is means:
                 return cached[1]
-            keys = self.repository.row_keys()
-            if len(keys) != means.shape[0]:  # not the repository's stack: nothing to keep
+            if means is not self.repository.stacked()[0]:  # not the repository's stack now: nothing to keep
                 return self.generator.mean_features(means).cpu()
+            keys = self.repository.row_keys()
             kept = self._feature_rows
             rows = {}
             for i, key in enumerate(keys):
@@ -341,7 +344,7 @@ class Engine:
                 rows[key] = row if row is not None else self.generator.mean_features(means[i : i + 1]).cpu()
             features = torch.cat([rows[k] for k in keys])
             self._feature_rows = rows  # the removed experts' rows go
-            self._features = (means, features)  # one assignment: a reader sees the old pair or the new one
+            self._features = (weakref.ref(means), features)  # one assignment: a reader sees the old pair or the new one
         return features
 
     def _sample_chunk(

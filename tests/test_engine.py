@@ -556,7 +556,7 @@ def test_after_a_change_only_the_new_experts_features_are_worked_out(tiny_artifa
     rows.clear()
     means = repo.stacked()[0]
     assert torch.equal(engine._expert_features(means), real(generator, means).cpu())
-    assert engine._features[0] is means and rows == []  # refresh() left nothing for the next generation
+    assert engine._features[0]() is means and rows == []  # refresh() left nothing for the next generation
     fresh = load_artifacts(tiny_artifacts_session, "cpu").engine
     fresh.repository.remove(removed)
     fresh.repository.add(added)
@@ -564,7 +564,7 @@ def test_after_a_change_only_the_new_experts_features_are_worked_out(tiny_artifa
         ours, theirs = engine.generate(emb, "sg-lora", seed=seed), fresh.generate(emb, "sg-lora", seed=seed)
         assert _bytes(ours.lora) == _bytes(theirs.lora)
     soup = engine.generate(emb, "model-soup").lora
-    assert torch.equal(soup, repo.stacked()[0].mean(0)) and engine._kept["soup"][0] is repo.stacked()[0]  # kept
+    assert torch.equal(soup, repo.stacked()[0].mean(0)) and engine._kept["soup"][0]() is repo.stacked()[0]  # kept
     soup.zero_()  # each generation's own copy
     assert torch.equal(engine.generate(emb, "model-soup").lora, repo.stacked()[0].mean(0))
     repo.remove("added")

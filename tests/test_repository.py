@@ -440,6 +440,9 @@ def test_stacked_experts_hold_their_values_once_and_write_the_same_files(tiny_ba
         assert (tmp_path / "a" / "experts" / f"{name}.safetensors").read_bytes() == (
             tmp_path / "b" / "experts" / f"{name}.safetensors"
         ).read_bytes()
+    removed = repo.remove(repo.names[0])  # its own copies: a row would keep the whole stack alive
+    assert removed.mean.untyped_storage().data_ptr() != means.untyped_storage().data_ptr()
+    assert removed.mean.untyped_storage().nbytes() == removed.mean.numel() * 4
     # A load copies each expert into the stack as it reads it: the experts are its rows from the start.
     loaded = ExpertRepository.load(tmp_path / "b")
     stack = loaded._stack
