@@ -351,6 +351,11 @@ class Service:
             # 'auto' read the CPU's flags; this torch build may still lack the kernels: float32, as elsewhere.
             log.warning("SGLORA_GENERATOR_DTYPE=auto: %s; sampling in float32", e)
         service = cls(settings, artifacts, device, metrics)
+        if service.default_top_k > settings.max_top_k:
+            raise StartupError(
+                f"SGLORA_MAX_TOP_K={settings.max_top_k} is below the artefacts' default top_k ({service.default_top_k}): "
+                "a request without a top_k would merge more experts than one may ask for; raise SGLORA_MAX_TOP_K"
+            )
         service.worker.start()
         # The first generation (lazy initialisation, a first CUDA call, a cold disk) may take far longer than
         # a request may wait: the start-up jobs get STARTUP_TIMEOUT_S, not SGLORA_REQUEST_TIMEOUT_S.

@@ -452,19 +452,25 @@ def test_the_experts_header_lists_the_heaviest_sixteen_and_counts_them_all():
 
 
 def test_top_k_is_capped_by_the_setting_as_well_as_the_experts(make_settings):
-    with TestClient(create_app(make_settings(redis_url="", max_top_k=2))) as c:
-        assert c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 2}).status_code == 200
-        r = c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 3})
+    from app.settings import StartupError
+
+    with TestClient(create_app(make_settings(redis_url="", max_top_k=3))) as c:  # 4 experts, 3 by default
+        assert c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 3}).status_code == 200
+        r = c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 4})
         assert r.status_code == 422 and r.json()["detail"] == {
             "field": "top_k",
-            "reason": "must be between 1 and SGLORA_MAX_TOP_K (2), got 3",
+            "reason": "must be between 1 and SGLORA_MAX_TOP_K (3), got 4",
         }
-        form = {"description": "a circle", "top_k": "3"}
+        form = {"description": "a circle", "top_k": "4"}
         buf = io.BytesIO()
         Image.new("RGB", (32, 32), "red").save(buf, "PNG")
         image = ("i.png", buf.getvalue(), "image/png")
         r = c.post("/retrieve", data=form, files=[("images", image)])
-        assert r.status_code == 422 and "SGLORA_MAX_TOP_K (2)" in r.text
+        assert r.status_code == 422 and "SGLORA_MAX_TOP_K (3)" in r.text
+    # A cap below the artefacts' default would let every request without a top_k pass it: refused at start-up.
+    with pytest.raises(StartupError, match=r"SGLORA_MAX_TOP_K=2 is below the artefacts' default top_k \(3\)"):
+        with TestClient(create_app(make_settings(redis_url="", max_top_k=2))):
+            pass
     with TestClient(create_app(make_settings(redis_url=""))) as c:  # the cap (64) above the experts (4): named by them
         r = c.post("/generate", json={"description": "a circle", "method": "topk-weighted", "top_k": 5})
         assert r.json()["detail"]["reason"] == "must be between 1 and the number of experts (4), got 5"
