@@ -81,3 +81,13 @@ def test_cosine_similarities_of_unit_rows_are_torchs_bits(dim):
     top = select_experts(query, rows, 5, 0.1)
     kept = select_experts(query, rows, 5, 0.1, unit_rows(rows))
     assert all(torch.equal(a, b) for a, b in zip(top, kept, strict=True))
+
+
+def test_unit_rows_of_strided_embeddings_and_of_another_shape():
+    g = torch.Generator().manual_seed(1)
+    rows, query = torch.randn(64, 96, generator=g), torch.randn(96, generator=g)
+    strided = torch.randn(96, 64, generator=g).t()  # the same kind of rows, not contiguous
+    strided.copy_(rows)
+    assert torch.equal(cosine_similarities(query, unit_rows(strided)), cosine_similarities(query, unit_rows(rows)))
+    with pytest.raises(ValueError, match=r"unit rows \(63, 96\) for embeddings \(64, 96\)"):
+        select_experts(query, rows, 3, 0.1, unit_rows(rows[1:]))
