@@ -161,9 +161,14 @@ def table(r: dict) -> str:
         ("model-soup /generate; its headers", f"{ms(r['model_soup_ms'])}; {r['model_soup_header_bytes']} bytes"),
         ("GET /experts", f"{ms(r['list_experts_ms'])}; {r['list_experts_bytes']} bytes"),
     ]
+    grown = (
+        f"grown from {r['experts_before']} to {r['experts']} experts ({r['grow_s']:.1f} s)"
+        if r["experts"] > r["experts_before"]
+        else f"of {r['experts']} experts (--experts asked for no more)"
+    )
     head = (
-        f"Artefacts `{r['artifacts']}` grown from {r['experts_before']} to {r['experts']} experts in `{r['work']}` "
-        f"({r['grow_s']:.1f} s), {r['device']}, {r['model_threads']} model thread(s), no Redis\n\n"
+        f"Artefacts `{r['artifacts']}`, a copy {grown} in `{r['work']}`, {r['device']}, "
+        f"{r['model_threads']} model thread(s), no Redis\n\n"
     )
     return head + "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=15, help="lone misses timed")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
+    args.artifacts, args.work = args.artifacts.resolve(), args.work.resolve()  # the server runs in the repository root
     if args.experts < 1 or args.requests < 1:
         p.error("--experts and --requests must be >= 1")
     if args.work.exists():
@@ -199,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench_repository: {args.artifacts} holds no artefacts (no manifest.json)")
     try:
         result = run(args)
-    except RuntimeError as e:  # the server did not start, or refused a request
-        raise SystemExit(f"bench_repository: {e}") from None
+    except (RuntimeError, httpx.HTTPError) as e:  # the server did not start, refused or dropped a request
+        raise SystemExit(f"bench_repository: {e} (the copy is left in {args.work})") from None
     print(table(result))
     if args.json:
         with atomic_path(args.json) as tmp:
