@@ -231,6 +231,8 @@ class ExpertList(BaseModel):
                 {
                     "artifact_version": "3f2a9c0d1e4b5a69",
                     "lora": {"rank": 2, "alpha": 2.0, "scaling": "standard", "num_params": 110592, "targets": 36},
+                    "total": 41,
+                    "offset": 0,
                     "experts": [{"name": "tabby", "description": "a photo of a tabby cat", "num_snapshots": 100}],
                 }
             ]
@@ -239,6 +241,8 @@ class ExpertList(BaseModel):
 
     artifact_version: str
     lora: dict
+    total: int = Field(description="experts in the repository (of this artifact_version)")
+    offset: int = Field(description="the position of the first expert listed, in the repository's order")
     experts: list[ExpertOut]
 
 

@@ -234,9 +234,11 @@ class _Api:
         files = [("images", (f"{i}", _file_bytes(im))) for i, im in enumerate(images)]
         return self._run(_Call("POST", "/retrieve", {"data": form, "files": files}, httpx.Response.json))
 
-    def experts(self) -> list[dict[str, Any]]:
-        """The repository's experts (name, description, ...), as ``GET /experts`` lists them under ``experts``."""
-        return self._run(_Call("GET", "/experts", {}, lambda r: r.json()["experts"]))
+    def experts(self, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """The repository's experts (name, description, ...), as ``GET /experts`` lists them under ``experts``:
+        all, or ``limit`` of them from ``offset`` (in the repository's order)."""
+        params = {"offset": offset} | ({} if limit is None else {"limit": limit})
+        return self._run(_Call("GET", "/experts", {"params": params}, lambda r: r.json()["experts"]))
 
     def expert_file(self, name: str, part: str = "mean") -> bytes:
         """One expert's ``part`` (``mean``: its LoRA, or ``variance``) as safetensors with PEFT names, the

@@ -530,3 +530,18 @@ def test_a_change_stands_when_working_out_the_new_state_ahead_fails(app_root, mo
     g = client.post("/generate", json={"description": "an orange disc", "method": "model-soup"})
     assert g.status_code == 200 and g.headers["x-experts-count"] == "5"  # the next generation did the work
     assert g.headers["x-artifact-version"] == listed["artifact_version"]
+
+
+def test_the_listing_pages_in_the_repositorys_order(app_root):
+    client, _ = app_root
+    everything = client.get("/experts").json()
+    names = [e["name"] for e in everything["experts"]]
+    assert everything["total"] == len(names) == 4 and everything["offset"] == 0
+    page = client.get("/experts", params={"offset": 1, "limit": 2}).json()
+    assert [e["name"] for e in page["experts"]] == names[1:3] and page["total"] == 4 and page["offset"] == 1
+    assert page["artifact_version"] == everything["artifact_version"]  # pages of one version fit together
+    past = client.get("/experts", params={"offset": 9}).json()
+    assert past["experts"] == [] and past["total"] == 4
+    for params, field in (({"limit": 0}, "limit"), ({"offset": -1}, "offset"), ({"limit": "all"}, "limit")):
+        r = client.get("/experts", params=params)
+        assert r.status_code == 422 and r.json()["detail"]["field"] == field, (params, r.text)

@@ -71,6 +71,7 @@ def test_experts_lists_the_repository_as_the_service_does(service, client):
     experts = service.experts()
     assert isinstance(experts, list) and experts == client.get("/experts").json()["experts"]
     assert {"name", "description"} <= set(experts[0])
+    assert service.experts(offset=1, limit=2) == experts[1:3] and service.experts(offset=len(experts)) == []
 
 
 def test_retrieve_takes_bytes_like_images_and_refuses_one_string_of_captions(service):

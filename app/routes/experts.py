@@ -27,10 +27,17 @@ _ADMIN_ERRORS = {
 
 
 @router.get("/experts", response_model=ExpertList, dependencies=[ApiKey], summary="List the experts")
-async def list_experts(service: ServiceDep) -> ExpertList:
-    """Lists the experts of the repository and the LoRA layout an expert must have."""
+async def list_experts(
+    service: ServiceDep,
+    offset: Annotated[int, Query(ge=0, description="skip this many experts (in the repository's order)")] = 0,
+    limit: Annotated[int | None, Query(ge=1, description="list at most this many (default: all)")] = None,
+) -> ExpertList:
+    """Lists the experts of the repository (all, or a page of ``limit`` from ``offset``; ``total`` counts them
+    all) and the LoRA layout an expert must have. Pages of one ``artifact_version`` fit together; another
+    version means the experts changed between two pages."""
     state = service.state  # one snapshot: the version names exactly these experts
     spec = service.spec
+    page = state.experts[offset : None if limit is None else offset + limit]
     return ExpertList(
         artifact_version=state.version,
         lora={
@@ -40,7 +47,9 @@ async def list_experts(service: ServiceDep) -> ExpertList:
             "num_params": spec.num_params,
             "targets": len(spec.targets),
         },
-        experts=[ExpertOut(name=e.name, description=e.description, num_snapshots=e.num_snapshots) for e in state.experts],
+        total=len(state.experts),
+        offset=offset,
+        experts=[ExpertOut(name=e.name, description=e.description, num_snapshots=e.num_snapshots) for e in page],
     )
 
 
