@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from app import processes
-from sglora.io import atomic_path, output_path_problem
+from sglora.io import output_path_problem, write_json
 
 ADDED = "bench-added-expert"  # the expert measure 3 adds and measure 4 removes
 
@@ -209,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench_repository: {e} (the copy is left in {args.work})") from None
     print(table(result))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

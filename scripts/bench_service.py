@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from app import processes
-from sglora.io import atomic_path, output_path_problem
+from sglora.io import output_path_problem, write_json
 
 BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
 DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
@@ -378,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench_service: {e}") from None
     print(table(result))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
