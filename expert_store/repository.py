@@ -128,7 +128,9 @@ class ExpertRepository:
     """In-memory view of the repository, stacked for fast top-K: means/variances (E, P), embeddings (E, D).
 
     Once stacked, each expert's tensors are rows of the stack (views), so the values are held once: on
-    open_clip ViT-B-16's shape a thousand experts' means and variances take 0.9 GB, not 1.8."""
+    open_clip ViT-B-16's shape a thousand experts' means and variances take 0.9 GB, not 1.8. Treat them as
+    read-only: a change in place would change the stack behind what an engine worked out from it; remove the
+    expert and add its new values instead."""
 
     def __init__(
         self,
