@@ -23,7 +23,6 @@ import secrets
 import struct
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -318,8 +317,6 @@ class Service:
             embedding_cache_items=settings.embedding_cache_items,
         )
         self._timing = threading.local()  # per model thread: .sampling_s of the current pass
-        # (a weak reference to the stacked means, their largest |value|): weak, not to keep a former stack alive
-        self._largest: tuple[weakref.ref, float] | None = None
         self._time_sampling()
         metrics.set_info(self.backbone_name, self.version, __version__, device, self.text_dtype, self.generator_dtype)
 
@@ -824,14 +821,14 @@ class Service:
                 raise APIError(422, field, reason)
 
     def _largest_mean(self) -> float:
-        """The largest |value| among the repository's expert means, kept per state of the repository; from
+        """The largest |value| among the repository's expert means, once per state of the repository; from
         their least and greatest values (the same number as ``abs().max()``, without an E x P temporary)."""
-        means = self.artifacts.repository.stacked()[0]
-        cached = self._largest
-        if cached is None or cached[0]() is not means:
+
+        def largest(means: torch.Tensor, variances: torch.Tensor, embeddings: torch.Tensor) -> float:
             low, high = torch.aminmax(means)
-            cached = self._largest = (weakref.ref(means), max(-float(low), float(high)))
-        return cached[1]
+            return max(-float(low), float(high))
+
+        return self.artifacts.repository.derived("largest_abs_mean", largest)
 
     async def remove_expert(self, name: str) -> str:
         return await self.worker.run(self._remove_expert_job, _checked_name(name), commit=True)

@@ -30,10 +30,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -147,7 +148,8 @@ class ExpertRepository:
         # JSON object kept through every later change; None: not said.
         self.provenance = provenance
         self._experts: dict[str, Expert] = {}
-        self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # ((means, variances, embeddings), what derived() worked out from them): built on demand, dropped by a change
+        self._stack: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
         self._stack_lock = threading.Lock()  # two model threads after a change stack once, and get one stack
         self._row_keys: dict[str, int] = {}  # see row_keys
         self._index_sha256: str | None = None  # of the index this object loaded or last wrote
@@ -218,6 +220,18 @@ class ExpertRepository:
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(means (E, P), variances (E, P), embeddings (E, D)), in :attr:`names` order."""
+        return self._stacked()[0]
+
+    def derived(self, name: str, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> Any:
+        """``compute(means, variances, embeddings)`` of :meth:`stacked`, worked out once per state of the
+        repository under ``name`` (e.g. the embeddings' unit rows, every request's): kept with the stack it came
+        from, and dropped with it at the next change. Two threads asking at once may both compute it."""
+        stack, kept = self._stacked()
+        if name not in kept:
+            kept[name] = compute(*stack)
+        return kept[name]
+
+    def _stacked(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]:
         if not self._experts:
             raise ValueError("the expert repository is empty")
         stack = self._stack
@@ -226,17 +240,17 @@ class ExpertRepository:
                 stack = self._stack
                 if stack is None:
                     es = list(self._experts.values())
-                    stack = (
+                    tensors = (
                         torch.stack([e.mean for e in es]),
                         torch.stack([e.variance for e in es]),
                         torch.stack([e.embedding for e in es]),
                     )
                     # The experts' tensors become the stack's rows (the same values): the earlier copies go.
                     self._experts = {
-                        e.name: replace(e, mean=stack[0][i], variance=stack[1][i], embedding=stack[2][i])
+                        e.name: replace(e, mean=tensors[0][i], variance=tensors[1][i], embedding=tensors[2][i])
                         for i, e in enumerate(es)
                     }
-                    self._stack = stack
+                    self._stack = stack = (tensors, {})
         return stack
 
     # ---- persistence -------------------------------------------------------------------------
@@ -435,7 +449,7 @@ class ExpertRepository:
                 row.copy_(value)
             repo._experts[name] = replace(e, mean=rows[0], variance=rows[1], embedding=rows[2])
             repo._file_sha256[name] = str(entry["sha256"])
-        repo._stack = stack  # the experts' rows, in the index's order (add() cleared it)
+        repo._stack = None if stack is None else (stack, {})  # the experts' rows, in the index's order (add() cleared it)
         repo._index_sha256 = index_sha256
         return repo
 

@@ -53,6 +53,9 @@ MAX_SEED = 2**63 - 1
 # long (docs/benchmarks.md). Elsewhere passes have one row.
 MAX_PAD_ROWS = 4
 MAX_PASS_ROWS = 16
+# What the engine keeps per state of the repository (ExpertRepository.derived): the experts' unit embeddings
+# (every request's similarities) and model-soup's LoRA, the means' mean.
+UNIT_ROWS, MODEL_SOUP = "unit_rows", "mean_of_means"
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,6 @@ class Engine:
         self._features: tuple[weakref.ref, torch.Tensor] | None = None
         self._feature_rows: dict[int, torch.Tensor] = {}  # ExpertRepository.row_keys -> (1, H)
         self._features_lock = threading.Lock()
-        # Worked out once per state of the repository, each kept with a weak reference to the stacked tensor
-        # it came from: "soup" model-soup's LoRA (the means' mean), "unit" the embeddings' unit_rows.
-        self._kept: dict[str, tuple[weakref.ref, torch.Tensor]] = {}
         self._pass_rows: tuple[int, int] | None = None  # see pass_rows
 
     def set_generator_dtype(self, dtype: torch.dtype) -> None:
@@ -198,7 +198,7 @@ class Engine:
             raise ValueError("the embeddings must be finite floating-point values")
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
-        unit = self._per_state("unit", stored, unit_rows)
+        unit = self._unit_rows()
         names = self.repository.names
         sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         exact_rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # sg-lora-exact: (means, alpha, mu*)
@@ -213,7 +213,9 @@ class Engine:
                     w = 1.0 / len(names)
                     sims = cosine_similarities(embeddings[i], unit)
                     experts = [ExpertChoice(n, w, s) for n, s in zip(names, sims.tolist(), strict=True)]
-                    soup = self._per_state("soup", means, lambda m: m.mean(0)).clone()  # its own copy: callers may change it
+                    soup = self.repository.derived(
+                        MODEL_SOUP, lambda m, v, e: m.mean(0)
+                    ).clone()  # its own: callers may change it
                     out[i] = Generation(soup, method, None, top_k, temperature, experts)
                     continue
                 idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature, unit)
@@ -307,19 +309,13 @@ class Engine:
         """Works out now what the engine keeps per state of the repository (its stack, the embeddings' unit
         rows, the generator's features of the experts), instead of in the first generation after a change.
         Call it where nothing generates meanwhile (a repository change's job)."""
-        means, _, stored = self.repository.stacked()
-        self._per_state("unit", stored, unit_rows)
+        self._unit_rows()
         if self.generator is not None:
-            self._expert_features(means)
+            self._expert_features(self.repository.stacked()[0])
 
-    def _per_state(self, name: str, stacked: torch.Tensor, compute) -> torch.Tensor:
-        """``compute(stacked)``, kept under ``name`` for this ``stacked`` tensor of the repository (any
-        change stacks new tensors): O(E P) or O(E D) work once per state of the repository, not per request."""
-        cached = self._kept.get(name)
-        if cached is None or cached[0]() is not stacked:
-            cached = (weakref.ref(stacked), compute(stacked))
-            self._kept[name] = cached  # one assignment: another model thread sees the old pair or the new one
-        return cached[1]
+    def _unit_rows(self) -> torch.Tensor:
+        """The experts' embeddings as :func:`unit_rows`, once per state of the repository (not per request)."""
+        return self.repository.derived(UNIT_ROWS, lambda m, v, e: unit_rows(e))
 
     def _expert_features(self, means: torch.Tensor) -> torch.Tensor:
         """The generator's :meth:`CVAE.mean_features` of every expert (E, H), on the CPU; kept for these

@@ -10,7 +10,7 @@ import torch
 from kernels import needs_onednn, needs_onednn_bfloat16
 
 from sglora.artifacts import load_artifacts
-from sglora.engine import MAX_PAD_ROWS, MAX_PASS_ROWS, Request
+from sglora.engine import MAX_PAD_ROWS, MAX_PASS_ROWS, MODEL_SOUP, Request
 
 
 @pytest.fixture(scope="module")
@@ -564,7 +564,8 @@ def test_after_a_change_only_the_new_experts_features_are_worked_out(tiny_artifa
         ours, theirs = engine.generate(emb, "sg-lora", seed=seed), fresh.generate(emb, "sg-lora", seed=seed)
         assert _bytes(ours.lora) == _bytes(theirs.lora)
     soup = engine.generate(emb, "model-soup").lora
-    assert torch.equal(soup, repo.stacked()[0].mean(0)) and engine._kept["soup"][0]() is repo.stacked()[0]  # kept
+    assert torch.equal(soup, repo.stacked()[0].mean(0))
+    assert torch.equal(repo.derived(MODEL_SOUP, lambda *stack: pytest.fail("not kept")), soup)  # kept
     soup.zero_()  # each generation's own copy
     assert torch.equal(engine.generate(emb, "model-soup").lora, repo.stacked()[0].mean(0))
     repo.remove("added")

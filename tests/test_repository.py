@@ -445,8 +445,9 @@ def test_stacked_experts_hold_their_values_once_and_write_the_same_files(tiny_ba
     assert removed.mean.untyped_storage().nbytes() == removed.mean.numel() * 4
     # A load copies each expert into the stack as it reads it: the experts are its rows from the start.
     loaded = ExpertRepository.load(tmp_path / "b")
-    stack = loaded._stack
-    assert stack is not None and loaded.stacked() is stack
+    assert loaded._stack is not None  # stacked by the load itself, not at the first use
+    stack = loaded._stack[0]
+    assert loaded.stacked() is stack
     for i, name in enumerate(loaded.names):
         e = loaded[name]
         assert [t.data_ptr() for t in (e.mean, e.variance, e.embedding)] == [part[i].data_ptr() for part in stack]
@@ -475,3 +476,24 @@ def test_row_keys_follow_the_experts_and_are_new_for_an_expert_added_again(tiny_
     with pytest.raises(OSError, match="disk full"):
         loaded.remove_and_save("e0", tmp_path)  # rolled back: the same experts, the same keys
     assert loaded.names == ["e0", "e2", "e1"] and loaded.row_keys() == kept
+
+
+def test_derived_values_are_worked_out_once_per_state_and_go_with_it(tiny_backbone):
+    repo = _repo(tiny_backbone)
+    calls = []
+
+    def norms(means, variances, embeddings):
+        calls.append(means)
+        return embeddings.norm(dim=-1)
+
+    first = repo.derived("norms", norms)
+    assert repo.derived("norms", norms) is first and len(calls) == 1 and calls[0] is repo.stacked()[0]
+    repo.add(
+        Expert.from_snapshots(
+            "late", "a late expert", torch.randn(2, tiny_backbone.spec.num_params), torch.randn(tiny_backbone.embed_dim)
+        )
+    )
+    again = repo.derived("norms", norms)  # a change: worked out again, from the new stack
+    assert len(calls) == 2 and calls[1] is repo.stacked()[0] and again.shape == (4,)
+    repo.remove("late")
+    assert repo.derived("norms", norms).shape == (3,) and len(calls) == 3
