@@ -818,7 +818,8 @@ def test_generator_dtype_auto_falls_back_to_float32_without_bfloat16_kernels(mak
     monkeypatch.setattr(settings_module, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(CVAE, "packed", lambda self, dtype=torch.float32: packed(self, dtype) if dtype == torch.float32 else None)
     with caplog.at_level(logging.WARNING, logger="sglora.service"):
-        with TestClient(create_app(make_settings(generator_dtype="auto"))) as c:
+        # On the CPU: on a GPU 'auto' is float32 whatever the CPU's flags, and nothing falls back.
+        with TestClient(create_app(make_settings(generator_dtype="auto", device="cpu"))) as c:
             ready = c.get("/ready").json()
             r = c.post("/generate", json={"description": "a photo of a cat", "seed": 1})
     assert ready["generator_dtype"] == "float32" and r.status_code == 200
