@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Service benchmark on a CUDA machine, on the ViT-B-16 shape (configs/bench-vitb16.yaml): trains the
 # small artefact set on the GPU, runs scripts/bench_service.py (with BASE=<another checkout's root>, also
-# that checkout's bench_service.py against the same artefacts, for an A/B in one run), a short load test,
-# and the test files that exercise the GPU path (everything loads on CUDA by default there).
+# that checkout's bench_service.py against the same artefacts, for an A/B in one run; with REDIS_HITS=1
+# also this checkout's with SGLORA_HOT_KEYS=0: every hit from Redis; with THREADS="1 4" also with those
+# torch thread counts), a short load test, and the test files that exercise the GPU path (everything
+# loads on CUDA by default there).
 # Needs a Redis at $REDIS_URL and `redis-server` on PATH (the load test starts its own). Writes logs
 # and JSON to $OUT_DIR. Docs: docs/benchmarks.md, "GPU: one H200".
 set -uo pipefail
@@ -25,10 +27,17 @@ if [ ! -f "$ART/manifest.json" ]; then
     > "$OUT_DIR/pipeline.log" 2>&1 || { tail -40 "$OUT_DIR/pipeline.log"; exit 1; }
   grep -a "done in" "$OUT_DIR/pipeline.log"
 fi
-for run in this ${BASE:+base}; do
-  root=$ROOT; [ "$run" = base ] && root=$BASE
-  PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} "$PY" "$root/scripts/bench_service.py" --artifacts "$ART" --device "$DEVICE" \
-    --redis-url "$REDIS_URL" --json "$OUT_DIR/bench-$run.json" 2> "$OUT_DIR/bench-$run.err" | tee "$OUT_DIR/bench-$run.md"
+runs="this ${BASE:+base} ${REDIS_HITS:+redis-hits}"
+for t in ${THREADS:-}; do runs="$runs threads-$t"; done
+for run in $runs; do
+  root=$ROOT env=() args=()
+  case $run in
+    base) root=$BASE ;;
+    redis-hits) env=(SGLORA_HOT_KEYS=0) ;;
+    threads-*) args=(--threads "${run#threads-}") ;;
+  esac
+  env "${env[@]}" PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} "$PY" "$root/scripts/bench_service.py" --artifacts "$ART" --device "$DEVICE" \
+    "${args[@]}" --redis-url "$REDIS_URL" --json "$OUT_DIR/bench-$run.json" 2> "$OUT_DIR/bench-$run.err" | tee "$OUT_DIR/bench-$run.md"
   tail -5 "$OUT_DIR/bench-$run.err"
 done
 "$PY" "$ROOT/scripts/loadtest.py" --artifacts "$ART" --device "$DEVICE" --clients 200 --duration 20 --warmup 8 \
