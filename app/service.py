@@ -445,7 +445,10 @@ class Service:
         def timed_sample(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return inner(*args, **kwargs)
+                out = inner(*args, **kwargs)
+                if out.is_cuda:  # its kernels still running: their time is sampling's, not the prior's after it
+                    torch.cuda.synchronize(out.device)
+                return out
             finally:
                 self._timing.sampling_s = getattr(self._timing, "sampling_s", 0.0) + time.perf_counter() - t0
 
