@@ -44,6 +44,39 @@ def test_compose_file_is_valid_and_wires_the_services():
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
 
 
+@pytest.mark.skipif(
+    COMPOSE is None and os.environ.get("CI") != "true",
+    reason="docker-compose is not installed (apt-get install docker-compose); under CI=true this fails instead",
+)
+def test_gpu_override_reserves_a_gpu_for_the_api_with_cuda_torch():
+    """docker-compose.gpu.yml on top of docker-compose.yml: the api service alone changes (a GPU reserved,
+    CUDA torch, SGLORA_DEVICE=cuda, its own image tag), the rest of the stack and the api's wiring as they were."""
+    assert COMPOSE, "docker-compose is not installed; .ci/run installs it"
+
+    def config(*files: str, env: dict | None = None) -> dict:
+        args = [COMPOSE] + [a for f in files for a in ("-f", str(ROOT / f))] + ["config"]
+        out = subprocess.run(args, check=True, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        services = yaml.safe_load(out.stdout)["services"]
+        for service in services.values():  # a merge of several files lists the volumes in another order
+            service["volumes"] = sorted(service.get("volumes", []), key=str)
+        return services
+
+    cpu = config("docker-compose.yml")
+    gpu = config("docker-compose.yml", "docker-compose.gpu.yml")
+    assert {k: v for k, v in gpu.items() if k != "api"} == {k: v for k, v in cpu.items() if k != "api"}
+    api, base = gpu["api"], cpu["api"]
+    assert api["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert api["build"]["args"] == {"TORCH_INDEX": ""} and "args" not in base["build"]  # "": PyPI's CUDA build
+    assert api["environment"] == {**base["environment"], "SGLORA_DEVICE": "cuda"}
+    assert api["image"] != base["image"]
+    for key in ("depends_on", "healthcheck", "volumes", "ports", "stop_grace_period"):
+        assert api[key] == base[key], key
+    index = "https://download.pytorch.org/whl/cu126"
+    assert config("docker-compose.yml", "docker-compose.gpu.yml", env={"SGLORA_TORCH_INDEX": index})["api"]["build"]["args"] == {
+        "TORCH_INDEX": index
+    }
+
+
 @pytest.mark.parametrize(("config", "target"), [("prometheus.yml", "api:8000"), ("prometheus-local.yml", "127.0.0.1:8000")])
 def test_prometheus_scrapes_the_api_and_loads_the_alerts(config, target):
     cfg = yaml.safe_load((ROOT / "deploy" / config).read_text())
@@ -57,6 +90,8 @@ def test_images_run_as_a_user_with_cpu_torch():
     trainer = (ROOT / "docker" / "Dockerfile.trainer").read_text()
     for text in (api, trainer):
         assert "download.pytorch.org/whl/cpu" in text and "\nUSER sglora" in text
+    # The API image's torch index is a build argument (docker-compose.gpu.yml empties it), the CPU one by default.
+    assert ("ARG", "TORCH_INDEX=https://download.pytorch.org/whl/cpu") in _instructions("Dockerfile.api")
     assert "HEALTHCHECK --interval" in api and "/ready" in api
     assert "--no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default" in trainer
 
@@ -148,7 +183,8 @@ def test_both_images_install_the_versions_the_artefacts_record():
     assert set(PINNED_PACKAGES) <= set(pins) and all(pins.values()), pins
     for image in ("api", "trainer"):
         runs = [args for op, args in _instructions(f"Dockerfile.{image}") if op == "RUN" and "pip install" in args]
-        assert any(f"torchvision=={pins['torchvision']}" in r and "whl/cpu" in r for r in runs), runs
+        index = "whl/cpu" if image == "trainer" else '${TORCH_INDEX:+--index-url "$TORCH_INDEX"}'  # api: the ARG's
+        assert any(f"torchvision=={pins['torchvision']}" in r and index in r for r in runs), runs
         assert any("-c docker/constraints.txt '.[offline]'" in r for r in runs), runs
     assert "install -q -c docker/constraints.txt -e '.[offline,dev]'" in (ROOT / "Makefile").read_text()  # a local venv too
 
