@@ -1,14 +1,17 @@
 """One error body for every refusal: ``{"detail": {"field": ..., "reason": ...}}``.
 
 Request-validation errors keep that shape too (the first error names the field; all of them are
-listed under ``errors``). Bad input is always a 4xx; a 5xx means a bug or a broken disk.
+listed under ``errors``). Bad input is always a 4xx; a 500 means a bug or a broken disk, a 503 a service
+that cannot answer now (starting, stopping, out of memory): retry after ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,6 +101,20 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, e: Overloaded) -> JSONResponse:
         return overloaded_response(retry_after_s)
+
+    @app.exception_handler(torch.OutOfMemoryError)  # a GPU's, or the CPU allocator's in a model job (app/worker.py)
+    @app.exception_handler(MemoryError)
+    async def _out_of_memory(request: Request, e: Exception) -> JSONResponse:
+        # Not a bug and not bad input: the device (or the host) lacked memory for this request at this moment,
+        # as beside a burst or another process on the same GPU. Nothing was changed; a retry may pass.
+        log.warning(
+            "out of memory answering %s %s: %s",
+            request.method,
+            quote(request.url.path),
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        reason = "out of memory: the model could not allocate what this request needs; retry later, or send a smaller request"
+        return JSONResponse(error_body(None, reason), status_code=503, headers={"Retry-After": str(retry_after_s)})
 
     @app.exception_handler(WorkerTimeout)
     async def _timeout(_: Request, e: WorkerTimeout) -> JSONResponse:

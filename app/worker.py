@@ -555,4 +555,14 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 
 def _set_exception(future: asyncio.Future, e: BaseException) -> None:
     if not future.done():
-        future.set_exception(e)
+        future.set_exception(_as_reported(e))
+
+
+def _as_reported(e: BaseException) -> BaseException:
+    """What a request gets for its model job's error ``e``: the CPU allocator's failure, a plain RuntimeError
+    in torch, as the torch.OutOfMemoryError a GPU's is (answered 503, not 500: app/errors.py)."""
+    if type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        oom = torch.OutOfMemoryError(str(e))
+        oom.__cause__ = e
+        return oom
+    return e

@@ -254,6 +254,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A GPU's out-of-memory error, the CPU allocator's (a plain RuntimeError in torch) or Python's."""
+    torch = sys.modules.get("torch")  # not imported for --help; loaded by anything that could run out
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    return type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
     """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
     if args.command != "pipeline":
@@ -289,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        # Not a bug: the device (or the host) had no room for this run; say what to change, not a traceback.
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ": lower experts.batch_size or generator.batch_size in the config, or free the device" * (
+            args.command == "pipeline"
+        )
+        print(f"sglora {args.command}: out of memory ({what}){hint}{_resume_hint(args)}", file=sys.stderr)
+        return 1
     except Terminated as e:
         if args.command == "serve":  # while app.serve loads (torch, uvicorn), before its own handlers: as after
             print(f"{e.args[0]} during start-up: stopped", file=sys.stderr)

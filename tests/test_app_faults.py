@@ -310,6 +310,58 @@ async def test_a_drain_that_times_out_answers_the_queued_jobs(make_settings, mon
         await asyncio.gather(blocker, return_exceptions=True)
 
 
+# ---- out of memory -------------------------------------------------------------------------------------
+def _gpu_out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)")
+
+
+def _cpu_out_of_memory(*args, **kwargs):
+    torch.empty(10**13)  # 40 TB: the CPU allocator's own failure, a RuntimeError in torch
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fail", [_gpu_out_of_memory, _cpu_out_of_memory], ids=["gpu", "cpu"])
+async def test_a_model_job_out_of_memory_is_a_503_to_retry_and_the_service_goes_on(make_settings, caplog, fail):
+    """Not a bug (500) and not bad input: the request could not be served at this moment. The worker, the
+    cache and the metrics stay as they were, and the same request passes once memory is there."""
+    import logging
+
+    async with serving(make_settings()) as (service, client):
+        body = {"description": "a photo of a ring", "seed": 5}
+        service.engine.generate_many = fail  # on a model thread, after the text encoding
+        with caplog.at_level(logging.WARNING, logger="sglora"):
+            r = await client.post("/generate", json=body, headers={"X-Request-ID": "oom-1"})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and r.headers["x-request-id"] == "oom-1"
+        assert r.json()["detail"]["field"] is None and r.json()["detail"]["reason"].startswith("out of memory")
+        assert any("out of memory answering POST /generate" in rec.getMessage() for rec in caplog.records)
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]  # no traceback: not a bug
+        text = (await client.get("/metrics")).text
+        assert 'sglora_requests_total{endpoint="/generate",method="POST",status="503"} 1.0' in text
+        del service.engine.generate_many  # memory is there again
+        r = await client.post("/generate", json=body)
+        assert r.status_code == 200 and r.headers["x-cache"] == "miss"  # the failure cached nothing
+        assert service.worker.pending == 0
+
+
+@pytest.mark.anyio
+async def test_a_batch_item_out_of_memory_is_that_item_s_503(make_settings):
+    async with serving(make_settings()) as (service, client):
+        generate = service.generate
+
+        async def short_of_memory(params):
+            if params.description == "a photo of a huge ring":
+                _gpu_out_of_memory()
+            return await generate(params)
+
+        service.generate = short_of_memory
+        items = [{"description": "a photo of a huge ring", "seed": 1}, {"description": "a photo of a cross", "seed": 1}]
+        r = await client.post("/generate/batch", json={"items": items})
+        assert r.status_code == 200
+        first, second = r.json()["results"]
+        assert (first["status"], first["error"]["reason"]) == (503, "out of memory for this item; retry later")
+        assert second["status"] == 200 and second["data"]
+
+
 # ---- SIGTERM -------------------------------------------------------------------------------------------
 def test_a_client_that_hangs_up_cancels_its_request_and_its_job(tiny_artifacts_session):
     """uvicorn lets a handler run on after its client went away: 4 clients that gave up after 0.3 s kept the

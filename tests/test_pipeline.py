@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -1129,6 +1130,29 @@ def test_a_run_that_failed_before_any_task_does_not_lock_its_folder(tiny_config,
     fixed = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, lr=0.002))
     pipeline.stage_experts(fixed, out)
     assert json.loads((out / "config.json").read_text())["experts"]["lr"] == 0.002
+
+
+@pytest.mark.parametrize("where", ["gpu", "cpu"])
+def test_the_cli_says_out_of_memory_and_what_to_lower_without_a_traceback(tmp_path, monkeypatch, capsys, where):
+    from training import pipeline
+
+    def out_of_memory(*args, **kwargs):
+        if where == "gpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 23.6 GiB total capacity)")
+        torch.empty(10**13)  # 40 TB: the CPU allocator's own failure, a plain RuntimeError in torch
+
+    monkeypatch.setattr(pipeline, "train_expert", out_of_memory)
+    out = tmp_path / "out"
+    argv = ["pipeline", "--config", "configs/tiny.yaml", "--out", str(out)]
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "sglora pipeline: out of memory (" in err and "lower experts.batch_size or generator.batch_size" in err
+    assert f"{out} are kept: rerun the same command to resume" in err and "Traceback" not in err
+    # Any other error is still a bug's traceback, not a message
+    monkeypatch.setattr(pipeline, "train_expert", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("diverged")))
+    with pytest.raises(RuntimeError, match="diverged"):
+        main(argv)
 
 
 def test_trained_tasks_without_their_config_are_not_resumed_under_another(tiny_artifacts, tiny_config):

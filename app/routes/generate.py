@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -23,6 +25,7 @@ from app.service import GeneratedLora, Service
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 
 # Each route's one dependency checks the key and the JSON body and gives the service (JsonModelCall).
+log = logging.getLogger("sglora.app")
 router = APIRouter(tags=["generate"])
 
 _ERRORS = {
@@ -38,6 +41,7 @@ _ERRORS = {
         },
     },
     429: {"description": "queue full; retry after `Retry-After` seconds"},
+    503: {"description": "starting, stopping, or out of memory for this request; retry after `Retry-After` seconds"},
     504: {"description": "the model did not answer in time"},
 }
 MAX_HEADER_EXPERTS = 16  # experts X-Experts lists
@@ -154,6 +158,11 @@ async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) ->
         return BatchItemResult(index=i, status=504, error=ErrorDetail(field=None, reason="the model did not answer in time"))
     except ShuttingDown:
         return BatchItemResult(index=i, status=503, error=ErrorDetail(field=None, reason="the service is shutting down"))
+    except (torch.OutOfMemoryError, MemoryError):  # this item alone: the others may fit (app/errors.py logs the whole call's)
+        log.warning("out of memory for /generate/batch item %d", i)
+        return BatchItemResult(
+            index=i, status=503, error=ErrorDetail(field=None, reason="out of memory for this item; retry later")
+        )
     return BatchItemResult(
         index=i,
         status=200,

@@ -49,7 +49,10 @@ def _ranking(s: Scores) -> Ranking:
         413: {"description": "an image is too large"},
         415: {"description": "the body is not multipart/form-data"},
         422: {"description": "bad input; `field` names it"},
-        503: {"description": "by `etag`: the cache that holds it is unreachable; retry after `Retry-After` seconds"},
+        503: {
+            "description": "by `etag`, the cache that holds it is unreachable; or out of memory for this request. "
+            "Retry after `Retry-After` seconds"
+        },
     },
     dependencies=[MultipartBody],
 )
