@@ -22,6 +22,7 @@ from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 log = logging.getLogger("sglora.app")
 # Sources FastAPI puts first in a validation error's location; the field is what follows.
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie", "form")
+OUT_OF_MEMORY = "out of memory: the model could not allocate what this request needs now; retry later"
 # What a framework-raised HTTP error (routing, body parsing, body size) is about.
 _HTTP_ERROR_FIELDS = {400: "body", 404: "path", 405: "method", 413: "body", 415: "Content-Type"}
 
@@ -107,13 +108,16 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def _out_of_memory(request: Request, e: Exception) -> JSONResponse:
         # Not a bug and not bad input: the device (or the host) lacked memory for this request at this moment,
         # as beside a burst or another process on the same GPU. Nothing was changed; a retry may pass.
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.metrics.rejected.labels(reason="out_of_memory").inc()
         log.warning(
             "out of memory answering %s %s: %s",
             request.method,
             quote(request.url.path),
             str(e).splitlines()[0] if str(e) else type(e).__name__,
         )
-        reason = "out of memory: the model could not allocate what this request needs; retry later, or send a smaller request"
+        reason = OUT_OF_MEMORY + " (fewer images or batch items may fit)"
         return JSONResponse(error_body(None, reason), status_code=503, headers={"Retry-After": str(retry_after_s)})
 
     @app.exception_handler(WorkerTimeout)

@@ -28,6 +28,8 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """bytes -> a PIL image whose header was read (nothing decoded yet); APIError(422, field) otherwise."""
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except MemoryError:  # the host's, not the image's fault: a 503 (app/errors.py)
+        raise
     except Image.DecompressionBombError as e:  # PIL's own header check (above 2 x Image.MAX_IMAGE_PIXELS)
         raise APIError(422, field, f"image has more pixels than the limit of {max_pixels} (decompression bomb?)") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types on hostile input
@@ -45,6 +47,8 @@ def load_rgb(img: Image.Image, field: str) -> Image.Image:
         return to_rgb(img)
     except ValueError as e:  # a mode with no 8-bit reading (to_rgb)
         raise APIError(422, field, f"unsupported image: {e}") from e
+    except MemoryError:  # the host's, not the image's fault: a 503 (app/errors.py)
+        raise
     except Exception as e:  # noqa: BLE001 - untrusted input: any decoder error
         raise APIError(422, field, f"image data is truncated or corrupt: {type(e).__name__}: {e}") from e
 

@@ -43,7 +43,7 @@ LATENCY_BUCKETS = (
 # as that bucket (the dashboard's queue p99 could show at most 5 s exactly when the service was overloaded).
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-REJECT_REASONS = ("overloaded", "timeout")  # sglora_rejected_total{reason}
+REJECT_REASONS = ("overloaded", "timeout", "out_of_memory")  # sglora_rejected_total{reason}
 REDIS_OPS = ("get", "set", "ping")  # sglora_redis_errors_total{op}
 STAGES = ("queue", "text_encoding", "prior", "sampling", "serialisation", "image_encoding", "scoring")
 # sglora_requests_total series that exist from the start: the model endpoints' refusals and errors, which the

@@ -47,6 +47,7 @@ from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS
 from sglora import __version__
 from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
+from sglora.devices import out_of_memory
 from sglora.engine import Request
 from sglora.export import (
     LORA_FORMATS,
@@ -638,7 +639,12 @@ class Service:
         preprocess = self.artifacts.backbone.preprocess
 
         def pixels_of(im: Image.Image, field: str) -> torch.Tensor:
-            return preprocess(load_rgb(im, field))
+            try:
+                return preprocess(load_rgb(im, field))
+            except RuntimeError as e:  # the CPU allocator's failure: out of memory (a 503), not a bug
+                if out_of_memory(e):
+                    raise torch.OutOfMemoryError(str(e)) from None
+                raise
 
         return list(await asyncio.gather(*(asyncio.to_thread(pixels_of, im, f"images[{i}]") for i, im in enumerate(opened))))
 
@@ -868,7 +874,14 @@ class Service:
         engine restacks the experts and works out the new ones' generator features, here in the change's
         job rather than in the first generation after it; where that fails (memory), the next generation
         does it, and the change, saved already, stands."""
-        self.state = state = self._state_of(artefact_version(self.artifacts.root))
+        try:
+            state = self._state_of(artefact_version(self.artifacts.root))
+        except Exception as e:  # memory, a disk failing: saved, but not served; a 503 "retry" would meet a 409
+            log.exception("expert repository changed on disk, but the new state could not be published")
+            raise APIError(
+                500, None, f"the change was saved, but the service could not take it up ({type(e).__name__}): restart it"
+            ) from e
+        self.state = state
         self.engine.top_k = state.top_k
         try:
             self.engine.refresh()

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.metrics import Metrics
+from sglora.devices import out_of_memory
 
 T = TypeVar("T")
 log = logging.getLogger("sglora.worker")
@@ -433,15 +434,18 @@ class ModelWorker:
         if self.delay_s:
             time.sleep(self.delay_s)
         with torch.inference_mode():
+            failure = None
             try:
                 emb = self._encode(texts)  # (B, D)
             except Exception as e:  # noqa: BLE001
+                failure = _as_reported(e)  # out of memory: without the failed forward's frames, which hold its tensors
+            if failure is not None:  # out of the except block: its traceback no longer holds that memory
                 if len(texts) > 1:  # one bad description must not fail its neighbours: retry them one by one
                     for t in texts:
                         self._run_batch([it for it in batch if it.text == t], loop)
                     return
                 for it in batch:
-                    loop.call_soon_threadsafe(_set_exception, it.future, e)
+                    loop.call_soon_threadsafe(_set_exception, it.future, failure)
                 return
             live = [it for it in batch if not it.future.cancelled()]
             for it in live:
@@ -559,10 +563,10 @@ def _set_exception(future: asyncio.Future, e: BaseException) -> None:
 
 
 def _as_reported(e: BaseException) -> BaseException:
-    """What a request gets for its model job's error ``e``: the CPU allocator's failure, a plain RuntimeError
-    in torch, as the torch.OutOfMemoryError a GPU's is (answered 503, not 500: app/errors.py)."""
-    if type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e):
-        oom = torch.OutOfMemoryError(str(e))
-        oom.__cause__ = e
-        return oom
+    """What a request gets for its model job's error ``e``. Out of memory (a GPU's torch.OutOfMemoryError,
+    the CPU allocator's failure, a plain RuntimeError in torch, or a MemoryError) as a new
+    torch.OutOfMemoryError without a traceback (answered 503, not 500: app/errors.py): the failed job's
+    frames, and the tensors they hold, must not live on in a future's exception until a garbage collection."""
+    if out_of_memory(e):
+        return torch.OutOfMemoryError(str(e) or type(e).__name__)
     return e

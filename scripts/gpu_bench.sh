@@ -27,7 +27,7 @@ if [ ! -f "$ART/manifest.json" ]; then
     > "$OUT_DIR/pipeline.log" 2>&1 || { tail -40 "$OUT_DIR/pipeline.log"; exit 1; }
   grep -a "done in" "$OUT_DIR/pipeline.log"
 fi
-runs="this ${BASE:+base} ${REDIS_HITS:+redis-hits}"
+runs="this ${BASE:+base}"; [ "${REDIS_HITS:-0}" = 1 ] && runs="$runs redis-hits"
 for t in ${THREADS:-}; do runs="$runs threads-$t"; done
 for run in $runs; do
   root=$ROOT env=() args=()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.logs import FORMATS, LEVELS
 from sglora import __version__
-from sglora.devices import check_device_name, resolve_device
+from sglora.devices import check_device_name, out_of_memory, resolve_device
 from sglora.methods import EVALUATION_METHODS, GENERATIVE_METHODS, SAMPLING_METHODS
 from sglora.text import clean_description
 
@@ -254,14 +254,6 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """A GPU's out-of-memory error, the CPU allocator's (a plain RuntimeError in torch) or Python's."""
-    torch = sys.modules.get("torch")  # not imported for --help; loaded by anything that could run out
-    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
-        return True
-    return type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e)
-
-
 def _resume_hint(args: argparse.Namespace) -> str:
     """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
     if args.command != "pipeline":
@@ -298,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sglora {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         # Not a bug: the device (or the host) had no room for this run; say what to change, not a traceback.
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = ": lower experts.batch_size or generator.batch_size in the config, or free the device" * (
+        hint = ": lower the config's batch sizes (experts.batch_size, generator.batch_size, generator.task_images)" * (
             args.command == "pipeline"
         )
         print(f"sglora {args.command}: out of memory ({what}){hint}{_resume_hint(args)}", file=sys.stderr)

@@ -1,8 +1,10 @@
-"""Device names as the CLI and the service take them: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+"""Device names as the CLI and the service take them: 'auto', 'cpu', 'cuda' or 'cuda:N'; what running out
+of memory on one looks like."""
 
 from __future__ import annotations
 
 import re
+import sys
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -30,3 +32,12 @@ def resolve_device(name: str, what: str = "device") -> str:
         if index >= torch.cuda.device_count():
             raise ValueError(f"{what}={name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says that memory ran out: a GPU's torch.OutOfMemoryError, the CPU allocator's failure (a
+    plain RuntimeError in torch) or Python's MemoryError. Imports no torch (the CLI's --help)."""
+    torch = sys.modules.get("torch")  # not loaded: no torch error can have been raised
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    return type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e)

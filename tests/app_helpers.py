@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -31,3 +32,9 @@ def file_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, read from its header here rather than by the service."""
     n = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + n])["__metadata__"]
+
+
+def block_worker(worker) -> tuple[threading.Event, asyncio.Task]:
+    """Occupies a worker's model thread until the returned event is set."""
+    gate = threading.Event()
+    return gate, asyncio.create_task(worker.run(gate.wait, 10))

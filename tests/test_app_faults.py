@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from app_helpers import serving, until
+from app_helpers import block_worker, serving, until
 from fastapi.testclient import TestClient
 
 import expert_store.repository as repository_module
@@ -311,12 +311,18 @@ async def test_a_drain_that_times_out_answers_the_queued_jobs(make_settings, mon
 
 
 # ---- out of memory -------------------------------------------------------------------------------------
+@pytest.fixture
+def app_faults_root(tiny_artifacts, make_settings):
+    with TestClient(create_app(make_settings(artifacts=tiny_artifacts, admin_keys=["admin-key"]))) as c:
+        yield c, tiny_artifacts
+
+
 def _gpu_out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)")
 
 
 def _cpu_out_of_memory(*args, **kwargs):
-    torch.empty(10**13)  # 40 TB: the CPU allocator's own failure, a RuntimeError in torch
+    torch.empty(2**58, dtype=torch.uint8)  # past any address space, overcommit or not: the CPU allocator's RuntimeError
 
 
 @pytest.mark.anyio
@@ -337,6 +343,7 @@ async def test_a_model_job_out_of_memory_is_a_503_to_retry_and_the_service_goes_
         assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]  # no traceback: not a bug
         text = (await client.get("/metrics")).text
         assert 'sglora_requests_total{endpoint="/generate",method="POST",status="503"} 1.0' in text
+        assert 'sglora_rejected_total{reason="out_of_memory"} 1.0' in text
         del service.engine.generate_many  # memory is there again
         r = await client.post("/generate", json=body)
         assert r.status_code == 200 and r.headers["x-cache"] == "miss"  # the failure cached nothing
@@ -358,8 +365,64 @@ async def test_a_batch_item_out_of_memory_is_that_item_s_503(make_settings):
         r = await client.post("/generate/batch", json={"items": items})
         assert r.status_code == 200
         first, second = r.json()["results"]
-        assert (first["status"], first["error"]["reason"]) == (503, "out of memory for this item; retry later")
+        assert first["status"] == 503 and first["error"]["reason"].startswith("out of memory")
         assert second["status"] == 200 and second["data"]
+        text = (await client.get("/metrics")).text  # inside a 200: only the refusals' counter sees it
+        assert 'sglora_rejected_total{reason="out_of_memory"} 1.0' in text
+
+
+@pytest.mark.anyio
+async def test_a_text_batch_out_of_memory_is_retried_one_by_one_without_the_failed_batch_s_tensors():
+    """Retried inside the except block, the error's traceback kept the failed forward's frames, and their
+    tensors, alive through every retry: on a GPU the memory the retries need."""
+    import weakref
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    held, alive_at_retry = [], []
+
+    def embed(texts):
+        if len(texts) > 1:
+            activations = torch.ones(1 << 16)  # what a failed forward holds
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive_at_retry.append(held[0]() is not None)
+        return torch.zeros(len(texts), 4)
+
+    worker = ModelWorker(embed, Metrics(), finish=lambda e, jobs: [f"done {j}" for j in jobs], threads=1)
+    worker.start()
+    try:
+        gate, blocker = block_worker(worker)
+        await until(lambda: worker.pending == 1)
+        a, b = (asyncio.create_task(worker.encode(t, t)) for t in "ab")
+        await until(lambda: worker.pending == 3)
+        gate.set()  # "a" and "b" now form one batch
+        assert [await asyncio.wait_for(a, 5), await asyncio.wait_for(b, 5)] == ["done a", "done b"]
+        await blocker
+    finally:
+        await worker.close()
+    assert len(held) == 1 and alive_at_retry == [False, False]
+
+
+def test_an_expert_change_saved_but_not_taken_up_says_so(app_faults_root, monkeypatch):
+    """Out of memory (or a failing disk) after the change was saved: a 503 "retry" would have met a 409 and
+    said the opposite of the truth. A 500 that says the change was saved, and the expert is on disk."""
+    import app.service as service_module
+
+    client, root = app_faults_root
+    files = {
+        "mean": ("m.safetensors", client.get("/experts/ring").content, "application/octet-stream"),
+        "variance": (
+            "v.safetensors",
+            client.get("/experts/ring", params={"part": "variance"}).content,
+            "application/octet-stream",
+        ),
+    }
+    monkeypatch.setattr(service_module, "artefact_version", lambda root: (_ for _ in ()).throw(MemoryError()))
+    r = client.post("/experts", data={"name": "ring-2", "description": "a photo of a ring"}, files=files, headers=ADMIN)
+    assert r.status_code == 500 and "the change was saved" in r.json()["detail"]["reason"]
+    assert "ring-2" in ExpertRepository.load(root / "repository").names
 
 
 # ---- SIGTERM -------------------------------------------------------------------------------------------

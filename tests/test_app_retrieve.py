@@ -242,3 +242,20 @@ def test_a_sliver_image_is_cut_to_its_central_region_before_open_clip_scales_it(
     sliver.save(buf, "PNG")
     r = client.post("/retrieve", data={"description": "a red circle"}, files=[("images", ("s.png", buf.getvalue()))])
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("where", ["decoding", "preprocessing"])
+def test_an_image_that_finds_no_memory_is_a_503_not_a_corrupt_image(client, monkeypatch, where):
+    """Decoding a (valid) upload caught every error as "truncated or corrupt" (422), a MemoryError too; and the CPU
+    allocator's failure while preprocessing was a 500. Both are the host's lack of memory at that moment: 503."""
+    import app.images as images_module
+
+    if where == "decoding":
+        monkeypatch.setattr(images_module, "to_rgb", lambda img: (_ for _ in ()).throw(MemoryError()))
+    else:
+        service = client.app.state.service
+        monkeypatch.setattr(service.artifacts.backbone, "preprocess", lambda img: torch.empty(2**58, dtype=torch.uint8))
+    r = client.post("/retrieve", data={"description": "a blue square"}, files=files(IMAGES[:1]))
+    assert r.status_code == 503 and r.json()["detail"]["reason"].startswith("out of memory") and r.headers["retry-after"]
+    monkeypatch.undo()
+    assert client.post("/retrieve", data={"description": "a blue square"}, files=files(IMAGES[:1])).status_code == 200

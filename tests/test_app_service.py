@@ -15,7 +15,7 @@ import threading
 import httpx
 import pytest
 import torch
-from app_helpers import file_metadata, serving, until
+from app_helpers import block_worker, file_metadata, serving, until
 from fastapi.testclient import TestClient
 from kernels import onednn_reorders_bfloat16
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.anyio
 def block(service) -> tuple[threading.Event, asyncio.Task]:
     """Occupies the service's model thread until the returned event is set."""
     return block_worker(service.worker)
-
-
-def block_worker(worker) -> tuple[threading.Event, asyncio.Task]:
-    """Occupies a worker's model thread until the returned event is set."""
-    gate = threading.Event()
-    return gate, asyncio.create_task(worker.run(gate.wait, 10))
 
 
 # ---- start-up --------------------------------------------------------------------------------------

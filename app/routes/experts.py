@@ -22,7 +22,10 @@ _ADMIN_ERRORS = {
     404: {"description": "no such expert"},
     409: {"description": "name taken, the last expert, or the repository changed on disk since this server loaded it"},
     422: {"description": "bad input; `field` names it"},
-    503: {"description": "another process held the repository's lock for over 2 s (a change, a rebuild); with Retry-After"},
+    503: {
+        "description": "another process held the repository's lock for over 2 s (a change, a rebuild), or out of memory "
+        "before anything changed; with Retry-After"
+    },
 }
 
 

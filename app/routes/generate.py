@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import JsonModelCall, etag_matches, header_parameters, wants_zip
-from app.errors import APIError
+from app.errors import OUT_OF_MEMORY, APIError
 from app.schemas import (
     BatchGenerateRequest,
     BatchGenerateResponse,
@@ -158,11 +158,10 @@ async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) ->
         return BatchItemResult(index=i, status=504, error=ErrorDetail(field=None, reason="the model did not answer in time"))
     except ShuttingDown:
         return BatchItemResult(index=i, status=503, error=ErrorDetail(field=None, reason="the service is shutting down"))
-    except (torch.OutOfMemoryError, MemoryError):  # this item alone: the others may fit (app/errors.py logs the whole call's)
-        log.warning("out of memory for /generate/batch item %d", i)
-        return BatchItemResult(
-            index=i, status=503, error=ErrorDetail(field=None, reason="out of memory for this item; retry later")
-        )
+    except (torch.OutOfMemoryError, MemoryError) as e:  # this item alone: the others may fit
+        log.warning("out of memory for /generate/batch item %d: %s", i, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        service.metrics.rejected.labels(reason="out_of_memory").inc()
+        return BatchItemResult(index=i, status=503, error=ErrorDetail(field=None, reason=OUT_OF_MEMORY))
     return BatchItemResult(
         index=i,
         status=200,
