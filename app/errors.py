@@ -22,7 +22,7 @@ from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 log = logging.getLogger("sglora.app")
 # Sources FastAPI puts first in a validation error's location; the field is what follows.
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie", "form")
-OUT_OF_MEMORY = "out of memory: the model could not allocate what this request needs now; retry later"
+OUT_OF_MEMORY = "out of memory: the service could not allocate what this request needs now; retry later"
 # What a framework-raised HTTP error (routing, body parsing, body size) is about.
 _HTTP_ERROR_FIELDS = {400: "body", 404: "path", 405: "method", 413: "body", 415: "Content-Type"}
 
@@ -117,8 +117,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
             quote(request.url.path),
             str(e).splitlines()[0] if str(e) else type(e).__name__,
         )
-        reason = OUT_OF_MEMORY + " (fewer images or batch items may fit)"
-        return JSONResponse(error_body(None, reason), status_code=503, headers={"Retry-After": str(retry_after_s)})
+        return JSONResponse(error_body(None, OUT_OF_MEMORY), status_code=503, headers={"Retry-After": str(retry_after_s)})
 
     @app.exception_handler(WorkerTimeout)
     async def _timeout(_: Request, e: WorkerTimeout) -> JSONResponse:

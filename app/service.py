@@ -46,7 +46,7 @@ from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS
 from sglora import __version__
-from sglora.artifacts import ArtifactError, Artifacts, artefact_version, load_artifacts
+from sglora.artifacts import MANIFEST, ArtifactError, Artifacts, load_artifacts, version_of
 from sglora.devices import out_of_memory
 from sglora.engine import Request
 from sglora.export import (
@@ -283,6 +283,7 @@ class Service:
         cfg = artifacts.backbone.config
         self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
+        self._manifest = (artifacts.root / MANIFEST).read_bytes()  # what the version after an expert change hashes
         self.state = self._state_of(artifacts.version)
         self.text_dtype = artifacts.backbone.text_dtype_name
         self.text_numerics = self.text_dtype  # what fixes an embedding's bits: the dtype, and fixed-row blocks if on
@@ -870,13 +871,16 @@ class Service:
         return RepositoryState(version, min(self.default_top_k, len(experts)), experts)
 
     def _repository_changed(self) -> str:
-        """On the model thread of the change, alone: the new state, published by one assignment. Then the
-        engine restacks the experts and works out the new ones' generator features, here in the change's
-        job rather than in the first generation after it; where that fails (memory), the next generation
-        does it, and the change, saved already, stands."""
+        """On the model thread of the change, alone, once it is saved: the new state, published by one
+        assignment. Its version is :func:`~sglora.artifacts.artefact_version` of the directory now, from the
+        bytes the server holds (the manifest read at start-up, the index just written), so that a disk
+        failing after the save cannot leave the repository changed and the state not. Then the engine
+        restacks the experts and works out the new ones' generator features, here in the change's job
+        rather than in the first generation after it; where that fails (memory), the next generation does
+        it, and the change, saved already, stands."""
         try:
-            state = self._state_of(artefact_version(self.artifacts.root))
-        except Exception as e:  # memory, a disk failing: saved, but not served; a 503 "retry" would meet a 409
+            state = self._state_of(version_of(self._manifest, self.artifacts.repository.index_bytes()))
+        except Exception as e:  # memory alone, now: saved, but not served; a 503 "retry" would meet a 409
             log.exception("expert repository changed on disk, but the new state could not be published")
             raise APIError(
                 500, None, f"the change was saved, but the service could not take it up ({type(e).__name__}): restart it"

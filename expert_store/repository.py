@@ -312,9 +312,14 @@ class ExpertRepository:
                     path.unlink()
                     log.info("%s: removed %s (not in the repository saved)", directory, path.name)
 
+    def index_bytes(self) -> bytes:
+        """The bytes of the index this repository writes: those of its ``repository.json`` once saved with
+        this code (an index loaded as written by another release differs in its ``code_version``)."""
+        return json_bytes(self._index(Path()))
+
     def _write_index(self, directory: Path) -> None:
         # The digest of the bytes written, known before the rename: nothing can fail after it.
-        data = json_bytes(self._index(directory))
+        data = self.index_bytes()
         digest = hashlib.sha256(data).hexdigest()
         write_bytes(directory / INDEX_FILE, data)
         self._index_sha256 = digest

@@ -264,11 +264,13 @@ def load_generator(root: Path, device: str | torch.device = "cpu") -> CVAE:
 
 def artefact_version(root: Path) -> str:
     """Changes whenever the manifest or the expert repository changes (used for cache keys)."""
-    h = hashlib.sha256((root / MANIFEST).read_bytes())
     idx = root / "repository" / "repository.json"
-    if idx.exists():
-        h.update(idx.read_bytes())
-    return h.hexdigest()[:16]
+    return version_of((root / MANIFEST).read_bytes(), idx.read_bytes() if idx.exists() else b"")
+
+
+def version_of(manifest: bytes, index: bytes) -> str:
+    """:func:`artefact_version` of a directory holding these bytes in its manifest and repository index."""
+    return hashlib.sha256(manifest + index).hexdigest()[:16]
 
 
 @dataclass

@@ -372,7 +372,7 @@ async def test_a_batch_item_out_of_memory_is_that_item_s_503(make_settings):
 
 
 @pytest.mark.anyio
-async def test_a_text_batch_out_of_memory_is_retried_one_by_one_without_the_failed_batch_s_tensors():
+async def test_a_text_batch_out_of_memory_is_retried_one_by_one_without_the_failed_batch_s_tensors(caplog):
     """Retried inside the except block, the error's traceback kept the failed forward's frames, and their
     tensors, alive through every retry: on a GPU the memory the retries need."""
     import weakref
@@ -403,12 +403,34 @@ async def test_a_text_batch_out_of_memory_is_retried_one_by_one_without_the_fail
     finally:
         await worker.close()
     assert len(held) == 1 and alive_at_retry == [False, False]
+    (warning,) = [r.getMessage() for r in caplog.records if "retrying them one by one" in r.getMessage()]
+    assert "a text batch of 2 descriptions failed (OutOfMemoryError: CUDA out of memory" in warning
 
 
 def test_an_expert_change_saved_but_not_taken_up_says_so(app_faults_root, monkeypatch):
-    """Out of memory (or a failing disk) after the change was saved: a 503 "retry" would have met a 409 and
-    said the opposite of the truth. A 500 that says the change was saved, and the expert is on disk."""
-    import app.service as service_module
+    """Out of memory after the change was saved: a 503 "retry" would have met a 409 and said the opposite of
+    the truth. A 500 that says the change was saved, and the expert is on disk."""
+    client, root = app_faults_root
+    files = {
+        "mean": ("m.safetensors", client.get("/experts/ring").content, "application/octet-stream"),
+        "variance": (
+            "v.safetensors",
+            client.get("/experts/ring", params={"part": "variance"}).content,
+            "application/octet-stream",
+        ),
+    }
+    service = client.app.state.service
+    monkeypatch.setattr(service, "_state_of", lambda version: (_ for _ in ()).throw(MemoryError()))
+    r = client.post("/experts", data={"name": "ring-2", "description": "a photo of a ring"}, files=files, headers=ADMIN)
+    assert r.status_code == 500 and "the change was saved" in r.json()["detail"]["reason"]
+    assert "ring-2" in ExpertRepository.load(root / "repository").names
+
+
+def test_the_version_after_an_expert_change_is_the_directory_s_without_reading_it(app_faults_root, monkeypatch):
+    """The state after a change is worked out from the bytes the server holds: the same version a restart (or
+    another replica) reads from the directory, and a disk that fails to read after the save cannot stop it."""
+    import sglora.artifacts as artifacts_module
+    from sglora.artifacts import artefact_version
 
     client, root = app_faults_root
     files = {
@@ -419,10 +441,25 @@ def test_an_expert_change_saved_but_not_taken_up_says_so(app_faults_root, monkey
             "application/octet-stream",
         ),
     }
-    monkeypatch.setattr(service_module, "artefact_version", lambda root: (_ for _ in ()).throw(MemoryError()))
+    before = client.get("/experts").json()["artifact_version"]
+    assert before == artefact_version(root)
+    real_read = Path.read_bytes
+
+    def unreadable(path):  # the writes go through temporary files and renames; any read of the directory fails
+        if root in path.parents:
+            raise OSError(5, "Input/output error", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    monkeypatch.setattr(artifacts_module, "artefact_version", lambda root: pytest.fail("read the directory"))
     r = client.post("/experts", data={"name": "ring-2", "description": "a photo of a ring"}, files=files, headers=ADMIN)
-    assert r.status_code == 500 and "the change was saved" in r.json()["detail"]["reason"]
-    assert "ring-2" in ExpertRepository.load(root / "repository").names
+    assert r.status_code == 201, r.text
+    added = r.json()["artifact_version"]
+    assert client.delete("/experts/ring-2", headers=ADMIN).status_code == 200
+    removed = client.get("/experts").json()["artifact_version"]
+    monkeypatch.undo()
+    assert added not in (before, removed)
+    assert removed == artefact_version(root)  # what the directory holds now
 
 
 # ---- SIGTERM -------------------------------------------------------------------------------------------

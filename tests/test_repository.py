@@ -42,7 +42,9 @@ def test_save_load_add_remove(tiny_backbone, tmp_path):
         "late", "a late expert", torch.randn(2, tiny_backbone.spec.num_params), torch.randn(tiny_backbone.embed_dim)
     )
     loaded.add_and_save(new, tmp_path)
+    assert loaded.index_bytes() == (tmp_path / INDEX_FILE).read_bytes()  # what a change's version hashes
     loaded.remove_and_save("e1", tmp_path)
+    assert loaded.index_bytes() == (tmp_path / INDEX_FILE).read_bytes()
     again = ExpertRepository.load(tmp_path)
     assert again.names == ["e0", "e2", "late"]
     assert not (tmp_path / "experts" / "e1.safetensors").exists()
