@@ -407,18 +407,17 @@ async def test_a_text_batch_out_of_memory_is_retried_one_by_one_without_the_fail
     assert "a text batch of 2 descriptions failed (OutOfMemoryError: CUDA out of memory" in warning
 
 
+def ring_files(client) -> dict:
+    """The upload of a copy of the expert "ring", as GET /experts/ring gives its mean and variance."""
+    part = {p: client.get("/experts/ring", params={"part": p}).content for p in ("mean", "variance")}
+    return {p: (f"{p}.safetensors", data, "application/octet-stream") for p, data in part.items()}
+
+
 def test_an_expert_change_saved_but_not_taken_up_says_so(app_faults_root, monkeypatch):
     """Out of memory after the change was saved: a 503 "retry" would have met a 409 and said the opposite of
     the truth. A 500 that says the change was saved, and the expert is on disk."""
     client, root = app_faults_root
-    files = {
-        "mean": ("m.safetensors", client.get("/experts/ring").content, "application/octet-stream"),
-        "variance": (
-            "v.safetensors",
-            client.get("/experts/ring", params={"part": "variance"}).content,
-            "application/octet-stream",
-        ),
-    }
+    files = ring_files(client)
     service = client.app.state.service
     monkeypatch.setattr(service, "_state_of", lambda version: (_ for _ in ()).throw(MemoryError()))
     r = client.post("/experts", data={"name": "ring-2", "description": "a photo of a ring"}, files=files, headers=ADMIN)
@@ -433,14 +432,7 @@ def test_the_version_after_an_expert_change_is_the_directory_s_without_reading_i
     from sglora.artifacts import artefact_version
 
     client, root = app_faults_root
-    files = {
-        "mean": ("m.safetensors", client.get("/experts/ring").content, "application/octet-stream"),
-        "variance": (
-            "v.safetensors",
-            client.get("/experts/ring", params={"part": "variance"}).content,
-            "application/octet-stream",
-        ),
-    }
+    files = ring_files(client)
     before = client.get("/experts").json()["artifact_version"]
     assert before == artefact_version(root)
     real_read = Path.read_bytes
