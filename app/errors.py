@@ -17,7 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.metrics import Metrics
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
+from sglora.devices import error_line
 
 log = logging.getLogger("sglora.app")
 # Sources FastAPI puts first in a validation error's location; the field is what follows.
@@ -56,6 +58,14 @@ def _error_item(err: dict) -> dict:
         where = f" at character {loc[-1]}" if len(loc) > 1 else ""
         return {"field": "body", "reason": f"not valid JSON{where}: {err.get('ctx', {}).get('error', 'decode error')}"}
     return {"field": _field_of(err.get("loc", ())), "reason": str(err.get("msg", "invalid")).removeprefix("Value error, ")}
+
+
+def note_out_of_memory(metrics: Metrics | None, where: str, e: BaseException) -> None:
+    """Counts (``sglora_rejected_total{reason="out_of_memory"}``) and logs, in one line, a request or a batch
+    item refused for want of memory; ``where``: what was being answered."""
+    if metrics is not None:
+        metrics.rejected.labels(reason="out_of_memory").inc()
+    log.warning("out of memory %s: %s", where, error_line(e))
 
 
 def overloaded_response(retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -109,13 +119,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         # Not a bug and not bad input: the device (or the host) lacked memory for this request at this moment,
         # as beside a burst or another process on the same GPU. Nothing was changed; a retry may pass.
         service = getattr(request.app.state, "service", None)
-        if service is not None:
-            service.metrics.rejected.labels(reason="out_of_memory").inc()
-        log.warning(
-            "out of memory answering %s %s: %s",
-            request.method,
-            quote(request.url.path),
-            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        note_out_of_memory(
+            None if service is None else service.metrics, f"answering {request.method} {quote(request.url.path)}", e
         )
         return JSONResponse(error_body(None, OUT_OF_MEMORY), status_code=503, headers={"Retry-After": str(retry_after_s)})
 

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.metrics import Metrics
-from sglora.devices import out_of_memory
+from sglora.devices import error_line, out_of_memory
 
 T = TypeVar("T")
 log = logging.getLogger("sglora.worker")
@@ -441,8 +441,9 @@ class ModelWorker:
                 failure = _as_reported(e)  # out of memory: without the failed forward's frames, which hold its tensors
             if failure is not None:  # out of the except block: its traceback no longer holds that memory
                 if len(texts) > 1:  # one bad description must not fail its neighbours: retry them one by one
-                    what = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
-                    log.warning("a text batch of %d descriptions failed (%s); retrying them one by one", len(texts), what)
+                    log.warning(
+                        "a text batch of %d descriptions failed (%s); retrying them one by one", len(texts), error_line(failure)
+                    )
                     failure = None  # nor the traceback of an error that is not out of memory: the retries make their own
                     for t in texts:
                         self._run_batch([it for it in batch if it.text == t], loop)

@@ -254,7 +254,7 @@ class ExpertRepository:
         return stack
 
     # ---- persistence -------------------------------------------------------------------------
-    def _index(self, directory: Path) -> dict:
+    def _index(self) -> dict:
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -315,7 +315,7 @@ class ExpertRepository:
     def index_bytes(self) -> bytes:
         """The bytes of the index this repository writes: those of its ``repository.json`` once saved with
         this code (an index loaded as written by another release differs in its ``code_version``)."""
-        return json_bytes(self._index(Path()))
+        return json_bytes(self._index())
 
     def _write_index(self, directory: Path) -> None:
         # The digest of the bytes written, known before the rename: nothing can fail after it.

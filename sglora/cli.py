@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.logs import FORMATS, LEVELS
 from sglora import __version__
-from sglora.devices import check_device_name, out_of_memory, resolve_device
+from sglora.devices import check_device_name, error_line, out_of_memory, resolve_device
 from sglora.methods import EVALUATION_METHODS, GENERATIVE_METHODS, SAMPLING_METHODS
 from sglora.text import clean_description
 
@@ -293,11 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(e):
             raise
         # Not a bug: the device (or the host) had no room for this run; say what to change, not a traceback.
-        what = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ": lower the config's batch sizes (experts.batch_size, generator.batch_size, generator.task_images)" * (
             args.command == "pipeline"
         )
-        print(f"sglora {args.command}: out of memory ({what}){hint}{_resume_hint(args)}", file=sys.stderr)
+        print(f"sglora {args.command}: out of memory ({error_line(e)}){hint}{_resume_hint(args)}", file=sys.stderr)
         return 1
     except Terminated as e:
         if args.command == "serve":  # while app.serve loads (torch, uvicorn), before its own handlers: as after

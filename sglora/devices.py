@@ -34,6 +34,12 @@ def resolve_device(name: str, what: str = "device") -> str:
     return name
 
 
+def error_line(e: BaseException) -> str:
+    """``e`` in one line, for a log or a message: its type and its message's first line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` says that memory ran out: a GPU's torch.OutOfMemoryError, the CPU allocator's failure (a
     plain RuntimeError in torch) or Python's MemoryError. Imports no torch (the CLI's --help)."""

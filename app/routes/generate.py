@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import JsonModelCall, etag_matches, header_parameters, wants_zip
-from app.errors import OUT_OF_MEMORY, APIError
+from app.errors import OUT_OF_MEMORY, APIError, note_out_of_memory
 from app.schemas import (
     BatchGenerateRequest,
     BatchGenerateResponse,
@@ -25,7 +24,6 @@ from app.service import GeneratedLora, Service
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 
 # Each route's one dependency checks the key and the JSON body and gives the service (JsonModelCall).
-log = logging.getLogger("sglora.app")
 router = APIRouter(tags=["generate"])
 
 _ERRORS = {
@@ -159,8 +157,7 @@ async def _one(service: Service, i: int, body: GenerateRequest, as_zip: bool) ->
     except ShuttingDown:
         return BatchItemResult(index=i, status=503, error=ErrorDetail(field=None, reason="the service is shutting down"))
     except (torch.OutOfMemoryError, MemoryError) as e:  # this item alone: the others may fit
-        log.warning("out of memory for /generate/batch item %d: %s", i, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        service.metrics.rejected.labels(reason="out_of_memory").inc()
+        note_out_of_memory(service.metrics, f"for /generate/batch item {i}", e)
         return BatchItemResult(index=i, status=503, error=ErrorDetail(field=None, reason=OUT_OF_MEMORY))
     return BatchItemResult(
         index=i,
