@@ -280,6 +280,7 @@ class Ready(BaseModel):
                     "max_batch": 32,
                     "model_threads": 1,
                     "text_dtype": "bfloat16",
+                    "text_graph": "traced",
                     "text_fixed_rows": None,
                     "generator_dtype": "float32",
                     "cvae_pass_rows": [2, 16],
@@ -300,6 +301,11 @@ class Ready(BaseModel):
     )
     model_threads: int | None = Field(None, description="model threads, each running its own micro-batch")
     text_dtype: Literal["float32", "bfloat16"] | None = Field(None, description="dtype the text tower runs in")
+    text_graph: Literal["traced", "eager"] | None = Field(
+        None,
+        description="'traced': the text tower's forward runs as one TorchScript graph (SGLORA_TEXT_GRAPH; the same "
+        "bits as the eager forward, checked at start-up); 'eager': module by module",
+    )
     text_fixed_rows: int | None = Field(
         None,
         description="rows per block of the text tower's long bfloat16 reductions (an open_clip text tower: all its "

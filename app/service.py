@@ -72,6 +72,7 @@ ETAG_POINTER = b"->"
 POINTER_REWRITE_S = 60.0  # a Redis hit rewrites its ETag pointer at most this often (per ETag, per process)
 POINTER_MEMORY = 4096  # ETags whose last rewrite is remembered
 STARTUP_TIMEOUT_S = 600.0  # the warm-up generation and the batching check (see Service.start)
+TEXT_PROBES = 6  # the repository's first descriptions, with which start-up checks the traced text graph and batching
 # An uploaded expert's safetensors header: a LoRA's names, shapes, offsets and metadata take a few kB. The
 # header may list any number of empty tensors, which safetensors loads as tensor objects (29 MB of header:
 # 4.6 s and 690 MB), so a larger one is refused before it is read.
@@ -355,6 +356,11 @@ class Service:
                 f"SGLORA_MAX_TOP_K={settings.max_top_k} is below the artefacts' default top_k ({service.default_top_k}): "
                 "a request without a top_k would merge more experts than one may ask for; raise SGLORA_MAX_TOP_K"
             )
+        probes = [e.description for e in service.state.experts[:TEXT_PROBES]]
+        if settings.text_graph == "auto" and device == "cpu":
+            why = await asyncio.to_thread(artifacts.backbone.trace_text, probes)
+            if why:
+                log.warning("the text tower runs eagerly: %s", why)
         service.worker.start()
         # The first generation (lazy initialisation, a first CUDA call, a cold disk) may take far longer than
         # a request may wait: the start-up jobs get STARTUP_TIMEOUT_S, not SGLORA_REQUEST_TIMEOUT_S.
@@ -369,7 +375,6 @@ class Service:
                 log.warning("the warm-up generation failed: %s", e)
             mismatch = blocked = None
             if settings.batch_invariance == "require" and service.worker.max_batch > 1:
-                probes = [e.description for e in service.state.experts[:6]]
 
                 async def check() -> str | None:
                     return await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
@@ -414,7 +419,7 @@ class Service:
             service.worker.max_batch = 1
         redis = await service.cache.ping()
         log.info(
-            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, CVAE in %s, passes of %s rows, "
+            "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, %s, CVAE in %s, passes of %s rows, "
             "%d model thread(s), %d torch thread(s)); redis %s",
             artifacts.root,
             service.version,
@@ -422,6 +427,7 @@ class Service:
             len(artifacts.repository),
             device,
             service.text_dtype,
+            artifacts.backbone.text_graph,
             service.generator_dtype,
             "-".join(map(str, service.engine.pass_rows)) if service.engine.generator is not None else "no",
             service.worker.model_threads,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from torch import nn
 
 from models.lora import LoraApplier, LoraSpec
 from models.packed import LONG_REDUCTION, has_packed, pack_linears, set_fixed_rows, unpack_linears
+from sglora.devices import error_line
 
 log = logging.getLogger("sglora.backbone")
 
@@ -91,6 +93,7 @@ class BackboneConfig:
 
 
 GPU_TEXT_ROWS = 32  # see Backbone.text_rows
+TRACE_WARM_RUNS = 2  # Backbone.trace_text: runs of the probes before the check
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -145,6 +148,7 @@ class Backbone(ABC):
         if dtype != torch.bfloat16 or self.text_dtype != torch.float32:
             raise ValueError(f"the text tower runs in {self.text_dtype} and can only move to bfloat16, not {dtype}")
         fingerprints = self.fingerprints()
+        self._text_graph = None  # traced with the old weights
         self._cast_text(dtype)
         self.text_dtype, self._fingerprints = dtype, fingerprints
         self._pack_text_here()
@@ -180,12 +184,74 @@ class Backbone(ABC):
         linears = self._text_linears()
         n = 0 if linears is None else set_fixed_rows(linears, rows, self.text_blocked_min_features)
         self._text_fixed_rows = rows if n else None
+        if n and self._text_graph is not None:  # the graph ran the products at the old block size
+            why = self.trace_text(self._text_probes)
+            if why:
+                log.warning("the text tower runs eagerly: %s", why)
         return n
 
     @property
     def text_fixed_rows(self) -> int | None:
         """The block size :meth:`set_text_fixed_rows` set, or None."""
         return getattr(self, "_text_fixed_rows", None)
+
+    # ---- the text tower as one traced graph ----------------------------------------------------------
+    _text_graph: torch.jit.ScriptModule | None = None
+    _text_probes: tuple[str, ...] = ()
+
+    def trace_text(self, probes: Sequence[str]) -> str | None:
+        """Runs the text tower's forward (after tokenising) as one TorchScript graph traced from it, where it
+        gives every probe's embedding, alone and all of them in one batch, bit-identical to the eager forward.
+
+        The graph runs the same torch ops with no Python between them: a lone description on one CPU core
+        skips ~2 ms of module calls (MiniLM: 7.2 -> 4.7 ms), and the forward releases the GIL from start to
+        end, so the event loop and a second model thread no longer wait on each other op by op
+        (docs/benchmarks.md, release 0.9.17). The CPU only: on a GPU TorchScript may fuse operations, which
+        round differently, after the check has run; and not where this torch build fuses on the CPU either.
+        Returns None when the graph is in use, else why not (the tower then runs eagerly, as before).
+        :meth:`set_text_dtype` and :meth:`to` drop the graph; :meth:`set_text_fixed_rows` traces it again."""
+        self._text_graph, self._text_probes = None, tuple(probes)
+        if not probes:
+            return "no probe descriptions to check a traced graph with"
+        if self.device.type != "cpu":
+            return f"a traced graph runs on the CPU only, not on {self.device.type}"
+        traced = self._text_module(probes[0])
+        if traced is None:
+            return f"{type(self).__name__}'s text tower has no traceable forward"
+        module, example = traced
+        with warnings.catch_warnings():  # torch.jit's deprecation notice, and the model code's tracer notes
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", getattr(torch.jit, "TracerWarning", Warning))
+            try:
+                if torch._C._jit_can_fuse_on_cpu():
+                    return "this torch build fuses CPU operations in TorchScript graphs, which would round differently"
+                with torch.no_grad():
+                    graph = torch.jit.trace(module, example, check_trace=False)
+            except Exception as e:  # an op or a Python construct the tracer cannot record; a torch without torch.jit
+                return f"tracing failed ({error_line(e)})"
+        eager = self._probe_embeddings(probes)
+        self._text_graph = graph
+        for _ in range(TRACE_WARM_RUNS):  # TorchScript's executor optimises a graph after its first runs
+            self._probe_embeddings(probes)
+        for probe, a, b in zip([*probes, "(all of them in one batch)"], eager, self._probe_embeddings(probes), strict=True):
+            if not torch.equal(a, b):
+                self._text_graph = None
+                diff = (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)} against {tuple(a.shape)}"
+                return f"the traced graph's embedding of {probe!r} differs from the eager one (largest difference {diff})"
+        return None
+
+    @property
+    def text_graph(self) -> str:
+        """How the text tower runs: 'traced' (one TorchScript graph, :meth:`trace_text`) or 'eager'."""
+        return "eager" if self._text_graph is None else "traced"
+
+    def _probe_embeddings(self, probes: Sequence[str]) -> list[torch.Tensor]:
+        return [*(self.encode_text([p]) for p in probes), self.encode_text(list(probes))]
+
+    def _text_module(self, text: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
+        """A module running the text tower's forward on tensors (what :meth:`encode_text` hands the tower after
+        tokenising and padding), and such tensors for ``text``, for :meth:`trace_text`; None: no such module."""
+        return None
 
     @property
     def text_dtype_name(self) -> str:
@@ -278,6 +344,7 @@ class Backbone(ABC):
         plain ones before it leaves the CPU (their fixed-row blocks with them: they are for the CPU's kernels),
         and are packed again when it returns: the same weights."""
         device = torch.device(device)
+        self._text_graph = None  # traced on the old device
         linears = self._text_linears() if self.text_dtype == torch.bfloat16 else None
         if linears is not None and device.type != "cpu" and unpack_linears(linears):
             self._text_fixed_rows = None

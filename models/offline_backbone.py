@@ -362,7 +362,15 @@ class OfflineBackbone(Backbone):
         texts = list(texts)
         if not texts:
             return torch.zeros(0, self.embed_dim, device=self.device)
-        return _encode(self.text_model, texts, self.text_rows).to(self.device)
+        return _encode(self.text_model, texts, self.text_rows, self._text_graph).to(self.device)
+
+    def _text_module(self, text: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
+        feats = _features(self.text_model, [text])
+        if set(feats) != set(SentenceEmbedding.INPUTS):
+            return None
+        length = bucket_length(int(feats["attention_mask"].sum()), int(self.text_model.max_seq_length or 512))
+        example = tuple(F.pad(feats[k], (0, max(0, length - feats[k].shape[1])))[:, :length] for k in SentenceEmbedding.INPUTS)
+        return SentenceEmbedding(self.text_model), example
 
     def _text_weights(self) -> list[torch.Tensor]:
         return list(self.text_model.parameters())[-4:]  # MiniLM's last layer norm and output projection
@@ -456,8 +464,33 @@ def bucket_length(tokens: int, max_length: int) -> int:
     return min(max(MIN_BUCKET, -(-tokens // BUCKET_STEP) * BUCKET_STEP), max_length)
 
 
+class SentenceEmbedding(nn.Module):
+    """The sentence-transformers model's forward on its three input tensors, returning the sentence embedding
+    alone: the module :meth:`OfflineBackbone.trace_text` traces (a graph takes tensors, not a dict)."""
+
+    INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.text_model(inputs)["sentence_embedding"]
+
+
+def _features(text_model, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The tokenizer's 2-D tensors for ``texts``, padded to the longest, truncated to max_seq_length."""
+    prep = getattr(text_model, "preprocess", None) or text_model.tokenize
+    with _TOKENIZER_LOCK:  # a Rust tokenizer reconfigures itself per call: one caller at a time
+        feats = prep(texts)
+    return {k: v for k, v in feats.items() if torch.is_tensor(v) and v.dim() == 2}
+
+
 @torch.no_grad()
-def _encode(text_model, texts: list[str], rows: Callable[[int], int] | None = None) -> torch.Tensor:
+def _encode(
+    text_model, texts: list[str], rows: Callable[[int], int] | None = None, graph: torch.jit.ScriptModule | None = None
+) -> torch.Tensor:
     """Unit-norm MiniLM embeddings (N, 384), each description padded to its own length bucket.
 
     sentence-transformers pads a batch to its longest member, so the same description would be run
@@ -465,10 +498,9 @@ def _encode(text_model, texts: list[str], rows: Callable[[int], int] | None = No
     per-description padded length, each sub-batch runs at one shape per bucket; on the CPU with one
     torch thread a description's embedding is then bit-identical alone or in any batch (the service
     checks this at start-up: app/service.py), which keeps seeded LoRAs byte-identical under load.
+    ``graph``: the tower's forward traced (:class:`SentenceEmbedding`), run in its place.
     """
-    prep = getattr(text_model, "preprocess", None) or text_model.tokenize
-    with _TOKENIZER_LOCK:  # a Rust tokenizer reconfigures itself per call: one caller at a time
-        feats = prep(texts)  # padded to the longest, truncated to max_seq_length
+    feats = _features(text_model, texts)
     mask = feats["attention_mask"]
     max_len = int(text_model.max_seq_length or mask.shape[1])
     pad_id = text_model.tokenizer.pad_token_id or 0
@@ -481,11 +513,13 @@ def _encode(text_model, texts: list[str], rows: Callable[[int], int] | None = No
         n_rows = rows(len(idx)) if rows else len(idx)  # on a GPU a fixed number of rows (Backbone.text_rows)
         sub = {}
         for key, value in feats.items():
-            if not torch.is_tensor(value) or value.dim() != 2:
-                continue
             v = pad_rows(value[idx, :length], n_rows)  # only padding is cut: every row here has <= length tokens
             if v.shape[1] < length:
                 v = F.pad(v, (0, length - v.shape[1]), value=pad_id if key == "input_ids" else 0)
             sub[key] = v.to(device)
-        out[idx] = text_model(sub)["sentence_embedding"][: len(idx)].float().cpu()
+        if graph is not None:
+            emb = graph(*(sub[k] for k in SentenceEmbedding.INPUTS))
+        else:
+            emb = text_model(sub)["sentence_embedding"]
+        out[idx] = emb[: len(idx)].float().cpu()
     return F.normalize(out, dim=-1)

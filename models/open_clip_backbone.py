@@ -336,18 +336,19 @@ class OpenClipBackbone(Backbone):
         m = self.model
         if not self._clip_text:
             return m.encode_text(tokens, normalize=True).float()
-        # open_clip's CLIP.encode_text, with the final projection done row by row: as one (B, W) @ (W, E)
-        # product its rounding would depend on the batch size B, and so would a description's embedding
-        # (every earlier product has B x length rows, which keeps it in one kernel regime on the CPU), and
-        # the attention as _text_transformer computes it; at the tokens' length (see _text_lengths).
-        cast = m.transformer.get_cast_dtype()
-        length = tokens.shape[1]
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
-        mask = None if m.attn_mask is None else m.attn_mask[:length, :length]
-        x = m.ln_final(_text_transformer(m.transformer, x, mask))
-        x = open_clip.model.text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
-        x = (x.unsqueeze(-1) * m.text_projection).sum(-2)  # (B, W, 1) * (W, E) summed over W
-        return F.normalize(x, dim=-1).float()
+        if self._text_graph is not None:
+            return self._text_graph(tokens)
+        return _clip_text_forward(m, tokens)
+
+    def _text_module(self, text: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
+        if not self._clip_text:
+            return None
+        with _TOKENIZER_LOCK:
+            tokens = self.tokenizer([text]).to(self.device)
+        lengths = self._text_lengths(tokens)
+        if lengths is not None:
+            tokens = tokens[:, : int(lengths[0])]
+        return ClipTextForward(self.model), (tokens,)
 
     def _cast_text(self, dtype: torch.dtype) -> None:
         m = self.model
@@ -411,6 +412,37 @@ def bounded_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.
         return image.crop((left, 0, left + long_max, h))
     top = (h - long_max) // 2
     return image.crop((0, top, w, top + long_max))
+
+
+def _clip_text_forward(m: open_clip.CLIP | ClipTextForward, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text, with the final projection done row by row: as one (B, W) @ (W, E)
+    product its rounding would depend on the batch size B, and so would a description's embedding
+    (every earlier product has B x length rows, which keeps it in one kernel regime on the CPU), and
+    the attention as :func:`_text_transformer` computes it; at the tokens' length (see
+    :meth:`OpenClipBackbone._text_lengths`). (B, E) unit-norm float32."""
+    cast = m.transformer.get_cast_dtype()
+    length = tokens.shape[1]
+    x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
+    mask = None if m.attn_mask is None else m.attn_mask[:length, :length]
+    x = m.ln_final(_text_transformer(m.transformer, x, mask))
+    x = open_clip.model.text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+    x = (x.unsqueeze(-1) * m.text_projection).sum(-2)  # (B, W, 1) * (W, E) summed over W
+    return F.normalize(x, dim=-1).float()
+
+
+class ClipTextForward(nn.Module):
+    """:func:`_clip_text_forward` as a module holding the text tower's parts alone (the same tensors, not
+    copies): the module :meth:`OpenClipBackbone.trace_text` traces, without the image tower."""
+
+    def __init__(self, model: open_clip.CLIP):
+        super().__init__()
+        self.transformer, self.token_embedding, self.ln_final = model.transformer, model.token_embedding, model.ln_final
+        self.positional_embedding, self.text_projection = model.positional_embedding, model.text_projection
+        self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+        self.text_pool_type, self.text_eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _clip_text_forward(self, tokens)
 
 
 def _self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

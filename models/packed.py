@@ -19,6 +19,11 @@ turns it on only where its start-up check finds batching changes embeddings with
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+from typing import List, Optional, Union  # noqa: UP035 (TorchScript reads these annotations)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +33,10 @@ class PackedLinear(nn.Module):
     """An inference-only copy of an ``nn.Linear`` (CPU) whose weight oneDNN reorders once, here, in
     ``dtype`` (float32 or bfloat16; a bfloat16 product accumulates in float32). An input of another
     dtype is cast to ``dtype`` and the output back to the input's dtype; inputs of any rank
-    (..., in_features). Not trainable; not in any state dict. ``copy.deepcopy`` reorders the weight again;
-    ``Module.to`` and casts carry it along (:meth:`_apply`); :func:`unpack_linears` gives plain layers back."""
+    (..., in_features). Not trainable; not in any state dict (non-persistent buffers, which a
+    ``torch.jit.trace`` of a model holding the layer reads as attributes). ``copy.deepcopy`` reorders the
+    weight again; ``Module.to`` and casts carry it along (:meth:`_apply`); :func:`unpack_linears` gives plain
+    layers back."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 4, dtype: torch.dtype = torch.float32, fixed_rows: int | None = None):
         super().__init__()
@@ -39,11 +46,17 @@ class PackedLinear(nn.Module):
         self.dtype = dtype
         self.rows_hint = rows_hint
         self.fixed_rows = fixed_rows  # None: one product of all the rows
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype, copy=True)
+        weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows_hint)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype, copy=True), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if torch.jit.is_tracing() and self.weight.is_mkldnn:
+            # The tracer cannot record this op's list argument, nor a loop over a batch's blocks as a loop:
+            # a scripted function of the same ops (the same bits), called from the traced graph.
+            y = _scripted_products()(rows, self.weight, self.bias, self.fixed_rows or 0)
+            return y.reshape(x.shape[:-1] + (self.out_features,)).to(x.dtype)
         n, block = rows.shape[0], self.fixed_rows
         if block is None or n == 0:
             y = self._product(rows)
@@ -75,8 +88,8 @@ class PackedLinear(nn.Module):
         copied.in_features, copied.out_features = self.in_features, self.out_features
         copied.dtype, copied.rows_hint, copied.fixed_rows = self.dtype, self.rows_hint, self.fixed_rows
         weight = self._plain_weight().clone()
-        copied.weight = self._reordered(weight) if self.weight.is_mkldnn else weight
-        copied.bias = None if self.bias is None else self.bias.clone()
+        copied.register_buffer("weight", self._reordered(weight) if self.weight.is_mkldnn else weight, persistent=False)
+        copied.register_buffer("bias", None if self.bias is None else self.bias.clone(), persistent=False)
         memo[id(self)] = copied
         return copied.train(self.training)
 
@@ -109,6 +122,30 @@ class PackedLinear(nn.Module):
             f"dtype={str(self.dtype).removeprefix('torch.')}"
             + ("" if self.fixed_rows is None else f", fixed_rows={self.fixed_rows}")
         )
+
+
+def _products(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], block: int) -> torch.Tensor:  # noqa: UP045
+    """:meth:`PackedLinear.forward`'s oneDNN products, for TorchScript: one product of all the rows
+    (``block`` 0), else blocks of ``block`` rows, the last padded with zeros."""
+    scalars: List[Optional[Union[int, float, complex]]] = []  # noqa: UP006, UP007, UP045
+    n = rows.shape[0]
+    if block <= 0 or n == 0:
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", scalars, "")
+    padded = F.pad(rows, [0, 0, 0, (block - n % block) % block])
+    parts = [
+        torch.ops.mkldnn._linear_pointwise(padded[i : i + block], weight, bias, "none", scalars, "")
+        for i in range(0, padded.shape[0], block)
+    ]
+    return torch.cat(parts)[:n]
+
+
+@functools.cache
+def _scripted_products() -> Callable[..., torch.Tensor]:
+    """:func:`_products` compiled by TorchScript once, on the first trace that needs it (not at import:
+    torch.jit warns that it is deprecated, which every importer would see)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(_products)
 
 
 # Reductions at least this long are the ones whose blocking followed the row count (see the module docstring).

@@ -53,6 +53,13 @@ class BareForward:
         self.engine = load_artifacts(artifacts, device).engine
         self.engine.backbone.set_text_dtype(getattr(torch, text_dtype))
 
+    def trace(self) -> None:
+        """Runs the text tower as one traced graph, as the server does; SystemExit where it cannot here."""
+        repository = self.engine.repository
+        why = self.engine.backbone.trace_text([repository[n].description for n in repository.names[:6]])
+        if why:
+            raise SystemExit(f"the server runs its text tower as a traced graph, this process cannot: {why}")
+
     def times_ms(self, descriptions: list[str]) -> list[float]:
         import torch
 
@@ -205,6 +212,8 @@ def run(args: argparse.Namespace) -> dict:
     try:
         ready = processes.wait_ready(url, proc, timeout=300)
         forward.engine.backbone.set_text_fixed_rows(ready.get("text_fixed_rows"))  # the server's text numerics
+        if ready.get("text_graph") == "traced":  # the server's forward: one traced graph (SGLORA_TEXT_GRAPH)
+            forward.trace()
         d = args.description
         fresh = (f"{d} (request {i})" for i in itertools.count())  # descriptions the server has not seen
         forward.times_ms([next(fresh) for _ in range(5)])  # warm-up
@@ -264,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
         "cvae_pass_rows": ready.get("cvae_pass_rows"),
         "model_threads": ready.get("model_threads"),
         "text_dtype": ready.get("text_dtype"),
+        "text_graph": ready.get("text_graph", "eager"),
         "text_fixed_rows": ready.get("text_fixed_rows"),
         "generator_dtype": ready.get("generator_dtype"),
         "bare_embed_ms": bare,
@@ -335,6 +345,7 @@ def table(r: dict) -> str:
         f"backbone {r['backbone']}, {r['device']}, {r.get('model_threads', 1)} model thread(s) with {r['threads']} torch "
         f"thread(s), text tower in {r.get('text_dtype', 'float32')}"
         + (f" ({r['text_fixed_rows']}-row blocks)" if r.get("text_fixed_rows") else "")
+        + (", traced" if r.get("text_graph") == "traced" else "")
         + (f", CVAE in {r['generator_dtype']}" if r.get("generator_dtype") else "")
         + f", Redis {r['redis']}, max batch {r['max_batch']}"
         + (f", CVAE passes of {'-'.join(map(str, r['cvae_pass_rows']))} rows" if r.get("cvae_pass_rows") else "")

@@ -754,6 +754,31 @@ async def test_bfloat16_text_tower_batches_bit_identically_and_has_its_own_cache
         assert file_metadata(r32.content)["text_dtype"] == "float32"
 
 
+async def test_the_text_tower_runs_as_a_traced_graph_with_the_eager_forwards_bytes(make_settings):
+    bodies = [{"description": f"a traced shape {i}" + " and more" * i, "seed": i} for i in range(5)]
+    async with serving(make_settings(max_batch=4, batch_wait_ms=50)) as (service, client):
+        ready = (await client.get("/ready")).json()
+        assert ready["text_graph"] == ("traced" if service.device == "cpu" else "eager") and ready["max_batch"] == 4
+        traced = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+    async with serving(make_settings(text_graph="eager")) as (service, client):  # another cache prefix: all misses
+        assert (await client.get("/ready")).json()["text_graph"] == "eager"
+        for b, r in zip(bodies, traced, strict=True):
+            eager = await client.post("/generate", json=b)
+            assert eager.headers["x-cache"] == "miss" and r.status_code == 200 and eager.content == r.content, b
+
+
+async def test_a_text_graph_that_cannot_be_traced_leaves_the_eager_forward_and_says_why(make_settings, monkeypatch, caplog):
+    def fails(module, example, **kw):
+        raise RuntimeError("an op the tracer cannot record")
+
+    monkeypatch.setattr(torch.jit, "trace", fails)
+    async with serving(make_settings()) as (service, client):
+        assert (await client.get("/ready")).json()["text_graph"] == "eager"
+        assert (await client.post("/generate", json={"description": "still served", "seed": 1})).status_code == 200
+    if service.device == "cpu":
+        assert "the text tower runs eagerly: tracing failed (RuntimeError: an op the tracer cannot record)" in caplog.text
+
+
 async def test_bfloat16_generator_batches_bit_identically_and_has_its_own_cache_entries(make_settings, tiny_artifacts_session):
     from sglora.artifacts import load_artifacts
 

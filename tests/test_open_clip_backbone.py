@@ -9,6 +9,7 @@ from pathlib import Path
 import open_clip
 import open_clip.factory
 import pytest
+from kernels import needs_onednn_bfloat16
 from open_clip.transformer import QuickGELU
 
 from models.backbone import BackboneConfig
@@ -131,3 +132,27 @@ def test_check_config_names_a_backbone_it_cannot_build(tmp_path, capsys, backbon
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bfloat16)])
+def test_a_traced_clip_text_tower_gives_the_eager_bits_at_any_length_and_batch(dtype):
+    import copy
+
+    import torch
+    from conftest import TINY_MODEL
+
+    from models.backbone import create_backbone
+
+    bb = create_backbone(BackboneConfig(kind="open_clip", model="tiny-vit", model_config=TINY_MODEL))
+    bb.set_text_dtype(getattr(torch, dtype))
+    eager = copy.deepcopy(bb)
+    texts = ["a cat", "a photo of a dog on a sofa in the sun", "sandals and sneakers and boots and more shoes"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bb.trace_text(["a photo of a bird", "trucks"]) is None and bb.text_graph == "traced"
+        for batch in [[t] for t in texts] + [texts, texts[::-1]]:
+            assert torch.equal(bb.encode_text(batch), eager.encode_text(batch)), batch
+    finally:
+        torch.set_num_threads(threads)
+    assert {n for n, _ in bb._text_graph.named_children()} == {"transformer", "token_embedding", "ln_final"}  # no image tower

@@ -155,3 +155,24 @@ def test_packed_layers_deep_copy_cast_move_and_unpack_with_their_weights():
         assert moved(x.to("meta")).shape == (6, 8)
         assert block.to("cpu") is block and block[0].weight.is_mkldnn  # a move to where it is: untouched
         assert torch.equal(block[:3](x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("fixed_rows", [None, 3])
+def test_a_trace_of_packed_layers_gives_their_bits_at_shapes_it_was_not_traced_at(dtype, fixed_rows):
+    # Backbone.trace_text traces models holding packed layers: the graph reads their reordered weights as
+    # attributes and runs the same products (in fixed-row blocks as a loop, not unrolled at the traced shape).
+    import warnings
+
+    block = _block()[:3].to(dtype)
+    pack_linears(block, dtype)
+    set_fixed_rows(block, fixed_rows, min_in_features=1)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        graph = torch.jit.trace(block, torch.randn(2, 5, 16).to(dtype), check_trace=False)
+    with torch.inference_mode():
+        for shape in [(2, 5, 16), (1, 1, 16), (3, 7, 16), (11, 4, 16), (0, 5, 16)]:  # a trace keeps the rank
+            x = torch.randn(*shape).to(dtype)
+            got, want = graph(x), block(x)
+            assert got.shape == want.shape and torch.equal(got, want), shape
+    assert "weight" not in block[0].state_dict()  # the reordered weights are buffers, not saved

@@ -40,6 +40,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
         max_batch=service.worker.max_batch,
         model_threads=service.worker.model_threads,
         text_dtype=service.text_dtype,
+        text_graph=service.artifacts.backbone.text_graph,
         text_fixed_rows=service.artifacts.backbone.text_fixed_rows,
         generator_dtype=service.generator_dtype,
         cvae_pass_rows=list(service.engine.pass_rows) if service.engine.generator is not None else None,
