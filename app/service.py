@@ -382,10 +382,11 @@ class Service:
                 mismatch = await check()
                 # Where the CPU's kernels block long reductions by the number of rows (AMX), fixed-row
                 # blocks make a row's product independent of its batch: try them before giving batching up.
-                if mismatch and artifacts.backbone.set_text_fixed_rows(FIXED_ROWS):
+                # Off the event loop: a traced text graph is traced and checked again at the new block size.
+                if mismatch and await asyncio.to_thread(artifacts.backbone.set_text_fixed_rows, FIXED_ROWS):
                     blocked, mismatch = mismatch, await check()
                     if mismatch:
-                        artifacts.backbone.set_text_fixed_rows(None)
+                        await asyncio.to_thread(artifacts.backbone.set_text_fixed_rows, None)
                         blocked = None
                     else:
                         service.text_numerics = f"{service.text_dtype}/rows{FIXED_ROWS}"

@@ -8,6 +8,7 @@ optional flat LoRA and returns L2-normalised embeddings in the text space.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import warnings
@@ -94,6 +95,9 @@ class BackboneConfig:
 
 GPU_TEXT_ROWS = 32  # see Backbone.text_rows
 TRACE_WARM_RUNS = 2  # Backbone.trace_text: runs of the probes before the check
+# Backbone.trace_text's own probes: "x" is one token to MiniLM's tokenizer, so with its two special tokens
+# these fill the padded lengths 16 and 24 exactly (no padding: the eager tower then skips its attention mask).
+TRACE_PROBES = ("x " * 14, "x " * 22)
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -204,41 +208,57 @@ class Backbone(ABC):
         gives every probe's embedding, alone and all of them in one batch, bit-identical to the eager forward.
 
         The graph runs the same torch ops with no Python between them: a lone description on one CPU core
-        skips ~2 ms of module calls (MiniLM: 7.2 -> 4.7 ms), and the forward releases the GIL from start to
+        skips ~2.5 ms of module calls (MiniLM: 7.7 -> 5.2 ms), and the forward releases the GIL from start to
         end, so the event loop and a second model thread no longer wait on each other op by op
         (docs/benchmarks.md, release 0.9.17). The CPU only: on a GPU TorchScript may fuse operations, which
         round differently, after the check has run; and not where this torch build fuses on the CPU either.
-        Returns None when the graph is in use, else why not (the tower then runs eagerly, as before).
-        :meth:`set_text_dtype` and :meth:`to` drop the graph; :meth:`set_text_fixed_rows` traces it again."""
+        :data:`TRACE_PROBES` join ``probes`` (descriptions that fill their padded length exactly, where the
+        eager tower may skip its attention mask and the graph does not). Returns None when the graph is in
+        use, else why not (the tower then runs eagerly, as before). :meth:`set_text_dtype`, :meth:`to` and a
+        deep copy drop the graph; :meth:`set_text_fixed_rows` traces it again."""
         self._text_graph, self._text_probes = None, tuple(probes)
         if not probes:
             return "no probe descriptions to check a traced graph with"
         if self.device.type != "cpu":
             return f"a traced graph runs on the CPU only, not on {self.device.type}"
-        traced = self._text_module(probes[0])
-        if traced is None:
-            return f"{type(self).__name__}'s text tower has no traceable forward"
-        module, example = traced
+        probes = [*probes, *TRACE_PROBES]
         with warnings.catch_warnings():  # torch.jit's deprecation notice, and the model code's tracer notes
             warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", getattr(torch.jit, "TracerWarning", Warning))
+            warnings.simplefilter("ignore", getattr(getattr(torch, "jit", None), "TracerWarning", Warning))
             try:
-                if torch._C._jit_can_fuse_on_cpu():
-                    return "this torch build fuses CPU operations in TorchScript graphs, which would round differently"
+                if torch._C._jit_can_fuse_on_cpu() or getattr(torch._C, "_jit_llga_enabled", lambda: False)():
+                    return "this torch fuses CPU operations in TorchScript graphs, which would round differently"
+                traced = self._text_module(probes[0])
+                if traced is None:
+                    return f"{type(self).__name__}'s text tower has no traceable forward"
                 with torch.no_grad():
-                    graph = torch.jit.trace(module, example, check_trace=False)
+                    graph = torch.jit.trace(*traced, check_trace=False)
             except Exception as e:  # an op or a Python construct the tracer cannot record; a torch without torch.jit
                 return f"tracing failed ({error_line(e)})"
-        eager = self._probe_embeddings(probes)
-        self._text_graph = graph
-        for _ in range(TRACE_WARM_RUNS):  # TorchScript's executor optimises a graph after its first runs
-            self._probe_embeddings(probes)
-        for probe, a, b in zip([*probes, "(all of them in one batch)"], eager, self._probe_embeddings(probes), strict=True):
+        try:
+            eager = self._probe_embeddings(probes)
+            self._text_graph = graph
+            for _ in range(TRACE_WARM_RUNS):  # TorchScript's executor optimises a graph after its first runs
+                self._probe_embeddings(probes)
+            traced_embeddings = self._probe_embeddings(probes)
+        except Exception as e:  # the graph fails at a shape it was not traced at, or memory ran out
+            self._text_graph = None
+            return f"checking the traced graph failed ({error_line(e)})"
+        for probe, a, b in zip([*probes, "(all of them in one batch)"], eager, traced_embeddings, strict=True):
             if not torch.equal(a, b):
                 self._text_graph = None
                 diff = (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)} against {tuple(a.shape)}"
                 return f"the traced graph's embedding of {probe!r} differs from the eager one (largest difference {diff})"
         return None
+
+    def __deepcopy__(self, memo: dict) -> Backbone:
+        # Without the graph: a copied ScriptModule would hold copies of the weights of its own, not the copy's
+        # (the tower twice in memory, and blind to any change of the copy's weights).
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            setattr(copied, name, None if name == "_text_graph" else copy.deepcopy(value, memo))
+        return copied
 
     @property
     def text_graph(self) -> str:

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# torch.jit is deprecated: a torch without it still runs these layers (eagerly; nothing can trace them then).
+_is_tracing: Callable[[], bool] = getattr(getattr(torch, "jit", None), "is_tracing", lambda: False)
+
 
 class PackedLinear(nn.Module):
     """An inference-only copy of an ``nn.Linear`` (CPU) whose weight oneDNN reorders once, here, in
@@ -52,7 +55,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        if torch.jit.is_tracing() and self.weight.is_mkldnn:
+        if _is_tracing() and self.weight.is_mkldnn:
             # The tracer cannot record this op's list argument, nor a loop over a batch's blocks as a loop:
             # a scripted function of the same ops (the same bits), called from the traced graph.
             y = _scripted_products()(rows, self.weight, self.bias, self.fixed_rows or 0)

@@ -291,7 +291,7 @@ def test_bfloat16_text_tower_close_batch_invariant_and_one_way(backbone: Offline
         copy.deepcopy(backbone).set_text_dtype(torch.float16)
 
 
-TEXTS = ["a photo of a persian", "tell footwear apart: sandals, sneakers and boots", "x " * 40, "a cat"]
+TEXTS = ["a photo of a persian", "tell footwear apart: sandals, sneakers and boots", "x " * 40, "a cat", "x " * 30]
 PROBES = ["a photo of a dog", "sort the shirts from the trousers and the coats"]
 
 
@@ -323,6 +323,9 @@ def test_a_traced_text_tower_gives_the_eager_bits_for_descriptions_it_was_not_ch
     finally:
         torch.set_num_threads(threads)
     assert traced.fingerprint() == backbone.fingerprint()
+    copied = copy.deepcopy(traced)  # without the graph, which would hold weights of its own
+    assert copied.text_graph == "eager" and traced.text_graph == "traced"
+    assert torch.equal(copied.encode_text(TEXTS), traced.encode_text(TEXTS))
     traced.to("cpu")  # a move drops the graph (traced where the weights were)
     assert traced.text_graph == "eager"
 
@@ -343,6 +346,21 @@ def test_a_traced_text_tower_is_refused_where_it_would_change_the_bits_or_cannot
     monkeypatch.setattr(torch.jit, "trace", lambda module, example, **kw: Nudged(real_trace(module, example, **kw)))
     why = bb.trace_text(PROBES)
     assert "the traced graph's embedding of 'a photo of a dog' differs from the eager one" in why
+    assert bb.text_graph == "eager" and torch.equal(bb.encode_text(TEXTS), backbone.encode_text(TEXTS))
+
+    class OneRow(torch.nn.Module):  # a graph that fails at shapes it was not traced at
+        def __init__(self, graph):
+            super().__init__()
+            self.graph = graph
+
+        def forward(self, *inputs):
+            if inputs[0].shape[0] > 1:
+                raise RuntimeError("the size of tensor a (2) must match the size of tensor b (1)")
+            return self.graph(*inputs)
+
+    monkeypatch.setattr(torch.jit, "trace", lambda module, example, **kw: OneRow(real_trace(module, example, **kw)))
+    why = bb.trace_text(PROBES)
+    assert why == "checking the traced graph failed (RuntimeError: the size of tensor a (2) must match the size of tensor b (1))"
     assert bb.text_graph == "eager" and torch.equal(bb.encode_text(TEXTS), backbone.encode_text(TEXTS))
 
     def fails(module, example, **kw):
