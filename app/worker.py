@@ -189,6 +189,11 @@ class ModelWorker:
     def pending(self) -> int:
         return self._pending
 
+    def alone(self) -> bool:
+        """Whether the calling model thread's job is all the work there is: every other model thread idle
+        and nothing queued. Read from a model thread without a lock: a hint (models.packed.set_split_gate)."""
+        return len(self._free) >= self.model_threads - 1 and self._queue.empty()
+
     @property
     def closing(self) -> bool:
         return self._closing

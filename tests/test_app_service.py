@@ -577,6 +577,41 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
     assert seen_by_job == [0] * 5  # the job started after both, and the later batches waited for it
 
 
+async def test_the_service_gates_the_split_cvae_layers_with_its_worker_and_lets_go_when_it_stops(make_settings):
+    import models.packed as packed
+
+    async with serving(make_settings()) as (service, client):
+        assert packed._split_gate == service.worker.alone and packed._split_gate()  # idle: alone
+    assert packed._split_gate != service.worker.alone and packed._split_gate()
+
+
+async def test_a_model_thread_is_alone_only_while_no_other_work_runs_or_waits():
+    """ModelWorker.alone, the gate of the CVAE's split layers: a second core only for a lone request."""
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    gate, seen = threading.Event(), []
+
+    def embed(texts):
+        if texts == ["hold"]:
+            gate.wait(10)
+        seen.append((texts[0], worker.alone()))
+        return torch.zeros(len(texts), 4)
+
+    worker = ModelWorker(embed, Metrics(), finish=lambda e, jobs: list(jobs), threads=1, model_threads=2, max_batch=1)
+    worker.start()
+    try:
+        assert await worker.encode("lone", 0) == 0
+        held = asyncio.create_task(worker.encode("hold", 1))  # one thread busy
+        await until(lambda: len(worker._free) == 1)
+        assert await worker.encode("beside", 2) == 2
+        gate.set()
+        assert await held == 1
+    finally:
+        await worker.close()
+    assert seen == [("lone", True), ("beside", False), ("hold", True)]
+
+
 async def test_embedding_cache_encodes_only_descriptions_it_has_not_seen():
     import torch
 

@@ -176,3 +176,87 @@ def test_a_trace_of_packed_layers_gives_their_bits_at_shapes_it_was_not_traced_a
             got, want = graph(x), block(x)
             assert got.shape == want.shape and torch.equal(got, want), shape
     assert "weight" not in block[0].state_dict()  # the reordered weights are buffers, not saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_large_layers_split_in_two_blocks_on_two_threads_give_the_whole_layers_bits(dtype, monkeypatch):
+    import threading
+
+    import models.packed as packed
+    from models.packed import SplitLinear, split_large
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 301), nn.GELU(), nn.Linear(301, 8)).to(dtype)
+    pack_linears(block, dtype)
+    whole = copy.deepcopy(block)
+    monkeypatch.setattr(packed, "usable_cores", lambda: 1)
+    assert split_large(block, min_bytes=1) == 0  # one core: nothing to gain
+    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    big = 64 * 301 * torch.tensor([], dtype=dtype).element_size()
+    assert split_large(block, min_bytes=big) == 1  # the first layer alone is that large
+    assert isinstance(block[0], SplitLinear) and isinstance(block[2], PackedLinear)
+    assert [p.out_features for p in block[0].parts] == [150, 151] and "weight" not in block.state_dict()
+    seen = []
+    real = PackedLinear.forward
+
+    def forward(self, x):
+        seen.append(threading.current_thread().name)
+        return real(self, x)
+
+    monkeypatch.setattr(PackedLinear, "forward", forward)
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 17):
+            x = torch.randn(3, rows, 64).to(dtype)
+            assert torch.equal(block(x), whole(x)), rows
+    assert any(name.startswith("sglora-split") for name in seen)  # the second block ran on the helper
+    # A busy helper (another caller's block) does not hold the caller up: it runs the block itself.
+    gate = threading.Event()
+    packed._helpers().submit(gate.wait, 10)
+    try:
+        seen.clear()
+        with torch.inference_mode():
+            x = torch.randn(4, 64).to(dtype)
+            assert torch.equal(block(x), whole(x))
+        assert not any(name.startswith("sglora-split") for name in seen)
+    finally:
+        gate.set()
+
+
+def test_a_split_that_would_change_the_bits_is_not_kept(monkeypatch):
+    import models.packed as packed
+    from models.packed import split_large
+
+    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    block = nn.Sequential(nn.Linear(64, 300))
+    pack_linears(block, torch.float32)
+    monkeypatch.setattr(packed.SplitLinear, "forward", lambda self, x: torch.zeros(*x.shape[:-1], self.out_features))
+    assert split_large(block, min_bytes=1) == 0 and isinstance(block[0], PackedLinear)
+
+
+def test_a_closed_split_gate_runs_both_blocks_on_the_callers_thread(monkeypatch):
+    import threading
+
+    import models.packed as packed
+    from models.packed import set_split_gate, split_large
+
+    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    block = nn.Sequential(nn.Linear(64, 300))
+    pack_linears(block, torch.float32)
+    whole = copy.deepcopy(block)
+    assert split_large(block, min_bytes=1) == 1
+    seen = []
+    real = PackedLinear.forward
+
+    def forward(self, x):
+        seen.append(threading.current_thread().name)
+        return real(self, x)
+
+    monkeypatch.setattr(PackedLinear, "forward", forward)
+    set_split_gate(lambda: False)  # other work has the cores (a service: its worker is not alone)
+    try:
+        x = torch.randn(2, 64)
+        with torch.inference_mode():
+            assert torch.equal(block(x), whole(x))
+        assert len(seen) == 3 and not any(n.startswith("sglora-split") for n in seen)  # two blocks, then the whole layer
+    finally:
+        set_split_gate(None)
