@@ -229,11 +229,12 @@ def usable_cores() -> int:
 
 def split_large(module: nn.Module, min_bytes: int | None = None, probe_rows: tuple[int, ...] = (1, 2, 16)) -> int:
     """Replaces every oneDNN :class:`PackedLinear` inside ``module`` whose weight takes at least ``min_bytes``
-    (default :data:`SPLIT_MIN_BYTES`) by a :class:`SplitLinear`, where the process may use two cores or more
-    and the split layer gives the whole layer's bits for random inputs of ``probe_rows`` rows; returns how
-    many were replaced."""
+    (default :data:`SPLIT_MIN_BYTES`) by a :class:`SplitLinear`, where the process may use two cores or more,
+    runs torch ops on one thread each (the service's model threads; with more, a lone product already
+    spreads over cores) and the split layer gives the whole layer's bits for random inputs of
+    ``probe_rows`` rows; returns how many were replaced."""
     min_bytes = SPLIT_MIN_BYTES if min_bytes is None else min_bytes
-    if usable_cores() < 2:
+    if usable_cores() < 2 or torch.get_num_threads() > 1:
         return 0
     swaps = []
     for parent in module.modules():

@@ -258,6 +258,7 @@ def test_a_packed_sampler_of_a_large_lora_splits_its_p_by_h_layers_and_samples_t
     whole = m.packed(dtype)  # 96 x 16 weights: far below the default size
     assert isinstance(whole.dec_out, PackedLinear) and isinstance(whole.cond_var, PackedLinear)
     monkeypatch.setattr(packed_module, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as in the service's model threads
     monkeypatch.setattr(packed_module, "SPLIT_MIN_BYTES", 96 * 16 * torch.tensor([], dtype=dtype).element_size())
     split = m.packed(dtype)
     assert isinstance(split.dec_out, SplitLinear) and isinstance(split.cond_var, SplitLinear)

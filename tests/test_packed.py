@@ -192,6 +192,9 @@ def test_large_layers_split_in_two_blocks_on_two_threads_give_the_whole_layers_b
     monkeypatch.setattr(packed, "usable_cores", lambda: 1)
     assert split_large(block, min_bytes=1) == 0  # one core: nothing to gain
     monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert split_large(block, min_bytes=1) == 0  # two torch threads: a product spreads over the cores already
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     big = 64 * 301 * torch.tensor([], dtype=dtype).element_size()
     assert split_large(block, min_bytes=big) == 1  # the first layer alone is that large
     assert isinstance(block[0], SplitLinear) and isinstance(block[2], PackedLinear)
@@ -227,6 +230,7 @@ def test_a_split_that_would_change_the_bits_is_not_kept(monkeypatch):
     from models.packed import split_large
 
     monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     block = nn.Sequential(nn.Linear(64, 300))
     pack_linears(block, torch.float32)
     monkeypatch.setattr(packed.SplitLinear, "forward", lambda self, x: torch.zeros(*x.shape[:-1], self.out_features))
@@ -240,6 +244,7 @@ def test_a_closed_split_gate_runs_both_blocks_on_the_callers_thread(monkeypatch)
     from models.packed import set_split_gate, split_large
 
     monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     block = nn.Sequential(nn.Linear(64, 300))
     pack_linears(block, torch.float32)
     whole = copy.deepcopy(block)
