@@ -44,7 +44,7 @@ from app.worker import ModelWorker, WorkerTimeout
 from expert_store.repository import Expert, RepositoryBusy, RepositoryChanged, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
-from models.packed import FIXED_ROWS, set_split_gate
+from models.packed import FIXED_ROWS, clear_split_gate, set_split_gate
 from sglora import __version__
 from sglora.artifacts import MANIFEST, ArtifactError, Artifacts, load_artifacts, version_of
 from sglora.devices import out_of_memory
@@ -356,12 +356,14 @@ class Service:
                 f"SGLORA_MAX_TOP_K={settings.max_top_k} is below the artefacts' default top_k ({service.default_top_k}): "
                 "a request without a top_k would merge more experts than one may ask for; raise SGLORA_MAX_TOP_K"
             )
-        set_split_gate(service.worker.alone)  # a large CVAE layer takes a second core only when no other work does
         probes = [e.description for e in service.state.experts[:TEXT_PROBES]]
         if settings.text_graph == "auto" and device == "cpu":
             why = await asyncio.to_thread(artifacts.backbone.trace_text, probes)
             if why:
                 log.warning("the text tower runs eagerly: %s", why)
+        if split := await asyncio.to_thread(artifacts.engine.split_sampler):
+            log.info("the CVAE's %d largest layers run in two blocks on two threads for a lone request", split)
+        set_split_gate(service.worker.alone)  # a split layer takes a second core only when no other work does
         service.worker.start()
         # The first generation (lazy initialisation, a first CUDA call, a cold disk) may take far longer than
         # a request may wait: the start-up jobs get STARTUP_TIMEOUT_S, not SGLORA_REQUEST_TIMEOUT_S.
@@ -442,7 +444,7 @@ class Service:
         """Finishes the accepted model jobs, then releases the worker and Redis."""
         drained = await self.worker.drain(self.settings.shutdown_timeout_s)
         await self.worker.close(wait=drained)
-        set_split_gate(None)
+        clear_split_gate(self.worker.alone)
         await self.cache.close()
 
     def _time_sampling(self) -> None:

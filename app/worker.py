@@ -190,9 +190,12 @@ class ModelWorker:
         return self._pending
 
     def alone(self) -> bool:
-        """Whether the calling model thread's job is all the work there is: every other model thread idle
-        and nothing queued. Read from a model thread without a lock: a hint (models.packed.set_split_gate)."""
-        return len(self._free) >= self.model_threads - 1 and self._queue.empty()
+        """Whether the calling model thread's job is all the work there is: every other model thread idle,
+        nothing queued, no batch being formed and nobody waiting for a thread. Read from a model thread
+        without a lock: a hint (models.packed.set_split_gate)."""
+        return (
+            len(self._free) >= self.model_threads - 1 and self._queue.empty() and not self._forming and not self._thread_waiters
+        )
 
     @property
     def closing(self) -> bool:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import skip_init
 
-from models.packed import PackedLinear, split_large
+from models.packed import PackedLinear
 
 LOGVAR_EPS = 1e-6
 LOGVAR_BOUND = 10.0  # the prior's and the encoder's log-variances are kept within +-10
@@ -175,9 +175,7 @@ class CVAE(nn.Module):
         encoder, no training), with this generator's weights as they are now. None where that is not
         possible (not a float32 CPU generator, a torch without oneDNN, or a dtype its kernels lack): then
         sample with the generator itself. Its rows round differently from this generator's (another
-        kernel), so one service must sample with one or the other throughout. Layers of at least
-        :data:`models.packed.SPLIT_MIN_BYTES` run in two blocks of outputs on two threads where the process may
-        use two cores and the blocks give the whole layer's bits (:func:`models.packed.split_large`)."""
+        kernel), so one service must sample with one or the other throughout."""
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"packed samplers run in float32 or bfloat16, not {dtype}")
         if self.x_mean.device.type != "cpu" or self.x_mean.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
@@ -198,7 +196,6 @@ class CVAE(nn.Module):
                 clone.sample(self.x_mean, self.x_std**2, generator=torch.Generator().manual_seed(0), description=d)
         except (RuntimeError, AttributeError):
             return None
-        split_large(clone)  # the P x H layers of large LoRAs: two cores read their weights (the same bits)
         return clone.eval()
 
     # ---- networks -----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import List, Optional, Union  # noqa: UP035 (TorchScript reads these annotations)
 
 import torch
@@ -158,10 +158,17 @@ def _scripted_products() -> Callable[..., torch.Tensor]:
 SPLIT_MIN_BYTES = 16 << 20
 
 
+def _one_thread() -> None:
+    # OpenMP keeps a thread count per thread, and oneDNN's products never ask torch for it: without this the
+    # helper ran float32 products on every core (a 256 -> 110,592 layer split: 11.8 ms against 6.3 whole).
+    torch.set_num_threads(1)
+
+
 @functools.cache
 def _helpers() -> ThreadPoolExecutor:
-    """The thread that runs a :class:`SplitLinear`'s second block, shared by every layer and caller."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglora-split")
+    """The thread that runs a :class:`SplitLinear`'s second block, shared by every layer and caller; torch
+    ops on it run on one thread, as split layers' callers do (:func:`split_large`)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglora-split", initializer=_one_thread)
 
 
 def _always() -> bool:
@@ -181,6 +188,12 @@ def set_split_gate(gate: Callable[[], bool] | None) -> None:
     _split_gate = gate or _always
 
 
+def clear_split_gate(gate: Callable[[], bool]) -> None:
+    """:func:`set_split_gate` (None), where the gate is still ``gate`` (a service that stops leaves another's alone)."""
+    if _split_gate == gate:
+        set_split_gate(None)
+
+
 def _block(part: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():  # a helper thread is in no grad mode of its own
         return part(x)
@@ -197,7 +210,7 @@ class SplitLinear(nn.Module):
 
     def __init__(self, layer: PackedLinear):
         super().__init__()
-        self.in_features, self.out_features, self.dtype = layer.in_features, layer.out_features, layer.dtype
+        self.in_features, self.out_features = layer.in_features, layer.out_features
         weight, half = layer._plain_weight(), layer.out_features // 2
         self.parts = nn.ModuleList(
             _packed_rows(weight[a:b], None if layer.bias is None else layer.bias[a:b], layer)
@@ -205,11 +218,32 @@ class SplitLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _split_gate():
-            return torch.cat([part(x) for part in self.parts], dim=-1)
-        second = _helpers().submit(_block, self.parts[1], x)
-        first = self.parts[0](x)
+        if _is_tracing() or not _split_gate():  # a tracer would not see the helper's block, only its result
+            return self.inline(x)
+        try:
+            second = _helpers().submit(_block, self.parts[1], x)
+        except RuntimeError:  # the interpreter is shutting down
+            return self.inline(x)
+        try:
+            first = self.parts[0](x)
+        except BaseException:
+            if not second.cancel():
+                wait([second])  # its memory freed before the caller retries, say after running out of it
+            raise
         return torch.cat([first, self.parts[1](x) if second.cancel() else second.result()], dim=-1)
+
+    def _two_threads(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the helper, whatever the gate says (:func:`split_large`'s probe)."""
+        second = _helpers().submit(_block, self.parts[1], x)
+        return torch.cat([self.parts[0](x), second.result()], dim=-1)
+
+    def inline(self, x: torch.Tensor) -> torch.Tensor:
+        """Both blocks on the caller's thread, one after the other: the same bits as :meth:`forward`."""
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, two blocks of outputs"
@@ -227,12 +261,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def split_large(module: nn.Module, min_bytes: int | None = None, probe_rows: tuple[int, ...] = (1, 2, 16)) -> int:
+def split_large(module: nn.Module, min_bytes: int | None = None, probe_rows: Sequence[int] = range(1, 17)) -> int:
     """Replaces every oneDNN :class:`PackedLinear` inside ``module`` whose weight takes at least ``min_bytes``
     (default :data:`SPLIT_MIN_BYTES`) by a :class:`SplitLinear`, where the process may use two cores or more,
     runs torch ops on one thread each (the service's model threads; with more, a lone product already
-    spreads over cores) and the split layer gives the whole layer's bits for random inputs of
-    ``probe_rows`` rows; returns how many were replaced."""
+    spreads over cores) and the split layer gives the whole layer's bits for random inputs of each of
+    ``probe_rows`` rows (a CVAE pass has 1 to 16), its blocks on two threads and on one; returns how many
+    were replaced."""
     min_bytes = SPLIT_MIN_BYTES if min_bytes is None else min_bytes
     if usable_cores() < 2 or torch.get_num_threads() > 1:
         return 0
@@ -247,7 +282,7 @@ def split_large(module: nn.Module, min_bytes: int | None = None, probe_rows: tup
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 probes = [torch.randn(n, child.in_features, generator=g) for n in probe_rows]
-                if all(torch.equal(split(x), child(x)) for x in probes):
+                if all(torch.equal(split._two_threads(x), w := child(x)) and torch.equal(split.inline(x), w) for x in probes):
                     swaps.append((parent, name, split))
     for parent, name, split in swaps:
         setattr(parent, name, split)

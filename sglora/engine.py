@@ -33,6 +33,7 @@ from expert_store.repository import ExpertRepository
 from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
 from models.lora import LoraSpec, concat_merge
+from models.packed import split_large
 from sglora.methods import GENERATIVE_METHODS, SAMPLING_METHODS
 
 MAX_SEED = 2**63 - 1
@@ -142,6 +143,18 @@ class Engine:
         if sampler is None:
             raise ValueError(f"the generator cannot sample in {dtype} here (it needs a CPU with oneDNN kernels for it)")
         self.sampler, self.generator_dtype, self._pass_rows = sampler, dtype, None
+
+    def split_sampler(self) -> int:
+        """Runs the packed sampler's layers of at least :data:`models.packed.SPLIT_MIN_BYTES` (a large LoRA's
+        P x H layers) as two blocks of outputs on two threads, where they give the whole layers' bits
+        (:func:`models.packed.split_large`: two cores read a lone pass's weights); returns how many. For a
+        service, after :meth:`set_generator_dtype`; the pass rows are checked again on first use."""
+        if self.sampler is None or self.sampler is self.generator:  # not a packed copy: nothing to split
+            return 0
+        n = split_large(self.sampler)
+        if n:
+            self._pass_rows = None
+        return n
 
     @property
     def generator_dtype_name(self) -> str:

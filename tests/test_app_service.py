@@ -593,15 +593,16 @@ async def test_a_model_thread_is_alone_only_while_no_other_work_runs_or_waits():
     gate, seen = threading.Event(), []
 
     def embed(texts):
+        seen.append((texts[0], worker.alone()))
         if texts == ["hold"]:
             gate.wait(10)
-        seen.append((texts[0], worker.alone()))
         return torch.zeros(len(texts), 4)
 
     worker = ModelWorker(embed, Metrics(), finish=lambda e, jobs: list(jobs), threads=1, model_threads=2, max_batch=1)
     worker.start()
     try:
         assert await worker.encode("lone", 0) == 0
+        await until(lambda: len(worker._free) == 2)  # its thread handed back (just after the answer)
         held = asyncio.create_task(worker.encode("hold", 1))  # one thread busy
         await until(lambda: len(worker._free) == 1)
         assert await worker.encode("beside", 2) == 2
@@ -609,7 +610,7 @@ async def test_a_model_thread_is_alone_only_while_no_other_work_runs_or_waits():
         assert await held == 1
     finally:
         await worker.close()
-    assert seen == [("lone", True), ("beside", False), ("hold", True)]
+    assert seen == [("lone", True), ("hold", True), ("beside", False)]
 
 
 async def test_embedding_cache_encodes_only_descriptions_it_has_not_seen():

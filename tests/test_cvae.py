@@ -246,21 +246,24 @@ def test_packed_sampler_samples_what_the_generator_samples():
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bfloat16)])
 def test_a_packed_sampler_of_a_large_lora_splits_its_p_by_h_layers_and_samples_the_same_bits(monkeypatch, dtype):
-    """Layers of at least SPLIT_MIN_BYTES (open_clip ViT-B-16's shape: 57 MB each in bfloat16) run in two
+    """split_large on a packed sampler (Engine.split_sampler, for the service): layers of at least
+    SPLIT_MIN_BYTES (open_clip ViT-B-16's shape: 57 MB each in bfloat16) run in two
     blocks of outputs on two threads where two cores are there: the same samples, bit for bit."""
     import models.packed as packed_module
-    from models.packed import PackedLinear, SplitLinear
+    from models.packed import PackedLinear, SplitLinear, split_large
 
     torch.manual_seed(0)
     m = CVAE(CVAEConfig(lora_dim=96, latent_dim=4, hidden_dim=16))
     m.set_normalisation(torch.randn(50, 96) * 3 + 1)
     torch.nn.init.normal_(m.dec_out.weight, std=0.1)
-    whole = m.packed(dtype)  # 96 x 16 weights: far below the default size
+    whole = m.packed(dtype)
+    assert split_large(whole) == 0  # 96 x 16 weights: far below the default size
     assert isinstance(whole.dec_out, PackedLinear) and isinstance(whole.cond_var, PackedLinear)
     monkeypatch.setattr(packed_module, "usable_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as in the service's model threads
     monkeypatch.setattr(packed_module, "SPLIT_MIN_BYTES", 96 * 16 * torch.tensor([], dtype=dtype).element_size())
     split = m.packed(dtype)
+    assert split_large(split) == 2
     assert isinstance(split.dec_out, SplitLinear) and isinstance(split.cond_var, SplitLinear)
     assert isinstance(split.dec_hidden, PackedLinear)  # 16 x 16: stays whole
     for n in (1, 3, 16):

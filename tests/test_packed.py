@@ -233,8 +233,12 @@ def test_a_split_that_would_change_the_bits_is_not_kept(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     block = nn.Sequential(nn.Linear(64, 300))
     pack_linears(block, torch.float32)
-    monkeypatch.setattr(packed.SplitLinear, "forward", lambda self, x: torch.zeros(*x.shape[:-1], self.out_features))
-    assert split_large(block, min_bytes=1) == 0 and isinstance(block[0], PackedLinear)
+    zeros = lambda self, x: torch.zeros(*x.shape[:-1], self.out_features)  # noqa: E731
+    for path in ("_two_threads", "inline"):  # the blocks on two threads, or on the caller's alone
+        with monkeypatch.context() as m:
+            m.setattr(packed.SplitLinear, path, zeros)
+            assert split_large(block, min_bytes=1) == 0 and isinstance(block[0], PackedLinear)
+    assert split_large(block, min_bytes=1) == 1
 
 
 def test_a_closed_split_gate_runs_both_blocks_on_the_callers_thread(monkeypatch):
@@ -265,3 +269,46 @@ def test_a_closed_split_gate_runs_both_blocks_on_the_callers_thread(monkeypatch)
         assert len(seen) == 3 and not any(n.startswith("sglora-split") for n in seen)  # two blocks, then the whole layer
     finally:
         set_split_gate(None)
+
+
+def test_a_split_layer_traces_whole_runs_its_helper_on_one_thread_and_waits_for_it_when_its_block_fails(monkeypatch):
+    import time
+    import warnings
+
+    import models.packed as packed
+    from models.packed import split_large
+
+    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    block = nn.Sequential(nn.Linear(64, 300))
+    pack_linears(block, torch.float32)
+    whole = copy.deepcopy(block)
+    assert split_large(block, min_bytes=1) == 1
+    monkeypatch.undo()
+    # OpenMP keeps a thread count per thread: the helper's products run on one, as its callers' do.
+    assert packed._helpers().submit(torch.get_num_threads).result() == 1
+    # A trace records both blocks (the helper's work is invisible to the tracer, which would keep its result).
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = torch.jit.trace(block, torch.randn(2, 3, 64), check_trace=False)
+        x = torch.randn(4, 5, 64)
+        assert torch.equal(graph(x), whole(x))
+    # The first block fails (out of memory, say): the second is not left running on the helper.
+    state = ["not started"]
+    second = block[0].parts[1]
+
+    def slow(x):
+        state[0] = "running"
+        time.sleep(0.2)
+        state[0] = "finished"
+        return torch.zeros(*x.shape[:-1], second.out_features)
+
+    def fails(x):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(second, "forward", slow)
+    monkeypatch.setattr(block[0].parts[0], "forward", fails)
+    for _ in range(5):  # the helper picks the block up before the failure, or the failure cancels it
+        with pytest.raises(RuntimeError, match="out of memory"), torch.inference_mode():
+            block(torch.randn(1, 64))
+        assert state[0] in ("not started", "finished")
