@@ -178,6 +178,35 @@ def test_a_trace_of_packed_layers_gives_their_bits_at_shapes_it_was_not_traced_a
     assert "weight" not in block[0].state_dict()  # the reordered weights are buffers, not saved
 
 
+def _split_block(monkeypatch) -> tuple[nn.Module, nn.Module]:
+    """A packed 64 -> 300 layer split by split_large (two cores, torch on one thread: the service's case), and
+    a whole copy of it."""
+    import models.packed as packed
+    from models.packed import split_large
+
+    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    block = nn.Sequential(nn.Linear(64, 300))
+    pack_linears(block, torch.float32)
+    whole = copy.deepcopy(block)
+    assert split_large(block, min_bytes=1) == 1
+    return block, whole
+
+
+def _record_threads(monkeypatch) -> list[str]:
+    """The names of the threads every PackedLinear runs on from now on, in order."""
+    import threading
+
+    seen, real = [], PackedLinear.forward
+
+    def forward(self, x):
+        seen.append(threading.current_thread().name)
+        return real(self, x)
+
+    monkeypatch.setattr(PackedLinear, "forward", forward)
+    return seen
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_large_layers_split_in_two_blocks_on_two_threads_give_the_whole_layers_bits(dtype, monkeypatch):
     import threading
@@ -199,14 +228,7 @@ def test_large_layers_split_in_two_blocks_on_two_threads_give_the_whole_layers_b
     assert split_large(block, min_bytes=big) == 1  # the first layer alone is that large
     assert isinstance(block[0], SplitLinear) and isinstance(block[2], PackedLinear)
     assert [p.out_features for p in block[0].parts] == [150, 151] and "weight" not in block.state_dict()
-    seen = []
-    real = PackedLinear.forward
-
-    def forward(self, x):
-        seen.append(threading.current_thread().name)
-        return real(self, x)
-
-    monkeypatch.setattr(PackedLinear, "forward", forward)
+    seen = _record_threads(monkeypatch)
     with torch.inference_mode():
         for rows in (1, 2, 5, 17):
             x = torch.randn(3, rows, 64).to(dtype)
@@ -242,25 +264,10 @@ def test_a_split_that_would_change_the_bits_is_not_kept(monkeypatch):
 
 
 def test_a_closed_split_gate_runs_both_blocks_on_the_callers_thread(monkeypatch):
-    import threading
+    from models.packed import set_split_gate
 
-    import models.packed as packed
-    from models.packed import set_split_gate, split_large
-
-    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    block = nn.Sequential(nn.Linear(64, 300))
-    pack_linears(block, torch.float32)
-    whole = copy.deepcopy(block)
-    assert split_large(block, min_bytes=1) == 1
-    seen = []
-    real = PackedLinear.forward
-
-    def forward(self, x):
-        seen.append(threading.current_thread().name)
-        return real(self, x)
-
-    monkeypatch.setattr(PackedLinear, "forward", forward)
+    block, whole = _split_block(monkeypatch)
+    seen = _record_threads(monkeypatch)
     set_split_gate(lambda: False)  # other work has the cores (a service: its worker is not alone)
     try:
         x = torch.randn(2, 64)
@@ -276,14 +283,8 @@ def test_a_split_layer_traces_whole_runs_its_helper_on_one_thread_and_waits_for_
     import warnings
 
     import models.packed as packed
-    from models.packed import split_large
 
-    monkeypatch.setattr(packed, "usable_cores", lambda: 2)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    block = nn.Sequential(nn.Linear(64, 300))
-    pack_linears(block, torch.float32)
-    whole = copy.deepcopy(block)
-    assert split_large(block, min_bytes=1) == 1
+    block, whole = _split_block(monkeypatch)
     monkeypatch.undo()
     # OpenMP keeps a thread count per thread: the helper's products run on one, as its callers' do.
     assert packed._helpers().submit(torch.get_num_threads).result() == 1
