@@ -57,23 +57,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        if _is_tracing() and self.weight.is_mkldnn:
-            # The tracer cannot record this op's list argument, nor a loop over a batch's blocks as a loop:
-            # a scripted function of the same ops (the same bits), called from the traced graph.
-            y = _scripted_products()(rows, self.weight, self.bias, self.fixed_rows or 0)
-            return y.reshape(x.shape[:-1] + (self.out_features,)).to(x.dtype)
-        n, block = rows.shape[0], self.fixed_rows
-        if block is None or n == 0:
-            y = self._product(rows)
-        else:
-            padded = F.pad(rows, (0, 0, 0, -n % block))
-            y = torch.cat([self._product(padded[i : i + block]) for i in range(0, padded.shape[0], block)])[:n]
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        if not self.weight.is_mkldnn:  # moved off the CPU or to a dtype oneDNN lacks (_apply)
-            return F.linear(rows, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        # Traced, the same function scripted: the tracer cannot record the oneDNN op's list argument, and
+        # would unroll the loop over a batch's blocks at the traced batch size.
+        products = _scripted_products() if _is_tracing() else _products
+        y = products(rows, self.weight, self.bias, self.fixed_rows or 0)
+        return y.reshape(x.shape[:-1] + (self.out_features,)).to(x.dtype)
 
     def unpacked(self) -> nn.Linear:
         """A plain, frozen ``nn.Linear`` in ``dtype`` with this layer's weights (oneDNN's reorder undone: the
@@ -129,19 +117,21 @@ class PackedLinear(nn.Module):
         )
 
 
-def _products(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], block: int) -> torch.Tensor:  # noqa: UP045
-    """:meth:`PackedLinear.forward`'s oneDNN products, for TorchScript: one product of all the rows
-    (``block`` 0), else blocks of ``block`` rows, the last padded with zeros."""
+def _product(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    if not weight.is_mkldnn:  # moved off the CPU or to a dtype oneDNN lacks (PackedLinear._apply)
+        return F.linear(rows, weight, bias)
     scalars: List[Optional[Union[int, float, complex]]] = []  # noqa: UP006, UP007, UP045
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", scalars, "")
+
+
+def _products(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], block: int) -> torch.Tensor:  # noqa: UP045
+    """:meth:`PackedLinear.forward`'s products, eager or scripted (TorchScript reads this code): one
+    product of all the rows (``block`` 0), else blocks of ``block`` rows, the last padded with zeros."""
     n = rows.shape[0]
     if block <= 0 or n == 0:
-        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", scalars, "")
+        return _product(rows, weight, bias)
     padded = F.pad(rows, [0, 0, 0, (block - n % block) % block])
-    parts = [
-        torch.ops.mkldnn._linear_pointwise(padded[i : i + block], weight, bias, "none", scalars, "")
-        for i in range(0, padded.shape[0], block)
-    ]
-    return torch.cat(parts)[:n]
+    return torch.cat([_product(padded[i : i + block], weight, bias) for i in range(0, padded.shape[0], block)])[:n]
 
 
 @functools.cache
@@ -250,10 +240,15 @@ class SplitLinear(nn.Module):
 
 
 def _packed_rows(weight: torch.Tensor, bias: torch.Tensor | None, like: PackedLinear) -> PackedLinear:
+    return PackedLinear(_linear_of(weight, bias), like.rows_hint, like.dtype, like.fixed_rows)
+
+
+def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding these tensors (not copies) for :class:`PackedLinear` to pack, which copies them."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    linear.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
-    return PackedLinear(linear, like.rows_hint, like.dtype, like.fixed_rows)
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    linear.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def usable_cores() -> int:
@@ -319,9 +314,7 @@ def pack_attention(module: nn.Module, dtype: torch.dtype, rows_hint: int = 32) -
     attentions = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim]
     packed = []
     for mha in attentions:
-        w, b = mha.in_proj_weight, mha.in_proj_bias
-        in_proj = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-        in_proj.weight, in_proj.bias = w, b
+        in_proj = _linear_of(mha.in_proj_weight, mha.in_proj_bias)
         packed.append((PackedLinear(in_proj, rows_hint, dtype), PackedLinear(mha.out_proj, rows_hint, dtype)))
     for mha, (in_proj, out_proj) in zip(attentions, packed, strict=True):
         setattr(mha, PACKED_ATTENTION[0], in_proj)

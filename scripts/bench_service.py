@@ -55,8 +55,10 @@ class BareForward:
 
     def trace(self) -> None:
         """Runs the text tower as one traced graph, as the server does; SystemExit where it cannot here."""
+        from app.service import TEXT_PROBES  # the server's probes: its first descriptions
+
         repository = self.engine.repository
-        why = self.engine.backbone.trace_text([repository[n].description for n in repository.names[:6]])
+        why = self.engine.backbone.trace_text([repository[n].description for n in repository.names[:TEXT_PROBES]])
         if why:
             raise SystemExit(f"the server runs its text tower as a traced graph, this process cannot: {why}")
 
