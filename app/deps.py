@@ -105,6 +105,11 @@ async def require_admin_key(
 
 ApiKey = Depends(require_api_key)
 AdminKey = Depends(require_admin_key)
+# OpenAPI's description of what the key checks and the upload gate (UploadGateMiddleware) answer.
+KEY_ERRORS: dict[int | str, dict] = {401: {"description": "API key missing"}, 403: {"description": "API key not accepted"}}
+UPLOAD_BUSY: dict[int | str, dict] = {
+    429: {"description": "the model queue is full, refused before the upload is read; retry after `Retry-After` seconds"}
+}
 
 
 async def require_json_body(request: Request) -> None:

@@ -301,6 +301,33 @@ def test_openapi_documents_every_endpoint_with_examples(make_settings):
     assert "application/zip" in str(paths["/generate"]["post"]["responses"]["200"])
 
 
+def test_openapi_lists_the_refusals_of_the_key_checks_and_the_upload_gate(make_settings):
+    """Every route behind a key check documents its 401 and 403, every upload the upload gate's 429 (its
+    middleware answers before the route runs, so FastAPI cannot know of it), read from the routes themselves."""
+    from fastapi.routing import APIRoute
+
+    from app.deps import UploadGateMiddleware, json_model_call, require_admin_key, require_api_key
+    from app.metrics import leaf_routes
+
+    def calls(dependant) -> set:
+        return {dependant.call} | {c for d in dependant.dependencies for c in calls(d)}
+
+    app = create_app(make_settings())
+    paths = app.openapi()["paths"]
+    keyed = 0
+    for route in leaf_routes(app.routes):
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        for method in route.methods:
+            documented = set(paths[route.path][method.lower()]["responses"])
+            if calls(route.dependant) & {require_api_key, require_admin_key, json_model_call}:  # the last checks the key too
+                keyed += 1
+                assert {"401", "403"} <= documented, (method, route.path)
+            if method == "POST" and route.path in UploadGateMiddleware.PATHS:
+                assert "429" in documented, route.path
+    assert keyed == 8  # /generate, /generate/preview, /generate/batch, /retrieve and the four expert routes
+
+
 # ---- request IDs ------------------------------------------------------------------------------------
 async def test_every_answer_carries_a_request_id_and_keeps_a_sane_one(make_settings):
     async with serving(make_settings()) as (_, client):

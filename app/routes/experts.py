@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from app.deps import AdminKey, ApiKey, MultipartBody, ServiceDep, refuse_repeated, wants_zip
+from app.deps import KEY_ERRORS, UPLOAD_BUSY, AdminKey, ApiKey, MultipartBody, ServiceDep, refuse_repeated, wants_zip
 from app.errors import APIError
 from app.routes.retrieve import read_upload
 from app.schemas import ExpertChange, ExpertList, ExpertOut, clean_text
@@ -21,6 +21,7 @@ _ADMIN_ERRORS = {
     403: {"description": "admin key not accepted, or expert changes disabled"},
     404: {"description": "no such expert"},
     409: {"description": "name taken, the last expert, or the repository changed on disk since this server loaded it"},
+    413: {"description": "the body or a file is too large"},
     422: {"description": "bad input; `field` names it"},
     503: {
         "description": "another process held the repository's lock for over 2 s (a change, a rebuild), or out of memory "
@@ -29,7 +30,13 @@ _ADMIN_ERRORS = {
 }
 
 
-@router.get("/experts", response_model=ExpertList, dependencies=[ApiKey], summary="List the experts")
+@router.get(
+    "/experts",
+    response_model=ExpertList,
+    dependencies=[ApiKey],
+    summary="List the experts",
+    responses={**KEY_ERRORS, 422: {"description": "bad paging; `field` names it"}},
+)
 async def list_experts(
     service: ServiceDep,
     offset: Annotated[int, Query(ge=0, description="skip this many experts (in the repository's order)")] = 0,
@@ -70,6 +77,7 @@ async def list_experts(
                 "application/zip": {"schema": {"type": "string", "format": "binary"}},
             },
         },
+        **KEY_ERRORS,
         404: {"description": "no such expert"},
         422: {"description": "bad input; `field` names it"},
     },
@@ -106,7 +114,7 @@ async def get_expert(
     status_code=201,
     dependencies=[AdminKey, MultipartBody],
     summary="Register an expert",
-    responses={**_ADMIN_ERRORS, 415: {"description": "the body is not multipart/form-data"}},
+    responses={**_ADMIN_ERRORS, 415: {"description": "the body is not multipart/form-data"}, **UPLOAD_BUSY},
 )
 async def add_expert(
     request: Request,

@@ -9,7 +9,7 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.deps import JsonModelCall, etag_matches, header_parameters, wants_zip
+from app.deps import KEY_ERRORS, JsonModelCall, etag_matches, header_parameters, wants_zip
 from app.errors import OUT_OF_MEMORY, APIError, note_out_of_memory
 from app.schemas import (
     BatchGenerateRequest,
@@ -27,8 +27,8 @@ from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 router = APIRouter(tags=["generate"])
 
 _ERRORS = {
-    401: {"description": "API key missing"},
-    403: {"description": "API key not accepted"},
+    **KEY_ERRORS,
+    413: {"description": "the body is larger than the JSON endpoints' limit (`SGLORA_MAX_JSON_BYTES`)"},
     415: {"description": "the body was not sent as JSON (`Content-Type: application/json`)"},
     422: {
         "description": "bad input; `field` names it",

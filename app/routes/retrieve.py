@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from app.deps import ApiKey, MultipartBody, ServiceDep, refuse_repeated
+from app.deps import KEY_ERRORS, UPLOAD_BUSY, ApiKey, MultipartBody, ServiceDep, refuse_repeated
 from app.errors import APIError
 from app.schemas import (
     MAX_TEMPERATURE,
@@ -45,14 +45,17 @@ def _ranking(s: Scores) -> Ranking:
     response_model=RetrieveResponse,
     summary="Rank images and texts with a generated LoRA",
     responses={
+        **KEY_ERRORS,
         404: {"description": "unknown or expired `etag`"},
-        413: {"description": "an image is too large"},
+        413: {"description": "the body or an image is too large"},
         415: {"description": "the body is not multipart/form-data"},
         422: {"description": "bad input; `field` names it"},
         503: {
             "description": "by `etag`, the cache that holds it is unreachable; or out of memory for this request. "
             "Retry after `Retry-After` seconds"
         },
+        **UPLOAD_BUSY,
+        504: {"description": "the model did not answer in time"},
     },
     dependencies=[MultipartBody],
 )
