@@ -16,6 +16,7 @@ Access lines go to stdout and the rest to stderr, as with uvicorn's defaults.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from datetime import UTC, datetime
@@ -42,6 +43,20 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def route_library_output() -> None:
+    """For JSON logs: transformers writes past the logging configuration, through a handler of its own
+    ("[transformers] ..." lines) and progress bars while it loads weights. Its records go to the root
+    logger's (JSON) handler instead, and its bars are off. (tqdm reads ``TQDM_DISABLE`` once, when imported,
+    which torch has done before any setting is read, so the environment cannot turn the bars off.)"""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
 
 def log_config(fmt: str, level: str = "info") -> dict[str, Any]:

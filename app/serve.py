@@ -25,7 +25,7 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 
-from app.logs import FORMATS, LEVELS, log_config
+from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError
 from app.worker import abandoned_threads
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.log_format not in FORMATS:  # from the environment: argparse checks only the flag's value
         parser.error(f"SGLORA_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {args.log_format!r}")
     if args.log_format == "json":
-        os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars (model loading) between the JSON lines
+        route_library_output()  # no progress bars (model loading) or lines of transformers' own between the JSON lines
         logging.captureWarnings(True)  # Python warnings through the JSON formatter too
     logging.getLogger("uvicorn.error").addFilter(_KnownStartupFailure())
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see docs/service.md)

@@ -113,6 +113,36 @@ def test_json_logs_are_one_object_per_line_with_the_request_id(tiny_artifacts_se
     assert any(line["logger"] == "sglora.service" and line["message"].startswith("ready:") for line in lines)
 
 
+def test_json_logs_route_transformers_output_through_the_root_logger():
+    """transformers' own handler ("[transformers] ..." lines) and its weight-loading bars wrote past the JSON
+    formatter (the offline backbone's MiniLM loads through it); in JSON mode its records reach the root logger."""
+    hf_logging = pytest.importorskip("transformers.utils.logging")
+    from app.logs import route_library_output
+
+    logger = hf_logging.get_logger()  # the library's root logger, which holds its default handler
+    try:
+        route_library_output()
+        assert logger.propagate and not hf_logging.is_progress_bar_enabled()
+        assert not [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        seen = []
+
+        class Catch(logging.Handler):
+            def emit(self, record):
+                seen.append(record)
+
+        catch = Catch()
+        logging.getLogger().addHandler(catch)
+        try:
+            hf_logging.get_logger("transformers.modeling_utils").warning("loss_type=None")
+        finally:
+            logging.getLogger().removeHandler(catch)
+        assert [r.getMessage() for r in seen] == ["loss_type=None"]
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
+
+
 def test_text_log_lines_of_a_request_end_with_its_id():
     import uvicorn.logging
 
