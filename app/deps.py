@@ -173,10 +173,15 @@ async def require_multipart_body(request: Request) -> None:
 MultipartBody = Depends(require_multipart_body)
 
 
-async def refuse_repeated(request: Request, names: tuple[str, ...]) -> None:
-    """APIError(422, name) for a single-value form field sent more than once: FastAPI takes the last one silently."""
+async def check_form_fields(request: Request, single: tuple[str, ...], repeatable: tuple[str, ...] = ()) -> None:
+    """APIError(422, name) for a form field the endpoint does not take (FastAPI ignores it silently, so a
+    misspelt optional field would quietly get its default) or a single-value field sent more than once
+    (FastAPI takes the last one silently)."""
     form = await request.form()  # parsed already for the endpoint's parameters: the same object
-    for name in names:
+    for name in form:
+        if name not in single and name not in repeatable:
+            raise APIError(422, name, f"unknown field; this endpoint takes {', '.join(sorted((*single, *repeatable)))}")
+    for name in single:
         if (n := len(form.getlist(name))) > 1:
             raise APIError(422, name, f"given {n} times; send it once")
 

@@ -45,6 +45,7 @@ class GenerateRequest(BaseModel):
         ge=MIN_TEMPERATURE,
         le=MAX_TEMPERATURE,
         allow_inf_nan=False,
+        strict=True,  # a number: not true (read as 1.0) nor "0.5", as seed and top_k take no strings either
         description="softmax temperature of the expert weights (1e-6 .. 1e6); default: the artefacts'",
     )
 

@@ -633,8 +633,28 @@ class Service:
                 raise APIError(503, "etag", reason, headers={"Retry-After": retry})
         if data is None or etag_of(data) != key:
             raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")
+        try:
+            adapter = GeneratedLora(data, key, "hit", safetensors_metadata(data, whole=True))
+            self._check_adapter(adapter)
+        except (ValueError, SafetensorError, struct.error) as e:
+            # Not what this service stores: another deployment's (the etag: keys carry no artefact version, so
+            # two sharing a Redis prefix find each other's) or a damaged entry; never a 500.
+            reason = f"the adapter under this ETag is not a LoRA of this service's backbone and layout ({e})"
+            raise APIError(404, "etag", reason) from e
         self.lru.put(key, data)
-        return GeneratedLora(data, key, "hit", safetensors_metadata(data))
+        return adapter
+
+    def _check_adapter(self, adapter: GeneratedLora) -> None:
+        """ValueError unless ``adapter`` (found in Redis by its ETag) is a generated LoRA this service can apply:
+        /generate's format, this backbone's kind and MLP activation, and tensors of the layout its metadata names."""
+        meta, backbone = adapter.metadata, self.artifacts.backbone
+        if meta.get("format") != "sglora-lora":
+            raise ValueError(f"its format is {meta.get('format')!r}")
+        if meta.get("backbone_kind") != backbone.config.kind:
+            raise ValueError(f"it was made for the {meta.get('backbone_kind')!r} backbone kind")
+        if (act := getattr(backbone, "activation", None)) and meta.get("activation", act) != act:
+            raise ValueError(f"it was made on a model whose MLPs use {meta['activation']}")
+        from_peft_tensors(self.spec_of(adapter), load_safetensors(adapter.data))
 
     # ---- retrieval ------------------------------------------------------------------------------
     async def decode_images(self, images: list[bytes]) -> list[torch.Tensor]:

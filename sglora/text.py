@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import unicodedata
 
+# The control characters that count as whitespace (collapsed to a space): tab, line feed, vertical tab, form
+# feed, carriage return and next line. Any other (category Cc) is refused.
+WHITESPACE_CONTROLS = frozenset("\t\n\v\f\r\x85")
+
 
 def clean_text(v: str) -> str:
     """Trimmed, runs of whitespace (tabs, newlines included) collapsed to one space; no other control
@@ -11,10 +15,12 @@ def clean_text(v: str) -> str:
     (a lone zero-width space or byte-order mark is blank to a reader, not a description)."""
     if not isinstance(v, str):
         raise TypeError(f"must be a string, got {type(v).__name__}")
+    # Checked before the whitespace is collapsed: str.split() also splits at the information separators
+    # U+001C..U+001F, control characters that would otherwise pass as spaces.
+    bad = next((ch for ch in v if unicodedata.category(ch) == "Cc" and ch not in WHITESPACE_CONTROLS), None)
     v = " ".join(v.split())
     if not v:
         raise ValueError("must not be empty or blank")
-    bad = next((ch for ch in v if unicodedata.category(ch) == "Cc"), None)
     if bad is not None:
         raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
     # A lone surrogate: bytes that were not UTF-8 (a shell argument read with surrogateescape). The API

@@ -164,6 +164,46 @@ def test_writes_go_behind_the_response_and_land_in_redis(make_settings):
         assert found.data == first.content and found.etag == etag
 
 
+def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make_settings):
+    """The etag: keys carry no artefact version: another deployment sharing the Redis prefix (or a damaged
+    entry) can leave bytes under a valid ETag that are not a LoRA this service can apply. A 404 naming
+    ``etag``, not the 500 of the failed parse."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
+    from app.service import etag_of
+    from sglora.io import safetensors_metadata
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    PNG = buf.getvalue()
+
+    settings = make_settings()
+    with TestClient(create_app(settings)) as c:
+        made = c.post("/generate", json={"description": "a green ring", "seed": 2})
+        assert made.status_code == 200
+        tensors = load_safetensors(made.content)
+        metadata = safetensors_metadata(made.content)
+        other_rank = {k: torch.cat([t, t], dim=0 if "lora_A" in k else 1) for k, t in tensors.items()}  # rank 2r
+        planted = {
+            "not safetensors": b"not a safetensors file at all",
+            "another layout": save_safetensors(other_rank, metadata),
+            "another format": save_safetensors(tensors, {**metadata, "format": "pt"}),
+        }
+        r = redis.Redis.from_url(settings.redis_url)
+        for why, data in planted.items():
+            r.set(settings.cache_prefix + "etag:" + etag_of(data), data)
+            got = c.post("/retrieve", data={"etag": etag_of(data)}, files={"images": ("a.png", PNG, "image/png")})
+            assert got.status_code == 404 and got.json()["detail"]["field"] == "etag", (why, got.text)
+            assert "not a LoRA of this service" in got.json()["detail"]["reason"], why
+        # The service's own entry, found in Redis alone, is still applied.
+        c.app.state.service.lru = BytesLRU(0)
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+        own = c.post("/retrieve", data={"etag": made.headers["etag"]}, files={"images": ("a.png", PNG, "image/png")})
+        assert own.status_code == 200, own.text
+
+
 def test_cache_key_names_the_code_version(monkeypatch):
     import app.cache as cache_module
 

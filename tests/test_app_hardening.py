@@ -150,6 +150,7 @@ BAD = [
     ("bell", gen({"description": "ring the bell\x07"}), 422, "description"),
     ("ansi-escape", gen({"description": "\x1b[31ma red circle"}), 422, "description"),
     ("c1-control", gen({"description": "a\x9bcircle"}), 422, "description"),
+    ("unit-separator", gen({"description": "a\x1fcircle"}), 422, "description"),
     ("zero-width-space-only", gen({"description": "\u200b"}), 422, "description"),
     ("byte-order-mark-and-space", gen({"description": "\ufeff \u200b"}), 422, "description"),
     ("missing", gen({}), 422, "description"),
@@ -161,6 +162,8 @@ BAD = [
     ("seed-float", gen({"description": "a", "seed": 1.5}), 422, "seed"),
     ("top-k-float", gen({"description": "a", "top_k": 2.5}), 422, "top_k"),
     ("temperature-string", gen({"description": "a", "temperature": "hot"}), 422, "temperature"),
+    ("temperature-numeric-string", gen({"description": "a", "temperature": "0.5"}), 422, "temperature"),
+    ("temperature-bool", gen({"description": "a", "temperature": True}), 422, "temperature"),
     ("method-number", gen({"description": "a", "method": 3}), 422, "method"),
     ("unknown-field", gen({"description": "a", "topk": 2}), 422, "topk"),
     ("body-list", gen([{"description": "a"}]), 422, "body"),
@@ -217,6 +220,8 @@ BAD = [
     ("retrieve-temperature", retrieve({"description": "a", "temperature": "0"}), 422, "temperature"),
     ("retrieve-seed-text", retrieve({"description": "a", "seed": "x"}), 422, "seed"),
     ("retrieve-method", retrieve({"description": "a", "method": "nope"}), 422, "method"),
+    ("retrieve-misspelt-field", retrieve({"description": "a", "caption": "a red thing"}), 422, "caption"),
+    ("retrieve-misspelt-flag", retrieve({"description": "a", "zero-shot": "true"}), 422, "zero-shot"),
     # ---- images ----
     *[(f"image-{k}", retrieve({"description": "a"}, (GOOD_PNG, v)), IMAGE_STATUS.get(k, 422), "images[1]") for k, v in IMAGES],
     ("too-many-images", retrieve({"description": "a"}, [GOOD_PNG] * 65), 422, "images"),
@@ -229,6 +234,15 @@ BAD = [
     # ---- expert uploads ----
     ("expert-form-urlencoded", lambda c, x: c.post("/experts", data=expert_form(), headers=ADMIN), 415, "Content-Type"),
     ("expert-name-twice", register(expert_form(name=["disc", "ring"])), 422, "name"),
+    ("expert-misspelt-field", register(expert_form(snapshots="10")), 422, "snapshots"),
+    (
+        "expert-misspelt-file",
+        lambda c, x: c.post(
+            "/experts", data=expert_form(), files={**upload(x), "varaince": ("v.safetensors", x["good"])}, headers=ADMIN
+        ),
+        422,
+        "varaince",
+    ),
     ("expert-renamed-tensors", register(expert_form(), "renamed"), 422, "mean"),
     ("expert-missing-tensor", register(expert_form(), "missing"), 422, "mean"),
     ("expert-wrong-shape", register(expert_form(), "reshaped"), 422, "mean"),

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from app.deps import KEY_ERRORS, UPLOAD_BUSY, AdminKey, ApiKey, MultipartBody, ServiceDep, refuse_repeated, wants_zip
+from app.deps import KEY_ERRORS, UPLOAD_BUSY, AdminKey, ApiKey, MultipartBody, ServiceDep, check_form_fields, wants_zip
 from app.errors import APIError
 from app.routes.retrieve import read_upload
 from app.schemas import ExpertChange, ExpertList, ExpertOut, clean_text
@@ -128,7 +128,7 @@ async def add_expert(
     num_snapshots: Annotated[int, Form(ge=1, le=2**31 - 1, description="snapshots the mean/variance summarise")] = 1,
 ) -> ExpertChange:
     """Adds an expert to the repository (persisted atomically; cached LoRAs of the old repository stop being served)."""
-    await refuse_repeated(request, ("name", "description", "mean", "variance", "num_snapshots"))
+    await check_form_fields(request, ("name", "description", "mean", "variance", "num_snapshots"))
     try:
         description = clean_text(description)
     except ValueError as e:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from app.deps import KEY_ERRORS, UPLOAD_BUSY, ApiKey, MultipartBody, ServiceDep, refuse_repeated
+from app.deps import KEY_ERRORS, UPLOAD_BUSY, ApiKey, MultipartBody, ServiceDep, check_form_fields
 from app.errors import APIError
 from app.schemas import (
     MAX_TEMPERATURE,
@@ -79,7 +79,7 @@ async def retrieve(
 ) -> RetrieveResponse:
     """Scores every image against every text with the LoRA applied; rankings both ways, zero-shot beside them on request."""
     settings = service.settings
-    await refuse_repeated(request, SINGLE_FIELDS)
+    await check_form_fields(request, SINGLE_FIELDS, ("images", "captions"))
     if not 1 <= len(images) <= settings.max_images:
         raise APIError(422, "images", f"send 1 to {settings.max_images} images, got {len(images)}")
     if (description is None) == (etag is None):
