@@ -342,6 +342,8 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         repository = ExpertRepository.load(root / "repository", expect_spec=backbone.spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ArtifactError(str(e)) from e
+    except SafetensorError as e:  # a weights file damaged in a way its manifest entry was made to match
+        raise ArtifactError(f"{root}: a backbone or repository file is not readable safetensors: {e}") from e
     if (foreign := foreign_repository(repository, config, backbone)) is not None:
         raise ArtifactError(f"{root / 'repository'}: {foreign}")
     generator = load_generator(root, device) if "generator" in stages else None
@@ -351,6 +353,8 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
             f"the backbone takes {backbone.spec.num_params}"
         )
     prior = config.get("prior", {})
+    if not isinstance(prior, dict):
+        raise ArtifactError(f"{root / 'config.json'}: 'prior' is not a mapping of settings (top_k, temperature)")
     engine = Engine(
         backbone,
         repository,

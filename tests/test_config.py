@@ -46,6 +46,15 @@ def _write(tmp_path, text):
         ("generator: {hidden_dim: 0}", r"generator\.hidden_dim must be >= 1"),
         ("generator: {kl_weight: -1}", r"generator\.kl_weight must be >= 0"),
         ("evaluation: {methods: []}", r"evaluation\.methods: empty"),  # a results table of no methods
+        # Found only after every expert had trained, or named after the wrong setting:
+        ("generator: {seed: 1180591620717411303424}", r"generator\.seed: a seed is between 0 and 9223372036854775807"),
+        ("experts: {seed: -1}", r"experts\.seed: a seed is between 0"),
+        ("backbone: {seed: 18446744073709551616}", r"backbone\.seed: a seed is between 0"),
+        ("evaluation: {seed: 9223372036854775807, sg_samples: 3}", r"evaluation\.seed must be between 0 and"),
+        ("generator: {kl_weight: .nan}", r"generator\.kl_weight: expected a finite number, got nan"),
+        ("experts: {lr: .inf}", r"experts\.lr: expected a finite number, got inf"),
+        ("experts: {weight_decay: .nan}", r"experts\.weight_decay: expected a finite number"),
+        ("experts: {lr: fast}", r"experts\.lr: expected a number, got 'fast'"),
         ("split: {experts: 1}\ngenerator: {include_experts: true}", r"generator\.include_experts needs at least 2 experts"),
         ("split: {experts: [a]}\ngenerator: {include_experts: true}", r"split\.experts is \('a',\)"),
         # Settings that did nothing: the top-level seed, a folder dataset's generators' settings.
@@ -64,6 +73,11 @@ def _write(tmp_path, text):
 def test_bad_configs_name_the_problem(tmp_path, text, needle):
     with pytest.raises(ValueError, match=needle):
         load_config(_write(tmp_path, text))
+
+
+def test_a_number_pyyaml_reads_as_a_string_is_a_number(tmp_path):
+    """PyYAML 1.1 reads 5e-3 (no dot) as a string: it was refused as "expected a number, got '5e-3'"."""
+    assert load_config(_write(tmp_path, "experts: {lr: 5e-3}")).experts.lr == 0.005
 
 
 def test_an_explicit_empty_mapping_takes_every_default(tmp_path):

@@ -329,3 +329,21 @@ def test_an_unreadable_image_stops_the_experts_stage_before_any_task_trains(tmp_
     with pytest.raises(ValueError, match=rf"cannot read image .*{image.name}"):
         stage_experts(config, tmp_path / "out")
     assert not list((tmp_path / "out").glob("snapshots/*.safetensors"))  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "description,needle",
+    [
+        ("a photo \udcff x", "must be valid UTF-8 text"),  # a tasks.json written with surrogate escapes
+        ("a\x00circle", "must not contain control characters"),
+        ("\u200b", "must contain a visible character"),
+    ],
+)
+def test_a_task_description_the_service_would_refuse_is_refused_on_load(description, needle):
+    """Such a description passed `check-config --data`, then failed after a task had trained (an undecodable
+    one, on writing its snapshot's metadata) or was trained as an expert whose description no request can
+    match; now it is refused when the dataset is read, naming the task."""
+    from training.data import TaskInfo
+
+    with pytest.raises(ValueError, match=f"task 'disc': description {needle}"):
+        TaskInfo("disc", description)

@@ -157,6 +157,47 @@ def test_corrupt_generator_is_refused_by_name(tiny_artifacts):
         load_artifacts(tiny_artifacts)
 
 
+def test_damage_its_manifest_was_made_to_match_is_refused_by_name_not_a_traceback(tiny_artifacts):
+    """A truncated backbone weights file whose sha256 the manifest was edited to match, and a config.json whose
+    prior is not a mapping: an ArtifactError naming the problem (the CLI's and the service's message), not a
+    SafetensorError or AttributeError traceback."""
+    manifest_path = tiny_artifacts / "manifest.json"
+
+    def rehash(path):
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"][path.relative_to(tiny_artifacts).as_posix()] = sha256_file(path)
+        manifest_path.write_text(json.dumps(manifest))
+
+    config = tiny_artifacts / "config.json"
+    saved = config.read_text()
+    config.write_text(json.dumps({**json.loads(saved), "prior": "x"}))
+    rehash(config)
+    with pytest.raises(ArtifactError, match="'prior' is not a mapping"):
+        load_artifacts(tiny_artifacts)
+    config.write_text(saved)
+    rehash(config)
+    weights = [p for p in (tiny_artifacts / "backbone").glob("*.safetensors")]
+    assert weights, "the tiny backbone writes its weights as safetensors"
+    weights[0].write_bytes(weights[0].read_bytes()[:-7])
+    rehash(weights[0])
+    with pytest.raises(ArtifactError, match="not readable safetensors"):
+        load_artifacts(tiny_artifacts)
+
+
+def test_evaluate_names_split_tasks_the_dataset_lacks(tiny_config, tiny_artifacts):
+    """A splits.json naming a test task the dataset does not have failed with the bare key ("nonexistent")."""
+    from training.pipeline import stage_evaluate
+
+    path = tiny_artifacts / "splits.json"
+    splits = json.loads(path.read_text())
+    path.write_text(json.dumps({**splits, "test": [*splits["test"], "nonexistent"]}))
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    manifest["files"]["splits.json"] = sha256_file(path)
+    (tiny_artifacts / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"splits\.json: its 'test' tasks \['nonexistent'\] are not in the dataset"):
+        stage_evaluate(tiny_config, tiny_artifacts, methods=("topk-weighted",))
+
+
 def test_a_deleted_or_edited_report_warns_and_its_stage_writes_it_again(tiny_config, tiny_artifacts, caplog):
     # Reports (tables, plots, loss history) are pinned but loaded by nothing: losing one must not lock the
     # directory, not even against the rerun that would write it again.
@@ -233,6 +274,33 @@ def test_stage_by_stage_and_nan_snapshot_is_refused(tiny_config, tmp_path, capsy
     other = dataclasses.replace(tiny_config, experts=dataclasses.replace(tiny_config.experts, lr=0.5))
     with pytest.raises(ValueError, match=r"another config \(experts differ\)"):
         run_pipeline(other, out, ("experts",))
+
+
+def test_a_folder_that_holds_no_run_is_refused_before_anything_of_the_users_is_replaced(tiny_config, tmp_path):
+    """--out into a folder of the user's: the stages replace eval/, backbone/ and the rest whole and overwrite
+    config.json, so a folder that holds no trained task and anything a first attempt cannot have written is
+    refused, untouched; what an attempt stopped before its first task left (the backbone, config.json) is not."""
+    from training.pipeline import run_pipeline
+
+    out = tmp_path / "mine"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "notes.txt").write_text("precious")
+    (out / "config.json").write_text('{"mine": true}')
+    with pytest.raises(ValueError, match=r"holds no run of the pipeline \(eval\).*use an empty or new --out"):
+        run_pipeline(tiny_config, out, ("experts",))
+    assert (out / "eval" / "notes.txt").read_text() == "precious" and (out / "config.json").read_text() == '{"mine": true}'
+    (out / "eval" / "notes.txt").unlink()
+    (out / "eval").rmdir()
+    (out / "backbone").mkdir()
+    (out / "backbone" / "weights.bin").write_bytes(b"theirs")
+    with pytest.raises(ValueError, match=r"backbone/ without backbone.json"):
+        run_pipeline(tiny_config, out, ("experts",))
+    assert (out / "backbone" / "weights.bin").read_bytes() == b"theirs"
+    # A first attempt's own leftovers: its backbone folder and config.json. The run goes on.
+    (out / "backbone" / "weights.bin").unlink()
+    (out / "backbone" / "backbone.json").write_text("{}")
+    run_pipeline(tiny_config, out, ("experts",))
+    assert (out / "manifest.json").is_file()
 
 
 def test_a_full_rerun_with_new_generator_settings_keeps_the_experts(tiny_artifacts, tiny_config, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import yaml
 
 from expert_store.prior import check_temperature
 from models.backbone import BackboneConfig, LoraConfig
+from sglora.engine import MAX_SEED
 from sglora.methods import EVALUATION_METHODS
 
 METHODS = EVALUATION_METHODS
@@ -203,6 +205,8 @@ class EvaluationConfig:
             raise ValueError(f"evaluation.methods: {f'unknown {bad}' if bad else 'empty'}; choose from {METHODS}")
         if self.sg_samples < 1:
             raise ValueError("evaluation.sg_samples must be >= 1")
+        if not 0 <= self.seed <= MAX_SEED - (self.sg_samples - 1):  # sg-lora's samples take seed .. seed + sg_samples - 1
+            raise ValueError(f"evaluation.seed must be between 0 and {MAX_SEED} - (sg_samples - 1), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -274,10 +278,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            # Every seed seeds a torch generator (a 64-bit integer): found here, not after the experts trained.
+            if where.rsplit(".", 1)[-1] == "seed" and not 0 <= value <= MAX_SEED:
+                raise ValueError(f"{where}: a seed is between 0 and {MAX_SEED}, got {value}")
             return value
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 5e-3 (no dot) as a string, 5.0e-3 as a number
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every "< 0" check, and no setting means infinity
+                raise ValueError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"{where}: expected a number, got {value!r}")
     if tp is str:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from expert_store.repository import check_name
 from sglora.images import to_rgb
+from sglora.text import clean_text
 
 TASK_KINDS = ("retrieval", "classification")
 SPLITS = ("train", "test")
@@ -55,6 +56,10 @@ class TaskInfo:
             raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if not self.description or not self.description.strip():
             raise ValueError(f"task {self.name!r}: description must not be empty")
+        try:  # what the service and the CLI refuse (control characters, bytes that were not UTF-8, nothing visible)
+            clean_text(self.description)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"task {self.name!r}: description {e}") from None
         if self.kind == "classification" and len(self.classes) < 2:
             raise ValueError(f"task {self.name!r}: a classification task needs at least 2 classes")
 

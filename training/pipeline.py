@@ -178,6 +178,26 @@ def prepare_data(cfg: PipelineConfig) -> tuple[TaskDataset, Splits]:
 
 
 # ---- stages ----------------------------------------------------------------------------------
+def _not_a_first_attempt(out: Path) -> list[str]:
+    """What in ``out`` (which holds no trained task and no manifest) an earlier attempt of the pipeline cannot
+    have written: such an attempt stopped before its first task, so it left at most the backbone folder,
+    config.json, splits.json, an empty snapshots folder, the lock and temporary copies. Anything else (a
+    user's own folder, or an eval/ of theirs) would be replaced or overwritten."""
+    first = {"backbone", "config.json", "splits.json", "snapshots", PIPELINE_LOCK}
+    temporary = tuple(f".{name}." for name in OWN_FILES)
+    out_of_place = []
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        if p.name.startswith(temporary) and p.name.endswith((".tmp", ".old")):
+            continue
+        if p.name not in first:
+            out_of_place.append(p.name)
+        elif p.name == "backbone" and p.is_dir() and any(p.iterdir()) and not (p / art.BACKBONE_FILE).is_file():
+            out_of_place.append("backbone/ without backbone.json")
+        elif p.name == "snapshots" and p.is_dir() and any(p.iterdir()):
+            out_of_place.append("snapshots/ with other files")
+    return out_of_place[:5]
+
+
 def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     t0 = time.perf_counter()
     dataset, splits = prepare_data(cfg)
@@ -186,6 +206,11 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     # Work to resume: a stage done, or a task trained. Without any, what an earlier attempt wrote (a run that
     # failed on a bad setting before its first task) is replaced; with some, it must match.
     built = (out / art.MANIFEST).exists() or any((out / "snapshots").glob("*.safetensors"))
+    if not built and (foreign := _not_a_first_attempt(out)):
+        raise ValueError(
+            f"{out} is not empty and holds no run of the pipeline ({', '.join(foreign)}): the stages replace "
+            "their folders whole and overwrite config.json; use an empty or new --out directory"
+        )
     if built:
         if not (out / "config.json").exists():
             raise ValueError(
@@ -572,6 +597,8 @@ def stage_evaluate(
     per_task: dict[str, dict[str, dict[str, float]]] = {}
     if not splits.get(on):
         raise ValueError(f"{out}: the split has no {on!r} tasks")
+    if unknown := [n for n in splits[on] if n not in dataset.tasks]:
+        raise ValueError(f"{out / 'splits.json'}: its {on!r} tasks {unknown[:5]} are not in the dataset")
     for name in tqdm(splits[on], desc=f"evaluate ({on})", unit="task"):
         task = prepare_task(a.backbone, dataset, name, cache, ("test",))
         emb = a.engine.embed([task.info.description])[0]
