@@ -111,6 +111,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: give a FILE.safetensors or a FILE.zip (a zipped PEFT adapter folder)")
     if problem := output_path_problem(out, "--out"):  # before the work; a failed write named the temporary file
         raise ValueError(problem)
+    unused = [
+        flag
+        for flag, value, used in (
+            ("--seed", args.seed, args.method in SAMPLING_METHODS),
+            ("--top-k", args.top_k, args.method != "model-soup"),  # model-soup mixes every expert
+            ("--temperature", args.temperature, args.method not in ("model-soup", "adapter-soup")),  # equal weights
+        )
+        if value is not None and not used
+    ]
+    if unused:
+        print(
+            f"sglora generate: warning: {' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing for {args.method}",
+            file=sys.stderr,
+        )
     a = load_artifacts(args.artifacts, _device(args.device), require_generator=args.method in SAMPLING_METHODS)
     data, g = a.lora_file(
         description,

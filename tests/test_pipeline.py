@@ -127,6 +127,19 @@ def test_generate_cli_bad_input(tiny_artifacts_session, tmp_path, capsys, argv, 
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_generate_cli_warns_of_options_the_method_ignores(tiny_artifacts_session, tmp_path, capsys):
+    """model-soup mixes every expert with equal weights and samples nothing: --top-k, --temperature and --seed
+    were ignored without a word."""
+    base = ["generate", "a photo of a circle", "--artifacts", str(tiny_artifacts_session)]
+    out = ["--out", str(tmp_path / "m.safetensors")]
+    assert main([*base, "--method", "model-soup", "--top-k", "2", "--seed", "1", *out]) == 0
+    assert "warning: --seed and --top-k do nothing for model-soup" in capsys.readouterr().err
+    assert main([*base, "--method", "adapter-soup", "--temperature", "0.5", "--top-k", "2", *out]) == 0
+    assert "warning: --temperature does nothing for adapter-soup" in capsys.readouterr().err
+    assert main([*base, "--method", "sg-lora", "--seed", "1", "--top-k", "2", "--temperature", "0.5", *out]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_generate_cli_checks_its_out_path_first_and_names_it(tmp_path, capsys, monkeypatch):
     """A bad --out was found after the artefacts loaded and the LoRA was made, and named the temporary file."""
     from sglora import artifacts
