@@ -344,6 +344,11 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         raise ArtifactError(str(e)) from e
     except SafetensorError as e:  # a weights file damaged in a way its manifest entry was made to match
         raise ArtifactError(f"{root}: a backbone or repository file is not readable safetensors: {e}") from e
+    if repository.provenance is None and stages["repository"].get("provenance"):  # its record dropped from the index
+        raise ArtifactError(
+            f"{root / 'repository'}: its index records no experts settings, which the repository stage wrote: "
+            "not the repository this run built; rerun the repository stage"
+        )
     if (foreign := foreign_repository(repository, config, backbone)) is not None:
         raise ArtifactError(f"{root / 'repository'}: {foreign}")
     generator = load_generator(root, device) if "generator" in stages else None

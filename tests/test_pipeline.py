@@ -235,6 +235,17 @@ def test_a_deleted_or_edited_report_warns_and_its_stage_writes_it_again(tiny_con
         load_artifacts(tiny_artifacts)
 
 
+def test_repository_index_without_its_record_of_the_experts_settings_is_refused(tiny_artifacts):
+    """A repository copied in from another run is refused by the experts settings its index records; with that
+    record deleted from the index (a file the manifest does not pin: expert changes rewrite it) it loaded."""
+    idx = tiny_artifacts / "repository" / "repository.json"
+    data = json.loads(idx.read_text())
+    assert data.pop("provenance")
+    idx.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="its index records no experts settings"):
+        load_artifacts(tiny_artifacts)
+
+
 def test_repository_with_another_rank_is_refused(tiny_artifacts):
     idx = tiny_artifacts / "repository" / "repository.json"
     data = json.loads(idx.read_text())
@@ -1334,9 +1345,13 @@ def test_a_repository_from_another_run_is_refused_and_its_provenance_survives_ch
     index_path.write_text(json.dumps(index))
     with pytest.raises(ArtifactError, match="built from the experts of another run"):
         load_artifacts(tiny_artifacts)
-    # A repository written before provenance was recorded loads as before.
+    # A repository written before provenance was recorded (its manifest's repository stage does not say it is)
+    # loads as before.
     del index["provenance"]
     index_path.write_text(json.dumps(index))
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    del manifest["stages"]["repository"]["provenance"]
+    (tiny_artifacts / "manifest.json").write_text(json.dumps(manifest))
     assert load_artifacts(tiny_artifacts).repository.provenance is None
 
 

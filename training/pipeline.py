@@ -450,7 +450,11 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     _log(f"[repository] {len(repo)} experts")
     # No _record_config: this stage uses none of the prior/generator settings, and recording the config's would
     # label a generator trained with others as made with them (its stale check would then pass).
-    art.update_manifest(out, "repository", {"seconds": round(time.perf_counter() - t0, 1), "experts": len(repo)})
+    # "provenance": this stage's index records the experts' settings, so one without them is not its own (loading
+    # refuses it); indexes of releases before the record carry none, and their manifests do not say this.
+    art.update_manifest(
+        out, "repository", {"seconds": round(time.perf_counter() - t0, 1), "experts": len(repo), "provenance": True}
+    )
 
 
 def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_tasks: Collection[str] | None = None) -> None:
