@@ -21,12 +21,14 @@ connection itself after the body (streaming responses) would compete with the wa
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.worker import REQUEST_DEADLINE, Deadline
 
 CLIENT_CLOSED = 499
+log = logging.getLogger("sglora.app")
 
 
 class RequestLifetimeMiddleware:
@@ -88,6 +90,9 @@ class RequestLifetimeMiddleware:
             # Dropped by the server (the connection is closed); the metrics middleware counts it.
             await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
         finally:
+            if gone:  # uvicorn writes no access line for an answer to a closed connection: this is its line
+                path = scope.get("path", "")
+                log.info("%s %s %d: the client closed the connection before the answer", scope["method"], path, CLIENT_CLOSED)
             REQUEST_DEADLINE.reset(token)
             if timer is not None:
                 timer.cancel()

@@ -26,6 +26,7 @@ from prometheus_client import (
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.limits import route_path
 from app.runtime import GcPauses
 from app.settings import StartupError
 
@@ -167,7 +168,7 @@ class MetricsMiddleware:
                 cache = next((v.decode("latin-1") for k, v in message.get("headers", ()) if k.lower() == b"x-cache"), "")
             await send(message)
 
-        watched = scope["path"] != "/metrics"  # else an idle replica's scrape showed one request in flight
+        watched = route_path(scope) != "/metrics"  # else an idle replica's scrape showed one request in flight
         routed = dict(scope)  # a mount (/static) rewrites the scope's path: route it as sent
         if watched:
             self.metrics.in_flight.inc()

@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -335,7 +335,9 @@ class ModelWorker:
                 return
             self.metrics.busy_threads.inc(self.model_threads)
             try:
-                await asyncio.get_running_loop().run_in_executor(self._executors[0], job)
+                # In the request's context (this task's copy of it): the job's log lines carry its request ID,
+                # which run_in_executor alone would leave behind.
+                await asyncio.get_running_loop().run_in_executor(self._executors[0], copy_context().run, job)
             finally:
                 self.metrics.busy_threads.dec(self.model_threads)
         finally:

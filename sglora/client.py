@@ -136,9 +136,9 @@ class _Api:
             return False, min(CONNECT_WAIT_S, self.max_wait_s)
         assert r is not None
         if call.probe and r.status_code in (200, 503) and r.headers.get("content-type", "").startswith("application/json"):
-            return True, call.parse(r)
+            return True, _parsed(call, r)
         if r.status_code < 400 and not call.probe:
-            return True, call.parse(r)
+            return True, _parsed(call, r)
         if call.probe or r.status_code not in RETRIED or retried == self.retries:
             raise _error(r)
         return False, min(_retry_after(r), self.max_wait_s)
@@ -426,6 +426,17 @@ def _retry_after(r: httpx.Response) -> float:
         return max(0.0, float(r.headers.get("retry-after", "1")))
     except ValueError:
         return 1.0
+
+
+def _parsed(call: _Call, r: httpx.Response) -> Any:
+    """``call.parse(r)``; a ServiceError where the answer is not the service's (a proxy's login page, an HTML
+    error page with status 200), instead of the parser's JSON or safetensors error."""
+    try:
+        return call.parse(r)
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        kind = r.headers.get("content-type") or "no content type"
+        reason = f"the answer to {call.method} {call.path} is not the service's ({kind}): {e}"
+        raise ServiceError(r.status_code, None, reason, r.headers.get("x-request-id")) from e
 
 
 def _error(r: httpx.Response) -> ServiceError:

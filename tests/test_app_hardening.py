@@ -634,9 +634,10 @@ def test_a_chunked_body_over_the_limit_closes_the_connection(make_settings):
         assert r.status_code == 413 and r.headers["connection"] == "close"
 
 
-def test_a_client_gone_while_sending_its_body_counts_as_499_not_400(make_settings):
+def test_a_client_gone_while_sending_its_body_counts_as_499_not_400(make_settings, caplog):
     """The framework answers a body cut short with 400 "error parsing the body": client aborts inflated the
-    4xx rate. Nobody reads the answer; it is counted as the client closing the request."""
+    4xx rate. Nobody reads the answer; it is counted as the client closing the request, and logged (uvicorn
+    writes no access line for an answer to a closed connection: the 499s were in the metrics alone)."""
     with TestClient(create_app(make_settings())) as c:
         before = (_requests_with_status(c, "499"), _requests_with_status(c, "400"))
         messages = iter([{"type": "http.request", "body": b'{"descrip', "more_body": True}, {"type": "http.disconnect"}])
@@ -654,6 +655,32 @@ def test_a_client_gone_while_sending_its_body_counts_as_499_not_400(make_setting
             "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": c.app,
         }  # fmt: skip
-        c.portal.call(c.app, scope, receive, send)
+        with caplog.at_level("INFO", logger="sglora.app"):
+            c.portal.call(c.app, scope, receive, send)
         assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+        assert "POST /generate 499: the client closed the connection before the answer" in caplog.text
         assert (_requests_with_status(c, "499"), _requests_with_status(c, "400")) == (before[0] + 1, before[1])
+
+
+@pytest.mark.parametrize(("path", "root_path"), [("/metrics", ""), ("/sglora/metrics", "/sglora")])
+def test_the_scrape_is_not_in_flight_behind_a_path_prefix(path, root_path):
+    """Under uvicorn --root-path the scrape's path carries the prefix: an idle replica showed one request in flight."""
+    from app.metrics import Metrics, MetricsMiddleware
+
+    metrics = Metrics()
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(metrics.in_flight._value.get())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message):
+        pass
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": [], "query_string": b""}
+    asyncio.run(MetricsMiddleware(inner, metrics)(scope, receive, send))
+    assert seen == [0]

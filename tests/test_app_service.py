@@ -580,6 +580,27 @@ async def test_results_of_a_batch_are_answered_as_they_are_made():
         await worker.close()
 
 
+async def test_a_job_run_alone_sees_its_requests_id():
+    """An expert change runs on a model thread through ModelWorker.run: its log lines ("expert repository
+    changed") lacked the request ID the docs promise, as run_in_executor leaves context variables behind."""
+    from app.metrics import Metrics
+    from app.request_id import current
+    from app.worker import ModelWorker
+
+    worker = ModelWorker(lambda texts: None, Metrics(), model_threads=2)
+    worker.start()
+    try:
+        token = current.set("job-42")
+        try:
+            seen = await worker.run(current.get)
+        finally:
+            current.reset(token)
+        assert seen == "job-42"
+        assert await worker.run(current.get) is None  # outside a request
+    finally:
+        await worker.close()
+
+
 async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
     """Two model threads encode two micro-batches at once; a run() job (retrieval, expert change)
     waits for them and runs with no batch beside it."""

@@ -384,3 +384,16 @@ def test_the_async_clients_calls_check_their_arguments_when_awaited():
     with pytest.raises(TypeError, match="images: give a list"):
         asyncio.run(pending)
     assert seen == []
+
+
+def test_an_answer_that_is_not_the_services_is_a_service_error():
+    """A 200 from something else (a proxy's login page): experts() raised json.JSONDecodeError and generate()
+    a safetensors ValueError, outside the documented errors."""
+    login = httpx.Response(200, text="<html>sign in</html>", headers={"content-type": "text/html"})
+    c, _ = scripted(login)
+    with pytest.raises(ServiceError) as e:
+        c.experts()
+    assert e.value.status == 200 and "is not the service's (text/html)" in e.value.reason
+    c, _ = scripted(login)
+    with pytest.raises(ServiceError, match="POST /generate is not the service's"):
+        c.generate("a photo of a circle", seed=1)

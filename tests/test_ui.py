@@ -369,6 +369,24 @@ def test_a_seed_beyond_two_to_the_53_is_sent_as_typed(server, browser):
     assert browser.execute_script("return requestJson(seededRequest())").endswith(f'"seed":{seed}}}')
 
 
+def test_a_seed_typed_with_leading_zeros_is_that_number(server, browser):
+    """The page sends a seed's digits as typed (above); "007", which the form's pattern allows, is no JSON
+    number: the preview answered 422 "body: not valid JSON"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    browser.find_element(By.ID, "description").send_keys("a photo of a red circle")
+    browser.find_element(By.ID, "seed").send_keys("007")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#experts-table tbody tr"))
+    assert browser.find_element(By.ID, "seed-out").text == "7"
+    api = httpx.post(f"{server}/generate/preview", json={"description": "a photo of a red circle", "seed": 7}).json()
+    assert browser.find_element(By.ID, "etag-out").text == api["etag"]
+
+
 def test_a_retrieval_answered_after_another_preview_is_dropped(server, browser, tmp_path):
     """Scores that arrive after another description was previewed belong to the earlier LoRA: not shown under
     the new experts; and a run's earlier scores are hidden while it runs."""

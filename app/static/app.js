@@ -117,7 +117,8 @@ function generationRequest() {
   const seed = $("seed").value.trim();
   const topK = $("top-k").value.trim();
   const temperature = $("temperature").value.trim();
-  if (seed) body.seed = seed; // the digits (requestJson): the form's pattern allows nothing else
+  // The digits (requestJson), without leading zeros ("007" is no JSON number): the pattern allows nothing else.
+  if (seed) body.seed = seed.replace(/^0+(?=\d)/, "");
   if (topK) body.top_k = Number(topK);
   if (temperature) body.temperature = Number(temperature);
   return body;
@@ -146,6 +147,8 @@ async function generate(event) {
     previews++;
     showError($("download-error"), "");
     $("download-changed").hidden = true;
+    showError($("retrieval-error"), ""); // of the previous preview's retrieval
+    $("retrieval-note").hidden = true;
     renderExperts(current);
     $("result").hidden = false;
     $("retrieval").hidden = false;
