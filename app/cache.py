@@ -41,7 +41,7 @@ class CacheKey:
     method: str
     seed: int | None  # None for the deterministic methods
     top_k: int
-    temperature: float
+    temperature: float | None  # None: the method uses none
     text_dtype: str = "float32"  # the text tower's: bfloat16 embeddings differ in their last bits
     generator_dtype: str = ""  # the CVAE's, for the methods that sample ("" for the others)
 
@@ -55,7 +55,7 @@ class CacheKey:
                 self.method,
                 self.seed,
                 self.top_k,
-                repr(float(self.temperature)),
+                None if self.temperature is None else repr(float(self.temperature)),
                 self.text_dtype,
                 self.generator_dtype,
             ],

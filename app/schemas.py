@@ -169,8 +169,8 @@ class GenerationInfo(AdapterOut):
         }
     )
 
-    top_k: int
-    temperature: float
+    top_k: int = Field(description="experts mixed (every expert for model-soup)")
+    temperature: float | None = Field(description="softmax temperature of the weights; null for the soups (equal weights)")
     cache: Literal["hit", "miss"]
     size_bytes: int = Field(description="size of the safetensors file /generate returns for the same request and seed")
 

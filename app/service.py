@@ -94,7 +94,7 @@ class GenerateParams:
     method: str
     seed: int | None
     top_k: int | None  # None: the repository's default (min of the artefacts' top_k and its size) when it runs
-    temperature: float
+    temperature: float | None  # None: not used (the soups weigh their experts equally)
 
 
 class Made(NamedTuple):
@@ -478,10 +478,16 @@ class Service:
         if top_k is not None and not 1 <= top_k <= min(n, cap):  # None: the default, fixed when the job runs
             bound = f"the number of experts ({n})" if n <= cap else f"SGLORA_MAX_TOP_K ({cap})"
             raise APIError(422, "top_k", f"must be between 1 and {bound}, got {top_k}")
-        temperature = self.engine.temperature if temperature is None else temperature
+        temperature = self.engine.temperature if temperature is None else float(temperature)
         if method not in SAMPLING_METHODS:
             seed = None  # the deterministic methods do not sample
-        return GenerateParams(description, method, seed, top_k, float(temperature))
+        # What a method does not use does not key its cache entry (nor shows in its metadata): the soups
+        # weigh their experts equally, and model-soup mixes every expert.
+        if method in ("model-soup", "adapter-soup"):
+            temperature = None
+        if method == "model-soup":
+            top_k = None
+        return GenerateParams(description, method, seed, top_k, temperature)
 
     async def generate(self, params: GenerateParams) -> GeneratedLora:
         lookup = params.method not in SAMPLING_METHODS or params.seed is not None

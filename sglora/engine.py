@@ -81,8 +81,8 @@ class Generation:
     lora: torch.Tensor  # (P,) float32, on the CPU
     method: str
     seed: int | None
-    top_k: int
-    temperature: float
+    top_k: int  # experts mixed: every expert for model-soup
+    temperature: float | None  # None: the method weighs its experts equally (the soups), no softmax
     experts: list[ExpertChoice] = field(default_factory=list)
     spec: LoraSpec | None = None  # the LoRA's layout when not the backbone's (rank K*r, or (K+2)*r)
     generator_dtype: str = ""  # what the CVAE sampled in ("float32", "bfloat16"); "" for the methods that do not sample
@@ -231,7 +231,9 @@ class Engine:
                     ).clone()  # its own: callers may change it
                     out[i] = Generation(soup, method, None, top_k, temperature, experts)
                     continue
-                idx, alpha, sims = select_experts(embeddings[i], stored, top_k, temperature, unit)
+                # adapter-soup's weights are equal: the softmax (of any temperature) only ranks its experts
+                t = self.temperature if temperature is None else temperature
+                idx, alpha, sims = select_experts(embeddings[i], stored, top_k, t, unit)
             except ValueError as e:  # this request alone is bad (method, seed, top_k, temperature)
                 out[i] = e
                 continue
@@ -372,7 +374,7 @@ class Engine:
         for (i, *_), lora in zip(rows, loras):
             out[i] = replace(out[i], lora=lora)
 
-    def _resolve(self, r: Request) -> tuple[str, int | None, int, float]:
+    def _resolve(self, r: Request) -> tuple[str, int | None, int, float | None]:
         """A request with defaults filled in; ValueError naming the bad field. The default top_k is at most
         the number of experts (a repository edited since the engine was made may hold fewer)."""
         top_k = min(self.top_k, len(self.repository)) if r.top_k is None else _integer(r.top_k, "top_k")
@@ -385,6 +387,10 @@ class Engine:
         seed = None if r.seed is None else _integer(r.seed, "seed")
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
+        if r.method == "model-soup":  # every expert, equal weights: neither is used, and neither is recorded
+            return r.method, None, len(self.repository), None
+        if r.method == "adapter-soup":  # equal weights: no softmax (top_k is checked by select_experts)
+            return r.method, None, top_k, None
         if r.method not in SAMPLING_METHODS:  # top_k and temperature are checked by select_experts
             return r.method, None, top_k, temperature
         if self.generator is None:

@@ -202,7 +202,7 @@ def generation_metadata(a, description: str, g) -> dict:
         "method": g.method,
         "seed": "" if g.seed is None else str(g.seed),
         "top_k": str(g.top_k),
-        "temperature": str(g.temperature),
+        "temperature": "" if g.temperature is None else str(g.temperature),  # "": equal weights (the soups)
         "experts": [{"name": e.name, "weight": e.weight, "similarity": e.similarity} for e in g.experts],
         # an exact merge (topk-exact, sg-lora-exact) has its own rank
         **layout_metadata(a.backbone, g.spec or a.backbone.spec, a.version),

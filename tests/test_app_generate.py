@@ -89,6 +89,26 @@ def test_deterministic_methods_ignore_the_seed(client, method):
     assert file_metadata(a.content)["method"] == method
 
 
+@pytest.mark.parametrize(
+    ("method", "unused"), [("adapter-soup", {"temperature": 3.0}), ("model-soup", {"top_k": 1, "temperature": 3.0})]
+)
+def test_what_a_soup_does_not_use_neither_keys_nor_shows(client, method, unused):
+    """The soups weigh their experts equally and model-soup mixes every expert: a temperature (and
+    model-soup's top_k) changes nothing, so it shares the entry and the metadata does not claim it."""
+    a = client.post("/generate", json={"description": f"a ring for {method}", "method": method})
+    b = client.post("/generate", json={"description": f"a ring for {method}", "method": method, **unused})
+    assert (a.headers["x-cache"], b.headers["x-cache"]) == ("miss", "hit") and a.content == b.content
+    meta = file_metadata(a.content)
+    assert meta["temperature"] == ""
+    n = len(client.get("/experts").json()["experts"])
+    assert int(meta["top_k"]) == (n if method == "model-soup" else len(json.loads(meta["experts"])))
+    info = client.post("/generate/preview", json={"description": f"a ring for {method}", "method": method}).json()
+    assert info["temperature"] is None and info["top_k"] == int(meta["top_k"])
+    # Still checked: a value the API refuses is refused whatever the method.
+    r = client.post("/generate", json={"description": "a ring", "method": method, "temperature": 0})
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "temperature"
+
+
 def test_if_none_match_gives_304(client):
     body = {"description": "a star", "seed": 2}
     r = client.post("/generate", json=body)

@@ -43,6 +43,9 @@ def test_batch_rows_equal_single_generations(engine):
     assert _bytes(batch[0].lora) != _bytes(batch[6].lora)  # same seed, another description
     assert batch[2].top_k == 3 and len(batch[2].experts) == 3
     assert len(batch[4].experts) == len(engine.repository)
+    # What the soups do not use is not recorded: equal weights (no temperature), model-soup every expert.
+    assert batch[3].temperature is None and batch[4].temperature is None and batch[4].top_k == len(engine.repository)
+    assert batch[2].temperature == engine.temperature
 
 
 @needs_onednn_bfloat16

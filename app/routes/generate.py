@@ -136,7 +136,7 @@ async def generate_preview(body: GenerateRequest, service: JsonModelCall) -> Gen
         method=lora.method,
         seed=lora.seed,
         top_k=int(meta["top_k"]),
-        temperature=float(meta["temperature"]),
+        temperature=float(meta["temperature"]) if meta["temperature"] else None,
         experts=[ExpertChoiceOut(**e) for e in lora.experts],
         artifact_version=meta.get("artifact_version", ""),
         cache=lora.cache,
