@@ -139,6 +139,9 @@ def test_zip_etag_is_accepted_too(client):
         ({}, IMAGES[:1], 422, "description"),
         ({"description": "a", "etag": "0" * 32}, IMAGES[:1], 422, "description"),
         ({"description": "  "}, IMAGES[:1], 422, "description"),
+        ({"description": ""}, IMAGES[:1], 422, "description"),  # sent empty: blank, not missing
+        ({"etag": ""}, IMAGES[:1], 422, "etag"),
+        ({"description": "", "etag": "0" * 32}, IMAGES[:1], 422, "description"),  # both sent, one empty
         ({"description": "a", "top_k": "9"}, IMAGES[:1], 422, "top_k"),
         ({"description": "a", "temperature": "0"}, IMAGES[:1], 422, "temperature"),
         ({"description": "a", "method": "nope"}, IMAGES[:1], 422, "method"),
@@ -157,6 +160,8 @@ def test_bad_input_is_a_4xx_naming_the_field(client, data, images, status, field
     r = client.post("/retrieve", data=data, files=files(images))
     assert r.status_code == status, r.text
     assert r.json()["detail"]["field"] == field
+    if data == {"description": ""}:
+        assert "blank" in r.json()["detail"]["reason"]
 
 
 def test_missing_images_is_a_422(client):

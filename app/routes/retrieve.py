@@ -82,8 +82,18 @@ async def retrieve(
     await check_form_fields(request, SINGLE_FIELDS, ("images", "captions"))
     if not 1 <= len(images) <= settings.max_images:
         raise APIError(422, "images", f"send 1 to {settings.max_images} images, got {len(images)}")
-    if (description is None) == (etag is None):
+    # An empty form field reaches the parameters as None (not sent): the form tells the two apart, so an
+    # empty description is refused as blank rather than as missing.
+    form = await request.form()
+    if ("description" in form) == ("etag" in form):
         raise APIError(422, "description", "send exactly one of `description` and `etag`")
+    if "etag" in form and not etag:
+        raise APIError(422, "etag", "must not be empty")
+    if "description" in form:
+        try:
+            description = clean_text(description or "")
+        except ValueError as e:
+            raise APIError(422, "description", str(e)) from e
     texts: list[str] = []
     for i, c in enumerate(captions or []):
         try:
@@ -97,10 +107,6 @@ async def retrieve(
     data = [await read_upload(f, f"images[{i}]", settings.max_image_bytes) for i, f in enumerate(images)]
     decoded = await service.decode_images(data)  # bad images are refused before any generation
     if description is not None:
-        try:
-            description = clean_text(description)
-        except ValueError as e:
-            raise APIError(422, "description", str(e)) from e
         adapter = await service.generate(service.resolve(description, method, seed, top_k, temperature))
     else:
         adapter = await service.adapter(etag or "")
