@@ -89,14 +89,11 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_a_folder_given_as_the_config_is_named(tmp_path, capsys):
-    """A run folder passed where the YAML goes was a raw '[Errno 21] Is a directory'."""
-    from sglora.cli import main
-
+def test_a_folder_given_as_the_config_is_named(tmp_path):
+    """A run folder passed where the YAML goes was a raw '[Errno 21] Is a directory' (the CLI's exit
+    status: test_pipeline's file-system errors)."""
     with pytest.raises(ValueError, match="not a file; give the YAML config"):
         load_config(tmp_path)
-    assert main(["check-config", str(tmp_path)]) == 2
-    assert "not a file" in capsys.readouterr().err
 
 
 def test_dataset_paths_are_relative_to_the_config_file_also_in_combined_sources(tmp_path, monkeypatch):

@@ -30,6 +30,9 @@ def test_folder_format_round_trip(tmp_path):
         ('{"image": "a.png", "task": "nope", "caption": "x"}', "unknown task"),
         ('{"image": "a.png", "task": "circle"}', "needs a caption"),
         ('{"image": "a.png", "task": "circle", "caption": " \\t "}', "needs a caption"),
+        # what the service's /retrieve refuses in a caption (a NUL, an information separator)
+        ('{"image": "a.png", "task": "circle", "caption": "a\\u0000b"}', "jsonl:1: caption must not contain control characters"),
+        ('{"image": "a.png", "task": "circle", "caption": "a\\u001fb"}', "caption must not contain control characters"),
         ('{"image": "../../etc/passwd", "task": "circle", "caption": "x"}', "leaves the dataset folder"),
         ('{"image": "a.png", "split": "dev", "task": "circle", "caption": "x"}', "split"),
     ],
@@ -39,6 +42,16 @@ def test_bad_manifest_lines_are_named(tmp_path, line, needle):
     (tmp_path / "samples.jsonl").write_text(line + "\n")
     with pytest.raises(ValueError, match=needle):
         load_task_dataset(tmp_path)
+
+
+def test_captions_are_read_as_the_service_reads_them(tmp_path):
+    """Whitespace normalised (as /retrieve normalises its captions; neutral to the tokenizers)."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [{"name": "circle", "description": "a photo of a circle"}]}))
+    (tmp_path / "samples.jsonl").write_text(
+        json.dumps({"image": "a.png", "task": "circle", "caption": " a  red\tcircle\n"}) + "\n"
+    )
+    assert [s.caption for s in load_task_dataset(tmp_path).samples] == ["a red circle"]
 
 
 def test_a_symlink_inside_the_folder_may_point_elsewhere_a_path_as_written_may_not(tmp_path):

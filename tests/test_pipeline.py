@@ -493,7 +493,7 @@ def test_cli_file_system_and_device_errors_are_messages(tiny_artifacts_session, 
     assert main(["generate", "a cat", "--out", str(tmp_path / "d.safetensors"), *art]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert main(["check-config", str(tmp_path)]) == 2
-    assert "Is a directory" in capsys.readouterr().err
+    assert "not a file; give the YAML config" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["pipeline", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "file")]) == 2
     assert "--out " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err

@@ -269,6 +269,13 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         kind = tasks[task].kind if task is not None else None
         if kind == "retrieval" and not (caption and caption.strip()):  # a blank one pairs its image with nothing
             raise ValueError(f"{where}: a retrieval sample needs a caption")
+        if caption and caption.strip():
+            # The text the service would rank (its /retrieve captions go through the same rules): whitespace
+            # normalised (neutral to both tokenizers, which split on it), no control characters.
+            try:
+                caption = clean_text(caption)
+            except ValueError as e:
+                raise ValueError(f"{where}: caption {e}") from None
         if kind == "classification" and label not in tasks[task].classes:
             raise ValueError(f"{where}: label {label!r} is not one of task {task!r}'s classes {list(tasks[task].classes)}")
         if task is None and label is None:
