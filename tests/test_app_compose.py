@@ -96,9 +96,11 @@ def test_images_run_as_a_user_with_cpu_torch():
     assert "--no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default" in trainer
 
 
-@pytest.mark.parametrize("state", ["complete", "incomplete", "complete-but-damaged"])
+@pytest.mark.parametrize("state", ["complete", "incomplete", "complete-but-damaged", "config-edited"])
 def test_trainer_skips_complete_artefacts_that_load(tiny_artifacts, tmp_path, state):
-    out = tiny_artifacts
+    """Skips only a complete run built with the config's settings that loads here: an edited config (it
+    served the old run) runs the pipeline, which keeps what the edit leaves valid."""
+    out, config = tiny_artifacts, "configs/tiny.yaml"
     if state == "incomplete":
         manifest = json.loads((out / "manifest.json").read_text())
         del manifest["stages"]["evaluate"]
@@ -106,6 +108,11 @@ def test_trainer_skips_complete_artefacts_that_load(tiny_artifacts, tmp_path, st
     elif state == "complete-but-damaged":  # as a volume written under other package versions: it refuses to load
         with open(out / "backbone" / "backbone.json", "a") as f:
             f.write(" ")
+    elif state == "config-edited":
+        text = (ROOT / config).read_text()
+        config = str(tmp_path / "edited.yaml")
+        assert "  sg_samples: 2" in text
+        Path(config).write_text(text.replace("  sg_samples: 2", "  sg_samples: 3"))  # an evaluation setting
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "sglora").write_text('#!/bin/sh\necho "sglora $*"\n')
@@ -113,17 +120,18 @@ def test_trainer_skips_complete_artefacts_that_load(tiny_artifacts, tmp_path, st
     python = Path(sys.executable).parent  # the venv's python3 stands for the image's, which has the package
     env = {**os.environ, "PATH": f"{stub}:{python}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(
-        ["sh", str(ROOT / "docker" / "trainer-entrypoint.sh"), "configs/offline-default.yaml", str(out)],
-        capture_output=True, text=True, env=env, timeout=120,
+        ["sh", str(ROOT / "docker" / "trainer-entrypoint.sh"), config, str(out)],
+        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT,
     )  # fmt: skip
     if state == "complete":
         assert p.returncode == 0 and "nothing to do" in p.stdout and "sglora pipeline" not in p.stdout, p.stderr
-    elif state == "incomplete":
-        assert p.returncode == 0 and f"sglora pipeline --config configs/offline-default.yaml --out {out}" in p.stdout
+    elif state in ("incomplete", "config-edited"):
+        assert p.returncode == 0 and f"sglora pipeline --config {config} --out {out}" in p.stdout, p.stderr
+        assert ("changed since" in p.stdout) == (state == "config-edited")
     else:
         assert p.returncode == 1 and "sglora pipeline" not in p.stdout
-        assert "is complete but does not load here" in p.stderr and "backbone.json" in p.stderr and "down -v" in p.stderr
-        assert "Traceback" not in p.stderr
+        assert "is complete but does not load here" in p.stderr and "backbone.json" in p.stderr
+        assert "docker volume rm" in p.stderr and "Traceback" not in p.stderr
 
 
 # ---- the images' files: what a build would find, and the commands they run -----------------------------
@@ -207,6 +215,20 @@ def test_the_images_commands_parse_with_the_cli():
     config, out = command("Dockerfile.trainer", "CMD")
     assert (ROOT / config).is_file()
     entry = (ROOT / "docker" / "trainer-entrypoint.sh").read_text()
-    assert 'exec sglora pipeline --config "$CONFIG" --out "$OUT"' in entry
+    assert 'build = ["sglora", "pipeline", "--config", config, "--out", str(out)]' in entry and "os.execvp" in entry
     args = build_parser().parse_args(["pipeline", "--config", config, "--out", out])
     assert args.command == "pipeline" and args.stage is None
+
+
+def test_every_sglora_variable_the_deployment_files_set_is_read():
+    """A variable no setting reads is dropped with a start-up warning naming it as misspelt: the GPU
+    override's SGLORA_TORCH_INDEX was named so, though the compose file reads it."""
+    import re
+
+    from app.settings import unknown_variables
+
+    files = [ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml", *sorted((ROOT / "docker").iterdir())]
+    files += sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())
+    names = {m for f in files for m in re.findall(r"SGLORA_[A-Z0-9_]+", f.read_text(errors="replace"))}
+    assert "SGLORA_TORCH_INDEX" in names and "SGLORA_ARTIFACTS" in names
+    assert unknown_variables(dict.fromkeys(names, "")) == []

@@ -351,6 +351,13 @@ def _expert_changes(out: Path, cfg: PipelineConfig) -> list[str]:
     return [k for k in art.EXPERT_SECTIONS if built.get(k) != wanted.get(k)]
 
 
+def config_changes(out: Path, cfg: PipelineConfig) -> list[str]:
+    """The top-level sections in which ``cfg`` differs from the config ``out`` records, both read as this
+    release writes them: none for a complete run built with ``cfg`` (each stage records what it used)."""
+    built, wanted = _built_config(out), with_defaults(cfg.to_dict())
+    return sorted(k for k in built.keys() | wanted.keys() if built.get(k) != wanted.get(k))
+
+
 def _record_config(out: Path, cfg: PipelineConfig) -> None:
     """After a later stage succeeds: config.json holds the prior/generator settings it used."""
     if _built_config(out) != cfg.to_dict():
