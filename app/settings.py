@@ -221,7 +221,8 @@ class Settings(BaseSettings):
 
 # SGLORA_ variables read outside this class: by `sglora serve` / `python -m app`, and by the Prometheus and
 # Grafana files of deploy/ run without Docker (docs/service.md tells users to export them beside the others).
-OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS"})
+# Read elsewhere: by `serve` (the log format), by the monitoring files and by docker-compose.gpu.yml.
+OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS", "SGLORA_TORCH_INDEX"})
 
 
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
