@@ -20,11 +20,16 @@ install: $(PY) install-data
 	# (docker/constraints.txt): artefacts built here load in the images and the other way round.
 	$(PIP) install -q -c docker/constraints.txt -e '.[offline,dev]'
 
+DATA_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
+
 install-data:
-	# Real images for the offline benchmarks (Debian packages; see README for sizes).
-	@if command -v apt-get >/dev/null; then \
-	  dpkg -s dataset-fashion-mnist tuxpaint-stamps-default >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default); \
+	# Real images for the offline benchmarks (Debian packages; see README for sizes): as root, else through sudo.
+	@if command -v apt-get >/dev/null && ! dpkg -s $(DATA_PACKAGES) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	    echo "make: the Debian packages $(DATA_PACKAGES) are missing; as root: apt-get install --no-install-recommends $(DATA_PACKAGES)" >&2; \
+	    exit 2; \
+	  fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DATA_PACKAGES); \
 	fi
 
 test:
