@@ -13,7 +13,8 @@ import hashlib
 import logging
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,25 @@ TRACE_WARM_RUNS = 2  # Backbone.trace_text: runs of the probes before the check
 # Backbone.trace_text's own probes: "x" is one token to MiniLM's tokenizer, so with its two special tokens
 # these fill the padded lengths 16 and 24 exactly (no padding: the eager tower then skips its attention mask).
 TRACE_PROBES = ("x " * 14, "x " * 22)
+
+
+# Loggers of the model libraries whose deprecated properties torch.jit.trace reads while it scans a module's
+# attributes (sentence-transformers' `_target_device`, transformers' `loss_function`): each logs a warning
+# that the service's own code never causes, at every start-up.
+TRACE_NOISY_LOGGERS = ("sentence_transformers", "transformers")
+
+
+@contextmanager
+def _quiet(loggers: Sequence[str]) -> Iterator[None]:
+    """Only errors from ``loggers`` (and their children) while the block runs."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
+    for lg, _ in saved:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -231,7 +251,7 @@ class Backbone(ABC):
                 traced = self._text_module(probes[0])
                 if traced is None:
                     return f"{type(self).__name__}'s text tower has no traceable forward"
-                with torch.no_grad():
+                with torch.no_grad(), _quiet(TRACE_NOISY_LOGGERS):
                     graph = torch.jit.trace(*traced, check_trace=False)
             except Exception as e:  # an op or a Python construct the tracer cannot record; a torch without torch.jit
                 return f"tracing failed ({error_line(e)})"

@@ -330,6 +330,18 @@ def test_a_traced_text_tower_gives_the_eager_bits_for_descriptions_it_was_not_ch
     assert traced.text_graph == "eager"
 
 
+def test_tracing_logs_none_of_the_libraries_deprecation_warnings(backbone, caplog):
+    """torch.jit.trace reads every attribute of the modules, deprecated properties too: sentence-transformers'
+    `_target_device` and transformers' `loss_function` logged a warning each at every service start-up."""
+    import logging
+
+    bb = copy.deepcopy(backbone)
+    with caplog.at_level(logging.WARNING):
+        assert bb.trace_text(PROBES) is None
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logging.getLogger("sentence_transformers").level == logging.NOTSET  # the levels are put back
+
+
 def test_a_traced_text_tower_is_refused_where_it_would_change_the_bits_or_cannot_be_made(backbone, monkeypatch):
     bb = copy.deepcopy(backbone)
     assert bb.trace_text([]) == "no probe descriptions to check a traced graph with" and bb.text_graph == "eager"
