@@ -24,11 +24,11 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -286,6 +286,10 @@ class Service:
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
         self._manifest = (artifacts.root / MANIFEST).read_bytes()  # what the version after an expert change hashes
         self.state = self._state_of(artifacts.version)
+        # Held by an expert change from its first change in memory to the new state's publication, and by
+        # readers of one expert's tensors (expert_file): they see the state before or after the change,
+        # never the repository in between (changed in memory, not yet saved, perhaps to be rolled back).
+        self._change_lock = threading.Lock()
         self.text_dtype = artifacts.backbone.text_dtype_name
         self.text_numerics = self.text_dtype  # what fixes an embedding's bits: the dtype, and fixed-row blocks if on
         self.generator_dtype = self.engine.generator_dtype_name
@@ -474,6 +478,7 @@ class Service:
         """Fills defaults and checks what depends on the loaded artefacts; APIError(422) naming the field."""
         if len(description) > self.settings.max_description_chars:
             raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
+        self.check_text_length(description, "description")
         n, cap = len(self.state.experts), self.settings.max_top_k
         if top_k is not None and not 1 <= top_k <= min(n, cap):  # None: the default, fixed when the job runs
             bound = f"the number of experts ({n})" if n <= cap else f"SGLORA_MAX_TOP_K ({cap})"
@@ -488,6 +493,14 @@ class Service:
         if method == "model-soup":
             top_k = None
         return GenerateParams(description, method, seed, top_k, temperature)
+
+    def check_text_length(self, text: str, field: str) -> None:
+        """APIError(422, field) for a text longer than the text tower reads: its tokenizer would cut the rest
+        off, and texts alike up to there would be one embedding (one LoRA, under two cache entries)."""
+        try:
+            self.engine.backbone.check_text_length(text)
+        except ValueError as e:
+            raise APIError(422, field, str(e)) from None
 
     async def generate(self, params: GenerateParams) -> GeneratedLora:
         lookup = params.method not in SAMPLING_METHODS or params.seed is not None
@@ -720,22 +733,29 @@ class Service:
     def repository_dir(self) -> Path:
         return self.artifacts.root / "repository"
 
-    def expert_file(self, name: str, part: str) -> bytes:
+    async def expert_file(self, name: str, part: str) -> tuple[bytes, str]:
         """An expert's mean (or element-wise variance) in the format /generate answers and POST /experts
-        takes (PEFT tensor names), with the expert and the LoRA layout in its metadata; APIError(404)."""
-        try:  # one lookup: an expert removed meanwhile (on a model thread) is simply not found
-            expert = self.artifacts.repository[name]
-        except KeyError:
-            raise APIError(404, "name", f"no expert named {name!r}") from None
+        takes (PEFT tensor names), with the expert and the LoRA layout in its metadata, and the artefact
+        version it is of (one state's: GET /experts of that version lists it); APIError(404). Off the event
+        loop: it waits for an expert change in progress."""
+        return await asyncio.to_thread(self._expert_file, name, part)
+
+    def _expert_file(self, name: str, part: str) -> tuple[bytes, str]:
+        with self._change_lock:  # the repository as the published state has it
+            version = self.state.version
+            try:
+                expert = self.artifacts.repository[name]
+            except KeyError:
+                raise APIError(404, "name", f"no expert named {name!r}") from None
         meta = {
             "format": "sglora-expert",
             "name": expert.name,
             "description": expert.description,
             "part": part,
             "num_snapshots": str(expert.num_snapshots),
-            **layout_metadata(self.artifacts.backbone, self.spec, self.version),
+            **layout_metadata(self.artifacts.backbone, self.spec, version),
         }
-        return safetensors_bytes(self.spec, expert.mean if part == "mean" else expert.variance, meta)
+        return safetensors_bytes(self.spec, expert.mean if part == "mean" else expert.variance, meta), version
 
     def _parse_lora(self, data: bytes, field: str) -> torch.Tensor:
         if data.startswith(ZIP_MAGIC):
@@ -802,11 +822,14 @@ class Service:
                 )
         return None
 
-    async def add_expert(self, name: str, description: str, mean: bytes, variance: bytes | None, num_snapshots: int) -> str:
+    async def add_expert(
+        self, name: str, description: str, mean: bytes, variance: bytes | None, num_snapshots: int
+    ) -> RepositoryState:
         """``description`` already normalised (``clean_text``). Every check runs before the repository is touched."""
         name = _checked_name(name)
         if len(description) > self.settings.max_description_chars:
             raise APIError(422, "description", f"longer than {self.settings.max_description_chars} characters")
+        self.check_text_length(description, "description")
         if taken := _taken(name, self.artifacts.repository.names):
             raise APIError(409, "name", taken)
         # Off the event loop: an expert file may be hundreds of MB (SGLORA_MAX_EXPERT_BYTES).
@@ -818,9 +841,17 @@ class Service:
         )
         if (var_vec < 0).any():
             raise APIError(422, "variance", "variances must be >= 0")
-        return await self.worker.run(self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots, commit=True)
+        return await self.worker.run(
+            self._changing, self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots, commit=True
+        )
 
-    def _add_expert_job(self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int) -> str:
+    def _changing(self, job: Callable[..., RepositoryState], *args: Any) -> RepositoryState:
+        with self._change_lock:
+            return job(*args)
+
+    def _add_expert_job(
+        self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int
+    ) -> RepositoryState:
         # A run() job, alone on a model thread: no generation runs while the repository changes.
         repo = self.artifacts.repository
         if taken := _taken(name, repo.names):
@@ -877,10 +908,10 @@ class Service:
 
         return self.artifacts.repository.derived("largest_abs_mean", largest)
 
-    async def remove_expert(self, name: str) -> str:
-        return await self.worker.run(self._remove_expert_job, _checked_name(name), commit=True)
+    async def remove_expert(self, name: str) -> RepositoryState:
+        return await self.worker.run(self._changing, self._remove_expert_job, _checked_name(name), commit=True)
 
-    def _remove_expert_job(self, name: str) -> str:
+    def _remove_expert_job(self, name: str) -> RepositoryState:
         repo = self.artifacts.repository
         if name not in repo:
             raise APIError(404, "name", f"no expert named {name!r}")
@@ -907,7 +938,7 @@ class Service:
         experts = tuple(ExpertEntry(e.name, e.description, e.num_snapshots) for e in map(repo.__getitem__, repo.names))
         return RepositoryState(version, min(self.default_top_k, len(experts)), experts)
 
-    def _repository_changed(self) -> str:
+    def _repository_changed(self) -> RepositoryState:
         """On the model thread of the change, alone, once it is saved: the new state, published by one
         assignment. Its version is :func:`~sglora.artifacts.artefact_version` of the directory now, from the
         bytes the server holds (the manifest read at start-up, the index just written), so that a disk
@@ -930,4 +961,4 @@ class Service:
             log.exception("expert repository changed; working out the new state ahead failed (the next generation will)")
         self.metrics.set_info(self.backbone_name, state.version, __version__, self.device, self.text_dtype, self.generator_dtype)
         log.info("expert repository changed: %d experts, artefact version %s", len(state.experts), state.version)
-        return state.version
+        return state

@@ -149,6 +149,34 @@ class Backbone(ABC):
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(N,) strings -> (N, D) L2-normalised embeddings."""
 
+    def text_overflow(self, text: str) -> tuple[int, int] | None:
+        """(tokens, context) where ``text`` is longer than the text tower reads (its tokenizer then cuts
+        the rest off, so two texts alike up to there have one embedding); None where it fits or this
+        backbone cannot tell. A text of at most context - 2 UTF-8 bytes always fits (with the start and
+        end tokens: a byte-level BPE token and a WordPiece each take at least one byte), without
+        tokenising: a short description costs nothing."""
+        context = self._text_context()
+        if context is None or len(text.encode("utf-8")) + 2 <= context:
+            return None
+        tokens = self._text_tokens(text)
+        return (tokens, context) if tokens is not None and tokens > context else None
+
+    def check_text_length(self, text: str) -> None:
+        """ValueError where ``text`` is longer than the text tower reads (see :meth:`text_overflow`)."""
+        if (over := self.text_overflow(text)) is not None:
+            raise ValueError(
+                f"is {over[0]} tokens long, and the text tower reads at most {over[1]} (its start and end tokens "
+                "included): the rest would be cut off without changing anything; shorten it"
+            )
+
+    def _text_context(self) -> int | None:
+        """How many tokens (special ones included) the text tower reads; None: unknown."""
+        return None
+
+    def _text_tokens(self, text: str) -> int | None:
+        """How many tokens ``text`` is, special ones included, before any truncation; None: unknown."""
+        return None
+
     def text_rows(self, n: int) -> int:
         """How many rows to run the text tower at for ``n`` descriptions: ``n`` on the CPU; on a GPU the
         next multiple of :data:`GPU_TEXT_ROWS`. GPU matrix libraries choose kernels (and so rounding)

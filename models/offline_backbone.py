@@ -364,6 +364,15 @@ class OfflineBackbone(Backbone):
             return torch.zeros(0, self.embed_dim, device=self.device)
         return _encode(self.text_model, texts, self.text_rows, self._text_graph).to(self.device)
 
+    def _text_context(self) -> int | None:
+        return int(self.text_model.max_seq_length) if self.text_model.max_seq_length else None
+
+    def _text_tokens(self, text: str) -> int | None:
+        tok = self.text_model.tokenizer
+        with _TOKENIZER_LOCK:
+            # verbose=False: no "longer than the specified maximum sequence length" line for the texts this counts
+            return len(tok(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+
     def _text_module(self, text: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
         feats = _features(self.text_model, [text])
         if set(feats) != set(SentenceEmbedding.INPUTS):

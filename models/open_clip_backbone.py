@@ -252,6 +252,17 @@ class OpenClipBackbone(Backbone):
         save_safetensors_file(state, directory / WEIGHTS_FILE)
         return [CONFIG_FILE, WEIGHTS_FILE]
 
+    def _text_context(self) -> int | None:
+        # open_clip's own BPE tokenizer, truncating (other reductions and HF tokenizers: not checked)
+        tok = self.tokenizer
+        if not isinstance(tok, open_clip.SimpleTokenizer) or tok.reduction_fn is not None:
+            return None
+        return int(tok.context_length)
+
+    def _text_tokens(self, text: str) -> int | None:
+        with _TOKENIZER_LOCK:
+            return len(self.tokenizer.encode(text)) + 2  # with the start and end tokens, as __call__ adds them
+
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         with _TOKENIZER_LOCK:  # HF tokenizers (some open_clip models) fail when called from two threads at once

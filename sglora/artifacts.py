@@ -290,6 +290,14 @@ class Artifacts:
     def snapshots(self, task: str) -> torch.Tensor:
         return load_file(str(self.root / "snapshots" / f"{task}.safetensors"))["snapshots"]
 
+    def check_description_length(self, description: str) -> None:
+        """ValueError where the text tower would cut ``description`` short (it would then make the LoRA of
+        its first tokens alone, whatever follows)."""
+        try:
+            self.backbone.check_text_length(description)
+        except ValueError as e:
+            raise ValueError(f"description {e}") from None
+
     def lora_file(
         self,
         description: str,
@@ -310,6 +318,7 @@ class Artifacts:
         from sglora.text import clean_description
 
         description = clean_description(description)
+        self.check_description_length(description)
         g = self.engine.generate(self.engine.embed([description])[0], method, seed=seed, top_k=top_k, temperature=temperature)
         meta = generation_metadata(self, description, g)
         spec = g.spec or self.backbone.spec

@@ -150,6 +150,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     description = clean_description(args.description)
     a = load_artifacts(args.artifacts, "cpu", require_generator=False)
+    a.check_description_length(description)
     g = a.engine.generate(a.engine.embed([description])[0], "topk-weighted", top_k=args.top_k, temperature=args.temperature)
     print(f"top-{g.top_k} experts for {description!r} (temperature {g.temperature}):")
     for e in g.experts:
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--method",
         default="sg-lora",
-        choices=GENERATIVE_METHODS,
+        # zero-shot is the frozen backbone (an all-zero LoRA): a reference of the evaluation, not a file to write
+        choices=[m for m in GENERATIVE_METHODS if m != "zero-shot"],
     )
     s.add_argument("--seed", type=int)
     s.add_argument("--top-k", type=int)

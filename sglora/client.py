@@ -6,7 +6,8 @@
         adapter = service.generate("a photo of a persian", seed=7)
         adapter.save("persian.safetensors")                    # the LoRA, PEFT tensor names
         service.generate_peft("a photo of a persian", "persian/", seed=7)   # adapter_config.json + weights
-        scores = service.retrieve(["cat.png"], captions=["a persian"], etag=adapter.etag)
+        answer = service.retrieve(["cat.png"], captions=["a persian"], etag=adapter.etag)
+        answer["lora"]["scores"]                                 # [image][caption] cosine similarities
 
     # then: peft.PeftModel.from_pretrained(clip_model, "persian/")
 

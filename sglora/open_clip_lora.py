@@ -108,6 +108,12 @@ def check_is_lora(metadata: dict[str, str]) -> None:
             "merge_lora takes the files /generate, sglora generate and GET /experts/{name} write"
         )
     fmt = metadata.get("format")
+    if fmt == "pt" and "backbone_kind" not in metadata:  # what torch/PEFT's save_pretrained writes, and nothing else
+        raise ValueError(
+            "the file's metadata is {'format': 'pt'} alone, as PEFT's save_pretrained writes it: it carries none of "
+            "SG-LoRA's (rank, targets, backbone); load it with PEFT beside its adapter_config.json, or merge the "
+            "file /generate or sglora generate wrote"
+        )
     if fmt is not None and fmt not in LORA_FORMATS:
         raise ValueError(f"the file's format is {fmt!r}, not a LoRA ({' or '.join(LORA_FORMATS)})")
     part = metadata.get("part", "mean")

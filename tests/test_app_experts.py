@@ -296,6 +296,49 @@ async def test_the_listing_and_ready_read_one_published_state(tiny_artifacts, ma
         )
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["saved", "failed"])
+async def test_an_expert_file_is_of_one_published_state_never_of_a_change_in_progress(tiny_artifacts, make_settings, outcome):
+    """GET /experts/{name} read the live repository: mid-change (in memory already, not yet saved) it served
+    an expert the listing did not have, stamped with the version before it; and one whose save then failed
+    ("nothing was changed") was served all the same. It now waits for the change and answers its outcome."""
+    import asyncio
+    import threading
+
+    from app_helpers import serving
+
+    files, _ = expert_files(tiny_artifacts)
+    async with serving(make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"])) as (service, client):
+        repo = service.artifacts.repository
+        write, started, go = repo._write_expert, threading.Event(), threading.Event()
+
+        def slow_write(directory, expert):  # on the model thread, after the in-memory add
+            started.set()
+            assert go.wait(10)
+            if outcome == "failed":
+                raise OSError(28, "No space left on device")
+            write(directory, expert)
+
+        repo._write_expert = slow_write
+        post = asyncio.create_task(
+            client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+        )
+        assert await asyncio.to_thread(started.wait, 10)
+        get = asyncio.create_task(client.get("/experts/disc"))
+        await asyncio.sleep(0.3)
+        assert not get.done()  # it waits for the change in progress
+        go.set()
+        changed, got = await post, await get
+        listed = (await client.get("/experts")).json()
+        if outcome == "failed":
+            assert changed.status_code == 500 and got.status_code == 404
+            assert "disc" not in [e["name"] for e in listed["experts"]]
+        else:
+            assert changed.status_code == 201 and got.status_code == 200
+            assert got.headers["x-artifact-version"] == changed.json()["artifact_version"] == listed["artifact_version"]
+            assert changed.json()["experts"] == len(listed["experts"]) == 5
+
+
 def test_a_change_made_on_disk_by_another_process_is_a_409_not_a_lost_update(app_root):
     client, root = app_root
     other = ExpertRepository.load(root / "repository")  # a second server on the same directory

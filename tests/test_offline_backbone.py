@@ -25,6 +25,7 @@ from models.offline_backbone import (  # noqa: E402
     CLASS_EMB_FILE,
     META_FILE,
     OfflineBackbone,
+    _features,
     bucket_length,
     resolve_options,
     resolve_targets,
@@ -328,6 +329,14 @@ def test_a_traced_text_tower_gives_the_eager_bits_for_descriptions_it_was_not_ch
     assert torch.equal(copied.encode_text(TEXTS), traced.encode_text(TEXTS))
     traced.to("cpu")  # a move drops the graph (traced where the weights were)
     assert traced.text_graph == "eager"
+
+
+def test_text_overflow_counts_minilms_tokens_past_its_256(backbone):
+    """MiniLM reads 256 tokens; a text past them is (tokens, 256), counted as its tokenizer counts before
+    truncating. Short texts (at most 254 bytes) are not tokenised at all."""
+    assert backbone.text_overflow("a photo of a cat") is None and backbone.text_overflow("word " * 200) is None
+    assert backbone.text_overflow("word " * 300) == (302, 256)
+    assert backbone._text_tokens("word " * 100) == 102 == _features(backbone.text_model, ["word " * 100])["input_ids"].shape[1]
 
 
 def test_tracing_logs_none_of_the_libraries_deprecation_warnings(backbone, caplog):

@@ -96,6 +96,14 @@ def test_a_file_that_does_not_fit_is_refused_before_any_weight_changes(generated
     assert _same(model, own)
 
 
+def test_a_peft_resave_is_named_as_such(generated, reference):
+    """PeftModel.save_pretrained writes {'format': 'pt'} alone: it was refused as "format 'pt', not a LoRA"."""
+    model = copy.deepcopy(reference.backbone.model)
+    resaved = save(load(generated[0]), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="as PEFT's save_pretrained writes it.*adapter_config.json"):
+        merge_lora(model, resaved)
+
+
 def test_a_model_that_is_not_open_clip_is_refused_with_the_peft_route_named(generated):
     with pytest.raises(ValueError, match="not an open_clip ViT visual tower.*PeftModel"):
         merge_lora(torch.nn.Linear(4, 4), generated[0])

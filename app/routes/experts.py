@@ -92,7 +92,7 @@ async def get_expert(
 ) -> Response:
     """One expert of the repository, in the format `/generate` answers and `POST /experts` takes: to inspect or
     back it up, register it elsewhere, or merge experts exactly with PEFT (docs/service.md, "Exact merges")."""
-    data = service.expert_file(name, part)
+    data, version = await service.expert_file(name, part)
     if wants_zip(accept):
         if part != "mean":
             raise APIError(422, "part", "only the mean is a LoRA: a zipped PEFT adapter holds part=mean")
@@ -102,7 +102,7 @@ async def get_expert(
         media, ext = "application/octet-stream", "safetensors"
     headers = {
         "ETag": f'"{etag_of(data)}"',
-        "X-Artifact-Version": service.version,
+        "X-Artifact-Version": version,  # the file's own: the one GET /experts listed it in
         "Content-Disposition": f'attachment; filename="{name}-{part}.{ext}"',
     }
     return Response(data, media_type=media, headers=headers)
@@ -136,8 +136,8 @@ async def add_expert(
     limit = service.settings.max_expert_bytes
     mean_bytes = await read_upload(mean, "mean", limit)
     var_bytes = await read_upload(variance, "variance", limit) if variance is not None else None
-    version = await service.add_expert(name, description, mean_bytes, var_bytes, num_snapshots)
-    return ExpertChange(name=name, action="added", artifact_version=version, experts=len(service.artifacts.repository))
+    state = await service.add_expert(name, description, mean_bytes, var_bytes, num_snapshots)
+    return ExpertChange(name=name, action="added", artifact_version=state.version, experts=len(state.experts))
 
 
 @router.delete(
@@ -145,5 +145,5 @@ async def add_expert(
 )
 async def remove_expert(name: str, service: ServiceDep) -> ExpertChange:
     """Removes an expert from the repository (persisted atomically)."""
-    version = await service.remove_expert(name)
-    return ExpertChange(name=name, action="removed", artifact_version=version, experts=len(service.artifacts.repository))
+    state = await service.remove_expert(name)
+    return ExpertChange(name=name, action="removed", artifact_version=state.version, experts=len(state.experts))

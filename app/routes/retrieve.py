@@ -102,6 +102,7 @@ async def retrieve(
             raise APIError(422, f"captions[{i}]", str(e)) from e
         if len(texts[-1]) > settings.max_description_chars:
             raise APIError(422, f"captions[{i}]", f"longer than {settings.max_description_chars} characters")
+        service.check_text_length(texts[-1], f"captions[{i}]")
     if len(texts) > 4 * settings.max_images:
         raise APIError(422, "captions", f"at most {4 * settings.max_images} captions")
     data = [await read_upload(f, f"images[{i}]", settings.max_image_bytes) for i, f in enumerate(images)]
