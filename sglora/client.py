@@ -120,11 +120,17 @@ class _Api:
     def _configure(self, api_key: str | None, retries: int, max_wait_s: float) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        if api_key and not (api_key.isascii() and api_key.isprintable()):  # else every call failed to encode it
-            raise ValueError("api_key must be printable ASCII (the service's keys are)")
+        if api_key and not (api_key.isascii() and api_key.isprintable()) or (api_key and " " in api_key):
+            # else every call failed to encode it, or (a space) was refused by a service that holds no such key
+            raise ValueError("api_key must be printable ASCII without spaces (the service's keys are)")
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self.retries = retries
         self.max_wait_s = max_wait_s
+
+    @staticmethod
+    def _check_url(url: str) -> None:
+        if not url.lower().startswith(("http://", "https://")):  # httpx's UnsupportedProtocol named no fix
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
 
     def _run(self, call: _Call) -> Any:
         raise NotImplementedError
@@ -288,6 +294,8 @@ class Client(_Api):
         http: httpx.Client | None = None,
     ):
         self._configure(api_key, retries, max_wait_s)
+        if http is None:
+            self._check_url(url)
         self._own = http is None
         self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
 
@@ -332,6 +340,8 @@ class AsyncClient(_Api):
         http: httpx.AsyncClient | None = None,
     ):
         self._configure(api_key, retries, max_wait_s)
+        if http is None:
+            self._check_url(url)
         self._own = http is None
         limits = httpx.Limits(max_connections=max_connections)
         self._http = http if http is not None else httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)

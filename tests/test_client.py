@@ -17,7 +17,7 @@ from PIL import Image
 from test_app_generate import tiny_hf_clip
 from test_app_retrieve import CAPTIONS, IMAGES
 
-from sglora.client import PEFT_FILES, Adapter, Client, ServiceError
+from sglora.client import PEFT_FILES, Adapter, AsyncClient, Client, ServiceError
 from sglora.export import PEFT_CONFIG, PEFT_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,6 +289,11 @@ def test_client_side_mistakes_are_named_before_anything_is_sent():
         c.retrieve([], ["a ring"], description="a ring")
     with pytest.raises(ValueError, match="api_key must be printable ASCII"):  # was a UnicodeEncodeError per call
         Client(api_key="clé")
+    with pytest.raises(ValueError, match="without spaces"):  # no service key has one: a 403 per call
+        Client(api_key="wrong key")
+    for make in (Client, AsyncClient):  # was httpx's UnsupportedProtocol on the first call
+        with pytest.raises(ValueError, match="url must start with http:// or https://, got '127.0.0.1:8000'"):
+            make("127.0.0.1:8000")
     assert seen == []
 
 
