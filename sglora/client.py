@@ -120,7 +120,7 @@ class _Api:
     def _configure(self, api_key: str | None, retries: int, max_wait_s: float) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        if api_key and not (api_key.isascii() and api_key.isprintable()) or (api_key and " " in api_key):
+        if api_key and (not (api_key.isascii() and api_key.isprintable()) or " " in api_key):
             # else every call failed to encode it, or (a space) was refused by a service that holds no such key
             raise ValueError("api_key must be printable ASCII without spaces (the service's keys are)")
         self._headers = {"X-API-Key": api_key} if api_key else {}

@@ -497,13 +497,14 @@ def test_top_k_is_capped_by_the_setting_as_well_as_the_experts(make_settings):
 
 
 def test_a_description_longer_than_the_text_tower_reads_is_refused(client):
-    """The tiny tower reads 16 tokens: past them the tokenizer cut the text off, so two descriptions alike
+    """The tiny tower reads 32 tokens: past them the tokenizer cut the text off, so two descriptions alike
     up to there gave one LoRA under two cache entries, each file claiming its whole description."""
-    head = "a photo of a circle with noise and a ring and a cross and a star beside a"
+    head = "a photo of a circle with noise and a ring and a cross and a star beside a square"
+    head += " and a ring and a cross and a star beside a"  # 32 tokens with the start and end ones
     for tail in ("circle", "square"):
         r = client.post("/generate", json={"description": f"{head} {tail}", "seed": 3})
         assert r.status_code == 422 and r.json()["detail"]["field"] == "description"
-        assert "tokens long, and the text tower reads at most 16" in r.json()["detail"]["reason"]
+        assert "tokens long, and the text tower reads at most 32" in r.json()["detail"]["reason"]
     batch = client.post("/generate/batch", json={"items": [{"description": f"{head} circle"}, {"description": "a ring"}]}).json()
     assert [i["status"] for i in batch["results"]] == [422, 200]
     assert client.post("/generate", json={"description": "a photo of a circle with noise", "seed": 3}).status_code == 200

@@ -570,12 +570,16 @@ def test_json_bodies_have_a_limit_of_their_own(served):
             assert (r.status_code, r.json()["detail"]["field"]) == (413, "body"), r.text
     r = client.post("/generate/batch", content=iter([many[:1_000_000], many[1_000_000:]]), headers=json_type)  # chunked
     assert (r.status_code, r.json()["detail"]["field"]) == (413, "body"), r.text
-    # The largest valid batch still fits: every item at the description limit, every character escaped (12 bytes).
+    # The largest batch the character limit lets through still fits: every item at the description limit,
+    # every character escaped (12 bytes). It is parsed and answered item by item (the tiny text tower reads
+    # 32 tokens, so each item is then refused for its length in tokens, a limit of the backbone's).
     items = [{"description": "\U0001f600" * 1000, "method": "topk-weighted"}] * 32
     body = json.dumps({"items": items}).encode()
     assert len(body) > 32 * 12_000
     r = client.post("/generate/batch", content=body, headers=json_type)
-    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [200] * 32, r.text[:300]
+    assert r.status_code == 200 and len(r.json()["results"]) == 32, r.text[:300]
+    assert {(x["status"], x["error"]["field"]) for x in r.json()["results"]} == {(422, "description")}
+    assert "tokens long, and the text tower reads at most 32" in r.json()["results"][0]["error"]["reason"]
 
 
 def test_a_misspelt_setting_is_named_at_start_up(make_settings, monkeypatch, caplog):

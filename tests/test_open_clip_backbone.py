@@ -87,16 +87,16 @@ def test_artefacts_from_before_the_setting_load_as_built_or_are_refused_with_the
 
 
 def test_text_overflow_counts_the_tokens_the_tokenizer_would_cut(tiny_config):
-    """The tiny tower reads 16 tokens (start and end included): a text past them is (tokens, 16), and the
+    """The tiny tower reads 32 tokens (start and end included): a text past them is (tokens, 32), and the
     count is the one the tokenizer truncates from (its last kept token is then the end token)."""
     from models.backbone import create_backbone
 
     bb = create_backbone(tiny_config.backbone)
     assert bb.text_overflow("a photo of a circle") is None  # 7 tokens
-    fits = "a b c d e f g h i j k l m n"  # 14 words: 16 tokens exactly
-    assert bb.text_overflow(fits) is None and bb.text_overflow(fits + " o") == (17, 16)
-    assert int((bb.tokenizer([fits]) != 0).sum()) == 16
-    with pytest.raises(ValueError, match="is 17 tokens long, and the text tower reads at most 16"):
+    fits = " ".join("abcdefghijklmnopqrstuvwxyz") + " a b c d"  # 30 words: 32 tokens exactly
+    assert bb.text_overflow(fits) is None and bb.text_overflow(fits + " o") == (33, 32)
+    assert int((bb.tokenizer([fits]) != 0).sum()) == 32
+    with pytest.raises(ValueError, match="is 33 tokens long, and the text tower reads at most 32"):
         bb.check_text_length(fits + " o")
 
 

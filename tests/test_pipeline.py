@@ -520,10 +520,10 @@ def test_cli_file_system_and_device_errors_are_messages(tiny_artifacts_session, 
     if not torch.cuda.is_available():
         assert main(["generate", "a cat", "--out", str(tmp_path / "c.safetensors"), "--device", "cuda", *art]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
-    long = "a ring " * 12  # past the tiny text tower's 16 tokens: its tokenizer would cut the rest off
+    long = "a ring " * 20  # past the tiny text tower's 32 tokens: its tokenizer would cut the rest off
     for argv in (["generate", long, "--out", str(tmp_path / "l.safetensors"), *art], ["select", long, *art]):
         assert main(argv) == 2
-        assert "description is 26 tokens long, and the text tower reads at most 16" in capsys.readouterr().err
+        assert "description is 42 tokens long, and the text tower reads at most 32" in capsys.readouterr().err
     assert not (tmp_path / "l.safetensors").exists()
     with pytest.raises(SystemExit):  # the frozen backbone: an evaluation's reference, not a file to write
         main(["generate", "a cat", "--method", "zero-shot", "--out", str(tmp_path / "z.safetensors"), *art])
