@@ -1390,3 +1390,24 @@ def test_a_generator_of_one_training_task_is_warned_about(tiny_artifacts, capsys
     one = json.loads((tiny_artifacts / "splits.json").read_text())["train"][0]
     stage_generator(cfg, tiny_artifacts, only_tasks=[one])
     assert f"[generator] warning: one training task ({one})" in capsys.readouterr().out
+
+
+def test_a_task_description_past_the_text_context_is_refused_before_anything_is_written(tiny_config, tmp_path, monkeypatch):
+    """The tokenizer cut it off, and the service refuses the expert's description in a backup re-registered
+    through POST /experts: the experts stage refuses it first, naming the task."""
+    import training.pipeline as pl
+
+    real = pl.prepare_data
+    named = []
+
+    def long_description(cfg):
+        dataset, splits = real(cfg)
+        named.append(splits.all()[0])
+        dataset.tasks[named[0]] = dataclasses.replace(dataset.tasks[named[0]], description="a ring " * 20)
+        return dataset, splits
+
+    monkeypatch.setattr(pl, "prepare_data", long_description)
+    with pytest.raises(ValueError, match="its description is 42 tokens long, and the text tower reads at most 32") as e:
+        pl.stage_experts(tiny_config, tmp_path / "out")
+    assert f"task {named[0]!r}" in str(e.value)
+    assert not (tmp_path / "out" / "backbone").exists() and not (tmp_path / "out" / "config.json").exists()

@@ -230,6 +230,11 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     if built and (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
         raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
+    for name in tasks:  # before anything is written: the service refuses such a description (POST /experts too)
+        try:
+            backbone.check_text_length(dataset.tasks[name].description)
+        except ValueError as e:
+            raise ValueError(f"task {name!r}: its description {e}") from None
     with atomic_dir(out / "backbone") as tmp:
         art.save_backbone(tmp, backbone, cfg.to_dict()["backbone"])
     if not built:  # else config.json exists (checked above) and its expert sections are these
