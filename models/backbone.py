@@ -152,14 +152,17 @@ class Backbone(ABC):
     def text_overflow(self, text: str) -> tuple[int, int] | None:
         """(tokens, context) where ``text`` is longer than the text tower reads (its tokenizer then cuts
         the rest off, so two texts alike up to there have one embedding); None where it fits or this
-        backbone cannot tell. A text of at most context - 2 UTF-8 bytes always fits (with the start and
-        end tokens: a byte-level BPE token and a WordPiece each take at least one byte), without
-        tokenising: a short description costs nothing."""
+        backbone cannot tell."""
         context = self._text_context()
-        if context is None or len(text.encode("utf-8")) + 2 <= context:
+        if context is None or self._fits_untokenised(text, context):
             return None
         tokens = self._text_tokens(text)
         return (tokens, context) if tokens is not None and tokens > context else None
+
+    def _fits_untokenised(self, text: str, context: int) -> bool:
+        """Whether ``text`` certainly fits ``context`` tokens without tokenising it (a cheap bound); False:
+        count its tokens."""
+        return False
 
     def check_text_length(self, text: str) -> None:
         """ValueError where ``text`` is longer than the text tower reads (see :meth:`text_overflow`)."""

@@ -367,6 +367,13 @@ class OfflineBackbone(Backbone):
     def _text_context(self) -> int | None:
         return int(self.text_model.max_seq_length) if self.text_model.max_seq_length else None
 
+    def _fits_untokenised(self, text: str, context: int) -> bool:
+        # A WordPiece takes at least one byte of the text, and BERT's normalisation (lower case, accents
+        # stripped, CJK characters spaced) adds none that become tokens: at most context - 2 UTF-8 bytes fit
+        # with the start and end tokens (checked over every character to U+2FFFF, repeated). A short
+        # description is then not tokenised here, and the tokenizer's lock is not taken on the event loop.
+        return len(text.encode("utf-8")) + 2 <= context
+
     def _text_tokens(self, text: str) -> int | None:
         tok = self.text_model.tokenizer
         with _TOKENIZER_LOCK:

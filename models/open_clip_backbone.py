@@ -260,8 +260,10 @@ class OpenClipBackbone(Backbone):
         return int(tok.context_length)
 
     def _text_tokens(self, text: str) -> int | None:
-        with _TOKENIZER_LOCK:
-            return len(self.tokenizer.encode(text)) + 2  # with the start and end tokens, as __call__ adds them
+        # Always counted: its cleaning (ftfy, HTML unescaping, lower case) may lengthen a text, so no bound on
+        # the bytes as given holds (U+FB2C: 3 bytes, 6 tokens). Pure Python (tens of microseconds for a
+        # description), and without the lock the model threads take for HF tokenizers: none is used here.
+        return len(self.tokenizer.encode(text)) + 2  # with the start and end tokens, as __call__ adds them
 
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:

@@ -98,6 +98,9 @@ def test_text_overflow_counts_the_tokens_the_tokenizer_would_cut(tiny_config):
     assert int((bb.tokenizer([fits]) != 0).sum()) == 32
     with pytest.raises(ValueError, match="is 33 tokens long, and the text tower reads at most 32"):
         bb.check_text_length(fits + " o")
+    # Fewer bytes than the context, more tokens: the tokenizer's cleaning lengthens U+FB2C (3 bytes, 6 tokens).
+    # Two such texts alike up to the context were one embedding; no bound on the bytes lets them through.
+    assert len(("\ufb2c" * 9 + " a").encode()) < 32 and bb.text_overflow("\ufb2c" * 9 + " a")[0] > 32
 
 
 # ---- check-config: what a config would build, without weights -------------------------------------
