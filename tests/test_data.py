@@ -44,14 +44,15 @@ def test_bad_manifest_lines_are_named(tmp_path, line, needle):
         load_task_dataset(tmp_path)
 
 
-def test_captions_are_read_as_the_service_reads_them(tmp_path):
-    """Whitespace normalised (as /retrieve normalises its captions; neutral to the tokenizers)."""
+def test_captions_keep_their_whitespace_so_the_data_fingerprint_does_not_change(tmp_path):
+    """Checked as /retrieve checks captions (control characters refused, above), kept as written: the data
+    fingerprint hashes them, and a normalised caption changed it for runs built before the check."""
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [{"name": "circle", "description": "a photo of a circle"}]}))
     (tmp_path / "samples.jsonl").write_text(
         json.dumps({"image": "a.png", "task": "circle", "caption": " a  red\tcircle\n"}) + "\n"
     )
-    assert [s.caption for s in load_task_dataset(tmp_path).samples] == ["a red circle"]
+    assert [s.caption for s in load_task_dataset(tmp_path).samples] == [" a  red\tcircle\n"]
 
 
 def test_a_symlink_inside_the_folder_may_point_elsewhere_a_path_as_written_may_not(tmp_path):

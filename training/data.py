@@ -270,10 +270,11 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if kind == "retrieval" and not (caption and caption.strip()):  # a blank one pairs its image with nothing
             raise ValueError(f"{where}: a retrieval sample needs a caption")
         if caption and caption.strip():
-            # The text the service would rank (its /retrieve captions go through the same rules): whitespace
-            # normalised (neutral to both tokenizers, which split on it), no control characters.
+            # Refused where the service's /retrieve refuses a caption (control characters). Kept as written:
+            # its whitespace is neutral to both tokenizers, and the data fingerprint hashes it as written (a
+            # normalised caption made every run of a dataset with trailing spaces train its experts again).
             try:
-                caption = clean_text(caption)
+                clean_text(caption)
             except ValueError as e:
                 raise ValueError(f"{where}: caption {e}") from None
         if kind == "classification" and label not in tasks[task].classes:
