@@ -286,9 +286,10 @@ class Service:
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
         self._manifest = (artifacts.root / MANIFEST).read_bytes()  # what the version after an expert change hashes
         self.state = self._state_of(artifacts.version)
-        # Held by an expert change from its first change in memory to the new state's publication, and by
-        # readers of one expert's tensors (expert_file): they see the state before or after the change,
-        # never the repository in between (changed in memory, not yet saved, perhaps to be rolled back).
+        # Held by an expert change for its whole job (its checks, the in-memory change, the save with its
+        # wait for the repository's lock, the new state's publication), and by readers of one expert's
+        # tensors (expert_file): they see the state before or after the change, never the repository in
+        # between (changed in memory, not yet saved, perhaps to be rolled back).
         self._change_lock = threading.Lock()
         self.text_dtype = artifacts.backbone.text_dtype_name
         self.text_numerics = self.text_dtype  # what fixes an embedding's bits: the dtype, and fixed-row blocks if on
