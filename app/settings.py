@@ -150,8 +150,10 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
         if v and not v.startswith(REDIS_SCHEMES):
+            # The scheme alone is shown: the rest may hold a password (redis+sentinel://:secret@host)
+            shown = v.partition("://")[0] + "://..." if "://" in v else "a URL without a scheme"
             raise ValueError(
-                f"SGLORA_REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)} (or be empty: no cache), got {v!r}"
+                f"SGLORA_REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)} (or be empty: no cache), got {shown}"
             )
         return v
 

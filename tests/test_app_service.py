@@ -191,13 +191,15 @@ def test_python_m_app_sets_the_passive_wait_policy_before_torch_loads():
     [
         ({"SGLORA_DEVICE": "gpu"}, 2, "SGLORA_DEVICE: unknown device 'gpu'"),
         ({"SGLORA_REDIS_URL": "localhost:6379"}, 2, "SGLORA_REDIS_URL must start with one of redis://"),
+        # the scheme alone is shown: the rest may hold a password
+        ({"SGLORA_REDIS_URL": "redis+sentinel://:S3cret@host/0"}, 2, "got redis+sentinel://..."),
         ({"SGLORA_THREADS": "-1"}, 2, "threads"),
     ],
 )
 def test_bad_settings_are_refused_by_name_before_the_app_loads(env, status, needle):
     p = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert p.returncode == status and needle in p.stderr and p.stderr.startswith("python -m app: error:")
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and "S3cret" not in p.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
