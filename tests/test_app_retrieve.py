@@ -153,6 +153,7 @@ def test_zip_etag_is_accepted_too(client):
         ({"description": "a", "captions": ["ok", " "]}, IMAGES[:1], 422, "captions[1]"),
         ({"description": "a", "captions": ["ok", "a ring " * 20]}, IMAGES[:1], 422, "captions[1]"),  # past 32 tokens
         ({"description": "a ring " * 20}, IMAGES[:1], 422, "description"),
+        ({"description": "a", "captions": ["a photo of a ring " * 5] * 250}, IMAGES[:1], 422, "captions"),  # 22,500 chars
         # A field given twice: the last one was taken silently
         ({"description": ["a red circle", "a blue square"]}, IMAGES[:1], 422, "description"),
         ({"description": "a", "seed": ["1", "2"]}, IMAGES[:1], 422, "seed"),

@@ -23,6 +23,7 @@ from app.service import Scores
 from sglora.engine import MAX_SEED
 
 router = APIRouter(tags=["retrieve"], dependencies=[ApiKey])
+MAX_CAPTION_CHARS = 20_000  # all of a request's captions together
 SINGLE_FIELDS = ("description", "etag", "method", "seed", "top_k", "temperature", "zero_shot")
 
 
@@ -105,6 +106,9 @@ async def retrieve(
         service.check_text_length(texts[-1], f"captions[{i}]")
     if len(texts) > 4 * settings.max_images:
         raise APIError(422, "captions", f"at most {4 * settings.max_images} captions")
+    if (chars := sum(map(len, texts))) > MAX_CAPTION_CHARS:
+        # what one request may cost the text tower: 256 captions of 1000 characters held a model thread 10 s
+        raise APIError(422, "captions", f"{chars} characters in all; at most {MAX_CAPTION_CHARS} (e.g. 256 of 78)")
     data = [await read_upload(f, f"images[{i}]", settings.max_image_bytes) for i, f in enumerate(images)]
     decoded = await service.decode_images(data)  # bad images are refused before any generation
     if description is not None:
