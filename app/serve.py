@@ -25,6 +25,7 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 
+from app.http_protocol import BoundedHttpToolsProtocol
 from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         host=args.host,
         port=args.port,
         workers=1,
+        http=BoundedHttpToolsProtocol,  # httptools, with a bound on a request's head
         timeout_graceful_shutdown=args.graceful_timeout,
         root_path=args.root_path,
         access_log=not args.no_access_log,
