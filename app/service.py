@@ -495,6 +495,13 @@ class Service:
             top_k = None
         return GenerateParams(description, method, seed, top_k, temperature)
 
+    def lora_bytes(self, method: str, top_k: int | None) -> int:
+        """About how many bytes the LoRA file of ``method`` is (float32 values; the exact merges' rank is
+        top_k or top_k + 2 times the layout's), before it is made: what a batch call may ask for in all."""
+        k = min(self.state.top_k_for(top_k), len(self.state.experts))  # a top_k out of range: its item's 422
+        rows = {"topk-exact": k, "sg-lora-exact": k + 2}.get(method, 1)
+        return rows * self.spec.num_params * 4
+
     def check_text_length(self, text: str, field: str) -> None:
         """APIError(422, field) for a text longer than the text tower reads: its tokenizer would cut the rest
         off, and texts alike up to there would be one embedding (one LoRA, under two cache entries)."""

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for queued jobs")
     max_description_chars: int = Field(1000, ge=1, description="length limit of a description or caption (normalised)")
     max_batch_items: int = Field(32, ge=1, description="descriptions per /generate/batch call")
+    max_batch_bytes: int = Field(
+        256 << 20,
+        ge=1,
+        description="the LoRA bytes one /generate/batch call may ask for, before base64 (an exact merge's file is "
+        "top_k (+2) times a LoRA's: 32 items of sg-lora-exact at top_k 64 would be ~1 GB on ViT-B-16's shape)",
+    )
     max_top_k: int = Field(
         64,
         ge=1,

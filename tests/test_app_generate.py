@@ -508,3 +508,22 @@ def test_a_description_longer_than_the_text_tower_reads_is_refused(client):
     batch = client.post("/generate/batch", json={"items": [{"description": f"{head} circle"}, {"description": "a ring"}]}).json()
     assert [i["status"] for i in batch["results"]] == [422, 200]
     assert client.post("/generate", json={"description": "a photo of a circle with noise", "seed": 3}).status_code == 200
+
+
+def test_a_batch_asking_for_more_lora_bytes_than_the_limit_is_refused_before_any_work(make_settings):
+    """An exact merge's file is top_k (+2) LoRAs: 32 such items on a large layout made a response of ~1 GB
+    (with its base64) from a 31 KB request. The call's total is bounded (SGLORA_MAX_BATCH_BYTES)."""
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(max_batch_bytes=100_000))) as c:
+        service = c.app.state.service
+        one = service.spec.num_params * 4
+        assert service.lora_bytes("sg-lora-exact", 3) == 5 * one and service.lora_bytes("sg-lora", 3) == one
+        assert service.lora_bytes("topk-exact", 999) == len(service.state.experts) * one  # out of range: its 422
+        exact = [{"description": f"a ring {i}", "method": "sg-lora-exact", "top_k": 3, "seed": i} for i in range(4)]
+        assert 4 * 5 * one > 100_000 >= 4 * one
+        r = c.post("/generate/batch", json={"items": exact})
+        assert r.status_code == 413 and r.json()["detail"]["field"] == "items"
+        assert "SGLORA_MAX_BATCH_BYTES" in r.json()["detail"]["reason"]
+        plain = [{"description": f"a ring {i}", "seed": i} for i in range(4)]
+        assert [x["status"] for x in c.post("/generate/batch", json={"items": plain}).json()["results"]] == [200] * 4

@@ -28,7 +28,10 @@ router = APIRouter(tags=["generate"])
 
 _ERRORS = {
     **KEY_ERRORS,
-    413: {"description": "the body is larger than the JSON endpoints' limit (`SGLORA_MAX_JSON_BYTES`)"},
+    413: {
+        "description": "the body is larger than the JSON endpoints' limit (`SGLORA_MAX_JSON_BYTES`); for /generate/batch "
+        "also: the items' LoRA files would be more than `SGLORA_MAX_BATCH_BYTES` in all"
+    },
     415: {"description": "the body was not sent as JSON (`Content-Type: application/json`)"},
     422: {
         "description": "bad input; `field` names it",
@@ -187,6 +190,14 @@ async def generate_batch(body: BatchGenerateRequest, service: JsonModelCall) -> 
     for i, it in enumerate(body.items):  # a setting, not the artefacts or the load: the whole body is malformed
         if len(it.description) > limit:
             raise APIError(422, f"items[{i}].description", f"longer than {limit} characters")
+    asked = sum(service.lora_bytes(it.method, it.top_k) for it in body.items)
+    if asked > (most := service.settings.max_batch_bytes):
+        raise APIError(
+            413,
+            "items",
+            f"these items' LoRAs are {asked / 2**20:.0f} MiB in all (an exact merge's file is top_k (+2) LoRAs), over "
+            f"SGLORA_MAX_BATCH_BYTES ({most / 2**20:.0f} MiB): split the batch",
+        )
     as_zip = body.format == "zip"
     version = service.version
     results = await asyncio.gather(*(_one(service, i, it, as_zip) for i, it in enumerate(body.items)))
