@@ -67,7 +67,7 @@ def test_a_head_past_the_bound_is_answered_431_and_closed(port):
     is cut once the head passes the bound, not parsed to its end."""
     pad = b"a" * 8192
     chunks = [b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: "] + [pad] * (4 * MAX_HEAD_BYTES // len(pad))
-    out = _exchange(port, [*chunks, b"\r\n\r\n"])
+    out = _exchange(port, chunks)  # never ended: however the reads fall, the head is incomplete past the bound
     assert out.startswith(b"HTTP/1.1 431 ") and b"connection: close" in out
 
 
