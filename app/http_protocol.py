@@ -3,7 +3,8 @@
 httptools, the parser uvicorn picks where it is installed (faster than h11, less CPU per request), caps
 no header, and uvicorn appends each chunk of a header's value to what it holds: a 96 MiB header sent by a
 client without any key cost ~10 s of the event loop's CPU, stalling every request meanwhile (h11 caps a
-head at 16 KiB). Here a head past :data:`MAX_HEAD_BYTES` is answered 431 and the connection closed.
+head at 16 KiB). Here a head still incomplete past :data:`MAX_HEAD_BYTES` is answered 431 and the
+connection closed (a head that arrives whole in one read, parsed once, is let through).
 """
 
 from __future__ import annotations
