@@ -59,7 +59,7 @@ from sglora.export import (
     safetensors_bytes,
 )
 from sglora.io import safetensors_metadata
-from sglora.methods import SAMPLING_METHODS
+from sglora.methods import EQUAL_WEIGHT_METHODS, EVERY_EXPERT_METHODS, SAMPLING_METHODS
 
 log = logging.getLogger("sglora.service")
 ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -489,9 +489,9 @@ class Service:
             seed = None  # the deterministic methods do not sample
         # What a method does not use does not key its cache entry (nor shows in its metadata): the soups
         # weigh their experts equally, and model-soup mixes every expert.
-        if method in ("model-soup", "adapter-soup"):
+        if method in EQUAL_WEIGHT_METHODS:
             temperature = None
-        if method == "model-soup":
+        if method in EVERY_EXPERT_METHODS:
             top_k = None
         return GenerateParams(description, method, seed, top_k, temperature)
 

@@ -228,8 +228,8 @@ class Settings(BaseSettings):
 
 
 # SGLORA_ variables read outside this class: by `sglora serve` / `python -m app`, and by the Prometheus and
-# Grafana files of deploy/ run without Docker (docs/service.md tells users to export them beside the others).
-# Read elsewhere: by `serve` (the log format), by the monitoring files and by docker-compose.gpu.yml.
+# Grafana files of deploy/ run without Docker (docs/service.md tells users to export them beside the others), and
+# by docker-compose.gpu.yml (the torch index of its image).
 OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS", "SGLORA_TORCH_INDEX"})
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from app.logs import FORMATS, LEVELS
 from sglora import __version__
 from sglora.devices import check_device_name, error_line, out_of_memory, resolve_device
-from sglora.methods import EVALUATION_METHODS, GENERATIVE_METHODS, SAMPLING_METHODS
+from sglora.methods import (
+    EQUAL_WEIGHT_METHODS,
+    EVALUATION_METHODS,
+    EVERY_EXPERT_METHODS,
+    GENERATIVE_METHODS,
+    SAMPLING_METHODS,
+)
 from sglora.text import clean_description
 
 EXIT_USAGE = 2
@@ -115,8 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         flag
         for flag, value, used in (
             ("--seed", args.seed, args.method in SAMPLING_METHODS),
-            ("--top-k", args.top_k, args.method != "model-soup"),  # model-soup mixes every expert
-            ("--temperature", args.temperature, args.method not in ("model-soup", "adapter-soup")),  # equal weights
+            ("--top-k", args.top_k, args.method not in EVERY_EXPERT_METHODS),
+            ("--temperature", args.temperature, args.method not in EQUAL_WEIGHT_METHODS),
         )
         if value is not None and not used
     ]

@@ -34,7 +34,7 @@ from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
 from models.lora import LoraSpec, concat_merge
 from models.packed import split_large
-from sglora.methods import GENERATIVE_METHODS, SAMPLING_METHODS
+from sglora.methods import EQUAL_WEIGHT_METHODS, EVERY_EXPERT_METHODS, GENERATIVE_METHODS, SAMPLING_METHODS
 
 MAX_SEED = 2**63 - 1
 # Rows of a CVAE pass (Engine.pass_rows). A matrix product's rounding may depend on its number of rows
@@ -387,9 +387,9 @@ class Engine:
         seed = None if r.seed is None else _integer(r.seed, "seed")
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
-        if r.method == "model-soup":  # every expert, equal weights: neither is used, and neither is recorded
-            return r.method, None, len(self.repository), None
-        if r.method == "adapter-soup":  # equal weights: no softmax (top_k is checked by select_experts)
+        if r.method in EVERY_EXPERT_METHODS:
+            top_k = len(self.repository)
+        if r.method in EQUAL_WEIGHT_METHODS:  # no softmax: none recorded (adapter-soup's top_k: select_experts)
             return r.method, None, top_k, None
         if r.method not in SAMPLING_METHODS:  # top_k and temperature are checked by select_experts
             return r.method, None, top_k, temperature

@@ -350,10 +350,10 @@ def _require(out: Path, stage: str, cfg: PipelineConfig) -> dict:
 
 
 def _expert_changes(out: Path, cfg: PipelineConfig) -> list[str]:
-    """The sections of what the experts were trained with (:data:`~sglora.artifacts.EXPERT_SECTIONS`) in which
-    ``cfg`` differs from the config ``out`` was built with, both read as this release writes them."""
-    built, wanted = _built_config(out), with_defaults(cfg.to_dict())
-    return [k for k in art.EXPERT_SECTIONS if built.get(k) != wanted.get(k)]
+    """The sections of what the experts were trained with (:data:`~sglora.artifacts.EXPERT_SECTIONS`) among
+    :func:`config_changes`, in that order."""
+    changed = set(config_changes(out, cfg))
+    return [k for k in art.EXPERT_SECTIONS if k in changed]
 
 
 def config_changes(out: Path, cfg: PipelineConfig) -> list[str]:
