@@ -1,20 +1,42 @@
-"""uvicorn's httptools protocol with a bound on the size of a request's head (request line and headers).
+"""uvicorn's httptools protocol with bounds on how much and how slowly a client may send.
 
 httptools, the parser uvicorn picks where it is installed (faster than h11, less CPU per request), caps
 no header, and uvicorn appends each chunk of a header's value to what it holds: a 96 MiB header sent by a
 client without any key cost ~10 s of the event loop's CPU, stalling every request meanwhile (h11 caps a
 head at 16 KiB). Here a head still incomplete past :data:`MAX_HEAD_BYTES` is answered 431 and the
 connection closed (a head that arrives whole in one read, parsed once, is let through).
+
+uvicorn also bounds no time but the idle wait between two requests of a kept-alive connection: a
+connection that sends nothing, a head sent a byte at a time or a body that stalls halfway each held a
+connection, its buffers and (for a body) the request's task for good. Here, as nginx's
+``client_header_timeout`` and ``client_body_timeout`` do:
+
+- a request's head must be complete within ``head_timeout_s`` of the connection's opening or of the
+  request's first byte (a kept-alive connection's wait for that byte stays uvicorn's ``timeout_keep_alive``);
+- a body must not pause longer than ``body_timeout_s`` between two reads (a large upload on a slow link
+  is fine as long as it moves). A pause because the app is not reading (the body waits in uvicorn's buffer
+  until the request is taken up) is not the client's and is not counted.
+
+Either is answered 408 and the connection closed (only closed when the app has already begun answering).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # Request line and headers together; browsers send a few KiB, proxies commonly allow 8-64 KiB.
 MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = 30.0
+BODY_TIMEOUT_S = 60.0
+
+# Connections this process's protocol cut, by reason (the app's sglora_connections_closed_total reads it):
+# no request reaches the app, so its request metrics never see them.
+CLOSE_REASONS = ("head_too_large", "head_timeout", "body_timeout")
+closed: Counter[str] = Counter(dict.fromkeys(CLOSE_REASONS, 0))
 
 log = logging.getLogger("sglora.app")
 
@@ -22,30 +44,126 @@ log = logging.getLogger("sglora.app")
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Counts the bytes received while a request's head is incomplete: only chunks that arrive with a head
     already in progress (a chunk that ends a body and starts the next pipelined request is not counted, so
-    a large body is never mistaken for a head). A head is cut within :data:`MAX_HEAD_BYTES` plus two reads."""
+    a large body is never mistaken for a head). A head is cut within :data:`MAX_HEAD_BYTES` plus two reads.
+
+    The deadlines are class attributes: :meth:`with_timeouts` makes a subclass with others."""
+
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
 
     _head: int | None = 0  # bytes of the head in progress; None once its headers are complete
+    _in_body = False  # a request's body is being received
+    _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
 
+    @classmethod
+    def with_timeouts(cls, head_timeout_s: float, body_timeout_s: float) -> type[BoundedHttpToolsProtocol]:
+        if head_timeout_s <= 0 or body_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        attrs = {"head_timeout_s": head_timeout_s, "body_timeout_s": body_timeout_s}
+        return type(cls.__name__, (cls,), attrs)
+
+    # ---- connection ------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head()  # a connection that never sends a byte is held no longer than a slow head
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head()
+        self._cancel_body()
+        super().connection_lost(exc)
+
+    # ---- parser callbacks ------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head = 0
+        if self._head_timer is None:  # a kept-alive connection's next request (the first's was armed on connect)
+            self._arm_head()
 
     def on_headers_complete(self) -> None:
         self._head = None
+        self._cancel_head()
         super().on_headers_complete()
+        if not self.transport.is_closing():  # until on_message_complete, which a request without a body calls at once
+            self._in_body = True
+            self._arm_body()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._cancel_body()
+        super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         counted = self._head is not None
         super().data_received(data)
-        if not counted or self._head is None or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._in_body:  # the body moved: its pause starts again
+            self._arm_body()
+        if not counted or self._head is None:
             return
         self._head += len(data)
         if self._head > MAX_HEAD_BYTES:
             log.warning("request head over %d bytes from %s: 431, connection closed", MAX_HEAD_BYTES, self.client)
-            msg = f"request line and headers over {MAX_HEAD_BYTES} bytes"
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                b"content-type: text/plain; charset=utf-8\r\n"
-                b"content-length: " + str(len(msg)).encode() + b"\r\nconnection: close\r\n\r\n" + msg.encode()
-            )
+            self._refuse(431, "head_too_large", f"request line and headers over {MAX_HEAD_BYTES} bytes")
+
+    # ---- deadlines -------------------------------------------------------------------------------
+    def _arm_head(self) -> None:
+        self._cancel_head()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _arm_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
+
+    def _cancel_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._answering():  # a pipelined head behind a request still being answered: the wait is ours
+            self._arm_head()
+            return
+        log.warning("request head incomplete after %g s from %s: 408, connection closed", self.head_timeout_s, self.client)
+        self._refuse(408, "head_timeout", f"request line and headers not received within {self.head_timeout_s:g} s")
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or not self._in_body:
+            return
+        if self.flow.read_paused:  # the app has not taken up the body yet: not the client's pause
+            self._arm_body()
+            return
+        log.warning("request body paused over %g s from %s: 408, connection closed", self.body_timeout_s, self.client)
+        reason = f"request body paused over {self.body_timeout_s:g} s"
+        if self.cycle is not None and self.cycle.response_started:  # the app has begun answering: only close
+            closed["body_timeout"] += 1
             self.transport.close()
+        else:
+            self._refuse(408, "body_timeout", reason)
+
+    def _refuse(self, status: int, why: str, msg: str) -> None:
+        """Answers ``status`` with ``msg`` and closes the connection; the request's task, if any, then reads
+        a disconnect."""
+        closed[why] += 1
+        phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        body = msg.encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, phrase, len(body))
+            + body
+        )
+        self.transport.close()

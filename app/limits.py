@@ -53,10 +53,10 @@ class BodyLimitMiddleware:
             except ValueError:
                 length = -1
             if length < 0:
-                await _refuse(400, "Content-Length", "not a non-negative integer", scope, receive, send)
+                await refuse(400, "Content-Length", "not a non-negative integer", scope, receive, send)
                 return
             if length > max_bytes:
-                await _refuse(413, "body", f"request body larger than {max_bytes} bytes", scope, receive, send)
+                await refuse(413, "body", f"request body larger than {max_bytes} bytes", scope, receive, send)
                 return
 
         seen = 0
@@ -81,9 +81,9 @@ class BodyLimitMiddleware:
         except BodyTooLarge as e:  # raised where no exception handler saw it
             if started:
                 raise
-            await _refuse(413, "body", e.detail["reason"], scope, receive, send)
+            await refuse(413, "body", e.detail["reason"], scope, receive, send)
 
 
-async def _refuse(status: int, field: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def refuse(status: int, field: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
     response = JSONResponse({"detail": {"field": field, "reason": reason}}, status_code=status, headers={"Connection": "close"})
     await response(scope, receive, send)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,9 +24,11 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import http_protocol
 from app.limits import route_path
 from app.runtime import GcPauses
 from app.settings import StartupError
@@ -123,6 +126,7 @@ class Metrics:
         GCCollector(registry=r)
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
+        r.register(ClosedConnections())
         for result in ("hit", "miss", "error", "skip"):
             self.cache.labels(result=result)
         for endpoint in MODEL_ENDPOINTS:
@@ -144,6 +148,28 @@ class Metrics:
     ) -> None:
         labels = {"backbone": backbone, "artifact_version": version, "code_version": code_version, "device": device}
         self.info.info({**labels, "text_dtype": text_dtype, "generator_dtype": generator_dtype})
+
+
+class ClosedConnections:
+    """``sglora_connections_closed_total{reason}``: connections the HTTP protocol (app/http_protocol.py) cut
+    before a request reached the app (a head too large or too slow, a stalled body); counted per process."""
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for reason in http_protocol.CLOSE_REASONS:
+            family.add_metric([reason], http_protocol.closed[reason])
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "sglora_connections_closed",
+            "connections cut by the HTTP protocol: head_too_large (431), head_timeout, body_timeout (408)",
+            labels=["reason"],
+        )
 
 
 class MetricsMiddleware:

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.device:
         os.environ["SGLORA_DEVICE"] = args.device
     try:
-        Settings()  # checked here, before uvicorn loads the app: a bad value is a message, not a traceback
+        settings = Settings()  # checked here, before uvicorn loads the app: a bad value is a message, not a traceback
         single_process_metrics()
     except (ValidationError, StartupError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         host=args.host,
         port=args.port,
         workers=1,
-        http=BoundedHttpToolsProtocol,  # httptools, with a bound on a request's head
+        # httptools, with bounds on a request's head and on how slowly a head or a body may arrive
+        http=BoundedHttpToolsProtocol.with_timeouts(settings.client_header_timeout_s, settings.client_body_timeout_s),
         timeout_graceful_shutdown=args.graceful_timeout,
         root_path=args.root_path,
         access_log=not args.no_access_log,

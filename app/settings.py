@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -11,6 +12,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sglora.devices import check_device_name, resolve_device
 
+# A host name or IPv4 address (letters, digits, '-', '.', '_'), or an IPv6 address in brackets: what a Host header holds
+# before its port.
+_HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url takes
 
 
@@ -100,6 +104,12 @@ class Settings(BaseSettings):
         default_factory=list, description="keys for POST/DELETE /experts; empty = expert changes disabled"
     )
 
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="host names a request's Host header may carry (comma-separated; '*.example.com' for a domain's "
+        "subdomains; '*' = any): elsewhere 400, against DNS rebinding; /health, /ready and /metrics answer any Host",
+    )
+
     # ---- worker, batching, limits --------------------------------------------------------------------
     max_batch: int = Field(32, ge=1, description="most descriptions encoded in one text-encoder call")
     batch_wait_ms: float = Field(2.0, ge=0, description="under load, wait this long for a micro-batch to fill")
@@ -133,6 +143,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height limit of one uploaded image")
     max_request_pixels: int = Field(1 << 26, ge=1, description="width x height of all images of one request together")
     max_expert_bytes: int = Field(256 << 20, ge=1, description="size limit of an uploaded expert file")
+    client_header_timeout_s: float = Field(
+        30.0, gt=0, description="a request's line and headers must arrive within this of the connection or its first byte; 408"
+    )
+    client_body_timeout_s: float = Field(
+        60.0, gt=0, description="longest pause between two reads of a request body; 408 (sglora serve / python -m app)"
+    )
     max_body_bytes: int = Field(
         0, ge=0, description="size limit of a whole request body (413 beyond); 0 = derived from the image and expert limits"
     )
@@ -175,6 +191,24 @@ class Settings(BaseSettings):
             # A header value is read as Latin-1, the key hashed as UTF-8: a non-ASCII key never matched. Not echoed.
             if not isinstance(k, str) or not k or any(not 33 <= ord(c) <= 126 for c in k):
                 raise ValueError(f"SGLORA_{info.field_name.upper()}: key {i + 1} is not printable ASCII without spaces")
+        return v
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [h.strip() for h in v.split(",") if h.strip()]
+        if not isinstance(v, list):
+            return v
+        if not v:
+            raise ValueError("SGLORA_ALLOWED_HOSTS is empty: no request would be answered; '*' allows any host")
+        v = [h.lower() if isinstance(h, str) else h for h in v]
+        for h in v:
+            body = h[2:] if isinstance(h, str) and h.startswith("*.") else h
+            if not isinstance(h, str) or (h != "*" and not _HOST_RE.fullmatch(body)):
+                raise ValueError(
+                    f"SGLORA_ALLOWED_HOSTS: {h!r} is not a host name, an IP address, '*.domain' or '*' (no port, no scheme)"
+                )
         return v
 
     def resolved_max_body_bytes(self) -> int:

@@ -688,3 +688,53 @@ def test_the_scrape_is_not_in_flight_behind_a_path_prefix(path, root_path):
     scope = {"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": [], "query_string": b""}
     asyncio.run(MetricsMiddleware(inner, metrics)(scope, receive, send))
     assert seen == [0]
+
+
+HOSTS = ["localhost", "127.0.0.1", "[::1]", "*.example.org"]
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("localhost:8000", 200),
+        ("LOCALHOST", 200),
+        ("127.0.0.1:8000", 200),
+        ("[::1]:8000", 200),  # Starlette's TrustedHostMiddleware read this as "[" (split at the first colon)
+        ("api.example.org", 200),
+        ("example.org", 400),  # '*.example.org' is its subdomains
+        ("evil-example.org", 400),
+        ("rebound.attacker.test:8000", 400),  # a page's own name, resolved to the loopback
+        ("localhost.attacker.test", 400),
+    ],
+)
+def test_a_host_not_allowed_is_refused_before_anything_runs(make_settings, host, status):
+    """DNS rebinding: a page can make a browser send the service requests under the page's own name and read
+    the answers; such a Host is refused (400 naming it) before a key, a body or the model is looked at."""
+    with TestClient(create_app(make_settings(allowed_hosts=HOSTS, api_keys=["k"])), raise_server_exceptions=False) as c:
+        r = c.post("/generate", json={"description": "a ring", "seed": 1}, headers={"Host": host, "X-API-Key": "k"})
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert c.post("/generate", content=b"{", headers={"Host": host}).status_code == 400  # not 401, nor 422
+            assert r.json()["detail"]["field"] == "Host" and "SGLORA_ALLOWED_HOSTS" in r.json()["detail"]["reason"]
+            assert c.get("/", headers={"Host": host}).status_code == 400  # the page too
+            for path in ("/health", "/ready", "/metrics"):  # probes and scrapers address a replica by its IP
+                assert c.get(path, headers={"Host": host}).status_code == 200
+            metrics = c.get("/metrics").text
+            assert re.search(r'sglora_requests_total\{endpoint="/generate",method="POST",status="400"\} 2\.0', metrics)
+
+
+def test_allowed_hosts_setting_is_checked(monkeypatch):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    monkeypatch.setenv("SGLORA_ALLOWED_HOSTS", " Localhost , *.Example.org,[::1] ")
+    assert Settings().allowed_hosts == ["localhost", "*.example.org", "[::1]"]
+    for value, needle in [
+        (" , ", "is empty"),
+        ("localhost:8000", "'localhost:8000' is not a host name"),
+        ("http://x", "no scheme"),
+    ]:
+        monkeypatch.setenv("SGLORA_ALLOWED_HOSTS", value)
+        with pytest.raises(ValidationError, match=needle):
+            Settings()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -111,6 +112,30 @@ def test_json_logs_are_one_object_per_line_with_the_request_id(tiny_artifacts_se
     assert len(access) == 1 and access[0]["method"] == "POST" and access[0]["status"] == 200
     assert access[0]["request_id"] == "job-9"
     assert any(line["logger"] == "sglora.service" and line["message"].startswith("ready:") for line in lines)
+
+
+def test_sglora_serve_cuts_a_silent_connection_after_the_header_timeout(tiny_artifacts_session):
+    """SGLORA_CLIENT_HEADER_TIMEOUT_S reaches the HTTP protocol of `sglora serve`; the cut is counted."""
+    port = processes.free_port()
+    env = {
+        **os.environ,
+        "SGLORA_ARTIFACTS": str(tiny_artifacts_session),
+        "SGLORA_REDIS_URL": "",
+        "SGLORA_THREADS": "1",
+        "SGLORA_CLIENT_HEADER_TIMEOUT_S": "0.5",
+    }
+    cmd = [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts_session), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        processes.wait_ready(f"http://127.0.0.1:{port}", proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never ended
+            assert s.recv(65536).startswith(b"HTTP/1.1 408 ")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'sglora_connections_closed_total{reason="head_timeout"} 1.0' in metrics
+    finally:
+        assert processes.stop(proc) == 0
+    assert "request head incomplete after 0.5 s" in proc.communicate()[0]
 
 
 def test_json_logs_route_transformers_output_through_the_root_logger():

@@ -1,7 +1,9 @@
-"""app.http_protocol: uvicorn's httptools protocol with a bound on a request's head, on a real socket."""
+"""app.http_protocol: uvicorn's httptools protocol with bounds on a request's head and on slow clients, on a
+real socket."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -9,6 +11,7 @@ import time
 import pytest
 import uvicorn
 
+from app import http_protocol
 from app.http_protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 from app.processes import free_port
 
@@ -16,6 +19,8 @@ from app.processes import free_port
 async def _app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] == "/late":  # takes the body up only after a while (a request waiting for the model)
+        await asyncio.sleep(1.5)
     size = 0
     while True:  # the whole body: its size is the answer
         message = await receive()
@@ -26,10 +31,9 @@ async def _app(scope, receive, send):
     await send({"type": "http.response.body", "body": str(size).encode()})
 
 
-@pytest.fixture(scope="module")
-def port():
+def _serve(protocol: type[BoundedHttpToolsProtocol]):
     port = free_port()
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=BoundedHttpToolsProtocol, log_level="warning", lifespan="off")
+    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -42,17 +46,31 @@ def port():
     thread.join(10)
 
 
-def _exchange(port: int, chunks: list[bytes]) -> bytes:
-    """Sends the chunks (a pause between each, so that they arrive as separate reads) and returns all the
-    server answered until it closed the connection or fell silent."""
+@pytest.fixture(scope="module")
+def port():
+    yield from _serve(BoundedHttpToolsProtocol)
+
+
+# Deadlines short enough for a test, long against a loaded machine's scheduling hiccups.
+HEAD_S, BODY_S = 0.5, 1.0
+
+
+@pytest.fixture(scope="module")
+def quick_port():
+    yield from _serve(BoundedHttpToolsProtocol.with_timeouts(HEAD_S, BODY_S))
+
+
+def _exchange(port: int, chunks: list[bytes], pause: float = 0.002, silence: float = 1) -> bytes:
+    """Sends the chunks (``pause`` between each, so that they arrive as separate reads) and returns all the
+    server answered until it closed the connection or fell silent for ``silence`` seconds."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         for c in chunks:
             try:
                 s.sendall(c)
             except (BrokenPipeError, ConnectionResetError):  # closed on us: what it answered is read below
                 break
-            time.sleep(0.002)
-        s.settimeout(1)
+            time.sleep(pause)
+        s.settimeout(silence)
         out = b""
         try:
             while data := s.recv(65536):
@@ -81,3 +99,62 @@ def test_heads_within_the_bound_and_large_bodies_are_served(port):
     pipelined = post + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     out = _exchange(port, [pipelined])
     assert out.count(b"HTTP/1.1 200 ") == 2 and str(len(body)).encode() in out and b"431" not in out
+
+
+def _closed_after(port: int, chunks: list[bytes]) -> tuple[bytes, float]:
+    """Sends the chunks, then waits without sending: (what the server answered, seconds until it closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for c in chunks:
+            s.sendall(c)
+        start = time.monotonic()
+        out = b""
+        while data := s.recv(65536):  # until the server closes (the socket's timeout fails the test)
+            out += data
+        return out, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [
+        ([], "head_timeout"),  # a connection that never sends a byte
+        ([b"GET / HTTP/1.1\r\nHost: x\r\n"], "head_timeout"),  # a head never ended
+        ([b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b"b" * 10], "body_timeout"),  # a body that stalls
+    ],
+    ids=["silent", "head", "body"],
+)
+def test_a_client_too_slow_is_answered_408_and_closed(quick_port, sent, reason):
+    """uvicorn bounded only the idle wait between two requests: these held a connection (a body: its request's
+    task) for good. Each is cut once its deadline passes and counted by reason."""
+    before = dict(http_protocol.closed)
+    out, waited = _closed_after(quick_port, sent)
+    assert out.startswith(b"HTTP/1.1 408 ") and b"connection: close" in out
+    assert (b"headers not received" if reason == "head_timeout" else b"request body paused") in out
+    assert waited < 5
+    assert http_protocol.closed[reason] == before[reason] + 1
+
+
+def test_a_slow_body_that_keeps_moving_and_a_kept_alive_connection_are_served(quick_port):
+    """The body deadline is a pause between reads, not a total: an upload on a slow link is served. The head
+    deadline does not run while a kept-alive connection waits for its next request."""
+    body = b"b" * 30
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    out = _exchange(quick_port, [head] + [body[i : i + 1] for i in range(len(body))], pause=BODY_S / 10)
+    assert out.startswith(b"HTTP/1.1 200 ") and b"\r\n30\r\n" in out  # 3 s in all, 3x the deadline
+    with socket.create_connection(("127.0.0.1", quick_port), timeout=5) as s:
+        for _ in range(2):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(2 * HEAD_S)  # within uvicorn's keep-alive (5 s)
+
+
+def test_a_body_the_app_has_not_taken_up_yet_is_not_the_client_s_pause(quick_port):
+    """A body larger than uvicorn's buffer waits, reading paused, until the app reads it (here 1.5 s, a request
+    queued for the model): the client is not cut meanwhile."""
+    body = b"b" * (4 << 20)
+    out = _exchange(quick_port, [b"POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body], silence=5)
+    assert out.startswith(b"HTTP/1.1 200 ") and b"\r\n%d\r\n" % len(body) in out
+
+
+def test_timeouts_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        BoundedHttpToolsProtocol.with_timeouts(0, 1)
