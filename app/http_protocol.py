@@ -14,10 +14,13 @@ connection, its buffers and (for a body) the request's task for good. Here, as n
 - a request's head must be complete within ``head_timeout_s`` of the connection's opening or of the
   request's first byte (a kept-alive connection's wait for that byte stays uvicorn's ``timeout_keep_alive``);
 - a body must not pause longer than ``body_timeout_s`` between two reads (a large upload on a slow link
-  is fine as long as it moves). A pause because the app is not reading (the body waits in uvicorn's buffer
-  until the request is taken up) is not the client's and is not counted.
+  is fine as long as it moves). A pause that is the server's is not counted: the body waiting in uvicorn's
+  buffer until the request is taken up, a client waiting for the ``100 Continue`` that uvicorn sends when
+  the app first reads, a pipelined request behind one still being answered.
 
-Either is answered 408 and the connection closed (only closed when the app has already begun answering).
+Either is answered 408 and the connection closed (only closed where an answer has begun). Bytes between
+requests that begin none (llhttp skips blank lines there) arm the head deadline: uvicorn's keep-alive
+timer, which any bytes cancel, held such a connection for good.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import asyncio
 import logging
 from collections import Counter
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGIReceiveEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 # Request line and headers together; browsers send a few KiB, proxies commonly allow 8-64 KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -87,6 +91,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():  # until on_message_complete, which a request without a body calls at once
             self._in_body = True
             self._arm_body()
+            self._restart_body_on_receive(self.cycle)
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -100,12 +105,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_body:  # the body moved: its pause starts again
             self._arm_body()
+        elif self._head_timer is None and self.timeout_keep_alive_task is None and not self._answering():
+            self._arm_head()  # bytes that began no request (a blank line) cancelled uvicorn's keep-alive timer
         if not counted or self._head is None:
             return
         self._head += len(data)
         if self._head > MAX_HEAD_BYTES:
             log.warning("request head over %d bytes from %s: 431, connection closed", MAX_HEAD_BYTES, self.client)
-            self._refuse(431, "head_too_large", f"request line and headers over {MAX_HEAD_BYTES} bytes")
+            if self._answering():  # pipelined behind a request still being answered: a 431 would land inside it
+                closed["head_too_large"] += 1
+                self.transport.close()
+            else:
+                self._refuse(431, "head_too_large", f"request line and headers over {MAX_HEAD_BYTES} bytes")
 
     # ---- deadlines -------------------------------------------------------------------------------
     def _arm_head(self) -> None:
@@ -127,6 +138,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
 
+    def _restart_body_on_receive(self, cycle: RequestResponseCycle) -> None:
+        """The body's pause restarts when the app asks for more of it: until then a client waiting for a
+        ``100 Continue`` (sent on the app's first ``receive``) or for a pipelined request ahead of its own to
+        be answered is not pausing, and gets the whole deadline from there."""
+        inner = cycle.receive
+
+        async def receive() -> ASGIReceiveEvent:
+            if self._in_body and self.cycle is cycle and not self.transport.is_closing():
+                self._arm_body()
+            return await inner()
+
+        cycle.receive = receive  # type: ignore[method-assign]  # read by its task, which has not started yet
+
     def _answering(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 
@@ -144,16 +168,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer = None
         if self.transport.is_closing() or not self._in_body:
             return
-        if self.flow.read_paused:  # the app has not taken up the body yet: not the client's pause
+        if self.flow.read_paused or self.pipeline or (self.cycle is not None and self.cycle.waiting_for_100_continue):
+            # The app has not taken the body up yet, or the client waits for its 100 Continue, or the request
+            # is queued behind one still being answered: not the client's pause.
             self._arm_body()
             return
-        log.warning("request body paused over %g s from %s: 408, connection closed", self.body_timeout_s, self.client)
-        reason = f"request body paused over {self.body_timeout_s:g} s"
-        if self.cycle is not None and self.cycle.response_started:  # the app has begun answering: only close
+        if self.cycle is not None and self.cycle.response_started:  # an answer has begun: only close
+            log.warning("request body paused over %g s from %s: connection closed", self.body_timeout_s, self.client)
             closed["body_timeout"] += 1
             self.transport.close()
-        else:
-            self._refuse(408, "body_timeout", reason)
+            return
+        log.warning("request body paused over %g s from %s: 408, connection closed", self.body_timeout_s, self.client)
+        self._refuse(408, "body_timeout", f"request body paused over {self.body_timeout_s:g} s")
 
     def _refuse(self, status: int, why: str, msg: str) -> None:
         """Answers ``status`` with ``msg`` and closes the connection; the request's task, if any, then reads

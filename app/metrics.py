@@ -152,7 +152,8 @@ class Metrics:
 
 class ClosedConnections:
     """``sglora_connections_closed_total{reason}``: connections the HTTP protocol (app/http_protocol.py) cut
-    before a request reached the app (a head too large or too slow, a stalled body); counted per process."""
+    (a head too large or too slow, a stalled body), which the request metrics never see or see as a 499;
+    counted per process."""
 
     def describe(self) -> list[CounterMetricFamily]:
         return [self._family()]

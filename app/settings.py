@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.hosts import canonical_host
 from sglora.devices import check_device_name, resolve_device
 
-# A host name or IPv4 address (letters, digits, '-', '.', '_'), or an IPv6 address in brackets: what a Host header holds
-# before its port.
-_HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url takes
 
 
@@ -144,10 +141,16 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(1 << 26, ge=1, description="width x height of all images of one request together")
     max_expert_bytes: int = Field(256 << 20, ge=1, description="size limit of an uploaded expert file")
     client_header_timeout_s: float = Field(
-        30.0, gt=0, description="a request's line and headers must arrive within this of the connection or its first byte; 408"
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a request's line and headers must arrive within this of the connection or its first byte; 408",
     )
     client_body_timeout_s: float = Field(
-        60.0, gt=0, description="longest pause between two reads of a request body; 408 (sglora serve / python -m app)"
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="longest pause between two reads of a request body; 408 (sglora serve / python -m app)",
     )
     max_body_bytes: int = Field(
         0, ge=0, description="size limit of a whole request body (413 beyond); 0 = derived from the image and expert limits"
@@ -202,14 +205,19 @@ class Settings(BaseSettings):
             return v
         if not v:
             raise ValueError("SGLORA_ALLOWED_HOSTS is empty: no request would be answered; '*' allows any host")
-        v = [h.lower() if isinstance(h, str) else h for h in v]
+        out = []
         for h in v:
-            body = h[2:] if isinstance(h, str) and h.startswith("*.") else h
-            if not isinstance(h, str) or (h != "*" and not _HOST_RE.fullmatch(body)):
+            wild = isinstance(h, str) and h.startswith("*.")
+            name = canonical_host(h[2:] if wild else h) if isinstance(h, str) and h != "*" else h
+            if name is None or not isinstance(name, str) or (wild and name.startswith("[")):
                 raise ValueError(
-                    f"SGLORA_ALLOWED_HOSTS: {h!r} is not a host name, an IP address, '*.domain' or '*' (no port, no scheme)"
+                    f"SGLORA_ALLOWED_HOSTS: {h!r} is not a host name, an IP address ([::1] for IPv6), '*.domain' or '*' "
+                    "(no port, no scheme)"
                 )
-        return v
+            out.append("*." + name if wild else name)
+        if "*" in out and len(out) > 1:
+            raise ValueError("SGLORA_ALLOWED_HOSTS: '*' allows any host; list no other name with it")
+        return out
 
     def resolved_max_body_bytes(self) -> int:
         """0 -> room for the largest legitimate body: a full /retrieve or an expert (mean + variance), + 1 MiB of fields."""

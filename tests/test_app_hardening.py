@@ -705,6 +705,10 @@ HOSTS = ["localhost", "127.0.0.1", "[::1]", "*.example.org"]
         ("evil-example.org", 400),
         ("rebound.attacker.test:8000", 400),  # a page's own name, resolved to the loopback
         ("localhost.attacker.test", 400),
+        ("localhost.", 200),  # a fully qualified name, as nginx and Django read it
+        ("[0:0:0:0:0:0:0:1]:8000", 200),  # IPv6 compared in its short form
+        ("[::1]evil.test", 400),  # malformed: not read as [::1]
+        ("localhost:8000@evil.test", 400),
     ],
 )
 def test_a_host_not_allowed_is_refused_before_anything_runs(make_settings, host, status):
@@ -723,17 +727,45 @@ def test_a_host_not_allowed_is_refused_before_anything_runs(make_settings, host,
             assert re.search(r'sglora_requests_total\{endpoint="/generate",method="POST",status="400"\} 2\.0', metrics)
 
 
+@pytest.mark.parametrize(
+    ("headers", "reason"), [([], "no Host headers"), ([(b"host", b"evil.test"), (b"host", b"localhost")], "2 Host headers")]
+)
+def test_a_request_without_one_host_is_refused(headers, reason):
+    """HTTP/1.0 may send no Host, and httptools passes two: the check read the last one."""
+    from app.hosts import AllowedHostsMiddleware
+
+    sent = []
+
+    async def inner(scope, receive, send):
+        raise AssertionError("reached the app")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": headers, "query_string": b""}
+    asyncio.run(AllowedHostsMiddleware(inner, ["localhost"])(scope, receive, send))
+    detail = json.loads(sent[1]["body"])["detail"]
+    assert sent[0]["status"] == 400 and detail == {"field": "Host", "reason": f"{reason}: one is required"}
+
+
 def test_allowed_hosts_setting_is_checked(monkeypatch):
     from pydantic import ValidationError
 
     from app.settings import Settings
 
-    monkeypatch.setenv("SGLORA_ALLOWED_HOSTS", " Localhost , *.Example.org,[::1] ")
+    monkeypatch.setenv("SGLORA_ALLOWED_HOSTS", " Localhost , *.Example.org.,[0:0::1] ")
     assert Settings().allowed_hosts == ["localhost", "*.example.org", "[::1]"]
     for value, needle in [
         (" , ", "is empty"),
         ("localhost:8000", "'localhost:8000' is not a host name"),
         ("http://x", "no scheme"),
+        ("a..b", "not a host name"),
+        ("[:]", "not a host name"),
+        ("*.[::1]", "not a host name"),
+        ("*, localhost", "list no other name with it"),
     ]:
         monkeypatch.setenv("SGLORA_ALLOWED_HOSTS", value)
         with pytest.raises(ValidationError, match=needle):

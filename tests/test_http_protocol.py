@@ -28,6 +28,9 @@ async def _app(scope, receive, send):
         if not message.get("more_body"):
             break
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    if scope["path"] == "/slow-answer":  # an answer that takes a while, as a streamed one
+        await send({"type": "http.response.body", "body": b"part-", "more_body": True})
+        await asyncio.sleep(1.5)
     await send({"type": "http.response.body", "body": str(size).encode()})
 
 
@@ -158,3 +161,48 @@ def test_a_body_the_app_has_not_taken_up_yet_is_not_the_client_s_pause(quick_por
 def test_timeouts_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         BoundedHttpToolsProtocol.with_timeouts(0, 1)
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    out = b""
+    while data := s.recv(65536):
+        out += data
+    return out
+
+
+def test_a_client_waiting_for_100_continue_is_not_pausing(quick_port):
+    """uvicorn sends ``100 Continue`` when the app first reads the body (here after 1.5 s, longer than the body
+    deadline): the client's wait for it is not a pause of its body, which gets the whole deadline from there."""
+    with socket.create_connection(("127.0.0.1", quick_port), timeout=10) as s:
+        s.sendall(b"POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        time.sleep(BODY_S / 2)
+        s.sendall(b"hello")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_stalled_pipelined_body_is_answered_after_the_answer_ahead_of_it(quick_port):
+    """A request pipelined behind one whose answer takes longer than the body deadline: its 408 came in the
+    middle of that answer, and cut it. Now the answer ahead ends whole, then the stalled body gets its 408."""
+    with socket.create_connection(("127.0.0.1", quick_port), timeout=10) as s:
+        s.sendall(
+            b"POST /slow-answer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab"
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
+        )
+        out = _read_until_closed(s)
+    first, _, rest = out.partition(b"0\r\n\r\n")  # the end of the first (chunked) answer
+    assert first.startswith(b"HTTP/1.1 200 ") and b"part-" in first and b"\r\n2\r\n" in first and b"408" not in first
+    assert rest.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_blank_line_between_requests_does_not_hold_the_connection(quick_port):
+    """Any bytes cancel uvicorn's keep-alive timer, and llhttp skips a blank line between requests without
+    beginning one: a connection kept alive by one CRLF was held for good. It gets the head deadline."""
+    with socket.create_connection(("127.0.0.1", quick_port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.1)
+        s.sendall(b"\r\n")
+        start = time.monotonic()
+        assert _read_until_closed(s).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - start < 4  # the head deadline (0.5 s), not uvicorn's keep-alive (5 s), nor never
