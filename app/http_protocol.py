@@ -56,7 +56,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     body_timeout_s: float = BODY_TIMEOUT_S
 
     _head: int | None = 0  # bytes of the head in progress; None once its headers are complete
+    _heading = False  # a request's head is being received
     _in_body = False  # a request's body is being received
+    _watched: RequestResponseCycle | None = None  # the request whose app's reads restart the body's pause
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
 
@@ -78,23 +80,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     # ---- parser callbacks ------------------------------------------------------------------------
+    # The parser calls these from data_received, which arms the deadlines once the read is parsed: a request
+    # whose head (and body) arrive in one read never arms one.
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head = 0
-        if self._head_timer is None:  # a kept-alive connection's next request (the first's was armed on connect)
-            self._arm_head()
+        self._heading = True
 
     def on_headers_complete(self) -> None:
         self._head = None
+        self._heading = False
         self._cancel_head()
         super().on_headers_complete()
-        if not self.transport.is_closing():  # until on_message_complete, which a request without a body calls at once
-            self._in_body = True
-            self._arm_body()
-            self._restart_body_on_receive(self.cycle)
+        # until on_message_complete, which a request without a body calls at once
+        self._in_body = not self.transport.is_closing()
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._watched = None
         self._cancel_body()
         super().on_message_complete()
 
@@ -103,10 +106,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self.transport.is_closing():
             return
-        if self._in_body:  # the body moved: its pause starts again
+        if self._in_body:  # the body moved (or its head came whole without it): its pause starts again
             self._arm_body()
-        elif self._head_timer is None and self.timeout_keep_alive_task is None and not self._answering():
-            self._arm_head()  # bytes that began no request (a blank line) cancelled uvicorn's keep-alive timer
+            if self._watched is not self.cycle:  # before its task starts, which reads cycle.receive
+                self._watched = self.cycle
+                self._restart_body_on_receive(self.cycle)
+        elif self._head_timer is None and (self._heading or (self.timeout_keep_alive_task is None and not self._answering())):
+            # a head in progress (a kept-alive connection's next request; the first's was armed on connect), or
+            # bytes that began no request (a blank line), which cancelled uvicorn's keep-alive timer
+            self._arm_head()
         if not counted or self._head is None:
             return
         self._head += len(data)

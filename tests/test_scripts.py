@@ -359,3 +359,25 @@ def test_bench_repository_refuses_bad_arguments_before_copying(tmp_path, capsys)
         capsys, "bench_repository", ["--artifacts", str(tmp_path), "--experts", "9", "--work", str(tmp_path / "new")]
     )
     assert code == 1 and "holds no artefacts" in err and not (tmp_path / "new").exists()
+
+
+def test_bench_protocol_times_both_protocols(tmp_path):
+    """scripts/bench_protocol.py end to end, small: both servers answer every request on their one connection."""
+    out = tmp_path / "protocol.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_protocol.py"), "--blocks", "2", "--requests", "3", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for key in ("plain_GET_median_us", "bounded_GET_median_us", "plain_POST_median_us", "bounded_POST_median_us"):
+        assert r[key] > 0, key
+    assert r["POST_median_ratio"] == r["bounded_POST_median_us"] / r["plain_POST_median_us"]
+    assert "| POST |" in p.stdout and "bounded / plain" in p.stdout
+
+
+def test_bench_protocol_refuses_bad_arguments(tmp_path, capsys):
+    for args, message in (
+        (["--blocks", "0"], "--blocks and --requests must be >= 1"),
+        (["--json", str(tmp_path)], "is a directory"),
+    ):
+        code, err = _refused(capsys, "bench_protocol", args)
+        assert code == 2 and message in err, (args, err)
