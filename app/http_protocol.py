@@ -56,6 +56,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     body_timeout_s: float = BODY_TIMEOUT_S
 
     _head: int | None = 0  # bytes of the head in progress; None once its headers are complete
+    _upgraded = False  # handed to the WebSocket protocol
     _heading = False  # a request's head is being received
     _in_body = False  # a request's body is being received
     _watched: RequestResponseCycle | None = None  # the request whose app's reads restart the body's pause
@@ -78,6 +79,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head()
         self._cancel_body()
         super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        """The connection passes to uvicorn's WebSocket protocol, which has its own pings and timeouts: this
+        one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408)."""
+        self._cancel_head()
+        self._cancel_body()
+        self._heading = self._in_body = False
+        self._head = None
+        self._upgraded = True  # data_received, returning from the parser, arms nothing more
+        super().handle_websocket_upgrade()
 
     # ---- parser callbacks ------------------------------------------------------------------------
     # The parser calls these from data_received, which arms the deadlines once the read is parsed: a request
@@ -104,7 +115,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         counted = self._head is not None
         super().data_received(data)
-        if self.transport.is_closing():
+        if self._upgraded or self.transport.is_closing():
             return
         if self._in_body:  # the body moved (or its head came whole without it): its pause starts again
             self._arm_body()

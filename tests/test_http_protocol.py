@@ -4,6 +4,9 @@ real socket."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import importlib.util
+import os
 import socket
 import threading
 import time
@@ -17,6 +20,12 @@ from app.processes import free_port
 
 
 async def _app(scope, receive, send):
+    if scope["type"] == "websocket":  # an echo
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (message := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": message.get("text") or ""})
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/late":  # takes the body up only after a while (a request waiting for the model)
@@ -36,7 +45,8 @@ async def _app(scope, receive, send):
 
 def _serve(protocol: type[BoundedHttpToolsProtocol]):
     port = free_port()
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, log_level="warning", lifespan="off")
+    ws = "wsproto" if importlib.util.find_spec("wsproto") else "none"
+    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, ws=ws, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -206,3 +216,20 @@ def test_a_blank_line_between_requests_does_not_hold_the_connection(quick_port):
         start = time.monotonic()
         assert _read_until_closed(s).startswith(b"HTTP/1.1 408 ")
         assert time.monotonic() - start < 4  # the head deadline (0.5 s), not uvicorn's keep-alive (5 s), nor never
+
+
+def test_an_open_websocket_is_not_cut_by_the_http_deadlines(quick_port):
+    """An upgraded connection belongs to uvicorn's WebSocket protocol: the head deadline armed on connect
+    wrote an HTTP 408 into it."""
+    pytest.importorskip("wsproto")
+    with socket.create_connection(("127.0.0.1", quick_port), timeout=10) as s:
+        key = base64.b64encode(os.urandom(16))
+        s.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 101 ")
+        time.sleep(3 * max(HEAD_S, BODY_S))
+        mask = os.urandom(4)
+        s.sendall(bytes([0x81, 0x82]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hi")))  # a masked "hi"
+        assert s.recv(4096) == b"\x81\x02hi"
