@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         workers=1,
         # httptools, with bounds on a request's head and on how slowly a head or a body may arrive
         http=BoundedHttpToolsProtocol.with_timeouts(settings.client_header_timeout_s, settings.client_body_timeout_s),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=args.graceful_timeout,
         root_path=args.root_path,
         access_log=not args.no_access_log,

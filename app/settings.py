@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height limit of one uploaded image")
     max_request_pixels: int = Field(1 << 26, ge=1, description="width x height of all images of one request together")
     max_expert_bytes: int = Field(256 << 20, ge=1, description="size limit of an uploaded expert file")
+    keep_alive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how long an idle kept-alive connection stays open (uvicorn's timeout_keep_alive); behind a load "
+        "balancer, longer than its idle timeout (sglora serve / python -m app)",
+    )
     client_header_timeout_s: float = Field(
         30.0,
         gt=0,

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -114,8 +115,9 @@ def test_json_logs_are_one_object_per_line_with_the_request_id(tiny_artifacts_se
     assert any(line["logger"] == "sglora.service" and line["message"].startswith("ready:") for line in lines)
 
 
-def test_sglora_serve_cuts_a_silent_connection_after_the_header_timeout(tiny_artifacts_session):
-    """SGLORA_CLIENT_HEADER_TIMEOUT_S reaches the HTTP protocol of `sglora serve`; the cut is counted."""
+def test_sglora_serve_takes_its_connection_timeouts_from_the_environment(tiny_artifacts_session):
+    """SGLORA_CLIENT_HEADER_TIMEOUT_S reaches the HTTP protocol of `sglora serve` (the cut is counted), and
+    SGLORA_KEEP_ALIVE_TIMEOUT_S uvicorn's keep-alive."""
     port = processes.free_port()
     env = {
         **os.environ,
@@ -123,6 +125,7 @@ def test_sglora_serve_cuts_a_silent_connection_after_the_header_timeout(tiny_art
         "SGLORA_REDIS_URL": "",
         "SGLORA_THREADS": "1",
         "SGLORA_CLIENT_HEADER_TIMEOUT_S": "0.5",
+        "SGLORA_KEEP_ALIVE_TIMEOUT_S": "20",
     }
     cmd = [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts_session), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -133,6 +136,12 @@ def test_sglora_serve_cuts_a_silent_connection_after_the_header_timeout(tiny_art
             assert s.recv(65536).startswith(b"HTTP/1.1 408 ")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'sglora_connections_closed_total{reason="head_timeout"} 1.0' in metrics
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(7)  # past uvicorn's default keep-alive (5 s)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
     finally:
         assert processes.stop(proc) == 0
     assert "request head incomplete after 0.5 s" in proc.communicate()[0]
