@@ -198,10 +198,18 @@ async def test_an_expert_change_that_began_is_answered_with_its_outcome_not_a_50
         r = await client.post("/experts", data=form, files={"mean": ("m.safetensors", mean)}, headers=ADMIN)
         assert r.status_code == 201, r.text  # begun at once, finished after the timeout: its outcome
         assert "disc" in ExpertRepository.load(tiny_artifacts / "repository")
-        # Behind a job holding the model threads past the timeout: never begun, never made.
-        gate = threading.Event()
-        blocker = asyncio.create_task(service.worker.run(gate.wait, 10))
-        await until(lambda: service.worker.busy == 1, timeout=10.0)
+        # Behind a job holding the model threads past the timeout: never begun, never made. The blocker is
+        # seen running (not only a thread seen taken, which the registration's thread, handed back a moment
+        # after its answer, also was: the removal then began first on a loaded machine, and was made).
+        await service.worker.settle()
+        gate, running = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            running.set()
+            gate.wait(10)
+
+        blocker = asyncio.create_task(service.worker.run(hold))
+        await until(running.is_set, timeout=10.0)
         r = await client.delete("/experts/disc", headers=ADMIN)
         assert r.status_code == 504
         gate.set()
