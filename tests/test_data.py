@@ -98,6 +98,11 @@ TASKS = [
         ({"tasks": [{**TASKS[1], "classes": ["red", "red", "blue"]}]}, r"class\(es\) \['red'\] listed more than once"),
         # one snapshot file each: on a case-insensitive file system they would share it
         ({"tasks": [TASKS[0], {**TASKS[0], "name": "Circle"}]}, r"task names 'circle' and 'Circle' differ only in case"),
+        # what was taken without a word before 0.9.20
+        ({"tasks": TASKS, "class_template": "a drawing of a {}"}, r"unknown key\(s\) \['class_template'\]"),
+        ({"tasks": [{**TASKS[1], "classes": ["red", "blue "]}]}, r"class name\(s\) \['blue '\] blank or with spaces"),
+        ({"tasks": [{**TASKS[1], "classes": ["red", ""]}]}, r"class name\(s\) \[''\] blank"),
+        ({"tasks": [{**TASKS[0], "classes": ["red", "blue"]}]}, "classes are for classification tasks"),
     ],
 )
 def test_bad_tasks_are_named_before_anything_is_trained(tmp_path, tasks, needle):
@@ -115,8 +120,10 @@ def test_bad_tasks_are_named_before_anything_is_trained(tmp_path, tasks, needle)
         ('{"image": "a.png", "label": ["red"]}', ":1: label must be a string"),
         ('{"image": "a.png", "task": "circle", "caption": 12345}', ":1: caption must be a string"),
         ('{"image": "a.png", "lable": "red"}', r":1: unknown key\(s\) \['lable'\]"),
-        ('{"image": "a.png", "task": "colours"}', ":1: label None is not one of task 'colours'"),
-        ('{"image": "a.png", "task": "colours", "label": "redd"}', ":1: label 'redd' is not one of task 'colours'"),
+        ('{"image": "a.png", "task": "colours"}', ":1: a sample of classification task 'colours' needs a label"),
+        ('{"image": "a.png", "task": "colours", "label": "redd"}', ":1: label 'redd' is not one of the classes of task 'col"),
+        ('{"image": "a.png", "task": "circle", "caption": "a ring", "label": "red"}', ":1: .* has a caption, not a label"),
+        ('{"image": "a.png", "label": "red", "label": "blue"}', ":1: key 'label' given twice"),
         ('{"image": "a.png", "caption": "a circle"}', ":1: a sample needs a task"),
         ('{"image": "missing.png", "label": "red"}', ":1: image not found: "),
     ],
@@ -239,7 +246,7 @@ def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
         load_task_dataset(tmp_path / "ds")
     image.write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
     loaded = load_task_dataset(tmp_path / "ds")
-    with pytest.raises(ValueError, match=rf"cannot read image .*{first}"):
+    with pytest.raises(ValueError, match=rf"samples.jsonl:1: cannot read image .*{first}"):  # and its line
         loaded.check_images(list(loaded.tasks))
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["data"] = {"kind": "folder", "path": "ds"}
@@ -247,7 +254,7 @@ def test_unreadable_images_are_named_before_anything_trains(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     load_config(tmp_path / "c.yaml")
     assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 2
-    assert f"error: cannot read image {image}" in capsys.readouterr().err
+    assert f"samples.jsonl:1: cannot read image {image}" in capsys.readouterr().err
     image.write_bytes(good)
     assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 0
     assert "3 tasks, 18 samples, 18 image files read" in capsys.readouterr().err
@@ -361,3 +368,11 @@ def test_a_task_description_the_service_would_refuse_is_refused_on_load(descript
 
     with pytest.raises(ValueError, match=f"task 'disc': description {needle}"):
         TaskInfo("disc", description)
+
+
+def test_a_task_description_is_stored_as_the_service_reads_it(tmp_path):
+    """Whitespace runs collapse to one space, as in a request: a tab or newline kept as written broke
+    `sglora select`'s table and stored a description no request could spell."""
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [{**TASKS[0], "description": "  a photo \tof\n a ring "}]}))
+    (tmp_path / "samples.jsonl").write_text("")
+    assert load_task_dataset(tmp_path).tasks["circle"].description == "a photo of a ring"

@@ -71,11 +71,15 @@ class Sample:
     task: str | None = None
     label: str | None = None
     split: str = "train"
+    where: str = field(default="", compare=False, repr=False)  # "samples.jsonl:LINE" of a folder's sample
 
     def load(self) -> Image.Image:
         if callable(self.image):
             return self.image()
-        return open_image(Path(self.image))
+        try:
+            return open_image(Path(self.image))
+        except ValueError as e:  # cut short or damaged inside its pixel data: found when decoded
+            raise ValueError(f"{self.where}: {e}" if self.where else str(e)) from e.__cause__
 
 
 def open_image(path: Path) -> Image.Image:
@@ -140,11 +144,15 @@ class TaskDataset:
     def check_images(self, names: Sequence[str]) -> int:
         """Decodes every image file of the named tasks (ValueError naming the first that cannot be read);
         returns how many were read. Images generated in memory (procedural, benchmarks) are not read."""
-        paths = sorted(
-            {s.image for n in names for split in SPLITS for s in self.task_samples(n, split) if isinstance(s.image, str)}
-        )
+        first = {}  # path -> its first sample (whose line an error names)
+        for n in names:
+            for split in SPLITS:
+                for s in self.task_samples(n, split):
+                    if isinstance(s.image, str):
+                        first.setdefault(s.image, s)
+        paths = sorted(first)
         for path in tqdm(paths, desc="reading images", unit="img", leave=False, disable=not paths):
-            open_image(Path(path))
+            first[path].load()
         return len(paths)
 
     def check(self, names: Sequence[str], min_train: int, min_test: int) -> None:
@@ -178,6 +186,19 @@ def _text(value: object, what: str, optional: bool = False) -> str | None:
     return value
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a byte-order mark is tolerated
@@ -201,7 +222,16 @@ def _task(t: object, where: str) -> TaskInfo:
     twice = sorted({c for c in classes if classes.count(c) > 1})
     if twice:
         raise ValueError(f"{where}: class(es) {twice} listed more than once")
+    padded = [c for c in classes if c != c.strip() or not c]
+    if padded:  # a label matches a class exactly: "circle " never met a sample's "circle"
+        raise ValueError(f"{where}: class name(s) {padded} blank or with spaces around them")
+    if classes and t.get("kind", "retrieval") != "classification":
+        raise ValueError(f"{where}: classes are for classification tasks (this one's kind is {t.get('kind', 'retrieval')!r})")
     description = _text(t["description"], f"{where}: description")
+    try:  # stored as the service reads a description: whitespace runs collapsed (a tab broke `sglora select`'s table)
+        description = clean_text(description)
+    except ValueError:
+        pass  # TaskInfo refuses it, naming the task
     kind, group = _text(t.get("kind", "retrieval"), f"{where}: kind"), _text(t.get("group", ""), f"{where}: group")
     try:
         return TaskInfo(name, description, kind, tuple(classes), group)
@@ -221,11 +251,15 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if not p.is_file():
             raise FileNotFoundError(f"dataset file not found: {p}")
     try:
-        raw = json.loads(_read_text(tasks_path))
+        raw = json.loads(_read_text(tasks_path), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{tasks_path}: invalid JSON: {e}") from e
+    except _DuplicateKey as e:
+        raise ValueError(f"{tasks_path}: key {e.args[0]!r} given twice in one object") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
         raise ValueError(f'{tasks_path}: expected {{"tasks": [...]}}, a JSON object with a list of tasks')
+    if extra := sorted(set(raw) - {"tasks"}):
+        raise ValueError(f'{tasks_path}: unknown key(s) {extra}; the file holds {{"tasks": [...]}} alone')
     tasks: dict[str, TaskInfo] = {}
     for i, t in enumerate(raw["tasks"]):
         info = _task(t, f"{tasks_path}: task #{i}")
@@ -247,9 +281,11 @@ def load_task_dataset(directory: Path) -> TaskDataset:
             continue
         where = f"{samples_path}:{lineno}"
         try:
-            s = json.loads(line)
+            s = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: bad sample ({e})") from e
+        except _DuplicateKey as e:  # json keeps the last one without a word
+            raise ValueError(f"{where}: key {e.args[0]!r} given twice") from None
         if not isinstance(s, dict):
             raise ValueError(f"{where}: a sample must be a JSON object, got {type(s).__name__}")
         unknown = sorted(set(s) - set(SAMPLE_KEYS))
@@ -277,8 +313,12 @@ def load_task_dataset(directory: Path) -> TaskDataset:
                 clean_text(caption)
             except ValueError as e:
                 raise ValueError(f"{where}: caption {e}") from None
+        if kind == "retrieval" and label is not None:  # a retrieval task pairs images with captions, not labels
+            raise ValueError(f"{where}: a sample of retrieval task {task!r} has a caption, not a label")
+        if kind == "classification" and label is None:
+            raise ValueError(f"{where}: a sample of classification task {task!r} needs a label")
         if kind == "classification" and label not in tasks[task].classes:
-            raise ValueError(f"{where}: label {label!r} is not one of task {task!r}'s classes {list(tasks[task].classes)}")
+            raise ValueError(f"{where}: label {label!r} is not one of the classes of task {task!r}: {list(tasks[task].classes)}")
         if task is None and label is None:
             raise ValueError(f"{where}: a sample needs a task (retrieval: with a caption) or a label (classification)")
         if task is None and label not in all_classes:
@@ -292,7 +332,7 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if not path.is_file():  # found now, not after the tasks before it have trained
             raise ValueError(f"{where}: image not found: {path}")
         _probe_image(path, where)
-        samples.append(Sample(str(path), caption, task, label, split))
+        samples.append(Sample(str(path), caption, task, label, split, where))
     if unused:  # a pool may hold more classes than the tasks use, but a misspelt label lands here too
         shown = ", ".join(f"{label!r} (line {n})" for label, n in list(unused.items())[:5])
         warnings.warn(f"{samples_path}: labels no classification task lists, their samples unused: {shown}", stacklevel=2)
