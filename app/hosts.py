@@ -62,10 +62,9 @@ class AllowedHostsMiddleware:
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
         self.app = app
         self.allowed = list(allowed_hosts)
-        self.any = "*" in self.allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.any or scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         hosts = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]

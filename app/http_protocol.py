@@ -131,11 +131,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head += len(data)
         if self._head > MAX_HEAD_BYTES:
             log.warning("request head over %d bytes from %s: 431, connection closed", MAX_HEAD_BYTES, self.client)
-            if self._answering():  # pipelined behind a request still being answered: a 431 would land inside it
-                closed["head_too_large"] += 1
-                self.transport.close()
-            else:
-                self._refuse(431, "head_too_large", f"request line and headers over {MAX_HEAD_BYTES} bytes")
+            # pipelined behind a request still being answered: a 431 would land inside that answer
+            answer = not self._answering()
+            self._refuse(431, "head_too_large", f"request line and headers over {MAX_HEAD_BYTES} bytes", answer)
 
     # ---- deadlines -------------------------------------------------------------------------------
     def _arm_head(self) -> None:
@@ -192,18 +190,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # is queued behind one still being answered: not the client's pause.
             self._arm_body()
             return
-        if self.cycle is not None and self.cycle.response_started:  # an answer has begun: only close
-            log.warning("request body paused over %g s from %s: connection closed", self.body_timeout_s, self.client)
-            closed["body_timeout"] += 1
+        answer = self.cycle is None or not self.cycle.response_started  # else an answer has begun: only close
+        log.warning(
+            "request body paused over %g s from %s: %sconnection closed", self.body_timeout_s, self.client, "408, " * answer
+        )
+        self._refuse(408, "body_timeout", f"request body paused over {self.body_timeout_s:g} s", answer)
+
+    def _refuse(self, status: int, why: str, msg: str, answer: bool = True) -> None:
+        """Answers ``status`` with ``msg`` (unless ``answer`` is false: another answer is on the wire) and
+        closes the connection, counted under ``why``; the request's task, if any, then reads a disconnect."""
+        closed[why] += 1
+        if not answer:
             self.transport.close()
             return
-        log.warning("request body paused over %g s from %s: 408, connection closed", self.body_timeout_s, self.client)
-        self._refuse(408, "body_timeout", f"request body paused over {self.body_timeout_s:g} s")
-
-    def _refuse(self, status: int, why: str, msg: str) -> None:
-        """Answers ``status`` with ``msg`` and closes the connection; the request's task, if any, then reads
-        a disconnect."""
-        closed[why] += 1
         phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         body = msg.encode()
         self.transport.write(

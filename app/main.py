@@ -104,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.resolved_max_body_bytes(),
         path_limits=dict.fromkeys((r.path for r in generate.router.routes), json_limit),  # the JSON endpoints
     )
-    app.add_middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_hosts)  # before keys and bodies
+    if "*" not in settings.allowed_hosts:  # '*' (the default) checks nothing: no layer on every request
+        app.add_middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_hosts)  # before keys and bodies
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts the 413s of the limit and the Host 400s too
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID, a bug's 500 too
     install_error_handlers(app, settings.retry_after_s)

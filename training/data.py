@@ -225,14 +225,14 @@ def _task(t: object, where: str) -> TaskInfo:
     padded = [c for c in classes if c != c.strip() or not c]
     if padded:  # a label matches a class exactly: "circle " never met a sample's "circle"
         raise ValueError(f"{where}: class name(s) {padded} blank or with spaces around them")
-    if classes and t.get("kind", "retrieval") != "classification":
-        raise ValueError(f"{where}: classes are for classification tasks (this one's kind is {t.get('kind', 'retrieval')!r})")
+    kind, group = _text(t.get("kind", "retrieval"), f"{where}: kind"), _text(t.get("group", ""), f"{where}: group")
+    if classes and kind != "classification":
+        raise ValueError(f"{where}: classes are for classification tasks (this one's kind is {kind!r})")
     description = _text(t["description"], f"{where}: description")
     try:  # stored as the service reads a description: whitespace runs collapsed (a tab broke `sglora select`'s table)
         description = clean_text(description)
     except ValueError:
         pass  # TaskInfo refuses it, naming the task
-    kind, group = _text(t.get("kind", "retrieval"), f"{where}: kind"), _text(t.get("group", ""), f"{where}: group")
     try:
         return TaskInfo(name, description, kind, tuple(classes), group)
     except ValueError as e:  # its own checks: name, kind, description, classes
