@@ -79,13 +79,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from models.backbone import describe_backbone
     from training.config import load_config
 
-    cfg = load_config(args.config)
+    if args.config and args.config_flag and args.config != args.config_flag:
+        raise ValueError(f"two configs given ({args.config} and --config {args.config_flag}): give one")
+    if not (path := args.config or args.config_flag):
+        raise ValueError("give a config: sglora check-config CONFIG (or --config CONFIG, as for sglora pipeline)")
+    cfg = load_config(path)
     print(json.dumps(cfg.to_dict(), indent=2))
     print(f"backbone: {describe_backbone(cfg.backbone)}", file=sys.stderr)
     if args.data:  # the dataset too: its files, the split and each task's samples, as the experts stage checks them
-        from training.pipeline import prepare_data
+        from models.backbone import create_backbone
+        from training.pipeline import check_descriptions, prepare_data
 
         dataset, splits = prepare_data(cfg)
+        check_descriptions(create_backbone(cfg.backbone), dataset, splits.all())  # its tokenizer counts them
         read = dataset.check_images(splits.all())  # a file cut short is found now, not after tasks have trained
         roles = ", ".join(f"{role} {len(getattr(splits, role))}" for role in ("experts", "train", "val", "test"))
         size = f"{len(dataset.tasks)} tasks, {len(dataset.samples)} samples" + (f", {read} image files read" if read else "")
@@ -147,7 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise OSError(f"--out {out}: cannot write it ({e.strerror or e})") from e
     chosen = ", ".join(f"{e.name} ({e.weight:.2f})" for e in g.experts[:8])
     shown = os.fsdecode(out).encode("utf-8", "backslashreplace").decode()  # a non-UTF-8 name printed, not a crash
-    print(f"wrote {shown} ({len(data)} bytes) method={g.method} seed={g.seed} experts: {chosen}")
+    seed = "" if g.seed is None else f" seed={g.seed}"  # the deterministic methods draw nothing
+    print(f"wrote {shown} ({len(data)} bytes) method={g.method}{seed} experts: {chosen}")
     return 0
 
 
@@ -181,10 +188,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(argv, prog="sglora serve")  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        # argparse reads a lone word starting with '-' ("-red") as an unknown option, and then finds the
+        # description missing: say how to pass it
+        if "required: description" in message:
+            message += "; a description that starts with '-' goes after '--' (e.g. -- -red)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sglora", description="Semantic-guided LoRA parameter generation.")
     p.add_argument("--version", action="version", version=f"sglora {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("pipeline", help="train experts, build the repository, train the generator, evaluate")
     s.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -199,8 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("check-config", help="load and validate a config, print it resolved")
-    s.add_argument("config")
-    s.add_argument("--data", action="store_true", help="also load the dataset and check the split and every task's samples")
+    s.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    s.add_argument("--config", dest="config_flag", metavar="CONFIG", help="the same, as `sglora pipeline` takes it")
+    s.add_argument(
+        "--data",
+        action="store_true",
+        help="also load the dataset and check the split, every task's samples and the descriptions' length "
+        "(which builds the backbone, its pretrained weights included)",
+    )
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("evaluate", help="evaluate every method on the unseen tasks of an artefact directory")
@@ -211,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("generate", help="generate a LoRA for a task description")
-    s.add_argument("description")
+    s.add_argument("description", help="the task in words (one starting with '-' goes after '--')")
     s.add_argument("--artifacts", required=True)
     s.add_argument("--out", required=True, help="FILE.safetensors, or FILE.zip for a zipped PEFT adapter folder")
     s.add_argument(
@@ -227,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("select", help="show the experts and weights a description selects")
-    s.add_argument("description")
+    s.add_argument("description", help="the task in words (one starting with '-' goes after '--')")
     s.add_argument("--artifacts", required=True)
     s.add_argument("--top-k", type=int)
     s.add_argument("--temperature", type=float)
@@ -278,7 +300,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
-    if args.command != "pipeline":
+    if args.command != "pipeline" or not Path(args.out).is_dir():  # a run stopped before writing: nothing kept
         return ""
     return f"; the trained tasks and finished stages in {args.out} are kept: rerun the same command to resume"
 

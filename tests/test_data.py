@@ -126,10 +126,12 @@ def test_bad_tasks_are_named_before_anything_is_trained(tmp_path, tasks, needle)
         ('{"image": "a.png", "label": "red", "label": "blue"}', ":1: key 'label' given twice"),
         ('{"image": "a.png", "caption": "a circle"}', ":1: a sample needs a task"),
         ('{"image": "missing.png", "label": "red"}', ":1: image not found: "),
+        ('{"image": "images", "label": "red"}', ":1: image path is a folder, not a file: "),
     ],
 )
 def test_bad_samples_are_named_by_line(tmp_path, line, needle):
     (tmp_path / "tasks.json").write_text(json.dumps({"tasks": TASKS}))
+    (tmp_path / "images").mkdir()
     (tmp_path / "samples.jsonl").write_text(line + "\n")
     with pytest.raises(ValueError, match=needle):
         load_task_dataset(tmp_path)

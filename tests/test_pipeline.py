@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -1411,3 +1412,105 @@ def test_a_task_description_past_the_text_context_is_refused_before_anything_is_
         pl.stage_experts(tiny_config, tmp_path / "out")
     assert f"task {named[0]!r}" in str(e.value)
     assert not (tmp_path / "out" / "backbone").exists() and not (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_refused_run_leaves_no_out_folder_behind_and_keeps_one_it_did_not_make(tiny_config, tmp_path, capsys):
+    """A config or dataset refused before anything is written used to leave ``--out`` (and its parents)
+    created, holding only the run's lock file."""
+    import yaml
+
+    cfg = tiny_config.to_dict()
+    cfg["experts"]["min_train_samples"] = 1000  # refused by the experts stage's first check
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "new" / "out"
+    assert main(["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "at least 1000 are needed" in err and "rerun the same command" not in err  # nothing kept to resume
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # the user's own, empty: kept as it was
+    assert main(["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_a_pipeline_run_loads_its_dataset_once(tmp_path, monkeypatch):
+    """The experts, generator and evaluation stages each loaded the dataset (probing every image header
+    again), and a loader's warning (unused labels) printed once per load."""
+    import training.pipeline as pipeline
+
+    loads = []
+    real = pipeline._load_source
+    monkeypatch.setattr(pipeline, "_load_source", lambda d: loads.append(d) or real(d))
+    _folder_pipeline(tmp_path)
+    assert len(loads) == 1
+    from training.config import load_config
+
+    pipeline.load_data(load_config(tmp_path / "c.yaml"))  # outside a run: loaded afresh
+    assert len(loads) == 2
+
+
+def test_tasks_described_alike_are_warned_of_and_a_task_in_two_roles_is_named(tmp_path):
+    from training.config import SplitConfig
+    from training.data import TaskDataset, TaskInfo
+    from training.pipeline import resolve_split
+
+    tasks = {n: TaskInfo(n, f"photos of {n}") for n in ("a", "b", "c", "d")}
+    tasks["e"] = TaskInfo("e", "Photos of A")
+    ds = TaskDataset(tasks)
+    with pytest.raises(ValueError, match=r"one role only: 'b' in experts and test"):
+        resolve_split(SplitConfig(experts=("a", "b"), train=1, val=0, test=("b",)), ds)
+
+    import warnings
+
+    import training.pipeline as pipeline
+
+    cfg = types.SimpleNamespace(
+        split=SplitConfig(experts=("a", "b", "e"), train=1, val=0, test=1),
+        experts=types.SimpleNamespace(min_train_samples=0, min_test_samples=0),
+        generator=types.SimpleNamespace(task_weight=0),
+    )
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as m:
+        warnings.simplefilter("always")
+        m.setattr(pipeline, "load_data", lambda c: ds)
+        m.setattr(TaskDataset, "check", lambda *a: None)
+        pipeline.prepare_data(cfg)
+    assert [str(w.message) for w in caught] == [
+        "tasks with the same description (letter case aside), which the experts' selection cannot tell apart: 'a', 'e'"
+    ]
+
+
+def test_check_config_takes_config_as_pipeline_does_and_counts_description_tokens(tmp_path, capsys):
+    from training.data import load_task_dataset
+
+    config, _ = _folder_pipeline(tmp_path, stages=("experts",))
+    path = str(tmp_path / "c.yaml")
+    assert main(["check-config", "--config", path, "--data"]) == 0
+    assert "data: " in capsys.readouterr().err
+    ds = load_task_dataset(tmp_path / "ds")
+    task = sorted(ds.tasks)[0]
+    tasks = json.loads((tmp_path / "ds" / "tasks.json").read_text())
+    for t in tasks["tasks"]:
+        if t["name"] == task:
+            t["description"] = " ".join(["circle"] * 200)  # longer than the tiny tower's context
+    (tmp_path / "ds" / "tasks.json").write_text(json.dumps(tasks))
+    assert main(["check-config", path, "--data"]) == 2
+    assert f"task {task!r}: its description is " in capsys.readouterr().err
+    assert main(["check-config", path, "--config", str(tmp_path / "other.yaml")]) == 2
+    assert "two configs given" in capsys.readouterr().err
+    assert main(["check-config"]) == 2
+    assert "give a config" in capsys.readouterr().err
+
+
+def test_cli_says_how_to_pass_a_description_starting_with_a_dash_and_prints_no_seed_for_a_merge(
+    tiny_artifacts_session, tmp_path, capsys
+):
+    root = str(tiny_artifacts_session)
+    with pytest.raises(SystemExit) as e:
+        main(["select", "--artifacts", root, "-red"])
+    assert e.value.code == 2
+    assert "goes after '--'" in capsys.readouterr().err
+    assert main(["select", "--artifacts", root, "--", "-red"]) == 0
+    capsys.readouterr()
+    out = str(tmp_path / "m.safetensors")
+    assert main(["generate", "a photo of a circle", "--artifacts", root, "--method", "model-soup", "--out", out]) == 0
+    line = capsys.readouterr().out
+    assert "method=model-soup experts:" in line and "seed" not in line

@@ -330,7 +330,7 @@ def load_task_dataset(directory: Path) -> TaskDataset:
         if not (written.is_relative_to(os.path.normpath(directory.absolute())) or path.is_relative_to(directory.resolve())):
             raise ValueError(f"{where}: image path leaves the dataset folder: {image!r}")
         if not path.is_file():  # found now, not after the tasks before it have trained
-            raise ValueError(f"{where}: image not found: {path}")
+            raise ValueError(f"{where}: image {'path is a folder, not a file' if path.is_dir() else 'not found'}: {path}")
         _probe_image(path, where)
         samples.append(Sample(str(path), caption, task, label, split, where))
     if unused:  # a pool may hold more classes than the tasks use, but a misspelt label lands here too

@@ -13,7 +13,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Collection, Iterator
+import warnings
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from expert_store.repository import Expert, ExpertRepository, locked
-from models.backbone import create_backbone
+from models.backbone import Backbone, create_backbone
 from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
@@ -51,8 +52,28 @@ class Splits:
         return {r: list(getattr(self, r)) for r in ROLES}
 
 
+# The datasets a pipeline run has loaded, by their config: each stage asks for its dataset, and a run loads
+# (probes every image header of, and warns about) each once. None outside a run: loaded afresh each time.
+_run_datasets: dict[str, TaskDataset] | None = None
+
+
+@contextmanager
+def _datasets_loaded_once() -> Iterator[None]:
+    global _run_datasets
+    outer, _run_datasets = _run_datasets, {}
+    try:
+        yield
+    finally:
+        _run_datasets = outer
+
+
 def load_data(cfg: PipelineConfig) -> TaskDataset:
-    return _load_source(cfg.data)
+    if _run_datasets is None:
+        return _load_source(cfg.data)
+    key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+    if key not in _run_datasets:
+        _run_datasets[key] = _load_source(cfg.data)
+    return _run_datasets[key]
 
 
 def _load_source(d) -> TaskDataset:
@@ -105,8 +126,14 @@ def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
         if unknown:
             raise ValueError(f"split.{role}: unknown task(s) {unknown[:5]}")
     taken = [n for listed in explicit.values() for n in listed]
-    if len(taken) != len(set(taken)):
-        raise ValueError("split: a task is listed in more than one role")
+    roles_of: dict[str, list[str]] = {}
+    for role, listed in explicit.items():
+        for n in listed:
+            roles_of.setdefault(n, []).append(role)
+    if twice := {n: r for n, r in roles_of.items() if len(r) > 1}:
+        # (twice in one role: refused by SplitConfig)
+        shown = "; ".join(f"{n!r} in {' and '.join(r)}" for n, r in list(twice.items())[:5])
+        raise ValueError(f"split: a task may have one role only: {shown}")
     held = set(split.holdout_classes)
     if held:
         known = {c for t in dataset.tasks.values() for c in t.classes}
@@ -167,6 +194,17 @@ def prepare_data(cfg: PipelineConfig) -> tuple[TaskDataset, Splits]:
     dataset = load_data(cfg)
     splits = resolve_split(cfg.split, dataset)
     dataset.check(splits.all(), cfg.experts.min_train_samples, cfg.experts.min_test_samples)
+    by_text: dict[str, list[str]] = {}
+    for name in splits.all():
+        by_text.setdefault(dataset.tasks[name].description.casefold(), []).append(name)
+    if same := [names for names in by_text.values() if len(names) > 1]:
+        # Not refused (two tasks may well be described alike), but the experts' selection goes by the words:
+        # such tasks are one point of the description space, and a test task among them finds its twin first.
+        shown = "; ".join(", ".join(map(repr, names[:4])) for names in same[:3])
+        warnings.warn(
+            f"tasks with the same description (letter case aside), which the experts' selection cannot tell apart: {shown}",
+            stacklevel=2,
+        )
     g = cfg.generator
     if g.task_weight > 0:  # the generator stage's refusal, found here rather than after every expert trained
         trains = list(splits.train) + (list(splits.experts) if g.include_experts else [])
@@ -175,6 +213,16 @@ def prepare_data(cfg: PipelineConfig) -> tuple[TaskDataset, Splits]:
                 f"generator.task_weight > 0 but no training task is of a kind in generator.task_kinds {list(g.task_kinds)}"
             )
     return dataset, splits
+
+
+def check_descriptions(backbone: Backbone, dataset: TaskDataset, tasks: Iterable[str]) -> None:
+    """ValueError naming the first task whose description the text tower would cut: the service refuses
+    such a description (``POST /experts`` too), so an expert trained under it could never be asked for."""
+    for name in tasks:
+        try:
+            backbone.check_text_length(dataset.tasks[name].description)
+        except ValueError as e:
+            raise ValueError(f"task {name!r}: its description {e}") from None
 
 
 # ---- stages ----------------------------------------------------------------------------------
@@ -230,11 +278,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     if built and (out / "splits.json").exists() and read_json(out / "splits.json", "task splits") != splits.to_dict():
         raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
-    for name in tasks:  # before anything is written: the service refuses such a description (POST /experts too)
-        try:
-            backbone.check_text_length(dataset.tasks[name].description)
-        except ValueError as e:
-            raise ValueError(f"task {name!r}: its description {e}") from None
+    check_descriptions(backbone, dataset, tasks)  # before anything is written
     with atomic_dir(out / "backbone") as tmp:
         art.save_backbone(tmp, backbone, cfg.to_dict()["backbone"])
     if not built:  # else config.json exists (checked above) and its expert sections are these
@@ -921,13 +965,33 @@ def pipeline_lock(out: Path) -> Iterator[None]:
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
+    created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
         out.mkdir(parents=True, exist_ok=True)
     # Else only an artefact directory is locked (and tidied); in any other folder the first stage says what is wrong.
     built = "experts" in stages or (out / art.MANIFEST).is_file()
-    with pipeline_lock(out) if built else nullcontext():
-        for s in stages:
-            t = time.perf_counter()
-            STAGE_FUNCS[s](cfg, out, device)
-            _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
+    try:
+        with pipeline_lock(out) if built else nullcontext(), _datasets_loaded_once():
+            for s in stages:
+                t = time.perf_counter()
+                STAGE_FUNCS[s](cfg, out, device)
+                _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
+    except BaseException:
+        if created:
+            _remove_if_unused(created)
+        raise
     _log(json.dumps({"artifacts": str(out)}))
+
+
+def _remove_if_unused(created: list[Path]) -> None:
+    """Removes the ``--out`` folder (and the parents it needed), created by a run that failed before writing
+    anything to it (a refused config or dataset), so that a refusal leaves no folder behind. Anything else
+    in it is work to resume: kept."""
+    out = created[0]
+    try:
+        if {p.name for p in out.iterdir()} <= {PIPELINE_LOCK}:
+            (out / PIPELINE_LOCK).unlink(missing_ok=True)
+            for d in created:
+                d.rmdir()  # fails, and keeps the folder, if anything else was written to it meanwhile
+    except OSError:
+        pass
