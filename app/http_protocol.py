@@ -21,15 +21,24 @@ connection, its buffers and (for a body) the request's task for good. Here, as n
 Either is answered 408 and the connection closed (only closed where an answer has begun). Bytes between
 requests that begin none (llhttp skips blank lines there) arm the head deadline: uvicorn's keep-alive
 timer, which any bytes cancel, held such a connection for good.
+
+And it bounds how many connections are open, as nginx's ``limit_conn`` does: a connection opened while
+``max_connections`` others are open has its first request answered 503 with ``Retry-After`` and is closed
+(uvicorn's ``limit_concurrency`` answers such a request a plain-text 503 without ``Retry-After``, and
+refuses the requests of connections already open too). ``/health``, ``/ready`` and ``/metrics`` are still
+answered on it: probes and scrapers see the service, not its load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections import Counter
 
-from uvicorn._types import ASGIReceiveEvent
+import httptools
+from uvicorn._types import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 # Request line and headers together; browsers send a few KiB, proxies commonly allow 8-64 KiB.
@@ -39,8 +48,13 @@ BODY_TIMEOUT_S = 60.0
 
 # Connections this process's protocol cut, by reason (the app's sglora_connections_closed_total reads it):
 # no request reaches the app, so its request metrics never see them.
-CLOSE_REASONS = ("head_too_large", "head_timeout", "body_timeout")
+CLOSE_REASONS = ("head_too_large", "head_timeout", "body_timeout", "over_capacity")
 closed: Counter[str] = Counter(dict.fromkeys(CLOSE_REASONS, 0))
+# HTTP connections this process holds open (sglora_open_connections).
+open_connections = 0
+# Answered on a connection over capacity: probes and scrapers (their paths as sent).
+UNBOUNDED_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
+OVER_CAPACITY_LOG_S = 10.0  # at most one warning this often while connections are refused
 
 log = logging.getLogger("sglora.app")
 
@@ -54,7 +68,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     head_timeout_s: float = HEAD_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S
+    max_connections: int = 0  # 0: unbounded
+    retry_after_s: int = 1
 
+    _over_capacity = False  # opened while max_connections others were open
     _head: int | None = 0  # bytes of the head in progress; None once its headers are complete
     _upgraded = False  # handed to the WebSocket protocol
     _heading = False  # a request's head is being received
@@ -64,18 +81,33 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _body_timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    def with_timeouts(cls, head_timeout_s: float, body_timeout_s: float) -> type[BoundedHttpToolsProtocol]:
+    def with_timeouts(
+        cls, head_timeout_s: float, body_timeout_s: float, max_connections: int = 0, retry_after_s: int = 1
+    ) -> type[BoundedHttpToolsProtocol]:
         if head_timeout_s <= 0 or body_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
-        attrs = {"head_timeout_s": head_timeout_s, "body_timeout_s": body_timeout_s}
+        if max_connections < 0 or retry_after_s < 0:
+            raise ValueError("max_connections and retry_after_s must be >= 0")
+        attrs = {
+            "head_timeout_s": head_timeout_s,
+            "body_timeout_s": body_timeout_s,
+            "max_connections": max_connections,
+            "retry_after_s": retry_after_s,
+        }
         return type(cls.__name__, (cls,), attrs)
 
     # ---- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        global open_connections
         super().connection_made(transport)
+        open_connections += 1
+        # this one included: the connections the server holds (a closed one leaves the set when it is lost)
+        self._over_capacity = 0 < self.max_connections < len(self.connections)
         self._arm_head()  # a connection that never sends a byte is held no longer than a slow head
 
     def connection_lost(self, exc: Exception | None) -> None:
+        global open_connections
+        open_connections -= 1
         self._cancel_head()
         self._cancel_body()
         super().connection_lost(exc)
@@ -102,7 +134,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head = None
         self._heading = False
         self._cancel_head()
-        super().on_headers_complete()
+        if not self._over_capacity or self._target_path() in UNBOUNDED_PATHS:
+            super().on_headers_complete()
+        else:  # the request goes to the refusal instead of the app (uvicorn reads self.app here)
+            app, self.app = self.app, self._refuse_over_capacity
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
         # until on_message_complete, which a request without a body calls at once
         self._in_body = not self.transport.is_closing()
 
@@ -196,6 +235,28 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
         self._refuse(408, "body_timeout", f"request body paused over {self.body_timeout_s:g} s", answer)
 
+    def _target_path(self) -> bytes | None:
+        """The request target's path, as sent (uvicorn parses it in on_headers_complete)."""
+        try:
+            return httptools.parse_url(self.url).path
+        except httptools.HttpParserInvalidURLError:
+            return None  # uvicorn answers it 400
+
+    async def _refuse_over_capacity(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        """The service's JSON 503 with ``Retry-After``; the connection is then closed (and so freed)."""
+        closed["over_capacity"] += 1
+        _log_over_capacity(self.max_connections, self.client)
+        reason = f"the service holds its most connections ({self.max_connections}); retry on a new one later"
+        body = json.dumps({"detail": {"field": None, "reason": reason}}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(self.retry_after_s).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
     def _refuse(self, status: int, why: str, msg: str, answer: bool = True) -> None:
         """Answers ``status`` with ``msg`` (unless ``answer`` is false: another answer is on the wire) and
         closes the connection, counted under ``why``; the request's task, if any, then reads a disconnect."""
@@ -211,3 +272,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             + body
         )
         self.transport.close()
+
+
+_last_over_capacity_log = -OVER_CAPACITY_LOG_S
+
+
+def _log_over_capacity(most: int, client: tuple[str, int] | None) -> None:
+    """One warning per :data:`OVER_CAPACITY_LOG_S` while connections are refused (a flood would write one a
+    request); the count is in sglora_connections_closed_total{reason="over_capacity"}."""
+    global _last_over_capacity_log
+    now = time.monotonic()
+    if now - _last_over_capacity_log >= OVER_CAPACITY_LOG_S:
+        _last_over_capacity_log = now
+        log.warning(
+            "%d connections open, the most allowed: a request of a newer one (%s) answered 503 and closed "
+            "(SGLORA_MAX_CONNECTIONS; %d refused so far)",
+            most,
+            client,
+            closed["over_capacity"],
+        )

@@ -24,7 +24,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -126,7 +126,7 @@ class Metrics:
         GCCollector(registry=r)
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
-        r.register(ClosedConnections())
+        r.register(ConnectionMetrics())
         for result in ("hit", "miss", "error", "skip"):
             self.cache.labels(result=result)
         for endpoint in MODEL_ENDPOINTS:
@@ -150,26 +150,36 @@ class Metrics:
         self.info.info({**labels, "text_dtype": text_dtype, "generator_dtype": generator_dtype})
 
 
-class ClosedConnections:
+class ConnectionMetrics:
     """``sglora_connections_closed_total{reason}``: connections the HTTP protocol (app/http_protocol.py) cut
-    (a head too large or too slow, a stalled body), which the request metrics never see or see as a 499;
-    counted per process."""
+    (a head too large or too slow, a stalled body, one over the connection bound), which the request
+    metrics never see or see as a 499; ``sglora_open_connections``. Per process."""
 
-    def describe(self) -> list[CounterMetricFamily]:
-        return [self._family()]
+    def describe(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        return [self._closed(), self._open()]
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = self._family()
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        family = self._closed()
         for reason in http_protocol.CLOSE_REASONS:
             family.add_metric([reason], http_protocol.closed[reason])
         yield family
+        yield self._open(http_protocol.open_connections)
 
     @staticmethod
-    def _family() -> CounterMetricFamily:
+    def _closed() -> CounterMetricFamily:
         return CounterMetricFamily(
             "sglora_connections_closed",
-            "connections cut by the HTTP protocol: head_too_large (431), head_timeout, body_timeout (408)",
+            "connections cut by the HTTP protocol: head_too_large (431), head_timeout, body_timeout (408), "
+            "over_capacity (503: opened beyond SGLORA_MAX_CONNECTIONS)",
             labels=["reason"],
+        )
+
+    @staticmethod
+    def _open(value: float | None = None) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "sglora_open_connections",
+            "HTTP connections open (sglora serve / python -m app; 0 under another server)",
+            value=value,
         )
 
 

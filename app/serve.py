@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -38,6 +39,37 @@ def root_path(value: str) -> str:
     if value and not value.startswith("/"):
         raise argparse.ArgumentTypeError(f"must start with '/' (e.g. /{value}), got {value!r}")
     return value.rstrip("/")
+
+
+# Files the process holds besides its connections: model and artefact files, the Redis pool, logs, torch's own.
+OTHER_FILES = 512
+
+
+def allow_open_files(max_connections: int) -> None:
+    """Raises the soft limit on open files (often 1,024) towards the hard one where the connections allowed
+    need more; else a flood of connections met ``accept()`` failing (EMFILE) before the 503s of the bound,
+    and files the service opens (an expert's upload) failed with them. Says so where it cannot."""
+    if not max_connections:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + OTHER_FILES
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < need:
+        logging.getLogger("sglora.app").warning(
+            "open files are limited to %d (ulimit -n), fewer than SGLORA_MAX_CONNECTIONS=%d needs (%d): connections "
+            "beyond the limit fail at accept() rather than get a 503; raise the limit or lower SGLORA_MAX_CONNECTIONS",
+            soft,
+            max_connections,
+            need,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +143,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ValidationError, StartupError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    allow_open_files(settings.max_connections)
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
@@ -118,7 +151,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         port=args.port,
         workers=1,
         # httptools, with bounds on a request's head and on how slowly a head or a body may arrive
-        http=BoundedHttpToolsProtocol.with_timeouts(settings.client_header_timeout_s, settings.client_body_timeout_s),
+        http=BoundedHttpToolsProtocol.with_timeouts(
+            settings.client_header_timeout_s, settings.client_body_timeout_s, settings.max_connections, settings.retry_after_s
+        ),
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=args.graceful_timeout,
         root_path=args.root_path,

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         "on its neighbours); 'ignore': batch regardless",
     )
     max_queue: int = Field(256, ge=1, description="jobs waiting for or in the model worker; beyond: 429")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 429 (and of a 503 over SGLORA_MAX_CONNECTIONS)")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for the model worker; beyond: 504")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for queued jobs")
     max_description_chars: int = Field(1000, ge=1, description="length limit of a description or caption (normalised)")
@@ -158,6 +158,12 @@ class Settings(BaseSettings):
         gt=0,
         allow_inf_nan=False,
         description="longest pause between two reads of a request body; 408 (sglora serve / python -m app)",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=0,
+        description="open HTTP connections beyond which a new connection's request is answered 503 with Retry-After "
+        "and the connection closed (/health, /ready, /metrics still answered); 0 = unbounded (sglora serve / python -m app)",
     )
     max_body_bytes: int = Field(
         0, ge=0, description="size limit of a whole request body (413 beyond); 0 = derived from the image and expert limits"

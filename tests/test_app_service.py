@@ -115,9 +115,25 @@ def test_json_logs_are_one_object_per_line_with_the_request_id(tiny_artifacts_se
     assert any(line["logger"] == "sglora.service" and line["message"].startswith("ready:") for line in lines)
 
 
+def _answer(s: socket.socket) -> bytes:
+    """One whole HTTP answer with a Content-Length (its head and body may come in separate reads)."""
+    out = b""
+    while b"\r\n\r\n" not in out:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before a whole head: {out!r}"
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before a whole body: {out!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def test_sglora_serve_takes_its_connection_timeouts_from_the_environment(tiny_artifacts_session):
-    """SGLORA_CLIENT_HEADER_TIMEOUT_S reaches the HTTP protocol of `sglora serve` (the cut is counted), and
-    SGLORA_KEEP_ALIVE_TIMEOUT_S uvicorn's keep-alive."""
+    """SGLORA_CLIENT_HEADER_TIMEOUT_S reaches the HTTP protocol of `sglora serve` (the cut is counted),
+    SGLORA_KEEP_ALIVE_TIMEOUT_S uvicorn's keep-alive, and SGLORA_MAX_CONNECTIONS the connection bound."""
     port = processes.free_port()
     env = {
         **os.environ,
@@ -126,6 +142,8 @@ def test_sglora_serve_takes_its_connection_timeouts_from_the_environment(tiny_ar
         "SGLORA_THREADS": "1",
         "SGLORA_CLIENT_HEADER_TIMEOUT_S": "0.5",
         "SGLORA_KEEP_ALIVE_TIMEOUT_S": "20",
+        "SGLORA_MAX_CONNECTIONS": "1",
+        "SGLORA_RETRY_AFTER_S": "3",
     }
     cmd = [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts_session), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -138,10 +156,18 @@ def test_sglora_serve_takes_its_connection_timeouts_from_the_environment(tiny_ar
         assert 'sglora_connections_closed_total{reason="head_timeout"} 1.0' in metrics
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert _answer(s).startswith(b"HTTP/1.1 200 ")
             time.sleep(7)  # past uvicorn's default keep-alive (5 s)
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert _answer(s).startswith(b"HTTP/1.1 200 ")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as over:  # a second: over the bound
+                over.sendall(b"GET /experts HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = _answer(over)
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 3\r\n" in answer.lower()
+            s.sendall(b"GET /experts HTTP/1.1\r\nHost: x\r\n\r\n")  # the first is still served
+            assert _answer(s).startswith(b"HTTP/1.1 200 ")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'sglora_connections_closed_total{reason="over_capacity"} 1.0' in metrics
     finally:
         assert processes.stop(proc) == 0
     assert "request head incomplete after 0.5 s" in proc.communicate()[0]

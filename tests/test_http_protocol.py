@@ -233,3 +233,71 @@ def test_an_open_websocket_is_not_cut_by_the_http_deadlines(quick_port):
         mask = os.urandom(4)
         s.sendall(bytes([0x81, 0x82]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hi")))  # a masked "hi"
         assert s.recv(4096) == b"\x81\x02hi"
+
+
+def _wait_for(condition, within: float = 5) -> None:
+    end = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < end, "not reached in time"
+        time.sleep(0.01)
+
+
+def test_connections_beyond_the_bound_get_a_503_with_retry_after_and_those_open_keep_being_served():
+    """As nginx's ``limit_conn``: a connection opened while the most allowed are open has its request answered
+    503 (the service's JSON, ``Retry-After``) and is closed; probes and scrapes are still answered on it; the
+    connections already open are served as before, and once one closes a new one is served."""
+    import json
+
+    served = _serve(BoundedHttpToolsProtocol.with_timeouts(30, 60, max_connections=2, retry_after_s=7))
+    port = next(served)
+    refused_before = http_protocol.closed["over_capacity"]
+    request = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        a = socket.create_connection(("127.0.0.1", port), timeout=5)
+        b = socket.create_connection(("127.0.0.1", port), timeout=5)
+        for s in (a, b):
+            s.sendall(request)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # a probe: answered, the connection kept
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+            c.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            out = _read_until_closed(c)
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 7" in head.lower() and b"connection: close" in head.lower()
+        assert "most connections (2)" in json.loads(body)["detail"]["reason"]
+        assert http_protocol.closed["over_capacity"] == refused_before + 1
+        a.sendall(request)  # an open one is still served
+        assert a.recv(65536).startswith(b"HTTP/1.1 200 ")
+        opened = http_protocol.open_connections
+        b.close()
+        _wait_for(lambda: http_protocol.open_connections == opened - 1)
+        assert _exchange(port, [request], silence=0.5).startswith(b"HTTP/1.1 200 ")
+        a.close()
+    finally:
+        next(served, None)
+
+
+def test_the_connection_bound_must_not_be_negative():
+    with pytest.raises(ValueError, match=">= 0"):
+        BoundedHttpToolsProtocol.with_timeouts(1, 1, max_connections=-1)
+
+
+def test_the_open_file_limit_is_raised_for_the_connections_allowed_or_the_shortfall_said(monkeypatch, caplog):
+    import resource
+
+    from app import serve
+
+    limits = {"now": (1024, 4096)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: limits.update(now=value))
+    serve.allow_open_files(1000)
+    assert limits["now"] == (1000 + serve.OTHER_FILES, 4096)  # raised to what is needed, within the hard limit
+    assert not caplog.records
+    limits["now"] = (1024, 1100)
+    serve.allow_open_files(1000)
+    assert limits["now"] == (1100, 1100)
+    assert "open files are limited to 1100" in caplog.text and "SGLORA_MAX_CONNECTIONS=1000" in caplog.text
+    limits["now"] = (1024, 1100)
+    serve.allow_open_files(0)  # unbounded: left as it is
+    assert limits["now"] == (1024, 1100)

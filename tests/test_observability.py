@@ -115,6 +115,15 @@ SCENARIOS = {
         [_requests("200", 600), _requests("429", 12)],
         {"job": "sglora-api"},
     ),
+    "SGLoRAConnectionsRefused": (
+        [{"series": f'sglora_connections_closed_total{{{_T}, reason="over_capacity"}}', "values": "0+10x30"}],
+        "15m",
+        [  # slow clients cut are not the bound
+            {"series": f'sglora_connections_closed_total{{{_T}, reason="over_capacity"}}', "values": "0x30"},
+            {"series": f'sglora_connections_closed_total{{{_T}, reason="head_timeout"}}', "values": "0+5x30"},
+        ],
+        {"job": "sglora-api"},
+    ),
     "SGLoRAModelTimeouts": (
         [{"series": f'sglora_rejected_total{{{_T}, reason="timeout"}}', "values": "0+1x30"}],
         "15m",
