@@ -1,4 +1,4 @@
-"""What the service's HTTP protocol (app/http_protocol.py: the head bound and the slow-client deadlines)
+"""What the service's HTTP protocol (app/http_protocol.py: the head bound, the slow-client deadlines and the connection bound)
 costs a request, against uvicorn's plain httptools protocol, in one run.
 
     python scripts/bench_protocol.py --blocks 60 --requests 50 --json /tmp/protocol.json
@@ -47,9 +47,14 @@ def serve(port: int, protocol: str) -> None:
     import uvicorn
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from app.http_protocol import BoundedHttpToolsProtocol
+    from app.http_protocol import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, BoundedHttpToolsProtocol
+    from app.settings import Settings
 
-    http = BoundedHttpToolsProtocol if protocol == "bounded" else HttpToolsProtocol
+    # as `sglora serve` runs it by default: the deadlines and the connection bound
+    bounded = BoundedHttpToolsProtocol.with_timeouts(
+        HEAD_TIMEOUT_S, BODY_TIMEOUT_S, Settings.model_fields["max_connections"].default, 1
+    )
+    http = bounded if protocol == "bounded" else HttpToolsProtocol
     uvicorn.run(_app, host="127.0.0.1", port=port, http=http, log_level="warning", lifespan="off", access_log=False)
 
 
