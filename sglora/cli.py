@@ -88,10 +88,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"backbone: {describe_backbone(cfg.backbone)}", file=sys.stderr)
     if args.data:  # the dataset too: its files, the split and each task's samples, as the experts stage checks them
         from models.backbone import create_backbone
-        from training.pipeline import check_descriptions, prepare_data
+        from training.pipeline import check_descriptions, prepare_data, warn_long_captions
 
         dataset, splits = prepare_data(cfg)
-        check_descriptions(create_backbone(cfg.backbone), dataset, splits.all())  # its tokenizer counts them
+        backbone = create_backbone(cfg.backbone)  # its tokenizer counts the texts' tokens
+        check_descriptions(backbone, dataset, splits.all())
+        warn_long_captions(backbone, dataset, splits.all())
         read = dataset.check_images(splits.all())  # a file cut short is found now, not after tasks have trained
         roles = ", ".join(f"{role} {len(getattr(splits, role))}" for role in ("experts", "train", "val", "test"))
         size = f"{len(dataset.tasks)} tasks, {len(dataset.samples)} samples" + (f", {read} image files read" if read else "")
@@ -189,11 +191,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    _args: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._args = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):  # type: ignore[override]
         # argparse reads a lone word starting with '-' ("-red") as an unknown option, and then finds the
-        # description missing: say how to pass it
-        if "required: description" in message:
-            message += "; a description that starts with '-' goes after '--' (e.g. -- -red)"
+        # description missing: say how to pass it, when such a word was given
+        unknown = [a for a in self._args if a.startswith("-") and a.split("=")[0] not in self._option_string_actions]
+        if "required: description" in message and unknown:
+            message += f"; a description that starts with '-' goes last, after '--' (e.g. ... -- {unknown[0]})"
         super().error(message)
 
 
@@ -300,8 +309,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
-    if args.command != "pipeline" or not Path(args.out).is_dir():  # a run stopped before writing: nothing kept
-        return ""
+    out = Path(args.out) if args.command == "pipeline" else None
+    if out is None or not out.is_dir() or not any(p.name != ".pipeline.lock" for p in out.iterdir()):
+        return ""  # a run stopped before writing: nothing kept
     return f"; the trained tasks and finished stages in {args.out} are kept: rerun the same command to resume"
 
 

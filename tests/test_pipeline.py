@@ -1419,6 +1419,8 @@ def test_a_refused_run_leaves_no_out_folder_behind_and_keeps_one_it_did_not_make
     created, holding only the run's lock file."""
     import yaml
 
+    import training.pipeline as pl
+
     cfg = tiny_config.to_dict()
     cfg["experts"]["min_train_samples"] = 1000  # refused by the experts stage's first check
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -1430,6 +1432,44 @@ def test_a_refused_run_leaves_no_out_folder_behind_and_keeps_one_it_did_not_make
     (tmp_path / "mine").mkdir()  # the user's own, empty: kept as it was
     assert main(["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir()
+    capsys.readouterr()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:  # stopped with only the lock file in it: no work to resume is claimed
+        mp.setitem(pl.STAGE_FUNCS, "experts", interrupted)
+        assert main(["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "mine")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "are kept" not in err
+
+
+def test_a_run_refused_by_another_on_the_folder_it_would_make_removes_nothing(tiny_config, tmp_path, monkeypatch):
+    """Two runs on one new --out: the one refused by the other's lock removed the folder it had found
+    missing, lock file included, under the run that held it. Only a run holding the lock cleans up; and a
+    relative --out through '..' does not count a folder it only passes through as its own."""
+    import training.pipeline as pl
+
+    out = tmp_path / "new" / "out"
+    real = pl.pipeline_lock
+    holder = {}
+
+    def raced(folder):  # the other run starts between this one's look at the folder and its lock
+        holder["lock"] = real(folder)
+        holder["lock"].__enter__()
+        return real(folder)
+
+    monkeypatch.setattr(pl, "pipeline_lock", raced)
+    with pytest.raises(ValueError, match="is running on it"):
+        pl.run_pipeline(tiny_config, out, ("experts",))
+    assert (out / pl.PIPELINE_LOCK).is_file()  # the other run's lock and folder are there still
+    holder["lock"].__exit__(None, None, None)
+    monkeypatch.setattr(pl, "pipeline_lock", real)
+    experts = dataclasses.replace(tiny_config.experts, min_train_samples=1000)  # refused under this run's own lock
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="at least 1000 are needed"):
+        pl.run_pipeline(dataclasses.replace(tiny_config, experts=experts), Path("q/../r"), ("experts",))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()
 
 
 def test_a_pipeline_run_loads_its_dataset_once(tmp_path, monkeypatch):
@@ -1507,10 +1547,29 @@ def test_cli_says_how_to_pass_a_description_starting_with_a_dash_and_prints_no_s
     with pytest.raises(SystemExit) as e:
         main(["select", "--artifacts", root, "-red"])
     assert e.value.code == 2
-    assert "goes after '--'" in capsys.readouterr().err
+    assert "goes last, after '--' (e.g. ... -- -red)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["select", "--artifacts", root])  # no such word given: no such hint
+    err = capsys.readouterr().err
+    assert "required: description" in err and "'--'" not in err
     assert main(["select", "--artifacts", root, "--", "-red"]) == 0
     capsys.readouterr()
     out = str(tmp_path / "m.safetensors")
     assert main(["generate", "a photo of a circle", "--artifacts", root, "--method", "model-soup", "--out", out]) == 0
     line = capsys.readouterr().out
     assert "method=model-soup experts:" in line and "seed" not in line
+
+
+def test_captions_longer_than_the_text_tower_reads_are_warned_of_once_with_the_first_named(tmp_path, recwarn):
+    """They were cut by the tokenizer without a word, in training and in evaluation."""
+    _folder_pipeline(tmp_path, stages=("experts",))
+    ds = tmp_path / "ds"
+    rows = [json.loads(line) for line in (ds / "samples.jsonl").read_text().splitlines()]
+    long = [i for i, r in enumerate(rows) if r.get("caption")][:2]
+    for i in long:
+        rows[i]["caption"] = " ".join(["a red circle"] * 100) + f" {i}"
+    (ds / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["check-config", str(tmp_path / "c.yaml"), "--data"]) == 0
+    said = [str(w.message) for w in recwarn if "longer than the text tower reads" in str(w.message)]
+    assert len(said) == 1
+    assert said[0].startswith("2 caption(s) longer") and f"samples.jsonl:{long[0] + 1}, task {rows[long[0]]['task']!r}" in said[0]

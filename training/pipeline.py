@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
 from training.config import METHODS, GeneratorTrainingConfig, PipelineConfig, SplitConfig, with_defaults
-from training.data import TaskDataset, load_task_dataset
+from training.data import Sample, TaskDataset, load_task_dataset
 from training.evaluate import evaluate_lora
 from training.experts import FeatureCache, prepare_task, train_expert
 from training.generator import build_data, train_generator
@@ -54,26 +55,27 @@ class Splits:
 
 # The datasets a pipeline run has loaded, by their config: each stage asks for its dataset, and a run loads
 # (probes every image header of, and warns about) each once. None outside a run: loaded afresh each time.
-_run_datasets: dict[str, TaskDataset] | None = None
+# A context variable: runs in two threads (or tasks) keep their own.
+_run_datasets: ContextVar[dict[str, TaskDataset] | None] = ContextVar("sglora_run_datasets", default=None)
 
 
 @contextmanager
 def _datasets_loaded_once() -> Iterator[None]:
-    global _run_datasets
-    outer, _run_datasets = _run_datasets, {}
+    token = _run_datasets.set({})
     try:
         yield
     finally:
-        _run_datasets = outer
+        _run_datasets.reset(token)
 
 
 def load_data(cfg: PipelineConfig) -> TaskDataset:
-    if _run_datasets is None:
+    loaded = _run_datasets.get()
+    if loaded is None:
         return _load_source(cfg.data)
     key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
-    if key not in _run_datasets:
-        _run_datasets[key] = _load_source(cfg.data)
-    return _run_datasets[key]
+    if key not in loaded:
+        loaded[key] = _load_source(cfg.data)
+    return loaded[key]
 
 
 def _load_source(d) -> TaskDataset:
@@ -225,6 +227,31 @@ def check_descriptions(backbone: Backbone, dataset: TaskDataset, tasks: Iterable
             raise ValueError(f"task {name!r}: its description {e}") from None
 
 
+def warn_long_captions(backbone: Backbone, dataset: TaskDataset, tasks: Iterable[str]) -> int:
+    """Warns (once, with a count and the first by its line) of the retrieval captions of ``tasks`` longer
+    than the text tower reads: its tokenizer cuts them, in training and in evaluation alike, so words
+    past the cut change nothing. Not refused: a dataset's captions are what they are. Returns the count."""
+    wanted = set(tasks)
+    over: list[tuple[Sample, tuple[int, int]]] = []
+    seen: set[str] = set()
+    for sample in dataset.samples:
+        if sample.caption is None or sample.task not in wanted or sample.caption in seen:
+            continue
+        seen.add(sample.caption)
+        if (cut := backbone.text_overflow(sample.caption)) is not None:
+            over.append((sample, cut))
+    if over:
+        first, (tokens, context) = over[0]
+        where = f"{first.where}, " if first.where else ""
+        warnings.warn(
+            f"{len(over)} caption(s) longer than the text tower reads ({context} tokens, its start and end "
+            f"included) are cut there in training and evaluation; the first: {where}task {first.task!r}, "
+            f"{tokens} tokens",
+            stacklevel=2,
+        )
+    return len(over)
+
+
 # ---- stages ----------------------------------------------------------------------------------
 def _not_a_first_attempt(out: Path) -> list[str]:
     """What in ``out`` (which holds no trained task and no manifest) an earlier attempt of the pipeline cannot
@@ -279,6 +306,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
         raise ValueError(f"{out}: the dataset's tasks changed since it was built (another split); use a new --out directory")
     backbone = create_backbone(cfg.backbone, device=device)
     check_descriptions(backbone, dataset, tasks)  # before anything is written
+    warn_long_captions(backbone, dataset, tasks)
     with atomic_dir(out / "backbone") as tmp:
         art.save_backbone(tmp, backbone, cfg.to_dict()["backbone"])
     if not built:  # else config.json exists (checked above) and its expert sections are these
@@ -955,6 +983,8 @@ def pipeline_lock(out: Path) -> Iterator[None]:
     with locked(out, wait=False, name=PIPELINE_LOCK) as held:
         if not held:
             raise ValueError(f"{out}: another `sglora pipeline` or `sglora evaluate` is running on it; wait for it to end")
+        if not (out / PIPELINE_LOCK).is_file():  # a refused run that had created it removed it meanwhile
+            raise ValueError(f"{out} was removed by another run that failed as this one began; rerun the command")
         leftovers = [p for name in OWN_FILES for p in out.glob(f".{name}.*.tmp")]
         leftovers += [out / f".{name}.old" for name in OWN_FILES if (out / f".{name}.old").exists() and (out / name).exists()]
         leftovers += list((out / "snapshots").glob(".*.safetensors.*.tmp"))
@@ -965,21 +995,23 @@ def pipeline_lock(out: Path) -> Iterator[None]:
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
+    out = Path(os.path.abspath(out))  # "q/../r" is "r": mkdir would make "q" too, and leave it
     created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
         out.mkdir(parents=True, exist_ok=True)
     # Else only an artefact directory is locked (and tidied); in any other folder the first stage says what is wrong.
     built = "experts" in stages or (out / art.MANIFEST).is_file()
-    try:
-        with pipeline_lock(out) if built else nullcontext(), _datasets_loaded_once():
-            for s in stages:
-                t = time.perf_counter()
-                STAGE_FUNCS[s](cfg, out, device)
-                _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
-    except BaseException:
-        if created:
-            _remove_if_unused(created)
-        raise
+    with pipeline_lock(out) if built else nullcontext():  # a run refused here removes nothing: the folder is another's
+        try:
+            with _datasets_loaded_once():
+                for s in stages:
+                    t = time.perf_counter()
+                    STAGE_FUNCS[s](cfg, out, device)
+                    _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
+        except BaseException:
+            if created and built:
+                _remove_if_unused(created)  # under the lock: no other run is using the folder
+            raise
     _log(json.dumps({"artifacts": str(out)}))
 
 
