@@ -114,12 +114,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         """The connection passes to uvicorn's WebSocket protocol, which has its own pings and timeouts: this
-        one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408)."""
+        one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408), and it leaves this
+        protocol's count (its connection_lost is never called). An upgrade over capacity is refused as any
+        request is: uvicorn hands it to the app without on_headers_complete's cycle."""
+        global open_connections
         self._cancel_head()
         self._cancel_body()
         self._heading = self._in_body = False
         self._head = None
         self._upgraded = True  # data_received, returning from the parser, arms nothing more
+        if self._over_capacity:
+            closed["over_capacity"] += 1
+            _log_over_capacity(self.max_connections, self.client)
+            body = self._over_capacity_body()
+            self.transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"retry-after: %d\r\nconnection: close\r\n\r\n" % (len(body), self.retry_after_s) + body
+            )
+            self.transport.close()
+            return
+        open_connections -= 1
         super().handle_websocket_upgrade()
 
     # ---- parser callbacks ------------------------------------------------------------------------
@@ -246,8 +260,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """The service's JSON 503 with ``Retry-After``; the connection is then closed (and so freed)."""
         closed["over_capacity"] += 1
         _log_over_capacity(self.max_connections, self.client)
-        reason = f"the service holds its most connections ({self.max_connections}); retry on a new one later"
-        body = json.dumps({"detail": {"field": None, "reason": reason}}).encode()
+        body = self._over_capacity_body()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -256,6 +269,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _over_capacity_body(self) -> bytes:
+        reason = f"the service holds its most connections ({self.max_connections}); retry on a new one later"
+        return json.dumps({"detail": {"field": None, "reason": reason}}).encode()
 
     def _refuse(self, status: int, why: str, msg: str, answer: bool = True) -> None:
         """Answers ``status`` with ``msg`` (unless ``answer`` is false: another answer is on the wire) and

@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ValidationError, StartupError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    allow_open_files(settings.max_connections)
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
@@ -161,6 +160,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         log_level=args.log_level,
         log_config=log_config(args.log_format, args.log_level),
     )
+    allow_open_files(settings.max_connections)  # after uvicorn.Config, which configures the logs: its warning in their format
     server = _Server(config)
 
     def stop(signum: int, frame: object) -> None:

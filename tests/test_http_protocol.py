@@ -278,6 +278,37 @@ def test_connections_beyond_the_bound_get_a_503_with_retry_after_and_those_open_
         next(served, None)
 
 
+def test_a_websocket_upgrade_leaves_the_count_and_over_the_bound_gets_the_503():
+    """An upgraded connection passes to uvicorn's WebSocket protocol and its HTTP protocol's connection_lost is
+    never called: the gauge kept it for good. Over the bound, an upgrade reached the app (its 403) instead."""
+    pytest.importorskip("wsproto")
+    served = _serve(BoundedHttpToolsProtocol.with_timeouts(30, 60, max_connections=1, retry_after_s=3))
+    port = next(served)
+
+    def upgrade(s: socket.socket) -> None:
+        key = base64.b64encode(os.urandom(16))
+        s.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+
+    try:
+        before = http_protocol.open_connections
+        refused_before = http_protocol.closed["over_capacity"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as ws:
+            upgrade(ws)
+            assert ws.recv(4096).startswith(b"HTTP/1.1 101 ")
+            _wait_for(lambda: http_protocol.open_connections == before)  # no longer an HTTP connection
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as over:  # the WebSocket still holds one
+                upgrade(over)
+                head = _read_until_closed(over).partition(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 503 ") and b"retry-after: 3" in head
+            assert http_protocol.closed["over_capacity"] == refused_before + 1
+        _wait_for(lambda: http_protocol.open_connections == before)
+    finally:
+        next(served, None)
+
+
 def test_the_connection_bound_must_not_be_negative():
     with pytest.raises(ValueError, match=">= 0"):
         BoundedHttpToolsProtocol.with_timeouts(1, 1, max_connections=-1)
