@@ -50,8 +50,16 @@ BODY_TIMEOUT_S = 60.0
 # no request reaches the app, so its request metrics never see them.
 CLOSE_REASONS = ("head_too_large", "head_timeout", "body_timeout", "over_capacity")
 closed: Counter[str] = Counter(dict.fromkeys(CLOSE_REASONS, 0))
-# HTTP connections this process holds open (sglora_open_connections).
-open_connections = 0
+# The server's set of open connections, HTTP and upgraded alike: what the bound counts (set on the first
+# connection; uvicorn adds a connection when it opens and drops it when it is lost, WebSockets included).
+_connections: set | None = None
+
+
+def open_connections() -> int:
+    """Connections this process holds open (sglora_open_connections): the count the bound compares."""
+    return len(_connections) if _connections is not None else 0
+
+
 # Answered on a connection over capacity: probes and scrapers (their paths as sent).
 UNBOUNDED_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
 OVER_CAPACITY_LOG_S = 10.0  # at most one warning this often while connections are refused
@@ -98,26 +106,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # ---- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        global open_connections
+        global _connections
         super().connection_made(transport)
-        open_connections += 1
+        _connections = self.connections
         # this one included: the connections the server holds (a closed one leaves the set when it is lost)
         self._over_capacity = 0 < self.max_connections < len(self.connections)
         self._arm_head()  # a connection that never sends a byte is held no longer than a slow head
 
     def connection_lost(self, exc: Exception | None) -> None:
-        global open_connections
-        open_connections -= 1
         self._cancel_head()
         self._cancel_body()
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:
         """The connection passes to uvicorn's WebSocket protocol, which has its own pings and timeouts: this
-        one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408), and it leaves this
-        protocol's count (its connection_lost is never called). An upgrade over capacity is refused as any
-        request is: uvicorn hands it to the app without on_headers_complete's cycle."""
-        global open_connections
+        one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408); it stays in the count,
+        as uvicorn's WebSocket protocol. An upgrade over capacity is refused as any request is (uvicorn hands
+        it to the app without on_headers_complete's cycle); it gets no access-log line."""
         self._cancel_head()
         self._cancel_body()
         self._heading = self._in_body = False
@@ -133,7 +138,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             )
             self.transport.close()
             return
-        open_connections -= 1
         super().handle_websocket_upgrade()
 
     # ---- parser callbacks ------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class ConnectionMetrics:
         for reason in http_protocol.CLOSE_REASONS:
             family.add_metric([reason], http_protocol.closed[reason])
         yield family
-        yield self._open(http_protocol.open_connections)
+        yield self._open(http_protocol.open_connections())
 
     @staticmethod
     def _closed() -> CounterMetricFamily:
@@ -178,7 +178,8 @@ class ConnectionMetrics:
     def _open(value: float | None = None) -> GaugeMetricFamily:
         return GaugeMetricFamily(
             "sglora_open_connections",
-            "HTTP connections open (sglora serve / python -m app; 0 under another server)",
+            "connections open, upgraded WebSockets included: what SGLORA_MAX_CONNECTIONS bounds "
+            "(sglora serve / python -m app; 0 under another server)",
             value=value,
         )
 

@@ -72,8 +72,11 @@ def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s:
     a byte-range lock, which needs that), else read-only (enough on local filesystems: a ``.lock`` another
     user created and left readable does not stop a writer allowed in the directory). ``wait=False`` yields
     False at once instead of waiting when another process holds it; ``timeout_s`` yields False once that
-    long has passed without it. ``name``: another lock file of the directory."""
-    fd = _open_lock(directory / name)
+    long has passed without it. ``name``: another lock file of the directory. A lock file its holder removed
+    before this process got it is not held: the file now at the path is locked instead (FileNotFoundError
+    when the directory went with it)."""
+    path = directory / name
+    fd = _open_lock(path)
     deadline = None if timeout_s is None or not wait else time.monotonic() + timeout_s
     try:
         while True:
@@ -82,12 +85,27 @@ def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s:
                 held = True
             except BlockingIOError:
                 held = False
+            if held and not _is_file_at(fd, path):  # unlinked by the holder it waited for: two would hold it
+                os.close(fd)
+                fd = -1
+                fd = _open_lock(path)
+                continue
             if held or deadline is None or time.monotonic() >= deadline:
                 break
             time.sleep(LOCK_POLL_S)
         yield held  # outside the except: an error raised by the caller does not chain the BlockingIOError
     finally:
-        os.close(fd)  # releases the lock
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    try:
+        at = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (at.st_dev, at.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _open_lock(path: Path) -> int:

@@ -200,10 +200,29 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         # argparse reads a lone word starting with '-' ("-red") as an unknown option, and then finds the
         # description missing: say how to pass it, when such a word was given
-        unknown = [a for a in self._args if a.startswith("-") and a.split("=")[0] not in self._option_string_actions]
+        unknown = self._unknown_dashed()
         if "required: description" in message and unknown:
             message += f"; a description that starts with '-' goes last, after '--' (e.g. ... -- {unknown[0]})"
         super().error(message)
+
+    def _unknown_dashed(self) -> list[str]:
+        """The words given that start with '-' and are neither an option (abbreviations included), an
+        option's value, nor a negative number (argparse takes those as positionals)."""
+        words, value_next = [], False
+        for word in self._args:
+            if value_next:
+                value_next = False
+                continue
+            if word == "--":
+                break
+            name = word.split("=", 1)[0]
+            known = [o for o in self._option_string_actions if o == name or (name.startswith("--") and o.startswith(name))]
+            if len(known) == 1 or name in known:
+                action = self._option_string_actions[name if name in known else known[0]]
+                value_next = "=" not in word and action.nargs != 0
+            elif word.startswith("-") and not self._negative_number_matcher.match(word):
+                words.append(word)
+        return words
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,8 +329,11 @@ def _terminate(signum: int, frame: object) -> None:
 def _resume_hint(args: argparse.Namespace) -> str:
     """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
     out = Path(args.out) if args.command == "pipeline" else None
-    if out is None or not out.is_dir() or not any(p.name != ".pipeline.lock" for p in out.iterdir()):
-        return ""  # a run stopped before writing: nothing kept
+    try:
+        if out is None or not out.is_dir() or not any(p.name != ".pipeline.lock" for p in out.iterdir()):
+            return ""  # a run stopped before writing: nothing kept
+    except OSError:  # not listable: say nothing of it
+        return ""
     return f"; the trained tasks and finished stages in {args.out} are kept: rerun the same command to resume"
 
 

@@ -1470,6 +1470,9 @@ def test_a_run_refused_by_another_on_the_folder_it_would_make_removes_nothing(ti
     with pytest.raises(ValueError, match="at least 1000 are needed"):
         pl.run_pipeline(dataclasses.replace(tiny_config, experts=experts), Path("q/../r"), ("experts",))
     assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="no longer exists"):  # removed so by a run that failed as this one began
+        with pl.pipeline_lock(tmp_path / "r"):
+            pass
 
 
 def test_a_pipeline_run_loads_its_dataset_once(tmp_path, monkeypatch):
@@ -1552,6 +1555,16 @@ def test_cli_says_how_to_pass_a_description_starting_with_a_dash_and_prints_no_s
         main(["select", "--artifacts", root])  # no such word given: no such hint
     err = capsys.readouterr().err
     assert "required: description" in err and "'--'" not in err
+    for given, named in (
+        (["--art", root, "-red"], "-red"),  # an abbreviated option is not the word
+        (["--artifacts", root, "--temperature", "-0.5", "-red"], "-red"),  # nor an option's negative value
+    ):
+        with pytest.raises(SystemExit):
+            main(["select", *given])
+        assert f"(e.g. ... -- {named})" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["select", "--artifacts", root, "--"])  # a lone '--' is no such word either
+    assert "'--'" not in capsys.readouterr().err
     assert main(["select", "--artifacts", root, "--", "-red"]) == 0
     capsys.readouterr()
     out = str(tmp_path / "m.safetensors")

@@ -499,3 +499,43 @@ def test_derived_values_are_worked_out_once_per_state_and_go_with_it(tiny_backbo
     assert len(calls) == 2 and calls[1] is repo.stacked()[0] and again.shape == (4,)
     repo.remove("late")
     assert repo.derived("norms", norms).shape == (3,) and len(calls) == 3
+
+
+def test_a_lock_file_unlinked_by_its_holder_is_not_held_by_the_next_one(tmp_path):
+    """A holder that removes its lock file (a failed pipeline run cleaning up the folder it made) let a waiter
+    lock the removed file while a third locked the new one at the path: two held the lock. The waiter now
+    locks the file at the path."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from expert_store.repository import locked
+
+    path = tmp_path / ".lock"
+    first = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(first, fcntl.LOCK_EX)
+    got = threading.Event()
+    release = threading.Event()
+
+    def waiter():
+        with locked(tmp_path) as held:
+            assert held
+            got.set()
+            release.wait(10)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.2)  # the waiter has opened the first file and waits on it
+    path.unlink()
+    path.touch()  # another run's lock file, at the path now
+    os.close(first)  # the first holder goes: the waiter gets the removed file, then the one at the path
+    assert got.wait(10)
+    probe = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # the file at the path is the one held
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
+        release.set()
+        t.join(10)

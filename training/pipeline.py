@@ -15,7 +15,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -978,13 +978,18 @@ def pipeline_lock(out: Path) -> Iterator[None]:
     tasks with two configs, and the resumed directory then held snapshots of both under one config.json.
     Refused at once (ValueError). Under the lock, what a killed run left of the stages' own files is
     removed: their temporary copies, and a replaced folder's old copy once its replacement is in place."""
+    gone = f"{out} no longer exists (a run on it that failed as this one began removes the folder it made); rerun the command"
+    if not out.is_dir():
+        raise ValueError(gone)
     if not os.access(out, os.W_OK):  # found now, not after an evaluation's whole work
         raise ValueError(f"{out} is not writable: the stages write their results there")
-    with locked(out, wait=False, name=PIPELINE_LOCK) as held:
+    with ExitStack() as stack:
+        try:
+            held = stack.enter_context(locked(out, wait=False, name=PIPELINE_LOCK))
+        except FileNotFoundError:
+            raise ValueError(gone) from None
         if not held:
             raise ValueError(f"{out}: another `sglora pipeline` or `sglora evaluate` is running on it; wait for it to end")
-        if not (out / PIPELINE_LOCK).is_file():  # a refused run that had created it removed it meanwhile
-            raise ValueError(f"{out} was removed by another run that failed as this one began; rerun the command")
         leftovers = [p for name in OWN_FILES for p in out.glob(f".{name}.*.tmp")]
         leftovers += [out / f".{name}.old" for name in OWN_FILES if (out / f".{name}.old").exists() and (out / name).exists()]
         leftovers += list((out / "snapshots").glob(".*.safetensors.*.tmp"))
@@ -995,7 +1000,7 @@ def pipeline_lock(out: Path) -> Iterator[None]:
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
-    out = Path(os.path.abspath(out))  # "q/../r" is "r": mkdir would make "q" too, and leave it
+    out = Path(os.path.realpath(out))  # links followed, then "..": mkdir of "q/../r" made "q" too, and left it
     created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
         out.mkdir(parents=True, exist_ok=True)
