@@ -770,3 +770,62 @@ def test_allowed_hosts_setting_is_checked(monkeypatch):
         monkeypatch.setenv("SGLORA_ALLOWED_HOSTS", value)
         with pytest.raises(ValidationError, match=needle):
             Settings()
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: bytes = b"sglora-test") -> list[bytes]:
+    """A multipart body as chunks, one per part: (field, file name or None, bytes)."""
+    chunks = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        chunks.append(b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode() + b"\r\n\r\n" + data + b"\r\n")
+    return [*chunks, b"--" + boundary + b"--\r\n"]
+
+
+def _parse_counting(parts, files):
+    """Parses ``parts`` with the upload parser and ``files``; returns (outcome, chunks read, chunks in all)."""
+    from starlette.datastructures import Headers
+
+    from app.errors import APIError
+    from app.forms import BoundedMultiPartParser
+
+    chunks = _multipart(parts)
+    read = []
+
+    async def stream():
+        for c in chunks:
+            read.append(c)
+            yield c
+
+    headers = Headers({"content-type": "multipart/form-data; boundary=sglora-test"})
+    try:
+        outcome = asyncio.run(BoundedMultiPartParser(headers, stream(), files).parse())
+    except APIError as e:
+        outcome = e
+    return outcome, len(read), len(chunks)
+
+
+def test_an_upload_is_refused_at_its_first_file_over_a_limit_before_the_rest_is_read():
+    """Starlette spooled every file of a form to disk before the route's per-image limit refused the first:
+    up to the body limit (hundreds of MB by default) stored for a 413. The limits now apply as parts arrive."""
+    big = [("description", None, b"a"), ("images", "0.png", GOOD_PNG), ("images", "1.png", bytes(5000))]
+    tail = [("images", f"{i}.png", bytes(5000)) for i in range(2, 40)]
+    e, read, total = _parse_counting(big + tail, {"images": (64, 4000)})
+    assert (e.status, e.field, e.reason) == (413, "images[1]", "larger than 4000 bytes") and read == 3 < total
+    many = [("images", f"{i}.png", GOOD_PNG) for i in range(10)]
+    e, read, total = _parse_counting(many, {"images": (4, 40_000)})
+    assert (e.status, e.field) == (422, "images") and "at most 4" in e.reason and read == 5 < total
+    e, _, _ = _parse_counting([("mean", "m", b"x"), ("mean", "m", b"y")], {"mean": (1, 10)})
+    assert (e.status, e.field, e.reason) == (422, "mean", "given more than once; send it once")
+    form, read, total = _parse_counting([("description", None, "a café".encode()), *many[:4]], {"images": (4, 40_000)})
+    assert read == total and form["description"] == "a café" and len(form.getlist("images")) == 4
+
+
+def test_a_text_field_that_is_not_utf8_is_refused_naming_it(served):
+    """Starlette read such a field as Latin-1: a description of bytes 0xff 0xfe became 'ÿþ', and generated."""
+    client, _, _ = served
+    body = b"".join(_multipart([("description", None, b"a photo of \xff\xfe"), ("images", "0.png", GOOD_PNG)]))
+    r = client.post("/retrieve", content=body, headers={"Content-Type": "multipart/form-data; boundary=sglora-test"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]["field"] == "description" and "not valid utf-8" in r.json()["detail"]["reason"]
+    r = client.post("/retrieve", data={"description": "a photo of a café"}, files=files(GOOD_PNG))
+    assert r.status_code == 200, r.text

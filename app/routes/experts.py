@@ -10,12 +10,13 @@ from fastapi.responses import Response
 
 from app.deps import KEY_ERRORS, UPLOAD_BUSY, AdminKey, ApiKey, MultipartBody, ServiceDep, check_form_fields, wants_zip
 from app.errors import APIError
+from app.forms import UploadRoute
 from app.routes.retrieve import read_upload
 from app.schemas import ExpertChange, ExpertList, ExpertOut, clean_text
 from app.service import etag_of
 from sglora.export import peft_zip_from_weights
 
-router = APIRouter(tags=["experts"])
+router = APIRouter(tags=["experts"], route_class=UploadRoute)
 _ADMIN_ERRORS = {
     401: {"description": "admin key missing"},
     403: {"description": "admin key not accepted, or expert changes disabled"},

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from app.deps import KEY_ERRORS, UPLOAD_BUSY, ApiKey, MultipartBody, ServiceDep, check_form_fields
 from app.errors import APIError
+from app.forms import UploadRoute
 from app.schemas import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -22,7 +23,7 @@ from app.schemas import (
 from app.service import Scores
 from sglora.engine import MAX_SEED
 
-router = APIRouter(tags=["retrieve"], dependencies=[ApiKey])
+router = APIRouter(tags=["retrieve"], dependencies=[ApiKey], route_class=UploadRoute)
 MAX_CAPTION_CHARS = 20_000  # all of a request's captions together
 SINGLE_FIELDS = ("description", "etag", "method", "seed", "top_k", "temperature", "zero_shot")
 
