@@ -152,6 +152,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head = None
         self._heading = False
         self._cancel_head()
+        self._host_from_absolute_target()
         if not self._over_capacity or self._target_path() in UNBOUNDED_PATHS:
             super().on_headers_complete()
         else:  # the request goes to the refusal instead of the app (uvicorn reads self.app here)
@@ -252,6 +253,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             "request body paused over %g s from %s: %sconnection closed", self.body_timeout_s, self.client, "408, " * answer
         )
         self._refuse(408, "body_timeout", f"request body paused over {self.body_timeout_s:g} s", answer)
+
+    def _host_from_absolute_target(self) -> None:
+        """A request target in absolute form (``GET http://name/path``) names the host: RFC 9112 (3.2.2) has the
+        server ignore the Host header then and use the target's. The headers the app reads (and the Host
+        check, SGLORA_ALLOWED_HOSTS) get it; a target naming another host passed a Host header allowed."""
+        if self.url.startswith(b"/"):  # origin form, the usual: nothing to parse
+            return
+        try:
+            target = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            return  # uvicorn answers it 400
+        if not target.schema or not target.host:
+            return
+        host = b"[%s]" % target.host if b":" in target.host else target.host
+        if target.port is not None:
+            host += b":%d" % target.port
+        self.headers[:] = [(k, v) for k, v in self.headers if k != b"host"] + [(b"host", host)]
 
     def _target_path(self) -> bytes | None:
         """The request target's path, as sent (uvicorn parses it in on_headers_complete)."""

@@ -28,6 +28,12 @@ async def _app(scope, receive, send):
         return
     if scope["type"] != "http":
         return
+    if scope["path"] == "/host":  # the Host header the app reads
+        host = b",".join(v for k, v in scope["headers"] if k == b"host")
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(host))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": host})
+        return
     if scope["path"] == "/late":  # takes the body up only after a while (a request waiting for the model)
         await asyncio.sleep(1.5)
     size = 0
@@ -307,6 +313,20 @@ def test_a_websocket_upgrade_is_counted_while_open_and_over_the_bound_gets_the_5
         _wait_for(lambda: http_protocol.open_connections() == 0)
     finally:
         next(served, None)
+
+
+def test_a_target_in_absolute_form_names_the_host_the_app_reads(quick_port):
+    """RFC 9112 3.2.2: with ``GET http://name/path`` the server ignores the Host header and uses the target's.
+    The app read the Host header, so the Host check let a target naming any host through."""
+    for target, host, seen in (
+        (b"http://evil.test/host", b"localhost", b"evil.test"),
+        (b"http://[::1]:8000/host?x=1", b"localhost", b"[::1]:8000"),
+        (b"https://user:pw@a.example:443/host", None, b"a.example:443"),
+        (b"/host", b"localhost", b"localhost"),  # origin form: as sent
+    ):
+        head = b"GET " + target + b" HTTP/1.1\r\n" + (b"Host: " + host + b"\r\n" if host else b"") + b"\r\n"
+        answer = _exchange(quick_port, [head], silence=0.3)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n" + seen), answer
 
 
 def test_the_connection_bound_must_not_be_negative():
