@@ -5,8 +5,9 @@ field that is not valid in the form's charset as Latin-1. The upload routes (``P
 ``POST /experts``) read their forms through :class:`BoundedMultiPartParser` instead, before FastAPI does:
 
 - a file field's parts are counted and sized while they stream in: the first file over its route's limit
-  (``SGLORA_MAX_IMAGE_BYTES``, ``SGLORA_MAX_EXPERT_BYTES``) or past its count is a 413 / 422 naming it,
-  and the rest of the body is not read (it had been spooled in full, up to ``SGLORA_MAX_BODY_BYTES``);
+  (``SGLORA_MAX_IMAGE_BYTES``, ``SGLORA_MAX_EXPERT_BYTES``) or past its count, or a file in a field that
+  takes none, is a 413 / 422 naming it, and the rest of the body is not stored (it had been spooled in
+  full, up to ``SGLORA_MAX_BODY_BYTES``);
 - a text field is decoded strictly: bytes that are not valid UTF-8 (or the form's declared charset) are a
   422 naming the field, not a Latin-1 reading of them.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -36,8 +37,6 @@ UPLOAD_LIMITS: dict[str, Callable[[Settings], FileLimits]] = {
     "/retrieve": lambda s: {"images": (s.max_images, s.max_image_bytes)},
     "/experts": lambda s: {"mean": (1, s.max_expert_bytes), "variance": (1, s.max_expert_bytes)},
 }
-
-CLOSE = {"Connection": "close"}  # the rest of the body is not read
 
 
 class BoundedMultiPartParser(MultiPartParser):
@@ -55,36 +54,57 @@ class BoundedMultiPartParser(MultiPartParser):
         super().on_part_begin()
         self._limit, self._size = None, 0
 
+    def _refuse(self, status: int, field: str, reason: str) -> APIError:
+        """The rest of the body is not parsed. A body of a declared length is left to the server to drain (and
+        the connection kept): closing with unread bytes resets it, and a client still sending never sees the
+        answer. A chunked one, of no bound but the body limit's, closes the connection. (On a connection
+        the client asked to close, BoundedFormRequest reads the rest before the answer.)"""
+        chunked = "content-length" not in self.headers
+        return APIError(status, field, reason, headers={"Connection": "close"} if chunked else None)
+
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
         part = self._current_part
-        if part.file is None or part.field_name not in self._files:
+        name = part.field_name
+        if part.file is None:
+            if name in self._files:  # no filename: Starlette reads it as text
+                raise self._refuse(422, name, "send it as a file: a part with a filename (curl -F 'images=@photo.png')")
             return
-        most, self._limit = self._files[part.field_name]
-        index = self._counts[part.field_name]
-        self._counts[part.field_name] += 1
+        if name not in self._files:  # refused later anyway: not stored first
+            takes = ", ".join(self._files)
+            raise self._refuse(422, name, f"not a file field; this endpoint takes files in {takes}")
+        most, self._limit = self._files[name]
+        index = self._counts[name]
+        self._counts[name] += 1
         if index >= most:
             why = "given more than once; send it once" if most == 1 else f"more than {most} files; send at most {most}"
-            raise APIError(422, part.field_name, why, headers=CLOSE)
-        self._label = f"{part.field_name}[{index}]" if most > 1 else part.field_name
+            raise self._refuse(422, name, why)
+        self._label = f"{name}[{index}]" if most > 1 else name
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._limit is not None:
             self._size += end - start
             if self._size > self._limit:
-                raise APIError(413, self._label, f"larger than {self._limit} bytes", headers=CLOSE)
+                raise self._refuse(413, self._label, f"larger than {self._limit} bytes")
         super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
         part = self._current_part
-        if part.file is None:
-            try:
-                bytes(part.data).decode(self._charset)
-            except UnicodeDecodeError:
-                raise APIError(
-                    422, part.field_name, f"not valid {self._charset}: send text fields as UTF-8", headers=CLOSE
-                ) from None
-        super().on_part_end()
+        if part.file is not None:
+            super().on_part_end()
+            return
+        charset = self._charset  # the form's (UTF-8 unless its Content-Type names one), or the part's own
+        for key, value in part.item_headers:
+            if key == b"content-type" and (named := parse_options_header(value)[1].get(b"charset")):
+                charset = named.decode("latin-1") if isinstance(named, bytes) else named
+        try:
+            text = bytes(part.data).decode(charset)
+        except LookupError:  # not a text encoding (hex, base64): read as Starlette does
+            super().on_part_end()
+            return
+        except UnicodeDecodeError:
+            raise self._refuse(422, part.field_name, f"not valid {charset}: send text fields as UTF-8") from None
+        self.items.append((part.field_name, text))
 
 
 class BoundedFormRequest(Request):
@@ -102,9 +122,24 @@ class BoundedFormRequest(Request):
                 parser = BoundedMultiPartParser(self.headers, stream, self._files)
                 try:
                     self._form = await parser.parse()
+                except APIError:
+                    if self._closes_after():  # read to the end, not stored: closing with bytes unread resets
+                        async for _ in stream:  # the connection, and a client still sending never reads the answer
+                            pass
+                    raise
+                except HTTPException:
+                    raise
                 except MultiPartException as e:
                     raise HTTPException(400, detail=e.message) from None
+                except Exception as e:  # a client gone mid-body (a 499 then), a read cut: as FastAPI answers them
+                    raise HTTPException(400, detail="There was an error parsing the body") from e
         return self._form
+
+    def _closes_after(self) -> bool:
+        """Whether the server closes the connection after the answer (the client asked, or HTTP/1.0 without
+        keep-alive): then it does not drain a body left unread, as it does on a kept-alive connection."""
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        return "close" in tokens or (self.scope.get("http_version") == "1.0" and "keep-alive" not in tokens)
 
 
 class UploadRoute(APIRoute):

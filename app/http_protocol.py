@@ -48,7 +48,7 @@ BODY_TIMEOUT_S = 60.0
 
 # Connections this process's protocol cut, by reason (the app's sglora_connections_closed_total reads it):
 # no request reaches the app, so its request metrics never see them.
-CLOSE_REASONS = ("head_too_large", "head_timeout", "body_timeout", "over_capacity")
+CLOSE_REASONS = ("head_too_large", "head_timeout", "body_timeout", "over_capacity", "client_over_capacity")
 closed: Counter[str] = Counter(dict.fromkeys(CLOSE_REASONS, 0))
 # The server's set of open connections, HTTP and upgraded alike: what the bound counts (set on the first
 # connection; uvicorn adds a connection when it opens and drops it when it is lost, WebSockets included).
@@ -58,6 +58,10 @@ _connections: set | None = None
 def open_connections() -> int:
     """Connections this process holds open (sglora_open_connections): the count the bound compares."""
     return len(_connections) if _connections is not None else 0
+
+
+# HTTP connections open by client address (SGLORA_MAX_CLIENT_CONNECTIONS); an upgraded one leaves it.
+client_connections: Counter[str] = Counter()
 
 
 # Answered on a connection over capacity: probes and scrapers (their paths as sent).
@@ -77,9 +81,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     head_timeout_s: float = HEAD_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S
     max_connections: int = 0  # 0: unbounded
+    max_client_connections: int = 0  # per client address; 0: unbounded
     retry_after_s: int = 1
 
-    _over_capacity = False  # opened while max_connections others were open
+    _over_capacity: str | None = None  # why its requests are refused: over_capacity, client_over_capacity
+    _peer: str | None = None  # the client address it is counted under, until it is lost or upgraded
     _head: int | None = 0  # bytes of the head in progress; None once its headers are complete
     _upgraded = False  # handed to the WebSocket protocol
     _heading = False  # a request's head is being received
@@ -90,16 +96,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     @classmethod
     def with_timeouts(
-        cls, head_timeout_s: float, body_timeout_s: float, max_connections: int = 0, retry_after_s: int = 1
+        cls,
+        head_timeout_s: float,
+        body_timeout_s: float,
+        max_connections: int = 0,
+        retry_after_s: int = 1,
+        max_client_connections: int = 0,
     ) -> type[BoundedHttpToolsProtocol]:
         if head_timeout_s <= 0 or body_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
-        if max_connections < 0 or retry_after_s < 0:
-            raise ValueError("max_connections and retry_after_s must be >= 0")
+        if max_connections < 0 or retry_after_s < 0 or max_client_connections < 0:
+            raise ValueError("max_connections, max_client_connections and retry_after_s must be >= 0")
         attrs = {
             "head_timeout_s": head_timeout_s,
             "body_timeout_s": body_timeout_s,
             "max_connections": max_connections,
+            "max_client_connections": max_client_connections,
             "retry_after_s": retry_after_s,
         }
         return type(cls.__name__, (cls,), attrs)
@@ -110,34 +122,48 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         _connections = self.connections
         # this one included: the connections the server holds (a closed one leaves the set when it is lost)
-        self._over_capacity = 0 < self.max_connections < len(self.connections)
+        if 0 < self.max_connections < len(self.connections):
+            self._over_capacity = "over_capacity"
+        if self.max_client_connections:
+            self._peer = self.client[0] if self.client else ""
+            client_connections[self._peer] += 1
+            if self._over_capacity is None and client_connections[self._peer] > self.max_client_connections:
+                self._over_capacity = "client_over_capacity"
         self._arm_head()  # a connection that never sends a byte is held no longer than a slow head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head()
         self._cancel_body()
+        self._uncount_peer()
         super().connection_lost(exc)
+
+    def _uncount_peer(self) -> None:
+        if self._peer is not None:
+            client_connections[self._peer] -= 1
+            if client_connections[self._peer] <= 0:
+                del client_connections[self._peer]
+            self._peer = None
 
     def handle_websocket_upgrade(self) -> None:
         """The connection passes to uvicorn's WebSocket protocol, which has its own pings and timeouts: this
         one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408); it stays in the count,
-        as uvicorn's WebSocket protocol. An upgrade over capacity is refused as any request is (uvicorn hands
-        it to the app without on_headers_complete's cycle); it gets no access-log line."""
+        as uvicorn's WebSocket protocol, but leaves its client's (this protocol's connection_lost is not called
+        after an upgrade). An upgrade over capacity is refused as any request is (uvicorn hands it to the app
+        without on_headers_complete's cycle); it gets no access-log line."""
         self._cancel_head()
         self._cancel_body()
         self._heading = self._in_body = False
         self._head = None
         self._upgraded = True  # data_received, returning from the parser, arms nothing more
         if self._over_capacity:
-            closed["over_capacity"] += 1
-            _log_over_capacity(self.max_connections, self.client)
-            body = self._over_capacity_body()
+            body = self._count_refusal()
             self.transport.write(
                 b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"retry-after: %d\r\nconnection: close\r\n\r\n" % (len(body), self.retry_after_s) + body
             )
             self.transport.close()
             return
+        self._uncount_peer()
         super().handle_websocket_upgrade()
 
     # ---- parser callbacks ------------------------------------------------------------------------
@@ -280,9 +306,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     async def _refuse_over_capacity(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         """The service's JSON 503 with ``Retry-After``; the connection is then closed (and so freed)."""
-        closed["over_capacity"] += 1
-        _log_over_capacity(self.max_connections, self.client)
-        body = self._over_capacity_body()
+        body = self._count_refusal()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -292,8 +316,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _over_capacity_body(self) -> bytes:
-        reason = f"the service holds its most connections ({self.max_connections}); retry on a new one later"
+    def _count_refusal(self) -> bytes:
+        """Counts and logs a refusal over capacity; returns its JSON body."""
+        why = self._over_capacity or "over_capacity"
+        closed[why] += 1
+        if why == "over_capacity":
+            most = self.max_connections
+            reason = f"the service holds its most connections ({most}); retry on a new one later"
+        else:
+            most = self.max_client_connections
+            reason = f"this client holds its most connections ({most}); close one, or retry on a new one later"
+        _log_over_capacity(why, most, self.client)
         return json.dumps({"detail": {"field": None, "reason": reason}}).encode()
 
     def _refuse(self, status: int, why: str, msg: str, answer: bool = True) -> None:
@@ -313,20 +346,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-_last_over_capacity_log = -OVER_CAPACITY_LOG_S
+_last_over_capacity_log = {"over_capacity": -OVER_CAPACITY_LOG_S, "client_over_capacity": -OVER_CAPACITY_LOG_S}
 
 
-def _log_over_capacity(most: int, client: tuple[str, int] | None) -> None:
-    """One warning per :data:`OVER_CAPACITY_LOG_S` while connections are refused (a flood would write one a
-    request); the count is in sglora_connections_closed_total{reason="over_capacity"}."""
-    global _last_over_capacity_log
+def _log_over_capacity(why: str, most: int, client: tuple[str, int] | None) -> None:
+    """One warning per :data:`OVER_CAPACITY_LOG_S` and reason while connections are refused (a flood would
+    write one a request); the counts are in sglora_connections_closed_total{reason}."""
     now = time.monotonic()
-    if now - _last_over_capacity_log >= OVER_CAPACITY_LOG_S:
-        _last_over_capacity_log = now
+    if now - _last_over_capacity_log[why] >= OVER_CAPACITY_LOG_S:
+        _last_over_capacity_log[why] = now
+        if why == "over_capacity":
+            whose, setting = "", "SGLORA_MAX_CONNECTIONS"
+        else:
+            whose, setting = " by this client", "SGLORA_MAX_CLIENT_CONNECTIONS"
         log.warning(
-            "%d connections open, the most allowed: a request of a newer one (%s) answered 503 and closed "
-            "(SGLORA_MAX_CONNECTIONS; %d refused so far)",
+            "%d connections open%s, the most allowed: a request of a newer one (%s) answered 503 and closed "
+            "(%s; %d refused so far)",
             most,
+            whose,
             client,
-            closed["over_capacity"],
+            setting,
+            closed[why],
         )

@@ -170,7 +170,8 @@ class ConnectionMetrics:
         return CounterMetricFamily(
             "sglora_connections_closed",
             "connections cut by the HTTP protocol: head_too_large (431), head_timeout, body_timeout (408), "
-            "over_capacity (503: opened beyond SGLORA_MAX_CONNECTIONS)",
+            "over_capacity (503: opened beyond SGLORA_MAX_CONNECTIONS), client_over_capacity (503: beyond "
+            "SGLORA_MAX_CLIENT_CONNECTIONS from one address)",
             labels=["reason"],
         )
 

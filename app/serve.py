@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         workers=1,
         # httptools, with bounds on a request's head and on how slowly a head or a body may arrive
         http=BoundedHttpToolsProtocol.with_timeouts(
-            settings.client_header_timeout_s, settings.client_body_timeout_s, settings.max_connections, settings.retry_after_s
+            settings.client_header_timeout_s,
+            settings.client_body_timeout_s,
+            settings.max_connections,
+            settings.retry_after_s,
+            settings.max_client_connections,
         ),
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=args.graceful_timeout,

@@ -165,6 +165,12 @@ class Settings(BaseSettings):
         description="open HTTP connections beyond which a new connection's request is answered 503 with Retry-After "
         "and the connection closed (/health, /ready, /metrics still answered); 0 = unbounded (sglora serve / python -m app)",
     )
+    max_client_connections: int = Field(
+        0,
+        ge=0,
+        description="open HTTP connections from one client address beyond which its new connection's request is answered "
+        "503 as over max_connections; 0 = unbounded (behind a proxy every client has the proxy's address: bound it there)",
+    )
     max_body_bytes: int = Field(
         0, ge=0, description="size limit of a whole request body (413 beyond); 0 = derived from the image and expert limits"
     )

@@ -62,6 +62,7 @@ class RepositoryBusy(RuntimeError):
 
 
 LOCK_POLL_S = 0.05  # between tries of a lock waited for with a timeout
+REOPEN_TRIES = 3  # of a lock file found replaced once locked (see locked)
 _ROW_KEYS = itertools.count()  # ExpertRepository.row_keys: unique within the process
 
 
@@ -78,6 +79,7 @@ def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s:
     path = directory / name
     fd = _open_lock(path)
     deadline = None if timeout_s is None or not wait else time.monotonic() + timeout_s
+    reopened = 0
     try:
         while True:
             try:
@@ -85,10 +87,13 @@ def locked(directory: Path, wait: bool = True, name: str = LOCK_FILE, timeout_s:
                 held = True
             except BlockingIOError:
                 held = False
-            if held and not _is_file_at(fd, path):  # unlinked by the holder it waited for: two would hold it
+            # Unlinked by the holder it waited for: two would hold it. Three tries at most: where stat and fstat
+            # never agree (some FUSE or overlay mounts), the file opened is held as before.
+            if held and reopened < REOPEN_TRIES and not _is_file_at(fd, path):
                 os.close(fd)
                 fd = -1
                 fd = _open_lock(path)
+                reopened += 1
                 continue
             if held or deadline is None or time.monotonic() >= deadline:
                 break

@@ -329,9 +329,47 @@ def test_a_target_in_absolute_form_names_the_host_the_app_reads(quick_port):
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n" + seen), answer
 
 
+def test_one_client_address_is_bounded_apart_and_others_are_still_served():
+    """SGLORA_MAX_CLIENT_CONNECTIONS: the bound on the whole process let one client take every connection.
+    A third connection from one address gets the 503 (its own reason); another address is served."""
+    import json
+
+    served = _serve(BoundedHttpToolsProtocol.with_timeouts(30, 60, max_connections=100, max_client_connections=2))
+    port = next(served)
+    refused_before = dict(http_protocol.closed)
+    request = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        mine = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        for s in mine:
+            s.sendall(request)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            third.sendall(request)
+            head, _, body = _read_until_closed(third).partition(b"\r\n\r\n")
+        assert (
+            head.startswith(b"HTTP/1.1 503 ")
+            and "this client holds its most connections (2)" in json.loads(body)["detail"]["reason"]
+        )
+        assert http_protocol.closed["client_over_capacity"] == refused_before["client_over_capacity"] + 1
+        assert http_protocol.closed["over_capacity"] == refused_before["over_capacity"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as other:
+            other.sendall(request)  # another address: its own count
+            assert other.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert http_protocol.client_connections["127.0.0.1"] == 2
+        mine[0].close()
+        _wait_for(lambda: http_protocol.client_connections["127.0.0.1"] == 1)
+        assert _exchange(port, [request], silence=0.5).startswith(b"HTTP/1.1 200 ")  # room again
+        mine[1].close()
+        _wait_for(lambda: "127.0.0.1" not in http_protocol.client_connections)
+    finally:
+        next(served, None)
+
+
 def test_the_connection_bound_must_not_be_negative():
     with pytest.raises(ValueError, match=">= 0"):
         BoundedHttpToolsProtocol.with_timeouts(1, 1, max_connections=-1)
+    with pytest.raises(ValueError, match=">= 0"):
+        BoundedHttpToolsProtocol.with_timeouts(1, 1, max_client_connections=-1)
 
 
 def test_the_open_file_limit_is_raised_for_the_connections_allowed_or_the_shortfall_said(monkeypatch, caplog):

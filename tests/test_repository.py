@@ -539,3 +539,22 @@ def test_a_lock_file_unlinked_by_its_holder_is_not_held_by_the_next_one(tmp_path
         os.close(probe)
         release.set()
         t.join(10)
+
+
+def test_a_lock_on_a_mount_whose_stat_and_fstat_disagree_is_still_taken(tmp_path, monkeypatch):
+    """Some FUSE and overlay mounts report another inode through fstat than through stat: the check that
+    the locked file is the one at the path spun there for good. It gives up after a few tries."""
+    import os
+
+    from expert_store import repository
+
+    real = os.fstat
+
+    def shifted(fd):
+        st = real(fd)
+        return os.stat_result((st.st_mode, st.st_ino + 1, *tuple(st)[2:]))
+
+    monkeypatch.setattr(repository.os, "fstat", shifted)
+    for wait in (False, True):
+        with repository.locked(tmp_path, wait=wait) as held:
+            assert held
