@@ -168,8 +168,11 @@ def test_bad_input_is_a_4xx_naming_the_field(client, data, images, status, field
 
 
 def test_missing_images_is_a_422(client):
-    r = client.post("/retrieve", data={"description": "a"}, files=[("other", ("x.txt", b"x"))])  # multipart, no images
+    r = client.post("/retrieve", files=[("description", (None, "a"))])  # multipart, no images
     assert r.status_code == 422 and r.json()["detail"]["field"] == "images"
+    r = client.post("/retrieve", data={"description": "a"}, files=[("other", ("x.txt", b"x"))])  # a file, elsewhere
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "other"
+    assert "takes files in images" in r.json()["detail"]["reason"]
 
 
 def test_a_body_that_is_not_multipart_is_a_415(client):
