@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app.errors import APIError
@@ -54,13 +54,10 @@ class BoundedMultiPartParser(MultiPartParser):
         super().on_part_begin()
         self._limit, self._size = None, 0
 
-    def _refuse(self, status: int, field: str, reason: str) -> APIError:
-        """The rest of the body is not parsed. A body of a declared length is left to the server to drain (and
-        the connection kept): closing with unread bytes resets it, and a client still sending never sees the
-        answer. A chunked one, of no bound but the body limit's, closes the connection. (On a connection
-        the client asked to close, BoundedFormRequest reads the rest before the answer.)"""
-        chunked = "content-length" not in self.headers
-        return APIError(status, field, reason, headers={"Connection": "close"} if chunked else None)
+    @staticmethod
+    def _refuse(status: int, field: str, reason: str) -> APIError:
+        """The rest of the body is not parsed (nor stored): see :meth:`BoundedFormRequest.read_form`."""
+        return APIError(status, field, reason)
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
@@ -68,7 +65,7 @@ class BoundedMultiPartParser(MultiPartParser):
         name = part.field_name
         if part.file is None:
             if name in self._files:  # no filename: Starlette reads it as text
-                raise self._refuse(422, name, "send it as a file: a part with a filename (curl -F 'images=@photo.png')")
+                raise self._refuse(422, name, f"send it as a file: a part with a filename (curl -F '{name}=@FILE')")
             return
         if name not in self._files:  # refused later anyway: not stored first
             takes = ", ".join(self._files)
@@ -99,11 +96,10 @@ class BoundedMultiPartParser(MultiPartParser):
                 charset = named.decode("latin-1") if isinstance(named, bytes) else named
         try:
             text = bytes(part.data).decode(charset)
-        except LookupError:  # not a text encoding (hex, base64): read as Starlette does
-            super().on_part_end()
-            return
         except UnicodeDecodeError:
             raise self._refuse(422, part.field_name, f"not valid {charset}: send text fields as UTF-8") from None
+        except (LookupError, ValueError):  # unknown, or no text encoding (hex, base64): Starlette read Latin-1
+            raise self._refuse(422, part.field_name, f"{charset[:40]!r} is not a text encoding: send UTF-8") from None
         self.items.append((part.field_name, text))
 
 
@@ -123,9 +119,8 @@ class BoundedFormRequest(Request):
                 try:
                     self._form = await parser.parse()
                 except APIError:
-                    if self._closes_after():  # read to the end, not stored: closing with bytes unread resets
-                        async for _ in stream:  # the connection, and a client still sending never reads the answer
-                            pass
+                    if self._drains_first():
+                        await self._drain(stream)
                     raise
                 except HTTPException:
                     raise
@@ -135,11 +130,24 @@ class BoundedFormRequest(Request):
                     raise HTTPException(400, detail="There was an error parsing the body") from e
         return self._form
 
-    def _closes_after(self) -> bool:
-        """Whether the server closes the connection after the answer (the client asked, or HTTP/1.0 without
-        keep-alive): then it does not drain a body left unread, as it does on a kept-alive connection."""
+    def _drains_first(self) -> bool:
+        """Whether a refused body is read to its end before the answer. Closing a connection with bytes
+        unread resets it, and a client still sending never reads the answer. uvicorn drains a body of
+        declared length after the answer on a kept-alive connection; it closes one the client asked to
+        close, and any HTTP/1.0 one, and closes a chunked one left unread."""
         tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
-        return "close" in tokens or (self.scope.get("http_version") == "1.0" and "keep-alive" not in tokens)
+        chunked = "content-length" not in self.headers
+        return chunked or "close" in tokens or self.scope.get("http_version") == "1.0"
+
+    @staticmethod
+    async def _drain(stream: Any) -> None:
+        """Reads the rest of the body, storing nothing. Bounded as any body is: by the body limit
+        (app/limits.py) and the body's pause deadline. A client gone meanwhile is a 499, as elsewhere."""
+        try:
+            async for _ in stream:
+                pass
+        except ClientDisconnect as e:
+            raise HTTPException(400, detail="There was an error parsing the body") from e
 
 
 class UploadRoute(APIRoute):
