@@ -390,3 +390,23 @@ def test_the_open_file_limit_is_raised_for_the_connections_allowed_or_the_shortf
     limits["now"] = (1024, 1100)
     serve.allow_open_files(0)  # unbounded: left as it is
     assert limits["now"] == (1024, 1100)
+
+
+def test_a_body_sent_on_a_connection_over_the_bound_is_read_before_the_503():
+    """The 503 closed the connection with the body unread: the client, still sending (urllib sends it all
+    before it reads), got a reset instead of the answer and its Retry-After."""
+    import urllib.error
+    import urllib.request
+
+    served = _serve(BoundedHttpToolsProtocol.with_timeouts(30, 60, max_connections=1, retry_after_s=4))
+    port = next(served)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
+            held.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert held.recv(65536).startswith(b"HTTP/1.1 200 ")
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/upload", data=bytes(900_000), method="POST")
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(request, timeout=10)
+            assert e.value.code == 503 and e.value.headers["Retry-After"] == "4"
+    finally:
+        next(served, None)
