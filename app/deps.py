@@ -112,12 +112,16 @@ UPLOAD_BUSY: dict[int | str, dict] = {
 }
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters, lower-case ("" where it has none)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 async def require_json_body(request: Request) -> None:
     """The JSON endpoints' body must be sent as JSON. FastAPI reads a body of another Content-Type, or of
     none, as raw bytes and refuses it as "not a valid dictionary", which hides the cause (``curl -d``
     sends application/x-www-form-urlencoded)."""
-    value = request.headers.get("content-type", "")
-    media = value.split(";", 1)[0].strip().lower()
+    media = media_type(request)
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         return
     sent = f"not {media}" if media else "the request had none"
@@ -164,7 +168,7 @@ def header_parameters(*names: str) -> dict:
 async def require_multipart_body(request: Request) -> None:
     """The upload endpoints' body must be multipart/form-data. FastAPI reads a JSON body there as an empty
     form and refuses it as "images: Field required", which hides the cause."""
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media = media_type(request)
     if media != "multipart/form-data":
         sent = f"not {media}" if media else "the request had none"
         raise APIError(415, "Content-Type", f"send the body as multipart/form-data (curl -F); {sent}")

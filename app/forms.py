@@ -26,6 +26,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser, parse_opt
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from app.deps import media_type
 from app.errors import APIError
 from app.settings import Settings
 
@@ -37,6 +38,7 @@ UPLOAD_LIMITS: dict[str, Callable[[Settings], FileLimits]] = {
     "/retrieve": lambda s: {"images": (s.max_images, s.max_image_bytes)},
     "/experts": lambda s: {"mean": (1, s.max_expert_bytes), "variance": (1, s.max_expert_bytes)},
 }
+PARSE_ERROR = "There was an error parsing the body"  # FastAPI's detail for a body read that failed
 
 
 class BoundedMultiPartParser(MultiPartParser):
@@ -54,35 +56,30 @@ class BoundedMultiPartParser(MultiPartParser):
         super().on_part_begin()
         self._limit, self._size = None, 0
 
-    @staticmethod
-    def _refuse(status: int, field: str, reason: str) -> APIError:
-        """The rest of the body is not parsed (nor stored): see :meth:`BoundedFormRequest.read_form`."""
-        return APIError(status, field, reason)
-
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
         part = self._current_part
         name = part.field_name
         if part.file is None:
             if name in self._files:  # no filename: Starlette reads it as text
-                raise self._refuse(422, name, f"send it as a file: a part with a filename (curl -F '{name}=@FILE')")
+                raise APIError(422, name, f"send it as a file: a part with a filename (curl -F '{name}=@FILE')")
             return
         if name not in self._files:  # refused later anyway: not stored first
             takes = ", ".join(self._files)
-            raise self._refuse(422, name, f"not a file field; this endpoint takes files in {takes}")
+            raise APIError(422, name, f"not a file field; this endpoint takes files in {takes}")
         most, self._limit = self._files[name]
         index = self._counts[name]
         self._counts[name] += 1
         if index >= most:
             why = "given more than once; send it once" if most == 1 else f"more than {most} files; send at most {most}"
-            raise self._refuse(422, name, why)
+            raise APIError(422, name, why)
         self._label = f"{name}[{index}]" if most > 1 else name
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._limit is not None:
             self._size += end - start
             if self._size > self._limit:
-                raise self._refuse(413, self._label, f"larger than {self._limit} bytes")
+                raise APIError(413, self._label, f"larger than {self._limit} bytes")
         super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
@@ -97,9 +94,9 @@ class BoundedMultiPartParser(MultiPartParser):
         try:
             text = bytes(part.data).decode(charset)
         except UnicodeDecodeError:
-            raise self._refuse(422, part.field_name, f"not valid {charset}: send text fields as UTF-8") from None
+            raise APIError(422, part.field_name, f"not valid {charset}: send text fields as UTF-8") from None
         except (LookupError, ValueError):  # unknown, or no text encoding (hex, base64): Starlette read Latin-1
-            raise self._refuse(422, part.field_name, f"{charset[:40]!r} is not a text encoding: send UTF-8") from None
+            raise APIError(422, part.field_name, f"{charset[:40]!r} is not a text encoding: send UTF-8") from None
         self.items.append((part.field_name, text))
 
 
@@ -127,7 +124,7 @@ class BoundedFormRequest(Request):
                 except MultiPartException as e:
                     raise HTTPException(400, detail=e.message) from None
                 except Exception as e:  # a client gone mid-body (a 499 then), a read cut: as FastAPI answers them
-                    raise HTTPException(400, detail="There was an error parsing the body") from e
+                    raise HTTPException(400, detail=PARSE_ERROR) from e
         return self._form
 
     def _drains_first(self) -> bool:
@@ -147,7 +144,7 @@ class BoundedFormRequest(Request):
             async for _ in stream:
                 pass
         except ClientDisconnect as e:
-            raise HTTPException(400, detail="There was an error parsing the body") from e
+            raise HTTPException(400, detail=PARSE_ERROR) from e
 
 
 class UploadRoute(APIRoute):
@@ -162,14 +159,10 @@ class UploadRoute(APIRoute):
             return handler
 
         async def bounded(request: Request) -> Response:
-            if request.method != "POST" or not _is_multipart(request):
+            if request.method != "POST" or media_type(request) != "multipart/form-data":
                 return await handler(request)
             form_request = BoundedFormRequest(request, limits(request.app.state.settings))
             await form_request.read_form()
             return await handler(form_request)
 
         return bounded
-
-
-def _is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower() == "multipart/form-data"

@@ -332,12 +332,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         why = self._over_capacity or "over_capacity"
         closed[why] += 1
         if why == "over_capacity":
-            most = self.max_connections
+            most, whose, setting = self.max_connections, "", "SGLORA_MAX_CONNECTIONS"
             reason = f"the service holds its most connections ({most}); retry on a new one later"
         else:
-            most = self.max_client_connections
+            most, whose, setting = self.max_client_connections, " by this client", "SGLORA_MAX_CLIENT_CONNECTIONS"
             reason = f"this client holds its most connections ({most}); close one, or retry on a new one later"
-        _log_over_capacity(why, most, self.client)
+        _log_over_capacity(why, f"{most} connections open{whose}", setting, self.client)
         return json.dumps({"detail": {"field": None, "reason": reason}}).encode()
 
     def _refuse(self, status: int, why: str, msg: str, answer: bool = True) -> None:
@@ -360,21 +360,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 _last_over_capacity_log = {"over_capacity": -OVER_CAPACITY_LOG_S, "client_over_capacity": -OVER_CAPACITY_LOG_S}
 
 
-def _log_over_capacity(why: str, most: int, client: tuple[str, int] | None) -> None:
+def _log_over_capacity(why: str, held: str, setting: str, client: tuple[str, int] | None) -> None:
     """One warning per :data:`OVER_CAPACITY_LOG_S` and reason while connections are refused (a flood would
     write one a request); the counts are in sglora_connections_closed_total{reason}."""
     now = time.monotonic()
     if now - _last_over_capacity_log[why] >= OVER_CAPACITY_LOG_S:
         _last_over_capacity_log[why] = now
-        if why == "over_capacity":
-            whose, setting = "", "SGLORA_MAX_CONNECTIONS"
-        else:
-            whose, setting = " by this client", "SGLORA_MAX_CLIENT_CONNECTIONS"
         log.warning(
-            "%d connections open%s, the most allowed: a request of a newer one (%s) answered 503 and closed "
-            "(%s; %d refused so far)",
-            most,
-            whose,
+            "%s, the most allowed: a request of a newer one (%s) answered 503 and closed (%s; %d refused so far)",
+            held,
             client,
             setting,
             closed[why],

@@ -328,9 +328,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     """What a stopped pipeline keeps: its finished tasks and stages, which the same command resumes from."""
-    out = Path(args.out) if args.command == "pipeline" else None
+    if args.command != "pipeline":
+        return ""
+    from training.pipeline import PIPELINE_LOCK  # loaded already: the pipeline ran
+
+    out = Path(args.out)
     try:
-        if out is None or not out.is_dir() or not any(p.name != ".pipeline.lock" for p in out.iterdir()):
+        if not out.is_dir() or not any(p.name != PIPELINE_LOCK for p in out.iterdir()):
             return ""  # a run stopped before writing: nothing kept
     except OSError:  # not listable: say nothing of it
         return ""

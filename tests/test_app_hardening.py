@@ -860,25 +860,39 @@ def test_a_text_field_that_is_not_utf8_is_refused_naming_it(served):
     assert r.status_code == 422 and r.json()["detail"]["field"] == "description", r.text
 
 
-def test_a_client_gone_mid_upload_is_a_client_error_not_a_500():
-    """Reading the form before FastAPI skipped its turning of a failed body read into a 400 (which the
-    service then counts as the client's 499): a client that hung up mid-upload was a logged 500."""
-    from starlette.exceptions import HTTPException
+def _form_request(receive, files, headers=(), version="1.1"):
+    """A BoundedFormRequest for a multipart POST /retrieve with ``headers`` besides its Content-Type."""
     from starlette.requests import Request
 
     from app.forms import BoundedFormRequest
 
-    chunks = _multipart([("description", None, b"a"), ("images", "0.png", GOOD_PNG)])
+    headers = [(b"content-type", b"multipart/form-data; boundary=sglora-test"), *headers]
+    scope = {"type": "http", "method": "POST", "path": "/retrieve", "headers": headers, "query_string": b""}
+    scope["http_version"] = version
+    return BoundedFormRequest(Request(scope, receive), files)
+
+
+@pytest.mark.parametrize(
+    ("first", "headers"),
+    [
+        (("description", None, b"a"), [(b"content-length", b"100000")]),  # while the form is parsed
+        (("images", "0.png", bytes(5000)), [(b"connection", b"close")]),  # while a refused body is drained
+    ],
+)
+def test_a_client_gone_mid_upload_is_a_client_error_not_a_500(first, headers):
+    """Reading the form before FastAPI skipped its turning of a failed body read into a 400 (which the
+    service then counts as the client's 499): a client that hung up mid-upload was a logged 500, and so was
+    one gone (or cut by the body deadline) while the body of a refused upload was drained."""
+    from starlette.exceptions import HTTPException
+
+    chunks = _multipart([first, ("images", "1.png", GOOD_PNG)])
     messages = [{"type": "http.request", "body": chunks[0], "more_body": True}, {"type": "http.disconnect"}]
 
     async def receive():
         return messages.pop(0)
 
-    headers = [(b"content-type", b"multipart/form-data; boundary=sglora-test"), (b"content-length", b"100000")]
-    scope = {"type": "http", "method": "POST", "path": "/retrieve", "headers": headers, "query_string": b""}
-    request = BoundedFormRequest(Request(scope, receive), {"images": (4, 40_000)})
     with pytest.raises(HTTPException) as e:
-        asyncio.run(request.read_form())
+        asyncio.run(_form_request(receive, {"images": (4, 4000)}, headers).read_form())
     assert e.value.status_code == 400
 
 
@@ -895,10 +909,7 @@ def test_a_refused_upload_is_read_to_its_end_first_where_the_connection_then_clo
     """A client that asked to close (urllib does) had its connection reset by the early 413: the server closed
     it with bytes unread, and a client still sending never read the answer. Its body is read (not stored)
     first; on a kept-alive connection the server drains a body of declared length after the answer."""
-    from starlette.requests import Request
-
     from app.errors import APIError
-    from app.forms import BoundedFormRequest
 
     chunks = _multipart([("images", "0.png", bytes(5000)), *[("images", f"{i}.png", GOOD_PNG) for i in range(1, 9)]])
     messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
@@ -909,35 +920,10 @@ def test_a_refused_upload_is_read_to_its_end_first_where_the_connection_then_clo
         read.append(messages[len(read)])
         return read[-1]
 
-    headers = [(b"content-type", b"multipart/form-data; boundary=sglora-test"), (b"connection", connection)]
+    headers = [(b"connection", connection)]
     if length:
         headers.append((b"content-length", str(sum(map(len, chunks))).encode()))
-    scope = {"type": "http", "method": "POST", "path": "/retrieve", "headers": headers, "query_string": b""}
-    scope["http_version"] = version
-    request = BoundedFormRequest(Request(scope, receive), {"images": (64, 4000)})
     with pytest.raises(APIError) as e:
-        asyncio.run(request.read_form())
+        asyncio.run(_form_request(receive, {"images": (64, 4000)}, headers, version).read_form())
     assert (e.value.status, e.value.field) == (413, "images[0]")
     assert (len(read) == len(chunks)) is drained and len(read) >= 1
-
-
-def test_a_client_gone_while_a_refused_body_is_drained_is_a_client_error():
-    """The drain before a refusal ran outside the mapping of a failed read: a client that hung up (or was cut
-    by the body deadline) meanwhile was a logged 500."""
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-
-    from app.forms import BoundedFormRequest
-
-    chunks = _multipart([("images", "0.png", bytes(5000)), ("images", "1.png", GOOD_PNG)])
-    messages = [{"type": "http.request", "body": chunks[0], "more_body": True}, {"type": "http.disconnect"}]
-
-    async def receive():
-        return messages.pop(0)
-
-    headers = [(b"content-type", b"multipart/form-data; boundary=sglora-test"), (b"connection", b"close")]
-    scope = {"type": "http", "method": "POST", "path": "/retrieve", "headers": headers, "query_string": b""}
-    request = BoundedFormRequest(Request(scope, receive), {"images": (4, 4000)})
-    with pytest.raises(HTTPException) as e:
-        asyncio.run(request.read_form())
-    assert e.value.status_code == 400
