@@ -32,6 +32,7 @@ answered on it: probes and scrapers see the service, not its load.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -60,8 +61,26 @@ def open_connections() -> int:
     return len(_connections) if _connections is not None else 0
 
 
-# HTTP connections open by client address (SGLORA_MAX_CLIENT_CONNECTIONS); an upgraded one leaves it.
+# HTTP connections open by client (SGLORA_MAX_CLIENT_CONNECTIONS, keyed by client_key); an upgraded one leaves it.
 client_connections: Counter[str] = Counter()
+
+
+def client_key(address: str | None) -> str:
+    """What SGLORA_MAX_CLIENT_CONNECTIONS counts a connection under: an IPv4 address as it is, an IPv6
+    address by its /64 (one subscriber's prefix: a host given one picks any of its 2**64 addresses, so a
+    bound per exact address would not bound it), an IPv4-mapped IPv6 address as the IPv4 one; "" for a
+    connection without an address (a Unix socket)."""
+    if not address:
+        return ""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # without an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 # Answered on a connection over capacity: probes and scrapers (their paths as sent).
@@ -88,7 +107,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     retry_after_s: int = 1
 
     _over_capacity: str | None = None  # why its requests are refused: over_capacity, client_over_capacity
-    _peer: str | None = None  # the client address it is counted under, until it is lost or upgraded
+    _peer: str | None = None  # the client_key it is counted under, until it is lost or upgraded
     _head: int | None = 0  # bytes of the head in progress; None once its headers are complete
     _upgraded = False  # handed to the WebSocket protocol
     _heading = False  # a request's head is being received
@@ -128,7 +147,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if 0 < self.max_connections < len(self.connections):
             self._over_capacity = "over_capacity"
         if self.max_client_connections:
-            self._peer = self.client[0] if self.client else ""
+            self._peer = client_key(self.client[0] if self.client else None)
             client_connections[self._peer] += 1
             if self._over_capacity is None and client_connections[self._peer] > self.max_client_connections:
                 self._over_capacity = "client_over_capacity"
@@ -335,7 +354,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             most, whose, setting = self.max_connections, "", "SGLORA_MAX_CONNECTIONS"
             reason = f"the service holds its most connections ({most}); retry on a new one later"
         else:
-            most, whose, setting = self.max_client_connections, " by this client", "SGLORA_MAX_CLIENT_CONNECTIONS"
+            most, setting = self.max_client_connections, "SGLORA_MAX_CLIENT_CONNECTIONS"
+            whose = f" by client {self._peer or 'without an address'}"
             reason = f"this client holds its most connections ({most}); close one, or retry on a new one later"
         _log_over_capacity(why, f"{most} connections open{whose}", setting, self.client)
         return json.dumps({"detail": {"field": None, "reason": reason}}).encode()

@@ -259,10 +259,18 @@ class OpenClipBackbone(Backbone):
             return None
         return int(tok.context_length)
 
+    def _fits_untokenised(self, text: str, context: int) -> bool:
+        # Its cleaning (ftfy, HTML unescaping, lower case) may lengthen a text (U+FB2C: 3 bytes, 6 tokens;
+        # "&nGt;": 5 bytes, 6 once unescaped), so the bytes as given bound nothing in general. ASCII without
+        # "&" it only shortens (ftfy's fixes act on non-ASCII, escapes and control characters; unescaping
+        # needs "&"; ASCII's lower case is as long), and a BPE token takes at least one byte: at most
+        # context - 2 such characters fit with the start and end tokens (a test checks 200,000 random ones
+        # under all three of open_clip's cleanings). Most captions are such: each untokenised is ~40 us saved.
+        return text.isascii() and "&" not in text and len(text) + 2 <= context
+
     def _text_tokens(self, text: str) -> int | None:
-        # Always counted: its cleaning (ftfy, HTML unescaping, lower case) may lengthen a text, so no bound on
-        # the bytes as given holds (U+FB2C: 3 bytes, 6 tokens). Pure Python (tens of microseconds for a
-        # description), and without the lock the model threads take for HF tokenizers: none is used here.
+        # Counted where _fits_untokenised cannot tell. Pure Python (tens of microseconds for a description),
+        # and without the lock the model threads take for HF tokenizers: none is used here.
         return len(self.tokenizer.encode(text)) + 2  # with the start and end tokens, as __call__ adds them
 
     @torch.no_grad()  # not inference_mode: text embeddings feed autograd graphs during training

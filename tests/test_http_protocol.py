@@ -365,6 +365,27 @@ def test_one_client_address_is_bounded_apart_and_others_are_still_served():
         next(served, None)
 
 
+@pytest.mark.parametrize(
+    "address, key",
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same subscriber's /64
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64: another client
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4-mapped: the IPv4 client
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::1", "::/64"),
+        (None, ""),
+        ("", ""),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_clients_are_counted_by_ipv4_address_or_ipv6_slash_64(address, key):
+    """A host given an IPv6 /64 can open connections from any of its 2**64 addresses: counted per exact
+    address, SGLORA_MAX_CLIENT_CONNECTIONS bounded none of them."""
+    assert http_protocol.client_key(address) == key
+
+
 def test_the_connection_bound_must_not_be_negative():
     with pytest.raises(ValueError, match=">= 0"):
         BoundedHttpToolsProtocol.with_timeouts(1, 1, max_connections=-1)
