@@ -41,6 +41,7 @@ from collections import Counter
 import httptools
 from uvicorn._types import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr
 
 # Request line and headers together; browsers send a few KiB, proxies commonly allow 8-64 KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -171,7 +172,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         one's deadlines no longer apply (they cut an open WebSocket with an HTTP 408); it stays in the count,
         as uvicorn's WebSocket protocol, but leaves its client's (this protocol's connection_lost is not called
         after an upgrade). An upgrade over capacity is refused as any request is (uvicorn hands it to the app
-        without on_headers_complete's cycle); it gets no access-log line."""
+        without on_headers_complete's cycle), with its access-log line written here."""
         self._cancel_head()
         self._cancel_body()
         self._heading = self._in_body = False
@@ -179,6 +180,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._upgraded = True  # data_received, returning from the parser, arms nothing more
         if self._over_capacity:
             body = self._count_refusal()
+            if self.access_log:  # as uvicorn writes the line of an answered request
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d',
+                    get_client_addr(self.scope),
+                    self.scope["method"],
+                    self.url.decode("latin-1"),  # the target as sent: an upgrade's scope has no path yet
+                    self.scope["http_version"],
+                    503,
+                )
             self.transport.write(
                 b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"retry-after: %d\r\nconnection: close\r\n\r\n" % (len(body), self.retry_after_s) + body

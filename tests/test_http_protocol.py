@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
+import logging
 import os
 import socket
 import threading
@@ -299,6 +300,13 @@ def test_a_websocket_upgrade_is_counted_while_open_and_over_the_bound_gets_the_5
             b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
 
+    access = logging.getLogger("uvicorn.access")
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
     try:
         refused_before = http_protocol.closed["over_capacity"]
         with socket.create_connection(("127.0.0.1", port), timeout=5) as ws:
@@ -310,8 +318,11 @@ def test_a_websocket_upgrade_is_counted_while_open_and_over_the_bound_gets_the_5
                 head = _read_until_closed(over).partition(b"\r\n\r\n")[0].lower()
             assert head.startswith(b"http/1.1 503 ") and b"retry-after: 3" in head
             assert http_protocol.closed["over_capacity"] == refused_before + 1
+            assert [line for line in lines if line.endswith('"GET /ws HTTP/1.1" 503')], lines  # its access line
         _wait_for(lambda: http_protocol.open_connections() == 0)
     finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
         next(served, None)
 
 
