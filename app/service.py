@@ -3,7 +3,8 @@ scoring and expert changes. Built once in the FastAPI lifespan; all torch work g
 :class:`app.worker.ModelWorker`.
 
 Caching: a generated LoRA is stored under ``gen:<sha256 of (code and artefact version, normalised
-request)>``; ``etag:<its ETag>`` (for /retrieve) holds a pointer to that key, not a second copy. The
+request)>``; ``etag:<its ETag>`` (for /retrieve) holds a pointer to that key and the request (to make the
+file again once its entry is gone), not a second copy. The
 artefact version changes whenever an expert is added or removed, so entries of an older repository
 are simply never looked up again (they age out by TTL / LRU). An sg-lora request without a seed draws
 a fresh seed (reported in X-Seed) and is not looked up (it is a new sample by definition), but its
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
@@ -39,6 +41,7 @@ from app.cache import BytesLRU, CacheKey, HotKeys, RedisCache
 from app.errors import APIError
 from app.images import allow_pixels, load_rgb, open_image
 from app.metrics import Metrics
+from app.schemas import GenerateRequest
 from app.settings import Settings, StartupError
 from app.worker import ModelWorker, WorkerTimeout
 from expert_store.repository import Expert, RepositoryBusy, RepositoryChanged, check_name
@@ -66,7 +69,8 @@ ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
 # Drawn seeds stay below 2^53: a JSON client (JavaScript, the UI) holds them exactly as numbers, so sending
 # X-Seed / "seed" back reproduces the LoRA. (The engine's own draws go to 2^62; requests may use up to 2^63-1.)
 UNSEEDED_SEEDS = 2**53
-# Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes.
+# Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes, then
+# a newline and the request that made them (JSON), so that the file can be made again once its entry is gone.
 # (A safetensors file starts with its 8-byte little-endian header length, never with these bytes.)
 ETAG_POINTER = b"->"
 POINTER_REWRITE_S = 60.0  # a Redis hit rewrites its ETag pointer at most this often (per ETag, per process)
@@ -178,6 +182,13 @@ class _MetaSource:
 
 def etag_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _pointer(key: str, params: GenerateParams) -> bytes:
+    """The ``etag:`` entry of the file filed under ``gen:<key>`` (see :data:`ETAG_POINTER`)."""
+    request = {"description": params.description, "method": params.method, "seed": params.seed}
+    request.update(top_k=params.top_k, temperature=params.temperature)
+    return ETAG_POINTER + ("gen:" + key).encode() + b"\n" + json.dumps(request, separators=(",", ":")).encode()
 
 
 def normalise_etag(value: str) -> str:
@@ -553,7 +564,7 @@ class Service:
                 # replica) must find it. At most once a minute per ETag: with the hot keys off, every hit
                 # rewrote it, doubling Redis's calls under load.
                 if self._pointer_due(etag):
-                    self.cache.set_behind({"etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
+                    self.cache.set_behind({"etag:" + etag: _pointer(key, params)})
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
@@ -569,7 +580,7 @@ class Service:
         # Else the repository changed under the request (and with it, maybe, the default top_k): not filed under the old key.
         if used_version == version:
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
-            self.cache.set_behind({"gen:" + key: data, "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode()})
+            self.cache.set_behind({"gen:" + key: data, "etag:" + etag: _pointer(key, params)})
             if lookup:  # a drawn seed is new to the client: hardly ever repeated, it would only push real repeats out
                 self.hot.put(key, etag, metadata)
         return GeneratedLora(data, etag, "miss", metadata)
@@ -653,7 +664,12 @@ class Service:
         if data is None:
             data, ok = await self.cache.get("etag:" + key)
             if data is not None and data.startswith(ETAG_POINTER):
-                data, ok = await self.cache.get(data[len(ETAG_POINTER) :].decode(errors="replace"))
+                target, _, request = data[len(ETAG_POINTER) :].partition(b"\n")
+                data, ok = await self.cache.get(target.decode(errors="replace"))
+                if data is None and ok and request:
+                    # The file's entry is gone (TTL, allkeys-lru) but not its pointer: made again from the
+                    # request, byte for byte while the artefact version is the one it was made with.
+                    data = await self._made_again(key, request)
             if data is None and not ok and self.cache.enabled and not self.cache.available():  # an outage
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
                 reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"
@@ -670,6 +686,27 @@ class Service:
             raise APIError(404, "etag", reason) from e
         self.lru.put(key, data)
         return adapter
+
+    async def _made_again(self, etag: str, request: bytes) -> bytes | None:
+        """The LoRA file of ``etag`` generated again from the request its pointer recorded (through
+        :meth:`generate`, which files it again); None where that request is not one this service takes, or
+        gives other bytes (the repository changed since: another artefact version). A full queue is still
+        the 429 it is for any generation."""
+        try:
+            body = GenerateRequest.model_validate_json(request)
+            params = self.resolve(body.description, body.method, body.seed, body.top_k, body.temperature)
+        except (ValidationError, APIError):
+            return None
+        try:
+            made = await self.generate(params)
+        except APIError as e:
+            if e.status in (429, 503):
+                raise
+            return None
+        if made.etag != etag:
+            return None
+        log.info("adapter %s: its file had left the cache; generated again from its request", etag)
+        return made.data
 
     def _check_adapter(self, adapter: GeneratedLora) -> None:
         """ValueError unless ``adapter`` (found in Redis by its ETag) is a generated LoRA this service can apply:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import threading
 import time
@@ -155,13 +156,51 @@ def test_writes_go_behind_the_response_and_land_in_redis(make_settings):
         etag = first.headers["etag"].strip('"')
         r = redis.Redis.from_url(settings.redis_url)
         pointer = r.get(settings.cache_prefix + "etag:" + etag)  # the ETag entry points at the gen: entry
-        assert pointer.startswith(b"->gen:") and len(pointer) < 100
-        assert r.get(settings.cache_prefix + pointer[2:].decode()) == first.content
+        target, _, request = pointer.partition(b"\n")  # and the request that made it, to make it again
+        assert target.startswith(b"->gen:") and len(pointer) < 250
+        assert json.loads(request) == {**body, "method": "sg-lora", "top_k": None, "temperature": 0.1}
+        assert r.get(settings.cache_prefix + target[2:].decode()) == first.content
         # /retrieve by ETag follows the pointer once the in-process LRU no longer has it.
         service = c.app.state.service
         service.lru = BytesLRU(0)
         found = c.portal.call(service.adapter, etag)
         assert found.data == first.content and found.etag == etag
+
+
+def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_settings):
+    """Under allkeys-lru or a TTL the file's entry can go while its ETag pointer stays: /retrieve by that
+    ETag was a 404. The pointer records the request, so the file is generated again (the same bytes, filed
+    again); a request that no longer gives those bytes, or is not one the service takes, is still a 404."""
+    settings = make_settings(hot_keys=0)
+    body = {"description": "a lost hexagon", "seed": 3}
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    images = [("images", ("a.png", buf.getvalue(), "image/png"))]
+    with TestClient(create_app(settings)) as c:
+        service = c.app.state.service
+        made = c.post("/generate", json=body)
+        etag = made.headers["etag"].strip('"')
+        assert wait_for(lambda: not service.cache._writing)
+        r = redis.Redis.from_url(settings.redis_url)
+        pointer_key = settings.cache_prefix + "etag:" + etag
+        pointer = r.get(pointer_key)
+        file_key = settings.cache_prefix + pointer[2:].partition(b"\n")[0].decode()
+        assert r.delete(file_key) == 1  # evicted; the pointer stays
+        service.lru = BytesLRU(0)  # and this process no longer holds it
+        again = c.post("/retrieve", data={"etag": etag}, files=images)
+        assert again.status_code == 200, again.text
+        assert wait_for(lambda: r.get(file_key) == made.content)  # generated again, byte for byte, and filed again
+        for request in (
+            json.dumps({**body, "seed": 4}).encode(),  # other bytes: another ETag
+            b'{"description": "a lost hexagon", "method": "no-such-method"}',
+            b"not json",
+        ):
+            r.delete(file_key)
+            r.set(pointer_key, pointer.partition(b"\n")[0] + b"\n" + request)
+            gone = c.post("/retrieve", data={"etag": etag}, files=images)
+            assert gone.status_code == 404 and gone.json()["detail"]["field"] == "etag", (request, gone.text)
+        r.set(pointer_key, pointer.partition(b"\n")[0])  # as written before pointers held the request
+        assert c.post("/retrieve", data={"etag": etag}, files=images).status_code == 404
 
 
 def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make_settings):
@@ -235,7 +274,7 @@ def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(ma
         assert good.headers["x-cache"] == "miss" and wait_for(lambda: not cache._writing)
         r = redis.Redis.from_url(settings.redis_url)
         pointer = r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))
-        key = settings.cache_prefix + pointer[2:].decode()
+        key = settings.cache_prefix + pointer[2:].partition(b"\n")[0].decode()
         # Whole safetensors files that are not this request's LoRA: an empty one (it was served as a 10-byte
         # hit, and /generate/preview failed with a 500 on its missing top_k), and another request's file.
         empty = b"\x02\0\0\0\0\0\0\0{}"
@@ -471,7 +510,8 @@ def test_a_key_of_another_type_is_mended_without_switching_the_cache_off(make_se
         good = c.post("/generate", json=body)
         assert wait_for(lambda: not cache._writing)
         r = redis.Redis.from_url(settings.redis_url)
-        key = settings.cache_prefix + r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))[2:].decode()
+        pointer = r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))
+        key = settings.cache_prefix + pointer[2:].partition(b"\n")[0].decode()
         r.delete(key)
         r.rpush(key, b"x")
         errors = cache_events(c, "error")
