@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -158,6 +160,49 @@ async def throughput(port: int, clients: int, bodies: list[dict]) -> float:
             await c.close()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used; NaN where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def redis_cpu_s(redis_url: str) -> float:
+    """CPU seconds the Redis server has used (INFO cpu); NaN without Redis."""
+    if not redis_url:
+        return float("nan")
+    import redis
+
+    info = redis.Redis.from_url(redis_url).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class CpuMeter:
+    """CPU seconds, per process, of one side of the throughput measurement: the server, this process (the
+    clients; the bare engine sits idle meanwhile) and Redis, over the wall time they took."""
+
+    def __init__(self, server_pid: int, redis_url: str):
+        self.server_pid, self.redis_url = server_pid, redis_url
+        self.used = dict.fromkeys(("server", "clients", "redis", "wall"), 0.0)
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        start = (cpu_s(self.server_pid), time.process_time(), redis_cpu_s(self.redis_url), time.perf_counter())
+        yield
+        end = (cpu_s(self.server_pid), time.process_time(), redis_cpu_s(self.redis_url), time.perf_counter())
+        for k, a, b in zip(self.used, start, end, strict=True):
+            self.used[k] += b - a
+
+    def per_request_ms(self, requests: int) -> dict[str, float]:
+        """CPU ms a request, per process, and ``cores``: the CPU of all three over the wall time."""
+        u = self.used
+        out = {k: 1000 * u[k] / requests for k in ("server", "clients", "redis")}
+        out["cores"] = (u["server"] + u["clients"] + u["redis"]) / u["wall"] if u["wall"] else float("nan")
+        return out
+
+
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the samples ``name`` in a /metrics text whose labels include ``labels``."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -250,12 +295,15 @@ def run(args: argparse.Namespace) -> dict:
         n = -(-args.throughput_requests // BLOCKS)
         one_s = many_s = calls = texts = 0.0
         stages = dict.fromkeys(names, 0.0)
+        cpu_one, cpu_many = CpuMeter(proc.pid, args.redis_url), CpuMeter(proc.pid, args.redis_url)
         for b in range(BLOCKS):
             bodies = [{"description": next(fresh), "seed": seed0 + 2_000_000 + b * n + i} for i in range(n)]
-            one_s += n / asyncio.run(throughput(port, 1, bodies))
+            with cpu_one.measure():
+                one_s += n / asyncio.run(throughput(port, 1, bodies))
             bodies = [{"description": next(fresh), "seed": seed0 + 3_000_000 + b * n + i} for i in range(n)]
             before = httpx.get(url + "/metrics").text  # batches and stages of the many-client blocks only
-            many_s += n / asyncio.run(throughput(port, args.clients, bodies))
+            with cpu_many.measure():
+                many_s += n / asyncio.run(throughput(port, args.clients, bodies))
             after = httpx.get(url + "/metrics").text
             calls += metric_delta(before, after, "sglora_batch_size_count")
             texts += metric_delta(before, after, "sglora_batch_size_sum")
@@ -291,6 +339,8 @@ def run(args: argparse.Namespace) -> dict:
         "throughput_ratio": many / one,
         "mean_batch": texts / calls if calls else float("nan"),
         "stage_ms_per_request": stages,
+        "cpu_ms_per_request_1": cpu_one.per_request_ms(BLOCKS * n),
+        f"cpu_ms_per_request_{args.clients}": cpu_many.per_request_ms(BLOCKS * n),
         "lone_miss_ms": {"client": statistics.fmean(miss), **lone},
         "threads": args.threads,
         "clients": args.clients,
@@ -335,6 +385,16 @@ def table(r: dict) -> str:
             ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in r["stage_ms_per_request"].items()),
             "",
             "",
+        ),
+        *(
+            (
+                f"CPU per request, {k} client(s): server, clients, Redis (cores busy)",
+                ", ".join(f"{name} {v:.2f} ms" for name, v in cpu.items() if name != "cores") + f" ({cpu['cores']:.2f})",
+                "",
+                "",
+            )
+            for k in (1, c)
+            if (cpu := r.get(f"cpu_ms_per_request_{k}"))
         ),
         (
             "lone miss, mean: client, server, and the server's model stages",

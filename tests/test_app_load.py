@@ -145,4 +145,9 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert 1 <= r["mean_batch"] <= 4
     lone = r["lone_miss_ms"]  # the server's own clock sits inside the client's, its model stages inside it
     assert 0 < lone["text_encoding"] + lone["prior"] + lone["sampling"] < lone["server"] <= lone["client"]
+    for clients in (1, 4):  # where the CPU of the throughput blocks went (/proc counts in 10 ms ticks: loose bounds)
+        cpu = r[f"cpu_ms_per_request_{clients}"]
+        assert cpu["server"] > 0.25 * r["bare_embed_ms"] and cpu["clients"] > 0 and cpu["redis"] >= 0, cpu
+        assert 0 < cpu["cores"] <= (os.cpu_count() or 1) + 0.5, cpu
+    assert "CPU per request, 4 client(s): server" in p.stdout
     assert "| `/generate` cache miss, median |" in p.stdout
