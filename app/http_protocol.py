@@ -104,7 +104,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     head_timeout_s: float = HEAD_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S
     max_connections: int = 0  # 0: unbounded
-    max_client_connections: int = 0  # per client address; 0: unbounded
+    max_client_connections: int = 0  # per client (client_key); 0: unbounded
     retry_after_s: int = 1
 
     _over_capacity: str | None = None  # why its requests are refused: over_capacity, client_over_capacity

@@ -3,8 +3,8 @@ scoring and expert changes. Built once in the FastAPI lifespan; all torch work g
 :class:`app.worker.ModelWorker`.
 
 Caching: a generated LoRA is stored under ``gen:<sha256 of (code and artefact version, normalised
-request)>``; ``etag:<its ETag>`` (for /retrieve) holds a pointer to that key and the request (to make the
-file again once its entry is gone), not a second copy. The
+request)>``; ``etag:<its ETag>`` (for /retrieve) holds a pointer to that key, not a second copy, and
+``req:<its ETag>`` the request (to make the file again once its entry is gone). The
 artefact version changes whenever an expert is added or removed, so entries of an older repository
 are simply never looked up again (they age out by TTL / LRU). An sg-lora request without a seed draws
 a fresh seed (reported in X-Seed) and is not looked up (it is a new sample by definition), but its
@@ -69,9 +69,10 @@ ETAG_RE = re.compile(r"^[0-9a-f]{32}$")
 # Drawn seeds stay below 2^53: a JSON client (JavaScript, the UI) holds them exactly as numbers, so sending
 # X-Seed / "seed" back reproduces the LoRA. (The engine's own draws go to 2^62; requests may use up to 2^63-1.)
 UNSEEDED_SEEDS = 2**53
-# Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes, then
-# a newline and the request that made them (JSON), so that the file can be made again once its entry is gone.
-# (A safetensors file starts with its 8-byte little-endian header length, never with these bytes.)
+# Value of an ``etag:`` cache entry: this prefix + the key of the ``gen:`` entry that holds the bytes.
+# (A safetensors file starts with its 8-byte little-endian header length, never with these bytes.) Beside
+# it, ``req:<ETag>`` holds the request that made them (JSON), so that the file can be made again once its
+# entry is gone: a key apart, so that the pointer stays what earlier releases read (a rolling update).
 ETAG_POINTER = b"->"
 POINTER_REWRITE_S = 60.0  # a Redis hit rewrites its ETag pointer at most this often (per ETag, per process)
 POINTER_MEMORY = 4096  # ETags whose last rewrite is remembered
@@ -184,11 +185,15 @@ def etag_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _pointer(key: str, params: GenerateParams) -> bytes:
-    """The ``etag:`` entry of the file filed under ``gen:<key>`` (see :data:`ETAG_POINTER`)."""
+def _pointers(etag: str, key: str, params: GenerateParams) -> dict[str, bytes]:
+    """The ``etag:`` and ``req:`` entries of the file of ``etag`` filed under ``gen:<key>`` (see
+    :data:`ETAG_POINTER`)."""
     request = {"description": params.description, "method": params.method, "seed": params.seed}
     request.update(top_k=params.top_k, temperature=params.temperature)
-    return ETAG_POINTER + ("gen:" + key).encode() + b"\n" + json.dumps(request, separators=(",", ":")).encode()
+    return {
+        "etag:" + etag: ETAG_POINTER + ("gen:" + key).encode(),
+        "req:" + etag: json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode(),
+    }
 
 
 def normalise_etag(value: str) -> str:
@@ -564,7 +569,7 @@ class Service:
                 # replica) must find it. At most once a minute per ETag: with the hot keys off, every hit
                 # rewrote it, doubling Redis's calls under load.
                 if self._pointer_due(etag):
-                    self.cache.set_behind({"etag:" + etag: _pointer(key, params)})
+                    self.cache.set_behind(_pointers(etag, key, params))
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
@@ -580,7 +585,7 @@ class Service:
         # Else the repository changed under the request (and with it, maybe, the default top_k): not filed under the old key.
         if used_version == version:
             # The ETag entry points at the generation entry instead of holding a second copy of the bytes.
-            self.cache.set_behind({"gen:" + key: data, "etag:" + etag: _pointer(key, params)})
+            self.cache.set_behind({"gen:" + key: data, **_pointers(etag, key, params)})
             if lookup:  # a drawn seed is new to the client: hardly ever repeated, it would only push real repeats out
                 self.hot.put(key, etag, metadata)
         return GeneratedLora(data, etag, "miss", metadata)
@@ -664,12 +669,13 @@ class Service:
         if data is None:
             data, ok = await self.cache.get("etag:" + key)
             if data is not None and data.startswith(ETAG_POINTER):
-                target, _, request = data[len(ETAG_POINTER) :].partition(b"\n")
-                data, ok = await self.cache.get(target.decode(errors="replace"))
-                if data is None and ok and request:
+                data, ok = await self.cache.get(data[len(ETAG_POINTER) :].decode(errors="replace"))
+                if data is None and ok:
                     # The file's entry is gone (TTL, allkeys-lru) but not its pointer: made again from the
                     # request, byte for byte while the artefact version is the one it was made with.
-                    data = await self._made_again(key, request)
+                    request, ok = await self.cache.get("req:" + key)
+                    if request is not None:
+                        data = await self._made_again(key, request)
             if data is None and not ok and self.cache.enabled and not self.cache.available():  # an outage
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
                 reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"
@@ -690,18 +696,13 @@ class Service:
     async def _made_again(self, etag: str, request: bytes) -> bytes | None:
         """The LoRA file of ``etag`` generated again from the request its pointer recorded (through
         :meth:`generate`, which files it again); None where that request is not one this service takes, or
-        gives other bytes (the repository changed since: another artefact version). A full queue is still
-        the 429 it is for any generation."""
+        gives other bytes (the repository changed since: another artefact version). It is a generation like
+        any (a full queue is its 429, a cache miss counted), so it costs one before such a 404."""
         try:
             body = GenerateRequest.model_validate_json(request)
             params = self.resolve(body.description, body.method, body.seed, body.top_k, body.temperature)
-        except (ValidationError, APIError):
-            return None
-        try:
             made = await self.generate(params)
-        except APIError as e:
-            if e.status in (429, 503):
-                raise
+        except (ValidationError, APIError):  # the APIError of a request this service no longer takes (422)
             return None
         if made.etag != etag:
             return None

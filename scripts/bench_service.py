@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -170,13 +171,18 @@ def cpu_s(pid: int) -> float:
 
 
 def redis_cpu_s(redis_url: str) -> float:
-    """CPU seconds the Redis server has used (INFO cpu); NaN without Redis."""
+    """CPU seconds the Redis server has used (INFO cpu: the whole server's, other clients' work included);
+    NaN without Redis, or when it does not answer (the service fails open, and so does this run)."""
     if not redis_url:
         return float("nan")
     import redis
 
-    info = redis.Redis.from_url(redis_url).info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    try:
+        with redis.Redis.from_url(redis_url, socket_timeout=1) as r:
+            info = r.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return float("nan")
 
 
 class CpuMeter:
@@ -199,7 +205,8 @@ class CpuMeter:
         """CPU ms a request, per process, and ``cores``: the CPU of all three over the wall time."""
         u = self.used
         out = {k: 1000 * u[k] / requests for k in ("server", "clients", "redis")}
-        out["cores"] = (u["server"] + u["clients"] + u["redis"]) / u["wall"] if u["wall"] else float("nan")
+        busy = u["server"] + u["clients"] + (u["redis"] if math.isfinite(u["redis"]) else 0.0)  # Redis unread: left out
+        out["cores"] = busy / u["wall"] if u["wall"] else float("nan")
         return out
 
 

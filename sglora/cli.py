@@ -71,7 +71,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file; give an artefact directory (a new one, or one to resume)")
     cfg = load_config(args.config)
     stages = tuple(s for s in STAGES if s in args.stage) if args.stage else STAGES  # in pipeline order, as given or not
-    run_pipeline(cfg, out, stages, device=_device(args.device))
+    # A full run keeps a generator trained from the same inputs; a stage named is run regardless.
+    run_pipeline(cfg, out, stages, device=_device(args.device), keep_unchanged=not args.stage)
     return 0
 
 

@@ -156,10 +156,10 @@ def test_writes_go_behind_the_response_and_land_in_redis(make_settings):
         etag = first.headers["etag"].strip('"')
         r = redis.Redis.from_url(settings.redis_url)
         pointer = r.get(settings.cache_prefix + "etag:" + etag)  # the ETag entry points at the gen: entry
-        target, _, request = pointer.partition(b"\n")  # and the request that made it, to make it again
-        assert target.startswith(b"->gen:") and len(pointer) < 250
+        assert pointer.startswith(b"->gen:") and len(pointer) < 100  # as earlier releases read it
+        request = r.get(settings.cache_prefix + "req:" + etag)  # beside it, the request that made it
         assert json.loads(request) == {**body, "method": "sg-lora", "top_k": None, "temperature": 0.1}
-        assert r.get(settings.cache_prefix + target[2:].decode()) == first.content
+        assert r.get(settings.cache_prefix + pointer[2:].decode()) == first.content
         # /retrieve by ETag follows the pointer once the in-process LRU no longer has it.
         service = c.app.state.service
         service.lru = BytesLRU(0)
@@ -182,9 +182,8 @@ def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_s
         etag = made.headers["etag"].strip('"')
         assert wait_for(lambda: not service.cache._writing)
         r = redis.Redis.from_url(settings.redis_url)
-        pointer_key = settings.cache_prefix + "etag:" + etag
-        pointer = r.get(pointer_key)
-        file_key = settings.cache_prefix + pointer[2:].partition(b"\n")[0].decode()
+        request_key = settings.cache_prefix + "req:" + etag
+        file_key = settings.cache_prefix + r.get(settings.cache_prefix + "etag:" + etag)[2:].decode()
         assert r.delete(file_key) == 1  # evicted; the pointer stays
         service.lru = BytesLRU(0)  # and this process no longer holds it
         again = c.post("/retrieve", data={"etag": etag}, files=images)
@@ -194,13 +193,12 @@ def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_s
             json.dumps({**body, "seed": 4}).encode(),  # other bytes: another ETag
             b'{"description": "a lost hexagon", "method": "no-such-method"}',
             b"not json",
+            None,  # as before releases recorded the request
         ):
             r.delete(file_key)
-            r.set(pointer_key, pointer.partition(b"\n")[0] + b"\n" + request)
+            r.set(request_key, request) if request is not None else r.delete(request_key)
             gone = c.post("/retrieve", data={"etag": etag}, files=images)
             assert gone.status_code == 404 and gone.json()["detail"]["field"] == "etag", (request, gone.text)
-        r.set(pointer_key, pointer.partition(b"\n")[0])  # as written before pointers held the request
-        assert c.post("/retrieve", data={"etag": etag}, files=images).status_code == 404
 
 
 def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make_settings):
@@ -274,7 +272,7 @@ def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(ma
         assert good.headers["x-cache"] == "miss" and wait_for(lambda: not cache._writing)
         r = redis.Redis.from_url(settings.redis_url)
         pointer = r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))
-        key = settings.cache_prefix + pointer[2:].partition(b"\n")[0].decode()
+        key = settings.cache_prefix + pointer[2:].decode()
         # Whole safetensors files that are not this request's LoRA: an empty one (it was served as a 10-byte
         # hit, and /generate/preview failed with a 500 on its missing top_k), and another request's file.
         empty = b"\x02\0\0\0\0\0\0\0{}"
@@ -511,7 +509,7 @@ def test_a_key_of_another_type_is_mended_without_switching_the_cache_off(make_se
         assert wait_for(lambda: not cache._writing)
         r = redis.Redis.from_url(settings.redis_url)
         pointer = r.get(settings.cache_prefix + "etag:" + good.headers["etag"].strip('"'))
-        key = settings.cache_prefix + pointer[2:].partition(b"\n")[0].decode()
+        key = settings.cache_prefix + pointer[2:].decode()
         r.delete(key)
         r.rpush(key, b"x")
         errors = cache_events(c, "error")
@@ -625,12 +623,13 @@ def test_hits_from_redis_rewrite_the_etag_pointer_once_a_minute(private_redis, m
         for _ in range(5):
             assert c.post("/generate", json=body).headers["x-cache"] == "hit"
         assert wait_for(lambda: not cache._writing)
-        assert sets() == before + 1 and admin.exists(pointer)  # mended by the first hit, not rewritten by the rest
+        # mended by the first hit (the pointer and its request: two SETs), not rewritten by the rest
+        assert sets() == before + 2 and admin.exists(pointer)
         etag = made.headers["etag"].strip('"')
         c.app.state.service._pointers[etag] -= 61  # a minute later
         assert c.post("/generate", json=body).headers["x-cache"] == "hit"
         assert wait_for(lambda: not cache._writing)
-        assert sets() == before + 2
+        assert sets() == before + 4
 
 
 def test_write_behind_tasks_are_capped_and_the_rest_counted():

@@ -351,6 +351,57 @@ def test_a_full_rerun_with_new_generator_settings_keeps_the_experts(tiny_artifac
     load_artifacts(tiny_artifacts)
 
 
+def test_a_full_rerun_keeps_a_generator_trained_from_the_same_inputs(tiny_artifacts, tiny_config, tmp_path, capsys):
+    """A rerun of a finished pipeline with its config (the README's first command, run twice) trained the
+    generator again: minutes for the same weights. It is kept while what it trains from is unchanged; a
+    changed repository, a damaged generator file or ``--stage generator`` trains it again."""
+    from sglora.cli import main
+    from training.pipeline import run_pipeline
+
+    def generator_stage() -> dict:
+        return json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]["generator"]
+
+    weights = tiny_artifacts / "generator" / "cvae.safetensors"
+    trained, stage = weights.read_bytes(), generator_stage()
+    assert len(stage["inputs"]) == 64  # recorded when it was trained
+    capsys.readouterr()
+    run_pipeline(tiny_config, tiny_artifacts)
+    out = capsys.readouterr().out
+    assert "[generator] kept the generator of" in out and "`--stage generator` trains it again" in out
+    assert generator_stage() == stage and weights.read_bytes() == trained
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"experts", "repository", "generator", "evaluate"}  # evaluated again
+    load_artifacts(tiny_artifacts)
+
+    # An expert the service removed from the repository: the generator's leave-one-out priors change.
+    index = tiny_artifacts / "repository" / "repository.json"
+    repository = json.loads(index.read_text())
+    repository["experts"] = repository["experts"][1:]
+    index.write_text(json.dumps(repository))
+    from training.pipeline import generator_unchanged
+
+    assert generator_unchanged(tiny_artifacts, tiny_config) is None
+    # A damaged generator file is trained again, not kept.
+    capsys.readouterr()
+    run_pipeline(tiny_config, tiny_artifacts)  # trains it again (the removal stays: the service's change)
+    assert "kept the generator" not in capsys.readouterr().out
+    assert generator_unchanged(tiny_artifacts, tiny_config) is not None
+    retrained = weights.read_bytes()
+    weights.write_bytes(retrained[:-4] + b"\0\0\0\0")
+    assert generator_unchanged(tiny_artifacts, tiny_config) is None
+    assert "artefact file corrupt" in capsys.readouterr().out
+
+    # Named, the stage runs regardless.
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(json.dumps(tiny_config.to_dict()))
+    weights.write_bytes(retrained)
+    assert generator_unchanged(tiny_artifacts, tiny_config) is not None
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(cfg_path), "--out", str(tiny_artifacts), "--stage", "generator"]) == 0
+    assert "kept the generator" not in capsys.readouterr().out and generator_stage()["completed"] >= stage["completed"]
+    assert "evaluate" not in json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]
+
+
 def test_too_few_samples_names_the_task(tiny_config, tmp_path):
     import dataclasses
 
@@ -1314,11 +1365,15 @@ def test_stages_run_in_pipeline_order_whatever_order_they_are_given_in(tiny_conf
     from training import pipeline
 
     ran = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, out, stages, device: ran.append(stages))
+    monkeypatch.setattr(
+        pipeline, "run_pipeline", lambda cfg, out, stages, device, keep_unchanged: ran.append((stages, keep_unchanged))
+    )
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config.to_dict()))
     argv = ["pipeline", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--stage", "evaluate", "--stage", "generator"]) == 0
-    assert ran == [("generator", "evaluate")]
+    assert main(argv) == 0
+    # A stage named runs regardless; a whole run keeps an unchanged generator.
+    assert ran == [(("generator", "evaluate"), False), (pipeline.art.STAGES, True)]
 
 
 def test_a_manifest_that_stops_pinning_a_model_file_is_refused(tiny_artifacts):

@@ -252,6 +252,23 @@ def test_bench_service_refuses_bad_arguments_before_measuring(tmp_path, capsys):
         assert code == 2 and message in err, (args, err)
 
 
+def test_bench_service_reads_no_redis_cpu_from_a_redis_that_does_not_answer():
+    """The service fails open without Redis, and a run measuring it must too: reading Redis's CPU raised."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_service
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert math.isnan(bench_service.redis_cpu_s("redis://127.0.0.1:1/0")) and math.isnan(bench_service.redis_cpu_s(""))
+    meter = bench_service.CpuMeter(os.getpid(), "redis://127.0.0.1:1/0")
+    with meter.measure():
+        sum(i * i for i in range(200_000))
+    cpu = meter.per_request_ms(10)
+    assert math.isnan(cpu["redis"]) and cpu["clients"] > 0 and cpu["cores"] > 0
+
+
 def test_bench_sampler_refuses_bad_steps_and_threads(tmp_path, capsys):
     for args, message in ((["--steps", "1"], "--steps must be >= 2"), (["--threads", "0"], "--threads must be >= 1")):
         code, err = _refused(capsys, "bench_sampler", ["--artifacts", str(tmp_path), *args])

@@ -7,6 +7,7 @@ marks itself done in ``manifest.json``; an interrupted run leaves no half-writte
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from expert_store.repository import Expert, ExpertRepository, locked
 from models.backbone import Backbone, create_backbone
+from sglora import __version__
 from sglora import artifacts as art
 from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
@@ -541,6 +543,43 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     )
 
 
+def generator_inputs(out: Path, cfg: PipelineConfig, manifest: dict) -> str:
+    """sha256 of what the generator stage trains from: this release's code, every setting but the
+    evaluation's, the backbone, snapshots and splits as the manifest pins them, the repository's files, and
+    (with the task loss, which reads the tasks' images) the dataset the experts stage recorded. Recorded
+    with the generator; a full rerun whose inputs hash alike keeps it (:func:`generator_unchanged`)."""
+    settings = {k: v for k, v in with_defaults(cfg.to_dict()).items() if k != "evaluation"}
+    pins = {k: v for k, v in manifest.get("files", {}).items() if k.split("/")[0] in ("backbone", "snapshots", "splits.json")}
+    repository = {
+        p.relative_to(out).as_posix(): sha256_file(p)
+        for p in sorted((out / "repository").rglob("*"))
+        if p.is_file() and not p.name.startswith(".")  # its lock file and temporary copies
+    }
+    data = manifest.get("stages", {}).get("experts", {}).get("data") if cfg.generator.task_weight > 0 else None
+    blob = {"code": __version__, "settings": settings, "files": pins, "repository": repository, "data": data}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def generator_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
+    """Why the generator ``out`` holds can be kept by a full rerun with ``cfg`` (None: train it): it is
+    marked done, was trained from inputs that hash as :func:`generator_inputs` does now, and its files
+    still match the manifest. Training it again would spend minutes on the same weights (on one machine
+    kind; another rounds differently: ``--stage generator`` trains it regardless)."""
+    if not (out / art.MANIFEST).is_file():
+        return None
+    manifest = art.read_manifest(out)
+    done = manifest.get("stages", {}).get("generator")
+    if not done or done.get("inputs") != generator_inputs(out, cfg, manifest):
+        return None
+    try:
+        art.verify_files(out, manifest, ("generator",))
+    except art.ArtifactError as e:
+        _log(f"[generator] trained again: {e}")
+        return None
+    when = done.get("completed", "an earlier run")
+    return f"kept the generator of {when}: its repository, snapshots, settings and code are unchanged"
+
+
 def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_tasks: Collection[str] | None = None) -> None:
     """Trains the CVAE on the ``train`` tasks (and the experts, with leave-one-out priors, when
     ``generator.include_experts``); ``only_tasks`` keeps those of them it names (for ablations, e.g.
@@ -548,6 +587,7 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
     t0 = time.perf_counter()
     manifest = _require(out, "repository", cfg)
     art.verify_files(out, manifest, ("backbone", "snapshots"))
+    inputs = generator_inputs(out, cfg, manifest) if only_tasks is None else None  # an ablation's generator: never kept
     backbone = art.load_backbone_from(out, device)
     repo = ExpertRepository.load(out / "repository")
     splits = read_json(out / "splits.json", "task splits")
@@ -590,6 +630,8 @@ def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_ta
     _log(f"[generator] {len(history)} of {cfg.generator.epochs} epochs; kept the weights of epoch {kept} ({how})")
     _record_config(out, cfg)
     extra = {"seconds": round(time.perf_counter() - t0, 1), "snapshots": len(train.x), "epochs": len(history), "kept_epoch": kept}
+    if inputs is not None:
+        extra["inputs"] = inputs
     art.update_manifest(out, "generator", extra, invalidate=("evaluate",))  # eval/ scored the previous generator
 
 
@@ -999,7 +1041,11 @@ def pipeline_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu") -> None:
+def run_pipeline(
+    cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu", keep_unchanged: bool = True
+) -> None:
+    """Runs ``stages`` in order on ``out``. ``keep_unchanged``: a generator trained from the same inputs
+    (:func:`generator_unchanged`) is kept rather than trained again (`sglora pipeline` without ``--stage``)."""
     out = Path(os.path.realpath(out))  # links followed, then "..": mkdir of "q/../r" made "q" too, and left it
     created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
@@ -1011,6 +1057,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.S
             with _datasets_loaded_once():
                 for s in stages:
                     t = time.perf_counter()
+                    if s == "generator" and keep_unchanged and (kept := generator_unchanged(out, cfg)):
+                        _log(f"[generator] {kept} (`--stage generator` trains it again)")
+                        continue
                     STAGE_FUNCS[s](cfg, out, device)
                     _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
         except BaseException:
