@@ -1042,10 +1042,17 @@ def pipeline_lock(out: Path) -> Iterator[None]:
 
 
 def run_pipeline(
-    cfg: PipelineConfig, out: Path, stages: tuple[str, ...] = art.STAGES, device: str = "cpu", keep_unchanged: bool = True
+    cfg: PipelineConfig,
+    out: Path,
+    stages: tuple[str, ...] = art.STAGES,
+    device: str = "cpu",
+    keep_unchanged: bool | None = None,
 ) -> None:
     """Runs ``stages`` in order on ``out``. ``keep_unchanged``: a generator trained from the same inputs
-    (:func:`generator_unchanged`) is kept rather than trained again (`sglora pipeline` without ``--stage``)."""
+    (:func:`generator_unchanged`) is kept rather than trained again; by default in a run of every stage
+    (`sglora pipeline` without ``--stage``), not where stages are named."""
+    if keep_unchanged is None:
+        keep_unchanged = tuple(stages) == art.STAGES
     out = Path(os.path.realpath(out))  # links followed, then "..": mkdir of "q/../r" made "q" too, and left it
     created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
