@@ -76,6 +76,9 @@ UNSEEDED_SEEDS = 2**53
 ETAG_POINTER = b"->"
 POINTER_REWRITE_S = 60.0  # a Redis hit rewrites its ETag pointer at most this often (per ETag, per process)
 POINTER_MEMORY = 4096  # ETags whose last rewrite is remembered
+# ETags whose request this process remembers, to make their file again once no cache holds it (with the
+# cache off, or Redis without the entries): a few hundred bytes each.
+REQUEST_MEMORY = 16384
 STARTUP_TIMEOUT_S = 600.0  # the warm-up generation and the batching check (see Service.start)
 TEXT_PROBES = 6  # the repository's first descriptions, with which start-up checks the traced text graph and batching
 # An uploaded expert's safetensors header: a LoRA's names, shapes, offsets and metadata take a few kB. The
@@ -324,6 +327,7 @@ class Service:
         # With the cache off (no Redis URL) nothing is cached, in memory either.
         self.hot = HotKeys(settings.hot_keys if self.cache.enabled else 0, settings.cache_ttl_s)
         self._pointers: OrderedDict[str, float] = OrderedDict()  # ETag -> when a Redis hit last rewrote its pointer
+        self._requests: OrderedDict[str, GenerateParams] = OrderedDict()  # ETag -> its request (REQUEST_MEMORY)
         metrics.lru_bytes.set_function(lambda: self.lru.size_bytes)
         metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
@@ -547,6 +551,7 @@ class Service:
             if hot is not None and (data := self.lru.get(hot[0])) is not None:
                 self.metrics.cache.labels(result="hit").inc()
                 self.metrics.memory_hits.inc()
+                self._remember(hot[0], params)
                 return GeneratedLora(data, hot[0], "hit", hot[1])
             data, ok = await self.cache.get("gen:" + key)
             # error: Redis failed or is skipped for its back-off; with the cache off (SGLORA_REDIS_URL empty)
@@ -570,6 +575,7 @@ class Service:
                 # rewrote it, doubling Redis's calls under load.
                 if self._pointer_due(etag):
                     self.cache.set_behind(_pointers(etag, key, params))
+                self._remember(etag, params)
                 return GeneratedLora(data, etag, "hit", metadata)
         else:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
@@ -588,7 +594,15 @@ class Service:
             self.cache.set_behind({"gen:" + key: data, **_pointers(etag, key, params)})
             if lookup:  # a drawn seed is new to the client: hardly ever repeated, it would only push real repeats out
                 self.hot.put(key, etag, metadata)
+            self._remember(etag, params)
         return GeneratedLora(data, etag, "miss", metadata)
+
+    def _remember(self, etag: str, params: GenerateParams) -> None:
+        """Keeps the request of ``etag`` among the last :data:`REQUEST_MEMORY` handed out."""
+        self._requests[etag] = params
+        self._requests.move_to_end(etag)
+        if len(self._requests) > REQUEST_MEMORY:
+            self._requests.popitem(last=False)
 
     def _pointer_due(self, etag: str) -> bool:
         """Whether a Redis hit of ``etag`` rewrites its pointer now (:data:`POINTER_REWRITE_S` since the last;
@@ -676,6 +690,10 @@ class Service:
                     request, ok = await self.cache.get("req:" + key)
                     if request is not None:
                         data = await self._made_again(key, request)
+            if data is None and (params := self._requests.get(key)) is not None:
+                # No cache holds it (the cache off, down, or without these entries) but this process
+                # handed it out: made again from the request it remembers.
+                data = await self._made_again(key, params)
             if data is None and not ok and self.cache.enabled and not self.cache.available():  # an outage
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
                 reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"
@@ -693,15 +711,17 @@ class Service:
         self.lru.put(key, data)
         return adapter
 
-    async def _made_again(self, etag: str, request: bytes) -> bytes | None:
-        """The LoRA file of ``etag`` generated again from the request its pointer recorded (through
-        :meth:`generate`, which files it again); None where that request is not one this service takes, or
-        gives other bytes (the repository changed since: another artefact version). It is a generation like
-        any (a full queue is its 429, a cache miss counted), so it costs one before such a 404."""
+    async def _made_again(self, etag: str, request: bytes | GenerateParams) -> bytes | None:
+        """The LoRA file of ``etag`` generated again from its request (as ``req:<ETag>`` recorded it, or as
+        this process remembers it) through :meth:`generate`, which files it again; None where that request
+        is not one this service takes, or gives other bytes (the repository changed since: another artefact
+        version). It is a generation like any (a full queue is its 429, a cache miss counted), so it costs
+        one before such a 404."""
         try:
-            body = GenerateRequest.model_validate_json(request)
-            params = self.resolve(body.description, body.method, body.seed, body.top_k, body.temperature)
-            made = await self.generate(params)
+            if isinstance(request, bytes):
+                body = GenerateRequest.model_validate_json(request)
+                request = self.resolve(body.description, body.method, body.seed, body.top_k, body.temperature)
+            made = await self.generate(request)
         except (ValidationError, APIError):  # the APIError of a request this service no longer takes (422)
             return None
         if made.etag != etag:

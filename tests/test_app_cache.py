@@ -186,6 +186,7 @@ def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_s
         file_key = settings.cache_prefix + r.get(settings.cache_prefix + "etag:" + etag)[2:].decode()
         assert r.delete(file_key) == 1  # evicted; the pointer stays
         service.lru = BytesLRU(0)  # and this process no longer holds it
+        service._requests.clear()  # nor its request, as on another replica: Redis's req: entry makes it again
         again = c.post("/retrieve", data={"etag": etag}, files=images)
         assert again.status_code == 200, again.text
         assert wait_for(lambda: r.get(file_key) == made.content)  # generated again, byte for byte, and filed again
@@ -197,8 +198,29 @@ def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_s
         ):
             r.delete(file_key)
             r.set(request_key, request) if request is not None else r.delete(request_key)
+            service._requests.clear()  # as on another replica: only Redis has the request
             gone = c.post("/retrieve", data={"etag": etag}, files=images)
             assert gone.status_code == 404 and gone.json()["detail"]["field"] == "etag", (request, gone.text)
+
+
+def test_with_the_cache_off_an_etag_this_process_handed_out_is_made_again(make_settings):
+    """SGLORA_REDIS_URL empty: an ETag lived only while the bytes-bounded LRU held its file (a few hundred
+    ViT-B/16 LoRAs), then /retrieve by it was a 404. The process remembers the request of each ETag it hands
+    out and makes the file again; an ETag it never handed out is still a 404."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    images = [("images", ("a.png", buf.getvalue(), "image/png"))]
+    with TestClient(create_app(make_settings(redis_url=""))) as c:
+        service = c.app.state.service
+        made = c.post("/generate", json={"description": "a forgotten hexagon"})  # unseeded: the drawn seed is kept
+        assert made.status_code == 200
+        service.lru = BytesLRU(0)  # the file has left the process
+        again = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=images)
+        assert again.status_code == 200, again.text
+        found = c.portal.call(service.adapter, made.headers["etag"])
+        assert found.data == made.content
+        unknown = c.post("/retrieve", data={"etag": "0" * 32}, files=images)
+        assert unknown.status_code == 404 and unknown.json()["detail"]["field"] == "etag"
 
 
 def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make_settings):
