@@ -682,18 +682,19 @@ class Service:
         data = self.lru.get(key)
         if data is None:
             data, ok = await self.cache.get("etag:" + key)
+            pointed = False  # the file's entry is gone (TTL, allkeys-lru) but not its pointer
             if data is not None and data.startswith(ETAG_POINTER):
                 data, ok = await self.cache.get(data[len(ETAG_POINTER) :].decode(errors="replace"))
-                if data is None and ok:
-                    # The file's entry is gone (TTL, allkeys-lru) but not its pointer: made again from the
-                    # request, byte for byte while the artefact version is the one it was made with.
+                pointed = data is None and ok
+            if data is None:
+                # Made again from its request, byte for byte while the artefact version is the one it was
+                # made with: the one this process remembers handing it out for (the cache off, down, or
+                # without these entries), else the one recorded beside the pointer. One generation at most.
+                request: bytes | GenerateParams | None = self._requests.get(key)
+                if request is None and pointed:
                     request, ok = await self.cache.get("req:" + key)
-                    if request is not None:
-                        data = await self._made_again(key, request)
-            if data is None and (params := self._requests.get(key)) is not None:
-                # No cache holds it (the cache off, down, or without these entries) but this process
-                # handed it out: made again from the request it remembers.
-                data = await self._made_again(key, params)
+                if request is not None:
+                    data = await self._made_again(key, request)
             if data is None and not ok and self.cache.enabled and not self.cache.available():  # an outage
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
                 reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"

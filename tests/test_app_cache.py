@@ -201,6 +201,19 @@ def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_s
             service._requests.clear()  # as on another replica: only Redis has the request
             gone = c.post("/retrieve", data={"etag": etag}, files=images)
             assert gone.status_code == 404 and gone.json()["detail"]["field"] == "etag", (request, gone.text)
+        # Both requests known (this process's and Redis's), neither giving these bytes: one generation, not two.
+        from app.service import GenerateParams
+
+        r.delete(file_key)
+        r.set(request_key, json.dumps({**body, "seed": 4}))
+        service._requests[etag] = GenerateParams(body["description"], "sg-lora", 4, None, 0.1)
+
+        def lookups() -> float:  # the seed-4 LoRA was made above: a hit now, but one lookup each time
+            return cache_events(c, "miss") + cache_events(c, "hit")
+
+        before = lookups()
+        gone = c.post("/retrieve", data={"etag": etag}, files=images)
+        assert gone.status_code == 404 and lookups() == before + 1
 
 
 def test_with_the_cache_off_an_etag_this_process_handed_out_is_made_again(make_settings):
