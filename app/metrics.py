@@ -96,6 +96,11 @@ class Metrics:
             "cache hits answered from process memory without a Redis round trip (a part of the hits)",
             registry=r,
         )
+        self.shared = Counter(
+            "sglora_generations_shared",
+            "requests answered with the LoRA of an identical request already in flight (counted as hits from memory)",
+            registry=r,
+        )
         self.embeddings = Counter(
             "sglora_embedding_cache_events",
             "descriptions whose text embedding was reused (hit) or encoded (miss)",

@@ -328,6 +328,7 @@ class Service:
         self.hot = HotKeys(settings.hot_keys if self.cache.enabled else 0, settings.cache_ttl_s)
         self._pointers: OrderedDict[str, float] = OrderedDict()  # ETag -> when a Redis hit last rewrote its pointer
         self._requests: OrderedDict[str, GenerateParams] = OrderedDict()  # ETag -> its request (REQUEST_MEMORY)
+        self._in_flight: dict[str, asyncio.Future[GeneratedLora | None]] = {}  # cache key -> its lookup's LoRA, once made
         metrics.lru_bytes.set_function(lambda: self.lru.size_bytes)
         metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
@@ -546,13 +547,51 @@ class Service:
             self.text_numerics,
             self.generator_dtype if params.method in SAMPLING_METHODS else "",
         ).digest()
-        if lookup:
-            hot = self.hot.get(key)
-            if hot is not None and (data := self.lru.get(hot[0])) is not None:
+        if not lookup:
+            return await self._generate(params, key, version, lookup)
+        hot = self.hot.get(key)
+        if hot is not None and (data := self.lru.get(hot[0])) is not None:
+            self.metrics.cache.labels(result="hit").inc()
+            self.metrics.memory_hits.inc()
+            self._remember(hot[0], params)
+            return GeneratedLora(data, hot[0], "hit", hot[1])
+        # An identical request in flight (its Redis lookup or its generation): this one waits for its LoRA rather
+        # than making the same bytes again. Where that request fails (timed out, went away, was refused), this
+        # one tries by itself, following no other.
+        if (shared := self._in_flight.get(key)) is not None:
+            lora = await self._follow(shared)
+            if lora is not None:
                 self.metrics.cache.labels(result="hit").inc()
-                self.metrics.memory_hits.inc()
-                self._remember(hot[0], params)
-                return GeneratedLora(data, hot[0], "hit", hot[1])
+                self.metrics.memory_hits.inc()  # no Redis asked (SGLoRACacheDegraded leaves these out)
+                self.metrics.shared.inc()
+                self._remember(lora.etag, params)
+                return replace(lora, cache="hit")
+            if key in self._in_flight:  # another follower leads now
+                return await self._generate(params, key, version, lookup)
+        leading: asyncio.Future[GeneratedLora | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = leading
+        lora = None
+        try:
+            lora = await self._generate(params, key, version, lookup)
+            return lora
+        finally:
+            if self._in_flight.get(key) is leading:
+                del self._in_flight[key]
+            leading.set_result(lora)
+
+    async def _follow(self, shared: asyncio.Future[GeneratedLora | None]) -> GeneratedLora | None:
+        """The LoRA of the identical request in flight, None where it failed; within this request's time
+        (:class:`WorkerTimeout`). Leaving early (a timeout, the client gone) leaves that request running."""
+        try:
+            async with asyncio.timeout(self.worker.time_left()):
+                return await asyncio.shield(shared)
+        except TimeoutError as e:
+            self.metrics.rejected.labels(reason="timeout").inc()
+            raise WorkerTimeout() from e
+
+    async def _generate(self, params: GenerateParams, key: str, version: str, lookup: bool) -> GeneratedLora:
+        """The LoRA of ``params`` (cache key ``key``): from Redis where ``lookup``, else made on a model thread."""
+        if lookup:
             data, ok = await self.cache.get("gen:" + key)
             # error: Redis failed or is skipped for its back-off; with the cache off (SGLORA_REDIS_URL empty)
             # nothing is stored, so nothing is found: a miss, not an error (else the cache alert would fire).

@@ -222,8 +222,9 @@ class ModelWorker:
         if self._pending == 0:
             self._idle.set()
 
-    def _timeout(self) -> float:
-        """Seconds this wait may last: ``timeout_s``, or what is left of the request's (:data:`REQUEST_DEADLINE`)."""
+    def time_left(self) -> float:
+        """Seconds a model wait of the current request may last: ``timeout_s``, or what is left of the request's
+        (:data:`REQUEST_DEADLINE`)."""
         deadline = REQUEST_DEADLINE.get()
         if deadline is None or deadline.at is None:
             return self.timeout_s
@@ -236,7 +237,7 @@ class ModelWorker:
         try:
             # The future itself is awaited (no shield, no wait_for task): one event-loop step fewer
             # between the model thread's result and the request, and cancelling the caller cancels it.
-            async with asyncio.timeout(self._timeout()):
+            async with asyncio.timeout(self.time_left()):
                 return await future
         except TimeoutError as e:
             self.metrics.rejected.labels(reason="timeout").inc()
@@ -309,7 +310,7 @@ class ModelWorker:
         if not commit:
             return await self._wait(future)
         try:
-            async with asyncio.timeout(self._timeout()):
+            async with asyncio.timeout(self.time_left()):
                 return await asyncio.shield(future)
         except TimeoutError as e:
             if not started.acquire(blocking=False):  # begun: its change will be made; answer with its outcome

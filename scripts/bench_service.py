@@ -10,6 +10,9 @@ Measures, on one machine:
   4. throughput of cache misses with 32 concurrent clients vs 1 client    target >= 3x (micro-batching);
   5. (no target) a miss whose description the server has seen (a fresh seed each): the server reuses
      the description's embedding, so this is the miss without the text forward.
+  6. (no target) the stampede: the clients of 4 all send one new request (description and seed) at
+     once, a few rounds; the time until every one is answered, and how many LoRAs the server made for
+     a round (identical requests in flight share one generation: 1).
 Every description of 2 and 4 is new to the server, so its text encoder runs for each. 1, 2 and 5
 alternate in blocks, and so do the two sides of 4, so that a drift in the machine's speed falls on
 both sides of each ratio. The server is started here (`python -m app`: uvicorn, one worker, on a free
@@ -41,6 +44,7 @@ from app import processes
 from sglora.io import output_path_problem, write_json
 
 BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
+STAMPEDE_ROUNDS = 8
 DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
 
 
@@ -161,6 +165,24 @@ async def throughput(port: int, clients: int, bodies: list[dict]) -> float:
             await c.close()
 
 
+async def stampede_ms(port: int, clients: int, body: dict) -> float:
+    """Milliseconds until ``clients`` connections that send ``body`` at once are all answered; SystemExit unless
+    every answer is a 200 with the same bytes."""
+    conns = [await Connection.open("127.0.0.1", port) for _ in range(clients)]
+    try:
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(*(c.post_json("/generate", body) for c in conns))
+        elapsed = time.perf_counter() - t0
+    finally:
+        for c in conns:
+            await c.close()
+    for answer in answers:
+        _check(*answer, None)
+    if len({payload for _, _, payload in answers}) != 1:
+        raise SystemExit("identical requests sent at once were answered different bytes")
+    return 1000 * elapsed
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system, all threads) process ``pid`` has used; NaN where /proc cannot tell."""
     try:
@@ -228,6 +250,7 @@ def metric_delta(before: str, after: str, name: str, **labels: str) -> float:
 
 
 STAGE_SUM = "sglora_stage_duration_seconds_sum"
+STAGE_COUNT = "sglora_stage_duration_seconds_count"
 
 
 def expect_embeddings(before: str, after: str, result: str, n: int) -> None:
@@ -317,6 +340,12 @@ def run(args: argparse.Namespace) -> dict:
             for stage in names:
                 stages[stage] += 1000 * metric_delta(before, after, STAGE_SUM, stage=stage) / (BLOCKS * n)
         one, many = BLOCKS * n / one_s, BLOCKS * n / many_s
+        before = httpx.get(url + "/metrics").text
+        herd = [
+            asyncio.run(stampede_ms(port, args.clients, {"description": next(fresh), "seed": seed0 + 4_000_000 + i}))
+            for i in range(STAMPEDE_ROUNDS)
+        ]
+        herd_made = metric_delta(before, httpx.get(url + "/metrics").text, STAGE_COUNT, stage="serialisation")
     finally:
         processes.stop(proc)
         cleanup(args.redis_url, prefix)
@@ -349,6 +378,8 @@ def run(args: argparse.Namespace) -> dict:
         "cpu_ms_per_request_1": cpu_one.per_request_ms(BLOCKS * n),
         f"cpu_ms_per_request_{args.clients}": cpu_many.per_request_ms(BLOCKS * n),
         "lone_miss_ms": {"client": statistics.fmean(miss), **lone},
+        "stampede_ms": statistics.median(herd),
+        "stampede_made_per_round": herd_made / STAMPEDE_ROUNDS,
         "threads": args.threads,
         "clients": args.clients,
     }
@@ -410,6 +441,9 @@ def table(r: dict) -> str:
             "",
         ),
     ]
+    if "stampede_ms" in r:  # since release 0.9.23
+        herd = f"{r['stampede_ms']:.2f} ms; {r['stampede_made_per_round']:.2f}"
+        rows.insert(-1, (f"{c} clients sending one new request at once: all answered, median; LoRAs made a round", herd, "", ""))
     setup = (
         f"backbone {r['backbone']}, {r['device']}, {r.get('model_threads', 1)} model thread(s) with {r['threads']} torch "
         f"thread(s), text tower in {r.get('text_dtype', 'float32')}"

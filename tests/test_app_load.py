@@ -150,4 +150,6 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
         assert cpu["server"] > 0.25 * r["bare_embed_ms"] and cpu["clients"] > 0 and cpu["redis"] >= 0, cpu
         assert 0 < cpu["cores"] <= (os.cpu_count() or 1) + 0.5, cpu
     assert "CPU per request, 4 client(s): server" in p.stdout
+    assert r["stampede_made_per_round"] == 1.0 and r["stampede_ms"] > 0  # 4 identical requests at once: one LoRA made
+    assert "4 clients sending one new request at once" in p.stdout
     assert "| `/generate` cache miss, median |" in p.stdout
