@@ -402,6 +402,41 @@ def test_a_full_rerun_keeps_a_generator_trained_from_the_same_inputs(tiny_artifa
     assert "evaluate" not in json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]
 
 
+def test_a_full_rerun_keeps_an_evaluation_of_the_same_inputs(tiny_artifacts, tiny_config, capsys):
+    """With the generator kept, a rerun evaluated every method again on the same LoRAs and images (12-19 s on
+    the offline default, for the same table). It is kept, and its table shown, while what it scores is
+    unchanged; other evaluation settings, a damaged results file or ``--stage evaluate`` evaluate again."""
+    from training.pipeline import evaluation_unchanged, run_pipeline
+
+    def evaluate_stage() -> dict:
+        return json.loads((tiny_artifacts / "manifest.json").read_text())["stages"]["evaluate"]
+
+    results = tiny_artifacts / "eval" / "results.json"
+    scored, stage = results.read_bytes(), evaluate_stage()
+    assert len(stage["inputs"]) == 64  # recorded when it ran
+    capsys.readouterr()
+    run_pipeline(tiny_config, tiny_artifacts)
+    out = capsys.readouterr().out
+    assert "[evaluate] kept the evaluation of" in out and "`--stage evaluate` evaluates again" in out
+    assert "| sg-lora |" in out and str(tiny_artifacts / "eval" / "results.md") in out  # the table, as a run shows it
+    assert evaluate_stage() == stage and results.read_bytes() == scored
+    load_artifacts(tiny_artifacts)
+
+    more = dataclasses.replace(
+        tiny_config, evaluation=dataclasses.replace(tiny_config.evaluation, seed=tiny_config.evaluation.seed + 1)
+    )
+    assert evaluation_unchanged(tiny_artifacts, more) is None  # another setting of its own
+    table = tiny_artifacts / "eval" / "results.md"
+    table.write_text(table.read_text() + "edited")
+    assert evaluation_unchanged(tiny_artifacts, tiny_config) is None  # a file no longer what it wrote
+    assert "results.md is not the file the evaluation wrote" in capsys.readouterr().out
+    run_pipeline(tiny_config, tiny_artifacts)
+    assert "kept the evaluation" not in capsys.readouterr().out and "edited" not in table.read_text()
+    assert evaluation_unchanged(tiny_artifacts, tiny_config) is not None
+    run_pipeline(tiny_config, tiny_artifacts, stages=("evaluate",))  # named: it runs regardless
+    assert "kept the evaluation" not in capsys.readouterr().out
+
+
 def test_too_few_samples_names_the_task(tiny_config, tmp_path):
     import dataclasses
 

@@ -550,13 +550,8 @@ def generator_inputs(out: Path, cfg: PipelineConfig, manifest: dict) -> str:
     with the generator; a full rerun whose inputs hash alike keeps it (:func:`generator_unchanged`)."""
     settings = {k: v for k, v in with_defaults(cfg.to_dict()).items() if k != "evaluation"}
     pins = {k: v for k, v in manifest.get("files", {}).items() if k.split("/")[0] in ("backbone", "snapshots", "splits.json")}
-    repository = {
-        p.relative_to(out).as_posix(): sha256_file(p)
-        for p in sorted((out / "repository").rglob("*"))
-        if p.is_file() and not p.name.startswith(".")  # its lock file and temporary copies
-    }
     data = manifest.get("stages", {}).get("experts", {}).get("data") if cfg.generator.task_weight > 0 else None
-    blob = {"code": __version__, "settings": settings, "files": pins, "repository": repository, "data": data}
+    blob = {"code": __version__, "settings": settings, "files": pins, "repository": _repository_files(out), "data": data}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -578,6 +573,56 @@ def generator_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
         return None
     when = done.get("completed", "an earlier run")
     return f"kept the generator of {when}: its repository, snapshots, settings and code are unchanged"
+
+
+def _repository_files(out: Path) -> dict[str, str]:
+    """sha256 of each of the repository's files (the service may have changed it: the manifest pins none)."""
+    return {
+        p.relative_to(out).as_posix(): sha256_file(p)
+        for p in sorted((out / "repository").rglob("*"))
+        if p.is_file() and not p.name.startswith(".")  # its lock file and temporary copies
+    }
+
+
+def evaluation_inputs(out: Path, cfg: PipelineConfig, manifest: dict) -> str:
+    """sha256 of what the evaluation scores: this release's code, every setting (the evaluation's included),
+    the backbone, snapshots, splits and generator as the manifest pins them, the repository's files, and the
+    dataset the experts stage recorded (the test tasks' images). Recorded with the evaluation; a full rerun
+    whose inputs hash alike keeps it (:func:`evaluation_unchanged`)."""
+    pins = {
+        k: v
+        for k, v in manifest.get("files", {}).items()
+        if k.split("/")[0] in ("backbone", "snapshots", "splits.json", "generator")
+    }
+    data = manifest.get("stages", {}).get("experts", {}).get("data")
+    blob = {
+        "code": __version__,
+        "settings": with_defaults(cfg.to_dict()),
+        "files": pins,
+        "repository": _repository_files(out),
+        "data": data,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def evaluation_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
+    """Why the evaluation ``out`` holds can be kept by a full rerun with ``cfg`` (None: evaluate again): it is
+    marked done, scored inputs that hash as :func:`evaluation_inputs` does now, and its files still match the
+    manifest. A generator trained again unmarks it (:func:`stage_generator`)."""
+    if not (out / art.MANIFEST).is_file():
+        return None
+    manifest = art.read_manifest(out)
+    done = manifest.get("stages", {}).get("evaluate")
+    if not done or done.get("inputs") != evaluation_inputs(out, cfg, manifest):
+        return None
+    # Its files are reports, which loading only warns about (art.verify_files): any change is checked here.
+    for rel, digest in manifest.get("files", {}).items():
+        p = out / rel
+        if rel.startswith("eval/") and (p.is_symlink() or not p.is_file() or sha256_file(p) != digest):
+            _log(f"[evaluate] evaluated again: {p} is not the file the evaluation wrote")
+            return None
+    when = done.get("completed", "an earlier run")
+    return f"kept the evaluation of {when}: its generator, repository, data, settings and code are unchanged"
 
 
 def stage_generator(cfg: PipelineConfig, out: Path, device: str = "cpu", only_tasks: Collection[str] | None = None) -> None:
@@ -715,6 +760,7 @@ def stage_evaluate(
     partial = methods is not None and not set(cfg.evaluation.methods) <= set(methods)
     methods = methods or cfg.evaluation.methods
     manifest = _require(out, "experts", cfg)
+    inputs = evaluation_inputs(out, cfg, manifest)  # before it runs: what it scores
     built = _built_config(out)
     stale = [k for k in ("prior", "generator") if built.get(k) != cfg.to_dict()[k]]
     if stale:
@@ -766,7 +812,7 @@ def stage_evaluate(
     _log(f"[evaluate] results in {out / folder}")
     if on == "test" and not partial:
         _record_config(out, cfg)
-        art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1)})
+        art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1), "inputs": inputs})
     _log(results_table(results, per_task=False) + f"(per-task scores: {out / folder / 'results.md'})")
     return results
 
@@ -1049,8 +1095,9 @@ def run_pipeline(
     keep_unchanged: bool | None = None,
 ) -> None:
     """Runs ``stages`` in order on ``out``. ``keep_unchanged``: a generator trained from the same inputs
-    (:func:`generator_unchanged`) is kept rather than trained again; by default in a run of every stage
-    (`sglora pipeline` without ``--stage``), not where stages are named."""
+    (:func:`generator_unchanged`) is kept rather than trained again, and an evaluation of the same inputs
+    (:func:`evaluation_unchanged`) rather than run again; by default in a run of every stage (`sglora
+    pipeline` without ``--stage``), not where stages are named."""
     if keep_unchanged is None:
         keep_unchanged = tuple(stages) == art.STAGES
     out = Path(os.path.realpath(out))  # links followed, then "..": mkdir of "q/../r" made "q" too, and left it
@@ -1066,6 +1113,11 @@ def run_pipeline(
                     t = time.perf_counter()
                     if s == "generator" and keep_unchanged and (kept := generator_unchanged(out, cfg)):
                         _log(f"[generator] {kept} (`--stage generator` trains it again)")
+                        continue
+                    if s == "evaluate" and keep_unchanged and (kept := evaluation_unchanged(out, cfg)):
+                        _log(f"[evaluate] {kept} (`--stage evaluate` evaluates again)")
+                        results = read_json(out / "eval" / "results.json", "evaluation results")
+                        _log(results_table(results, per_task=False) + f"(per-task scores: {out / 'eval' / 'results.md'})")
                         continue
                     STAGE_FUNCS[s](cfg, out, device)
                     _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
