@@ -43,7 +43,7 @@ from app.images import allow_pixels, load_rgb, open_image
 from app.metrics import Metrics
 from app.schemas import GenerateRequest
 from app.settings import Settings, StartupError
-from app.worker import ModelWorker, WorkerTimeout
+from app.worker import REQUEST_DEADLINE, UNBOUNDED, ModelWorker, WorkerTimeout
 from expert_store.repository import Expert, RepositoryBusy, RepositoryChanged, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
@@ -173,6 +173,14 @@ class RepositoryState:
     def top_k_for(self, requested: int | None) -> int:
         """A request's top_k, or this repository's default where it gave none."""
         return self.top_k if requested is None else requested
+
+
+@dataclass
+class _Shared:
+    """A lookup (and generation) in flight, and how many requests wait for it."""
+
+    task: asyncio.Task[GeneratedLora]
+    waiters: int = 0
 
 
 @dataclass(frozen=True)
@@ -328,7 +336,7 @@ class Service:
         self.hot = HotKeys(settings.hot_keys if self.cache.enabled else 0, settings.cache_ttl_s)
         self._pointers: OrderedDict[str, float] = OrderedDict()  # ETag -> when a Redis hit last rewrote its pointer
         self._requests: OrderedDict[str, GenerateParams] = OrderedDict()  # ETag -> its request (REQUEST_MEMORY)
-        self._in_flight: dict[str, asyncio.Future[GeneratedLora | None]] = {}  # cache key -> its lookup's LoRA, once made
+        self._in_flight: dict[str, _Shared] = {}  # cache key -> its lookup (and generation) in flight
         metrics.lru_bytes.set_function(lambda: self.lru.size_bytes)
         metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
@@ -555,39 +563,51 @@ class Service:
             self.metrics.memory_hits.inc()
             self._remember(hot[0], params)
             return GeneratedLora(data, hot[0], "hit", hot[1])
-        # An identical request in flight (its Redis lookup or its generation): this one waits for its LoRA rather
-        # than making the same bytes again. Where that request fails (timed out, went away, was refused), this
-        # one tries by itself, following no other.
-        if (shared := self._in_flight.get(key)) is not None:
-            lora = await self._follow(shared)
-            if lora is not None:
-                self.metrics.cache.labels(result="hit").inc()
-                self.metrics.memory_hits.inc()  # no Redis asked (SGLoRACacheDegraded leaves these out)
-                self.metrics.shared.inc()
-                self._remember(lora.etag, params)
-                return replace(lora, cache="hit")
-            if key in self._in_flight:  # another follower leads now
-                return await self._generate(params, key, version, lookup)
-        leading: asyncio.Future[GeneratedLora | None] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = leading
-        lora = None
-        try:
-            lora = await self._generate(params, key, version, lookup)
-            return lora
-        finally:
-            if self._in_flight.get(key) is leading:
-                del self._in_flight[key]
-            leading.set_result(lora)
-
-    async def _follow(self, shared: asyncio.Future[GeneratedLora | None]) -> GeneratedLora | None:
-        """The LoRA of the identical request in flight, None where it failed; within this request's time
-        (:class:`WorkerTimeout`). Leaving early (a timeout, the client gone) leaves that request running."""
+        # One lookup (and generation) per key in flight: identical requests wait for its LoRA rather than making
+        # the same bytes again. It belongs to none of them: it runs on, within the worker's timeout, while any of
+        # them still waits (each no longer than its own deadline); the last to leave cancels it.
+        shared = self._in_flight.get(key)
+        first = shared is None
+        if shared is None:
+            shared = self._in_flight[key] = _Shared(asyncio.get_running_loop().create_task(self._shared(params, key, version)))
+            shared.task.add_done_callback(lambda task: self._shared_done(key, task))
+        shared.waiters += 1
+        served = False
         try:
             async with asyncio.timeout(self.worker.time_left()):
-                return await asyncio.shield(shared)
+                lora = await asyncio.shield(shared.task)
+            served = True
         except TimeoutError as e:
             self.metrics.rejected.labels(reason="timeout").inc()
             raise WorkerTimeout() from e
+        finally:
+            shared.waiters -= 1
+            if not shared.waiters and not shared.task.done():
+                shared.task.cancel()  # nobody waits for it now: its model job is skipped, or its result dropped
+            if not first:  # the first request's cache event is the lookup's own (counted in _generate)
+                if served:
+                    self.metrics.shared.inc()
+                # With the cache off nothing is a hit: a LoRA shared in flight is a miss made for several requests.
+                hit = served and self.cache.enabled
+                self.metrics.cache.labels(result="hit" if hit else "miss").inc()
+                if hit:
+                    self.metrics.memory_hits.inc()  # no Redis asked (SGLoRACacheDegraded leaves these out)
+        if first:
+            return lora
+        self._remember(lora.etag, params)
+        return replace(lora, cache="hit" if self.cache.enabled else "miss")
+
+    def _shared_done(self, key: str, task: asyncio.Task) -> None:
+        if (shared := self._in_flight.get(key)) is not None and shared.task is task:
+            del self._in_flight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: where its last waiter left as it failed, asyncio would log it as lost
+
+    async def _shared(self, params: GenerateParams, key: str, version: str) -> GeneratedLora:
+        """:meth:`_generate` for every request of ``key`` in flight: its model wait bounded by the requests that
+        wait for it (:data:`UNBOUNDED`), not by the deadline of the one that began it, which may leave first."""
+        REQUEST_DEADLINE.set(UNBOUNDED)  # in this task's own copy of the context
+        return await self._generate(params, key, version, True)
 
     async def _generate(self, params: GenerateParams, key: str, version: str, lookup: bool) -> GeneratedLora:
         """The LoRA of ``params`` (cache key ``key``): from Redis where ``lookup``, else made on a model thread."""

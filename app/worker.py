@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -61,6 +62,9 @@ class Deadline:
 
 # Set per request by app/lifetime.py (a holder it fills once the body is read); None outside a request.
 REQUEST_DEADLINE: ContextVar[Deadline | None] = ContextVar("sglora_request_deadline", default=None)
+# The deadline of a job that several requests wait for (app/service.py: identical requests in flight): none of
+# its own. Each request waits no longer than its own deadline, and the last to leave cancels the job.
+UNBOUNDED = Deadline(math.inf)
 
 
 class Overloaded(Exception):
@@ -222,12 +226,14 @@ class ModelWorker:
         if self._pending == 0:
             self._idle.set()
 
-    def time_left(self) -> float:
+    def time_left(self) -> float | None:
         """Seconds a model wait of the current request may last: ``timeout_s``, or what is left of the request's
-        (:data:`REQUEST_DEADLINE`)."""
+        (:data:`REQUEST_DEADLINE`); None (no bound) for a job under :data:`UNBOUNDED`."""
         deadline = REQUEST_DEADLINE.get()
         if deadline is None or deadline.at is None:
             return self.timeout_s
+        if deadline.at == math.inf:
+            return None
         return min(self.timeout_s, deadline.at - asyncio.get_running_loop().time())
 
     async def _wait(self, future: asyncio.Future) -> Any:

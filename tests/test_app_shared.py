@@ -1,5 +1,5 @@
-"""Identical requests in flight share one generation (no cache stampede), and a shared one that fails leaves
-the others to try by themselves."""
+"""Identical requests in flight share one lookup and generation (no cache stampede). It belongs to none of
+them: a request that times out or whose client goes away leaves it running for the others."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.worker import REQUEST_DEADLINE, Deadline, WorkerTimeout
-from tests.app_helpers import serving, until
+from tests.app_helpers import block_worker, serving, until
 
 
 def counter(text: str, name: str, **labels: str) -> float:
@@ -72,28 +72,69 @@ async def test_requests_without_a_seed_are_never_shared(make_settings):
 
 
 @pytest.mark.anyio
-async def test_a_follower_whose_shared_request_went_away_generates_by_itself(make_settings):
-    async with serving(make_settings(test_model_delay_s=0.3)) as (service, _):
+async def test_the_first_request_leaving_does_not_take_the_shared_generation_with_it(make_settings):
+    async with serving(make_settings(test_model_delay_s=0.3)) as (service, client):
+        before = await made(client)
         params = service.resolve("a lone yellow star", "sg-lora", 11, None, None)
-        leader = asyncio.create_task(service.generate(params))
-        await until(lambda: service._in_flight)  # noqa: SLF001 - the leader's lookup is in flight
-        follower = asyncio.create_task(service.generate(params))
-        await asyncio.sleep(0.05)  # the follower waits for the leader
-        leader.cancel()  # its client went away
+        first = asyncio.create_task(service.generate(params))
+        await until(lambda: service._in_flight)  # noqa: SLF001 - its lookup is in flight
+        others = [asyncio.create_task(service.generate(params)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # they wait for it
+        first.cancel()  # its client went away
         with pytest.raises(asyncio.CancelledError):
-            await leader
-        lora = await follower
-        assert lora.cache == "miss"  # made for itself, not lost with the leader
-        again = await service.generate(params)
-        assert again.cache == "hit" and again.data == lora.data
+            await first
+        loras = await asyncio.gather(*others)
+        assert {lora.cache for lora in loras} == {"hit"} and len({lora.data for lora in loras}) == 1
+        assert await made(client) - before == 1  # made once, for the three still waiting
         assert not service._in_flight  # noqa: SLF001
 
 
 @pytest.mark.anyio
-async def test_a_follower_waits_no_longer_than_its_own_deadline(make_settings):
+async def test_an_earlier_deadline_does_not_fail_a_later_request(make_settings):
+    """Under one request timeout the first request has the earliest deadline: when the shared generation was
+    its own, its 504 cancelled the model job and the next identical request, with time left, got a 504 too."""
+    async with serving(make_settings(test_model_delay_s=0.4)) as (service, client):
+        params = service.resolve("a patient blue pentagon", "sg-lora", 9, None, None)
+        loop = asyncio.get_running_loop()
+
+        async def within(seconds: float):
+            REQUEST_DEADLINE.set(Deadline(loop.time() + seconds))
+            return await service.generate(params)
+
+        first = asyncio.create_task(within(0.2))
+        await until(lambda: service._in_flight)  # noqa: SLF001
+        later = asyncio.create_task(within(5.0))
+        with pytest.raises(WorkerTimeout):
+            await first
+        lora = await later
+        assert lora.cache == "hit"  # the LoRA of the generation the first request began
+        metrics = (await client.get("/metrics")).text
+        assert counter(metrics, "sglora_rejected_total", reason="timeout") == 1
+        assert counter(metrics, "sglora_generations_shared_total") == 1
+
+
+@pytest.mark.anyio
+async def test_when_every_request_has_left_the_shared_generation_is_cancelled(make_settings):
+    async with serving(make_settings(test_model_delay_s=0.3)) as (service, client):
+        params = service.resolve("an abandoned grey square", "sg-lora", 4, None, None)
+        waiting = [asyncio.create_task(service.generate(params)) for _ in range(2)]
+        await until(lambda: service._in_flight)  # noqa: SLF001
+        task = next(iter(service._in_flight.values())).task  # noqa: SLF001
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled() and not service._in_flight  # noqa: SLF001
+        lora = await service.generate(params)  # a new request starts afresh
+        assert lora.cache == "miss"
+
+
+@pytest.mark.anyio
+async def test_a_request_waits_no_longer_than_its_own_deadline_and_counts_its_cache_event(make_settings):
     async with serving(make_settings(test_model_delay_s=0.6)) as (service, client):
         params = service.resolve("a slow purple triangle", "sg-lora", 5, None, None)
-        leader = asyncio.create_task(service.generate(params))
+        before = (await client.get("/metrics")).text
+        first = asyncio.create_task(service.generate(params))
         await until(lambda: service._in_flight)  # noqa: SLF001
 
         async def impatient():
@@ -102,11 +143,31 @@ async def test_a_follower_waits_no_longer_than_its_own_deadline(make_settings):
 
         with pytest.raises(WorkerTimeout):
             await impatient()
-        lora = await leader  # the follower's timeout left the leader running
+        lora = await first  # its timeout left the generation running
         assert lora.cache == "miss"
+        after = (await client.get("/metrics")).text
+        assert counter(after, "sglora_rejected_total", reason="timeout") == 1
+        assert counter(after, "sglora_generations_shared_total") == 0
+        events = sum(
+            counter(after, "sglora_cache_events_total", result=r) - counter(before, "sglora_cache_events_total", result=r)
+            for r in ("hit", "miss", "error")
+        )
+        assert events == 2  # one per request: the lookup's miss, and the 504's
+
+
+@pytest.mark.anyio
+async def test_with_the_cache_off_a_shared_generation_is_a_miss_for_every_request(make_settings):
+    async with serving(make_settings(redis_url="", test_model_delay_s=0.2)) as (_, client):
+        before = await made(client)
+        answers = await asyncio.gather(
+            *(client.post("/generate", json={"description": "an uncached ring", "seed": 1}) for _ in range(3))
+        )
+        assert [r.headers["x-cache"] for r in answers] == ["miss"] * 3 and len({r.content for r in answers}) == 1
+        assert await made(client) - before == 1
         metrics = (await client.get("/metrics")).text
-        assert counter(metrics, "sglora_rejected_total", reason="timeout") == 1
-        assert counter(metrics, "sglora_generations_shared_total") == 0
+        assert counter(metrics, "sglora_generations_shared_total") == 2
+        assert counter(metrics, "sglora_cache_events_total", result="hit") == 0
+        assert counter(metrics, "sglora_cache_memory_hits_total") == 0
 
 
 @pytest.mark.anyio
@@ -122,3 +183,20 @@ async def test_concurrent_requests_for_an_etag_whose_file_left_are_made_once(mak
         found = await asyncio.gather(*(service.adapter(etag) for _ in range(4)))
         assert all(a.data == r.content for a in found)
         assert await made(client) - before == 1
+
+
+@pytest.mark.anyio
+async def test_under_one_request_timeout_a_later_identical_request_is_answered(make_settings):
+    """SGLORA_REQUEST_TIMEOUT_S is everyone's: the shared generation must not stop at the first request's
+    deadline (the worker's own timeout), or the later request, with time left, gets the same 504."""
+    async with serving(make_settings(test_model_delay_s=1.0, request_timeout_s=1.6)) as (service, client):
+        gate, blocker = block_worker(service.worker)  # the model thread busy for the first second
+        gate.set()
+        body = {"description": "a popular indigo spiral", "seed": 46}
+        first = asyncio.create_task(client.post("/generate", json=body))
+        await asyncio.sleep(0.8)
+        second = asyncio.create_task(client.post("/generate", json=body))
+        r1, r2 = await first, await second
+        await blocker
+        assert r1.status_code == 504  # its LoRA is ready at about 2 s, past its deadline
+        assert r2.status_code == 200 and r2.headers["x-cache"] == "hit", r2.text
