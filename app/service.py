@@ -595,7 +595,7 @@ class Service:
         if first:
             return lora
         self._remember(lora.etag, params)
-        return replace(lora, cache="hit" if self.cache.enabled else "miss")
+        return replace(lora, cache="hit" if hit else "miss")
 
     def _shared_done(self, key: str, task: asyncio.Task) -> None:
         if (shared := self._in_flight.get(key)) is not None and shared.task is task:

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -543,16 +543,42 @@ def stage_repository(cfg: PipelineConfig, out: Path, device: str = "cpu") -> Non
     )
 
 
+def _inputs_digest(out: Path, manifest: dict, settings: dict, pinned: tuple[str, ...], data: bool) -> str:
+    """sha256 of what a stage builds from: this release's code, ``settings``, the files the manifest pins under
+    ``pinned``, the repository's files (the service may have changed it: the manifest pins none), and with
+    ``data`` the dataset the experts stage recorded."""
+    pins = {k: v for k, v in manifest.get("files", {}).items() if k.split("/")[0] in pinned}
+    repository = {
+        p.relative_to(out).as_posix(): sha256_file(p)
+        for p in sorted((out / "repository").rglob("*"))
+        if p.is_file() and not p.name.startswith(".")  # its lock file and temporary copies
+    }
+    recorded = manifest.get("stages", {}).get("experts", {}).get("data") if data else None
+    blob = {"code": __version__, "settings": settings, "files": pins, "repository": repository, "data": recorded}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _done_on_the_same_inputs(
+    out: Path, cfg: PipelineConfig, stage: str, inputs: Callable[[Path, PipelineConfig, dict], str]
+) -> tuple[dict, dict] | None:
+    """(the manifest, ``stage``'s record) where ``stage`` is marked done on inputs that hash as ``inputs`` does
+    now; else None."""
+    if not (out / art.MANIFEST).is_file():
+        return None
+    manifest = art.read_manifest(out)
+    done = manifest.get("stages", {}).get(stage)
+    if not done or done.get("inputs") != inputs(out, cfg, manifest):
+        return None
+    return manifest, done
+
+
 def generator_inputs(out: Path, cfg: PipelineConfig, manifest: dict) -> str:
     """sha256 of what the generator stage trains from: this release's code, every setting but the
     evaluation's, the backbone, snapshots and splits as the manifest pins them, the repository's files, and
     (with the task loss, which reads the tasks' images) the dataset the experts stage recorded. Recorded
     with the generator; a full rerun whose inputs hash alike keeps it (:func:`generator_unchanged`)."""
     settings = {k: v for k, v in with_defaults(cfg.to_dict()).items() if k != "evaluation"}
-    pins = {k: v for k, v in manifest.get("files", {}).items() if k.split("/")[0] in ("backbone", "snapshots", "splits.json")}
-    data = manifest.get("stages", {}).get("experts", {}).get("data") if cfg.generator.task_weight > 0 else None
-    blob = {"code": __version__, "settings": settings, "files": pins, "repository": _repository_files(out), "data": data}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    return _inputs_digest(out, manifest, settings, ("backbone", "snapshots", "splits.json"), cfg.generator.task_weight > 0)
 
 
 def generator_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
@@ -560,12 +586,9 @@ def generator_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
     marked done, was trained from inputs that hash as :func:`generator_inputs` does now, and its files
     still match the manifest. Training it again would spend minutes on the same weights (on one machine
     kind; another rounds differently: ``--stage generator`` trains it regardless)."""
-    if not (out / art.MANIFEST).is_file():
+    if (found := _done_on_the_same_inputs(out, cfg, "generator", generator_inputs)) is None:
         return None
-    manifest = art.read_manifest(out)
-    done = manifest.get("stages", {}).get("generator")
-    if not done or done.get("inputs") != generator_inputs(out, cfg, manifest):
-        return None
+    manifest, done = found
     try:
         art.verify_files(out, manifest, ("generator",))
     except art.ArtifactError as e:
@@ -575,46 +598,22 @@ def generator_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
     return f"kept the generator of {when}: its repository, snapshots, settings and code are unchanged"
 
 
-def _repository_files(out: Path) -> dict[str, str]:
-    """sha256 of each of the repository's files (the service may have changed it: the manifest pins none)."""
-    return {
-        p.relative_to(out).as_posix(): sha256_file(p)
-        for p in sorted((out / "repository").rglob("*"))
-        if p.is_file() and not p.name.startswith(".")  # its lock file and temporary copies
-    }
-
-
 def evaluation_inputs(out: Path, cfg: PipelineConfig, manifest: dict) -> str:
     """sha256 of what the evaluation scores: this release's code, every setting (the evaluation's included),
     the backbone, snapshots, splits and generator as the manifest pins them, the repository's files, and the
     dataset the experts stage recorded (the test tasks' images). Recorded with the evaluation; a full rerun
     whose inputs hash alike keeps it (:func:`evaluation_unchanged`)."""
-    pins = {
-        k: v
-        for k, v in manifest.get("files", {}).items()
-        if k.split("/")[0] in ("backbone", "snapshots", "splits.json", "generator")
-    }
-    data = manifest.get("stages", {}).get("experts", {}).get("data")
-    blob = {
-        "code": __version__,
-        "settings": with_defaults(cfg.to_dict()),
-        "files": pins,
-        "repository": _repository_files(out),
-        "data": data,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    pinned = ("backbone", "snapshots", "splits.json", "generator")
+    return _inputs_digest(out, manifest, with_defaults(cfg.to_dict()), pinned, True)
 
 
 def evaluation_unchanged(out: Path, cfg: PipelineConfig) -> str | None:
     """Why the evaluation ``out`` holds can be kept by a full rerun with ``cfg`` (None: evaluate again): it is
     marked done, scored inputs that hash as :func:`evaluation_inputs` does now, and its files still match the
     manifest. A generator trained again unmarks it (:func:`stage_generator`)."""
-    if not (out / art.MANIFEST).is_file():
+    if (found := _done_on_the_same_inputs(out, cfg, "evaluate", evaluation_inputs)) is None:
         return None
-    manifest = art.read_manifest(out)
-    done = manifest.get("stages", {}).get("evaluate")
-    if not done or done.get("inputs") != evaluation_inputs(out, cfg, manifest):
-        return None
+    manifest, done = found
     # Its files are reports, which loading only warns about (art.verify_files): any change is checked here.
     for rel, digest in manifest.get("files", {}).items():
         p = out / rel
@@ -813,8 +812,13 @@ def stage_evaluate(
     if on == "test" and not partial:
         _record_config(out, cfg)
         art.update_manifest(out, "evaluate", {"seconds": round(time.perf_counter() - t0, 1), "inputs": inputs})
-    _log(results_table(results, per_task=False) + f"(per-task scores: {out / folder / 'results.md'})")
+    _log_results(results, out / folder)
     return results
+
+
+def _log_results(results: dict, folder: Path) -> None:
+    """The averages table of an evaluation, and where its per-task scores are."""
+    _log(results_table(results, per_task=False) + f"(per-task scores: {folder / 'results.md'})")
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -1116,8 +1120,7 @@ def run_pipeline(
                         continue
                     if s == "evaluate" and keep_unchanged and (kept := evaluation_unchanged(out, cfg)):
                         _log(f"[evaluate] {kept} (`--stage evaluate` evaluates again)")
-                        results = read_json(out / "eval" / "results.json", "evaluation results")
-                        _log(results_table(results, per_task=False) + f"(per-task scores: {out / 'eval' / 'results.md'})")
+                        _log_results(read_json(out / "eval" / "results.json", "evaluation results"), out / "eval")
                         continue
                     STAGE_FUNCS[s](cfg, out, device)
                     _log(f"[{s}] done in {time.perf_counter() - t:.1f} s")
