@@ -29,7 +29,7 @@ from uvicorn.config import STARTUP_FAILURE
 from app.http_protocol import BoundedHttpToolsProtocol
 from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
-from app.settings import Settings, StartupError
+from app.settings import Settings, StartupError, settings_error
 from app.worker import abandoned_threads
 from sglora.cli import EXIT_USAGE, port_number, seconds
 
@@ -140,8 +140,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         settings = Settings()  # checked here, before uvicorn loads the app: a bad value is a message, not a traceback
         single_process_metrics()
-    except (ValidationError, StartupError) as e:
+    except ValidationError as e:
+        print(f"{parser.prog}: error: {settings_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.artifacts is None:  # before uvicorn, the app and torch load: nothing to serve
+        print(f"{parser.prog}: error: no artefact directory: pass --artifacts DIR or set SGLORA_ARTIFACTS", file=sys.stderr)
         return EXIT_USAGE
     config = uvicorn.Config(
         "app.main:create_app",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from redis.connection import parse_url
 
 from app.hosts import canonical_host
 from sglora.devices import check_device_name, resolve_device
@@ -22,8 +24,10 @@ class StartupError(ValueError):
 class Settings(BaseSettings):
     """Every knob of the service. Lists (API keys) take a comma-separated string."""
 
-    # hide_input_in_errors: a refused setting is named, its value not echoed (it may be a key) into logs and stderr
-    model_config = SettingsConfigDict(env_prefix="SGLORA_", extra="ignore", hide_input_in_errors=True)
+    # hide_input_in_errors: a refused setting is named, its value not echoed (it may be a key) into logs and stderr.
+    # allow_inf_nan=False: no float setting takes inf or nan (SGLORA_BATCH_WAIT_MS=inf held every batch open until
+    # its requests' 504s; SGLORA_REDIS_TIMEOUT_S=inf hung /ready on a stalled Redis).
+    model_config = SettingsConfigDict(env_prefix="SGLORA_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False)
 
     # ---- artefacts and device ----------------------------------------------------------------------
     artifacts: Path | None = Field(None, description="artefact directory written by `sglora pipeline`")
@@ -192,14 +196,37 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, v: str) -> str:
-        if v and not v.startswith(REDIS_SCHEMES):
+    def _redis_url(cls, v: str) -> str:
+        if not v:
+            return v
+        if not v.startswith(REDIS_SCHEMES):
             # The scheme alone is shown: the rest may hold a password (redis+sentinel://:secret@host)
             shown = v.partition("://")[0] + "://..." if "://" in v else "a URL without a scheme"
             raise ValueError(
                 f"SGLORA_REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)} (or be empty: no cache), got {shown}"
             )
+        # The rest as redis-py reads it when the cache connects (after the artefacts have loaded): a bad port or
+        # host was a traceback there. Its messages name the part ("Port out of range 0-65535"), never the password.
+        try:
+            options = parse_url(v)
+        except ValueError as e:
+            raise ValueError(f"SGLORA_REDIS_URL is not a valid Redis URL: {e}") from None
+        # redis-py drops a database path that is not a number (redis://host/cache) and uses database 0.
+        path = urlsplit(v).path.strip("/")
+        if not v.startswith("unix://") and "db" not in options and path:
+            raise ValueError(f"SGLORA_REDIS_URL: the path names the database by its number (redis://host:6379/0), got /{path}")
+        if options.get("db", 0) < 0:
+            raise ValueError("SGLORA_REDIS_URL: the database number is negative")
         return v
+
+    @model_validator(mode="after")
+    def _batch_wait_within_timeout(self) -> Settings:
+        if self.batch_wait_ms / 1000 >= self.request_timeout_s:
+            raise ValueError(
+                f"SGLORA_BATCH_WAIT_MS ({self.batch_wait_ms:g} ms) must be shorter than SGLORA_REQUEST_TIMEOUT_S "
+                f"({self.request_timeout_s:g} s): requests waiting for their batch to fill would time out"
+            )
+        return self
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
@@ -292,6 +319,18 @@ class Settings(BaseSettings):
 # Grafana files of deploy/ run without Docker (docs/service.md tells users to export them beside the others), and
 # by docker-compose.gpu.yml (the torch index of its image).
 OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS", "SGLORA_TORCH_INDEX"})
+
+
+def settings_error(e: ValidationError) -> str:
+    """What is wrong with the ``SGLORA_*`` variables, one line each, named as the variable (pydantic names
+    the field: "threads: Input should be greater than or equal to 0")."""
+    prefix = Settings.model_config["env_prefix"]
+    lines = []
+    for err in e.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        name = prefix + str(err["loc"][0]).upper() if err["loc"] else ""
+        lines.append(message if not name or message.startswith(name) else f"{name}: {message}")
+    return "; ".join(lines)
 
 
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:

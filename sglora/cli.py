@@ -177,7 +177,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.serve import main as serve_main
 
-    argv = ["--artifacts", str(args.artifacts), "--host", args.host, "--port", str(args.port)]
+    argv = ["--artifacts", str(args.artifacts)] if args.artifacts else []  # else app.serve reads $SGLORA_ARTIFACTS
+    argv += ["--host", args.host, "--port", str(args.port)]
     argv += ["--graceful-timeout", str(args.graceful_timeout)]
     if args.device is not None:  # an explicit --device auto overrides $SGLORA_DEVICE too
         argv += ["--device", args.device]
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("serve", help="run the HTTP service")
-    s.add_argument("--artifacts", required=True)
+    s.add_argument("--artifacts", help="artefact directory (default: $SGLORA_ARTIFACTS)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--device", type=_device_arg, default=None, help="auto, cpu, cuda or cuda:N (default: $SGLORA_DEVICE or auto)")

@@ -253,13 +253,32 @@ def test_python_m_app_sets_the_passive_wait_policy_before_torch_loads():
         ({"SGLORA_REDIS_URL": "localhost:6379"}, 2, "SGLORA_REDIS_URL must start with one of redis://"),
         # the scheme alone is shown: the rest may hold a password
         ({"SGLORA_REDIS_URL": "redis+sentinel://:S3cret@host/0"}, 2, "got redis+sentinel://..."),
-        ({"SGLORA_THREADS": "-1"}, 2, "threads"),
+        ({"SGLORA_THREADS": "-1"}, 2, "SGLORA_THREADS: Input should be greater than or equal to 0"),
+        # the rest of the URL as redis-py reads it when it connects, after the artefacts have loaded
+        ({"SGLORA_REDIS_URL": "redis://:S3cret@127.0.0.1:99999/0"}, 2, "not a valid Redis URL: Port out of range"),
+        ({"SGLORA_REDIS_URL": "redis://[::1/0"}, 2, "not a valid Redis URL: Invalid IPv6 URL"),
+        ({"SGLORA_REDIS_URL": "redis://:S3cret@127.0.0.1:6379/cache"}, 2, "names the database by its number"),
+        # inf passed as a float: batches held open until their requests' 504s
+        ({"SGLORA_BATCH_WAIT_MS": "inf"}, 2, "SGLORA_BATCH_WAIT_MS: Input should be a finite number"),
+        ({"SGLORA_REDIS_TIMEOUT_S": "nan"}, 2, "SGLORA_REDIS_TIMEOUT_S: Input should be a finite number"),
+        ({"SGLORA_BATCH_WAIT_MS": "3000", "SGLORA_REQUEST_TIMEOUT_S": "2"}, 2, "must be shorter than SGLORA_REQUEST_TIMEOUT_S"),
     ],
 )
 def test_bad_settings_are_refused_by_name_before_the_app_loads(env, status, needle):
     p = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert p.returncode == status and needle in p.stderr and p.stderr.startswith("python -m app: error:")
     assert "Traceback" not in p.stderr and "S3cret" not in p.stderr
+
+
+def test_sglora_serve_reads_the_artefact_directory_from_the_environment(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SGLORA_ARTIFACTS"} | {"SGLORA_REDIS_URL": ""}
+    cmd = [sys.executable, "-m", "sglora.cli", "serve", "--port", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2
+    assert "sglora serve: error: no artefact directory: pass --artifacts DIR or set SGLORA_ARTIFACTS" in p.stderr
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env | {"SGLORA_ARTIFACTS": str(tmp_path / "gone")})
+    assert p.returncode != 0 and f"artefact directory not found: {tmp_path / 'gone'}" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
