@@ -134,6 +134,15 @@ SCENARIOS = {
         {"job": "sglora-api"},
     ),
     "SGLoRACacheDegraded": (_cache(60), "15m", _cache(3, 0), {"job": "sglora-api"}),
+    "SGLoRACacheWritesFailing": (  # writes refused all along (while reads succeed) against one outage of a minute
+        [{"series": f'sglora_redis_errors_total{{{_T}, op="set"}}', "values": "0+2x30"}],
+        "15m",
+        [
+            {"series": f'sglora_redis_errors_total{{{_T}, op="set"}}', "values": "0x5 3x25"},
+            {"series": f'sglora_redis_errors_total{{{_T}, op="get"}}', "values": "0+5x30"},
+        ],
+        {"job": "sglora-api"},
+    ),
     # slow misses fire it, slow hits beside fast misses do not (and the other way round for hits)
     "SGLoRAGenerateSlow": (_latency("miss", "5.0", "0.1"), "30m", _latency("hit", "5.0", "1.0"), {"job": "sglora-api"}),
     "SGLoRACacheHitsSlow": (_latency("hit", "1.0", "2.5"), "30m", _latency("miss", "5.0", "0.25"), {"job": "sglora-api"}),
