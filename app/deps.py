@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+import json
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -129,6 +132,52 @@ async def require_json_body(request: Request) -> None:
 
 
 JsonBody = Depends(require_json_body)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: an object with a key twice is refused (json.loads keeps the last value)."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key {twice!r} appears twice in one JSON object; send each field once")
+    return out
+
+
+class _StrictJsonRequest(Request):
+    """A request whose JSON body refuses repeated keys: `{"description": "cats", "description": "dogs"}` was
+    a LoRA for "dogs", as if the first had never been sent (the forms and the configs refuse a repeated field)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_unique_keys)
+        return self._json
+
+
+class JsonRoute(APIRoute):
+    """A route whose JSON body is parsed once, before FastAPI reads it, refusing a repeated key with a 422
+    (field ``body``). A body that is not valid JSON goes on to FastAPI's own 422, which names the position."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            media = media_type(request)
+            if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+                request = _StrictJsonRequest(request.scope, request.receive)
+                try:
+                    await request.json()
+                except _DuplicateKey as e:
+                    raise APIError(422, "body", str(e)) from None
+                except (ValueError, ClientDisconnect):  # not JSON, not UTF-8, cut short: FastAPI's own answer
+                    pass
+            return await handler(request)
+
+        return strict
 
 
 async def json_model_call(request: Request) -> Service:

@@ -419,6 +419,23 @@ def test_malformed_json_is_a_4xx(client):
     assert client.post("/generate/batch", json={"items": []}).json()["detail"]["field"] == "items"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        ("/generate", b'{"description": "a circle", "description": "a cross"}', "description"),
+        ("/generate/preview", b'{"description": "a circle", "seed": 1, "seed": 2}', "seed"),
+        ("/generate/batch", b'{"items": [{"description": "a ring", "top_k": 1, "top_k": 2}]}', "top_k"),
+    ],
+)
+def test_a_key_sent_twice_in_a_json_body_is_refused_not_the_last_one_taken(client, path, body, key):
+    """json.loads keeps a repeated key's last value: a LoRA for "a cross" was the answer to a body that also
+    asked for "a circle". As the forms and the configs do, the body is refused, naming the key."""
+    r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    reason = f"the key '{key}' appears twice in one JSON object; send each field once"
+    assert r.json()["detail"] == {"field": "body", "reason": reason}
+
+
 @pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.sglora+json", "Application/JSON"])
 def test_json_bodies_are_read_under_any_json_type(client, content_type):
     r = client.post("/generate", content=b'{"description": "a star", "seed": 2}', headers={"Content-Type": content_type})

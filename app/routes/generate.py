@@ -9,7 +9,7 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.deps import KEY_ERRORS, JsonModelCall, etag_matches, header_parameters, wants_zip
+from app.deps import KEY_ERRORS, JsonModelCall, JsonRoute, etag_matches, header_parameters, wants_zip
 from app.errors import OUT_OF_MEMORY, APIError, note_out_of_memory
 from app.schemas import (
     BatchGenerateRequest,
@@ -24,7 +24,7 @@ from app.service import GeneratedLora, Service
 from app.worker import Overloaded, ShuttingDown, WorkerTimeout
 
 # Each route's one dependency checks the key and the JSON body and gives the service (JsonModelCall).
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], route_class=JsonRoute)
 
 _ERRORS = {
     **KEY_ERRORS,
