@@ -118,6 +118,9 @@ def test_generate_cli_is_reproducible_and_self_describing(tiny_artifacts_session
     [
         (["generate", "   ", "--out", "x.safetensors"], "description must not be empty"),
         (["generate", "a cat", "--top-k", "99", "--out", "x.safetensors"], "top_k"),
+        # refused for a method that ignores it too, as the API refuses it (was a warning and a LoRA)
+        (["generate", "a cat", "--method", "model-soup", "--top-k", "99", "--out", "x.safetensors"], "top_k must be between 1"),
+        (["generate", "a cat", "--method", "adapter-soup", "--temperature", "0", "--out", "x.safetensors"], "temperature"),
         (["generate", "a cat", "--temperature", "0", "--out", "x.safetensors"], "temperature"),
     ],
 )
@@ -314,6 +317,7 @@ def test_a_folder_that_holds_no_run_is_refused_before_anything_of_the_users_is_r
     with pytest.raises(ValueError, match=r"holds no run of the pipeline \(eval\).*use an empty or new --out"):
         run_pipeline(tiny_config, out, ("experts",))
     assert (out / "eval" / "notes.txt").read_text() == "precious" and (out / "config.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "eval"]  # refused before the lock: no lock file left
     (out / "eval" / "notes.txt").unlink()
     (out / "eval").rmdir()
     (out / "backbone").mkdir()
@@ -1015,6 +1019,22 @@ def test_holdout_classes_refusals_name_the_problem(split, needle):
         resolve_split(SplitConfig(**split), _class_tasks())
     with pytest.raises(ValueError, match="more than once"):
         SplitConfig(holdout_classes=("e", "e"))
+
+
+def test_counts_by_group_name_the_groups_the_dataset_has():
+    """Counts by a group that no task has: the groups there are, or, for a dataset without groups (a folder
+    dataset), that it has none (was "unknown task group 'fashion'; the dataset has ['']")."""
+    from training.config import SplitConfig
+    from training.data import TaskDataset, TaskInfo
+    from training.pipeline import resolve_split
+
+    with pytest.raises(ValueError, match=r"^split\.experts: unknown task group 'fashion'; the dataset has \['cls', 'ret'\]$"):
+        resolve_split(SplitConfig(experts={"fashion": 2}, test=1), _class_tasks())
+    plain = TaskDataset({f"t{i}": TaskInfo(f"t{i}", f"task {i}") for i in range(40)})
+    no_group = r"^split\.experts: counts by task group \('fashion'\), but no task of the dataset has a group"
+    with pytest.raises(ValueError, match=no_group):
+        resolve_split(SplitConfig(experts={"fashion": 2}, test=1), plain)
+    assert len(resolve_split(SplitConfig(experts=2, test=1), plain).experts) == 2
 
 
 def test_sigterm_stops_a_run_cleanly(tiny_config, tmp_path):

@@ -170,7 +170,13 @@ def resolve_split(split: SplitConfig, dataset: TaskDataset) -> Splits:
         counts = v if isinstance(v, dict) else {None: v}
         for g in counts:
             if g is not None and g not in groups:
-                raise ValueError(f"split.{role}: unknown task group {g!r}; the dataset has {groups}")
+                if groups == [""]:  # was "the dataset has ['']"
+                    raise ValueError(
+                        f"split.{role}: counts by task group ({g!r}), but no task of the dataset has a group; "
+                        f"give split.{role} a number of tasks, or each task a group"
+                    )
+                named = [x for x in groups if x]
+                raise ValueError(f"split.{role}: unknown task group {g!r}; the dataset has {named}")
         chosen: list[str] = []
         for g, n in counts.items():
             avail = [t for t in pool if (g is None or dataset.tasks[t].group == g) and allowed(role, t)]
@@ -275,6 +281,18 @@ def _not_a_first_attempt(out: Path) -> list[str]:
     return out_of_place[:5]
 
 
+def _refuse_foreign(out: Path) -> bool:
+    """Whether ``out`` holds work to resume (a stage done, or a task trained); ValueError where it holds
+    none but files that no earlier attempt of the pipeline wrote (:func:`_not_a_first_attempt`)."""
+    built = (out / art.MANIFEST).exists() or any((out / "snapshots").glob("*.safetensors"))
+    if not built and (foreign := _not_a_first_attempt(out)):
+        raise ValueError(
+            f"{out} is not empty and holds no run of the pipeline ({', '.join(foreign)}): the stages replace "
+            "their folders whole and overwrite config.json; use an empty or new --out directory"
+        )
+    return built
+
+
 def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     t0 = time.perf_counter()
     dataset, splits = prepare_data(cfg)
@@ -282,12 +300,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Work to resume: a stage done, or a task trained. Without any, what an earlier attempt wrote (a run that
     # failed on a bad setting before its first task) is replaced; with some, it must match.
-    built = (out / art.MANIFEST).exists() or any((out / "snapshots").glob("*.safetensors"))
-    if not built and (foreign := _not_a_first_attempt(out)):
-        raise ValueError(
-            f"{out} is not empty and holds no run of the pipeline ({', '.join(foreign)}): the stages replace "
-            "their folders whole and overwrite config.json; use an empty or new --out directory"
-        )
+    built = _refuse_foreign(out)
     if built:
         if not (out / "config.json").exists():
             raise ValueError(
@@ -1107,6 +1120,8 @@ def run_pipeline(
     out = Path(os.path.realpath(out))  # links followed, then "..": mkdir of "q/../r" made "q" too, and left it
     created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
+        if out.is_dir():  # another's folder is refused before the lock: its lock file would be left in it
+            _refuse_foreign(out)
         out.mkdir(parents=True, exist_ok=True)
     # Else only an artefact directory is locked (and tidied); in any other folder the first stage says what is wrong.
     built = "experts" in stages or (out / art.MANIFEST).is_file()
