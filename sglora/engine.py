@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from expert_store.prior import cosine_similarities, mix, select_experts, unit_rows
+from expert_store.prior import check_temperature, cosine_similarities, mix, select_experts, unit_rows
 from expert_store.repository import ExpertRepository
 from models.backbone import Backbone, pad_rows
 from models.cvae import CVAE
@@ -387,6 +387,13 @@ class Engine:
         seed = None if r.seed is None else _integer(r.seed, "seed")
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
+        # A top_k or temperature given is checked for every method, as the service checks it: model-soup's
+        # top_k of 99 (or 0) and its temperature of 0 were taken without a word because model-soup uses neither.
+        n = len(self.repository)
+        if r.top_k is not None and not 1 <= top_k <= n:
+            raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
+        if r.temperature is not None:
+            check_temperature(temperature)
         if r.method in EVERY_EXPERT_METHODS:
             top_k = len(self.repository)
         if r.method in EQUAL_WEIGHT_METHODS:  # no softmax: none recorded (adapter-soup's top_k: select_experts)

@@ -86,6 +86,20 @@ def test_a_bad_request_fails_alone(engine):
         engine.generate_many(emb, [Request()])
 
 
+@pytest.mark.parametrize("method", ["model-soup", "adapter-soup", "topk-weighted"])
+def test_a_top_k_or_temperature_out_of_range_is_refused_where_the_method_ignores_it(engine, method):
+    """model-soup mixes every expert and the soups weigh them equally; a top_k of 99 (or 0) or a temperature
+    of 0 still named a bad request there (the service refuses them for every method) and was taken silently."""
+    emb = engine.embed(["a photo of a circle"])[0]
+    n = len(engine.repository)
+    for top_k in (0, n + 1):
+        with pytest.raises(ValueError, match=rf"^top_k must be between 1 and the number of experts \({n}\), got {top_k}$"):
+            engine.generate(emb, method, top_k=top_k)
+    with pytest.raises(ValueError, match="^temperature must be between"):
+        engine.generate(emb, method, temperature=0.0)
+    assert engine.generate(emb, method, top_k=n, temperature=2.0).method == method  # the bounds themselves pass
+
+
 def test_request_fields_of_the_wrong_type_fail_their_row_alone(engine):
     # A float, bool or string seed (or a float top_k) reached torch.Generator.manual_seed or torch.topk after
     # the other rows were done, and its TypeError or RuntimeError lost the whole batch; numpy integers failed too.
