@@ -385,9 +385,11 @@ class Service:
             # 'auto' read the CPU's flags; this torch build may still lack the kernels: float32, as elsewhere.
             log.warning("SGLORA_GENERATOR_DTYPE=auto: %s; sampling in float32", e)
         service = cls(settings, artifacts, device, metrics)
-        if service.default_top_k > settings.max_top_k:
+        # The default a request without a top_k gets: the config's top_k, at most the number of experts (as the
+        # pipeline, the CLI and each request take it: a config's top_k of 100 over 10 experts merges 10).
+        if service.state.top_k > settings.max_top_k:
             raise StartupError(
-                f"SGLORA_MAX_TOP_K={settings.max_top_k} is below the artefacts' default top_k ({service.default_top_k}): "
+                f"SGLORA_MAX_TOP_K={settings.max_top_k} is below the artefacts' default top_k ({service.state.top_k}): "
                 "a request without a top_k would merge more experts than one may ask for; raise SGLORA_MAX_TOP_K"
             )
         probes = [e.description for e in service.state.experts[:TEXT_PROBES]]
@@ -958,6 +960,7 @@ class Service:
         self.check_text_length(description, "description")
         if taken := _taken(name, self.artifacts.repository.names):
             raise APIError(409, "name", taken)
+        self._check_default_top_k(len(self.artifacts.repository.names) + 1)
         # Off the event loop: an expert file may be hundreds of MB (SGLORA_MAX_EXPERT_BYTES).
         mean_vec = await asyncio.to_thread(self._parse_lora, mean, "mean")
         var_vec = (
@@ -971,6 +974,39 @@ class Service:
             self._changing, self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots, commit=True
         )
 
+    def _check_default_top_k(self, experts: int) -> None:
+        """APIError(409) where ``experts`` experts would raise the default top_k (the config's, at most the
+        number of experts) above SGLORA_MAX_TOP_K: requests without a top_k would then merge more experts than
+        a request may ask for, as the start-up check refuses."""
+        if min(self.default_top_k, experts) > self.settings.max_top_k:
+            raise APIError(
+                409,
+                None,
+                f"with {experts} experts the artefacts' default top_k ({self.default_top_k}) would merge more experts "
+                f"than SGLORA_MAX_TOP_K={self.settings.max_top_k} allows a request; raise SGLORA_MAX_TOP_K to add experts",
+            )
+
+    def _check_artifacts_unchanged(self) -> None:
+        """APIError(409) where the directory's manifest is no longer the one this server loaded: a pipeline
+        ran into it since (a generator trained again, the backbone changed). The repository index may be the
+        same bytes, so the repository's own check passed, and the change was saved beside artefacts this server
+        does not serve, under a version that no restart would give."""
+        path = self.artifacts.root / MANIFEST
+        try:
+            same = path.read_bytes() == self._manifest
+        except FileNotFoundError:
+            same = False
+        except OSError as e:  # a disk failing to read: the change goes on (the repository checks its own index)
+            log.warning("could not read %s to check it is the one loaded: %s", path, e)
+            return
+        if not same:
+            raise APIError(
+                409,
+                None,
+                f"the artefacts in {self.artifacts.root} were rebuilt since this server loaded them (its {MANIFEST} "
+                "changed): restart this server to serve them; nothing was changed",
+            )
+
     def _changing(self, job: Callable[..., RepositoryState], *args: Any) -> RepositoryState:
         with self._change_lock:
             return job(*args)
@@ -982,6 +1018,8 @@ class Service:
         repo = self.artifacts.repository
         if taken := _taken(name, repo.names):
             raise APIError(409, "name", taken)
+        self._check_default_top_k(len(repo.names) + 1)
+        self._check_artifacts_unchanged()
         self._check_scale(mean, variance)
         embedding = self.engine.embed([description])[0].float()
         # The path comes from a checked name (check_name: no separators, no '..'); the library writes the
@@ -1043,6 +1081,7 @@ class Service:
             raise APIError(404, "name", f"no expert named {name!r}")
         if len(repo) == 1:
             raise APIError(409, "name", "cannot remove the last expert")
+        self._check_artifacts_unchanged()
         try:
             with _other_writers():  # index first (atomic), then the expert file
                 repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)

@@ -351,6 +351,25 @@ def test_a_change_made_on_disk_by_another_process_is_a_409_not_a_lost_update(app
     assert len(client.get("/experts").json()["experts"]) == 4  # this server: as loaded, until restarted
 
 
+def test_a_change_after_a_pipeline_rebuilt_the_directory_is_a_409(app_root):
+    """A pipeline rerun into the served directory rewrites its manifest (a generator trained again) and may
+    leave the repository index byte-identical: a registration passed the repository's check and was saved
+    beside artefacts this server does not serve, under a version no restart would give."""
+    import json
+
+    client, root = app_root
+    files, _ = expert_files(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["stages"]["generator"]["completed"] = "2099-01-01T00:00:00Z"  # as a rerun of the stage leaves it
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    index = (root / "repository" / "repository.json").read_bytes()
+    r = client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+    assert r.status_code == 409 and "rebuilt since this server loaded them" in r.json()["detail"]["reason"], r.text
+    assert client.delete("/experts/square", headers=ADMIN).status_code == 409
+    assert (root / "repository" / "repository.json").read_bytes() == index  # nothing changed
+    assert not (root / "repository" / "experts" / "disc.safetensors").exists()
+
+
 def test_a_change_while_another_process_holds_the_lock_is_a_503_and_changes_nothing(app_root, monkeypatch):
     """Another replica's change, or a pipeline rebuilding the repository, holds its lock: a change waits for
     it a bounded time (it holds every model thread meanwhile) and then answers 503 with Retry-After."""
@@ -592,3 +611,29 @@ def test_the_listing_pages_in_the_repositorys_order(app_root):
     for params, field in (({"limit": 0}, "limit"), ({"offset": -1}, "offset"), ({"limit": "all"}, "limit")):
         r = client.get("/experts", params=params)
         assert r.status_code == 422 and r.json()["detail"]["field"] == field, (params, r.text)
+
+
+def test_a_config_top_k_above_the_experts_serves_and_registration_keeps_the_default_within_the_cap(tiny_artifacts, make_settings):
+    """A config's prior.top_k above the number of experts merges them all (as the pipeline and the CLI do):
+    the start-up check compares that default, not the config's number, with SGLORA_MAX_TOP_K. An expert added
+    beyond the cap would raise the default past it: refused, the repository left as it was."""
+    import dataclasses
+    import json
+
+    from training.config import PipelineConfig, from_dict
+    from training.pipeline import stage_generator
+
+    built = from_dict(PipelineConfig, json.loads((tiny_artifacts / "config.json").read_text()))
+    stage_generator(dataclasses.replace(built, prior=dataclasses.replace(built.prior, top_k=10)), tiny_artifacts)
+    index = (tiny_artifacts / "repository" / "repository.json").read_bytes()
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"], redis_url="", max_top_k=4)
+    with TestClient(create_app(settings)) as client:  # 4 experts: a default of 4, within the cap
+        r = client.post("/generate", json={"description": "a circle", "method": "topk-weighted"})
+        assert r.status_code == 200 and r.headers["x-experts-count"] == "4"
+        files, _ = expert_files(tiny_artifacts)
+        r = client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+        assert r.status_code == 409, r.text
+        assert "with 5 experts the artefacts' default top_k (10)" in r.json()["detail"]["reason"]
+        assert "SGLORA_MAX_TOP_K=4" in r.json()["detail"]["reason"]
+        assert len(client.get("/experts").json()["experts"]) == 4
+    assert (tiny_artifacts / "repository" / "repository.json").read_bytes() == index
