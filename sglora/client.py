@@ -13,9 +13,10 @@
 
 The service's refusals raise :class:`ServiceError` with its status, the field it names, its reason and
 the request ID (to match the service's log). A full queue (429) or a service that is starting or
-draining (503) is retried after its ``Retry-After``, and a refused or timed-out connection (a server
-restarting: uvicorn opens its port only once the model is loaded) after a second; at most ``retries``
-times, each wait capped at ``max_wait_s``. What still fails to connect, or outlasts ``timeout``, raises
+draining (503) is retried after its ``Retry-After``, at most ``retries`` times, each wait capped at
+``max_wait_s``; a refused or timed-out connection (a server starting or restarting: uvicorn opens its port
+only once the model is loaded) every second until ``connect_wait_s`` (60 s) have passed since the call
+began. What still fails to connect, or outlasts ``timeout``, raises
 httpx's own ``httpx.ConnectError`` / ``httpx.TimeoutException`` (a request that timed out once sent is not
 sent again: the model may still be working on it). Files are written atomically (a temporary file renamed over the target).
 :class:`AsyncClient` has the same calls for asyncio (``await service.generate(...)``).
@@ -47,6 +48,7 @@ from sglora.io import atomic_path, safetensors_metadata, write_bytes
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RETRIED = (429, 503)
 CONNECT_WAIT_S = 1.0  # before connecting again after a refused connection
+_now = time.monotonic  # the refused connections' clock
 
 
 class ServiceError(Exception):
@@ -67,19 +69,20 @@ class ServiceError(Exception):
 class Adapter:
     """A generated LoRA: the safetensors bytes and what the service said of them."""
 
-    data: bytes
+    data: bytes = field(repr=False)  # a repr of megabytes of bytes filled a log line or a notebook cell
     etag: str
     cache: str  # "hit" | "miss"
     seed: int | None
     request_id: str | None
-    metadata: dict[str, str] = field(repr=False)
+    # Read from data's header: not compared or hashed apart from it (a dict made Adapter unhashable).
+    metadata: dict[str, str] = field(repr=False, compare=False)
 
     @classmethod
     def from_response(cls, r: httpx.Response) -> Adapter:
         data = r.content
         metadata = safetensors_metadata(data)
         seed = r.headers.get("x-seed")
-        etag, cache, request_id = r.headers["etag"].strip('"'), r.headers.get("x-cache", ""), r.headers.get("x-request-id")
+        etag, cache, request_id = _etag(r.headers["etag"]), r.headers.get("x-cache", ""), r.headers.get("x-request-id")
         return cls(data, etag, cache, int(seed) if seed else None, request_id, metadata)
 
     @property
@@ -109,23 +112,38 @@ class _Call:
     probe: bool = False  # asked once; a 503 with JSON is an answer too (/ready while starting or draining)
 
 
+@dataclass
+class _Tries:
+    """What one call has been through: when it began (the refused connections' budget) and how many busy
+    answers (429, 503) it has been sent again after."""
+
+    started: float = field(default_factory=lambda: _now())
+    busy: int = 0
+
+
 class _Api:
     """The service's calls, written once: each builds a :class:`_Call` that ``_run`` sends (and retries) and
     parses; ``Client._run`` returns the result, ``AsyncClient._run`` a coroutine of it."""
 
     retries: int
     max_wait_s: float
+    connect_wait_s: float
     _headers: dict[str, str]
 
-    def _configure(self, api_key: str | None, retries: int, max_wait_s: float) -> None:
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+    def _configure(self, api_key: str | None, retries: int, max_wait_s: float, connect_wait_s: float) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:  # 2.5 retried for ever
+            raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        for name, value in (("max_wait_s", max_wait_s), ("connect_wait_s", connect_wait_s)):
+            # a negative wait failed in time.sleep at the first retry; inf or nan never ended one
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         if api_key and (not (api_key.isascii() and api_key.isprintable()) or " " in api_key):
             # else every call failed to encode it, or (a space) was refused by a service that holds no such key
             raise ValueError("api_key must be printable ASCII without spaces (the service's keys are)")
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self.retries = retries
         self.max_wait_s = max_wait_s
+        self.connect_wait_s = connect_wait_s
 
     @staticmethod
     def _check_url(url: str) -> None:
@@ -135,19 +153,23 @@ class _Api:
     def _run(self, call: _Call) -> Any:
         raise NotImplementedError
 
-    def _step(self, call: _Call, retried: int, r: httpx.Response | None, error: httpx.TransportError | None) -> tuple[bool, Any]:
+    def _step(self, call: _Call, tries: _Tries, r: httpx.Response | None, error: httpx.TransportError | None) -> tuple[bool, Any]:
         """(True, the result) or (False, seconds to wait before sending again); raises what ends the call."""
         if error is not None:  # nothing was sent: safe to send again, whatever the method
-            if call.probe or retried == self.retries:
+            wait = min(CONNECT_WAIT_S, self.max_wait_s)
+            # A server starting loads its model before it opens its port (seconds, a minute for a large one):
+            # a budget of time, not of tries (three tries a second apart gave up on a restart of 6 s).
+            if call.probe or _now() - tries.started + wait > self.connect_wait_s:
                 raise error
-            return False, min(CONNECT_WAIT_S, self.max_wait_s)
+            return False, wait
         assert r is not None
         if call.probe and r.status_code in (200, 503) and r.headers.get("content-type", "").startswith("application/json"):
             return True, _parsed(call, r)
-        if r.status_code < 400 and not call.probe:
+        if 200 <= r.status_code < 300 and not call.probe:  # a redirect (a proxy's login) is not the answer
             return True, _parsed(call, r)
-        if call.probe or r.status_code not in RETRIED or retried == self.retries:
+        if call.probe or r.status_code not in RETRIED or tries.busy >= self.retries:
             raise _error(r)
+        tries.busy += 1
         return False, min(_retry_after(r), self.max_wait_s)
 
     def _send_args(self, call: _Call) -> dict[str, Any]:
@@ -250,7 +272,7 @@ class _Api:
     def expert_file(self, name: str, part: str = "mean") -> bytes:
         """One expert's ``part`` (``mean``: its LoRA, or ``variance``) as safetensors with PEFT names, the
         format ``add_expert`` takes back (``GET /experts/{name}``)."""
-        return self._run(_Call("GET", f"/experts/{quote(name, safe='')}", {"params": {"part": part}}, lambda r: r.content))
+        return self._run(_Call("GET", f"/experts/{quote(name, safe='')}", {"params": {"part": part}}, _safetensors))
 
     def add_expert(
         self,
@@ -292,8 +314,9 @@ class Client(_Api):
         retries: int = 3,
         max_wait_s: float = 30.0,
         http: httpx.Client | None = None,
+        connect_wait_s: float = 60.0,
     ):
-        self._configure(api_key, retries, max_wait_s)
+        self._configure(api_key, retries, max_wait_s, connect_wait_s)
         if http is None:
             self._check_url(url)
         self._own = http is None
@@ -310,17 +333,16 @@ class Client(_Api):
             self._http.close()
 
     def _run(self, call: _Call) -> Any:
-        retried = 0
+        tries = _Tries()
         while True:
             r, error = None, None
             try:
                 r = self._http.request(call.method, call.path, **self._send_args(call))
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing was sent
                 error = e
-            done, value = self._step(call, retried, r, error)
+            done, value = self._step(call, tries, r, error)
             if done:
                 return value
-            retried += 1
             time.sleep(value)
 
 
@@ -338,8 +360,9 @@ class AsyncClient(_Api):
         max_wait_s: float = 30.0,
         max_connections: int = 100,
         http: httpx.AsyncClient | None = None,
+        connect_wait_s: float = 60.0,
     ):
-        self._configure(api_key, retries, max_wait_s)
+        self._configure(api_key, retries, max_wait_s, connect_wait_s)
         if http is None:
             self._check_url(url)
         self._own = http is None
@@ -357,17 +380,16 @@ class AsyncClient(_Api):
             await self._http.aclose()
 
     async def _run(self, call: _Call) -> Any:
-        retried = 0
+        tries = _Tries()
         while True:
             r, error = None, None
             try:
                 r = await self._http.request(call.method, call.path, **self._send_args(call))
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing was sent
                 error = e
-            done, value = self._step(call, retried, r, error)
+            done, value = self._step(call, tries, r, error)
             if done:
                 return value
-            retried += 1
             await asyncio.sleep(value)
 
 
@@ -432,6 +454,18 @@ def _file_bytes(file: str | os.PathLike | bytes | bytearray | memoryview) -> byt
     return Path(file).read_bytes()
 
 
+def _safetensors(r: httpx.Response) -> bytes:
+    """The answer's bytes, once they read as a safetensors file (ValueError else: a proxy's page)."""
+    safetensors_metadata(r.content)
+    return r.content
+
+
+def _etag(value: str) -> str:
+    """An ETag header's value as /retrieve takes it: without quotes, nor the weak mark a proxy may add
+    (``W/"..."``: a compressing proxy marks what it re-encodes)."""
+    return value.removeprefix("W/").strip('"')
+
+
 def _retry_after(r: httpx.Response) -> float:
     try:
         return max(0.0, float(r.headers.get("retry-after", "1")))
@@ -444,7 +478,7 @@ def _parsed(call: _Call, r: httpx.Response) -> Any:
     error page with status 200), instead of the parser's JSON or safetensors error."""
     try:
         return call.parse(r)
-    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:  # json.JSONDecodeError is a ValueError
         kind = r.headers.get("content-type") or "no content type"
         reason = f"the answer to {call.method} {call.path} is not the service's ({kind}): {e}"
         raise ServiceError(r.status_code, None, reason, r.headers.get("x-request-id")) from e

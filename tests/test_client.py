@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -100,6 +101,8 @@ def test_generate_batch_gives_adapters_and_per_item_refusals(service):
     alone = service.generate("a red circle", seed=3, top_k=2)
     assert isinstance(seeded, Adapter) and seeded.data == alone.data and seeded.etag == alone.etag
     assert seeded.seed == 3 and seeded.experts == alone.experts and seeded.request_id
+    shown = repr(seeded)  # what it is, not its bytes
+    assert seeded.etag in shown and "seed=3" in shown and "data=" not in shown and len(shown) < len(seeded.data)
     assert isinstance(drawn, Adapter) and service.generate("a red circle", seed=drawn.seed).data == drawn.data
     assert isinstance(refused, ServiceError) and refused.status == 422 and refused.field == "top_k"
     with pytest.raises(ServiceError) as e:  # a malformed item refuses the whole call
@@ -180,7 +183,7 @@ def test_api_key_is_sent(make_settings):
 
 
 def scripted(
-    *answers: httpx.Response | Exception, asynchronous: bool = False, max_wait_s: float = 0.01
+    *answers: httpx.Response | Exception, asynchronous: bool = False, max_wait_s: float = 0.01, connect_wait_s: float = 60.0
 ) -> tuple[Client, list[httpx.Request]]:
     """A client (``asynchronous``: an AsyncClient) whose transport answers ``answers`` in order (raising the
     exceptions) and records the requests."""
@@ -198,9 +201,9 @@ def scripted(
         from sglora.client import AsyncClient
 
         http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://service")
-        return AsyncClient(http=http, retries=2, max_wait_s=max_wait_s), seen
+        return AsyncClient(http=http, retries=2, max_wait_s=max_wait_s, connect_wait_s=connect_wait_s), seen
     http = httpx.Client(transport=httpx.MockTransport(handle), base_url="http://service")
-    return Client(http=http, retries=2, max_wait_s=max_wait_s), seen
+    return Client(http=http, retries=2, max_wait_s=max_wait_s, connect_wait_s=connect_wait_s), seen
 
 
 def test_a_full_queue_is_retried_after_retry_after_then_reported():
@@ -258,16 +261,75 @@ def test_a_refused_connection_is_retried_a_timeout_is_not():
     ok = httpx.Response(200, json={"artifact_version": "v", "experts": [{"name": "ring"}]})
     c, seen = scripted(refused, refused, ok)
     assert c.experts() == [{"name": "ring"}] and len(seen) == 3  # a restarting server
-    c, seen = scripted(refused, refused, refused)
+    c, seen = scripted(refused, refused, connect_wait_s=0)
     with pytest.raises(httpx.ConnectError):
         c.experts()
-    assert len(seen) == 3
+    assert len(seen) == 1  # connect_wait_s=0: not retried
     c, seen = scripted(httpx.ReadTimeout("timed out"), ok)
     with pytest.raises(httpx.TimeoutException):
         c.generate("a ring", seed=1)
     assert len(seen) == 1  # the model may still be working on it: not sent twice
     c, seen = scripted(httpx.ConnectTimeout("timed out connecting"), ok)  # nothing was sent: sent again
     assert c.experts() == [{"name": "ring"}] and len(seen) == 2
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_refused_connections_are_retried_for_connect_wait_s_whatever_the_retries(monkeypatch, asynchronous):
+    """A server restarting opens its port once its model is loaded: the tiny artefacts' took 6 s, and the
+    client gave up after three tries a second apart (retries=3). Now a budget of time (connect_wait_s), on a
+    clock the waits advance here; the busy answers' retries count apart."""
+    import asyncio
+
+    import sglora.client as client_module
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    async def asleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(client_module, "_now", lambda: clock[0])
+    monkeypatch.setattr(client_module.time, "sleep", sleep)
+    monkeypatch.setattr(client_module.asyncio, "sleep", asleep)
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    ok = httpx.Response(200, json={"artifact_version": "v", "experts": [{"name": "ring"}]})
+    busy = httpx.Response(429, headers={"Retry-After": "1"}, json={"detail": {"field": None, "reason": "busy"}})
+
+    def run(c):
+        return asyncio.run(c.experts()) if asynchronous else c.experts()
+
+    c, seen = scripted(*[refused] * 6, busy, busy, ok, asynchronous=asynchronous, max_wait_s=30.0)  # retries=2
+    assert run(c) == [{"name": "ring"}] and len(seen) == 9 and clock[0] == 8.0
+    clock[0] = 0.0
+    c, seen = scripted(*[refused] * 10, asynchronous=asynchronous, max_wait_s=30.0, connect_wait_s=4.5)
+    with pytest.raises(httpx.ConnectError):
+        run(c)
+    assert len(seen) == 5 and clock[0] == 4.0  # tried at 0, 1, 2, 3 and 4 s; a sixth at 5 s is past 4.5 s
+
+
+def test_answers_that_are_not_the_service_s_are_service_errors(tmp_path):
+    """A proxy's login page (a 200 of HTML, or a 302 to it): expert_file returned its bytes (an empty body
+    for the redirect) and generate_peft raised zipfile.BadZipFile."""
+    page = httpx.Response(200, html="<html>login</html>")
+    redirect = httpx.Response(302, headers={"Location": "https://proxy.example/login"})
+    for answer in (page, redirect):
+        c, _ = scripted(answer)
+        with pytest.raises(ServiceError) as e:
+            c.expert_file("ring")
+        assert e.value.status == answer.status_code
+    c, _ = scripted(page)
+    with pytest.raises(ServiceError, match="is not the service's"):
+        c.generate_peft("a ring", tmp_path / "persian", seed=1)
+    assert not (tmp_path / "persian").exists()
+
+
+def test_an_adapter_is_hashable_and_takes_a_weak_etag_as_retrieve_does(service):
+    adapter = service.generate("a red circle", seed=3)
+    assert adapter in {adapter} and hash(adapter) == hash(adapter)  # was: unhashable type 'dict'
+    weak = httpx.Response(200, content=adapter.data, headers={"ETag": f'W/"{adapter.etag}"', "X-Seed": "3"})
+    assert Adapter.from_response(weak).etag == adapter.etag  # a proxy's weak mark: /retrieve refused it
 
 
 def test_a_service_error_crosses_processes_whole():
@@ -291,6 +353,14 @@ def test_client_side_mistakes_are_named_before_anything_is_sent():
         Client(api_key="clé")
     with pytest.raises(ValueError, match="without spaces"):  # no service key has one: a 403 per call
         Client(api_key="wrong key")
+    for bad, needle in (
+        ({"retries": 2.5}, "retries must be a whole number >= 0, got 2.5"),  # was retried for ever
+        ({"retries": -1}, "retries must be a whole number"),
+        ({"max_wait_s": -1}, "max_wait_s must be a finite number of seconds >= 0, got -1"),  # failed in time.sleep
+        ({"connect_wait_s": float("inf")}, "connect_wait_s must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            Client(**bad)
     for make in (Client, AsyncClient):  # was httpx's UnsupportedProtocol on the first call
         with pytest.raises(ValueError, match="url must start with http:// or https://, got '127.0.0.1:8000'"):
             make("127.0.0.1:8000")
@@ -300,7 +370,8 @@ def test_client_side_mistakes_are_named_before_anything_is_sent():
 def test_a_port_nothing_listens_on_raises_httpx_connect_error():
     from app.processes import free_port
 
-    with Client(f"http://127.0.0.1:{free_port()}", retries=1, max_wait_s=0.01) as c, pytest.raises(httpx.ConnectError):
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, retries=1, max_wait_s=0.01, connect_wait_s=0.05) as c, pytest.raises(httpx.ConnectError):
         c.generate("a ring", seed=1)
 
 
