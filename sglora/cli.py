@@ -126,6 +126,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: give a FILE.safetensors or a FILE.zip (a zipped PEFT adapter folder)")
     if problem := output_path_problem(out, "--out"):  # before the work; a failed write named the temporary file
         raise ValueError(problem)
+    # A LoRA written over an artefact (a pinned file, an expert) left the directory refused by every command.
+    root = Path(os.path.realpath(args.artifacts))
+    if root in Path(os.path.realpath(out)).parents:
+        raise ValueError(f"--out {out} is inside the artefact directory {args.artifacts}: write the LoRA elsewhere")
     unused = [
         flag
         for flag, value, used in (

@@ -144,6 +144,30 @@ def test_generate_cli_warns_of_options_the_method_ignores(tiny_artifacts_session
     assert "warning" not in capsys.readouterr().err
 
 
+def test_generate_cli_never_writes_into_the_artefact_directory(tiny_artifacts_session, capsys):
+    """--out art/generator/cvae.safetensors wrote the LoRA over the generator: every command then refused
+    the directory (sha256 mismatch). Any path inside it is refused, before anything is made."""
+    before = sorted(p.relative_to(tiny_artifacts_session) for p in tiny_artifacts_session.rglob("*"))
+    for out in (tiny_artifacts_session / "generator" / "cvae.safetensors", tiny_artifacts_session / "loras" / "a.safetensors"):
+        argv = ["generate", "a photo of a circle", "--artifacts", str(tiny_artifacts_session), "--out", str(out)]
+        assert main(argv) == 2
+        assert "is inside the artefact directory" in capsys.readouterr().err
+    assert sorted(p.relative_to(tiny_artifacts_session) for p in tiny_artifacts_session.rglob("*")) == before
+
+
+def test_a_pipeline_into_a_path_that_is_not_utf8_is_refused_before_any_work(tiny_config, tmp_path):
+    """safetensors writes UTF-8 paths only: the experts were trained, then the repository stage failed with
+    a traceback, and every rerun again."""
+    import os
+
+    from training.pipeline import run_pipeline
+
+    out = tmp_path / os.fsdecode(b"art\xfe")
+    with pytest.raises(ValueError, match=r"art\\xfe: the artefact directory's path is not valid UTF-8"):
+        run_pipeline(tiny_config, out)
+    assert not out.exists()
+
+
 def test_generate_cli_checks_its_out_path_first_and_names_it(tmp_path, capsys, monkeypatch):
     """A bad --out was found after the artefacts loaded and the LoRA was made, and named the temporary file."""
     from sglora import artifacts

@@ -1118,6 +1118,11 @@ def run_pipeline(
     if keep_unchanged is None:
         keep_unchanged = tuple(stages) == art.STAGES
     out = Path(os.path.realpath(out))  # links followed, then "..": mkdir of "q/../r" made "q" too, and left it
+    try:  # safetensors takes UTF-8 paths only: such a folder failed after the experts were trained, every rerun too
+        os.fsencode(out).decode("utf-8")
+    except UnicodeDecodeError:
+        shown = os.fsencode(out).decode("utf-8", "backslashreplace")
+        raise ValueError(f"{shown}: the artefact directory's path is not valid UTF-8 (safetensors cannot write there)") from None
     created = [d for d in (out, *out.parents) if not d.exists()]  # this run's folders, innermost first
     if "experts" in stages:
         if out.is_dir():  # another's folder is refused before the lock: its lock file would be left in it
