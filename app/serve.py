@@ -32,6 +32,7 @@ from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError, settings_error
 from app.worker import abandoned_threads
 from sglora.cli import EXIT_USAGE, port_number, seconds
+from sglora.devices import resolve_device
 
 
 def root_path(value: str) -> str:
@@ -149,6 +150,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if settings.artifacts is None:  # before uvicorn, the app and torch load: nothing to serve
         print(f"{parser.prog}: error: no artefact directory: pass --artifacts DIR or set SGLORA_ARTIFACTS", file=sys.stderr)
         return EXIT_USAGE
+    if args.device:  # named as given (the start-up check names SGLORA_DEVICE, which --device sets)
+        try:
+            resolve_device(args.device, "--device")
+        except ValueError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,

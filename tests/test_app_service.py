@@ -288,6 +288,10 @@ def test_a_cuda_device_without_cuda_is_refused_at_start_up(tiny_artifacts_sessio
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode != 0 and "cannot start: SGLORA_DEVICE=cuda: CUDA is not available" in p.stderr
     assert "Traceback" not in p.stderr
+    env["SGLORA_DEVICE"] = "auto"  # --device given: named as given, the user set no SGLORA_DEVICE
+    p = subprocess.run([*cmd, "--device", "cuda"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "error: --device=cuda: CUDA is not available" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_wait_ready_reports_a_server_that_dies_with_its_stderr(tmp_path):
