@@ -76,6 +76,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
+    except OSError as e:
+        # Named by the file being written: a failed write ("[Errno 27] File too large") named no file, or the
+        # temporary one beside it, which is gone by the time anyone reads the message.
+        if e.errno is not None and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

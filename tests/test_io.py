@@ -59,3 +59,23 @@ def test_a_failed_weights_write_is_an_os_error(tmp_path):
     assert p.stdout.startswith(f"OSError: {target}: ") and "File too large" in p.stdout, p.stdout + p.stderr
     save_safetensors_file({"w": torch.ones(3)}, tmp_path / "w.safetensors", {"k": "v"})
     assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], torch.ones(3))
+
+
+def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path):
+    """A write cut short by a file size limit said "[Errno 27] File too large" and no file (sglora evaluate
+    printed just that), or named the temporary file beside the target, gone by then."""
+    code = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from sglora.io import write_bytes\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    write_bytes(Path(sys.argv[1]), b'x' * (1 << 20))\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    target = tmp_path / "eval" / "results.json"
+    p = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == f"OSError [Errno 27] File too large: '{target}'", p.stdout + p.stderr
+    assert sorted(q.name for q in target.parent.iterdir()) == []  # nothing half-written left
