@@ -403,5 +403,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def entry() -> None:
+    """The ``sglora`` command: :func:`main`, then its status. A Ctrl-C while the interpreter shuts down (a
+    second with torch loaded) killed a finished run by SIGINT, with no message, its work committed and
+    reported: once main has returned, SIGINT is ignored."""
+    status = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
