@@ -120,12 +120,17 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def is_json(media: str) -> bool:
+    """Whether a :func:`media_type` is JSON: application/json, or a JSON-based application/...+json."""
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def require_json_body(request: Request) -> None:
     """The JSON endpoints' body must be sent as JSON. FastAPI reads a body of another Content-Type, or of
     none, as raw bytes and refuses it as "not a valid dictionary", which hides the cause (``curl -d``
     sends application/x-www-form-urlencoded)."""
     media = media_type(request)
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+    if is_json(media):
         return
     sent = f"not {media}" if media else "the request had none"
     raise APIError(415, "Content-Type", f"send the body as JSON (Content-Type: application/json); {sent}")
@@ -166,8 +171,7 @@ class JsonRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            media = media_type(request)
-            if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+            if is_json(media_type(request)):
                 request = _StrictJsonRequest(request.scope, request.receive)
                 try:
                     await request.json()
