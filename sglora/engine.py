@@ -377,7 +377,8 @@ class Engine:
     def _resolve(self, r: Request) -> tuple[str, int | None, int, float | None]:
         """A request with defaults filled in; ValueError naming the bad field. The default top_k is at most
         the number of experts (a repository edited since the engine was made may hold fewer)."""
-        top_k = min(self.top_k, len(self.repository)) if r.top_k is None else _integer(r.top_k, "top_k")
+        n = len(self.repository)
+        top_k = min(self.top_k, n) if r.top_k is None else _integer(r.top_k, "top_k")
         temperature = self.temperature if r.temperature is None else r.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise ValueError(f"temperature must be a number, got {type(temperature).__name__}")
@@ -389,16 +390,15 @@ class Engine:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
         # A top_k or temperature given is checked for every method, as the service checks it: model-soup's
         # top_k of 99 (or 0) and its temperature of 0 were taken without a word because model-soup uses neither.
-        n = len(self.repository)
         if r.top_k is not None and not 1 <= top_k <= n:
             raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
         if r.temperature is not None:
             check_temperature(temperature)
         if r.method in EVERY_EXPERT_METHODS:
-            top_k = len(self.repository)
-        if r.method in EQUAL_WEIGHT_METHODS:  # no softmax: none recorded (adapter-soup's top_k: select_experts)
+            top_k = n
+        if r.method in EQUAL_WEIGHT_METHODS:  # no softmax: no temperature recorded
             return r.method, None, top_k, None
-        if r.method not in SAMPLING_METHODS:  # top_k and temperature are checked by select_experts
+        if r.method not in SAMPLING_METHODS:  # deterministic: no seed
             return r.method, None, top_k, temperature
         if self.generator is None:
             raise ValueError(f"method {r.method!r} needs a trained generator; these artefacts have none")
