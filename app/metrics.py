@@ -25,6 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,6 +57,17 @@ MODEL_ENDPOINTS = ("/generate", "/generate/preview", "/generate/batch", "/retrie
 ALERTED_STATUSES = ("200", "429", "500", "503", "504")
 # sglora_requests_total{method}: HTTP accepts any token as a method, and each made-up one would add series for good.
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` in a /metrics text whose labels include ``labels`` (0 where none
+    match): how the benchmarks and the tests read the service from outside."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def single_process_metrics() -> None:

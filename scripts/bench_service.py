@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 
 from app import processes
+from app.metrics import metric_sum
 from sglora.io import output_path_problem, write_json
 
 BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
@@ -230,18 +231,6 @@ class CpuMeter:
         busy = u["server"] + u["clients"] + (u["redis"] if math.isfinite(u["redis"]) else 0.0)  # Redis unread: left out
         out["cores"] = busy / u["wall"] if u["wall"] else float("nan")
         return out
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples ``name`` in a /metrics text whose labels include ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def metric_delta(before: str, after: str, name: str, **labels: str) -> float:

@@ -23,6 +23,7 @@ from safetensors.torch import save
 
 from app.deps import key_matches
 from app.main import create_app
+from app.metrics import metric_sum
 from expert_store.repository import ExpertRepository
 from sglora.export import safetensors_bytes, to_peft_tensors
 
@@ -498,17 +499,10 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
 def test_refusals_before_routing_are_counted_under_their_endpoint(served):
     """The body limit answers 413 before FastAPI routes the request: the metric still names the route
     template (an unknown path stays 'other')."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     client, _, _ = served
 
     def count(endpoint: str, status: str) -> float:
-        samples = (s for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples)
-        return sum(
-            s.value
-            for s in samples
-            if s.name == "sglora_requests_total" and s.labels["endpoint"] == endpoint and s.labels["status"] == status
-        )
+        return metric_sum(client.get("/metrics").text, "sglora_requests_total", endpoint=endpoint, status=status)
 
     before, other = count("/generate", "413"), count("other", "404")
     too_big = {"Content-Length": str(10**9), "Content-Type": "application/json"}  # refused from the header alone
@@ -598,14 +592,7 @@ def test_a_misspelt_setting_is_named_at_start_up(make_settings, monkeypatch, cap
 
 
 def _requests_with_status(c, status: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(c.get("/metrics").text)
-        for s in f.samples
-        if s.name == "sglora_requests_total" and s.labels.get("status") == status
-    )
+    return metric_sum(c.get("/metrics").text, "sglora_requests_total", status=status)
 
 
 def test_an_upload_is_refused_before_its_body_is_read_while_the_queue_is_full(make_settings):

@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 
 from app import processes, runtime
 from app.main import create_app
+from app.metrics import metric_sum
 from app.settings import Settings
 from sglora.artifacts import ArtifactError
 from sglora.engine import MAX_PASS_ROWS
@@ -340,6 +341,11 @@ async def test_health_ready_and_metrics(make_settings):
     assert value[("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "422")))] == 1
     assert value[("sglora_cache_events_total", (("result", "hit"),))] == 1
     assert value[("sglora_cache_events_total", (("result", "miss"),))] == 1
+    # metric_sum (the benchmarks' and tests' reader): every matching series summed, 0 where none matches
+    assert metric_sum(text, "sglora_requests_total", endpoint="/generate") == 3
+    assert metric_sum(text, "sglora_requests_total", endpoint="/generate", status="422") == 1
+    assert metric_sum(text, "sglora_cache_events_total") == 2
+    assert metric_sum(text, "sglora_requests_total", endpoint="/nowhere") == 0
     # One model job, the miss's: the start-up's warm-up and batching check are not requests, and not counted.
     for stage in ("queue", "text_encoding", "prior", "sampling", "serialisation"):
         assert value[("sglora_stage_duration_seconds_count", (("stage", stage),))] == 1, stage

@@ -6,24 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from app.metrics import metric_sum
 from app.worker import REQUEST_DEADLINE, Deadline, WorkerTimeout
 from tests.app_helpers import block_worker, serving, until
 
 
-def counter(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 async def made(client) -> float:
     """LoRA files made on the model threads so far (one serialisation each)."""
-    return counter((await client.get("/metrics")).text, "sglora_stage_duration_seconds_count", stage="serialisation")
+    return metric_sum((await client.get("/metrics")).text, "sglora_stage_duration_seconds_count", stage="serialisation")
 
 
 @pytest.mark.anyio
@@ -43,8 +34,8 @@ async def test_identical_requests_in_flight_are_generated_once(make_settings):
         assert other.headers["x-cache"] == "miss"
         assert await made(client) - before == 2
         metrics = (await client.get("/metrics")).text
-        assert counter(metrics, "sglora_generations_shared_total") == 7
-        assert counter(metrics, "sglora_cache_memory_hits_total") >= 7  # no Redis asked: out of the degraded alert
+        assert metric_sum(metrics, "sglora_generations_shared_total") == 7
+        assert metric_sum(metrics, "sglora_cache_memory_hits_total") >= 7  # no Redis asked: out of the degraded alert
 
 
 @pytest.mark.anyio
@@ -109,8 +100,8 @@ async def test_an_earlier_deadline_does_not_fail_a_later_request(make_settings):
         lora = await later
         assert lora.cache == "hit"  # the LoRA of the generation the first request began
         metrics = (await client.get("/metrics")).text
-        assert counter(metrics, "sglora_rejected_total", reason="timeout") == 1
-        assert counter(metrics, "sglora_generations_shared_total") == 1
+        assert metric_sum(metrics, "sglora_rejected_total", reason="timeout") == 1
+        assert metric_sum(metrics, "sglora_generations_shared_total") == 1
 
 
 @pytest.mark.anyio
@@ -146,10 +137,10 @@ async def test_a_request_waits_no_longer_than_its_own_deadline_and_counts_its_ca
         lora = await first  # its timeout left the generation running
         assert lora.cache == "miss"
         after = (await client.get("/metrics")).text
-        assert counter(after, "sglora_rejected_total", reason="timeout") == 1
-        assert counter(after, "sglora_generations_shared_total") == 0
+        assert metric_sum(after, "sglora_rejected_total", reason="timeout") == 1
+        assert metric_sum(after, "sglora_generations_shared_total") == 0
         events = sum(
-            counter(after, "sglora_cache_events_total", result=r) - counter(before, "sglora_cache_events_total", result=r)
+            metric_sum(after, "sglora_cache_events_total", result=r) - metric_sum(before, "sglora_cache_events_total", result=r)
             for r in ("hit", "miss", "error")
         )
         assert events == 2  # one per request: the lookup's miss, and the 504's
@@ -165,9 +156,9 @@ async def test_with_the_cache_off_a_shared_generation_is_a_miss_for_every_reques
         assert [r.headers["x-cache"] for r in answers] == ["miss"] * 3 and len({r.content for r in answers}) == 1
         assert await made(client) - before == 1
         metrics = (await client.get("/metrics")).text
-        assert counter(metrics, "sglora_generations_shared_total") == 2
-        assert counter(metrics, "sglora_cache_events_total", result="hit") == 0
-        assert counter(metrics, "sglora_cache_memory_hits_total") == 0
+        assert metric_sum(metrics, "sglora_generations_shared_total") == 2
+        assert metric_sum(metrics, "sglora_cache_events_total", result="hit") == 0
+        assert metric_sum(metrics, "sglora_cache_memory_hits_total") == 0
 
 
 @pytest.mark.anyio
