@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import itertools
 import logging
+import numbers
 import os
 import re
 import threading
@@ -180,6 +181,7 @@ class ExpertRepository:
         # index said): what the next index records. A file is never hashed again from disk for an index, which
         # would pin whatever the file became meanwhile (bytes corrupted on disk, loaded no more, approved).
         self._file_sha256: dict[str, str] = {}
+        self._changes = 0  # see changes
         for e in experts or []:
             self.add(e)
 
@@ -197,6 +199,18 @@ class ExpertRepository:
     def __getitem__(self, name: str) -> Expert:
         return self._experts[name]
 
+    @property
+    def index_sha256(self) -> str | None:
+        """The sha256 of the index this object loaded or last wrote; None: it has written none."""
+        return self._index_sha256
+
+    @property
+    def changes(self) -> int:
+        """Experts added or removed since this object was made (a load adds each): equal values, the same
+        experts. For what is worked out per state of the repository and must survive an empty one (the
+        artefact version: :attr:`sglora.artifacts.Artifacts.version`)."""
+        return self._changes
+
     def row_keys(self) -> list[int]:
         """A key per expert, in :attr:`names` order (the rows of :meth:`stacked`), new for every expert
         added, within the process: an expert removed and added again gets a new one. For caches of values
@@ -210,8 +224,17 @@ class ExpertRepository:
         check_name(expert.name)
         if expert.name in self._experts:
             raise ValueError(f"expert {expert.name!r} already exists")
-        if not expert.description or not expert.description.strip():
+        if not isinstance(expert.description, str):
+            raise TypeError(f"expert {expert.name!r}: description must be a str, got {type(expert.description).__name__}")
+        if not expert.description.strip():
             raise ValueError(f"expert {expert.name!r}: description must not be empty")
+        for what in ("mean", "variance", "embedding"):
+            if not isinstance(value := getattr(expert, what), torch.Tensor) or not value.is_floating_point():
+                got = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TypeError(f"expert {expert.name!r}: {what} must be a floating-point torch.Tensor, got {got}")
+        n = expert.num_snapshots
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"expert {expert.name!r}: num_snapshots must be an integer >= 1, got {n!r}")
         p = self.spec.num_params
         if tuple(expert.mean.shape) != (p,) or tuple(expert.variance.shape) != (p,):
             raise ValueError(
@@ -225,11 +248,14 @@ class ExpertRepository:
         if (expert.variance < 0).any():
             raise ValueError(f"expert {expert.name!r}: variance has negative entries")
         self._experts[expert.name] = replace(
-            expert, **{k: getattr(expert, k).detach().float().cpu() for k in ("mean", "variance", "embedding")}
+            expert,
+            num_snapshots=int(n),
+            **{k: getattr(expert, k).detach().float().cpu() for k in ("mean", "variance", "embedding")},
         )
         self._file_sha256.pop(expert.name, None)  # in memory only, until written
         self._row_keys[expert.name] = next(_ROW_KEYS)
         self._stack = None
+        self._changes += 1
 
     def remove(self, name: str) -> Expert:
         if name not in self._experts:
@@ -238,6 +264,7 @@ class ExpertRepository:
         self._file_sha256.pop(name, None)
         self._row_keys.pop(name, None)
         e = self._experts.pop(name)
+        self._changes += 1
         # Its own copies: rows of the stack would keep the whole former stack alive as long as it is held.
         return replace(e, mean=e.mean.clone(), variance=e.variance.clone(), embedding=e.embedding.clone())
 
@@ -277,7 +304,8 @@ class ExpertRepository:
         return stack
 
     # ---- persistence -------------------------------------------------------------------------
-    def _index(self) -> dict:
+    def _index(self, digests: dict[str, str] | None = None) -> dict:
+        digests = self._file_sha256 if digests is None else digests
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -293,7 +321,7 @@ class ExpertRepository:
                     "description": e.description,
                     "num_snapshots": e.num_snapshots,
                     "file": f"{EXPERTS_DIR}/{e.name}.safetensors",
-                    "sha256": self._file_sha256[e.name],
+                    "sha256": digests[e.name],
                 }
                 for e in self._experts.values()
             ],
@@ -307,11 +335,15 @@ class ExpertRepository:
                 f"experts {unwritten} were added in memory and never written: save() the repository to write them all"
             )
 
-    def _write_expert(self, directory: Path, e: Expert) -> None:
-        """Writes an expert's file (atomic; bytes that depend on its content alone) and keeps their sha256."""
+    @staticmethod
+    def _expert_bytes(e: Expert) -> bytes:
         tensors = {"mean": e.mean, "variance": e.variance, "embedding": e.embedding}
         metadata = {"name": e.name, "description": e.description, "num_snapshots": str(e.num_snapshots)}
-        data = safetensors_file(tensors, metadata)
+        return safetensors_file(tensors, metadata)
+
+    def _write_expert(self, directory: Path, e: Expert) -> None:
+        """Writes an expert's file (atomic; bytes that depend on its content alone) and keeps their sha256."""
+        data = self._expert_bytes(e)
         write_bytes(directory / EXPERTS_DIR / f"{e.name}.safetensors", data)
         self._file_sha256[e.name] = hashlib.sha256(data).hexdigest()
 
@@ -340,6 +372,14 @@ class ExpertRepository:
         this code (an index loaded as written by another release differs in its ``code_version``)."""
         return json_bytes(self._index())
 
+    def state_index_bytes(self) -> bytes:
+        """:meth:`index_bytes`, where an expert added in memory and not written yet is named by the sha256 of
+        the file it would be written as: bytes that name this state of the experts, written or not."""
+        digests = {
+            n: self._file_sha256.get(n) or hashlib.sha256(self._expert_bytes(e)).hexdigest() for n, e in self._experts.items()
+        }
+        return json_bytes(self._index(digests))
+
     def _write_index(self, directory: Path) -> None:
         # The digest of the bytes written, known before the rename: nothing can fail after it.
         data = self.index_bytes()
@@ -364,14 +404,26 @@ class ExpertRepository:
                 "load it again before changing it"
             )
 
+    def _change_target(self, directory: str | Path) -> Path:
+        """The folder of a change, made where this repository was made in memory. One this repository was loaded
+        from or saved to must hold an index (a missing folder or a file is :class:`RepositoryChanged`, as a
+        changed index is); the lock itself would fail there with the lock file's path."""
+        directory = Path(directory)
+        if self._index_sha256 is None:
+            directory.mkdir(parents=True, exist_ok=True)
+        elif not (directory / INDEX_FILE).is_file():
+            raise RepositoryChanged(
+                f"{directory} holds no expert repository ({INDEX_FILE}); this repository was loaded from or saved to "
+                "another folder: change it there, or save() it here first"
+            )
+        return directory
+
     def add_and_save(self, expert: Expert, directory: str | Path, lock_timeout_s: float | None = None) -> None:
         """Adds an expert and persists it: expert file first, then the index, both atomic, under the lock.
         ``directory``: the one this repository was loaded from or saved to, or (for a repository made in
         memory) a fresh one, created if missing; else :class:`RepositoryChanged`. ``lock_timeout_s``: at most
         that long waiting for the lock (None: as long as it takes), then :class:`RepositoryBusy`, nothing changed."""
-        directory = Path(directory)
-        if self._index_sha256 is None:
-            directory.mkdir(parents=True, exist_ok=True)
+        directory = self._change_target(directory)
         with locked(directory, timeout_s=lock_timeout_s) as held:
             _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
@@ -379,7 +431,7 @@ class ExpertRepository:
             self.add(expert)
             path = directory / EXPERTS_DIR / f"{expert.name}.safetensors"
             try:
-                self._write_expert(directory, expert)
+                self._write_expert(directory, self._experts[expert.name])  # the float32 CPU copy add() keeps
                 self._write_index(directory)
             except BaseException:
                 self._experts.pop(expert.name, None)
@@ -392,7 +444,7 @@ class ExpertRepository:
     def remove_and_save(self, name: str, directory: str | Path, lock_timeout_s: float | None = None) -> Expert:
         """Removes an expert: index first (atomic), then its file, under the lock (``lock_timeout_s``: see
         :meth:`add_and_save`)."""
-        directory = Path(directory)
+        directory = self._change_target(directory)
         with locked(directory, timeout_s=lock_timeout_s) as held:
             _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
@@ -470,7 +522,10 @@ class ExpertRepository:
             missing = {"mean", "variance", "embedding"} - set(t)
             if missing:
                 raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
-            repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
+            try:
+                repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
+            except (TypeError, ValueError) as e:  # an index edited by hand: its description or snapshot count
+                raise ValueError(f"{directory / INDEX_FILE}: {e}") from None
             e = repo._experts[name]
             rows = [part[i] for part in stack]
             for row, value in zip(rows, (e.mean, e.variance, e.embedding), strict=True):

@@ -1,7 +1,9 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, RepositoryChanged, check_name
 
@@ -75,7 +77,21 @@ def test_rejects_bad_experts(tiny_backbone):
         repo.add(Expert("e0", "d", torch.zeros(p), torch.zeros(p), torch.zeros(d), 1))
     with pytest.raises(ValueError, match="empty"):
         repo.add(Expert("new", "  ", torch.zeros(p), torch.zeros(p), torch.zeros(d), 1))
+    # Wrong types are named, not an AttributeError from deep inside (a numpy mean, a list, an int description)
+    with pytest.raises(TypeError, match="mean must be a floating-point torch.Tensor, got ndarray"):
+        repo.add(Expert("new", "d", torch.zeros(p).numpy(), torch.zeros(p), torch.zeros(d), 1))
+    with pytest.raises(TypeError, match="embedding must be a floating-point torch.Tensor, got list"):
+        repo.add(Expert("new", "d", torch.zeros(p), torch.zeros(p), [0.0] * d, 1))
+    with pytest.raises(TypeError, match="variance must be a floating-point torch.Tensor, got a torch.int64 tensor"):
+        repo.add(Expert("new", "d", torch.zeros(p), torch.zeros(p, dtype=torch.long), torch.zeros(d), 1))
+    with pytest.raises(TypeError, match="description must be a str, got int"):
+        repo.add(Expert("new", 7, torch.zeros(p), torch.zeros(p), torch.zeros(d), 1))
+    for n in (0, -1, 2.5, "five", True):
+        with pytest.raises(ValueError, match="num_snapshots must be an integer >= 1"):
+            repo.add(Expert("new", "d", torch.zeros(p), torch.zeros(p), torch.zeros(d), n))
     assert repo.names == ["e0"]
+    repo.add(Expert("new", "d", torch.zeros(p), torch.zeros(p), torch.zeros(d), np.int64(3)))  # a numpy integer: kept as int
+    assert type(repo["new"].num_snapshots) is int and repo["new"].num_snapshots == 3
 
 
 # "disc\n": once let through by the pattern's "$"
@@ -103,6 +119,10 @@ def test_corrupt_expert_file_is_refused(tiny_backbone, tmp_path):
         (lambda index: {k: v for k, v in index.items() if k != "embed_dim"}, r"malformed index \(KeyError: field 'embed_dim'\)"),
         (lambda index: {**index, "experts": [7]}, r"malformed index \(TypeError"),
         (lambda index: {**index, "lora": "x"}, r"malformed index \(TypeError"),
+        (
+            lambda index: {**index, "experts": [{**index["experts"][0], "num_snapshots": "lots"}]},
+            "expert 'e0': num_snapshots must be an integer >= 1, got 'lots'",
+        ),
     ],
 )
 def test_a_malformed_index_is_named(tiny_backbone, tmp_path, edit, needle):
@@ -423,6 +443,56 @@ def test_experts_are_kept_as_float32(tiny_backbone):
     assert all(t.dtype == torch.float32 for t in repo.stacked())
     assert repo["wide"].mean.dtype == torch.float32
     torch.testing.assert_close(repo["wide"].mean, snaps.mean(0).float())
+
+
+def test_an_expert_added_and_saved_is_written_as_the_float32_copy_it_keeps(tiny_backbone, tmp_path):
+    """add_and_save wrote the caller's float64 tensors (twice the bytes, another sha256 than a later save's)."""
+    p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
+    _repo(tiny_backbone, 1).save(tmp_path)
+    repo = ExpertRepository.load(tmp_path)
+    wide = Expert(
+        "wide",
+        "a float64 expert",
+        torch.randn(p, dtype=torch.float64),
+        torch.rand(p, dtype=torch.float64),
+        torch.randn(d, dtype=torch.float64),
+        3,
+    )
+    repo.add_and_save(wide, tmp_path)
+    written = load_file(str(tmp_path / "experts" / "wide.safetensors"))
+    assert all(t.dtype == torch.float32 for t in written.values())
+    torch.testing.assert_close(written["mean"], wide.mean.float(), rtol=0, atol=0)
+    before = (tmp_path / INDEX_FILE).read_bytes()
+    repo.save(tmp_path)  # the same files again: same bytes, same index
+    assert (tmp_path / INDEX_FILE).read_bytes() == before
+    assert ExpertRepository.load(tmp_path).names == ["e0", "wide"]
+
+
+def test_a_change_into_a_folder_without_the_repository_is_refused_by_name(tiny_backbone, tmp_path):
+    """A loaded repository changed into another folder: a missing one failed on its lock file's path
+    (FileNotFoundError), a file as NotADirectoryError."""
+    _repo(tiny_backbone, 2).save(tmp_path / "repo")
+    repo = ExpertRepository.load(tmp_path / "repo")
+    (tmp_path / "a-file").write_text("x")
+    for target in (tmp_path / "new", tmp_path / "a-file"):
+        with pytest.raises(RepositoryChanged, match=f"{target} holds no expert repository"):
+            repo.add_and_save(_late(tiny_backbone), target)
+        with pytest.raises(RepositoryChanged, match=f"{target} holds no expert repository"):
+            repo.remove_and_save("e0", target)
+    assert not (tmp_path / "new").exists() and repo.names == ["e0", "e1"]
+    assert ExpertRepository.load(tmp_path / "repo").names == ["e0", "e1"]
+
+
+def test_state_index_bytes_name_every_state_and_are_the_index_once_written(tiny_backbone, tmp_path):
+    repo = _repo(tiny_backbone, 2)
+    unwritten = repo.state_index_bytes()  # experts added in memory: named by the digests of their files-to-be
+    repo.save(tmp_path)
+    assert unwritten == repo.state_index_bytes() == repo.index_bytes() == (tmp_path / INDEX_FILE).read_bytes()
+    changes = repo.changes
+    removed = repo.remove("e1")
+    assert repo.changes == changes + 1 and repo.state_index_bytes() != unwritten
+    repo.add(removed)
+    assert repo.changes == changes + 2 and repo.state_index_bytes() == unwritten  # the same experts, in the same order
 
 
 def test_stacked_experts_hold_their_values_once_and_write_the_same_files(tiny_backbone, tmp_path):
