@@ -19,20 +19,22 @@ and embedding size across parts, and refuses with a message naming the problem.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
-from expert_store.repository import ExpertRepository
+from expert_store.repository import INDEX_FILE, ExpertRepository
 from models.backbone import BACKBONE_FILE, Backbone, BackboneConfig, load_backbone
 from models.cvae import CVAE, CVAEConfig
 from sglora import __version__
-from sglora.devices import DEVICE_PATTERN, resolve_device
+from sglora.devices import resolve_device
 from sglora.engine import Engine, Generation
 from sglora.io import read_json, sha256_file, write_json, write_safetensors
 
@@ -282,13 +284,34 @@ class Artifacts:
     repository: ExpertRepository
     generator: CVAE | None
     engine: Engine
+    manifest_bytes: bytes = field(default=b"", repr=False)  # the manifest as loaded: what the version hashes
+    _version: tuple[int, str] | None = field(default=None, init=False, repr=False)  # (repository.changes, version)
 
     @property
     def version(self) -> str:
-        return artefact_version(self.root)
+        """The artefact version (cache keys, a LoRA file's metadata) of the experts this object generates from:
+        the directory's as loaded; after a change of :attr:`repository` (``add_and_save``, ``remove_and_save``,
+        or in memory alone), that of the manifest as loaded and the repository's index now. A change another
+        process makes on disk is not this object's: load the directory again to generate from it."""
+        changes = self.repository.changes
+        if self._version is None or self._version[0] != changes:
+            self._version = (changes, version_of(self.manifest_bytes, self.repository.state_index_bytes()))
+        return self._version[1]
 
     def snapshots(self, task: str) -> torch.Tensor:
-        return load_file(str(self.root / "snapshots" / f"{task}.safetensors"))["snapshots"]
+        """The (M, P) LoRA snapshots the experts stage trained for ``task``, checked against the manifest's
+        sha256; KeyError naming the task where the manifest pins none (an unknown task, or a path)."""
+        rel = f"snapshots/{task}.safetensors"
+        digest = self.manifest.get("files", {}).get(rel) if isinstance(task, str) and "/" not in task else None
+        if digest is None:
+            raise KeyError(f"{self.root}: no snapshots of a task {task!r} (the manifest pins none)")
+        try:
+            data = (self.root / rel).read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.root / rel}: missing (the manifest pins it)") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ArtifactError(f"{self.root / rel}: sha256 mismatch with the manifest (corrupt or replaced)")
+        return load_safetensors(data)["snapshots"]
 
     def check_description_length(self, description: str) -> None:
         """ValueError where the text tower would cut ``description`` short (it would then make the LoRA of
@@ -317,6 +340,8 @@ class Artifacts:
         from sglora.export import generation_metadata, hf_base_model, peft_zip_bytes, safetensors_bytes
         from sglora.text import clean_description
 
+        if not isinstance(zipped, bool):
+            raise TypeError(f"zipped must be True or False, got {zipped!r}")
         description = clean_description(description)
         self.check_description_length(description)
         g = self.engine.generate(self.engine.embed([description])[0], method, seed=seed, top_k=top_k, temperature=temperature)
@@ -327,14 +352,27 @@ class Artifacts:
         return safetensors_bytes(spec, g.lora, meta), g
 
 
+def _holds(data: bytes, value: object) -> bool:
+    """Whether the JSON ``data`` reads as ``value``."""
+    try:
+        return json.loads(data) == value
+    except ValueError:  # UnicodeDecodeError too
+        return False
+
+
 def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require_generator: bool = True) -> Artifacts:
     """Loads and cross-checks a whole artefact directory; raises :class:`ArtifactError` naming what is wrong.
     ``device``: a torch device, or a name as the CLI takes it ('auto': CUDA where torch sees a GPU, else
-    the CPU); a CUDA device that is not there is a ValueError saying so, before any file is read."""
-    if isinstance(device, str) and DEVICE_PATTERN.fullmatch(device):
-        device = resolve_device(device)
+    the CPU); another device (an unknown name, 'meta', 'mps') or a CUDA device that is not there is a
+    ValueError saying so, before any file is read."""
+    if isinstance(device, torch.device):
+        device = str(device)  # 'cpu', 'cuda:0', 'meta', ...
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a torch.device or a name (auto, cpu, cuda, cuda:N), got {type(device).__name__}")
+    device = resolve_device(device)
     root = Path(root)
     manifest = read_manifest(root)
+    manifest_bytes = (root / MANIFEST).read_bytes()  # read again: compared below with what was checked
     verify_files(root, manifest)
     stages = manifest.get("stages", {})
     for needed in ("experts", "repository") + (("generator",) if require_generator else ()):
@@ -376,4 +414,12 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         top_k=min(prior.get("top_k", 4), len(repository)),
         temperature=prior.get("temperature", 0.1),
     )
-    return Artifacts(root, manifest, config, backbone, repository, generator, engine)
+    a = Artifacts(root, manifest, config, backbone, repository, generator, engine, manifest_bytes)
+    try:
+        index_bytes = (root / "repository" / INDEX_FILE).read_bytes()
+    except OSError:
+        index_bytes = b""
+    if not _holds(manifest_bytes, manifest) or hashlib.sha256(index_bytes).hexdigest() != repository.index_sha256:
+        raise ArtifactError(f"{root}: changed while it was loaded (a pipeline run, an expert change); load it again")
+    a._version = (repository.changes, version_of(manifest_bytes, index_bytes))  # artefact_version(root), as loaded
+    return a

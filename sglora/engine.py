@@ -200,6 +200,10 @@ class Engine:
         sg-lora rows share CVAE passes whose row count never changes a row's bits (:attr:`pass_rows`),
         each row with its own seeded generator.
         """
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"embeddings must be a (B, D) torch.Tensor (embed's), got {type(embeddings).__name__}")
+        if not isinstance(requests, list | tuple) or not all(isinstance(r, Request) for r in requests):
+            raise TypeError("requests must be a list of sglora.engine.Request, one per row of the embeddings")
         if embeddings.dim() != 2 or embeddings.shape[0] != len(requests):
             raise ValueError(f"need one embedding row per request, got {tuple(embeddings.shape)} for {len(requests)}")
         if embeddings.shape[1] != self.repository.embed_dim:  # e.g. made by another artefact set's backbone
@@ -207,8 +211,11 @@ class Engine:
                 f"the embeddings are {embeddings.shape[1]}-d, this engine's experts {self.repository.embed_dim}-d: "
                 "embed the descriptions with this engine (embed) or its backbone"
             )
-        if not embeddings.is_floating_point() or not torch.isfinite(embeddings).all():
-            raise ValueError("the embeddings must be finite floating-point values")
+        # In float32, as the similarities are worked out: a finite float64 row can overflow there (NaN weights and
+        # a NaN LoRA), and a row of norm 0 or past float32's range has no direction (every similarity 0).
+        norms = torch.linalg.vector_norm(embeddings.float(), dim=1) if embeddings.is_floating_point() else None
+        if norms is None or not torch.isfinite(norms).all() or not (norms > 0).all():
+            raise ValueError("the embeddings must be floating-point rows of a finite, non-zero float32 norm")
         out: list[Generation | ValueError | None] = [None] * len(requests)
         means, variances, stored = self.repository.stacked()
         unit = self._unit_rows()

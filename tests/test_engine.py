@@ -130,6 +130,17 @@ def test_embedding_misuse_is_named(engine, tiny_artifacts_session):
         engine.generate(torch.randn(17), "sg-lora", seed=1)  # another backbone's embedding: was a torch RuntimeError
     with pytest.raises(ValueError, match="finite"):
         engine.generate(torch.full((32,), float("nan")), "topk-weighted")  # was NaN weights, silently
+    row = emb[0]
+    # Finite in float64, past float32 where the similarities are worked out: was a LoRA of NaNs, silently; a row
+    # whose float32 norm overflows, or of norm 0, had every similarity 0 (equal weights, an arbitrary top-K)
+    for bad in (row.double() * 1e300, row * 1e20, torch.zeros(32)):
+        with pytest.raises(ValueError, match="finite, non-zero float32 norm"):
+            engine.generate(bad, "sg-lora", seed=0)
+    assert torch.equal(engine.generate(row.double(), "sg-lora", seed=0).lora, engine.generate(row, "sg-lora", seed=0).lora)
+    with pytest.raises(TypeError, match=r"embeddings must be a \(B, D\) torch.Tensor \(embed's\), got ndarray"):
+        engine.generate_many(emb.numpy(), [Request("sg-lora", 0)])
+    with pytest.raises(TypeError, match="requests must be a list of sglora.engine.Request"):
+        engine.generate_many(emb, ["sg-lora"])
 
 
 def test_the_default_top_k_follows_a_repository_that_shrank(tiny_artifacts_session):
@@ -540,6 +551,16 @@ def test_load_artifacts_takes_the_clis_device_names(tiny_artifacts_session):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device=cuda:0: CUDA is not available"):
             load_artifacts(tiny_artifacts_session, "cuda:0")
+        with pytest.raises(ValueError, match="device=cuda: CUDA is not available"):  # a torch.device: was torch's error
+            load_artifacts(tiny_artifacts_session, torch.device("cuda"))
+    # Devices this project does not run on, and a bare index: named before any file is read (were torch's
+    # errors from inside the load, 'meta' a NotImplementedError)
+    for device in ("gpu", "CPU", "meta", torch.device("meta")):
+        with pytest.raises(ValueError, match="unknown device"):
+            load_artifacts(tiny_artifacts_session, device)
+    with pytest.raises(TypeError, match="device must be a torch.device or a name"):
+        load_artifacts(tiny_artifacts_session, 0)
+    assert load_artifacts(tiny_artifacts_session, torch.device("cpu")).backbone.device.type == "cpu"
 
 
 def test_an_exact_merge_applied_without_its_layout_names_it(engine):

@@ -674,6 +674,58 @@ def test_cli_description_is_normalised_as_the_service_does_and_zip_suffix_is_cas
     assert not (tmp_path / "u.safetensors").exists()
     with pytest.raises(TypeError, match="description must be a string, got int"):
         a.lora_file(42, seed=2)
+    with pytest.raises(TypeError, match="zipped must be True or False, got 'no'"):
+        a.lora_file("a photo of a circle", zipped="no")  # was a zip
+
+
+def test_a_tasks_snapshots_are_read_as_the_manifest_pins_them(tiny_artifacts):
+    from sglora.artifacts import ArtifactError, load_artifacts
+
+    a = load_artifacts(tiny_artifacts)
+    task = json.loads((tiny_artifacts / "splits.json").read_text())["experts"][0]
+    assert a.snapshots(task).shape[1] == a.backbone.spec.num_params
+    for bad in ("no-such-task", "../repository/experts/" + task, 7):  # were a raw FileNotFoundError, a KeyError
+        with pytest.raises(KeyError, match="no snapshots of a task"):
+            a.snapshots(bad)
+    path = tiny_artifacts / "snapshots" / f"{task}.safetensors"
+    damaged = bytearray(path.read_bytes())
+    damaged[-5] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ArtifactError, match="sha256 mismatch with the manifest"):  # was read unchecked
+        a.snapshots(task)
+    path.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        a.snapshots(task)
+
+
+def test_a_lora_files_version_is_that_of_the_experts_it_was_made_from(tiny_artifacts):
+    """Artifacts.version hashed the directory at every call while the experts came from memory: another
+    process's change on disk stamped the new version on a LoRA of the old experts, and a change in memory
+    kept the old version on a LoRA of other experts."""
+    from expert_store.repository import ExpertRepository
+    from sglora.artifacts import artefact_version, load_artifacts
+    from sglora.io import safetensors_metadata
+
+    a = load_artifacts(tiny_artifacts)
+    loaded = artefact_version(tiny_artifacts)
+    assert a.version == loaded
+    data, g = a.lora_file("a photo of a circle", "topk-weighted")
+    assert safetensors_metadata(data)["artifact_version"] == loaded
+    other = ExpertRepository.load(tiny_artifacts / "repository")  # another process's change
+    other.remove_and_save(g.experts[0].name, tiny_artifacts / "repository")
+    assert artefact_version(tiny_artifacts) != loaded
+    again, g2 = a.lora_file("a photo of a circle", "topk-weighted")
+    assert again == data and g2.experts == g.experts  # the experts this object holds, and their version
+    fresh = load_artifacts(tiny_artifacts)
+    assert fresh.version == artefact_version(tiny_artifacts) != loaded
+    # A change through the object: the version of the directory it leaves (or, in memory, of the state)
+    name = fresh.repository.names[0]
+    removed = fresh.repository.remove_and_save(name, tiny_artifacts / "repository")
+    assert fresh.version == artefact_version(tiny_artifacts)
+    fresh.repository.add(removed)
+    in_memory = fresh.version
+    assert in_memory not in (artefact_version(tiny_artifacts), loaded)
+    assert safetensors_metadata(fresh.lora_file("a photo of a circle", "topk-weighted")[0])["artifact_version"] == in_memory
 
 
 def test_a_rerun_retrains_a_snapshot_damaged_since_and_marks_the_later_stages_stale(tiny_artifacts, tiny_config, capsys):
