@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -61,6 +62,16 @@ class LoraSpec:
     scaling: str = "standard"
 
     def __post_init__(self) -> None:
+        # Plain values (a list of targets, numpy numbers) as plain types: the spec is hashed, and written as JSON.
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
+            raise TypeError(f"rank must be an integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
+            raise TypeError(f"alpha must be a number, got {self.alpha!r}")
+        if isinstance(self.targets, str | bytes) or not all(isinstance(t, LoraTarget) for t in self.targets):
+            raise TypeError("targets must be a sequence of LoraTarget")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "targets", tuple(self.targets))
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not 0 < self.alpha < math.inf:

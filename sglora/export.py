@@ -16,6 +16,7 @@ import re
 import struct
 import sys
 import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ def from_peft_tensors(spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> torch
         raise ValueError(f"missing tensor(s): {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     parts: dict[str, list] = {t.name: [None, None] for t in spec.targets}
     for key, (name, which) in expected.items():
+        if not isinstance(tensors[key], torch.Tensor):
+            raise TypeError(f"{key}: a {type(tensors[key]).__name__}, expected a torch.Tensor (safetensors.torch.load)")
         if not tensors[key].is_floating_point():  # an index or mask file, not LoRA weights
             raise ValueError(f"{key}: dtype {str(tensors[key].dtype).removeprefix('torch.')}, expected floating point")
         parts[name][which] = tensors[key].float()
@@ -119,6 +122,10 @@ def safetensors_bytes(spec: LoraSpec, vec: torch.Tensor, metadata: dict[str, Any
     for a ViT-B/16 LoRA's 72 tensors, longer on a model thread that waits for the GIL under load).
     tests/test_export.py checks the bytes against the library's.
     """
+    if not isinstance(vec, torch.Tensor):
+        raise TypeError(f"the LoRA must be a flat torch.Tensor, got {type(vec).__name__}")
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of names to values, got {type(metadata).__name__}")
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     order, entries = _file_layout(spec)
     # "__metadata__" sorts before every tensor name ("base_model...."), so it opens the sorted header.

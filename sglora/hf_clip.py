@@ -76,7 +76,7 @@ def _check_expressible(visual: nn.Module) -> None:
 def _square(value, what: str) -> int:
     a, b = (value, value) if isinstance(value, int) else tuple(value)
     if a != b:
-        raise ValueError(f"HF's CLIP takes square {what}s, this tower's is {a} x {b}")
+        raise ValueError(f"HF's CLIP takes a square {what}, this tower's is {a} x {b}")
     return int(a)
 
 
@@ -94,8 +94,8 @@ def hf_vision_config(model: nn.Module) -> dict:
         "intermediate_size": first.mlp.c_fc.out_features,
         "num_hidden_layers": len(blocks),
         "num_attention_heads": first.attn.num_heads,
-        "image_size": _square(visual.image_size, "image"),
-        "patch_size": _square(visual.patch_size, "patch"),
+        "image_size": _square(visual.image_size, "image size"),
+        "patch_size": _square(visual.patch_size, "patch size"),
         "num_channels": visual.conv1.in_channels,
         "hidden_act": acts.pop(),
         "layer_norm_eps": first.ln_1.eps,

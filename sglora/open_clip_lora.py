@@ -65,7 +65,10 @@ def _read_bytes(source: Source) -> bytes:
         return _unzipped(bytes(source))
     read = getattr(source, "read", None)
     if callable(read):  # an open file, io.BytesIO, a response body
-        data = read()
+        try:
+            data = read()
+        except UnicodeDecodeError:  # a text-mode file of safetensors bytes
+            data = ""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ValueError(f"the file object gave {type(data).__name__}, not bytes: open the file in binary mode ('rb')")
         return _unzipped(bytes(data))

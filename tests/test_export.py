@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load, save
 
 from models.lora import LoraSpec, LoraTarget
-from sglora.export import safetensors_bytes, to_peft_tensors
+from sglora.export import from_peft_tensors, safetensors_bytes, to_peft_tensors
 
 
 def library_bytes(spec, vec, metadata) -> bytes:
@@ -62,6 +62,13 @@ def test_a_vit_layout_gives_the_librarys_bytes_and_a_wrong_length_is_refused():
     for bad in (vec[:-1], vec.view(2, -1)):
         with pytest.raises(ValueError, match=rf"LoRA vector must have shape \({spec.num_params},\)"):
             safetensors_bytes(spec, bad, meta)
+    with pytest.raises(TypeError, match="the LoRA must be a flat torch.Tensor, got ndarray"):
+        safetensors_bytes(spec, vec.numpy(), meta)
+    with pytest.raises(TypeError, match="metadata must be a mapping of names to values, got NoneType"):
+        safetensors_bytes(spec, vec, None)
+    tensors = {k: v.numpy() for k, v in to_peft_tensors(spec, vec).items()}
+    with pytest.raises(TypeError, match="a ndarray, expected a torch.Tensor"):
+        from_peft_tensors(spec, tensors)
 
 
 def test_an_offline_zip_loads_in_peft_after_the_documented_conv_reshape(tmp_path):

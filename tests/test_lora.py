@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,16 @@ def test_spec_validation_and_round_trip():
         spec.unflatten(torch.zeros(spec.num_params + 1))
     with pytest.raises(ValueError, match="rows"):
         LoraTarget("b", "w", (0, 3), 3, 4)
+    # Plain values as plain types (a spec is hashed and written as JSON): a list of targets and numpy numbers
+    # were kept as given (an unhashable spec; a fingerprint that failed in json), a float or bool rank accepted.
+    same = LoraSpec([t], rank=np.int64(2), alpha=np.float32(4.0), scaling="rslora")
+    assert same == spec and hash(same) == hash(spec) and same.fingerprint() == spec.fingerprint()
+    assert type(same.rank) is int and type(same.alpha) is float and isinstance(same.targets, tuple)
+    for bad in (dict(rank=2.5), dict(rank=True), dict(rank="2"), dict(alpha="4"), dict(alpha=True)):
+        with pytest.raises(TypeError, match="rank must be an integer|alpha must be a number"):
+            LoraSpec((t,), **bad)
+    with pytest.raises(TypeError, match="targets must be a sequence of LoraTarget"):
+        LoraSpec(("a",))
 
 
 def test_conv_1x1_target_matches_merge():

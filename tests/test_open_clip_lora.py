@@ -156,6 +156,8 @@ def test_a_binary_file_object_is_read_and_a_text_one_is_refused(generated, refer
         torch.testing.assert_close(_embed(model, pixels), expected, rtol=0, atol=0)
     with open(path, encoding="latin-1") as f, pytest.raises(ValueError, match="binary mode"):
         merge_lora(model, f)
+    with open(path) as f, pytest.raises(ValueError, match="binary mode"):  # UTF-8 text: was a UnicodeDecodeError
+        merge_lora(model, f)
     with pytest.raises(ValueError, match="not int"):
         merge_lora(model, 3)
     assert _same(model, own)
@@ -224,6 +226,10 @@ def test_hf_vision_model_refuses_what_hf_clip_cannot_express(reference):
         hf_vision_model(model)
     with pytest.raises(ValueError, match="not an open_clip VisionTransformer: Linear"):
         hf_vision_model(torch.nn.Linear(2, 2))
+    wide = copy.deepcopy(reference.backbone.model)
+    wide.visual.patch_size = (8, 16)
+    with pytest.raises(ValueError, match="HF's CLIP takes a square patch size, this tower's is 8 x 16"):
+        hf_vision_model(wide)
 
 
 def test_a_peft_folder_or_its_zip_merges_as_the_file_does(client, generated, reference, tmp_path):
