@@ -311,7 +311,7 @@ class Service:
         cfg = artifacts.backbone.config
         self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
-        self._manifest = (artifacts.root / MANIFEST).read_bytes()  # what the version after an expert change hashes
+        self._manifest = artifacts.manifest_bytes  # as loaded: what the version after an expert change hashes
         self.state = self._state_of(artifacts.version)
         # Held by an expert change for its whole job (its checks, the in-memory change, the save with its
         # wait for the repository's lock, the new state's publication), and by readers of one expert's
