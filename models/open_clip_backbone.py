@@ -157,6 +157,20 @@ def mlp_activation(visual: nn.Module) -> str | None:
     return acts.pop() if len(acts) == 1 else None
 
 
+def tower_geometry(visual: nn.Module) -> dict | None:
+    """The depth and patch size of an open_clip ViT tower (``{"layers": 12, "patch_size": [16, 16]}``); None
+    where it has no blocks. Width is checked by the LoRA tensors' shapes; these two are not: a LoRA of a
+    ViT-B-32 fits a ViT-B-16 tensor for tensor, and one of a 2-block tower the first 2 blocks of a deeper
+    one. The LoRA files name them, and merge_lora compares."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None:
+        return None
+    geometry = {"layers": len(blocks)}
+    if (patch := getattr(visual, "patch_size", None)) is not None:
+        geometry["patch_size"] = [int(p) for p in (patch if isinstance(patch, tuple | list) else (patch, patch))]
+    return geometry
+
+
 def describe_config(config: BackboneConfig) -> str:
     """What :meth:`OpenClipBackbone.create` would build from ``config``, checked without weights (the
     architecture on the meta device): the model name, the weights' source, the activation and the LoRA
@@ -210,6 +224,7 @@ class OpenClipBackbone(Backbone):
         self.image_head = self.model.visual
         self.spec = lora_spec_for(self.model.visual, config)
         self.activation = mlp_activation(self.model.visual)  # named in every LoRA file's metadata
+        self.tower = tower_geometry(self.model.visual)  # so are the image tower's depth and patch size
         self.embed_dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else 0
         image_size = self.model.visual.image_size
         self._transform = open_clip.image_transform(image_size, is_train=False)

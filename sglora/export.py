@@ -197,7 +197,29 @@ def layout_metadata(backbone, spec, version: str) -> dict:
     # GELU or QuickGELU (open_clip backbones): the model name alone does not say (OpenAI's weights need QuickGELU)
     if act := getattr(backbone, "activation", None):
         meta["activation"] = act
+    # the image tower's depth and patch size (open_clip backbones): the tensors' shapes do not tell a ViT-B-32 from a B-16
+    if tower := getattr(backbone, "tower", None):
+        meta["visual_tower"] = tower
     return meta
+
+
+def tower_problem(own: dict | None, metadata: dict[str, str]) -> str | None:
+    """Why a file's ``visual_tower`` (depth and patch size of the image tower it was made on) does not fit the
+    tower ``own`` (:func:`models.open_clip_backbone.tower_geometry`); None where it fits, or either is not
+    known (files written before the key, other backbones). Completes "was made ..." in a message."""
+    if "visual_tower" not in metadata or not own:
+        return None
+    try:
+        theirs = json.loads(metadata["visual_tower"])
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        return f"names an image tower that is not one: visual_tower is {metadata['visual_tower']!r}"
+    for key, what in (("layers", "blocks"), ("patch_size", "patch size")):
+        if key in theirs and key in own and theirs[key] != own[key]:
+            named = f" (the file's backbone: {b})" if (b := metadata.get("backbone")) else ""
+            return f"was made on an image tower with {what} {theirs[key]}, this model's has {own[key]}: another model{named}"
+    return None
 
 
 def generation_metadata(a, description: str, g) -> dict:

@@ -19,9 +19,9 @@ names (``base_model.model.vision_model.encoder.layers.{i}.self_attn.{q,k,v}_proj
 and, in ``__metadata__``, the layout (rank, alpha, scaling, targets). Each rank-r update is added to its
 row block of the visual ``in_proj_weight`` (Wq, Wk, Wv fused by open_clip), scaled as the metadata says
 (alpha / r, or alpha / sqrt(r) for rslora): the weights the service's own retrieval uses. Anything that
-does not fit the model (another backbone kind, a block or width the model lacks, a tensor of the wrong
-shape) or is not a LoRA (an expert's variance, a file without SG-LoRA metadata) is refused with a
-ValueError naming it, before any weight changes.
+does not fit the model (another backbone kind, a block or width the model lacks, an image tower of
+another depth or patch size, a tensor of the wrong shape) or is not a LoRA (an expert's variance, a file
+without SG-LoRA metadata) is refused with a ValueError naming it, before any weight changes.
 
 For an HF ``transformers.CLIPModel``, load the zip of ``/generate`` (``Accept: application/zip``) with
 ``peft.PeftModel.from_pretrained`` instead (docs/service.md, "PEFT names").
@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from models.lora import LoraSpec, check_finite
-from models.open_clip_backbone import mlp_activation, qkv_target
-from sglora.export import LORA_FORMATS, PEFT_WEIGHTS, from_peft_tensors
+from models.open_clip_backbone import mlp_activation, qkv_target, tower_geometry
+from sglora.export import LORA_FORMATS, PEFT_WEIGHTS, from_peft_tensors, tower_problem
 from sglora.io import safetensors_metadata
 
 _TARGET = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.attn\.([qkv])")
@@ -154,6 +154,8 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
             f"this LoRA was made on a model whose MLPs use {theirs}, this model's use {own}: build the model with the "
             f"activation of the artefacts' backbone (OpenAI's weights need QuickGELU, e.g. 'ViT-B-16-quickgelu')"
         )
+    if problem := tower_problem(tower_geometry(visual), metadata):
+        raise ValueError(f"this LoRA {problem}")
     blocks = list(blocks)
     targets = []
     for name in names:

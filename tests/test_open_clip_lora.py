@@ -312,3 +312,34 @@ def test_a_model_of_the_other_activation_is_refused(generated, reference):
     assert _same(model, own)
     with merge_lora(model, _with_metadata(generated[0], activation="gelu")):  # its own: merged
         pass
+
+
+def test_a_tower_of_another_depth_or_patch_size_is_refused(generated, reference):
+    """The tensors' shapes do not tell a ViT-B-32 from a B-16, nor a 2-block tower from the first 2 blocks of
+    a deeper one: the files name the tower's depth and patch size, and merge_lora compares."""
+    from models.open_clip_backbone import tower_geometry
+
+    _, meta = read_lora(generated[0])
+    own = tower_geometry(reference.backbone.model.visual)
+    assert json.loads(meta["visual_tower"]) == own == {"layers": 2, "patch_size": [8, 8]}
+    model = copy.deepcopy(reference.backbone.model)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [
+        ({**own, "layers": 3}, "image tower with blocks 3, this model's has 2"),
+        ({**own, "patch_size": [16, 16]}, r"patch size \[16, 16\], this model's has \[8, 8\]"),
+    ]
+    for tower, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merge_lora(model, _with_metadata(generated[0], visual_tower=json.dumps(tower)))
+    with pytest.raises(ValueError, match="names an image tower that is not one"):
+        merge_lora(model, _with_metadata(generated[0], visual_tower="[2]"))
+    assert _same(model, saved)
+    # a file written before the key was: taken as it is
+    (n,) = struct.unpack("<Q", generated[0][:8])
+    header = json.loads(generated[0][8 : 8 + n])
+    del header["__metadata__"]["visual_tower"]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with merge_lora(model, struct.pack("<Q", len(text)) + text + generated[0][8 + n :]) as lora:
+        assert "visual_tower" not in lora.metadata
+    assert _same(model, saved)
