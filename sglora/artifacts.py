@@ -19,7 +19,6 @@ and embedding size across parts, and refuses with a message naming the problem.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from models.cvae import CVAE, CVAEConfig
 from sglora import __version__
 from sglora.devices import resolve_device
 from sglora.engine import Engine, Generation
-from sglora.io import read_json, sha256_file, write_json, write_safetensors
+from sglora.io import read_json, read_json_and_bytes, sha256_file, write_json, write_safetensors
 
 MANIFEST = "manifest.json"
 FORMAT = "sglora-artifacts"
@@ -153,11 +152,16 @@ def save_generator(d: Path, model: CVAE, history: list[dict]) -> None:
 
 
 def read_manifest(root: Path) -> dict:
-    root = Path(root)
+    """The artefact directory's manifest, checked; :class:`ArtifactError` naming what is wrong."""
+    return _read_manifest(Path(root))[0]
+
+
+def _read_manifest(root: Path) -> tuple[dict, bytes]:
+    """(:func:`read_manifest`, the bytes it was parsed from): one read."""
     if not root.is_dir():
         raise ArtifactError(f"artefact directory not found: {root}")
     try:
-        manifest = read_json(root / MANIFEST, "artefact manifest")
+        manifest, data = read_json_and_bytes(root / MANIFEST, "artefact manifest")
     except (FileNotFoundError, ValueError) as e:
         raise ArtifactError(str(e)) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
@@ -171,7 +175,7 @@ def read_manifest(root: Path) -> dict:
         parts = Path(rel).parts
         if not parts or Path(rel).is_absolute() or ".." in parts:
             raise ArtifactError(f"{root / MANIFEST}: pinned path {rel!r} leaves the artefact directory")
-    return manifest
+    return manifest, data
 
 
 def is_report(rel: str) -> bool:
@@ -352,14 +356,6 @@ class Artifacts:
         return safetensors_bytes(spec, g.lora, meta), g
 
 
-def _holds(data: bytes, value: object) -> bool:
-    """Whether the JSON ``data`` reads as ``value``."""
-    try:
-        return json.loads(data) == value
-    except ValueError:  # UnicodeDecodeError too
-        return False
-
-
 def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require_generator: bool = True) -> Artifacts:
     """Loads and cross-checks a whole artefact directory; raises :class:`ArtifactError` naming what is wrong.
     ``device``: a torch device, or a name as the CLI takes it ('auto': CUDA where torch sees a GPU, else
@@ -371,8 +367,7 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
         raise TypeError(f"device must be a torch.device or a name (auto, cpu, cuda, cuda:N), got {type(device).__name__}")
     device = resolve_device(device)
     root = Path(root)
-    manifest = read_manifest(root)
-    manifest_bytes = (root / MANIFEST).read_bytes()  # read again: compared below with what was checked
+    manifest, manifest_bytes = _read_manifest(root)  # compared at the end with the file then
     verify_files(root, manifest)
     stages = manifest.get("stages", {})
     for needed in ("experts", "repository") + (("generator",) if require_generator else ()):
@@ -416,10 +411,10 @@ def load_artifacts(root: str | Path, device: str | torch.device = "cpu", require
     )
     a = Artifacts(root, manifest, config, backbone, repository, generator, engine, manifest_bytes)
     try:
-        index_bytes = (root / "repository" / INDEX_FILE).read_bytes()
+        now, index_bytes = (root / MANIFEST).read_bytes(), (root / "repository" / INDEX_FILE).read_bytes()
     except OSError:
-        index_bytes = b""
-    if not _holds(manifest_bytes, manifest) or hashlib.sha256(index_bytes).hexdigest() != repository.index_sha256:
+        now = index_bytes = b""
+    if now != manifest_bytes or hashlib.sha256(index_bytes).hexdigest() != repository.index_sha256:
         raise ArtifactError(f"{root}: changed while it was loaded (a pipeline run, an expert change); load it again")
     a._version = (repository.changes, version_of(manifest_bytes, index_bytes))  # artefact_version(root), as loaded
     return a

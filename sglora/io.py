@@ -221,17 +221,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def read_json(path: Path, what: str) -> Any:
-    return _read_json(path, what)[0]
+    return read_json_and_bytes(path, what)[0]
 
 
 def read_json_and_digest(path: Path, what: str) -> tuple[Any, str]:
     """(parsed JSON, sha256 of the bytes parsed): one read, so the digest is that of what was loaded."""
-    obj, data = _read_json(path, what)
+    obj, data = read_json_and_bytes(path, what)
     return obj, hashlib.sha256(data).hexdigest()
 
 
-def _read_json(path: Path, what: str) -> tuple[Any, bytes]:
-    """(parsed JSON, the bytes it was parsed from)."""
+def read_json_and_bytes(path: Path, what: str) -> tuple[Any, bytes]:
+    """(parsed JSON, the bytes it was parsed from): one read."""
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     data = path.read_bytes()

@@ -728,6 +728,27 @@ def test_a_lora_files_version_is_that_of_the_experts_it_was_made_from(tiny_artif
     assert safetensors_metadata(fresh.lora_file("a photo of a circle", "topk-weighted")[0])["artifact_version"] == in_memory
 
 
+@pytest.mark.parametrize("changed", ["manifest", "index"])
+def test_a_directory_that_changes_while_it_is_loaded_is_refused(tiny_artifacts, monkeypatch, changed):
+    """The manifest is read once and compared with the file at the end of the load: a pipeline run that
+    rewrote it during the load (after a second read right at the start, which is what was compared) was
+    missed, and the loaded object stamped the new version on LoRAs of the old experts."""
+    import sglora.artifacts as art
+
+    real = art.load_generator
+
+    def load_generator_while_it_changes(root, device):
+        path = root / (art.MANIFEST if changed == "manifest" else f"repository/{art.INDEX_FILE}")
+        path.write_bytes(path.read_bytes() + b"\n")  # same content, other bytes: as a rewrite leaves it
+        return real(root, device)
+
+    monkeypatch.setattr(art, "load_generator", load_generator_while_it_changes)
+    with pytest.raises(art.ArtifactError, match="changed while it was loaded.*load it again"):
+        art.load_artifacts(tiny_artifacts)
+    monkeypatch.setattr(art, "load_generator", real)
+    assert art.load_artifacts(tiny_artifacts).version == art.artefact_version(tiny_artifacts)  # settled: loads
+
+
 def test_a_rerun_retrains_a_snapshot_damaged_since_and_marks_the_later_stages_stale(tiny_artifacts, tiny_config, capsys):
     """The manifest pins every snapshot: a resumed experts stage trusts a file only if it still matches
     (else it trains the task again, never re-pins the damage), and once it trained anything, the stages
