@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,7 +50,7 @@ from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS, clear_split_gate, set_split_gate
 from sglora import __version__
-from sglora.artifacts import MANIFEST, ArtifactError, Artifacts, load_artifacts, version_of
+from sglora.artifacts import MANIFEST, ArtifactError, Artifacts, load_artifacts
 from sglora.devices import out_of_memory
 from sglora.engine import Request
 from sglora.export import (
@@ -60,6 +61,7 @@ from sglora.export import (
     layout_metadata,
     peft_zip_from_weights,
     safetensors_bytes,
+    tower_problem,
 )
 from sglora.io import safetensors_metadata
 from sglora.methods import EQUAL_WEIGHT_METHODS, EVERY_EXPERT_METHODS, SAMPLING_METHODS
@@ -311,7 +313,6 @@ class Service:
         cfg = artifacts.backbone.config
         self.backbone_name = cfg.model if cfg.kind == "open_clip" else cfg.kind
         self.default_top_k = int(artifacts.config.get("prior", {}).get("top_k", self.engine.top_k))
-        self._manifest = artifacts.manifest_bytes  # as loaded: what the version after an expert change hashes
         self.state = self._state_of(artifacts.version)
         # Held by an expert change for its whole job (its checks, the in-memory change, the save with its
         # wait for the repository's lock, the new state's publication), and by readers of one expert's
@@ -341,7 +342,7 @@ class Service:
         metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
         self.worker = ModelWorker(
-            self.engine.embed,
+            partial(self.engine.embed, truncate=True),  # each description was checked before it queued
             metrics,
             finish=self._generate_jobs,
             threads=threads,
@@ -416,7 +417,8 @@ class Service:
             if settings.batch_invariance == "require" and service.worker.max_batch > 1:
 
                 async def check() -> str | None:
-                    return await service.worker.run(batching_mismatch, service.engine.embed, probes, service.worker.max_batch)
+                    embed = partial(service.engine.embed, truncate=True)  # a probe runs past a small tower's context
+                    return await service.worker.run(batching_mismatch, embed, probes, service.worker.max_batch)
 
                 mismatch = await check()
                 # Where the CPU's kernels block long reductions by the number of rows (AMX), fixed-row
@@ -801,6 +803,8 @@ class Service:
             raise ValueError(f"it was made for the {meta.get('backbone_kind')!r} backbone kind")
         if (act := getattr(backbone, "activation", None)) and meta.get("activation", act) != act:
             raise ValueError(f"it was made on a model whose MLPs use {meta['activation']}")
+        if problem := tower_problem(getattr(backbone, "tower", None), meta):
+            raise ValueError(f"it {problem}")
         from_peft_tensors(self.spec_of(adapter), load_safetensors(adapter.data))
 
     # ---- retrieval ------------------------------------------------------------------------------
@@ -934,6 +938,8 @@ class Service:
         own_act = getattr(self.artifacts.backbone, "activation", None)
         if own_act and metadata.get("activation", own_act) != own_act:  # same shapes, another model (GELU/QuickGELU)
             return f"the file was made on a model whose MLPs use {metadata['activation']}, this backbone's use {own_act}"
+        if problem := tower_problem(getattr(self.artifacts.backbone, "tower", None), metadata):
+            return f"the file {problem}"
         mine = {"rank": self.spec.rank, "alpha": self.spec.alpha, "scaling": self.spec.scaling}
         mine["lora_fingerprint"] = self.spec.fingerprint()
         for key, value in mine.items():
@@ -993,7 +999,7 @@ class Service:
         does not serve, under a version that no restart would give."""
         path = self.artifacts.root / MANIFEST
         try:
-            same = path.read_bytes() == self._manifest
+            same = path.read_bytes() == self.artifacts.manifest_bytes
         except FileNotFoundError:
             same = False
         except OSError as e:  # a disk failing to read: the change goes on (the repository checks its own index)
@@ -1105,14 +1111,15 @@ class Service:
 
     def _repository_changed(self) -> RepositoryState:
         """On the model thread of the change, alone, once it is saved: the new state, published by one
-        assignment. Its version is :func:`~sglora.artifacts.artefact_version` of the directory now, from the
-        bytes the server holds (the manifest read at start-up, the index just written), so that a disk
-        failing after the save cannot leave the repository changed and the state not. Then the engine
+        assignment. Its version is the artefacts' (:attr:`~sglora.artifacts.Artifacts.version`):
+        :func:`~sglora.artifacts.artefact_version` of the directory now, from the bytes the server holds (the
+        manifest read at start-up, the index just written), so that a disk failing after the save cannot leave
+        the repository changed and the state not. Then the engine
         restacks the experts and works out the new ones' generator features, here in the change's job
         rather than in the first generation after it; where that fails (memory), the next generation does
         it, and the change, saved already, stands."""
         try:
-            state = self._state_of(version_of(self._manifest, self.artifacts.repository.index_bytes()))
+            state = self._state_of(self.artifacts.version)
         except Exception as e:  # memory alone, now: saved, but not served; a 503 "retry" would meet a 409
             log.exception("expert repository changed on disk, but the new state could not be published")
             raise APIError(

@@ -26,6 +26,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from expert_store.prior import check_temperature, cosine_similarities, mix, select_experts, unit_rows
@@ -81,7 +82,7 @@ class Generation:
     lora: torch.Tensor  # (P,) float32, on the CPU
     method: str
     seed: int | None
-    top_k: int  # experts mixed: every expert for model-soup
+    top_k: int  # experts mixed: every expert for model-soup, none (0) for zero-shot
     temperature: float | None  # None: the method weighs its experts equally (the soups), no softmax
     experts: list[ExpertChoice] = field(default_factory=list)
     spec: LoraSpec | None = None  # the LoRA's layout when not the backbone's (rank K*r, or (K+2)*r)
@@ -161,17 +162,26 @@ class Engine:
         """``generator_dtype`` as SGLORA_GENERATOR_DTYPE, the cache key and the LoRA metadata spell it."""
         return str(self.generator_dtype).removeprefix("torch.")
 
-    def embed(self, descriptions: list[str]) -> torch.Tensor:
+    def embed(self, descriptions: list[str], *, truncate: bool = False) -> torch.Tensor:
         """A list of N descriptions -> (N, D) float32 text embeddings, on the CPU (``embed([text])[0]``: one
         description's (D,) row, what :meth:`generate` takes). A lone string is refused (TypeError) rather
-        than read as a list of its characters."""
+        than read as a list of its characters, and a description longer than the text tower reads
+        (ValueError naming it) rather than cut off, since two alike up to there would have one embedding;
+        with ``truncate`` it is cut off as the tokenizer does (the service refuses such descriptions before
+        they queue, and its batching probes run past the context on purpose)."""
         if isinstance(descriptions, str):
             raise TypeError("embed takes a list of descriptions, not a string: embed([description])[0] is its embedding")
-        for d in descriptions:
+        for i, d in enumerate(descriptions):
             if not isinstance(d, str):
                 raise TypeError(f"a description is a string, not {type(d).__name__}")
             if not d.strip():
                 raise ValueError("description must not be empty")
+            if truncate:
+                continue
+            try:
+                self.backbone.check_text_length(d)  # cheap: a short text is not tokenised to tell
+            except ValueError as e:
+                raise ValueError(f"descriptions[{i}] {e}") from None
         return self.backbone.encode_text(descriptions).cpu()
 
     def generate(
@@ -213,22 +223,37 @@ class Engine:
             )
         # In float32, as the similarities are worked out: a finite float64 row can overflow there (NaN weights and
         # a NaN LoRA), and a row of norm 0 or past float32's range has no direction (every similarity 0).
-        norms = torch.linalg.vector_norm(embeddings.float(), dim=1) if embeddings.is_floating_point() else None
-        if norms is None or not torch.isfinite(norms).all() or not (norms > 0).all():
-            raise ValueError("the embeddings must be floating-point rows of a finite, non-zero float32 norm")
+        # Such a row fails alone, as a bad request does.
+        if not embeddings.is_floating_point():
+            raise ValueError(f"the embeddings must be floating-point rows, got {embeddings.dtype}")
+        norms = torch.linalg.vector_norm(embeddings.float(), dim=1)
+        usable = (torch.isfinite(norms) & (norms > 0)).tolist()
         out: list[Generation | ValueError | None] = [None] * len(requests)
+        resolved: list[tuple[str, int | None, int, float | None] | ValueError] = []
+        for i, r in enumerate(requests):
+            try:
+                if not usable[i]:
+                    raise ValueError(f"row {i} of the embeddings must have a finite, non-zero float32 norm")
+                resolved.append(self._resolve(r))
+            except ValueError as e:  # this request alone is bad (method, seed, top_k, temperature)
+                resolved.append(e)
+                out[i] = e
+            else:
+                if resolved[i][0] == "zero-shot":  # the frozen backbone: no expert read, none needed
+                    out[i] = Generation(torch.zeros(self.backbone.spec.num_params), "zero-shot", None, 0, None)
+        if all(o is not None for o in out):
+            return out  # type: ignore[return-value]
         means, variances, stored = self.repository.stacked()
         unit = self._unit_rows()
         names = self.repository.names
         sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         exact_rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # sg-lora-exact: (means, alpha, mu*)
         # Each row alone (similarities, top-K, mixture): nothing here depends on the other rows.
-        for i, r in enumerate(requests):
+        for i, row in enumerate(resolved):
+            if out[i] is not None:  # refused, or zero-shot
+                continue
+            method, seed, top_k, temperature = row
             try:
-                method, seed, top_k, temperature = self._resolve(r)
-                if method == "zero-shot":
-                    out[i] = Generation(torch.zeros(means.shape[1]), method, None, top_k, temperature)
-                    continue
                 if method == "model-soup":
                     w = 1.0 / len(names)
                     sims = cosine_similarities(embeddings[i], unit)
@@ -241,7 +266,7 @@ class Engine:
                 # adapter-soup's weights are equal: the softmax (of any temperature) only ranks its experts
                 t = self.temperature if temperature is None else temperature
                 idx, alpha, sims = select_experts(embeddings[i], stored, top_k, t, unit)
-            except ValueError as e:  # this request alone is bad (method, seed, top_k, temperature)
+            except ValueError as e:  # this request alone is bad (its top_k, temperature)
                 out[i] = e
                 continue
             if method == "adapter-soup":
@@ -389,7 +414,10 @@ class Engine:
         temperature = self.temperature if r.temperature is None else r.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise ValueError(f"temperature must be a number, got {type(temperature).__name__}")
-        temperature = float(temperature)
+        # A numpy float32 0.1 is 0.10000000149011612 as a Python float, and was recorded so. Its shortest digits
+        # are the number written, and the same float32 where the weights are worked out (a float32 softmax);
+        # they are what weighs the experts and what is recorded.
+        temperature = float(str(temperature)) if isinstance(temperature, np.floating) else float(temperature)
         if r.method not in GENERATIVE_METHODS:
             raise ValueError(f"unknown method {r.method!r}; choose from {GENERATIVE_METHODS}")
         seed = None if r.seed is None else _integer(r.seed, "seed")
@@ -401,6 +429,8 @@ class Engine:
             raise ValueError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
         if r.temperature is not None:
             check_temperature(temperature)
+        if r.method == "zero-shot":  # no LoRA: no expert mixed, no weights, no seed
+            return r.method, None, 0, None
         if r.method in EVERY_EXPERT_METHODS:
             top_k = n
         if r.method in EQUAL_WEIGHT_METHODS:  # no softmax: no temperature recorded

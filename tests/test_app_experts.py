@@ -222,6 +222,8 @@ def test_a_file_whose_metadata_names_another_layout_or_part_is_refused(app_root)
         (with_meta(mean, backbone_kind="offline"), None, "mean", "backbone kind"),
         (with_meta(mean, format="sglora-cvae"), None, "mean", "format"),
         (with_meta(mean, activation="quick_gelu"), None, "mean", "MLPs use quick_gelu, this backbone's use gelu"),
+        (with_meta(mean, visual_tower='{"layers": 2, "patch_size": [16, 16]}'), None, "mean", "patch size [16, 16]"),
+        (with_meta(mean, visual_tower='{"layers": 5, "patch_size": [8, 8]}'), None, "mean", "with blocks 5"),
         (variance, None, "mean", "variance, not its mean"),
         (mean, mean, "variance", "mean, not its variance"),
     ]

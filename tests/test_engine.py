@@ -116,6 +116,14 @@ def test_request_fields_of_the_wrong_type_fail_their_row_alone(engine):
     assert out[5].seed == 4 and type(out[5].seed) is int and out[5].top_k == 2
     assert _bytes(out[5].lora) == _bytes(engine.generate(emb[0], "sg-lora", seed=4, top_k=2).lora)
     assert out[6].temperature == 0.5
+    # a numpy float32 is recorded with its own digits, not its binary ones (0.10000000149011612), and weighs
+    # the experts as the Python float does: the softmax is worked out in float32
+    f32 = engine.generate(emb[0], "topk-weighted", temperature=np.float32(0.1))
+    assert f32.temperature == 0.1 and type(f32.temperature) is float
+    assert f32.experts == engine.generate(emb[0], "topk-weighted", temperature=0.1).experts
+    half = engine.generate(emb[0], "sg-lora", seed=3, temperature=np.float16(0.3))  # 0.300048828125 in binary
+    assert half.temperature == 0.3  # what is recorded is what weighed the experts
+    assert torch.equal(half.lora, engine.generate(emb[0], "sg-lora", seed=3, temperature=0.3).lora)
 
 
 def test_embedding_misuse_is_named(engine, tiny_artifacts_session):
@@ -123,6 +131,9 @@ def test_embedding_misuse_is_named(engine, tiny_artifacts_session):
         engine.embed("circle")  # was six one-letter descriptions
     with pytest.raises(TypeError, match="a description is a string, not NoneType"):
         engine.embed([None])
+    long = "a photo of a circle " * 40  # past the tiny text tower's context: was cut off, silently
+    with pytest.raises(ValueError, match=r"^descriptions\[1\] is \d+ tokens long, and the text tower reads at most"):
+        engine.embed(["a photo of a circle", long])
     emb = engine.embed(["a photo of a circle"])
     with pytest.raises(ValueError, match=r"one description's \(D,\) tensor, got \(1, 32\)"):
         engine.generate(emb, "topk-weighted")  # embed's (1, D), not its row
@@ -130,6 +141,13 @@ def test_embedding_misuse_is_named(engine, tiny_artifacts_session):
         engine.generate(torch.randn(17), "sg-lora", seed=1)  # another backbone's embedding: was a torch RuntimeError
     with pytest.raises(ValueError, match="finite"):
         engine.generate(torch.full((32,), float("nan")), "topk-weighted")  # was NaN weights, silently
+    # such a row fails alone, as a bad request does (it failed the whole call)
+    two = torch.stack([torch.full((32,), float("nan")), emb[0]])
+    out = engine.generate_many(two, [Request("topk-weighted"), Request("topk-weighted")])
+    assert isinstance(out[0], ValueError) and str(out[0]) == "row 0 of the embeddings must have a finite, non-zero float32 norm"
+    assert torch.equal(out[1].lora, engine.generate(emb[0], "topk-weighted").lora)
+    with pytest.raises(ValueError, match="floating-point rows, got torch.int64"):
+        engine.generate_many(torch.ones(1, 32, dtype=torch.long), [Request("topk-weighted")])
     row = emb[0]
     # Finite in float64, past float32 where the similarities are worked out: was a LoRA of NaNs, silently; a row
     # whose float32 norm overflows, or of norm 0, had every similarity 0 (equal weights, an arbitrary top-K)
@@ -153,6 +171,25 @@ def test_the_default_top_k_follows_a_repository_that_shrank(tiny_artifacts_sessi
     assert g.top_k == 2 == len(g.experts)
     with pytest.raises(ValueError, match="top_k"):
         a.engine.generate(emb, "topk-weighted", top_k=3)  # an explicit one is still checked
+
+
+def test_zero_shot_records_no_experts_and_needs_none(tiny_artifacts_session):
+    """zero-shot is the frozen backbone: its Generation (and file) named the default top_k and temperature it
+    never used, and an empty repository refused it ("the expert repository is empty")."""
+    a = load_artifacts(tiny_artifacts_session, "cpu")
+    emb = a.engine.embed(["a photo of a circle"])
+    g = a.engine.generate(emb[0], "zero-shot")
+    assert (g.top_k, g.temperature, g.seed, g.experts) == (0, None, None, [])
+    assert g.lora.shape == (a.backbone.spec.num_params,) and not g.lora.any()
+    with pytest.raises(ValueError, match="top_k must be between 1"):  # a given top_k is still checked
+        a.engine.generate(emb[0], "zero-shot", top_k=99)
+    for name in a.repository.names:
+        a.repository.remove(name)
+    assert not a.engine.generate(emb[0], "zero-shot").lora.any()
+    out = a.engine.generate_many(emb.expand(2, -1), [Request("zero-shot"), Request("zero-shot")])
+    assert [o.method for o in out] == ["zero-shot", "zero-shot"]
+    with pytest.raises(ValueError, match="the expert repository is empty"):  # what needs experts still says so
+        a.engine.generate(emb[0], "topk-weighted")
 
 
 def test_unseeded_sg_lora_draws_distinct_seeds(engine):
