@@ -21,7 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import APIError, error_body, overloaded_response
-from app.limits import route_path
+from app.limits import answer_before_body, route_path
 from app.metrics import leaf_routes
 from app.service import Service
 from app.settings import Settings
@@ -318,9 +318,8 @@ class KeyGateMiddleware:
                     try:
                         check_key(self.settings, _presented_key(headers.get("x-api-key"), headers.get("authorization")), admin)
                     except APIError as e:
-                        headers = {**(e.headers or {}), "Connection": "close"}
-                        response = JSONResponse(error_body(e.field, e.reason), e.status, headers=headers)
-                        await response(scope, receive, send)
+                        response = JSONResponse(error_body(e.field, e.reason), e.status, headers=e.headers)
+                        await answer_before_body(response, scope, receive, send)
                         return
                     break
         await self.app(scope, receive, send)
@@ -345,6 +344,6 @@ class UploadGateMiddleware:
                 if worker is not None:
                     worker.refuse_if_full()
             except Overloaded:
-                await overloaded_response(self.retry_after_s, {"Connection": "close"})(scope, receive, send)
+                await answer_before_body(overloaded_response(self.retry_after_s), scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -68,12 +68,12 @@ def note_out_of_memory(metrics: Metrics | None, where: str, e: BaseException) ->
     log.warning("out of memory %s: %s", where, error_line(e))
 
 
-def overloaded_response(retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The 429 of a full model queue (:class:`Overloaded`), with ``Retry-After`` and any other ``headers``."""
+def overloaded_response(retry_after_s: int) -> JSONResponse:
+    """The 429 of a full model queue (:class:`Overloaded`), with ``Retry-After``."""
     return JSONResponse(
         error_body(None, "model is overloaded: the request queue is full, retry later"),
         status_code=429,
-        headers={"Retry-After": str(retry_after_s), **(headers or {})},
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 

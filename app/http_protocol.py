@@ -43,6 +43,8 @@ from uvicorn._types import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallab
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr
 
+from app.limits import drain_refused
+
 # Request line and headers together; browsers send a few KiB, proxies commonly allow 8-64 KiB.
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
@@ -87,9 +89,6 @@ def client_key(address: str | None) -> str:
 # Answered on a connection over capacity: probes and scrapers (their paths as sent).
 UNBOUNDED_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
 OVER_CAPACITY_LOG_S = 10.0  # at most one warning this often while connections are refused
-# Of a refused request's body, read (and dropped) before its 503: closing a connection with bytes unread
-# resets it, and a client still sending never reads the answer. Beyond, it is closed unread.
-OVER_CAPACITY_DRAIN_BYTES = 1 << 20
 
 log = logging.getLogger("sglora.app")
 
@@ -339,14 +338,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     async def _refuse_over_capacity(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         """The service's JSON 503 with ``Retry-After``; the connection is then closed (and so freed)."""
         body = self._count_refusal()
-        drained = 0
-        while drained <= OVER_CAPACITY_DRAIN_BYTES:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went
-                return
-            drained += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        if not await drain_refused(receive):  # the client went
+            return
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -1,6 +1,7 @@
 """Request body size limit: 413 before the body is parsed or spooled to disk.
 
-A declared ``Content-Length`` above the limit is refused without reading the body; a chunked body is
+A declared ``Content-Length`` above the limit is refused before the body is parsed (up to
+:data:`REFUSED_DRAIN_BYTES` of it drained first, so that the client reads its 413); a chunked body is
 counted as it streams and refused as soon as it passes the limit. The per-field limits (image bytes,
 expert bytes, description length) still apply inside it.
 
@@ -12,7 +13,7 @@ list of small objects), before any dependency (the API key) runs.
 from __future__ import annotations
 
 from fastapi import HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -84,6 +85,38 @@ class BodyLimitMiddleware:
             await refuse(413, "body", e.detail["reason"], scope, receive, send)
 
 
+# Of a body refused before it is read (a 401/403 or 429 at the gates, a 413 of a declared length, a 503 over
+# capacity), read and dropped before the answer: closing a connection with bytes unread resets it, and a client
+# still sending then loses the answer (asyncio's transports drop what they had received). Beyond, it is closed
+# unread: the answer is not worth reading a large upload for.
+REFUSED_DRAIN_BYTES = 1 << 20
+
+
+async def drain_refused(receive: Receive, limit: int = REFUSED_DRAIN_BYTES) -> bool:
+    """Reads and drops a request's body, up to about ``limit`` bytes; False where the client left meanwhile."""
+    drained = 0
+    while drained <= limit:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went
+            return False
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return True
+
+
+async def answer_before_body(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """``response`` to a request whose body nothing will read: the body drained first (up to
+    :data:`REFUSED_DRAIN_BYTES`), and the connection closed after it."""
+    response.headers["Connection"] = "close"
+    if await drain_refused(receive):
+        await response(scope, receive, send)
+
+
 async def refuse(status: int, field: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse({"detail": {"field": field, "reason": reason}}, status_code=status, headers={"Connection": "close"})
+    response = JSONResponse({"detail": {"field": field, "reason": reason}}, status_code=status)
+    if status == 413:  # of a declared length: drained up to the bound; a bad Content-Length cannot be
+        await answer_before_body(response, scope, receive, send)
+        return
+    response.headers["Connection"] = "close"
     await response(scope, receive, send)
