@@ -263,10 +263,20 @@ def _checked_name(name: str) -> str:
         raise APIError(422, "name", str(e)) from e
 
 
-def _check_cached(metadata: dict[str, str], params: GenerateParams, version: str) -> None:
+def _check_cached(
+    metadata: dict[str, str], params: GenerateParams, version: str, top_k: int | None, dtypes: tuple[str, str]
+) -> None:
     """ValueError unless a cached file's metadata says it is this request's LoRA (a whole safetensors file
-    of another writer, an empty one even, passed the structural check)."""
+    of another writer, an empty one even, passed the structural check; another seed's file under this key
+    was served as this seed's). ``top_k``: the experts it mixes (None: not known here); ``dtypes``: the text
+    tower's and the generator's, as the metadata names them (the generator's "" for the methods that do not
+    sample)."""
     want = {"format": "sglora-lora", "artifact_version": version, "description": params.description, "method": params.method}
+    want["seed"] = "" if params.seed is None else str(params.seed)
+    want["temperature"] = "" if params.temperature is None else str(params.temperature)
+    if top_k is not None:
+        want["top_k"] = str(top_k)
+    want["text_dtype"], want["generator_dtype"] = dtypes
     wrong = [k for k, v in want.items() if metadata.get(k) != v]
     if wrong:
         raise ValueError(f"its metadata's {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not match")
@@ -588,6 +598,10 @@ class Service:
             shared.waiters -= 1
             if not shared.waiters and not shared.task.done():
                 shared.task.cancel()  # nobody waits for it now: its model job is skipped, or its result dropped
+                # and it leaves now, not when its done callback runs: a request arriving in between joined the
+                # cancelled lookup, and its CancelledError was answered as the service stopping (503)
+                if self._in_flight.get(key) is shared:
+                    del self._in_flight[key]
             if not first:  # the first request's cache event is the lookup's own (counted in _generate)
                 if served:
                     self.metrics.shared.inc()
@@ -600,6 +614,17 @@ class Service:
             return lora
         self._remember(lora.etag, params)
         return replace(lora, cache="hit" if hit else "miss")
+
+    def _top_k_of(self, params: GenerateParams, version: str) -> int | None:
+        """How many experts the LoRA of ``params`` mixes at ``version``; None where the state is another now."""
+        state = self.state
+        if state.version != version:
+            return None
+        return len(state.experts) if params.method in EVERY_EXPERT_METHODS else state.top_k_for(params.top_k)
+
+    def _dtypes_of(self, params: GenerateParams) -> tuple[str, str]:
+        """The text tower's and the generator's dtypes, as the LoRA file of ``params`` names them."""
+        return self.text_dtype, self.generator_dtype if params.method in SAMPLING_METHODS else ""
 
     def _shared_done(self, key: str, task: asyncio.Task) -> None:
         if (shared := self._in_flight.get(key)) is not None and shared.task is task:
@@ -623,7 +648,7 @@ class Service:
             if data is not None:
                 try:
                     metadata = safetensors_metadata(data, whole=True)
-                    _check_cached(metadata, params, version)
+                    _check_cached(metadata, params, version, self._top_k_of(params, version), self._dtypes_of(params))
                 except ValueError as e:  # not what this service stores there: generate it again, and overwrite it
                     log.warning("cache: the value of gen:%s is not this request's LoRA file (%s); generating it again", key, e)
                     data, failed = None, True

@@ -55,10 +55,8 @@ def test_fail_open_when_redis_stops_and_recovery_when_it_returns(private_redis, 
 
         private_redis.stop()
         for _ in range(3):  # the first fails fast (connection refused), the next skip Redis (back-off)
-            t0 = time.perf_counter()
             r = c.post("/generate", json=body)
             assert r.status_code == 200 and r.headers["x-cache"] == "miss"
-            assert time.perf_counter() - t0 < 1.0
             assert r.content == first.content
         assert cache_events(c, "error") >= errors_before + 3
         assert sum(v for (name, _), v in samples(c).items() if name == "sglora_redis_errors_total") >= 1
@@ -98,13 +96,13 @@ def test_silent_redis_costs_one_short_timeout(make_settings):
         with TestClient(create_app(settings)) as c:  # start-up pings Redis too: it must not hang
             t0 = time.perf_counter()
             ready = c.get("/ready")  # a live call into the silent Redis: bounded by the socket timeout
-            assert time.perf_counter() - t0 < 1.0
+            assert time.perf_counter() - t0 < 5.0  # a bound against a hang (25x the timeout), not a speed target
             assert ready.status_code == 200 and ready.json()["redis"] == "degraded"
+            tried = _redis_errors(c)
             results = []
             for _ in range(2):  # inside the back-off: Redis is not even tried
-                t0 = time.perf_counter()
                 results.append(c.post("/generate", json={"description": "a square", "seed": 2}))
-                assert time.perf_counter() - t0 < 0.5
+            assert _redis_errors(c) == tried  # no call into Redis failed: none was made
             assert [r.status_code for r in results] == [200, 200] and results[0].content == results[1].content
             assert [r.headers["x-cache"] for r in results] == ["miss", "miss"]
             assert cache_events(c, "error") == 2
@@ -312,7 +310,12 @@ def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(ma
         # hit, and /generate/preview failed with a 500 on its missing top_k), and another request's file.
         empty = b"\x02\0\0\0\0\0\0\0{}"
         other = c.post("/generate", json={**body, "description": "a red hexagon"}).content
-        for bad in (b"not a safetensors file", good.content[:-5], good.content + b"\0", empty, other):
+        # and the same description's file of another seed, top_k or temperature (another seed's was served as
+        # this seed's, X-Seed and metadata naming the other)
+        others = [
+            c.post("/generate", json={**body, **change}).content for change in ({"seed": 6}, {"top_k": 2}, {"temperature": 0.5})
+        ]
+        for bad in (b"not a safetensors file", good.content[:-5], good.content + b"\0", empty, other, *others):
             r.set(key, bad)
             errors = cache_events(c, "error")
             again = c.post("/generate", json=body)

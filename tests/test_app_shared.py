@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from app_helpers import block_worker, serving, until
 
 from app.metrics import metric_sum
 from app.worker import REQUEST_DEADLINE, Deadline, WorkerTimeout
-from tests.app_helpers import block_worker, serving, until
 
 
 async def made(client) -> float:
@@ -118,6 +118,24 @@ async def test_when_every_request_has_left_the_shared_generation_is_cancelled(ma
         assert task.cancelled() and not service._in_flight  # noqa: SLF001
         lora = await service.generate(params)  # a new request starts afresh
         assert lora.cache == "miss"
+
+
+@pytest.mark.anyio
+async def test_a_request_arriving_as_the_last_one_leaves_starts_afresh(make_settings):
+    """The last request to leave cancels the shared lookup; an identical one arriving before the cancelled
+    task had finished joined it, and its CancelledError was answered as the service stopping (a 503)."""
+    async with serving(make_settings(test_model_delay_s=0.3)) as (service, client):
+        params = service.resolve("a hurried orange ring", "sg-lora", 42, None, None)
+        leaving = asyncio.create_task(service.generate(params))
+        await until(lambda: service._in_flight)  # noqa: SLF001
+        cancelled = next(iter(service._in_flight.values())).task  # noqa: SLF001
+        leaving.cancel()  # its client hung up
+        await asyncio.sleep(0)  # its finally ran: nobody waits, the lookup is cancelled
+        lora = await service.generate(params)  # in the same turn of the loop as the cancellation
+        assert lora.cache == "miss" and cancelled.cancelled()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert not service._in_flight  # noqa: SLF001
 
 
 @pytest.mark.anyio
