@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 
 import expert_store.repository as repository_module
 from app.main import create_app
-from app.processes import free_port, start_server, wait_ready
+from app.processes import free_port, start_server, stop, wait_ready
+from app.worker import WorkerTimeout
 from expert_store.repository import ExpertRepository
 from sglora.artifacts import ArtifactError
 from sglora.export import safetensors_bytes
@@ -157,12 +158,11 @@ async def test_requests_past_their_timeout_get_504_and_free_the_worker(make_sett
         more = [asyncio.create_task(client.post("/generate", json={"description": f"more {i}", "seed": i})) for i in range(4)]
         await asyncio.sleep(0.05)
         gate.set()
-        with pytest.raises(Exception):  # noqa: B017 - the blocker timed out as well
+        with pytest.raises(WorkerTimeout):  # the blocker timed out as well
             await blocker
         assert {r.status_code for r in await asyncio.gather(*more)} <= {200, 504}
-        t0 = time.perf_counter()
         ok = await client.post("/generate", json={"description": "on time", "seed": 1})
-        assert ok.status_code == 200 and time.perf_counter() - t0 < 2.0
+        assert ok.status_code == 200  # within request_timeout_s: the worker is free
         assert not any(t.startswith("late") for t in encoded)  # the given-up jobs were skipped, not run
 
 
@@ -214,7 +214,7 @@ async def test_an_expert_change_that_began_is_answered_with_its_outcome_not_a_50
         r = await client.delete("/experts/disc", headers=ADMIN)
         assert r.status_code == 504
         gate.set()
-        with pytest.raises(Exception):  # noqa: B017 - the blocker timed out as well
+        with pytest.raises(WorkerTimeout):  # the blocker timed out as well
             await blocker
         await until(lambda: service.worker.busy == 0, timeout=10.0)
         await asyncio.sleep(1.2)  # long enough for the removal to have run, had it been left queued
@@ -288,7 +288,7 @@ async def test_given_up_jobs_that_run_alone_do_not_pile_up_waiting_for_the_threa
         assert worker.pending == 0 and not worker._waiting_alone
         await until(lambda: len(worker._tasks) <= 2, timeout=5.0)  # the blocker's and the batcher's at most
         gate.set()
-        with pytest.raises(Exception):  # noqa: B017 - the blocker timed out as well
+        with pytest.raises(WorkerTimeout):  # the blocker timed out as well
             await blocker
         await until(lambda: worker.busy == 0, timeout=10.0)
         assert ran == []  # none of them ran
@@ -314,7 +314,8 @@ async def test_a_drain_that_times_out_answers_the_queued_jobs(make_settings, mon
         t0 = time.perf_counter()
         await worker.close(wait=False)
         outcomes = await asyncio.gather(*queued, alone, return_exceptions=True)
-        assert all(isinstance(o, ShuttingDown) for o in outcomes) and time.perf_counter() - t0 < 2.0, outcomes
+        # at once, not after their own timeout (30 s), which would have been a WorkerTimeout
+        assert all(isinstance(o, ShuttingDown) for o in outcomes) and time.perf_counter() - t0 < 10, outcomes
         gate.set()
         await asyncio.gather(blocker, return_exceptions=True)
 
@@ -500,8 +501,7 @@ def test_a_client_that_hangs_up_cancels_its_request_and_its_job(tiny_artifacts_s
         # The job already running when its client left ran on; those still queued were skipped.
         assert after[misses] - before <= 2, after[misses] - before
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert stop(proc) == 0  # SIGTERM; killed (and None) if it has not exited within 60 s
     assert "Traceback" not in proc.stderr.read()
 
 

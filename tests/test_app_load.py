@@ -18,11 +18,13 @@ import pytest
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts import this checkout's packages (not those of another checkout installed in the venv).
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def test_loadtest_script_few_clients_no_errors_but_429s(tiny_artifacts_session, tmp_path):
     out = tmp_path / "load.json"
-    env = {**os.environ, "SGLORA_MAX_QUEUE": "1", "SGLORA_RETRY_AFTER_S": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**ENV, "SGLORA_MAX_QUEUE": "1", "SGLORA_RETRY_AFTER_S": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tiny_artifacts_session)]
     cmd += ["--clients", "8", "--duration", "3", "--warmup", "1", "--new-fraction", "0.6", "--max-rss-growth", "0.25"]
     cmd += ["--json", str(out)]
@@ -49,7 +51,7 @@ def test_loadtest_pauses_redis_and_the_timeline_shows_the_service_failing_open(t
     every answer stays a 200, and the per-second timeline adds up to the run's counts; the plot script
     draws it."""
     out = tmp_path / "load.json"
-    env = {**os.environ, "SGLORA_REDIS_TIMEOUT_S": "0.1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**ENV, "SGLORA_REDIS_TIMEOUT_S": "0.1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tiny_artifacts_session)]
     cmd += ["--clients", "8", "--duration", "4", "--warmup", "1", "--max-rss-growth", "0.25", "--redis-pause", "1.5:600"]
     cmd += ["--json", str(out)]
@@ -65,11 +67,11 @@ def test_loadtest_pauses_redis_and_the_timeline_shows_the_service_failing_open(t
 
     figure = tmp_path / "timeline.png"
     plot = [sys.executable, str(ROOT / "scripts" / "plot_loadtest.py"), str(out), "--label", "paused", "--out", str(figure)]
-    p = subprocess.run(plot, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(plot, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "old.json").write_text(json.dumps({"run": {"requests": 1}}))
-    p = subprocess.run([*plot[:2], str(tmp_path / "old.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([*plot[:2], str(tmp_path / "old.json")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "no run timeline" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -80,9 +82,7 @@ def test_a_redis_pause_that_fails_fails_the_run_with_a_message(tiny_artifacts_se
     cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tiny_artifacts_session)]
     cmd += ["--redis-url", "redis://127.0.0.1:1/0", "--clients", "2", "--duration", "2", "--warmup", "0"]
     cmd += ["--redis-pause", "0.5:100", "--max-rss-growth", "1", "--json", str(out)]
-    p = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=120
-    )
+    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr[-3000:]
     assert "FAIL: CLIENT PAUSE at 0.5 s failed: ConnectionError" in p.stdout
     result = json.loads(out.read_text())
@@ -101,7 +101,7 @@ def test_a_redis_pause_that_fails_fails_the_run_with_a_message(tiny_artifacts_se
 )
 def test_loadtest_refuses_a_redis_pause_it_cannot_make(tmp_path, args, message):
     cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--artifacts", str(tmp_path), *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
 
 
@@ -119,18 +119,16 @@ def test_loadtest_bucket_quantile_interpolates_as_prometheus_does():
     assert bucket_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
 
 
-def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_session, shared_redis, tmp_path):
+def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_session, private_redis, tmp_path):
     """scripts/bench_service.py end to end, small: it checks X-Cache of every answer and the server's
     text-embedding cache counts of every lone block itself (a miss that comes back as a hit, a measured
     miss that skipped the text encoder, or the reverse, ends the run), so a completed run means both
     caches behaved."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tiny_artifacts_session)]
-    cmd += ["--redis-url", shared_redis[0], "--threads", "1", "--requests", "8", "--throughput-requests", "32"]
+    cmd += ["--redis-url", private_redis.url, "--threads", "1", "--requests", "8", "--throughput-requests", "32"]
     cmd += ["--clients", "4", "--text-dtype", "bfloat16", "--json", str(out)]
-    p = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=180
-    )
+    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     r = json.loads(out.read_text())
     default_threads = Settings(threads=1).resolved_parallelism("cpu")[0]  # the script leaves the server its default

@@ -224,7 +224,7 @@ def test_decode_refuses_oversized_and_unlisted_formats():
     assert e.value.field == "images[0]" and "limit" in e.value.reason
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="TIFF")
-    with pytest.raises(APIError):
+    with pytest.raises(APIError, match="not an image in an allowed format"):
         decode_image(buf.getvalue(), "images[0]", max_pixels=10_000)
     assert decode_image(IMAGES[1], "images[0]", max_pixels=10_000).size == (32, 32)
 

@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw
 
 from app.processes import free_port, start_server, stop, wait_ready
 
-SCREENSHOT = Path("/tmp/ui.png")
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROME_FLAGS = [
@@ -174,7 +173,7 @@ def test_describe_generate_download_and_compare_retrieval(server, browser, tmp_p
     height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(1280, max(1000, height + 200))
     browser.execute_script("window.scrollTo(0, 0)")
-    browser.save_screenshot(str(SCREENSHOT))
+    browser.save_screenshot(str(tmp_path / "ui.png"))
 
 
 def test_errors_are_shown_with_the_field(server, browser):
