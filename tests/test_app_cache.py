@@ -294,6 +294,23 @@ def test_with_the_cache_off_a_lookup_is_a_miss_not_an_error(make_settings):
         assert (cache_events(c, "miss"), cache_events(c, "error"), cache_events(c, "hit")) == (2, 0, 0)
 
 
+def test_every_key_the_cache_writes_expires_after_the_ttl(make_settings):
+    """SGLORA_CACHE_TTL_S bounds every entry: the file, its ETag pointer and its request (a key written
+    without it would stay until Redis's memory policy evicts it)."""
+    settings = make_settings(cache_ttl_s=777)
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        assert c.post("/generate", json={"description": "a timed circle", "seed": 2}).status_code == 200
+        assert c.post("/generate/batch", json={"items": [{"description": "a timed square", "seed": 1}]}).status_code == 200
+        assert wait_for(lambda: not cache._writing)
+        r = redis.Redis.from_url(settings.redis_url)
+        keys = list(r.scan_iter(match=settings.cache_prefix + "*"))
+        kinds = {k.decode()[len(settings.cache_prefix) :].split(":")[0] for k in keys}
+        assert {"gen", "etag", "req"} <= kinds, kinds
+        ttls = [r.ttl(k) for k in keys]
+        assert all(700 < t <= 777 for t in ttls), ttls
+
+
 def test_a_value_that_is_not_a_whole_lora_file_is_regenerated_and_overwritten(make_settings):
     """A foreign or damaged value under a cache key (a shared Redis, a truncated write) costs a miss, counted as a
     cache error, and the fresh file replaces it; it is never served and never a 500."""

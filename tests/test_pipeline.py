@@ -1769,6 +1769,22 @@ def test_check_config_takes_config_as_pipeline_does_and_counts_description_token
     assert "give a config" in capsys.readouterr().err
 
 
+def test_cli_select_prints_the_experts_the_library_chooses(tiny_artifacts_session, capsys):
+    """sglora select lists the top-K experts with their weights, similarities and descriptions, as the engine
+    chose them (the exit code alone was checked)."""
+    from sglora.artifacts import load_artifacts
+
+    root = str(tiny_artifacts_session)
+    assert main(["select", "a photo of a circle", "--artifacts", root, "--top-k", "2", "--temperature", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    a = load_artifacts(root, require_generator=False)
+    g = a.engine.generate(a.engine.embed(["a photo of a circle"])[0], "topk-weighted", top_k=2, temperature=0.5)
+    assert lines[0] == "top-2 experts for 'a photo of a circle' (temperature 0.5):"
+    expected = [f"  {e.weight:6.3f}  sim {e.similarity:+.3f}  {e.name}: {a.repository[e.name].description}" for e in g.experts]
+    assert lines[1:] == expected and len(expected) == 2
+    assert abs(sum(e.weight for e in g.experts) - 1) < 1e-6
+
+
 def test_cli_says_how_to_pass_a_description_starting_with_a_dash_and_prints_no_seed_for_a_merge(
     tiny_artifacts_session, tmp_path, capsys
 ):
