@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -634,7 +635,7 @@ async def test_batching_is_turned_off_where_it_would_change_bytes(make_settings,
     async with serving(make_settings(max_batch=8)) as (service, client):
         assert service.worker.max_batch == 8
         assert (await client.get("/ready")).json()["max_batch"] == 8
-        embed = service.engine.embed
+        embed = functools.partial(service.engine.embed, truncate=True)  # as the service runs it: a probe is long
     # An encoder whose rows depend on their batch (as a multi-threaded or GPU matrix product can) is caught ...
     assert service_module.batching_mismatch(embed, ["a photo of a star"], 8) is None
     found = service_module.batching_mismatch(lambda texts: embed(texts) + 1e-7 * len(texts), ["a photo of a star"], 8)
@@ -681,6 +682,51 @@ async def test_results_of_a_batch_are_answered_as_they_are_made():
         first_answered.set()
         assert await asyncio.wait_for(b, 5) == "done b"
         await blocker
+    finally:
+        await worker.close()
+
+
+async def test_a_batch_waits_for_arrivals_within_the_window_only_after_a_batch_with_company():
+    """A request meeting an idle model thread runs at once. One that queued behind a busy thread forms a batch
+    that waits up to SGLORA_BATCH_WAIT_MS for more, but only where the last batch had company: a lone client
+    would otherwise pay the window on every request that found the thread busy."""
+    import torch
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker
+
+    sizes: list[int] = []
+
+    def embed(texts):
+        sizes.append(len(texts))
+        return torch.zeros(len(texts), 4)
+
+    worker = ModelWorker(embed, Metrics(), threads=1, batch_wait_ms=2000)
+    worker.start()
+
+    async def behind_the_thread(first: str, later: str | None = None) -> None:
+        """``first`` queued behind a busy thread; ``later`` sent 0.3 s after the thread is free again."""
+        gate, blocker = block_worker(worker)
+        await until(lambda: worker.pending == 1)
+        queued = [asyncio.create_task(worker.encode(t)) for t in first.split(",")]
+        await until(lambda: worker.pending == 1 + len(queued))
+        gate.set()
+        await blocker
+        if later is not None:
+            await asyncio.sleep(0.3)
+            queued.append(asyncio.create_task(worker.encode(later)))
+        await asyncio.gather(*queued)
+
+    try:
+        start = time.monotonic()
+        await worker.encode("alone")  # an idle thread: at once
+        assert sizes == [1] and time.monotonic() - start < 1.0  # far from the 2 s window
+        await behind_the_thread("after a lone one", later="too late")
+        assert sizes[1:] == [1, 1]  # the last batch was alone: no wait, and the later one ran on its own
+        await behind_the_thread("a,b")
+        assert sizes[-1] == 2  # queued together: one batch, with company
+        await behind_the_thread("c", later="d")
+        assert sizes[-1] == 2, sizes  # the window held c for d
     finally:
         await worker.close()
 
