@@ -111,7 +111,7 @@ AdminKey = Depends(require_admin_key)
 # OpenAPI's description of what the key checks and the upload gate (UploadGateMiddleware) answer.
 KEY_ERRORS: dict[int | str, dict] = {401: {"description": "API key missing"}, 403: {"description": "API key not accepted"}}
 UPLOAD_BUSY: dict[int | str, dict] = {
-    429: {"description": "the model queue is full, refused before the upload is read; retry after `Retry-After` seconds"}
+    429: {"description": "the model queue is full, refused before the upload is parsed; retry after `Retry-After` seconds"}
 }
 
 
@@ -327,9 +327,10 @@ class KeyGateMiddleware:
 
 class UploadGateMiddleware:
     """A 429 for an upload (``POST /retrieve``, ``POST /experts``) while the model worker's queue is full, before
-    its body is read. The worker admits a job only after the handler has read, spooled and decoded the upload:
-    under a full queue each such request held up to the body limit and decoded every image (20 concurrent
-    /retrieve of 16 MB each: 18 s to their 429s, +400 MB) for the same 429 that /generate gives at once."""
+    its body is parsed (a small one is drained: :func:`app.limits.answer_before_body`). The worker admits a job
+    only after the handler has read, spooled and decoded the upload: under a full queue each such request held
+    up to the body limit and decoded every image (20 concurrent /retrieve of 16 MB each: 18 s to their 429s,
+    +400 MB) for the same 429 that /generate gives at once."""
 
     PATHS = frozenset({"/retrieve", "/experts"})
 

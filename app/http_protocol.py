@@ -43,7 +43,7 @@ from uvicorn._types import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallab
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr
 
-from app.limits import drain_refused
+from app.limits import drain_refused, drains
 
 # Request line and headers together; browsers send a few KiB, proxies commonly allow 8-64 KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -338,7 +338,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     async def _refuse_over_capacity(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         """The service's JSON 503 with ``Retry-After``; the connection is then closed (and so freed)."""
         body = self._count_refusal()
-        if not await drain_refused(receive):  # the client went
+        if drains(scope) and not await drain_refused(receive):  # the client went
             return
         headers = [
             (b"content-type", b"application/json"),

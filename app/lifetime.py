@@ -25,9 +25,9 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.limits import CLIENT_CLOSED
 from app.worker import REQUEST_DEADLINE, Deadline
 
-CLIENT_CLOSED = 499
 log = logging.getLogger("sglora.app")
 
 

@@ -1,8 +1,8 @@
 """Request body size limit: 413 before the body is parsed or spooled to disk.
 
-A declared ``Content-Length`` above the limit is refused before the body is parsed (up to
-:data:`REFUSED_DRAIN_BYTES` of it drained first, so that the client reads its 413); a chunked body is
-counted as it streams and refused as soon as it passes the limit. The per-field limits (image bytes,
+A declared ``Content-Length`` above the limit is refused before the body is read (under a limit below
+:data:`REFUSED_DRAIN_BYTES`, a body within that bound is read and dropped first, so that the client reads its
+413); a chunked body is counted as it streams and refused as soon as it passes the limit. The per-field limits (image bytes,
 expert bytes, description length) still apply inside it.
 
 The JSON endpoints have a lower limit of their own: the body limit is sized for uploads (hundreds of MB
@@ -54,7 +54,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 length = -1
             if length < 0:
-                await refuse(400, "Content-Length", "not a non-negative integer", scope, receive, send)
+                await refuse(400, "Content-Length", "not a non-negative integer", scope, receive, send, drain=False)
                 return
             if length > max_bytes:
                 await refuse(413, "body", f"request body larger than {max_bytes} bytes", scope, receive, send)
@@ -82,21 +82,38 @@ class BodyLimitMiddleware:
         except BodyTooLarge as e:  # raised where no exception handler saw it
             if started:
                 raise
-            await refuse(413, "body", e.detail["reason"], scope, receive, send)
+            await refuse(413, "body", e.detail["reason"], scope, receive, send, drain=False)  # read up to the limit
 
 
-# Of a body refused before it is read (a 401/403 or 429 at the gates, a 413 of a declared length, a 503 over
-# capacity), read and dropped before the answer: closing a connection with bytes unread resets it, and a client
-# still sending then loses the answer (asyncio's transports drop what they had received). Beyond, it is closed
-# unread: the answer is not worth reading a large upload for.
+# Of a body refused before it is read (a 401/403 or 429 at the gates, a 400 for the Host, a 413 of a declared
+# length, a 503 over capacity), read and dropped before the answer: closing a connection with bytes unread
+# resets it, and a client still sending then loses the answer (asyncio's transports drop what they had
+# received). A body declared longer is not read at all (the reset cannot be avoided by reading part of it),
+# nor one whose client waits for "100 Continue" before sending it (reading would ask for it).
 REFUSED_DRAIN_BYTES = 1 << 20
+CLIENT_CLOSED = 499  # the status a request is counted with when its client left before the answer (nginx's)
+
+
+def drains(scope: Scope, limit: int = REFUSED_DRAIN_BYTES) -> bool:
+    """Whether a refused request's body is read and dropped before its answer (see :data:`REFUSED_DRAIN_BYTES`)."""
+    headers = dict(scope["headers"])
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return False
+    declared = headers.get(b"content-length")
+    try:
+        return declared is None or int(declared) <= limit
+    except ValueError:
+        return False
 
 
 async def drain_refused(receive: Receive, limit: int = REFUSED_DRAIN_BYTES) -> bool:
     """Reads and drops a request's body, up to about ``limit`` bytes; False where the client left meanwhile."""
     drained = 0
     while drained <= limit:
-        message = await receive()
+        try:
+            message = await receive()
+        except BodyTooLarge:  # a chunked body past the body limit while drained: the refusal is answered
+            return True
         if message["type"] != "http.request":  # the client went
             return False
         drained += len(message.get("body", b""))
@@ -106,16 +123,20 @@ async def drain_refused(receive: Receive, limit: int = REFUSED_DRAIN_BYTES) -> b
 
 
 async def answer_before_body(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
-    """``response`` to a request whose body nothing will read: the body drained first (up to
-    :data:`REFUSED_DRAIN_BYTES`), and the connection closed after it."""
+    """``response`` to a request whose body nothing will parse: the body drained first where :func:`drains`,
+    and the connection closed after it. A client gone meanwhile is counted as one (499), not answered."""
     response.headers["Connection"] = "close"
-    if await drain_refused(receive):
-        await response(scope, receive, send)
+    if drains(scope) and not await drain_refused(receive):
+        await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})  # dropped by the server
+        return
+    await response(scope, receive, send)
 
 
-async def refuse(status: int, field: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def refuse(status: int, field: str, reason: str, scope: Scope, receive: Receive, send: Send, drain: bool = True) -> None:
+    """The JSON error ``status`` naming ``field``, with the connection closed; ``drain``: the body read and
+    dropped first (:func:`answer_before_body`), for a request refused before its body was looked at."""
     response = JSONResponse({"detail": {"field": field, "reason": reason}}, status_code=status)
-    if status == 413:  # of a declared length: drained up to the bound; a bad Content-Length cannot be
+    if drain:
         await answer_before_body(response, scope, receive, send)
         return
     response.headers["Connection"] = "close"

@@ -60,6 +60,7 @@ from sglora.export import (
     hf_base_model,
     layout_metadata,
     peft_zip_from_weights,
+    request_metadata,
     safetensors_bytes,
     tower_problem,
 )
@@ -272,10 +273,7 @@ def _check_cached(
     tower's and the generator's, as the metadata names them (the generator's "" for the methods that do not
     sample)."""
     want = {"format": "sglora-lora", "artifact_version": version, "description": params.description, "method": params.method}
-    want["seed"] = "" if params.seed is None else str(params.seed)
-    want["temperature"] = "" if params.temperature is None else str(params.temperature)
-    if top_k is not None:
-        want["top_k"] = str(top_k)
+    want |= request_metadata(params.seed, top_k, params.temperature)
     want["text_dtype"], want["generator_dtype"] = dtypes
     wrong = [k for k, v in want.items() if metadata.get(k) != v]
     if wrong:
@@ -351,8 +349,11 @@ class Service:
         metrics.lru_bytes.set_function(lambda: self.lru.size_bytes)
         metrics.hot_keys.set_function(lambda: len(self.hot))
         model_threads, threads = settings.resolved_parallelism(device)
+        # Every text reaches the encoder checked (its length by the route, against the text tower's context):
+        # not checked again, and a batching probe runs past a small tower's context on purpose.
+        self.embed = partial(self.engine.embed, truncate=True)
         self.worker = ModelWorker(
-            partial(self.engine.embed, truncate=True),  # each description was checked before it queued
+            self.embed,
             metrics,
             finish=self._generate_jobs,
             threads=threads,
@@ -427,8 +428,7 @@ class Service:
             if settings.batch_invariance == "require" and service.worker.max_batch > 1:
 
                 async def check() -> str | None:
-                    embed = partial(service.engine.embed, truncate=True)  # a probe runs past a small tower's context
-                    return await service.worker.run(batching_mismatch, embed, probes, service.worker.max_batch)
+                    return await service.worker.run(batching_mismatch, service.embed, probes, service.worker.max_batch)
 
                 mismatch = await check()
                 # Where the CPU's kernels block long reductions by the number of rows (AMX), fixed-row
@@ -878,7 +878,7 @@ class Service:
         img0 = backbone.encode_image(features).float().cpu() if zero_shot else None
         self.metrics.stage.labels(stage="image_encoding").observe(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        txt = self.engine.embed(texts).float()  # (T, D), L2-normalised
+        txt = self.embed(texts).float()  # (T, D), L2-normalised
         self.metrics.stage.labels(stage="text_encoding").observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
         scores = _rank(img @ txt.t(), paired), (_rank(img0 @ txt.t(), paired) if img0 is not None else None)
@@ -1052,7 +1052,7 @@ class Service:
         self._check_default_top_k(len(repo.names) + 1)
         self._check_artifacts_unchanged()
         self._check_scale(mean, variance)
-        embedding = self.engine.embed([description])[0].float()
+        embedding = self.embed([description])[0].float()
         # The path comes from a checked name (check_name: no separators, no '..'); the library writes the
         # expert file, then the index, each atomically, and on failure undoes both the in-memory change
         # and the expert file, so a failed upload leaves the directory exactly as it was.

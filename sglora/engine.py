@@ -243,7 +243,10 @@ class Engine:
                     out[i] = Generation(torch.zeros(self.backbone.spec.num_params), "zero-shot", None, 0, None)
         if all(o is not None for o in out):
             return out  # type: ignore[return-value]
-        means, variances, stored = self.repository.stacked()
+        try:
+            means, variances, stored = self.repository.stacked()
+        except ValueError as e:  # an empty repository: the rows that need experts fail, zero-shot's stand
+            return [e if o is None else o for o in out]  # type: ignore[misc]
         unit = self._unit_rows()
         names = self.repository.names
         sample_rows: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
@@ -417,7 +420,9 @@ class Engine:
         # A numpy float32 0.1 is 0.10000000149011612 as a Python float, and was recorded so. Its shortest digits
         # are the number written, and the same float32 where the weights are worked out (a float32 softmax);
         # they are what weighs the experts and what is recorded.
-        temperature = float(str(temperature)) if isinstance(temperature, np.floating) else float(temperature)
+        if isinstance(temperature, np.floating):  # its shortest digits, whatever numpy's print options
+            temperature = float(np.format_float_scientific(temperature, unique=True))
+        temperature = float(temperature)
         if r.method not in GENERATIVE_METHODS:
             raise ValueError(f"unknown method {r.method!r}; choose from {GENERATIVE_METHODS}")
         seed = None if r.seed is None else _integer(r.seed, "seed")

@@ -209,17 +209,28 @@ def tower_problem(own: dict | None, metadata: dict[str, str]) -> str | None:
     known (files written before the key, other backbones). Completes "was made ..." in a message."""
     if "visual_tower" not in metadata or not own:
         return None
+    value = metadata["visual_tower"]
     try:
-        theirs = json.loads(metadata["visual_tower"])
-    except ValueError:
+        theirs = json.loads(value) if isinstance(value, str) else None
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's depth
         theirs = None
     if not isinstance(theirs, dict):
-        return f"names an image tower that is not one: visual_tower is {metadata['visual_tower']!r}"
-    for key, what in (("layers", "blocks"), ("patch_size", "patch size")):
+        return f"names an image tower that is not one: visual_tower is {str(value)[:100]!r}"
+    for key, say in (("layers", lambda v: f"{v} blocks"), ("patch_size", lambda v: f"patch size {v}")):
         if key in theirs and key in own and theirs[key] != own[key]:
             named = f" (the file's backbone: {b})" if (b := metadata.get("backbone")) else ""
-            return f"was made on an image tower with {what} {theirs[key]}, this model's has {own[key]}: another model{named}"
+            return f"was made on an image tower with {say(theirs[key])}, this model's has {say(own[key])}: another model{named}"
     return None
+
+
+def request_metadata(seed: int | None, top_k: int | None, temperature: float | None) -> dict[str, str]:
+    """How a generated file's metadata spells the request's seed, top_k and temperature: "" for a seed or a
+    temperature the method does not use (the deterministic methods draw nothing, the soups weigh their
+    experts equally); a top_k of None is left out."""
+    fields = {"seed": "" if seed is None else str(seed), "temperature": "" if temperature is None else str(temperature)}
+    if top_k is not None:
+        fields["top_k"] = str(top_k)
+    return fields
 
 
 def generation_metadata(a, description: str, g) -> dict:
@@ -229,9 +240,7 @@ def generation_metadata(a, description: str, g) -> dict:
         "format": "sglora-lora",
         "description": description,
         "method": g.method,
-        "seed": "" if g.seed is None else str(g.seed),
-        "top_k": str(g.top_k),
-        "temperature": "" if g.temperature is None else str(g.temperature),  # "": equal weights (the soups)
+        **request_metadata(g.seed, g.top_k, g.temperature),
         "experts": [{"name": e.name, "weight": e.weight, "similarity": e.similarity} for e in g.experts],
         # an exact merge (topk-exact, sg-lora-exact) has its own rank
         **layout_metadata(a.backbone, g.spec or a.backbone.spec, a.version),

@@ -87,9 +87,9 @@ def test_a_json_body_over_its_limit_gets_its_413(server):
     assert asyncio.run(_statuses(port, build)) == [(413, "")] * TRIES
 
 
-def test_the_drain_stops_at_its_bound_and_the_connection_is_closed(server):
-    """A refused body larger than the bound is not read to its end: the server closes the connection after
-    about REFUSED_DRAIN_BYTES, whatever the body's declared length."""
+def test_a_refused_body_declared_past_the_bound_is_not_read(server):
+    """A refused body declared larger than the bound is not read: the server closes the connection (reading
+    part of it would not spare the client the reset)."""
     port, _ = server
     declared = 64 * REFUSED_DRAIN_BYTES
     head = (
@@ -107,3 +107,36 @@ def test_the_drain_stops_at_its_bound_and_the_connection_is_closed(server):
         except (BrokenPipeError, ConnectionResetError):
             pass
     assert sent < declared // 4, f"the server read {sent} of a refused body's {declared} bytes"
+
+
+def test_a_refused_key_whose_chunked_body_passes_the_body_limit_is_answered_at_once(server):
+    """The drain reads through the body limit: a chunked body past it (the limit below 1 MiB) raised the
+    limit's 413 inside the key gate's drain, which drained again and, the body being over, waited for a
+    disconnect: the request hung with no answer."""
+    port, _ = server
+
+    async def go() -> int:
+        async def chunks():
+            yield b'{"description": "' + b"a" * 5000 + b'"}'
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            r = await client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+            return r.status_code
+
+    assert asyncio.run(go()) == 401
+
+
+def test_a_client_waiting_for_100_continue_is_refused_without_being_asked_for_its_body(server):
+    """Reading a body makes uvicorn send "100 Continue": a refusal that drained it invited the upload
+    (curl sends "Expect: 100-continue" for large ones) only to close the connection on it."""
+    port, _ = server
+    head = (
+        b"POST /experts HTTP/1.1\r\nHost: x\r\nX-API-Key: user-key\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 500000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        answer = b""
+        while data := s.recv(65536):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"100 Continue" not in answer, answer[:200]

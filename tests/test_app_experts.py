@@ -223,7 +223,8 @@ def test_a_file_whose_metadata_names_another_layout_or_part_is_refused(app_root)
         (with_meta(mean, format="sglora-cvae"), None, "mean", "format"),
         (with_meta(mean, activation="quick_gelu"), None, "mean", "MLPs use quick_gelu, this backbone's use gelu"),
         (with_meta(mean, visual_tower='{"layers": 2, "patch_size": [16, 16]}'), None, "mean", "patch size [16, 16]"),
-        (with_meta(mean, visual_tower='{"layers": 5, "patch_size": [8, 8]}'), None, "mean", "with blocks 5"),
+        (with_meta(mean, visual_tower='{"layers": 5, "patch_size": [8, 8]}'), None, "mean", "with 5 blocks"),
+        (with_meta(mean, visual_tower="[" * 100_000), None, "mean", "names an image tower that is not one"),  # was a 500
         (variance, None, "mean", "variance, not its mean"),
         (mean, mean, "variance", "mean, not its variance"),
     ]

@@ -454,6 +454,16 @@ def test_a_key_is_checked_before_the_body_is_read(served, path, headers, status)
     assert sent[0]["status"] == status and REFUSED_DRAIN_BYTES <= sum(read) <= REFUSED_DRAIN_BYTES + 65536
     assert (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["detail"]["field"] == "X-API-Key"
+    # A client gone while its body is drained is counted as gone (499), not as the 500 of a request never answered.
+    before = _requests_with_status(client, "499")
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    sent.clear()
+    asyncio.run(client.app(scope, gone, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert _requests_with_status(client, "499") == before + 1
 
 
 def test_admin_operations_need_the_admin_key(served):
