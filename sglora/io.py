@@ -61,13 +61,25 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p path``, each folder it makes flushed into its parent: a power cut after a file was renamed
+    durably into a new folder would otherwise lose the folder, and the file with it."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        fsync_path(folder.parent)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it over ``path`` only if the block succeeds. The
     file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600.
     Durable too: the data reaches the disk before the rename, and the rename before this returns (a power
     cut leaves the old file or the new one, never an empty one under the new name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -199,7 +211,7 @@ def canonical_safetensors(data: bytes) -> bytes:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yields a fresh temporary directory beside ``path``; on success it replaces ``path`` whole (with the
     mode ``mkdir`` would give it, 0777 less the umask, not mkdtemp's private 0700)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

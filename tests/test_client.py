@@ -31,8 +31,9 @@ def service(client):
 
 
 def test_generate_returns_the_service_bytes_and_what_it_said_of_them(service, client, tmp_path):
-    adapter = service.generate("a red circle", seed=3, top_k=2)
-    raw = client.post("/generate", json={"description": "a red circle", "seed": 3, "top_k": 2})
+    # a request no other test of the module sends: the client's call is its first, whatever the order
+    adapter = service.generate("a red circle, asked through the client", seed=3, top_k=2)
+    raw = client.post("/generate", json={"description": "a red circle, asked through the client", "seed": 3, "top_k": 2})
     assert adapter.data == raw.content and adapter.etag == raw.headers["etag"].strip('"')
     assert adapter.seed == 3 and adapter.method == "sg-lora"
     assert adapter.cache == "miss" and raw.headers["x-cache"] == "hit"  # the client's call came first

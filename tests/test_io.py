@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,16 @@ def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == f"OSError [Errno 27] File too large: '{target}'", p.stdout + p.stderr
     assert sorted(q.name for q in target.parent.iterdir()) == []  # nothing half-written left
+
+
+def test_the_folders_an_atomic_write_makes_are_flushed_into_their_parents(tmp_path, monkeypatch):
+    """A file renamed durably into a folder the write had just made could still be lost with the folder: the
+    new folder's own entry was never flushed into its parent."""
+    import sglora.io as sio
+
+    flushed = []
+    real = sio.fsync_path
+    monkeypatch.setattr(sio, "fsync_path", lambda p: (flushed.append(Path(p)), real(p)))
+    sio.write_json(tmp_path / "a" / "b" / "c.json", {"x": 1})
+    assert (tmp_path / "a" / "b" / "c.json").is_file()
+    assert tmp_path in flushed and tmp_path / "a" in flushed and tmp_path / "a" / "b" in flushed  # each new folder's parent

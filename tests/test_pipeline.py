@@ -1326,12 +1326,18 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
     (tiny_artifacts / ".notes.tmp").write_text("not the pipeline's")
     (tiny_artifacts / "snapshots" / ".circle.safetensors.x2.tmp").write_bytes(b"half")
     (tiny_artifacts / ".backbone.old").mkdir()  # killed after the replacement: the old copy stayed
-    (tiny_artifacts / ".generator.old").mkdir()  # killed between the two renames: the only copy, kept
-    (tiny_artifacts / "generator").rename(tiny_artifacts / "gen-moved")
+    # Killed between the two renames of the repository's replacement: its old copy is the only one, and the
+    # one the manifest describes (with any expert the service added). It was kept aside, and a rerun rebuilt
+    # the repository without those experts: it is put back.
+    (tiny_artifacts / "repository").rename(tiny_artifacts / ".repository.old")
     with pipeline_lock(tiny_artifacts):
         pass
     left = sorted(p.name for d in (tiny_artifacts, tiny_artifacts / "snapshots") for p in d.glob(".*") if p.name != PIPELINE_LOCK)
-    assert left == [".generator.old", ".notes.tmp"]
+    assert left == [".notes.tmp"]
+    assert "put " + str(tiny_artifacts / "repository") + " back from .repository.old" in capsys.readouterr().out
+    from sglora.artifacts import load_artifacts
+
+    assert len(load_artifacts(tiny_artifacts).repository) > 0  # whole again: every sha256 as the manifest pins it
 
 
 def test_a_rebuilt_repository_keeps_the_experts_the_service_added_and_removed(tiny_artifacts, tiny_config, capsys):
@@ -1364,6 +1370,24 @@ def test_a_rebuilt_repository_keeps_the_experts_the_service_added_and_removed(ti
     assert "holds another run's experts; building it from the snapshots alone" in capsys.readouterr().out
     pipeline_experts = json.loads((tiny_artifacts / "splits.json").read_text())["experts"]
     assert sorted(ExpertRepository.load(repo_dir).names) == sorted(pipeline_experts)
+
+
+def test_an_expert_the_service_added_survives_a_run_killed_while_replacing_the_repository(tiny_artifacts, tiny_config):
+    """A SIGKILL between atomic_dir's two renames left the repository only as .repository.old: the rerun found
+    no index, rebuilt the repository from the snapshots alone and dropped, without a word, the expert the
+    service had added (its files then deleted with the old copy)."""
+    from expert_store.repository import Expert, ExpertRepository
+    from training.pipeline import run_pipeline
+
+    repo_dir = tiny_artifacts / "repository"
+    repo = ExpertRepository.load(repo_dir)
+    first = repo.names[0]
+    repo.add_and_save(
+        Expert("sunflower", "a sunflower", repo[first].mean * 2, repo[first].variance, repo[first].embedding, 1), repo_dir
+    )
+    repo_dir.rename(tiny_artifacts / ".repository.old")  # the state the kill left
+    run_pipeline(tiny_config, tiny_artifacts, ("repository",))
+    assert "sunflower" in ExpertRepository.load(repo_dir) and not (tiny_artifacts / ".repository.old").exists()
 
 
 def test_a_frozen_a_stays_at_its_initialisation_under_weight_decay(tiny_backbone, tiny_config):

@@ -29,7 +29,7 @@ from expert_store.repository import Expert, ExpertRepository, locked
 from models.backbone import Backbone, create_backbone
 from sglora import __version__
 from sglora import artifacts as art
-from sglora.io import atomic_dir, read_json, sha256_file, write_json, write_safetensors
+from sglora.io import atomic_dir, fsync_path, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
 from training.config import METHODS, GeneratorTrainingConfig, PipelineConfig, SplitConfig, with_defaults
 from training.data import Sample, TaskDataset, load_task_dataset
@@ -1095,6 +1095,15 @@ def pipeline_lock(out: Path) -> Iterator[None]:
             raise ValueError(gone) from None
         if not held:
             raise ValueError(f"{out}: another `sglora pipeline` or `sglora evaluate` is running on it; wait for it to end")
+        # A run killed between the two renames of a folder's replacement (io.atomic_dir) left its old copy and
+        # no folder: the old copy is what the manifest still describes, and may hold experts the service added,
+        # which a rerun would otherwise rebuild without.
+        for name in OWN_FILES:
+            old, path = out / f".{name}.old", out / name
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+                fsync_path(out)
+                _log(f"[pipeline] put {path} back from {old.name}, left by a run stopped while replacing it")
         leftovers = [p for name in OWN_FILES for p in out.glob(f".{name}.*.tmp")]
         leftovers += [out / f".{name}.old" for name in OWN_FILES if (out / f".{name}.old").exists() and (out / name).exists()]
         leftovers += list((out / "snapshots").glob(".*.safetensors.*.tmp"))
