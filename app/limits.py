@@ -96,10 +96,9 @@ CLIENT_CLOSED = 499  # the status a request is counted with when its client left
 
 def drains(scope: Scope, limit: int = REFUSED_DRAIN_BYTES) -> bool:
     """Whether a refused request's body is read and dropped before its answer (see :data:`REFUSED_DRAIN_BYTES`)."""
-    headers = dict(scope["headers"])
-    if headers.get(b"expect", b"").lower() == b"100-continue":
+    if any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope["headers"]):  # as uvicorn reads it
         return False
-    declared = headers.get(b"content-length")
+    declared = dict(scope["headers"]).get(b"content-length")
     try:
         return declared is None or int(declared) <= limit
     except ValueError:

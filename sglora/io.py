@@ -6,6 +6,7 @@ the atomic writes without it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -68,6 +69,8 @@ def make_dirs(path: Path) -> None:
     while not path.exists():
         missing.append(path)
         path = path.parent
+    if not path.is_dir():  # named, as mkdir names it, not by a temporary file's path inside it
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(path))
     for folder in reversed(missing):
         folder.mkdir(exist_ok=True)
         fsync_path(folder.parent)
@@ -223,7 +226,11 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:  # an error or an interrupt between the two: the old folder goes back
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -93,3 +93,36 @@ def test_the_folders_an_atomic_write_makes_are_flushed_into_their_parents(tmp_pa
     sio.write_json(tmp_path / "a" / "b" / "c.json", {"x": 1})
     assert (tmp_path / "a" / "b" / "c.json").is_file()
     assert tmp_path in flushed and tmp_path / "a" in flushed and tmp_path / "a" / "b" in flushed  # each new folder's parent
+
+
+def test_a_replacement_that_fails_between_its_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """atomic_dir moves the old folder aside, then the new one in: an error (or Ctrl-C) between the two left
+    the folder only as .NAME.old until the next pipeline run."""
+    import os
+
+    import sglora.io as sio
+
+    folder = tmp_path / "repository"
+    folder.mkdir()
+    (folder / "index.json").write_text("old")
+    real = os.replace
+
+    def second_fails(src, dst):
+        if Path(dst) == folder and Path(src).name.endswith(".tmp"):  # the new copy's rename, not the undo
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(sio.os, "replace", second_fails)
+    with pytest.raises(KeyboardInterrupt), sio.atomic_dir(folder) as tmp:
+        (tmp / "index.json").write_text("new")
+    assert (folder / "index.json").read_text() == "old" and not (tmp_path / ".repository.old").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["repository"]  # nor the temporary copy
+
+
+def test_a_write_under_a_file_names_that_file(tmp_path):
+    from sglora.io import write_json
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError) as e:
+        write_json(tmp_path / "afile" / "x.json", {})
+    assert e.value.filename == str(tmp_path / "afile")

@@ -1338,6 +1338,14 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
     from sglora.artifacts import load_artifacts
 
     assert len(load_artifacts(tiny_artifacts).repository) > 0  # whole again: every sha256 as the manifest pins it
+    # Only a folder the pipeline replaces, and a repository only whole (a half-deleted copy would lose experts
+    # again): a lone .config.json.old is not the pipeline's, and is not put back.
+    (tiny_artifacts / "repository").rename(tiny_artifacts / ".repository.old")
+    (tiny_artifacts / ".repository.old" / "repository.json").unlink()
+    (tiny_artifacts / "config.json").rename(tiny_artifacts / ".config.json.old")
+    with pipeline_lock(tiny_artifacts):
+        pass
+    assert not (tiny_artifacts / "repository").exists() and not (tiny_artifacts / "config.json").exists()
 
 
 def test_a_rebuilt_repository_keeps_the_experts_the_service_added_and_removed(tiny_artifacts, tiny_config, capsys):

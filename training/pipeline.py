@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from expert_store.repository import Expert, ExpertRepository, locked
+from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, locked
 from models.backbone import Backbone, create_backbone
 from sglora import __version__
 from sglora import artifacts as art
@@ -1071,10 +1071,8 @@ STAGE_FUNCS = {"experts": stage_experts, "repository": stage_repository, "genera
 PIPELINE_LOCK = ".pipeline.lock"
 # What the stages write at the top of an artefact directory (atomic_path/atomic_dir name their temporary
 # copies ".NAME.<random>.tmp", and a replaced folder's old copy ".NAME.old"); snapshots/ holds TASK.safetensors.
-OWN_FILES = (
-    "backbone", "repository", "generator", "eval", "eval-partial", "eval-val", "eval-val-partial", "config.json", "splits.json",
-    art.MANIFEST,
-)  # fmt: skip
+OWN_FOLDERS = ("backbone", "repository", "generator", "eval", "eval-partial", "eval-val", "eval-val-partial")
+OWN_FILES = (*OWN_FOLDERS, "config.json", "splits.json", art.MANIFEST)
 
 
 @contextmanager
@@ -1098,9 +1096,9 @@ def pipeline_lock(out: Path) -> Iterator[None]:
         # A run killed between the two renames of a folder's replacement (io.atomic_dir) left its old copy and
         # no folder: the old copy is what the manifest still describes, and may hold experts the service added,
         # which a rerun would otherwise rebuild without.
-        for name in OWN_FILES:
+        for name in OWN_FOLDERS:  # atomic_dir's; files are replaced in one rename (io.atomic_path)
             old, path = out / f".{name}.old", out / name
-            if old.exists() and not path.exists():
+            if old.is_dir() and not path.exists() and (name != "repository" or (old / INDEX_FILE).is_file()):
                 os.replace(old, path)
                 fsync_path(out)
                 _log(f"[pipeline] put {path} back from {old.name}, left by a run stopped while replacing it")
