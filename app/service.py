@@ -567,7 +567,7 @@ class Service:
             state.top_k_for(params.top_k),
             params.temperature,
             self.text_numerics,
-            self.generator_dtype if params.method in SAMPLING_METHODS else "",
+            self._dtypes_of(params)[1],  # the generator's, as its file names it
         ).digest()
         if not lookup:
             return await self._generate(params, key, version, lookup)

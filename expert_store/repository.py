@@ -43,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 
 from models.lora import LoraSpec, check_finite
 from sglora import __version__
-from sglora.io import json_bytes, read_json_and_digest, safetensors_file, sha256_file, umask, write_bytes
+from sglora.io import json_bytes, make_dirs, read_json_and_digest, safetensors_file, sha256_file, umask, write_bytes
 
 INDEX_FILE = "repository.json"
 EXPERTS_DIR = "experts"
@@ -354,7 +354,7 @@ class ExpertRepository:
         :class:`RepositoryChanged` before anything is written: its experts would drop out of the index.
         The files of experts the index no longer names (removed in memory since the load) are deleted."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         with locked(directory):
             if (directory / INDEX_FILE).exists():
                 self._check_unchanged(directory)
@@ -410,7 +410,7 @@ class ExpertRepository:
         changed index is); the lock itself would fail there with the lock file's path."""
         directory = Path(directory)
         if self._index_sha256 is None:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dirs(directory)
         elif not (directory / INDEX_FILE).is_file():
             raise RepositoryChanged(
                 f"{directory} holds no expert repository ({INDEX_FILE}); this repository was loaded from or saved to "

@@ -29,7 +29,7 @@ from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, locked
 from models.backbone import Backbone, create_backbone
 from sglora import __version__
 from sglora import artifacts as art
-from sglora.io import atomic_dir, fsync_path, read_json, sha256_file, write_json, write_safetensors
+from sglora.io import atomic_dir, fsync_path, make_dirs, read_json, sha256_file, write_json, write_safetensors
 from sglora.methods import SAMPLING_METHODS
 from training.config import METHODS, GeneratorTrainingConfig, PipelineConfig, SplitConfig, with_defaults
 from training.data import Sample, TaskDataset, load_task_dataset
@@ -297,7 +297,7 @@ def stage_experts(cfg: PipelineConfig, out: Path, device: str = "cpu") -> None:
     t0 = time.perf_counter()
     dataset, splits = prepare_data(cfg)
     data = dataset.fingerprint()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     # Work to resume: a stage done, or a task trained. Without any, what an earlier attempt wrote (a run that
     # failed on a bad setting before its first task) is replaced; with some, it must match.
     built = _refuse_foreign(out)
@@ -1134,7 +1134,7 @@ def run_pipeline(
     if "experts" in stages:
         if out.is_dir():  # another's folder is refused before the lock: its lock file would be left in it
             _refuse_foreign(out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
     # Else only an artefact directory is locked (and tidied); in any other folder the first stage says what is wrong.
     built = "experts" in stages or (out / art.MANIFEST).is_file()
     with pipeline_lock(out) if built else nullcontext():  # a run refused here removes nothing: the folder is another's
