@@ -20,7 +20,7 @@ import pytest
 import torch
 from app_helpers import block_worker, file_metadata, serving, until
 from fastapi.testclient import TestClient
-from kernels import onednn_reorders_bfloat16
+from onednn_support import onednn_reorders_bfloat16
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
 

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 import torch
-from kernels import needs_onednn, needs_onednn_bfloat16
+from onednn_support import needs_onednn, needs_onednn_bfloat16
 
 from models.cvae import CVAE, CVAEConfig
 

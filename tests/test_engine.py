@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from kernels import needs_onednn, needs_onednn_bfloat16
+from onednn_support import needs_onednn, needs_onednn_bfloat16
 
 from sglora.artifacts import load_artifacts
 from sglora.engine import MAX_PAD_ROWS, MAX_PASS_ROWS, MODEL_SOUP, Request

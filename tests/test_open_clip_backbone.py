@@ -9,7 +9,7 @@ from pathlib import Path
 import open_clip
 import open_clip.factory
 import pytest
-from kernels import needs_onednn_bfloat16
+from onednn_support import needs_onednn_bfloat16
 from open_clip.transformer import QuickGELU
 
 from models.backbone import BackboneConfig

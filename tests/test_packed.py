@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from kernels import needs_onednn, needs_onednn_bfloat16
+from onednn_support import needs_onednn, needs_onednn_bfloat16
 from torch import nn
 
 from models.packed import PackedLinear, has_packed, pack_attention, pack_linears, set_fixed_rows, unpack_linears
