@@ -55,6 +55,7 @@ from sglora.devices import out_of_memory
 from sglora.engine import Request
 from sglora.export import (
     LORA_FORMATS,
+    activation_problem,
     from_peft_tensors,
     generation_metadata,
     hf_base_model,
@@ -826,8 +827,8 @@ class Service:
             raise ValueError(f"its format is {meta.get('format')!r}")
         if meta.get("backbone_kind") != backbone.config.kind:
             raise ValueError(f"it was made for the {meta.get('backbone_kind')!r} backbone kind")
-        if (act := getattr(backbone, "activation", None)) and meta.get("activation", act) != act:
-            raise ValueError(f"it was made on a model whose MLPs use {meta['activation']}")
+        if problem := activation_problem(getattr(backbone, "activation", None), meta, "this backbone's"):
+            raise ValueError(f"it {problem}")
         if problem := tower_problem(getattr(backbone, "tower", None), meta):
             raise ValueError(f"it {problem}")
         from_peft_tensors(self.spec_of(adapter), load_safetensors(adapter.data))
@@ -960,9 +961,8 @@ class Service:
         kind, own = metadata.get("backbone_kind"), self.artifacts.backbone.config.kind
         if kind is not None and kind != own:
             return f"the file was made for the {kind!r} backbone kind, this repository's is {own!r}"
-        own_act = getattr(self.artifacts.backbone, "activation", None)
-        if own_act and metadata.get("activation", own_act) != own_act:  # same shapes, another model (GELU/QuickGELU)
-            return f"the file was made on a model whose MLPs use {metadata['activation']}, this backbone's use {own_act}"
+        if problem := activation_problem(getattr(self.artifacts.backbone, "activation", None), metadata, "this backbone's"):
+            return f"the file {problem}"
         if problem := tower_problem(getattr(self.artifacts.backbone, "tower", None), metadata):
             return f"the file {problem}"
         mine = {"rank": self.spec.rank, "alpha": self.spec.alpha, "scaling": self.spec.scaling}

@@ -203,6 +203,16 @@ def layout_metadata(backbone, spec, version: str) -> dict:
     return meta
 
 
+def activation_problem(own: str | None, metadata: dict[str, str], ours: str = "this model's") -> str | None:
+    """Why a file made on a model whose MLPs use another activation (GELU against QuickGELU: the same shapes,
+    another model) does not fit ``own``; None where it fits, or either is not known. Completes "was made ..."
+    in a message; ``ours`` names the other side ("this model's", "this backbone's")."""
+    theirs = metadata.get("activation")
+    if theirs is None or not own or theirs == own:
+        return None
+    return f"was made on a model whose MLPs use {theirs}, {ours} use {own}"
+
+
 def tower_problem(own: dict | None, metadata: dict[str, str]) -> str | None:
     """Why a file's ``visual_tower`` (depth and patch size of the image tower it was made on) does not fit the
     tower ``own`` (:func:`models.open_clip_backbone.tower_geometry`); None where it fits, or either is not

@@ -42,7 +42,7 @@ from torch import nn
 
 from models.lora import LoraSpec, check_finite
 from models.open_clip_backbone import mlp_activation, qkv_target, tower_geometry
-from sglora.export import LORA_FORMATS, PEFT_WEIGHTS, from_peft_tensors, tower_problem
+from sglora.export import LORA_FORMATS, PEFT_WEIGHTS, activation_problem, from_peft_tensors, tower_problem
 from sglora.io import safetensors_metadata
 
 _TARGET = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.attn\.([qkv])")
@@ -148,11 +148,10 @@ def lora_spec(visual: nn.Module, metadata: dict[str, str]) -> LoraSpec:
             f"{type(visual).__name__} is not an open_clip ViT visual tower (no transformer.resblocks): merge_lora adapts "
             "open_clip ViTs; for an HF CLIPModel load the PEFT zip of /generate with peft.PeftModel.from_pretrained"
         )
-    own, theirs = mlp_activation(visual), metadata.get("activation")
-    if theirs is not None and own is not None and own != theirs:
+    if problem := activation_problem(mlp_activation(visual), metadata):
         raise ValueError(
-            f"this LoRA was made on a model whose MLPs use {theirs}, this model's use {own}: build the model with the "
-            f"activation of the artefacts' backbone (OpenAI's weights need QuickGELU, e.g. 'ViT-B-16-quickgelu')"
+            f"this LoRA {problem}: build the model with the activation of the artefacts' backbone (OpenAI's weights "
+            "need QuickGELU, e.g. 'ViT-B-16-quickgelu')"
         )
     if problem := tower_problem(tower_geometry(visual), metadata):
         raise ValueError(f"this LoRA {problem}")

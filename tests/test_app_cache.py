@@ -256,17 +256,27 @@ def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make
         tensors = load_safetensors(made.content)
         metadata = safetensors_metadata(made.content)
         other_rank = {k: torch.cat([t, t], dim=0 if "lora_A" in k else 1) for k, t in tensors.items()}  # rank 2r
-        planted = {
-            "not safetensors": b"not a safetensors file at all",
-            "another layout": save_safetensors(other_rank, metadata),
-            "another format": save_safetensors(tensors, {**metadata, "format": "pt"}),
+        planted = {  # why: (bytes, what the reason names)
+            "not safetensors": (b"not a safetensors file at all", "not a LoRA of this service"),
+            "another layout": (save_safetensors(other_rank, metadata), "not a LoRA of this service"),
+            "another format": (save_safetensors(tensors, {**metadata, "format": "pt"}), "its format is 'pt'"),
+            # Same shapes, another model: the activation, the tower's depth or its patch size.
+            "another activation": (
+                save_safetensors(tensors, {**metadata, "activation": "quick_gelu"}),
+                "MLPs use quick_gelu, this backbone's use gelu",
+            ),
+            "another tower": (
+                save_safetensors(tensors, {**metadata, "visual_tower": '{"layers": 12, "patch_size": [8, 8]}'}),
+                "with 12 blocks",
+            ),
         }
         r = redis.Redis.from_url(settings.redis_url)
-        for why, data in planted.items():
+        for why, (data, named) in planted.items():
             r.set(settings.cache_prefix + "etag:" + etag_of(data), data)
             got = c.post("/retrieve", data={"etag": etag_of(data)}, files={"images": ("a.png", PNG, "image/png")})
             assert got.status_code == 404 and got.json()["detail"]["field"] == "etag", (why, got.text)
-            assert "not a LoRA of this service" in got.json()["detail"]["reason"], why
+            reason = got.json()["detail"]["reason"]
+            assert "not a LoRA of this service" in reason and named in reason, (why, reason)
         # The service's own entry, found in Redis alone, is still applied.
         c.app.state.service.lru = BytesLRU(0)
         assert wait_for(lambda: not c.app.state.service.cache._writing)
