@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
@@ -66,10 +67,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The service sets torch's thread count for the process; an app run inside a larger process (a
+        # notebook, a test session) gets the caller's back when it stops or fails to start.
+        threads = torch.get_num_threads()
         try:
             service = await Service.start(settings, metrics)
-        except (ArtifactError, StartupError) as e:
-            log.error("cannot start: %s", e)
+        except BaseException as e:
+            torch.set_num_threads(threads)
+            if isinstance(e, ArtifactError | StartupError):
+                log.error("cannot start: %s", e)
             raise
         app.state.service = service
         frozen = settings.gc_freeze
@@ -85,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.gc_pauses.uninstall()  # after the drain: its pauses count too
                 if frozen:
                     unfreeze_heap()
+                torch.set_num_threads(threads)
             log.info("stopped")
 
     # /docs and /redoc with their scripts served from the package (FastAPI's own pages fetch them from

@@ -1371,3 +1371,29 @@ def test_sglora_serve_forwards_an_explicit_device_even_auto(monkeypatch):
         assert cli.main(["serve", "--artifacts", "somewhere", *extra]) == 0
     devices = [argv[argv.index("--device") + 1] if "--device" in argv else None for argv in seen]
     assert devices == [None, "auto", "cuda:1"]  # none given: $SGLORA_DEVICE or auto, as app.serve reads it
+
+
+def test_the_app_gives_torch_thread_count_back_when_it_stops_or_fails_to_start(make_settings, tmp_path):
+    """The service sets torch's thread count for the process (new threads inherit it); an app run inside a
+    larger process (a notebook, this test session) gives the caller's count back when it stops, and when its
+    start fails after setting it."""
+
+    def seen_by_a_new_thread() -> int:
+        out = []
+        t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return out[0]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # none of the settings below asks for 3
+        with TestClient(create_app(make_settings(threads=1))) as c:
+            assert c.get("/ready").status_code == 200
+            assert c.portal.call(asyncio.to_thread, seen_by_a_new_thread) == 1  # the service's count meanwhile
+        assert seen_by_a_new_thread() == 3
+        with pytest.raises(ArtifactError), TestClient(create_app(make_settings(threads=1, artifacts=tmp_path / "none"))):
+            pass
+        assert seen_by_a_new_thread() == 3
+    finally:
+        torch.set_num_threads(before)
