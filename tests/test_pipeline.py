@@ -1326,6 +1326,8 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
     (tiny_artifacts / ".notes.tmp").write_text("not the pipeline's")
     (tiny_artifacts / "snapshots" / ".circle.safetensors.x2.tmp").write_bytes(b"half")
     (tiny_artifacts / ".backbone.old").mkdir()  # killed after the replacement: the old copy stayed
+    # Files are replaced in one rename and never leave an old copy: one beside a file is someone else's.
+    (tiny_artifacts / ".splits.json.old").write_text("a copy kept by hand")
     # Killed between the two renames of the repository's replacement: its old copy is the only one, and the
     # one the manifest describes (with any expert the service added). It was kept aside, and a rerun rebuilt
     # the repository without those experts: it is put back.
@@ -1333,7 +1335,7 @@ def test_one_pipeline_at_a_time_on_a_folder_and_a_killed_runs_leftovers_go(tiny_
     with pipeline_lock(tiny_artifacts):
         pass
     left = sorted(p.name for d in (tiny_artifacts, tiny_artifacts / "snapshots") for p in d.glob(".*") if p.name != PIPELINE_LOCK)
-    assert left == [".notes.tmp"]
+    assert left == [".notes.tmp", ".splits.json.old"]
     assert "put " + str(tiny_artifacts / "repository") + " back from .repository.old" in capsys.readouterr().out
     from sglora.artifacts import load_artifacts
 

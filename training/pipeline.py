@@ -1103,7 +1103,8 @@ def pipeline_lock(out: Path) -> Iterator[None]:
                 fsync_path(out)
                 _log(f"[pipeline] put {path} back from {old.name}, left by a run stopped while replacing it")
         leftovers = [p for name in OWN_FILES for p in out.glob(f".{name}.*.tmp")]
-        leftovers += [out / f".{name}.old" for name in OWN_FILES if (out / f".{name}.old").exists() and (out / name).exists()]
+        # Only folders have old copies (atomic_dir); a `.config.json.old` is not this code's to remove.
+        leftovers += [out / f".{name}.old" for name in OWN_FOLDERS if (out / f".{name}.old").exists() and (out / name).exists()]
         leftovers += list((out / "snapshots").glob(".*.safetensors.*.tmp"))
         for leftover in leftovers:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
