@@ -22,6 +22,17 @@ TINY_MODEL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test starts from the session's environment: the CLI's ``main()`` sets variables for its process
+    (``TQDM_MININTERVAL``, ``OMP_WAIT_POLICY``) that, called in-process, outlived the test that called it."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from models.backbone import BackboneConfig, create_backbone

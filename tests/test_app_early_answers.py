@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
+from app_helpers import uvicorn_in_thread
 
 from app.http_protocol import BoundedHttpToolsProtocol
 from app.limits import REFUSED_DRAIN_BYTES
 from app.main import create_app
-from app.processes import free_port
 
 TRIES = 10
 BODY = 480_000  # what an image upload is: well within the drain bound, far beyond the socket's buffers
@@ -28,18 +25,8 @@ def server(make_settings):
     """(port, app) of the service under uvicorn on the project's protocol, with keys and a JSON body limit."""
     settings = make_settings(api_keys=["user-key"], admin_keys=["admin-key"], retry_after_s=2, max_json_bytes=4096)
     app = create_app(settings)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=BoundedHttpToolsProtocol, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    end = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < end, "the server did not start"
-        time.sleep(0.05)
-    yield port, app
-    uv.should_exit = True
-    thread.join(30)
+    for port in uvicorn_in_thread(app, http=BoundedHttpToolsProtocol):
+        yield port, app
 
 
 async def _statuses(port: int, build) -> list[tuple[int, str]]:

@@ -9,15 +9,13 @@ import importlib.util
 import logging
 import os
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
+from app_helpers import uvicorn_in_thread
 
 from app import http_protocol
 from app.http_protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
-from app.processes import free_port
 
 
 async def _app(scope, receive, send):
@@ -51,19 +49,8 @@ async def _app(scope, receive, send):
 
 
 def _serve(protocol: type[BoundedHttpToolsProtocol]):
-    port = free_port()
     ws = "wsproto" if importlib.util.find_spec("wsproto") else "none"
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, ws=ws, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    end = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < end
-        time.sleep(0.01)
-    yield port
-    server.should_exit = True
-    thread.join(10)
+    yield from uvicorn_in_thread(_app, start_s=10, http=protocol, ws=ws, lifespan="off")
 
 
 @pytest.fixture(scope="module")
