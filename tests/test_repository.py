@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -596,7 +597,16 @@ def test_a_lock_file_unlinked_by_its_holder_is_not_held_by_the_next_one(tmp_path
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.2)  # the waiter has opened the first file and waits on it
+    # The waiter has opened the first file and waits on it: Linux lists a blocked flock as "-> FLOCK" on the
+    # file's inode; elsewhere a pause stands in for it.
+    locks, inode = Path("/proc/locks"), f":{os.stat(path).st_ino} "
+    if locks.exists():
+        end = time.monotonic() + 10
+        while not any("-> FLOCK" in line and inode in line for line in locks.read_text().splitlines()):
+            assert time.monotonic() < end, "the waiter never blocked on the held lock"
+            time.sleep(0.005)
+    else:
+        time.sleep(0.2)
     path.unlink()
     path.touch()  # another run's lock file, at the path now
     os.close(first)  # the first holder goes: the waiter gets the removed file, then the one at the path
