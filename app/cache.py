@@ -31,6 +31,10 @@ from sglora import __version__
 
 log = logging.getLogger("sglora.cache")
 
+# /ready writes and reads this key under the prefix (with the entries' TTL): whether the cache's own
+# commands (GET, SET) on its own keys work, which PING does not tell. Apart from the gen:, req: and etag: entries.
+PROBE_KEY = "ready-probe"
+
 
 @dataclass(frozen=True)
 class CacheKey:
@@ -96,6 +100,13 @@ class RedisCache:
         # are skipped until then, reads go on (the entries it holds are still good).
         self._writes_refused_until = 0.0
         self._next_write_backoff = self.backoff_min_s
+        # Redis answering reads with a refusal (an ACL without GET, or limited to other keys): reads are
+        # skipped until then. A refusal of one kind says nothing of the other, nor of Redis being reachable.
+        self._reads_refused_until = 0.0
+        self._next_read_backoff = self.backoff_min_s
+        # What the last read and the last write that reached Redis met: refused or not. They, not the
+        # back-off windows (which end whether or not Redis has changed), make /ready's answer.
+        self._reads_refused = self._writes_refused = False
         self._client: Redis | None = None
         self._pool: BlockingConnectionPool | None = None
         if url:
@@ -128,6 +139,10 @@ class RedisCache:
         """False when disabled or inside the back-off window after an error."""
         return self._client is not None and time.monotonic() >= self._skip_until
 
+    def readable(self) -> bool:
+        """False when disabled, backing off, or while Redis refuses reads (see :meth:`get`)."""
+        return self.available() and time.monotonic() >= self._reads_refused_until
+
     def _failed(self, op: str, e: Exception, started: float) -> None:
         """A call begun at ``started`` failed. A call begun before the last period did (the calls in flight
         time out together, and under load a call may wait for a connection, then for its answer, past the
@@ -149,27 +164,40 @@ class RedisCache:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
         if key in self._writing:  # stored a moment ago, not yet in Redis
             return self._writing[key], True
-        if not self.available():
+        if not self.readable():
             return None, False
         assert self._client is not None
         started = time.monotonic()
         try:
             value = await self._client.get(self.prefix + key)
         except ResponseError as e:
-            if not str(e).startswith("WRONGTYPE"):  # NOPERM, and the like: Redis's problem, as any other
-                self._failed("get", e, started)
+            self.metrics.redis_errors.labels(op="get").inc()
+            self._succeeded(started)  # Redis answered
+            if not str(e).startswith("WRONGTYPE"):  # NOPERM and the like: every key's, until Redis is changed
+                self._refused_reads(e)
                 return None, False
             # Redis answered, refusing this key (another writer left a list there): the key's problem, not
             # Redis's. Counted, not a back-off, which would also stop the write that mends it.
-            self.metrics.redis_errors.labels(op="get").inc()
-            self._succeeded(started)
             log.warning("redis get %s refused (%s); the value will be written again", key, e)
             return None, False
         except (RedisError, OSError) as e:
             self._failed("get", e, started)
             return None, False
         self._succeeded(started)
+        self._reads_refused, self._next_read_backoff = False, self.backoff_min_s
         return value, True
+
+    def _refused_reads(self, e: Exception) -> None:
+        period = self._next_read_backoff
+        self._reads_refused, self._reads_refused_until = True, time.monotonic() + period
+        self._next_read_backoff = min(2 * period, self.backoff_s)
+        log.warning("redis refused a read (%s); skipping reads for %.2f s", e, period)
+
+    def _refused_writes(self, e: Exception) -> None:
+        period = self._next_write_backoff
+        self._writes_refused, self._writes_refused_until = True, time.monotonic() + period
+        self._next_write_backoff = min(2 * period, self.backoff_s)
+        log.warning("redis refused a write (%s); skipping writes for %.2f s, reads go on", e, period)
 
     def writable(self) -> bool:
         """False when disabled, backing off, or while Redis refuses writes (see :meth:`set_many`)."""
@@ -189,16 +217,14 @@ class RedisCache:
             # Redis answered, refusing the write (OOM under noeviction, READONLY, NOPERM): what it holds can
             # still be read, so only writes back off.
             self.metrics.redis_errors.labels(op="set").inc()
-            period = self._next_write_backoff
-            self._writes_refused_until = time.monotonic() + period
-            self._next_write_backoff = min(2 * period, self.backoff_s)
-            log.warning("redis refused a write (%s); skipping writes for %.2f s, reads go on", e, period)
+            self._succeeded(started)
+            self._refused_writes(e)
             return False
         except (RedisError, OSError) as e:
             self._failed("set", e, started)
             return False
         self._succeeded(started)
-        self._next_write_backoff = self.backoff_min_s
+        self._writes_refused, self._next_write_backoff = False, self.backoff_min_s
         return True
 
     def set_behind(self, items: dict[str, bytes]) -> None:
@@ -225,20 +251,51 @@ class RedisCache:
         task.add_done_callback(self._writes.discard)
 
     async def ping(self) -> str:
-        """'ok', 'degraded' (unreachable, or refusing writes) or 'disabled'. A success ends a back-off early
-        (the read back-off: a ping says nothing of writes)."""
+        """'ok', 'degraded' or 'disabled', from a write and a read of a probe key under the prefix (not PING:
+        a reachable Redis can still refuse the cache's own commands or keys, and an ACL made for the cache
+        need not allow PING). 'degraded': unreachable, or refusing reads or writes; :attr:`problem` says
+        which. The probe's outcome ends a back-off early, or begins one, as a request's would."""
         if self._client is None:
             return "disabled"
         started = time.monotonic()
         try:
-            await self._client.ping()
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.set(self.prefix + PROBE_KEY, b"1", ex=self.ttl_s)
+                pipe.get(self.prefix + PROBE_KEY)
+                wrote, read = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as e:
             self._failed("ping", e, started)
             return "degraded"
         if started >= self._tripped_at:
             self._skip_until = 0.0
         self._succeeded(started)
-        return "ok" if time.monotonic() >= self._writes_refused_until else "degraded"
+        for kind, outcome in (("write", wrote), ("read", read)):
+            was = self._writes_refused if kind == "write" else self._reads_refused
+            if isinstance(outcome, ResponseError):
+                self.metrics.redis_errors.labels(op="ping").inc()
+                if not was:  # said once, when it begins: a probe comes every few seconds
+                    (self._refused_writes if kind == "write" else self._refused_reads)(outcome)
+                continue
+            if isinstance(outcome, Exception):  # not an answer: as a failed call
+                self._failed("ping", outcome, started)
+                return "degraded"
+            if was:
+                log.info("redis accepts %ss again", kind)
+            setattr(self, f"_{kind}s_refused", False)
+            setattr(self, f"_{kind}s_refused_until", 0.0)
+            setattr(self, f"_next_{kind}_backoff", self.backoff_min_s)
+        return "degraded" if self._reads_refused or self._writes_refused else "ok"
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps the cache from working now, in words /ready can show (no Redis message: they name
+        hosts and users): "unreachable", "reads refused", "writes refused", "reads and writes refused"."""
+        if self._client is None:
+            return None
+        if not self.available():
+            return "unreachable"
+        refused = [kind for kind, flag in (("reads", self._reads_refused), ("writes", self._writes_refused)) if flag]
+        return " and ".join(refused) + " refused" if refused else None
 
     async def close(self) -> None:
         if self._writes:

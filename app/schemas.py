@@ -292,6 +292,9 @@ class Ready(BaseModel):
 
     status: Literal["ready", "starting", "draining"]
     redis: Literal["ok", "degraded", "disabled"] | None = None
+    redis_problem: Literal["unreachable", "reads refused", "writes refused", "reads and writes refused"] | None = Field(
+        None, description="why Redis is degraded (the log says more: Redis's own message)"
+    )
     artifact_version: str | None = None
     backbone: str | None = None
     device: str | None = None

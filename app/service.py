@@ -670,7 +670,7 @@ class Service:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
             # failing (its back-off) the request still could not use the cache: an error, so that an outage
             # shows in the error ratio whatever share of the traffic sends seeds.
-            degraded = self.cache.enabled and not self.cache.available()
+            degraded = self.cache.enabled and not self.cache.readable()
             self.metrics.cache.labels(result="error" if degraded else "skip").inc()
         try:
             data, used_version, etag, metadata = await self.worker.encode(params.description, params)
@@ -784,7 +784,7 @@ class Service:
                     request, ok = await self.cache.get("req:" + key)
                 if request is not None:
                     data = await self._made_again(key, request)
-            if data is None and not ok and self.cache.enabled and not self.cache.available():  # an outage
+            if data is None and not ok and self.cache.enabled and not self.cache.readable():  # an outage, refused reads
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
                 reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"
                 raise APIError(503, "etag", reason, headers={"Retry-After": retry})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -606,15 +608,17 @@ def test_a_hit_from_redis_writes_its_etag_pointer_again(make_settings):
         assert found.status_code == 200, found.text
 
 
-def test_only_wrongtype_is_a_keys_problem_other_refusals_back_off():
+def test_only_wrongtype_is_a_keys_problem_other_refusals_back_off_reads():
     """WRONGTYPE is the key's problem (no back-off, so the write that mends it runs); a refusal such as
-    NOPERM holds for every key and backs off like an outage, else each request would try Redis in vain."""
+    NOPERM holds for every key and backs reads off, else each request would try Redis in vain. Redis
+    answered: writes, which it may well accept, go on."""
     cache = RedisCache("redis://127.0.0.1:1/0", 60, "t:", 0.2, backoff_s=5.0, metrics=Metrics(), backoff_min_s=0.5)
     fake = cache._client = FakeRedis()
     fake.fail = redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
-    assert asyncio.run(cache.get("k")) == (None, False) and cache.available()
+    assert asyncio.run(cache.get("k")) == (None, False) and cache.readable()
     fake.fail = redis.exceptions.NoPermissionError("NOPERM User has no permissions to run the 'get' command")
-    assert asyncio.run(cache.get("k")) == (None, False) and not cache.available()
+    assert asyncio.run(cache.get("k")) == (None, False) and not cache.readable()
+    assert cache.available() and cache.writable() and cache.problem == "reads refused"
 
 
 def _redis_errors(c) -> float:
@@ -658,9 +662,13 @@ def test_refused_writes_stop_writes_alone_and_show_in_ready(private_redis, make_
         refused = samples(c)[("sglora_redis_errors_total", (("op", "set"),))]
         assert refused >= 1 and samples(c)[("sglora_redis_errors_total", (("op", "get"),))] == 0
         assert c.get("/ready").json()["redis"] == "degraded"
+        time.sleep(0.7)  # past the longest write back-off: Redis still refuses, /ready still says so
+        assert cache.writable()
+        ready = c.get("/ready").json()
+        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "writes refused")
         admin.config_set("maxmemory", 0)
-        assert wait_for(lambda: cache.writable())
-        assert c.get("/ready").json()["redis"] == "ok"
+        ready = c.get("/ready").json()  # its probe's write is accepted
+        assert (ready["redis"], ready["redis_problem"]) == ("ok", None) and cache.writable()
         new = {"description": "a square written again", "seed": 1}
         assert c.post("/generate", json=new).headers["x-cache"] == "miss"
         assert wait_for(lambda: not cache._writing)
@@ -753,3 +761,66 @@ def test_retrieve_by_etag_while_redis_is_out_is_a_503_not_a_404(private_redis, m
         r = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
         assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
         assert r.json()["detail"]["field"] == "etag" and "unreachable" in r.json()["detail"]["reason"]
+
+
+def _acl_url(private_redis, user: str, *rules: str) -> str:
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", *rules)
+    return f"redis://{user}:pw@127.0.0.1:{private_redis.port}/0"
+
+
+def test_refused_reads_show_in_ready_and_back_off_alone(private_redis, make_settings, caplog):
+    """An ACL without GET (or limited to other keys): Redis answers, refusing every lookup. /ready said "ok"
+    (a PING succeeded), and each write Redis accepted reset the shared back-off, so a lookup was tried and
+    refused, with a warning, every 0.5 s whatever the back-off. Now reads back off alone, doubling up to
+    SGLORA_REDIS_BACKOFF_S, and /ready names the refusal until reads work again."""
+    settings = make_settings(hot_keys=0, redis_backoff_min_s=0.2, redis_backoff_s=5.0)
+    settings = settings.model_copy(update={"redis_url": _acl_url(private_redis, "noget", "~*", "+@all", "-get")})
+    caplog.set_level(logging.WARNING, logger="sglora.cache")
+    with TestClient(create_app(settings)) as c:
+        cache = c.app.state.service.cache
+        ready = c.get("/ready").json()
+        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads refused")
+
+        def periods() -> list[float]:
+            return [float(m) for m in re.findall(r"skipping reads for ([0-9.]+) s", caplog.text)]
+
+        end, i = time.monotonic() + 30, 0
+        while len(periods()) < 4:  # the probe's refusal, then lookups, each written back (accepted)
+            assert time.monotonic() < end, periods()
+            r = c.post("/generate", json={"description": f"a refused read {i}", "seed": 1})
+            assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+            i += 1
+            time.sleep(0.02)
+        assert periods() == [0.2, 0.4, 0.8, 1.6]
+        assert samples(c)[("sglora_redis_errors_total", (("op", "get"),))] == 3
+        assert cache.available() and cache.writable() and not cache.readable()
+        redis.Redis.from_url(private_redis.url).execute_command("ACL", "SETUSER", "noget", "+get")
+        ready = c.get("/ready").json()  # its probe's read is accepted: reads resume at once
+        assert (ready["redis"], ready["redis_problem"]) == ("ok", None) and cache.readable()
+        body = {"description": "a read again", "seed": 1}
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not cache._writing)
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+
+
+def test_an_acl_with_only_get_and_set_on_the_prefix_is_enough(private_redis, make_settings):
+    """The cache needs GET and SET on its own keys and nothing else: an ACL made for it (no PING) gave a
+    working cache that /ready called degraded, and each probe's failed PING began a back-off (18 % of
+    lookups counted as errors with a probe every 3 s). Keys outside the prefix are refused, and said so."""
+    settings = make_settings(hot_keys=0)
+    url = _acl_url(private_redis, "cache", f"~{settings.cache_prefix}*", "+get", "+set")
+    with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as c:
+        ready = c.get("/ready").json()
+        assert (ready["redis"], ready["redis_problem"]) == ("ok", None)
+        body = {"description": "an acl square", "seed": 1}
+        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
+        assert wait_for(lambda: not c.app.state.service.cache._writing)
+        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        assert c.get("/ready").json()["redis"] == "ok"
+        assert _redis_errors(c) == 0
+    url = _acl_url(private_redis, "elsewhere", "~other:*", "+get", "+set")
+    with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as c:
+        ready = c.get("/ready").json()
+        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads and writes refused")
+        assert c.post("/generate", json={"description": "an acl circle", "seed": 1}).status_code == 200
