@@ -68,6 +68,42 @@ class CacheKey:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class _Refusals:
+    """Redis answering one kind of the cache's commands (``reads``: GET, ``writes``: SET) with a refusal: out
+    of memory under noeviction, a read-only replica, an ACL without the command or limited to other keys.
+    Such calls are skipped for a back-off period of their own, doubling from ``min_s`` to ``max_s``; a call
+    of this kind that Redis accepts ends it. Apart from the outage back-off: a refusal is Redis answering."""
+
+    def __init__(self, kind: str, min_s: float, max_s: float, meanwhile: str = ""):
+        self.kind, self.min_s, self.max_s, self.meanwhile = kind, min_s, max_s, meanwhile
+        self.refused = False  # the last call of this kind that reached Redis was refused
+        self.began = float("-inf")  # when the last period began
+        self.until = 0.0  # calls of this kind are skipped until then
+        self.next = min_s  # the period the next refusal begins
+
+    def skipping(self) -> bool:
+        return time.monotonic() < self.until
+
+    def refused_by(self, e: Exception, started: float) -> None:
+        """A call begun at ``started`` was refused. One begun before the period's end (in flight when another's
+        refusal began it, or a /ready probe, which ignores it) neither begins a period nor doubles the next."""
+        self.refused = True
+        if started < self.until:
+            return
+        now = time.monotonic()
+        period = self.next
+        self.began, self.until = now, now + period
+        self.next = min(2 * period, self.max_s)
+        log.warning("redis refused %s (%s); skipping %s for %.2f s%s", self.kind, e, self.kind, period, self.meanwhile)
+
+    def accepted(self, started: float) -> None:
+        if started < self.began:  # in flight before the last refusal: says nothing of Redis since
+            return
+        if self.refused:
+            log.info("redis accepts %s again", self.kind)
+        self.refused, self.until, self.next = False, 0.0, self.min_s
+
+
 class RedisCache:
     """``get``/``set`` never raise: a failure is logged, counted and answered as 'not cached'."""
 
@@ -96,17 +132,11 @@ class RedisCache:
         # Write-behind tasks in flight at most: beyond, a write is dropped (counted), so that under load writes
         # never take every pooled connection from the lookups.
         self.max_writes = max(1, max_connections // 2)
-        # Redis answering writes with a refusal (out of memory under noeviction, a read-only replica): writes
-        # are skipped until then, reads go on (the entries it holds are still good).
-        self._writes_refused_until = 0.0
-        self._next_write_backoff = self.backoff_min_s
-        # Redis answering reads with a refusal (an ACL without GET, or limited to other keys): reads are
-        # skipped until then. A refusal of one kind says nothing of the other, nor of Redis being reachable.
-        self._reads_refused_until = 0.0
-        self._next_read_backoff = self.backoff_min_s
-        # What the last read and the last write that reached Redis met: refused or not. They, not the
-        # back-off windows (which end whether or not Redis has changed), make /ready's answer.
-        self._reads_refused = self._writes_refused = False
+        # Redis answering with refusals (see _Refusals): writes are skipped while it refuses writes, and reads
+        # go on (the entries it holds are still good); reads likewise.
+        self._read_refusals = _Refusals("reads", self.backoff_min_s, backoff_s)
+        self._write_refusals = _Refusals("writes", self.backoff_min_s, backoff_s, ", reads go on")
+        self.last_problem: str | None = None  # what the last /ready probe found (see problem)
         self._client: Redis | None = None
         self._pool: BlockingConnectionPool | None = None
         if url:
@@ -141,7 +171,7 @@ class RedisCache:
 
     def readable(self) -> bool:
         """False when disabled, backing off, or while Redis refuses reads (see :meth:`get`)."""
-        return self.available() and time.monotonic() >= self._reads_refused_until
+        return self.available() and not self._read_refusals.skipping()
 
     def _failed(self, op: str, e: Exception, started: float) -> None:
         """A call begun at ``started`` failed. A call begun before the last period did (the calls in flight
@@ -174,7 +204,7 @@ class RedisCache:
             self.metrics.redis_errors.labels(op="get").inc()
             self._succeeded(started)  # Redis answered
             if not str(e).startswith("WRONGTYPE"):  # NOPERM and the like: every key's, until Redis is changed
-                self._refused_reads(e)
+                self._read_refusals.refused_by(e, started)
                 return None, False
             # Redis answered, refusing this key (another writer left a list there): the key's problem, not
             # Redis's. Counted, not a back-off, which would also stop the write that mends it.
@@ -184,24 +214,17 @@ class RedisCache:
             self._failed("get", e, started)
             return None, False
         self._succeeded(started)
-        self._reads_refused, self._next_read_backoff = False, self.backoff_min_s
+        self._read_refusals.accepted(started)
         return value, True
 
-    def _refused_reads(self, e: Exception) -> None:
-        period = self._next_read_backoff
-        self._reads_refused, self._reads_refused_until = True, time.monotonic() + period
-        self._next_read_backoff = min(2 * period, self.backoff_s)
-        log.warning("redis refused a read (%s); skipping reads for %.2f s", e, period)
-
-    def _refused_writes(self, e: Exception) -> None:
-        period = self._next_write_backoff
-        self._writes_refused, self._writes_refused_until = True, time.monotonic() + period
-        self._next_write_backoff = min(2 * period, self.backoff_s)
-        log.warning("redis refused a write (%s); skipping writes for %.2f s, reads go on", e, period)
+    def reads_failing(self) -> bool:
+        """Whether a lookup now would not be answered: an outage, or Redis refusing reads (also between
+        two of its back-off periods, while the last read that reached it was refused)."""
+        return self.enabled and (not self.readable() or self._read_refusals.refused)
 
     def writable(self) -> bool:
         """False when disabled, backing off, or while Redis refuses writes (see :meth:`set_many`)."""
-        return self.available() and time.monotonic() >= self._writes_refused_until
+        return self.available() and not self._write_refusals.skipping()
 
     async def set_many(self, items: dict[str, bytes]) -> bool:
         if not self.writable() or not items:
@@ -218,13 +241,13 @@ class RedisCache:
             # still be read, so only writes back off.
             self.metrics.redis_errors.labels(op="set").inc()
             self._succeeded(started)
-            self._refused_writes(e)
+            self._write_refusals.refused_by(e, started)
             return False
         except (RedisError, OSError) as e:
             self._failed("set", e, started)
             return False
         self._succeeded(started)
-        self._writes_refused, self._next_write_backoff = False, self.backoff_min_s
+        self._write_refusals.accepted(started)
         return True
 
     def set_behind(self, items: dict[str, bytes]) -> None:
@@ -253,8 +276,9 @@ class RedisCache:
     async def ping(self) -> str:
         """'ok', 'degraded' or 'disabled', from a write and a read of a probe key under the prefix (not PING:
         a reachable Redis can still refuse the cache's own commands or keys, and an ACL made for the cache
-        need not allow PING). 'degraded': unreachable, or refusing reads or writes; :attr:`problem` says
-        which. The probe's outcome ends a back-off early, or begins one, as a request's would."""
+        need not allow PING). 'degraded': unreachable, or refusing reads or writes; :attr:`problem` then
+        says which. The probe's outcome ends a back-off early, or begins one, as a request's would."""
+        self.last_problem = None
         if self._client is None:
             return "disabled"
         started = time.monotonic()
@@ -262,29 +286,25 @@ class RedisCache:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.set(self.prefix + PROBE_KEY, b"1", ex=self.ttl_s)
                 pipe.get(self.prefix + PROBE_KEY)
-                wrote, read = await pipe.execute(raise_on_error=False)
+                outcomes = await pipe.execute(raise_on_error=False)
+        except ResponseError as e:  # refused before either command ran (SELECT, on connecting, by an ACL)
+            outcomes = [e, e]
         except (RedisError, OSError) as e:
             self._failed("ping", e, started)
+            self.last_problem = "unreachable"
             return "degraded"
         if started >= self._tripped_at:
             self._skip_until = 0.0
         self._succeeded(started)
-        for kind, outcome in (("write", wrote), ("read", read)):
-            was = self._writes_refused if kind == "write" else self._reads_refused
+        if any(isinstance(outcome, ResponseError) for outcome in outcomes):
+            self.metrics.redis_errors.labels(op="ping").inc()  # one probe, one count
+        for refusals, outcome in zip((self._write_refusals, self._read_refusals), outcomes, strict=True):
             if isinstance(outcome, ResponseError):
-                self.metrics.redis_errors.labels(op="ping").inc()
-                if not was:  # said once, when it begins: a probe comes every few seconds
-                    (self._refused_writes if kind == "write" else self._refused_reads)(outcome)
-                continue
-            if isinstance(outcome, Exception):  # not an answer: as a failed call
-                self._failed("ping", outcome, started)
-                return "degraded"
-            if was:
-                log.info("redis accepts %ss again", kind)
-            setattr(self, f"_{kind}s_refused", False)
-            setattr(self, f"_{kind}s_refused_until", 0.0)
-            setattr(self, f"_next_{kind}_backoff", self.backoff_min_s)
-        return "degraded" if self._reads_refused or self._writes_refused else "ok"
+                refusals.refused_by(outcome, started)
+            else:
+                refusals.accepted(started)
+        self.last_problem = self.problem
+        return "degraded" if self.last_problem else "ok"
 
     @property
     def problem(self) -> str | None:
@@ -294,7 +314,7 @@ class RedisCache:
             return None
         if not self.available():
             return "unreachable"
-        refused = [kind for kind, flag in (("reads", self._reads_refused), ("writes", self._writes_refused)) if flag]
+        refused = [r.kind for r in (self._read_refusals, self._write_refusals) if r.refused]
         return " and ".join(refused) + " refused" if refused else None
 
     async def close(self) -> None:

@@ -119,7 +119,7 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.redis_errors = Counter("sglora_redis_errors", "failed Redis calls", ["op"], registry=r)
+        self.redis_errors = Counter("sglora_redis_errors", "failed or refused Redis calls", ["op"], registry=r)
         self.cache_writes_dropped = Counter(
             "sglora_cache_writes_dropped",
             "write-behind cache writes dropped because too many were already in flight",

@@ -273,6 +273,7 @@ class Ready(BaseModel):
                 {
                     "status": "ready",
                     "redis": "ok",
+                    "redis_problem": None,
                     "artifact_version": "3f2a9c0d1e4b5a69",
                     "backbone": "ViT-B-16",
                     "device": "cpu",

@@ -471,6 +471,8 @@ class Service:
             )
             service.worker.max_batch = 1
         redis = await service.cache.ping()
+        if service.cache.last_problem:
+            redis += f" ({service.cache.last_problem})"
         log.info(
             "ready: artefacts %s (version %s, backbone %s, %d experts) on %s (text tower %s, %s, CVAE in %s, passes of %s rows, "
             "%d model thread(s), %d torch thread(s)); redis %s",
@@ -670,7 +672,7 @@ class Service:
             # No lookup: a request without a seed asks for a new sample, never a cached one. While Redis is
             # failing (its back-off) the request still could not use the cache: an error, so that an outage
             # shows in the error ratio whatever share of the traffic sends seeds.
-            degraded = self.cache.enabled and not self.cache.readable()
+            degraded = self.cache.reads_failing()
             self.metrics.cache.labels(result="error" if degraded else "skip").inc()
         try:
             data, used_version, etag, metadata = await self.worker.encode(params.description, params)
@@ -786,7 +788,8 @@ class Service:
                     data = await self._made_again(key, request)
             if data is None and not ok and self.cache.enabled and not self.cache.readable():  # an outage, refused reads
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
-                reason = "the cache that holds adapters by ETag is unreachable; retry later, or send the description"
+                why = "refuses reads" if self.cache.problem in ("reads refused", "reads and writes refused") else "is unreachable"
+                reason = f"the cache that holds adapters by ETag {why}; retry later, or send the description"
                 raise APIError(503, "etag", reason, headers={"Retry-After": retry})
         if data is None or etag_of(data) != key:
             raise APIError(404, "etag", "unknown or expired adapter ETag; send the description instead")

@@ -621,6 +621,29 @@ def test_only_wrongtype_is_a_keys_problem_other_refusals_back_off_reads():
     assert cache.available() and cache.writable() and cache.problem == "reads refused"
 
 
+def test_refusals_met_together_begin_one_period(caplog):
+    """Lookups in flight together, all refused: each began a period of its own and doubled the next, so one
+    burst took the read back-off to its maximum at once, with a warning per lookup. The refusal that began
+    the period stands for the others, as a failure does for calls timing out together."""
+    cache = RedisCache("redis://127.0.0.1:1/0", 60, "t:", 0.2, backoff_s=5.0, metrics=Metrics(), backoff_min_s=0.5)
+    fake = cache._client = FakeRedis()
+    fake.fail = redis.exceptions.NoPermissionError("NOPERM User has no permissions to run the 'get' command")
+    caplog.set_level(logging.WARNING, logger="sglora.cache")
+
+    async def burst():
+        fake.gate = asyncio.Event()
+        calls = [asyncio.create_task(cache.get(f"k{i}")) for i in range(8)]
+        while fake.calls < 8:
+            await asyncio.sleep(0.001)
+        fake.gate.set()
+        return await asyncio.gather(*calls)
+
+    assert asyncio.run(burst()) == [(None, False)] * 8
+    assert re.findall(r"skipping reads for ([0-9.]+) s", caplog.text) == ["0.50"]
+    assert cache.problem == "reads refused" and not cache.readable()
+    assert cache.metrics.registry.get_sample_value("sglora_redis_errors_total", {"op": "get"}) == 8  # each counted
+
+
 def _redis_errors(c) -> float:
     return sum(v for (name, _), v in samples(c).items() if name == "sglora_redis_errors_total")
 
@@ -793,8 +816,14 @@ def test_refused_reads_show_in_ready_and_back_off_alone(private_redis, make_sett
             i += 1
             time.sleep(0.02)
         assert periods() == [0.2, 0.4, 0.8, 1.6]
-        assert samples(c)[("sglora_redis_errors_total", (("op", "get"),))] == 3
+        # The start-up's probe and /ready's began one or two of them (the second only where the start-up
+        # took longer than the first period), lookups the rest.
+        assert 2 <= samples(c)[("sglora_redis_errors_total", (("op", "get"),))] <= 3
         assert cache.available() and cache.writable() and not cache.readable()
+        png = io.BytesIO()
+        Image.new("RGB", (32, 32), "red").save(png, format="PNG")
+        by_etag = c.post("/retrieve", data={"etag": "0" * 32}, files={"images": ("a.png", png.getvalue(), "image/png")})
+        assert by_etag.status_code == 503 and "refuses reads" in by_etag.json()["detail"]["reason"], by_etag.text
         redis.Redis.from_url(private_redis.url).execute_command("ACL", "SETUSER", "noget", "+get")
         ready = c.get("/ready").json()  # its probe's read is accepted: reads resume at once
         assert (ready["redis"], ready["redis_problem"]) == ("ok", None) and cache.readable()
@@ -824,3 +853,10 @@ def test_an_acl_with_only_get_and_set_on_the_prefix_is_enough(private_redis, mak
         ready = c.get("/ready").json()
         assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads and writes refused")
         assert c.post("/generate", json={"description": "an acl circle", "seed": 1}).status_code == 200
+    # Another database than 0: redis-py selects it on connecting, which the ACL must allow (docs/service.md).
+    url = _acl_url(private_redis, "cache", f"~{settings.cache_prefix}*", "+get", "+set").replace("/0", "/1")
+    with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as c:
+        ready = c.get("/ready").json()  # refused on connecting: a refusal, not an outage
+        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads and writes refused")
+        redis.Redis.from_url(private_redis.url).execute_command("ACL", "SETUSER", "cache", "+select")
+        assert c.get("/ready").json()["redis"] == "ok"

@@ -268,9 +268,10 @@ def _not_a_first_attempt(out: Path) -> list[str]:
     user's own folder, or an eval/ of theirs) would be replaced or overwritten."""
     first = {"backbone", "config.json", "splits.json", "snapshots", PIPELINE_LOCK}
     temporary = tuple(f".{name}." for name in OWN_FILES)
+    old_copies = {f".{name}.old" for name in OWN_FOLDERS}  # atomic_dir's; a file leaves none
     out_of_place = []
     for p in sorted(out.iterdir()) if out.is_dir() else []:
-        if p.name.startswith(temporary) and p.name.endswith((".tmp", ".old")):
+        if (p.name.startswith(temporary) and p.name.endswith(".tmp")) or p.name in old_copies:
             continue
         if p.name not in first:
             out_of_place.append(p.name)

@@ -32,7 +32,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
     return Ready(
         status="ready",
         redis=redis,
-        redis_problem=service.cache.problem if redis == "degraded" else None,
+        redis_problem=service.cache.last_problem if redis == "degraded" else None,
         artifact_version=state.version,
         backbone=service.backbone_name,
         device=service.device,

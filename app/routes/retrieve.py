@@ -53,8 +53,8 @@ def _ranking(s: Scores) -> Ranking:
         415: {"description": "the body is not multipart/form-data"},
         422: {"description": "bad input; `field` names it"},
         503: {
-            "description": "by `etag`, the cache that holds it is unreachable; or out of memory for this request. "
-            "Retry after `Retry-After` seconds"
+            "description": "by `etag`, the cache that holds it is unreachable or refuses reads; or out of memory for this "
+            "request. Retry after `Retry-After` seconds"
         },
         **UPLOAD_BUSY,
         504: {"description": "the model did not answer in time"},
