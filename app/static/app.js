@@ -98,7 +98,8 @@ async function loadStatus() {
     if (r.ok) {
       box.textContent = `ready · ${s.experts} experts · ${s.backbone}`;
       box.className = "status ok";
-      $("version-out").textContent = `artefact version ${s.artifact_version} · cache ${s.redis}`;
+      const cache = s.redis_problem ? `${s.redis} (${s.redis_problem})` : s.redis;
+      $("version-out").textContent = `artefact version ${s.artifact_version} · cache ${cache}`;
     } else {
       box.textContent = s.status || "not ready";
       box.className = "status warn";
