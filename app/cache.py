@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
 
 from app.metrics import Metrics
 from sglora import __version__
@@ -66,6 +66,12 @@ class CacheKey:
             separators=(",", ":"),
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _outage(e: BaseException) -> str:
+    """How /ready names a failed call: a login Redis refused (NOAUTH, WRONGPASS: redis-py's
+    AuthenticationError, a ConnectionError) points at the credentials, not at the network."""
+    return "login refused" if isinstance(e, AuthenticationError) else "unreachable"
 
 
 class _Refusals:
@@ -137,6 +143,7 @@ class RedisCache:
         self._read_refusals = _Refusals("reads", self.backoff_min_s, backoff_s)
         self._write_refusals = _Refusals("writes", self.backoff_min_s, backoff_s, ", reads go on")
         self.last_problem: str | None = None  # what the last /ready probe found (see problem)
+        self._outage = "unreachable"  # what began the last outage back-off (see problem)
         self._client: Redis | None = None
         self._pool: BlockingConnectionPool | None = None
         if url:
@@ -184,6 +191,7 @@ class RedisCache:
         period = self._next_backoff
         self._tripped_at, self._skip_until = now, now + period
         self._next_backoff = min(2 * period, self.backoff_s)
+        self._outage = _outage(e)
         log.warning("redis %s failed (%s: %s); skipping the cache for %.2f s", op, type(e).__name__, e, period)
 
     def _succeeded(self, started: float) -> None:
@@ -291,7 +299,7 @@ class RedisCache:
             outcomes = [e, e]
         except (RedisError, OSError) as e:
             self._failed("ping", e, started)
-            self.last_problem = "unreachable"
+            self.last_problem = _outage(e)
             return "degraded"
         if started >= self._tripped_at:
             self._skip_until = 0.0
@@ -309,11 +317,12 @@ class RedisCache:
     @property
     def problem(self) -> str | None:
         """What keeps the cache from working now, in words /ready can show (no Redis message: they name
-        hosts and users): "unreachable", "reads refused", "writes refused", "reads and writes refused"."""
+        hosts and users): "unreachable", "login refused", "reads refused", "writes refused", "reads and writes
+        refused"."""
         if self._client is None:
             return None
         if not self.available():
-            return "unreachable"
+            return self._outage
         refused = [r.kind for r in (self._read_refusals, self._write_refusals) if r.refused]
         return " and ".join(refused) + " refused" if refused else None
 

@@ -266,6 +266,9 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+RedisProblem = Literal["unreachable", "login refused", "reads refused", "writes refused", "reads and writes refused"]
+
+
 class Ready(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -293,9 +296,9 @@ class Ready(BaseModel):
 
     status: Literal["ready", "starting", "draining"]
     redis: Literal["ok", "degraded", "disabled"] | None = None
-    redis_problem: Literal["unreachable", "reads refused", "writes refused", "reads and writes refused"] | None = Field(
-        None, description="why Redis is degraded (the log says more: Redis's own message)"
-    )
+    redis_problem: (
+        Literal["unreachable", "login refused", "reads refused", "writes refused", "reads and writes refused"] | None
+    ) = Field(None, description="why Redis is degraded (the log says more: Redis's own message)")
     artifact_version: str | None = None
     backbone: str | None = None
     device: str | None = None

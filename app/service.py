@@ -311,6 +311,14 @@ def _value_error_field(message: str) -> str | None:
     return None
 
 
+# How a /retrieve by ETag's 503 says what keeps it from the cache (RedisCache.problem; else "is unreachable").
+_CACHE_PROBLEM_SAID = {
+    "reads refused": "refuses reads",
+    "reads and writes refused": "refuses reads",
+    "login refused": "refuses the service's login",
+}
+
+
 class Service:
     def __init__(self, settings: Settings, artifacts: Artifacts, device: str, metrics: Metrics):
         self.settings = settings
@@ -788,7 +796,7 @@ class Service:
                     data = await self._made_again(key, request)
             if data is None and not ok and self.cache.enabled and not self.cache.readable():  # an outage, refused reads
                 retry = str(max(1, math.ceil(self.settings.redis_backoff_s)))
-                why = "refuses reads" if self.cache.problem in ("reads refused", "reads and writes refused") else "is unreachable"
+                why = _CACHE_PROBLEM_SAID.get(self.cache.problem or "", "is unreachable")
                 reason = f"the cache that holds adapters by ETag {why}; retry later, or send the description"
                 raise APIError(503, "etag", reason, headers={"Retry-After": retry})
         if data is None or etag_of(data) != key:

@@ -860,3 +860,19 @@ def test_an_acl_with_only_get_and_set_on_the_prefix_is_enough(private_redis, mak
         assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads and writes refused")
         redis.Redis.from_url(private_redis.url).execute_command("ACL", "SETUSER", "cache", "+select")
         assert c.get("/ready").json()["redis"] == "ok"
+
+
+def test_a_refused_login_is_named_in_ready(private_redis, make_settings):
+    """A Redis that wants a password the URL lacks (or a wrong one) was reported as "unreachable", which
+    points an operator at the network rather than at the credentials."""
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("requirepass", "secret")
+    try:
+        with TestClient(create_app(make_settings(redis_url=private_redis.url))) as c:
+            ready = c.get("/ready").json()
+            assert (ready["redis"], ready["redis_problem"]) == ("degraded", "login refused")
+            assert c.post("/generate", json={"description": "a locked square", "seed": 1}).status_code == 200
+            admin.config_set("requirepass", "")
+            assert c.get("/ready").json()["redis"] == "ok"
+    finally:
+        admin.config_set("requirepass", "")
