@@ -74,21 +74,37 @@ def _outage(e: BaseException) -> str:
     return "login refused" if isinstance(e, AuthenticationError) else "unreachable"
 
 
-class _Refusals:
-    """Redis answering one kind of the cache's commands (``reads``: GET, ``writes``: SET) with a refusal: out
-    of memory under noeviction, a read-only replica, an ACL without the command or limited to other keys.
-    Such calls are skipped for a back-off period of their own, doubling from ``min_s`` to ``max_s``; a call
-    of this kind that Redis accepts ends it. Apart from the outage back-off: a refusal is Redis answering."""
+class _BackOff:
+    """Periods in which calls to Redis are skipped: each one begun lasts twice the last, from ``min_s`` up to
+    ``max_s``, until a success starts them again from ``min_s``."""
 
-    def __init__(self, kind: str, min_s: float, max_s: float, meanwhile: str = ""):
-        self.kind, self.min_s, self.max_s, self.meanwhile = kind, min_s, max_s, meanwhile
-        self.refused = False  # the last call of this kind that reached Redis was refused
+    def __init__(self, min_s: float, max_s: float):
+        self.min_s, self.max_s = min_s, max_s
         self.began = float("-inf")  # when the last period began
-        self.until = 0.0  # calls of this kind are skipped until then
-        self.next = min_s  # the period the next refusal begins
+        self.until = 0.0  # calls are skipped until then
+        self.next = min_s  # the length of the next period
 
     def skipping(self) -> bool:
         return time.monotonic() < self.until
+
+    def begin(self) -> float:
+        """Begins the next period now; returns its length."""
+        now, period = time.monotonic(), self.next
+        self.began, self.until = now, now + period
+        self.next = min(2 * period, self.max_s)
+        return period
+
+
+class _Refusals(_BackOff):
+    """Redis answering one kind of the cache's commands (``reads``: GET, ``writes``: SET) with a refusal: out
+    of memory under noeviction, a read-only replica, an ACL without the command or limited to other keys.
+    Such calls are skipped for back-off periods of their own; a call of this kind that Redis accepts ends
+    them. Apart from the outage back-off: a refusal is Redis answering."""
+
+    def __init__(self, kind: str, min_s: float, max_s: float, meanwhile: str = ""):
+        super().__init__(min_s, max_s)
+        self.kind, self.meanwhile = kind, meanwhile
+        self.refused = False  # the last call of this kind that reached Redis was refused
 
     def refused_by(self, e: Exception, started: float) -> None:
         """A call begun at ``started`` was refused. One begun before the period's end (in flight when another's
@@ -96,10 +112,7 @@ class _Refusals:
         self.refused = True
         if started < self.until:
             return
-        now = time.monotonic()
-        period = self.next
-        self.began, self.until = now, now + period
-        self.next = min(2 * period, self.max_s)
+        period = self.begin()
         log.warning("redis refused %s (%s); skipping %s for %.2f s%s", self.kind, e, self.kind, period, self.meanwhile)
 
     def accepted(self, started: float) -> None:
@@ -130,9 +143,7 @@ class RedisCache:
         self.backoff_s = backoff_s
         self.backoff_min_s = backoff_s if backoff_min_s is None else min(backoff_min_s, backoff_s)
         self.metrics = metrics
-        self._skip_until = 0.0
-        self._tripped_at = float("-inf")  # when the last period began
-        self._next_backoff = self.backoff_min_s  # the period the next failure starts
+        self._outages = _BackOff(self.backoff_min_s, backoff_s)  # Redis failing: every call is skipped
         self._writing: dict[str, bytes] = {}  # values of write-behind sets still on their way to Redis
         self._writes: set[asyncio.Task] = set()
         # Write-behind tasks in flight at most: beyond, a write is dropped (counted), so that under load writes
@@ -174,7 +185,7 @@ class RedisCache:
 
     def available(self) -> bool:
         """False when disabled or inside the back-off window after an error."""
-        return self._client is not None and time.monotonic() >= self._skip_until
+        return self._client is not None and not self._outages.skipping()
 
     def readable(self) -> bool:
         """False when disabled, backing off, or while Redis refuses reads (see :meth:`get`)."""
@@ -185,18 +196,15 @@ class RedisCache:
         time out together, and under load a call may wait for a connection, then for its answer, past the
         period) only counts: the failure that began the period stands for it."""
         self.metrics.redis_errors.labels(op=op).inc()
-        if started < self._tripped_at:
+        if started < self._outages.began:
             return
-        now = time.monotonic()
-        period = self._next_backoff
-        self._tripped_at, self._skip_until = now, now + period
-        self._next_backoff = min(2 * period, self.backoff_s)
+        period = self._outages.begin()
         self._outage = _outage(e)
         log.warning("redis %s failed (%s: %s); skipping the cache for %.2f s", op, type(e).__name__, e, period)
 
     def _succeeded(self, started: float) -> None:
-        if started >= self._tripped_at:  # else it says nothing about Redis since the last failure
-            self._next_backoff = self.backoff_min_s
+        if started >= self._outages.began:  # else it says nothing about Redis since the last failure
+            self._outages.next = self.backoff_min_s
 
     async def get(self, key: str) -> tuple[bytes | None, bool]:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
@@ -301,8 +309,8 @@ class RedisCache:
             self._failed("ping", e, started)
             self.last_problem = _outage(e)
             return "degraded"
-        if started >= self._tripped_at:
-            self._skip_until = 0.0
+        if started >= self._outages.began:
+            self._outages.until = 0.0
         self._succeeded(started)
         if any(isinstance(outcome, ResponseError) for outcome in outcomes):
             self.metrics.redis_errors.labels(op="ping").inc()  # one probe, one count

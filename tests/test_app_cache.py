@@ -441,13 +441,13 @@ def test_the_back_off_doubles_with_each_failed_retry_and_a_success_resets_it(mon
         fake.gate = None
         now[0] += 0.05
         assert await cache.get("k") == (None, False)  # fails at once: the cache trips
-        periods = [round(cache._skip_until - now[0], 2)]
+        periods = [round(cache._outages.until - now[0], 2)]
         now[0] += 0.6  # the period is over when the slow call fails
         first_gate.set()
         assert await slow == (None, False)
         assert cache.available()  # it did not begin a period
         assert await cache.get("k") == (None, False)  # the first retry
-        periods.append(round(cache._skip_until - now[0], 2))
+        periods.append(round(cache._outages.until - now[0], 2))
         return periods
 
     assert asyncio.run(scenario()) == [0.5, 1.0]
