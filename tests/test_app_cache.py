@@ -23,6 +23,29 @@ from app.main import create_app
 from app.metrics import Metrics
 
 
+def _red_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+RED_PNG = _red_png()
+
+
+def _ready_redis(client) -> tuple[str, str | None]:
+    """/ready's ``redis`` and ``redis_problem``."""
+    ready = client.get("/ready").json()
+    return ready["redis"], ready["redis_problem"]
+
+
+def _assert_cached_after_a_miss(client, body: dict) -> None:
+    """``body`` is generated (a miss), written to Redis, and then served from it (a hit)."""
+    cache = client.app.state.service.cache
+    assert client.post("/generate", json=body).headers["x-cache"] == "miss"
+    assert wait_for(lambda: not cache._writing)
+    assert client.post("/generate", json=body).headers["x-cache"] == "hit"
+
+
 def samples(client) -> dict[tuple[str, tuple], float]:
     out = {}
     for fam in text_string_to_metric_families(client.get("/metrics").text):
@@ -173,9 +196,7 @@ def test_an_etag_whose_file_left_the_cache_is_made_again_from_its_request(make_s
     again); a request that no longer gives those bytes, or is not one the service takes, is still a 404."""
     settings = make_settings(hot_keys=0)
     body = {"description": "a lost hexagon", "seed": 3}
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
-    images = [("images", ("a.png", buf.getvalue(), "image/png"))]
+    images = [("images", ("a.png", RED_PNG, "image/png"))]
     with TestClient(create_app(settings)) as c:
         service = c.app.state.service
         made = c.post("/generate", json=body)
@@ -220,9 +241,7 @@ def test_with_the_cache_off_an_etag_this_process_handed_out_is_made_again(make_s
     """SGLORA_REDIS_URL empty: an ETag lived only while the bytes-bounded LRU held its file (a few hundred
     ViT-B/16 LoRAs), then /retrieve by it was a 404. The process remembers the request of each ETag it hands
     out and makes the file again; an ETag it never handed out is still a 404."""
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
-    images = [("images", ("a.png", buf.getvalue(), "image/png"))]
+    images = [("images", ("a.png", RED_PNG, "image/png"))]
     with TestClient(create_app(make_settings(redis_url=""))) as c:
         service = c.app.state.service
         made = c.post("/generate", json={"description": "a forgotten hexagon"})  # unseeded: the drawn seed is kept
@@ -246,10 +265,6 @@ def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make
 
     from app.service import etag_of
     from sglora.io import safetensors_metadata
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
-    PNG = buf.getvalue()
 
     settings = make_settings()
     with TestClient(create_app(settings)) as c:
@@ -275,14 +290,14 @@ def test_retrieve_by_an_etag_whose_entry_is_not_this_services_lora_is_a_404(make
         r = redis.Redis.from_url(settings.redis_url)
         for why, (data, named) in planted.items():
             r.set(settings.cache_prefix + "etag:" + etag_of(data), data)
-            got = c.post("/retrieve", data={"etag": etag_of(data)}, files={"images": ("a.png", PNG, "image/png")})
+            got = c.post("/retrieve", data={"etag": etag_of(data)}, files={"images": ("a.png", RED_PNG, "image/png")})
             assert got.status_code == 404 and got.json()["detail"]["field"] == "etag", (why, got.text)
             reason = got.json()["detail"]["reason"]
             assert "not a LoRA of this service" in reason and named in reason, (why, reason)
         # The service's own entry, found in Redis alone, is still applied.
         c.app.state.service.lru = BytesLRU(0)
         assert wait_for(lambda: not c.app.state.service.cache._writing)
-        own = c.post("/retrieve", data={"etag": made.headers["etag"]}, files={"images": ("a.png", PNG, "image/png")})
+        own = c.post("/retrieve", data={"etag": made.headers["etag"]}, files={"images": ("a.png", RED_PNG, "image/png")})
         assert own.status_code == 200, own.text
 
 
@@ -463,9 +478,7 @@ def test_a_lone_slow_call_skips_the_cache_briefly(private_redis, make_settings):
     )
     body = {"description": "a brief stall", "seed": 3}
     with TestClient(create_app(settings)) as c:
-        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
-        assert wait_for(lambda: not c.app.state.service.cache._writing)
-        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        _assert_cached_after_a_miss(c, body)
         errors = cache_events(c, "error")
         admin = redis.Redis.from_url(private_redis.url)
         admin.execute_command("CLIENT", "PAUSE", 600, "ALL")
@@ -601,10 +614,8 @@ def test_a_hit_from_redis_writes_its_etag_pointer_again(make_settings):
     with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix))) as c:
         assert c.post("/generate", json=body).headers["x-cache"] == "hit"
         assert wait_for(lambda: r.exists(pointer))
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
     with TestClient(create_app(make_settings(cache_prefix=writer.cache_prefix))) as c:  # a third replica
-        found = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
+        found = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", RED_PNG))])
         assert found.status_code == 200, found.text
 
 
@@ -654,9 +665,7 @@ def test_a_connection_redis_closed_while_idle_is_replaced_without_an_error(priva
     settings = make_settings(redis_url=private_redis.url, hot_keys=0)
     body = {"description": "an idle circle", "seed": 2}
     with TestClient(create_app(settings)) as c:
-        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
-        assert wait_for(lambda: not c.app.state.service.cache._writing)
-        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        _assert_cached_after_a_miss(c, body)
         errors, cache_errors = _redis_errors(c), cache_events(c, "error")
         admin = redis.Redis.from_url(private_redis.url)
         assert admin.client_kill_filter(_type="normal", skipme=True) >= 1  # the service's pooled connections
@@ -687,15 +696,11 @@ def test_refused_writes_stop_writes_alone_and_show_in_ready(private_redis, make_
         assert c.get("/ready").json()["redis"] == "degraded"
         time.sleep(0.7)  # past the longest write back-off: Redis still refuses, /ready still says so
         assert cache.writable()
-        ready = c.get("/ready").json()
-        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "writes refused")
+        assert _ready_redis(c) == ("degraded", "writes refused")
         admin.config_set("maxmemory", 0)
-        ready = c.get("/ready").json()  # its probe's write is accepted
-        assert (ready["redis"], ready["redis_problem"]) == ("ok", None) and cache.writable()
+        assert _ready_redis(c) == ("ok", None) and cache.writable()  # its probe's write is accepted
         new = {"description": "a square written again", "seed": 1}
-        assert c.post("/generate", json=new).headers["x-cache"] == "miss"
-        assert wait_for(lambda: not cache._writing)
-        assert c.post("/generate", json=new).headers["x-cache"] == "hit"
+        _assert_cached_after_a_miss(c, new)
 
 
 def test_hits_from_redis_rewrite_the_etag_pointer_once_a_minute(private_redis, make_settings):
@@ -771,8 +776,6 @@ def test_write_behind_tasks_are_capped_and_the_rest_counted():
 
 
 def test_retrieve_by_etag_while_redis_is_out_is_a_503_not_a_404(private_redis, make_settings):
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
     settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.2)
     with TestClient(create_app(settings)) as c:
         made = c.post("/generate", json={"description": "an etag kept in redis", "seed": 3})
@@ -781,7 +784,7 @@ def test_retrieve_by_etag_while_redis_is_out_is_a_503_not_a_404(private_redis, m
     with TestClient(
         create_app(make_settings(redis_url=private_redis.url, redis_timeout_s=0.2, cache_prefix=settings.cache_prefix))
     ) as c:
-        r = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", buf.getvalue()))])
+        r = c.post("/retrieve", data={"etag": made.headers["etag"]}, files=[("images", ("a.png", RED_PNG))])
         assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
         assert r.json()["detail"]["field"] == "etag" and "unreachable" in r.json()["detail"]["reason"]
 
@@ -802,8 +805,7 @@ def test_refused_reads_show_in_ready_and_back_off_alone(private_redis, make_sett
     caplog.set_level(logging.WARNING, logger="sglora.cache")
     with TestClient(create_app(settings)) as c:
         cache = c.app.state.service.cache
-        ready = c.get("/ready").json()
-        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads refused")
+        assert _ready_redis(c) == ("degraded", "reads refused")
 
         def periods() -> list[float]:
             return [float(m) for m in re.findall(r"skipping reads for ([0-9.]+) s", caplog.text)]
@@ -820,17 +822,12 @@ def test_refused_reads_show_in_ready_and_back_off_alone(private_redis, make_sett
         # took longer than the first period), lookups the rest.
         assert 2 <= samples(c)[("sglora_redis_errors_total", (("op", "get"),))] <= 3
         assert cache.available() and cache.writable() and not cache.readable()
-        png = io.BytesIO()
-        Image.new("RGB", (32, 32), "red").save(png, format="PNG")
-        by_etag = c.post("/retrieve", data={"etag": "0" * 32}, files={"images": ("a.png", png.getvalue(), "image/png")})
+        by_etag = c.post("/retrieve", data={"etag": "0" * 32}, files={"images": ("a.png", RED_PNG, "image/png")})
         assert by_etag.status_code == 503 and "refuses reads" in by_etag.json()["detail"]["reason"], by_etag.text
         redis.Redis.from_url(private_redis.url).execute_command("ACL", "SETUSER", "noget", "+get")
-        ready = c.get("/ready").json()  # its probe's read is accepted: reads resume at once
-        assert (ready["redis"], ready["redis_problem"]) == ("ok", None) and cache.readable()
+        assert _ready_redis(c) == ("ok", None) and cache.readable()  # its probe's read is accepted: reads resume at once
         body = {"description": "a read again", "seed": 1}
-        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
-        assert wait_for(lambda: not cache._writing)
-        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        _assert_cached_after_a_miss(c, body)
 
 
 def test_an_acl_with_only_get_and_set_on_the_prefix_is_enough(private_redis, make_settings):
@@ -840,24 +837,19 @@ def test_an_acl_with_only_get_and_set_on_the_prefix_is_enough(private_redis, mak
     settings = make_settings(hot_keys=0)
     url = _acl_url(private_redis, "cache", f"~{settings.cache_prefix}*", "+get", "+set")
     with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as c:
-        ready = c.get("/ready").json()
-        assert (ready["redis"], ready["redis_problem"]) == ("ok", None)
+        assert _ready_redis(c) == ("ok", None)
         body = {"description": "an acl square", "seed": 1}
-        assert c.post("/generate", json=body).headers["x-cache"] == "miss"
-        assert wait_for(lambda: not c.app.state.service.cache._writing)
-        assert c.post("/generate", json=body).headers["x-cache"] == "hit"
+        _assert_cached_after_a_miss(c, body)
         assert c.get("/ready").json()["redis"] == "ok"
         assert _redis_errors(c) == 0
     url = _acl_url(private_redis, "elsewhere", "~other:*", "+get", "+set")
     with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as c:
-        ready = c.get("/ready").json()
-        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads and writes refused")
+        assert _ready_redis(c) == ("degraded", "reads and writes refused")
         assert c.post("/generate", json={"description": "an acl circle", "seed": 1}).status_code == 200
     # Another database than 0: redis-py selects it on connecting, which the ACL must allow (docs/service.md).
     url = _acl_url(private_redis, "cache", f"~{settings.cache_prefix}*", "+get", "+set").replace("/0", "/1")
     with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as c:
-        ready = c.get("/ready").json()  # refused on connecting: a refusal, not an outage
-        assert (ready["redis"], ready["redis_problem"]) == ("degraded", "reads and writes refused")
+        assert _ready_redis(c) == ("degraded", "reads and writes refused")  # refused on connecting: a refusal, not an outage
         redis.Redis.from_url(private_redis.url).execute_command("ACL", "SETUSER", "cache", "+select")
         assert c.get("/ready").json()["redis"] == "ok"
 
@@ -869,8 +861,7 @@ def test_a_refused_login_is_named_in_ready(private_redis, make_settings):
     admin.config_set("requirepass", "secret")
     try:
         with TestClient(create_app(make_settings(redis_url=private_redis.url))) as c:
-            ready = c.get("/ready").json()
-            assert (ready["redis"], ready["redis_problem"]) == ("degraded", "login refused")
+            assert _ready_redis(c) == ("degraded", "login refused")
             assert c.post("/generate", json={"description": "a locked square", "seed": 1}).status_code == 200
             admin.config_set("requirepass", "")
             assert c.get("/ready").json()["redis"] == "ok"
