@@ -16,6 +16,8 @@ on the next start).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import logging
 import os
 import resource
@@ -97,6 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound (in use, an unknown host, no permission), found in a moment, before the
+    artefacts load; None where it can. The check binds as uvicorn will (asyncio's ``create_server``: every
+    address ``host`` resolves to, ``SO_REUSEADDR``) without listening, and lets go at once: connections are
+    still refused until the service is ready. Port 0 (any free one) cannot clash. Were the port taken between
+    this check and uvicorn's bind, uvicorn's own error would still stop the start with status 2."""
+    if port == 0:
+        return None
+
+    async def probe() -> None:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port, start_serving=False)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(probe())
+    except OSError as e:  # socket.gaierror (an unknown host) is an OSError too
+        reason = e.strerror or str(e)
+        if e.errno == errno.EADDRINUSE:
+            reason = "address already in use (another server listens there)"
+        return f"cannot listen on {host}:{port}: {reason}"
+    return None
+
+
 class _KnownStartupFailure(logging.Filter):
     """Drops the traceback Starlette attaches to a failed start-up when the cause is an ArtifactError or a
     StartupError: the app has already logged what is wrong ("cannot start: ..."), and the exit status says
@@ -156,6 +182,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         except ValueError as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+    problem = bind_problem(args.host, args.port)
+    if problem:  # before torch and the artefacts load, which for a real CLIP takes many seconds
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,

@@ -58,9 +58,10 @@ def test_startup_refuses_damaged_artefacts_naming_the_file(tiny_artifacts, make_
             pass
 
 
-def test_sglora_serve_exits_2_when_it_cannot_bind(tiny_artifacts_session):
-    """Address in use: uvicorn logs it and exits; `sglora serve` exited 0, which a supervisor restarting on
-    failure takes for a clean stop."""
+def test_sglora_serve_exits_2_when_it_cannot_bind_before_loading_anything(tmp_path):
+    """Address in use: `sglora serve` exited 0 (uvicorn logged it), which a supervisor restarting on failure
+    takes for a clean stop; then it said so only after loading the artefacts. The artefact directory here
+    does not exist: the bind is checked first."""
     import socket
 
     with socket.socket() as held:
@@ -68,13 +69,31 @@ def test_sglora_serve_exits_2_when_it_cannot_bind(tiny_artifacts_session):
         held.listen()
         port = held.getsockname()[1]
         p = subprocess.run(
-            [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tiny_artifacts_session), "--port", str(port)],
+            [sys.executable, "-m", "sglora.cli", "serve", "--artifacts", str(tmp_path / "none"), "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=120,
             env={**os.environ, "SGLORA_REDIS_URL": "", "SGLORA_DEVICE": "cpu"},
         )
-    assert p.returncode == 2 and "address already in use" in p.stderr.lower(), p.stderr
+    assert p.returncode == 2, p.stderr
+    assert f"sglora serve: error: cannot listen on 127.0.0.1:{port}: address already in use" in p.stderr
+    assert "Traceback" not in p.stderr and "artefact" not in p.stderr
+
+
+def test_the_bind_check_lets_go_of_the_port():
+    import socket
+
+    from app.serve import bind_problem
+
+    assert bind_problem("127.0.0.1", 0) is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert bind_problem("127.0.0.1", port) is None
+    with socket.socket() as again:  # free again: uvicorn binds it next
+        again.bind(("127.0.0.1", port))
+        again.listen()
+        assert "address already in use" in bind_problem("127.0.0.1", port)
 
 
 def test_startup_without_artefact_path_says_so(make_settings):
