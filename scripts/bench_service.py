@@ -3,7 +3,8 @@
     python scripts/bench_service.py --artifacts artifacts/offline-default [--redis-url redis://127.0.0.1:6379/0]
 
 Measures, on one machine:
-  1. the bare ``engine.embed([description])`` forward (in this process), of descriptions never sent before;
+  1. the bare ``engine.embed([description])`` forward (in this process), of descriptions never sent before,
+     back to back (the target's measure) and, for reference, each after 5 ms of idle as a lone request's;
   2. /generate cache-miss median latency of the same descriptions      target <= 1.25x the bare forward;
   3. /generate cache-hit median latency (one request repeated)            target <= 0.1x the miss;
      answered from process memory (the hot keys), or from Redis with SGLORA_HOT_KEYS=0 in the environment;
@@ -44,6 +45,7 @@ from app import processes
 from app.metrics import metric_sum
 from sglora.io import output_path_problem, write_json
 
+IDLE_S = 0.005  # the bare forward's idle for reference: about what a lone miss's model thread waits between requests
 BLOCKS = 4  # alternating blocks of each measured pair (bare / miss, 1 client / many clients)
 STAMPEDE_ROUNDS = 8
 DESCRIPTION = "This is a classification task for recognizing footwear, which includes sandal, sneaker and ankle boot"
@@ -70,12 +72,16 @@ class BareForward:
         if why:
             raise SystemExit(f"the server runs its text tower as a traced graph, this process cannot: {why}")
 
-    def times_ms(self, descriptions: list[str]) -> list[float]:
+    def times_ms(self, descriptions: list[str], idle_s: float = 0.0) -> list[float]:
+        """Back to back, or each after ``idle_s`` of sleep (as a lone request's model thread waits between its
+        requests: an idle core wakes up slower, and on a shared machine may find its caches taken)."""
         import torch
 
         out = []
         with torch.inference_mode():
             for d in descriptions:
+                if idle_s:
+                    time.sleep(idle_s)
                 t0 = time.perf_counter()
                 self.engine.embed([d])
                 out.append(1000 * (time.perf_counter() - t0))
@@ -288,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         # Each pair of measurements alternates in blocks, so that a drift in the machine's speed (these
         # shared cores drift by tens of per cent within minutes) falls on both sides of a ratio.
         bare_ms: list[float] = []
+        idle_ms: list[float] = []  # the bare forward after IDLE_S of idle, for reference
         miss: list[float] = []
         seen: list[float] = []  # misses of a description the server has encoded before
         n = -(-args.requests // BLOCKS)
@@ -296,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
         for b in range(BLOCKS):
             descriptions = [next(fresh) for _ in range(n)]
             bare_ms += forward.times_ms(descriptions)
+            idle_ms += forward.times_ms([next(fresh) for _ in range(n)], IDLE_S)
             bodies = [{"description": t, "seed": seed0 + 1_000_000 + b * n + i} for i, t in enumerate(descriptions)]
             before = httpx.get(url + "/metrics").text
             miss += asyncio.run(latencies_ms(port, bodies, "miss"))
@@ -355,6 +363,7 @@ def run(args: argparse.Namespace) -> dict:
         "miss_ms": miss_ms,
         "hit_ms": hit_ms,
         "miss_over_bare": miss_ms / bare,
+        "bare_after_idle_ms": statistics.median(idle_ms),
         "hit_over_miss": hit_ms / miss_ms,
         "hits_from_memory": hits_from_memory / len(hit),
         "miss_seen_ms": seen_ms,
@@ -430,6 +439,9 @@ def table(r: dict) -> str:
             "",
         ),
     ]
+    if "bare_after_idle_ms" in r:  # since release 0.9.28
+        idle = f"the same forward after {1000 * IDLE_S:.0f} ms of idle each (for reference, not the target's measure)"
+        rows.insert(1, (idle, f"{r['bare_after_idle_ms']:.2f} ms", "", ""))
     if "stampede_ms" in r:  # since release 0.9.23
         herd = f"{r['stampede_ms']:.2f} ms; {r['stampede_made_per_round']:.2f}"
         rows.insert(-1, (f"{c} clients sending one new request at once: all answered, median; LoRAs made a round", herd, "", ""))
