@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 0 or args.model_threads < 0:
         p.error("--threads and --model-threads must be >= 0 (0: the server's default)")
+    if min(args.requests, args.clients, args.throughput_requests) < 1:
+        p.error("--requests, --throughput-requests and --clients must be >= 1")
     if args.json and (problem := output_path_problem(args.json, "--json")) is not None:
         p.error(problem)
     from sglora.artifacts import ArtifactError
