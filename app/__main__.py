@@ -14,8 +14,8 @@ def _stop_before_start_up(signum: int, frame: object) -> None:
 for _sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(_sig, _stop_before_start_up)
 
-# Before app.serve imports torch: libgomp reads it once, when torch loads it (app.serve's main sets it too
-# late for this launch). See docs/service.md.
+# Before torch loads (with the app, once app.serve's checks of the settings and the address passed): libgomp
+# reads it once, when torch loads it. See docs/service.md.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from app.serve import main  # noqa: E402

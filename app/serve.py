@@ -32,7 +32,6 @@ from app.http_protocol import BoundedHttpToolsProtocol
 from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError, settings_error
-from app.worker import abandoned_threads
 from sglora.cli import EXIT_USAGE, port_number, seconds
 from sglora.devices import resolve_device
 
@@ -229,6 +228,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # bound (in use, or no such host); uvicorn logged why: an error like the CLI's others, status 2, not
         # uvicorn's 3 (nor 0, which a bind failure gave, and which a supervisor restarting on failure ignores).
         return EXIT_USAGE
+    from app.worker import abandoned_threads  # here: torch loads with the app, after the checks above
+
     if abandoned_threads():
         # A job ran past SGLORA_SHUTDOWN_TIMEOUT_S (logged): Python would join its thread at exit and keep the
         # process alive until the job ends (a hung device: until the orchestrator's SIGKILL). End it now.

@@ -256,13 +256,15 @@ def test_unknown_log_format_is_refused_by_name():
     assert "Traceback" not in p.stderr
 
 
-def test_python_m_app_sets_the_passive_wait_policy_before_torch_loads():
+def test_python_m_app_sets_the_passive_wait_policy_before_torch_loads(tmp_path):
     """libgomp reads OMP_WAIT_POLICY once, as torch loads it: `python -m app` set it after app.serve had
-    imported torch, so its OpenMP threads spun (GOMP_SPINCOUNT 300000 rather than 0)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    imported torch, so its OpenMP threads spun (GOMP_SPINCOUNT 300000 rather than 0). Torch loads with the
+    app, which then finds no artefacts."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"SGLORA_REDIS_URL": ""}
     env["OMP_DISPLAY_ENV"] = "VERBOSE"  # libgomp prints its settings at its first parallel region
-    p = subprocess.run([sys.executable, "-m", "app", "--help"], capture_output=True, text=True, timeout=60, env=env)
-    assert p.returncode == 0, p.stderr
+    cmd = [sys.executable, "-m", "app", "--artifacts", str(tmp_path / "none"), "--port", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2 and "artefact directory not found" in p.stderr, p.stderr
     if "GOMP_SPINCOUNT" not in p.stderr:
         pytest.skip("this torch's OpenMP runtime prints no GOMP_SPINCOUNT")
     assert "GOMP_SPINCOUNT = '0'" in p.stderr
