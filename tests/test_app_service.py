@@ -163,7 +163,7 @@ def test_sglora_serve_takes_its_connection_timeouts_from_the_environment(tiny_ar
         "SGLORA_REDIS_URL": "",
         "SGLORA_THREADS": "1",
         "SGLORA_CLIENT_HEADER_TIMEOUT_S": "0.5",
-        "SGLORA_KEEP_ALIVE_TIMEOUT_S": "20",
+        "SGLORA_KEEP_ALIVE_TIMEOUT_S": "2",  # the default is 5 s
         "SGLORA_MAX_CONNECTIONS": "1",
         "SGLORA_RETRY_AFTER_S": "3",
     }
@@ -179,7 +179,9 @@ def test_sglora_serve_takes_its_connection_timeouts_from_the_environment(tiny_ar
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _answer(s).startswith(b"HTTP/1.1 200 ")
-            time.sleep(7)  # past uvicorn's default keep-alive (5 s)
+            s.settimeout(4.5)  # the server closes the idle connection after 2 s, not the default 5 s
+            assert s.recv(1) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _answer(s).startswith(b"HTTP/1.1 200 ")
             with socket.create_connection(("127.0.0.1", port), timeout=30) as over:  # a second: over the bound
