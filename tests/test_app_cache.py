@@ -675,11 +675,23 @@ def test_a_connection_redis_closed_while_idle_is_replaced_without_an_error(priva
         assert c.app.state.service.cache.available()
 
 
-def test_refused_writes_stop_writes_alone_and_show_in_ready(private_redis, make_settings):
+def _alert_quotes(alert: str) -> list[str]:
+    """The log phrases that ``alert``'s description in deploy/alerts.yml quotes, ("...")."""
+    import yaml
+
+    from app.processes import ROOT
+
+    groups = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())["groups"]
+    (rule,) = [r for g in groups for r in g["rules"] if r.get("alert") == alert]
+    return re.findall(r'\("([^"]+)"\)', rule["annotations"]["description"])
+
+
+def test_refused_writes_stop_writes_alone_and_show_in_ready(private_redis, make_settings, caplog):
     """Redis out of memory under noeviction (or a read-only replica) refuses writes but still answers reads: the
     entries it holds kept being hit only 3 times in 20, since a refused write switched the whole cache off."""
     settings = make_settings(redis_url=private_redis.url, hot_keys=0, redis_backoff_min_s=0.3, redis_backoff_s=0.6)
     held = {"description": "a held square", "seed": 1}
+    caplog.set_level(logging.INFO, logger="sglora")
     with TestClient(create_app(settings)) as c:
         cache = c.app.state.service.cache
         assert c.post("/generate", json=held).headers["x-cache"] == "miss"
@@ -693,6 +705,9 @@ def test_refused_writes_stop_writes_alone_and_show_in_ready(private_redis, make_
             assert c.post("/generate", json=held).headers["x-cache"] == "hit"  # reads go on
         refused = samples(c)[("sglora_redis_errors_total", (("op", "set"),))]
         assert refused >= 1 and samples(c)[("sglora_redis_errors_total", (("op", "get"),))] == 0
+        # The alert on refused writes sends the operator to the log line that says which refusal: it must be there.
+        (quoted,) = _alert_quotes("SGLoRACacheWritesFailing")
+        assert quoted in caplog.text, (quoted, caplog.text[-2000:])
         assert c.get("/ready").json()["redis"] == "degraded"
         time.sleep(0.7)  # past the longest write back-off: Redis still refuses, /ready still says so
         assert cache.writable()
