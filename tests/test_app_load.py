@@ -135,7 +135,7 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert r["redis"] == "ok" and r["model_threads"] == default_threads and r["text_dtype"] == "bfloat16"
     assert r["generator_dtype"] in ("float32", "bfloat16")  # the server's, as /ready reports it
     assert r["hits_from_memory"] == 1.0  # the hot keys, on by default
-    for key in ("bare_embed_ms", "miss_ms", "hit_ms", "miss_seen_ms", "rps_1", "rps_4"):
+    for key in ("bare_embed_ms", "bare_after_idle_ms", "miss_ms", "hit_ms", "miss_seen_ms", "rps_1", "rps_4"):
         assert r[key] > 0, key
     assert r["miss_over_bare"] == r["miss_ms"] / r["bare_embed_ms"]
     assert r["miss_seen_over_bare"] == r["miss_seen_ms"] / r["bare_embed_ms"]
@@ -151,3 +151,4 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert r["stampede_made_per_round"] == 1.0 and r["stampede_ms"] > 0  # 4 identical requests at once: one LoRA made
     assert "4 clients sending one new request at once" in p.stdout
     assert "| `/generate` cache miss, median |" in p.stdout
+    assert "| the same forward after 5 ms of idle each (for reference, not the target's measure) |" in p.stdout
