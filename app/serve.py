@@ -118,7 +118,8 @@ def bind_problem(host: str, port: int) -> str | None:
         reason = e.strerror or str(e)
         if e.errno == errno.EADDRINUSE:
             reason = "address already in use (another server listens there)"
-        return f"cannot listen on {host}:{port}: {reason}"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets, as in a URL
+        return f"cannot listen on {where}: {reason}"
     return None
 
 

@@ -94,6 +94,15 @@ def test_the_bind_check_lets_go_of_the_port():
         again.bind(("127.0.0.1", port))
         again.listen()
         assert "address already in use" in bind_problem("127.0.0.1", port)
+    try:
+        six = socket.socket(socket.AF_INET6)
+        six.bind(("::1", 0))
+    except OSError:
+        return  # no IPv6 loopback here
+    with six:
+        six.listen()
+        port = six.getsockname()[1]
+        assert bind_problem("::1", port).startswith(f"cannot listen on [::1]:{port}: address already in use")
 
 
 def test_startup_without_artefact_path_says_so(make_settings):
