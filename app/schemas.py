@@ -296,9 +296,7 @@ class Ready(BaseModel):
 
     status: Literal["ready", "starting", "draining"]
     redis: Literal["ok", "degraded", "disabled"] | None = None
-    redis_problem: (
-        Literal["unreachable", "login refused", "reads refused", "writes refused", "reads and writes refused"] | None
-    ) = Field(None, description="why Redis is degraded (the log says more: Redis's own message)")
+    redis_problem: RedisProblem | None = Field(None, description="why Redis is degraded (the log says more: Redis's own message)")
     artifact_version: str | None = None
     backbone: str | None = None
     device: str | None = None
