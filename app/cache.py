@@ -94,6 +94,14 @@ class _BackOff:
         self.next = min(2 * period, self.max_s)
         return period
 
+    def end(self, started: float) -> bool:
+        """A call begun at ``started`` succeeded: the period ends and the next starts again from ``min_s``.
+        False (nothing changed) where the call began before the last period: it says nothing of Redis since."""
+        if started < self.began:
+            return False
+        self.until, self.next = 0.0, self.min_s
+        return True
+
 
 class _Refusals(_BackOff):
     """Redis answering one kind of the cache's commands (``reads``: GET, ``writes``: SET) with a refusal: out
@@ -116,11 +124,11 @@ class _Refusals(_BackOff):
         log.warning("redis refused %s (%s); skipping %s for %.2f s%s", self.kind, e, self.kind, period, self.meanwhile)
 
     def accepted(self, started: float) -> None:
-        if started < self.began:  # in flight before the last refusal: says nothing of Redis since
+        if not self.end(started):
             return
         if self.refused:
             log.info("redis accepts %s again", self.kind)
-        self.refused, self.until, self.next = False, 0.0, self.min_s
+        self.refused = False
 
 
 class RedisCache:
@@ -203,8 +211,7 @@ class RedisCache:
         log.warning("redis %s failed (%s: %s); skipping the cache for %.2f s", op, type(e).__name__, e, period)
 
     def _succeeded(self, started: float) -> None:
-        if started >= self._outages.began:  # else it says nothing about Redis since the last failure
-            self._outages.next = self.backoff_min_s
+        self._outages.end(started)  # a request's call began after its period anyway; a /ready probe's ends it early
 
     async def get(self, key: str) -> tuple[bytes | None, bool]:
         """-> (value or None, ok); ok is False when Redis failed or was skipped."""
@@ -309,8 +316,6 @@ class RedisCache:
             self._failed("ping", e, started)
             self.last_problem = _outage(e)
             return "degraded"
-        if started >= self._outages.began:
-            self._outages.until = 0.0
         self._succeeded(started)
         if any(isinstance(outcome, ResponseError) for outcome in outcomes):
             self.metrics.redis_errors.labels(op="ping").inc()  # one probe, one count
