@@ -19,6 +19,11 @@ alternate in blocks, and so do the two sides of 4, so that a drift in the machin
 both sides of each ratio. The server is started here (`python -m app`: uvicorn, one worker, on a free
 loopback port) against the given Redis, with a fresh key prefix that is deleted at the
 end. Prints a Markdown table.
+
+``--replicas N`` starts N such servers side by side (replicas of one machine, sharing Redis, as
+docs/service.md suggests on small machines with ``SGLORA_MODEL_THREADS=1``): the many-client side of 4
+and the stampede spread their connections over all of them, as a balancer would; 1, 2, 3, 5 and the
+one-client side of 4 use the first.
 """
 
 from __future__ import annotations
@@ -150,14 +155,16 @@ async def latencies_ms(port: int, bodies: list[dict], expect_cache: str) -> list
     return out
 
 
-async def throughput(port: int, clients: int, bodies: list[dict]) -> float:
-    """Requests per second of the cache misses ``bodies`` spread over ``clients`` concurrent connections.
+async def throughput(port: int | list[int], clients: int, bodies: list[dict]) -> float:
+    """Requests per second of the cache misses ``bodies`` spread over ``clients`` concurrent connections
+    (over the servers at ``port`` in turn, where it is a list).
 
     Every request should have a description new to the server (it encodes identical descriptions of one
     batch once, and reuses a known description's embedding; new ones measure the batching of the text
     encoder itself)."""
     todo = iter(bodies)
-    conns = [await Connection.open("127.0.0.1", port) for _ in range(clients)]
+    ports = port if isinstance(port, list) else [port]
+    conns = [await Connection.open("127.0.0.1", ports[i % len(ports)]) for i in range(clients)]
 
     async def worker(conn: Connection) -> None:
         for body in todo:
@@ -172,10 +179,10 @@ async def throughput(port: int, clients: int, bodies: list[dict]) -> float:
             await c.close()
 
 
-async def stampede_ms(port: int, clients: int, body: dict) -> float:
-    """Milliseconds until ``clients`` connections that send ``body`` at once are all answered; SystemExit unless
-    every answer is a 200 with the same bytes."""
-    conns = [await Connection.open("127.0.0.1", port) for _ in range(clients)]
+async def stampede_ms(ports: list[int], clients: int, body: dict) -> float:
+    """Milliseconds until ``clients`` connections (over ``ports`` in turn) that send ``body`` at once are all
+    answered; SystemExit unless every answer is a 200 with the same bytes."""
+    conns = [await Connection.open("127.0.0.1", ports[i % len(ports)]) for i in range(clients)]
     try:
         t0 = time.perf_counter()
         answers = await asyncio.gather(*(c.post_json("/generate", body) for c in conns))
@@ -218,17 +225,20 @@ class CpuMeter:
     """CPU seconds, per process, of one side of the throughput measurement: the server, this process (the
     clients; the bare engine sits idle meanwhile) and Redis, over the wall time they took."""
 
-    def __init__(self, server_pid: int, redis_url: str):
-        self.server_pid, self.redis_url = server_pid, redis_url
+    def __init__(self, server_pids: list[int], redis_url: str):
+        self.server_pids, self.redis_url = server_pids, redis_url
         self.used = dict.fromkeys(("server", "clients", "redis", "wall"), 0.0)
 
     @contextmanager
     def measure(self) -> Iterator[None]:
-        start = (cpu_s(self.server_pid), time.process_time(), redis_cpu_s(self.redis_url), time.perf_counter())
+        start = (self._servers_s(), time.process_time(), redis_cpu_s(self.redis_url), time.perf_counter())
         yield
-        end = (cpu_s(self.server_pid), time.process_time(), redis_cpu_s(self.redis_url), time.perf_counter())
+        end = (self._servers_s(), time.process_time(), redis_cpu_s(self.redis_url), time.perf_counter())
         for k, a, b in zip(self.used, start, end, strict=True):
             self.used[k] += b - a
+
+    def _servers_s(self) -> float:
+        return sum(cpu_s(pid) for pid in self.server_pids)
 
     def per_request_ms(self, requests: int) -> dict[str, float]:
         """CPU ms a request, per process, and ``cores``: the CPU of all three over the wall time."""
@@ -256,6 +266,16 @@ def expect_embeddings(before: str, after: str, result: str, n: int) -> None:
         raise SystemExit(f"expected {n} text-embedding cache {result}es in this block, the server counted {got:g}")
 
 
+def metrics_texts(urls: list[str]) -> list[str]:
+    """The /metrics text of every server."""
+    return [httpx.get(u + "/metrics").text for u in urls]
+
+
+def metrics_delta(before: list[str], after: list[str], name: str, **labels: str) -> float:
+    """:func:`metric_delta` summed over the servers."""
+    return sum(metric_delta(b, a, name, **labels) for b, a in zip(before, after, strict=True))
+
+
 def cleanup(redis_url: str, prefix: str) -> None:
     if not redis_url:
         return
@@ -277,12 +297,19 @@ def run(args: argparse.Namespace) -> dict:
     args.model_threads, args.threads = settings.resolved_parallelism(args.device)
     args.text_dtype = settings.resolved_text_dtype(args.device)
     forward = BareForward(args.artifacts, args.device, args.threads, args.text_dtype)
-    port, prefix = processes.free_port(), f"bench-{uuid.uuid4().hex[:8]}:"
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(args, port, prefix)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    ports: list[int] = []
+    while len(ports) < args.replicas:
+        if (free := processes.free_port()) not in ports:  # a port is taken only once its server binds it
+            ports.append(free)
+    procs = [start_server(args, p, prefix) for p in ports]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    port, url, proc = ports[0], urls[0], procs[0]
     seed0 = random.randrange(1 << 40)
     try:
         ready = processes.wait_ready(url, proc, timeout=300)
+        for u, other in zip(urls[1:], procs[1:], strict=True):
+            processes.wait_ready(u, other, timeout=300)
         forward.engine.backbone.set_text_fixed_rows(ready.get("text_fixed_rows"))  # the server's text numerics
         if ready.get("text_graph") == "traced":  # the server's forward: one traced graph (SGLORA_TEXT_GRAPH)
             forward.trace()
@@ -322,29 +349,33 @@ def run(args: argparse.Namespace) -> dict:
         n = -(-args.throughput_requests // BLOCKS)
         one_s = many_s = calls = texts = 0.0
         stages = dict.fromkeys(names, 0.0)
-        cpu_one, cpu_many = CpuMeter(proc.pid, args.redis_url), CpuMeter(proc.pid, args.redis_url)
+        pids = [p.pid for p in procs]
+        cpu_one, cpu_many = CpuMeter(pids, args.redis_url), CpuMeter(pids, args.redis_url)
         for b in range(BLOCKS):
             bodies = [{"description": next(fresh), "seed": seed0 + 2_000_000 + b * n + i} for i in range(n)]
             with cpu_one.measure():
                 one_s += n / asyncio.run(throughput(port, 1, bodies))
             bodies = [{"description": next(fresh), "seed": seed0 + 3_000_000 + b * n + i} for i in range(n)]
-            before = httpx.get(url + "/metrics").text  # batches and stages of the many-client blocks only
+            before_all = metrics_texts(urls)  # batches and stages of the many-client blocks only
             with cpu_many.measure():
-                many_s += n / asyncio.run(throughput(port, args.clients, bodies))
-            after = httpx.get(url + "/metrics").text
-            calls += metric_delta(before, after, "sglora_batch_size_count")
-            texts += metric_delta(before, after, "sglora_batch_size_sum")
+                many_s += n / asyncio.run(throughput(ports, args.clients, bodies))
+            after_all = metrics_texts(urls)
+            calls += metrics_delta(before_all, after_all, "sglora_batch_size_count")
+            texts += metrics_delta(before_all, after_all, "sglora_batch_size_sum")
             for stage in names:
-                stages[stage] += 1000 * metric_delta(before, after, STAGE_SUM, stage=stage) / (BLOCKS * n)
+                stages[stage] += 1000 * metrics_delta(before_all, after_all, STAGE_SUM, stage=stage) / (BLOCKS * n)
         one, many = BLOCKS * n / one_s, BLOCKS * n / many_s
-        before = httpx.get(url + "/metrics").text
+        before_all = metrics_texts(urls)
         herd = [
-            asyncio.run(stampede_ms(port, args.clients, {"description": next(fresh), "seed": seed0 + 4_000_000 + i}))
+            asyncio.run(stampede_ms(ports, args.clients, {"description": next(fresh), "seed": seed0 + 4_000_000 + i}))
             for i in range(STAMPEDE_ROUNDS)
         ]
-        herd_made = metric_delta(before, httpx.get(url + "/metrics").text, STAGE_COUNT, stage="serialisation")
+        herd_made = metrics_delta(before_all, metrics_texts(urls), STAGE_COUNT, stage="serialisation")
     finally:
-        processes.stop(proc)
+        for p in procs:
+            p.terminate()  # all at once: each finishes its in-flight requests
+        for p in procs:
+            processes.stop(p)
         cleanup(args.redis_url, prefix)
     bare, miss_ms, hit_ms, seen_ms = (statistics.median(x) for x in (bare_ms, miss, hit, seen))
     return {
@@ -380,6 +411,7 @@ def run(args: argparse.Namespace) -> dict:
         "stampede_made_per_round": herd_made / STAMPEDE_ROUNDS,
         "threads": args.threads,
         "clients": args.clients,
+        "replicas": args.replicas,
     }
 
 
@@ -454,6 +486,8 @@ def table(r: dict) -> str:
         + f", Redis {r['redis']}, max batch {r['max_batch']}"
         + (f", CVAE passes of {'-'.join(map(str, r['cvae_pass_rows']))} rows" if r.get("cvae_pass_rows") else "")
     )
+    if r.get("replicas", 1) > 1:
+        setup += f"; {r['replicas']} replicas of this: {c} clients and the stampede over all, the rest on one"
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
     lines = ["| measure | value | target | met |", "|---|---|---|---|"] + [f"| {a} | {b} | {t} | {m} |" for a, b, t, m in rows]
     return head + "\n".join(lines)
@@ -477,12 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="sequential requests per latency measurement")
     p.add_argument("--throughput-requests", type=int, default=640, help="requests per throughput measurement")
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="servers started side by side (sharing Redis); the many-client measures spread over them (default 1)",
+    )
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.threads < 0 or args.model_threads < 0:
         p.error("--threads and --model-threads must be >= 0 (0: the server's default)")
-    if min(args.requests, args.clients, args.throughput_requests) < 1:
-        p.error("--requests, --throughput-requests and --clients must be >= 1")
+    if min(args.requests, args.clients, args.throughput_requests, args.replicas) < 1:
+        p.error("--requests, --throughput-requests, --clients and --replicas must be >= 1")
     if args.json and (problem := output_path_problem(args.json, "--json")) is not None:
         p.error(problem)
     from sglora.artifacts import ArtifactError

@@ -152,3 +152,31 @@ def test_bench_service_script_small_run_reports_every_ratio(tiny_artifacts_sessi
     assert "4 clients sending one new request at once" in p.stdout
     assert "| `/generate` cache miss, median |" in p.stdout
     assert "| the same forward after 5 ms of idle each (for reference, not the target's measure) |" in p.stdout
+
+
+def test_bench_service_script_spreads_the_many_clients_over_replicas(tiny_artifacts_session, private_redis, tmp_path):
+    """--replicas 2: two servers side by side on one Redis; the many-client blocks and the stampede use both
+    (their batches and CPU are summed over both), the lone measures the first."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--redis-url", private_redis.url, "--threads", "1", "--model-threads", "1", "--requests", "4"]
+    cmd += ["--throughput-requests", "32", "--clients", "4", "--replicas", "2", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["replicas"] == 2 and r["model_threads"] == 1
+    assert r["throughput_ratio"] == r["rps_4"] / r["rps_1"] and r["rps_4"] > 0
+    # Each replica micro-batches its own requests: a batch holds at most its 2 connections' descriptions.
+    assert 1 <= r["mean_batch"] <= 2
+    # 4 identical requests, 2 to each replica: one LoRA per replica, or one in all when the second replica
+    # finds the first one's in Redis.
+    assert 1.0 <= r["stampede_made_per_round"] <= 2.0
+    assert "2 replicas of this: 4 clients and the stampede over all" in p.stdout
+    assert r["cpu_ms_per_request_4"]["server"] > 0
+
+
+@pytest.mark.parametrize("flag", ["--replicas", "--clients"])
+def test_bench_service_script_refuses_a_count_below_one(tmp_path, flag):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tmp_path), flag, "0"]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--replicas must be >= 1" in p.stderr and "Traceback" not in p.stderr
