@@ -247,8 +247,9 @@ def test_bench_service_refuses_bad_arguments_before_measuring(tmp_path, capsys):
         (["--threads", "-1"], "--threads and --model-threads must be >= 0"),
         (["--model-threads", "-2"], "--threads and --model-threads must be >= 0"),
         (["--json", str(tmp_path)], "is a directory"),
-        (["--requests", "0"], "--requests, --throughput-requests and --clients must be >= 1"),
-        (["--clients", "0"], "--requests, --throughput-requests and --clients must be >= 1"),
+        (["--requests", "0"], "--requests, --throughput-requests, --clients and --replicas must be >= 1"),
+        (["--clients", "0"], "--requests, --throughput-requests, --clients and --replicas must be >= 1"),
+        (["--replicas", "0"], "--requests, --throughput-requests, --clients and --replicas must be >= 1"),
     ):
         code, err = _refused(capsys, "bench_service", ["--artifacts", str(tmp_path), *args])
         assert code == 2 and message in err, (args, err)
@@ -264,7 +265,7 @@ def test_bench_service_reads_no_redis_cpu_from_a_redis_that_does_not_answer():
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     assert math.isnan(bench_service.redis_cpu_s("redis://127.0.0.1:1/0")) and math.isnan(bench_service.redis_cpu_s(""))
-    meter = bench_service.CpuMeter(os.getpid(), "redis://127.0.0.1:1/0")
+    meter = bench_service.CpuMeter([os.getpid()], "redis://127.0.0.1:1/0")
     with meter.measure():
         sum(i * i for i in range(200_000))
     cpu = meter.per_request_ms(10)
