@@ -17,8 +17,9 @@ install: $(PY) install-data
 	# Docker images do). Where pip is set up with local wheels (the CI machines) it takes them from there.
 	$(PIP) install -q $(TORCH_INDEX) torch==2.14.1 torchvision==0.29.1
 	# The packages the offline backbone records in its artefacts at the versions the Docker images install
-	# (docker/constraints.txt): artefacts built here load in the images and the other way round.
-	$(PIP) install -q -c docker/constraints.txt -e '.[offline,dev]'
+	# (docker/constraints.txt): artefacts built here load in the images and the other way round. The test-only
+	# packages at the versions the suite runs with (tests/constraints.txt).
+	$(PIP) install -q -c docker/constraints.txt -c tests/constraints.txt -e '.[offline,dev]'
 
 DATA_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,7 +195,26 @@ def test_both_images_install_the_versions_the_artefacts_record():
         index = "whl/cpu" if image == "trainer" else '${TORCH_INDEX:+--index-url "$TORCH_INDEX"}'  # api: the ARG's
         assert any(f"torchvision=={pins['torchvision']}" in r and index in r for r in runs), runs
         assert any("-c docker/constraints.txt '.[offline]'" in r for r in runs), runs
-    assert "install -q -c docker/constraints.txt -e '.[offline,dev]'" in (ROOT / "Makefile").read_text()  # a local venv too
+    makefile = (ROOT / "Makefile").read_text()  # a local venv too
+    assert "install -q -c docker/constraints.txt -c tests/constraints.txt -e '.[offline,dev]'" in makefile
+
+
+def test_the_test_only_packages_are_pinned_and_installed_at_their_pins():
+    """Every package of the `dev` extra has an exact pin in tests/constraints.txt, which `make install`
+    applies (above): the installed release is the pinned one."""
+    import tomllib
+    from importlib import metadata
+
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    names = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() for d in dev}
+    pins = {}
+    for line in (ROOT / "tests" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip()
+    assert names <= set(pins) and all(pins.values()), (names, pins)
+    installed = {name: metadata.version(name) for name in pins}
+    assert installed == pins
 
 
 def test_the_images_commands_parse_with_the_cli():
