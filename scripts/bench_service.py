@@ -155,16 +155,20 @@ async def latencies_ms(port: int, bodies: list[dict], expect_cache: str) -> list
     return out
 
 
-async def throughput(port: int | list[int], clients: int, bodies: list[dict]) -> float:
+async def open_connections(ports: list[int], clients: int) -> list[Connection]:
+    """``clients`` connections, to the servers at ``ports`` in turn (as a round-robin balancer would)."""
+    return [await Connection.open("127.0.0.1", ports[i % len(ports)]) for i in range(clients)]
+
+
+async def throughput(ports: list[int], clients: int, bodies: list[dict]) -> float:
     """Requests per second of the cache misses ``bodies`` spread over ``clients`` concurrent connections
-    (over the servers at ``port`` in turn, where it is a list).
+    (:func:`open_connections`).
 
     Every request should have a description new to the server (it encodes identical descriptions of one
     batch once, and reuses a known description's embedding; new ones measure the batching of the text
     encoder itself)."""
     todo = iter(bodies)
-    ports = port if isinstance(port, list) else [port]
-    conns = [await Connection.open("127.0.0.1", ports[i % len(ports)]) for i in range(clients)]
+    conns = await open_connections(ports, clients)
 
     async def worker(conn: Connection) -> None:
         for body in todo:
@@ -180,9 +184,9 @@ async def throughput(port: int | list[int], clients: int, bodies: list[dict]) ->
 
 
 async def stampede_ms(ports: list[int], clients: int, body: dict) -> float:
-    """Milliseconds until ``clients`` connections (over ``ports`` in turn) that send ``body`` at once are all
-    answered; SystemExit unless every answer is a 200 with the same bytes."""
-    conns = [await Connection.open("127.0.0.1", ports[i % len(ports)]) for i in range(clients)]
+    """Milliseconds until ``clients`` connections (:func:`open_connections`) that send ``body`` at once are
+    all answered; SystemExit unless every answer is a 200 with the same bytes."""
+    conns = await open_connections(ports, clients)
     try:
         t0 = time.perf_counter()
         answers = await asyncio.gather(*(c.post_json("/generate", body) for c in conns))
@@ -304,12 +308,10 @@ def run(args: argparse.Namespace) -> dict:
             ports.append(free)
     procs = [start_server(args, p, prefix) for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    port, url, proc = ports[0], urls[0], procs[0]
+    port, url = ports[0], urls[0]
     seed0 = random.randrange(1 << 40)
     try:
-        ready = processes.wait_ready(url, proc, timeout=300)
-        for u, other in zip(urls[1:], procs[1:], strict=True):
-            processes.wait_ready(u, other, timeout=300)
+        ready = [processes.wait_ready(u, pr, timeout=300) for u, pr in zip(urls, procs, strict=True)][0]
         forward.engine.backbone.set_text_fixed_rows(ready.get("text_fixed_rows"))  # the server's text numerics
         if ready.get("text_graph") == "traced":  # the server's forward: one traced graph (SGLORA_TEXT_GRAPH)
             forward.trace()
@@ -354,7 +356,7 @@ def run(args: argparse.Namespace) -> dict:
         for b in range(BLOCKS):
             bodies = [{"description": next(fresh), "seed": seed0 + 2_000_000 + b * n + i} for i in range(n)]
             with cpu_one.measure():
-                one_s += n / asyncio.run(throughput(port, 1, bodies))
+                one_s += n / asyncio.run(throughput([port], 1, bodies))
             bodies = [{"description": next(fresh), "seed": seed0 + 3_000_000 + b * n + i} for i in range(n)]
             before_all = metrics_texts(urls)  # batches and stages of the many-client blocks only
             with cpu_many.measure():

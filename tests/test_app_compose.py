@@ -179,16 +179,22 @@ def test_every_copied_file_exists_and_is_in_the_build_context(image):
             assert sent, f"{dockerfile}: COPY {src}: {dockerfile}.dockerignore leaves it out of the build context"
 
 
+def _pins(path: Path) -> dict[str, str]:
+    """A pip constraints file's ``name==version`` lines as {name: version} (comments and blank lines skipped)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
 def test_both_images_install_the_versions_the_artefacts_record():
     """The offline backbone refuses artefacts written under other versions of its packages: the trainer
     and API images pin them alike (docker/constraints.txt), at the torchvision of their CPU-wheel line."""
     from models.offline_backbone import PINNED_PACKAGES
 
-    pins = {}
-    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[name.strip()] = version.strip()
+    pins = _pins(ROOT / "docker" / "constraints.txt")
     assert set(PINNED_PACKAGES) <= set(pins) and all(pins.values()), pins
     for image in ("api", "trainer"):
         runs = [args for op, args in _instructions(f"Dockerfile.{image}") if op == "RUN" and "pip install" in args]
@@ -207,11 +213,7 @@ def test_the_test_only_packages_are_pinned_and_installed_at_their_pins():
 
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     names = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() for d in dev}
-    pins = {}
-    for line in (ROOT / "tests" / "constraints.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[name.strip().lower()] = version.strip()
+    pins = {name.lower(): version for name, version in _pins(ROOT / "tests" / "constraints.txt").items()}
     assert names <= set(pins) and all(pins.values()), (names, pins)
     installed = {name: metadata.version(name) for name in pins}
     assert installed == pins
