@@ -26,6 +26,7 @@ from app.routes import experts, generate, health, retrieve, ui
 from app.runtime import freeze_heap, unfreeze_heap
 from app.service import Service
 from app.settings import Settings, StartupError, unknown_variables
+from app.workers import MetricsSocket, WorkerPlace
 from sglora import __version__
 from sglora.artifacts import ArtifactError
 
@@ -82,10 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if frozen:
             log.info("garbage collector: %d start-up objects frozen", freeze_heap())
         metrics.gc_pauses.install()
+        place = app.state.worker_place
+        # Under --workers: this worker's metrics for its siblings' /metrics (app/workers.py), once it serves.
+        metrics_socket = MetricsSocket(metrics.registry, place.socket_path(place.index)) if place else None
         try:
             yield
         finally:
             try:
+                if metrics_socket is not None:
+                    metrics_socket.close()
                 await service.stop()
             finally:
                 metrics.gc_pauses.uninstall()  # after the drain: its pauses count too
@@ -99,6 +105,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="SG-LoRA", version=__version__, description=DESCRIPTION, lifespan=lifespan, static_url=DOCS_STATIC)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.worker_place = WorkerPlace.from_environment()
+    if settings.workers > 1 and app.state.worker_place is None:
+        log.warning(
+            "SGLORA_WORKERS=%d is read by `sglora serve` and `python -m app` alone: under another server this "
+            "process serves alone, with 1/%d of the cores' threads by default",
+            settings.workers,
+            settings.workers,
+        )
     app.state.service = None
     json_limit = min(settings.resolved_max_json_bytes(), settings.resolved_max_body_bytes())
     # Innermost: one deadline for a request's model waits; a request whose client went away is cancelled (499).

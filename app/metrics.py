@@ -1,9 +1,9 @@
 """Prometheus metrics (prefix ``sglora_``) on a registry owned by one app.
 
-One registry per app, not the global default: tests build many apps in one process. The service
-runs one uvicorn worker per process by design (one model copy, micro-batching needs every request
-in the same process; scale with replicas), so prometheus-client's multiprocess mode is not used, and
-refused when its environment variable would turn it on.
+One registry per app, not the global default: tests build many apps in one process. Each server
+process has its own; under ``sglora serve --workers N`` a scrape sums every worker's (app/workers.py).
+prometheus-client's multiprocess mode is not used, and refused when its environment variable would
+turn it on.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def single_process_metrics() -> None:
     came back, and a missing folder failed the first metric."""
     for var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
         if os.environ.get(var):
-            raise StartupError(f"{var} is set: the service runs one worker per process, with its own metrics; unset it")
+            raise StartupError(f"{var} is set: each server process keeps its own metrics (--workers sums them); unset it")
 
 
 class Metrics:

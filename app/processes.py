@@ -28,6 +28,14 @@ def start_server(port: int, env: dict[str, str], *args: str, **popen: object) ->
     return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux; none elsewhere): the workers of ``--workers N``'s supervisor."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def wait_ready(base_url: str, proc: subprocess.Popen | None, timeout: float = 90.0) -> dict:
     """Polls ``base_url``/ready until it answers 200 and returns its JSON. RuntimeError if ``proc`` (None: a
     server started elsewhere) exits first, with the tail of its stderr when that was piped, or on timeout."""

@@ -1,4 +1,6 @@
-"""``python -m app --artifacts DIR``: the service under uvicorn (one worker), exit status 0 after a graceful stop.
+"""``python -m app --artifacts DIR``: the service under uvicorn, exit status 0 after a graceful stop.
+
+One server process; with ``--workers N`` a supervisor runs N of them behind the address (app/workers.py).
 
 uvicorn catches SIGTERM/SIGINT, drains (stops accepting, lets in-flight requests finish for
 ``--graceful-timeout`` seconds, then runs the lifespan shutdown: accepted model jobs finish, Redis closes)
@@ -22,6 +24,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -32,6 +35,7 @@ from app.http_protocol import BoundedHttpToolsProtocol
 from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError, settings_error
+from app.workers import WORKER_FD, supervise
 from sglora.cli import EXIT_USAGE, port_number, seconds
 from sglora.devices import resolve_device
 
@@ -74,12 +78,29 @@ def allow_open_files(max_connections: int) -> None:
         )
 
 
+def worker_count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, got {value!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description="Run the SG-LoRA HTTP service.")
     p.add_argument("--artifacts", help="artefact directory (default: $SGLORA_ARTIFACTS)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: $SGLORA_DEVICE or auto)")
+    p.add_argument(
+        "--workers",
+        type=worker_count,
+        default=None,
+        help="server processes behind the address, one copy of the weights each (default: $SGLORA_WORKERS or 1; "
+        "see docs/service.md)",
+    )
     p.add_argument("--graceful-timeout", type=seconds, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument(
         "--root-path",
@@ -164,6 +185,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.environ["SGLORA_ARTIFACTS"] = str(args.artifacts)
     if args.device:
         os.environ["SGLORA_DEVICE"] = args.device
+    if args.workers:
+        os.environ["SGLORA_WORKERS"] = str(args.workers)
+    worker_fd = os.environ.get(WORKER_FD)  # one of --workers N's, started by its supervisor
     try:
         settings = Settings()  # checked here, before uvicorn loads the app: a bad value is a message, not a traceback
         single_process_metrics()
@@ -182,7 +206,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         except ValueError as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
-    problem = bind_problem(args.host, args.port)
+    problem = None if worker_fd else bind_problem(args.host, args.port)
     if problem:  # before torch and the artefacts load, which for a real CLIP takes many seconds
         print(f"{parser.prog}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -208,6 +232,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         log_config=log_config(args.log_format, args.log_level),
     )
     allow_open_files(settings.max_connections)  # after uvicorn.Config, which configures the logs: its warning in their format
+    if settings.workers > 1 and not worker_fd:
+        # The supervisor: binds the address (as uvicorn would, and says so), then starts the workers on it.
+        argv = sys.argv[1:] if argv is None else argv
+        return supervise(argv, config.bind_socket(), settings.workers, args.graceful_timeout)
+    sockets = [socket.socket(fileno=int(worker_fd))] if worker_fd else None
     server = _Server(config)
 
     def stop(signum: int, frame: object) -> None:
@@ -216,7 +245,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed = False
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit as e:  # a failed start-up: uvicorn >= 0.53 exits with STARTUP_FAILURE, earlier ones 1 or return
         if e.code != STARTUP_FAILURE and server.started:
             raise

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import struct
@@ -45,7 +46,7 @@ from app.metrics import Metrics
 from app.schemas import GenerateRequest
 from app.settings import Settings, StartupError
 from app.worker import REQUEST_DEADLINE, UNBOUNDED, ModelWorker, WorkerTimeout
-from expert_store.repository import Expert, RepositoryBusy, RepositoryChanged, check_name
+from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, RepositoryBusy, RepositoryChanged, check_name
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS, clear_split_gate, set_split_gate
@@ -293,15 +294,28 @@ def _taken(name: str, names: list[str]) -> str | None:
 
 
 @contextmanager
-def _other_writers() -> Iterator[None]:
+def _other_writers(following: bool = False) -> Iterator[None]:
     """An expert change refused for another process's: the repository it changed (409: this server serves it
-    only once restarted), or its lock held too long (503: retry)."""
+    only once restarted; 503 where it follows the repository: that change landed between this one's look and
+    its save, and is taken up by the next request), or its lock held too long (503: retry)."""
     try:
         yield
     except RepositoryChanged as e:
+        if following:
+            reason = f"{e}; another process changed the experts at the same moment: retry"
+            raise APIError(503, None, reason, {"Retry-After": "1"}) from e
         raise APIError(409, None, f"{e}: restart this server to serve it") from e
     except RepositoryBusy as e:
         raise APIError(503, None, f"{e}; retry", {"Retry-After": "1"}) from e
+
+
+def _index_stat(directory: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a repository's index: every save replaces the file (a new inode); None: none."""
+    try:
+        st = os.stat(directory / INDEX_FILE)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _value_error_field(message: str) -> str | None:
@@ -336,6 +350,9 @@ class Service:
         # tensors (expert_file): they see the state before or after the change, never the repository in
         # between (changed in memory, not yet saved, perhaps to be rolled back).
         self._change_lock = threading.Lock()
+        # SGLORA_FOLLOW_REPOSITORY: the index's (inode, size, mtime) as last looked at, and the reload in flight.
+        self._index_seen = _index_stat(self.repository_dir)
+        self._following: asyncio.Future | None = None
         self.text_dtype = artifacts.backbone.text_dtype_name
         self.text_numerics = self.text_dtype  # what fixes an embedding's bits: the dtype, and fixed-row blocks if on
         self.generator_dtype = self.engine.generator_dtype_name
@@ -565,6 +582,7 @@ class Service:
             raise APIError(422, field, str(e)) from None
 
     async def generate(self, params: GenerateParams) -> GeneratedLora:
+        await self.follow()
         lookup = params.method not in SAMPLING_METHODS or params.seed is not None
         if params.seed is None and params.method in SAMPLING_METHODS:
             params = replace(params, seed=secrets.randbelow(UNSEEDED_SEEDS))
@@ -872,6 +890,7 @@ class Service:
         self, pixels: list[torch.Tensor], texts: list[str], adapter: GeneratedLora, zero_shot: bool, paired: bool
     ) -> Retrieval:
         """``pixels`` from :meth:`decode_images`; ``paired``: the texts are captions, one per image (recall@1)."""
+        await self.follow()
         lora_scores, zs_scores = await self.worker.run(
             self._retrieve_job, pixels, texts, adapter.data, self.spec_of(adapter), zero_shot, paired
         )
@@ -907,7 +926,50 @@ class Service:
         takes (PEFT tensor names), with the expert and the LoRA layout in its metadata, and the artefact
         version it is of (one state's: GET /experts of that version lists it); APIError(404). Off the event
         loop: it waits for an expert change in progress."""
+        await self.follow()
         return await asyncio.to_thread(self._expert_file, name, part)
+
+    # ---- following the repository on disk (SGLORA_FOLLOW_REPOSITORY) ----------------------------------
+    async def follow(self) -> None:
+        """Under SGLORA_FOLLOW_REPOSITORY: where the repository's index on disk is another file than the one
+        last looked at (one ``stat``), takes it up before going on (:meth:`_follow_job`, alone on the model
+        threads, as an expert change is). Concurrent requests wait for one reload."""
+        if not self.settings.follow_repository or _index_stat(self.repository_dir) == self._index_seen:
+            return
+        if self._following is None or self._following.done():
+            self._following = asyncio.ensure_future(self.worker.run(self._changing, self._follow_job, commit=True))
+        await asyncio.shield(self._following)
+
+    def _follow_job(self) -> RepositoryState:
+        """Loads the repository again where another process changed it on disk, and serves it. Where that
+        fails (a directory rebuilt under a new manifest, a file corrupt) the experts loaded are served on, with
+        a warning, until the index changes again."""
+        seen = _index_stat(self.repository_dir)
+        if seen == self._index_seen:  # taken up meanwhile
+            return self.state
+        self._index_seen = seen  # before the read: a change after it is seen at the next look
+        index = self.repository_dir / INDEX_FILE
+        try:
+            if seen is not None and hashlib.sha256(index.read_bytes()).hexdigest() == self.artifacts.repository.index_sha256:
+                return self.state  # this process's own change
+            self._check_artifacts_unchanged()
+            repository = ExpertRepository.load(self.repository_dir, expect_spec=self.spec)
+            if repository.backbone_fingerprint != self.artifacts.repository.backbone_fingerprint:
+                raise ValueError("its experts were trained on another backbone")
+        except (OSError, ValueError, APIError) as e:
+            reason = e.reason if isinstance(e, APIError) else str(e)
+            log.warning(
+                "the expert repository in %s changed, but is not taken up (%s): serving the %d experts loaded",
+                self.repository_dir,
+                reason,
+                len(self.state.experts),
+            )
+            return self.state
+        before = len(self.state.experts)
+        self.artifacts.repository = self.engine.repository = repository
+        self.artifacts.reset_version()
+        log.info("expert repository changed by another process (%d experts before): loaded again", before)
+        return self._repository_changed()
 
     def _expert_file(self, name: str, part: str) -> tuple[bytes, str]:
         with self._change_lock:  # the repository as the published state has it
@@ -1057,6 +1119,8 @@ class Service:
         self, name: str, description: str, mean: torch.Tensor, variance: torch.Tensor, num_snapshots: int
     ) -> RepositoryState:
         # A run() job, alone on a model thread: no generation runs while the repository changes.
+        if self.settings.follow_repository:
+            self._follow_job()
         repo = self.artifacts.repository
         if taken := _taken(name, repo.names):
             raise APIError(409, "name", taken)
@@ -1069,7 +1133,7 @@ class Service:
         # and the expert file, so a failed upload leaves the directory exactly as it was.
         try:
             expert = Expert(name, description, mean, variance, embedding, num_snapshots)
-            with _other_writers():
+            with _other_writers(self.settings.follow_repository):
                 repo.add_and_save(expert, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
         except ValueError as e:
             raise APIError(422, _value_error_field(str(e)), str(e)) from e
@@ -1118,6 +1182,8 @@ class Service:
         return await self.worker.run(self._changing, self._remove_expert_job, _checked_name(name), commit=True)
 
     def _remove_expert_job(self, name: str) -> RepositoryState:
+        if self.settings.follow_repository:
+            self._follow_job()
         repo = self.artifacts.repository
         if name not in repo:
             raise APIError(404, "name", f"no expert named {name!r}")
@@ -1125,7 +1191,7 @@ class Service:
             raise APIError(409, "name", "cannot remove the last expert")
         self._check_artifacts_unchanged()
         try:
-            with _other_writers():  # index first (atomic), then the expert file
+            with _other_writers(self.settings.follow_repository):  # index first (atomic), then the expert file
                 repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
         except OSError as e:
             if name not in repo:  # the index was written, only deleting the expert's file failed: removed

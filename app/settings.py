@@ -44,6 +44,20 @@ class Settings(BaseSettings):
         description="model threads sharing one copy of the weights, each running its own micro-batch; 0 = on a CPU "
         "(the cores - 1) / threads, at least 1, but on one or two cores the cores / threads; on a GPU 1",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes behind the one address (`sglora serve --workers`): each loads its own copy "
+        "of the weights and micro-batches its own requests; the CPU defaults of threads and model_threads share "
+        "the cores between them, /metrics sums them, and each follows the others' expert changes",
+    )
+    follow_repository: bool = Field(
+        False,
+        description="before serving, take up expert changes another process saved in the artefact directory (a "
+        "sibling worker, a replica on the same volume, `sglora experts`) instead of refusing later changes with a "
+        "409; on for every worker of `--workers N`",
+    )
     text_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="dtype of the text tower; 'auto' = bfloat16 on a CPU with bf16 dot products (AVX512-BF16 or AMX), "
@@ -290,8 +304,10 @@ class Settings(BaseSettings):
         beside the event loop, which is idle most of the time, gave 1.4x the load test's answers per second
         and 1.12x the 32-client benchmark's misses per second, at the same server-side hit latency
         (docs/benchmarks.md, release 0.9.11). On a GPU one model thread feeds the device.
+        Each of ``workers`` server processes counts its share of the cores (at least one).
         """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = max(1, cores // self.workers)  # this worker's share
         spare = max(1, cores - 1)
         if device.startswith("cpu"):
             threads = self.threads or (max(1, spare // self.model_threads) if self.model_threads else 1)
@@ -318,7 +334,11 @@ class Settings(BaseSettings):
 # SGLORA_ variables read outside this class: by `sglora serve` / `python -m app`, and by the Prometheus and
 # Grafana files of deploy/ run without Docker (docs/service.md tells users to export them beside the others), and
 # by docker-compose.gpu.yml (the torch index of its image).
-OTHER_VARIABLES = frozenset({"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS", "SGLORA_TORCH_INDEX"})
+OTHER_VARIABLES = frozenset(
+    {"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS", "SGLORA_TORCH_INDEX"}
+    # set by `--workers N`'s supervisor in each worker's environment (app/workers.py)
+    | {"SGLORA_WORKER_FD", "SGLORA_WORKER_DIR", "SGLORA_WORKER_INDEX"}
+)
 
 
 def settings_error(e: ValidationError) -> str:

@@ -302,6 +302,10 @@ class Artifacts:
             self._version = (changes, version_of(self.manifest_bytes, self.repository.state_index_bytes()))
         return self._version[1]
 
+    def reset_version(self) -> None:
+        """After :attr:`repository` was replaced by another object (loaded again): work the version out anew."""
+        self._version = None
+
     def snapshots(self, task: str) -> torch.Tensor:
         """The (M, P) LoRA snapshots the experts stage trained for ``task``, checked against the manifest's
         sha256; KeyError naming the task where the manifest pins none (an unknown task, or a path)."""

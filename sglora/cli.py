@@ -193,6 +193,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--no-access-log"]
     if args.root_path:  # checked by app.serve's parser
         argv += ["--root-path", args.root_path]
+    if args.workers is not None:  # checked by app.serve's parser
+        argv += ["--workers", args.workers]
     return serve_main(argv, prog="sglora serve")  # exits 0 after a graceful SIGTERM (uvicorn.run would re-raise it)
 
 
@@ -295,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--device", type=_device_arg, default=None, help="auto, cpu, cuda or cuda:N (default: $SGLORA_DEVICE or auto)")
     s.add_argument("--graceful-timeout", type=seconds, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    s.add_argument(
+        "--workers",
+        default=None,
+        help="server processes behind the address, one copy of the weights each (default: $SGLORA_WORKERS or 1)",
+    )
     s.add_argument(
         "--log-format",
         choices=FORMATS,

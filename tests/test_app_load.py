@@ -173,3 +173,20 @@ def test_bench_service_script_spreads_the_many_clients_over_replicas(tiny_artifa
     assert 1.0 <= r["stampede_made_per_round"] <= 2.0
     assert "2 replicas of this: 4 clients and the stampede over all" in p.stdout
     assert r["cpu_ms_per_request_4"]["server"] > 0
+
+
+def test_bench_service_script_measures_workers_behind_one_address(tiny_artifacts_session, private_redis, tmp_path):
+    """--workers 2: one server of two worker processes; its CPU counts both, its metrics are their sums."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_service.py"), "--artifacts", str(tiny_artifacts_session)]
+    cmd += ["--redis-url", private_redis.url, "--requests", "4", "--throughput-requests", "32", "--clients", "4"]
+    cmd += ["--workers", "2", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["workers"] == 2 and r["replicas"] == 1 and r["rps_4"] > 0
+    # The summed metrics saw every request: the embeddings checks of the lone blocks passed, and the many
+    # clients' batches (each worker's at most its connections' descriptions) were counted.
+    assert 1 <= r["mean_batch"] <= 4
+    assert 1.0 <= r["stampede_made_per_round"] <= 2.0  # one LoRA per worker at most
+    assert "`--workers 2`: that many processes behind the address" in p.stdout

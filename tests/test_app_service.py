@@ -404,7 +404,7 @@ def test_prometheus_multiprocess_mode_is_refused(monkeypatch):
     from app.settings import StartupError
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/metrics")
-    with pytest.raises(StartupError, match="PROMETHEUS_MULTIPROC_DIR is set: the service runs one worker per process"):
+    with pytest.raises(StartupError, match="PROMETHEUS_MULTIPROC_DIR is set: each server process keeps its own metrics"):
         Metrics()
     p = subprocess.run([sys.executable, "-m", "app", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error: PROMETHEUS_MULTIPROC_DIR is set" in p.stderr and "Traceback" not in p.stderr

@@ -247,9 +247,10 @@ def test_bench_service_refuses_bad_arguments_before_measuring(tmp_path, capsys):
         (["--threads", "-1"], "--threads and --model-threads must be >= 0"),
         (["--model-threads", "-2"], "--threads and --model-threads must be >= 0"),
         (["--json", str(tmp_path)], "is a directory"),
-        (["--requests", "0"], "--requests, --throughput-requests, --clients and --replicas must be >= 1"),
-        (["--clients", "0"], "--requests, --throughput-requests, --clients and --replicas must be >= 1"),
-        (["--replicas", "0"], "--requests, --throughput-requests, --clients and --replicas must be >= 1"),
+        (["--requests", "0"], "--requests, --throughput-requests, --clients, --replicas and --workers must be >= 1"),
+        (["--clients", "0"], "--requests, --throughput-requests, --clients, --replicas and --workers must be >= 1"),
+        (["--replicas", "0"], "--requests, --throughput-requests, --clients, --replicas and --workers must be >= 1"),
+        (["--workers", "0"], "--requests, --throughput-requests, --clients, --replicas and --workers must be >= 1"),
     ):
         code, err = _refused(capsys, "bench_service", ["--artifacts", str(tmp_path), *args])
         assert code == 2 and message in err, (args, err)

@@ -46,6 +46,7 @@ async def list_experts(
     """Lists the experts of the repository (all, or a page of ``limit`` from ``offset``; ``total`` counts them
     all) and the LoRA layout an expert must have. Pages of one ``artifact_version`` fit together; another
     version means the experts changed between two pages."""
+    await service.follow()  # another worker's change (SGLORA_FOLLOW_REPOSITORY)
     state = service.state  # one snapshot: the version names exactly these experts
     spec = service.spec
     page = state.experts[offset : None if limit is None else offset + limit]

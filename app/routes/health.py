@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.schemas import Health, Ready
+from app.workers import service_metrics
 
 router = APIRouter(tags=["operations"])
 
@@ -56,8 +59,12 @@ async def ready(request: Request) -> Ready | JSONResponse:
 )
 async def metrics(request: Request) -> Response:
     """Prometheus text format: the service's own metrics start with `sglora_`; the client library's process and
-    interpreter metrics (`process_*`, `python_*`) come with them."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    interpreter metrics (`process_*`, `python_*`) come with them. Under `sglora serve --workers N`, every
+    worker's, summed (docs/service.md)."""
+    registry, place = request.app.state.metrics.registry, request.app.state.worker_place
+    if place is None:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await asyncio.to_thread(service_metrics, registry, place), media_type=CONTENT_TYPE_LATEST)
 
 
 # HEAD wherever GET answers (HTTP says so; some health checkers send it): the same handler, the body left out.

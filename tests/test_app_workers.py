@@ -1,0 +1,164 @@
+"""``sglora serve --workers N`` (app/workers.py): several server processes behind one address, one service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.processes import children, free_port, start_server, stop, wait_ready
+from app.settings import Settings
+from app.workers import merge_expositions
+from tests.test_app_experts import expert_files
+
+ADMIN = {"X-API-Key": "admin-secret"}
+
+
+def samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_merged_exposition_sums_counters_histograms_and_gauges_but_not_info_or_start_time():
+    a = """# HELP req_total requests
+# TYPE req_total counter
+req_total{code="200"} 3.0
+# HELP lat latency
+# TYPE lat histogram
+lat_bucket{le="0.1"} 1.0
+lat_bucket{le="+Inf"} 2.0
+lat_count 2.0
+lat_sum 0.5
+# HELP inflight in flight
+# TYPE inflight gauge
+inflight 1.0
+# HELP build_info build
+# TYPE build_info gauge
+build_info{version="1"} 1.0
+# HELP process_start_time_seconds start
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds 100.0
+"""
+    b = a.replace('req_total{code="200"} 3.0', 'req_total{code="200"} 4.0\nreq_total{code="429"} 1.0')
+    b = b.replace("inflight 1.0", "inflight 2.0").replace("process_start_time_seconds 100.0", "process_start_time_seconds 90.0")
+    merged = samples(merge_expositions([a, b], [("workers", "workers", 2)]).decode())
+    assert merged[("req_total", (("code", "200"),))] == 7
+    assert merged[("req_total", (("code", "429"),))] == 1  # one worker's only
+    assert merged[("lat_bucket", (("le", "0.1"),))] == 2 and merged[("lat_bucket", (("le", "+Inf"),))] == 4
+    assert merged[("lat_count", ())] == 4 and merged[("lat_sum", ())] == 1.0
+    assert merged[("inflight", ())] == 3
+    assert merged[("build_info", (("version", "1"),))] == 1  # an info series is 1, not the number of workers
+    assert merged[("process_start_time_seconds", ())] == 90  # the oldest worker's
+    assert merged[("workers", ())] == 2
+
+
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert Settings(workers=1).resolved_parallelism("cpu") == (7, 1)  # one core for the event loop
+    assert Settings(workers=2).resolved_parallelism("cpu") == (3, 1)  # 4 cores each
+    assert Settings(workers=8).resolved_parallelism("cpu") == (1, 1)
+    assert Settings(workers=16).resolved_parallelism("cpu") == (1, 1)  # at least one
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert Settings(workers=2).resolved_parallelism("cpu") == (1, 1)  # two cores: one model thread each
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_a_bad_worker_count_is_a_usage_error(value, tiny_artifacts_session):
+    r = subprocess.run(
+        [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts_session), "--workers", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--workers: must be a whole number from 1 to 64" in r.stderr, r.stderr
+
+
+@pytest.fixture
+def workers(tiny_artifacts, shared_redis):
+    """Two workers on a private copy of the tiny artefacts, one model thread each."""
+    url, prefix = shared_redis
+    port = free_port()
+    env = {
+        **os.environ,
+        "SGLORA_REDIS_URL": url,
+        "SGLORA_CACHE_PREFIX": prefix(),
+        "SGLORA_ADMIN_KEYS": "admin-secret",
+        "SGLORA_THREADS": "1",
+        "SGLORA_MODEL_THREADS": "1",
+    }
+    args = ("--artifacts", str(tiny_artifacts), "--workers", "2")
+    proc = start_server(port, env, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        # /ready answers once one worker does; the test needs both.
+        end = time.monotonic() + 90
+        while samples(httpx.get(f"{base}/metrics", timeout=10).text).get(("sglora_workers", ())) != 2:
+            assert time.monotonic() < end, "the second worker was not ready within 90 s"
+            time.sleep(0.3)
+        yield proc, base, tiny_artifacts
+    finally:
+        stop(proc)
+
+
+def test_two_workers_serve_one_address_with_summed_metrics_and_follow_each_others_expert_changes(workers):
+    proc, base, root = workers
+    assert len(children(proc.pid)) == 2
+    body = {"description": "an orange disc", "seed": 4}
+    for i in range(12):  # a new connection each: the kernel hands them to either worker
+        r = httpx.post(f"{base}/generate", json={**body, "seed": i})
+        assert r.status_code == 200, r.text
+    # Whichever worker answers the scrape, it counts every worker's requests.
+    ok = ("sglora_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200")))
+    for _ in range(6):
+        m = samples(httpx.get(f"{base}/metrics").text)
+        assert m[ok] == 12 and m[("sglora_workers", ())] == 2 and m[("sglora_model_threads", ())] == 2
+
+    before = httpx.get(f"{base}/experts").json()["artifact_version"]
+    files, _ = expert_files(root, scale=1.5)
+    form = {"name": "disc", "description": "an orange disc", "num_snapshots": "4"}
+    r = httpx.post(f"{base}/experts", data=form, files=files, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    version = r.json()["artifact_version"]
+    assert version != before
+    # Every worker serves the change from the next request on, whichever made it.
+    for _ in range(8):
+        listed = httpx.get(f"{base}/experts").json()
+        assert listed["artifact_version"] == version and "disc" in [e["name"] for e in listed["experts"]]
+        r = httpx.post(f"{base}/generate", json=body)
+        assert r.headers["x-artifact-version"] == version and r.headers["x-experts"].startswith("disc=")
+    r = httpx.delete(f"{base}/experts/disc", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    for _ in range(8):
+        assert httpx.post(f"{base}/generate", json={**body, "top_k": 5}).status_code == 422  # 4 experts again
+
+    assert stop(proc) == 0  # SIGTERM to the supervisor: every worker drains, status 0
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_worker_that_dies_stops_the_service_with_status_1(workers):
+    proc, base, _ = workers
+    first, second = children(proc.pid)
+    os.kill(first, signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    assert not Path(f"/proc/{second}").exists() or Path(f"/proc/{second}/status").read_text().find("zombie") >= 0
+    assert "ended with status -9: stopping the others" in proc.stderr.read()
+
+
+def test_workers_that_cannot_start_end_the_service_with_status_2(tiny_artifacts):
+    (tiny_artifacts / "generator" / "cvae.safetensors").write_bytes(b"corrupt")
+    r = subprocess.run(
+        [sys.executable, "-m", "app", "--artifacts", str(tiny_artifacts), "--port", str(free_port()), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SGLORA_REDIS_URL": ""},
+    )
+    assert r.returncode == 2, r.stderr
+    assert "could not start (status 2): stopping the others" in r.stderr
