@@ -24,6 +24,11 @@ end. Prints a Markdown table.
 docs/service.md suggests on small machines with ``SGLORA_MODEL_THREADS=1``): the many-client side of 4
 and the stampede spread their connections over all of them, as a balancer would; 1, 2, 3, 5 and the
 one-client side of 4 use the first.
+
+``--workers N`` runs each server as ``--workers N``: N processes behind one address (docs/service.md,
+"Several worker processes"). A lone measure's one connection is served by one of them; the clients of 4
+and the stampede open their connections to the one address, and the kernel hands each to a worker. The
+CPU figures count every worker.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def start_server(args: argparse.Namespace, port: int, prefix: str) -> subprocess
         "SGLORA_MODEL_THREADS": str(args.model_threads),
         "SGLORA_TEXT_DTYPE": args.text_dtype,
         "SGLORA_MAX_QUEUE": "4096",
+        "SGLORA_WORKERS": str(args.workers),
     }
     return processes.start_server(port, env, "--log-level", "warning")
 
@@ -253,6 +259,31 @@ class CpuMeter:
         return out
 
 
+def wait_workers(url: str, workers: int, timeout_s: float = 300.0) -> None:
+    """Until ``url``'s /metrics sums ``workers`` worker processes (one of a lone server's)."""
+    end = time.monotonic() + timeout_s
+    while workers > 1 and metric_sum(httpx.get(url + "/metrics", timeout=10).text, "sglora_workers") < workers:
+        if time.monotonic() > end:
+            raise RuntimeError(f"the {workers} workers at {url} were not all ready within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def warm_every_worker(url: str, port: int, description: str, seeds: Iterator[int], streak: int = 8) -> None:
+    """Sends ``description`` (fresh seeds), each on a new connection, until ``streak`` in a row found its
+    embedding cached: whichever worker the kernel hands a connection to has encoded it (a worker left out
+    that long has odds of 2^-8 with two workers)."""
+    run = 0
+    for tries in itertools.count(1):
+        if run >= streak:
+            return
+        if tries > 50 * streak:
+            raise SystemExit(f"{description!r} was encoded again after {tries} requests: is the embedding cache off?")
+        before = httpx.get(url + "/metrics").text
+        asyncio.run(latencies_ms(port, [{"description": description, "seed": next(seeds)}], "miss"))
+        hit = metric_delta(before, httpx.get(url + "/metrics").text, "sglora_embedding_cache_events_total", result="hit")
+        run = run + 1 if hit == 1 else 0
+
+
 def metric_delta(before: str, after: str, name: str, **labels: str) -> float:
     """How much :func:`metric_sum` grew between two /metrics texts."""
     return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
@@ -297,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
     from app.settings import Settings
 
     # The server's rule, so that the bare forward runs with the server's intra-op threads.
-    settings = Settings(threads=args.threads, model_threads=args.model_threads, text_dtype=args.text_dtype)
+    settings = Settings(threads=args.threads, model_threads=args.model_threads, text_dtype=args.text_dtype, workers=args.workers)
     args.model_threads, args.threads = settings.resolved_parallelism(args.device)
     args.text_dtype = settings.resolved_text_dtype(args.device)
     forward = BareForward(args.artifacts, args.device, args.threads, args.text_dtype)
@@ -312,6 +343,8 @@ def run(args: argparse.Namespace) -> dict:
     seed0 = random.randrange(1 << 40)
     try:
         ready = [processes.wait_ready(u, pr, timeout=300) for u, pr in zip(urls, procs, strict=True)][0]
+        for u in urls:  # /ready answers once one worker is; every one must be
+            wait_workers(u, args.workers)
         forward.engine.backbone.set_text_fixed_rows(ready.get("text_fixed_rows"))  # the server's text numerics
         if ready.get("text_graph") == "traced":  # the server's forward: one traced graph (SGLORA_TEXT_GRAPH)
             forward.trace()
@@ -320,6 +353,8 @@ def run(args: argparse.Namespace) -> dict:
         forward.times_ms([next(fresh) for _ in range(5)])  # warm-up
         warm = [{"description": next(fresh), "seed": seed0 - 1 - i} for i in range(5)]
         asyncio.run(latencies_ms(port, [*warm, {"description": d, "seed": seed0 - 1}], "miss"))  # warm up
+        if args.workers > 1:  # the "seen" misses need d's embedding in whichever worker takes their connection
+            warm_every_worker(url, port, d, (seed0 - 100 - i for i in itertools.count()))
         # Each pair of measurements alternates in blocks, so that a drift in the machine's speed (these
         # shared cores drift by tens of per cent within minutes) falls on both sides of a ratio.
         bare_ms: list[float] = []
@@ -351,7 +386,7 @@ def run(args: argparse.Namespace) -> dict:
         n = -(-args.throughput_requests // BLOCKS)
         one_s = many_s = calls = texts = 0.0
         stages = dict.fromkeys(names, 0.0)
-        pids = [p.pid for p in procs]
+        pids = [pid for p in procs for pid in (p.pid, *processes.children(p.pid))]  # with --workers: theirs too
         cpu_one, cpu_many = CpuMeter(pids, args.redis_url), CpuMeter(pids, args.redis_url)
         for b in range(BLOCKS):
             bodies = [{"description": next(fresh), "seed": seed0 + 2_000_000 + b * n + i} for i in range(n)]
@@ -414,6 +449,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "clients": args.clients,
         "replicas": args.replicas,
+        "workers": args.workers,
     }
 
 
@@ -488,6 +524,8 @@ def table(r: dict) -> str:
         + f", Redis {r['redis']}, max batch {r['max_batch']}"
         + (f", CVAE passes of {'-'.join(map(str, r['cvae_pass_rows']))} rows" if r.get("cvae_pass_rows") else "")
     )
+    if r.get("workers", 1) > 1:
+        setup += f"; `--workers {r['workers']}`: that many processes behind the address"
     if r.get("replicas", 1) > 1:
         setup += f"; {r['replicas']} replicas of this: {c} clients and the stampede over all, the rest on one"
     head = f"Artefacts `{r['artifacts']}` ({setup})\n\n"
@@ -519,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="servers started side by side (sharing Redis); the many-client measures spread over them (default 1)",
     )
+    p.add_argument("--workers", type=int, default=1, help="each server's worker processes (sglora serve --workers; default 1)")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.threads < 0 or args.model_threads < 0:
         p.error("--threads and --model-threads must be >= 0 (0: the server's default)")
-    if min(args.requests, args.clients, args.throughput_requests, args.replicas) < 1:
-        p.error("--requests, --throughput-requests, --clients and --replicas must be >= 1")
+    if min(args.requests, args.clients, args.throughput_requests, args.replicas, args.workers) < 1:
+        p.error("--requests, --throughput-requests, --clients, --replicas and --workers must be >= 1")
     if args.json and (problem := output_path_problem(args.json, "--json")) is not None:
         p.error(problem)
     from sglora.artifacts import ArtifactError
