@@ -162,3 +162,41 @@ def test_workers_that_cannot_start_end_the_service_with_status_2(tiny_artifacts)
     )
     assert r.returncode == 2, r.stderr
     assert "could not start (status 2): stopping the others" in r.stderr
+
+
+def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_artifacts, make_settings, caplog):
+    """SGLORA_FOLLOW_REPOSITORY, in process: one app changes the experts, the other serves the change from its
+    next request; its own change is not loaded again; an index it cannot load leaves it serving what it had."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(artifacts=tiny_artifacts, admin_keys=["admin-secret"], follow_repository=True)
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        files, _ = expert_files(tiny_artifacts, scale=1.5)
+        form = {"name": "disc", "description": "an orange disc", "num_snapshots": "4"}
+        own = a.app.state.service.artifacts.repository
+        r = a.post("/experts", data=form, files=files, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        version = r.json()["artifact_version"]
+        assert a.get("/experts").json()["artifact_version"] == version
+        assert a.app.state.service.artifacts.repository is own  # its own change: not loaded again
+
+        listed = b.get("/experts").json()
+        assert listed["artifact_version"] == version and "disc" in [e["name"] for e in listed["experts"]]
+        g = b.post("/generate", json={"description": "an orange disc", "seed": 1})
+        assert g.headers["x-artifact-version"] == version and g.headers["x-experts"].startswith("disc=")
+        # b removes it (its repository is the one on disk now, so no 409), and a follows.
+        assert b.delete("/experts/disc", headers=ADMIN).status_code == 200
+        assert "disc" not in [e["name"] for e in a.get("/experts").json()["experts"]]
+
+        index = tiny_artifacts / "repository" / "repository.json"
+        good = index.read_bytes()
+        served = b.get("/experts").json()["artifact_version"]
+        index.write_bytes(b"{ not json")
+        with caplog.at_level("WARNING", logger="sglora.service"):
+            r = b.get("/experts")
+        assert r.status_code == 200 and r.json()["artifact_version"] == served
+        assert any("changed, but is not taken up" in m for m in caplog.messages)
+        index.write_bytes(good)
+        assert b.post("/generate", json={"description": "a ring", "seed": 1}).status_code == 200
