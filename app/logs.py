@@ -11,7 +11,8 @@ hands to uvicorn:
   ``http_version``, ``status``), for a log shipper. Everything else that logs (libraries, Python
   warnings) goes through the same formatter.
 
-Access lines go to stdout and the rest to stderr, as with uvicorn's defaults.
+Access lines go to stdout and the rest to stderr, as with uvicorn's defaults. Under ``--workers N`` each
+worker's lines say which worker wrote them: ``[worker 1]`` after the level, ``"worker": 1`` in JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +28,15 @@ LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         out: dict[str, Any] = {"time": stamp, "level": record.levelname, "logger": record.name}
+        if self.worker is not None:
+            out["worker"] = self.worker
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
             client, method, path, version, status = args
@@ -59,23 +66,31 @@ def route_library_output() -> None:
     hf_logging.enable_propagation()
 
 
-def log_config(fmt: str, level: str = "info") -> dict[str, Any]:
-    """The dictConfig of the service process for ``fmt`` (``text`` or ``json``) at ``level``."""
+def log_config(fmt: str, level: str = "info", worker: int | None = None) -> dict[str, Any]:
+    """The dictConfig of the service process for ``fmt`` (``text`` or ``json``) at ``level``; ``worker``: the
+    index of a ``--workers N`` worker, named in each line."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {FORMATS}, got {fmt!r}")
     level = level.upper()
     if fmt == "json":
-        formatters: dict[str, Any] = {name: {"()": "app.logs.JsonFormatter"} for name in ("default", "access", "service")}
+        formatters: dict[str, Any] = {
+            name: {"()": "app.logs.JsonFormatter", "worker": worker} for name in ("default", "access", "service")
+        }
     else:
+        tag = "" if worker is None else f"[worker {worker}] "
         formatters = {
-            "default": {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s", "use_colors": None},
+            "default": {
+                "()": "uvicorn.logging.DefaultFormatter",
+                "fmt": f"%(levelprefix)s {tag}%(message)s",
+                "use_colors": None,
+            },
             "access": {
                 "()": "uvicorn.logging.AccessFormatter",
-                "fmt": '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s%(request)s',
+                "fmt": f'%(levelprefix)s {tag}%(client_addr)s - "%(request_line)s" %(status_code)s%(request)s',
             },
             "service": {
                 "()": "uvicorn.logging.DefaultFormatter",
-                "fmt": "%(levelprefix)s %(name)s:%(request)s %(message)s",
+                "fmt": f"%(levelprefix)s {tag}%(name)s:%(request)s %(message)s",
                 "use_colors": None,
             },
         }

@@ -35,7 +35,7 @@ from app.http_protocol import BoundedHttpToolsProtocol
 from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError, settings_error
-from app.workers import WORKER_FD, supervise
+from app.workers import WORKER_FD, WORKER_INDEX, supervise
 from sglora.cli import EXIT_USAGE, port_number, seconds
 from sglora.devices import resolve_device
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         root_path=args.root_path,
         access_log=not args.no_access_log,
         log_level=args.log_level,
-        log_config=log_config(args.log_format, args.log_level),
+        log_config=log_config(args.log_format, args.log_level, int(os.environ[WORKER_INDEX]) if worker_fd else None),
     )
     allow_open_files(settings.max_connections)  # after uvicorn.Config, which configures the logs: its warning in their format
     if settings.workers > 1 and not worker_fd:

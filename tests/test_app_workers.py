@@ -139,7 +139,10 @@ def test_two_workers_serve_one_address_with_summed_metrics_and_follow_each_other
         assert httpx.post(f"{base}/generate", json={**body, "top_k": 5}).status_code == 422  # 4 experts again
 
     assert stop(proc) == 0  # SIGTERM to the supervisor: every worker drains, status 0
-    assert "Traceback" not in proc.stderr.read()
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    # Each worker's lines name it.
+    assert "[worker 0] sglora.service: ready" in err and "[worker 1] sglora.service: ready" in err
 
 
 def test_a_worker_that_dies_stops_the_service_with_status_1(workers):
@@ -200,3 +203,15 @@ def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_ar
         assert any("changed, but is not taken up" in m for m in caplog.messages)
         index.write_bytes(good)
         assert b.post("/generate", json={"description": "a ring", "seed": 1}).status_code == 200
+
+
+def test_json_log_lines_of_a_worker_name_it():
+    import json
+    import logging
+
+    from app.logs import JsonFormatter, log_config
+
+    record = logging.LogRecord("sglora.service", logging.INFO, __file__, 1, "ready", None, None)
+    assert json.loads(JsonFormatter(worker=1).format(record))["worker"] == 1
+    assert "worker" not in json.loads(JsonFormatter().format(record))  # a lone server's
+    assert log_config("json", worker=3)["formatters"]["access"]["worker"] == 3
