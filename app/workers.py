@@ -18,7 +18,8 @@ micro-batches the requests it accepted. What makes them one service:
   and loads the repository again where another process changed it. A change answered 200 by one worker is
   served by every worker from the next request on.
 * **Lifetime.** SIGTERM or SIGINT to the supervisor is passed to every worker, each drains as a lone server
-  does, and the supervisor exits 0 once all have. A worker that fails to start stops the others (status 2); one
+  does, and the supervisor exits 0 once all have; a supervisor killed outright sends its workers SIGTERM
+  (``PR_SET_PDEATHSIG``). A worker that fails to start stops the others (status 2); one
   that dies while serving (killed, out of memory) stops the others too and the supervisor exits 1, for the
   orchestrator to restart the whole service: a lone worker started again would restart its counters while
   the others' went on, and the sums would go backwards.
@@ -26,6 +27,7 @@ micro-batches the requests it accepted. What makes them one service:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -169,6 +171,18 @@ def service_metrics(registry: CollectorRegistry, place: WorkerPlace | None) -> b
 
 
 # ---- the supervisor -----------------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when the supervisor dies (Linux's ``PR_SET_PDEATHSIG``), so that a
+    supervisor killed outright (SIGKILL, the OOM killer) leaves no workers serving on without it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the workers outlive a killed supervisor
+        pass
+
+
 def supervise(argv: list[str], sock: socket.socket, workers: int, graceful_timeout_s: float) -> int:
     """Starts ``workers`` copies of ``python -m app argv`` on ``sock`` and waits for them (see the module's
     docstring); the exit status of the service."""
@@ -199,7 +213,11 @@ def supervise(argv: list[str], sock: socket.socket, workers: int, graceful_timeo
                 "SGLORA_WORKERS": str(workers),
                 "SGLORA_FOLLOW_REPOSITORY": "1",
             }
-            procs.append(subprocess.Popen([sys.executable, "-m", "app", *argv], env=env, pass_fds=(sock.fileno(),)))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "app", *argv], env=env, pass_fds=(sock.fileno(),), preexec_fn=_stop_with_parent
+                )
+            )
             if stopping.is_set():  # a signal while they started: this one too
                 stop(signal.SIGTERM, None)
         log.info("started %d workers (pids %s)", workers, " ".join(str(p.pid) for p in procs))

@@ -154,6 +154,17 @@ def test_a_worker_that_dies_stops_the_service_with_status_1(workers):
     assert "ended with status -9: stopping the others" in proc.stderr.read()
 
 
+def test_workers_of_a_supervisor_killed_outright_drain_and_end(workers):
+    proc, base, _ = workers
+    pids = children(proc.pid)
+    proc.kill()
+    proc.wait(timeout=10)
+    end = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in pids):
+        assert time.monotonic() < end, "the workers outlived their supervisor by 60 s"
+        time.sleep(0.2)
+
+
 def test_workers_that_cannot_start_end_the_service_with_status_2(tiny_artifacts):
     (tiny_artifacts / "generator" / "cvae.safetensors").write_bytes(b"corrupt")
     r = subprocess.run(
