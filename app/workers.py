@@ -224,8 +224,6 @@ def supervise(argv: list[str], sock: socket.socket, workers: int, graceful_timeo
         sock.close()  # the workers hold it; the supervisor accepts nothing
         while True:
             codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                break
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed and not stopping.is_set():
                 index, code = failed[0]
@@ -240,6 +238,8 @@ def supervise(argv: list[str], sock: socket.socket, workers: int, graceful_timeo
                 log.error("worker %d ended while serving: stopping the others", codes.index(0))
                 status = 1
                 stop(signal.SIGTERM, None)
+            if all(c is not None for c in codes):  # after the look above: workers that all failed at once are named
+                break
             time.sleep(POLL_S)
         if status == 0:
             bad = [c for c in codes if c != 0]
