@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Sample
@@ -53,7 +54,6 @@ from sglora.cli import EXIT_USAGE
 WORKER_FD = "SGLORA_WORKER_FD"  # the listening socket's file descriptor
 WORKER_DIR = "SGLORA_WORKER_DIR"  # the private folder of the workers' metrics sockets
 WORKER_INDEX = "SGLORA_WORKER_INDEX"  # 0 .. N-1
-INTERNAL = (WORKER_FD, WORKER_DIR, WORKER_INDEX)
 SCRAPE_TIMEOUT_S = 2.0  # a sibling's metrics, at most
 POLL_S = 0.2  # the supervisor's look at its workers
 LEAST = frozenset(("process_start_time_seconds", "process_max_fds"))
@@ -139,8 +139,6 @@ def merge_expositions(texts: list[str], extra: list[tuple[str, str, float]] = ()
 
     class Merged:
         def collect(self):
-            from prometheus_client.metrics_core import Metric
-
             for name, (kind, documentation, samples) in families.items():
                 metric = Metric(name, documentation, kind)
                 metric.samples = [Sample(n, dict(labels), v) for (n, labels), v in samples.items()]
@@ -151,13 +149,10 @@ def merge_expositions(texts: list[str], extra: list[tuple[str, str, float]] = ()
     return generate_latest(registry)
 
 
-def service_metrics(registry: CollectorRegistry, place: WorkerPlace | None) -> bytes:
-    """``GET /metrics``: this process's registry; under ``--workers``, every worker's, summed (blocking: run it
+def service_metrics(registry: CollectorRegistry, place: WorkerPlace) -> bytes:
+    """``GET /metrics`` under ``--workers``: this worker's registry and every sibling's, summed (blocking: run it
     off the event loop)."""
-    own = generate_latest(registry)
-    if place is None:
-        return own
-    texts = [own.decode()]
+    texts = [generate_latest(registry).decode()]
     for index in range(place.count):
         if index != place.index and (text := read_socket(place.socket_path(index))) is not None:
             texts.append(text)
