@@ -953,7 +953,8 @@ class Service:
             if seen is not None and hashlib.sha256(index.read_bytes()).hexdigest() == self.artifacts.repository.index_sha256:
                 return self.state  # this process's own change
             self._check_artifacts_unchanged()
-            repository = ExpertRepository.load(self.repository_dir, expect_spec=self.spec)
+            # The experts whose files are unchanged come from memory, with the features worked out for them.
+            repository = ExpertRepository.load(self.repository_dir, expect_spec=self.spec, reuse=self.artifacts.repository)
             if repository.backbone_fingerprint != self.artifacts.repository.backbone_fingerprint:
                 raise ValueError("its experts were trained on another backbone")
         except (OSError, ValueError, APIError) as e:

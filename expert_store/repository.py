@@ -461,8 +461,21 @@ class ExpertRepository:
         return expert
 
     @classmethod
-    def load(cls, directory: str | Path, verify: bool = True, expect_spec: LoraSpec | None = None) -> ExpertRepository:
-        """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout."""
+    def load(
+        cls,
+        directory: str | Path,
+        verify: bool = True,
+        expect_spec: LoraSpec | None = None,
+        reuse: ExpertRepository | None = None,
+    ) -> ExpertRepository:
+        """Loads and checks every expert file; ``expect_spec`` refuses a repository of another LoRA layout.
+
+        ``reuse``: an earlier state of this directory held in memory (a server's, before another process
+        changed the directory). An expert it holds under the same name whose file's sha256, as it wrote or
+        verified it, is the one the new index names is taken from it, with its row key (:meth:`row_keys`),
+        instead of read from disk: after one expert is added to a thousand, one file is read, not a thousand
+        and one, and what was worked out per expert survives. It is used only where its LoRA layout, embedding
+        size and backbone are the index's."""
         directory = Path(directory)
         attempt = 0
         while True:
@@ -471,7 +484,7 @@ class ExpertRepository:
             if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
                 raise ValueError(f"{directory / INDEX_FILE}: not a version-{FORMAT_VERSION} {FORMAT} index")
             try:
-                repo = cls._from_index(directory, index, index_sha256, verify, expect_spec)
+                repo = cls._from_index(directory, index, index_sha256, verify, expect_spec, reuse)
             except (KeyError, TypeError, AttributeError) as e:  # the index is not pinned by the manifest: edited by hand?
                 what = f"field {e}" if isinstance(e, KeyError) else str(e)
                 raise ValueError(f"{directory / INDEX_FILE}: malformed index ({type(e).__name__}: {what})") from e
@@ -489,7 +502,13 @@ class ExpertRepository:
 
     @classmethod
     def _from_index(
-        cls, directory: Path, index: dict, index_sha256: str, verify: bool, expect_spec: LoraSpec | None
+        cls,
+        directory: Path,
+        index: dict,
+        index_sha256: str,
+        verify: bool,
+        expect_spec: LoraSpec | None,
+        reuse: ExpertRepository | None = None,
     ) -> ExpertRepository:
         spec = LoraSpec.from_dict(index["lora"])
         if spec.fingerprint() != index["lora_fingerprint"]:
@@ -500,28 +519,39 @@ class ExpertRepository:
                 f"the backbone's (rank {expect_spec.rank}, {expect_spec.num_params} params)"
             )
         repo = cls(spec, int(index["embed_dim"]), index["backbone_fingerprint"], provenance=index.get("provenance"))
+        if reuse is not None and (
+            reuse.spec.fingerprint() != spec.fingerprint()
+            or reuse.embed_dim != repo.embed_dim
+            or reuse.backbone_fingerprint != repo.backbone_fingerprint
+        ):
+            reuse = None  # another layout or backbone: nothing of it is this repository's
         # Each expert is copied into the stack as it is loaded and then kept as its rows: the file's own tensors
         # go before the next file is read, so loading needs the stack and one expert, not every expert twice
         # (freed small blocks stay in the process's heap: E x P x 8 bytes more resident after start-up).
-        n, stack = len(index["experts"]), None
+        n, stack, reused = len(index["experts"]), None, 0
         if n:
             stack = (torch.empty(n, spec.num_params), torch.empty(n, spec.num_params), torch.empty(n, repo.embed_dim))
         for i, entry in enumerate(index["experts"]):
             name = check_name(entry["name"])
             path = directory / EXPERTS_DIR / f"{name}.safetensors"
-            try:
-                data = path.read_bytes()  # one read: the bytes verified are the bytes loaded
-            except FileNotFoundError:
-                raise FileNotFoundError(f"expert file missing: {path}") from None
-            if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ExpertFileChanged(f"expert file is corrupt (sha256 mismatch): {path}")
-            try:
-                t = load_safetensors(data)
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"expert file is unreadable: {path}: {e}") from e
-            missing = {"mean", "variance", "embedding"} - set(t)
-            if missing:
-                raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
+            kept = reuse is not None and reuse._file_sha256.get(name) == entry["sha256"] and name in reuse._experts
+            if kept:
+                e = reuse._experts[name]
+                t = {"mean": e.mean, "variance": e.variance, "embedding": e.embedding}
+            else:
+                try:
+                    data = path.read_bytes()  # one read: the bytes verified are the bytes loaded
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"expert file missing: {path}") from None
+                if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise ExpertFileChanged(f"expert file is corrupt (sha256 mismatch): {path}")
+                try:
+                    t = load_safetensors(data)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"expert file is unreadable: {path}: {e}") from e
+                missing = {"mean", "variance", "embedding"} - set(t)
+                if missing:
+                    raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
             try:
                 repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
             except (TypeError, ValueError) as e:  # an index edited by hand: its description or snapshot count
@@ -532,6 +562,11 @@ class ExpertRepository:
                 row.copy_(value)
             repo._experts[name] = replace(e, mean=rows[0], variance=rows[1], embedding=rows[2])
             repo._file_sha256[name] = str(entry["sha256"])
+            if kept:
+                repo._row_keys[name] = reuse._row_keys[name]
+                reused += 1
+        if reuse is not None:
+            log.info("%s: %d of %d experts taken from memory, the others read", directory, reused, n)
         repo._stack = None if stack is None else (stack, {})  # the experts' rows, in the index's order (add() cleared it)
         repo._index_sha256 = index_sha256
         return repo

@@ -180,7 +180,8 @@ def test_workers_that_cannot_start_end_the_service_with_status_2(tiny_artifacts)
 
 def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_artifacts, make_settings, caplog):
     """SGLORA_FOLLOW_REPOSITORY, in process: one app changes the experts, the other serves the change from its
-    next request; its own change is not loaded again; an index it cannot load leaves it serving what it had."""
+    next request, reading only the files that changed; its own change is not loaded again; an index it
+    cannot load leaves it serving what it had."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -190,6 +191,7 @@ def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_ar
         files, _ = expert_files(tiny_artifacts, scale=1.5)
         form = {"name": "disc", "description": "an orange disc", "num_snapshots": "4"}
         own = a.app.state.service.artifacts.repository
+        keys = b.app.state.service.artifacts.repository.row_keys()
         r = a.post("/experts", data=form, files=files, headers=ADMIN)
         assert r.status_code == 201, r.text
         version = r.json()["artifact_version"]
@@ -198,6 +200,8 @@ def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_ar
 
         listed = b.get("/experts").json()
         assert listed["artifact_version"] == version and "disc" in [e["name"] for e in listed["experts"]]
+        # The experts b had are taken from its memory, not read again (ExpertRepository.load's reuse).
+        assert b.app.state.service.artifacts.repository.row_keys()[: len(keys)] == keys
         g = b.post("/generate", json={"description": "an orange disc", "seed": 1})
         assert g.headers["x-artifact-version"] == version and g.headers["x-experts"].startswith("disc=")
         # b removes it (its repository is the one on disk now, so no 409), and a follows.

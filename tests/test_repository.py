@@ -638,3 +638,42 @@ def test_a_lock_on_a_mount_whose_stat_and_fstat_disagree_is_still_taken(tmp_path
     for wait in (False, True):
         with repository.locked(tmp_path, wait=wait) as held:
             assert held
+
+
+def test_a_load_reusing_an_earlier_state_reads_only_the_changed_experts(tiny_backbone, tmp_path, caplog):
+    """``reuse``: the experts whose files the index still names by the same sha256 come from memory, with
+    their row keys (a file of theirs spoilt on disk since is not read, so not refused); an expert added or
+    replaced under its name is read from disk and gets a new key; a repository of another layout is not used."""
+    _repo(tiny_backbone).save(tmp_path)
+    served = ExpertRepository.load(tmp_path)
+    keys = dict(zip(served.names, served.row_keys(), strict=True))
+    other = ExpertRepository.load(tmp_path)  # another process changes the directory
+    g = torch.Generator().manual_seed(7)
+    p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
+    other.add_and_save(
+        Expert.from_snapshots("late", "a late one", torch.randn(3, p, generator=g), torch.randn(d, generator=g)), tmp_path
+    )
+    other.remove_and_save("e2", tmp_path)
+    replaced = Expert.from_snapshots("e2", "expert 2, again", torch.randn(3, p, generator=g), torch.randn(d, generator=g))
+    other.add_and_save(replaced, tmp_path)
+    spoilt = tmp_path / "experts" / "e0.safetensors"
+    spoilt.write_bytes(b"\0" * spoilt.stat().st_size)
+    with pytest.raises(ValueError, match="corrupt"):
+        ExpertRepository.load(tmp_path)  # read whole: e0's file is refused
+    with caplog.at_level("INFO", logger="sglora.repository"):
+        again = ExpertRepository.load(tmp_path, reuse=served)
+    assert any("2 of 4 experts taken from memory" in m for m in caplog.messages)
+    assert again.names == ["e0", "e1", "late", "e2"] and again.index_sha256 == other.index_sha256
+    for name in again.names:
+        want = served[name] if name in ("e0", "e1") else other[name]
+        assert all(torch.equal(getattr(again[name], k), getattr(want, k)) for k in ("mean", "variance", "embedding"))
+    assert again["e2"].description == "expert 2, again" and torch.equal(again["e2"].mean, replaced.mean)
+    new_keys = dict(zip(again.names, again.row_keys(), strict=True))
+    assert new_keys["e0"] == keys["e0"] and new_keys["e1"] == keys["e1"]
+    assert new_keys["e2"] != keys["e2"] and new_keys["late"] not in keys.values()
+    assert again.stacked()[0].shape == (4, p)
+
+    elsewhere = ExpertRepository(served.spec, served.embed_dim, "another backbone", [served["e1"]])
+    elsewhere._file_sha256 = dict(served._file_sha256)
+    with pytest.raises(ValueError, match="corrupt"):
+        ExpertRepository.load(tmp_path, reuse=elsewhere)  # not this backbone's: every file read
