@@ -213,7 +213,8 @@ class ExpertRepository:
 
     def row_keys(self) -> list[int]:
         """A key per expert, in :attr:`names` order (the rows of :meth:`stacked`), new for every expert
-        added, within the process: an expert removed and added again gets a new one. For caches of values
+        added, within the process: an expert removed and added again gets a new one (a :meth:`load` that
+        takes an expert from an earlier state, its file unchanged, keeps that state's key). For caches of values
         worked out per expert (the engine's generator features), which then survive other experts' changes."""
         return [self._row_keys[n] for n in self._experts]
 
@@ -221,6 +222,11 @@ class ExpertRepository:
         """Adds an expert in memory (:meth:`add_and_save` also persists it). Its tensors are kept as float32
         on the CPU, as loading gives them: the engine's merges and samples come out float32 whatever the
         caller's tensors were."""
+        self._add(expert)
+
+    def _add(self, expert: Expert, check_values: bool = True) -> None:
+        """:meth:`add`; ``check_values=False`` skips the passes over the values (finite, variances >= 0)
+        for an expert taken from a repository that checked them (:meth:`load`'s ``reuse``)."""
         check_name(expert.name)
         if expert.name in self._experts:
             raise ValueError(f"expert {expert.name!r} already exists")
@@ -243,10 +249,11 @@ class ExpertRepository:
             )
         if tuple(expert.embedding.shape) != (self.embed_dim,):
             raise ValueError(f"expert {expert.name!r}: embedding must have shape ({self.embed_dim},)")
-        for what, t in (("mean", expert.mean), ("variance", expert.variance), ("embedding", expert.embedding)):
-            check_finite(t, f"expert {expert.name!r} {what}")
-        if (expert.variance < 0).any():
-            raise ValueError(f"expert {expert.name!r}: variance has negative entries")
+        if check_values:
+            for what, t in (("mean", expert.mean), ("variance", expert.variance), ("embedding", expert.embedding)):
+                check_finite(t, f"expert {expert.name!r} {what}")
+            if (expert.variance < 0).any():
+                raise ValueError(f"expert {expert.name!r}: variance has negative entries")
         self._experts[expert.name] = replace(
             expert,
             num_snapshots=int(n),
@@ -553,7 +560,8 @@ class ExpertRepository:
                 if missing:
                     raise ValueError(f"expert file {path} lacks tensors {sorted(missing)}")
             try:
-                repo.add(Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"]))
+                expert = Expert(name, entry["description"], t["mean"], t["variance"], t["embedding"], entry["num_snapshots"])
+                repo._add(expert, check_values=not kept)  # a kept expert's values were checked when first read
             except (TypeError, ValueError) as e:  # an index edited by hand: its description or snapshot count
                 raise ValueError(f"{directory / INDEX_FILE}: {e}") from None
             e = repo._experts[name]

@@ -14,7 +14,10 @@ noise. Nothing measured depends on their values. The script then starts the serv
      a change leaves behind), and the next one alone;
   4. DELETE /experts/{name} (the same expert), and the same three generations;
   5. model-soup (every expert) and GET /experts: latency and size;
-  6. the server's resident memory, and its peak, at the end.
+  6. the server's resident memory, and its peak, at the end;
+  7. after the server is stopped, in this process: ``ExpertRepository.load`` of the whole repository, and a
+     following server's reload after another process added one expert (``load(..., reuse=...)``: only the
+     new file read).
 
 The copy is left in ``--work`` for a look; delete it afterwards. Prints a Markdown table; ``--json``
 writes the raw numbers.
@@ -116,6 +119,29 @@ async def measure(url: str, admin: str, requests: int) -> dict:
     return out
 
 
+def reloads(root: Path) -> dict[str, float]:
+    """Seconds to load the repository whole, and to load it again after one expert was added elsewhere."""
+    import torch
+
+    from expert_store.repository import Expert, ExpertRepository
+
+    directory = root / "repository"
+    t0 = time.perf_counter()
+    served = ExpertRepository.load(directory)
+    whole = time.perf_counter() - t0
+    other = ExpertRepository.load(directory, reuse=served)  # another process, which adds an expert
+    b = served[served.names[0]]
+    emb = torch.nn.functional.normalize(b.embedding + 0.05 * torch.randn(b.embedding.shape), dim=0)
+    other.add_and_save(Expert(ADDED, "a photo of a sunflower field", b.mean + 0.01, b.variance.clone(), emb, 1), directory)
+    t0 = time.perf_counter()
+    followed = ExpertRepository.load(directory, reuse=served)
+    follow = time.perf_counter() - t0
+    if followed.names[-1] != ADDED or len(followed) != len(served) + 1:
+        raise RuntimeError("the reload after an addition did not hold the added expert")
+    other.remove_and_save(ADDED, directory)
+    return {"load_whole_s": whole, "reload_after_add_s": follow}
+
+
 def run(args: argparse.Namespace) -> dict:
     shutil.copytree(args.artifacts, args.work)
     before, grow_s = grow(args.work, args.experts)
@@ -133,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         result |= {f"end_{k}": v for k, v in memory_mb(proc.pid).items()}
     finally:
         processes.stop(proc)
+    result |= reloads(args.work)
     return {
         "artifacts": str(args.artifacts),
         "work": str(args.work),
@@ -159,6 +186,8 @@ def table(r: dict) -> str:
         ("the first two concurrent /generate after it; the next", _after(r, "remove")),
         ("model-soup /generate; its headers", f"{ms(r['model_soup_ms'])}; {r['model_soup_header_bytes']} bytes"),
         ("GET /experts", f"{ms(r['list_experts_ms'])}; {r['list_experts_bytes']} bytes"),
+        ("ExpertRepository.load, whole (in process)", f"{r['load_whole_s']:.2f} s"),
+        ("a following server's reload after one expert added elsewhere", f"{r['reload_after_add_s']:.2f} s"),
     ]
     grown = (
         f"grown from {r['experts_before']} to {r['experts']} experts ({r['grow_s']:.1f} s)"

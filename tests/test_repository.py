@@ -1,10 +1,11 @@
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, RepositoryChanged, check_name
 
@@ -677,3 +678,20 @@ def test_a_load_reusing_an_earlier_state_reads_only_the_changed_experts(tiny_bac
     elsewhere._file_sha256 = dict(served._file_sha256)
     with pytest.raises(ValueError, match="corrupt"):
         ExpertRepository.load(tmp_path, reuse=elsewhere)  # not this backbone's: every file read
+
+
+def test_a_load_reusing_an_earlier_state_still_checks_the_values_of_the_files_it_reads(tiny_backbone, tmp_path):
+    """Only the experts taken from memory skip the passes over their values: a file read, whose sha256 the
+    index names, with a NaN in its mean is refused as a whole load refuses it."""
+    _repo(tiny_backbone).save(tmp_path)
+    served = ExpertRepository.load(tmp_path)
+    path = tmp_path / "experts" / "e2.safetensors"
+    t = load_file(path)
+    t["mean"][3] = float("nan")
+    save_file(t, path)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    index["experts"][2]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    for reuse in (None, served):
+        with pytest.raises(ValueError, match="e2.*NaN"):
+            ExpertRepository.load(tmp_path, reuse=reuse)
