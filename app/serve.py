@@ -35,7 +35,7 @@ from app.http_protocol import BoundedHttpToolsProtocol
 from app.logs import FORMATS, LEVELS, log_config, route_library_output
 from app.metrics import single_process_metrics
 from app.settings import Settings, StartupError, settings_error
-from app.workers import WORKER_FD, WORKER_INDEX, supervise
+from app.workers import WORKER_FD, WORKER_INDEX, HandedConnections, supervise
 from sglora.cli import EXIT_USAGE, port_number, seconds
 from sglora.devices import resolve_device
 
@@ -157,7 +157,25 @@ class _KnownStartupFailure(logging.Filter):
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, stopped at once by a signal that arrives before it is ready (see above)."""
+    """uvicorn's server, stopped at once by a signal that arrives before it is ready (see above). A worker of
+    ``--workers N`` listens on nothing: it serves the connections its supervisor hands it (``handed``)."""
+
+    handed: HandedConnections | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.handed is not None and self.started:
+            config, server_state, app_state = self.config, self.server_state, self.lifespan.state
+
+            def protocol() -> asyncio.Protocol:  # as uvicorn's startup makes them for the sockets it serves
+                return config.http_protocol_class(config=config, server_state=server_state, app_state=app_state)
+
+            self.handed.start(protocol)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.handed is not None:
+            self.handed.drain()
+        await super().shutdown(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if not self.started:
@@ -235,9 +253,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if settings.workers > 1 and not worker_fd:
         # The supervisor: binds the address (as uvicorn would, and says so), then starts the workers on it.
         argv = sys.argv[1:] if argv is None else argv
-        return supervise(argv, config.bind_socket(), settings.workers, args.graceful_timeout)
-    sockets = [socket.socket(fileno=int(worker_fd))] if worker_fd else None
+        return supervise(argv, config.bind_socket(), settings.workers, args.graceful_timeout, config.backlog)
     server = _Server(config)
+    sockets = None
+    if worker_fd:
+        server.handed, sockets = HandedConnections(socket.socket(fileno=int(worker_fd))), []
 
     def stop(signum: int, frame: object) -> None:
         server.should_exit = True

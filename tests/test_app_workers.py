@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.processes import children, free_port, start_server, stop, wait_ready
 from app.settings import Settings
-from app.workers import merge_expositions
+from app.workers import Dispatcher, WorkerPlace, merge_expositions, read_socket
 from tests.test_app_experts import expert_files
 
 ADMIN = {"X-API-Key": "admin-secret"}
@@ -56,6 +58,62 @@ process_start_time_seconds 100.0
     assert merged[("build_info", (("version", "1"),))] == 1  # an info series is 1, not the number of workers
     assert merged[("process_start_time_seconds", ())] == 90  # the oldest worker's
     assert merged[("workers", ())] == 2
+
+
+def test_the_dispatcher_hands_connections_to_ready_workers_only_the_fewest_first():
+    """In process, with the workers' ends of the channels held by the test: nothing is accepted before a
+    worker is ready; a draining worker and a gone one get nothing; counts follow CLOSED."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
+    theirs = [t for _, t in pairs]
+    for t in theirs:
+        t.settimeout(5)
+    dispatcher = Dispatcher(listener, [m for m, _ in pairs])
+    dispatcher.start()
+    clients: list[socket.socket] = []
+
+    def connect(n: int) -> list[int]:
+        """``n`` new connections: the worker each went to."""
+        went = []
+        for _ in range(n):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            ready = select.select([t for t in theirs if t.fileno() >= 0], [], [], 5)[0]
+            assert ready, "no worker was handed the connection"
+            message, fds, _, _ = socket.recv_fds(ready[0], 16, 4)
+            assert message == b"c" and len(fds) == 1
+            os.close(fds[0])
+            went.append(theirs.index(ready[0]))
+        return went
+
+    try:
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))  # none ready: it waits
+        assert select.select(theirs, [], [], 0.5)[0] == []
+        theirs[1].send(b"R")
+        assert select.select(theirs, [], [], 5)[0] == [theirs[1]]  # the waiting one, once a worker is ready
+        os.close(socket.recv_fds(theirs[1], 16, 4)[1][0])
+        theirs[0].send(b"R")
+        theirs[2].send(b"R")
+        time.sleep(0.3)  # the readiness is read before the next connection
+        assert sorted(connect(5)) == [0, 0, 1, 2, 2]  # worker 1 held one already
+        for _ in range(2):
+            theirs[0].send(b"C")
+        time.sleep(0.3)
+        assert connect(2) == [0, 0]  # the fewest first
+        theirs[2].send(b"D")  # draining
+        theirs[1].close()  # gone
+        time.sleep(0.3)
+        assert connect(2) == [0, 0]
+        assert not dispatcher.failed
+    finally:
+        dispatcher.stop()
+        dispatcher.join(5)
+        for c in clients:
+            c.close()
+        for m, t in pairs:
+            m.close()
+            t.close()
+    assert not dispatcher.is_alive() and listener.fileno() == -1  # stop() closes the listening socket
 
 
 def test_each_worker_gets_its_share_of_the_cores(monkeypatch):
@@ -143,6 +201,40 @@ def test_two_workers_serve_one_address_with_summed_metrics_and_follow_each_other
     assert "Traceback" not in err
     # Each worker's lines name it.
     assert "[worker 0] sglora.service: ready" in err and "[worker 1] sglora.service: ready" in err
+
+
+def test_the_supervisor_hands_each_connection_to_the_worker_holding_the_fewest(workers):
+    """Connections are handed, not raced for: eight kept open split 4/4; after the four of one worker close,
+    the next four all go to it (taking turns would split them 2/2)."""
+    proc, base, _ = workers
+    environ = Path(f"/proc/{children(proc.pid)[0]}/environ").read_bytes().split(b"\0")
+    directory = Path(next(v for k, _, v in (e.decode().partition("=") for e in environ) if k == "SGLORA_WORKER_DIR"))
+    place = WorkerPlace(0, 2, directory)
+
+    def open_per_worker(want: list[int]) -> list[int]:
+        end = time.monotonic() + 10
+        while True:  # a closed connection reaches the counts a moment later
+            got = [samples(read_socket(place.socket_path(i)))[("sglora_open_connections", ())] for i in (0, 1)]
+            if sorted(got) == sorted(want) or time.monotonic() > end:
+                return got
+            time.sleep(0.1)
+
+    clients = [httpx.Client(base_url=base) for _ in range(8)]
+    try:
+        for c in clients:  # one after the other: each connection is handed before the next is opened
+            assert c.get("/health").status_code == 200
+        assert open_per_worker([4, 4]) == [4, 4]
+        for c in clients[::2]:  # the ones handed to the same worker: ties take turns
+            c.close()
+        assert sorted(open_per_worker([0, 4])) == [0, 4]
+        fresh = [httpx.Client(base_url=base) for _ in range(4)]
+        clients += fresh
+        for c in fresh:
+            assert c.get("/health").status_code == 200
+        assert open_per_worker([4, 4]) == [4, 4]
+    finally:
+        for c in clients:
+            c.close()
 
 
 def test_a_worker_that_dies_stops_the_service_with_status_1(workers):
