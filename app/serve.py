@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     allow_open_files(settings.max_connections)  # after uvicorn.Config, which configures the logs: its warning in their format
     if settings.workers > 1 and not worker_fd:
-        # The supervisor: binds the address (as uvicorn would, and says so), then starts the workers on it.
+        # The supervisor: binds the address (as uvicorn would, and says so), starts the workers, hands them its connections.
         argv = sys.argv[1:] if argv is None else argv
         return supervise(argv, config.bind_socket(), settings.workers, args.graceful_timeout, config.backlog)
     server = _Server(config)

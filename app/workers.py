@@ -317,16 +317,37 @@ class HandedConnections:
             pass
 
     def _protocol(self) -> asyncio.Protocol:
+        """The server's protocol, which tells the supervisor once when its connection is lost: also where the
+        connection was upgraded to a WebSocket, whose own protocol then gets the loss."""
         protocol = self._factory()
-        lost = protocol.connection_lost
+        told = False
 
-        def connection_lost(exc: Exception | None) -> None:
-            try:
-                lost(exc)
-            finally:
-                self._tell(CLOSED)
+        def report(p: asyncio.BaseProtocol) -> None:
+            lost = p.connection_lost
 
-        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+            def connection_lost(exc: Exception | None) -> None:
+                nonlocal told
+                try:
+                    lost(exc)
+                finally:
+                    if not told:
+                        told = True
+                        self._tell(CLOSED)
+
+            p.connection_lost = connection_lost  # type: ignore[method-assign]
+
+        report(protocol)
+        upgrade = getattr(protocol, "handle_websocket_upgrade", None)
+        if upgrade is not None:
+
+            def handle_websocket_upgrade() -> None:
+                upgrade()
+                transport = getattr(protocol, "transport", None)
+                taken = transport.get_protocol() if transport is not None else protocol
+                if taken is not protocol:
+                    report(taken)
+
+            protocol.handle_websocket_upgrade = handle_websocket_upgrade  # type: ignore[method-assign]
         return protocol
 
     def _receive(self) -> None:

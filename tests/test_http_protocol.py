@@ -429,3 +429,62 @@ def test_a_body_sent_on_a_connection_over_the_bound_is_read_before_the_503():
             assert e.value.code == 503 and e.value.headers["Retry-After"] == "4"
     finally:
         next(served, None)
+
+
+def test_a_handed_connection_tells_its_supervisor_once_when_it_closes_websocket_upgrades_included():
+    """``--workers N``: a worker reports each handed connection's close (app.workers.HandedConnections), for
+    the supervisor's count of its open connections; after an upgrade the WebSocket protocol gets the loss,
+    and a close it did not report would leave the worker counted busier for good."""
+    pytest.importorskip("wsproto")
+    import threading
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from app.workers import HandedConnections
+
+    config = uvicorn.Config(_app, http=BoundedHttpToolsProtocol, ws="wsproto", lifespan="off", log_level="warning")
+    config.load()
+    state = ServerState()
+    supervisor, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    supervisor.settimeout(5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    handed = HandedConnections(worker)
+
+    async def start() -> None:
+        handed.start(lambda: config.http_protocol_class(config=config, server_state=state, app_state={}))
+
+    def hand() -> socket.socket:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        conn, _ = listener.accept()
+        with conn:
+            socket.send_fds(supervisor, [b"c"], [conn.fileno()])
+        return client
+
+    try:
+        asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+        assert supervisor.recv(16) == b"R"
+        with hand() as client:  # plain HTTP
+            client.sendall(b"GET /size HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _read_until_closed(client).startswith(b"HTTP/1.1 200 ")
+        assert supervisor.recv(16) == b"C"
+        with hand() as client:  # upgraded
+            key = base64.b64encode(os.urandom(16))
+            client.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert client.recv(4096).startswith(b"HTTP/1.1 101 ")
+        assert supervisor.recv(16) == b"C"
+        supervisor.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            supervisor.recv(16)  # once each
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        listener.close()
+        supervisor.close()
+        worker.close()
