@@ -201,7 +201,7 @@ class Dispatcher(threading.Thread):
         super().__init__(name="sglora-dispatch", daemon=True)
         self.listener, self.channels = listener, channels
         n = len(channels)
-        self.ready, self.open, self.handed = [False] * n, [0] * n, [0] * n
+        self.ready, self.open = [False] * n, [0] * n
         self._turn = 0
         self._stopping = threading.Event()
         self.failed = False  # ended by an error, not by stop() or its workers' ends
@@ -215,7 +215,7 @@ class Dispatcher(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stopping.is_set():
-                live = [c for i, c in enumerate(self.channels) if c.fileno() >= 0]
+                live = [c for c in self.channels if c.fileno() >= 0]  # a gone worker's is closed
                 watch = live + ([self.listener] if any(self.ready) else [])
                 if not watch:
                     break
@@ -278,7 +278,6 @@ class Dispatcher(threading.Thread):
                 self.ready[index] = False
                 continue
             self.open[index] += 1
-            self.handed[index] += 1
             self._turn = (index + 1) % n
             return
         log.warning("no worker could take a new connection: closed it")
