@@ -380,7 +380,7 @@ class HandedConnections:
             self._tell(CLOSED)
 
 
-def supervise(argv: list[str], sock: socket.socket, workers: int, graceful_timeout_s: float, backlog: int = 2048) -> int:
+def supervise(argv: list[str], sock: socket.socket, workers: int, graceful_timeout_s: float, backlog: int) -> int:
     """Starts ``workers`` copies of ``python -m app argv``, hands them the connections of ``sock`` (bound, not
     yet listening) and waits for them (see the module's docstring); the exit status of the service."""
     sock.listen(backlog)
