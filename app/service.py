@@ -1170,14 +1170,18 @@ class Service:
                 raise APIError(422, field, reason)
 
     def _largest_mean(self) -> float:
-        """The largest |value| among the repository's expert means, once per state of the repository; from
-        their least and greatest values (the same number as ``abs().max()``, without an E x P temporary)."""
+        """The largest |value| among the repository's expert means, once per state of the repository, and
+        extended by an addition's row; from their least and greatest values (the same number as
+        ``abs().max()``, without an E x P temporary)."""
 
         def largest(means: torch.Tensor, variances: torch.Tensor, embeddings: torch.Tensor) -> float:
             low, high = torch.aminmax(means)
             return max(-float(low), float(high))
 
-        return self.artifacts.repository.derived("largest_abs_mean", largest)
+        def extend(value: float, means: torch.Tensor, variances: torch.Tensor, embeddings: torch.Tensor) -> float:
+            return max(value, largest(means, variances, embeddings))  # the same number: max is exact
+
+        return self.artifacts.repository.derived("largest_abs_mean", largest, extend)
 
     async def remove_expert(self, name: str) -> RepositoryState:
         return await self.worker.run(self._changing, self._remove_expert_job, _checked_name(name), commit=True)

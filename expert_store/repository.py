@@ -64,6 +64,18 @@ class RepositoryBusy(RuntimeError):
 
 LOCK_POLL_S = 0.05  # between tries of a lock waited for with a timeout
 REOPEN_TRIES = 3  # of a lock file found replaced once locked (see locked)
+# Rows a stack is made with beyond its experts, for experts added later: an addition then writes one row and
+# takes the stack's first E + 1 rows, instead of copying every expert into a new stack (885 MB and 0.5-1.3 s
+# at 1,000 experts of ViT-B-16's shape). Rows never written are never touched, so the kernel gives them no
+# pages: they cost address space, not memory (docs/benchmarks.md).
+MIN_SPARE_ROWS = 16
+
+
+def spare_rows(n: int) -> int:
+    """Rows beyond ``n`` experts that a new stack holds for additions: a quarter more, at least 16."""
+    return max(MIN_SPARE_ROWS, n // 4)
+
+
 _ROW_KEYS = itertools.count()  # ExpertRepository.row_keys: unique within the process
 
 
@@ -130,6 +142,28 @@ def check_name(name: str) -> str:
     return name
 
 
+Extend = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A state's stack: ``tensors`` (means (E, P), variances (E, P), embeddings (E, D)) are the first E rows
+    of ``buffers``; ``kept`` holds what :meth:`ExpertRepository.derived` worked out from them, by name, with
+    how to extend it by rows added. ``buffers`` is None where this stack takes no addition (its rows beyond
+    E are full, or another stack took them over): the only stack that may write rows beyond E, so those rows
+    are never part of a stack anyone holds."""
+
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    kept: dict[str, tuple[Any, Extend | None]]
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def _empty_stack(n: int, num_params: int, embed_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers for ``n`` experts and :func:`spare_rows` more, not filled."""
+    rows = n + spare_rows(n)
+    return torch.empty(rows, num_params), torch.empty(rows, num_params), torch.empty(rows, embed_dim)
+
+
 @dataclass(frozen=True)
 class Expert:
     name: str
@@ -155,7 +189,9 @@ class ExpertRepository:
     Once stacked, each expert's tensors are rows of the stack (views), so the values are held once: on
     open_clip ViT-B-16's shape a thousand experts' means and variances take 0.9 GB, not 1.8. Treat them as
     read-only: a change in place would change the stack behind what an engine worked out from it; remove the
-    expert and add its new values instead."""
+    expert and add its new values instead. A stack has spare rows (:func:`spare_rows`): an expert added
+    while there is room is written into the next one, and the new state's stack is the old one's rows and
+    that row (the old state's tensors unchanged); a removal, or an addition with no room, stacks anew."""
 
     def __init__(
         self,
@@ -172,8 +208,8 @@ class ExpertRepository:
         # JSON object kept through every later change; None: not said.
         self.provenance = provenance
         self._experts: dict[str, Expert] = {}
-        # ((means, variances, embeddings), what derived() worked out from them): built on demand, dropped by a change
-        self._stack: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
+        # Built on demand; a removal drops it, an addition extends it where it has room (see _Stack)
+        self._stack: _Stack | None = None
         self._stack_lock = threading.Lock()  # two model threads after a change stack once, and get one stack
         self._row_keys: dict[str, int] = {}  # see row_keys
         self._index_sha256: str | None = None  # of the index this object loaded or last wrote
@@ -261,8 +297,25 @@ class ExpertRepository:
         )
         self._file_sha256.pop(expert.name, None)  # in memory only, until written
         self._row_keys[expert.name] = next(_ROW_KEYS)
-        self._stack = None
+        self._stack = self._appended(self._stack, expert.name)
         self._changes += 1
+
+    def _appended(self, stack: _Stack | None, name: str) -> _Stack | None:
+        """``stack`` with the expert ``name`` (just added, the last) written into its next spare row; the
+        expert's tensors become that row. None where there is no stack or no room: the next use stacks anew."""
+        if stack is None or stack.buffers is None:
+            return None
+        i = len(stack.tensors[0])
+        if i != len(self._experts) - 1 or i >= len(stack.buffers[0]):
+            return None
+        e = self._experts[name]
+        rows = tuple(b[i] for b in stack.buffers)
+        for row, value in zip(rows, (e.mean, e.variance, e.embedding), strict=True):
+            row.copy_(value)
+        added = tuple(b[i : i + 1] for b in stack.buffers)
+        kept = {k: (extend(value, *added), extend) for k, (value, extend) in stack.kept.items() if extend is not None}
+        self._experts[name] = replace(e, mean=rows[0], variance=rows[1], embedding=rows[2])
+        return _Stack(tuple(b[: i + 1] for b in stack.buffers), kept, stack.buffers)
 
     def remove(self, name: str) -> Expert:
         if name not in self._experts:
@@ -277,18 +330,24 @@ class ExpertRepository:
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(means (E, P), variances (E, P), embeddings (E, D)), in :attr:`names` order."""
-        return self._stacked()[0]
+        return self._stacked().tensors
 
-    def derived(self, name: str, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> Any:
+    def derived(
+        self, name: str, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any], extend: Extend | None = None
+    ) -> Any:
         """``compute(means, variances, embeddings)`` of :meth:`stacked`, worked out once per state of the
         repository under ``name`` (e.g. the embeddings' unit rows, every request's): kept with the stack it came
-        from, and dropped with it at the next change. Two threads asking at once may both compute it."""
-        stack, kept = self._stacked()
-        if name not in kept:
-            kept[name] = compute(*stack)
-        return kept[name]
+        from, and dropped with it at the next change. ``extend(value, means, variances, embeddings)``, where
+        given, gives the value for the stack with those rows (one expert's, (1, P), (1, P), (1, D)) added
+        after its own, without going over every row again; it is kept through additions that fill a spare row
+        (:func:`spare_rows`), and must give what ``compute`` would. Two threads asking at once may both
+        compute it."""
+        stack = self._stacked()
+        if name not in stack.kept:
+            stack.kept[name] = (compute(*stack.tensors), extend)
+        return stack.kept[name][0]
 
-    def _stacked(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]:
+    def _stacked(self) -> _Stack:
         if not self._experts:
             raise ValueError("the expert repository is empty")
         stack = self._stack
@@ -297,17 +356,16 @@ class ExpertRepository:
                 stack = self._stack
                 if stack is None:
                     es = list(self._experts.values())
-                    tensors = (
-                        torch.stack([e.mean for e in es]),
-                        torch.stack([e.variance for e in es]),
-                        torch.stack([e.embedding for e in es]),
-                    )
+                    buffers = _empty_stack(len(es), self.spec.num_params, self.embed_dim)
+                    tensors = tuple(b[: len(es)] for b in buffers)
+                    for part, what in zip(tensors, ("mean", "variance", "embedding"), strict=True):
+                        torch.stack([getattr(e, what) for e in es], out=part)
                     # The experts' tensors become the stack's rows (the same values): the earlier copies go.
                     self._experts = {
                         e.name: replace(e, mean=tensors[0][i], variance=tensors[1][i], embedding=tensors[2][i])
                         for i, e in enumerate(es)
                     }
-                    self._stack = stack = (tensors, {})
+                    self._stack = stack = _Stack(tensors, {}, buffers)
         return stack
 
     # ---- persistence -------------------------------------------------------------------------
@@ -467,6 +525,19 @@ class ExpertRepository:
             (directory / EXPERTS_DIR / f"{name}.safetensors").unlink(missing_ok=True)
         return expert
 
+    def _hand_over_stack(self, names: list[str], sha256: dict[str, str]) -> _Stack | None:
+        """For a load of a later state (:meth:`load`'s ``reuse``) that begins with this one's experts, files
+        unchanged, in the same order, and fits in this stack's buffers: this state's stack, whose buffers'
+        rows beyond its own become the new state's. This stack then takes no addition. None otherwise."""
+        with self._stack_lock:
+            stack, e = self._stack, len(self._experts)
+            if stack is None or stack.buffers is None or len(stack.tensors[0]) != e or len(names) > len(stack.buffers[0]):
+                return None
+            if names[:e] != list(self._experts) or any(self._file_sha256.get(n) != sha256[n] for n in names[:e]):
+                return None
+            self._stack = replace(stack, buffers=None)
+            return stack
+
     @classmethod
     def load(
         cls,
@@ -535,9 +606,15 @@ class ExpertRepository:
         # Each expert is copied into the stack as it is loaded and then kept as its rows: the file's own tensors
         # go before the next file is read, so loading needs the stack and one expert, not every expert twice
         # (freed small blocks stay in the process's heap: E x P x 8 bytes more resident after start-up).
-        n, stack, reused = len(index["experts"]), None, 0
-        if n:
-            stack = (torch.empty(n, spec.num_params), torch.empty(n, spec.num_params), torch.empty(n, repo.embed_dim))
+        names = [entry["name"] for entry in index["experts"]]
+        n, buffers, handed, reused = len(names), None, None, 0
+        if reuse is not None:
+            handed = reuse._hand_over_stack(names, {e["name"]: e["sha256"] for e in index["experts"]})
+        kept_rows = 0 if handed is None else len(handed.tensors[0])
+        if handed is not None:
+            buffers = handed.buffers
+        elif n:
+            buffers = _empty_stack(n, spec.num_params, repo.embed_dim)
         for i, entry in enumerate(index["experts"]):
             name = check_name(entry["name"])
             path = directory / EXPERTS_DIR / f"{name}.safetensors"
@@ -565,17 +642,31 @@ class ExpertRepository:
             except (TypeError, ValueError) as e:  # an index edited by hand: its description or snapshot count
                 raise ValueError(f"{directory / INDEX_FILE}: {e}") from None
             e = repo._experts[name]
-            rows = [part[i] for part in stack]
-            for row, value in zip(rows, (e.mean, e.variance, e.embedding), strict=True):
-                row.copy_(value)
+            rows = [b[i] for b in buffers]
+            if i >= kept_rows:  # the rows handed over already hold these values
+                for row, value in zip(rows, (e.mean, e.variance, e.embedding), strict=True):
+                    row.copy_(value)
             repo._experts[name] = replace(e, mean=rows[0], variance=rows[1], embedding=rows[2])
             repo._file_sha256[name] = str(entry["sha256"])
             if kept:
                 repo._row_keys[name] = reuse._row_keys[name]
                 reused += 1
         if reuse is not None:
-            log.info("%s: %d of %d experts taken from memory, the others read", directory, reused, n)
-        repo._stack = None if stack is None else (stack, {})  # the experts' rows, in the index's order (add() cleared it)
+            log.info(
+                "%s: %d of %d experts taken from memory (%d rows of its stack taken over), the others read",
+                directory,
+                reused,
+                n,
+                kept_rows,
+            )
+        if buffers is not None:  # the experts' rows, in the index's order (add() cleared the stack)
+            kept_values = {}
+            for key, (value, extend) in ({} if handed is None else handed.kept).items():
+                if extend is not None:  # what the handed-over state worked out, extended by the rows added
+                    for i in range(kept_rows, n):
+                        value = extend(value, *(b[i : i + 1] for b in buffers))
+                    kept_values[key] = (value, extend)
+            repo._stack = _Stack(tuple(b[:n] for b in buffers), kept_values, buffers if n < len(buffers[0]) else None)
         repo._index_sha256 = index_sha256
         return repo
 

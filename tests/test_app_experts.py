@@ -548,12 +548,13 @@ async def test_a_repository_of_zero_means_has_no_scale_to_bound_a_new_expert(tin
     from app_helpers import serving
 
     from app.errors import APIError
+    from expert_store.repository import _Stack
 
     async with serving(make_settings(artifacts=tiny_artifacts)) as (service, _):
         repo = service.artifacts.repository
         means, variances, embeddings = repo.stacked()
         # A stack of zero means (and nothing worked out from it yet), as stacked() and derived() read it.
-        monkeypatch.setattr(repo, "_stack", ((torch.zeros_like(means), variances, embeddings), {}))
+        monkeypatch.setattr(repo, "_stack", _Stack((torch.zeros_like(means), variances, embeddings), {}, None))
         circle = repo["circle"]
         service._check_scale(circle.mean, circle.variance)  # no exception: a real expert is welcome
         with pytest.raises(APIError, match="non-finite image embeddings"):

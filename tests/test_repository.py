@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from expert_store import repository
 from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, RepositoryChanged, check_name
 
 
@@ -137,9 +138,10 @@ def test_a_malformed_index_is_named(tiny_backbone, tmp_path, edit, needle):
         ExpertRepository.load(tmp_path)
 
 
-def _late(tiny_backbone, name="late"):
+def _late(tiny_backbone, name="late", seed=None):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
     p, d = tiny_backbone.spec.num_params, tiny_backbone.embed_dim
-    return Expert.from_snapshots(name, f"a {name} expert", torch.randn(2, p), torch.randn(d))
+    return Expert.from_snapshots(name, f"a {name} expert", torch.randn(2, p, generator=g), torch.randn(d, generator=g))
 
 
 def test_two_writers_on_one_directory_cannot_undo_each_other(tiny_backbone, tmp_path):
@@ -520,7 +522,7 @@ def test_stacked_experts_hold_their_values_once_and_write_the_same_files(tiny_ba
     # A load copies each expert into the stack as it reads it: the experts are its rows from the start.
     loaded = ExpertRepository.load(tmp_path / "b")
     assert loaded._stack is not None  # stacked by the load itself, not at the first use
-    stack = loaded._stack[0]
+    stack = loaded._stack.tensors
     assert loaded.stacked() is stack
     for i, name in enumerate(loaded.names):
         e = loaded[name]
@@ -627,8 +629,6 @@ def test_a_lock_on_a_mount_whose_stat_and_fstat_disagree_is_still_taken(tmp_path
     the locked file is the one at the path spun there for good. It gives up after a few tries."""
     import os
 
-    from expert_store import repository
-
     real = os.fstat
 
     def shifted(fd):
@@ -695,3 +695,103 @@ def test_a_load_reusing_an_earlier_state_still_checks_the_values_of_the_files_it
     for reuse in (None, served):
         with pytest.raises(ValueError, match="e2.*NaN"):
             ExpertRepository.load(tmp_path, reuse=reuse)
+
+
+def _same_stack(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.stacked(), b.stacked(), strict=True))
+
+
+def test_an_addition_fills_a_spare_row_and_leaves_the_former_state_as_it_was(tiny_backbone, tmp_path):
+    """An expert added while the stack has room is written into its next row: the new stack is the former
+    one's rows and that row (no copy of every expert), the former state's tensors hold the same values, what
+    :meth:`derived` keeps with an ``extend`` is extended and gives what it would work out anew, the rest is
+    dropped. Once the rows run out, or after a removal, the next use stacks anew; every state holds the
+    values a load of its files gives."""
+    repo = _repo(tiny_backbone)
+    means, variances, embeddings = repo.stacked()
+    former = [t.clone() for t in (means, variances, embeddings)]
+    room = len(repo._stack.buffers[0])
+    assert room == 3 + repository.spare_rows(3) and repository.spare_rows(3) == repository.MIN_SPARE_ROWS
+    calls = []
+
+    def largest(m, v, e):
+        calls.append(len(m))
+        return float(m.abs().max())
+
+    def extend(value, m, v, e):
+        assert m.shape == (1, tiny_backbone.spec.num_params) and e.shape == (1, tiny_backbone.embed_dim)
+        return max(value, largest(m, v, e))
+
+    repo.derived("largest", largest, extend)
+    repo.derived("norms", lambda m, v, e: e.norm(dim=-1))
+    late = _late(tiny_backbone, "late", 1)
+    repo.add(late)
+    new = repo.stacked()
+    assert new[0].shape == (4, tiny_backbone.spec.num_params)
+    assert new[0].data_ptr() == means.data_ptr() and new[2].data_ptr() == embeddings.data_ptr()  # the same buffers
+    assert all(torch.equal(t, f) for t, f in zip((means, variances, embeddings), former, strict=True))
+    assert torch.equal(new[0][3], late.mean) and torch.equal(new[1][3], late.variance)
+    assert repo["late"].mean.data_ptr() == new[0][3].data_ptr()  # the expert's tensors are the row
+    assert repo.derived("largest", lambda *a: pytest.fail("extended, not worked out again")) == float(new[0].abs().max())
+    assert calls == [3, 1]
+    assert repo.derived("norms", lambda m, v, e: e.norm(dim=-1)).shape == (4,)  # no extend: worked out anew
+    repo.save(tmp_path)
+    assert _same_stack(repo, ExpertRepository.load(tmp_path))
+
+    for i in range(room - 4):  # fill the rest: still the same buffers
+        repo.add(_late(tiny_backbone, f"more{i}", 10 + i))
+    assert repo.stacked()[0].data_ptr() == means.data_ptr() and len(repo) == room
+    repo.add(_late(tiny_backbone, "over", 99))  # no room: stacked anew, with room again
+    assert repo._stack is None
+    assert repo.stacked()[0].data_ptr() != means.data_ptr() and len(repo._stack.buffers[0]) > len(repo)
+    assert torch.equal(repo["over"].mean, _late(tiny_backbone, "over", 99).mean)
+    kept = repo.stacked()[0]
+    repo.remove("e1")  # a removal stacks anew: the former state's rows stay as they were
+    assert repo._stack is None and repo.stacked()[0].data_ptr() != kept.data_ptr()
+    assert torch.equal(kept[1], former[0][1]) and repo.names[1] == "e2"
+    repo.save(tmp_path / "after")
+    assert _same_stack(repo, ExpertRepository.load(tmp_path / "after"))
+
+
+def test_a_failed_save_after_an_addition_into_a_spare_row_leaves_the_former_state(tiny_backbone, tmp_path, monkeypatch):
+    repo = _repo(tiny_backbone)
+    repo.save(tmp_path)
+    before = [t.clone() for t in repo.stacked()]
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("expert_store.repository.write_bytes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        repo.add_and_save(_late(tiny_backbone, "late", 1), tmp_path)
+    assert repo.names == ["e0", "e1", "e2"]
+    assert all(torch.equal(t, b) for t, b in zip(repo.stacked(), before, strict=True))
+    monkeypatch.undo()
+    repo.add_and_save(_late(tiny_backbone, "late", 1), tmp_path)
+    assert _same_stack(repo, ExpertRepository.load(tmp_path))
+
+
+def test_a_reload_that_begins_with_the_former_experts_takes_their_stack_over(tiny_backbone, tmp_path, caplog):
+    """A follower's reload after experts were added elsewhere: the new state's stack is the former one's
+    buffers, the rows added written after its own; the former state then takes no addition into them (its
+    next one stacks anew, and the new state's rows stay as they were). A reload after a removal elsewhere
+    stacks anew."""
+    _repo(tiny_backbone).save(tmp_path)
+    served = ExpertRepository.load(tmp_path)
+    served.derived("largest", lambda m, v, e: float(m.abs().max()), lambda x, m, v, e: max(x, float(m.abs().max())))
+    means = served.stacked()[0]
+    other = ExpertRepository.load(tmp_path)
+    for i in range(2):
+        other.add_and_save(_late(tiny_backbone, f"late{i}", i), tmp_path)
+    with caplog.at_level("INFO", logger="sglora.repository"):
+        again = ExpertRepository.load(tmp_path, reuse=served)
+    assert any("(3 rows of its stack taken over)" in m for m in caplog.messages)
+    assert again.stacked()[0].data_ptr() == means.data_ptr() and _same_stack(again, other)
+    assert again.derived("largest", lambda *a: pytest.fail("carried over")) == float(other.stacked()[0].abs().max())
+    served.add(_late(tiny_backbone, "mine", 5))  # the former state: stacked anew, not into the new state's rows
+    assert served.stacked()[0].data_ptr() != means.data_ptr() and _same_stack(again, other)
+
+    other.remove_and_save("e1", tmp_path)
+    later = ExpertRepository.load(tmp_path, reuse=again)
+    assert later.stacked()[0].data_ptr() != means.data_ptr() and _same_stack(later, other)
+    assert later.names == ["e0", "e2", "late0", "late1"]
