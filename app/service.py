@@ -350,6 +350,7 @@ class Service:
         # tensors (expert_file): they see the state before or after the change, never the repository in
         # between (changed in memory, not yet saved, perhaps to be rolled back).
         self._change_lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # one probe forward through the image tower at a time (_check_scale)
         # SGLORA_FOLLOW_REPOSITORY: the index's (inode, size, mtime) as last looked at, and the reload in flight.
         self._index_seen = _index_stat(self.repository_dir)
         self._following: asyncio.Future | None = None
@@ -1075,6 +1076,9 @@ class Service:
         )
         if (var_vec < 0).any():
             raise APIError(422, "variance", "variances must be >= 0")
+        # The probe forwards on one model thread while generations go on on the others (0.7 s on ViT-B-16's
+        # shape); the job, alone, checks again against the repository it changes.
+        await self.worker.run_beside(self._check_scale, mean_vec, var_vec)
         return await self.worker.run(
             self._changing, self._add_expert_job, name, description, mean_vec, var_vec, num_snapshots, commit=True
         )
@@ -1127,7 +1131,7 @@ class Service:
             raise APIError(409, "name", taken)
         self._check_default_top_k(len(repo.names) + 1)
         self._check_artifacts_unchanged()
-        self._check_scale(mean, variance)
+        self._check_repository_scale(mean, variance)  # the probe passed before (add_expert)
         embedding = self.embed([description])[0].float()
         # The path comes from a checked name (check_name: no separators, no '..'); the library writes the
         # expert file, then the index, each atomically, and on failure undoes both the in-memory change
@@ -1148,26 +1152,33 @@ class Service:
         every LoRA it took part in held 1e9s and retrieval with them answered null scores (1e19s: NaN LoRAs).
         Its mean and its standard deviations at most :data:`MAX_EXPERT_SCALE` times the largest |value| among
         the repository's means; and (a bound of its own where the repository is empty) the mean, and the mean
-        plus one standard deviation, each applied to a probe image must give finite image embeddings."""
-        spread = variance.sqrt()
-        checks = (("mean", mean, "value"), ("variance", spread, "standard deviation"))
+        plus one standard deviation, each applied to a probe image must give finite image embeddings.
+        Runs beside generations (:meth:`ModelWorker.run_beside`): the image tower is not theirs, and one probe
+        at a time uses it (the LoRA is applied by swapping the tower's parameters for the call)."""
+        self._check_repository_scale(mean, variance)
+        backbone, spread = self.artifacts.backbone, variance.sqrt()
+        with self._probe_lock:
+            probe = Image.linear_gradient("L").convert("RGB")  # 256 x 256, every pixel value
+            features = backbone.image_features(backbone.preprocess(probe)[None].to(backbone.device))
+            for field, lora in (("mean", mean), ("variance", mean + spread)):
+                if not torch.isfinite(backbone.encode_image(features, lora, self.spec)).all():
+                    reason = "applied to the backbone, this LoRA gives non-finite image embeddings: its values are too large"
+                    raise APIError(422, field, reason)
+
+    def _check_repository_scale(self, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        """:meth:`_check_scale`'s bound by the repository's largest |mean|: cheap (kept per state of the
+        repository, extended by an addition), so the change's job checks it again against the state it changes."""
         largest = self._largest_mean() if len(self.artifacts.repository) else 0.0
-        if largest > 0:  # a repository of zero means has no scale: the probe below bounds it
-            for field, values, what in checks:
-                if (top := float(values.abs().max())) > MAX_EXPERT_SCALE * largest:
-                    raise APIError(
-                        422,
-                        field,
-                        f"its largest |{what}| is {top:.3g}, over {MAX_EXPERT_SCALE:g} times the largest |value| among the "
-                        f"repository's expert means ({largest:.3g}): not a LoRA of this repository's scale",
-                    )
-        backbone = self.artifacts.backbone
-        probe = Image.linear_gradient("L").convert("RGB")  # 256 x 256, every pixel value
-        features = backbone.image_features(backbone.preprocess(probe)[None].to(backbone.device))
-        for field, lora in (("mean", mean), ("variance", mean + spread)):
-            if not torch.isfinite(backbone.encode_image(features, lora, self.spec)).all():
-                reason = "applied to the backbone, this LoRA gives non-finite image embeddings: its values are too large"
-                raise APIError(422, field, reason)
+        if largest <= 0:  # a repository of zero means has no scale: the probe bounds it
+            return
+        for field, values, what in (("mean", mean, "value"), ("variance", variance.sqrt(), "standard deviation")):
+            if (top := float(values.abs().max())) > MAX_EXPERT_SCALE * largest:
+                raise APIError(
+                    422,
+                    field,
+                    f"its largest |{what}| is {top:.3g}, over {MAX_EXPERT_SCALE:g} times the largest |value| among the "
+                    f"repository's expert means ({largest:.3g}): not a LoRA of this repository's scale",
+                )
 
     def _largest_mean(self) -> float:
         """The largest |value| among the repository's expert means, once per state of the repository, and

@@ -173,7 +173,7 @@ class ModelWorker:
         self._exclusive = asyncio.Lock()  # one run() job at a time gathers the threads (no deadlock)
         self._forming = False  # the batcher holds items of a batch it has not dispatched yet
         self._tasks: set[asyncio.Task] = set()
-        self._waiting_alone: dict[asyncio.Future, asyncio.Task] = {}  # run() jobs not begun: their future -> task
+        self._waiting_alone: dict[asyncio.Future, asyncio.Task] = {}  # run(), run_beside() jobs not begun: their future -> task
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0  # admitted jobs not yet finished (queued + running)
         self._closing = False
@@ -331,6 +331,51 @@ class ModelWorker:
             # Begun: its change will be made. Its outcome, not a "retry" (503) that would then meet a 409.
             asyncio.current_task().uncancel()
             return await asyncio.shield(future)
+
+    async def run_beside(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn(*args)`` on one model thread, under inference mode, while batches run on the others,
+        within the request timeout as a batch is. For work that reads nothing a change could alter halfway
+        and that :meth:`run` would make every generation wait for (an uploaded expert's probe forwards through
+        the image tower: 0.7 s on ViT-B-16's shape). A :meth:`run` job waits for it, as for a batch; two of
+        them may run at once, on two threads."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        enqueued = time.perf_counter()
+        future = loop.create_future()
+        future.add_done_callback(lambda _: self._release())
+
+        def job() -> None:
+            self.metrics.stage.labels(stage="queue").observe(time.perf_counter() - enqueued)
+            try:
+                with torch.inference_mode():
+                    result = fn(*args)
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting request
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        async def on_a_thread() -> None:
+            index = await self._take()
+            try:
+                if self._waiting_alone.pop(future, None) is None or future.done():  # given up, or closed
+                    return
+                self.metrics.busy_threads.inc()
+                try:
+                    await loop.run_in_executor(self._executors[index], copy_context().run, job)
+                finally:
+                    self.metrics.busy_threads.dec()
+            finally:
+                self._give(index)
+
+        task = self._spawn(on_a_thread())
+        self._waiting_alone[future] = task  # until it begins: close() answers it, a caller gone cancels it
+
+        def given_up(f: asyncio.Future) -> None:
+            if f.cancelled() and self._waiting_alone.pop(f, None) is not None:
+                task.cancel()  # with fn's arguments
+
+        future.add_done_callback(given_up)
+        return await self._wait(future)
 
     async def _alone(self, job: Callable[[], None], future: asyncio.Future) -> None:
         taken: list[int] = []

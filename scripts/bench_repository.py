@@ -10,9 +10,10 @@ noise. Nothing measured depends on their values. The script then starts the serv
 
   1. start-up to /ready, and the server's resident memory then;
   2. a lone /generate miss (median of ``--requests``);
-  3. POST /experts (an addition), then the first two concurrent /generate after it (what waits for the work
-     a change leaves behind), and the next one alone;
-  4. DELETE /experts/{name} (the same expert), and the same three generations;
+  3. POST /experts (an addition), with one client generating meanwhile (the longest of its generations:
+     how long the change holds generations up), then the first two concurrent /generate after it (what
+     waits for the work a change leaves behind), and the next one alone;
+  4. DELETE /experts/{name} (the same expert), and the same generations;
   5. model-soup (every expert) and GET /experts: latency and size;
   6. the server's resident memory, and its peak, at the end;
   7. after the server is stopped, in this process: ``ExpertRepository.load`` of the whole repository, and a
@@ -108,9 +109,24 @@ async def measure(url: str, admin: str, requests: int) -> dict:
             "remove": lambda: c.delete(f"/experts/{ADDED}", headers=keys),
         }
         for label, change in changes.items():
+            done, during = asyncio.Event(), []
+
+            # one client generating while the change runs
+            async def beside(label: str, done: asyncio.Event, during: list[float]) -> None:
+                k = 0
+                while not done.is_set():
+                    during.append((await generate(f"while the {label} runs, {k}", k))[1])
+                    k += 1
+
             t0 = time.perf_counter()
-            r = await change()
-            out[f"{label}_ms"] = 1000 * (time.perf_counter() - t0)
+            client = asyncio.create_task(beside(label, done, during))
+            try:
+                r = await change()
+            finally:
+                out[f"{label}_ms"] = 1000 * (time.perf_counter() - t0)
+                done.set()
+                await client
+            out[f"longest_during_{label}_ms"], out[f"generations_during_{label}"] = max(during), len(during)
             if r.status_code not in (200, 201):
                 raise RuntimeError(f"{label} answered {r.status_code}: {r.text[:300]}")
             both = await asyncio.gather(*(generate(f"the first after the {label}, {k}", k) for k in (1, 2)))
@@ -183,8 +199,10 @@ def table(r: dict) -> str:
         ("resident memory when ready / at the end (peak)", _memory(r)),
         ("lone /generate miss, median", ms(r["lone_miss_ms"])),
         ("POST /experts (an addition)", ms(r["add_ms"])),
+        ("the longest /generate while it ran (of one client's)", _during(r, "add")),
         ("the first two concurrent /generate after it; the next", _after(r, "add")),
         ("DELETE /experts/{name}", ms(r["remove_ms"])),
+        ("the longest /generate while it ran (of one client's)", _during(r, "remove")),
         ("the first two concurrent /generate after it; the next", _after(r, "remove")),
         ("model-soup /generate; its headers", f"{ms(r['model_soup_ms'])}; {r['model_soup_header_bytes']} bytes"),
         ("GET /experts", f"{ms(r['list_experts_ms'])}; {r['list_experts_bytes']} bytes"),
@@ -207,6 +225,10 @@ def _memory(r: dict) -> str:
     if "ready_rss_mb" not in r:
         return "n/a (no /proc)"
     return f"{r['ready_rss_mb']:.0f} MB / {r['end_rss_mb']:.0f} MB ({r['end_peak_rss_mb']:.0f} MB)"
+
+
+def _during(r: dict, label: str) -> str:
+    return f"{r[f'longest_during_{label}_ms']:.1f} ms (of {r[f'generations_during_{label}']})"
 
 
 def _after(r: dict, label: str) -> str:

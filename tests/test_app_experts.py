@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import threading
 import weakref
 
 import pytest
@@ -643,3 +644,29 @@ def test_a_config_top_k_above_the_experts_serves_and_registration_keeps_the_defa
         assert "SGLORA_MAX_TOP_K=4" in r.json()["detail"]["reason"]
         assert len(client.get("/experts").json()["experts"]) == 4
     assert (tiny_artifacts / "repository" / "repository.json").read_bytes() == index
+
+
+def test_an_additions_probe_forwards_run_beside_generations_and_its_job_checks_the_scale_again(app_root, monkeypatch):
+    """The probe forwards through the image tower (0.7 s on ViT-B-16's shape) run on a model thread outside
+    the change (ModelWorker.run_beside), not in the job every generation waits for; the bound by the
+    repository's largest mean is checked again inside the job, against the state it changes."""
+    client, root = app_root
+    service = client.app.state.service
+    seen = []
+    probe, bound = service._check_scale, service._check_repository_scale
+
+    def check_scale(mean, variance):
+        seen.append(("probe", service._change_lock.locked(), threading.current_thread().name))
+        return probe(mean, variance)
+
+    def check_repository_scale(mean, variance):
+        seen.append(("bound", service._change_lock.locked(), threading.current_thread().name))
+        return bound(mean, variance)
+
+    monkeypatch.setattr(service, "_check_scale", check_scale)
+    monkeypatch.setattr(service, "_check_repository_scale", check_repository_scale)
+    files, _ = expert_files(root)
+    r = client.post("/experts", data={"name": "disc", "description": "an orange disc"}, files=files, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    assert [(what, held) for what, held, _ in seen] == [("probe", False), ("bound", False), ("bound", True)]
+    assert all(thread.startswith("sglora-torch-") for _, _, thread in seen)

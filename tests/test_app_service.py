@@ -838,6 +838,65 @@ async def test_model_threads_run_batches_side_by_side_and_run_jobs_alone():
     assert seen_by_job == [0] * 5  # the job started after both, and the later batches waited for it
 
 
+async def test_a_job_run_beside_takes_one_model_thread_while_batches_run_on_the_other():
+    """ModelWorker.run_beside (an uploaded expert's probe forwards): batches go on on the other model thread
+    meanwhile; a run() job waits for it, as for a batch; a caller that gives up before it begins leaves it
+    unrun; a close answers one that waits for a thread."""
+    import torch
+
+    from app.metrics import Metrics
+    from app.worker import ModelWorker, ShuttingDown
+
+    release, ran = threading.Event(), []
+
+    def beside(tag):
+        ran.append(tag)
+        assert release.wait(10)
+        return threading.current_thread().name
+
+    worker = ModelWorker(lambda texts: torch.zeros(len(texts), 4), Metrics(), model_threads=2, max_batch=1)
+    worker.start()
+    try:
+        job = asyncio.create_task(worker.run_beside(beside, "probe"))
+        await until(lambda: ran == ["probe"])
+        for i in range(3):  # on the other thread, while the job holds its own
+            assert (await asyncio.wait_for(worker.encode(f"d{i}"), 5)).shape == (4,)
+        alone = asyncio.create_task(worker.run(lambda: "alone"))
+        await asyncio.sleep(0.1)
+        assert not alone.done()  # waits for the thread the job holds
+        release.set()
+        assert (await asyncio.wait_for(job, 5)).startswith("sglora-torch-") and await asyncio.wait_for(alone, 5) == "alone"
+
+        release.clear()
+        first, second = (asyncio.create_task(worker.run_beside(beside, t)) for t in ("a", "b"))
+        await until(lambda: ran[-2:] in (["a", "b"], ["b", "a"]))  # two at once, one a thread
+        third = asyncio.create_task(worker.run_beside(beside, "gone"))
+        await asyncio.sleep(0.05)
+        third.cancel()  # waiting for a thread: never runs
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        await until(lambda: worker.busy == 0)
+        assert "gone" not in ran
+
+        release.clear()
+        holders = [asyncio.create_task(worker.run_beside(beside, f"h{i}")) for i in range(2)]
+        await until(lambda: worker.busy == 2)
+        waiting = asyncio.create_task(worker.run_beside(beside, "late"))
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(worker.close())
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(waiting, 5)
+        release.set()
+        await closing
+        await asyncio.gather(*holders)
+        assert "late" not in ran
+    finally:
+        release.set()
+        await worker.close()
+
+
 async def test_the_service_gates_the_split_cvae_layers_with_its_worker_and_lets_go_when_it_stops(make_settings):
     import models.packed as packed
 

@@ -364,7 +364,9 @@ def test_bench_repository_small_run_grows_a_copy_and_measures_a_change(tiny_arti
     for key in ("startup_s", "lone_miss_ms", "add_ms", "next_after_add_ms", "remove_ms", "next_after_remove_ms"):
         assert r[key] > 0, key
     assert len(r["first_two_after_add_ms"]) == len(r["first_two_after_remove_ms"]) == 2
+    assert r["generations_during_add"] >= 1 and r["longest_during_add_ms"] > 0  # a client generated meanwhile
     assert r["list_experts_bytes"] > 0 and "| POST /experts (an addition) |" in p.stdout
+    assert "| the longest /generate while it ran (of one client's) |" in p.stdout
 
 
 def test_bench_repository_refuses_bad_arguments_before_copying(tmp_path, capsys):
