@@ -284,6 +284,7 @@ def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_ar
         form = {"name": "disc", "description": "an orange disc", "num_snapshots": "4"}
         own = a.app.state.service.artifacts.repository
         keys = b.app.state.service.artifacts.repository.row_keys()
+        buffer = b.app.state.service.artifacts.repository.stacked()[0].data_ptr()
         r = a.post("/experts", data=form, files=files, headers=ADMIN)
         assert r.status_code == 201, r.text
         version = r.json()["artifact_version"]
@@ -294,6 +295,8 @@ def test_a_server_following_the_repository_takes_up_another_ones_changes(tiny_ar
         assert listed["artifact_version"] == version and "disc" in [e["name"] for e in listed["experts"]]
         # The experts b had are taken from its memory, not read again (ExpertRepository.load's reuse).
         assert b.app.state.service.artifacts.repository.row_keys()[: len(keys)] == keys
+        # ... and their stack taken over: the added expert went into its spare row, nothing copied.
+        assert b.app.state.service.artifacts.repository.stacked()[0].data_ptr() == buffer
         g = b.post("/generate", json={"description": "an orange disc", "seed": 1})
         assert g.headers["x-artifact-version"] == version and g.headers["x-experts"].startswith("disc=")
         # b removes it (its repository is the one on disk now, so no 409), and a follows.
