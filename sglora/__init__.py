@@ -1,3 +1,3 @@
 """SG-LoRA: semantic-guided LoRA parameter generation."""
 
-__version__ = "0.9.31"
+__version__ = "0.9.32"
