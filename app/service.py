@@ -46,7 +46,15 @@ from app.metrics import Metrics
 from app.schemas import GenerateRequest
 from app.settings import Settings, StartupError
 from app.worker import REQUEST_DEADLINE, UNBOUNDED, ModelWorker, WorkerTimeout
-from expert_store.repository import INDEX_FILE, Expert, ExpertRepository, RepositoryBusy, RepositoryChanged, check_name
+from expert_store.repository import (
+    INDEX_FILE,
+    Expert,
+    ExpertRepository,
+    PreparedRemoval,
+    RepositoryBusy,
+    RepositoryChanged,
+    check_name,
+)
 from models.backbone import Backbone
 from models.lora import LoraSpec, check_finite
 from models.packed import FIXED_ROWS, clear_split_gate, set_split_gate
@@ -351,6 +359,9 @@ class Service:
         # between (changed in memory, not yet saved, perhaps to be rolled back).
         self._change_lock = threading.Lock()
         self._probe_lock = threading.Lock()  # one probe forward through the image tower at a time (_check_scale)
+        # One removal at a time from its stack made ahead to its change: at most one such stack held beside the
+        # served one (885 MB at 1,000 experts of ViT-B-16's shape).
+        self._removing = asyncio.Lock()
         # SGLORA_FOLLOW_REPOSITORY: the index's (inode, size, mtime) as last looked at, and the reload in flight.
         self._index_seen = _index_stat(self.repository_dir)
         self._following: asyncio.Future | None = None
@@ -1195,9 +1206,27 @@ class Service:
         return self.artifacts.repository.derived("largest_abs_mean", largest, extend)
 
     async def remove_expert(self, name: str) -> RepositoryState:
-        return await self.worker.run(self._changing, self._remove_expert_job, _checked_name(name), commit=True)
+        name = _checked_name(name)
+        async with self._removing:
+            prepared = None
+            repo = self.artifacts.repository
+            if name in repo and len(repo) > 1:  # else the job answers (404, 409) without the copy
+                # The remaining experts' copy into a new stack (0.5 s at 1,000 experts of ViT-B-16's shape) runs
+                # on one model thread while generations go on on the others; the change takes it where the
+                # repository is still the one it was made from, else stacks anew itself.
+                prepared = await self.worker.run_beside(self._stack_without, name)
+            return await self.worker.run(self._changing, self._remove_expert_job, name, prepared, commit=True)
 
-    def _remove_expert_job(self, name: str) -> RepositoryState:
+    def _stack_without(self, name: str) -> PreparedRemoval | None:
+        try:
+            return self.artifacts.repository.stack_without(name)
+        except (KeyError, ValueError):  # removed meanwhile: the job answers
+            return None
+        except (RuntimeError, MemoryError):  # an optimisation (out of memory, say): the change stacks as before
+            log.warning("could not stack the experts ahead of removing %r; the removal will", name, exc_info=True)
+            return None
+
+    def _remove_expert_job(self, name: str, prepared: PreparedRemoval | None = None) -> RepositoryState:
         if self.settings.follow_repository:
             self._follow_job()
         repo = self.artifacts.repository
@@ -1208,7 +1237,7 @@ class Service:
         self._check_artifacts_unchanged()
         try:
             with _other_writers(self.settings.follow_repository):  # index first (atomic), then the expert file
-                repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S)
+                repo.remove_and_save(name, self.repository_dir, lock_timeout_s=REPOSITORY_LOCK_WAIT_S, prepared=prepared)
         except OSError as e:
             if name not in repo:  # the index was written, only deleting the expert's file failed: removed
                 log.warning("expert %r removed, but its file could not be deleted: %s", name, e)

@@ -165,6 +165,18 @@ def _empty_stack(n: int, num_params: int, embed_dim: int) -> tuple[torch.Tensor,
 
 
 @dataclass(frozen=True)
+class PreparedRemoval:
+    """The stack a removal of ``name`` from one state of a repository makes (:meth:`ExpertRepository.stack_without`),
+    worked out ahead. ``changes`` and ``names``: the state it is for, checked by :meth:`ExpertRepository.remove`."""
+
+    repository: ExpertRepository
+    changes: int
+    name: str
+    names: tuple[str, ...]
+    stack: _Stack
+
+
+@dataclass(frozen=True)
 class Expert:
     name: str
     description: str
@@ -191,7 +203,8 @@ class ExpertRepository:
     read-only: a change in place would change the stack behind what an engine worked out from it; remove the
     expert and add its new values instead. A stack has spare rows (:func:`spare_rows`): an expert added
     while there is room is written into the next one, and the new state's stack is the old one's rows and
-    that row (the old state's tensors unchanged); a removal, or an addition with no room, stacks anew."""
+    that row (the old state's tensors unchanged); a removal, or an addition with no room, stacks anew (a
+    removal may take a stack made ahead instead: :meth:`stack_without`)."""
 
     def __init__(
         self,
@@ -317,14 +330,49 @@ class ExpertRepository:
         self._experts[name] = replace(e, mean=rows[0], variance=rows[1], embedding=rows[2])
         return _Stack(tuple(b[: i + 1] for b in stack.buffers), kept, stack.buffers)
 
-    def remove(self, name: str) -> Expert:
+    def stack_without(self, name: str) -> PreparedRemoval:
+        """The stack that :meth:`remove` of ``name`` would make (every other expert copied into new buffers, with
+        spare rows), worked out now from this state's rows, which it only reads. For a caller whose changes
+        hold everything else back (a server: its generations wait for a change) to make the copy beforehand,
+        beside them: 0.5 s at 1,000 experts of ViT-B-16's shape. Safe beside readers, not beside a change:
+        one made meanwhile only makes it unusable (:meth:`remove` then stacks anew)."""
+        changes = self._changes  # before the experts: a change after this read makes the two disagree
+        experts = list(self._experts.values())  # one C call: a consistent list of one state
+        if name not in {e.name for e in experts}:
+            raise KeyError(f"no expert named {name!r}")
+        es = [e for e in experts if e.name != name]
+        if not es:
+            raise ValueError("the expert repository would be empty")
+        buffers = _empty_stack(len(es), self.spec.num_params, self.embed_dim)
+        tensors = tuple(b[: len(es)] for b in buffers)
+        for part, what in zip(tensors, ("mean", "variance", "embedding"), strict=True):
+            torch.stack([getattr(e, what) for e in es], out=part)
+        return PreparedRemoval(self, changes, name, tuple(e.name for e in es), _Stack(tensors, {}, buffers))
+
+    def remove(self, name: str, prepared: PreparedRemoval | None = None) -> Expert:
+        """Removes an expert in memory (:meth:`remove_and_save` also persists it). ``prepared``: from
+        :meth:`stack_without` of this name; taken as the new stack where this repository has not changed since
+        it was made, else the next use stacks anew, as without it."""
         if name not in self._experts:
             raise KeyError(f"no expert named {name!r}")
+        changes = self._changes
         self._stack = None
         self._file_sha256.pop(name, None)
         self._row_keys.pop(name, None)
         e = self._experts.pop(name)
         self._changes += 1
+        if (
+            prepared is not None
+            and prepared.repository is self
+            and (prepared.changes, prepared.name, prepared.names) == (changes, name, tuple(self._experts))
+        ):
+            tensors = prepared.stack.tensors
+            # The experts' tensors become the prepared stack's rows (the same values), as a stacking makes them.
+            self._experts = {
+                n: replace(x, mean=tensors[0][i], variance=tensors[1][i], embedding=tensors[2][i])
+                for i, (n, x) in enumerate(self._experts.items())
+            }
+            self._stack = prepared.stack
         # Its own copies: rows of the stack would keep the whole former stack alive as long as it is held.
         return replace(e, mean=e.mean.clone(), variance=e.variance.clone(), embedding=e.embedding.clone())
 
@@ -506,16 +554,18 @@ class ExpertRepository:
                 path.unlink(missing_ok=True)  # the index never named it
                 raise
 
-    def remove_and_save(self, name: str, directory: str | Path, lock_timeout_s: float | None = None) -> Expert:
+    def remove_and_save(
+        self, name: str, directory: str | Path, lock_timeout_s: float | None = None, prepared: PreparedRemoval | None = None
+    ) -> Expert:
         """Removes an expert: index first (atomic), then its file, under the lock (``lock_timeout_s``: see
-        :meth:`add_and_save`)."""
+        :meth:`add_and_save`; ``prepared``: see :meth:`remove`)."""
         directory = self._change_target(directory)
         with locked(directory, timeout_s=lock_timeout_s) as held:
             _check_held(held, directory, lock_timeout_s)
             self._check_unchanged(directory)
             self._check_written()
             before, digests, keys = dict(self._experts), dict(self._file_sha256), dict(self._row_keys)
-            expert = self.remove(name)
+            expert = self.remove(name, prepared)
             try:
                 self._write_index(directory)
             except BaseException:

@@ -795,3 +795,62 @@ def test_a_reload_that_begins_with_the_former_experts_takes_their_stack_over(tin
     later = ExpertRepository.load(tmp_path, reuse=again)
     assert later.stacked()[0].data_ptr() != means.data_ptr() and _same_stack(later, other)
     assert later.names == ["e0", "e2", "late0", "late1"]
+
+
+def test_a_removal_takes_the_stack_made_ahead_for_its_state_and_stacks_anew_after_any_other_change(
+    tiny_backbone, tmp_path, monkeypatch
+):
+    """:meth:`stack_without` copies the other experts into a new stack without touching the state it reads;
+    the removal of that name from that state takes it as its stack (the experts' tensors its rows, the same
+    values a plain removal and a load give). Made for another name, or before any other change since (an
+    addition, a removal, a failed save), it is left and the next use stacks anew, as without it."""
+    repo = _repo(tiny_backbone, n=5)
+    repo.save(tmp_path)
+    means = repo.stacked()[0]
+    former = [t.clone() for t in repo.stacked()]
+    prepared = repo.stack_without("e1")
+    assert all(torch.equal(t, f) for t, f in zip(repo.stacked(), former, strict=True))  # the state it read
+    assert repo.stacked()[0].data_ptr() == means.data_ptr() and prepared.names == ("e0", "e2", "e3", "e4")
+    plain = _repo(tiny_backbone, n=5)
+    plain.remove("e1")
+    repo.remove_and_save("e1", tmp_path, prepared=prepared)
+    assert repo._stack is prepared.stack and repo.stacked()[0].data_ptr() == prepared.stack.tensors[0].data_ptr()
+    assert repo["e2"].mean.data_ptr() == repo.stacked()[0][1].data_ptr()  # the expert's tensors are its rows
+    assert len(prepared.stack.buffers[0]) > 4  # with spare rows: an addition after it writes one
+    assert _same_stack(repo, plain) and _same_stack(repo, ExpertRepository.load(tmp_path))
+    repo.add_and_save(_late(tiny_backbone, "late", 1), tmp_path)
+    assert repo.stacked()[0].data_ptr() == prepared.stack.tensors[0].data_ptr()
+
+    for stale in (
+        lambda r: (r.stack_without("e2"), r.add(_late(tiny_backbone, "other", 2)))[0],  # an addition since
+        lambda r: (r.stack_without("e2"), r.remove("e3"))[0],  # a removal since
+        lambda r: r.stack_without("e3"),  # another name
+    ):
+        r = _repo(tiny_backbone, n=5)
+        made = stale(r)
+        r.remove("e2", made)
+        assert r._stack is None and r.stacked()[0].data_ptr() != made.stack.tensors[0].data_ptr()
+        check = _repo(tiny_backbone, n=5)
+        for name in [n for n in check.names if n not in r.names]:
+            check.remove(name)
+        for name in [n for n in r.names if n not in check.names]:
+            check.add(r[name])
+        assert _same_stack(r, check)
+
+    other = _repo(tiny_backbone, n=5)
+    other.remove("e2", _repo(tiny_backbone, n=5).stack_without("e2"))  # another repository's
+    assert other._stack is None
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    made = repo.stack_without("e0")
+    monkeypatch.setattr("expert_store.repository.write_bytes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        repo.remove_and_save("e0", tmp_path, prepared=made)
+    assert repo.names == ["e0", "e2", "e3", "e4", "late"] and repo._stack is None  # rolled back, not taken
+    monkeypatch.undo()
+    repo.remove_and_save("e0", tmp_path, prepared=made)  # a failed save since: stacked anew
+    assert repo._stack is None and _same_stack(repo, ExpertRepository.load(tmp_path))
+    with pytest.raises(KeyError, match="nobody"):
+        repo.stack_without("nobody")
