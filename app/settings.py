@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.connection import parse_url
 
 from app.hosts import canonical_host
+from app.workers import WORKER_DIR, WORKER_FD, WORKER_INDEX
 from sglora.devices import check_device_name, resolve_device
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url takes
@@ -336,8 +337,8 @@ class Settings(BaseSettings):
 # by docker-compose.gpu.yml (the torch index of its image).
 OTHER_VARIABLES = frozenset(
     {"SGLORA_LOG_FORMAT", "SGLORA_PROMETHEUS_URL", "SGLORA_GRAFANA_DASHBOARDS", "SGLORA_TORCH_INDEX"}
-    # set by `--workers N`'s supervisor in each worker's environment (app/workers.py)
-    | {"SGLORA_WORKER_FD", "SGLORA_WORKER_DIR", "SGLORA_WORKER_INDEX"}
+    # set by `--workers N`'s supervisor in each worker's environment
+    | {WORKER_FD, WORKER_DIR, WORKER_INDEX}
 )
 
 
